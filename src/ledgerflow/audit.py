@@ -1,0 +1,242 @@
+"""Tamper evidence: walk the ledger and check every stream's hash chain.
+
+``verify_ledger`` reads every stored row in global order (undecoded, so even data
+no longer registered or no longer valid JSON is checked) and reports each event
+that was edited, removed or reordered since it was written, and each stream head
+that no longer matches its events. It needs no secret: it detects changes made
+without recomputing the chain. An attacker who rewrites a whole stream and its
+head consistently is out of its reach, which is why auditors keep exported
+stream heads elsewhere.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from .hashing import GENESIS_HASH, chain_hash
+from .store._plan import EventRow, StreamHead
+from .store.ports import EventStore
+
+__all__ = ["Finding", "FindingKind", "VerifyReport", "verify_ledger"]
+
+
+class FindingKind(enum.Enum):
+    EDITED = "edited"
+    """The event's stored fields no longer produce its hash, or its successor (or
+    the stream head) recorded a different hash for it."""
+    REMOVED = "removed"
+    """A stream version or global position that should exist is missing."""
+    REORDERED = "reordered"
+    """The event sits out of version order in the global log."""
+    HEAD_MISMATCH = "head_mismatch"
+    """The recorded stream head disagrees with the stream's events."""
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: FindingKind
+    stream_id: str | None
+    version: int | None
+    position: int | None
+    detail: str
+
+    def __str__(self) -> str:
+        where = []
+        if self.stream_id is not None:
+            where.append(f"stream {self.stream_id!r}")
+        if self.version is not None:
+            where.append(f"version {self.version}")
+        if self.position is not None:
+            where.append(f"position {self.position}")
+        return f"{self.kind.value}: {', '.join(where)}: {self.detail}"
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyReport:
+    events_checked: int
+    streams_checked: int
+    findings: list[Finding] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings
+
+
+@dataclass(frozen=True, slots=True)
+class _Seen:
+    position: int
+    version: int
+    hash: bytes
+    prev_hash: bytes
+    intact: bool
+
+
+def _intact(row: EventRow) -> bool:
+    return row.hash == chain_hash(
+        row.prev_hash,
+        row.id,
+        row.stream_id,
+        row.version,
+        row.position,
+        row.type,
+        row.schema_version,
+        row.data,
+        row.metadata,
+        row.recorded_at_us,
+    )
+
+
+async def verify_ledger(store: EventStore, *, batch_size: int = 2000) -> VerifyReport:
+    """Check every event and stream head; the report lists each problem found."""
+    findings: list[Finding] = []
+    streams: dict[str, list[_Seen]] = {}
+    expected_position = 1
+    checked = 0
+    while True:
+        rows = await store.read_rows(from_position=expected_position, limit=batch_size)
+        if not rows:
+            break
+        for row in rows:
+            if row.position > expected_position:
+                gap = (
+                    f"position {expected_position}"
+                    if row.position == expected_position + 1
+                    else f"positions {expected_position}..{row.position - 1}"
+                )
+                findings.append(
+                    Finding(
+                        FindingKind.REMOVED,
+                        None,
+                        None,
+                        expected_position,
+                        f"{gap} missing from the global log",
+                    )
+                )
+            expected_position = row.position + 1
+            checked += 1
+            streams.setdefault(row.stream_id, []).append(
+                _Seen(row.position, row.version, row.hash, row.prev_hash, _intact(row))
+            )
+    heads: dict[str, StreamHead] = {}
+    after: str | None = None
+    while True:
+        page = await store.stream_heads(after=after, limit=batch_size)
+        if not page:
+            break
+        heads.update(page)
+        after = page[-1][0]
+    for stream_id in sorted(streams.keys() | heads.keys()):
+        findings.extend(_check_stream(stream_id, streams.get(stream_id, []), heads.get(stream_id)))
+    return VerifyReport(checked, len(streams.keys() | heads.keys()), findings)
+
+
+def _check_stream(stream_id: str, seen: list[_Seen], head: StreamHead | None) -> list[Finding]:
+    findings: list[Finding] = []
+    # In global (position) order versions must rise; an event whose version is lower
+    # than one before it was moved.
+    reordered: set[int] = set()
+    highest = 0
+    for event in seen:
+        if event.version < highest:
+            reordered.add(event.position)
+            findings.append(
+                Finding(
+                    FindingKind.REORDERED,
+                    stream_id,
+                    event.version,
+                    event.position,
+                    f"appears after version {highest} in the global log",
+                )
+            )
+        highest = max(highest, event.version)
+    by_version = sorted(seen, key=lambda e: e.version)
+    prev: _Seen | None = None
+    expected_version = 1
+    for event in by_version:
+        if event.version > expected_version:
+            missing = (
+                f"version {expected_version}"
+                if event.version == expected_version + 1
+                else f"versions {expected_version}..{event.version - 1}"
+            )
+            findings.append(
+                Finding(
+                    FindingKind.REMOVED, stream_id, expected_version, None, f"{missing} missing"
+                )
+            )
+        if not event.intact and event.position not in reordered:
+            findings.append(
+                Finding(
+                    FindingKind.EDITED,
+                    stream_id,
+                    event.version,
+                    event.position,
+                    "stored fields do not match the event's hash",
+                )
+            )
+        linked = GENESIS_HASH if event.version == 1 else (prev.hash if prev else None)
+        if (
+            prev is not None
+            and prev.version == event.version - 1
+            and linked != event.prev_hash
+            and prev.intact
+        ):
+            findings.append(
+                Finding(
+                    FindingKind.EDITED,
+                    stream_id,
+                    prev.version,
+                    prev.position,
+                    f"its hash differs from the one version {event.version} chained to",
+                )
+            )
+        if event.version == 1 and event.prev_hash != GENESIS_HASH and event.intact:
+            findings.append(
+                Finding(
+                    FindingKind.EDITED,
+                    stream_id,
+                    1,
+                    event.position,
+                    "the first event of the stream does not start the chain",
+                )
+            )
+        prev = event
+        expected_version = event.version + 1
+    last = by_version[-1] if by_version else None
+    if head is None:
+        findings.append(
+            Finding(FindingKind.HEAD_MISMATCH, stream_id, None, None, "stream head is missing")
+        )
+    elif last is None or head.version > last.version:
+        have = 0 if last is None else last.version
+        findings.append(
+            Finding(
+                FindingKind.REMOVED,
+                stream_id,
+                have + 1,
+                None,
+                f"the stream head records version {head.version} but events end at {have}",
+            )
+        )
+    elif head.version < last.version:
+        findings.append(
+            Finding(
+                FindingKind.HEAD_MISMATCH,
+                stream_id,
+                head.version,
+                None,
+                f"the stream head records version {head.version} but events reach {last.version}",
+            )
+        )
+    elif head.last_hash != last.hash and last.intact:
+        findings.append(
+            Finding(
+                FindingKind.EDITED,
+                stream_id,
+                last.version,
+                last.position,
+                "its hash differs from the one the stream head recorded",
+            )
+        )
+    return findings

@@ -1,0 +1,220 @@
+"""Event types by name and schema version, and how their data is encoded.
+
+User event classes may be dataclasses, msgspec Structs or pydantic models. Each is
+registered under a stable name and the schema version its current shape has; an
+upcaster turns stored data of version ``n`` into version ``n + 1`` on read, so old
+events never have to be rewritten.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import msgspec
+
+from .errors import (
+    ConfigurationError,
+    EventSerializationError,
+    InvalidEventDataError,
+    UnknownEventTypeError,
+)
+from .events import NewEvent
+
+__all__ = ["EncodedEvent", "EventRegistry", "Upcaster"]
+
+T = TypeVar("T", bound=type)
+Upcaster = Callable[[dict[str, Any]], dict[str, Any]]
+
+_encoder = msgspec.json.Encoder()
+_decode_any = msgspec.json.Decoder()
+
+
+@dataclass(frozen=True, slots=True)
+class EncodedEvent:
+    """An event reduced to what the store writes: a name, a version and JSON bytes."""
+
+    type: str
+    schema_version: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    cls: type
+    name: str
+    version: int
+    is_pydantic: bool
+    decoder: msgspec.json.Decoder[Any] | None
+
+
+def _is_pydantic(cls: type) -> bool:
+    return hasattr(cls, "model_validate") and hasattr(cls, "model_dump_json")
+
+
+class EventRegistry:
+    """Maps event classes to names and schema versions, and back.
+
+    >>> registry = EventRegistry()
+    >>> @registry.event("order.created", version=1)
+    ... @dataclasses.dataclass(frozen=True)
+    ... class OrderCreated:
+    ...     order_id: str
+    """
+
+    def __init__(self) -> None:
+        self._by_name: dict[str, _Entry] = {}
+        self._by_class: dict[type, _Entry] = {}
+        self._upcasters: dict[tuple[str, int], Upcaster] = {}
+
+    def event(self, name: str, version: int = 1) -> Callable[[T], T]:
+        """Class decorator: register ``cls`` as event type ``name`` at ``version``."""
+
+        def register(cls: T) -> T:
+            self.register(cls, name, version)
+            return cls
+
+        return register
+
+    def register(self, cls: type, name: str, version: int = 1) -> None:
+        if version < 1:
+            raise ConfigurationError(f"event {name!r}: schema version must be >= 1")
+        pydantic = _is_pydantic(cls)
+        if not (pydantic or dataclasses.is_dataclass(cls) or issubclass(cls, msgspec.Struct)):
+            raise ConfigurationError(
+                f"event class {cls.__qualname__} must be a dataclass, msgspec Struct "
+                "or pydantic model"
+            )
+        known = self._by_name.get(name)
+        if known is not None and known.cls is not cls:
+            raise ConfigurationError(
+                f"event name {name!r} is already registered to {known.cls.__qualname__}"
+            )
+        entry = _Entry(
+            cls=cls,
+            name=name,
+            version=version,
+            is_pydantic=pydantic,
+            decoder=None if pydantic else msgspec.json.Decoder(cls),
+        )
+        self._by_name[name] = entry
+        self._by_class[cls] = entry
+
+    def upcaster(self, name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
+        """Decorator: ``fn(data)`` turns ``name`` data of ``from_version`` into the next."""
+
+        def register(fn: Upcaster) -> Upcaster:
+            self._upcasters[(name, from_version)] = fn
+            return fn
+
+        return register
+
+    def name_of(self, cls: type) -> str:
+        entry = self._by_class.get(cls)
+        if entry is None:
+            raise UnknownEventTypeError(cls.__qualname__)
+        return entry.name
+
+    def class_of(self, name: str) -> type | None:
+        entry = self._by_name.get(name)
+        return None if entry is None else entry.cls
+
+    # -- encoding -------------------------------------------------------------------
+
+    def encode(self, event: object) -> EncodedEvent:
+        """Encode a registered event object or a ``NewEvent`` into JSON bytes.
+
+        Raises a subclass of ``EventError``: the event is unacceptable as given.
+        """
+        if isinstance(event, NewEvent):
+            return self._encode_new(event)
+        entry = self._by_class.get(type(event))
+        if entry is None:
+            raise UnknownEventTypeError(type(event).__qualname__)
+        try:
+            if entry.is_pydantic:
+                data = event.model_dump_json().encode()  # type: ignore[attr-defined]
+            else:
+                data = _encoder.encode(event)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EventSerializationError(entry.name, str(exc)) from exc
+        return EncodedEvent(entry.name, entry.version, data)
+
+    def _encode_new(self, event: NewEvent) -> EncodedEvent:
+        if not event.type:
+            raise InvalidEventDataError("", event.schema_version or 1, "event type is empty")
+        entry = self._by_name.get(event.type)
+        version = event.schema_version or (entry.version if entry else 1)
+        if not isinstance(event.data, Mapping):
+            raise InvalidEventDataError(event.type, version, "data must be a JSON object")
+        try:
+            data = _encoder.encode(event.data)
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise EventSerializationError(event.type, str(exc)) from exc
+        # msgspec writes sets, tuples, datetimes and NaN as *something*; plain data must
+        # read back equal to what was given, or the event would silently change.
+        if _decode_any.decode(data) != event.data:
+            raise EventSerializationError(
+                event.type,
+                "data does not survive a JSON round trip (only dict with str keys, list, "
+                "str, int, float, bool and None are plain JSON; use a registered class "
+                "for richer types)",
+            )
+        if entry is not None:
+            # Validate now (through upcasters, for older versions), so that a read of
+            # this event can never fail to decode.
+            self.decode(event.type, version, data)
+        return EncodedEvent(event.type, version, data)
+
+    # -- decoding -------------------------------------------------------------------
+
+    def decode(self, type_name: str, schema_version: int, data: bytes) -> Any:
+        """Decode stored data: an instance of the registered class, upcast to its
+        current version, or plain JSON when ``type_name`` is not registered."""
+        entry = self._by_name.get(type_name)
+        if entry is None:
+            try:
+                return _decode_any.decode(data)
+            except msgspec.DecodeError as exc:
+                raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
+        if schema_version == entry.version:
+            return self._decode_entry(entry, data)
+        if schema_version > entry.version:
+            raise InvalidEventDataError(
+                type_name,
+                schema_version,
+                f"stored schema version is newer than the registered {entry.version}",
+            )
+        try:
+            raw = _decode_any.decode(data)
+        except msgspec.DecodeError as exc:
+            raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
+        for version in range(schema_version, entry.version):
+            upcast = self._upcasters.get((type_name, version))
+            if upcast is None:
+                raise InvalidEventDataError(
+                    type_name, version, f"no upcaster from version {version} to {version + 1}"
+                )
+            try:
+                raw = upcast(raw)
+            except Exception as exc:  # user code: any failure means this data is unreadable
+                raise InvalidEventDataError(
+                    type_name, version, f"upcaster to version {version + 1} failed: {exc!r}"
+                ) from exc
+        try:
+            if entry.is_pydantic:
+                return entry.cls.model_validate(raw)  # type: ignore[attr-defined]
+            return msgspec.convert(raw, entry.cls)
+        except (msgspec.ValidationError, ValueError) as exc:
+            raise InvalidEventDataError(type_name, entry.version, str(exc)) from exc
+
+    def _decode_entry(self, entry: _Entry, data: bytes) -> Any:
+        try:
+            if entry.is_pydantic:
+                return entry.cls.model_validate_json(data)  # type: ignore[attr-defined]
+            assert entry.decoder is not None
+            return entry.decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
+            raise InvalidEventDataError(entry.name, entry.version, str(exc)) from exc

@@ -1,0 +1,68 @@
+"""Event store adapters behind one port, opened from a URL."""
+
+from __future__ import annotations
+
+from urllib.parse import parse_qs, urlsplit
+
+from ..errors import ConfigurationError
+from ..registry import EventRegistry
+from ._base import DEFAULT_MAX_EVENT_BYTES, BaseEventStore, Clock
+from ._plan import EventRow, StreamHead
+from .ports import EventStore
+
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "EventRow", "EventStore", "StreamHead", "open_store"]
+
+
+def open_store(
+    url: str,
+    *,
+    registry: EventRegistry | None = None,
+    max_event_bytes: int | None = None,
+    clock: Clock | None = None,
+) -> BaseEventStore:
+    """Create the store a URL names; open it with ``async with`` (or ``await .open()``).
+
+    - ``memory://``: in-process, for tests.
+    - ``sqlite:///relative/path.db`` or ``sqlite:////absolute/path.db``: embedded.
+    - ``postgresql://user@host:port/db?schema=name``: tables live in ``schema``
+      (default ``ledgerflow``); other query parameters go to libpq.
+
+    ``max_event_bytes`` bounds one encoded event (data + metadata), default 1 MiB.
+    """
+    scheme = urlsplit(url).scheme
+    if scheme == "memory":
+        from .memory import MemoryEventStore
+
+        return MemoryEventStore(
+            registry=registry,
+            max_event_bytes=max_event_bytes or DEFAULT_MAX_EVENT_BYTES,
+            clock=clock,
+        )
+    if scheme == "sqlite":
+        from .sqlite import SQLiteEventStore, path_from_url
+
+        query = parse_qs(urlsplit(url).query)
+        unknown = set(query) - {"busy_timeout"}
+        if unknown:
+            raise ConfigurationError(f"unknown SQLite URL options: {sorted(unknown)}")
+        timeout = float(query["busy_timeout"][0]) if "busy_timeout" in query else 30.0
+        return SQLiteEventStore(
+            path_from_url(url),
+            registry=registry,
+            max_event_bytes=max_event_bytes,
+            clock=clock,
+            busy_timeout=timeout,
+        )
+    if scheme in ("postgresql", "postgres"):
+        try:
+            from .postgres import PostgresEventStore
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                "PostgreSQL support needs the extra: pip install 'ledgerflow[postgres]'"
+            ) from exc
+        return PostgresEventStore.from_url(
+            url, registry=registry, max_event_bytes=max_event_bytes, clock=clock
+        )
+    raise ConfigurationError(
+        f"unsupported store URL {url!r}: use memory://, sqlite:///path or postgresql://..."
+    )

@@ -1,0 +1,218 @@
+"""Pure planning of a batch of appends: the logic every backend shares.
+
+A backend opens a write transaction, reads the heads of the streams touched and any
+stored events whose ids reappear, hands them to :func:`plan_batch`, writes the rows it
+returns and commits. Deciding here, in plain values, keeps the rules (expected
+version, idempotency, hash chain, gapless positions) identical on every backend and
+lets one bad request fail alone instead of aborting the whole group commit.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from uuid import UUID
+
+from ..errors import ConcurrencyError, DuplicateEventError, StoreError
+from ..events import AlreadyAppended, Appended, AppendResult, ExpectedVersion, StreamState
+from ..hashing import GENESIS_HASH, chain_hash
+
+__all__ = [
+    "BatchPlan",
+    "EventRow",
+    "PreparedEvent",
+    "StreamHead",
+    "check_expected",
+    "plan_batch",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedEvent:
+    """An event encoded and checked, ready to be given a place in the ledger."""
+
+    id: UUID
+    type: str
+    schema_version: int
+    data: bytes
+    metadata: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StreamHead:
+    version: int
+    last_hash: bytes
+    last_position: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One row of the events table, exactly as stored."""
+
+    position: int
+    id: UUID
+    stream_id: str
+    version: int
+    type: str
+    schema_version: int
+    data: bytes
+    metadata: bytes
+    recorded_at_us: int
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class AppendRequest:
+    stream_id: str
+    events: tuple[PreparedEvent, ...]
+    expected: ExpectedVersion
+
+
+@dataclass(frozen=True, slots=True)
+class BatchPlan:
+    outcomes: list[AppendResult | StoreError]
+    rows: list[EventRow]
+    heads: dict[str, StreamHead]
+    """Stream heads changed by the batch, to upsert."""
+    last_position: int
+
+
+def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
+    if expected is StreamState.ANY:
+        return
+    if expected is StreamState.NO_STREAM:
+        ok = actual == 0
+    elif expected is StreamState.STREAM_EXISTS:
+        ok = actual > 0
+    else:
+        ok = actual == expected
+    if not ok:
+        raise ConcurrencyError(stream_id, expected, actual)
+
+
+def _same_content(row: EventRow, stream_id: str, event: PreparedEvent) -> bool:
+    return (
+        row.stream_id == stream_id
+        and row.type == event.type
+        and row.schema_version == event.schema_version
+        and row.data == event.data
+        and row.metadata == event.metadata
+    )
+
+
+def _replayed(request: AppendRequest, existing: Mapping[UUID, EventRow]) -> AppendResult | None:
+    """AlreadyAppended if the request repeats a stored append; None if all ids are new.
+
+    Raises DuplicateEventError when ids are reused for other content, or only some of
+    the request's ids are stored (a retry must repeat the original call exactly).
+    """
+    found = [existing.get(event.id) for event in request.events]
+    if all(row is None for row in found):
+        return None
+    for event, row in zip(request.events, found, strict=True):
+        if row is None:
+            raise DuplicateEventError(
+                event.id,
+                request.stream_id,
+                "some events of this append are stored and some are not; "
+                "a retried append must repeat the original events exactly",
+            )
+        if not _same_content(row, request.stream_id, event):
+            raise DuplicateEventError(
+                event.id, row.stream_id, "the id was stored with different content"
+            )
+    rows = [row for row in found if row is not None]
+    contiguous = all(b.version == a.version + 1 for a, b in itertools.pairwise(rows))
+    if not contiguous:
+        raise DuplicateEventError(
+            rows[0].id, request.stream_id, "the ids were stored by different appends"
+        )
+    return AlreadyAppended(request.stream_id, rows[-1].version, tuple(r.position for r in rows))
+
+
+def plan_batch(
+    requests: Sequence[AppendRequest],
+    heads: Mapping[str, StreamHead],
+    existing: Mapping[UUID, EventRow],
+    last_position: int,
+    recorded_at_us: int,
+) -> BatchPlan:
+    """Decide each request in order, as if each were its own transaction.
+
+    ``heads`` holds the stored head of every stream the batch touches (absent: no
+    stream), ``existing`` every stored event whose id the batch reuses, and
+    ``last_position`` the highest global position stored.
+    """
+    current = dict(heads)
+    known = dict(existing)
+    changed: dict[str, StreamHead] = {}
+    rows: list[EventRow] = []
+    outcomes: list[AppendResult | StoreError] = []
+    position = last_position
+    for request in requests:
+        try:
+            replayed = _replayed(request, known)
+            if replayed is not None:
+                outcomes.append(replayed)
+                continue
+            head = current.get(request.stream_id)
+            version = head.version if head else 0
+            check_expected(request.stream_id, request.expected, version)
+        except StoreError as error:
+            outcomes.append(error)
+            continue
+        prev_hash = head.last_hash if head else GENESIS_HASH
+        new_rows = list(
+            _seal(request, version, position, prev_hash, recorded_at_us),
+        )
+        rows.extend(new_rows)
+        for row in new_rows:
+            known[row.id] = row
+        last = new_rows[-1]
+        position = last.position
+        head = StreamHead(last.version, last.hash, last.position)
+        current[request.stream_id] = changed[request.stream_id] = head
+        outcomes.append(
+            Appended(request.stream_id, last.version, tuple(r.position for r in new_rows))
+        )
+    return BatchPlan(outcomes, rows, changed, position)
+
+
+def _seal(
+    request: AppendRequest,
+    version: int,
+    position: int,
+    prev_hash: bytes,
+    recorded_at_us: int,
+) -> Iterable[EventRow]:
+    for event in request.events:
+        version += 1
+        position += 1
+        digest = chain_hash(
+            prev_hash,
+            event.id,
+            request.stream_id,
+            version,
+            position,
+            event.type,
+            event.schema_version,
+            event.data,
+            event.metadata,
+            recorded_at_us,
+        )
+        yield EventRow(
+            position,
+            event.id,
+            request.stream_id,
+            version,
+            event.type,
+            event.schema_version,
+            event.data,
+            event.metadata,
+            recorded_at_us,
+            prev_hash,
+            digest,
+        )
+        prev_hash = digest

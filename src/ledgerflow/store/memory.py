@@ -1,0 +1,89 @@
+"""In-memory EventStore: for unit tests; held to the same contract as the others."""
+
+from __future__ import annotations
+
+import bisect
+from uuid import UUID
+
+from ..errors import StoreError
+from ..events import AppendResult, Snapshot
+from ..hashing import from_micros
+from ._base import BaseEventStore
+from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+
+__all__ = ["MemoryEventStore"]
+
+
+class MemoryEventStore(BaseEventStore):
+    backend = "memory"
+
+    async def _open(self) -> None:
+        self._rows: list[EventRow] = []
+        self._by_id: dict[UUID, EventRow] = {}
+        self._streams: dict[str, list[EventRow]] = {}
+        self._heads: dict[str, StreamHead] = {}
+        self._snapshots: dict[str, Snapshot] = {}
+
+    async def _close(self) -> None:
+        pass
+
+    async def _write_batch(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        ids = {event.id for request in requests for event in request.events}
+        plan = plan_batch(
+            requests,
+            {r.stream_id: self._heads[r.stream_id] for r in requests if r.stream_id in self._heads},
+            {i: self._by_id[i] for i in ids if i in self._by_id},
+            len(self._rows),
+            recorded_at_us,
+        )
+        for row in plan.rows:
+            self._rows.append(row)
+            self._by_id[row.id] = row
+            self._streams.setdefault(row.stream_id, []).append(row)
+        self._heads.update(plan.heads)
+        return plan.outcomes
+
+    async def _read_stream_rows(
+        self, stream_id: str, from_version: int | None, limit: int | None, backwards: bool
+    ) -> list[EventRow]:
+        rows = self._streams.get(stream_id, [])
+        if backwards:
+            end = len(rows) if from_version is None else max(0, min(from_version, len(rows)))
+            selected = rows[:end][::-1]
+        else:
+            start = 0 if from_version is None else max(0, from_version - 1)
+            selected = rows[start:]
+        return selected if limit is None else selected[:limit]
+
+    async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
+        start = bisect.bisect_left(self._rows, max(from_position, 1), key=lambda r: r.position)
+        end = len(self._rows) if limit is None else start + limit
+        return self._rows[start:end]
+
+    async def _stream_head(self, stream_id: str) -> StreamHead | None:
+        return self._heads.get(stream_id)
+
+    async def _stream_heads(self, after: str | None, limit: int) -> list[tuple[str, StreamHead]]:
+        names = sorted(s for s in self._heads if after is None or s > after)[:limit]
+        return [(name, self._heads[name]) for name in names]
+
+    async def _head_position(self) -> int:
+        return len(self._rows)
+
+    async def _save_snapshot(self, snapshot: Snapshot, recorded_at_us: int) -> None:
+        kept = self._snapshots.get(snapshot.stream_id)
+        if kept is not None and kept.version > snapshot.version:
+            return
+        self._snapshots[snapshot.stream_id] = Snapshot(
+            snapshot.stream_id,
+            snapshot.version,
+            snapshot.type,
+            snapshot.schema_version,
+            snapshot.state,
+            from_micros(recorded_at_us),
+        )
+
+    async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
+        return self._snapshots.get(stream_id)

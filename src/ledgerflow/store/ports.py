@@ -1,0 +1,121 @@
+"""The EventStore port: what the rest of ledgerflow needs from a ledger backend."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from types import TracebackType
+from typing import Protocol, Self
+
+from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
+from ._plan import EventRow, StreamHead
+
+__all__ = ["EventStore"]
+
+
+class EventStore(Protocol):
+    """An append-only log of streams of events, with one total global order.
+
+    Contract (every adapter passes the same test suite for it):
+
+    - ``append`` commits all events of one call atomically, or none. Stream versions
+      are contiguous from 1; global positions are contiguous from 1 and totally
+      ordered. ``expected_version`` is an int (0 = no stream) or a ``StreamState``;
+      a mismatch raises ``ConcurrencyError``. Events carry ids: repeating an append
+      with the same ids and content returns ``AlreadyAppended`` and writes nothing.
+    - Readers never see a committed event appear behind a position they have
+      already read (no gaps filled in later), so ``read_all``/``subscribe`` can
+      checkpoint by position.
+    - Every event is hash-chained to its stream's previous event.
+    """
+
+    @property
+    def backend(self) -> str:
+        """The adapter's name: ``memory``, ``sqlite`` or ``postgres``."""
+        ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None: ...
+
+    async def open(self) -> Self:
+        """Connect and apply migrations; ``async with`` calls it for you."""
+        ...
+
+    async def close(self) -> None:
+        """Commit what is queued, end subscriptions and release connections."""
+        ...
+
+    async def append(
+        self,
+        stream_id: str,
+        events: Sequence[object],
+        expected_version: ExpectedVersion = ANY,
+        *,
+        metadata: Metadata | None = None,
+    ) -> AppendResult:
+        """Append registered event objects or ``NewEvent`` values to a stream.
+
+        ``metadata`` applies to every event of the call that carries none of its own.
+        """
+        ...
+
+    async def read_stream(
+        self,
+        stream_id: str,
+        *,
+        from_version: int | None = None,
+        limit: int | None = None,
+        backwards: bool = False,
+    ) -> list[RecordedEvent]:
+        """Events of one stream in version order (descending if ``backwards``).
+
+        ``from_version`` is inclusive; by default the first (or, backwards, the
+        last) event. Raises ``StreamNotFoundError`` if the stream has no events.
+        """
+        ...
+
+    async def read_all(
+        self, *, from_position: int = 1, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """Events of every stream in global order, from ``from_position`` inclusive."""
+        ...
+
+    def subscribe(
+        self, *, from_position: int = 1, batch_size: int = 500
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event from ``from_position`` on, then each new one as it commits.
+
+        Catches up by reading, then waits for a commit signal (in-process, or
+        LISTEN/NOTIFY on PostgreSQL) instead of polling hot. Ends when the store
+        closes.
+        """
+        ...
+
+    async def stream_version(self, stream_id: str) -> int:
+        """The stream's current version; 0 if it has no events."""
+        ...
+
+    async def head_position(self) -> int:
+        """The highest global position committed; 0 for an empty ledger."""
+        ...
+
+    async def save_snapshot(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` as the stream's latest, replacing an older one."""
+        ...
+
+    async def load_snapshot(self, stream_id: str) -> Snapshot | None: ...
+
+    async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
+        """Stored rows, undecoded, in global order: for audit and migration tools."""
+        ...
+
+    async def stream_heads(
+        self, *, after: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, StreamHead]]:
+        """Recorded stream heads in stream-id order, after ``after``: for audit."""
+        ...

@@ -1,0 +1,550 @@
+"""PostgreSQL EventStore: many processes, one ledger.
+
+Every write transaction first locks the single row of ``head``. That lock is held until
+commit, so writers in every process take positions and commit strictly one after the
+other: a reader that has seen position p never later finds a committed event at or
+below p (no gaps filled in behind it; see docs/adr/002-postgres-global-order.md). Group
+commit makes that one lock cheap: a batch of appends costs two round trips, whatever
+its size. Commits send NOTIFY, which wakes subscribers in other processes at once;
+polling is only the fallback.
+
+Payloads are ``bytea``, not ``jsonb``: the hash chain covers the exact bytes, which
+``jsonb`` would normalize. Every table is qualified with the store's schema, so
+``search_path`` never matters and several ledgers can share a database.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+from uuid import UUID
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.rows import TupleRow
+from psycopg_pool import AsyncConnectionPool
+
+from ..errors import ConfigurationError, StoreError, StoreUnavailableError
+from ..events import AppendResult, Snapshot
+from ..hashing import from_micros, to_micros
+from ..registry import EventRegistry
+from ._base import BaseEventStore, Clock
+from ._migrations import Migration, pending
+from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch
+
+__all__ = ["DEFAULT_SCHEMA", "PostgresEventStore"]
+
+log = logging.getLogger("ledgerflow.store.postgres")
+
+DEFAULT_SCHEMA = "ledgerflow"
+_SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
+_MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_notify
+_CONNECT_TIMEOUT = 10
+_CONNECTION_DEFAULTS = {"connect_timeout": str(_CONNECT_TIMEOUT), "application_name": "ledgerflow"}
+_LISTEN_BACKOFF = (0.05, 5.0)
+
+Connection = psycopg.AsyncConnection[TupleRow]
+
+
+def _migrations(schema: str) -> tuple[Migration, ...]:
+    # COLLATE "C" orders stream ids by code point, as SQLite and the memory store do,
+    # whatever the database's locale.
+    return (
+        Migration(
+            1,
+            "events, streams, snapshots and head",
+            (
+                f"""CREATE TABLE {schema}.events (
+                    position bigint PRIMARY KEY,
+                    event_id uuid NOT NULL UNIQUE,
+                    stream_id text COLLATE "C" NOT NULL,
+                    version bigint NOT NULL,
+                    type text NOT NULL,
+                    schema_version integer NOT NULL,
+                    data bytea NOT NULL,
+                    metadata bytea NOT NULL,
+                    recorded_at timestamptz NOT NULL,
+                    prev_hash bytea NOT NULL,
+                    hash bytea NOT NULL,
+                    UNIQUE (stream_id, version)
+                )""",
+                f"""CREATE TABLE {schema}.streams (
+                    stream_id text COLLATE "C" PRIMARY KEY,
+                    version bigint NOT NULL,
+                    last_hash bytea NOT NULL,
+                    last_position bigint NOT NULL
+                )""",
+                f"""CREATE TABLE {schema}.snapshots (
+                    stream_id text COLLATE "C" PRIMARY KEY,
+                    version bigint NOT NULL,
+                    type text NOT NULL,
+                    schema_version integer NOT NULL,
+                    state bytea NOT NULL,
+                    recorded_at timestamptz NOT NULL
+                )""",
+                f"""CREATE TABLE {schema}.head (
+                    id boolean PRIMARY KEY DEFAULT true CHECK (id),
+                    position bigint NOT NULL
+                )""",
+                f"INSERT INTO {schema}.head (id, position) VALUES (true, 0)",
+            ),
+        ),
+    )
+
+
+_COLUMNS = (
+    "position, event_id, stream_id, version, type, schema_version, data, metadata, "
+    "recorded_at, prev_hash, hash"
+)
+
+
+class _Sql:
+    """Every statement, qualified with one schema once."""
+
+    def __init__(self, schema: str) -> None:
+        s = schema
+        self.lock_head = f"SELECT position FROM {s}.head FOR UPDATE"
+        self.heads_of = (
+            "SELECT stream_id, version, last_hash, last_position "
+            f"FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
+        )
+        self.events_by_id = f"SELECT {_COLUMNS} FROM {s}.events WHERE event_id = ANY(%s::uuid[])"
+        self.insert_event = (
+            f"INSERT INTO {s}.events ({_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+        )
+        self.upsert_head = (
+            f"INSERT INTO {s}.streams (stream_id, version, last_hash, last_position) "
+            "VALUES (%s,%s,%s,%s) ON CONFLICT (stream_id) DO UPDATE SET "
+            "version = excluded.version, last_hash = excluded.last_hash, "
+            "last_position = excluded.last_position"
+        )
+        self.move_head = f"UPDATE {s}.head SET position = %s"
+        self.notify = "SELECT pg_notify(%s, %s)"
+        self.stream_forward = (
+            f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version >= %s "
+            "ORDER BY version LIMIT %s"
+        )
+        self.stream_backward = (
+            f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version <= %s "
+            "ORDER BY version DESC LIMIT %s"
+        )
+        self.read_all = (
+            f"SELECT {_COLUMNS} FROM {s}.events WHERE position >= %s ORDER BY position LIMIT %s"
+        )
+        self.stream_head = (
+            f"SELECT version, last_hash, last_position FROM {s}.streams WHERE stream_id = %s"
+        )
+        self.stream_heads = (
+            f"SELECT stream_id, version, last_hash, last_position FROM {s}.streams "
+            "WHERE stream_id > %s ORDER BY stream_id LIMIT %s"
+        )
+        self.head_position = f"SELECT position FROM {s}.head"
+        self.save_snapshot = (
+            f"INSERT INTO {s}.snapshots AS kept "
+            "(stream_id, version, type, schema_version, state, recorded_at) "
+            "VALUES (%s,%s,%s,%s,%s,%s) ON CONFLICT (stream_id) DO UPDATE SET "
+            "version = excluded.version, type = excluded.type, "
+            "schema_version = excluded.schema_version, state = excluded.state, "
+            "recorded_at = excluded.recorded_at WHERE excluded.version >= kept.version"
+        )
+        self.load_snapshot = (
+            "SELECT stream_id, version, type, schema_version, state, recorded_at "
+            f"FROM {s}.snapshots WHERE stream_id = %s"
+        )
+
+
+def _row(t: Sequence[Any]) -> EventRow:
+    return EventRow(t[0], t[1], t[2], t[3], t[4], t[5], t[6], t[7], to_micros(t[8]), t[9], t[10])
+
+
+def _params(row: EventRow) -> tuple[Any, ...]:
+    return (
+        row.position,
+        row.id,
+        row.stream_id,
+        row.version,
+        row.type,
+        row.schema_version,
+        row.data,
+        row.metadata,
+        from_micros(row.recorded_at_us),
+        row.prev_hash,
+        row.hash,
+    )
+
+
+def check_schema(schema: str) -> str:
+    if not isinstance(schema, str) or not _SCHEMA_NAME.fullmatch(schema):
+        raise ConfigurationError(
+            f"invalid PostgreSQL schema name {schema!r}: use 1 to 63 characters from "
+            "a-z, 0-9 and _, not starting with a digit"
+        )
+    return schema
+
+
+def channel_for(schema: str) -> str:
+    channel = f"ledgerflow_{schema}"
+    if len(channel) <= _MAX_IDENTIFIER:
+        return channel
+    # Keep long names distinct yet within the limit, identically in every process.
+    digest = hashlib.sha256(schema.encode()).hexdigest()[:12]
+    return f"{channel[: _MAX_IDENTIFIER - 13]}_{digest}"
+
+
+def split_url(url: str) -> tuple[str, str]:
+    """The libpq connection string and the schema of a ``postgresql://`` URL.
+
+    ``schema`` is ours and is removed; every other parameter stays byte for byte as
+    written (re-encoding would turn a literal ``+`` into a space).
+    """
+    scheme = urlsplit(url).scheme
+    if scheme not in ("postgresql", "postgres"):
+        raise ConfigurationError(f"not a PostgreSQL URL (want postgresql://...): {scheme}")
+    # Cut the query out by hand: urlunsplit would turn ``postgresql:///db`` (local
+    # socket) into ``postgresql:/db``.
+    base, _, query = url.partition("?")
+    kept: list[str] = []
+    schemas: list[str] = []
+    for item in query.split("&"):
+        key, _, value = item.partition("=")
+        if unquote(key) == "schema":
+            schemas.append(unquote(value))
+        elif item:
+            kept.append(item)
+    if len(schemas) > 1:
+        raise ConfigurationError("the PostgreSQL URL names more than one schema")
+    schema = check_schema(schemas[0] if schemas else DEFAULT_SCHEMA)
+    return (f"{base}?{'&'.join(kept)}" if kept else base), schema
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else 'no detail'}"
+
+
+@contextlib.contextmanager
+def _driver_errors(action: str) -> Iterator[None]:
+    """Let no psycopg type cross the port: OperationalError (lost connection, server
+    shutdown, timeouts, serialization failures) is the retryable kind."""
+    try:
+        yield
+    except psycopg.OperationalError as exc:
+        raise StoreUnavailableError(
+            PostgresEventStore.backend, f"{action}: {_reason(exc)}"
+        ) from exc
+    except psycopg.Error as exc:
+        raise StoreError(f"postgres store could not {action}: {_reason(exc)}") from exc
+
+
+class PostgresEventStore(BaseEventStore):
+    backend = "postgres"
+    poll_interval = 2.0  # NOTIFY wakes subscribers; this only bounds a lost notification
+
+    def __init__(
+        self,
+        conninfo: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        registry: EventRegistry | None = None,
+        max_event_bytes: int | None = None,
+        clock: Clock | None = None,
+        readers: int = 4,
+    ) -> None:
+        kwargs: dict[str, Any] = {"registry": registry, "clock": clock}
+        if max_event_bytes is not None:
+            kwargs["max_event_bytes"] = max_event_bytes
+        super().__init__(**kwargs)
+        self.schema = check_schema(schema)
+        self.channel = channel_for(schema)
+        self.readers = readers
+        try:
+            given = conninfo_to_dict(conninfo)
+        except psycopg.Error as exc:
+            raise ConfigurationError(f"invalid PostgreSQL connection string: {exc}") from exc
+        defaults = {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in given}
+        self._conninfo = make_conninfo(conninfo, **defaults)
+        self._sql = _Sql(schema)
+        self._writer_conn: Connection | None = None
+        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._listener: asyncio.Task[None] | None = None
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        registry: EventRegistry | None = None,
+        max_event_bytes: int | None = None,
+        clock: Clock | None = None,
+    ) -> PostgresEventStore:
+        conninfo, schema = split_url(url)
+        return cls(
+            conninfo, schema=schema, registry=registry, max_event_bytes=max_event_bytes, clock=clock
+        )
+
+    # -- plumbing -------------------------------------------------------------------
+
+    async def _connect(self) -> Connection:
+        return await psycopg.AsyncConnection.connect(self._conninfo, autocommit=True)
+
+    async def _writing_connection(self) -> Connection:
+        conn = self._writer_conn
+        if conn is None or conn.closed:
+            conn = self._writer_conn = await self._connect()
+        return conn
+
+    async def _discard_writer(self) -> None:
+        conn, self._writer_conn = self._writer_conn, None
+        if conn is not None:
+            await conn.close()
+
+    async def _fetch(self, action: str, sql: str, params: Sequence[Any]) -> list[TupleRow]:
+        pool = self._pool
+        assert pool is not None
+        with _driver_errors(action):
+            for attempt in (1, 2):
+                async with pool.connection() as conn:
+                    try:
+                        cur = await conn.execute(sql, params, binary=True)
+                        return [] if cur.description is None else await cur.fetchall()
+                    except psycopg.OperationalError:
+                        if attempt == 2 or not conn.broken:
+                            raise
+                # Pooled connections died while idle (server restart, idle timeout):
+                # replace them all, then repeat. Everything sent through the pool is a
+                # read or an idempotent upsert, so repeating is safe.
+                await pool.check()
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        try:
+            with _driver_errors("connect"):
+                conn = self._writer_conn = await self._connect()
+            with _driver_errors("migrate the schema"):
+                await self._migrate(conn)
+            pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
+                self._conninfo,
+                kwargs={"autocommit": True},
+                min_size=1,
+                max_size=max(1, self.readers),
+                open=False,
+                name=f"ledgerflow-{self.schema}",
+            )
+            with _driver_errors("open the reader pool"):
+                await pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
+            self._pool = pool
+        except BaseException:
+            await self._release()
+            raise
+
+    async def _migrate(self, conn: Connection) -> None:
+        s = self.schema
+        async with conn.transaction():
+            # Concurrent openers of one schema queue here instead of racing on DDL.
+            await conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"ledgerflow:{s}",)
+            )
+            cur = await conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",))
+            found = await cur.fetchone()
+            if found is None or found[0] is None:
+                # Only when missing: CREATE ... IF NOT EXISTS would still demand the
+                # CREATE privilege of a role that merely uses an up-to-date schema.
+                await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
+                await conn.execute(
+                    f"CREATE TABLE {s}.schema_migrations (version integer PRIMARY KEY, "
+                    "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+                )
+            cur = await conn.execute(f"SELECT coalesce(max(version), 0) FROM {s}.schema_migrations")
+            applied = await cur.fetchone()
+            assert applied is not None
+            for migration in pending(_migrations(s), applied[0]):
+                for statement in migration.statements:
+                    await conn.execute(statement)
+                await conn.execute(
+                    f"INSERT INTO {s}.schema_migrations (version, name) VALUES (%s, %s)",
+                    (migration.version, migration.name),
+                )
+
+    async def _close(self) -> None:
+        await self._release()
+
+    async def _release(self) -> None:
+        listener, self._listener = self._listener, None
+        if listener is not None:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+        await self._discard_writer()
+
+    # -- notifications --------------------------------------------------------------
+
+    async def _ensure_listener(self) -> None:
+        if self._listener is None and not self._closed:
+            self._listener = asyncio.create_task(self._listen(), name="postgres-listener")
+
+    async def _listen(self) -> None:
+        delay = _LISTEN_BACKOFF[0]
+        while not self._closed:
+            try:
+                conn = await self._connect()
+                try:
+                    await conn.execute(f'LISTEN "{self.channel}"')
+                    delay = _LISTEN_BACKOFF[0]
+                    # Commits made while we were not listening sent nobody a NOTIFY:
+                    # subscribers re-read now, and every later commit notifies.
+                    self._wake_subscribers()
+                    async for _ in conn.notifies():
+                        self._wake_subscribers()
+                finally:
+                    await conn.close()
+            except psycopg.Error as exc:
+                log.warning(
+                    "postgres store: LISTEN connection lost (%s); retrying in %.2fs",
+                    _reason(exc),
+                    delay,
+                )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, _LISTEN_BACKOFF[1])
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _write_batch(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        streams = list(dict.fromkeys(r.stream_id for r in requests))
+        ids = [event.id for r in requests for event in r.events]
+        with _driver_errors("append"):
+            for attempt in (1, 2):
+                conn = await self._writing_connection()
+                sent_writes = False
+                try:
+                    # BEGIN and COMMIT go through the pipeline by hand: psycopg's
+                    # transaction() syncs on entry and exit, which costs three
+                    # round trips more per batch than the two needed here.
+                    async with conn.pipeline():
+                        # Explicit: under REPEATABLE READ the head lock would fail with
+                        # serialization errors instead of waiting its turn.
+                        await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                        plan = await self._plan(conn, requests, streams, ids, recorded_at_us)
+                        if plan.rows:
+                            sent_writes = True
+                            await self._write_plan(conn, plan)
+                            await conn.execute("COMMIT")
+                        else:
+                            await conn.execute("ROLLBACK")
+                    return plan.outcomes
+                except BaseException as exc:
+                    # Whatever failed, the session's state is unknown: start afresh
+                    # (closing it also rolls back an open transaction).
+                    broken = conn.broken
+                    await self._discard_writer()
+                    # Before any write was sent nothing can have committed, so a
+                    # connection found dead then (a server restart since the last
+                    # batch) is retried once; after, the outcome is unknown.
+                    retry = isinstance(exc, psycopg.OperationalError) and broken
+                    if attempt == 2 or sent_writes or not retry:
+                        raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _plan(
+        self,
+        conn: Connection,
+        requests: list[AppendRequest],
+        streams: list[str],
+        ids: list[UUID],
+        recorded_at_us: int,
+    ) -> BatchPlan:
+        # Pipelined: the lock and both reads travel in one round trip. Each later
+        # statement takes its snapshot after the lock is granted, so it sees the
+        # previous holder's commit.
+        sql = self._sql
+        head_cur = await conn.execute(sql.lock_head)
+        heads_cur = await conn.execute(sql.heads_of, (streams,), binary=True)
+        known_cur = await conn.execute(sql.events_by_id, (ids,), binary=True)
+        head = await head_cur.fetchone()
+        if head is None:
+            raise StoreError(
+                f"postgres store: {self.schema}.head has no row; the schema is damaged"
+            )
+        heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
+        existing = {row.id: row for row in map(_row, await known_cur.fetchall())}
+        return plan_batch(requests, heads, existing, head[0], recorded_at_us)
+
+    async def _write_plan(self, conn: Connection, plan: BatchPlan) -> None:
+        sql = self._sql
+        async with conn.cursor() as cur:
+            await cur.executemany(sql.insert_event, [_params(row) for row in plan.rows])
+            await cur.executemany(
+                sql.upsert_head,
+                [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
+            )
+            await cur.execute(sql.move_head, (plan.last_position,))
+            await cur.execute(sql.notify, (self.channel, str(plan.last_position)))
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _read_stream_rows(
+        self, stream_id: str, from_version: int | None, limit: int | None, backwards: bool
+    ) -> list[EventRow]:
+        if backwards:
+            sql, bound = self._sql.stream_backward, from_version
+            if bound is None:
+                bound = 2**63 - 1
+        else:
+            sql, bound = self._sql.stream_forward, 1 if from_version is None else from_version
+        rows = await self._fetch("read a stream", sql, (stream_id, bound, limit))
+        return [_row(t) for t in rows]
+
+    async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
+        rows = await self._fetch("read the log", self._sql.read_all, (from_position, limit))
+        return [_row(t) for t in rows]
+
+    async def _stream_head(self, stream_id: str) -> StreamHead | None:
+        rows = await self._fetch("read a stream head", self._sql.stream_head, (stream_id,))
+        return StreamHead(*rows[0]) if rows else None
+
+    async def _stream_heads(self, after: str | None, limit: int) -> list[tuple[str, StreamHead]]:
+        rows = await self._fetch(
+            "read stream heads", self._sql.stream_heads, ("" if after is None else after, limit)
+        )
+        return [(sid, StreamHead(v, h, p)) for sid, v, h, p in rows]
+
+    async def _head_position(self) -> int:
+        rows = await self._fetch("read the head position", self._sql.head_position, ())
+        return int(rows[0][0])
+
+    async def _save_snapshot(self, snapshot: Snapshot, recorded_at_us: int) -> None:
+        params = (
+            snapshot.stream_id,
+            snapshot.version,
+            snapshot.type,
+            snapshot.schema_version,
+            snapshot.state,
+            from_micros(recorded_at_us),
+        )
+        await self._fetch("save a snapshot", self._sql.save_snapshot, params)
+
+    async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
+        rows = await self._fetch("load a snapshot", self._sql.load_snapshot, (stream_id,))
+        if not rows:
+            return None
+        sid, version, type_name, schema_version, state, at = rows[0]
+        return Snapshot(sid, version, type_name, schema_version, state, _utc(at))
+
+
+def _utc(moment: datetime) -> datetime:
+    # The session's TimeZone decides how timestamptz comes back; answer in UTC as the
+    # other backends do.
+    return moment.astimezone(UTC)

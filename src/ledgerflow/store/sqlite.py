@@ -1,0 +1,347 @@
+"""SQLite EventStore: the embedded default.
+
+One writer connection on its own thread takes every queued append in one
+``BEGIN IMMEDIATE`` transaction (group commit); readers use their own connections,
+which WAL lets run beside the writer. ``synchronous=FULL`` makes a commit durable
+before the append returns: an acknowledged event survives a power cut. Other
+processes may write the same file; SQLite's write lock serializes them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import threading
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+from uuid import UUID
+
+from ..errors import ConfigurationError, StoreError, StoreUnavailableError
+from ..events import AppendResult, Snapshot
+from ..hashing import from_micros
+from ..registry import EventRegistry
+from ._base import BaseEventStore, Clock
+from ._migrations import Migration, pending
+from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+
+__all__ = ["SQLiteEventStore"]
+
+T = TypeVar("T")
+
+MIGRATIONS = (
+    Migration(
+        1,
+        "events, streams and snapshots",
+        (
+            """CREATE TABLE events (
+                position INTEGER PRIMARY KEY,
+                event_id TEXT NOT NULL UNIQUE,
+                stream_id TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                schema_version INTEGER NOT NULL,
+                data BLOB NOT NULL,
+                metadata BLOB NOT NULL,
+                recorded_at INTEGER NOT NULL,
+                prev_hash BLOB NOT NULL,
+                hash BLOB NOT NULL,
+                UNIQUE (stream_id, version)
+            )""",
+            """CREATE TABLE streams (
+                stream_id TEXT PRIMARY KEY,
+                version INTEGER NOT NULL,
+                last_hash BLOB NOT NULL,
+                last_position INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            """CREATE TABLE snapshots (
+                stream_id TEXT PRIMARY KEY,
+                version INTEGER NOT NULL,
+                type TEXT NOT NULL,
+                schema_version INTEGER NOT NULL,
+                state BLOB NOT NULL,
+                recorded_at INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+        ),
+    ),
+)
+
+_COLUMNS = (
+    "position, event_id, stream_id, version, type, schema_version, data, metadata, "
+    "recorded_at, prev_hash, hash"
+)
+_INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_UPSERT_HEAD = (
+    "INSERT INTO streams (stream_id, version, last_hash, last_position) VALUES (?,?,?,?) "
+    "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
+    "last_hash = excluded.last_hash, last_position = excluded.last_position"
+)
+_CHUNK = 500  # stays far below SQLite's bound-parameter limit
+_NO_LIMIT = -1
+_MAX_VERSION = 2**62
+
+
+def _row(t: Sequence[Any]) -> EventRow:
+    return EventRow(t[0], UUID(t[1]), t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
+
+
+def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def path_from_url(url: str) -> Path:
+    """``sqlite:///rel.db`` is relative to the working directory, ``sqlite:////abs.db``
+    absolute."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        raise ConfigurationError(f"not a SQLite URL (want sqlite:///path): {url!r}")
+    path = url[len(prefix) :].split("?", 1)[0]
+    if not path:
+        raise ConfigurationError(f"SQLite URL has no file path: {url!r}")
+    return Path(path)
+
+
+class SQLiteEventStore(BaseEventStore):
+    backend = "sqlite"
+    poll_interval = 0.25  # other processes' commits are only seen by polling
+    readers = 2
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        registry: EventRegistry | None = None,
+        max_event_bytes: int | None = None,
+        clock: Clock | None = None,
+        busy_timeout: float = 30.0,
+    ) -> None:
+        kwargs: dict[str, Any] = {"registry": registry, "clock": clock}
+        if max_event_bytes is not None:
+            kwargs["max_event_bytes"] = max_event_bytes
+        super().__init__(**kwargs)
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="ledgerflow-sqlite-w")
+        self._read_pool = ThreadPoolExecutor(self.readers, thread_name_prefix="ledgerflow-sqlite-r")
+        self._local = threading.local()
+        self._connections: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
+        self._writer_con: sqlite3.Connection | None = None
+
+    # -- plumbing -------------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        con = sqlite3.connect(
+            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+        )
+        con.execute("PRAGMA synchronous = FULL")
+        with self._lock:
+            self._connections.append(con)
+        return con
+
+    def _reader(self) -> sqlite3.Connection:
+        con: sqlite3.Connection | None = getattr(self._local, "con", None)
+        if con is None:
+            con = self._connect()
+            con.execute("PRAGMA query_only = 1")
+            self._local.con = con
+        return con
+
+    async def _on(self, pool: ThreadPoolExecutor, fn: Callable[[], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, fn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}") from exc
+
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        def run() -> list[Any]:
+            return self._reader().execute(sql, params).fetchall()
+
+        return await self._on(self._read_pool, run)
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    async def _open(self) -> None:
+        await self._on(self._write_pool, self._open_writer)
+
+    def _open_writer(self) -> None:
+        con = self._connect()
+        self._writer_con = con
+        mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if mode != "wal":
+            raise StoreUnavailableError(self.backend, f"cannot use WAL on {self.path}: {mode}")
+        con.execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations ("
+            "version INTEGER PRIMARY KEY, name TEXT NOT NULL, applied_at TEXT NOT NULL)"
+        )
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            applied = con.execute("SELECT coalesce(max(version), 0) FROM schema_migrations")
+            for migration in pending(MIGRATIONS, applied.fetchone()[0]):
+                for statement in migration.statements:
+                    con.execute(statement)
+                con.execute(
+                    "INSERT INTO schema_migrations VALUES (?, ?, ?)",
+                    (migration.version, migration.name, datetime.now(UTC).isoformat()),
+                )
+            con.execute("COMMIT")
+        except BaseException:
+            con.execute("ROLLBACK")
+            raise
+
+    async def _close(self) -> None:
+        self._write_pool.shutdown(wait=True)
+        self._read_pool.shutdown(wait=True)
+        with self._lock:
+            for con in self._connections:
+                con.close()
+            self._connections.clear()
+
+    # -- writing --------------------------------------------------------------------
+
+    async def _write_batch(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        return await self._on(self._write_pool, lambda: self._write_sync(requests, recorded_at_us))
+
+    def _write_sync(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        con = self._writer_con
+        assert con is not None
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            streams = list({r.stream_id for r in requests})
+            heads: dict[str, StreamHead] = {}
+            for chunk in _chunks(streams):
+                marks = ",".join("?" * len(chunk))
+                for sid, version, last_hash, last_position in con.execute(
+                    "SELECT stream_id, version, last_hash, last_position FROM streams "
+                    f"WHERE stream_id IN ({marks})",
+                    chunk,
+                ):
+                    heads[sid] = StreamHead(version, last_hash, last_position)
+            ids = [str(e.id) for r in requests for e in r.events]
+            existing: dict[UUID, EventRow] = {}
+            for chunk in _chunks(ids):
+                marks = ",".join("?" * len(chunk))
+                for t in con.execute(
+                    f"SELECT {_COLUMNS} FROM events WHERE event_id IN ({marks})", chunk
+                ):
+                    row = _row(t)
+                    existing[row.id] = row
+            last = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            plan = plan_batch(requests, heads, existing, last, recorded_at_us)
+            if not plan.rows:
+                con.execute("ROLLBACK")
+                return plan.outcomes
+            con.executemany(
+                _INSERT_EVENT,
+                [
+                    (
+                        r.position,
+                        str(r.id),
+                        r.stream_id,
+                        r.version,
+                        r.type,
+                        r.schema_version,
+                        r.data,
+                        r.metadata,
+                        r.recorded_at_us,
+                        r.prev_hash,
+                        r.hash,
+                    )
+                    for r in plan.rows
+                ],
+            )
+            con.executemany(
+                _UPSERT_HEAD,
+                [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
+            )
+            con.execute("COMMIT")
+        except BaseException:
+            if con.in_transaction:
+                con.execute("ROLLBACK")
+            raise
+        return plan.outcomes
+
+    # -- reading --------------------------------------------------------------------
+
+    async def _read_stream_rows(
+        self, stream_id: str, from_version: int | None, limit: int | None, backwards: bool
+    ) -> list[EventRow]:
+        n = _NO_LIMIT if limit is None else limit
+        if backwards:
+            top = _MAX_VERSION if from_version is None else from_version
+            sql = (
+                f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version <= ? "
+                "ORDER BY version DESC LIMIT ?"
+            )
+            rows = await self._read(sql, (stream_id, top, n))
+        else:
+            bottom = 1 if from_version is None else from_version
+            sql = (
+                f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ? "
+                "ORDER BY version LIMIT ?"
+            )
+            rows = await self._read(sql, (stream_id, bottom, n))
+        return [_row(t) for t in rows]
+
+    async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
+        n = _NO_LIMIT if limit is None else limit
+        sql = f"SELECT {_COLUMNS} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
+        return [_row(t) for t in await self._read(sql, (from_position, n))]
+
+    async def _stream_head(self, stream_id: str) -> StreamHead | None:
+        rows = await self._read(
+            "SELECT version, last_hash, last_position FROM streams WHERE stream_id = ?",
+            (stream_id,),
+        )
+        return StreamHead(*rows[0]) if rows else None
+
+    async def _stream_heads(self, after: str | None, limit: int) -> list[tuple[str, StreamHead]]:
+        rows = await self._read(
+            "SELECT stream_id, version, last_hash, last_position FROM streams "
+            "WHERE stream_id > ? ORDER BY stream_id LIMIT ?",
+            ("" if after is None else after, limit),
+        )
+        return [(sid, StreamHead(v, h, p)) for sid, v, h, p in rows]
+
+    async def _head_position(self) -> int:
+        rows = await self._read("SELECT coalesce(max(position), 0) FROM events", ())
+        return int(rows[0][0])
+
+    async def _save_snapshot(self, snapshot: Snapshot, recorded_at_us: int) -> None:
+        def run() -> None:
+            con = self._writer_con
+            assert con is not None
+            con.execute(
+                "INSERT INTO snapshots VALUES (?,?,?,?,?,?) ON CONFLICT (stream_id) DO UPDATE "
+                "SET version = excluded.version, type = excluded.type, "
+                "schema_version = excluded.schema_version, state = excluded.state, "
+                "recorded_at = excluded.recorded_at WHERE excluded.version >= snapshots.version",
+                (
+                    snapshot.stream_id,
+                    snapshot.version,
+                    snapshot.type,
+                    snapshot.schema_version,
+                    snapshot.state,
+                    recorded_at_us,
+                ),
+            )
+
+        await self._on(self._write_pool, run)
+
+    async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
+        rows = await self._read(
+            "SELECT stream_id, version, type, schema_version, state, recorded_at "
+            "FROM snapshots WHERE stream_id = ?",
+            (stream_id,),
+        )
+        if not rows:
+            return None
+        sid, version, type_name, schema_version, state, at = rows[0]
+        return Snapshot(sid, version, type_name, schema_version, state, from_micros(at))

@@ -1,0 +1,91 @@
+"""Fixtures shared by every test: one store per backend, each on its own database.
+
+PostgreSQL tests use a fresh schema per test, dropped afterwards. Set
+LEDGERFLOW_TEST_PG to point them at another server. With CI=true a missing
+PostgreSQL fails the run; elsewhere those tests skip with the reason.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import pytest
+
+import ledgerflow
+from ledgerflow.store._base import BaseEventStore
+
+PG_URL = os.environ.get("LEDGERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+BACKENDS = ["memory", "sqlite", "postgres"]
+
+
+def _pg_reachable() -> str | None:
+    """None when PostgreSQL answers, else why not."""
+    try:
+        import psycopg
+    except ImportError:
+        return "psycopg is not installed (pip install 'ledgerflow[postgres]')"
+    try:
+        with psycopg.connect(PG_URL, connect_timeout=3) as con:
+            con.execute("SELECT 1")
+    except psycopg.Error as exc:
+        return f"PostgreSQL at {PG_URL} is not reachable: {exc}"
+    return None
+
+
+_PG_PROBLEM: str | bool | None = False  # False: not probed yet
+
+
+def require_postgres() -> None:
+    """Skip (or, under CI, fail) the calling test when PostgreSQL is missing."""
+    global _PG_PROBLEM
+    if _PG_PROBLEM is False:
+        _PG_PROBLEM = _pg_reachable()
+    if isinstance(_PG_PROBLEM, str):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI=true and {_PG_PROBLEM}")
+        pytest.skip(_PG_PROBLEM)
+
+
+@pytest.fixture
+def pg_schema() -> Iterator[str]:
+    """A new, empty PostgreSQL schema name; dropped with everything in it afterwards."""
+    require_postgres()
+    import psycopg
+
+    name = f"lf_test_{uuid.uuid4().hex[:16]}"
+    yield name
+    with psycopg.connect(PG_URL, autocommit=True) as con:
+        con.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+def pg_url(schema: str) -> str:
+    sep = "&" if "?" in PG_URL else "?"
+    return f"{PG_URL}{sep}schema={schema}"
+
+
+@pytest.fixture(params=BACKENDS)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL for an empty store on each backend in turn."""
+    backend: str = request.param
+    if backend == "memory":
+        return "memory://"
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    schema: str = request.getfixturevalue("pg_schema")
+    return pg_url(schema)
+
+
+@pytest.fixture
+def registry() -> ledgerflow.EventRegistry:
+    return ledgerflow.EventRegistry()
+
+
+@pytest.fixture
+async def store(
+    store_url: str, registry: ledgerflow.EventRegistry
+) -> AsyncIterator[BaseEventStore]:
+    async with ledgerflow.open_store(store_url, registry=registry) as opened:
+        yield opened

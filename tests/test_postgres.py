@@ -1,0 +1,455 @@
+"""PostgreSQL-only behaviour: the global order across processes, NOTIFY, schemas,
+connection loss. The contract every backend shares lives in the contract suite."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import sys
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import psycopg
+import pytest
+
+import ledgerflow
+from ledgerflow import NewEvent, RecordedEvent
+from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
+from ledgerflow.store.postgres import PostgresEventStore, channel_for, split_url
+
+from .conftest import PG_URL, pg_url, require_postgres
+
+pytestmark = pytest.mark.postgres
+
+# Run by each writer process: appends from several tasks at once (so its own group
+# commit batches them), to its own streams with expected versions and to shared
+# streams with and without them, then reports every event acknowledged to it.
+_WRITER = """
+import asyncio, json, random, sys, uuid
+import ledgerflow
+from ledgerflow import ConcurrencyError, NewEvent
+
+async def main(url, proc, tasks, appends):
+    rng = random.Random(proc)
+    acked, conflicts = [], 0
+    async with ledgerflow.open_store(url) as store:
+        print("ready", flush=True)
+        sys.stdin.readline()
+
+        async def work(task):
+            nonlocal conflicts
+            own, version = f"p{proc}-t{task}", 0
+            for i in range(appends):
+                events = [
+                    NewEvent("Tick", {"p": proc, "t": task, "i": i, "k": k}, id=uuid.uuid4())
+                    for k in range(rng.choice((1, 1, 1, 2, 3, 5)))
+                ]
+                shared = f"shared-{rng.randrange(3)}"
+                roll = rng.random()
+                try:
+                    if roll < 0.4:
+                        result = await store.append(own, events, expected_version=version)
+                        version = result.version
+                    elif roll < 0.8:
+                        result = await store.append(shared, events)
+                    else:
+                        seen = await store.stream_version(shared)
+                        result = await store.append(shared, events, expected_version=seen)
+                except ConcurrencyError:
+                    conflicts += 1
+                    continue
+                acked.extend((str(e.id), p) for e, p in zip(events, result.positions))
+
+        await asyncio.gather(*(work(t) for t in range(tasks)))
+    print(json.dumps({"acked": acked, "conflicts": conflicts}), flush=True)
+
+asyncio.run(main(sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])))
+"""
+
+_APPEND_ONE = """
+import asyncio, sys
+import ledgerflow
+from ledgerflow import NewEvent
+
+async def main(url):
+    async with ledgerflow.open_store(url) as store:
+        await store.append("from-afar", [NewEvent("Waved")])
+
+asyncio.run(main(sys.argv[1]))
+"""
+
+
+def _admin() -> psycopg.Connection[tuple[Any, ...]]:
+    return psycopg.connect(PG_URL, autocommit=True)
+
+
+@pytest.fixture
+def other_schema() -> Iterator[str]:
+    require_postgres()
+    name = f"lf_test_{uuid.uuid4().hex[:16]}"
+    yield name
+    with _admin() as con:
+        con.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
+
+
+async def _python(script: str, *args: str) -> tuple[int, bytes, bytes]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        script,
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await proc.communicate()
+    assert proc.returncode is not None
+    return proc.returncode, out, err
+
+
+async def _listener_pids(schema: str) -> list[int]:
+    query = f'LISTEN "{channel_for(schema)}"'
+    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
+        cur = await con.execute(
+            "SELECT pid FROM pg_stat_activity WHERE query = %s AND state = 'idle'", (query,)
+        )
+        return [int(pid) for (pid,) in await cur.fetchall()]
+
+
+async def _wait_for_listener(schema: str, *, not_pid: int | None = None) -> int:
+    """The backend pid of the store's LISTEN connection, once it is listening."""
+    async with asyncio.timeout(10):
+        while True:
+            pids = [p for p in await _listener_pids(schema) if p != not_pid]
+            if pids:
+                return pids[0]
+            await asyncio.sleep(0.02)
+
+
+class _Seen:
+    """What a subscriber has received so far, and a way to await more of it."""
+
+    def __init__(self) -> None:
+        self.events: list[RecordedEvent] = []
+        self._grew = asyncio.Event()
+
+    async def consume(self, source: AsyncIterator[RecordedEvent]) -> None:
+        async for event in source:
+            self.events.append(event)
+            self._grew.set()
+
+    async def until(self, position: int) -> None:
+        """Wait until an event at ``position`` or beyond has arrived."""
+        while not self.events or self.events[-1].position < position:
+            self._grew.clear()
+            await self._grew.wait()
+
+
+# -- invariant 3: no gaps, across processes -------------------------------------------
+
+
+@pytest.mark.slow
+async def test_subscriber_sees_every_event_once_in_order_while_processes_write(
+    pg_schema: str,
+) -> None:
+    url = pg_url(pg_schema)
+    processes, tasks, appends = 4, 8, 50
+    seen = _Seen()
+    async with ledgerflow.open_store(url) as store:
+        consumer = asyncio.create_task(seen.consume(store.subscribe(batch_size=50)))
+        writers = [
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                _WRITER,
+                url,
+                str(n),
+                str(tasks),
+                str(appends),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            for n in range(processes)
+        ]
+        for writer in writers:
+            assert writer.stdout is not None
+            async with asyncio.timeout(60):
+                assert await writer.stdout.readline() == b"ready\n"
+        reports = await asyncio.gather(*(w.communicate(b"go\n") for w in writers))
+        acked: dict[str, int] = {}
+        for writer, (out, err) in zip(writers, reports, strict=True):
+            assert writer.returncode == 0, err.decode()
+            report = json.loads(out.decode().splitlines()[-1])
+            acked.update((event_id, position) for event_id, position in report["acked"])
+        total = len(acked)
+
+        async with asyncio.timeout(30):
+            await seen.until(total)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+
+        positions = [event.position for event in seen.events]
+        assert positions == list(range(1, total + 1))
+        assert {str(event.id): event.position for event in seen.events} == acked
+        assert await store.head_position() == total
+
+        # The writers really raced: positions alternate between processes.
+        owners = [event.data["p"] for event in seen.events]
+        switches = sum(a != b for a, b in itertools.pairwise(owners))
+        assert switches > processes
+
+        # Every stream is contiguous from 1 and chained, despite the interleaving.
+        streams: dict[str, list[RecordedEvent]] = {}
+        for event in seen.events:
+            streams.setdefault(event.stream_id, []).append(event)
+        for events in streams.values():
+            assert [e.version for e in events] == list(range(1, len(events) + 1))
+            assert [e.prev_hash for e in events] == [GENESIS_HASH] + [e.hash for e in events[:-1]]
+
+
+# -- LISTEN/NOTIFY ------------------------------------------------------------------
+
+
+async def test_subscriber_is_woken_by_a_commit_in_another_process(pg_schema: str) -> None:
+    url = pg_url(pg_schema)
+    seen = _Seen()
+    async with ledgerflow.open_store(url) as store:
+        store.poll_interval = 60.0  # only a NOTIFY can wake it within the test's time
+        await store.append("here", [NewEvent("Local")])
+        consumer = asyncio.create_task(seen.consume(store.subscribe()))
+        async with asyncio.timeout(10):
+            await seen.until(1)
+            await _wait_for_listener(pg_schema)
+            code, _, err = await _python(_APPEND_ONE, url)
+            assert code == 0, err.decode()
+            await seen.until(2)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+    assert [(e.stream_id, e.position) for e in seen.events] == [("here", 1), ("from-afar", 2)]
+
+
+async def test_store_recovers_when_the_server_drops_every_connection(pg_schema: str) -> None:
+    app = f"lf_kill_{pg_schema[-12:]}"
+    url = f"{pg_url(pg_schema)}&application_name={app}"
+    seen = _Seen()
+    async with (
+        ledgerflow.open_store(url) as store,
+        ledgerflow.open_store(pg_url(pg_schema)) as elsewhere,
+    ):
+        store.poll_interval = 60.0
+        await store.append("s", [NewEvent("Before")])
+        consumer = asyncio.create_task(seen.consume(store.subscribe()))
+        async with asyncio.timeout(10):
+            listener = await _wait_for_listener(pg_schema)
+            await seen.until(1)
+
+        with _admin() as con:
+            killed = con.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            ).fetchone()
+        assert killed is not None
+        assert killed[0] >= 3  # writer, reader pool, listener
+
+        # Nothing was in flight: the writer and the readers reconnect transparently.
+        result = await store.append("s", [NewEvent("After")])
+        assert result.positions == (2,)
+        assert [e.type for e in await store.read_stream("s")] == ["Before", "After"]
+
+        async with asyncio.timeout(10):
+            await _wait_for_listener(pg_schema, not_pid=listener)
+            await elsewhere.append("t", [NewEvent("Elsewhere")])
+            await seen.until(3)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+    assert [e.position for e in seen.events] == [1, 2, 3]
+
+
+def test_notify_channel_fits_postgres_identifier_limit() -> None:
+    long_a, long_b = "a" * 63, "a" * 62 + "b"
+    assert channel_for("ledgerflow") == "ledgerflow_ledgerflow"
+    assert len(channel_for(long_a)) <= 63
+    assert channel_for(long_a) != channel_for(long_b)
+
+
+# -- schemas ------------------------------------------------------------------------
+
+
+async def test_stores_on_different_schemas_do_not_see_each_other(
+    pg_schema: str, other_schema: str
+) -> None:
+    async with (
+        ledgerflow.open_store(pg_url(pg_schema)) as one,
+        ledgerflow.open_store(pg_url(other_schema)) as two,
+    ):
+        await one.append("order-1", [NewEvent("Created"), NewEvent("Approved")])
+        await two.append("order-1", [NewEvent("Created")])
+        await two.append("order-2", [NewEvent("Created")])
+
+        assert [e.type for e in await one.read_all()] == ["Created", "Approved"]
+        assert [e.stream_id for e in await two.read_all()] == ["order-1", "order-2"]
+        assert await one.stream_version("order-1") == 2
+        assert await two.stream_version("order-1") == 1
+        assert await one.stream_version("order-2") == 0
+        assert (await one.head_position(), await two.head_position()) == (2, 2)
+
+    with _admin() as con:
+        tables = con.execute(
+            "SELECT table_schema, count(*) FROM information_schema.tables "
+            "WHERE table_schema IN (%s, %s) GROUP BY table_schema",
+            (pg_schema, other_schema),
+        ).fetchall()
+    # events, streams, snapshots, head and schema_migrations, in each schema
+    assert dict(tables) == {pg_schema: 5, other_schema: 5}
+
+
+@pytest.mark.parametrize(
+    "schema",
+    ["Ledger", "1ledger", "led-ger", "led ger", "x" * 64, "", "ledger;drop"],
+)
+def test_invalid_schema_name_is_a_configuration_error(schema: str) -> None:
+    with pytest.raises(ledgerflow.ConfigurationError, match="schema"):
+        ledgerflow.open_store(f"{PG_URL}?schema={schema}")
+
+
+def test_url_options_other_than_schema_go_to_libpq_unchanged() -> None:
+    conninfo, schema = split_url("postgres://u:p@db:6432/app?sslmode=disable&schema=lf_a&x=a+b")
+    assert (conninfo, schema) == ("postgres://u:p@db:6432/app?sslmode=disable&x=a+b", "lf_a")
+    assert split_url("postgresql:///app") == ("postgresql:///app", "ledgerflow")
+    with pytest.raises(ledgerflow.ConfigurationError, match="more than one schema"):
+        split_url("postgresql:///app?schema=a&schema=b")
+    with pytest.raises(ledgerflow.ConfigurationError):
+        ledgerflow.open_store("postgresql://db/app?schema=ok&no_such_libpq_option=1")
+
+
+async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
+    stores = [ledgerflow.open_store(pg_url(pg_schema)) for _ in range(6)]
+    try:
+        await asyncio.gather(*(store.open() for store in stores))
+    finally:
+        await asyncio.gather(*(store.close() for store in stores))
+    with _admin() as con:
+        rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
+        head = con.execute(f"SELECT id, position FROM {pg_schema}.head").fetchall()
+    assert [version for version, _ in rows] == [1]
+    assert head == [(True, 0)]
+
+
+async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        await store.append("s", [NewEvent("Kept")])
+    with _admin() as con:
+        con.execute(
+            f"INSERT INTO {pg_schema}.schema_migrations (version, name) VALUES (99, 'future')"
+        )
+    store = ledgerflow.open_store(pg_url(pg_schema))
+    with pytest.raises(ledgerflow.SchemaVersionError) as caught:
+        await store.open()
+    assert (caught.value.found, caught.value.known) == (99, 1)
+    with _admin() as con:
+        rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
+    assert rows == (1,)
+
+
+# -- errors at the boundary ---------------------------------------------------------
+
+
+async def test_unreachable_server_is_store_unavailable() -> None:
+    store = ledgerflow.open_store("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
+    with pytest.raises(ledgerflow.StoreUnavailableError) as caught:
+        await store.open()
+    assert not isinstance(caught.value, psycopg.Error)
+    assert caught.value.retryable
+    assert caught.value.backend == "postgres"
+
+
+async def test_stream_id_postgres_cannot_store_is_a_store_error(pg_schema: str) -> None:
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        with pytest.raises(ledgerflow.StoreError) as caught:
+            await store.append("nul\x00byte", [NewEvent("E")])
+        assert not isinstance(caught.value, psycopg.Error)
+        # The writer recovers for the next batch.
+        assert (await store.append("fine", [NewEvent("E")])).positions == (1,)
+
+
+# -- storage details ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "moment",
+    [
+        datetime(2024, 2, 29, 23, 59, 59, 999_999, tzinfo=UTC),
+        datetime(1969, 7, 20, 20, 17, 40, 1, tzinfo=UTC),
+        datetime(2030, 1, 1, 1, 2, 3, 456_789, tzinfo=timezone(timedelta(hours=-5))),
+    ],
+)
+async def test_bytes_and_times_round_trip_exactly(pg_schema: str, moment: datetime) -> None:
+    data = {"text": 'ünïcödé \u2028 \\ "quoted"', "n": 2**53 + 1, "f": 0.1}
+    async with ledgerflow.open_store(pg_url(pg_schema), clock=lambda: moment) as store:
+        await store.append("s", [NewEvent("A", data), NewEvent("B", {})])
+        [first, second] = await store.read_all()
+        rows = await store.read_rows()
+    assert first.data == data
+    assert first.recorded_at == moment
+    assert first.recorded_at.tzinfo is not None
+    for row in rows:
+        assert row.recorded_at_us == to_micros(moment)
+        assert row.hash == chain_hash(
+            row.prev_hash,
+            row.id,
+            row.stream_id,
+            row.version,
+            row.position,
+            row.type,
+            row.schema_version,
+            row.data,
+            row.metadata,
+            row.recorded_at_us,
+        )
+    assert second.prev_hash == first.hash
+
+
+async def test_stream_heads_are_in_code_point_order_whatever_the_collation(
+    pg_schema: str,
+) -> None:
+    names = ["b", "B", "a", "_x", "é", "Z", "a-1", "a_1", "10", "9"]
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        for name in names:
+            await store.append(name, [NewEvent("E")])
+        heads = await store.stream_heads()
+        page = await store.stream_heads(after="a", limit=3)
+    assert [name for name, _ in heads] == sorted(names)
+    assert [name for name, _ in page] == sorted(n for n in names if n > "a")[:3]
+
+
+async def test_a_batch_costs_the_same_round_trips_whatever_its_size(pg_schema: str) -> None:
+    from psycopg import pq
+
+    async def syncs(store: PostgresEventStore, count: int) -> int:
+        conn = store._writer_conn
+        assert conn is not None
+        with tempfile.TemporaryFile("w+") as trace:
+            conn.pgconn.trace(trace.fileno())
+            conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+            try:
+                await store.append("s", [NewEvent("E", {"i": i}) for i in range(count)])
+            finally:
+                conn.pgconn.untrace()
+            trace.seek(0)
+            sent = [line.split("\t") for line in trace]
+        return sum(1 for f in sent if f[0] == "F" and f[2].strip() in ("Sync", "Flush"))
+
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        assert isinstance(store, PostgresEventStore)
+        await store.append("warm-up", [NewEvent("E")])
+        one, many = await syncs(store, 1), await syncs(store, 300)
+    assert one == many
+    assert one <= 3

@@ -1,0 +1,62 @@
+"""Pins the public names: adding or removing one is a deliberate, reviewed change."""
+
+from __future__ import annotations
+
+import ledgerflow
+
+EXPECTED = {
+    "ANY",
+    "NO_STREAM",
+    "STREAM_EXISTS",
+    "Aggregate",
+    "AlreadyAppended",
+    "AppendResult",
+    "Appended",
+    "ConcurrencyError",
+    "ConfigurationError",
+    "DuplicateEventError",
+    "EventError",
+    "EventRegistry",
+    "EventSerializationError",
+    "EventStore",
+    "EventTooLargeError",
+    "ExpectedVersion",
+    "Finding",
+    "FindingKind",
+    "InvalidEventDataError",
+    "LedgerflowError",
+    "Loaded",
+    "Metadata",
+    "NewEvent",
+    "RecordedEvent",
+    "Repository",
+    "SchemaVersionError",
+    "Snapshot",
+    "StoreClosedError",
+    "StoreError",
+    "StoreUnavailableError",
+    "StreamNotFoundError",
+    "StreamState",
+    "UnknownEventTypeError",
+    "VerifyReport",
+    "__version__",
+    "open_store",
+    "verify_ledger",
+}
+
+
+def test_all_is_pinned() -> None:
+    assert set(ledgerflow.__all__) == EXPECTED
+    assert len(ledgerflow.__all__) == len(EXPECTED), "duplicates in __all__"
+
+
+def test_every_name_in_all_exists() -> None:
+    for name in ledgerflow.__all__:
+        assert hasattr(ledgerflow, name), name
+
+
+def test_errors_form_one_hierarchy() -> None:
+    for name in ledgerflow.__all__:
+        obj = getattr(ledgerflow, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, ledgerflow.LedgerflowError), name
