@@ -9,7 +9,7 @@ import json
 import sys
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -17,9 +17,18 @@ import psycopg
 import pytest
 
 import ledgerflow
-from ledgerflow import NewEvent, RecordedEvent
+from ledgerflow import Appended, NewEvent, RecordedEvent
 from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
 from ledgerflow.store.postgres import PostgresEventStore, channel_for, split_url
+from ledgerflow.store.runtime import (
+    InstanceRow,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+    WakeupRow,
+)
 
 from .conftest import PG_URL, pg_url, require_postgres
 
@@ -307,8 +316,8 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
             "WHERE table_schema IN (%s, %s) GROUP BY table_schema",
             (pg_schema, other_schema),
         ).fetchall()
-    # events, streams, snapshots, head and schema_migrations, in each schema
-    assert dict(tables) == {pg_schema: 5, other_schema: 5}
+    # events, streams, snapshots, head, workflows, wakeups and schema_migrations
+    assert dict(tables) == {pg_schema: 7, other_schema: 7}
 
 
 @pytest.mark.parametrize(
@@ -339,7 +348,7 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
     with _admin() as con:
         rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
         head = con.execute(f"SELECT id, position FROM {pg_schema}.head").fetchall()
-    assert [version for version, _ in rows] == [1]
+    assert sorted(version for version, _ in rows) == [1, 2]
     assert head == [(True, 0)]
 
 
@@ -353,7 +362,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     store = ledgerflow.open_store(pg_url(pg_schema))
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
-    assert (caught.value.found, caught.value.known) == (99, 1)
+    assert (caught.value.found, caught.value.known) == (99, 2)
     with _admin() as con:
         rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
     assert rows == (1,)
@@ -371,11 +380,17 @@ async def test_unreachable_server_is_store_unavailable() -> None:
     assert caught.value.backend == "postgres"
 
 
-async def test_stream_id_postgres_cannot_store_is_a_store_error(pg_schema: str) -> None:
+async def test_text_postgres_cannot_store_is_a_store_error(pg_schema: str) -> None:
     async with ledgerflow.open_store(pg_url(pg_schema)) as store:
-        with pytest.raises(ledgerflow.StoreError) as caught:
+        # Refused before the server sees it, as on every backend.
+        with pytest.raises(ledgerflow.InvalidEventDataError):
             await store.append("nul\x00byte", [NewEvent("E")])
-        assert not isinstance(caught.value, psycopg.Error)
+        # So is a runtime row, with the events of its append: one bad request must not
+        # fail the innocent appends sharing its group commit.
+        with pytest.raises(ledgerflow.InvalidEventDataError):
+            await store.append("s", [NewEvent("E")], runtime=[Schedule("nul\x00byte", 1)])
+        assert await store.head_position() == 0
+        assert await store.next_wakeup() is None
         # The writer recovers for the next batch.
         assert (await store.append("fine", [NewEvent("E")])).positions == (1,)
 
@@ -453,3 +468,167 @@ async def test_a_batch_costs_the_same_round_trips_whatever_its_size(pg_schema: s
         one, many = await syncs(store, 1), await syncs(store, 300)
     assert one == many
     assert one <= 3
+
+
+# -- runtime rows ---------------------------------------------------------------------
+
+
+async def _syncs_of(store: PostgresEventStore, append: Awaitable[object]) -> int:
+    """Sync and Flush messages the writer sends while ``append`` runs: round trips."""
+    from psycopg import pq
+
+    conn = store._writer_conn
+    assert conn is not None
+    with tempfile.TemporaryFile("w+") as trace:
+        conn.pgconn.trace(trace.fileno())
+        conn.pgconn.set_trace_flags(pq.Trace.SUPPRESS_TIMESTAMPS)
+        try:
+            await append
+        finally:
+            conn.pgconn.untrace()
+        trace.seek(0)
+        sent = [line.split("\t") for line in trace]
+    return sum(1 for f in sent if f[0] == "F" and f[2].strip() in ("Sync", "Flush"))
+
+
+def _mixed_writes(count: int) -> list[RuntimeWrite]:
+    """``count`` runtime writes cycling through every kind, over many instances."""
+    kinds: list[Callable[[int], RuntimeWrite]] = [
+        lambda i: PutInstance(InstanceRow(f"wf-{i}", "order", 1, "running", None, i, i)),
+        lambda i: Schedule(f"wf-{i}", i, "w", i + 10),
+        lambda i: Nudge(f"wf-{i // 2}", i),
+        lambda i: Unschedule(f"wf-{i // 3}"),
+    ]
+    return [kinds[i % len(kinds)](i) for i in range(count)]
+
+
+async def test_runtime_rows_add_no_round_trips(pg_schema: str) -> None:
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        assert isinstance(store, PostgresEventStore)
+        await store.append("warm-up", [NewEvent("E")], runtime=_mixed_writes(8))
+        plain = await _syncs_of(store, store.append("s", [NewEvent("E")]))
+        one = await _syncs_of(store, store.append("s", [NewEvent("E")], runtime=[Schedule("x", 1)]))
+        many = await _syncs_of(
+            store,
+            store.append(
+                "s", [NewEvent("E", {"i": i}) for i in range(300)], runtime=_mixed_writes(900)
+            ),
+        )
+        guarded = await _syncs_of(
+            store, store.append("s", [], expected_version=302, runtime=_mixed_writes(50))
+        )
+        # The last batch's writes landed (nothing later in it touches these two).
+        assert await store.get_instance("wf-896") is not None
+        assert await store.get_wakeup("wf-897") == WakeupRow("wf-897", 897, "w", 907)
+    assert plain == one == many == guarded
+
+
+async def _lock_waiters(schema: str, count: int) -> None:
+    """Return once ``count`` backends wait for a row lock on the schema's wakeups."""
+    async with (
+        asyncio.timeout(10),
+        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
+    ):
+        while True:
+            cur = await con.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (f"%{schema}.wakeups%",),
+            )
+            found = await cur.fetchone()
+            if found is not None and found[0] >= count:
+                return
+            await asyncio.sleep(0.02)
+
+
+async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema: str) -> None:
+    forever = 2**62
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        await store.append(
+            "setup",
+            [NewEvent("E")],
+            runtime=[
+                Schedule("a", 1, "o", forever),
+                Schedule("b", 1, "o", forever),
+                Schedule("c", 1),
+            ],
+        )
+        with _admin() as blocker, blocker.transaction():
+            # Hold c so the writer stops halfway through its runtime writes.
+            blocker.execute(f"SELECT 1 FROM {pg_schema}.wakeups WHERE workflow_id = 'c' FOR UPDATE")
+            # Against the id order: touched one by one, b would be held while waiting
+            # for c, and then a wanted while the release held a and waited for b.
+            append = asyncio.create_task(
+                store.append(
+                    "wf", [NewEvent("E")], runtime=[Nudge("b", 0), Nudge("c", 0), Nudge("a", 0)]
+                )
+            )
+            await _lock_waiters(pg_schema, 1)
+            release = asyncio.create_task(store.release_wakeups("o"))
+            await _lock_waiters(pg_schema, 2)
+        async with asyncio.timeout(10):
+            appended, released = await asyncio.gather(append, release)
+        assert appended == Appended("wf", 1, (2,))
+        assert released == 2
+        for wid in "abc":
+            assert await store.get_wakeup(wid) == WakeupRow(wid, 0, None, None)
+
+
+async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: str) -> None:
+    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+        await store.append(
+            "s", [NewEvent("E")], runtime=[Schedule(w, i) for i, w in enumerate("abc")]
+        )
+        with _admin() as blocker, blocker.transaction():
+            blocker.execute(f"SELECT 1 FROM {pg_schema}.wakeups WHERE workflow_id = 'b' FOR UPDATE")
+            async with asyncio.timeout(10):
+                first = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=9)
+        second = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=9)
+    assert (first, second) == (["a", "c"], ["b"])
+
+
+async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) -> None:
+    app = f"lf_claim_{pg_schema[-12:]}"
+    async with ledgerflow.open_store(f"{pg_url(pg_schema)}&application_name={app}") as store:
+        await store.append("s", [NewEvent("E")], runtime=[Schedule("a", 1), Schedule("b", 2)])
+        assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1) == ["a"]
+        with _admin() as con:
+            killed = con.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            ).fetchone()
+        assert killed is not None
+        assert killed[0] >= 2  # writer and reader pool
+        # The dead pooled connection is replaced and the claim sent again.
+        assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=5) == ["b"]
+        assert await store.release_wakeups("w") == 2
+
+
+async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
+    url = pg_url(pg_schema)
+    async with ledgerflow.open_store(url) as store:
+        await store.append("s", [NewEvent("A"), NewEvent("B")])
+        before = await store.read_all()
+    with _admin() as con:
+        # Back to what the release that knew only migration 1 left behind.
+        con.execute(f"DROP TABLE {pg_schema}.workflows, {pg_schema}.wakeups")
+        con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version = 2")
+    async with ledgerflow.open_store(url) as store:
+        assert await store.read_all() == before
+        assert (await ledgerflow.verify_ledger(store)).ok
+        await store.append(
+            "s",
+            [NewEvent("C")],
+            expected_version=2,
+            runtime=[PutInstance(InstanceRow("wf", "n", 1, "running", None, 1, 1))],
+        )
+        assert await store.list_instances() == [InstanceRow("wf", "n", 1, "running", None, 1, 1)]
+    with _admin() as con:
+        rows = con.execute(
+            f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
+        ).fetchall()
+    assert rows == [
+        (1, "events, streams, snapshots and head"),
+        (2, "workflow instances and wake-ups"),
+    ]

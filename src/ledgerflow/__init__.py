@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from .aggregate import Aggregate, Loaded, Repository
 from .audit import Finding, FindingKind, VerifyReport, verify_ledger
+from .clock import Clock, ManualClock, SystemClock
 from .errors import (
+    ChildWorkflowError,
     ConcurrencyError,
     ConfigurationError,
     DuplicateEventError,
@@ -13,12 +15,22 @@ from .errors import (
     EventTooLargeError,
     InvalidEventDataError,
     LedgerflowError,
+    NonDeterminismError,
     SchemaVersionError,
+    StepFailedError,
     StoreClosedError,
     StoreError,
     StoreUnavailableError,
     StreamNotFoundError,
     UnknownEventTypeError,
+    UnknownWorkflowError,
+    WorkflowCancelled,
+    WorkflowDefinitionError,
+    WorkflowError,
+    WorkflowFailedError,
+    WorkflowFinishedError,
+    WorkflowInputError,
+    WorkflowNotFoundError,
 )
 from .events import (
     ANY,
@@ -35,7 +47,20 @@ from .events import (
     StreamState,
 )
 from .registry import EventRegistry
+from .retry import RetryPolicy
 from .store import EventStore, open_store
+from .workflow import (
+    Engine,
+    StepInfo,
+    WorkflowContext,
+    WorkflowDefinition,
+    WorkflowDescription,
+    WorkflowHandle,
+    current_step,
+    lint_workflow,
+    step,
+    workflow,
+)
 
 __version__ = "0.1.0"
 
@@ -47,9 +72,12 @@ __all__ = [
     "AlreadyAppended",
     "AppendResult",
     "Appended",
+    "ChildWorkflowError",
+    "Clock",
     "ConcurrencyError",
     "ConfigurationError",
     "DuplicateEventError",
+    "Engine",
     "EventError",
     "EventRegistry",
     "EventSerializationError",
@@ -61,20 +89,42 @@ __all__ = [
     "InvalidEventDataError",
     "LedgerflowError",
     "Loaded",
+    "ManualClock",
     "Metadata",
     "NewEvent",
+    "NonDeterminismError",
     "RecordedEvent",
     "Repository",
+    "RetryPolicy",
     "SchemaVersionError",
     "Snapshot",
+    "StepFailedError",
+    "StepInfo",
     "StoreClosedError",
     "StoreError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "StreamState",
+    "SystemClock",
     "UnknownEventTypeError",
+    "UnknownWorkflowError",
     "VerifyReport",
+    "WorkflowCancelled",
+    "WorkflowContext",
+    "WorkflowDefinition",
+    "WorkflowDefinitionError",
+    "WorkflowDescription",
+    "WorkflowError",
+    "WorkflowFailedError",
+    "WorkflowFinishedError",
+    "WorkflowHandle",
+    "WorkflowInputError",
+    "WorkflowNotFoundError",
     "__version__",
+    "current_step",
+    "lint_workflow",
     "open_store",
+    "step",
     "verify_ledger",
+    "workflow",
 ]

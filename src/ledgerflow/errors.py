@@ -11,13 +11,27 @@ driver type ever crosses the port::
     │   ├── EventSerializationError payload cannot be encoded as JSON
     │   ├── InvalidEventDataError   payload does not match its registered type
     │   └── EventTooLargeError      encoded event over the store's size limit
-    └── StoreError                  the store refused or could not do the operation
-        ├── ConcurrencyError        expected version did not match (retry after reload)
-        ├── DuplicateEventError     an event id was reused with different content
-        ├── StreamNotFoundError     read of a stream that has no events
-        ├── SchemaVersionError      database schema is newer than this code
-        ├── StoreClosedError        the store was used after it was closed
-        └── StoreUnavailableError   connection or I/O failure (retryable)
+    ├── StoreError                  the store refused or could not do the operation
+    │   ├── ConcurrencyError        expected version did not match (retry after reload)
+    │   ├── DuplicateEventError     an event id was reused with different content
+    │   ├── StreamNotFoundError     read of a stream that has no events
+    │   ├── SchemaVersionError      database schema is newer than this code
+    │   ├── StoreClosedError        the store was used after it was closed
+    │   └── StoreUnavailableError   connection or I/O failure (retryable)
+    └── WorkflowError               durable workflows
+        ├── WorkflowDefinitionError a workflow or step definition is unusable (lint)
+        ├── UnknownWorkflowError    no registered workflow of that name/version
+        ├── WorkflowNotFoundError   no instance with that id
+        ├── WorkflowInputError      input does not match the workflow's input type
+        ├── WorkflowFinishedError   signal or cancel sent to a finished instance
+        ├── NonDeterminismError     the code no longer matches the recorded history
+        ├── WorkflowFailedError     result() of an instance that did not complete
+        ├── StepFailedError         inside workflow code: a step failed for good
+        └── ChildWorkflowError      inside workflow code: a child did not complete
+
+``WorkflowCancelled`` is not an error but a signal to workflow code (a
+``BaseException``, like ``asyncio.CancelledError``): it is raised at the next await of
+a cancelled instance so that ``except Exception`` in user code cannot swallow it.
 
 Retryability is data: ``error.retryable`` says whether the same call may succeed
 if simply tried again (after reloading state, for a ``ConcurrencyError``).
@@ -28,6 +42,7 @@ from __future__ import annotations
 from uuid import UUID
 
 __all__ = [
+    "ChildWorkflowError",
     "ConcurrencyError",
     "ConfigurationError",
     "DuplicateEventError",
@@ -36,12 +51,22 @@ __all__ = [
     "EventTooLargeError",
     "InvalidEventDataError",
     "LedgerflowError",
+    "NonDeterminismError",
     "SchemaVersionError",
+    "StepFailedError",
     "StoreClosedError",
     "StoreError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "UnknownEventTypeError",
+    "UnknownWorkflowError",
+    "WorkflowCancelled",
+    "WorkflowDefinitionError",
+    "WorkflowError",
+    "WorkflowFailedError",
+    "WorkflowFinishedError",
+    "WorkflowInputError",
+    "WorkflowNotFoundError",
 ]
 
 
@@ -150,4 +175,102 @@ class StoreUnavailableError(StoreError):
     def __init__(self, backend: str, reason: str) -> None:
         super().__init__(f"{backend} store unavailable: {reason}")
         self.backend = backend
+        self.reason = reason
+
+
+class WorkflowError(LedgerflowError):
+    """Something about a durable workflow or its instance."""
+
+
+class WorkflowDefinitionError(WorkflowError):
+    """A workflow or step is defined in a way ledgerflow cannot run durably."""
+
+
+class UnknownWorkflowError(WorkflowError):
+    def __init__(self, name: str, version: int | None = None) -> None:
+        which = name if version is None else f"{name} v{version}"
+        super().__init__(f"no workflow {which!r} is registered with this engine")
+        self.name = name
+        self.version = version
+
+
+class WorkflowNotFoundError(WorkflowError):
+    def __init__(self, workflow_id: str) -> None:
+        super().__init__(f"no workflow instance {workflow_id!r}")
+        self.workflow_id = workflow_id
+
+
+class WorkflowInputError(WorkflowError):
+    def __init__(self, workflow: str, reason: str) -> None:
+        super().__init__(f"invalid input for workflow {workflow!r}: {reason}")
+        self.workflow = workflow
+        self.reason = reason
+
+
+class WorkflowFinishedError(WorkflowError):
+    def __init__(self, workflow_id: str, status: str, action: str) -> None:
+        super().__init__(f"cannot {action} workflow {workflow_id!r}: it is already {status}")
+        self.workflow_id = workflow_id
+        self.status = status
+        self.action = action
+
+
+class NonDeterminismError(WorkflowError):
+    """Replaying the recorded history with the current code took another path.
+
+    ``seq`` is the position of the first mismatching command in the workflow's
+    sequence of commands; ``recorded`` and ``attempted`` describe each side
+    (for example ``"step 'charge_card'"``).
+    """
+
+    def __init__(self, workflow_id: str, seq: int, recorded: str, attempted: str) -> None:
+        super().__init__(
+            f"workflow {workflow_id!r} diverged from its history at command {seq}: "
+            f"recorded {recorded}, the code attempted {attempted}"
+        )
+        self.workflow_id = workflow_id
+        self.seq = seq
+        self.recorded = recorded
+        self.attempted = attempted
+
+
+class WorkflowFailedError(WorkflowError):
+    """The instance ended without a result: failed, compensated, cancelled..."""
+
+    def __init__(self, workflow_id: str, status: str, error_type: str, message: str) -> None:
+        super().__init__(f"workflow {workflow_id!r} ended {status}: {error_type}: {message}")
+        self.workflow_id = workflow_id
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class StepFailedError(WorkflowError):
+    """A step failed after its retries; raised where the workflow awaited it.
+
+    ``error_type`` is the class name of the step's last exception: the same on
+    replay as when it happened, so workflow code can branch on it.
+    """
+
+    def __init__(self, step: str, error_type: str, message: str) -> None:
+        super().__init__(f"step {step!r} failed: {error_type}: {message}")
+        self.step = step
+        self.error_type = error_type
+        self.message = message
+
+
+class ChildWorkflowError(WorkflowError):
+    def __init__(self, child_id: str, status: str, error_type: str, message: str) -> None:
+        super().__init__(f"child workflow {child_id!r} ended {status}: {error_type}: {message}")
+        self.child_id = child_id
+        self.status = status
+        self.error_type = error_type
+        self.message = message
+
+
+class WorkflowCancelled(BaseException):
+    """Raised inside a cancelled workflow at its next await; compensations follow."""
+
+    def __init__(self, reason: str | None = None) -> None:
+        super().__init__(reason or "cancelled")
         self.reason = reason

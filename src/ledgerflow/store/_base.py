@@ -6,6 +6,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -39,6 +40,7 @@ from ..events import (
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
+from .runtime import RUNTIME_WRITES, InstanceRow, PutInstance, RuntimeWrite, WakeupRow
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Clock"]
 
@@ -51,6 +53,35 @@ Clock = Callable[[], datetime]
 _encode_metadata = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(Metadata).decode
 _EMPTY_METADATA = _encode_metadata(Metadata())
+
+
+def _check_target(stream_id: str, expected: ExpectedVersion) -> None:
+    if not isinstance(stream_id, str) or not stream_id:
+        raise InvalidEventDataError("", 0, "stream id must be a non-empty string")
+    if "\x00" in stream_id:
+        raise InvalidEventDataError("", 0, "stream id must not contain NUL characters")
+    if len(stream_id) > MAX_STREAM_ID_LENGTH:
+        raise InvalidEventDataError(
+            "", 0, f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters"
+        )
+    if not isinstance(expected, StreamState) and (
+        not isinstance(expected, int) or isinstance(expected, bool) or expected < 0
+    ):
+        raise InvalidEventDataError(
+            "", 0, f"expected version must be an int >= 0 or a StreamState, not {expected!r}"
+        )
+
+
+def _checked_runtime(runtime: Sequence[RuntimeWrite]) -> tuple[RuntimeWrite, ...]:
+    writes = tuple(runtime)
+    for write in writes:
+        if not isinstance(write, RUNTIME_WRITES):
+            raise InvalidEventDataError("", 0, f"not a runtime write: {write!r}")
+        texts = dataclasses.astuple(write.row) if isinstance(write, PutInstance) else ()
+        texts += dataclasses.astuple(write)
+        if any(isinstance(t, str) and "\x00" in t for t in texts):
+            raise InvalidEventDataError("", 0, "runtime rows must not contain NUL characters")
+    return writes
 
 
 def _check_limit(limit: int | None) -> None:
@@ -149,9 +180,25 @@ class BaseEventStore(abc.ABC):
         expected_version: ExpectedVersion = ANY,
         *,
         metadata: Metadata | None = None,
+        runtime: Sequence[RuntimeWrite] = (),
     ) -> AppendResult:
         self._check_open()
-        request = self._prepare(stream_id, events, expected_version, metadata)
+        writes = _checked_runtime(runtime)
+        if not events and writes:
+            # No events, only runtime rows: written if the stream is at the expected
+            # version, so a runner never overwrites rows decided on stale history.
+            _check_target(stream_id, expected_version)
+            if isinstance(expected_version, StreamState):
+                raise InvalidEventDataError(
+                    "", 0, "runtime rows without events need an int expected version"
+                )
+            request = AppendRequest(stream_id, (), expected_version, writes)
+        else:
+            request = self._prepare(stream_id, events, expected_version, metadata)
+            if runtime:
+                request = AppendRequest(
+                    request.stream_id, request.events, request.expected, tuple(runtime)
+                )
         assert self._queue is not None
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._queue.put_nowait(_Pending(request, future))
@@ -164,18 +211,7 @@ class BaseEventStore(abc.ABC):
         expected: ExpectedVersion,
         metadata: Metadata | None,
     ) -> AppendRequest:
-        if not isinstance(stream_id, str) or not stream_id:
-            raise InvalidEventDataError("", 0, "stream id must be a non-empty string")
-        if len(stream_id) > MAX_STREAM_ID_LENGTH:
-            raise InvalidEventDataError(
-                "", 0, f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters"
-            )
-        if not isinstance(expected, StreamState) and (
-            not isinstance(expected, int) or isinstance(expected, bool) or expected < 0
-        ):
-            raise InvalidEventDataError(
-                "", 0, f"expected version must be an int >= 0 or a StreamState, not {expected!r}"
-            )
+        _check_target(stream_id, expected)
         if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
             raise InvalidEventDataError("", 0, "events must be a sequence of events")
         if not events:
@@ -198,6 +234,11 @@ class BaseEventStore(abc.ABC):
 
     def _prepare_event(self, event: object, shared_metadata: bytes) -> PreparedEvent:
         encoded = self.registry.encode(event)
+        if "\x00" in encoded.type:
+            # PostgreSQL text cannot hold NUL; refuse it everywhere alike.
+            raise InvalidEventDataError(
+                encoded.type, encoded.schema_version, "event type must not contain NUL"
+            )
         if isinstance(event, NewEvent):
             event_id = event.id or uuid7()
             metadata = (
@@ -324,11 +365,22 @@ class BaseEventStore(abc.ABC):
             raise InvalidEventDataError("", 0, "batch_size must be >= 1")
         await self._ensure_listener()
         position = max(from_position, 1)
+        outage = 0.0
         while not self._closed:
             # Take the wake-up handle before reading, so a commit that lands between
             # the read and the wait still wakes us.
             wake = self._new_events
-            batch = await self.read_all(from_position=position, limit=batch_size)
+            try:
+                batch = await self.read_all(from_position=position, limit=batch_size)
+            except StoreUnavailableError as error:
+                # An outage pauses a subscription; it does not end it.
+                log.warning(
+                    "%s store: subscription read failed (%s); retrying", self.backend, error
+                )
+                outage = min(outage * 2, 5.0) if outage else 0.1
+                await asyncio.sleep(outage)
+                continue
+            outage = 0.0
             for event in batch:
                 yield event
             if batch:
@@ -361,6 +413,44 @@ class BaseEventStore(abc.ABC):
     async def load_snapshot(self, stream_id: str) -> Snapshot | None:
         self._check_open()
         return await self._load_snapshot(stream_id)
+
+    # -- runtime rows ---------------------------------------------------------------
+
+    async def claim_wakeups(
+        self, owner: str, *, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]:
+        """Lease up to ``limit`` instances due by ``now_us`` that nobody holds (or
+        whose lease expired) to ``owner``; their ids, earliest due first."""
+        self._check_open()
+        if limit < 1:
+            return []
+        return await self._claim_wakeups(owner, now_us, lease_until_us, limit)
+
+    async def next_wakeup(self) -> int | None:
+        """The earliest moment (µs) some instance may become claimable; None if none."""
+        self._check_open()
+        return await self._next_wakeup()
+
+    async def release_wakeups(self, owner: str | None = None) -> int:
+        """Drop the leases of ``owner`` (every lease if None); how many were held."""
+        self._check_open()
+        return await self._release_wakeups(owner)
+
+    async def get_wakeup(self, workflow_id: str) -> WakeupRow | None:
+        self._check_open()
+        return await self._get_wakeup(workflow_id)
+
+    async def get_instance(self, workflow_id: str) -> InstanceRow | None:
+        self._check_open()
+        return await self._get_instance(workflow_id)
+
+    async def list_instances(
+        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[InstanceRow]:
+        """Instances in id order after ``after``, optionally of one status."""
+        self._check_open()
+        _check_limit(limit)
+        return await self._list_instances(status, after, limit)
 
     # -- adapter hooks --------------------------------------------------------------
 
@@ -400,6 +490,28 @@ class BaseEventStore(abc.ABC):
 
     @abc.abstractmethod
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None: ...
+
+    @abc.abstractmethod
+    async def _claim_wakeups(
+        self, owner: str, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _next_wakeup(self) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _release_wakeups(self, owner: str | None) -> int: ...
+
+    @abc.abstractmethod
+    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None: ...
+
+    @abc.abstractmethod
+    async def _get_instance(self, workflow_id: str) -> InstanceRow | None: ...
+
+    @abc.abstractmethod
+    async def _list_instances(
+        self, status: str | None, after: str | None, limit: int
+    ) -> list[InstanceRow]: ...
 
     async def _ensure_listener(self) -> None:  # noqa: B027 - optional hook, no-op default
         """Start listening for other processes' commits, where the backend can."""

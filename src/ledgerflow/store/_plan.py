@@ -17,6 +17,7 @@ from uuid import UUID
 from ..errors import ConcurrencyError, DuplicateEventError, StoreError
 from ..events import AlreadyAppended, Appended, AppendResult, ExpectedVersion, StreamState
 from ..hashing import GENESIS_HASH, chain_hash
+from .runtime import RuntimeWrite
 
 __all__ = [
     "BatchPlan",
@@ -68,6 +69,7 @@ class AppendRequest:
     stream_id: str
     events: tuple[PreparedEvent, ...]
     expected: ExpectedVersion
+    runtime: tuple[RuntimeWrite, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,6 +79,8 @@ class BatchPlan:
     heads: dict[str, StreamHead]
     """Stream heads changed by the batch, to upsert."""
     last_position: int
+    runtime: list[RuntimeWrite]
+    """Runtime rows of the requests that were appended, in order."""
 
 
 def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
@@ -109,7 +113,7 @@ def _replayed(request: AppendRequest, existing: Mapping[UUID, EventRow]) -> Appe
     the request's ids are stored (a retry must repeat the original call exactly).
     """
     found = [existing.get(event.id) for event in request.events]
-    if all(row is None for row in found):
+    if not found or all(row is None for row in found):
         return None
     for event, row in zip(request.events, found, strict=True):
         if row is None:
@@ -150,6 +154,7 @@ def plan_batch(
     changed: dict[str, StreamHead] = {}
     rows: list[EventRow] = []
     outcomes: list[AppendResult | StoreError] = []
+    runtime: list[RuntimeWrite] = []
     position = last_position
     for request in requests:
         try:
@@ -162,6 +167,11 @@ def plan_batch(
             check_expected(request.stream_id, request.expected, version)
         except StoreError as error:
             outcomes.append(error)
+            continue
+        runtime.extend(request.runtime)
+        if not request.events:
+            # A guarded runtime write: the version check passed, nothing to append.
+            outcomes.append(Appended(request.stream_id, version, ()))
             continue
         prev_hash = head.last_hash if head else GENESIS_HASH
         new_rows = list(
@@ -177,7 +187,7 @@ def plan_batch(
         outcomes.append(
             Appended(request.stream_id, last.version, tuple(r.position for r in new_rows))
         )
-    return BatchPlan(outcomes, rows, changed, position)
+    return BatchPlan(outcomes, rows, changed, position, runtime)
 
 
 def _seal(

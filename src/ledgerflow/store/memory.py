@@ -10,6 +10,16 @@ from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
 from ._base import BaseEventStore
 from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+from .runtime import (
+    InstanceRow,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+    WakeupRow,
+    nudged,
+)
 
 __all__ = ["MemoryEventStore"]
 
@@ -23,6 +33,8 @@ class MemoryEventStore(BaseEventStore):
         self._streams: dict[str, list[EventRow]] = {}
         self._heads: dict[str, StreamHead] = {}
         self._snapshots: dict[str, Snapshot] = {}
+        self._instances: dict[str, InstanceRow] = {}
+        self._wakeups: dict[str, WakeupRow] = {}
 
     async def _close(self) -> None:
         pass
@@ -43,7 +55,88 @@ class MemoryEventStore(BaseEventStore):
             self._by_id[row.id] = row
             self._streams.setdefault(row.stream_id, []).append(row)
         self._heads.update(plan.heads)
+        for write in plan.runtime:
+            self._apply(write)
         return plan.outcomes
+
+    def _apply(self, write: RuntimeWrite) -> None:
+        match write:
+            case PutInstance(row):
+                kept = self._instances.get(row.workflow_id)
+                if kept is not None:
+                    row = InstanceRow(
+                        row.workflow_id,
+                        row.name,
+                        row.version,
+                        row.status,
+                        row.parent_id,
+                        kept.created_at_us,
+                        row.updated_at_us,
+                    )
+                self._instances[row.workflow_id] = row
+            case Schedule(wid, due, owner, until):
+                self._wakeups[wid] = WakeupRow(wid, due, owner, until)
+            case Nudge(wid, due):
+                old = self._wakeups.get(wid)
+                if old is None:
+                    self._wakeups[wid] = WakeupRow(wid, due, None, None)
+                else:
+                    self._wakeups[wid] = WakeupRow(
+                        wid, nudged(old.due_at_us, due), old.lease_owner, old.lease_until_us
+                    )
+            case Unschedule(wid):
+                self._wakeups.pop(wid, None)
+
+    async def _claim_wakeups(
+        self, owner: str, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]:
+        due = sorted(
+            (w for w in self._wakeups.values() if _claimable(w, now_us)),
+            key=lambda w: (w.due_at_us, w.workflow_id),
+        )[:limit]
+        for w in due:
+            self._wakeups[w.workflow_id] = WakeupRow(
+                w.workflow_id, w.due_at_us, owner, lease_until_us
+            )
+        return [w.workflow_id for w in due]
+
+    async def _next_wakeup(self) -> int | None:
+        times = [
+            w.due_at_us if w.lease_owner is None else max(w.due_at_us, (w.lease_until_us or 0) + 1)
+            for w in self._wakeups.values()
+            if w.due_at_us is not None
+        ]
+        return min(times, default=None)
+
+    async def _release_wakeups(self, owner: str | None) -> int:
+        held = [
+            w
+            for w in self._wakeups.values()
+            if w.lease_owner is not None and (owner is None or w.lease_owner == owner)
+        ]
+        for w in held:
+            self._wakeups[w.workflow_id] = WakeupRow(w.workflow_id, w.due_at_us, None, None)
+        return len(held)
+
+    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
+        return self._wakeups.get(workflow_id)
+
+    async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
+        return self._instances.get(workflow_id)
+
+    async def _list_instances(
+        self, status: str | None, after: str | None, limit: int
+    ) -> list[InstanceRow]:
+        rows = sorted(
+            (
+                r
+                for r in self._instances.values()
+                if (status is None or r.status == status)
+                and (after is None or r.workflow_id > after)
+            ),
+            key=lambda r: r.workflow_id,
+        )
+        return rows[:limit]
 
     async def _read_stream_rows(
         self, stream_id: str, from_version: int | None, limit: int | None, backwards: bool
@@ -87,3 +180,9 @@ class MemoryEventStore(BaseEventStore):
 
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
         return self._snapshots.get(stream_id)
+
+
+def _claimable(w: WakeupRow, now_us: int) -> bool:
+    if w.due_at_us is None or w.due_at_us > now_us:
+        return False
+    return w.lease_owner is None or (w.lease_until_us is not None and w.lease_until_us < now_us)

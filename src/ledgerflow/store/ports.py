@@ -8,6 +8,7 @@ from typing import Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
 from ._plan import EventRow, StreamHead
+from .runtime import InstanceRow, RuntimeWrite, WakeupRow
 
 __all__ = ["EventStore"]
 
@@ -57,10 +58,13 @@ class EventStore(Protocol):
         expected_version: ExpectedVersion = ANY,
         *,
         metadata: Metadata | None = None,
+        runtime: Sequence[RuntimeWrite] = (),
     ) -> AppendResult:
         """Append registered event objects or ``NewEvent`` values to a stream.
 
         ``metadata`` applies to every event of the call that carries none of its own.
+        ``runtime`` rows (see ``store.runtime``) are written in the same transaction,
+        only if the events are appended (not for ``AlreadyAppended``).
         """
         ...
 
@@ -119,3 +123,25 @@ class EventStore(Protocol):
     ) -> list[tuple[str, StreamHead]]:
         """Recorded stream heads in stream-id order, after ``after``: for audit."""
         ...
+
+    async def claim_wakeups(
+        self, owner: str, *, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]:
+        """Lease due, unheld workflow instances to ``owner``; their ids."""
+        ...
+
+    async def next_wakeup(self) -> int | None:
+        """The earliest moment (µs since the epoch) an instance may become claimable."""
+        ...
+
+    async def release_wakeups(self, owner: str | None = None) -> int:
+        """Drop ``owner``'s leases (all leases if None); how many there were."""
+        ...
+
+    async def get_wakeup(self, workflow_id: str) -> WakeupRow | None: ...
+
+    async def get_instance(self, workflow_id: str) -> InstanceRow | None: ...
+
+    async def list_instances(
+        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[InstanceRow]: ...

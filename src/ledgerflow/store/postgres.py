@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import itertools
 import logging
 import re
 from collections.abc import Iterator, Sequence
@@ -27,6 +28,7 @@ from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
 import psycopg
+from psycopg.abc import Params
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
@@ -38,6 +40,15 @@ from ..registry import EventRegistry
 from ._base import BaseEventStore, Clock
 from ._migrations import Migration, pending
 from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch
+from .runtime import (
+    InstanceRow,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+    WakeupRow,
+)
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresEventStore"]
 
@@ -49,6 +60,10 @@ _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_
 _CONNECT_TIMEOUT = 10
 _CONNECTION_DEFAULTS = {"connect_timeout": str(_CONNECT_TIMEOUT), "application_name": "ledgerflow"}
 _LISTEN_BACKOFF = (0.05, 5.0)
+# The writer is idle inside its transaction only while Python plans a batch
+# (milliseconds). A writer frozen or cut off there would hold the head lock, and so
+# every writer in every process, until TCP keepalive noticed (hours by default).
+_WRITER_IDLE_LIMIT = "30s"
 
 Connection = psycopg.AsyncConnection[TupleRow]
 
@@ -96,6 +111,32 @@ def _migrations(schema: str) -> tuple[Migration, ...]:
                 f"INSERT INTO {schema}.head (id, position) VALUES (true, 0)",
             ),
         ),
+        # Times are bigint microseconds since the epoch, as the runtime's clock gives
+        # them: they are only compared with it, never shown.
+        Migration(
+            2,
+            "workflow instances and wake-ups",
+            (
+                f"""CREATE TABLE {schema}.workflows (
+                    workflow_id text COLLATE "C" PRIMARY KEY,
+                    name text NOT NULL,
+                    version integer NOT NULL,
+                    status text NOT NULL,
+                    parent_id text,
+                    created_at bigint NOT NULL,
+                    updated_at bigint NOT NULL
+                )""",
+                f"CREATE INDEX workflows_by_status ON {schema}.workflows (status, workflow_id)",
+                f"""CREATE TABLE {schema}.wakeups (
+                    workflow_id text COLLATE "C" PRIMARY KEY,
+                    due_at bigint,
+                    lease_owner text,
+                    lease_until bigint
+                )""",
+                f"CREATE INDEX wakeups_by_due ON {schema}.wakeups (due_at) "
+                "WHERE due_at IS NOT NULL",
+            ),
+        ),
     )
 
 
@@ -103,10 +144,11 @@ _COLUMNS = (
     "position, event_id, stream_id, version, type, schema_version, data, metadata, "
     "recorded_at, prev_hash, hash"
 )
+_INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
 
 
 class _Sql:
-    """Every statement, qualified with one schema once."""
+    """Every statement the store sends, qualified with its schema."""
 
     def __init__(self, schema: str) -> None:
         s = schema
@@ -158,6 +200,78 @@ class _Sql:
             "SELECT stream_id, version, type, schema_version, state, recorded_at "
             f"FROM {s}.snapshots WHERE stream_id = %s"
         )
+        # -- runtime rows, written in the append transaction (see store.runtime)
+        self.put_instance = (
+            f"INSERT INTO {s}.workflows ({_INSTANCE_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (workflow_id) DO UPDATE SET name = excluded.name, "
+            "version = excluded.version, status = excluded.status, "
+            "parent_id = excluded.parent_id, updated_at = excluded.updated_at"
+        )
+        self.schedule = (
+            f"INSERT INTO {s}.wakeups (workflow_id, due_at, lease_owner, lease_until) "
+            "VALUES (%s,%s,%s,%s) ON CONFLICT (workflow_id) DO UPDATE SET "
+            "due_at = excluded.due_at, lease_owner = excluded.lease_owner, "
+            "lease_until = excluded.lease_until"
+        )
+        # least() ignores NULL: a row waiting for no time becomes due at the nudge's.
+        self.nudge = (
+            f"INSERT INTO {s}.wakeups AS kept (workflow_id, due_at) VALUES (%s,%s) "
+            "ON CONFLICT (workflow_id) DO UPDATE SET "
+            "due_at = least(kept.due_at, excluded.due_at)"
+        )
+        self.unschedule = f"DELETE FROM {s}.wakeups WHERE workflow_id = %s"
+        self.lock_wakeups = (
+            f"SELECT workflow_id FROM {s}.wakeups WHERE workflow_id = ANY(%s::text[]) "
+            "ORDER BY workflow_id FOR UPDATE"
+        )
+        # SKIP LOCKED: concurrent claimers never wait for each other (nor for a writer)
+        # and never take the same row; a row whose lease changed while we looked is
+        # re-checked against the WHERE once locked. MATERIALIZED runs the selection
+        # exactly once: as a plain IN (subquery) the planner may rescan it inside a
+        # nested loop and lease more than LIMIT rows.
+        self.claim = (
+            "WITH due AS MATERIALIZED ("
+            f"SELECT workflow_id FROM {s}.wakeups "
+            "WHERE due_at IS NOT NULL AND due_at <= %(now)s "
+            "AND (lease_owner IS NULL OR lease_until < %(now)s) "
+            "ORDER BY due_at, workflow_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {s}.wakeups SET lease_owner = %(owner)s, lease_until = %(until)s "
+            "WHERE workflow_id IN (SELECT workflow_id FROM due) "
+            "RETURNING workflow_id, due_at"
+        )
+        self.next_wakeup = (
+            "SELECT min(CASE WHEN lease_owner IS NULL THEN due_at "
+            "ELSE greatest(due_at, coalesce(lease_until, 0) + 1) END) "
+            f"FROM {s}.wakeups WHERE due_at IS NOT NULL"
+        )
+        # Locks in id order, as a write transaction does (see lock_wakeups), so a
+        # release and an append that touch the same rows cannot deadlock.
+        release = (
+            "WITH held AS MATERIALIZED ("
+            f"SELECT workflow_id FROM {s}.wakeups WHERE {{held}} "
+            "ORDER BY workflow_id FOR UPDATE) "
+            f"UPDATE {s}.wakeups SET lease_owner = NULL, lease_until = NULL "
+            "WHERE workflow_id IN (SELECT workflow_id FROM held) RETURNING workflow_id"
+        )
+        self.release_owner = release.format(held="lease_owner = %s")
+        self.release_all = release.format(held="lease_owner IS NOT NULL")
+        self.get_wakeup = (
+            "SELECT workflow_id, due_at, lease_owner, lease_until "
+            f"FROM {s}.wakeups WHERE workflow_id = %s"
+        )
+        self.get_instance = f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE workflow_id = %s"
+        # One statement per combination of filters, so that each can use an index.
+        self.list_instances = {
+            (by_status, paged): f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE "
+            + " AND ".join(
+                ["true"]
+                + (["status = %(status)s"] if by_status else [])
+                + (["workflow_id > %(after)s"] if paged else [])
+            )
+            + " ORDER BY workflow_id LIMIT %(limit)s"
+            for by_status in (False, True)
+            for paged in (False, True)
+        }
 
 
 def _row(t: Sequence[Any]) -> EventRow:
@@ -178,6 +292,26 @@ def _params(row: EventRow) -> tuple[Any, ...]:
         row.prev_hash,
         row.hash,
     )
+
+
+def _runtime_statement(sql: _Sql, write: RuntimeWrite) -> tuple[str, tuple[Any, ...]]:
+    match write:
+        case PutInstance(r):
+            return sql.put_instance, (
+                r.workflow_id,
+                r.name,
+                r.version,
+                r.status,
+                r.parent_id,
+                r.created_at_us,
+                r.updated_at_us,
+            )
+        case Schedule(wid, due, owner, until):
+            return sql.schedule, (wid, due, owner, until)
+        case Nudge(wid, due):
+            return sql.nudge, (wid, due)
+        case Unschedule(wid):
+            return sql.unschedule, (wid,)
 
 
 def check_schema(schema: str) -> str:
@@ -297,7 +431,16 @@ class PostgresEventStore(BaseEventStore):
     async def _writing_connection(self) -> Connection:
         conn = self._writer_conn
         if conn is None or conn.closed:
-            conn = self._writer_conn = await self._connect()
+            conn = await self._connect()
+            try:
+                await conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                    (_WRITER_IDLE_LIMIT,),
+                )
+            except BaseException:
+                await conn.close()
+                raise
+            self._writer_conn = conn
         return conn
 
     async def _discard_writer(self) -> None:
@@ -305,7 +448,7 @@ class PostgresEventStore(BaseEventStore):
         if conn is not None:
             await conn.close()
 
-    async def _fetch(self, action: str, sql: str, params: Sequence[Any]) -> list[TupleRow]:
+    async def _fetch(self, action: str, sql: str, params: Params) -> list[TupleRow]:
         pool = self._pool
         assert pool is not None
         with _driver_errors(action):
@@ -318,8 +461,15 @@ class PostgresEventStore(BaseEventStore):
                         if attempt == 2 or not conn.broken:
                             raise
                 # Pooled connections died while idle (server restart, idle timeout):
-                # replace them all, then repeat. Everything sent through the pool is a
-                # read or an idempotent upsert, so repeating is safe.
+                # replace them all, then repeat. Each statement sent through the pool
+                # is its own transaction, and repeating one is safe:
+                # - reads, the snapshot upsert and lease releases are idempotent (a
+                #   repeated release may under-count what the lost one cleared);
+                # - a claim is not: if the lost attempt committed before the
+                #   connection died, its rows stay leased to the owner, who never
+                #   learns of them. The repeat does not return them (they are leased),
+                #   so no row goes to two workers; they run late instead, once their
+                #   lease expires and any worker may claim them again.
                 await pool.check()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -328,7 +478,7 @@ class PostgresEventStore(BaseEventStore):
     async def _open(self) -> None:
         try:
             with _driver_errors("connect"):
-                conn = self._writer_conn = await self._connect()
+                conn = await self._writing_connection()
             with _driver_errors("migrate the schema"):
                 await self._migrate(conn)
             pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
@@ -438,7 +588,8 @@ class PostgresEventStore(BaseEventStore):
                         # serialization errors instead of waiting its turn.
                         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                         plan = await self._plan(conn, requests, streams, ids, recorded_at_us)
-                        if plan.rows:
+                        # Runtime rows alone (a guarded write without events) commit too.
+                        if plan.rows or plan.runtime:
                             sent_writes = True
                             await self._write_plan(conn, plan)
                             await conn.execute("COMMIT")
@@ -485,13 +636,31 @@ class PostgresEventStore(BaseEventStore):
     async def _write_plan(self, conn: Connection, plan: BatchPlan) -> None:
         sql = self._sql
         async with conn.cursor() as cur:
-            await cur.executemany(sql.insert_event, [_params(row) for row in plan.rows])
-            await cur.executemany(
-                sql.upsert_head,
-                [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
-            )
-            await cur.execute(sql.move_head, (plan.last_position,))
-            await cur.execute(sql.notify, (self.channel, str(plan.last_position)))
+            if plan.rows:
+                await cur.executemany(sql.insert_event, [_params(row) for row in plan.rows])
+                await cur.executemany(
+                    sql.upsert_head,
+                    [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
+                )
+                await cur.execute(sql.move_head, (plan.last_position,))
+            await self._write_runtime(cur, plan.runtime)
+            if plan.rows:  # runtime rows alone give subscribers nothing to read
+                await cur.execute(sql.notify, (self.channel, str(plan.last_position)))
+
+    async def _write_runtime(
+        self, cur: psycopg.AsyncCursor[TupleRow], writes: Sequence[RuntimeWrite]
+    ) -> None:
+        """Apply the runtime rows in order, pipelined with the rest of the batch."""
+        touched = {w.workflow_id for w in writes if not isinstance(w, PutInstance)}
+        if len(touched) > 1:
+            # Take the wake-up rows in id order before changing them in the batch's
+            # order: release_wakeups locks in id order too, so neither can hold one
+            # row while waiting for another the other holds. (Claims never wait.)
+            await cur.execute(self._sql.lock_wakeups, (list(touched),))
+        statements = [_runtime_statement(self._sql, w) for w in writes]
+        # A run of writes of one kind goes as one executemany; the order is kept.
+        for statement, run in itertools.groupby(statements, key=lambda t: t[0]):
+            await cur.executemany(statement, [params for _, params in run])
 
     # -- reading --------------------------------------------------------------------
 
@@ -542,6 +711,45 @@ class PostgresEventStore(BaseEventStore):
             return None
         sid, version, type_name, schema_version, state, at = rows[0]
         return Snapshot(sid, version, type_name, schema_version, state, _utc(at))
+
+    # -- runtime rows ---------------------------------------------------------------
+    # Claims and releases are single autocommit statements on the reader pool: they
+    # need no head lock, so they never wait for appends (see _fetch on retries).
+
+    async def _claim_wakeups(
+        self, owner: str, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]:
+        params = {"owner": owner, "until": lease_until_us, "now": now_us, "limit": limit}
+        rows = await self._fetch("claim wake-ups", self._sql.claim, params)
+        # RETURNING follows no order; COLLATE "C" order is Python's str order.
+        return [wid for wid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+    async def _next_wakeup(self) -> int | None:
+        rows = await self._fetch("read the next wake-up", self._sql.next_wakeup, ())
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def _release_wakeups(self, owner: str | None) -> int:
+        if owner is None:
+            rows = await self._fetch("release wake-ups", self._sql.release_all, ())
+        else:
+            rows = await self._fetch("release wake-ups", self._sql.release_owner, (owner,))
+        return len(rows)
+
+    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
+        rows = await self._fetch("read a wake-up", self._sql.get_wakeup, (workflow_id,))
+        return WakeupRow(*rows[0]) if rows else None
+
+    async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
+        rows = await self._fetch("read an instance", self._sql.get_instance, (workflow_id,))
+        return InstanceRow(*rows[0]) if rows else None
+
+    async def _list_instances(
+        self, status: str | None, after: str | None, limit: int
+    ) -> list[InstanceRow]:
+        sql = self._sql.list_instances[status is not None, after is not None]
+        params = {"status": status, "after": after, "limit": limit}
+        rows = await self._fetch("list instances", sql, params)
+        return [InstanceRow(*r) for r in rows]
 
 
 def _utc(moment: datetime) -> datetime:

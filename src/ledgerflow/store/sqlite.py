@@ -26,6 +26,15 @@ from ..registry import EventRegistry
 from ._base import BaseEventStore, Clock
 from ._migrations import Migration, pending
 from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+from .runtime import (
+    InstanceRow,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+    WakeupRow,
+)
 
 __all__ = ["SQLiteEventStore"]
 
@@ -66,7 +75,77 @@ MIGRATIONS = (
             ) WITHOUT ROWID""",
         ),
     ),
+    Migration(
+        2,
+        "workflow instances and wake-ups",
+        (
+            """CREATE TABLE workflows (
+                workflow_id TEXT PRIMARY KEY,
+                name TEXT NOT NULL,
+                version INTEGER NOT NULL,
+                status TEXT NOT NULL,
+                parent_id TEXT,
+                created_at INTEGER NOT NULL,
+                updated_at INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            "CREATE INDEX workflows_by_status ON workflows (status, workflow_id)",
+            """CREATE TABLE wakeups (
+                workflow_id TEXT PRIMARY KEY,
+                due_at INTEGER,
+                lease_owner TEXT,
+                lease_until INTEGER
+            ) WITHOUT ROWID""",
+            "CREATE INDEX wakeups_by_due ON wakeups (due_at) WHERE due_at IS NOT NULL",
+        ),
+    ),
 )
+
+_PUT_INSTANCE = (
+    "INSERT INTO workflows VALUES (?,?,?,?,?,?,?) ON CONFLICT (workflow_id) DO UPDATE SET "
+    "name = excluded.name, version = excluded.version, status = excluded.status, "
+    "parent_id = excluded.parent_id, updated_at = excluded.updated_at"
+)
+_SCHEDULE = (
+    "INSERT INTO wakeups VALUES (?,?,?,?) ON CONFLICT (workflow_id) DO UPDATE SET "
+    "due_at = excluded.due_at, lease_owner = excluded.lease_owner, "
+    "lease_until = excluded.lease_until"
+)
+_NUDGE = (
+    "INSERT INTO wakeups VALUES (?,?,NULL,NULL) ON CONFLICT (workflow_id) DO UPDATE SET "
+    "due_at = CASE WHEN due_at IS NULL THEN excluded.due_at "
+    "ELSE min(due_at, excluded.due_at) END"
+)
+_CLAIM = (
+    "UPDATE wakeups SET lease_owner = ?, lease_until = ? WHERE workflow_id IN ("
+    "SELECT workflow_id FROM wakeups WHERE due_at IS NOT NULL AND due_at <= ? "
+    "AND (lease_owner IS NULL OR lease_until < ?) ORDER BY due_at, workflow_id LIMIT ?) "
+    "RETURNING workflow_id, due_at"
+)
+_INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
+
+
+def _apply(con: sqlite3.Connection, write: RuntimeWrite) -> None:
+    match write:
+        case PutInstance(r):
+            con.execute(
+                _PUT_INSTANCE,
+                (
+                    r.workflow_id,
+                    r.name,
+                    r.version,
+                    r.status,
+                    r.parent_id,
+                    r.created_at_us,
+                    r.updated_at_us,
+                ),
+            )
+        case Schedule(wid, due, owner, until):
+            con.execute(_SCHEDULE, (wid, due, owner, until))
+        case Nudge(wid, due):
+            con.execute(_NUDGE, (wid, due))
+        case Unschedule(wid):
+            con.execute("DELETE FROM wakeups WHERE workflow_id = ?", (wid,))
+
 
 _COLUMNS = (
     "position, event_id, stream_id, version, type, schema_version, data, metadata, "
@@ -235,7 +314,7 @@ class SQLiteEventStore(BaseEventStore):
                     existing[row.id] = row
             last = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
             plan = plan_batch(requests, heads, existing, last, recorded_at_us)
-            if not plan.rows:
+            if not plan.rows and not plan.runtime:
                 con.execute("ROLLBACK")
                 return plan.outcomes
             con.executemany(
@@ -261,6 +340,8 @@ class SQLiteEventStore(BaseEventStore):
                 _UPSERT_HEAD,
                 [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
             )
+            for write in plan.runtime:
+                _apply(con, write)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -345,3 +426,74 @@ class SQLiteEventStore(BaseEventStore):
             return None
         sid, version, type_name, schema_version, state, at = rows[0]
         return Snapshot(sid, version, type_name, schema_version, state, from_micros(at))
+
+    # -- runtime rows ---------------------------------------------------------------
+
+    async def _write(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        def run() -> list[Any]:
+            con = self._writer_con
+            assert con is not None
+            return con.execute(sql, params).fetchall()
+
+        return await self._on(self._write_pool, run)
+
+    async def _claim_wakeups(
+        self, owner: str, now_us: int, lease_until_us: int, limit: int
+    ) -> list[str]:
+        rows = await self._write(_CLAIM, (owner, lease_until_us, now_us, now_us, limit))
+        return [wid for wid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+
+    async def _next_wakeup(self) -> int | None:
+        rows = await self._read(
+            "SELECT min(CASE WHEN lease_owner IS NULL THEN due_at "
+            "ELSE max(due_at, coalesce(lease_until, 0) + 1) END) "
+            "FROM wakeups WHERE due_at IS NOT NULL",
+            (),
+        )
+        return None if rows[0][0] is None else int(rows[0][0])
+
+    async def _release_wakeups(self, owner: str | None) -> int:
+        def run() -> int:
+            con = self._writer_con
+            assert con is not None
+            if owner is None:
+                cur = con.execute(
+                    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
+                    "WHERE lease_owner IS NOT NULL"
+                )
+            else:
+                cur = con.execute(
+                    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
+                    "WHERE lease_owner = ?",
+                    (owner,),
+                )
+            return cur.rowcount
+
+        return await self._on(self._write_pool, run)
+
+    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
+        rows = await self._read(
+            "SELECT workflow_id, due_at, lease_owner, lease_until FROM wakeups "
+            "WHERE workflow_id = ?",
+            (workflow_id,),
+        )
+        return WakeupRow(*rows[0]) if rows else None
+
+    async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
+        rows = await self._read(
+            f"SELECT {_INSTANCE_COLUMNS} FROM workflows WHERE workflow_id = ?", (workflow_id,)
+        )
+        return InstanceRow(*rows[0]) if rows else None
+
+    async def _list_instances(
+        self, status: str | None, after: str | None, limit: int
+    ) -> list[InstanceRow]:
+        # A NULL ``after`` compares as unknown, so "after IS NULL OR id > after" lists
+        # every id, the empty one included.
+        rows = await self._read(
+            f"SELECT {_INSTANCE_COLUMNS} FROM workflows "
+            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow_id > ?2) "
+            "ORDER BY workflow_id LIMIT ?3",
+            (status, after, limit),
+        )
+        return [InstanceRow(*r) for r in rows]

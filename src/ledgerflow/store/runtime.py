@@ -1,0 +1,100 @@
+"""Runtime rows that ride along with appends: workflow instances and their wake-ups.
+
+A workflow instance's history is its stream; these two small tables are indexes over
+it that the runtime needs to find work without scanning the ledger:
+
+- ``workflows``: one row per instance (name, version, status, parent), for listing
+  and for the status checks of signals and child workflows.
+- ``wakeups``: one row per unfinished instance, saying when it next needs to run
+  (``due_at``; None while it waits only for a signal or a child) and which worker
+  holds it (``lease_owner`` until ``lease_until``). Workers claim due rows with a
+  lease, so many can share one database.
+
+They are written only through ``append(..., runtime=[...])``, in the transaction that
+records the events they summarize, and only if that append succeeds: an index can
+never disagree with the history it indexes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+__all__ = [
+    "RUNTIME_WRITES",
+    "InstanceRow",
+    "Nudge",
+    "PutInstance",
+    "RuntimeWrite",
+    "Schedule",
+    "Unschedule",
+    "WakeupRow",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class InstanceRow:
+    workflow_id: str
+    name: str
+    version: int
+    status: str
+    parent_id: str | None
+    created_at_us: int
+    updated_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class WakeupRow:
+    workflow_id: str
+    due_at_us: int | None
+    lease_owner: str | None
+    lease_until_us: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class PutInstance:
+    """Insert or update the instance row (``created_at_us`` is kept on update)."""
+
+    row: InstanceRow
+
+
+@dataclass(frozen=True, slots=True)
+class Schedule:
+    """Set the instance's wake-up and lease as given (None owner releases the lease)."""
+
+    workflow_id: str
+    due_at_us: int | None
+    lease_owner: str | None = None
+    lease_until_us: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.lease_owner is None) != (self.lease_until_us is None):
+            raise ValueError("a lease needs both an owner and an end, or neither")
+
+
+@dataclass(frozen=True, slots=True)
+class Nudge:
+    """Make the instance due no later than ``due_at_us``; the lease is left alone.
+
+    Used by writers other than the instance's runner (signals, cancellation, a child
+    finishing): if a worker is running the instance, its next append fails on the
+    expected version, it reloads, and sees what caused the nudge.
+    """
+
+    workflow_id: str
+    due_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class Unschedule:
+    """The instance finished: it needs no further wake-up."""
+
+    workflow_id: str
+
+
+RuntimeWrite: TypeAlias = PutInstance | Schedule | Nudge | Unschedule
+RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule)
+
+
+def nudged(current: int | None, due_at_us: int) -> int:
+    return due_at_us if current is None else min(current, due_at_us)

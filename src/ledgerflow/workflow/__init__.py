@@ -1,0 +1,26 @@
+"""Durable, code-first workflows and sagas on the ledger."""
+
+from __future__ import annotations
+
+from .definition import StepOptions, WorkflowDefinition, step, workflow
+from .engine import Engine, WorkflowDescription, WorkflowHandle
+from .lint import LintFinding, lint_workflow
+from .replay import export_history, replay
+from .run import StepInfo, WorkflowContext, current_step
+
+__all__ = [
+    "Engine",
+    "LintFinding",
+    "StepInfo",
+    "StepOptions",
+    "WorkflowContext",
+    "WorkflowDefinition",
+    "WorkflowDescription",
+    "WorkflowHandle",
+    "current_step",
+    "export_history",
+    "lint_workflow",
+    "replay",
+    "step",
+    "workflow",
+]

@@ -1,0 +1,710 @@
+"""The embedded runtime: runs workflow instances on one event store.
+
+Work is found through the store's runtime rows (see ``store.runtime``): the engine
+claims due instances with a lease, runs a pass over each (``run.py``), and records the
+pass's outcome together with the instance's next wake-up in one append. Starting an
+instance, a step's result, a timer, a signal and the end are each one append, so
+concurrent instances share commits through the store's group commit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from types import TracebackType
+from typing import Any, Generic, Self, TypeVar
+
+from ..clock import Clock, SystemClock
+from ..errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    LedgerflowError,
+    NonDeterminismError,
+    StoreUnavailableError,
+    UnknownWorkflowError,
+    WorkflowError,
+    WorkflowFailedError,
+    WorkflowFinishedError,
+    WorkflowInputError,
+    WorkflowNotFoundError,
+)
+from ..events import NO_STREAM, RecordedEvent
+from ..hashing import from_micros, to_micros
+from ..registry import EventRegistry
+from ..store import open_store
+from ..store._base import BaseEventStore
+from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule, Unschedule
+from .codec import CodecError, from_builtins, to_builtins
+from .definition import WorkflowDefinition
+from .history import (
+    TERMINAL,
+    CancelRequested,
+    ChildStarted,
+    Finished,
+    History,
+    Resumed,
+    SignalSent,
+    SignalWaiting,
+    Started,
+    Stuck,
+    TimerStarted,
+    history_registry,
+)
+from .run import PassResult, Restart, Suspend, _Run
+
+__all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
+
+log = logging.getLogger("ledgerflow.engine")
+
+O = TypeVar("O")  # noqa: E741
+
+STREAM_PREFIX = "wf-"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkflowDescription:
+    """An instance at a glance, for people and tools."""
+
+    workflow_id: str
+    name: str
+    version: int
+    status: str
+    parent_id: str | None
+    created_at: datetime
+    updated_at: datetime
+    events: int
+    waiting_for: str | None
+    result: Any = None
+    error: str | None = None
+
+
+class WorkflowHandle(Generic[O]):
+    """A started instance, by id; cheap to create, holds no state of its own."""
+
+    def __init__(self, engine: Engine, workflow_id: str, output_type: Any = Any) -> None:
+        self.engine = engine
+        self.id = workflow_id
+        self._output_type = output_type
+
+    async def result(self, *, timeout: timedelta | float | None = None) -> O:
+        """Wait for the instance to end: its result, or ``WorkflowFailedError``."""
+        value: O = await self.engine.result(self.id, timeout=timeout, output_type=self._output_type)
+        return value
+
+    async def describe(self) -> WorkflowDescription:
+        return await self.engine.describe(self.id)
+
+    async def signal(self, name: str, payload: Any = None) -> None:
+        await self.engine.signal(self.id, name, payload)
+
+    async def cancel(self, reason: str | None = None) -> None:
+        await self.engine.cancel(self.id, reason)
+
+    async def query(self) -> Any:
+        return await self.engine.query(self.id)
+
+    def __repr__(self) -> str:
+        return f"WorkflowHandle({self.id!r})"
+
+
+class Engine:
+    """Runs durable workflows in this process on one store.
+
+    ``store`` is a URL (``sqlite:///ledgerflow.db``, ``postgresql://...``) or an open
+    store. ``concurrency`` bounds the instances running a pass at once. With
+    ``takeover`` (the default, for the embedded case of one engine per database)
+    leases left by an earlier run are released at start, so its unfinished instances
+    resume at once instead of after their lease expires.
+    """
+
+    def __init__(
+        self,
+        store: str | BaseEventStore,
+        *,
+        workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
+        concurrency: int = 200,
+        clock: Clock | None = None,
+        lease: timedelta = timedelta(seconds=60),
+        step_threads: int = 16,
+        takeover: bool = True,
+        poll_interval: float = 1.0,
+        cache_size: int = 10_000,
+        registry: EventRegistry | None = None,
+    ) -> None:
+        if concurrency < 1:
+            raise ConfigurationError("Engine concurrency must be >= 1")
+        self.clock: Clock = clock or SystemClock()
+        self._owns_store = isinstance(store, str)
+        if isinstance(store, str):
+            self.store: BaseEventStore = open_store(
+                store, registry=history_registry(registry), clock=self.clock.now
+            )
+        else:
+            history_registry(store.registry)
+            self.store = store
+        self._definitions: dict[tuple[str, int], WorkflowDefinition[Any, Any]] = {}
+        self._latest: dict[str, WorkflowDefinition[Any, Any]] = {}
+        for definition in workflows:
+            self.register(definition)
+        self.concurrency = concurrency
+        self.lease_us = int(lease.total_seconds() * 1_000_000)
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.takeover = takeover
+        self.poll_interval = poll_interval
+        self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
+        self._cache: OrderedDict[str, History] = OrderedDict()
+        self._cache_size = cache_size
+        self._active: dict[str, asyncio.Task[None]] = {}
+        self._rerun: set[str] = set()
+        self._stuck: dict[str, WorkflowError] = {}
+        self._finished: dict[str, asyncio.Event] = {}
+        self._wake = asyncio.Event()
+        self._scheduler: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- set-up ---------------------------------------------------------------------
+
+    def register(self, definition: WorkflowDefinition[Any, Any]) -> None:
+        known = self._definitions.get(definition.key)
+        if known is not None and known.fn is not definition.fn:
+            raise ConfigurationError(
+                f"workflow {definition.name!r} v{definition.version} is registered twice"
+            )
+        self._definitions[definition.key] = definition
+        latest = self._latest.get(definition.name)
+        if latest is None or latest.version < definition.version:
+            self._latest[definition.name] = definition
+
+    async def __aenter__(self) -> Self:
+        await self.start_engine()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    async def start_engine(self) -> None:
+        """Open the store, recover unfinished instances and start running them."""
+        await self.store.open()
+        if self.takeover:
+            await self.store.release_wakeups(None)
+        await self._resume_stuck()
+        self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
+
+    async def close(self, *, grace: float = 5.0) -> None:
+        """Stop claiming work, let running passes finish (up to ``grace`` seconds),
+        give back leases and close the store if the engine opened it."""
+        if self._closing:
+            return
+        self._closing = True
+        self._wake.set()
+        if self._scheduler is not None:
+            await self._scheduler
+        active = list(self._active.values())
+        if active:
+            _, pending = await asyncio.wait(active, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(LedgerflowError):
+            await self.store.release_wakeups(self.owner)
+        self.step_pool.shutdown(wait=False, cancel_futures=True)
+        if self._owns_store:
+            await self.store.close()
+
+    # -- helpers --------------------------------------------------------------------
+
+    def _stopping(self) -> bool:
+        return self._closing
+
+    def now_us(self) -> int:
+        return to_micros(self.clock.now())
+
+    @staticmethod
+    def stream_id(workflow_id: str) -> str:
+        return STREAM_PREFIX + workflow_id
+
+    def _definition(
+        self, workflow: WorkflowDefinition[Any, Any] | str
+    ) -> WorkflowDefinition[Any, Any]:
+        if isinstance(workflow, str):
+            found = self._latest.get(workflow)
+            if found is None:
+                raise UnknownWorkflowError(workflow)
+            return found
+        if workflow.key not in self._definitions:
+            raise UnknownWorkflowError(workflow.name, workflow.version)
+        return workflow
+
+    # -- starting -------------------------------------------------------------------
+
+    async def start(
+        self,
+        workflow: WorkflowDefinition[Any, O] | str,
+        input: Any,
+        *,
+        id: str | None = None,
+    ) -> WorkflowHandle[O]:
+        """Start an instance, or return the handle of the one with this ``id``.
+
+        The input is checked against the workflow's input type before anything is
+        recorded. Starting is idempotent on ``id``.
+        """
+        definition = self._definition(workflow)
+        workflow_id = id or str(uuid.uuid4())
+        await self._start(definition, input, workflow_id, None)
+        return WorkflowHandle(self, workflow_id, definition.output_type)
+
+    def handle(self, workflow_id: str, output_type: Any = Any) -> WorkflowHandle[Any]:
+        return WorkflowHandle(self, workflow_id, output_type)
+
+    async def start_child(
+        self,
+        workflow: WorkflowDefinition[Any, Any],
+        given: Any,
+        child_id: str,
+        parent_id: str,
+    ) -> None:
+        await self._start(self._definition(workflow), given, child_id, parent_id)
+
+    async def _start(
+        self,
+        definition: WorkflowDefinition[Any, Any],
+        given: Any,
+        workflow_id: str,
+        parent_id: str | None,
+    ) -> None:
+        if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
+            raise WorkflowInputError(definition.name, "the workflow id must be a non-empty string")
+        encoded = _check_input(definition, given)
+        now = self.now_us()
+        local = len(self._active) < self.concurrency and not self._closing
+        row = InstanceRow(
+            workflow_id, definition.name, definition.version, "running", parent_id, now, now
+        )
+        schedule = Schedule(
+            workflow_id,
+            now,
+            self.owner if local else None,
+            now + self.lease_us if local else None,
+        )
+        try:
+            await self.store.append(
+                self.stream_id(workflow_id),
+                [
+                    Started(
+                        name=definition.name,
+                        version=definition.version,
+                        input=encoded,
+                        parent_id=parent_id,
+                    )
+                ],
+                NO_STREAM,
+                runtime=[PutInstance(row), schedule],
+            )
+        except ConcurrencyError:
+            existing = await self.store.get_instance(workflow_id)
+            if existing is not None and existing.name != definition.name:
+                raise WorkflowInputError(
+                    definition.name,
+                    f"id {workflow_id!r} is already used by a {existing.name!r} workflow",
+                ) from None
+            return
+        if local:
+            self._spawn(workflow_id)
+        else:
+            self._wake.set()
+
+    # -- scheduling -----------------------------------------------------------------
+
+    async def _schedule(self) -> None:
+        failures = 0
+        while not self._closing:
+            try:
+                claimed = await self._claim()
+                failures = 0
+            except StoreUnavailableError as exc:
+                failures += 1
+                log.warning("ledgerflow engine: cannot claim work (%s)", exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            if claimed:
+                continue
+            self._wake.clear()
+            if self._stopping():
+                break
+            try:
+                due = await self.store.next_wakeup()
+            except StoreUnavailableError:
+                due = None
+            # Other processes (the CLI, other engines) nudge rows without telling us;
+            # poll_interval bounds how long that goes unseen.
+            cap = self.clock.now() + timedelta(seconds=self.poll_interval)
+            when = cap if due is None else min(cap, from_micros(due))
+            await self.clock.sleep_until(when, self._wake)
+
+    async def _claim(self) -> bool:
+        free = self.concurrency - len(self._active)
+        if free <= 0:
+            return False
+        now = self.now_us()
+        ids = await self.store.claim_wakeups(
+            self.owner, now_us=now, lease_until_us=now + self.lease_us, limit=free
+        )
+        for workflow_id in ids:
+            if workflow_id in self._active:
+                self._rerun.add(workflow_id)
+            else:
+                self._spawn(workflow_id)
+        return len(ids) == free
+
+    def _spawn(self, workflow_id: str) -> None:
+        task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")
+        self._active[workflow_id] = task
+
+    async def _drive(self, workflow_id: str) -> None:
+        try:
+            attempt = 0
+            while not self._closing:
+                try:
+                    again = await self._pass(workflow_id)
+                except StoreUnavailableError as exc:
+                    attempt += 1
+                    if attempt > 5:
+                        log.error("workflow %s: giving up this lease: %s", workflow_id, exc)
+                        return
+                    await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+                    continue
+                if not again and workflow_id not in self._rerun:
+                    return
+                self._rerun.discard(workflow_id)
+        except Exception:
+            # A bug or an unexpected failure: the lease runs out and the instance is
+            # tried again then; nothing recorded is lost.
+            log.exception("workflow %s: pass failed", workflow_id)
+            self._cache.pop(workflow_id, None)
+        finally:
+            self._active.pop(workflow_id, None)
+            self._wake.set()
+
+    # -- one pass -------------------------------------------------------------------
+
+    async def _history(self, workflow_id: str) -> History:
+        stream = self.stream_id(workflow_id)
+        cached = self._cache.get(workflow_id)
+        if cached is None:
+            events = await self.store.read_stream(stream)
+            cached = History.of(workflow_id, events)
+        else:
+            cached.extend(await self.store.read_stream(stream, from_version=cached.version + 1))
+        self._cache[workflow_id] = cached
+        self._cache.move_to_end(workflow_id)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+        return cached
+
+    async def _pass(self, workflow_id: str) -> bool:
+        """Run one pass; True if another pass is needed at once."""
+        history = await self._history(workflow_id)
+        if history.finished is not None:
+            await self._guarded(history, [Unschedule(workflow_id)])
+            return False
+        if history.stuck is not None:
+            return False
+        started = history.started
+        definition = self._definitions.get((started.name, started.version))
+        if definition is None:
+            await self._get_stuck(history, UnknownWorkflowError(started.name, started.version))
+            return False
+        run = _Run(self, definition, history)
+        try:
+            result = await run.execute()
+        except Restart:
+            self._cache.pop(workflow_id, None)
+            return True
+        except NonDeterminismError as exc:
+            await self._get_stuck(history, exc)
+            return False
+        try:
+            return await self._conclude(history, result)
+        except ConcurrencyError:
+            self._cache.pop(workflow_id, None)
+            return True
+
+    async def _conclude(self, history: History, result: PassResult) -> bool:
+        workflow_id = history.workflow_id
+        if result.finished is not None:
+            finished = result.finished
+            now = self.now_us()
+            runtime: list[Any] = [
+                PutInstance(
+                    InstanceRow(
+                        workflow_id,
+                        history.started.name,
+                        history.started.version,
+                        finished.status,
+                        history.started.parent_id,
+                        now,
+                        now,
+                    )
+                ),
+                Unschedule(workflow_id),
+            ]
+            if history.started.parent_id is not None:
+                runtime.append(Nudge(history.started.parent_id, now))
+            await self._append(history, [*result.buffered, finished], runtime)
+            self._cache.pop(workflow_id, None)
+            self._stuck.pop(workflow_id, None)
+            waiter = self._finished.pop(workflow_id, None)
+            if waiter is not None:
+                waiter.set()
+            return False
+        suspend = result.suspend
+        assert suspend is not None
+        schedule = Schedule(workflow_id, suspend.due_at_us)
+        events = [*result.buffered, *suspend.events]
+        if events:
+            await self._append(history, events, [schedule])
+        else:
+            await self._guarded(history, [schedule])
+        if suspend.child_id is not None:
+            # The child may have finished between our look and the write above, its
+            # nudge then overwritten by it; look again now that ours is written.
+            return await self.child_finished(suspend.child_id) is not None
+        return False
+
+    async def _append(self, history: History, events: list[Any], runtime: list[Any]) -> None:
+        stream = self.stream_id(history.workflow_id)
+        result = await self.store.append(stream, events, history.version, runtime=runtime)
+        first = result.version - len(events) + 1
+        for offset, event in enumerate(events):
+            history.add(first + offset, event)
+
+    async def _guarded(self, history: History, runtime: list[Any]) -> None:
+        await self.store.append(
+            self.stream_id(history.workflow_id), [], history.version, runtime=runtime
+        )
+
+    async def _get_stuck(self, history: History, error: WorkflowError) -> None:
+        workflow_id = history.workflow_id
+        log.error("workflow %s is stuck: %s", workflow_id, error)
+        self._stuck[workflow_id] = error
+        now = self.now_us()
+        row = InstanceRow(
+            workflow_id,
+            history.started.name,
+            history.started.version,
+            "stuck",
+            history.started.parent_id,
+            now,
+            now,
+        )
+        with contextlib.suppress(ConcurrencyError):
+            await self._append(
+                history,
+                [Stuck(error_type=type(error).__name__, message=str(error))],
+                [PutInstance(row), Unschedule(workflow_id)],
+            )
+        self._cache.pop(workflow_id, None)
+        waiter = self._finished.pop(workflow_id, None)
+        if waiter is not None:
+            waiter.set()
+
+    async def _resume_stuck(self) -> None:
+        after: str | None = None
+        while True:
+            rows = await self.store.list_instances(status="stuck", after=after, limit=500)
+            if not rows:
+                return
+            for row in rows:
+                if (row.name, row.version) not in self._definitions:
+                    continue
+                now = self.now_us()
+                stream = self.stream_id(row.workflow_id)
+                version = await self.store.stream_version(stream)
+                running = InstanceRow(
+                    row.workflow_id, row.name, row.version, "running", row.parent_id, now, now
+                )
+                with contextlib.suppress(ConcurrencyError):
+                    await self.store.append(
+                        stream,
+                        [Resumed(by=self.owner)],
+                        version,
+                        runtime=[PutInstance(running), Schedule(row.workflow_id, now)],
+                    )
+            after = rows[-1].workflow_id
+
+    async def child_finished(self, child_id: str) -> Finished | None:
+        row = await self.store.get_instance(child_id)
+        if row is None or row.status not in TERMINAL:
+            return None
+        last = await self.store.read_stream(self.stream_id(child_id), backwards=True, limit=1)
+        data = last[0].data if last else None
+        return data if isinstance(data, Finished) else None
+
+    # -- outside interaction --------------------------------------------------------
+
+    async def _instance(self, workflow_id: str) -> InstanceRow:
+        row = await self.store.get_instance(workflow_id)
+        if row is None:
+            raise WorkflowNotFoundError(workflow_id)
+        return row
+
+    async def _send(self, workflow_id: str, event: Any, action: str) -> None:
+        stream = self.stream_id(workflow_id)
+        while True:
+            row = await self._instance(workflow_id)
+            if row.status in TERMINAL:
+                raise WorkflowFinishedError(workflow_id, row.status, action)
+            version = await self.store.stream_version(stream)
+            try:
+                await self.store.append(
+                    stream, [event], version, runtime=[Nudge(workflow_id, self.now_us())]
+                )
+            except ConcurrencyError:
+                continue  # it moved on (or finished) meanwhile: look again
+            self._wake.set()
+            return
+
+    async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+        """Deliver a signal; kept until the workflow waits for it."""
+        try:
+            encoded = to_builtins(payload)
+        except CodecError as exc:
+            raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
+        await self._send(workflow_id, SignalSent(name=name, payload=encoded), "signal")
+
+    async def cancel(self, workflow_id: str, reason: str | None = None) -> None:
+        """Ask the instance to stop: it raises ``WorkflowCancelled`` at its next await
+        and its compensations run."""
+        await self._send(workflow_id, CancelRequested(reason=reason), "cancel")
+
+    async def result(
+        self,
+        workflow_id: str,
+        *,
+        timeout: timedelta | float | None = None,
+        output_type: Any = Any,
+    ) -> Any:
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        while True:
+            row = await self._instance(workflow_id)
+            if row.status in TERMINAL:
+                finished = await self.child_finished(workflow_id)
+                assert finished is not None
+                if finished.status == "completed":
+                    definition = self._definitions.get((row.name, row.version))
+                    wanted = output_type if definition is None else definition.output_type
+                    return from_builtins(finished.result, wanted)
+                raise WorkflowFailedError(
+                    workflow_id, finished.status, finished.error_type or "", finished.message or ""
+                )
+            if row.status == "stuck":
+                stuck = self._stuck.get(workflow_id)
+                if stuck is not None:
+                    raise stuck
+            waiter = self._finished.setdefault(workflow_id, asyncio.Event())
+            wait = 0.5
+            if deadline is not None:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise TimeoutError(f"workflow {workflow_id!r} has not finished")
+                wait = min(wait, left)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(waiter.wait(), wait)
+
+    async def history(self, workflow_id: str) -> list[RecordedEvent]:
+        await self._instance(workflow_id)
+        return await self.store.read_stream(self.stream_id(workflow_id))
+
+    async def query(self, workflow_id: str) -> Any:
+        """The state the workflow last exposed (``ctx.expose``), by replaying its
+        history without acting."""
+        row = await self._instance(workflow_id)
+        definition = self._definitions.get((row.name, row.version))
+        if definition is None:
+            raise UnknownWorkflowError(row.name, row.version)
+        events = await self.store.read_stream(self.stream_id(workflow_id))
+        run = _Run(self, definition, History.of(workflow_id, events), query=True)
+        try:
+            result = await run.execute()
+        except Suspend:
+            return run.exposed
+        return result.exposed
+
+    async def describe(self, workflow_id: str) -> WorkflowDescription:
+        row = await self._instance(workflow_id)
+        events = await self.store.read_stream(self.stream_id(workflow_id))
+        history = History.of(workflow_id, events)
+        finished = history.finished
+        result = None
+        error = None
+        if finished is not None:
+            result = finished.result
+            if finished.status != "completed":
+                error = f"{finished.error_type}: {finished.message}"
+        elif history.stuck is not None:
+            error = f"{history.stuck.error_type}: {history.stuck.message}"
+        return WorkflowDescription(
+            workflow_id=workflow_id,
+            name=row.name,
+            version=row.version,
+            status=row.status,
+            parent_id=row.parent_id,
+            created_at=from_micros(row.created_at_us),
+            updated_at=from_micros(row.updated_at_us),
+            events=history.events,
+            waiting_for=None if finished else _waiting_for(history),
+            result=result,
+            error=error,
+        )
+
+    async def list_workflows(
+        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[InstanceRow]:
+        return await self.store.list_instances(status=status, after=after, limit=limit)
+
+
+def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
+    """The input as JSON builtins, once it is known to fit the input type."""
+    try:
+        encoded = to_builtins(given)
+        from_builtins(encoded, definition.input_type)
+    except CodecError as exc:
+        raise WorkflowInputError(definition.name, str(exc)) from exc
+    wanted = definition.input_type
+    if isinstance(wanted, type) and wanted is not Any and not isinstance(given, wanted | dict):
+        raise WorkflowInputError(
+            definition.name, f"expected {wanted.__qualname__}, got {type(given).__qualname__}"
+        )
+    return encoded
+
+
+def _waiting_for(history: History) -> str | None:
+    seq = history.last_seq()
+    recorded = history.recorded(seq) or []
+    if not recorded or len(recorded) > 1:
+        return None
+    first = recorded[0]
+    if isinstance(first, TimerStarted):
+        return f"timer until {from_micros(first.fire_at_us).isoformat()}"
+    if isinstance(first, SignalWaiting):
+        return f"signal {first.name!r}"
+    if isinstance(first, ChildStarted):
+        return f"child {first.child_id}"
+    return None

@@ -1,0 +1,255 @@
+"""The events of a workflow instance's stream, and the index replay reads them from.
+
+Commands issued by workflow code (a step, a timer, a signal wait, a child, a clock
+reading, a compensation) are numbered in the order the code issues them: ``seq``.
+Every event about a command carries its ``seq``, its ``kind`` and ``name``; replay
+checks that the code issues the same command at the same ``seq``, and returns the
+recorded outcome instead of acting again. Signals and cancellation come from
+outside and carry no ``seq``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import msgspec
+
+from ..events import RecordedEvent
+from ..registry import EventRegistry
+
+__all__ = [
+    "TERMINAL",
+    "CancelRequested",
+    "ChildDone",
+    "ChildStarted",
+    "Clock",
+    "CompensationDone",
+    "CompensationFailed",
+    "Finished",
+    "History",
+    "Resumed",
+    "SignalSent",
+    "SignalTaken",
+    "SignalTimedOut",
+    "SignalWaiting",
+    "Started",
+    "StepDone",
+    "StepFailed",
+    "Stuck",
+    "TimerFired",
+    "TimerStarted",
+    "history_registry",
+]
+
+
+class Started(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    version: int
+    input: Any
+    parent_id: str | None = None
+
+
+class _Command(msgspec.Struct, frozen=True, kw_only=True):
+    kind: ClassVar[str]
+    seq: int
+    name: str
+
+
+class StepDone(_Command, frozen=True, kw_only=True):
+    kind = "step"
+    result: Any
+
+
+class StepFailed(_Command, frozen=True, kw_only=True):
+    kind = "step"
+    error_type: str
+    message: str
+
+
+class TimerStarted(_Command, frozen=True, kw_only=True):
+    kind = "timer"
+    fire_at_us: int
+
+
+class TimerFired(_Command, frozen=True, kw_only=True):
+    kind = "timer"
+
+
+class SignalWaiting(_Command, frozen=True, kw_only=True):
+    kind = "signal"
+    deadline_us: int | None
+
+
+class SignalTaken(_Command, frozen=True, kw_only=True):
+    kind = "signal"
+    signal_version: int
+    """Stream version of the SignalSent event consumed."""
+
+
+class SignalTimedOut(_Command, frozen=True, kw_only=True):
+    kind = "signal"
+
+
+class ChildStarted(_Command, frozen=True, kw_only=True):
+    kind = "child"
+    child_id: str
+    version: int
+
+
+class ChildDone(_Command, frozen=True, kw_only=True):
+    kind = "child"
+    child_id: str
+    status: str
+    result: Any = None
+    error_type: str | None = None
+    message: str | None = None
+
+
+class Clock(_Command, frozen=True, kw_only=True):
+    kind = "now"
+    at_us: int
+
+
+class CompensationDone(_Command, frozen=True, kw_only=True):
+    kind = "compensation"
+    step_seq: int
+
+
+class CompensationFailed(_Command, frozen=True, kw_only=True):
+    kind = "compensation"
+    step_seq: int
+    error_type: str
+    message: str
+
+
+class SignalSent(msgspec.Struct, frozen=True, kw_only=True):
+    name: str
+    payload: Any = None
+
+
+class CancelRequested(msgspec.Struct, frozen=True, kw_only=True):
+    reason: str | None = None
+
+
+class Finished(msgspec.Struct, frozen=True, kw_only=True):
+    """The instance ended. ``status``: completed, failed, compensated,
+    compensation_failed or cancelled; ``result`` only when completed."""
+
+    status: str
+    result: Any = None
+    error_type: str | None = None
+    message: str | None = None
+
+
+class Stuck(msgspec.Struct, frozen=True, kw_only=True):
+    """Replay could not go on (non-determinism, unknown version); nothing else is
+    recorded until an engine with fitting code resumes it."""
+
+    error_type: str
+    message: str
+
+
+class Resumed(msgspec.Struct, frozen=True, kw_only=True):
+    """An engine took a stuck instance up again."""
+
+    by: str
+
+
+TERMINAL = frozenset({"completed", "failed", "compensated", "compensation_failed", "cancelled"})
+
+_TYPES: tuple[tuple[type, str], ...] = (
+    (Started, "wf.started"),
+    (StepDone, "wf.step_done"),
+    (StepFailed, "wf.step_failed"),
+    (TimerStarted, "wf.timer_started"),
+    (TimerFired, "wf.timer_fired"),
+    (SignalWaiting, "wf.signal_waiting"),
+    (SignalTaken, "wf.signal_taken"),
+    (SignalTimedOut, "wf.signal_timed_out"),
+    (ChildStarted, "wf.child_started"),
+    (ChildDone, "wf.child_done"),
+    (Clock, "wf.clock"),
+    (CompensationDone, "wf.compensation_done"),
+    (CompensationFailed, "wf.compensation_failed"),
+    (SignalSent, "wf.signal"),
+    (CancelRequested, "wf.cancel_requested"),
+    (Finished, "wf.finished"),
+    (Stuck, "wf.stuck"),
+    (Resumed, "wf.resumed"),
+)
+
+
+def history_registry(registry: EventRegistry | None = None) -> EventRegistry:
+    """``registry`` (or a new one) with the workflow history types registered."""
+    registry = registry if registry is not None else EventRegistry()
+    for cls, name in _TYPES:
+        if registry.class_of(name) is None:
+            registry.register(cls, name)
+    return registry
+
+
+@dataclass
+class History:
+    """An instance's stream, indexed for replay."""
+
+    workflow_id: str
+    started: Started
+    version: int = 0
+    commands: dict[int, list[Any]] = field(default_factory=dict)
+    signals: list[tuple[int, SignalSent]] = field(default_factory=list)
+    taken: set[int] = field(default_factory=set)
+    cancel: CancelRequested | None = None
+    finished: Finished | None = None
+    stuck: Stuck | None = None
+    events: int = 0
+
+    @classmethod
+    def of(cls, workflow_id: str, events: list[RecordedEvent]) -> History:
+        if not events or not isinstance(events[0].data, Started):
+            raise ValueError(f"stream of workflow {workflow_id!r} does not begin with Started")
+        history = cls(workflow_id, events[0].data)
+        history.extend(events)
+        return history
+
+    def extend(self, events: list[RecordedEvent]) -> None:
+        for event in events:
+            if event.version <= self.version:
+                continue
+            self.add(event.version, event.data)
+
+    def add(self, version: int, data: Any) -> None:
+        self.version = version
+        self.events += 1
+        if isinstance(data, _Command):
+            self.commands.setdefault(data.seq, []).append(data)
+            if isinstance(data, SignalTaken):
+                self.taken.add(data.signal_version)
+        elif isinstance(data, SignalSent):
+            self.signals.append((version, data))
+        elif isinstance(data, CancelRequested):
+            self.cancel = self.cancel or data
+        elif isinstance(data, Finished):
+            self.finished = data
+        elif isinstance(data, Stuck):
+            self.stuck = data
+        elif isinstance(data, Resumed):
+            self.stuck = None
+
+    def recorded(self, seq: int) -> list[Any] | None:
+        return self.commands.get(seq)
+
+    def last_seq(self) -> int:
+        return max(self.commands, default=0)
+
+    def next_signal(self, name: str) -> tuple[int, SignalSent] | None:
+        for version, signal in self.signals:
+            if signal.name == name and version not in self.taken:
+                return version, signal
+        return None
+
+    def signal_at(self, version: int) -> SignalSent:
+        for v, signal in self.signals:
+            if v == version:
+                return signal
+        raise KeyError(version)

@@ -1,0 +1,89 @@
+"""Replaying a recorded history against workflow code, outside any engine.
+
+Used to check a deploy before it reaches running instances: export histories of
+real instances (``export_history``), keep them as golden files, and ``replay`` them
+against the new code in tests. A changed path raises ``NonDeterminismError`` naming
+the first command that differs.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from typing import Any
+from uuid import UUID
+
+import msgspec
+
+from ..events import Metadata, RecordedEvent
+from ..hashing import to_micros
+from ..registry import EventRegistry
+from .definition import WorkflowDefinition
+from .history import History, history_registry
+from .run import Suspend, _Run
+
+__all__ = ["export_history", "replay"]
+
+_registry: EventRegistry = history_registry()
+
+
+def export_history(events: list[RecordedEvent]) -> list[dict[str, Any]]:
+    """A workflow stream as plain JSON-ready dicts: version, type and data."""
+    return [
+        {"version": e.version, "type": e.type, "data": msgspec.to_builtins(e.data)} for e in events
+    ]
+
+
+class _ReplayOnly:
+    """Stands in for the engine: replay reads the history and never acts."""
+
+    step_pool: ThreadPoolExecutor | None = None
+
+    def __init__(self, now_us: int) -> None:
+        self._now_us = now_us
+
+    def now_us(self) -> int:
+        return self._now_us
+
+
+async def replay(
+    definition: WorkflowDefinition[Any, Any],
+    history: list[dict[str, Any]] | list[RecordedEvent],
+) -> Any:
+    """Re-run ``definition`` over ``history`` without acting; returns what the
+    workflow last exposed. Raises ``NonDeterminismError`` where code and record part.
+    """
+    events: list[RecordedEvent] = []
+    for index, item in enumerate(history):
+        if isinstance(item, RecordedEvent):
+            events.append(item)
+        else:
+            assert isinstance(item, dict)
+            events.append(_recorded(index, item))
+    workflow_id = events[0].stream_id.removeprefix("wf-") if events else "replay"
+    indexed = History.of(workflow_id, events)
+    engine: Any = _ReplayOnly(to_micros(datetime.now(UTC)))
+    run = _Run(engine, definition, indexed, query=True)
+    try:
+        result = await run.execute()
+    except Suspend:
+        return run.exposed
+    return result.exposed
+
+
+def _recorded(index: int, item: dict[str, Any]) -> RecordedEvent:
+    data = _registry.decode(item["type"], 1, msgspec.json.encode(item["data"]))
+    version = int(item.get("version", index + 1))
+    return RecordedEvent(
+        id=UUID(int=version),
+        stream_id=str(item.get("stream_id", "wf-replay")),
+        version=version,
+        position=version,
+        type=item["type"],
+        schema_version=1,
+        data=data,
+        metadata=Metadata(),
+        recorded_at=datetime.fromtimestamp(0, UTC),
+        hash=b"",
+        prev_hash=b"",
+    )

@@ -1,0 +1,557 @@
+"""Durable workflows and sagas: the behaviour users rely on, on every backend."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+import msgspec
+import pydantic
+import pytest
+
+import ledgerflow
+from ledgerflow import ManualClock, WorkflowContext
+from ledgerflow.workflow.history import Finished, StepDone
+
+WAIT = 20.0
+"""Guard against a hang, never an assertion about speed."""
+
+EngineFactory = Callable[..., AbstractAsyncContextManager[ledgerflow.Engine]]
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFactory]:
+    """Opens engines on one database; several may open it one after the other.
+
+    The memory store lives as long as its object, so memory engines share one.
+    """
+    shared = None
+    if store_url.startswith("memory"):
+        shared = await ledgerflow.open_store(store_url, clock=clock.now).open()
+
+    @asynccontextmanager
+    async def open_engine(
+        *workflows: ledgerflow.WorkflowDefinition[Any, Any], **options: Any
+    ) -> AsyncIterator[ledgerflow.Engine]:
+        options.setdefault("clock", clock)
+        options.setdefault("poll_interval", 0.05)
+        target = store_url if shared is None else shared
+        async with ledgerflow.Engine(target, workflows=workflows, **options) as opened:
+            yield opened
+
+    yield open_engine
+    if shared is not None:
+        await shared.close()
+
+
+@dataclass
+class Ledger:
+    """A fake external system that records what was done, by idempotency key."""
+
+    calls: list[tuple[str, Any]] = field(default_factory=list)
+    applied: dict[str, Any] = field(default_factory=dict)
+    fail: dict[str, int] = field(default_factory=dict)
+
+    def do(self, what: str, value: Any) -> None:
+        self.calls.append((what, value))
+        remaining = self.fail.get(what, 0)
+        if remaining:
+            self.fail[what] = remaining - 1
+            raise RuntimeError(f"{what} failed")
+        self.applied.setdefault(ledgerflow.current_step().idempotency_key, (what, value))
+
+
+fake = Ledger()
+
+
+@pytest.fixture(autouse=True)
+def fresh_fake() -> None:
+    global fake
+    fake = Ledger()
+
+
+@dataclass(frozen=True)
+class Order:
+    sku: str
+    amount: int
+
+
+@dataclass(frozen=True)
+class Placed:
+    status: str
+    charge: int | None = None
+
+
+def reserve(order: Order) -> str:
+    fake.do("reserve", order.sku)
+    return f"R-{order.sku}"
+
+
+def release(order: Order) -> None:
+    fake.do("release", order.sku)
+
+
+async def charge(order: Order) -> int:
+    fake.do("charge", order.amount)
+    return 1000 + order.amount
+
+
+async def refund(order: Order, result: int) -> None:
+    fake.do("refund", result)
+
+
+def ship(order: Order) -> str:
+    fake.do("ship", order.sku)
+    return "shipped"
+
+
+NO_WAIT = ledgerflow.RetryPolicy(max_attempts=2, initial_interval=0)
+
+
+@ledgerflow.workflow(name="saga", version=1)
+async def saga(ctx: WorkflowContext, order: Order) -> Placed:
+    await ctx.step(reserve, order, compensate=release)
+    charged = await ctx.step(charge, order, compensate=refund)
+    await ctx.step(ship, order, retry=NO_WAIT)
+    return Placed("placed", charged)
+
+
+@ledgerflow.workflow(name="approval", version=1)
+async def approval(ctx: WorkflowContext, order: Order) -> Placed:
+    ctx.expose({"stage": "waiting for approval"})
+    decision = await ctx.wait_for_signal("approve", bool, timeout=timedelta(days=3))
+    if not decision:
+        return Placed("rejected")
+    ctx.expose({"stage": "charging"})
+    charged = await ctx.step(charge, order, compensate=refund)
+    await ctx.sleep(timedelta(hours=1))
+    ctx.expose({"stage": "done"})
+    return Placed("placed", charged)
+
+
+async def finished(engine: ledgerflow.Engine, workflow_id: str) -> ledgerflow.WorkflowDescription:
+    result = await engine.handle(workflow_id).result(timeout=WAIT)
+    del result
+    return await engine.describe(workflow_id)
+
+
+async def until(predicate: Callable[[], Any], what: str) -> None:
+    async with asyncio.timeout(WAIT):
+        while not await predicate():  # noqa: ASYNC110 - state of another task, seen via the store
+            await asyncio.sleep(0.01)
+
+
+# -- steps and sagas ---------------------------------------------------------------
+
+
+async def test_steps_run_once_and_results_are_typed(engine: EngineFactory) -> None:
+    async with engine(saga) as e:
+        handle = await e.start(saga, Order("book", 12), id="o-1")
+        assert await handle.result(timeout=WAIT) == Placed("placed", 1012)
+        history = await e.history("o-1")
+    assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship"]
+    steps = [ev.data for ev in history if isinstance(ev.data, StepDone)]
+    assert [(s.seq, s.name, s.result) for s in steps] == [
+        (1, "reserve", "R-book"),
+        (2, "charge", 1012),
+        (3, "ship", "shipped"),
+    ]
+    assert set(fake.applied) == {"o-1/1", "o-1/2", "o-1/3"}
+
+
+async def test_failure_compensates_in_reverse_order(engine: EngineFactory) -> None:
+    fake.fail["ship"] = 2  # both attempts of NO_WAIT fail
+    async with engine(saga) as e:
+        await e.start(saga, Order("lamp", 5), id="o-2")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("o-2").result(timeout=WAIT)
+        described = await e.describe("o-2")
+    assert caught.value.status == "compensated"
+    assert caught.value.error_type == "StepFailedError"
+    assert described.status == "compensated"
+    assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship", "ship", "refund", "release"]
+    assert ("refund", 1005) in fake.calls  # the compensation got the step's result
+
+
+async def test_retries_use_the_same_idempotency_key(engine: EngineFactory) -> None:
+    fake.fail["ship"] = 1
+    async with engine(saga) as e:
+        await e.start(saga, Order("pen", 1), id="o-3")
+        assert (await e.handle("o-3").result(timeout=WAIT)).status == "placed"
+    assert [c[0] for c in fake.calls].count("ship") == 2
+    assert fake.applied["o-3/3"] == ("ship", "pen")
+
+
+def always_fails(order: Order) -> None:
+    raise ValueError("cannot undo")
+
+
+@ledgerflow.workflow(name="bad_undo", version=1)
+async def bad_undo(ctx: WorkflowContext, order: Order) -> None:
+    await ctx.step(reserve, order, compensate=release)
+    await ctx.step(
+        charge,
+        order,
+        compensate=always_fails,
+    )
+    raise RuntimeError("business rule broken")
+
+
+async def test_compensation_that_keeps_failing_is_visible(engine: EngineFactory) -> None:
+    async with engine(bad_undo) as e:
+        await e.start(bad_undo, Order("x", 1), id="o-4")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("o-4").result(timeout=WAIT)
+        rows = await e.list_workflows(status="compensation_failed")
+    assert caught.value.status == "compensation_failed"
+    assert caught.value.error_type == "RuntimeError"
+    assert [r.workflow_id for r in rows] == ["o-4"]
+    # The other compensation still ran.
+    assert ("release", "x") in fake.calls
+
+
+class Stock:
+    """A step as an object with execute and compensate."""
+
+    def execute(self, order: Order) -> int:
+        fake.do("take", order.amount)
+        return order.amount
+
+    def compensate(self, order: Order) -> None:
+        fake.do("put back", order.amount)
+
+
+@ledgerflow.workflow(name="class_step", version=1)
+async def class_step(ctx: WorkflowContext, order: Order) -> int:
+    taken: int = await ctx.step(Stock(), order)
+    if order.sku == "fail":
+        raise RuntimeError("after the class step")
+    return taken
+
+
+async def test_class_based_steps(engine: EngineFactory) -> None:
+    async with engine(class_step) as e:
+        assert await (await e.start(class_step, Order("ok", 3))).result(timeout=WAIT) == 3
+        failing = await e.start(class_step, Order("fail", 4))
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await failing.result(timeout=WAIT)
+    assert ("put back", 4) in fake.calls
+
+
+# -- signals, timers, queries ------------------------------------------------------
+
+
+async def test_signal_after_the_wait(engine: EngineFactory, clock: ManualClock) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("a", 7), id="s-1")
+
+        async def waiting() -> bool:
+            return (await e.describe("s-1")).waiting_for == "signal 'approve'"
+
+        await until(waiting, "waiting for the signal")
+        assert await e.query("s-1") == {"stage": "waiting for approval"}
+        await e.signal("s-1", "approve", True)
+
+        async def sleeping() -> bool:
+            return ((await e.describe("s-1")).waiting_for or "").startswith("timer")
+
+        await until(sleeping, "the one-hour timer")
+        assert await e.query("s-1") == {"stage": "charging"}
+        clock.advance(timedelta(hours=1))
+        assert await e.handle("s-1").result(timeout=WAIT) == Placed("placed", 1007)
+
+
+async def test_signal_before_the_wait_is_kept(engine: EngineFactory) -> None:
+    @ledgerflow.workflow(name="late_wait", version=1)
+    async def late_wait(ctx: WorkflowContext, order: Order) -> bool | None:
+        await ctx.step(reserve, order)
+        await ctx.wait_for_signal("go", bool)  # the first "go" is for this wait
+        return await ctx.wait_for_signal("go", bool)
+
+    async with engine(late_wait) as e:
+        await e.start(late_wait, Order("a", 1), id="s-2")
+        await e.signal("s-2", "go", False)
+        await e.signal("s-2", "go", True)
+        assert await e.handle("s-2").result(timeout=WAIT) is True
+
+
+async def test_wait_times_out(engine: EngineFactory, clock: ManualClock) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("a", 1), id="s-3")
+
+        async def waiting() -> bool:
+            return (await e.describe("s-3")).waiting_for == "signal 'approve'"
+
+        await until(waiting, "waiting")
+        clock.advance(timedelta(days=3))
+        assert await e.handle("s-3").result(timeout=WAIT) == Placed("rejected")
+
+
+async def test_timer_fires_after_a_restart(engine: EngineFactory, clock: ManualClock) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("a", 9), id="t-1")
+        await e.signal("t-1", "approve", True)
+
+        async def sleeping() -> bool:
+            return ((await e.describe("t-1")).waiting_for or "").startswith("timer")
+
+        await until(sleeping, "the timer")
+    clock.advance(timedelta(hours=2))
+    async with engine(approval) as e:
+        assert await e.handle("t-1").result(timeout=WAIT) == Placed("placed", 1009)
+    assert [c[0] for c in fake.calls] == ["charge"]  # not charged again on recovery
+
+
+# -- cancellation ------------------------------------------------------------------
+
+
+async def test_cancel_mid_saga_compensates(engine: EngineFactory) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("c", 3), id="c-1")
+        await e.signal("c-1", "approve", True)
+
+        async def sleeping() -> bool:
+            return ((await e.describe("c-1")).waiting_for or "").startswith("timer")
+
+        await until(sleeping, "the timer")
+        await e.cancel("c-1", "customer changed their mind")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("c-1").result(timeout=WAIT)
+    assert caught.value.status == "compensated"
+    assert caught.value.error_type == "WorkflowCancelled"
+    assert fake.calls == [("charge", 3), ("refund", 1003)]
+
+
+async def test_cancel_without_compensations_ends_cancelled(engine: EngineFactory) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("c", 3), id="c-2")
+        await e.cancel("c-2")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("c-2").result(timeout=WAIT)
+        assert caught.value.status == "cancelled"
+        with pytest.raises(ledgerflow.WorkflowFinishedError):
+            await e.cancel("c-2")
+
+
+# -- children ----------------------------------------------------------------------
+
+
+@ledgerflow.workflow(name="parent", version=1)
+async def parent(ctx: WorkflowContext, order: Order) -> list[int]:
+    first = await ctx.child(saga, order)
+    second = await ctx.child(saga, Order(order.sku + "2", order.amount + 1), id="child-fixed")
+    return [first.charge or 0, second.charge or 0]
+
+
+async def test_child_workflows(engine: EngineFactory) -> None:
+    async with engine(parent, saga) as e:
+        await e.start(parent, Order("kid", 1), id="p-1")
+        assert await e.handle("p-1").result(timeout=WAIT) == [1001, 1002]
+        child = await e.describe("p-1.1")
+        fixed = await e.describe("child-fixed")
+    assert (child.status, child.parent_id) == ("completed", "p-1")
+    assert (fixed.status, fixed.parent_id) == ("completed", "p-1")
+
+
+async def test_failing_child_raises_in_the_parent(engine: EngineFactory) -> None:
+    fake.fail["ship"] = 2
+    async with engine(parent, saga) as e:
+        await e.start(parent, Order("kid", 1), id="p-2")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("p-2").result(timeout=WAIT)
+    assert caught.value.error_type == "ChildWorkflowError"
+
+
+# -- versions and determinism ------------------------------------------------------
+
+
+@ledgerflow.workflow(name="versioned", version=1)
+async def versioned_v1(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.wait_for_signal("go")
+    return "v1"
+
+
+@ledgerflow.workflow(name="versioned", version=2)
+async def versioned_v2(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step(reserve, order)
+    await ctx.wait_for_signal("go")
+    return "v2"
+
+
+async def test_instances_stay_on_their_version(engine: EngineFactory) -> None:
+    async with engine(versioned_v1) as e:
+        await e.start("versioned", Order("v", 1), id="v-old")
+    async with engine(versioned_v1, versioned_v2) as e:
+        await e.start("versioned", Order("v", 1), id="v-new")  # the latest version
+        await e.signal("v-old", "go")
+        await e.signal("v-new", "go")
+        assert await e.handle("v-old").result(timeout=WAIT) == "v1"
+        assert await e.handle("v-new").result(timeout=WAIT) == "v2"
+        assert (await e.describe("v-new")).version == 2
+
+
+@ledgerflow.workflow(name="drift", version=1)
+async def drift_before(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step(reserve, order)
+    await ctx.wait_for_signal("go")
+    await ctx.step(ship, order)
+    return "done"
+
+
+@ledgerflow.workflow(name="drift", version=1)
+async def drift_after(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step(charge, order)  # changed without a new version
+    await ctx.wait_for_signal("go")
+    await ctx.step(ship, order)
+    return "done"
+
+
+async def test_changed_code_is_a_non_determinism_error(engine: EngineFactory) -> None:
+    async with engine(drift_before) as e:
+        await e.start(drift_before, Order("d", 1), id="d-1")
+
+        async def waiting() -> bool:
+            return (await e.describe("d-1")).waiting_for == "signal 'go'"
+
+        await until(waiting, "waiting")
+    async with engine(drift_after) as e:
+        await e.signal("d-1", "go")
+        with pytest.raises(ledgerflow.NonDeterminismError) as caught:
+            await e.handle("d-1").result(timeout=WAIT)
+        described = await e.describe("d-1")
+    assert caught.value.seq == 1
+    assert caught.value.recorded == "step 'reserve'"
+    assert caught.value.attempted == "step 'charge'"
+    assert described.status == "stuck"
+    assert [c[0] for c in fake.calls] == ["reserve"]  # nothing acted on the wrong path
+    # Fixed code (the original) resumes the stuck instance on the next start.
+    async with engine(drift_before) as e:
+        assert await e.handle("d-1").result(timeout=WAIT) == "done"
+
+
+def test_lint_flags_nondeterminism() -> None:
+    with pytest.raises(ledgerflow.WorkflowDefinitionError) as caught:
+
+        @ledgerflow.workflow(name="linted")
+        async def linted(ctx: WorkflowContext, order: Order) -> float:
+            import random
+            import time
+
+            stamp = time.time()
+            return stamp + random.random()
+
+    message = str(caught.value)
+    assert "time.time()" in message
+    assert "random.random()" in message
+
+
+def test_lint_can_be_silenced_per_line() -> None:
+    @ledgerflow.workflow(name="allowed")
+    async def allowed(ctx: WorkflowContext, order: Order) -> float:
+        import time
+
+        return time.time()  # ledgerflow: allow
+
+    assert allowed.name == "allowed"
+
+
+async def test_deterministic_helpers_replay_identically(engine: EngineFactory) -> None:
+    @ledgerflow.workflow(name="helpers", version=1)
+    async def helpers(ctx: WorkflowContext, order: Order) -> list[str]:
+        first = [str(ctx.now()), str(ctx.uuid()), str(ctx.random().random())]
+        ctx.expose(first)
+        await ctx.wait_for_signal("go")
+        return first
+
+    async with engine(helpers) as e:
+        await e.start(helpers, Order("h", 1), id="h-1")
+
+        async def waiting() -> bool:
+            return (await e.describe("h-1")).waiting_for == "signal 'go'"
+
+        await until(waiting, "waiting")
+        exposed = await e.query("h-1")
+        await e.signal("h-1", "go")
+        assert await e.handle("h-1").result(timeout=WAIT) == exposed
+
+
+# -- starting and bad input --------------------------------------------------------
+
+
+async def test_start_is_idempotent_on_the_id(engine: EngineFactory) -> None:
+    async with engine(saga, approval) as e:
+        first = await e.start(saga, Order("i", 1), id="same")
+        again = await e.start(saga, Order("i", 1), id="same")
+        assert again.id == first.id
+        assert (await again.result(timeout=WAIT)).status == "placed"
+        with pytest.raises(ledgerflow.WorkflowInputError):
+            await e.start(approval, Order("i", 1), id="same")
+    assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship"]
+
+
+async def test_bad_input_is_refused_before_anything_is_recorded(engine: EngineFactory) -> None:
+    async with engine(saga) as e:
+        with pytest.raises(ledgerflow.WorkflowInputError):
+            await e.start(saga, "not an order", id="bad-1")
+        with pytest.raises(ledgerflow.WorkflowInputError):
+            await e.start(saga, {"sku": "x"}, id="bad-2")  # amount missing
+        with pytest.raises(ledgerflow.UnknownWorkflowError):
+            await e.start("nope", Order("x", 1))
+        with pytest.raises(ledgerflow.UnknownWorkflowError):
+            await e.start(approval, Order("x", 1))  # not registered with this engine
+        with pytest.raises(ledgerflow.WorkflowNotFoundError):
+            await e.signal("missing", "go")
+        with pytest.raises(ledgerflow.WorkflowNotFoundError):
+            await e.describe("missing")
+        assert await e.list_workflows() == []
+        assert await e.store.head_position() == 0
+
+
+async def test_signal_to_a_finished_workflow_is_refused(engine: EngineFactory) -> None:
+    async with engine(saga) as e:
+        await (await e.start(saga, Order("f", 1), id="f-1")).result(timeout=WAIT)
+        with pytest.raises(ledgerflow.WorkflowFinishedError) as caught:
+            await e.signal("f-1", "anything", {"x": 1})
+        assert caught.value.status == "completed"
+
+
+class PydanticIn(pydantic.BaseModel):
+    name: str
+
+
+class StructOut(msgspec.Struct, frozen=True):
+    greeting: str
+
+
+async def test_pydantic_and_msgspec_types(engine: EngineFactory) -> None:
+    def greet(who: PydanticIn) -> StructOut:
+        return StructOut(f"hello {who.name}")
+
+    @ledgerflow.workflow(name="typed", version=1)
+    async def typed(ctx: WorkflowContext, who: PydanticIn) -> StructOut:
+        return await ctx.step(greet, who)
+
+    async with engine(typed) as e:
+        handle = await e.start(typed, PydanticIn(name="ada"))
+        assert await handle.result(timeout=WAIT) == StructOut("hello ada")
+
+
+async def test_many_concurrent_instances(engine: EngineFactory) -> None:
+    async with engine(saga, concurrency=50) as e:
+        handles = await asyncio.gather(
+            *(e.start(saga, Order(f"m{i}", i), id=f"m-{i}") for i in range(120))
+        )
+        results = await asyncio.gather(*(h.result(timeout=WAIT) for h in handles))
+        history = await e.history("m-7")
+    assert [r.charge for r in results] == [1000 + i for i in range(120)]
+    assert isinstance(history[-1].data, Finished)
+    assert len(fake.applied) == 360
