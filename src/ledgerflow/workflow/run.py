@@ -247,17 +247,26 @@ class WorkflowContext:
     async def sleep_until(self, moment: datetime) -> None:
         await self._run.timer(lambda _now: to_micros(moment))
 
+    @overload
+    async def wait_for_signal(
+        self, name: str, type_: type[T], *, timeout: timedelta | float | None = None
+    ) -> T | None: ...
+
+    @overload
+    async def wait_for_signal(
+        self, name: str, type_: Any = Any, *, timeout: timedelta | float | None = None
+    ) -> Any: ...
+
     async def wait_for_signal(
         self,
         name: str,
-        type_: type[T] | Any = Any,
+        type_: Any = Any,
         *,
         timeout: timedelta | float | None = None,
-    ) -> T | None:
+    ) -> Any:
         """The next signal called ``name`` (sent before or after this wait), as
         ``type_``; None if ``timeout`` passes first."""
-        value: T | None = await self._run.signal(name, type_, as_seconds(timeout))
-        return value
+        return await self._run.signal(name, type_, as_seconds(timeout))
 
     async def child(
         self, workflow: WorkflowDefinition[Any, R], input: Any, *, id: str | None = None
