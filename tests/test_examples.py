@@ -2,33 +2,69 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "examples" / "orders" / "demo.py"
+
+
+def run_demo(url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(DEMO), url, *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
+def statuses(output: str) -> dict[str, int]:
+    """The demo's tally line: ``7 placed, 3 rejected, 2 compensated``."""
+    found = re.search(r"^(\d+ \w+(?:, \d+ \w+)*)$", output, re.MULTILINE)
+    assert found, output
+    return {word: int(n) for n, word in (part.split() for part in found[1].split(", "))}
 
 
 def test_order_demo_runs_and_the_ledger_verifies(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'demo.db'}"
-    demo = subprocess.run(
-        [sys.executable, str(ROOT / "examples/orders/demo.py"), url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    demo = run_demo(url)
     assert demo.returncode == 0, demo.stderr
-    assert "approved" in demo.stdout
-    assert "rejected" in demo.stdout
-    assert "hash chains intact" in demo.stdout
-    # A second run appends to the same ledger and still verifies.
-    again = subprocess.run(
-        [sys.executable, str(ROOT / "examples/orders/demo.py"), url],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
+    out = demo.stdout
+    for status in ("placed", "rejected", "compensated"):
+        assert status in out
+    assert "auto-reject" in out  # the order nobody answered, after its three days
+    assert "no decision within 3 days" in out
+    assert "ErpUnavailable" in out
+    assert "hash chains intact" in out
+    # The default seed is fixed: the same outcomes every run.
+    tally = statuses(out)
+    assert tally == {"placed": 7, "rejected": 3, "compensated": 2}
+    # The history shown is a compensated order's: refund, then release.
+    assert out.index("compensation_done │   7 │ charge_card") < out.index(
+        "compensation_done │   8 │ reserve_stock"
     )
+
+    # A second run appends new orders to the same ledger, and it still verifies.
+    again = run_demo(url)
     assert again.returncode == 0, again.stderr
-    assert "32 events in 16 streams" in again.stdout
+    assert "hash chains intact" in again.stdout
+    assert statuses(again.stdout) == tally
+    first = re.search(r"(\d+) events in (\d+) streams", out)
+    second = re.search(r"(\d+) events in (\d+) streams", again.stdout)
+    assert first
+    assert second
+    assert int(second[1]) == 2 * int(first[1])
+    assert int(second[2]) == 2 * int(first[2])
+
+
+def test_order_demo_without_erp_failures_places_every_approved_order(tmp_path: Path) -> None:
+    demo = run_demo(f"sqlite:///{tmp_path / 'demo.db'}", "--erp-failure-rate", "0")
+    assert demo.returncode == 0, demo.stderr
+    assert statuses(demo.stdout) == {"placed": 9, "rejected": 3}
+    assert "compensated" not in demo.stdout
+    assert "hash chains intact" in demo.stdout

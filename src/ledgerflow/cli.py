@@ -3,19 +3,30 @@
 from __future__ import annotations
 
 import asyncio
-import os
-from typing import Annotated
+import json
+from collections.abc import Awaitable, Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Annotated, Any, NoReturn, TypeVar
 
+import msgspec
 import typer
 from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
 
 from .audit import VerifyReport, verify_ledger
 from .errors import LedgerflowError
+from .events import RecordedEvent
+from .hashing import from_micros
 from .store import open_store
+from .store.sqlite import path_from_url
+from .workflow.engine import Engine, WorkflowDescription
+from .workflow.history import TERMINAL
 
 __all__ = ["app", "main"]
 
 DEFAULT_DB = "sqlite:///ledgerflow.db"
+STATUSES = ("running", "stuck", *sorted(TERMINAL))
 
 app = typer.Typer(
     name="ledgerflow",
@@ -25,6 +36,10 @@ app = typer.Typer(
 )
 audit_app = typer.Typer(help="Check the ledger for tampering.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
+workflows_app = typer.Typer(
+    help="Inspect workflow instances, send them signals, cancel them.", no_args_is_help=True
+)
+app.add_typer(workflows_app, name="workflows")
 
 DbOption = Annotated[
     str,
@@ -34,9 +49,31 @@ DbOption = Annotated[
         help="Store URL: sqlite:///path.db or postgresql://... (env LEDGERFLOW_DB).",
     ),
 ]
+IdArgument = Annotated[str, typer.Argument(help="The workflow instance id.")]
 
 out = Console()
 err = Console(stderr=True)
+
+T = TypeVar("T")
+
+
+def _fail(message: str) -> NoReturn:
+    """One line on stderr, exit 2: the command could not be carried out."""
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def _run(db: str, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` on a fresh event loop; ledgerflow errors become ``_fail``.
+
+    A SQLite ledger must already exist: opening a missing file would create an empty one.
+    """
+    try:
+        if db.startswith("sqlite:") and not path_from_url(db).exists():
+            _fail(f"no ledger at {db}")
+        return asyncio.run(work())
+    except LedgerflowError as exc:
+        _fail(str(exc))
 
 
 async def _verify(url: str) -> VerifyReport:
@@ -47,14 +84,7 @@ async def _verify(url: str) -> VerifyReport:
 @audit_app.command("verify")
 def audit_verify(db: DbOption = DEFAULT_DB) -> None:
     """Walk every stream and check its hash chain. Exit 0 if intact, 1 if not."""
-    if db.startswith("sqlite:///") and not os.path.exists(db[len("sqlite:///") :]):
-        err.print(f"[red]error:[/] no ledger at {db}")
-        raise typer.Exit(2)
-    try:
-        report = asyncio.run(_verify(db))
-    except LedgerflowError as exc:
-        err.print(f"[red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+    report = _run(db, lambda: _verify(db))
     if report.ok:
         out.print(
             f"[green]intact[/]: {report.events_checked} events in "
@@ -68,6 +98,176 @@ def audit_verify(db: DbOption = DEFAULT_DB) -> None:
     for finding in report.findings:
         out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+# -- workflows ------------------------------------------------------------------------
+
+
+async def _client(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
+    """``call`` with an Engine used only as a client of the store.
+
+    The scheduler is never started: this process claims no work and runs no
+    workflow, and (takeover=False) leaves the leases of running engines alone.
+    Signals and cancellations nudge the instance so that its engine picks them up.
+    """
+    engine = Engine(db, workflows=[], concurrency=1, takeover=False)
+    try:
+        await engine.store.open()
+        return await call(engine)
+    finally:
+        await engine.store.close()
+        engine.step_pool.shutdown(wait=False)
+
+
+def _call(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
+    """The result of ``call`` on a client Engine for the store at ``db``."""
+    return _run(db, lambda: _client(db, call))
+
+
+def _time(moment: datetime) -> str:
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _compact(value: Any) -> str:
+    """``value`` as one line of JSON, with spaces a table can wrap at."""
+    return json.dumps(msgspec.to_builtins(value), separators=(", ", ": "), ensure_ascii=False)
+
+
+def _line(label: str, value: object) -> None:
+    out.print(f"{label + ':':<12} {value}", markup=False, highlight=False, soft_wrap=True)
+
+
+@workflows_app.command("list")
+def workflows_list(
+    db: DbOption = DEFAULT_DB,
+    status: Annotated[
+        str | None, typer.Option(help=f"Only instances in this status: {', '.join(STATUSES)}.")
+    ] = None,
+    after: Annotated[
+        str | None, typer.Option(help="Start after this id (ids are listed in order).")
+    ] = None,
+    limit: Annotated[int, typer.Option(min=1, help="At most this many instances.")] = 100,
+) -> None:
+    """List workflow instances by id."""
+    if status is not None and status not in STATUSES:
+        _fail(f"unknown status {status!r}: use one of {', '.join(STATUSES)}")
+    rows = _call(db, lambda e: e.list_workflows(status=status, after=after, limit=limit))
+    if not rows:
+        out.print("no workflow instances" + (f" with status {status}" if status else ""))
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True, overflow="fold")
+    table.add_column("name", no_wrap=True, overflow="fold")
+    table.add_column("version")
+    table.add_column("status", no_wrap=True)
+    table.add_column("updated (UTC)", no_wrap=True)
+    for row in rows:
+        table.add_row(
+            escape(row.workflow_id),
+            escape(row.name),
+            str(row.version),
+            row.status,
+            _time(from_micros(row.updated_at_us)),
+        )
+    out.print(table)
+    if len(rows) == limit:
+        out.print(f"(more may follow: --after {escape(rows[-1].workflow_id)})", highlight=False)
+
+
+@workflows_app.command("show")
+def workflows_show(workflow_id: IdArgument, db: DbOption = DEFAULT_DB) -> None:
+    """Describe one instance: status, what it waits for, its result or error."""
+    d: WorkflowDescription = _call(db, lambda e: e.describe(workflow_id))
+    _line("id", d.workflow_id)
+    _line("workflow", f"{d.name} v{d.version}")
+    _line("status", d.status)
+    if d.parent_id is not None:
+        _line("parent", d.parent_id)
+    if d.waiting_for is not None:
+        _line("waiting for", d.waiting_for)
+    if d.status == "completed":
+        _line("result", _compact(d.result))
+    if d.error is not None:
+        _line("error", d.error)
+    _line("created", f"{_time(d.created_at)} UTC")
+    _line("updated", f"{_time(d.updated_at)} UTC")
+    _line("events", d.events)
+
+
+@workflows_app.command("history")
+def workflows_history(
+    workflow_id: IdArgument,
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per event, one per line.")
+    ] = False,
+) -> None:
+    """The events of one instance, oldest first."""
+    events: list[RecordedEvent] = _call(db, lambda e: e.history(workflow_id))
+    if as_json:
+        for event in events:
+            record = {
+                "version": event.version,
+                "position": event.position,
+                "type": event.type,
+                "schema_version": event.schema_version,
+                "data": event.data,
+                "metadata": event.metadata,
+                "recorded_at": event.recorded_at,
+                "id": event.id,
+            }
+            typer.echo(msgspec.json.encode(record).decode())
+        return
+    table = Table()
+    table.add_column("version")
+    table.add_column("type", no_wrap=True, overflow="fold")
+    table.add_column("data", overflow="fold")
+    table.add_column("recorded at (UTC)", no_wrap=True)
+    for event in events:
+        table.add_row(
+            str(event.version), event.type, escape(_compact(event.data)), _time(event.recorded_at)
+        )
+    out.print(table)
+
+
+def _not_json(constant: str) -> NoReturn:
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+@workflows_app.command("signal")
+def workflows_signal(
+    workflow_id: IdArgument,
+    name: Annotated[str, typer.Argument(help="The signal's name.")],
+    db: DbOption = DEFAULT_DB,
+    payload: Annotated[
+        str | None, typer.Option(help="The signal's payload, as JSON (default: null).")
+    ] = None,
+) -> None:
+    """Send a signal; it is kept until the workflow waits for it."""
+    value: Any = None
+    if payload is not None:
+        try:
+            value = json.loads(payload, parse_constant=_not_json)
+        except ValueError as exc:
+            _fail(f"--payload is not valid JSON: {exc}")
+    _call(db, lambda e: e.signal(workflow_id, name, value))
+    out.print(f"sent signal {name!r} to workflow {workflow_id!r}", markup=False, highlight=False)
+
+
+@workflows_app.command("cancel")
+def workflows_cancel(
+    workflow_id: IdArgument,
+    db: DbOption = DEFAULT_DB,
+    reason: Annotated[str | None, typer.Option(help="Why, recorded with the request.")] = None,
+) -> None:
+    """Ask an instance to stop: it is cancelled at its next await, and the steps it
+    completed are compensated."""
+    _call(db, lambda e: e.cancel(workflow_id, reason))
+    out.print(
+        f"cancellation of workflow {workflow_id!r} requested; its engine carries it out",
+        markup=False,
+        highlight=False,
+    )
 
 
 def main() -> None:

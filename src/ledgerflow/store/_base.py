@@ -42,7 +42,7 @@ from ..registry import EventRegistry
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
 from .runtime import RUNTIME_WRITES, InstanceRow, PutInstance, RuntimeWrite, WakeupRow
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Clock"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Clock", "Pending"]
 
 log = logging.getLogger("ledgerflow.store")
 
@@ -93,7 +93,7 @@ def _utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-class _Pending:
+class Pending:
     __slots__ = ("future", "request")
 
     def __init__(self, request: AppendRequest, future: asyncio.Future[AppendResult]) -> None:
@@ -119,7 +119,7 @@ class BaseEventStore(abc.ABC):
         self.registry = registry if registry is not None else EventRegistry()
         self.max_event_bytes = max_event_bytes
         self._clock = clock or _utcnow
-        self._queue: asyncio.Queue[_Pending | None] | None = None
+        self._queue: asyncio.Queue[Pending | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._new_events = asyncio.Event()
         self._opened = False
@@ -138,8 +138,7 @@ class BaseEventStore(abc.ABC):
                 with contextlib.suppress(Exception):
                     await self._close()
                 raise
-            self._queue = asyncio.Queue()
-            self._writer = asyncio.create_task(self._write_loop(), name=f"{self.backend}-writer")
+            self._start_writer()
             self._opened = True
         return self
 
@@ -148,10 +147,8 @@ class BaseEventStore(abc.ABC):
             return
         self._closed = True
         self._new_events.set()
-        if self._writer is not None and self._queue is not None:
-            self._queue.put_nowait(None)
-            await self._writer
         if self._opened:
+            await self._stop_writer()
             await self._close()
 
     async def __aenter__(self) -> Self:
@@ -199,10 +196,14 @@ class BaseEventStore(abc.ABC):
                 request = AppendRequest(
                     request.stream_id, request.events, request.expected, tuple(runtime)
                 )
-        assert self._queue is not None
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
-        self._queue.put_nowait(_Pending(request, future))
+        self._submit(Pending(request, future))
         return await future
+
+    def _submit(self, pending: Pending) -> None:
+        """Queue an append for the writer; adapters with a writer thread override."""
+        assert self._queue is not None
+        self._queue.put_nowait(pending)
 
     def _prepare(
         self,
@@ -239,6 +240,7 @@ class BaseEventStore(abc.ABC):
             raise InvalidEventDataError(
                 encoded.type, encoded.schema_version, "event type must not contain NUL"
             )
+        caller_id = isinstance(event, NewEvent) and event.id is not None
         if isinstance(event, NewEvent):
             event_id = event.id or uuid7()
             metadata = (
@@ -250,7 +252,19 @@ class BaseEventStore(abc.ABC):
         size = len(encoded.data) + len(metadata)
         if size > self.max_event_bytes:
             raise EventTooLargeError(encoded.type, size, self.max_event_bytes)
-        return PreparedEvent(event_id, encoded.type, encoded.schema_version, encoded.data, metadata)
+        return PreparedEvent(
+            event_id, encoded.type, encoded.schema_version, encoded.data, metadata, caller_id
+        )
+
+    def _start_writer(self) -> None:
+        self._queue = asyncio.Queue()
+        self._writer = asyncio.create_task(self._write_loop(), name=f"{self.backend}-writer")
+
+    async def _stop_writer(self) -> None:
+        """Commit what is queued, then stop the writer."""
+        if self._writer is not None and self._queue is not None:
+            self._queue.put_nowait(None)
+            await self._writer
 
     async def _write_loop(self) -> None:
         assert self._queue is not None
@@ -278,7 +292,7 @@ class BaseEventStore(abc.ABC):
                 if item is not None and not item.future.done():
                     item.future.set_exception(StoreClosedError())
 
-    async def _commit(self, batch: list[_Pending]) -> None:
+    async def _commit(self, batch: list[Pending]) -> None:
         requests = [p.request for p in batch]
         outcomes: list[AppendResult | LedgerflowError]
         try:
@@ -299,6 +313,12 @@ class BaseEventStore(abc.ABC):
                         )
                     )
             raise
+        self._resolve(batch, outcomes)
+
+    def _resolve(
+        self, batch: list[Pending], outcomes: Sequence[AppendResult | LedgerflowError]
+    ) -> None:
+        """Tell each caller its outcome (on the event loop), then wake subscribers."""
         for pending, outcome in zip(batch, outcomes, strict=True):
             if pending.future.done():
                 continue

@@ -26,6 +26,7 @@ __all__ = [
     "StreamHead",
     "check_expected",
     "plan_batch",
+    "reused_ids",
 ]
 
 
@@ -38,6 +39,9 @@ class PreparedEvent:
     schema_version: int
     data: bytes
     metadata: bytes
+    caller_id: bool = True
+    """The id came from the caller. Fresh UUIDv7 ids cannot be stored already, so
+    only caller ids need the idempotency lookup."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -226,3 +230,8 @@ def _seal(
             digest,
         )
         prev_hash = digest
+
+
+def reused_ids(requests: Sequence[AppendRequest]) -> list[UUID]:
+    """The ids a batch must look up for idempotency: those the callers chose."""
+    return [e.id for r in requests for e in r.events if e.caller_id]

@@ -39,7 +39,7 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Clock
 from ._migrations import Migration, pending
-from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch
+from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
     InstanceRow,
     Nudge,
@@ -574,7 +574,7 @@ class PostgresEventStore(BaseEventStore):
         self, requests: list[AppendRequest], recorded_at_us: int
     ) -> list[AppendResult | StoreError]:
         streams = list(dict.fromkeys(r.stream_id for r in requests))
-        ids = [event.id for r in requests for event in r.events]
+        ids = reused_ids(requests)
         with _driver_errors("append"):
             for attempt in (1, 2):
                 conn = await self._writing_connection()
@@ -623,14 +623,21 @@ class PostgresEventStore(BaseEventStore):
         sql = self._sql
         head_cur = await conn.execute(sql.lock_head)
         heads_cur = await conn.execute(sql.heads_of, (streams,), binary=True)
-        known_cur = await conn.execute(sql.events_by_id, (ids,), binary=True)
+        # Only caller-chosen ids can be stored already. prepare=False: a plan cached
+        # while the table was small would keep scanning it whole as it grows.
+        known_cur = (
+            await conn.execute(sql.events_by_id, (ids,), binary=True, prepare=False)
+            if ids
+            else None
+        )
         head = await head_cur.fetchone()
         if head is None:
             raise StoreError(
                 f"postgres store: {self.schema}.head has no row; the schema is damaged"
             )
         heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
-        existing = {row.id: row for row in map(_row, await known_cur.fetchall())}
+        found = [] if known_cur is None else await known_cur.fetchall()
+        existing = {row.id: row for row in map(_row, found)}
         return plan_batch(requests, heads, existing, head[0], recorded_at_us)
 
     async def _write_plan(self, conn: Connection, plan: BatchPlan) -> None:

@@ -10,8 +10,12 @@ processes may write the same file; SQLite's write lock serializes them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+import queue
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -19,13 +23,13 @@ from pathlib import Path
 from typing import Any, TypeVar
 from uuid import UUID
 
-from ..errors import ConfigurationError, StoreError, StoreUnavailableError
+from ..errors import ConfigurationError, LedgerflowError, StoreError, StoreUnavailableError
 from ..events import AppendResult, Snapshot
-from ..hashing import from_micros
+from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
-from ._base import BaseEventStore, Clock
+from ._base import BaseEventStore, Clock, Pending
 from ._migrations import Migration, pending
-from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+from ._plan import AppendRequest, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
     InstanceRow,
     Nudge,
@@ -39,6 +43,8 @@ from .runtime import (
 __all__ = ["SQLiteEventStore"]
 
 T = TypeVar("T")
+
+log = logging.getLogger("ledgerflow.store.sqlite")
 
 MIGRATIONS = (
     Migration(
@@ -162,6 +168,24 @@ _NO_LIMIT = -1
 _MAX_VERSION = 2**62
 
 
+class _Call:
+    __slots__ = ("fn", "future")
+
+    def __init__(self, fn: Callable[[], Any], future: asyncio.Future[Any]) -> None:
+        self.fn = fn
+        self.future = future
+
+
+def _succeed(future: asyncio.Future[Any], value: Any) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
+    if not future.done():
+        future.set_exception(error)
+
+
 def _row(t: Sequence[Any]) -> EventRow:
     return EventRow(t[0], UUID(t[1]), t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
 
@@ -203,7 +227,9 @@ class SQLiteEventStore(BaseEventStore):
         super().__init__(**kwargs)
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self._write_pool = ThreadPoolExecutor(1, thread_name_prefix="ledgerflow-sqlite-w")
+        self._inbox: queue.SimpleQueue[Pending | _Call | None] = queue.SimpleQueue()
+        self._writer_thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._read_pool = ThreadPoolExecutor(self.readers, thread_name_prefix="ledgerflow-sqlite-r")
         self._local = threading.local()
         self._connections: list[sqlite3.Connection] = []
@@ -233,7 +259,92 @@ class SQLiteEventStore(BaseEventStore):
         try:
             return await asyncio.get_running_loop().run_in_executor(pool, fn)
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}") from exc
+            raise self._unavailable(exc) from exc
+
+    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailableError:
+        return StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}")
+
+    # -- the writer thread ----------------------------------------------------------
+    #
+    # One thread owns the writer connection. Appends reach it through a thread-safe
+    # queue and come back through call_soon_threadsafe: no executor, no asyncio
+    # writer task, so a lone append pays one hop each way. Whatever queued up while a
+    # transaction ran is committed together in the next one (group commit).
+
+    async def _on_writer(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` on the writer thread, in order with the appends."""
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._inbox.put(_Call(fn, future))
+        return await future
+
+    def _post(self, fn: Callable[..., None], *args: Any) -> None:
+        assert self._loop is not None
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody is waiting
+            self._loop.call_soon_threadsafe(fn, *args)
+
+    def _writer_main(self) -> None:
+        inbox = self._inbox
+        held: Pending | _Call | None = None
+        stopping = False
+        while True:
+            item: Pending | _Call | None
+            if held is not None:
+                item, held = held, None
+            elif stopping:
+                return
+            else:
+                item = inbox.get()
+            if item is None:
+                return
+            if isinstance(item, _Call):
+                self._run_call(item)
+                continue
+            batch = [item]
+            size = len(item.request.events)
+            while size < self.max_batch_events:
+                try:
+                    following = inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if following is None:
+                    stopping = True  # after this batch
+                    break
+                if isinstance(following, _Call):
+                    held = following  # after this batch, in order
+                    break
+                batch.append(following)
+                size += len(following.request.events)
+            self._post(self._resolve, batch, self._commit_sync(batch))
+
+    def _commit_sync(self, batch: list[Pending]) -> list[AppendResult | LedgerflowError]:
+        try:
+            return list(self._write_sync([p.request for p in batch], to_micros(self._clock())))
+        except sqlite3.Error as exc:
+            return [self._unavailable(exc) for _ in batch]
+        except LedgerflowError as exc:
+            return [exc for _ in batch]
+        except Exception as exc:  # a bug must not strand the callers
+            log.exception("sqlite store: append batch failed")
+            return [StoreUnavailableError(self.backend, repr(exc)) for _ in batch]
+
+    def _run_call(self, call: _Call) -> None:
+        try:
+            result = call.fn()
+        except sqlite3.Error as exc:
+            self._post(_fail, call.future, self._unavailable(exc))
+        except Exception as exc:  # noqa: BLE001 - delivered to the caller, raised there
+            self._post(_fail, call.future, exc)
+        else:
+            self._post(_succeed, call.future, result)
+
+    def _start_writer(self) -> None:
+        """Started in ``_open`` already: migrations run on the writer thread too."""
+
+    async def _stop_writer(self) -> None:
+        thread, self._writer_thread = self._writer_thread, None
+        if thread is not None:
+            self._inbox.put(None)
+            await asyncio.to_thread(thread.join)
 
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]:
         def run() -> list[Any]:
@@ -244,11 +355,34 @@ class SQLiteEventStore(BaseEventStore):
     # -- lifecycle ------------------------------------------------------------------
 
     async def _open(self) -> None:
-        await self._on(self._write_pool, self._open_writer)
+        self._loop = asyncio.get_running_loop()
+        self._writer_thread = threading.Thread(
+            target=self._writer_main, name="ledgerflow-sqlite-writer", daemon=True
+        )
+        self._writer_thread.start()
+        await self._on_writer(self._open_writer)
 
     def _open_writer(self) -> None:
         con = self._connect()
         self._writer_con = con
+        # Processes creating one new file at once can meet "database is locked"
+        # without the busy handler being asked (SQLite refuses lock upgrades that
+        # could deadlock): wait and try again, within the busy timeout.
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.01
+        while True:
+            try:
+                self._migrate(con)
+                return
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                time.sleep(pause)
+                pause = min(pause * 2, 0.5)
+
+    def _migrate(self, con: sqlite3.Connection) -> None:
         mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]
         if mode != "wal":
             raise StoreUnavailableError(self.backend, f"cannot use WAL on {self.path}: {mode}")
@@ -272,7 +406,7 @@ class SQLiteEventStore(BaseEventStore):
             raise
 
     async def _close(self) -> None:
-        self._write_pool.shutdown(wait=True)
+        await self._stop_writer()
         self._read_pool.shutdown(wait=True)
         with self._lock:
             for con in self._connections:
@@ -284,7 +418,10 @@ class SQLiteEventStore(BaseEventStore):
     async def _write_batch(
         self, requests: list[AppendRequest], recorded_at_us: int
     ) -> list[AppendResult | StoreError]:
-        return await self._on(self._write_pool, lambda: self._write_sync(requests, recorded_at_us))
+        return await self._on_writer(lambda: self._write_sync(requests, recorded_at_us))
+
+    def _submit(self, pending: Pending) -> None:
+        self._inbox.put(pending)
 
     def _write_sync(
         self, requests: list[AppendRequest], recorded_at_us: int
@@ -303,7 +440,7 @@ class SQLiteEventStore(BaseEventStore):
                     chunk,
                 ):
                     heads[sid] = StreamHead(version, last_hash, last_position)
-            ids = [str(e.id) for r in requests for e in r.events]
+            ids = [str(i) for i in reused_ids(requests)]
             existing: dict[UUID, EventRow] = {}
             for chunk in _chunks(ids):
                 marks = ",".join("?" * len(chunk))
@@ -414,7 +551,7 @@ class SQLiteEventStore(BaseEventStore):
                 ),
             )
 
-        await self._on(self._write_pool, run)
+        await self._on_writer(run)
 
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
         rows = await self._read(
@@ -435,7 +572,7 @@ class SQLiteEventStore(BaseEventStore):
             assert con is not None
             return con.execute(sql, params).fetchall()
 
-        return await self._on(self._write_pool, run)
+        return await self._on_writer(run)
 
     async def _claim_wakeups(
         self, owner: str, now_us: int, lease_until_us: int, limit: int
@@ -469,7 +606,7 @@ class SQLiteEventStore(BaseEventStore):
                 )
             return cur.rowcount
 
-        return await self._on(self._write_pool, run)
+        return await self._on_writer(run)
 
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         rows = await self._read(

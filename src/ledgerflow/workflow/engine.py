@@ -566,10 +566,13 @@ class Engine:
     async def _send(self, workflow_id: str, event: Any, action: str) -> None:
         stream = self.stream_id(workflow_id)
         while True:
+            # Version first: the status row and the Finished event are written in one
+            # append, so a status read after the version that is not terminal proves
+            # the version predates the end, and a later end fails this append.
+            version = await self.store.stream_version(stream)
             row = await self._instance(workflow_id)
             if row.status in TERMINAL:
                 raise WorkflowFinishedError(workflow_id, row.status, action)
-            version = await self.store.stream_version(stream)
             try:
                 await self.store.append(
                     stream, [event], version, runtime=[Nudge(workflow_id, self.now_us())]

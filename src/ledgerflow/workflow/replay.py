@@ -30,7 +30,13 @@ _registry: EventRegistry = history_registry()
 def export_history(events: list[RecordedEvent]) -> list[dict[str, Any]]:
     """A workflow stream as plain JSON-ready dicts: version, type and data."""
     return [
-        {"version": e.version, "type": e.type, "data": msgspec.to_builtins(e.data)} for e in events
+        {
+            "stream_id": e.stream_id,
+            "version": e.version,
+            "type": e.type,
+            "data": msgspec.to_builtins(e.data),
+        }
+        for e in events
     ]
 
 

@@ -344,8 +344,6 @@ class _Run:
             failure = ("ResultNotSerializable", str(exc))
         except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
             failure = (type(exc).__name__, str(exc))
-        if self.query:
-            raise Suspend()
         return await self._fail(failure, cancelled)
 
     def _finish(self, finished: Finished) -> PassResult:
@@ -362,6 +360,8 @@ class _Run:
             if recorded:
                 gave_up = gave_up or any(isinstance(e, CompensationFailed) for e in recorded)
                 continue
+            if self.query:
+                raise Suspend()  # replay checked what is recorded; acting is not its part
             args = comp.args
             call: Callable[..., Any] = comp.fn
             if _accepts_result(comp.fn):
