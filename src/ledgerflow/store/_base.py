@@ -6,7 +6,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import dataclasses
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
@@ -77,9 +76,13 @@ def _checked_runtime(runtime: Sequence[RuntimeWrite]) -> tuple[RuntimeWrite, ...
     for write in writes:
         if not isinstance(write, RUNTIME_WRITES):
             raise InvalidEventDataError("", 0, f"not a runtime write: {write!r}")
-        texts = dataclasses.astuple(write.row) if isinstance(write, PutInstance) else ()
-        texts += dataclasses.astuple(write)
-        if any(isinstance(t, str) and "\x00" in t for t in texts):
+        row = write.row if isinstance(write, PutInstance) else write
+        texts = (
+            (row.workflow_id, row.name, row.status, row.parent_id)
+            if isinstance(row, InstanceRow)
+            else (row.workflow_id, getattr(row, "lease_owner", None))
+        )
+        if any(t is not None and "\x00" in t for t in texts):
             raise InvalidEventDataError("", 0, "runtime rows must not contain NUL characters")
     return writes
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import typing
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -121,7 +122,18 @@ def step_options(fn: Callable[..., Any]) -> StepOptions:
 
 
 def return_type(fn: Callable[..., Any]) -> Any:
-    return _hints(fn).get("return", Any)
+    """``fn``'s return annotation (Any if none); resolved once per function, since
+    resolving string annotations costs more than a replayed step."""
+    try:
+        return _RETURN_TYPES[fn]
+    except KeyError:
+        found = _RETURN_TYPES[fn] = _hints(fn).get("return", Any)
+        return found
+    except TypeError:  # unhashable callable
+        return _hints(fn).get("return", Any)
+
+
+_RETURN_TYPES: weakref.WeakKeyDictionary[Callable[..., Any], Any] = weakref.WeakKeyDictionary()
 
 
 def _hints(fn: Callable[..., Any]) -> dict[str, Any]:

@@ -87,6 +87,16 @@ class WorkflowDescription:
     error: str | None = None
 
 
+Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
+"""(name, version) of the instance and how it ended."""
+
+
+@dataclass(slots=True)
+class _Waiters:
+    future: asyncio.Future[Outcome]
+    count: int = 0
+
+
 class WorkflowHandle(Generic[O]):
     """A started instance, by id; cheap to create, holds no state of its own."""
 
@@ -166,7 +176,12 @@ class Engine:
         self._active: dict[str, asyncio.Task[None]] = {}
         self._rerun: set[str] = set()
         self._stuck: dict[str, WorkflowError] = {}
-        self._finished: dict[str, asyncio.Event] = {}
+        # Callers of result() waiting on instances this engine runs: a future and
+        # how many wait on it.
+        self._waiters: dict[str, _Waiters] = {}
+        self._fresh: set[str] = set()
+        self._saturated = False
+        self._sleeping_until: int | None = None
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
@@ -312,7 +327,7 @@ class Engine:
                         parent_id=parent_id,
                     )
                 ],
-                NO_STREAM,
+                NO_STREAM,  # the one check that makes starting idempotent
                 runtime=[PutInstance(row), schedule],
             )
         except ConcurrencyError:
@@ -324,6 +339,14 @@ class Engine:
                 ) from None
             return
         if local:
+            # The first pass replays what we just wrote: no need to read it back.
+            started = Started(
+                name=definition.name, version=definition.version, input=encoded, parent_id=parent_id
+            )
+            history = History(workflow_id, started)
+            history.add(1, started)
+            self._remember(history)
+            self._fresh.add(workflow_id)
             self._spawn(workflow_id)
         else:
             self._wake.set()
@@ -354,7 +377,9 @@ class Engine:
             # poll_interval bounds how long that goes unseen.
             cap = self.clock.now() + timedelta(seconds=self.poll_interval)
             when = cap if due is None else min(cap, from_micros(due))
+            self._sleeping_until = to_micros(when)
             await self.clock.sleep_until(when, self._wake)
+            self._sleeping_until = None
 
     async def _claim(self) -> bool:
         free = self.concurrency - len(self._active)
@@ -369,7 +394,8 @@ class Engine:
                 self._rerun.add(workflow_id)
             else:
                 self._spawn(workflow_id)
-        return len(ids) == free
+        self._saturated = len(ids) == free
+        return self._saturated
 
     def _spawn(self, workflow_id: str) -> None:
         task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")
@@ -398,23 +424,32 @@ class Engine:
             self._cache.pop(workflow_id, None)
         finally:
             self._active.pop(workflow_id, None)
-            self._wake.set()
+            self._fresh.discard(workflow_id)
+            if self._saturated or self._closing:
+                self._wake.set()  # a slot is free for work left unclaimed
 
     # -- one pass -------------------------------------------------------------------
 
     async def _history(self, workflow_id: str) -> History:
         stream = self.stream_id(workflow_id)
         cached = self._cache.get(workflow_id)
+        if workflow_id in self._fresh and cached is not None:
+            self._fresh.discard(workflow_id)
+            return cached
         if cached is None:
             events = await self.store.read_stream(stream)
             cached = History.of(workflow_id, events)
         else:
             cached.extend(await self.store.read_stream(stream, from_version=cached.version + 1))
-        self._cache[workflow_id] = cached
-        self._cache.move_to_end(workflow_id)
-        while len(self._cache) > self._cache_size:
-            self._cache.popitem(last=False)
+        self._remember(cached)
         return cached
+
+    def _remember(self, history: History) -> None:
+        self._cache[history.workflow_id] = history
+        self._cache.move_to_end(history.workflow_id)
+        while len(self._cache) > self._cache_size:
+            evicted, _ = self._cache.popitem(last=False)
+            self._fresh.discard(evicted)
 
     async def _pass(self, workflow_id: str) -> bool:
         """Run one pass; True if another pass is needed at once."""
@@ -468,9 +503,9 @@ class Engine:
             await self._append(history, [*result.buffered, finished], runtime)
             self._cache.pop(workflow_id, None)
             self._stuck.pop(workflow_id, None)
-            waiter = self._finished.pop(workflow_id, None)
-            if waiter is not None:
-                waiter.set()
+            self._tell(history, finished)
+            if history.started.parent_id is not None:
+                self._wake.set()  # the parent was nudged: claim it
             return False
         suspend = result.suspend
         assert suspend is not None
@@ -480,6 +515,9 @@ class Engine:
             await self._append(history, events, [schedule])
         else:
             await self._guarded(history, [schedule])
+        due = suspend.due_at_us
+        if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
+            self._wake.set()  # due before the scheduler means to look again
         if suspend.child_id is not None:
             # The child may have finished between our look and the write above, its
             # nudge then overwritten by it; look again now that ours is written.
@@ -519,9 +557,7 @@ class Engine:
                 [PutInstance(row), Unschedule(workflow_id)],
             )
         self._cache.pop(workflow_id, None)
-        waiter = self._finished.pop(workflow_id, None)
-        if waiter is not None:
-            waiter.set()
+        self._tell(history, error)
 
     async def _resume_stuck(self) -> None:
         after: str | None = None
@@ -605,31 +641,68 @@ class Engine:
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         loop = asyncio.get_running_loop()
         deadline = None if seconds is None else loop.time() + seconds
-        while True:
-            row = await self._instance(workflow_id)
-            if row.status in TERMINAL:
-                finished = await self.child_finished(workflow_id)
-                assert finished is not None
-                if finished.status == "completed":
-                    definition = self._definitions.get((row.name, row.version))
-                    wanted = output_type if definition is None else definition.output_type
-                    return from_builtins(finished.result, wanted)
-                raise WorkflowFailedError(
-                    workflow_id, finished.status, finished.error_type or "", finished.message or ""
-                )
-            if row.status == "stuck":
-                stuck = self._stuck.get(workflow_id)
-                if stuck is not None:
-                    raise stuck
-            waiter = self._finished.setdefault(workflow_id, asyncio.Event())
-            wait = 0.5
-            if deadline is not None:
-                left = deadline - loop.time()
-                if left <= 0:
-                    raise TimeoutError(f"workflow {workflow_id!r} has not finished")
-                wait = min(wait, left)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(waiter.wait(), wait)
+        # Registered before the first look, so an end between look and wait still
+        # wakes us; instances another process runs are polled.
+        waiter = self._outcome(workflow_id)
+        try:
+            while True:
+                if waiter.done():
+                    started, outcome = waiter.result()
+                    return self._decode_outcome(workflow_id, started, outcome, output_type)
+                row = await self._instance(workflow_id)
+                if row.status in TERMINAL:
+                    finished = await self.child_finished(workflow_id)
+                    assert finished is not None
+                    return self._decode_outcome(
+                        workflow_id, (row.name, row.version), finished, output_type
+                    )
+                if row.status == "stuck" and workflow_id in self._stuck:
+                    raise self._stuck[workflow_id]
+                wait = self.poll_interval
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError(f"workflow {workflow_id!r} has not finished")
+                    wait = min(wait, left)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), wait)
+        finally:
+            self._release_outcome(workflow_id)
+
+    def _outcome(self, workflow_id: str) -> asyncio.Future[Outcome]:
+        entry = self._waiters.get(workflow_id)
+        if entry is None:
+            entry = self._waiters[workflow_id] = _Waiters(
+                asyncio.get_running_loop().create_future()
+            )
+        entry.count += 1
+        return entry.future
+
+    def _release_outcome(self, workflow_id: str) -> None:
+        entry = self._waiters.get(workflow_id)
+        if entry is not None:
+            entry.count -= 1
+            if entry.count <= 0:
+                del self._waiters[workflow_id]
+
+    def _tell(self, history: History, outcome: Finished | WorkflowError) -> None:
+        entry = self._waiters.get(history.workflow_id)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(((history.started.name, history.started.version), outcome))
+
+    def _decode_outcome(
+        self, workflow_id: str, started: tuple[str, int], outcome: Any, output_type: Any
+    ) -> Any:
+        if isinstance(outcome, WorkflowError):
+            raise outcome
+        finished: Finished = outcome
+        if finished.status != "completed":
+            raise WorkflowFailedError(
+                workflow_id, finished.status, finished.error_type or "", finished.message or ""
+            )
+        definition = self._definitions.get(started)
+        wanted = output_type if definition is None else definition.output_type
+        return from_builtins(finished.result, wanted)
 
     async def history(self, workflow_id: str) -> list[RecordedEvent]:
         await self._instance(workflow_id)

@@ -371,6 +371,7 @@ class _Run:
                     return _fn(*a, result=_r)
 
                 call = _keep_async(comp.fn, call)
+            await self.record([])
             ok, value = await self._attempts(seq, f"compensate {comp.name}", call, args, None)
             if ok:
                 await self.record(
@@ -437,6 +438,8 @@ class _Run:
         """
         batch = [*self.buffer, *events]
         self.buffer = []
+        if not batch:
+            return
         store = self.engine.store
         stream = self.engine.stream_id(self.history.workflow_id)
         while True:
@@ -471,6 +474,9 @@ class _Run:
             value = from_builtins(outcome.result, wanted)
         else:
             self._live()
+            # What is still buffered (the previous step's result) becomes durable
+            # before this step acts, so a crash re-runs at most the step in flight.
+            await self.record([])
             ok, result = await self._attempts(seq, name, fn, args, retry, as_seconds(timeout))
             if not ok:
                 await self.record(
@@ -485,7 +491,9 @@ class _Run:
                 )
                 raise StepFailedError(name, type(result).__name__, str(result)) from result
             encoded = to_builtins(result)
-            await self.record([StepDone(seq=seq, name=name, result=encoded)])
+            # Recorded with the next append (the next step's, a wait, or the end):
+            # the last step and the end of a workflow then share one commit.
+            self.buffer.append(StepDone(seq=seq, name=name, result=encoded))
             value = from_builtins(encoded, wanted)
         if compensate is not None:
             self.compensations.append(_Compensation(seq, name, compensate, args, value))
