@@ -228,6 +228,9 @@ class SQLiteEventStore(BaseEventStore):
         self.path = Path(path)
         self.busy_timeout = busy_timeout
         self._inbox: queue.SimpleQueue[Pending | _Call | None] = queue.SimpleQueue()
+        self._con_lock = threading.Lock()  # the writer connection: one user at a time
+        self._here: list[Pending] = []
+        self._flush_scheduled = False
         self._writer_thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._read_pool = ThreadPoolExecutor(self.readers, thread_name_prefix="ledgerflow-sqlite-r")
@@ -297,7 +300,8 @@ class SQLiteEventStore(BaseEventStore):
             if item is None:
                 return
             if isinstance(item, _Call):
-                self._run_call(item)
+                with self._con_lock:
+                    self._run_call(item)
                 continue
             batch = [item]
             size = len(item.request.events)
@@ -314,7 +318,9 @@ class SQLiteEventStore(BaseEventStore):
                     break
                 batch.append(following)
                 size += len(following.request.events)
-            self._post(self._resolve, batch, self._commit_sync(batch))
+            with self._con_lock:
+                outcomes = self._commit_sync(batch)
+            self._post(self._resolve, batch, outcomes)
 
     def _commit_sync(self, batch: list[Pending]) -> list[AppendResult | LedgerflowError]:
         try:
@@ -341,6 +347,7 @@ class SQLiteEventStore(BaseEventStore):
         """Started in ``_open`` already: migrations run on the writer thread too."""
 
     async def _stop_writer(self) -> None:
+        self._flush_here()  # appends of this turn go before the stop
         thread, self._writer_thread = self._writer_thread, None
         if thread is not None:
             self._inbox.put(None)
@@ -421,7 +428,28 @@ class SQLiteEventStore(BaseEventStore):
         return await self._on_writer(lambda: self._write_sync(requests, recorded_at_us))
 
     def _submit(self, pending: Pending) -> None:
-        self._inbox.put(pending)
+        # Appends made in one turn of the event loop are committed together at its
+        # end: on this thread if the writer is idle (a lone append then pays no
+        # thread hop), else by the writer thread after what it is doing.
+        self._here.append(pending)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_here)
+
+    def _flush_here(self) -> None:
+        self._flush_scheduled = False
+        batch, self._here = self._here, []
+        if not batch:
+            return
+        if self._inbox.empty() and self._con_lock.acquire(blocking=False):
+            try:
+                outcomes = self._commit_sync(batch)
+            finally:
+                self._con_lock.release()
+            self._resolve(batch, outcomes)
+            return
+        for pending in batch:
+            self._inbox.put(pending)
 
     def _write_sync(
         self, requests: list[AppendRequest], recorded_at_us: int
