@@ -448,8 +448,8 @@ class SQLiteEventStore(BaseEventStore):
                 self._con_lock.release()
             self._resolve(batch, outcomes)
             return
-        for pending in batch:
-            self._inbox.put(pending)
+        for queued in batch:
+            self._inbox.put(queued)
 
     def _write_sync(
         self, requests: list[AppendRequest], recorded_at_us: int
