@@ -555,3 +555,87 @@ async def test_many_concurrent_instances(engine: EngineFactory) -> None:
     assert [r.charge for r in results] == [1000 + i for i in range(120)]
     assert isinstance(history[-1].data, Finished)
     assert len(fake.applied) == 360
+
+
+# -- step options ------------------------------------------------------------------
+
+
+async def slow(order: Order) -> str:
+    fake.do("slow", order.sku)
+    await asyncio.sleep(10)
+    return "never"
+
+
+@ledgerflow.step(name="charge-v1", retry=ledgerflow.RetryPolicy(max_attempts=1))
+async def named_charge(order: Order) -> int:
+    fake.do("named", order.amount)
+    raise ValueError("card declined")
+
+
+@ledgerflow.workflow(name="options", version=1)
+async def options(ctx: WorkflowContext, order: Order) -> str:
+    if order.sku == "slow":
+        return await ctx.step(slow, order, timeout=0.05, retry=NO_WAIT)
+    try:
+        await ctx.step(named_charge, order)
+    except ledgerflow.StepFailedError as failed:
+        return f"{failed.step}: {failed.error_type}"
+    return "charged"
+
+
+async def test_step_timeout_counts_as_a_failed_attempt(engine: EngineFactory) -> None:
+    async with engine(options) as e:
+        await e.start(options, Order("slow", 1), id="to-1")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("to-1").result(timeout=WAIT)
+        history = await e.history("to-1")
+    assert caught.value.status == "failed"
+    assert [c[0] for c in fake.calls] == ["slow", "slow"]  # NO_WAIT: two attempts
+    failed = [ev.data for ev in history if ev.type == "wf.step_failed"]
+    assert [(f.name, f.error_type) for f in failed] == [("slow", "TimeoutError")]
+
+
+async def test_step_decorator_names_and_retry(engine: EngineFactory) -> None:
+    async with engine(options) as e:
+        await e.start(options, Order("card", 3), id="dec-1")
+        # Workflow code catches the typed failure and decides; the name is the
+        # decorator's, stable across renames of the function.
+        assert await e.handle("dec-1").result(timeout=WAIT) == "charge-v1: ValueError"
+    assert fake.calls == [("named", 3)]  # max_attempts=1 from the decorator
+
+
+async def test_signal_payload_of_the_wrong_shape_fails_inside_the_workflow(
+    engine: EngineFactory,
+) -> None:
+    @ledgerflow.workflow(name="typed_signal", version=1)
+    async def typed_signal(ctx: WorkflowContext, order: Order) -> str:
+        try:
+            got = await ctx.wait_for_signal("order", Order)
+        except ledgerflow.WorkflowInputError:
+            return "bad signal"
+        return f"got {got}"
+
+    async with engine(typed_signal) as e:
+        await e.start(typed_signal, Order("s", 1), id="ts-1")
+        await e.signal("ts-1", "order", {"sku": 5})
+        assert await e.handle("ts-1").result(timeout=WAIT) == "bad signal"
+        with pytest.raises(ledgerflow.WorkflowInputError):
+            await e.signal("ts-1", "order", object())  # not even JSON: refused at once
+
+
+async def test_describe_and_query_a_finished_instance(engine: EngineFactory) -> None:
+    async with engine(approval) as e:
+        await e.start(approval, Order("q", 2), id="q-1")
+
+        async def waiting() -> bool:
+            return (await e.describe("q-1")).waiting_for == "signal 'approve'"
+
+        await until(waiting, "waiting")
+        await e.signal("q-1", "approve", False)
+        assert await e.handle("q-1").result(timeout=WAIT) == Placed("rejected")
+        described = await e.describe("q-1")
+        assert await e.query("q-1") == {"stage": "waiting for approval"}
+    assert described.status == "completed"
+    assert described.result == {"status": "rejected", "charge": None}
+    assert described.waiting_for is None
+    assert described.events == 5  # started, waiting, signal, taken, finished
