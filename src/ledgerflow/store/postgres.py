@@ -21,6 +21,7 @@ import hashlib
 import itertools
 import logging
 import re
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -60,6 +61,7 @@ _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_
 _CONNECT_TIMEOUT = 10
 _CONNECTION_DEFAULTS = {"connect_timeout": str(_CONNECT_TIMEOUT), "application_name": "ledgerflow"}
 _LISTEN_BACKOFF = (0.05, 5.0)
+_KNOWN_HEADS = 10_000  # stream heads the writer remembers for one-round-trip appends
 # The writer is idle inside its transaction only while Python plans a batch
 # (milliseconds). A writer frozen or cut off there would hold the head lock, and so
 # every writer in every process, until TCP keepalive noticed (hours by default).
@@ -406,6 +408,10 @@ class PostgresEventStore(BaseEventStore):
         self._conninfo = make_conninfo(conninfo, **defaults)
         self._sql = _Sql(schema)
         self._writer_conn: Connection | None = None
+        self._known_heads: OrderedDict[str, StreamHead | None] = OrderedDict()
+        self._known_last: int | None = None
+        self._fast_skip = 0
+        self._fast_misses = 0
         self._pool: AsyncConnectionPool[Connection] | None = None
         self._listener: asyncio.Task[None] | None = None
 
@@ -575,6 +581,11 @@ class PostgresEventStore(BaseEventStore):
     ) -> list[AppendResult | StoreError]:
         streams = list(dict.fromkeys(r.stream_id for r in requests))
         ids = reused_ids(requests)
+        fast = self._fast_plan(requests, recorded_at_us)
+        if fast is not None:
+            done = await self._commit_fast(fast)
+            if done is not None:
+                return done
         with _driver_errors("append"):
             for attempt in (1, 2):
                 conn = await self._writing_connection()
@@ -587,7 +598,7 @@ class PostgresEventStore(BaseEventStore):
                         # Explicit: under REPEATABLE READ the head lock would fail with
                         # serialization errors instead of waiting its turn.
                         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                        plan = await self._plan(conn, requests, streams, ids, recorded_at_us)
+                        plan, read = await self._plan(conn, requests, streams, ids, recorded_at_us)
                         # Runtime rows alone (a guarded write without events) commit too.
                         if plan.rows or plan.runtime:
                             sent_writes = True
@@ -595,10 +606,12 @@ class PostgresEventStore(BaseEventStore):
                             await conn.execute("COMMIT")
                         else:
                             await conn.execute("ROLLBACK")
+                    self._learn(streams, read, plan)
                     return plan.outcomes
                 except BaseException as exc:
                     # Whatever failed, the session's state is unknown: start afresh
                     # (closing it also rolls back an open transaction).
+                    self._forget()
                     broken = conn.broken
                     await self._discard_writer()
                     # Before any write was sent nothing can have committed, so a
@@ -616,7 +629,7 @@ class PostgresEventStore(BaseEventStore):
         streams: list[str],
         ids: list[UUID],
         recorded_at_us: int,
-    ) -> BatchPlan:
+    ) -> tuple[BatchPlan, dict[str, StreamHead]]:
         # Pipelined: the lock and both reads travel in one round trip. Each later
         # statement takes its snapshot after the lock is granted, so it sees the
         # previous holder's commit.
@@ -638,7 +651,101 @@ class PostgresEventStore(BaseEventStore):
         heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
         found = [] if known_cur is None else await known_cur.fetchall()
         existing = {row.id: row for row in map(_row, found)}
-        return plan_batch(requests, heads, existing, head[0], recorded_at_us)
+        return plan_batch(requests, heads, existing, head[0], recorded_at_us), heads
+
+    # -- the one-round-trip path ----------------------------------------------------
+    #
+    # After a commit this writer knows the ledger's last position and the heads of
+    # the streams it touched. If no other process has written since, the next batch
+    # can be planned from that knowledge and sent in one round trip with the commit.
+    # If another process did write, our first position is already taken (positions
+    # are contiguous and the head moves with every append), so the insert fails, the
+    # transaction rolls back whole, and the batch is decided again from the database.
+
+    def _fast_plan(self, requests: list[AppendRequest], recorded_at_us: int) -> BatchPlan | None:
+        if self._known_last is None:
+            return None
+        if self._fast_skip:
+            # Others are writing too: guesses keep missing, so skip a few.
+            self._fast_skip -= 1
+            return None
+        heads: dict[str, StreamHead] = {}
+        for request in requests:
+            if request.stream_id not in self._known_heads:
+                return None
+            head = self._known_heads[request.stream_id]
+            if head is not None:
+                heads[request.stream_id] = head
+        plan = plan_batch(requests, heads, {}, self._known_last, recorded_at_us)
+        if not plan.rows or any(isinstance(o, StoreError) for o in plan.outcomes):
+            # Nothing that would collide proves the knowledge current, or a refusal
+            # might rest on stale knowledge: ask the database.
+            return None
+        return plan
+
+    async def _commit_fast(self, plan: BatchPlan) -> list[AppendResult | StoreError] | None:
+        """The outcomes, or None if the guess missed and nothing was written."""
+        with _driver_errors("append"):
+            conn = await self._writing_connection()
+            try:
+                async with conn.pipeline():
+                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    await conn.execute(self._sql.lock_head)
+                    await self._write_plan(conn, plan)
+                    await conn.execute("COMMIT")
+            except psycopg.IntegrityError:
+                # Our first position (or a caller's id) is taken: another process
+                # wrote. The transaction is void; decide again from the database.
+                self._forget()
+                self._fast_skip = min(64, self._fast_misses * 2 + 1)
+                self._fast_misses += 1
+                try:
+                    await conn.rollback()
+                except psycopg.Error:
+                    await self._discard_writer()
+                return None
+            except psycopg.OperationalError:
+                # The connection died, perhaps while idle (a server restart), perhaps
+                # during the commit. Find out which, exactly, before anything else.
+                self._forget()
+                await self._discard_writer()
+                if await self._landed(plan.rows[0].id):
+                    return plan.outcomes
+                return None
+            except BaseException:
+                self._forget()
+                await self._discard_writer()
+                raise
+        self._fast_misses = 0
+        self._learn(list(plan.heads), {}, plan)
+        return plan.outcomes
+
+    async def _landed(self, event_id: UUID) -> bool:
+        """Whether a batch whose first event is ``event_id`` committed.
+
+        Taking the head lock first waits out a transaction still in flight on the
+        server (a lost connection does not stop it at once), so the answer is final.
+        """
+        conn = await self._writing_connection()
+        async with conn.transaction():
+            await conn.execute(self._sql.lock_head)
+            cur = await conn.execute(
+                f"SELECT 1 FROM {self.schema}.events WHERE event_id = %s", (event_id,)
+            )
+            return await cur.fetchone() is not None
+
+    def _learn(self, streams: list[str], read: dict[str, StreamHead], plan: BatchPlan) -> None:
+        for stream in streams:
+            head = plan.heads.get(stream) or read.get(stream)
+            self._known_heads[stream] = head
+            self._known_heads.move_to_end(stream)
+        while len(self._known_heads) > _KNOWN_HEADS:
+            self._known_heads.popitem(last=False)
+        self._known_last = plan.last_position
+
+    def _forget(self) -> None:
+        self._known_heads.clear()
+        self._known_last = None
 
     async def _write_plan(self, conn: Connection, plan: BatchPlan) -> None:
         sql = self._sql
