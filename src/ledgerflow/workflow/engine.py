@@ -37,7 +37,7 @@ from ..errors import (
     WorkflowInputError,
     WorkflowNotFoundError,
 )
-from ..events import NO_STREAM, RecordedEvent
+from ..events import NO_STREAM, RecordedEvent, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..store import open_store
@@ -46,6 +46,8 @@ from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule, Unschedul
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
 from .history import (
+    SNAPSHOT_TYPE,
+    SNAPSHOT_VERSION,
     TERMINAL,
     CancelRequested,
     ChildStarted,
@@ -148,6 +150,7 @@ class Engine:
         takeover: bool = True,
         poll_interval: float = 1.0,
         cache_size: int = 10_000,
+        snapshot_every: int | None = 1_000,
         registry: EventRegistry | None = None,
     ) -> None:
         if concurrency < 1:
@@ -173,6 +176,7 @@ class Engine:
         self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
         self._cache: OrderedDict[str, History] = OrderedDict()
         self._cache_size = cache_size
+        self.snapshot_every = snapshot_every
         self._active: dict[str, asyncio.Task[None]] = {}
         self._rerun: set[str] = set()
         self._stuck: dict[str, WorkflowError] = {}
@@ -437,12 +441,40 @@ class Engine:
             self._fresh.discard(workflow_id)
             return cached
         if cached is None:
-            events = await self.store.read_stream(stream)
-            cached = History.of(workflow_id, events)
+            cached = await self._load_history(workflow_id)
         else:
             cached.extend(await self.store.read_stream(stream, from_version=cached.version + 1))
         self._remember(cached)
         return cached
+
+    async def _load_history(self, workflow_id: str) -> History:
+        """From the latest snapshot and the events after it, or from the start."""
+        stream = self.stream_id(workflow_id)
+        snapshot = await self.store.load_snapshot(stream)
+        if (
+            snapshot is not None
+            and snapshot.type == SNAPSHOT_TYPE
+            and snapshot.schema_version == SNAPSHOT_VERSION
+        ):
+            history = History.from_snapshot(snapshot.state)
+            history.extend(await self.store.read_stream(stream, from_version=history.version + 1))
+            return history
+        return History.of(workflow_id, await self.store.read_stream(stream))
+
+    async def snapshot_if_due(self, history: History, before: int) -> None:
+        """Keep a snapshot every ``snapshot_every`` events, so a long history never
+        has to be read whole again."""
+        every = self.snapshot_every
+        if every and history.version // every > before // every:
+            await self.store.save_snapshot(
+                Snapshot(
+                    self.stream_id(history.workflow_id),
+                    history.version,
+                    SNAPSHOT_TYPE,
+                    SNAPSHOT_VERSION,
+                    history.snapshot(),
+                )
+            )
 
     def _remember(self, history: History) -> None:
         self._cache[history.workflow_id] = history
@@ -511,10 +543,12 @@ class Engine:
         assert suspend is not None
         schedule = Schedule(workflow_id, suspend.due_at_us)
         events = [*result.buffered, *suspend.events]
+        before = history.version
         if events:
             await self._append(history, events, [schedule])
         else:
             await self._guarded(history, [schedule])
+        await self.snapshot_if_due(history, before)
         due = suspend.due_at_us
         if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
             self._wake.set()  # due before the scheduler means to look again
@@ -715,8 +749,7 @@ class Engine:
         definition = self._definitions.get((row.name, row.version))
         if definition is None:
             raise UnknownWorkflowError(row.name, row.version)
-        events = await self.store.read_stream(self.stream_id(workflow_id))
-        run = _Run(self, definition, History.of(workflow_id, events), query=True)
+        run = _Run(self, definition, await self._load_history(workflow_id), query=True)
         try:
             result = await run.execute()
         except Suspend:
@@ -725,8 +758,7 @@ class Engine:
 
     async def describe(self, workflow_id: str) -> WorkflowDescription:
         row = await self._instance(workflow_id)
-        events = await self.store.read_stream(self.stream_id(workflow_id))
-        history = History.of(workflow_id, events)
+        history = await self._load_history(workflow_id)
         finished = history.finished
         result = None
         error = None

@@ -236,6 +236,47 @@ class History:
         elif isinstance(data, Resumed):
             self.stuck = None
 
+    # -- snapshots: a long history loads from its latest snapshot plus the tail ------
+
+    def snapshot(self) -> bytes:
+        """The index as bytes; the events after ``version`` extend it on load."""
+        return _snapshot_encode(
+            {
+                "workflow_id": self.workflow_id,
+                "started": self.started,
+                "version": self.version,
+                "events": self.events,
+                "commands": [
+                    [_NAMES[type(event)], event]
+                    for events in self.commands.values()
+                    for event in events
+                ],
+                "signals": [[version, signal] for version, signal in self.signals],
+                "cancel": self.cancel,
+                "finished": self.finished,
+                "stuck": self.stuck,
+            }
+        )
+
+    @classmethod
+    def from_snapshot(cls, data: bytes) -> History:
+        raw = _snapshot_decode(data)
+        history = cls(raw["workflow_id"], msgspec.convert(raw["started"], Started))
+        for name, event in raw["commands"]:
+            command: Any = msgspec.convert(event, _CLASSES[name])
+            history.commands.setdefault(command.seq, []).append(command)
+            if isinstance(command, SignalTaken):
+                history.taken.add(command.signal_version)
+        history.signals = [
+            (version, msgspec.convert(signal, SignalSent)) for version, signal in raw["signals"]
+        ]
+        history.cancel = msgspec.convert(raw["cancel"], CancelRequested | None)
+        history.finished = msgspec.convert(raw["finished"], Finished | None)
+        history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
+        history.version = raw["version"]
+        history.events = raw["events"]
+        return history
+
     def recorded(self, seq: int) -> list[Any] | None:
         return self.commands.get(seq)
 
@@ -253,3 +294,13 @@ class History:
             if v == version:
                 return signal
         raise KeyError(version)
+
+
+SNAPSHOT_TYPE = "wf.history"
+SNAPSHOT_VERSION = 1
+"""Bump when History's shape changes: older snapshots are then ignored."""
+
+_NAMES: dict[type, str] = dict(_TYPES)
+_CLASSES: dict[str, type] = {name: cls for cls, name in _TYPES}
+_snapshot_encode = msgspec.msgpack.Encoder().encode
+_snapshot_decode = msgspec.msgpack.Decoder().decode

@@ -451,9 +451,11 @@ class _Run:
                     raise Restart() from None
                 self.history.extend(newer)
                 continue
+            before = self.history.version
             first = result.version - len(batch) + 1
             for offset, event in enumerate(batch):
                 self.history.add(first + offset, event)
+            await self.engine.snapshot_if_due(self.history, before)
             return
 
     async def step(
