@@ -675,3 +675,31 @@ async def test_long_histories_load_from_a_snapshot(engine: EngineFactory) -> Non
         await e.store.save_snapshot(forged)
         await e.signal("long-1", "go")
         assert await e.handle("long-1").result(timeout=WAIT) == sum(range(230)) + 1000
+
+
+async def test_a_full_engine_waits_instead_of_spinning(engine: EngineFactory) -> None:
+    gate = asyncio.Event()
+
+    async def blocked(order: Order) -> str:
+        await gate.wait()
+        return order.sku
+
+    @ledgerflow.workflow(name="gated", version=1)
+    async def gated(ctx: WorkflowContext, order: Order) -> str:
+        return await ctx.step(blocked, order)
+
+    async with engine(gated, concurrency=2) as e:
+        handles = [await e.start(gated, Order(f"g{i}", i)) for i in range(6)]
+        calls = 0
+        original = e.store.next_wakeup
+
+        async def counted() -> int | None:
+            nonlocal calls
+            calls += 1
+            return await original()
+
+        e.store.next_wakeup = counted  # type: ignore[method-assign]
+        await asyncio.sleep(0.3)  # both slots busy, four instances due and waiting
+        assert calls <= 2, f"the scheduler polled {calls} times while full"
+        gate.set()
+        assert [await h.result(timeout=WAIT) for h in handles] == [f"g{i}" for i in range(6)]

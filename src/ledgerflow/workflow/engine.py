@@ -373,6 +373,13 @@ class Engine:
             self._wake.clear()
             if self._stopping():
                 break
+            if self.concurrency - len(self._active) <= 0:
+                # Every slot is busy: a pass ending frees one and wakes us; looking at
+                # due times now would only find the backlog due and spin.
+                self._saturated = True
+                cap = self.clock.now() + timedelta(seconds=self.poll_interval)
+                await self.clock.sleep_until(cap, self._wake)
+                continue
             try:
                 due = await self.store.next_wakeup()
             except StoreUnavailableError:
@@ -388,6 +395,7 @@ class Engine:
     async def _claim(self) -> bool:
         free = self.concurrency - len(self._active)
         if free <= 0:
+            self._saturated = True
             return False
         now = self.now_us()
         ids = await self.store.claim_wakeups(
