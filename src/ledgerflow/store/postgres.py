@@ -43,12 +43,10 @@ from ._migrations import Migration, pending
 from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
     InstanceRow,
-    Nudge,
     PutInstance,
     RuntimeWrite,
-    Schedule,
-    Unschedule,
     WakeupRow,
+    as_row,
 )
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresEventStore"]
@@ -297,23 +295,14 @@ def _params(row: EventRow) -> tuple[Any, ...]:
 
 
 def _runtime_statement(sql: _Sql, write: RuntimeWrite) -> tuple[str, tuple[Any, ...]]:
-    match write:
-        case PutInstance(r):
-            return sql.put_instance, (
-                r.workflow_id,
-                r.name,
-                r.version,
-                r.status,
-                r.parent_id,
-                r.created_at_us,
-                r.updated_at_us,
-            )
-        case Schedule(wid, due, owner, until):
-            return sql.schedule, (wid, due, owner, until)
-        case Nudge(wid, due):
-            return sql.nudge, (wid, due)
-        case Unschedule(wid):
-            return sql.unschedule, (wid,)
+    kind, params = as_row(write)
+    statement = {
+        "put": sql.put_instance,
+        "schedule": sql.schedule,
+        "nudge": sql.nudge,
+        "unschedule": sql.unschedule,
+    }[kind]
+    return statement, params
 
 
 def check_schema(schema: str) -> str:

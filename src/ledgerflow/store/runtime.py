@@ -18,7 +18,7 @@ never disagree with the history it indexes.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TypeAlias
+from typing import Any, Literal, TypeAlias
 
 __all__ = [
     "RUNTIME_WRITES",
@@ -29,6 +29,7 @@ __all__ = [
     "Schedule",
     "Unschedule",
     "WakeupRow",
+    "as_row",
 ]
 
 
@@ -98,3 +99,27 @@ RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule)
 
 def nudged(current: int | None, due_at_us: int) -> int:
     return due_at_us if current is None else min(current, due_at_us)
+
+
+def as_row(
+    write: RuntimeWrite,
+) -> tuple[Literal["put", "schedule", "nudge", "unschedule"], tuple[Any, ...]]:
+    """Which statement a SQL backend runs for ``write``, and its parameters in the
+    column order of the ``workflows`` / ``wakeups`` tables."""
+    match write:
+        case PutInstance(r):
+            return "put", (
+                r.workflow_id,
+                r.name,
+                r.version,
+                r.status,
+                r.parent_id,
+                r.created_at_us,
+                r.updated_at_us,
+            )
+        case Schedule(wid, due, owner, until):
+            return "schedule", (wid, due, owner, until)
+        case Nudge(wid, due):
+            return "nudge", (wid, due)
+        case Unschedule(wid):
+            return "unschedule", (wid,)

@@ -32,12 +32,9 @@ from ._migrations import Migration, pending
 from ._plan import AppendRequest, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
     InstanceRow,
-    Nudge,
-    PutInstance,
     RuntimeWrite,
-    Schedule,
-    Unschedule,
     WakeupRow,
+    as_row,
 )
 
 __all__ = ["SQLiteEventStore"]
@@ -130,27 +127,17 @@ _CLAIM = (
 _INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
 
 
+_RUNTIME_SQL = {
+    "put": _PUT_INSTANCE,
+    "schedule": _SCHEDULE,
+    "nudge": _NUDGE,
+    "unschedule": "DELETE FROM wakeups WHERE workflow_id = ?",
+}
+
+
 def _apply(con: sqlite3.Connection, write: RuntimeWrite) -> None:
-    match write:
-        case PutInstance(r):
-            con.execute(
-                _PUT_INSTANCE,
-                (
-                    r.workflow_id,
-                    r.name,
-                    r.version,
-                    r.status,
-                    r.parent_id,
-                    r.created_at_us,
-                    r.updated_at_us,
-                ),
-            )
-        case Schedule(wid, due, owner, until):
-            con.execute(_SCHEDULE, (wid, due, owner, until))
-        case Nudge(wid, due):
-            con.execute(_NUDGE, (wid, due))
-        case Unschedule(wid):
-            con.execute("DELETE FROM wakeups WHERE workflow_id = ?", (wid,))
+    kind, params = as_row(write)
+    con.execute(_RUNTIME_SQL[kind], params)
 
 
 _COLUMNS = (
