@@ -703,3 +703,32 @@ async def test_a_full_engine_waits_instead_of_spinning(engine: EngineFactory) ->
         assert calls <= 2, f"the scheduler polled {calls} times while full"
         gate.set()
         assert [await h.result(timeout=WAIT) for h in handles] == [f"g{i}" for i in range(6)]
+
+
+async def test_steps_awaited_together_run_concurrently_and_replay(engine: EngineFactory) -> None:
+    both = asyncio.Barrier(2)
+
+    async def meet(name: str) -> str:
+        fake.do("meet", name)
+        await both.wait()  # only returns if the two steps run at the same time
+        return name
+
+    @ledgerflow.workflow(name="fan_out", version=1)
+    async def fan_out(ctx: WorkflowContext, order: Order) -> list[str]:
+        left, right = await asyncio.gather(ctx.step(meet, "left"), ctx.step(meet, "right"))
+        await ctx.wait_for_signal("go")
+        return [left, right]
+
+    async with engine(fan_out) as e:
+        await e.start(fan_out, Order("f", 1), id="fan-1")
+
+        async def waiting() -> bool:
+            return (await e.describe("fan-1")).waiting_for == "signal 'go'"
+
+        await until(waiting, "waiting")
+    async with engine(fan_out) as e:  # a cold replay of the concurrent part
+        await e.signal("fan-1", "go")
+        assert await e.handle("fan-1").result(timeout=WAIT) == ["left", "right"]
+        steps = [ev.data for ev in await e.history("fan-1") if isinstance(ev.data, StepDone)]
+    assert sorted((s.seq, s.result) for s in steps) == [(1, "left"), (2, "right")]
+    assert len(fake.calls) == 2

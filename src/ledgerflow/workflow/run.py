@@ -316,6 +316,7 @@ class _Run:
         self.exposed: Any = None
         self.compensations: list[_Compensation] = []
         self.compensating = False
+        self.appending = asyncio.Lock()
         seed = hashlib.sha256(history.workflow_id.encode()).digest()
         self.rng = random.Random(int.from_bytes(seed[:8], "big"))
 
@@ -436,6 +437,10 @@ class _Run:
         Signals or a cancellation appended meanwhile are folded in and the append
         retried; commands recorded by someone else mean another runner: Restart.
         """
+        async with self.appending:  # concurrent commands of one run append in turn
+            await self._record(events, runtime)
+
+    async def _record(self, events: list[Any], runtime: tuple[Any, ...]) -> None:
         batch = [*self.buffer, *events]
         self.buffer = []
         if not batch:
