@@ -8,9 +8,12 @@ PostgreSQL fails the run; elsewhere those tests skip with the reason.
 from __future__ import annotations
 
 import os
+import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -89,3 +92,27 @@ async def store(
 ) -> AsyncIterator[BaseEventStore]:
     async with ledgerflow.open_store(store_url, registry=registry) as opened:
         yield opened
+
+
+def raw_sql(url: str, *statements: str) -> list[tuple[Any, ...]]:
+    """Run statements straight on a SQLite or PostgreSQL store's database, bypassing
+    ledgerflow, in one transaction; ``{t}`` is the table prefix (the schema on
+    PostgreSQL). Returns the rows of the last statement."""
+    rows: list[tuple[Any, ...]] = []
+    if url.startswith("sqlite"):
+        lite = sqlite3.connect(url[len("sqlite:///") :])
+        try:
+            for statement in statements:
+                rows = lite.execute(statement.format(t="")).fetchall()
+            lite.commit()
+        finally:
+            lite.close()
+        return rows
+    import psycopg
+
+    schema = parse_qs(urlsplit(url).query)["schema"][0]
+    with psycopg.connect(url.split("?", 1)[0]) as con:
+        for statement in statements:
+            cur = con.execute(statement.format(t=f"{schema}.").encode())
+            rows = cur.fetchall() if cur.description is not None else []
+    return rows

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 from pathlib import Path
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 from typer.testing import CliRunner
@@ -16,7 +14,7 @@ from ledgerflow.cli import app
 from ledgerflow.hashing import chain_hash
 from ledgerflow.store._base import BaseEventStore
 
-from .conftest import pg_url
+from .conftest import pg_url, raw_sql
 
 
 @pytest.fixture(params=["sqlite", "postgres"])
@@ -25,27 +23,6 @@ def sql_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
         return f"sqlite:///{tmp_path / 'ledger.db'}"
     schema: str = request.getfixturevalue("pg_schema")
     return pg_url(schema)
-
-
-def raw_sql(url: str, *statements: str) -> None:
-    """Run statements straight on the database, bypassing ledgerflow; ``{t}`` is the
-    table prefix (the schema on PostgreSQL)."""
-    if url.startswith("sqlite"):
-        lite = sqlite3.connect(url[len("sqlite:///") :])
-        try:
-            for statement in statements:
-                lite.execute(statement.format(t=""))
-            lite.commit()
-        finally:
-            lite.close()
-        return
-    import psycopg
-
-    schema = parse_qs(urlsplit(url).query)["schema"][0]
-    base = url.split("?", 1)[0]
-    with psycopg.connect(base) as con:
-        for statement in statements:
-            con.execute(statement.format(t=f"{schema}.").encode())
 
 
 @pytest.fixture

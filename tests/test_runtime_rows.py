@@ -15,7 +15,6 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
@@ -41,7 +40,7 @@ from ledgerflow.store.runtime import (
     WakeupRow,
 )
 
-from .conftest import pg_url
+from .conftest import pg_url, raw_sql
 
 WAIT = 30.0
 """Guard against a hang, never an assertion about speed."""
@@ -89,18 +88,8 @@ def _skip_memory(url: str) -> None:
 
 def migration_versions(url: str) -> list[tuple[int, str]]:
     """``schema_migrations`` (version, name) as stored, read straight from the database."""
-    query = "SELECT version, name FROM {t}schema_migrations ORDER BY version"
-    if url.startswith("sqlite"):
-        con = sqlite3.connect(url[len("sqlite:///") :])
-        try:
-            return con.execute(query.format(t="")).fetchall()
-        finally:
-            con.close()
-    import psycopg
-
-    schema = parse_qs(urlsplit(url).query)["schema"][0]
-    with psycopg.connect(url.split("?", 1)[0]) as pg:
-        return [(v, n) for v, n in pg.execute(query.format(t=f"{schema}.")).fetchall()]
+    rows = raw_sql(url, "SELECT version, name FROM {t}schema_migrations ORDER BY version")
+    return [(v, n) for v, n in rows]
 
 
 # -- instance rows -----------------------------------------------------------------

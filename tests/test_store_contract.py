@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs, urlsplit
 
 import msgspec
 import pytest
@@ -43,6 +42,8 @@ from ledgerflow import (
 from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
 from ledgerflow.store._base import BaseEventStore
 
+from .conftest import raw_sql
+
 WAIT = 30.0
 """Guard against a hang, never an assertion about speed."""
 
@@ -54,18 +55,9 @@ def ev(n: int) -> NewEvent:
 
 def migration_rows(url: str) -> list[tuple[Any, ...]]:
     """``schema_migrations`` as stored, read straight from the database."""
-    query = "SELECT version, name, applied_at FROM {t}schema_migrations ORDER BY version"
-    if url.startswith("sqlite"):
-        con = sqlite3.connect(url[len("sqlite:///") :])
-        try:
-            return con.execute(query.format(t="")).fetchall()
-        finally:
-            con.close()
-    import psycopg
-
-    schema = parse_qs(urlsplit(url).query)["schema"][0]
-    with psycopg.connect(url.split("?", 1)[0]) as pg:
-        return list(pg.execute(query.format(t=f"{schema}.")).fetchall())
+    return raw_sql(
+        url, "SELECT version, name, applied_at FROM {t}schema_migrations ORDER BY version"
+    )
 
 
 # -- append ------------------------------------------------------------------------

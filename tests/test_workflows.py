@@ -144,9 +144,12 @@ async def finished(engine: ledgerflow.Engine, workflow_id: str) -> ledgerflow.Wo
     return await engine.describe(workflow_id)
 
 
-async def until(predicate: Callable[[], Any], what: str) -> None:
+async def waiting_for(engine: ledgerflow.Engine, workflow_id: str, what: str) -> None:
+    """Return once the instance is suspended waiting for ``what`` (a prefix of its
+    description's ``waiting_for``, e.g. "timer" or "signal 'go'")."""
     async with asyncio.timeout(WAIT):
-        while not await predicate():  # noqa: ASYNC110 - state of another task, seen via the store
+        # The engine runs the instance in another task; the store is where we see it.
+        while not ((await engine.describe(workflow_id)).waiting_for or "").startswith(what):  # noqa: ASYNC110
             await asyncio.sleep(0.01)
 
 
@@ -254,17 +257,11 @@ async def test_signal_after_the_wait(engine: EngineFactory, clock: ManualClock) 
     async with engine(approval) as e:
         await e.start(approval, Order("a", 7), id="s-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("s-1")).waiting_for == "signal 'approve'"
-
-        await until(waiting, "waiting for the signal")
+        await waiting_for(e, "s-1", "signal 'approve'")
         assert await e.query("s-1") == {"stage": "waiting for approval"}
         await e.signal("s-1", "approve", True)
 
-        async def sleeping() -> bool:
-            return ((await e.describe("s-1")).waiting_for or "").startswith("timer")
-
-        await until(sleeping, "the one-hour timer")
+        await waiting_for(e, "s-1", "timer")
         assert await e.query("s-1") == {"stage": "charging"}
         clock.advance(timedelta(hours=1))
         assert await e.handle("s-1").result(timeout=WAIT) == Placed("placed", 1007)
@@ -288,10 +285,7 @@ async def test_wait_times_out(engine: EngineFactory, clock: ManualClock) -> None
     async with engine(approval) as e:
         await e.start(approval, Order("a", 1), id="s-3")
 
-        async def waiting() -> bool:
-            return (await e.describe("s-3")).waiting_for == "signal 'approve'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "s-3", "signal 'approve'")
         clock.advance(timedelta(days=3))
         assert await e.handle("s-3").result(timeout=WAIT) == Placed("rejected")
 
@@ -301,10 +295,7 @@ async def test_timer_fires_after_a_restart(engine: EngineFactory, clock: ManualC
         await e.start(approval, Order("a", 9), id="t-1")
         await e.signal("t-1", "approve", True)
 
-        async def sleeping() -> bool:
-            return ((await e.describe("t-1")).waiting_for or "").startswith("timer")
-
-        await until(sleeping, "the timer")
+        await waiting_for(e, "t-1", "timer")
     clock.advance(timedelta(hours=2))
     async with engine(approval) as e:
         assert await e.handle("t-1").result(timeout=WAIT) == Placed("placed", 1009)
@@ -319,10 +310,7 @@ async def test_cancel_mid_saga_compensates(engine: EngineFactory) -> None:
         await e.start(approval, Order("c", 3), id="c-1")
         await e.signal("c-1", "approve", True)
 
-        async def sleeping() -> bool:
-            return ((await e.describe("c-1")).waiting_for or "").startswith("timer")
-
-        await until(sleeping, "the timer")
+        await waiting_for(e, "c-1", "timer")
         await e.cancel("c-1", "customer changed their mind")
         with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
             await e.handle("c-1").result(timeout=WAIT)
@@ -419,10 +407,7 @@ async def test_changed_code_is_a_non_determinism_error(engine: EngineFactory) ->
     async with engine(drift_before) as e:
         await e.start(drift_before, Order("d", 1), id="d-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("d-1")).waiting_for == "signal 'go'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "d-1", "signal 'go'")
     async with engine(drift_after) as e:
         await e.signal("d-1", "go")
         with pytest.raises(ledgerflow.NonDeterminismError) as caught:
@@ -475,10 +460,7 @@ async def test_deterministic_helpers_replay_identically(engine: EngineFactory) -
     async with engine(helpers) as e:
         await e.start(helpers, Order("h", 1), id="h-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("h-1")).waiting_for == "signal 'go'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "h-1", "signal 'go'")
         exposed = await e.query("h-1")
         await e.signal("h-1", "go")
         assert await e.handle("h-1").result(timeout=WAIT) == exposed
@@ -627,10 +609,7 @@ async def test_describe_and_query_a_finished_instance(engine: EngineFactory) -> 
     async with engine(approval) as e:
         await e.start(approval, Order("q", 2), id="q-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("q-1")).waiting_for == "signal 'approve'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "q-1", "signal 'approve'")
         await e.signal("q-1", "approve", False)
         assert await e.handle("q-1").result(timeout=WAIT) == Placed("rejected")
         described = await e.describe("q-1")
@@ -656,10 +635,7 @@ async def test_long_histories_load_from_a_snapshot(engine: EngineFactory) -> Non
     async with engine(long, snapshot_every=50) as e:
         await e.start(long, 230, id="long-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("long-1")).waiting_for == "signal 'go'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "long-1", "signal 'go'")
         snapshot = await e.store.load_snapshot("wf-long-1")
     assert snapshot is not None
     assert snapshot.type == "wf.history"
@@ -722,10 +698,7 @@ async def test_steps_awaited_together_run_concurrently_and_replay(engine: Engine
     async with engine(fan_out) as e:
         await e.start(fan_out, Order("f", 1), id="fan-1")
 
-        async def waiting() -> bool:
-            return (await e.describe("fan-1")).waiting_for == "signal 'go'"
-
-        await until(waiting, "waiting")
+        await waiting_for(e, "fan-1", "signal 'go'")
     async with engine(fan_out) as e:  # a cold replay of the concurrent part
         await e.signal("fan-1", "go")
         assert await e.handle("fan-1").result(timeout=WAIT) == ["left", "right"]
