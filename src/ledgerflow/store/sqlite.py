@@ -155,6 +155,10 @@ _NO_LIMIT = -1
 _MAX_VERSION = 2**62
 
 
+class _Busy(Exception):
+    """Another connection holds the write lock right now."""
+
+
 class _Call:
     __slots__ = ("fn", "future")
 
@@ -309,9 +313,14 @@ class SQLiteEventStore(BaseEventStore):
                 outcomes = self._commit_sync(batch)
             self._post(self._resolve, batch, outcomes)
 
-    def _commit_sync(self, batch: list[Pending]) -> list[AppendResult | LedgerflowError]:
+    def _commit_sync(
+        self, batch: list[Pending], *, wait: bool = True
+    ) -> list[AppendResult | LedgerflowError]:
         try:
-            return list(self._write_sync([p.request for p in batch], to_micros(self._clock())))
+            requests = [p.request for p in batch]
+            return list(self._write_sync(requests, to_micros(self._clock()), wait=wait))
+        except _Busy:
+            raise
         except sqlite3.Error as exc:
             return [self._unavailable(exc) for _ in batch]
         except LedgerflowError as exc:
@@ -430,20 +439,39 @@ class SQLiteEventStore(BaseEventStore):
             return
         if self._inbox.empty() and self._con_lock.acquire(blocking=False):
             try:
-                outcomes = self._commit_sync(batch)
+                outcomes = self._commit_sync(batch, wait=False)
+            except _Busy:
+                pass  # another process is writing: the writer thread waits for it
+            else:
+                self._resolve(batch, outcomes)
+                return
             finally:
                 self._con_lock.release()
-            self._resolve(batch, outcomes)
-            return
         for queued in batch:
             self._inbox.put(queued)
 
+    def _begin(self, con: sqlite3.Connection, *, wait: bool) -> None:
+        if wait:
+            con.execute("BEGIN IMMEDIATE")
+            return
+        # On the event loop we must not sit in the busy handler while another
+        # process holds the write lock: try once, and let the writer thread wait.
+        con.execute("PRAGMA busy_timeout = 0")
+        try:
+            con.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise _Busy() from exc
+            raise
+        finally:
+            con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
     def _write_sync(
-        self, requests: list[AppendRequest], recorded_at_us: int
+        self, requests: list[AppendRequest], recorded_at_us: int, *, wait: bool = True
     ) -> list[AppendResult | StoreError]:
         con = self._writer_con
         assert con is not None
-        con.execute("BEGIN IMMEDIATE")
+        self._begin(con, wait=wait)
         try:
             streams = list({r.stream_id for r in requests})
             heads: dict[str, StreamHead] = {}
