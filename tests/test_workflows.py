@@ -705,3 +705,33 @@ async def test_steps_awaited_together_run_concurrently_and_replay(engine: Engine
         steps = [ev.data for ev in await e.history("fan-1") if isinstance(ev.data, StepDone)]
     assert sorted((s.seq, s.result) for s in steps) == [(1, "left"), (2, "right")]
     assert len(fake.calls) == 2
+
+
+async def test_a_signal_during_the_last_step_does_not_rerun_it(engine: EngineFactory) -> None:
+    engines: list[ledgerflow.Engine] = []
+
+    async def poke(workflow_id: str) -> str:
+        fake.do("poke", workflow_id)
+        # An outsider writes to the instance while its last step runs, so the
+        # final append meets a newer version.
+        await engines[0].signal(workflow_id, "noise", {"n": 1})
+        return "poked"
+
+    @ledgerflow.workflow(name="poked", version=1)
+    async def poked(ctx: WorkflowContext, workflow_id: str) -> str:
+        return await ctx.step(poke, workflow_id)
+
+    @ledgerflow.workflow(name="poked_then_wait", version=1)
+    async def poked_then_wait(ctx: WorkflowContext, workflow_id: str) -> str:
+        await ctx.step(poke, workflow_id)
+        await ctx.wait_for_signal("go")
+        return "done"
+
+    async with engine(poked, poked_then_wait) as e:
+        engines.append(e)
+        assert await (await e.start(poked, "pk-1", id="pk-1")).result(timeout=WAIT) == "poked"
+        await e.start(poked_then_wait, "pk-2", id="pk-2")
+        await waiting_for(e, "pk-2", "signal 'go'")
+        await e.signal("pk-2", "go")
+        assert await e.handle("pk-2").result(timeout=WAIT) == "done"
+    assert fake.calls == [("poke", "pk-1"), ("poke", "pk-2")]

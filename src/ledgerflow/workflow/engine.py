@@ -540,7 +540,9 @@ class Engine:
             ]
             if history.started.parent_id is not None:
                 runtime.append(Nudge(history.started.parent_id, now))
-            await self._append(history, [*result.buffered, finished], runtime)
+            # A signal or cancellation that lands after the code returned changes
+            # nothing: the workflow is done. Fold it in and end it all the same.
+            await self._append_past_outsiders(history, [*result.buffered, finished], runtime)
             self._cache.pop(workflow_id, None)
             self._stuck.pop(workflow_id, None)
             self._tell(history, finished)
@@ -552,10 +554,17 @@ class Engine:
         schedule = Schedule(workflow_id, suspend.due_at_us)
         events = [*result.buffered, *suspend.events]
         before = history.version
-        if events:
-            await self._append(history, events, [schedule])
-        else:
-            await self._guarded(history, [schedule])
+        try:
+            if events:
+                await self._append(history, events, [schedule])
+            else:
+                await self._guarded(history, [schedule])
+        except ConcurrencyError:
+            # Something arrived that may end the wait: decide again, but keep the
+            # step results of this pass so that no step runs twice for it.
+            if result.buffered:
+                await self._append_past_outsiders(history, result.buffered, [])
+            return True
         await self.snapshot_if_due(history, before)
         due = suspend.due_at_us
         if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
@@ -572,6 +581,22 @@ class Engine:
         first = result.version - len(events) + 1
         for offset, event in enumerate(events):
             history.add(first + offset, event)
+
+    async def _append_past_outsiders(
+        self, history: History, events: list[Any], runtime: list[Any]
+    ) -> None:
+        """Append after any signals or cancellations sent meanwhile; anything else
+        recorded meanwhile (another runner) raises ConcurrencyError."""
+        stream = self.stream_id(history.workflow_id)
+        while True:
+            try:
+                await self._append(history, events, runtime)
+                return
+            except ConcurrencyError:
+                newer = await self.store.read_stream(stream, from_version=history.version + 1)
+                if not all(isinstance(e.data, SignalSent | CancelRequested) for e in newer):
+                    raise
+                history.extend(newer)
 
     async def _guarded(self, history: History, runtime: list[Any]) -> None:
         await self.store.append(
