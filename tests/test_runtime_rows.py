@@ -672,3 +672,12 @@ async def test_closed_store_refuses_runtime_calls(store: BaseEventStore, use: st
     await store.close()
     with pytest.raises(ledgerflow.StoreClosedError):
         await RUNTIME_USES[use](store)
+
+
+async def test_lease_owners_lists_who_holds_leases(store: BaseEventStore) -> None:
+    assert await store.lease_owners() == []
+    await write(store, Schedule("a", 1, "w2", 50), Schedule("b", 2, "w1", 50), Schedule("c", 3))
+    await write(store, Schedule("d", 4, "w2", 60))
+    assert await store.lease_owners() == ["w1", "w2"]
+    await store.release_wakeups("w2")
+    assert await store.lease_owners() == ["w1"]

@@ -735,3 +735,33 @@ async def test_a_signal_during_the_last_step_does_not_rerun_it(engine: EngineFac
         await e.signal("pk-2", "go")
         assert await e.handle("pk-2").result(timeout=WAIT) == "done"
     assert fake.calls == [("poke", "pk-1"), ("poke", "pk-2")]
+
+
+async def test_takeover_releases_only_the_leases_of_dead_engines_of_this_host(
+    engine: EngineFactory,
+) -> None:
+    import os
+    import socket
+    import sys
+
+    from ledgerflow.store.runtime import Schedule
+
+    finished = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
+    await finished.wait()  # its pid now names no process
+    host = socket.gethostname()
+    owners = {
+        "dead": f"{host}:{finished.pid}:a",
+        "alive": f"{host}:{os.getppid()}:b",
+        "remote": "elsewhere.example:1:c",
+    }
+    far = 2**60
+    async with engine() as e:
+        await e.store.append(
+            "leases",
+            [ledgerflow.NewEvent("setup")],
+            runtime=[Schedule(f"wf-{k}", far, owner, far) for k, owner in owners.items()],
+        )
+    async with engine() as e:  # takeover at start
+        rows = {k: await e.store.get_wakeup(f"wf-{k}") for k in owners}
+    held = {k: "no row" if row is None else row.lease_owner for k, row in rows.items()}
+    assert held == {"dead": None, "alive": owners["alive"], "remote": owners["remote"]}

@@ -459,6 +459,11 @@ class BaseEventStore(abc.ABC):
         self._check_open()
         return await self._release_wakeups(owner)
 
+    async def lease_owners(self) -> list[str]:
+        """Every owner that holds a lease now, expired or not, in order."""
+        self._check_open()
+        return await self._lease_owners()
+
     async def get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         self._check_open()
         return await self._get_wakeup(workflow_id)
@@ -524,6 +529,9 @@ class BaseEventStore(abc.ABC):
 
     @abc.abstractmethod
     async def _release_wakeups(self, owner: str | None) -> int: ...
+
+    @abc.abstractmethod
+    async def _lease_owners(self) -> list[str]: ...
 
     @abc.abstractmethod
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None: ...

@@ -118,6 +118,9 @@ class MemoryEventStore(BaseEventStore):
             self._wakeups[w.workflow_id] = WakeupRow(w.workflow_id, w.due_at_us, None, None)
         return len(held)
 
+    async def _lease_owners(self) -> list[str]:
+        return sorted({w.lease_owner for w in self._wakeups.values() if w.lease_owner})
+
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         return self._wakeups.get(workflow_id)
 

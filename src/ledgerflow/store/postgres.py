@@ -838,6 +838,15 @@ class PostgresEventStore(BaseEventStore):
             rows = await self._fetch("release wake-ups", self._sql.release_owner, (owner,))
         return len(rows)
 
+    async def _lease_owners(self) -> list[str]:
+        rows = await self._fetch(
+            "read lease owners",
+            f"SELECT DISTINCT lease_owner FROM {self.schema}.wakeups "
+            "WHERE lease_owner IS NOT NULL ORDER BY lease_owner",
+            (),
+        )
+        return [owner for (owner,) in rows]
+
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         rows = await self._fetch("read a wake-up", self._sql.get_wakeup, (workflow_id,))
         return WakeupRow(*rows[0]) if rows else None

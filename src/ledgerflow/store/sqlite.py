@@ -651,6 +651,14 @@ class SQLiteEventStore(BaseEventStore):
 
         return await self._on_writer(run)
 
+    async def _lease_owners(self) -> list[str]:
+        rows = await self._read(
+            "SELECT DISTINCT lease_owner FROM wakeups WHERE lease_owner IS NOT NULL "
+            "ORDER BY lease_owner",
+            (),
+        )
+        return [owner for (owner,) in rows]
+
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         rows = await self._read(
             "SELECT workflow_id, due_at, lease_owner, lease_until FROM wakeups "

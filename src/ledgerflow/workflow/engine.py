@@ -133,9 +133,9 @@ class Engine:
 
     ``store`` is a URL (``sqlite:///ledgerflow.db``, ``postgresql://...``) or an open
     store. ``concurrency`` bounds the instances running a pass at once. With
-    ``takeover`` (the default, for the embedded case of one engine per database)
-    leases left by an earlier run are released at start, so its unfinished instances
-    resume at once instead of after their lease expires.
+    ``takeover`` (the default) leases left by engines of this host whose process is
+    gone (a crash, a kill) are released at start, so their unfinished instances
+    resume at once; leases of live engines, or of other hosts, are left to expire.
     """
 
     def __init__(
@@ -219,7 +219,9 @@ class Engine:
         """Open the store, recover unfinished instances and start running them."""
         await self.store.open()
         if self.takeover:
-            await self.store.release_wakeups(None)
+            for owner in await self.store.lease_owners():
+                if owner_is_gone(owner):
+                    await self.store.release_wakeups(owner)
         await self._resume_stuck()
         self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
 
@@ -386,10 +388,11 @@ class Engine:
                 due = None
             # Other processes (the CLI, other engines) nudge rows without telling us;
             # poll_interval bounds how long that goes unseen.
-            cap = self.clock.now() + timedelta(seconds=self.poll_interval)
-            when = cap if due is None else min(cap, from_micros(due))
-            self._sleeping_until = to_micros(when)
-            await self.clock.sleep_until(when, self._wake)
+            # Compared in µs: a due time far in the future need not fit a datetime.
+            cap_us = self.now_us() + int(self.poll_interval * 1_000_000)
+            when_us = cap_us if due is None else min(cap_us, due)
+            self._sleeping_until = when_us
+            await self.clock.sleep_until(from_micros(when_us), self._wake)
             self._sleeping_until = None
 
     async def _claim(self) -> bool:
@@ -819,6 +822,26 @@ class Engine:
         self, *, status: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[InstanceRow]:
         return await self.store.list_instances(status=status, after=after, limit=limit)
+
+
+def owner_is_gone(owner: str) -> bool:
+    """Whether the engine named ``owner`` (``host:pid:tag``) is known to be dead:
+    it ran on this host and its process no longer exists. Owners on other hosts are
+    left to their lease expiry."""
+    host, _, rest = owner.partition(":")
+    pid_text = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid_text.isdigit():
+        return False
+    pid = int(pid_text)
+    if pid == os.getpid():
+        return False  # another engine in this very process: alive
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # exists, someone else's
+    return False
 
 
 def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
