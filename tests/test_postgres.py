@@ -96,6 +96,18 @@ def _admin() -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(PG_URL, autocommit=True)
 
 
+def _terminate(application_name: str) -> int:
+    """Kill every server connection of that application; how many there were."""
+    with _admin() as con:
+        row = con.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
 @pytest.fixture
 def other_schema() -> Iterator[str]:
     require_postgres()
@@ -258,14 +270,8 @@ async def test_store_recovers_when_the_server_drops_every_connection(pg_schema: 
             listener = await _wait_for_listener(pg_schema)
             await seen.until(1)
 
-        with _admin() as con:
-            killed = con.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (app,),
-            ).fetchone()
-        assert killed is not None
-        assert killed[0] >= 3  # writer, reader pool, listener
+        killed = _terminate(app)
+        assert killed >= 3  # writer, reader pool, listener
 
         # Nothing was in flight: the writer and the readers reconnect transparently.
         result = await store.append("s", [NewEvent("After")])
@@ -618,14 +624,8 @@ async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) 
     async with ledgerflow.open_store(f"{pg_url(pg_schema)}&application_name={app}") as store:
         await store.append("s", [NewEvent("E")], runtime=[Schedule("a", 1), Schedule("b", 2)])
         assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1) == ["a"]
-        with _admin() as con:
-            killed = con.execute(
-                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-                "WHERE application_name = %s",
-                (app,),
-            ).fetchone()
-        assert killed is not None
-        assert killed[0] >= 2  # writer and reader pool
+        killed = _terminate(app)
+        assert killed >= 2  # writer and reader pool
         # The dead pooled connection is replaced and the claim sent again.
         assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=5) == ["b"]
         assert await store.release_wakeups("w") == 2

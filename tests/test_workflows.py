@@ -765,3 +765,14 @@ async def test_takeover_releases_only_the_leases_of_dead_engines_of_this_host(
         rows = {k: await e.store.get_wakeup(f"wf-{k}") for k in owners}
     held = {k: "no row" if row is None else row.lease_owner for k, row in rows.items()}
     assert held == {"dead": None, "alive": owners["alive"], "remote": owners["remote"]}
+
+
+async def test_a_very_long_sleep_is_described_not_crashed_on(engine: EngineFactory) -> None:
+    @ledgerflow.workflow(name="forever", version=1)
+    async def forever(ctx: WorkflowContext, order: Order) -> None:
+        await ctx.sleep(timedelta(days=4_000_000))
+
+    async with engine(forever) as e:
+        await e.start(forever, Order("z", 1), id="z-1")
+        await waiting_for(e, "z-1", "timer until beyond")
+        assert (await e.describe("z-1")).status == "running"

@@ -866,7 +866,10 @@ def _waiting_for(history: History) -> str | None:
         return None
     first = recorded[0]
     if isinstance(first, TimerStarted):
-        return f"timer until {from_micros(first.fire_at_us).isoformat()}"
+        try:
+            return f"timer until {from_micros(first.fire_at_us).isoformat()}"
+        except OverflowError:  # a sleep longer than datetime can say
+            return "timer until beyond the year 9999"
     if isinstance(first, SignalWaiting):
         return f"signal {first.name!r}"
     if isinstance(first, ChildStarted):
