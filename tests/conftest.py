@@ -11,6 +11,7 @@ import os
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -18,7 +19,10 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 
 import ledgerflow
+from ledgerflow import ManualClock
 from ledgerflow.store._base import BaseEventStore
+
+from ._engines import EngineFactory
 
 PG_URL = os.environ.get("LEDGERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["memory", "sqlite", "postgres"]
@@ -116,3 +120,33 @@ def raw_sql(url: str, *statements: str) -> list[tuple[Any, ...]]:
             cur = con.execute(statement.format(t=f"{schema}.").encode())
             rows = cur.fetchall() if cur.description is not None else []
     return rows
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+@pytest.fixture
+async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFactory]:
+    """Opens engines on one database; several may open it one after the other.
+
+    The memory store lives as long as its object, so memory engines share one.
+    """
+    shared = None
+    if store_url.startswith("memory"):
+        shared = await ledgerflow.open_store(store_url, clock=clock.now).open()
+
+    @asynccontextmanager
+    async def open_engine(
+        *workflows: ledgerflow.WorkflowDefinition[Any, Any], **options: Any
+    ) -> AsyncIterator[ledgerflow.Engine]:
+        options.setdefault("clock", clock)
+        options.setdefault("poll_interval", 0.05)
+        target = store_url if shared is None else shared
+        async with ledgerflow.Engine(target, workflows=workflows, **options) as opened:
+            yield opened
+
+    yield open_engine
+    if shared is not None:
+        await shared.close()

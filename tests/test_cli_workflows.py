@@ -237,6 +237,22 @@ async def test_cancel_from_the_cli_reaches_a_running_engine(db: str, clock: lf.M
     assert "error:       WorkflowCancelled: customer changed mind" in show.stdout.splitlines()
 
 
+async def test_cli_refuses_a_signal_payload_that_does_not_fit_the_wait(db: str) -> None:
+    """Case 3: checked against the waited-for type's recorded schema, without the
+    workflow's code; exit 2, nothing recorded."""
+    before = await cli("workflows", "history", WAITING, "--json", "--db", db)
+    for payload in ('{"approved": true}', "null", '"yes"'):
+        result = await cli(
+            "workflows", "signal", WAITING, "approval", "--payload", payload, "--db", db
+        )
+        assert result.exit_code == 2, result.output
+        assert "refused" in result.output
+        assert "boolean" in result.output
+        assert "Traceback" not in result.output
+    after = await cli("workflows", "history", WAITING, "--json", "--db", db)
+    assert after.stdout == before.stdout
+
+
 async def test_the_cli_leaves_the_leases_of_a_running_engine_alone(db: str) -> None:
     lease_until = 2**53
     async with lf.open_store(db) as store:
@@ -245,7 +261,8 @@ async def test_the_cli_leaves_the_leases_of_a_running_engine_alone(db: str) -> N
             "another-engine", now_us=2**52, lease_until_us=lease_until, limit=10
         )
         assert claimed == [WAITING]
-    for args in (["list"], ["show", WAITING], ["signal", WAITING, "approval"]):
+    signal = ["signal", WAITING, "approval", "--payload", "true"]
+    for args in (["list"], ["show", WAITING], signal):
         result = await cli("workflows", *args, "--db", db)
         assert result.exit_code == 0, result.output
     async with lf.open_store(db) as store:

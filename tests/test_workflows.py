@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -17,40 +15,7 @@ import ledgerflow
 from ledgerflow import ManualClock, WorkflowContext
 from ledgerflow.workflow.history import Finished, History, StepDone
 
-WAIT = 20.0
-"""Guard against a hang, never an assertion about speed."""
-
-EngineFactory = Callable[..., AbstractAsyncContextManager[ledgerflow.Engine]]
-
-
-@pytest.fixture
-def clock() -> ManualClock:
-    return ManualClock()
-
-
-@pytest.fixture
-async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFactory]:
-    """Opens engines on one database; several may open it one after the other.
-
-    The memory store lives as long as its object, so memory engines share one.
-    """
-    shared = None
-    if store_url.startswith("memory"):
-        shared = await ledgerflow.open_store(store_url, clock=clock.now).open()
-
-    @asynccontextmanager
-    async def open_engine(
-        *workflows: ledgerflow.WorkflowDefinition[Any, Any], **options: Any
-    ) -> AsyncIterator[ledgerflow.Engine]:
-        options.setdefault("clock", clock)
-        options.setdefault("poll_interval", 0.05)
-        target = store_url if shared is None else shared
-        async with ledgerflow.Engine(target, workflows=workflows, **options) as opened:
-            yield opened
-
-    yield open_engine
-    if shared is not None:
-        await shared.close()
+from ._engines import WAIT, EngineFactory, waiting_for
 
 
 @dataclass
@@ -142,15 +107,6 @@ async def finished(engine: ledgerflow.Engine, workflow_id: str) -> ledgerflow.Wo
     result = await engine.handle(workflow_id).result(timeout=WAIT)
     del result
     return await engine.describe(workflow_id)
-
-
-async def waiting_for(engine: ledgerflow.Engine, workflow_id: str, what: str) -> None:
-    """Return once the instance is suspended waiting for ``what`` (a prefix of its
-    description's ``waiting_for``, e.g. "timer" or "signal 'go'")."""
-    async with asyncio.timeout(WAIT):
-        # The engine runs the instance in another task; the store is where we see it.
-        while not ((await engine.describe(workflow_id)).waiting_for or "").startswith(what):  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 # -- steps and sagas ---------------------------------------------------------------
@@ -475,17 +431,23 @@ async def test_start_is_idempotent_on_the_id(engine: EngineFactory) -> None:
         again = await e.start(saga, Order("i", 1), id="same")
         assert again.id == first.id
         assert (await again.result(timeout=WAIT)).status == "placed"
-        with pytest.raises(ledgerflow.WorkflowInputError):
+        with pytest.raises(ledgerflow.WorkflowAlreadyStartedError, match="'saga' workflow"):
             await e.start(approval, Order("i", 1), id="same")
+        with pytest.raises(ledgerflow.WorkflowAlreadyStartedError, match="another input"):
+            await e.start(saga, Order("i", 2), id="same")
+        with pytest.raises(ledgerflow.WorkflowInputError, match="non-empty"):
+            await e.start(saga, Order("i", 1), id="")
     assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship"]
 
 
 async def test_bad_input_is_refused_before_anything_is_recorded(engine: EngineFactory) -> None:
+    wrong: Any = "not an order"  # what mypy would refuse, sent anyway
+    incomplete: Any = {"sku": "x"}  # amount missing
     async with engine(saga) as e:
         with pytest.raises(ledgerflow.WorkflowInputError):
-            await e.start(saga, "not an order", id="bad-1")
+            await e.start(saga, wrong, id="bad-1")
         with pytest.raises(ledgerflow.WorkflowInputError):
-            await e.start(saga, {"sku": "x"}, id="bad-2")  # amount missing
+            await e.start(saga, incomplete, id="bad-2")
         with pytest.raises(ledgerflow.UnknownWorkflowError):
             await e.start("nope", Order("x", 1))
         with pytest.raises(ledgerflow.UnknownWorkflowError):
@@ -586,23 +548,48 @@ async def test_step_decorator_names_and_retry(engine: EngineFactory) -> None:
     assert fake.calls == [("named", 3)]  # max_attempts=1 from the decorator
 
 
-async def test_signal_payload_of_the_wrong_shape_fails_inside_the_workflow(
-    engine: EngineFactory,
+async def test_malformed_signal_never_destroys_the_instance(
+    engine: EngineFactory, clock: ManualClock
 ) -> None:
+    """Case 3: a payload that does not fit is refused at send when the instance waits
+    (typed error, nothing recorded); one sent ahead of the wait is recorded as
+    rejected and the wait goes on. Completed steps are never compensated for it."""
+
     @ledgerflow.workflow(name="typed_signal", version=1)
     async def typed_signal(ctx: WorkflowContext, order: Order) -> str:
-        try:
-            got = await ctx.wait_for_signal("order", Order)
-        except ledgerflow.WorkflowInputError:
-            return "bad signal"
+        await ctx.step(reserve, order, compensate=release)
+        if order.amount == 2:
+            await ctx.sleep(60)  # the signal below is sent before the wait
+        got = await ctx.wait_for_signal("order", Order)
         return f"got {got}"
 
     async with engine(typed_signal) as e:
         await e.start(typed_signal, Order("s", 1), id="ts-1")
-        await e.signal("ts-1", "order", {"sku": 5})
-        assert await e.handle("ts-1").result(timeout=WAIT) == "bad signal"
+        await waiting_for(e, "ts-1", "signal 'order'")
+        before = len(await e.history("ts-1"))
+        with pytest.raises(ledgerflow.WorkflowInputError, match="sku"):
+            await e.signal("ts-1", "order", {"sku": 5})
+        with pytest.raises(ledgerflow.WorkflowInputError, match="amount"):
+            await e.signal("ts-1", "order", {"sku": "x"})
         with pytest.raises(ledgerflow.WorkflowInputError):
             await e.signal("ts-1", "order", object())  # not even JSON: refused at once
+        assert len(await e.history("ts-1")) == before  # nothing recorded
+        await e.signal("ts-1", "order", Order("ok", 2))
+        assert await e.handle("ts-1").result(timeout=WAIT) == "got Order(sku='ok', amount=2)"
+
+        await e.start(typed_signal, Order("s", 2), id="ts-2")
+        await waiting_for(e, "ts-2", "timer")
+        await e.signal("ts-2", "order", {"sku": 5})  # ahead of the wait: kept
+        clock.advance(60)
+        await waiting_for(e, "ts-2", "signal 'order'")  # rejected; the wait goes on
+        await e.signal("ts-2", "order", Order("ok", 3))
+        assert await e.handle("ts-2").result(timeout=WAIT) == "got Order(sku='ok', amount=3)"
+        history = await e.history("ts-2")
+        rejected = [ev.data for ev in history if ev.type == "wf.signal_rejected"]
+        assert len(rejected) == 1
+        assert "sku" in rejected[0].reason
+        assert not [ev for ev in history if ev.type.startswith("wf.compensation")]
+    assert [c[0] for c in fake.calls] == ["reserve", "reserve"]
 
 
 async def test_describe_and_query_a_finished_instance(engine: EngineFactory) -> None:

@@ -12,6 +12,13 @@ order, and then verifies the hash chain of the whole ledger.
 
 Outcomes depend only on ``--seed`` and ``--erp-failure-rate``; every run uses new
 order ids, so running it again on the same database appends to the same ledger.
+
+The three simulated days lie in the past: a run's clock starts that far back, its
+orders are created and decided then, and the unanswered one is rejected at the wall
+clock's present. So nothing is ever dated later than the moment it was written, and
+runs on one database may follow each other at once. Such runs overlap in simulated
+time: across runs, the ledger's timestamps do not rise with its positions, and the
+positions give its order.
 """
 
 from __future__ import annotations
@@ -61,6 +68,8 @@ DEFAULT_ERP_FAILURE_RATE = 0.5
 DEFAULT_SEED = 8
 WAIT = 30.0
 """Seconds any one order may take to reach its outcome before the demo gives up."""
+SIMULATED = APPROVAL_TIMEOUT + timedelta(minutes=1)
+"""How far back a run's clock starts: just past the approval timeout."""
 
 Plan = Literal["approve", "reject", "timeout"]
 
@@ -101,16 +110,6 @@ def make_batch(run: str, seed: int) -> list[Planned]:
         reason = rng.choice(REJECTIONS) if plan == "reject" else None
         batch.append(Planned(order, plan, approver, reason))
     return batch
-
-
-async def catch_up(clock: ledgerflow.ManualClock, store: ledgerflow.EventStore) -> None:
-    """Simulated time never runs behind what the ledger already recorded."""
-    head = await store.head_position()
-    if head:
-        last = (await store.read_rows(from_position=head, limit=1))[0]
-        recorded = datetime.fromtimestamp(last.recorded_at_us / 1_000_000, UTC)
-        if recorded > clock.now():
-            clock.set(recorded + timedelta(seconds=1))
 
 
 async def waiting_for_approval(engine: ledgerflow.Engine, workflow_id: str) -> None:
@@ -265,11 +264,12 @@ async def main(argv: Sequence[str] | None = None) -> int:
     run = uuid4().hex[:6]
     batch = make_batch(run, args.seed)
     erp = FakeErp(args.erp_failure_rate, args.seed)
-    clock = ledgerflow.ManualClock(datetime.now(UTC).replace(microsecond=0))
+    # Start in the past, so that moving on past the approval timeout lands on the
+    # present instead of days ahead of it (see the module docstring).
+    clock = ledgerflow.ManualClock((datetime.now(UTC) - SIMULATED).replace(microsecond=0))
     engine = ledgerflow.Engine(args.url, workflows=[order_workflow], clock=clock, registry=registry)
     systems = use_systems(Systems.on(engine.store, erp=erp, stock=dict.fromkeys(CATALOG, 1_000)))
     async with engine:
-        await catch_up(clock, engine.store)
         for planned in batch:
             await engine.start(order_workflow, planned.input, id=planned.input.order_id)
         for planned in batch:
@@ -295,7 +295,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
             f"[dim]{len(silent)} order(s) got no answer; "
             f"the clock moves on by {APPROVAL_TIMEOUT.days} days...[/]"
         )
-        clock.advance(APPROVAL_TIMEOUT + timedelta(minutes=1))
+        # The clock started SIMULATED before the wall clock's now at the start of the
+        # run, so the wall clock's now is past every deadline the batch set.
+        clock.set(datetime.now(UTC))
         for planned in silent:
             outcomes[planned.input.order_id] = await outcome(engine, planned)
 

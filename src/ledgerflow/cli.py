@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import importlib.metadata
 import json
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime
@@ -19,7 +20,6 @@ from .errors import LedgerflowError
 from .events import RecordedEvent
 from .hashing import from_micros
 from .store import open_store
-from .store.sqlite import path_from_url
 from .workflow.engine import Engine, WorkflowDescription
 from .workflow.history import TERMINAL
 
@@ -63,28 +63,58 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _run(db: str, work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` on a fresh event loop; ledgerflow errors become ``_fail``.
-
-    A SQLite ledger must already exist: opening a missing file would create an empty one.
-    """
+def _version() -> str:
     try:
-        if db.startswith("sqlite:") and not path_from_url(db).exists():
-            _fail(f"no ledger at {db}")
+        return importlib.metadata.version("ledgerflow")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        from . import __version__
+
+        return __version__
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"ledgerflow {_version()}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print the version and exit.",
+        ),
+    ] = False,
+) -> None:
+    """Durable workflows and sagas on a hash-chained event ledger."""
+
+
+def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` on a fresh event loop; ledgerflow errors become ``_fail``."""
+    try:
         return asyncio.run(work())
     except LedgerflowError as exc:
         _fail(str(exc))
 
 
+# Every command opens the ledger with create=False: only a process that writes
+# workflows (an Engine) creates or migrates a ledger. A mistyped --db then reports
+# "no ledger at ..." instead of creating an empty ledger and calling it intact.
+
+
 async def _verify(url: str) -> VerifyReport:
-    async with open_store(url) as store:
+    async with open_store(url, create=False) as store:
         return await verify_ledger(store)
 
 
 @audit_app.command("verify")
 def audit_verify(db: DbOption = DEFAULT_DB) -> None:
     """Walk every stream and check its hash chain. Exit 0 if intact, 1 if not."""
-    report = _run(db, lambda: _verify(db))
+    report = _run(lambda: _verify(db))
     if report.ok:
         out.print(
             f"[green]intact[/]: {report.events_checked} events in "
@@ -110,7 +140,7 @@ async def _client(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
     workflow, and (takeover=False) leaves the leases of running engines alone.
     Signals and cancellations nudge the instance so that its engine picks them up.
     """
-    engine = Engine(db, workflows=[], concurrency=1, takeover=False)
+    engine = Engine(open_store(db, create=False), workflows=[], concurrency=1, takeover=False)
     try:
         await engine.store.open()
         return await call(engine)
@@ -121,7 +151,7 @@ async def _client(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
 
 def _call(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
     """The result of ``call`` on a client Engine for the store at ``db``."""
-    return _run(db, lambda: _client(db, call))
+    return _run(lambda: _client(db, call))
 
 
 def _time(moment: datetime) -> str:

@@ -16,6 +16,9 @@ driver type ever crosses the port::
     │   ├── DuplicateEventError     an event id was reused with different content
     │   ├── StreamNotFoundError     read of a stream that has no events
     │   ├── SchemaVersionError      database schema is newer than this code
+    │   ├── SchemaOutdatedError     schema older than this code, opened with create=False
+    │   ├── LedgerNotFoundError     no ledger at that URL (opened with create=False)
+    │   ├── StoreReadOnlyError      the database cannot be written (read-only file, standby)
     │   ├── StoreClosedError        the store was used after it was closed
     │   └── StoreUnavailableError   connection or I/O failure (retryable)
     └── WorkflowError               durable workflows
@@ -23,8 +26,14 @@ driver type ever crosses the port::
         ├── UnknownWorkflowError    no registered workflow of that name/version
         ├── WorkflowNotFoundError   no instance with that id
         ├── WorkflowInputError      input does not match the workflow's input type
+        │   └── SignalInputError    a signal's payload does not fit the waited-for type
         ├── WorkflowFinishedError   signal or cancel sent to a finished instance
+        ├── WorkflowAlreadyStartedError  the id is taken by another workflow or input
         ├── NonDeterminismError     the code no longer matches the recorded history
+        ├── UnrecordableValueError  a step result or return value cannot be encoded
+        ├── RecordedValueError      a recorded value no longer fits the code's type
+        ├── ResultTooLargeError     a step result or return value over the size limit
+        ├── StepCancelledError      inside a step: its attempt timed out, stop now
         ├── WorkflowFailedError     result() of an instance that did not complete
         ├── StepFailedError         inside workflow code: a step failed for good
         └── ChildWorkflowError      inside workflow code: a child did not complete
@@ -50,16 +59,25 @@ __all__ = [
     "EventSerializationError",
     "EventTooLargeError",
     "InvalidEventDataError",
+    "LedgerNotFoundError",
     "LedgerflowError",
     "NonDeterminismError",
+    "RecordedValueError",
+    "ResultTooLargeError",
+    "SchemaOutdatedError",
     "SchemaVersionError",
+    "SignalInputError",
+    "StepCancelledError",
     "StepFailedError",
     "StoreClosedError",
     "StoreError",
+    "StoreReadOnlyError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
+    "UnrecordableValueError",
+    "WorkflowAlreadyStartedError",
     "WorkflowCancelled",
     "WorkflowDefinitionError",
     "WorkflowError",
@@ -162,6 +180,42 @@ class SchemaVersionError(StoreError):
         self.known = known
 
 
+class SchemaOutdatedError(StoreError):
+    """The ledger's schema is older than this code and the store was opened with
+    ``create=False``, which never migrates: a process that writes (an ``Engine``, or
+    ``open_store(url)``) migrates it when it opens the ledger."""
+
+    def __init__(self, location: str, found: int, known: int) -> None:
+        super().__init__(
+            f"the ledger at {location} has schema version {found} and this ledgerflow "
+            f"needs {known}; it is not migrated by a read-only open: open it once from "
+            "a process that writes (an Engine, or open_store(url)) to migrate it"
+        )
+        self.location = location
+        self.found = found
+        self.known = known
+
+
+class LedgerNotFoundError(StoreError):
+    """Opened with ``create=False`` where there is no ledger (a missing or empty
+    file, another application's database, a mistyped schema); nothing was created."""
+
+    def __init__(self, location: str, reason: str | None = None) -> None:
+        super().__init__(f"no ledger at {location}" + (f" ({reason})" if reason else ""))
+        self.location = location
+        self.reason = reason
+
+
+class StoreReadOnlyError(StoreError):
+    """The database can be read but not written: a read-only file or session, a
+    standby server, missing privileges. Not retryable: it needs an operator."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"cannot write to the ledger at {location}: {reason}")
+        self.location = location
+        self.reason = reason
+
+
 class StoreClosedError(StoreError):
     def __init__(self) -> None:
         super().__init__("the event store is closed")
@@ -207,12 +261,91 @@ class WorkflowInputError(WorkflowError):
         self.reason = reason
 
 
+class SignalInputError(WorkflowInputError):
+    """A signal's payload does not fit the type the instance waits for (or has no
+    JSON form); nothing was recorded."""
+
+    def __init__(self, workflow_id: str, signal: str, reason: str) -> None:
+        WorkflowError.__init__(
+            self, f"signal {signal!r} to workflow {workflow_id!r} refused: {reason}"
+        )
+        self.workflow = workflow_id
+        self.workflow_id = workflow_id
+        self.signal = signal
+        self.reason = reason
+
+
 class WorkflowFinishedError(WorkflowError):
     def __init__(self, workflow_id: str, status: str, action: str) -> None:
         super().__init__(f"cannot {action} workflow {workflow_id!r}: it is already {status}")
         self.workflow_id = workflow_id
         self.status = status
         self.action = action
+
+
+class WorkflowAlreadyStartedError(WorkflowError):
+    """``start`` with an id an instance already has, but another workflow or input:
+    starting is idempotent only for the very same start."""
+
+    def __init__(self, workflow_id: str, reason: str) -> None:
+        super().__init__(f"workflow id {workflow_id!r} is already used: {reason}")
+        self.workflow_id = workflow_id
+        self.reason = reason
+
+
+class UnrecordableValueError(WorkflowError):
+    """A value the workflow must record (a step's result, the return value) has no
+    JSON form. The instance is parked as ``stuck`` until code that returns an
+    encodable value is deployed; nothing is compensated, since nothing failed."""
+
+    def __init__(self, workflow_id: str, what: str, value: object, reason: str) -> None:
+        shown = repr(value)
+        if len(shown) > 200:
+            shown = shown[:200] + "..."
+        super().__init__(
+            f"workflow {workflow_id!r}: {what} cannot be recorded: a "
+            f"{type(value).__qualname__} ({shown}): {reason}"
+        )
+        self.workflow_id = workflow_id
+        self.what = what
+        self.type_name = type(value).__qualname__
+        self.reason = reason
+
+
+class RecordedValueError(WorkflowError):
+    """A recorded value (a step result, a signal, the input) no longer converts to
+    the type the code now asks for: the instance is parked as ``stuck``."""
+
+    def __init__(self, workflow_id: str, what: str, wanted: object, reason: str) -> None:
+        name = getattr(wanted, "__qualname__", None) or repr(wanted)
+        super().__init__(
+            f"workflow {workflow_id!r}: the recorded {what} does not fit {name}: {reason}"
+        )
+        self.workflow_id = workflow_id
+        self.what = what
+        self.reason = reason
+
+
+class ResultTooLargeError(WorkflowError):
+    """A step result or workflow return value is larger than one event may be.
+
+    Keep large payloads outside the ledger (a blob store, a file) and return a
+    reference to them."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} is {size} bytes encoded, over the limit of {limit} bytes per event; "
+            "store large payloads elsewhere and return a reference"
+        )
+        self.what = what
+        self.size = size
+        self.limit = limit
+
+
+class StepCancelledError(WorkflowError):
+    """Raised by ``current_step().raise_if_cancelled()`` in a step attempt that timed
+    out: the engine has given up on it and will not start another attempt until
+    this one returns."""
 
 
 class NonDeterminismError(WorkflowError):

@@ -19,6 +19,7 @@ def open_store(
     registry: EventRegistry | None = None,
     max_event_bytes: int | None = None,
     clock: Clock | None = None,
+    create: bool = True,
 ) -> BaseEventStore:
     """Create the store a URL names; open it with ``async with`` (or ``await .open()``).
 
@@ -28,6 +29,15 @@ def open_store(
       (default ``ledgerflow``); other query parameters go to libpq.
 
     ``max_event_bytes`` bounds one encoded event (data + metadata), default 1 MiB.
+
+    ``create`` (the default) lets opening create the ledger or migrate an older
+    schema, and makes it check that the database can be written: a read-only one
+    raises ``StoreReadOnlyError`` then, not at the first append. With
+    ``create=False`` opening changes nothing: it raises ``LedgerNotFoundError`` where
+    there is no ledger (a missing or empty file, another application's database, a
+    mistyped schema) and ``SchemaOutdatedError`` for an older schema, which a
+    process that writes migrates. The store can still append once open. Tools that
+    inspect a ledger use it, so a typo never leaves an empty ledger behind.
     """
     scheme = urlsplit(url).scheme
     if scheme == "memory":
@@ -37,6 +47,7 @@ def open_store(
             registry=registry,
             max_event_bytes=max_event_bytes or DEFAULT_MAX_EVENT_BYTES,
             clock=clock,
+            create=create,
         )
     if scheme == "sqlite":
         from .sqlite import SQLiteEventStore, path_from_url
@@ -52,6 +63,7 @@ def open_store(
             max_event_bytes=max_event_bytes,
             clock=clock,
             busy_timeout=timeout,
+            create=create,
         )
     if scheme in ("postgresql", "postgres"):
         try:
@@ -61,7 +73,7 @@ def open_store(
                 "PostgreSQL support needs the extra: pip install 'ledgerflow[postgres]'"
             ) from exc
         return PostgresEventStore.from_url(
-            url, registry=registry, max_event_bytes=max_event_bytes, clock=clock
+            url, registry=registry, max_event_bytes=max_event_bytes, clock=clock, create=create
         )
     raise ConfigurationError(
         f"unsupported store URL {url!r}: use memory://, sqlite:///path or postgresql://..."

@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import ClassVar, Self
+from uuid import UUID
 
 import msgspec
 from uuid_utils.compat import uuid7
@@ -39,7 +40,15 @@ from ..events import (
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
-from .runtime import RUNTIME_WRITES, InstanceRow, PutInstance, RuntimeWrite, WakeupRow
+from .runtime import (
+    InstanceRow,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+    WakeupRow,
+)
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Clock", "Pending"]
 
@@ -54,36 +63,100 @@ _decode_metadata = msgspec.json.Decoder(Metadata).decode
 _EMPTY_METADATA = _encode_metadata(Metadata())
 
 
+# Bounds of the columns that hold these numbers (PostgreSQL integer and bigint), so that
+# every backend refuses the same values, up front.
+_MAX_INT32 = 2**31 - 1
+_MAX_INT64 = 2**63 - 1
+
+# Everything a request carries is checked here, before it is queued: the writer
+# commits many callers' requests in one transaction, where a value the database
+# rejects would fail all of them instead of the one caller who sent it.
+
+
+def _invalid(reason: str, event_type: str = "", schema_version: int = 0) -> InvalidEventDataError:
+    return InvalidEventDataError(event_type, schema_version, reason)
+
+
+def _text_problem(value: object, what: str) -> str | None:
+    """Why ``value`` cannot be stored as text by every backend; None if it can."""
+    if not isinstance(value, str):
+        return f"{what} must be a str, not {type(value).__name__} {value!r:.60}"
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; refuse it everywhere alike.
+        return f"{what} must not contain NUL characters"
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{what} is not valid Unicode (it holds a lone surrogate): {value!r:.60}"
+    return None
+
+
+def _check_text(value: object, what: str, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    problem = _text_problem(value, what)
+    if problem is not None:
+        raise _invalid(problem)
+
+
+def _is_int(value: object, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_int(value: object, what: str, low: int, high: int, *, optional: bool = False) -> None:
+    if optional and value is None:
+        return
+    if not _is_int(value, low, high):
+        raise _invalid(f"{what} must be an int from {low} to {high}, not {value!r:.60}")
+
+
 def _check_target(stream_id: str, expected: ExpectedVersion) -> None:
-    if not isinstance(stream_id, str) or not stream_id:
-        raise InvalidEventDataError("", 0, "stream id must be a non-empty string")
-    if "\x00" in stream_id:
-        raise InvalidEventDataError("", 0, "stream id must not contain NUL characters")
+    if isinstance(stream_id, str) and not stream_id:
+        raise _invalid("stream id must be a non-empty string")
+    _check_text(stream_id, "stream id")
     if len(stream_id) > MAX_STREAM_ID_LENGTH:
-        raise InvalidEventDataError(
-            "", 0, f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters"
-        )
-    if not isinstance(expected, StreamState) and (
-        not isinstance(expected, int) or isinstance(expected, bool) or expected < 0
-    ):
-        raise InvalidEventDataError(
-            "", 0, f"expected version must be an int >= 0 or a StreamState, not {expected!r}"
-        )
+        raise _invalid(f"stream id is longer than {MAX_STREAM_ID_LENGTH} characters")
+    if not isinstance(expected, StreamState) and not _is_int(expected, 0, _MAX_INT64):
+        raise _invalid(f"expected version must be an int >= 0 or a StreamState, not {expected!r}")
+
+
+def _check_instance(row: object) -> None:
+    if not isinstance(row, InstanceRow):
+        raise _invalid(f"PutInstance needs an InstanceRow, not {type(row).__name__}")
+    _check_text(row.workflow_id, "InstanceRow.workflow_id")
+    _check_text(row.name, "InstanceRow.name")
+    _check_int(row.version, "InstanceRow.version", 0, _MAX_INT32)
+    _check_text(row.status, "InstanceRow.status")
+    _check_text(row.parent_id, "InstanceRow.parent_id", optional=True)
+    _check_int(row.created_at_us, "InstanceRow.created_at_us", -_MAX_INT64, _MAX_INT64)
+    _check_int(row.updated_at_us, "InstanceRow.updated_at_us", -_MAX_INT64, _MAX_INT64)
+
+
+def _check_runtime_write(write: object) -> None:
+    micros = (-_MAX_INT64, _MAX_INT64)
+    match write:
+        case PutInstance():
+            _check_instance(write.row)
+        case Schedule():
+            _check_text(write.workflow_id, "Schedule.workflow_id")
+            _check_int(write.due_at_us, "Schedule.due_at_us", *micros, optional=True)
+            _check_text(write.lease_owner, "Schedule.lease_owner", optional=True)
+            _check_int(write.lease_until_us, "Schedule.lease_until_us", *micros, optional=True)
+            if (write.lease_owner is None) != (write.lease_until_us is None):
+                raise _invalid("Schedule needs both lease_owner and lease_until_us, or neither")
+        case Nudge():
+            _check_text(write.workflow_id, "Nudge.workflow_id")
+            _check_int(write.due_at_us, "Nudge.due_at_us", *micros)
+        case Unschedule():
+            _check_text(write.workflow_id, "Unschedule.workflow_id")
+        case _:
+            raise _invalid(f"not a runtime write: {write!r:.80}")
 
 
 def _checked_runtime(runtime: Sequence[RuntimeWrite]) -> tuple[RuntimeWrite, ...]:
     writes = tuple(runtime)
     for write in writes:
-        if not isinstance(write, RUNTIME_WRITES):
-            raise InvalidEventDataError("", 0, f"not a runtime write: {write!r}")
-        row = write.row if isinstance(write, PutInstance) else write
-        texts = (
-            (row.workflow_id, row.name, row.status, row.parent_id)
-            if isinstance(row, InstanceRow)
-            else (row.workflow_id, getattr(row, "lease_owner", None))
-        )
-        if any(t is not None and "\x00" in t for t in texts):
-            raise InvalidEventDataError("", 0, "runtime rows must not contain NUL characters")
+        _check_runtime_write(write)
     return writes
 
 
@@ -118,9 +191,13 @@ class BaseEventStore(abc.ABC):
         registry: EventRegistry | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
         clock: Clock | None = None,
+        create: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else EventRegistry()
         self.max_event_bytes = max_event_bytes
+        self.create = create
+        """Whether ``open`` may create and migrate the ledger (and checks that it can
+        write); without, it only opens a ledger that exists at the current schema."""
         self._clock = clock or _utcnow
         self._queue: asyncio.Queue[Pending | None] | None = None
         self._writer: asyncio.Task[None] | None = None
@@ -129,6 +206,11 @@ class BaseEventStore(abc.ABC):
         self._closed = False
 
     # -- lifecycle ------------------------------------------------------------------
+
+    @property
+    def location(self) -> str:
+        """Where the ledger lives, fit to show: the URL without any password."""
+        return f"{self.backend}://"
 
     async def open(self) -> Self:
         if self._closed:
@@ -195,10 +277,8 @@ class BaseEventStore(abc.ABC):
             request = AppendRequest(stream_id, (), expected_version, writes)
         else:
             request = self._prepare(stream_id, events, expected_version, metadata)
-            if runtime:
-                request = AppendRequest(
-                    request.stream_id, request.events, request.expected, tuple(runtime)
-                )
+            if writes:
+                request = AppendRequest(request.stream_id, request.events, request.expected, writes)
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._submit(Pending(request, future))
         return await future
@@ -232,16 +312,53 @@ class BaseEventStore(abc.ABC):
 
     def _encode_metadata(self, metadata: Metadata) -> bytes:
         try:
-            return _encode_metadata(metadata)
+            encoded = _encode_metadata(metadata)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EventSerializationError("metadata", str(exc)) from exc
+        try:
+            # Metadata is a plain Struct: nothing checked its field types when it was
+            # built, and a value that does not decode would break every later read.
+            _decode_metadata(encoded)
+        except msgspec.ValidationError as exc:
+            raise _invalid(f"metadata does not match ledgerflow.Metadata: {exc}") from exc
+        return encoded
+
+    def _check_new_event(self, event: NewEvent) -> None:
+        """The fields of a NewEvent the registry does not look at, or not first."""
+        problem = _text_problem(event.type, "NewEvent.type")
+        if problem is not None:
+            raise _invalid(problem)
+        if event.schema_version is not None and not _is_int(event.schema_version, 1, _MAX_INT32):
+            raise _invalid(
+                f"NewEvent.schema_version must be an int from 1 to {_MAX_INT32} or None, "
+                f"not {event.schema_version!r:.60}",
+                event.type,
+            )
+        if event.id is not None and not isinstance(event.id, UUID):
+            raise _invalid(
+                f"NewEvent.id must be a uuid.UUID or None, not {type(event.id).__name__} "
+                f"{event.id!r:.60}",
+                event.type,
+            )
+        if event.metadata is not None and not isinstance(event.metadata, Metadata):
+            raise _invalid(
+                "NewEvent.metadata must be a ledgerflow.Metadata or None, not "
+                f"{type(event.metadata).__name__}",
+                event.type,
+            )
 
     def _prepare_event(self, event: object, shared_metadata: bytes) -> PreparedEvent:
+        if isinstance(event, NewEvent):
+            self._check_new_event(event)
         encoded = self.registry.encode(event)
-        if "\x00" in encoded.type:
-            # PostgreSQL text cannot hold NUL; refuse it everywhere alike.
-            raise InvalidEventDataError(
-                encoded.type, encoded.schema_version, "event type must not contain NUL"
+        problem = _text_problem(encoded.type, "event type")
+        if problem is not None:
+            raise _invalid(problem, schema_version=encoded.schema_version)
+        if not _is_int(encoded.schema_version, 1, _MAX_INT32):
+            raise _invalid(
+                f"schema version must be an int from 1 to {_MAX_INT32}",
+                encoded.type,
+                encoded.schema_version,
             )
         caller_id = isinstance(event, NewEvent) and event.id is not None
         if isinstance(event, NewEvent):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import bisect
 from uuid import UUID
 
-from ..errors import StoreError
+from ..errors import LedgerNotFoundError, StoreError
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
 from ._base import BaseEventStore
@@ -28,6 +28,9 @@ class MemoryEventStore(BaseEventStore):
     backend = "memory"
 
     async def _open(self) -> None:
+        if not self.create:
+            # Each memory store starts empty: there is never a ledger to open.
+            raise LedgerNotFoundError(self.location, "a memory store starts empty")
         self._rows: list[EventRow] = []
         self._by_id: dict[UUID, EventRow] = {}
         self._streams: dict[str, list[EventRow]] = {}

@@ -44,7 +44,12 @@ class EventStore(Protocol):
     ) -> None: ...
 
     async def open(self) -> Self:
-        """Connect and apply migrations; ``async with`` calls it for you."""
+        """Connect; ``async with`` calls it for you.
+
+        A store made with ``create=True`` (the default) creates or migrates the
+        ledger and checks that it can write; with ``create=False`` the ledger must
+        exist at the current schema and nothing is changed (see ``open_store``).
+        """
         ...
 
     async def close(self) -> None:

@@ -22,7 +22,7 @@ import itertools
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -34,7 +34,15 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
-from ..errors import ConfigurationError, StoreError, StoreUnavailableError
+from ..errors import (
+    ConfigurationError,
+    LedgerNotFoundError,
+    SchemaOutdatedError,
+    SchemaVersionError,
+    StoreError,
+    StoreReadOnlyError,
+    StoreUnavailableError,
+)
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
@@ -66,6 +74,8 @@ _KNOWN_HEADS = 10_000  # stream heads the writer remembers for one-round-trip ap
 _WRITER_IDLE_LIMIT = "30s"
 
 Connection = psycopg.AsyncConnection[TupleRow]
+_Session = tuple[int, datetime]
+"""A server session: its backend's pid and start time (a pid alone may be reused)."""
 
 
 def _migrations(schema: str) -> tuple[Migration, ...]:
@@ -158,6 +168,9 @@ class _Sql:
             f"FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
         )
         self.events_by_id = f"SELECT {_COLUMNS} FROM {s}.events WHERE event_id = ANY(%s::uuid[])"
+        self.sealed_between = (
+            f"SELECT position, event_id, hash FROM {s}.events WHERE position BETWEEN %s AND %s"
+        )
         self.insert_event = (
             f"INSERT INTO {s}.events ({_COLUMNS}) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
         )
@@ -355,7 +368,7 @@ def _reason(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def _driver_errors(action: str) -> Iterator[None]:
+def _driver_errors(action: str, location: str) -> Iterator[None]:
     """Let no psycopg type cross the port: OperationalError (lost connection, server
     shutdown, timeouts, serialization failures) is the retryable kind."""
     try:
@@ -364,8 +377,53 @@ def _driver_errors(action: str) -> Iterator[None]:
         raise StoreUnavailableError(
             PostgresEventStore.backend, f"{action}: {_reason(exc)}"
         ) from exc
+    except psycopg.errors.ReadOnlySqlTransaction as exc:
+        # A standby, or sessions made read-only since the store opened: retrying on
+        # this server cannot help.
+        raise StoreReadOnlyError(location, f"could not {action}: {_reason(exc)}") from exc
     except psycopg.Error as exc:
         raise StoreError(f"postgres store could not {action}: {_reason(exc)}") from exc
+
+
+@contextlib.asynccontextmanager
+async def _pipeline(conn: Connection) -> AsyncIterator[None]:
+    """``conn.pipeline()``, raising the block's own first error, and quietly.
+
+    Once a pipelined statement fails, psycopg marks the rest of the pipeline
+    aborted. If the failure surfaced inside the block (psycopg reads results
+    whenever the socket has some), leaving the pipeline fails as well and psycopg
+    logs that second failure as a warning ("error ignored terminating ...: pipeline
+    aborted"): an ordinary version conflict, detected as a unique violation, would
+    print noise in every application. Holding the error until the pipeline is left
+    keeps psycopg silent; the error raised is the statement's own either way.
+    """
+    failure: psycopg.Error | None = None
+    try:
+        async with conn.pipeline():
+            try:
+                yield
+            except psycopg.Error as exc:
+                failure = exc
+    except psycopg.Error:
+        if failure is None:
+            raise
+    if failure is not None:
+        raise failure
+
+
+async def _configure_session(conn: Connection) -> None:
+    # An acknowledged append must survive a server crash whatever the server,
+    # database or role default says (synchronous_commit = off acknowledges commits
+    # before they reach the disk). Claims and releases on the reader pool write too.
+    await conn.execute("SELECT set_config('synchronous_commit', 'on', false)")
+
+
+def _location(conninfo: str, schema: str) -> str:
+    """The ledger's address fit for messages: a URL without password."""
+    params = conninfo_to_dict(conninfo)
+    user, host, port = params.get("user"), params.get("host") or "", params.get("port")
+    netloc = (f"{user}@" if user else "") + str(host) + (f":{port}" if port else "")
+    return f"postgresql://{netloc}/{params.get('dbname') or ''}?schema={schema}"
 
 
 class PostgresEventStore(BaseEventStore):
@@ -381,8 +439,9 @@ class PostgresEventStore(BaseEventStore):
         max_event_bytes: int | None = None,
         clock: Clock | None = None,
         readers: int = 4,
+        create: bool = True,
     ) -> None:
-        kwargs: dict[str, Any] = {"registry": registry, "clock": clock}
+        kwargs: dict[str, Any] = {"registry": registry, "clock": clock, "create": create}
         if max_event_bytes is not None:
             kwargs["max_event_bytes"] = max_event_bytes
         super().__init__(**kwargs)
@@ -395,8 +454,10 @@ class PostgresEventStore(BaseEventStore):
             raise ConfigurationError(f"invalid PostgreSQL connection string: {exc}") from exc
         defaults = {k: v for k, v in _CONNECTION_DEFAULTS.items() if k not in given}
         self._conninfo = make_conninfo(conninfo, **defaults)
+        self._location = _location(self._conninfo, schema)
         self._sql = _Sql(schema)
         self._writer_conn: Connection | None = None
+        self._writer_session: _Session | None = None
         self._known_heads: OrderedDict[str, StreamHead | None] = OrderedDict()
         self._known_last: int | None = None
         self._fast_skip = 0
@@ -412,11 +473,21 @@ class PostgresEventStore(BaseEventStore):
         registry: EventRegistry | None = None,
         max_event_bytes: int | None = None,
         clock: Clock | None = None,
+        create: bool = True,
     ) -> PostgresEventStore:
         conninfo, schema = split_url(url)
         return cls(
-            conninfo, schema=schema, registry=registry, max_event_bytes=max_event_bytes, clock=clock
+            conninfo,
+            schema=schema,
+            registry=registry,
+            max_event_bytes=max_event_bytes,
+            clock=clock,
+            create=create,
         )
+
+    @property
+    def location(self) -> str:
+        return self._location
 
     # -- plumbing -------------------------------------------------------------------
 
@@ -428,25 +499,33 @@ class PostgresEventStore(BaseEventStore):
         if conn is None or conn.closed:
             conn = await self._connect()
             try:
-                await conn.execute(
-                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false)",
+                cur = await conn.execute(
+                    "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+                    "set_config('synchronous_commit', 'on', false), pg_backend_pid(), "
+                    "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())",
                     (_WRITER_IDLE_LIMIT,),
                 )
+                row = await cur.fetchone()
             except BaseException:
                 await conn.close()
                 raise
+            assert row is not None
             self._writer_conn = conn
+            self._writer_session = (row[2], row[3])
         return conn
 
-    async def _discard_writer(self) -> None:
+    async def _discard_writer(self) -> _Session | None:
+        """Close the writer connection; the server session it had, if any."""
         conn, self._writer_conn = self._writer_conn, None
+        session, self._writer_session = self._writer_session, None
         if conn is not None:
             await conn.close()
+        return session if conn is not None else None
 
     async def _fetch(self, action: str, sql: str, params: Params) -> list[TupleRow]:
         pool = self._pool
         assert pool is not None
-        with _driver_errors(action):
+        with _driver_errors(action, self.location):
             for attempt in (1, 2):
                 async with pool.connection() as conn:
                     try:
@@ -472,10 +551,18 @@ class PostgresEventStore(BaseEventStore):
 
     async def _open(self) -> None:
         try:
-            with _driver_errors("connect"):
+            with _driver_errors("connect", self.location):
                 conn = await self._writing_connection()
-            with _driver_errors("migrate the schema"):
-                await self._migrate(conn)
+            if self.create:
+                with _driver_errors("check that the database can be written", self.location):
+                    await self._check_writable(conn)
+                with _driver_errors("migrate the schema", self.location):
+                    await self._migrate(conn)
+                with _driver_errors("check the role's privileges", self.location):
+                    await self._check_privileges(conn)
+            else:
+                with _driver_errors("look for the ledger", self.location):
+                    await self._check_ledger(conn)
             pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
                 self._conninfo,
                 kwargs={"autocommit": True},
@@ -483,13 +570,103 @@ class PostgresEventStore(BaseEventStore):
                 max_size=max(1, self.readers),
                 open=False,
                 name=f"ledgerflow-{self.schema}",
+                configure=_configure_session,
             )
-            with _driver_errors("open the reader pool"):
+            with _driver_errors("open the reader pool", self.location):
                 await pool.open(wait=True, timeout=_CONNECT_TIMEOUT)
             self._pool = pool
         except BaseException:
             await self._release()
             raise
+
+    async def _check_writable(self, conn: Connection) -> None:
+        """Fail at open, not at the first append, where nothing can be written."""
+        cur = await conn.execute(
+            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
+        )
+        row = await cur.fetchone()
+        assert row is not None
+        standby, read_only = row
+        if standby:
+            raise StoreReadOnlyError(
+                self.location, "the server is a standby in recovery; connect to the primary"
+            )
+        if read_only:
+            raise StoreReadOnlyError(
+                self.location,
+                "sessions are read-only (default_transaction_read_only is on for this "
+                "server, database or role)",
+            )
+
+    async def _check_privileges(self, conn: Connection) -> None:
+        """A role that may read the ledger but not write it fails here, at open."""
+        s = self.schema
+        # One privilege per pair: has_table_privilege('INSERT, UPDATE') means either.
+        writes = {
+            "events": ("INSERT",),
+            "streams": ("INSERT", "UPDATE"),
+            "head": ("UPDATE",),
+            "snapshots": ("INSERT", "UPDATE"),
+            "workflows": ("INSERT", "UPDATE"),
+            "wakeups": ("INSERT", "UPDATE", "DELETE"),
+        }
+        needed = [(f"{s}.{table}", p) for table, privileges in writes.items() for p in privileges]
+        cur = await conn.execute(
+            "SELECT t, p FROM unnest(%s::text[], %s::text[]) AS n(t, p) "
+            "WHERE NOT has_table_privilege(t, p)",
+            ([t for t, _ in needed], [p for _, p in needed]),
+        )
+        missing = await cur.fetchall()
+        if missing:
+            raise StoreReadOnlyError(
+                self.location,
+                "the role lacks " + "; ".join(f"{p} on {t}" for t, p in missing),
+            )
+
+    async def _ledger_version(self, conn: Connection) -> int | None:
+        """The schema version of the ledger in the store's schema; None if none.
+
+        Raises ``LedgerNotFoundError`` when a ``schema_migrations`` table there is
+        another application's (one keyed by text, say): never ours to migrate.
+        """
+        s = self.schema
+        cur = await conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",))
+        found = await cur.fetchone()
+        if found is None or found[0] is None:
+            return None
+        # No coalesce(max, 0): on a text column it would fail instead of telling.
+        cur = await conn.execute(f"SELECT max(version) FROM {s}.schema_migrations")
+        row = await cur.fetchone()
+        applied = 0 if row is None or row[0] is None else row[0]
+        if not isinstance(applied, int):
+            raise LedgerNotFoundError(
+                self.location, f"{s}.schema_migrations belongs to another application"
+            )
+        return applied
+
+    async def _check_ledger(self, conn: Connection) -> None:
+        """Opening without create: the ledger must exist at this code's schema.
+
+        Only reads: nothing is locked, created or migrated.
+        """
+        applied = await self._ledger_version(conn)
+        if not applied:
+            cur = await conn.execute(
+                "SELECT EXISTS (SELECT FROM pg_namespace WHERE nspname = %s)", (self.schema,)
+            )
+            row = await cur.fetchone()
+            exists = row is not None and row[0]
+            raise LedgerNotFoundError(
+                self.location,
+                f"schema {self.schema} holds no ledgerflow tables"
+                if exists
+                else f"the database has no schema {self.schema}",
+            )
+        known = _migrations(self.schema)[-1].version
+        if applied > known:
+            raise SchemaVersionError(applied, known)
+        if applied < known:
+            raise SchemaOutdatedError(self.location, applied, known)
 
     async def _migrate(self, conn: Connection) -> None:
         s = self.schema
@@ -498,9 +675,8 @@ class PostgresEventStore(BaseEventStore):
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"ledgerflow:{s}",)
             )
-            cur = await conn.execute("SELECT to_regclass(%s)", (f"{s}.schema_migrations",))
-            found = await cur.fetchone()
-            if found is None or found[0] is None:
+            applied = await self._ledger_version(conn)
+            if applied is None:
                 # Only when missing: CREATE ... IF NOT EXISTS would still demand the
                 # CREATE privilege of a role that merely uses an up-to-date schema.
                 await conn.execute(f"CREATE SCHEMA IF NOT EXISTS {s}")
@@ -508,10 +684,8 @@ class PostgresEventStore(BaseEventStore):
                     f"CREATE TABLE {s}.schema_migrations (version integer PRIMARY KEY, "
                     "name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
                 )
-            cur = await conn.execute(f"SELECT coalesce(max(version), 0) FROM {s}.schema_migrations")
-            applied = await cur.fetchone()
-            assert applied is not None
-            for migration in pending(_migrations(s), applied[0]):
+                applied = 0
+            for migration in pending(_migrations(s), applied):
                 for statement in migration.statements:
                     await conn.execute(statement)
                 await conn.execute(
@@ -568,29 +742,35 @@ class PostgresEventStore(BaseEventStore):
     async def _write_batch(
         self, requests: list[AppendRequest], recorded_at_us: int
     ) -> list[AppendResult | StoreError]:
-        streams = list(dict.fromkeys(r.stream_id for r in requests))
-        ids = reused_ids(requests)
         fast = self._fast_plan(requests, recorded_at_us)
         if fast is not None:
             done = await self._commit_fast(fast)
             if done is not None:
                 return done
-        with _driver_errors("append"):
+        return await self._commit_planned(requests, recorded_at_us)
+
+    async def _commit_planned(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        """The batch decided from the database: read under the head lock, then write."""
+        streams = list(dict.fromkeys(r.stream_id for r in requests))
+        ids = reused_ids(requests)
+        with _driver_errors("append", self.location):
             for attempt in (1, 2):
                 conn = await self._writing_connection()
-                sent_writes = False
+                sent: BatchPlan | None = None
                 try:
                     # BEGIN and COMMIT go through the pipeline by hand: psycopg's
                     # transaction() syncs on entry and exit, which costs three
                     # round trips more per batch than the two needed here.
-                    async with conn.pipeline():
+                    async with _pipeline(conn):
                         # Explicit: under REPEATABLE READ the head lock would fail with
                         # serialization errors instead of waiting its turn.
                         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                         plan, read = await self._plan(conn, requests, streams, ids, recorded_at_us)
                         # Runtime rows alone (a guarded write without events) commit too.
                         if plan.rows or plan.runtime:
-                            sent_writes = True
+                            sent = plan
                             await self._write_plan(conn, plan)
                             await conn.execute("COMMIT")
                         else:
@@ -602,12 +782,14 @@ class PostgresEventStore(BaseEventStore):
                     # (closing it also rolls back an open transaction).
                     self._forget()
                     broken = conn.broken
-                    await self._discard_writer()
-                    # Before any write was sent nothing can have committed, so a
-                    # connection found dead then (a server restart since the last
-                    # batch) is retried once; after, the outcome is unknown.
-                    retry = isinstance(exc, psycopg.OperationalError) and broken
-                    if attempt == 2 or sent_writes or not retry:
+                    session = await self._discard_writer()
+                    if not isinstance(exc, psycopg.OperationalError):
+                        raise
+                    if sent is not None and await self._settled(sent, exc, session):
+                        return sent.outcomes
+                    # Nothing was stored. A connection found dead (a server restart
+                    # since the last batch, or lost mid-batch) is worth one more try.
+                    if attempt == 2 or not broken:
                         raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -650,6 +832,7 @@ class PostgresEventStore(BaseEventStore):
     # If another process did write, our first position is already taken (positions
     # are contiguous and the head moves with every append), so the insert fails, the
     # transaction rolls back whole, and the batch is decided again from the database.
+    # So does a caller's id that is stored already: the guess never looks ids up.
 
     def _fast_plan(self, requests: list[AppendRequest], recorded_at_us: int) -> BatchPlan | None:
         if self._known_last is None:
@@ -674,17 +857,18 @@ class PostgresEventStore(BaseEventStore):
 
     async def _commit_fast(self, plan: BatchPlan) -> list[AppendResult | StoreError] | None:
         """The outcomes, or None if the guess missed and nothing was written."""
-        with _driver_errors("append"):
+        with _driver_errors("append", self.location):
             conn = await self._writing_connection()
             try:
-                async with conn.pipeline():
+                async with _pipeline(conn):
                     await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     await conn.execute(self._sql.lock_head)
                     await self._write_plan(conn, plan)
                     await conn.execute("COMMIT")
             except psycopg.IntegrityError:
                 # Our first position (or a caller's id) is taken: another process
-                # wrote. The transaction is void; decide again from the database.
+                # wrote, or the caller repeats an append. The transaction is void;
+                # decide again from the database.
                 self._forget()
                 self._fast_skip = min(64, self._fast_misses * 2 + 1)
                 self._fast_misses += 1
@@ -693,12 +877,13 @@ class PostgresEventStore(BaseEventStore):
                 except psycopg.Error:
                     await self._discard_writer()
                 return None
-            except psycopg.OperationalError:
-                # The connection died, perhaps while idle (a server restart), perhaps
-                # during the commit. Find out which, exactly, before anything else.
+            except psycopg.OperationalError as exc:
+                # The connection died (perhaps while idle: a server restart; perhaps
+                # during the commit) or the server ended the transaction. Find out
+                # whether it committed before anything else.
                 self._forget()
-                await self._discard_writer()
-                if await self._landed(plan.rows[0].id):
+                session = await self._discard_writer()
+                if await self._settled(plan, exc, session):
                     return plan.outcomes
                 return None
             except BaseException:
@@ -709,19 +894,66 @@ class PostgresEventStore(BaseEventStore):
         self._learn(list(plan.heads), {}, plan)
         return plan.outcomes
 
-    async def _landed(self, event_id: UUID) -> bool:
-        """Whether a batch whose first event is ``event_id`` committed.
+    async def _settled(self, plan: BatchPlan, cause: BaseException, lost: _Session | None) -> bool:
+        """Whether the transaction that wrote ``plan`` committed, after its connection
+        failed at a point we cannot tell (before, during or after COMMIT).
 
-        Taking the head lock first waits out a transaction still in flight on the
-        server (a lost connection does not stop it at once), so the answer is final.
+        A transaction is all or nothing, so one question settles every request of
+        the batch: are the rows the plan sealed stored, each at its position with
+        its id and its hash? Not "is some event id stored": a caller's id may have
+        been stored by an earlier append, and then would vouch for a batch that was
+        never written. A hash covers the position, the predecessor and the moment
+        the plan was sealed, so a row of another transaction cannot match, unless it
+        is byte for byte the same event at the same place (the events are stored as
+        reported, then, either way).
+
+        The answer must be final, yet the lost session may live on at the server
+        (a lost connection does not stop it at once, and over a broken network it
+        may not even have read our COMMIT yet). So that session is ended first and
+        waited for; then the head lock waits out whatever else is in flight. If the
+        question cannot be asked, the caller learns that the append may or may not
+        be stored, never that it was.
         """
-        conn = await self._writing_connection()
-        async with conn.transaction():
-            await conn.execute(self._sql.lock_head)
-            cur = await conn.execute(
-                f"SELECT 1 FROM {self.schema}.events WHERE event_id = %s", (event_id,)
+        if not plan.rows:
+            raise StoreUnavailableError(
+                self.backend,
+                f"append: {_reason(cause)}; the batch held only runtime rows, which "
+                "leave no event to look for: they may or may not be stored",
             )
-            return await cur.fetchone() is not None
+        first, last = plan.rows[0].position, plan.rows[-1].position
+        try:
+            conn = await self._writing_connection()
+            if lost is not None:
+                await self._end_session(conn, lost)
+            async with conn.transaction():
+                await conn.execute(self._sql.lock_head)
+                cur = await conn.execute(self._sql.sealed_between, (first, last), binary=True)
+                stored = {position: (eid, digest) for position, eid, digest in await cur.fetchall()}
+        except psycopg.Error as exc:
+            await self._discard_writer()
+            raise StoreUnavailableError(
+                self.backend,
+                f"append: {_reason(cause)}; whether it was stored could not be checked "
+                f"({_reason(exc)}): it may or may not be stored",
+            ) from exc
+        return all(stored.get(row.position) == (row.id, row.hash) for row in plan.rows)
+
+    async def _end_session(self, conn: Connection, session: _Session) -> None:
+        """Terminate a lost session of this store's and wait until it has exited."""
+        deadline = asyncio.get_running_loop().time() + _CONNECT_TIMEOUT
+        while True:
+            cur = await conn.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE pid = %s AND backend_start = %s",
+                session,
+            )
+            if await cur.fetchone() is None:
+                return
+            if asyncio.get_running_loop().time() > deadline:
+                raise psycopg.OperationalError(
+                    f"the lost session (backend {session[0]}) did not end in {_CONNECT_TIMEOUT} s"
+                )
+            await asyncio.sleep(0.02)
 
     def _learn(self, streams: list[str], read: dict[str, StreamHead], plan: BatchPlan) -> None:
         for stream in streams:

@@ -21,9 +21,19 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import quote
 from uuid import UUID
 
-from ..errors import ConfigurationError, LedgerflowError, StoreError, StoreUnavailableError
+from ..errors import (
+    ConfigurationError,
+    LedgerflowError,
+    LedgerNotFoundError,
+    SchemaOutdatedError,
+    SchemaVersionError,
+    StoreError,
+    StoreReadOnlyError,
+    StoreUnavailableError,
+)
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
@@ -150,6 +160,8 @@ _UPSERT_HEAD = (
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
     "last_hash = excluded.last_hash, last_position = excluded.last_position"
 )
+_LEDGER_TABLES = frozenset({"events", "streams", "snapshots", "workflows", "wakeups"})
+_MIGRATION_COLUMNS = frozenset({"version", "name", "applied_at"})
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 _NO_LIMIT = -1
 _MAX_VERSION = 2**62
@@ -211,8 +223,9 @@ class SQLiteEventStore(BaseEventStore):
         max_event_bytes: int | None = None,
         clock: Clock | None = None,
         busy_timeout: float = 30.0,
+        create: bool = True,
     ) -> None:
-        kwargs: dict[str, Any] = {"registry": registry, "clock": clock}
+        kwargs: dict[str, Any] = {"registry": registry, "clock": clock, "create": create}
         if max_event_bytes is not None:
             kwargs["max_event_bytes"] = max_event_bytes
         super().__init__(**kwargs)
@@ -230,11 +243,25 @@ class SQLiteEventStore(BaseEventStore):
         self._lock = threading.Lock()
         self._writer_con: sqlite3.Connection | None = None
 
+    @property
+    def location(self) -> str:
+        return f"sqlite:///{self.path}"
+
     # -- plumbing -------------------------------------------------------------------
+
+    def _uri(self) -> str:
+        # mode=rw never creates the file: opening without create must leave no empty
+        # database behind where there was none.
+        mode = "rwc" if self.create else "rw"
+        return f"file:{quote(self.path.as_posix(), safe='/')}?mode={mode}"
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(
-            self.path, timeout=self.busy_timeout, isolation_level=None, check_same_thread=False
+            self._uri(),
+            timeout=self.busy_timeout,
+            isolation_level=None,
+            check_same_thread=False,
+            uri=True,
         )
         con.execute("PRAGMA synchronous = FULL")
         with self._lock:
@@ -255,7 +282,10 @@ class SQLiteEventStore(BaseEventStore):
         except sqlite3.Error as exc:
             raise self._unavailable(exc) from exc
 
-    def _unavailable(self, exc: sqlite3.Error) -> StoreUnavailableError:
+    def _unavailable(self, exc: sqlite3.Error) -> StoreError:
+        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+            # Waiting does not help: the file, its directory or the mount is read-only.
+            return StoreReadOnlyError(self.location, str(exc))
         return StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}")
 
     # -- the writer thread ----------------------------------------------------------
@@ -366,8 +396,23 @@ class SQLiteEventStore(BaseEventStore):
         await self._on_writer(self._open_writer)
 
     def _open_writer(self) -> None:
+        try:
+            self._open_writer_con()
+        except sqlite3.DatabaseError as exc:
+            name = getattr(exc, "sqlite_errorname", "")
+            if name == "SQLITE_NOTADB":
+                raise LedgerNotFoundError(self.location, f"not a SQLite database: {exc}") from exc
+            if name == "SQLITE_CANTOPEN" and not self.create and not self.path.exists():
+                # The plain message: the path in it says it all.
+                raise LedgerNotFoundError(self.location) from exc
+            raise
+
+    def _open_writer_con(self) -> None:
         con = self._connect()
         self._writer_con = con
+        if not self.create:
+            self._check_ledger(con)
+            return
         # Processes creating one new file at once can meet "database is locked"
         # without the busy handler being asked (SQLite refuses lock upgrades that
         # could deadlock): wait and try again, within the busy timeout.
@@ -375,6 +420,8 @@ class SQLiteEventStore(BaseEventStore):
         pause = 0.01
         while True:
             try:
+                self._ledger_version(con)  # refuses a file that is not ours to migrate
+                self._check_writable(con)
                 self._migrate(con)
                 return
             except sqlite3.OperationalError as exc:
@@ -384,6 +431,67 @@ class SQLiteEventStore(BaseEventStore):
                     con.execute("ROLLBACK")
                 time.sleep(pause)
                 pause = min(pause * 2, 0.5)
+
+    def _ledger_version(self, con: sqlite3.Connection) -> int | None:
+        """The schema version of the ledger in the file; None if it holds none.
+
+        Raises ``LedgerNotFoundError`` for a file whose tables belong to another
+        application: never ours to read or to migrate.
+        """
+        tables = {
+            name for (name,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        if "schema_migrations" not in tables:
+            clash = sorted(tables & _LEDGER_TABLES)
+            if clash:
+                raise LedgerNotFoundError(
+                    self.location,
+                    f"it holds tables named like ledgerflow's ({', '.join(clash)}) "
+                    "but no ledgerflow schema: another application's database",
+                )
+            return None
+        columns = {row[1] for row in con.execute("PRAGMA table_info(schema_migrations)")}
+        applied: object = None
+        if columns >= _MIGRATION_COLUMNS:
+            query = "SELECT coalesce(max(version), 0) FROM schema_migrations"
+            (applied,) = con.execute(query).fetchone()
+        if not isinstance(applied, int):
+            raise LedgerNotFoundError(
+                self.location, "its schema_migrations table belongs to another application"
+            )
+        return applied
+
+    def _check_ledger(self, con: sqlite3.Connection) -> None:
+        """Opening without create: the ledger must exist at this code's schema."""
+        applied = self._ledger_version(con)
+        if applied is None:
+            (tables,) = con.execute("SELECT count(*) FROM sqlite_master").fetchone()
+            raise LedgerNotFoundError(
+                self.location,
+                "the database is empty" if not tables else "it holds no ledgerflow tables",
+            )
+        if applied == 0:
+            raise LedgerNotFoundError(self.location, "its creation never completed")
+        known = MIGRATIONS[-1].version
+        if applied > known:
+            raise SchemaVersionError(applied, known)
+        if applied < known:
+            raise SchemaOutdatedError(self.location, applied, known)
+
+    def _check_writable(self, con: sqlite3.Connection) -> None:
+        """Fail now, not at the first append, if this file cannot be written.
+
+        SQLite opens a file it may not write read-only without a word, and even
+        grants ``BEGIN IMMEDIATE``; only a write is refused. Rewriting the header's
+        user_version with its own value, then rolling back, is one that changes
+        nothing.
+        """
+        (version,) = con.execute("PRAGMA user_version").fetchone()
+        con.execute("BEGIN IMMEDIATE")
+        try:
+            con.execute(f"PRAGMA user_version = {int(version)}")
+        finally:
+            con.execute("ROLLBACK")
 
     def _migrate(self, con: sqlite3.Connection) -> None:
         mode = con.execute("PRAGMA journal_mode = WAL").fetchone()[0]

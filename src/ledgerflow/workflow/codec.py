@@ -7,7 +7,7 @@ from typing import Any
 
 import msgspec
 
-__all__ = ["CodecError", "from_builtins", "to_builtins"]
+__all__ = ["CodecError", "from_builtins", "json_schema", "to_builtins"]
 
 
 class CodecError(ValueError):
@@ -38,3 +38,19 @@ def from_builtins(value: Any, type_: Any) -> Any:
         return msgspec.convert(value, type_)
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
         raise CodecError(str(exc)) from exc
+
+
+def json_schema(type_: Any) -> dict[str, Any] | None:
+    """The JSON Schema of ``type_`` (None for ``Any`` or a type msgspec and pydantic
+    cannot describe): recorded with a signal wait, so that a sender without the
+    workflow's code can still check a payload before it is recorded."""
+    if type_ is Any or type_ is None:
+        return None
+    try:
+        if isinstance(type_, type) and hasattr(type_, "model_json_schema"):
+            schema: dict[str, Any] = type_.model_json_schema()
+        else:
+            schema = msgspec.json.schema(type_)
+    except (TypeError, ValueError):
+        return None
+    return schema

@@ -21,28 +21,34 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar
+from typing import Any, Generic, Self, TypeVar, overload
+
+import msgspec
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
 
 from ..clock import Clock, SystemClock
 from ..errors import (
     ConcurrencyError,
     ConfigurationError,
     LedgerflowError,
-    NonDeterminismError,
+    SignalInputError,
+    StoreClosedError,
     StoreUnavailableError,
     UnknownWorkflowError,
+    WorkflowAlreadyStartedError,
     WorkflowError,
     WorkflowFailedError,
     WorkflowFinishedError,
     WorkflowInputError,
     WorkflowNotFoundError,
 )
-from ..events import NO_STREAM, RecordedEvent, Snapshot
+from ..events import NO_STREAM, AppendResult, Metadata, RecordedEvent, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..store import open_store
 from ..store._base import BaseEventStore
-from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule, Unschedule
+from ..store.runtime import InstanceRow, Nudge, PutInstance, RuntimeWrite, Schedule, Unschedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
 from .history import (
@@ -50,26 +56,37 @@ from .history import (
     SNAPSHOT_VERSION,
     TERMINAL,
     CancelRequested,
+    ChildDone,
+    ChildFinished,
     ChildStarted,
     Finished,
     History,
     Resumed,
     SignalSent,
+    SignalTaken,
+    SignalTimedOut,
     SignalWaiting,
     Started,
+    StepAttemptFailed,
+    StepDone,
+    StepFailed,
     Stuck,
+    TimerFired,
     TimerStarted,
     history_registry,
 )
-from .run import PassResult, Restart, Suspend, _Run
+from .run import Abandon, Park, PassResult, Restart, Suspend, _Run
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
 
 log = logging.getLogger("ledgerflow.engine")
 
+I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
 
 STREAM_PREFIX = "wf-"
+MAX_PASS_RETRIES = 8
+"""Store faults in a row after which a pass waits for its lease to expire."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +104,8 @@ class WorkflowDescription:
     waiting_for: str | None
     result: Any = None
     error: str | None = None
+    unconsumed_signals: tuple[str, ...] = ()
+    """Signals sent that no wait has taken (yet, or ever: sent after the last wait)."""
 
 
 Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
@@ -189,6 +208,7 @@ class Engine:
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        self._host = _Host(self)
 
     # -- set-up ---------------------------------------------------------------------
 
@@ -249,13 +269,15 @@ class Engine:
     # -- helpers --------------------------------------------------------------------
 
     def _stopping(self) -> bool:
+        # A method, not the attribute: close() flips it while loops await.
         return self._closing
 
-    def now_us(self) -> int:
+    def _now_us(self) -> int:
         return to_micros(self.clock.now())
 
     @staticmethod
     def stream_id(workflow_id: str) -> str:
+        """The ledger stream holding the history of instance ``workflow_id``."""
         return STREAM_PREFIX + workflow_id
 
     def _definition(
@@ -272,34 +294,37 @@ class Engine:
 
     # -- starting -------------------------------------------------------------------
 
+    @overload
+    async def start(
+        self, workflow: WorkflowDefinition[I, O], input: I, *, id: str | None = None
+    ) -> WorkflowHandle[O]: ...
+
+    @overload
+    async def start(
+        self, workflow: str, input: Any, *, id: str | None = None
+    ) -> WorkflowHandle[Any]: ...
+
     async def start(
         self,
-        workflow: WorkflowDefinition[Any, O] | str,
+        workflow: WorkflowDefinition[Any, Any] | str,
         input: Any,
         *,
         id: str | None = None,
-    ) -> WorkflowHandle[O]:
+    ) -> WorkflowHandle[Any]:
         """Start an instance, or return the handle of the one with this ``id``.
 
         The input is checked against the workflow's input type before anything is
-        recorded. Starting is idempotent on ``id``.
+        recorded. Starting is idempotent on ``id``: the same workflow and input
+        return the existing instance; another workflow or input under the same id
+        raises ``WorkflowAlreadyStartedError``. Without ``id`` a random one is used.
         """
         definition = self._definition(workflow)
-        workflow_id = id or str(uuid.uuid4())
+        workflow_id = str(uuid.uuid4()) if id is None else id
         await self._start(definition, input, workflow_id, None)
         return WorkflowHandle(self, workflow_id, definition.output_type)
 
     def handle(self, workflow_id: str, output_type: Any = Any) -> WorkflowHandle[Any]:
         return WorkflowHandle(self, workflow_id, output_type)
-
-    async def start_child(
-        self,
-        workflow: WorkflowDefinition[Any, Any],
-        given: Any,
-        child_id: str,
-        parent_id: str,
-    ) -> None:
-        await self._start(self._definition(workflow), given, child_id, parent_id)
 
     async def _start(
         self,
@@ -309,9 +334,12 @@ class Engine:
         parent_id: str | None,
     ) -> None:
         if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
-            raise WorkflowInputError(definition.name, "the workflow id must be a non-empty string")
+            raise WorkflowInputError(
+                definition.name,
+                f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
+            )
         encoded = _check_input(definition, given)
-        now = self.now_us()
+        now = self._now_us()
         local = len(self._active) < self.concurrency and not self._closing
         row = InstanceRow(
             workflow_id, definition.name, definition.version, "running", parent_id, now, now
@@ -322,33 +350,21 @@ class Engine:
             self.owner if local else None,
             now + self.lease_us if local else None,
         )
+        started = Started(
+            name=definition.name, version=definition.version, input=encoded, parent_id=parent_id
+        )
         try:
             await self.store.append(
                 self.stream_id(workflow_id),
-                [
-                    Started(
-                        name=definition.name,
-                        version=definition.version,
-                        input=encoded,
-                        parent_id=parent_id,
-                    )
-                ],
+                [started],
                 NO_STREAM,  # the one check that makes starting idempotent
                 runtime=[PutInstance(row), schedule],
             )
         except ConcurrencyError:
-            existing = await self.store.get_instance(workflow_id)
-            if existing is not None and existing.name != definition.name:
-                raise WorkflowInputError(
-                    definition.name,
-                    f"id {workflow_id!r} is already used by a {existing.name!r} workflow",
-                ) from None
+            await self._same_start(workflow_id, started)
             return
         if local:
             # The first pass replays what we just wrote: no need to read it back.
-            started = Started(
-                name=definition.name, version=definition.version, input=encoded, parent_id=parent_id
-            )
             history = History(workflow_id, started)
             history.add(1, started)
             self._remember(history)
@@ -356,6 +372,25 @@ class Engine:
             self._spawn(workflow_id)
         else:
             self._wake.set()
+
+    async def _same_start(self, workflow_id: str, wanted: Started) -> None:
+        """An instance with this id exists: fine if it was started the same way."""
+        first = await self.store.read_stream(self.stream_id(workflow_id), limit=1)
+        existing = first[0].data if first else None
+        if not isinstance(existing, Started) or existing.name != wanted.name:
+            name = existing.name if isinstance(existing, Started) else "?"
+            raise WorkflowAlreadyStartedError(
+                workflow_id, f"it is a {name!r} workflow, not {wanted.name!r}"
+            )
+        if existing.parent_id != wanted.parent_id:
+            raise WorkflowAlreadyStartedError(
+                workflow_id, f"it belongs to parent {existing.parent_id!r}"
+            )
+        if existing.input != wanted.input:
+            raise WorkflowAlreadyStartedError(
+                workflow_id,
+                "it was started with another input; starting is idempotent only for the same input",
+            )
 
     # -- scheduling -----------------------------------------------------------------
 
@@ -389,7 +424,7 @@ class Engine:
             # Other processes (the CLI, other engines) nudge rows without telling us;
             # poll_interval bounds how long that goes unseen.
             # Compared in µs: a due time far in the future need not fit a datetime.
-            cap_us = self.now_us() + int(self.poll_interval * 1_000_000)
+            cap_us = self._now_us() + int(self.poll_interval * 1_000_000)
             when_us = cap_us if due is None else min(cap_us, due)
             self._sleeping_until = when_us
             await self.clock.sleep_until(from_micros(when_us), self._wake)
@@ -400,7 +435,7 @@ class Engine:
         if free <= 0:
             self._saturated = True
             return False
-        now = self.now_us()
+        now = self._now_us()
         ids = await self.store.claim_wakeups(
             self.owner, now_us=now, lease_until_us=now + self.lease_us, limit=free
         )
@@ -417,18 +452,31 @@ class Engine:
         self._active[workflow_id] = task
 
     async def _drive(self, workflow_id: str) -> None:
+        failures = 0
         try:
-            attempt = 0
             while not self._closing:
                 try:
                     again = await self._pass(workflow_id)
-                except StoreUnavailableError as exc:
-                    attempt += 1
-                    if attempt > 5:
-                        log.error("workflow %s: giving up this lease: %s", workflow_id, exc)
+                except (StoreUnavailableError, StoreClosedError, Abandon) as exc:
+                    # Infrastructure, not the workflow: what is recorded stands, and
+                    # the pass is tried again from there.
+                    self._cache.pop(workflow_id, None)
+                    failures += 1
+                    if self._stopping():
                         return
-                    await asyncio.sleep(min(5.0, 0.1 * 2**attempt))
+                    if failures > MAX_PASS_RETRIES:
+                        log.error(
+                            "workflow %s: store unavailable %d times in a row (%s); "
+                            "leaving it until its lease expires",
+                            workflow_id,
+                            failures,
+                            exc,
+                        )
+                        return
+                    log.warning("workflow %s: pass abandoned, retrying: %s", workflow_id, exc)
+                    await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
+                failures = 0
                 if not again and workflow_id not in self._rerun:
                     return
                 self._rerun.discard(workflow_id)
@@ -472,20 +520,27 @@ class Engine:
             return history
         return History.of(workflow_id, await self.store.read_stream(stream))
 
-    async def snapshot_if_due(self, history: History, before: int) -> None:
+    async def _snapshot_if_due(self, history: History, before: int) -> None:
         """Keep a snapshot every ``snapshot_every`` events, so a long history never
         has to be read whole again."""
         every = self.snapshot_every
-        if every and history.version // every > before // every:
-            await self.store.save_snapshot(
-                Snapshot(
-                    self.stream_id(history.workflow_id),
-                    history.version,
-                    SNAPSHOT_TYPE,
-                    SNAPSHOT_VERSION,
-                    history.snapshot(),
-                )
+        if not every or history.version // every <= before // every:
+            return
+        try:
+            state = history.snapshot()
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A snapshot only saves reading time: never let it stop the instance.
+            log.warning("workflow %s: no snapshot taken: %s", history.workflow_id, exc)
+            return
+        await self.store.save_snapshot(
+            Snapshot(
+                self.stream_id(history.workflow_id),
+                history.version,
+                SNAPSHOT_TYPE,
+                SNAPSHOT_VERSION,
+                state,
             )
+        )
 
     def _remember(self, history: History) -> None:
         self._cache[history.workflow_id] = history
@@ -497,111 +552,135 @@ class Engine:
     async def _pass(self, workflow_id: str) -> bool:
         """Run one pass; True if another pass is needed at once."""
         history = await self._history(workflow_id)
+        try:
+            return await self._pass_over(history)
+        except ConcurrencyError:
+            # Someone wrote under a runtime-row update: look again at what is there.
+            self._cache.pop(workflow_id, None)
+            return True
+
+    async def _pass_over(self, history: History) -> bool:
+        workflow_id = history.workflow_id
         if history.finished is not None:
-            await self._guarded(history, [Unschedule(workflow_id)])
+            # Ended, but the last steps of ending (telling the parent, dropping the
+            # wake-up) were cut short: finish them.
+            await self._after_end(history)
             return False
         if history.stuck is not None:
+            # Parked: a signal may have nudged it; it runs again only when resumed.
+            await self._guarded(history, [Unschedule(workflow_id)])
             return False
         started = history.started
         definition = self._definitions.get((started.name, started.version))
         if definition is None:
             await self._get_stuck(history, UnknownWorkflowError(started.name, started.version))
             return False
-        run = _Run(self, definition, history)
+        run = _Run(self._host, definition, history)
         try:
             result = await run.execute()
         except Restart:
             self._cache.pop(workflow_id, None)
             return True
-        except NonDeterminismError as exc:
-            await self._get_stuck(history, exc)
+        except Park as park:
+            await self._get_stuck(history, park.error)
             return False
-        try:
-            return await self._conclude(history, result)
-        except ConcurrencyError:
-            self._cache.pop(workflow_id, None)
-            return True
+        return await self._conclude(history, result)
 
     async def _conclude(self, history: History, result: PassResult) -> bool:
         workflow_id = history.workflow_id
         if result.finished is not None:
             finished = result.finished
-            now = self.now_us()
-            runtime: list[Any] = [
+            now = self._now_us()
+            parent = history.started.parent_id
+            runtime: list[RuntimeWrite] = [
                 PutInstance(
                     InstanceRow(
                         workflow_id,
                         history.started.name,
                         history.started.version,
                         finished.status,
-                        history.started.parent_id,
+                        parent,
                         now,
                         now,
                     )
-                ),
-                Unschedule(workflow_id),
+                )
             ]
-            if history.started.parent_id is not None:
-                runtime.append(Nudge(history.started.parent_id, now))
-            # A signal or cancellation that lands after the code returned changes
-            # nothing: the workflow is done. Fold it in and end it all the same.
-            await self._append_past_outsiders(history, [*result.buffered, finished], runtime)
-            self._cache.pop(workflow_id, None)
+            if parent is None:
+                runtime.append(Unschedule(workflow_id))
+            # A signal or cancellation that landed meanwhile fails this append: the
+            # pass runs again and decides with it in view.
+            await self._append(history, [*result.buffered, finished], runtime)
             self._stuck.pop(workflow_id, None)
             self._tell(history, finished)
-            if history.started.parent_id is not None:
-                self._wake.set()  # the parent was nudged: claim it
+            if parent is not None:
+                await self._after_end(history)
+            self._cache.pop(workflow_id, None)
             return False
         suspend = result.suspend
         assert suspend is not None
         schedule = Schedule(workflow_id, suspend.due_at_us)
         events = [*result.buffered, *suspend.events]
-        before = history.version
-        try:
-            if events:
-                await self._append(history, events, [schedule])
-            else:
-                await self._guarded(history, [schedule])
-        except ConcurrencyError:
-            # Something arrived that may end the wait: decide again, but keep the
-            # step results of this pass so that no step runs twice for it.
-            if result.buffered:
-                await self._append_past_outsiders(history, result.buffered, [])
-            return True
-        await self.snapshot_if_due(history, before)
+        if events:
+            await self._append(history, events, [schedule])
+        else:
+            await self._guarded(history, [schedule])
         due = suspend.due_at_us
         if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
             self._wake.set()  # due before the scheduler means to look again
-        if suspend.child_id is not None:
-            # The child may have finished between our look and the write above, its
-            # nudge then overwritten by it; look again now that ours is written.
-            return await self.child_finished(suspend.child_id) is not None
         return False
 
-    async def _append(self, history: History, events: list[Any], runtime: list[Any]) -> None:
+    async def _after_end(self, history: History) -> None:
+        """Tell the parent (if any) how this instance ended, then drop its wake-up.
+
+        The child keeps its wake-up until the news is in the parent's stream (one
+        append carries the news, the parent's nudge and the child's unschedule), so
+        a crash in between delivers it on the next claim, never loses it.
+        """
+        workflow_id = history.workflow_id
+        parent = history.started.parent_id
+        finished = history.finished
+        assert finished is not None
+        if parent is None:
+            await self._guarded(history, [Unschedule(workflow_id)])
+            return
+        news = ChildFinished(
+            child_id=workflow_id,
+            status=finished.status,
+            result=finished.result,
+            error_type=finished.error_type,
+            message=finished.message,
+        )
+        stream = self.stream_id(parent)
+        while True:
+            version = await self.store.stream_version(stream)
+            row = await self.store.get_instance(parent)
+            if row is None or row.status in TERMINAL:
+                await self._guarded(history, [Unschedule(workflow_id)])
+                return
+            try:
+                await self.store.append(
+                    stream,
+                    [news],
+                    version,
+                    runtime=[Nudge(parent, self._now_us()), Unschedule(workflow_id)],
+                )
+            except ConcurrencyError:
+                continue  # the parent moved on meanwhile: look again
+            self._wake.set()  # the parent is due now: claim it
+            return
+
+    async def _append(
+        self, history: History, events: list[Any], runtime: list[RuntimeWrite]
+    ) -> None:
         stream = self.stream_id(history.workflow_id)
+        before = history.version
         result = await self.store.append(stream, events, history.version, runtime=runtime)
         first = result.version - len(events) + 1
         for offset, event in enumerate(events):
             history.add(first + offset, event)
+        await self._snapshot_if_due(history, before)
 
-    async def _append_past_outsiders(
-        self, history: History, events: list[Any], runtime: list[Any]
-    ) -> None:
-        """Append after any signals or cancellations sent meanwhile; anything else
-        recorded meanwhile (another runner) raises ConcurrencyError."""
-        stream = self.stream_id(history.workflow_id)
-        while True:
-            try:
-                await self._append(history, events, runtime)
-                return
-            except ConcurrencyError:
-                newer = await self.store.read_stream(stream, from_version=history.version + 1)
-                if not all(isinstance(e.data, SignalSent | CancelRequested) for e in newer):
-                    raise
-                history.extend(newer)
-
-    async def _guarded(self, history: History, runtime: list[Any]) -> None:
+    async def _guarded(self, history: History, runtime: list[RuntimeWrite]) -> None:
         await self.store.append(
             self.stream_id(history.workflow_id), [], history.version, runtime=runtime
         )
@@ -609,8 +688,7 @@ class Engine:
     async def _get_stuck(self, history: History, error: WorkflowError) -> None:
         workflow_id = history.workflow_id
         log.error("workflow %s is stuck: %s", workflow_id, error)
-        self._stuck[workflow_id] = error
-        now = self.now_us()
+        now = self._now_us()
         row = InstanceRow(
             workflow_id,
             history.started.name,
@@ -620,12 +698,21 @@ class Engine:
             now,
             now,
         )
-        with contextlib.suppress(ConcurrencyError):
-            await self._append(
-                history,
-                [Stuck(error_type=type(error).__name__, message=str(error))],
-                [PutInstance(row), Unschedule(workflow_id)],
-            )
+        stuck = Stuck(error_type=type(error).__name__, message=str(error))
+        while True:
+            try:
+                await self._append(history, [stuck], [PutInstance(row), Unschedule(workflow_id)])
+                break
+            except ConcurrencyError:
+                # Signals may land meanwhile; anything else means another runner.
+                newer = await self.store.read_stream(
+                    self.stream_id(workflow_id), from_version=history.version + 1
+                )
+                if not all(_from_outside(e.data) for e in newer):
+                    self._cache.pop(workflow_id, None)
+                    return
+                history.extend(newer)
+        self._stuck[workflow_id] = error
         self._cache.pop(workflow_id, None)
         self._tell(history, error)
 
@@ -638,7 +725,7 @@ class Engine:
             for row in rows:
                 if (row.name, row.version) not in self._definitions:
                     continue
-                now = self.now_us()
+                now = self._now_us()
                 stream = self.stream_id(row.workflow_id)
                 version = await self.store.stream_version(stream)
                 running = InstanceRow(
@@ -653,13 +740,16 @@ class Engine:
                     )
             after = rows[-1].workflow_id
 
-    async def child_finished(self, child_id: str) -> Finished | None:
-        row = await self.store.get_instance(child_id)
+    async def _finished_event(self, workflow_id: str) -> Finished | None:
+        row = await self.store.get_instance(workflow_id)
         if row is None or row.status not in TERMINAL:
             return None
-        last = await self.store.read_stream(self.stream_id(child_id), backwards=True, limit=1)
-        data = last[0].data if last else None
-        return data if isinstance(data, Finished) else None
+        stream = self.stream_id(workflow_id)
+        for event in await self.store.read_stream(stream, backwards=True, limit=50):
+            if isinstance(event.data, Finished):
+                return event.data
+        history = await self._load_history(workflow_id)
+        return history.finished
 
     # -- outside interaction --------------------------------------------------------
 
@@ -671,6 +761,7 @@ class Engine:
 
     async def _send(self, workflow_id: str, event: Any, action: str) -> None:
         stream = self.stream_id(workflow_id)
+        checked = False
         while True:
             # Version first: the status row and the Finished event are written in one
             # append, so a status read after the version that is not terminal proves
@@ -679,17 +770,56 @@ class Engine:
             row = await self._instance(workflow_id)
             if row.status in TERMINAL:
                 raise WorkflowFinishedError(workflow_id, row.status, action)
+            if isinstance(event, SignalSent) and not checked:
+                await self._check_signal(workflow_id, event)
+                checked = True
+            # A parked instance keeps what is sent for when it resumes, but is not
+            # woken for it: it could only park again.
+            runtime = [Nudge(workflow_id, self._now_us())] if row.status == "running" else []
             try:
-                await self.store.append(
-                    stream, [event], version, runtime=[Nudge(workflow_id, self.now_us())]
-                )
+                await self.store.append(stream, [event], version, runtime=runtime)
             except ConcurrencyError:
                 continue  # it moved on (or finished) meanwhile: look again
             self._wake.set()
             return
 
+    async def _check_signal(self, workflow_id: str, signal: SignalSent) -> None:
+        """Refuse a payload that does not fit the type the instance waits for now.
+
+        The wait records its type's JSON Schema, so any sender (this process, the
+        CLI, another service) can check without the workflow's code. A signal sent
+        ahead of its wait cannot be checked here; the wait rejects it if it does
+        not fit, visibly, and goes on waiting.
+        """
+        history = await self._load_history(workflow_id)
+        waiting = _open_wait(history, signal.name)
+        if waiting is None or waiting.schema is None:
+            return
+        try:
+            validator = Draft202012Validator(waiting.schema)
+            errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))
+        except SchemaError:
+            return  # a schema we cannot use: the wait checks the payload itself
+        if errors:
+            described = "; ".join(
+                f"{'/'.join(str(p) for p in error.absolute_path) or 'payload'}: {error.message}"
+                for error in errors[:5]
+            )
+            raise SignalInputError(
+                workflow_id, signal.name, f"does not fit the waited-for type: {described}"
+            )
+
     async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
-        """Deliver a signal; kept until the workflow waits for it."""
+        """Deliver a signal; kept until the workflow waits for it.
+
+        If the instance is waiting for ``name`` now, the payload is checked against
+        the waited-for type first: ``WorkflowInputError`` and nothing recorded if it
+        does not fit.
+        """
+        if not isinstance(name, str) or not name:
+            raise WorkflowInputError(
+                f"signal {name!r}", "the signal name must be a non-empty string"
+            )
         try:
             encoded = to_builtins(payload)
         except CodecError as exc:
@@ -697,8 +827,8 @@ class Engine:
         await self._send(workflow_id, SignalSent(name=name, payload=encoded), "signal")
 
     async def cancel(self, workflow_id: str, reason: str | None = None) -> None:
-        """Ask the instance to stop: it raises ``WorkflowCancelled`` at its next await
-        and its compensations run."""
+        """Ask the instance to stop: it raises ``WorkflowCancelled`` at its next await,
+        its compensations run and the children it still runs are cancelled too."""
         await self._send(workflow_id, CancelRequested(reason=reason), "cancel")
 
     async def result(
@@ -721,7 +851,7 @@ class Engine:
                     return self._decode_outcome(workflow_id, started, outcome, output_type)
                 row = await self._instance(workflow_id)
                 if row.status in TERMINAL:
-                    finished = await self.child_finished(workflow_id)
+                    finished = await self._finished_event(workflow_id)
                     assert finished is not None
                     return self._decode_outcome(
                         workflow_id, (row.name, row.version), finished, output_type
@@ -785,11 +915,13 @@ class Engine:
         definition = self._definitions.get((row.name, row.version))
         if definition is None:
             raise UnknownWorkflowError(row.name, row.version)
-        run = _Run(self, definition, await self._load_history(workflow_id), query=True)
+        run = _Run(self._host, definition, await self._load_history(workflow_id), query=True)
         try:
             result = await run.execute()
         except Suspend:
             return run.exposed
+        except Park as park:
+            raise park.error from None
         return result.exposed
 
     async def describe(self, workflow_id: str) -> WorkflowDescription:
@@ -816,12 +948,59 @@ class Engine:
             waiting_for=None if finished else _waiting_for(history),
             result=result,
             error=error,
+            unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
         )
 
     async def list_workflows(
         self, *, status: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[InstanceRow]:
         return await self.store.list_instances(status=status, after=after, limit=limit)
+
+
+class _Host:
+    """The engine as a pass sees it (``run.RunHost``): a narrow door, so the pass
+    never reaches into the engine's other rooms."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._metadata_bytes = len(msgspec.json.encode(Metadata()))
+
+    @property
+    def step_pool(self) -> ThreadPoolExecutor:
+        return self._engine.step_pool
+
+    @property
+    def max_event_bytes(self) -> int:
+        return self._engine.store.max_event_bytes
+
+    def now_us(self) -> int:
+        return self._engine._now_us()
+
+    def encoded_size(self, event: Any) -> int:
+        return len(self._engine.store.registry.encode(event).data) + self._metadata_bytes
+
+    async def append(
+        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
+    ) -> AppendResult:
+        stream = self._engine.stream_id(history.workflow_id)
+        return await self._engine.store.append(stream, events, history.version, runtime=runtime)
+
+    async def read_after(self, history: History) -> list[RecordedEvent]:
+        stream = self._engine.stream_id(history.workflow_id)
+        return await self._engine.store.read_stream(stream, from_version=history.version + 1)
+
+    async def appended(self, history: History, before: int) -> None:
+        await self._engine._snapshot_if_due(history, before)
+
+    async def start_child(
+        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+    ) -> None:
+        engine = self._engine
+        await engine._start(engine._definition(workflow), given, child_id, parent_id)
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
+            await self._engine.cancel(child_id, f"parent cancelled: {reason}")
 
 
 def owner_is_gone(owner: str) -> bool:
@@ -859,19 +1038,53 @@ def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
     return encoded
 
 
+def _open_commands(history: History) -> list[list[Any]]:
+    """The recorded commands still without an outcome, newest first (several when
+    the code waits on a ``gather``)."""
+    done = (TimerFired, SignalTaken, SignalTimedOut, ChildDone, StepDone, StepFailed)
+    found = []
+    for seq in sorted(history.commands, reverse=True):
+        events = history.commands[seq]
+        if any(isinstance(e, done) for e in events):
+            continue
+        started = next((e for e in events if isinstance(e, ChildStarted)), None)
+        if started is not None and started.child_id in history.children:
+            continue
+        found.append(events)
+    return found
+
+
 def _waiting_for(history: History) -> str | None:
-    seq = history.last_seq()
-    recorded = history.recorded(seq) or []
-    if not recorded or len(recorded) > 1:
-        return None
-    first = recorded[0]
-    if isinstance(first, TimerStarted):
-        try:
-            return f"timer until {from_micros(first.fire_at_us).isoformat()}"
-        except OverflowError:  # a sleep longer than datetime can say
-            return "timer until beyond the year 9999"
-    if isinstance(first, SignalWaiting):
-        return f"signal {first.name!r}"
-    if isinstance(first, ChildStarted):
-        return f"child {first.child_id}"
+    """What the instance waits for now, in words; None if it is not waiting."""
+    for events in _open_commands(history):
+        for event in events:
+            if isinstance(event, TimerStarted):
+                try:
+                    return f"timer until {from_micros(event.fire_at_us).isoformat()}"
+                except OverflowError:  # a sleep longer than datetime can say
+                    return "timer until beyond the year 9999"
+            if isinstance(event, SignalWaiting):
+                return f"signal {event.name!r}"
+            if isinstance(event, ChildStarted):
+                return f"child {event.child_id}"
+        failures = [e for e in events if isinstance(e, StepAttemptFailed)]
+        if failures:
+            last = failures[-1]
+            return (
+                f"retry of step {last.name!r} after attempt {last.attempt} failed: "
+                f"{last.error_type}: {last.message}"
+            )
     return None
+
+
+def _open_wait(history: History, name: str) -> SignalWaiting | None:
+    """The signal wait for ``name`` the instance is in now, if any."""
+    for events in _open_commands(history):
+        for event in events:
+            if isinstance(event, SignalWaiting) and event.name == name:
+                return event
+    return None
+
+
+def _from_outside(data: Any) -> bool:
+    return isinstance(data, SignalSent | CancelRequested | ChildFinished)

@@ -22,18 +22,22 @@ __all__ = [
     "TERMINAL",
     "CancelRequested",
     "ChildDone",
+    "ChildFinished",
     "ChildStarted",
     "Clock",
+    "CompensationAttemptFailed",
     "CompensationDone",
     "CompensationFailed",
     "Finished",
     "History",
     "Resumed",
+    "SignalRejected",
     "SignalSent",
     "SignalTaken",
     "SignalTimedOut",
     "SignalWaiting",
     "Started",
+    "StepAttemptFailed",
     "StepDone",
     "StepFailed",
     "Stuck",
@@ -67,6 +71,15 @@ class StepFailed(_Command, frozen=True, kw_only=True):
     message: str
 
 
+class StepAttemptFailed(_Command, frozen=True, kw_only=True):
+    """An attempt failed and another will follow: attempts survive a restart."""
+
+    kind = "step"
+    attempt: int
+    error_type: str
+    message: str
+
+
 class TimerStarted(_Command, frozen=True, kw_only=True):
     kind = "timer"
     fire_at_us: int
@@ -79,6 +92,8 @@ class TimerFired(_Command, frozen=True, kw_only=True):
 class SignalWaiting(_Command, frozen=True, kw_only=True):
     kind = "signal"
     deadline_us: int | None
+    schema: dict[str, Any] | None = None
+    """JSON Schema of the waited-for type: senders check payloads against it."""
 
 
 class SignalTaken(_Command, frozen=True, kw_only=True):
@@ -89,6 +104,15 @@ class SignalTaken(_Command, frozen=True, kw_only=True):
 
 class SignalTimedOut(_Command, frozen=True, kw_only=True):
     kind = "signal"
+
+
+class SignalRejected(_Command, frozen=True, kw_only=True):
+    """A signal whose payload does not fit the waited-for type: set aside, never
+    taken, and the wait goes on."""
+
+    kind = "signal"
+    signal_version: int
+    reason: str
 
 
 class ChildStarted(_Command, frozen=True, kw_only=True):
@@ -123,6 +147,14 @@ class CompensationFailed(_Command, frozen=True, kw_only=True):
     message: str
 
 
+class CompensationAttemptFailed(_Command, frozen=True, kw_only=True):
+    kind = "compensation"
+    step_seq: int
+    attempt: int
+    error_type: str
+    message: str
+
+
 class SignalSent(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     payload: Any = None
@@ -130,6 +162,18 @@ class SignalSent(msgspec.Struct, frozen=True, kw_only=True):
 
 class CancelRequested(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
+
+
+class ChildFinished(msgspec.Struct, frozen=True, kw_only=True):
+    """Delivered to the parent's stream by a child that ended, with a nudge, so a
+    parent waiting on it can never miss the end (an index row could be overwritten;
+    a version check cannot)."""
+
+    child_id: str
+    status: str
+    result: Any = None
+    error_type: str | None = None
+    message: str | None = None
 
 
 class Finished(msgspec.Struct, frozen=True, kw_only=True):
@@ -172,8 +216,12 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (Clock, "wf.clock"),
     (CompensationDone, "wf.compensation_done"),
     (CompensationFailed, "wf.compensation_failed"),
+    (StepAttemptFailed, "wf.step_attempt_failed"),
+    (CompensationAttemptFailed, "wf.compensation_attempt_failed"),
+    (SignalRejected, "wf.signal_rejected"),
     (SignalSent, "wf.signal"),
     (CancelRequested, "wf.cancel_requested"),
+    (ChildFinished, "wf.child_finished"),
     (Finished, "wf.finished"),
     (Stuck, "wf.stuck"),
     (Resumed, "wf.resumed"),
@@ -200,6 +248,7 @@ class History:
     signals: list[tuple[int, SignalSent]] = field(default_factory=list)
     taken: set[int] = field(default_factory=set)
     cancel: CancelRequested | None = None
+    children: dict[str, ChildFinished] = field(default_factory=dict)
     finished: Finished | None = None
     stuck: Stuck | None = None
     events: int = 0
@@ -223,12 +272,14 @@ class History:
         self.events += 1
         if isinstance(data, _Command):
             self.commands.setdefault(data.seq, []).append(data)
-            if isinstance(data, SignalTaken):
+            if isinstance(data, SignalTaken | SignalRejected):
                 self.taken.add(data.signal_version)
         elif isinstance(data, SignalSent):
             self.signals.append((version, data))
         elif isinstance(data, CancelRequested):
             self.cancel = self.cancel or data
+        elif isinstance(data, ChildFinished):
+            self.children.setdefault(data.child_id, data)
         elif isinstance(data, Finished):
             self.finished = data
         elif isinstance(data, Stuck):
@@ -253,6 +304,7 @@ class History:
                 ],
                 "signals": [[version, signal] for version, signal in self.signals],
                 "cancel": self.cancel,
+                "children": list(self.children.values()),
                 "finished": self.finished,
                 "stuck": self.stuck,
             }
@@ -265,17 +317,23 @@ class History:
         for name, event in raw["commands"]:
             command: Any = msgspec.convert(event, _CLASSES[name])
             history.commands.setdefault(command.seq, []).append(command)
-            if isinstance(command, SignalTaken):
+            if isinstance(command, SignalTaken | SignalRejected):
                 history.taken.add(command.signal_version)
         history.signals = [
             (version, msgspec.convert(signal, SignalSent)) for version, signal in raw["signals"]
         ]
         history.cancel = msgspec.convert(raw["cancel"], CancelRequested | None)
+        for child in raw["children"]:
+            done = msgspec.convert(child, ChildFinished)
+            history.children[done.child_id] = done
         history.finished = msgspec.convert(raw["finished"], Finished | None)
         history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
         history.version = raw["version"]
         history.events = raw["events"]
         return history
+
+    def untaken_signals(self) -> list[tuple[int, SignalSent]]:
+        return [(v, s) for v, s in self.signals if v not in self.taken]
 
     def recorded(self, seq: int) -> list[Any] | None:
         return self.commands.get(seq)
@@ -297,10 +355,12 @@ class History:
 
 
 SNAPSHOT_TYPE = "wf.history"
-SNAPSHOT_VERSION = 1
+SNAPSHOT_VERSION = 2
 """Bump when History's shape changes: older snapshots are then ignored."""
 
 _NAMES: dict[type, str] = dict(_TYPES)
 _CLASSES: dict[str, type] = {name: cls for cls, name in _TYPES}
-_snapshot_encode = msgspec.msgpack.Encoder().encode
-_snapshot_decode = msgspec.msgpack.Decoder().decode
+# JSON like the events themselves: whatever a history event can hold (integers of
+# any size included), its snapshot can hold too.
+_snapshot_encode = msgspec.json.Encoder().encode
+_snapshot_decode = msgspec.json.Decoder().decode

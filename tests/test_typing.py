@@ -1,0 +1,96 @@
+"""The public API's types catch wrong calls under ``mypy --strict``.
+
+Workflow code is only run when a pass replays it, so a wrong argument to a step or
+a child would otherwise surface days later, inside a running instance. Each line
+marked ``# E`` below must be an error; the rest must type-check.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from mypy import api
+
+SNIPPET = """
+from dataclasses import dataclass
+
+import ledgerflow
+from ledgerflow import WorkflowContext
+
+
+@dataclass(frozen=True)
+class Order:
+    sku: str
+    amount: int
+
+
+def reserve(order: Order, quantity: int) -> str:
+    return order.sku
+
+
+async def charge(order: Order) -> int:
+    return order.amount
+
+
+class Payment:
+    def execute(self, order: Order) -> int:
+        return order.amount
+
+    def compensate(self, order: Order) -> None:
+        return None
+
+
+@ledgerflow.workflow(name="child", version=1)
+async def child(ctx: WorkflowContext, n: int) -> str:
+    return str(n)
+
+
+@ledgerflow.workflow(name="typed", version=1)
+async def typed(ctx: WorkflowContext, order: Order) -> int:
+    good: str = await ctx.step(reserve, order, 2)
+    paid: int = await ctx.step(charge, order)
+    by_class: int = await ctx.step(Payment(), order)
+    kid: str = await ctx.child(child, 3)
+    await ctx.step(reserve, order)  # E: too few arguments
+    await ctx.step(reserve, order, "2")  # E: wrong argument type
+    await ctx.step(charge, "not an order")  # E: wrong argument type
+    wrong: str = await ctx.step(charge, order)  # E: the result is an int
+    await ctx.child(child, "3")  # E: the child takes an int
+    wrong_kid: int = await ctx.child(child, 3)  # E: the child returns a str
+    await ctx.step(Payment(), "x")  # E: wrong argument for execute
+    return paid + len(good) + by_class + len(kid)
+
+
+async def start(engine: ledgerflow.Engine) -> None:
+    handle = await engine.start(typed, Order("a", 1), id="t-1")
+    result: int = await handle.result()
+    await engine.start(typed, "not an order")  # E: wrong input type
+    text: str = await handle.result()  # E: the workflow returns an int
+    by_name = await engine.start("typed", {"sku": "a", "amount": 1})  # by name: unchecked
+"""
+
+
+@pytest.mark.slow
+def test_mypy_strict_refuses_wrong_steps_children_and_starts(tmp_path: Path) -> None:
+    source = tmp_path / "snippet.py"
+    source.write_text(SNIPPET)
+    out, err, _ = api.run(
+        [
+            "--strict",
+            "--no-error-summary",
+            "--show-error-codes",
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            str(source),
+        ]
+    )
+    flagged = {int(m[1]) for m in re.finditer(r"snippet\.py:(\d+): error", out)}
+    lines = SNIPPET.splitlines()
+    expected = {n for n, line in enumerate(lines, start=1) if "# E" in line}
+    assert expected, "the snippet marks no errors"
+    missed = sorted(expected - flagged)
+    unexpected = sorted(flagged - expected)
+    assert not missed, f"mypy accepted wrong lines {[lines[n - 1] for n in missed]}\n{out}{err}"
+    assert not unexpected, f"mypy refused good lines {[lines[n - 1] for n in unexpected]}\n{out}"
