@@ -86,6 +86,8 @@ O = TypeVar("O")  # noqa: E741
 
 STREAM_PREFIX = "wf-"
 MAX_PASS_RETRIES = 8
+SIGNAL_CHECK_WINDOW = 64
+"""Latest events a sender reads to find the wait its signal is for."""
 """Store faults in a row after which a pass waits for its lease to expire."""
 
 
@@ -791,8 +793,10 @@ class Engine:
         ahead of its wait cannot be checked here; the wait rejects it if it does
         not fit, visibly, and goes on waiting.
         """
-        history = await self._load_history(workflow_id)
-        waiting = _open_wait(history, signal.name)
+        recent = await self.store.read_stream(
+            self.stream_id(workflow_id), backwards=True, limit=SIGNAL_CHECK_WINDOW
+        )
+        waiting = _open_wait([event.data for event in recent], signal.name)
         if waiting is None or waiting.schema is None:
             return
         try:
@@ -1077,12 +1081,13 @@ def _waiting_for(history: History) -> str | None:
     return None
 
 
-def _open_wait(history: History, name: str) -> SignalWaiting | None:
-    """The signal wait for ``name`` the instance is in now, if any."""
-    for events in _open_commands(history):
-        for event in events:
-            if isinstance(event, SignalWaiting) and event.name == name:
-                return event
+def _open_wait(newest_first: list[Any], name: str) -> SignalWaiting | None:
+    """The signal wait for ``name`` that is still open among the latest events (an
+    open wait is recent: a wait's outcome is recorded after it)."""
+    closed = {e.seq for e in newest_first if isinstance(e, SignalTaken | SignalTimedOut)}
+    for event in newest_first:
+        if isinstance(event, SignalWaiting) and event.name == name and event.seq not in closed:
+            return event
     return None
 
 

@@ -489,6 +489,8 @@ class _Run:
         self.inflight: set[asyncio.Future[None]] = set()
         self.ended = False
         self.fault: BaseException | None = None
+        self.hung: dict[int, tuple[StepInfo, asyncio.Future[None], float | None]] = {}
+        """Timed-out sync attempts still running, by step seq."""
         seed = hashlib.sha256(history.workflow_id.encode()).digest()
         self.rng = random.Random(int.from_bytes(seed[:8], "big"))
 
@@ -597,6 +599,7 @@ class _Run:
         attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
         name = f"compensate {comp.name}"
         while True:
+            await self._outlive(seq)
             ok, value, release = await self._attempt(seq, name, call, comp.args, attempt, None)
             release()
             if ok:
@@ -802,6 +805,7 @@ class _Run:
         attempt = 1 + sum(isinstance(e, StepAttemptFailed) for e in recorded or ())
         seconds = as_seconds(timeout)
         while True:
+            await self._outlive(seq)
             ok, value, release = await self._attempt(seq, name, fn, args, attempt, seconds)
             try:
                 if ok:
@@ -897,18 +901,21 @@ class _Run:
         except TimeoutError:
             info._cancel.set()
             recorded.set()
-            await self._outlive(info, work, timeout)
+            # Recorded as failed now (visible at once); the next attempt waits for it.
+            self.hung[info.seq] = (info, work, timeout)
             return False, _timed_out(info.name, info.attempt, timeout), _nothing
         except BaseException:
             recorded.set()
             raise
         return ok, value, recorded.set
 
-    async def _outlive(
-        self, info: StepInfo, work: asyncio.Future[None], timeout: float | None
-    ) -> None:
+    async def _outlive(self, seq: int) -> None:
         """A new attempt never starts while an earlier one of the same step runs:
-        wait for the timed-out thread, saying so now and then."""
+        wait for a timed-out thread, saying so now and then."""
+        hung = self.hung.pop(seq, None)
+        if hung is None:
+            return
+        info, work, timeout = hung
         waited = 0.0
         while True:
             done, _ = await asyncio.wait({work}, timeout=HUNG_WARNING_EVERY)
