@@ -73,6 +73,14 @@ def pg_url(schema: str) -> str:
     return f"{PG_URL}{sep}schema={schema}"
 
 
+def backend_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    """A URL for an empty SQLite file or PostgreSQL schema, for tests that hand the
+    URL to worker processes (which cannot share a memory store)."""
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'ledger.db'}"
+    return pg_url(request.getfixturevalue("pg_schema"))
+
+
 @pytest.fixture(params=BACKENDS)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL for an empty store on each backend in turn."""

@@ -51,7 +51,7 @@ from ._child_crash_worker import (
     parent_ids,
     parent_result,
 )
-from .conftest import pg_url
+from .conftest import backend_url
 
 WORKER = Path(__file__).with_name("_child_crash_worker.py")
 PARENTS = 400
@@ -176,10 +176,7 @@ def _check_pair(
 def test_every_parent_finishes_after_kills_while_children_run(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "sqlite":
-        url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        url = pg_url(request.getfixturevalue("pg_schema"))
+    url = backend_url(backend, tmp_path, request)
     rng = random.Random(SEED)
     print(
         f"\nchild crash test on {backend}: batches of {PARENTS} parents, {KILLS} kills, "

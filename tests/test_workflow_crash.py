@@ -93,7 +93,7 @@ from ._crash_worker import (
     expected_prefixes,
     seq_of,
 )
-from .conftest import pg_url
+from .conftest import backend_url
 
 WORKER = Path(__file__).with_name("_crash_worker.py")
 KILLS = int(os.environ.get("LEDGERFLOW_CRASH_KILLS", "15"))
@@ -716,10 +716,7 @@ def _in_flight_at_kills(records: list[Checked], kill_times: list[float]) -> str:
 def test_kill_minus_nine_loses_no_workflow_and_records_each_step_once(
     backend: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
-    if backend == "sqlite":
-        ledger_url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    else:
-        ledger_url = pg_url(request.getfixturevalue("pg_schema"))
+    ledger_url = backend_url(backend, tmp_path, request)
     kills = KILLS
     effects = tmp_path / "effects.db"
     logs = tmp_path / "logs"
