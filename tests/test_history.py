@@ -38,7 +38,8 @@ from ledgerflow.workflow.history import (
     TimerFired,
     TimerStarted,
 )
-from ledgerflow.workflow.run import Restart, _Run
+from ledgerflow.workflow.host import Restart
+from ledgerflow.workflow.run import _Run
 
 NAMES = st.sampled_from(["a", "b", "go"])
 SEQS = st.integers(min_value=1, max_value=6)

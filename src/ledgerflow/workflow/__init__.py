@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from .context import WorkflowContext
 from .definition import StepOptions, WorkflowDefinition, step, workflow
 from .engine import Engine, WorkflowDescription, WorkflowHandle
 from .lint import LintFinding, lint_workflow
 from .replay import export_history, replay
-from .run import StepInfo, WorkflowContext, current_step
+from .steps import StepInfo, current_step
 
 __all__ = [
     "Engine",

@@ -19,9 +19,9 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 from types import TracebackType
-from typing import Any, Generic, Self, TypeVar, overload
+from typing import Any, Self, TypeVar, overload
 
 import msgspec
 from jsonschema import Draft202012Validator
@@ -51,31 +51,23 @@ from ..store._base import BaseEventStore
 from ..store.runtime import InstanceRow, Nudge, PutInstance, RuntimeWrite, Schedule, Unschedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
+from .handles import WorkflowDescription, WorkflowHandle, open_wait, waiting_for
 from .history import (
     SNAPSHOT_TYPE,
     SNAPSHOT_VERSION,
     TERMINAL,
     CancelRequested,
-    ChildDone,
     ChildFinished,
-    ChildStarted,
     Finished,
     History,
     Resumed,
     SignalSent,
-    SignalTaken,
-    SignalTimedOut,
-    SignalWaiting,
     Started,
-    StepAttemptFailed,
-    StepDone,
-    StepFailed,
     Stuck,
-    TimerFired,
-    TimerStarted,
     history_registry,
 )
-from .run import Abandon, Park, PassResult, Restart, Suspend, _Run
+from .host import Abandon, Park, PassResult, Restart, Suspend
+from .run import _Run
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
 
@@ -91,25 +83,6 @@ SIGNAL_CHECK_WINDOW = 64
 """Store faults in a row after which a pass waits for its lease to expire."""
 
 
-@dataclass(frozen=True, slots=True)
-class WorkflowDescription:
-    """An instance at a glance, for people and tools."""
-
-    workflow_id: str
-    name: str
-    version: int
-    status: str
-    parent_id: str | None
-    created_at: datetime
-    updated_at: datetime
-    events: int
-    waiting_for: str | None
-    result: Any = None
-    error: str | None = None
-    unconsumed_signals: tuple[str, ...] = ()
-    """Signals sent that no wait has taken (yet, or ever: sent after the last wait)."""
-
-
 Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
 """(name, version) of the instance and how it ended."""
 
@@ -118,35 +91,6 @@ Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
 class _Waiters:
     future: asyncio.Future[Outcome]
     count: int = 0
-
-
-class WorkflowHandle(Generic[O]):
-    """A started instance, by id; cheap to create, holds no state of its own."""
-
-    def __init__(self, engine: Engine, workflow_id: str, output_type: Any = Any) -> None:
-        self.engine = engine
-        self.id = workflow_id
-        self._output_type = output_type
-
-    async def result(self, *, timeout: timedelta | float | None = None) -> O:
-        """Wait for the instance to end: its result, or ``WorkflowFailedError``."""
-        value: O = await self.engine.result(self.id, timeout=timeout, output_type=self._output_type)
-        return value
-
-    async def describe(self) -> WorkflowDescription:
-        return await self.engine.describe(self.id)
-
-    async def signal(self, name: str, payload: Any = None) -> None:
-        await self.engine.signal(self.id, name, payload)
-
-    async def cancel(self, reason: str | None = None) -> None:
-        await self.engine.cancel(self.id, reason)
-
-    async def query(self) -> Any:
-        return await self.engine.query(self.id)
-
-    def __repr__(self) -> str:
-        return f"WorkflowHandle({self.id!r})"
 
 
 class Engine:
@@ -796,7 +740,7 @@ class Engine:
         recent = await self.store.read_stream(
             self.stream_id(workflow_id), backwards=True, limit=SIGNAL_CHECK_WINDOW
         )
-        waiting = _open_wait([event.data for event in recent], signal.name)
+        waiting = open_wait([event.data for event in recent], signal.name)
         if waiting is None or waiting.schema is None:
             return
         try:
@@ -949,7 +893,7 @@ class Engine:
             created_at=from_micros(row.created_at_us),
             updated_at=from_micros(row.updated_at_us),
             events=history.events,
-            waiting_for=None if finished else _waiting_for(history),
+            waiting_for=None if finished else waiting_for(history),
             result=result,
             error=error,
             unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
@@ -1040,55 +984,6 @@ def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
             definition.name, f"expected {wanted.__qualname__}, got {type(given).__qualname__}"
         )
     return encoded
-
-
-def _open_commands(history: History) -> list[list[Any]]:
-    """The recorded commands still without an outcome, newest first (several when
-    the code waits on a ``gather``)."""
-    done = (TimerFired, SignalTaken, SignalTimedOut, ChildDone, StepDone, StepFailed)
-    found = []
-    for seq in sorted(history.commands, reverse=True):
-        events = history.commands[seq]
-        if any(isinstance(e, done) for e in events):
-            continue
-        started = next((e for e in events if isinstance(e, ChildStarted)), None)
-        if started is not None and started.child_id in history.children:
-            continue
-        found.append(events)
-    return found
-
-
-def _waiting_for(history: History) -> str | None:
-    """What the instance waits for now, in words; None if it is not waiting."""
-    for events in _open_commands(history):
-        for event in events:
-            if isinstance(event, TimerStarted):
-                try:
-                    return f"timer until {from_micros(event.fire_at_us).isoformat()}"
-                except OverflowError:  # a sleep longer than datetime can say
-                    return "timer until beyond the year 9999"
-            if isinstance(event, SignalWaiting):
-                return f"signal {event.name!r}"
-            if isinstance(event, ChildStarted):
-                return f"child {event.child_id}"
-        failures = [e for e in events if isinstance(e, StepAttemptFailed)]
-        if failures:
-            last = failures[-1]
-            return (
-                f"retry of step {last.name!r} after attempt {last.attempt} failed: "
-                f"{last.error_type}: {last.message}"
-            )
-    return None
-
-
-def _open_wait(newest_first: list[Any], name: str) -> SignalWaiting | None:
-    """The signal wait for ``name`` that is still open among the latest events (an
-    open wait is recent: a wait's outcome is recorded after it)."""
-    closed = {e.seq for e in newest_first if isinstance(e, SignalTaken | SignalTimedOut)}
-    for event in newest_first:
-        if isinstance(event, SignalWaiting) and event.name == name and event.seq not in closed:
-            return event
-    return None
 
 
 def _from_outside(data: Any) -> bool:

@@ -20,7 +20,8 @@ from ..hashing import to_micros
 from ..registry import EventRegistry
 from .definition import WorkflowDefinition
 from .history import History, history_registry
-from .run import Park, Suspend, _Run
+from .host import Park, Suspend
+from .run import _Run
 
 __all__ = ["export_history", "replay"]
 

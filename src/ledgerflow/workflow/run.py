@@ -31,40 +31,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import hashlib
-import inspect
 import logging
 import random
-import threading
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
-from concurrent.futures import Executor
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Protocol, TypeVar, TypeVarTuple, overload
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
     ChildWorkflowError,
     ConcurrencyError,
     EventError,
-    LedgerflowError,
     NonDeterminismError,
     RecordedValueError,
     ResultTooLargeError,
-    StepCancelledError,
     StepFailedError,
     StoreClosedError,
     StoreUnavailableError,
     UnrecordableValueError,
     WorkflowCancelled,
-    WorkflowError,
 )
-from ..events import AppendResult, RecordedEvent
-from ..hashing import from_micros, to_micros
+from ..hashing import from_micros
 from ..retry import RetryPolicy, as_seconds
 from .codec import CodecError, from_builtins, json_schema, to_builtins
-from .definition import WorkflowDefinition, return_type, step_options
+from .context import WorkflowContext
+from .definition import WorkflowDefinition, return_type
 from .history import (
     CancelRequested,
     ChildDone,
@@ -87,168 +79,17 @@ from .history import (
     TimerFired,
     TimerStarted,
 )
+from .host import Abandon, BodyEnded, Park, PassResult, Restart, RunHost, Suspend
+from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, jitter_source, keep_async
 
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
 
-__all__ = [
-    "DEFAULT_COMPENSATION_RETRY",
-    "DEFAULT_STEP_RETRY",
-    "Abandon",
-    "Park",
-    "Restart",
-    "RunHost",
-    "StepInfo",
-    "Suspend",
-    "WorkflowContext",
-    "current_step",
-]
+__all__ = ["Abandon", "Park", "PassResult", "Restart", "Suspend"]
 
 log = logging.getLogger("ledgerflow.engine")
 
-R = TypeVar("R")
-R_co = TypeVar("R_co", covariant=True)
 T = TypeVar("T")
-I = TypeVar("I")  # noqa: E741 - a workflow's input type
-Ts = TypeVarTuple("Ts")
-
-DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.1)
-"""A step without a policy of its own: 3 attempts, 0.1 s then 0.2 s apart (+10 %)."""
-DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=0.2)
-"""A compensation: 5 attempts, 0.2 s doubling (+10 %)."""
-HUNG_WARNING_EVERY = 30.0
-"""Seconds between warnings about a timed-out sync attempt that is still running."""
-RESULT_HOLD_LIMIT = 300.0
-"""Longest a step thread waits for its result to be recorded (a safety net only)."""
-
-
-class Suspend(BaseException):
-    """The instance must wait: end this pass, record ``events``, wake at ``due_at_us``."""
-
-    def __init__(
-        self,
-        events: list[Any] | None = None,
-        due_at_us: int | None = None,
-        child_id: str | None = None,
-    ) -> None:
-        super().__init__("suspended")
-        self.events = events or []
-        self.due_at_us = due_at_us
-        self.child_id = child_id
-
-
-class Restart(BaseException):
-    """Another runner recorded commands under us: start the pass again from history."""
-
-
-class Abandon(BaseException):
-    """The store failed under the pass (unreachable, locked, closed): drop the pass
-    and retry it from the last recorded event; never the workflow's outcome."""
-
-    def __init__(self, cause: LedgerflowError) -> None:
-        super().__init__(str(cause))
-        self.cause = cause
-
-
-class Park(BaseException):
-    """The code cannot go on with this history: park the instance as ``stuck``."""
-
-    def __init__(self, error: WorkflowError) -> None:
-        super().__init__(str(error))
-        self.error = error
-
-
-class _Closed(BaseException):
-    """A command issued after the body ended (a ``gather`` branch still running):
-    it is not started; the next pass replays the branch."""
-
-
-class RunHost(Protocol):
-    """What a pass needs from the engine that hosts it."""
-
-    @property
-    def step_pool(self) -> Executor | None: ...
-
-    @property
-    def max_event_bytes(self) -> int | None:
-        """Largest encoded event the store takes; None if the host records nothing."""
-        ...
-
-    def now_us(self) -> int: ...
-
-    def encoded_size(self, event: Any) -> int: ...
-
-    async def append(
-        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
-    ) -> AppendResult:
-        """Append at ``history.version``; ConcurrencyError if the stream moved."""
-        ...
-
-    async def read_after(self, history: History) -> list[RecordedEvent]: ...
-
-    async def appended(self, history: History, before: int) -> None:
-        """Called after each append made by the pass (snapshots hook in here)."""
-        ...
-
-    async def start_child(
-        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
-    ) -> None: ...
-
-    async def cancel_child(self, child_id: str, reason: str) -> None: ...
-
-
-@dataclass(frozen=True, slots=True)
-class StepInfo:
-    """What a running step may know about itself.
-
-    ``idempotency_key`` is the same on every attempt and every replay of this step of
-    this instance: hand it to external systems so they apply the effect once.
-    ``cancelled`` turns true when the attempt has timed out; long sync steps should
-    check it (or call ``raise_if_cancelled()``) between units of work, since a
-    thread cannot be stopped from outside. The next attempt waits for this one.
-    """
-
-    workflow_id: str
-    seq: int
-    name: str
-    attempt: int
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
-
-    @property
-    def idempotency_key(self) -> str:
-        return f"{self.workflow_id}/{self.seq}"
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancel.is_set()
-
-    def raise_if_cancelled(self) -> None:
-        if self._cancel.is_set():
-            raise StepCancelledError(
-                f"attempt {self.attempt} of step {self.name!r} of workflow "
-                f"{self.workflow_id!r} timed out"
-            )
-
-
-_current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
-    "ledgerflow_current_step", default=None
-)
-
-
-def current_step() -> StepInfo:
-    """The step being executed by the calling code; raises outside of a step."""
-    info = _current_step.get()
-    if info is None:
-        raise RuntimeError("ledgerflow.current_step() called outside of a running step")
-    return info
-
-
-class StepClass(Protocol[*Ts, R_co]):
-    """A step as an object: ``execute`` does it, ``compensate`` undoes it."""
-
-    def execute(self, *args: *Ts) -> Awaitable[R_co] | R_co: ...
-
-    def compensate(self, *args: *Ts) -> Any: ...
 
 
 @dataclass
@@ -258,206 +99,6 @@ class _Compensation:
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     result: Any
-
-
-@dataclass
-class PassResult:
-    """How a pass ended: suspended (``suspend``) or finished (``finished``)."""
-
-    suspend: Suspend | None = None
-    finished: Finished | None = None
-    exposed: Any = None
-    buffered: list[Any] = field(default_factory=list)
-
-
-def _is_async(fn: Callable[..., Any]) -> bool:
-    return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(
-        getattr(fn, "__call__", None)  # noqa: B004 - async callable objects count too
-    )
-
-
-def _accepts_result(fn: Callable[..., Any]) -> bool:
-    try:
-        return "result" in inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def _jitter(workflow_id: str, seq: int, attempt: int) -> random.Random:
-    """A source for retry jitter of its own, derived from (instance, command,
-    attempt): the workflow's replayed random stream is never touched by the engine."""
-    return random.Random(f"{workflow_id}/{seq}/{attempt}")
-
-
-def _settle_future(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
-        future.set_result(value)
-
-
-def _nothing() -> None:
-    return None
-
-
-class WorkflowContext:
-    """What workflow code may use: every method is deterministic under replay."""
-
-    def __init__(self, run: _Run) -> None:
-        self._run = run
-        self.workflow_id = run.history.workflow_id
-        self.name = run.definition.name
-        self.version = run.definition.version
-
-    @property
-    def is_replaying(self) -> bool:
-        """True while the code re-runs commands whose outcome is already recorded."""
-        return self._run.seq < self._run.history.last_seq()
-
-    @overload
-    async def step(
-        self,
-        fn: Callable[[*Ts], Awaitable[R]],
-        *args: *Ts,
-        compensate: Callable[..., Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: timedelta | float | None = None,
-        name: str | None = None,
-    ) -> R: ...
-
-    @overload
-    async def step(
-        self,
-        fn: StepClass[*Ts, R],
-        *args: *Ts,
-        compensate: Callable[..., Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: timedelta | float | None = None,
-        name: str | None = None,
-    ) -> R: ...
-
-    @overload
-    async def step(
-        self,
-        fn: Callable[[*Ts], R],
-        *args: *Ts,
-        compensate: Callable[..., Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: timedelta | float | None = None,
-        name: str | None = None,
-    ) -> R: ...
-
-    async def step(  # type: ignore[misc]  # mypy cannot match *Ts overloads to *Any
-        self,
-        fn: Any,
-        *args: Any,
-        compensate: Callable[..., Any] | None = None,
-        retry: RetryPolicy | None = None,
-        timeout: timedelta | float | None = None,
-        name: str | None = None,
-    ) -> Any:
-        """Run ``fn(*args)`` once for this instance and record its result.
-
-        Sync functions run in the engine's thread pool. On replay the recorded result
-        is returned (converted to ``fn``'s return annotation) and ``fn`` is not
-        called. A step that fails after its retries (default: ``DEFAULT_STEP_RETRY``,
-        3 attempts) raises ``StepFailedError``; each failed attempt is recorded, so a
-        restart does not give a step more attempts. ``timeout`` bounds one attempt.
-        ``compensate`` (called with the same arguments, plus ``result=`` if it takes
-        that keyword) is run if the workflow later fails or is cancelled. ``fn`` may
-        also be an object with ``execute`` and ``compensate`` methods.
-        """
-        if hasattr(fn, "execute") and hasattr(fn, "compensate"):
-            target: Callable[..., Any] = fn.execute
-            compensate = compensate or fn.compensate
-            step_name = name or type(fn).__qualname__
-            options = step_options(target)
-        else:
-            target = fn
-            options = step_options(fn)
-            step_name = name or options.name
-            compensate = compensate or options.compensate
-        return await self._run.step(
-            step_name,
-            target,
-            args,
-            compensate,
-            retry or options.retry or DEFAULT_STEP_RETRY,
-            timeout if timeout is not None else options.timeout,
-        )
-
-    async def sleep(self, duration: timedelta | float) -> None:
-        """A durable timer: fires on time even across restarts."""
-        seconds = as_seconds(duration) or 0.0
-        await self._run.timer(lambda now_us: now_us + int(seconds * 1_000_000))
-
-    async def sleep_until(self, moment: datetime) -> None:
-        await self._run.timer(lambda _now: to_micros(moment))
-
-    @overload
-    async def wait_for_signal(
-        self, name: str, type_: type[T], *, timeout: timedelta | float | None = None
-    ) -> T | None: ...
-
-    @overload
-    async def wait_for_signal(
-        self, name: str, type_: Any = Any, *, timeout: timedelta | float | None = None
-    ) -> Any: ...
-
-    async def wait_for_signal(
-        self,
-        name: str,
-        type_: Any = Any,
-        *,
-        timeout: timedelta | float | None = None,
-    ) -> Any:
-        """The next signal called ``name`` (sent before or after this wait), as
-        ``type_``; None if ``timeout`` passes first.
-
-        A signal whose payload does not fit ``type_`` is recorded as rejected
-        (``wf.signal_rejected``) and the wait goes on; senders are told at once when
-        the instance is already waiting (the wait records the type's JSON Schema).
-        """
-        return await self._run.signal(name, type_, as_seconds(timeout))
-
-    async def child(
-        self, workflow: WorkflowDefinition[I, R], input: I, *, id: str | None = None
-    ) -> R:
-        """Start ``workflow`` as a child with its own history and await its result.
-
-        The child's id defaults to ``<parent id>.<seq>``. A child that does not
-        complete raises ``ChildWorkflowError``. Cancelling the parent cancels the
-        children it is still running.
-        """
-        result: R = await self._run.child(workflow, input, id)
-        return result
-
-    @contextlib.contextmanager
-    def cancellation_shield(self) -> Iterator[None]:
-        """Commands inside run even if the instance was cancelled: for clean-up
-        after catching ``WorkflowCancelled``.
-
-        ``with ctx.cancellation_shield(): await ctx.step(release_hold, order)``
-        """
-        self._run.shield += 1
-        try:
-            yield
-        finally:
-            self._run.shield -= 1
-
-    def now(self) -> datetime:
-        """The current time, recorded on first use so that replay sees the same."""
-        return self._run.now()
-
-    def random(self) -> random.Random:
-        """A random generator seeded by the workflow id: the same draws on replay."""
-        return self._run.rng
-
-    def uuid(self) -> uuid.UUID:
-        """A UUID derived from the workflow's seeded generator."""
-        return uuid.UUID(int=self._run.rng.getrandbits(128), version=4)
-
-    def expose(self, state: Any) -> None:
-        """Make ``state`` what ``Engine.query`` returns for this instance."""
-        self._run.exposed = state
 
 
 _RETURNED_NOTHING: Any = object()
@@ -489,8 +130,7 @@ class _Run:
         self.inflight: set[asyncio.Future[None]] = set()
         self.ended = False
         self.fault: BaseException | None = None
-        self.hung: dict[int, tuple[StepInfo, asyncio.Future[None], float | None]] = {}
-        """Timed-out sync attempts still running, by step seq."""
+        self.attempts = Attempts(history.workflow_id, host.step_pool)
         seed = hashlib.sha256(history.workflow_id.encode()).digest()
         self.rng = random.Random(int.from_bytes(seed[:8], "big"))
 
@@ -507,7 +147,7 @@ class _Run:
         except Suspend as suspend:
             await self._settle()
             return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
-        except (Park, Abandon, Restart, _Closed) as stop:
+        except (Park, Abandon, Restart, BodyEnded) as stop:
             await self._settle()
             raise self.fault or stop from None
         except WorkflowCancelled as exc:
@@ -588,19 +228,19 @@ class _Run:
 
     async def _compensate(self, seq: int, comp: _Compensation, recorded: list[Any]) -> bool:
         call: Callable[..., Any] = comp.fn
-        if _accepts_result(comp.fn):
+        if accepts_result(comp.fn):
 
             def call(*a: Any, _fn: Callable[..., Any] = comp.fn, _r: Any = comp.result) -> Any:
                 return _fn(*a, result=_r)
 
-            call = _keep_async(comp.fn, call)
+            call = keep_async(comp.fn, call)
         await self.record([])
         policy = DEFAULT_COMPENSATION_RETRY
         attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
         name = f"compensate {comp.name}"
         while True:
-            await self._outlive(seq)
-            ok, value, release = await self._attempt(seq, name, call, comp.args, attempt, None)
+            await self.attempts.outlive(seq)
+            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt, None)
             release()
             if ok:
                 await self.record(
@@ -634,7 +274,7 @@ class _Run:
                 ]
             )
             await asyncio.sleep(
-                policy.delay(attempt, _jitter(self.history.workflow_id, seq, attempt))
+                policy.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
             )
             attempt += 1
 
@@ -690,7 +330,7 @@ class _Run:
         if self.fault is not None:
             raise self.fault
         if self.ended and not own:
-            raise _Closed()
+            raise BodyEnded()
         self.seq += 1
         recorded = self.history.recorded(self.seq)
         if recorded is not None and (recorded[0].kind != kind or recorded[0].name != name):
@@ -805,8 +445,8 @@ class _Run:
         attempt = 1 + sum(isinstance(e, StepAttemptFailed) for e in recorded or ())
         seconds = as_seconds(timeout)
         while True:
-            await self._outlive(seq)
-            ok, value, release = await self._attempt(seq, name, fn, args, attempt, seconds)
+            await self.attempts.outlive(seq)
+            ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, seconds)
             try:
                 if ok:
                     return await self._record_result(seq, name, value)
@@ -829,7 +469,7 @@ class _Run:
             finally:
                 release()
             await asyncio.sleep(
-                retry.delay(attempt, _jitter(self.history.workflow_id, seq, attempt))
+                retry.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
             )
             attempt += 1
 
@@ -845,93 +485,6 @@ class _Run:
             raise StepFailedError(name, error_type, str(oversize)) from oversize
         await self.record([done])
         return encoded
-
-    async def _attempt(
-        self,
-        seq: int,
-        name: str,
-        fn: Callable[..., Any],
-        args: tuple[Any, ...],
-        attempt: int,
-        timeout: float | None,
-    ) -> tuple[bool, Any, Callable[[], None]]:
-        """One attempt: (succeeded, value or error, release). A sync attempt keeps
-        its thread until ``release`` is called, after its result is recorded: so the
-        bodies that finished but whose results are not yet durable never outnumber
-        the step threads, and a crash re-runs at most that many."""
-        info = StepInfo(self.history.workflow_id, seq, name, attempt)
-        token = _current_step.set(info)
-        try:
-            if not _is_async(fn):
-                return await self._attempt_in_thread(info, fn, args, timeout)
-            try:
-                value = await asyncio.wait_for(fn(*args), timeout)
-            except TimeoutError:
-                return False, _timed_out(name, attempt, timeout), _nothing
-            except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
-                return False, exc, _nothing
-            return True, value, _nothing
-        finally:
-            _current_step.reset(token)
-
-    async def _attempt_in_thread(
-        self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None
-    ) -> tuple[bool, Any, Callable[[], None]]:
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        recorded = threading.Event()
-        context = contextvars.copy_context()
-
-        def job() -> None:
-            outcome: tuple[bool, Any]
-            try:
-                outcome = (True, context.run(fn, *args))
-            except Exception as exc:  # noqa: BLE001 - handed to the retry policy
-                outcome = (False, exc)
-            try:
-                loop.call_soon_threadsafe(_settle_future, got, outcome)
-            except RuntimeError:  # the loop is gone: nobody will record it
-                return
-            if outcome[0]:
-                recorded.wait(RESULT_HOLD_LIMIT)
-
-        work = loop.run_in_executor(self.host.step_pool, job)
-        try:
-            ok, value = await asyncio.wait_for(asyncio.shield(got), timeout)
-        except TimeoutError:
-            info._cancel.set()
-            recorded.set()
-            # Recorded as failed now (visible at once); the next attempt waits for it.
-            self.hung[info.seq] = (info, work, timeout)
-            return False, _timed_out(info.name, info.attempt, timeout), _nothing
-        except BaseException:
-            recorded.set()
-            raise
-        return ok, value, recorded.set
-
-    async def _outlive(self, seq: int) -> None:
-        """A new attempt never starts while an earlier one of the same step runs:
-        wait for a timed-out thread, saying so now and then."""
-        hung = self.hung.pop(seq, None)
-        if hung is None:
-            return
-        info, work, timeout = hung
-        waited = 0.0
-        while True:
-            done, _ = await asyncio.wait({work}, timeout=HUNG_WARNING_EVERY)
-            if done:
-                return
-            waited += HUNG_WARNING_EVERY
-            log.warning(
-                "workflow %s: attempt %d of step %r timed out after %ss and is still "
-                "running %.0fs later; the next attempt waits for it (check "
-                "current_step().cancelled in long sync steps)",
-                info.workflow_id,
-                info.attempt,
-                info.name,
-                timeout,
-                waited,
-            )
 
     async def timer(self, fire_at: Callable[[int], int]) -> None:
         seq, recorded = self._command("timer", "sleep")
@@ -1071,19 +624,5 @@ def _final(recorded: list[Any] | None, kinds: Any) -> Any:
     return None
 
 
-def _timed_out(name: str, attempt: int, timeout: float | None) -> TimeoutError:
-    return TimeoutError(f"attempt {attempt} of step {name!r} took longer than {timeout}s")
-
-
 def _external(data: Any) -> bool:
     return isinstance(data, SignalSent | CancelRequested | ChildFinished)
-
-
-def _keep_async(original: Callable[..., Any], wrapper: Callable[..., Any]) -> Callable[..., Any]:
-    if not _is_async(original):
-        return wrapper
-
-    async def call(*args: Any) -> Any:
-        return await wrapper(*args)
-
-    return call

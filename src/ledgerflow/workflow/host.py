@@ -1,0 +1,110 @@
+"""The contract between a pass and the engine that hosts it.
+
+A pass (``run.py``) replays an instance's history through its code and acts; it
+talks to its host only through ``RunHost``, and tells it how it ended with one of
+the exceptions below or a ``PassResult``. Only returning or raising from the
+workflow's code is the workflow's own outcome; the rest are ``BaseException``s, so
+``except Exception`` in workflow code cannot swallow them (see
+``docs/adr/005-engine-promises.md``).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Executor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Protocol
+
+from ..errors import LedgerflowError, WorkflowError
+from ..events import AppendResult, RecordedEvent
+from .definition import WorkflowDefinition
+from .history import Finished, History
+
+if TYPE_CHECKING:
+    from ..store.runtime import RuntimeWrite
+
+__all__ = ["Abandon", "BodyEnded", "Park", "PassResult", "Restart", "RunHost", "Suspend"]
+
+
+class Suspend(BaseException):
+    """The instance must wait: end this pass, record ``events``, wake at ``due_at_us``."""
+
+    def __init__(
+        self,
+        events: list[Any] | None = None,
+        due_at_us: int | None = None,
+        child_id: str | None = None,
+    ) -> None:
+        super().__init__("suspended")
+        self.events = events or []
+        self.due_at_us = due_at_us
+        self.child_id = child_id
+
+
+class Restart(BaseException):
+    """Another runner recorded commands under us: start the pass again from history."""
+
+
+class Abandon(BaseException):
+    """The store failed under the pass (unreachable, locked, closed): drop the pass
+    and retry it from the last recorded event; never the workflow's outcome."""
+
+    def __init__(self, cause: LedgerflowError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class Park(BaseException):
+    """The code cannot go on with this history: park the instance as ``stuck``."""
+
+    def __init__(self, error: WorkflowError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class BodyEnded(BaseException):
+    """A command issued after the body ended (a ``gather`` branch still running):
+    it is not started; the next pass replays the branch."""
+
+
+class RunHost(Protocol):
+    """What a pass needs from the engine that hosts it."""
+
+    @property
+    def step_pool(self) -> Executor | None: ...
+
+    @property
+    def max_event_bytes(self) -> int | None:
+        """Largest encoded event the store takes; None if the host records nothing."""
+        ...
+
+    def now_us(self) -> int: ...
+
+    def encoded_size(self, event: Any) -> int: ...
+
+    async def append(
+        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
+    ) -> AppendResult:
+        """Append at ``history.version``; ConcurrencyError if the stream moved."""
+        ...
+
+    async def read_after(self, history: History) -> list[RecordedEvent]: ...
+
+    async def appended(self, history: History, before: int) -> None:
+        """Called after each append made by the pass (snapshots hook in here)."""
+        ...
+
+    async def start_child(
+        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+    ) -> None: ...
+
+    async def cancel_child(self, child_id: str, reason: str) -> None: ...
+
+
+@dataclass
+class PassResult:
+    """How a pass ended: suspended (``suspend``) or finished (``finished``)."""
+
+    suspend: Suspend | None = None
+    finished: Finished | None = None
+    exposed: Any = None
+    buffered: list[Any] = field(default_factory=list)
