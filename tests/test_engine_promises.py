@@ -803,3 +803,33 @@ async def test_integers_of_any_size_survive_history_snapshots(engine: EngineFact
         assert result == 4 * 2**70 + 6
         assert await e.query("bi-1") is None
         assert (await e.describe("bi-1")).status == "completed"
+
+
+@ledgerflow.workflow(name="one_nap", version=1)
+async def one_nap(ctx: WorkflowContext, n: int) -> int:
+    await ctx.sleep(10)
+    return n
+
+
+async def test_a_claim_landing_while_a_pass_ends_leads_to_another_pass(
+    engine: EngineFactory, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The scheduler may claim an instance in the instant between its pass writing
+    the next wake-up and the pass's task ending. That claim leases the row to this
+    engine, so it must lead to another pass here: dropped, nobody would run the
+    instance until the lease expired."""
+    real = Engine._conclude
+    claimed: list[bool] = []
+
+    async def conclude_then_claim(self: Engine, history: Any, result: Any) -> bool:
+        again = await real(self, history, result)
+        if result.suspend is not None and not claimed:
+            clock.advance(10)  # the timer is due now...
+            claimed.append(await self._claim())  # ...and the scheduler claims it
+        return again
+
+    monkeypatch.setattr(Engine, "_conclude", conclude_then_claim)
+    async with engine(one_nap, lease=timedelta(minutes=10)) as e:
+        await e.start(one_nap, 7, id="race-1")
+        assert await e.handle("race-1").result(timeout=WAIT) == 7
+    assert claimed
