@@ -833,3 +833,23 @@ async def test_a_claim_landing_while_a_pass_ends_leads_to_another_pass(
         await e.start(one_nap, 7, id="race-1")
         assert await e.handle("race-1").result(timeout=WAIT) == 7
     assert claimed
+
+
+# -- the client: the store alone, no scheduler ------------------------------------------
+
+
+async def test_a_client_starts_and_reads_what_an_engine_runs(store_url: str) -> None:
+    target: Any = store_url
+    if store_url.startswith("memory"):
+        target = await ledgerflow.open_store(store_url).open()
+    async with ledgerflow.WorkflowClient(target, workflows=[saga3], poll_interval=0.02) as client:
+        handle = await client.start(saga3, "c", id="cl-1")
+        assert (await client.describe("cl-1")).status == "running"  # nobody runs it yet
+        assert await client.store.get_wakeup("cl-1") is not None
+        async with ledgerflow.Engine(target, workflows=[saga3], poll_interval=0.02):
+            assert await handle.result(timeout=WAIT) == "shipped"
+        assert (await client.describe("cl-1")).status == "completed"
+        with pytest.raises(ledgerflow.WorkflowFinishedError):
+            await client.signal("cl-1", "late")
+    if not isinstance(target, str):
+        await target.close()

@@ -65,6 +65,7 @@ EXPECTED = {
     "StepCancelledError",
     "UnrecordableValueError",
     "WorkflowAlreadyStartedError",
+    "WorkflowClient",
     "LedgerNotFoundError",
     "SchemaOutdatedError",
     "StoreReadOnlyError",

@@ -61,6 +61,7 @@ from .store import EventStore, open_store
 from .workflow import (
     Engine,
     StepInfo,
+    WorkflowClient,
     WorkflowContext,
     WorkflowDefinition,
     WorkflowDescription,
@@ -128,6 +129,7 @@ __all__ = [
     "VerifyReport",
     "WorkflowAlreadyStartedError",
     "WorkflowCancelled",
+    "WorkflowClient",
     "WorkflowContext",
     "WorkflowDefinition",
     "WorkflowDefinitionError",

@@ -20,7 +20,8 @@ from .errors import LedgerflowError
 from .events import RecordedEvent
 from .hashing import from_micros
 from .store import open_store
-from .workflow.engine import Engine, WorkflowDescription
+from .workflow.client import WorkflowClient
+from .workflow.handles import WorkflowDescription
 from .workflow.history import TERMINAL
 
 __all__ = ["app", "main"]
@@ -133,24 +134,19 @@ def audit_verify(db: DbOption = DEFAULT_DB) -> None:
 # -- workflows ------------------------------------------------------------------------
 
 
-async def _client(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
-    """``call`` with an Engine used only as a client of the store.
-
-    The scheduler is never started: this process claims no work and runs no
-    workflow, and (takeover=False) leaves the leases of running engines alone.
-    Signals and cancellations nudge the instance so that its engine picks them up.
-    """
-    engine = Engine(open_store(db, create=False), workflows=[], concurrency=1, takeover=False)
-    try:
-        await engine.store.open()
-        return await call(engine)
-    finally:
-        await engine.store.close()
-        engine.step_pool.shutdown(wait=False)
+async def _client(db: str, call: Callable[[WorkflowClient], Awaitable[T]]) -> T:
+    """``call`` with a workflow client of the store: it claims no work and runs no
+    workflow, and leaves the leases of running engines alone. Signals and
+    cancellations nudge the instance so that its engine picks them up."""
+    async with WorkflowClient(open_store(db, create=False)) as client:
+        try:
+            return await call(client)
+        finally:
+            await client.store.close()
 
 
-def _call(db: str, call: Callable[[Engine], Awaitable[T]]) -> T:
-    """The result of ``call`` on a client Engine for the store at ``db``."""
+def _call(db: str, call: Callable[[WorkflowClient], Awaitable[T]]) -> T:
+    """The result of ``call`` on a workflow client of the store at ``db``."""
     return _run(lambda: _client(db, call))
 
 

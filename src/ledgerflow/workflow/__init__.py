@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from .client import WorkflowClient
 from .context import WorkflowContext
 from .definition import StepOptions, WorkflowDefinition, step, workflow
 from .engine import Engine, WorkflowDescription, WorkflowHandle
@@ -14,6 +15,7 @@ __all__ = [
     "LintFinding",
     "StepInfo",
     "StepOptions",
+    "WorkflowClient",
     "WorkflowContext",
     "WorkflowDefinition",
     "WorkflowDescription",

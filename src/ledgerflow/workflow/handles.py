@@ -23,7 +23,7 @@ from .history import (
 )
 
 if TYPE_CHECKING:
-    from .engine import Engine
+    from .client import WorkflowClient
 
 __all__ = ["WorkflowDescription", "WorkflowHandle", "open_wait", "waiting_for"]
 
@@ -52,7 +52,7 @@ class WorkflowDescription:
 class WorkflowHandle(Generic[O]):
     """A started instance, by id; cheap to create, holds no state of its own."""
 
-    def __init__(self, engine: Engine, workflow_id: str, output_type: Any = Any) -> None:
+    def __init__(self, engine: WorkflowClient, workflow_id: str, output_type: Any = Any) -> None:
         self.engine = engine
         self.id = workflow_id
         self._output_type = output_type

@@ -22,7 +22,16 @@ from .history import Finished, History
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
 
-__all__ = ["Abandon", "BodyEnded", "Park", "PassResult", "Restart", "RunHost", "Suspend"]
+__all__ = [
+    "Abandon",
+    "BodyEnded",
+    "Park",
+    "PassResult",
+    "ReplayHost",
+    "Restart",
+    "RunHost",
+    "Suspend",
+]
 
 
 class Suspend(BaseException):
@@ -108,3 +117,39 @@ class PassResult:
     finished: Finished | None = None
     exposed: Any = None
     buffered: list[Any] = field(default_factory=list)
+
+
+class ReplayHost:
+    """A host for passes that only replay (queries, golden-history checks): it has a
+    clock and nothing else, since a replaying pass never acts."""
+
+    step_pool: Executor | None = None
+    max_event_bytes: int | None = None
+
+    def __init__(self, now_us: int) -> None:
+        self._now_us = now_us
+
+    def now_us(self) -> int:
+        return self._now_us
+
+    def encoded_size(self, event: Any) -> int:
+        return 0
+
+    async def append(
+        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
+    ) -> AppendResult:
+        raise AssertionError("a replaying pass never records")
+
+    async def read_after(self, history: History) -> list[RecordedEvent]:
+        raise AssertionError("a replaying pass never records")
+
+    async def appended(self, history: History, before: int) -> None:
+        raise AssertionError("a replaying pass never records")
+
+    async def start_child(
+        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+    ) -> None:
+        raise AssertionError("a replaying pass never acts")
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        raise AssertionError("a replaying pass never acts")

@@ -8,7 +8,6 @@ the first command that differs.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
@@ -20,7 +19,7 @@ from ..hashing import to_micros
 from ..registry import EventRegistry
 from .definition import WorkflowDefinition
 from .history import History, history_registry
-from .host import Park, Suspend
+from .host import Park, ReplayHost, Suspend
 from .run import _Run
 
 __all__ = ["export_history", "replay"]
@@ -41,38 +40,6 @@ def export_history(events: list[RecordedEvent]) -> list[dict[str, Any]]:
     ]
 
 
-class _ReplayOnly:
-    """Stands in for the engine (``run.RunHost``): replay reads the history and
-    never acts, so everything but the clock is out of reach."""
-
-    step_pool: ThreadPoolExecutor | None = None
-    max_event_bytes: int | None = None
-
-    def __init__(self, now_us: int) -> None:
-        self._now_us = now_us
-
-    def now_us(self) -> int:
-        return self._now_us
-
-    def encoded_size(self, event: Any) -> int:
-        return 0
-
-    async def append(self, *args: Any) -> Any:
-        raise AssertionError("replay never records")
-
-    async def read_after(self, *args: Any) -> Any:
-        raise AssertionError("replay never records")
-
-    async def appended(self, *args: Any) -> None:
-        raise AssertionError("replay never records")
-
-    async def start_child(self, *args: Any) -> None:
-        raise AssertionError("replay never acts")
-
-    async def cancel_child(self, *args: Any) -> None:
-        raise AssertionError("replay never acts")
-
-
 async def replay(
     definition: WorkflowDefinition[Any, Any],
     history: list[dict[str, Any]] | list[RecordedEvent],
@@ -89,7 +56,7 @@ async def replay(
             events.append(_recorded(index, item))
     workflow_id = events[0].stream_id.removeprefix("wf-") if events else "replay"
     indexed = History.of(workflow_id, events)
-    run = _Run(_ReplayOnly(to_micros(datetime.now(UTC))), definition, indexed, query=True)
+    run = _Run(ReplayHost(to_micros(datetime.now(UTC))), definition, indexed, query=True)
     try:
         result = await run.execute()
     except Suspend:

@@ -1,0 +1,510 @@
+"""The client of durable workflows: start, signal, cancel, look at, wait for.
+
+Everything here goes through the store alone: no scheduler, no step threads, no
+leases. The CLI uses a ``WorkflowClient`` as it is (and so will the HTTP API); an
+``Engine`` is a client that also runs instances.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from types import TracebackType
+from typing import Any, Self, TypeVar, overload
+
+from jsonschema import Draft202012Validator
+from jsonschema.exceptions import SchemaError
+
+from ..clock import Clock, SystemClock
+from ..errors import (
+    ConcurrencyError,
+    ConfigurationError,
+    SignalInputError,
+    UnknownWorkflowError,
+    WorkflowAlreadyStartedError,
+    WorkflowError,
+    WorkflowFailedError,
+    WorkflowFinishedError,
+    WorkflowInputError,
+    WorkflowNotFoundError,
+)
+from ..events import NO_STREAM, RecordedEvent
+from ..hashing import from_micros, to_micros
+from ..registry import EventRegistry
+from ..store import open_store
+from ..store._base import BaseEventStore
+from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
+from .codec import CodecError, from_builtins, to_builtins
+from .definition import WorkflowDefinition
+from .handles import WorkflowDescription, WorkflowHandle, open_wait, waiting_for
+from .history import (
+    TERMINAL,
+    CancelRequested,
+    Finished,
+    History,
+    SignalSent,
+    Started,
+    history_registry,
+)
+from .host import Park, ReplayHost, Suspend
+from .journal import load_history
+from .run import _Run
+
+__all__ = ["STREAM_PREFIX", "WorkflowClient"]
+
+I = TypeVar("I")  # noqa: E741
+O = TypeVar("O")  # noqa: E741
+
+STREAM_PREFIX = "wf-"
+SIGNAL_CHECK_WINDOW = 64
+"""Latest events a sender reads to find the wait its signal is for."""
+
+Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
+"""(name, version) of the instance and how it ended."""
+
+
+@dataclass(slots=True)
+class _Waiters:
+    future: asyncio.Future[Outcome]
+    count: int = 0
+
+
+class WorkflowClient:
+    """Starts, signals, cancels and reads workflow instances through a store.
+
+    ``store`` is a URL (opened and closed by the client) or a store object. Workflows
+    are registered to start them by name and to decode their results and queries.
+    """
+
+    def __init__(
+        self,
+        store: str | BaseEventStore,
+        *,
+        workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
+        clock: Clock | None = None,
+        poll_interval: float = 1.0,
+        registry: EventRegistry | None = None,
+    ) -> None:
+        self.clock: Clock = clock or SystemClock()
+        self._owns_store = isinstance(store, str)
+        if isinstance(store, str):
+            self.store: BaseEventStore = open_store(
+                store, registry=history_registry(registry), clock=self.clock.now
+            )
+        else:
+            history_registry(store.registry)
+            self.store = store
+        self._definitions: dict[tuple[str, int], WorkflowDefinition[Any, Any]] = {}
+        self._latest: dict[str, WorkflowDefinition[Any, Any]] = {}
+        for definition in workflows:
+            self.register(definition)
+        self.poll_interval = poll_interval
+        self._stuck: dict[str, WorkflowError] = {}
+        # Callers of result() waiting on instances this process runs: a future and
+        # how many wait on it.
+        self._waiters: dict[str, _Waiters] = {}
+
+    async def open(self) -> Self:
+        """Open the store (``async with`` does it for you)."""
+        await self.store.open()
+        return self
+
+    async def close(self) -> None:
+        """Close the store if this client opened it from a URL."""
+        if self._owns_store:
+            await self.store.close()
+
+    async def __aenter__(self) -> Self:
+        return await self.open()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- hooks an engine fills in -----------------------------------------------------
+
+    _owner: str | None = None
+    _lease_us: int = 0
+
+    def _takes_new_work(self) -> bool:
+        """Whether this process runs an instance it starts (a client never does)."""
+        return False
+
+    def _run_here(self, history: History) -> None:
+        raise AssertionError("a client runs no instance")  # pragma: no cover
+
+    def _poke(self) -> None:
+        """Something became due: a client has no scheduler to wake."""
+
+    def register(self, definition: WorkflowDefinition[Any, Any]) -> None:
+        known = self._definitions.get(definition.key)
+        if known is not None and known.fn is not definition.fn:
+            raise ConfigurationError(
+                f"workflow {definition.name!r} v{definition.version} is registered twice"
+            )
+        self._definitions[definition.key] = definition
+        latest = self._latest.get(definition.name)
+        if latest is None or latest.version < definition.version:
+            self._latest[definition.name] = definition
+
+    def _now_us(self) -> int:
+        return to_micros(self.clock.now())
+
+    @staticmethod
+    def stream_id(workflow_id: str) -> str:
+        """The ledger stream holding the history of instance ``workflow_id``."""
+        return STREAM_PREFIX + workflow_id
+
+    def _definition(
+        self, workflow: WorkflowDefinition[Any, Any] | str
+    ) -> WorkflowDefinition[Any, Any]:
+        if isinstance(workflow, str):
+            found = self._latest.get(workflow)
+            if found is None:
+                raise UnknownWorkflowError(workflow)
+            return found
+        if workflow.key not in self._definitions:
+            raise UnknownWorkflowError(workflow.name, workflow.version)
+        return workflow
+
+    @overload
+    async def start(
+        self, workflow: WorkflowDefinition[I, O], input: I, *, id: str | None = None
+    ) -> WorkflowHandle[O]: ...
+    @overload
+    async def start(
+        self, workflow: str, input: Any, *, id: str | None = None
+    ) -> WorkflowHandle[Any]: ...
+    async def start(
+        self,
+        workflow: WorkflowDefinition[Any, Any] | str,
+        input: Any,
+        *,
+        id: str | None = None,
+    ) -> WorkflowHandle[Any]:
+        """Start an instance, or return the handle of the one with this ``id``.
+
+        The input is checked against the workflow's input type before anything is
+        recorded. Starting is idempotent on ``id``: the same workflow and input
+        return the existing instance; another workflow or input under the same id
+        raises ``WorkflowAlreadyStartedError``. Without ``id`` a random one is used.
+        """
+        definition = self._definition(workflow)
+        workflow_id = str(uuid.uuid4()) if id is None else id
+        await self._start(definition, input, workflow_id, None)
+        return WorkflowHandle(self, workflow_id, definition.output_type)
+
+    def handle(self, workflow_id: str, output_type: Any = Any) -> WorkflowHandle[Any]:
+        return WorkflowHandle(self, workflow_id, output_type)
+
+    async def _start(
+        self,
+        definition: WorkflowDefinition[Any, Any],
+        given: Any,
+        workflow_id: str,
+        parent_id: str | None,
+    ) -> None:
+        if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
+            raise WorkflowInputError(
+                definition.name,
+                f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
+            )
+        encoded = _check_input(definition, given)
+        now = self._now_us()
+        local = self._takes_new_work()
+        row = InstanceRow(
+            workflow_id, definition.name, definition.version, "running", parent_id, now, now
+        )
+        schedule = Schedule(
+            workflow_id,
+            now,
+            self._owner if local else None,
+            now + self._lease_us if local else None,
+        )
+        started = Started(
+            name=definition.name, version=definition.version, input=encoded, parent_id=parent_id
+        )
+        try:
+            await self.store.append(
+                self.stream_id(workflow_id),
+                [started],
+                NO_STREAM,  # the one check that makes starting idempotent
+                runtime=[PutInstance(row), schedule],
+            )
+        except ConcurrencyError:
+            await self._same_start(workflow_id, started)
+            return
+        if local:
+            # The first pass replays what we just wrote: no need to read it back.
+            history = History(workflow_id, started)
+            history.add(1, started)
+            self._run_here(history)
+        else:
+            self._poke()
+
+    async def _same_start(self, workflow_id: str, wanted: Started) -> None:
+        """An instance with this id exists: fine if it was started the same way."""
+        first = await self.store.read_stream(self.stream_id(workflow_id), limit=1)
+        existing = first[0].data if first else None
+        if not isinstance(existing, Started) or existing.name != wanted.name:
+            name = existing.name if isinstance(existing, Started) else "?"
+            raise WorkflowAlreadyStartedError(
+                workflow_id, f"it is a {name!r} workflow, not {wanted.name!r}"
+            )
+        if existing.parent_id != wanted.parent_id:
+            raise WorkflowAlreadyStartedError(
+                workflow_id, f"it belongs to parent {existing.parent_id!r}"
+            )
+        if existing.input != wanted.input:
+            raise WorkflowAlreadyStartedError(
+                workflow_id,
+                "it was started with another input; starting is idempotent only for the same input",
+            )
+
+    async def _load_history(self, workflow_id: str) -> History:
+        """From the latest snapshot and the events after it, or from the start."""
+        return await load_history(self.store, workflow_id)
+
+    async def _finished_event(self, workflow_id: str) -> Finished | None:
+        row = await self.store.get_instance(workflow_id)
+        if row is None or row.status not in TERMINAL:
+            return None
+        stream = self.stream_id(workflow_id)
+        for event in await self.store.read_stream(stream, backwards=True, limit=50):
+            if isinstance(event.data, Finished):
+                return event.data
+        history = await self._load_history(workflow_id)
+        return history.finished
+
+    async def _instance(self, workflow_id: str) -> InstanceRow:
+        row = await self.store.get_instance(workflow_id)
+        if row is None:
+            raise WorkflowNotFoundError(workflow_id)
+        return row
+
+    async def _send(self, workflow_id: str, event: Any, action: str) -> None:
+        stream = self.stream_id(workflow_id)
+        checked = False
+        while True:
+            # Version first: the status row and the Finished event are written in one
+            # append, so a status read after the version that is not terminal proves
+            # the version predates the end, and a later end fails this append.
+            version = await self.store.stream_version(stream)
+            row = await self._instance(workflow_id)
+            if row.status in TERMINAL:
+                raise WorkflowFinishedError(workflow_id, row.status, action)
+            if isinstance(event, SignalSent) and not checked:
+                await self._check_signal(workflow_id, event)
+                checked = True
+            # A parked instance keeps what is sent for when it resumes, but is not
+            # woken for it: it could only park again.
+            runtime = [Nudge(workflow_id, self._now_us())] if row.status == "running" else []
+            try:
+                await self.store.append(stream, [event], version, runtime=runtime)
+            except ConcurrencyError:
+                continue  # it moved on (or finished) meanwhile: look again
+            self._poke()
+            return
+
+    async def _check_signal(self, workflow_id: str, signal: SignalSent) -> None:
+        """Refuse a payload that does not fit the type the instance waits for now.
+
+        The wait records its type's JSON Schema, so any sender (this process, the
+        CLI, another service) can check without the workflow's code. A signal sent
+        ahead of its wait cannot be checked here; the wait rejects it if it does
+        not fit, visibly, and goes on waiting.
+        """
+        recent = await self.store.read_stream(
+            self.stream_id(workflow_id), backwards=True, limit=SIGNAL_CHECK_WINDOW
+        )
+        waiting = open_wait([event.data for event in recent], signal.name)
+        if waiting is None or waiting.schema is None:
+            return
+        try:
+            validator = Draft202012Validator(waiting.schema)
+            errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))
+        except SchemaError:
+            return  # a schema we cannot use: the wait checks the payload itself
+        if errors:
+            described = "; ".join(
+                f"{'/'.join(str(p) for p in error.absolute_path) or 'payload'}: {error.message}"
+                for error in errors[:5]
+            )
+            raise SignalInputError(
+                workflow_id, signal.name, f"does not fit the waited-for type: {described}"
+            )
+
+    async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+        """Deliver a signal; kept until the workflow waits for it.
+
+        If the instance is waiting for ``name`` now, the payload is checked against
+        the waited-for type first: ``WorkflowInputError`` and nothing recorded if it
+        does not fit.
+        """
+        if not isinstance(name, str) or not name:
+            raise WorkflowInputError(
+                f"signal {name!r}", "the signal name must be a non-empty string"
+            )
+        try:
+            encoded = to_builtins(payload)
+        except CodecError as exc:
+            raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
+        await self._send(workflow_id, SignalSent(name=name, payload=encoded), "signal")
+
+    async def cancel(self, workflow_id: str, reason: str | None = None) -> None:
+        """Ask the instance to stop: it raises ``WorkflowCancelled`` at its next await,
+        its compensations run and the children it still runs are cancelled too."""
+        await self._send(workflow_id, CancelRequested(reason=reason), "cancel")
+
+    async def result(
+        self,
+        workflow_id: str,
+        *,
+        timeout: timedelta | float | None = None,
+        output_type: Any = Any,
+    ) -> Any:
+        seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
+        loop = asyncio.get_running_loop()
+        deadline = None if seconds is None else loop.time() + seconds
+        # Registered before the first look, so an end between look and wait still
+        # wakes us; instances another process runs are polled.
+        waiter = self._outcome(workflow_id)
+        try:
+            while True:
+                if waiter.done():
+                    started, outcome = waiter.result()
+                    return self._decode_outcome(workflow_id, started, outcome, output_type)
+                row = await self._instance(workflow_id)
+                if row.status in TERMINAL:
+                    finished = await self._finished_event(workflow_id)
+                    assert finished is not None
+                    return self._decode_outcome(
+                        workflow_id, (row.name, row.version), finished, output_type
+                    )
+                if row.status == "stuck" and workflow_id in self._stuck:
+                    raise self._stuck[workflow_id]
+                wait = self.poll_interval
+                if deadline is not None:
+                    left = deadline - loop.time()
+                    if left <= 0:
+                        raise TimeoutError(f"workflow {workflow_id!r} has not finished")
+                    wait = min(wait, left)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(waiter), wait)
+        finally:
+            self._release_outcome(workflow_id)
+
+    def _outcome(self, workflow_id: str) -> asyncio.Future[Outcome]:
+        entry = self._waiters.get(workflow_id)
+        if entry is None:
+            entry = self._waiters[workflow_id] = _Waiters(
+                asyncio.get_running_loop().create_future()
+            )
+        entry.count += 1
+        return entry.future
+
+    def _release_outcome(self, workflow_id: str) -> None:
+        entry = self._waiters.get(workflow_id)
+        if entry is not None:
+            entry.count -= 1
+            if entry.count <= 0:
+                del self._waiters[workflow_id]
+
+    def _tell(self, history: History, outcome: Finished | WorkflowError) -> None:
+        entry = self._waiters.get(history.workflow_id)
+        if entry is not None and not entry.future.done():
+            entry.future.set_result(((history.started.name, history.started.version), outcome))
+
+    def _decode_outcome(
+        self, workflow_id: str, started: tuple[str, int], outcome: Any, output_type: Any
+    ) -> Any:
+        if isinstance(outcome, WorkflowError):
+            raise outcome
+        finished: Finished = outcome
+        if finished.status != "completed":
+            raise WorkflowFailedError(
+                workflow_id, finished.status, finished.error_type or "", finished.message or ""
+            )
+        definition = self._definitions.get(started)
+        wanted = output_type if definition is None else definition.output_type
+        return from_builtins(finished.result, wanted)
+
+    async def history(self, workflow_id: str) -> list[RecordedEvent]:
+        await self._instance(workflow_id)
+        return await self.store.read_stream(self.stream_id(workflow_id))
+
+    async def query(self, workflow_id: str) -> Any:
+        """The state the workflow last exposed (``ctx.expose``), by replaying its
+        history without acting."""
+        row = await self._instance(workflow_id)
+        definition = self._definitions.get((row.name, row.version))
+        if definition is None:
+            raise UnknownWorkflowError(row.name, row.version)
+        run = _Run(
+            ReplayHost(self._now_us()),
+            definition,
+            await self._load_history(workflow_id),
+            query=True,
+        )
+        try:
+            result = await run.execute()
+        except Suspend:
+            return run.exposed
+        except Park as park:
+            raise park.error from None
+        return result.exposed
+
+    async def describe(self, workflow_id: str) -> WorkflowDescription:
+        row = await self._instance(workflow_id)
+        history = await self._load_history(workflow_id)
+        finished = history.finished
+        result = None
+        error = None
+        if finished is not None:
+            result = finished.result
+            if finished.status != "completed":
+                error = f"{finished.error_type}: {finished.message}"
+        elif history.stuck is not None:
+            error = f"{history.stuck.error_type}: {history.stuck.message}"
+        return WorkflowDescription(
+            workflow_id=workflow_id,
+            name=row.name,
+            version=row.version,
+            status=row.status,
+            parent_id=row.parent_id,
+            created_at=from_micros(row.created_at_us),
+            updated_at=from_micros(row.updated_at_us),
+            events=history.events,
+            waiting_for=None if finished else waiting_for(history),
+            result=result,
+            error=error,
+            unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
+        )
+
+    async def list_workflows(
+        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[InstanceRow]:
+        return await self.store.list_instances(status=status, after=after, limit=limit)
+
+
+def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
+    """The input as JSON builtins, once it is known to fit the input type."""
+    try:
+        encoded = to_builtins(given)
+        from_builtins(encoded, definition.input_type)
+    except CodecError as exc:
+        raise WorkflowInputError(definition.name, str(exc)) from exc
+    wanted = definition.input_type
+    if isinstance(wanted, type) and wanted is not Any and not isinstance(given, wanted | dict):
+        raise WorkflowInputError(
+            definition.name, f"expected {wanted.__qualname__}, got {type(given).__qualname__}"
+        )
+    return encoded

@@ -1,0 +1,131 @@
+"""The journal of workflow histories: the one place a runner's appends go through.
+
+It keeps hot histories decoded in a bounded cache, extends them with what others
+appended, appends a pass's events at the version the pass replayed (so a runner never
+writes on a history it has not seen), and snapshots a long history every
+``snapshot_every`` events so a cold load reads the snapshot and the tail.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Any
+
+from ..events import Snapshot
+from ..store._base import BaseEventStore
+from ..store.runtime import RuntimeWrite
+from .history import SNAPSHOT_TYPE, SNAPSHOT_VERSION, History
+
+__all__ = ["Journal", "load_history", "stream_of"]
+
+log = logging.getLogger("ledgerflow.engine")
+
+STREAM_PREFIX = "wf-"
+
+
+def stream_of(workflow_id: str) -> str:
+    """The ledger stream holding the history of instance ``workflow_id``."""
+    return STREAM_PREFIX + workflow_id
+
+
+async def load_history(store: BaseEventStore, workflow_id: str) -> History:
+    """From the latest snapshot and the events after it, or from the start."""
+    stream = stream_of(workflow_id)
+    snapshot = await store.load_snapshot(stream)
+    if (
+        snapshot is not None
+        and snapshot.type == SNAPSHOT_TYPE
+        and snapshot.schema_version == SNAPSHOT_VERSION
+    ):
+        history = History.from_snapshot(snapshot.state)
+        history.extend(await store.read_stream(stream, from_version=history.version + 1))
+        return history
+    return History.of(workflow_id, await store.read_stream(stream))
+
+
+class Journal:
+    """Histories of the instances a runner works on; see the module docstring."""
+
+    def __init__(
+        self, store: BaseEventStore, *, cache_size: int, snapshot_every: int | None
+    ) -> None:
+        self.store = store
+        self.cache_size = cache_size
+        self.snapshot_every = snapshot_every
+        self._cache: OrderedDict[str, History] = OrderedDict()
+        self._fresh: set[str] = set()
+        """Histories this process has just started: nothing to read back for them."""
+
+    async def current(self, workflow_id: str) -> History:
+        """The instance's history as stored now: cached and extended, or loaded."""
+        cached = self._cache.get(workflow_id)
+        if workflow_id in self._fresh and cached is not None:
+            self._fresh.discard(workflow_id)
+            return cached
+        if cached is None:
+            cached = await load_history(self.store, workflow_id)
+        else:
+            stream = stream_of(workflow_id)
+            cached.extend(await self.store.read_stream(stream, from_version=cached.version + 1))
+        self.remember(cached)
+        return cached
+
+    def remember(self, history: History, *, fresh: bool = False) -> None:
+        self._cache[history.workflow_id] = history
+        self._cache.move_to_end(history.workflow_id)
+        if fresh:
+            self._fresh.add(history.workflow_id)
+        while len(self._cache) > self.cache_size:
+            evicted, _ = self._cache.popitem(last=False)
+            self._fresh.discard(evicted)
+
+    def forget(self, workflow_id: str) -> None:
+        """Drop the cached history: the next pass reads what is stored."""
+        self._cache.pop(workflow_id, None)
+
+    def settled(self, workflow_id: str) -> None:
+        """The instance's task ended: a later pass reads the tail again."""
+        self._fresh.discard(workflow_id)
+
+    async def append(
+        self, history: History, events: list[Any], runtime: list[RuntimeWrite]
+    ) -> None:
+        """Append at the version ``history`` is at (``ConcurrencyError`` if the stream
+        moved on), then fold the events in."""
+        before = history.version
+        result = await self.store.append(
+            stream_of(history.workflow_id), events, history.version, runtime=runtime
+        )
+        first = result.version - len(events) + 1
+        for offset, event in enumerate(events):
+            history.add(first + offset, event)
+        await self.snapshot_if_due(history, before)
+
+    async def guarded(self, history: History, runtime: list[RuntimeWrite]) -> None:
+        """Write runtime rows only if the stream is still at ``history.version``."""
+        await self.store.append(
+            stream_of(history.workflow_id), [], history.version, runtime=runtime
+        )
+
+    async def snapshot_if_due(self, history: History, before: int) -> None:
+        """Keep a snapshot every ``snapshot_every`` events, so a long history never
+        has to be read whole again."""
+        every = self.snapshot_every
+        if not every or history.version // every <= before // every:
+            return
+        try:
+            state = history.snapshot()
+        except (TypeError, ValueError, OverflowError) as exc:
+            # A snapshot only saves reading time: never let it stop the instance.
+            log.warning("workflow %s: no snapshot taken: %s", history.workflow_id, exc)
+            return
+        await self.store.save_snapshot(
+            Snapshot(
+                stream_of(history.workflow_id),
+                history.version,
+                SNAPSHOT_TYPE,
+                SNAPSHOT_VERSION,
+                state,
+            )
+        )
