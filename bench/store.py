@@ -75,6 +75,13 @@ INLINE_1M_BUDGET_S = 50.0
 """The 1M aggregate runs inline only if 1.5 times its projected fill ends by then."""
 
 
+def _open_adapter(url: str, **options: Any) -> BaseEventStore:
+    """The store behind the port: the benchmark reaches into the adapter."""
+    store = ledgerflow.open_store(url, **options)
+    assert isinstance(store, BaseEventStore)
+    return store
+
+
 def note(message: str) -> None:
     print(f"[bench/{Path(sys.argv[0]).stem}] {message}", file=sys.stderr, flush=True)
 
@@ -325,7 +332,7 @@ async def open_bench(backend: str) -> AsyncIterator[Bench]:
             floor = SQLiteFloor(directory / "floor.db")
             try:
                 url = f"sqlite:///{directory / 'ledger.db'}"
-                async with ledgerflow.open_store(url, registry=make_registry()) as store:
+                async with _open_adapter(url, registry=make_registry()) as store:
                     yield Bench(
                         backend,
                         store,
@@ -346,9 +353,7 @@ async def open_bench(backend: str) -> AsyncIterator[Bench]:
 
     schema = f"lf_bench_{uuid.uuid4().hex[:12]}"
     try:
-        async with ledgerflow.open_store(
-            pg_store_url(schema), registry=make_registry()
-        ) as pg_store:
+        async with _open_adapter(pg_store_url(schema), registry=make_registry()) as pg_store:
             pg_floor = await PostgresFloor.create(schema)
             try:
                 settings = {

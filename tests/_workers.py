@@ -15,9 +15,10 @@ from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier
 from typing import Any
 
-import ledgerflow
 from ledgerflow import Appended, ConcurrencyError, NewEvent
 from ledgerflow.store._base import BaseEventStore
+
+from ._adapters import open_adapter
 
 BARRIER_TIMEOUT = 120.0
 """Guard against a hang when a sibling process died, never an expectation of speed."""
@@ -66,7 +67,7 @@ def contend(
     worker's own stream, the two concurrently; report every acknowledged event."""
 
     async def body() -> dict[str, Any]:
-        async with ledgerflow.open_store(url) as store:
+        async with open_adapter(url) as store:
             start.wait(BARRIER_TIMEOUT)
             conflicts: list[Conflict] = []
 
@@ -107,7 +108,7 @@ def race(
 
     async def body() -> list[tuple[Any, ...]]:
         outcomes: list[tuple[Any, ...]] = []
-        async with ledgerflow.open_store(url) as store:
+        async with open_adapter(url) as store:
             for round_ in range(rounds):
                 event = NewEvent("raced", {"worker": worker, "round": round_})
                 start.wait(BARRIER_TIMEOUT)
@@ -130,7 +131,7 @@ def open_fresh(url: str, worker: int, start: Barrier, results: Queue[Any]) -> No
 
     async def body() -> int:
         start.wait(BARRIER_TIMEOUT)
-        async with ledgerflow.open_store(url) as store:
+        async with open_adapter(url) as store:
             result = await store.append(f"w-{worker}", [NewEvent("opened", {"worker": worker})])
             return result.version
 

@@ -22,6 +22,7 @@ import ledgerflow
 from ledgerflow import ManualClock
 from ledgerflow.store._base import BaseEventStore
 
+from ._adapters import open_adapter
 from ._engines import EngineFactory
 
 PG_URL = os.environ.get("LEDGERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
@@ -102,7 +103,7 @@ def registry() -> ledgerflow.EventRegistry:
 async def store(
     store_url: str, registry: ledgerflow.EventRegistry
 ) -> AsyncIterator[BaseEventStore]:
-    async with ledgerflow.open_store(store_url, registry=registry) as opened:
+    async with open_adapter(store_url, registry=registry) as opened:
         yield opened
 
 
@@ -143,7 +144,7 @@ async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFact
     """
     shared = None
     if store_url.startswith("memory"):
-        shared = await ledgerflow.open_store(store_url, clock=clock.now).open()
+        shared = await open_adapter(store_url, clock=clock.now).open()
 
     @asynccontextmanager
     async def open_engine(

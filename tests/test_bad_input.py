@@ -15,7 +15,6 @@ from typing import Any
 import msgspec
 import pytest
 
-import ledgerflow
 from ledgerflow import (
     NO_STREAM,
     STREAM_EXISTS,
@@ -34,6 +33,8 @@ from ledgerflow import (
 )
 from ledgerflow.store import DEFAULT_MAX_EVENT_BYTES
 from ledgerflow.store._base import BaseEventStore
+
+from ._adapters import open_adapter
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,7 +79,7 @@ async def contents(store: BaseEventStore) -> tuple[int, Ledger, dict[str, int], 
 async def seeded(store_url: str, registry: EventRegistry) -> AsyncIterator[BaseEventStore]:
     registry.register(Amount, "amount")
     registry.register(Anything, "anything")
-    async with ledgerflow.open_store(store_url, registry=registry) as store:
+    async with open_adapter(store_url, registry=registry) as store:
         await store.append("seed", [NewEvent("a", {"n": 1}), Amount(5)])
         await store.append("other", [NewEvent("b", {"n": 2})])
         yield store
@@ -221,7 +222,7 @@ async def test_event_size_limit_is_configurable(store_url: str) -> None:
         assert len(msgspec.json.encode(data)) + metadata_size == size
         return NewEvent("sized", data)
 
-    async with ledgerflow.open_store(store_url, max_event_bytes=limit) as store:
+    async with open_adapter(store_url, max_event_bytes=limit) as store:
         assert store.max_event_bytes == limit
         await store.append("s", [event_of_size(limit)])
         with pytest.raises(EventTooLargeError) as info:

@@ -30,6 +30,7 @@ from ledgerflow.store.runtime import (
     WakeupRow,
 )
 
+from ._adapters import open_adapter
 from .conftest import PG_URL, pg_url, require_postgres
 
 pytestmark = pytest.mark.postgres
@@ -179,7 +180,7 @@ async def test_subscriber_sees_every_event_once_in_order_while_processes_write(
     url = pg_url(pg_schema)
     processes, tasks, appends = 4, 8, 50
     seen = _Seen()
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         consumer = asyncio.create_task(seen.consume(store.subscribe(batch_size=50)))
         writers = [
             await asyncio.create_subprocess_exec(
@@ -239,7 +240,7 @@ async def test_subscriber_sees_every_event_once_in_order_while_processes_write(
 async def test_subscriber_is_woken_by_a_commit_in_another_process(pg_schema: str) -> None:
     url = pg_url(pg_schema)
     seen = _Seen()
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         store.poll_interval = 60.0  # only a NOTIFY can wake it within the test's time
         await store.append("here", [NewEvent("Local")])
         consumer = asyncio.create_task(seen.consume(store.subscribe()))
@@ -260,8 +261,8 @@ async def test_store_recovers_when_the_server_drops_every_connection(pg_schema: 
     url = f"{pg_url(pg_schema)}&application_name={app}"
     seen = _Seen()
     async with (
-        ledgerflow.open_store(url) as store,
-        ledgerflow.open_store(pg_url(pg_schema)) as elsewhere,
+        open_adapter(url) as store,
+        open_adapter(pg_url(pg_schema)) as elsewhere,
     ):
         store.poll_interval = 60.0
         await store.append("s", [NewEvent("Before")])
@@ -302,8 +303,8 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
     pg_schema: str, other_schema: str
 ) -> None:
     async with (
-        ledgerflow.open_store(pg_url(pg_schema)) as one,
-        ledgerflow.open_store(pg_url(other_schema)) as two,
+        open_adapter(pg_url(pg_schema)) as one,
+        open_adapter(pg_url(other_schema)) as two,
     ):
         await one.append("order-1", [NewEvent("Created"), NewEvent("Approved")])
         await two.append("order-1", [NewEvent("Created")])
@@ -332,7 +333,7 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
 )
 def test_invalid_schema_name_is_a_configuration_error(schema: str) -> None:
     with pytest.raises(ledgerflow.ConfigurationError, match="schema"):
-        ledgerflow.open_store(f"{PG_URL}?schema={schema}")
+        open_adapter(f"{PG_URL}?schema={schema}")
 
 
 def test_url_options_other_than_schema_go_to_libpq_unchanged() -> None:
@@ -342,11 +343,11 @@ def test_url_options_other_than_schema_go_to_libpq_unchanged() -> None:
     with pytest.raises(ledgerflow.ConfigurationError, match="more than one schema"):
         split_url("postgresql:///app?schema=a&schema=b")
     with pytest.raises(ledgerflow.ConfigurationError):
-        ledgerflow.open_store("postgresql://db/app?schema=ok&no_such_libpq_option=1")
+        open_adapter("postgresql://db/app?schema=ok&no_such_libpq_option=1")
 
 
 async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
-    stores = [ledgerflow.open_store(pg_url(pg_schema)) for _ in range(6)]
+    stores = [open_adapter(pg_url(pg_schema)) for _ in range(6)]
     try:
         await asyncio.gather(*(store.open() for store in stores))
     finally:
@@ -359,13 +360,13 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
 
 
 async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         await store.append("s", [NewEvent("Kept")])
     with _admin() as con:
         con.execute(
             f"INSERT INTO {pg_schema}.schema_migrations (version, name) VALUES (99, 'future')"
         )
-    store = ledgerflow.open_store(pg_url(pg_schema))
+    store = open_adapter(pg_url(pg_schema))
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
     assert (caught.value.found, caught.value.known) == (99, 2)
@@ -378,7 +379,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
 
 
 async def test_unreachable_server_is_store_unavailable() -> None:
-    store = ledgerflow.open_store("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
+    store = open_adapter("postgresql://postgres@127.0.0.1:1/test?connect_timeout=2")
     with pytest.raises(ledgerflow.StoreUnavailableError) as caught:
         await store.open()
     assert not isinstance(caught.value, psycopg.Error)
@@ -387,7 +388,7 @@ async def test_unreachable_server_is_store_unavailable() -> None:
 
 
 async def test_text_postgres_cannot_store_is_a_store_error(pg_schema: str) -> None:
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         # Refused before the server sees it, as on every backend.
         with pytest.raises(ledgerflow.InvalidEventDataError):
             await store.append("nul\x00byte", [NewEvent("E")])
@@ -414,7 +415,7 @@ async def test_text_postgres_cannot_store_is_a_store_error(pg_schema: str) -> No
 )
 async def test_bytes_and_times_round_trip_exactly(pg_schema: str, moment: datetime) -> None:
     data = {"text": 'ünïcödé \u2028 \\ "quoted"', "n": 2**53 + 1, "f": 0.1}
-    async with ledgerflow.open_store(pg_url(pg_schema), clock=lambda: moment) as store:
+    async with open_adapter(pg_url(pg_schema), clock=lambda: moment) as store:
         await store.append("s", [NewEvent("A", data), NewEvent("B", {})])
         [first, second] = await store.read_all()
         rows = await store.read_rows()
@@ -442,7 +443,7 @@ async def test_stream_heads_are_in_code_point_order_whatever_the_collation(
     pg_schema: str,
 ) -> None:
     names = ["b", "B", "a", "_x", "é", "Z", "a-1", "a_1", "10", "9"]
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         for name in names:
             await store.append(name, [NewEvent("E")])
         heads = await store.stream_heads()
@@ -468,7 +469,7 @@ async def test_a_batch_costs_the_same_round_trips_whatever_its_size(pg_schema: s
             sent = [line.split("\t") for line in trace]
         return sum(1 for f in sent if f[0] == "F" and f[2].strip() in ("Sync", "Flush"))
 
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         assert isinstance(store, PostgresEventStore)
         first = await syncs(store, 1)  # a stream this writer has not seen: read, then write
         one, many = await syncs(store, 1), await syncs(store, 300)  # known: one round trip
@@ -509,7 +510,7 @@ def _mixed_writes(count: int) -> list[RuntimeWrite]:
 
 
 async def test_runtime_rows_add_no_round_trips(pg_schema: str) -> None:
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         assert isinstance(store, PostgresEventStore)
         await store.append("s", [NewEvent("E")], runtime=_mixed_writes(8))
         plain = await _syncs_of(store, store.append("s", [NewEvent("E")]))
@@ -536,8 +537,8 @@ async def test_writers_in_two_processes_interleave_without_loss(pg_schema: str) 
     """Each writer's one-round-trip guess misses after the other wrote; nothing is
     lost, doubled or misnumbered."""
     async with (
-        ledgerflow.open_store(pg_url(pg_schema)) as a,
-        ledgerflow.open_store(pg_url(pg_schema)) as b,
+        open_adapter(pg_url(pg_schema)) as a,
+        open_adapter(pg_url(pg_schema)) as b,
     ):
         results = []
         for i in range(40):
@@ -575,7 +576,7 @@ async def _lock_waiters(schema: str, count: int) -> None:
 
 async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema: str) -> None:
     forever = 2**62
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         await store.append(
             "setup",
             [NewEvent("E")],
@@ -607,7 +608,7 @@ async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema:
 
 
 async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: str) -> None:
-    async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+    async with open_adapter(pg_url(pg_schema)) as store:
         await store.append(
             "s", [NewEvent("E")], runtime=[Schedule(w, i) for i, w in enumerate("abc")]
         )
@@ -621,7 +622,7 @@ async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: st
 
 async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) -> None:
     app = f"lf_claim_{pg_schema[-12:]}"
-    async with ledgerflow.open_store(f"{pg_url(pg_schema)}&application_name={app}") as store:
+    async with open_adapter(f"{pg_url(pg_schema)}&application_name={app}") as store:
         await store.append("s", [NewEvent("E")], runtime=[Schedule("a", 1), Schedule("b", 2)])
         assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1) == ["a"]
         killed = _terminate(app)
@@ -633,14 +634,14 @@ async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) 
 
 async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         await store.append("s", [NewEvent("A"), NewEvent("B")])
         before = await store.read_all()
     with _admin() as con:
         # Back to what the release that knew only migration 1 left behind.
         con.execute(f"DROP TABLE {pg_schema}.workflows, {pg_schema}.wakeups")
         con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version = 2")
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         assert await store.read_all() == before
         assert (await ledgerflow.verify_ledger(store)).ok
         await store.append(

@@ -40,6 +40,7 @@ from ledgerflow.store.runtime import (
     WakeupRow,
 )
 
+from ._adapters import open_adapter
 from .conftest import pg_url, raw_sql
 
 WAIT = 30.0
@@ -234,7 +235,7 @@ async def test_in_one_batch_only_the_appended_requests_write_their_rows(
         batches += 1
         return datetime(2025, 1, 1, tzinfo=UTC)
 
-    async with ledgerflow.open_store(store_url, clock=clock) as store:
+    async with open_adapter(store_url, clock=clock) as store:
         events = [ev(1)]
         await store.append("s", events, runtime=[Schedule("first", 1)])
         before = batches
@@ -322,7 +323,7 @@ async def test_guarded_writes_in_one_batch_see_the_appends_before_them(
 
 
 async def test_a_batch_of_guarded_writes_alone_is_committed(store_url: str) -> None:
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         await store.append("wf", [ev(1)])
         outcomes = await asyncio.gather(
             *(
@@ -335,7 +336,7 @@ async def test_a_batch_of_guarded_writes_alone_is_committed(store_url: str) -> N
             assert await store.get_wakeup(f"wf-{i}") == WakeupRow(f"wf-{i}", i, None, None)
     if store_url.startswith("memory"):
         return
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         assert await store.next_wakeup() == 0
         assert await store.head_position() == 1
 
@@ -442,7 +443,7 @@ async def test_concurrent_claimers_never_share_a_row(store: BaseEventStore) -> N
 async def test_claims_from_two_postgres_stores_never_overlap(pg_schema: str) -> None:
     url = pg_url(pg_schema)
     ids = [f"wf-{i:04}" for i in range(400)]
-    async with ledgerflow.open_store(url) as one, ledgerflow.open_store(url) as two:
+    async with open_adapter(url) as one, open_adapter(url) as two:
         for start in range(0, len(ids), 100):
             await due(one, *((wid, int(wid[3:]) % 11) for wid in ids[start : start + 100]))
 
@@ -573,14 +574,14 @@ async def test_list_instances_in_code_point_order_with_paging_and_status(
 
 async def test_runtime_rows_survive_close_and_reopen(store_url: str) -> None:
     _skip_memory(store_url)
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         await write(
             store,
             PutInstance(instance("wf-1", parent_id="root", created=5, updated=6)),
             Schedule("wf-1", 100, "w", 900),
             Schedule("wf-2", None),
         )
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         assert await store.get_instance("wf-1") == instance(
             "wf-1", parent_id="root", created=5, updated=6
         )
@@ -588,13 +589,13 @@ async def test_runtime_rows_survive_close_and_reopen(store_url: str) -> None:
         assert await store.get_wakeup("wf-2") == WakeupRow("wf-2", None, None, None)
         assert await store.next_wakeup() == 901
         assert await store.release_wakeups() == 1
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         assert await store.get_wakeup("wf-1") == WakeupRow("wf-1", 100, None, None)
 
 
 async def test_migration_2_is_recorded(store_url: str) -> None:
     _skip_memory(store_url)
-    async with ledgerflow.open_store(store_url) as store:
+    async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
     assert [v for v, _ in recorded] == [1, 2]
@@ -635,7 +636,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
     assert "wakeups" not in tables
 
     url = f"sqlite:///{path}"
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         [event] = await store.read_stream("s")
         assert (event.id, event.data, event.hash) == (event_id, {"n": 1}, digest)
         assert (await verify_ledger(store)).ok

@@ -37,6 +37,7 @@ from ledgerflow.store._plan import BatchPlan
 from ledgerflow.store.postgres import PostgresEventStore
 from ledgerflow.store.runtime import InstanceRow, Nudge, PutInstance, Schedule, Unschedule
 
+from ._adapters import open_adapter
 from .conftest import PG_URL, pg_url, raw_sql
 
 WAIT = 30.0
@@ -444,7 +445,7 @@ async def test_fast_path_loss_before_commit_does_not_vouch_for_a_retried_id(
     """The batch's first event is a caller's retry of a stored id. The connection is
     lost before COMMIT: the batch did not commit, although that id is stored."""
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         retried = await _known_streams(store, "a", "b", "c")
         paths = _Paths(store, monkeypatch)
         requests: list[Request] = [
@@ -470,7 +471,7 @@ async def test_fast_path_loss_during_commit_is_decided_again(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         await _known_streams(store, "a", "b")
         paths = _Paths(store, monkeypatch)
         requests: list[Request] = [
@@ -494,7 +495,7 @@ async def test_fast_path_loss_after_commit_reports_the_commit(
     pg_schema: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = _via(relay, pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         await _known_streams(store, "a", "b")
         paths = _Paths(store, monkeypatch)
         requests: list[Request] = [
@@ -526,7 +527,7 @@ async def test_planned_path_loss_before_commit_is_retried(
     pg_schema: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         requests = await _mixed_url(url)
         paths = _Paths(store, monkeypatch)
         async with _holding_head(pg_schema):
@@ -548,7 +549,7 @@ async def test_planned_path_loss_during_commit_is_settled_and_retried(
     """The writes were sent, so the commit's outcome was unknown: it is looked up
     (nothing stored), and the batch decided again instead of failing every caller."""
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         requests = await _mixed_url(url)
         paths = _Paths(store, monkeypatch)
         async with _stalling_commits(pg_schema):
@@ -568,7 +569,7 @@ async def test_planned_path_loss_after_commit_reports_each_request_its_outcome(
     pg_schema: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     url = _via(relay, pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         requests = await _mixed_url(url)
         paths = _Paths(store, monkeypatch)
         pid = _writer_pid(store)
@@ -590,7 +591,7 @@ async def test_an_outcome_that_cannot_be_checked_is_reported_as_unknown(
     pg_schema: str, relay: _Relay, monkeypatch: pytest.MonkeyPatch, path: str
 ) -> None:
     url = _via(relay, pg_schema)
-    async with ledgerflow.open_store(url) as store:
+    async with open_adapter(url) as store:
         if path == "fast":
             await _known_streams(store, "a", "b")
         requests: list[Request] = [
@@ -617,7 +618,7 @@ async def test_an_outcome_that_cannot_be_checked_is_reported_as_unknown(
 async def _mixed_url(url: str) -> list[Request]:
     """A batch for the planned path: a retry of a stored append, a stale expected
     version and a fresh append, on streams the caller's writer has not seen."""
-    async with ledgerflow.open_store(url) as other:
+    async with open_adapter(url) as other:
         retried = tagged("r-0", uuid.uuid4())
         await other.append("r", [retried])
         await other.append("v", [tagged("v-0")])
@@ -639,7 +640,7 @@ async def test_a_version_conflict_prints_no_pipeline_noise(
     ordinary ConcurrencyError, with nothing logged about aborted pipelines."""
     caplog.set_level(logging.DEBUG, logger="psycopg")
     url = pg_url(pg_schema)
-    async with ledgerflow.open_store(url) as mine, ledgerflow.open_store(url) as theirs:
+    async with open_adapter(url) as mine, open_adapter(url) as theirs:
         for i in range(12):
             stream = f"s-{i}"
             await mine.append(stream, [NewEvent("E", {})], expected_version=0)
@@ -663,7 +664,7 @@ async def test_every_session_commits_synchronously_whatever_the_default(pg_schem
     async with await psycopg.AsyncConnection.connect(f"{PG_URL.split('?', 1)[0]}?{off}") as raw:
         cur = await raw.execute("SHOW synchronous_commit")
         assert await cur.fetchone() == ("off",)
-    async with ledgerflow.open_store(f"{pg_url(pg_schema)}&{off}") as store:
+    async with open_adapter(f"{pg_url(pg_schema)}&{off}") as store:
         assert isinstance(store, PostgresEventStore)
         await store.append("s", [NewEvent("E", {})])
         writer = store._writer_conn

@@ -28,7 +28,6 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-import ledgerflow
 from ledgerflow import (
     ANY,
     NO_STREAM,
@@ -44,6 +43,7 @@ from ledgerflow import (
 from ledgerflow.hashing import GENESIS_HASH, chain_hash
 from ledgerflow.store._base import BaseEventStore
 
+from ._adapters import open_adapter
 from .conftest import PG_URL, pg_url, require_postgres
 
 T = TypeVar("T")
@@ -111,7 +111,7 @@ class StoreMachine(RuleBasedStateMachine):
                 con.execute(f"CREATE SCHEMA {self.schema}")
             url = pg_url(self.schema)
         self.runner = asyncio.Runner()
-        self.store: BaseEventStore = ledgerflow.open_store(url)
+        self.store: BaseEventStore = open_adapter(url)
         try:
             self.run(self.store.open())
         except BaseException:

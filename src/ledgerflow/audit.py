@@ -15,7 +15,7 @@ import enum
 from dataclasses import dataclass, field
 
 from .hashing import GENESIS_HASH, chain_hash
-from .store._plan import EventRow, StreamHead
+from .store import EventRow, StreamHead
 from .store.ports import EventStore
 
 __all__ = ["Finding", "FindingKind", "VerifyReport", "verify_ledger"]

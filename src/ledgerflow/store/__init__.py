@@ -6,11 +6,18 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigurationError
 from ..registry import EventRegistry
-from ._base import DEFAULT_MAX_EVENT_BYTES, BaseEventStore, Clock
+from ._base import DEFAULT_MAX_EVENT_BYTES, Clock
 from ._plan import EventRow, StreamHead
-from .ports import EventStore
+from .ports import EventStore, WorkflowStore
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "EventRow", "EventStore", "StreamHead", "open_store"]
+__all__ = [
+    "DEFAULT_MAX_EVENT_BYTES",
+    "EventRow",
+    "EventStore",
+    "StreamHead",
+    "WorkflowStore",
+    "open_store",
+]
 
 
 def open_store(
@@ -20,7 +27,7 @@ def open_store(
     max_event_bytes: int | None = None,
     clock: Clock | None = None,
     create: bool = True,
-) -> BaseEventStore:
+) -> WorkflowStore:
     """Create the store a URL names; open it with ``async with`` (or ``await .open()``).
 
     - ``memory://``: in-process, for tests.

@@ -1,4 +1,7 @@
-"""The EventStore port: what the rest of ledgerflow needs from a ledger backend."""
+"""The store ports, by capability: ``EventStore`` (the ledger: all that aggregates
+and audit need) and ``WorkflowStore`` (the ledger plus the workflow runtime's rows:
+instances, wake-ups and leases). Every adapter implements both; code outside
+``store/`` depends on these, never on an adapter or the shared ``_base``."""
 
 from __future__ import annotations
 
@@ -7,10 +10,11 @@ from types import TracebackType
 from typing import Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
+from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
 from .runtime import InstanceRow, RuntimeWrite, WakeupRow
 
-__all__ = ["EventStore"]
+__all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
 
 class EventStore(Protocol):
@@ -32,6 +36,21 @@ class EventStore(Protocol):
     @property
     def backend(self) -> str:
         """The adapter's name: ``memory``, ``sqlite`` or ``postgres``."""
+        ...
+
+    @property
+    def location(self) -> str:
+        """Where the ledger is, for messages (a URL without its password)."""
+        ...
+
+    @property
+    def registry(self) -> EventRegistry:
+        """The event types this store encodes and decodes."""
+        ...
+
+    @property
+    def max_event_bytes(self) -> int:
+        """The largest encoded event (data and metadata) an append takes."""
         ...
 
     async def __aenter__(self) -> Self: ...
@@ -128,6 +147,11 @@ class EventStore(Protocol):
     ) -> list[tuple[str, StreamHead]]:
         """Recorded stream heads in stream-id order, after ``after``: for audit."""
         ...
+
+
+class WorkflowStore(EventStore, Protocol):
+    """The ledger plus the workflow runtime's index rows (``store.runtime``): written
+    only with appends (``append(..., runtime=[...])``), read and leased here."""
 
     async def claim_wakeups(
         self, owner: str, *, now_us: int, lease_until_us: int, limit: int

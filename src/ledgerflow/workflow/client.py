@@ -35,8 +35,7 @@ from ..errors import (
 from ..events import NO_STREAM, RecordedEvent
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
-from ..store import open_store
-from ..store._base import BaseEventStore
+from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
@@ -82,7 +81,7 @@ class WorkflowClient:
 
     def __init__(
         self,
-        store: str | BaseEventStore,
+        store: str | WorkflowStore,
         *,
         workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
         clock: Clock | None = None,
@@ -92,7 +91,7 @@ class WorkflowClient:
         self.clock: Clock = clock or SystemClock()
         self._owns_store = isinstance(store, str)
         if isinstance(store, str):
-            self.store: BaseEventStore = open_store(
+            self.store: WorkflowStore = open_store(
                 store, registry=history_registry(registry), clock=self.clock.now
             )
         else:

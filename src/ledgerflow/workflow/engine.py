@@ -39,7 +39,7 @@ from ..errors import (
 from ..events import AppendResult, Metadata, RecordedEvent
 from ..hashing import from_micros
 from ..registry import EventRegistry
-from ..store._base import BaseEventStore
+from ..store import WorkflowStore
 from ..store.runtime import InstanceRow, Nudge, PutInstance, RuntimeWrite, Schedule, Unschedule
 from .client import WorkflowClient
 from .definition import WorkflowDefinition
@@ -77,7 +77,7 @@ class Engine(WorkflowClient):
 
     def __init__(
         self,
-        store: str | BaseEventStore,
+        store: str | WorkflowStore,
         *,
         workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
         concurrency: int = 200,

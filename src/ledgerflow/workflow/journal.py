@@ -13,7 +13,7 @@ from collections import OrderedDict
 from typing import Any
 
 from ..events import Snapshot
-from ..store._base import BaseEventStore
+from ..store import WorkflowStore
 from ..store.runtime import RuntimeWrite
 from .history import SNAPSHOT_TYPE, SNAPSHOT_VERSION, History
 
@@ -29,7 +29,7 @@ def stream_of(workflow_id: str) -> str:
     return STREAM_PREFIX + workflow_id
 
 
-async def load_history(store: BaseEventStore, workflow_id: str) -> History:
+async def load_history(store: WorkflowStore, workflow_id: str) -> History:
     """From the latest snapshot and the events after it, or from the start."""
     stream = stream_of(workflow_id)
     snapshot = await store.load_snapshot(stream)
@@ -48,7 +48,7 @@ class Journal:
     """Histories of the instances a runner works on; see the module docstring."""
 
     def __init__(
-        self, store: BaseEventStore, *, cache_size: int, snapshot_every: int | None
+        self, store: WorkflowStore, *, cache_size: int, snapshot_every: int | None
     ) -> None:
         self.store = store
         self.cache_size = cache_size
