@@ -66,6 +66,7 @@ EXPECTED = {
     "UnrecordableValueError",
     "WorkflowAlreadyStartedError",
     "WorkflowClient",
+    "WorkflowStatus",
     "LedgerNotFoundError",
     "SchemaOutdatedError",
     "StoreReadOnlyError",

@@ -22,12 +22,12 @@ from .hashing import from_micros
 from .store import open_store
 from .workflow.client import WorkflowClient
 from .workflow.handles import WorkflowDescription
-from .workflow.history import TERMINAL
+from .workflow.history import WorkflowStatus
 
 __all__ = ["app", "main"]
 
 DEFAULT_DB = "sqlite:///ledgerflow.db"
-STATUSES = ("running", "stuck", *sorted(TERMINAL))
+STATUSES = tuple(status.value for status in WorkflowStatus)
 
 app = typer.Typer(
     name="ledgerflow",
@@ -211,7 +211,7 @@ def workflows_show(workflow_id: IdArgument, db: DbOption = DEFAULT_DB) -> None:
         _line("parent", d.parent_id)
     if d.waiting_for is not None:
         _line("waiting for", d.waiting_for)
-    if d.status == "completed":
+    if d.status == WorkflowStatus.COMPLETED:
         _line("result", _compact(d.result))
     if d.error is not None:
         _line("error", d.error)

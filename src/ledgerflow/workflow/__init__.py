@@ -6,6 +6,7 @@ from .client import WorkflowClient
 from .context import WorkflowContext
 from .definition import StepOptions, WorkflowDefinition, step, workflow
 from .engine import Engine, WorkflowDescription, WorkflowHandle
+from .history import WorkflowStatus
 from .lint import LintFinding, lint_workflow
 from .replay import export_history, replay
 from .steps import StepInfo, current_step
@@ -20,6 +21,7 @@ __all__ = [
     "WorkflowDefinition",
     "WorkflowDescription",
     "WorkflowHandle",
+    "WorkflowStatus",
     "current_step",
     "export_history",
     "lint_workflow",

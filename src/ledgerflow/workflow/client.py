@@ -47,6 +47,7 @@ from .history import (
     History,
     SignalSent,
     Started,
+    WorkflowStatus,
     history_registry,
 )
 from .host import Park, ReplayHost, Suspend
@@ -220,7 +221,13 @@ class WorkflowClient:
         now = self._now_us()
         local = self._takes_new_work()
         row = InstanceRow(
-            workflow_id, definition.name, definition.version, "running", parent_id, now, now
+            workflow_id,
+            definition.name,
+            definition.version,
+            WorkflowStatus.RUNNING,
+            parent_id,
+            now,
+            now,
         )
         schedule = Schedule(
             workflow_id,
@@ -305,7 +312,9 @@ class WorkflowClient:
                 checked = True
             # A parked instance keeps what is sent for when it resumes, but is not
             # woken for it: it could only park again.
-            runtime = [Nudge(workflow_id, self._now_us())] if row.status == "running" else []
+            runtime = (
+                [Nudge(workflow_id, self._now_us())] if row.status == WorkflowStatus.RUNNING else []
+            )
             try:
                 await self.store.append(stream, [event], version, runtime=runtime)
             except ConcurrencyError:
@@ -388,7 +397,7 @@ class WorkflowClient:
                     return self._decode_outcome(
                         workflow_id, (row.name, row.version), finished, output_type
                     )
-                if row.status == "stuck" and workflow_id in self._stuck:
+                if row.status == WorkflowStatus.STUCK and workflow_id in self._stuck:
                     raise self._stuck[workflow_id]
                 wait = self.poll_interval
                 if deadline is not None:
@@ -428,7 +437,7 @@ class WorkflowClient:
         if isinstance(outcome, WorkflowError):
             raise outcome
         finished: Finished = outcome
-        if finished.status != "completed":
+        if finished.status != WorkflowStatus.COMPLETED:
             raise WorkflowFailedError(
                 workflow_id, finished.status, finished.error_type or "", finished.message or ""
             )
@@ -469,7 +478,7 @@ class WorkflowClient:
         error = None
         if finished is not None:
             result = finished.result
-            if finished.status != "completed":
+            if finished.status != WorkflowStatus.COMPLETED:
                 error = f"{finished.error_type}: {finished.message}"
         elif history.stuck is not None:
             error = f"{history.stuck.error_type}: {history.stuck.message}"

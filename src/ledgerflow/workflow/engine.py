@@ -52,6 +52,7 @@ from .history import (
     Resumed,
     SignalSent,
     Stuck,
+    WorkflowStatus,
 )
 from .host import Abandon, Park, PassResult, Restart
 from .journal import Journal
@@ -390,7 +391,7 @@ class Engine(WorkflowClient):
             workflow_id,
             history.started.name,
             history.started.version,
-            "stuck",
+            WorkflowStatus.STUCK,
             history.started.parent_id,
             now,
             now,
@@ -418,7 +419,9 @@ class Engine(WorkflowClient):
     async def _resume_stuck(self) -> None:
         after: str | None = None
         while True:
-            rows = await self.store.list_instances(status="stuck", after=after, limit=500)
+            rows = await self.store.list_instances(
+                status=WorkflowStatus.STUCK, after=after, limit=500
+            )
             if not rows:
                 return
             for row in rows:
@@ -428,7 +431,13 @@ class Engine(WorkflowClient):
                 stream = self.stream_id(row.workflow_id)
                 version = await self.store.stream_version(stream)
                 running = InstanceRow(
-                    row.workflow_id, row.name, row.version, "running", row.parent_id, now, now
+                    row.workflow_id,
+                    row.name,
+                    row.version,
+                    WorkflowStatus.RUNNING,
+                    row.parent_id,
+                    now,
+                    now,
                 )
                 with contextlib.suppress(ConcurrencyError):
                     await self.store.append(

@@ -11,6 +11,7 @@ outside and carry no ``seq``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any, ClassVar
 
 import msgspec
@@ -43,6 +44,7 @@ __all__ = [
     "Stuck",
     "TimerFired",
     "TimerStarted",
+    "WorkflowStatus",
     "history_registry",
 ]
 
@@ -200,7 +202,29 @@ class Resumed(msgspec.Struct, frozen=True, kw_only=True):
     by: str
 
 
-TERMINAL = frozenset({"completed", "failed", "compensated", "compensation_failed", "cancelled"})
+class WorkflowStatus(StrEnum):
+    """Where an instance is: running (or waiting), parked as stuck, or ended. The
+    values are what the ``workflows`` table and ``Finished.status`` hold."""
+
+    RUNNING = "running"
+    STUCK = "stuck"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    COMPENSATED = "compensated"
+    COMPENSATION_FAILED = "compensation_failed"
+    CANCELLED = "cancelled"
+
+
+TERMINAL = frozenset(
+    {
+        WorkflowStatus.COMPLETED,
+        WorkflowStatus.FAILED,
+        WorkflowStatus.COMPENSATED,
+        WorkflowStatus.COMPENSATION_FAILED,
+        WorkflowStatus.CANCELLED,
+    }
+)
+"""The statuses of an instance that has ended."""
 
 _TYPES: tuple[tuple[type, str], ...] = (
     (Started, "wf.started"),

@@ -78,6 +78,7 @@ from .history import (
     StepFailed,
     TimerFired,
     TimerStarted,
+    WorkflowStatus,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Restart, RunHost, Suspend
 from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, jitter_source, keep_async
@@ -158,7 +159,7 @@ class _Run:
         if failure is None:
             self._check_finished_path()
             encoded = self._encode(returned, "the workflow's return value")
-            finished = Finished(status="completed", result=encoded)
+            finished = Finished(status=WorkflowStatus.COMPLETED, result=encoded)
             oversize = self._oversize(finished, "the workflow's return value")
             if oversize is None:
                 return self._finish(finished)
@@ -219,11 +220,11 @@ class _Run:
                     gave_up = True
         self._check_finished_path()
         if gave_up:
-            status = "compensation_failed"
+            status = WorkflowStatus.COMPENSATION_FAILED
         elif ran:
-            status = "compensated"
+            status = WorkflowStatus.COMPENSATED
         else:
-            status = "cancelled" if cancelled else "failed"
+            status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
         return self._finish(Finished(status=status, error_type=error_type, message=message))
 
     async def _compensate(self, seq: int, comp: _Compensation, recorded: list[Any]) -> bool:
@@ -593,7 +594,7 @@ class _Run:
     def _child_outcome(
         self, workflow: WorkflowDefinition[Any, Any], done: ChildDone | ChildFinished
     ) -> Any:
-        if done.status != "completed":
+        if done.status != WorkflowStatus.COMPLETED:
             raise ChildWorkflowError(
                 done.child_id, done.status, done.error_type or "", done.message or ""
             )
