@@ -57,7 +57,7 @@ from ledgerflow.workflow.history import (
     ChildDone,
     ChildFinished,
     ChildStarted,
-    Clock,
+    ClockRead,
     CompensationAttemptFailed,
     CompensationDone,
     CompensationFailed,
@@ -120,7 +120,7 @@ COMMAND_EVENTS = (
     SignalRejected,
     ChildStarted,
     ChildDone,
-    Clock,
+    ClockRead,
     CompensationDone,
     CompensationFailed,
     CompensationAttemptFailed,
@@ -137,7 +137,7 @@ CommandEvent = (
     | SignalRejected
     | ChildStarted
     | ChildDone
-    | Clock
+    | ClockRead
     | CompensationDone
     | CompensationFailed
     | CompensationAttemptFailed

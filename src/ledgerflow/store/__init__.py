@@ -6,7 +6,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from ..errors import ConfigurationError
 from ..registry import EventRegistry
-from ._base import DEFAULT_MAX_EVENT_BYTES, Clock
+from ._base import DEFAULT_MAX_EVENT_BYTES, Now
 from ._plan import EventRow, StreamHead
 from .ports import EventStore, WorkflowStore
 
@@ -25,7 +25,7 @@ def open_store(
     *,
     registry: EventRegistry | None = None,
     max_event_bytes: int | None = None,
-    clock: Clock | None = None,
+    clock: Now | None = None,
     create: bool = True,
 ) -> WorkflowStore:
     """Create the store a URL names; open it with ``async with`` (or ``await .open()``).

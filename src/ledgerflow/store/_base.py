@@ -50,13 +50,14 @@ from .runtime import (
     WakeupRow,
 )
 
-__all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Clock", "Pending"]
+__all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Now", "Pending"]
 
 log = logging.getLogger("ledgerflow.store")
 
 DEFAULT_MAX_EVENT_BYTES = 1024 * 1024
 MAX_STREAM_ID_LENGTH = 255
-Clock = Callable[[], datetime]
+Now = Callable[[], datetime]
+"""Where a store reads the time it records with events (a clock's ``now``)."""
 
 _encode_metadata = msgspec.json.Encoder().encode
 _decode_metadata = msgspec.json.Decoder(Metadata).decode
@@ -190,7 +191,7 @@ class BaseEventStore(abc.ABC):
         *,
         registry: EventRegistry | None = None,
         max_event_bytes: int = DEFAULT_MAX_EVENT_BYTES,
-        clock: Clock | None = None,
+        clock: Now | None = None,
         create: bool = True,
     ) -> None:
         self.registry = registry if registry is not None else EventRegistry()

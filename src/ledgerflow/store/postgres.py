@@ -46,7 +46,7 @@ from ..errors import (
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
-from ._base import BaseEventStore, Clock
+from ._base import BaseEventStore, Now
 from ._migrations import Migration, pending
 from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
@@ -437,7 +437,7 @@ class PostgresEventStore(BaseEventStore):
         schema: str = DEFAULT_SCHEMA,
         registry: EventRegistry | None = None,
         max_event_bytes: int | None = None,
-        clock: Clock | None = None,
+        clock: Now | None = None,
         readers: int = 4,
         create: bool = True,
     ) -> None:
@@ -472,7 +472,7 @@ class PostgresEventStore(BaseEventStore):
         *,
         registry: EventRegistry | None = None,
         max_event_bytes: int | None = None,
-        clock: Clock | None = None,
+        clock: Now | None = None,
         create: bool = True,
     ) -> PostgresEventStore:
         conninfo, schema = split_url(url)

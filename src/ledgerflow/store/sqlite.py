@@ -37,7 +37,7 @@ from ..errors import (
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
-from ._base import BaseEventStore, Clock, Pending
+from ._base import BaseEventStore, Now, Pending
 from ._migrations import Migration, pending
 from ._plan import AppendRequest, EventRow, StreamHead, plan_batch, reused_ids
 from .runtime import (
@@ -221,7 +221,7 @@ class SQLiteEventStore(BaseEventStore):
         *,
         registry: EventRegistry | None = None,
         max_event_bytes: int | None = None,
-        clock: Clock | None = None,
+        clock: Now | None = None,
         busy_timeout: float = 30.0,
         create: bool = True,
     ) -> None:

@@ -25,7 +25,7 @@ __all__ = [
     "ChildDone",
     "ChildFinished",
     "ChildStarted",
-    "Clock",
+    "ClockRead",
     "CompensationAttemptFailed",
     "CompensationDone",
     "CompensationFailed",
@@ -132,7 +132,7 @@ class ChildDone(_Command, frozen=True, kw_only=True):
     message: str | None = None
 
 
-class Clock(_Command, frozen=True, kw_only=True):
+class ClockRead(_Command, frozen=True, kw_only=True):
     kind = "now"
     at_us: int
 
@@ -237,7 +237,7 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (SignalTimedOut, "wf.signal_timed_out"),
     (ChildStarted, "wf.child_started"),
     (ChildDone, "wf.child_done"),
-    (Clock, "wf.clock"),
+    (ClockRead, "wf.clock"),
     (CompensationDone, "wf.compensation_done"),
     (CompensationFailed, "wf.compensation_failed"),
     (StepAttemptFailed, "wf.step_attempt_failed"),

@@ -62,7 +62,7 @@ from .history import (
     ChildDone,
     ChildFinished,
     ChildStarted,
-    Clock,
+    ClockRead,
     CompensationAttemptFailed,
     CompensationDone,
     CompensationFailed,
@@ -606,7 +606,7 @@ class _Run:
             return from_micros(recorded[0].at_us)
         at = self.host.now_us()
         if not self.query:
-            self.buffer.append(Clock(seq=seq, name="now", at_us=at))
+            self.buffer.append(ClockRead(seq=seq, name="now", at_us=at))
         return from_micros(at)
 
 
