@@ -80,6 +80,8 @@ def _invalid(reason: str, event_type: str = "", schema_version: int = 0) -> Inva
 
 def _text_problem(value: object, what: str) -> str | None:
     """Why ``value`` cannot be stored as text by every backend; None if it can."""
+    if type(value) is str and value.isascii() and "\x00" not in value:
+        return None  # the common case, without encoding: ASCII holds no surrogate
     if not isinstance(value, str):
         return f"{what} must be a str, not {type(value).__name__} {value!r:.60}"
     if "\x00" in value:

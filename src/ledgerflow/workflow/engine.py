@@ -291,14 +291,17 @@ class Engine(WorkflowClient):
             return False
         run = _Run(self._host, definition, history)
         try:
-            result = await run.execute()
-        except Restart:
-            self._journal.forget(workflow_id)
-            return True
-        except Park as park:
-            await self._get_stuck(history, park.error)
-            return False
-        return await self._conclude(history, result)
+            try:
+                result = await run.execute()
+            except Restart:
+                self._journal.forget(workflow_id)
+                return True
+            except Park as park:
+                await self._get_stuck(history, park.error)
+                return False
+            return await self._conclude(history, result)
+        finally:
+            run.released()  # step threads whose results went with the pass's end
 
     async def _conclude(self, history: History, result: PassResult) -> bool:
         workflow_id = history.workflow_id
@@ -323,7 +326,8 @@ class Engine(WorkflowClient):
                 runtime.append(Unschedule(workflow_id))
             # A signal or cancellation that landed meanwhile fails this append: the
             # pass runs again and decides with it in view.
-            await self._journal.append(history, [*result.buffered, finished], runtime)
+            if await self._append_keeping(history, result.buffered, [finished], runtime):
+                return True
             self._stuck.pop(workflow_id, None)
             self._tell(history, finished)
             if parent is not None:
@@ -335,13 +339,47 @@ class Engine(WorkflowClient):
         schedule = Schedule(workflow_id, suspend.due_at_us)
         events = [*result.buffered, *suspend.events]
         if events:
-            await self._journal.append(history, events, [schedule])
+            if await self._append_keeping(history, result.buffered, suspend.events, [schedule]):
+                return True
         else:
             await self._journal.guarded(history, [schedule])
         due = suspend.due_at_us
         if due is not None and (self._sleeping_until is None or due < self._sleeping_until):
             self._wake.set()  # due before the scheduler means to look again
         return False
+
+    async def _append_keeping(
+        self,
+        history: History,
+        buffered: list[Any],
+        events: list[Any],
+        runtime: list[RuntimeWrite],
+    ) -> bool:
+        """Append the pass's conclusion; True if another pass must decide instead.
+
+        A signal, cancellation or child's news that landed meanwhile fails the append:
+        the pass runs again with it in view, but the step results it buffered are
+        appended past those events first, so no step runs twice for it. Anything
+        else recorded meanwhile means another runner: nothing is kept.
+        """
+        try:
+            await self._journal.append(history, [*buffered, *events], runtime)
+            return False
+        except ConcurrencyError:
+            pass
+        while buffered:
+            stream = self.stream_id(history.workflow_id)
+            newer = await self.store.read_stream(stream, from_version=history.version + 1)
+            if not newer or not all(_from_outside(e.data) for e in newer):
+                break
+            history.extend(newer)
+            try:
+                await self._journal.append(history, buffered, [])
+                break
+            except ConcurrencyError:
+                continue
+        self._journal.forget(history.workflow_id)
+        return True
 
     async def _after_end(self, history: History) -> None:
         """Tell the parent (if any) how this instance ended, then drop its wake-up.

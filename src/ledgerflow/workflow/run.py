@@ -34,7 +34,7 @@ import contextlib
 import hashlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -81,7 +81,14 @@ from .history import (
     WorkflowStatus,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Restart, RunHost, Suspend
-from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, jitter_source, keep_async
+from .steps import (
+    DEFAULT_COMPENSATION_RETRY,
+    Attempts,
+    accepts_result,
+    jitter_source,
+    keep_async,
+    nothing,
+)
 
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
@@ -132,6 +139,11 @@ class _Run:
         self.ended = False
         self.fault: BaseException | None = None
         self.attempts = Attempts(history.workflow_id, host.step_pool)
+        self.on_durable: list[Callable[[], None]] = []
+        """Releases of step threads whose results are in ``buffer``."""
+        self.held: list[Callable[[], None]] = []
+        self.flush_scheduled = False
+        self.flushing: set[asyncio.Future[None]] = set()
         seed = hashlib.sha256(history.workflow_id.encode()).digest()
         self.rng = random.Random(int.from_bytes(seed[:8], "big"))
 
@@ -174,23 +186,45 @@ class _Run:
         if self.fault is not None:
             raise self.fault
 
-    @contextlib.asynccontextmanager
-    async def _acting(self) -> AsyncIterator[None]:
+    def _acting(self) -> _Acting:
         """Marks a command acting for real, so the pass waits for it to settle."""
-        marker: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.inflight.add(marker)
-        try:
-            yield
-        finally:
-            self.inflight.discard(marker)
-            marker.set_result(None)
+        return _Acting(self.inflight)
 
     def _finish(self, finished: Finished) -> PassResult:
         return PassResult(finished=finished, exposed=self.exposed, buffered=self._take_buffer())
 
     def _take_buffer(self) -> list[Any]:
+        """The buffered events, for the host to append with the pass's end; the
+        threads they hold are released by ``released()`` once that is done."""
         taken, self.buffer = self.buffer, []
+        self.held.extend(self.on_durable)
+        self.on_durable = []
         return taken
+
+    def released(self) -> None:
+        """The pass is over: the host appended (or gave up on) what it was handed,
+        and results never appended are lost with the pass; their threads go free."""
+        held, self.held, self.on_durable = [*self.held, *self.on_durable], [], []
+        for release in held:
+            release()
+
+    def _flush_soon(self) -> None:
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_if_left)
+
+    def _flush_if_left(self) -> None:
+        self.flush_scheduled = False
+        if self.on_durable and not self.ended:
+            task = asyncio.ensure_future(self._flush())
+            self.flushing.add(task)
+            task.add_done_callback(self.flushing.discard)
+
+    async def _flush(self) -> None:
+        async with self._acting():
+            # A fault is remembered by the pass: the body's next command raises it.
+            with contextlib.suppress(Park, Abandon, Restart):
+                await self.record([])
 
     def _raise(self, stop: BaseException) -> BaseException:
         """Remember the first fault of the pass: every later command re-raises it,
@@ -374,6 +408,14 @@ class _Run:
     async def _record(self, events: list[Any], runtime: tuple[RuntimeWrite, ...]) -> None:
         batch = [*self.buffer, *events]
         self.buffer = []
+        waiting, self.on_durable = self.on_durable, []
+        try:
+            await self._append(batch, runtime)
+        finally:
+            for release in waiting:
+                release()
+
+    async def _append(self, batch: list[Any], runtime: tuple[RuntimeWrite, ...]) -> None:
         if not batch:
             return
         while True:
@@ -450,7 +492,8 @@ class _Run:
             ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, seconds)
             try:
                 if ok:
-                    return await self._record_result(seq, name, value)
+                    held, release = release, nothing
+                    return await self._record_result(seq, name, value, held)
                 error_type, message = type(value).__name__, str(value)
                 if not retry.retries(value, attempt):
                     failed = StepFailed(seq=seq, name=name, error_type=error_type, message=message)
@@ -474,7 +517,9 @@ class _Run:
             )
             attempt += 1
 
-    async def _record_result(self, seq: int, name: str, value: Any) -> Any:
+    async def _record_result(
+        self, seq: int, name: str, value: Any, release: Callable[[], None]
+    ) -> Any:
         encoded = self._encode(value, f"the result of step {name!r} (command {seq})")
         done = StepDone(seq=seq, name=name, result=encoded)
         oversize = self._oversize(done, f"the result of step {name!r}")
@@ -484,7 +529,14 @@ class _Run:
                 [StepFailed(seq=seq, name=name, error_type=error_type, message=str(oversize))]
             )
             raise StepFailedError(name, error_type, str(oversize)) from oversize
-        await self.record([done])
+        # The result goes with the next append, which the code reaches in the same
+        # turn (its next command, its wait, its end: a 3-step workflow then costs 4
+        # commits); if nothing appends by the end of this turn (a gather sibling still
+        # runs), it is appended on its own. Either way the window between the body's
+        # end and its record is one commit, and its thread is held until then.
+        self.buffer.append(done)
+        self.on_durable.append(release)
+        self._flush_soon()
         return encoded
 
     async def timer(self, fire_at: Callable[[int], int]) -> None:
@@ -627,3 +679,24 @@ def _final(recorded: list[Any] | None, kinds: Any) -> Any:
 
 def _external(data: Any) -> bool:
     return isinstance(data, SignalSent | CancelRequested | ChildFinished)
+
+
+class _Acting:
+    """``async with run._acting():`` registers a command in ``inflight`` until it
+    settles. A plain class: the hot path pays no generator-based context manager."""
+
+    __slots__ = ("inflight", "marker")
+
+    def __init__(self, inflight: set[asyncio.Future[None]]) -> None:
+        self.inflight = inflight
+        self.marker: asyncio.Future[None] | None = None
+
+    async def __aenter__(self) -> None:
+        self.marker = asyncio.get_running_loop().create_future()
+        self.inflight.add(self.marker)
+
+    async def __aexit__(self, *exc: object) -> None:
+        marker = self.marker
+        assert marker is not None
+        self.inflight.discard(marker)
+        marker.set_result(None)

@@ -49,6 +49,10 @@ RESULT_HOLD_LIMIT = 300.0
 """Longest a step thread waits for its result to be recorded (a safety net only)."""
 
 
+_NEVER = threading.Event()
+"""The flag of attempts without a timeout: never set (an Event per attempt costs)."""
+
+
 @dataclass(frozen=True, slots=True)
 class StepInfo:
     """What a running step may know about itself.
@@ -64,7 +68,7 @@ class StepInfo:
     seq: int
     name: str
     attempt: int
-    _cancel: threading.Event = field(default_factory=threading.Event, repr=False, compare=False)
+    _cancel: threading.Event = field(default=_NEVER, repr=False, compare=False)
 
     @property
     def idempotency_key(self) -> str:
@@ -127,7 +131,7 @@ def _settle_future(future: asyncio.Future[T], value: T) -> None:
         future.set_result(value)
 
 
-def _nothing() -> None:
+def nothing() -> None:
     return None
 
 
@@ -168,7 +172,8 @@ class Attempts:
         its thread until ``release`` is called, after its result is recorded: so the
         bodies that finished but whose results are not yet durable never outnumber
         the step threads, and a crash re-runs at most that many."""
-        info = StepInfo(self.workflow_id, seq, name, attempt)
+        flag = _NEVER if timeout is None else threading.Event()
+        info = StepInfo(self.workflow_id, seq, name, attempt, flag)
         token = _current_step.set(info)
         try:
             if not _is_async(fn):
@@ -176,10 +181,10 @@ class Attempts:
             try:
                 value = await asyncio.wait_for(fn(*args), timeout)
             except TimeoutError:
-                return False, _timed_out(name, attempt, timeout), _nothing
+                return False, _timed_out(name, attempt, timeout), nothing
             except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
-                return False, exc, _nothing
-            return True, value, _nothing
+                return False, exc, nothing
+            return True, value, nothing
         finally:
             _current_step.reset(token)
 
@@ -212,7 +217,7 @@ class Attempts:
             recorded.set()
             # Recorded as failed now (visible at once); the next attempt waits for it.
             self.hung[info.seq] = (info, work, timeout)
-            return False, _timed_out(info.name, info.attempt, timeout), _nothing
+            return False, _timed_out(info.name, info.attempt, timeout), nothing
         except BaseException:
             recorded.set()
             raise
