@@ -1,18 +1,30 @@
-"""Tamper evidence: rows edited, deleted and reordered with raw SQL are each found."""
+"""Tamper evidence: rows edited, deleted and reordered with raw SQL are each found.
+
+The second half checks the verifier on rows held in memory (sealed by the same
+``plan_batch`` every backend uses, then tampered with), finding by finding.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
+from typing import cast
+from uuid import UUID
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import ledgerflow
-from ledgerflow.audit import FindingKind
+from ledgerflow.audit import Finding, FindingKind, VerifyReport
 from ledgerflow.cli import app
-from ledgerflow.hashing import chain_hash
+from ledgerflow.events import StreamState
+from ledgerflow.hashing import GENESIS_HASH, chain_hash
 from ledgerflow.store._base import BaseEventStore
+from ledgerflow.store._plan import AppendRequest, EventRow, PreparedEvent, StreamHead, plan_batch
+from ledgerflow.store.ports import EventStore
 
 from .conftest import pg_url, raw_sql
 
@@ -165,6 +177,75 @@ async def test_swapped_versions_are_found(ledger: str) -> None:
     assert FindingKind.REORDERED in {f.kind for f in report.findings}
 
 
+async def test_events_swapped_between_streams_are_found(ledger: str) -> None:
+    # Positions 1 and 2 hold version 1 of streams a and b. Swapped, every stream's
+    # versions still rise in the global log: only the position in the hash shows it.
+    raw_sql(
+        ledger,
+        "UPDATE {t}events SET position = -1 WHERE position = 1",
+        "UPDATE {t}events SET position = 1 WHERE position = 2",
+        "UPDATE {t}events SET position = 2 WHERE position = -1",
+    )
+    report = await verify(ledger)
+    assert kinds(report) == {(FindingKind.EDITED, "a", 1), (FindingKind.EDITED, "b", 1)}
+    assert {(f.stream_id, f.position) for f in report.findings} == {("a", 2), ("b", 1)}
+
+
+async def test_a_rewritten_stream_must_still_start_the_chain(ledger: str) -> None:
+    # A forger rewrites all of stream a and its head consistently, but from a first
+    # event chained to something other than the genesis hash: that alone shows.
+    async with ledgerflow.open_store(ledger) as store:
+        rows = [r for r in await store.read_rows() if r.stream_id == "a"]
+    statements = []
+    prev = b"\x01" * 32
+    for row in rows:
+        digest = _hash_of(dataclasses.replace(row, prev_hash=prev))
+        statements.append(
+            f"UPDATE {{t}}events SET prev_hash = {_blob(ledger, prev)}, "
+            f"hash = {_blob(ledger, digest)} WHERE position = {row.position}"
+        )
+        prev = digest
+    statements.append(
+        f"UPDATE {{t}}streams SET last_hash = {_blob(ledger, prev)} WHERE stream_id = 'a'"
+    )
+    raw_sql(ledger, *statements)
+    report = await verify(ledger)
+    assert report.findings == [
+        Finding(
+            FindingKind.EDITED,
+            "a",
+            1,
+            1,
+            "the first event of the stream does not start the chain",
+        )
+    ]
+
+
+async def test_a_missing_stream_head_is_found(ledger: str) -> None:
+    raw_sql(ledger, "DELETE FROM {t}streams WHERE stream_id = 'b'")
+    report = await verify(ledger)
+    assert report.findings == [
+        Finding(FindingKind.HEAD_MISMATCH, "b", None, None, "stream head is missing")
+    ]
+    assert report.streams_checked == 3
+
+
+def _hash_of(row: EventRow) -> bytes:
+    """The hash that matches ``row``'s stored fields."""
+    return chain_hash(
+        row.prev_hash,
+        row.id,
+        row.stream_id,
+        row.version,
+        row.position,
+        row.type,
+        row.schema_version,
+        row.data,
+        row.metadata,
+        row.recorded_at_us,
+    )
+
+
 def _blob(url: str, data: bytes) -> str:
     return f"X'{data.hex()}'" if url.startswith("sqlite") else f"'\\x{data.hex()}'::bytea"
 
@@ -192,3 +273,374 @@ async def test_memory_store_verifies(store: BaseEventStore) -> None:
     report = await ledgerflow.verify_ledger(store)
     assert report.ok
     assert report.events_checked == 5
+
+
+# -- the verifier on rows in memory ---------------------------------------------------
+
+
+@dataclasses.dataclass
+class _Ledger:
+    """Just what ``verify_ledger`` reads of a store: rows by position, heads by id."""
+
+    rows: list[EventRow]
+    heads: dict[str, StreamHead]
+    limits: set[int | None] = dataclasses.field(default_factory=set)
+    """The ``limit`` of every read so far."""
+
+    async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
+        self.limits.add(limit)
+        rows = sorted(self.rows, key=lambda r: r.position)
+        return [r for r in rows if r.position >= from_position][:limit]
+
+    async def stream_heads(
+        self, *, after: str | None = None, limit: int = 1000
+    ) -> list[tuple[str, StreamHead]]:
+        self.limits.add(limit)
+        names = sorted(s for s in self.heads if after is None or s > after)
+        return [(s, self.heads[s]) for s in names[:limit]]
+
+    async def verify(self, batch_size: int = 2000) -> VerifyReport:
+        return await ledgerflow.verify_ledger(cast("EventStore", self), batch_size=batch_size)
+
+    def at(self, position: int) -> EventRow:
+        (row,) = (r for r in self.rows if r.position == position)
+        return row
+
+    def put(self, row: EventRow) -> None:
+        """Store ``row`` in place of the row with its id."""
+        self.rows = [row if r.id == row.id else r for r in self.rows]
+
+    def drop(self, *positions: int) -> None:
+        self.rows = [r for r in self.rows if r.position not in positions]
+
+
+def sealed(*streams: str) -> _Ledger:
+    """One event per name, in order (``sealed("a", "b", "a")``: a1 at 1, b1, a2 at 3),
+    sealed by the planner every backend uses."""
+    requests = [
+        AppendRequest(
+            stream,
+            (PreparedEvent(UUID(int=i + 1), "noted", 1, b'{"i":%d}' % i, b"{}"),),
+            StreamState.ANY,
+        )
+        for i, stream in enumerate(streams)
+    ]
+    plan = plan_batch(requests, {}, {}, 0, 1_700_000_000_000_000)
+    return _Ledger(plan.rows, plan.heads)
+
+
+def resealed(row: EventRow) -> EventRow:
+    """``row`` with the hash that matches its (edited) fields: a careful forgery."""
+    return dataclasses.replace(row, hash=_hash_of(row))
+
+
+_ONE = UUID(int=1)
+
+
+def test_every_stored_field_feeds_the_chain_hash() -> None:
+    def h(
+        prev_hash: bytes = GENESIS_HASH,
+        event_id: UUID = _ONE,
+        stream_id: str = "s",
+        version: int = 1,
+        position: int = 1,
+        type_name: str = "t",
+        schema_version: int = 1,
+        data: bytes = b"{}",
+        metadata: bytes = b"{}",
+        recorded_at_us: int = 0,
+    ) -> bytes:
+        return chain_hash(
+            prev_hash,
+            event_id,
+            stream_id,
+            version,
+            position,
+            type_name,
+            schema_version,
+            data,
+            metadata,
+            recorded_at_us,
+        )
+
+    variants = [
+        h(),
+        h(prev_hash=b"\x01" * 32),
+        h(event_id=UUID(int=2)),
+        h(stream_id="s2"),
+        h(version=2),
+        h(position=2),
+        h(type_name="t2"),
+        h(schema_version=2),
+        h(data=b"[]"),
+        h(metadata=b"[]"),
+        h(recorded_at_us=1),
+    ]
+    assert len(set(variants)) == len(variants)
+
+
+def test_the_chain_hash_of_a_known_event_never_changes() -> None:
+    # Ledgers written by earlier releases must keep verifying: the encoding is fixed.
+    digest = chain_hash(
+        b"\x01" * 32,
+        UUID("0190a0b0-c0d0-7e0f-8a1b-2c3d4e5f6071"),
+        "order-42",
+        3,
+        17,
+        "order.created",
+        2,
+        b'{"sku":"SKU-1"}',
+        b'{"actor":"alice"}',
+        1_700_000_000_123_456,
+    )
+    assert digest.hex() == "b6ef6e4fe4e107805b6c2d126d5bf44066c6acd758fec6a521be39c19ca47a98"
+
+
+@given(
+    streams=st.lists(st.sampled_from("abc"), min_size=1, max_size=12),
+    batch_size=st.integers(min_value=1, max_value=13),
+)
+async def test_an_untouched_ledger_verifies_in_batches_of_any_size(
+    streams: list[str], batch_size: int
+) -> None:
+    report = await sealed(*streams).verify(batch_size)
+    assert report.ok
+    assert report.findings == []
+    assert (report.events_checked, report.streams_checked) == (len(streams), len(set(streams)))
+
+
+@given(
+    streams=st.lists(st.sampled_from("abc"), min_size=2, max_size=12),
+    data=st.data(),
+)
+async def test_findings_do_not_depend_on_the_batch_size(
+    streams: list[str], data: st.DataObject
+) -> None:
+    positions = st.integers(min_value=1, max_value=len(streams))
+    edited = data.draw(positions, label="edited")
+    removed = data.draw(st.sets(positions, max_size=3), label="removed")
+    batch_size = data.draw(st.integers(min_value=1, max_value=len(streams)), label="batch")
+    ledger = sealed(*streams)
+    ledger.put(dataclasses.replace(ledger.at(edited), data=b"{}"))
+    ledger.drop(*removed)
+    whole = await ledger.verify()
+    assert not whole.ok
+    assert await ledger.verify(batch_size) == whole
+
+
+async def test_no_read_asks_for_more_than_a_batch() -> None:
+    ledger = sealed("a", "b", "c", "a", "d")
+    assert (await ledger.verify(batch_size=2)).ok
+    assert ledger.limits == {2}
+
+
+async def test_an_empty_ledger_verifies() -> None:
+    assert await _Ledger([], {}).verify() == VerifyReport(0, 0, [])
+
+
+async def test_an_edited_event_is_named_with_its_place() -> None:
+    ledger = sealed("a", "b", "a", "a")
+    ledger.put(dataclasses.replace(ledger.at(3), data=b'{"i":99}'))
+    report = await ledger.verify()
+    assert report.findings == [
+        Finding(FindingKind.EDITED, "a", 2, 3, "stored fields do not match the event's hash")
+    ]
+    assert (report.events_checked, report.streams_checked, report.ok) == (4, 2, False)
+    assert str(report.findings[0]) == (
+        "edited: stream 'a', version 2, position 3: stored fields do not match the event's hash"
+    )
+
+
+async def test_a_forged_event_is_found_through_its_successor() -> None:
+    ledger = sealed("a", "a", "a")
+    ledger.put(resealed(dataclasses.replace(ledger.at(2), data=b'{"i":99}')))
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.EDITED, "a", 2, 2, "its hash differs from the one version 3 chained to")
+    ]
+
+
+async def test_an_event_chained_to_the_wrong_predecessor_is_found() -> None:
+    # Version 2 re-sealed onto another hash: it is intact on its own, and its
+    # predecessor is intact too; the link between them is what broke.
+    ledger = sealed("a", "a")
+    ledger.put(resealed(dataclasses.replace(ledger.at(2), prev_hash=b"\x07" * 32)))
+    ledger.heads["a"] = dataclasses.replace(ledger.heads["a"], last_hash=ledger.at(2).hash)
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.EDITED, "a", 1, 1, "its hash differs from the one version 2 chained to")
+    ]
+
+
+async def test_a_first_event_chained_to_anything_but_genesis_is_found() -> None:
+    ledger = sealed("b", "a")
+    ledger.put(resealed(dataclasses.replace(ledger.at(2), prev_hash=b"\x01" * 32)))
+    ledger.heads["a"] = dataclasses.replace(ledger.heads["a"], last_hash=ledger.at(2).hash)
+    assert (await ledger.verify()).findings == [
+        Finding(
+            FindingKind.EDITED, "a", 1, 2, "the first event of the stream does not start the chain"
+        )
+    ]
+
+
+async def test_an_edited_first_event_is_reported_once() -> None:
+    ledger = sealed("a", "a")
+    ledger.put(dataclasses.replace(ledger.at(1), prev_hash=b"\x01" * 32))
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.EDITED, "a", 1, 1, "stored fields do not match the event's hash")
+    ]
+
+
+async def test_gaps_in_the_global_log_are_named() -> None:
+    ledger = sealed("a", "b", "c", "d", "e", "f", "g")
+    ledger.drop(2, 4, 5)
+    ledger.heads = {s: h for s, h in ledger.heads.items() if s not in "bde"}
+    report = await ledger.verify()
+    assert report.findings == [
+        Finding(FindingKind.REMOVED, None, None, 2, "position 2 missing from the global log"),
+        Finding(FindingKind.REMOVED, None, None, 4, "positions 4..5 missing from the global log"),
+    ]
+    assert (
+        str(report.findings[1]) == "removed: position 4: positions 4..5 missing from the global log"
+    )
+    assert (report.events_checked, report.streams_checked) == (4, 4)
+
+
+async def test_missing_versions_are_named() -> None:
+    ledger = sealed("a", "a", "a", "a", "a", "a")
+    ledger.drop(2, 4, 5)
+    findings = (await ledger.verify()).findings
+    assert [f for f in findings if f.stream_id is not None] == [
+        Finding(FindingKind.REMOVED, "a", 2, None, "version 2 missing"),
+        Finding(FindingKind.REMOVED, "a", 4, None, "versions 4..5 missing"),
+    ]
+    assert str(findings[-1]) == "removed: stream 'a', version 4: versions 4..5 missing"
+
+
+async def test_missing_first_versions_are_named() -> None:
+    ledger = sealed("a", "a", "a", "b")
+    ledger.drop(1, 2)
+    findings = (await ledger.verify()).findings
+    assert [f for f in findings if f.stream_id is not None] == [
+        Finding(FindingKind.REMOVED, "a", 1, None, "versions 1..2 missing")
+    ]
+
+
+async def test_an_event_moved_back_in_the_global_log_is_reordered() -> None:
+    ledger = sealed("a", "b", "a", "a")
+    one, three = ledger.at(1), ledger.at(3)
+    ledger.put(dataclasses.replace(one, position=3))
+    ledger.put(dataclasses.replace(three, position=1))
+    report = await ledger.verify()
+    # Version 1 now sits after version 2; its hash (which covers the position) no
+    # longer matches either, but a reordered event is reported once, as reordered.
+    assert report.findings == [
+        Finding(FindingKind.REORDERED, "a", 1, 3, "appears after version 2 in the global log"),
+        Finding(FindingKind.EDITED, "a", 2, 1, "stored fields do not match the event's hash"),
+    ]
+
+
+async def test_an_event_moved_to_version_zero_is_edited() -> None:
+    ledger = sealed("a", "a")
+    ledger.put(dataclasses.replace(ledger.at(1), version=0))
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.EDITED, "a", 0, 1, "stored fields do not match the event's hash"),
+        Finding(FindingKind.REMOVED, "a", 1, None, "version 1 missing"),
+    ]
+
+
+async def test_an_event_forged_before_the_first_version_is_found() -> None:
+    # Sealed correctly from the genesis hash, as version 0, at the end of the log.
+    ledger = sealed("a", "a")
+    ledger.rows.append(
+        resealed(dataclasses.replace(ledger.at(1), id=UUID(int=99), version=0, position=3))
+    )
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.REORDERED, "a", 0, 3, "appears after version 2 in the global log")
+    ]
+
+
+async def test_an_event_copied_into_the_log_again_is_edited() -> None:
+    # Right after the original: versions do not fall, so it is not a reordering.
+    ledger = sealed("a", "a")
+    ledger.rows.append(dataclasses.replace(ledger.at(2), id=UUID(int=99), position=3))
+    assert (await ledger.verify()).findings == [
+        Finding(FindingKind.EDITED, "a", 2, 3, "stored fields do not match the event's hash")
+    ]
+
+
+async def test_a_head_ahead_of_the_events_means_removed_events() -> None:
+    ledger = sealed("b", "a", "a", "a")
+    ledger.drop(4)  # the tail of the global log: no gap there
+    assert (await ledger.verify()).findings == [
+        Finding(
+            FindingKind.REMOVED,
+            "a",
+            3,
+            None,
+            "the stream head records version 3 but events end at 2",
+        )
+    ]
+
+
+async def test_a_head_without_events_means_a_removed_stream() -> None:
+    ledger = sealed("a", "b")
+    ledger.drop(2)
+    report = await ledger.verify()
+    assert report.findings == [
+        Finding(
+            FindingKind.REMOVED,
+            "b",
+            1,
+            None,
+            "the stream head records version 1 but events end at 0",
+        )
+    ]
+    assert (report.events_checked, report.streams_checked) == (1, 2)
+
+
+async def test_a_head_behind_the_events_is_a_head_mismatch() -> None:
+    ledger = sealed("a", "a", "a")
+    ledger.heads["a"] = StreamHead(2, ledger.at(2).hash, 2)
+    assert (await ledger.verify()).findings == [
+        Finding(
+            FindingKind.HEAD_MISMATCH,
+            "a",
+            2,
+            None,
+            "the stream head records version 2 but events reach 3",
+        )
+    ]
+
+
+async def test_a_head_with_another_hash_shows_an_edited_last_event() -> None:
+    ledger = sealed("a", "a")
+    ledger.put(resealed(dataclasses.replace(ledger.at(2), data=b'{"i":99}')))
+    assert (await ledger.verify()).findings == [
+        Finding(
+            FindingKind.EDITED, "a", 2, 2, "its hash differs from the one the stream head recorded"
+        )
+    ]
+
+
+async def test_a_stream_without_a_head_is_reported() -> None:
+    ledger = sealed("a", "b", "b")
+    del ledger.heads["b"]
+    report = await ledger.verify()
+    assert report.findings == [
+        Finding(FindingKind.HEAD_MISMATCH, "b", None, None, "stream head is missing")
+    ]
+    assert str(report.findings[0]) == "head_mismatch: stream 'b': stream head is missing"
+
+
+async def test_heads_are_read_past_the_first_page() -> None:
+    ledger = sealed("a", "b", "c", "d", "e")
+    ledger.heads["e"] = StreamHead(2, ledger.at(5).hash, 6)
+    report = await ledger.verify(batch_size=2)
+    assert report.findings == [
+        Finding(
+            FindingKind.REMOVED,
+            "e",
+            2,
+            None,
+            "the stream head records version 2 but events end at 1",
+        )
+    ]
