@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 import ledgerflow
-from ledgerflow.audit import Finding, FindingKind, VerifyReport
+from ledgerflow.audit import Finding, FindingKind, VerifyReport, row_hash
 from ledgerflow.cli import app
 from ledgerflow.events import StreamState
 from ledgerflow.hashing import GENESIS_HASH, chain_hash
@@ -199,7 +199,7 @@ async def test_a_rewritten_stream_must_still_start_the_chain(ledger: str) -> Non
     statements = []
     prev = b"\x01" * 32
     for row in rows:
-        digest = _hash_of(dataclasses.replace(row, prev_hash=prev))
+        digest = row_hash(dataclasses.replace(row, prev_hash=prev))
         statements.append(
             f"UPDATE {{t}}events SET prev_hash = {_blob(ledger, prev)}, "
             f"hash = {_blob(ledger, digest)} WHERE position = {row.position}"
@@ -228,22 +228,6 @@ async def test_a_missing_stream_head_is_found(ledger: str) -> None:
         Finding(FindingKind.HEAD_MISMATCH, "b", None, None, "stream head is missing")
     ]
     assert report.streams_checked == 3
-
-
-def _hash_of(row: EventRow) -> bytes:
-    """The hash that matches ``row``'s stored fields."""
-    return chain_hash(
-        row.prev_hash,
-        row.id,
-        row.stream_id,
-        row.version,
-        row.position,
-        row.type,
-        row.schema_version,
-        row.data,
-        row.metadata,
-        row.recorded_at_us,
-    )
 
 
 def _blob(url: str, data: bytes) -> str:
@@ -331,7 +315,7 @@ def sealed(*streams: str) -> _Ledger:
 
 def resealed(row: EventRow) -> EventRow:
     """``row`` with the hash that matches its (edited) fields: a careful forgery."""
-    return dataclasses.replace(row, hash=_hash_of(row))
+    return dataclasses.replace(row, hash=row_hash(row))
 
 
 _ONE = UUID(int=1)

@@ -15,9 +15,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ledgerflow.audit import row_hash
 from ledgerflow.errors import ConcurrencyError, DuplicateEventError, StoreError
 from ledgerflow.events import AlreadyAppended, Appended, AppendResult, ExpectedVersion, StreamState
-from ledgerflow.hashing import GENESIS_HASH, chain_hash
+from ledgerflow.hashing import GENESIS_HASH
 from ledgerflow.store._plan import (
     AppendRequest,
     BatchPlan,
@@ -62,21 +63,6 @@ def plan(
     last_position: int = 0,
 ) -> BatchPlan:
     return plan_batch(requests, heads or {}, {row.id: row for row in existing}, last_position, AT)
-
-
-def sealed_hash(row: EventRow) -> bytes:
-    return chain_hash(
-        row.prev_hash,
-        row.id,
-        row.stream_id,
-        row.version,
-        row.position,
-        row.type,
-        row.schema_version,
-        row.data,
-        row.metadata,
-        row.recorded_at_us,
-    )
 
 
 # -- check_expected ---------------------------------------------------------------------
@@ -132,7 +118,7 @@ def test_a_new_stream_starts_the_chain_after_the_last_position() -> None:
     assert second == EventRow(
         43, b.id, "s", 2, b.type, b.schema_version, b.data, b.metadata, AT, first.hash, second.hash
     )
-    assert [sealed_hash(r) for r in result.rows] == [first.hash, second.hash]
+    assert [row_hash(r) for r in result.rows] == [first.hash, second.hash]
     assert result.heads == {"s": StreamHead(2, second.hash, 43)}
     assert result.last_position == 43
 
@@ -144,7 +130,7 @@ def test_an_existing_stream_goes_on_from_its_head() -> None:
     assert result.outcomes == [Appended("s", 5, (31,))]
     (row,) = result.rows
     assert (row.version, row.position, row.prev_hash) == (5, 31, head.last_hash)
-    assert row.hash == sealed_hash(row)
+    assert row.hash == row_hash(row)
     assert result.heads == {"s": StreamHead(5, row.hash, 31)}
 
 
@@ -395,7 +381,7 @@ def test_a_batch_decides_like_a_model_of_the_rules(
             )
             assert row.recorded_at_us == AT
             assert row.prev_hash == hashes.get(req.stream_id, GENESIS_HASH)
-            assert row.hash == sealed_hash(row)
+            assert row.hash == row_hash(row)
             hashes[req.stream_id] = row.hash
             positions.append(position)
         versions[req.stream_id] = version

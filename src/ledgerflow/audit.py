@@ -73,7 +73,12 @@ class _Seen:
 
 
 def _intact(row: EventRow) -> bool:
-    return row.hash == chain_hash(
+    return row.hash == row_hash(row)
+
+
+def row_hash(row: EventRow) -> bytes:
+    """The hash that chains ``row`` as stored: what ``row.hash`` must equal."""
+    return chain_hash(
         row.prev_hash,
         row.id,
         row.stream_id,
