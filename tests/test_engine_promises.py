@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import sys
 import threading
 import time
 from collections import Counter
@@ -228,7 +229,9 @@ async def bigreturn(ctx: WorkflowContext, sku: str) -> str:
 async def test_an_oversized_step_result_fails_the_step_once_and_compensates(
     engine: EngineFactory,
 ) -> None:
-    async with engine(bigstep) as e:
+    # One step thread: were the oversized step's thread still held (it waits for its
+    # result to be recorded, which never happens), the compensation could not run.
+    async with engine(bigstep, step_threads=1) as e:
         await e.start(bigstep, "a", id="big-1")
         with pytest.raises(ledgerflow.WorkflowFailedError, match="ResultTooLargeError"):
             await e.handle("big-1").result(timeout=WAIT)
@@ -562,6 +565,33 @@ async def test_an_unencodable_step_result_parks_the_instance_naming_step_and_typ
     assert described.error is not None
     assert "UnrecordableValueError" in described.error
     assert calls.count("release") == 0  # nothing failed: nothing is undone
+    assert not step_threads_held()  # a result never recorded holds no thread
+
+
+def step_threads_held() -> list[str]:
+    """Step threads still waiting for a result to be recorded, once those just
+    released have had a moment to wake (after the engine closed, none should: each
+    would hold the interpreter's exit for minutes)."""
+    deadline = time.monotonic() + 2.0
+    while (held := _step_threads_in_hold()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return held
+
+
+def _step_threads_in_hold() -> list[str]:
+    frames = sys._current_frames()
+    held = []
+    for thread in threading.enumerate():
+        frame, callee = frames.get(thread.ident or 0), None
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "job" and code.co_filename.endswith("steps.py"):
+                # In the hold itself (Event.wait), not running a slow step's body.
+                if callee is not None and callee.f_code.co_filename == threading.__file__:
+                    held.append(thread.name)
+                break
+            frame, callee = frame.f_back, frame
+    return held
 
 
 def label(sku: str) -> str:

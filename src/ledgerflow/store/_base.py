@@ -135,7 +135,47 @@ def _check_instance(row: object) -> None:
     _check_int(row.updated_at_us, "InstanceRow.updated_at_us", -_MAX_INT64, _MAX_INT64)
 
 
+def _plain_text(value: object) -> bool:
+    return type(value) is str and value.isascii() and "\x00" not in value
+
+
+def _plain_micros(value: object) -> bool:
+    return type(value) is int and -_MAX_INT64 <= value <= _MAX_INT64
+
+
+def _surely_valid(write: object) -> bool:
+    """The writes the engine makes, recognized cheaply (every append carries some);
+    anything else gets the checks that say what is wrong."""
+    if isinstance(write, Nudge):
+        return _plain_text(write.workflow_id) and _plain_micros(write.due_at_us)
+    if isinstance(write, Unschedule):
+        return _plain_text(write.workflow_id)
+    if isinstance(write, Schedule):
+        return (
+            _plain_text(write.workflow_id)
+            and (write.due_at_us is None or _plain_micros(write.due_at_us))
+            and write.lease_owner is None
+            and write.lease_until_us is None
+        )
+    if isinstance(write, PutInstance):
+        row = write.row
+        return (
+            type(row) is InstanceRow
+            and _plain_text(row.workflow_id)
+            and _plain_text(row.name)
+            and type(row.version) is int
+            and 0 <= row.version <= _MAX_INT32
+            and _plain_text(row.status)
+            and (row.parent_id is None or _plain_text(row.parent_id))
+            and _plain_micros(row.created_at_us)
+            and _plain_micros(row.updated_at_us)
+        )
+    return False
+
+
 def _check_runtime_write(write: object) -> None:
+    if _surely_valid(write):
+        return
     micros = (-_MAX_INT64, _MAX_INT64)
     match write:
         case PutInstance():

@@ -16,9 +16,6 @@ from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 
-from jsonschema import Draft202012Validator
-from jsonschema.exceptions import SchemaError
-
 from ..clock import Clock, SystemClock
 from ..errors import (
     ConcurrencyError,
@@ -336,6 +333,11 @@ class WorkflowClient:
         waiting = open_wait([event.data for event in recent], signal.name)
         if waiting is None or waiting.schema is None:
             return
+        # Imported here: jsonschema costs every `import ledgerflow` (and CLI call)
+        # ~70 ms, and only a signal sent to a waiting instance needs it.
+        from jsonschema import Draft202012Validator
+        from jsonschema.exceptions import SchemaError
+
         try:
             validator = Draft202012Validator(waiting.schema)
             errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import random
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, overload
 
@@ -72,7 +72,7 @@ class WorkflowContext:
         name: str | None = None,
     ) -> R: ...
 
-    async def step(  # type: ignore[misc]  # mypy cannot match *Ts overloads to *Any
+    def step(  # type: ignore[misc]  # mypy cannot match *Ts overloads to *Any
         self,
         fn: Any,
         *args: Any,
@@ -80,7 +80,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
         name: str | None = None,
-    ) -> Any:
+    ) -> Coroutine[Any, Any, Any]:
         """Run ``fn(*args)`` once for this instance and record its result.
 
         Sync functions run in the engine's thread pool. On replay the recorded result
@@ -102,7 +102,8 @@ class WorkflowContext:
             options = step_options(fn)
             step_name = name or options.name
             compensate = compensate or options.compensate
-        return await self._run.step(
+        # The run's coroutine itself, not one around it: one frame less per step.
+        return self._run.step(
             step_name,
             target,
             args,

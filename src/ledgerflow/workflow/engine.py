@@ -17,7 +17,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Self
@@ -509,11 +509,12 @@ class _Host:
     def encoded_size(self, event: Any) -> int:
         return len(self._engine.store.registry.encode(event).data) + self._metadata_bytes
 
-    async def append(
+    def append(
         self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
-    ) -> AppendResult:
+    ) -> Coroutine[Any, Any, AppendResult]:
+        # The store's coroutine itself, not one around it: this is every append's path.
         stream = self._engine.stream_id(history.workflow_id)
-        return await self._engine.store.append(stream, events, history.version, runtime=runtime)
+        return self._engine.store.append(stream, events, history.version, runtime=runtime)
 
     async def read_after(self, history: History) -> list[RecordedEvent]:
         stream = self._engine.stream_id(history.workflow_id)

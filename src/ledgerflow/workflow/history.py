@@ -296,7 +296,7 @@ class History:
         self.events += 1
         if isinstance(data, _Command):
             self.commands.setdefault(data.seq, []).append(data)
-            if isinstance(data, SignalTaken | SignalRejected):
+            if isinstance(data, (SignalTaken, SignalRejected)):
                 self.taken.add(data.signal_version)
         elif isinstance(data, SignalSent):
             self.signals.append((version, data))
@@ -341,7 +341,7 @@ class History:
         for name, event in raw["commands"]:
             command: Any = msgspec.convert(event, _CLASSES[name])
             history.commands.setdefault(command.seq, []).append(command)
-            if isinstance(command, SignalTaken | SignalRejected):
+            if isinstance(command, (SignalTaken, SignalRejected)):
                 history.taken.add(command.signal_version)
         history.signals = [
             (version, msgspec.convert(signal, SignalSent)) for version, signal in raw["signals"]

@@ -135,7 +135,8 @@ class _Run:
         self.compensating = False
         self.shield = 0
         self.appending = asyncio.Lock()
-        self.inflight: set[asyncio.Future[None]] = set()
+        self.acting = _Acting()
+        """Commands acting for real: the pass ends only when none is left."""
         self.ended = False
         self.fault: BaseException | None = None
         self.attempts = Attempts(history.workflow_id, host.step_pool)
@@ -143,9 +144,17 @@ class _Run:
         """Releases of step threads whose results are in ``buffer``."""
         self.held: list[Callable[[], None]] = []
         self.flush_scheduled = False
-        self.flushing: set[asyncio.Future[None]] = set()
-        seed = hashlib.sha256(history.workflow_id.encode()).digest()
-        self.rng = random.Random(int.from_bytes(seed[:8], "big"))
+        self.flushing: set[asyncio.Future[None]] | None = None
+        self._rng: random.Random | None = None
+
+    @property
+    def rng(self) -> random.Random:
+        """The workflow's random stream, seeded by its id (made on first use: most
+        passes never draw from it)."""
+        if self._rng is None:
+            seed = hashlib.sha256(self.history.workflow_id.encode()).digest()
+            self._rng = random.Random(int.from_bytes(seed[:8], "big"))
+        return self._rng
 
     # -- the pass -------------------------------------------------------------------
 
@@ -172,7 +181,7 @@ class _Run:
             self._check_finished_path()
             encoded = self._encode(returned, "the workflow's return value")
             finished = Finished(status=WorkflowStatus.COMPLETED, result=encoded)
-            oversize = self._oversize(finished, "the workflow's return value")
+            oversize = self._oversize(finished, encoded, "the workflow's return value")
             if oversize is None:
                 return self._finish(finished)
             failure = (type(oversize).__name__, str(oversize))
@@ -181,14 +190,9 @@ class _Run:
     async def _settle(self) -> None:
         """Let every command the body started settle; the body takes no new ones."""
         self.ended = True
-        while self.inflight:
-            await asyncio.wait(list(self.inflight))
+        await self.acting.none_left()
         if self.fault is not None:
             raise self.fault
-
-    def _acting(self) -> _Acting:
-        """Marks a command acting for real, so the pass waits for it to settle."""
-        return _Acting(self.inflight)
 
     def _finish(self, finished: Finished) -> PassResult:
         return PassResult(finished=finished, exposed=self.exposed, buffered=self._take_buffer())
@@ -217,14 +221,15 @@ class _Run:
         self.flush_scheduled = False
         if self.on_durable and not self.ended:
             task = asyncio.ensure_future(self._flush())
+            if self.flushing is None:
+                self.flushing = set()  # the tasks' strong references, while they run
             self.flushing.add(task)
             task.add_done_callback(self.flushing.discard)
 
     async def _flush(self) -> None:
-        async with self._acting():
-            # A fault is remembered by the pass: the body's next command raises it.
-            with contextlib.suppress(Park, Abandon, Restart):
-                await self.record([])
+        # A fault is remembered by the pass: the body's next command raises it.
+        with self.acting, contextlib.suppress(Park, Abandon, Restart):
+            await self.record([])
 
     def _raise(self, stop: BaseException) -> BaseException:
         """Remember the first fault of the pass: every later command re-raises it,
@@ -249,7 +254,7 @@ class _Run:
                 continue
             if self.query:
                 raise Suspend()  # replay checked what is recorded; acting is not its part
-            async with self._acting():
+            with self.acting:
                 if not await self._compensate(seq, comp, recorded or []):
                     gave_up = True
         self._check_finished_path()
@@ -352,12 +357,18 @@ class _Run:
             error = RecordedValueError(self.history.workflow_id, what, type_, str(exc))
             raise self._raise(Park(error)) from None
 
-    def _oversize(self, event: Any, what: str) -> ResultTooLargeError | None:
+    def _oversize(self, event: Any, payload: Any, what: str) -> ResultTooLargeError | None:
+        """Whether ``event`` (carrying the encoded ``payload``) is too large to record."""
         limit = self.host.max_event_bytes
         if limit is None:
             return None
+        budget = limit - _EVENT_OVERHEAD_BOUND - 6 * len(getattr(event, "name", ""))
+        if _surely_within(payload, budget):
+            return None
         size = self.host.encoded_size(event)
-        return ResultTooLargeError(what, size, limit) if size > limit else None
+        if size <= limit:
+            return None
+        return ResultTooLargeError(what, size, limit)
 
     # -- commands -------------------------------------------------------------------
 
@@ -400,46 +411,41 @@ class _Run:
 
         Signals, cancellations and children's ends appended meanwhile are folded in
         and the append retried; commands recorded by someone else mean another
-        runner: Restart. Store faults abandon the pass.
+        runner: Restart. Store faults abandon the pass. (One coroutine: every step
+        passes through here, and each frame alive costs the garbage collector.)
         """
         async with self.appending:  # concurrent commands of one run append in turn
-            await self._record(events, runtime)
-
-    async def _record(self, events: list[Any], runtime: tuple[RuntimeWrite, ...]) -> None:
-        batch = [*self.buffer, *events]
-        self.buffer = []
-        waiting, self.on_durable = self.on_durable, []
-        try:
-            await self._append(batch, runtime)
-        finally:
-            for release in waiting:
-                release()
-
-    async def _append(self, batch: list[Any], runtime: tuple[RuntimeWrite, ...]) -> None:
-        if not batch:
-            return
-        while True:
+            batch = [*self.buffer, *events]
+            self.buffer = []
+            waiting, self.on_durable = self.on_durable, []
             try:
-                result = await self._host(self.host.append(self.history, batch, runtime))
-            except ConcurrencyError:
-                newer = await self._host(self.host.read_after(self.history))
-                # Nothing new to see (yet), or commands of another runner: replay
-                # from the record rather than append on top of it.
-                if not newer or any(not _external(e.data) for e in newer):
-                    raise self._raise(Restart()) from None
-                self.history.extend(newer)
-                continue
+                while batch:
+                    try:
+                        result = await self.host.append(self.history, batch, runtime)
+                    except ConcurrencyError:
+                        newer = await self.host.read_after(self.history)
+                        # Nothing new to see (yet), or commands of another runner:
+                        # replay from the record rather than append on top of it.
+                        if not newer or any(not _external(e.data) for e in newer):
+                            raise self._raise(Restart()) from None
+                        self.history.extend(newer)
+                        continue
+                    before = self.history.version
+                    first = result.version - len(batch) + 1
+                    for offset, event in enumerate(batch):
+                        self.history.add(first + offset, event)
+                    await self.host.appended(self.history, before)
+                    break
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                raise self._raise(Abandon(exc)) from exc
             except EventError as exc:  # an event the engine built does not fit the store
                 error = UnrecordableValueError(
                     self.history.workflow_id, "an event of this pass", batch[-1], str(exc)
                 )
                 raise self._raise(Park(error)) from exc
-            before = self.history.version
-            first = result.version - len(batch) + 1
-            for offset, event in enumerate(batch):
-                self.history.add(first + offset, event)
-            await self._host(self.host.appended(self.history, before))
-            return
+            finally:
+                for release in waiting:
+                    release()
 
     async def step(
         self,
@@ -452,16 +458,23 @@ class _Run:
     ) -> Any:
         seq, recorded = self._command("step", name)
         wanted = return_type(fn)
-        outcome = _final(recorded, StepDone | StepFailed)
+        # A step's end, if recorded, is its last event (after any failed attempts).
+        outcome = recorded[-1] if recorded else None
         if isinstance(outcome, StepFailed):
             raise StepFailedError(name, outcome.error_type, outcome.message)
         if isinstance(outcome, StepDone):
-            value = self._decode(outcome.result, wanted, f"result of step {name!r} (command {seq})")
+            try:  # every replayed step passes here: no message made unless needed
+                value = from_builtins(outcome.result, wanted)
+            except CodecError:
+                value = self._decode(outcome.result, wanted, _result_of(name, seq))
         else:
             self._live()
-            async with self._acting():
+            with self.acting:
                 value = await self._run_step(seq, name, fn, args, retry, timeout, recorded)
-                value = self._decode(value, wanted, f"result of step {name!r} (command {seq})")
+                try:
+                    value = from_builtins(value, wanted)
+                except CodecError:
+                    value = self._decode(value, wanted, _result_of(name, seq))
                 # Registered before the command settles: a pass that fails meanwhile
                 # waits for it, so a completed step's compensation is never lost.
                 if compensate is not None:
@@ -520,15 +533,24 @@ class _Run:
     async def _record_result(
         self, seq: int, name: str, value: Any, release: Callable[[], None]
     ) -> Any:
-        encoded = self._encode(value, f"the result of step {name!r} (command {seq})")
-        done = StepDone(seq=seq, name=name, result=encoded)
-        oversize = self._oversize(done, f"the result of step {name!r}")
-        if oversize is not None:
-            error_type = type(oversize).__name__
-            await self.record(
-                [StepFailed(seq=seq, name=name, error_type=error_type, message=str(oversize))]
-            )
-            raise StepFailedError(name, error_type, str(oversize)) from oversize
+        """Buffer a step's result to ride with the next append; ``release`` frees the
+        step's thread once it is recorded, or at once if it can never be."""
+        try:
+            try:
+                encoded = to_builtins(value)
+            except CodecError:  # said once, with its context, by _encode
+                encoded = self._encode(value, f"the {_result_of(name, seq)}")
+            done = StepDone(seq=seq, name=name, result=encoded)
+            oversize = self._oversize(done, encoded, f"the result of step {name!r}")
+            if oversize is not None:
+                error_type = type(oversize).__name__
+                await self.record(
+                    [StepFailed(seq=seq, name=name, error_type=error_type, message=str(oversize))]
+                )
+                raise StepFailedError(name, error_type, str(oversize)) from oversize
+        except BaseException:
+            release()
+            raise
         # The result goes with the next append, which the code reaches in the same
         # turn (its next command, its wait, its end: a 3-step workflow then costs 4
         # commits); if nothing appends by the end of this turn (a gather sibling still
@@ -552,7 +574,7 @@ class _Run:
             due = fire_at(now)
             started = [TimerStarted(seq=seq, name="sleep", fire_at_us=due)]
         if now >= due:
-            async with self._acting():
+            with self.acting:
                 await self.record([*started, TimerFired(seq=seq, name="sleep")])
             return
         raise Suspend(started, due)
@@ -566,7 +588,7 @@ class _Run:
             if isinstance(event, SignalTimedOut):
                 return None
         self._live()
-        async with self._acting():
+        with self.acting:
             while (found := self.history.next_signal(name)) is not None:
                 version, sent = found
                 try:
@@ -623,7 +645,7 @@ class _Run:
             return self._child_outcome(workflow, ended)
         self._live()
         if started is None:
-            async with self._acting():
+            with self.acting:
                 # What the child's input depends on is durable before it starts.
                 await self.record([])
                 await self._host(
@@ -662,6 +684,31 @@ class _Run:
         return from_micros(at)
 
 
+_EVENT_OVERHEAD_BOUND = 8192
+"""More than an event's envelope and metadata take (its name aside), so a payload that
+surely fits in the rest needs no trial encoding."""
+
+
+def _surely_within(payload: Any, budget: int) -> bool:
+    """A cheap yes for the common small results (a JSON string costs at most 6 bytes a
+    character); anything else is measured by encoding it."""
+    if budget < 32:
+        return False  # a tiny limit (tests set them): measure everything
+    kind = type(payload)
+    if payload is None or kind is bool or kind is float:
+        return True
+    if kind is int:
+        digits: int = payload.bit_length() // 3 + 1  # a bit holds ~0.3 decimal digits
+        return digits + 1 <= budget  # and a sign
+    if kind is str:
+        return 6 * len(payload) + 2 <= budget
+    return False
+
+
+def _result_of(name: str, seq: int) -> str:
+    return f"result of step {name!r} (command {seq})"
+
+
 def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:
     for event in recorded or ():
         if isinstance(event, kind):
@@ -682,21 +729,26 @@ def _external(data: Any) -> bool:
 
 
 class _Acting:
-    """``async with run._acting():`` registers a command in ``inflight`` until it
-    settles. A plain class: the hot path pays no generator-based context manager."""
+    """``with run.acting:`` counts a command acting for real until it settles;
+    ``none_left()`` waits until none is. One per pass, reentrant: the hot path
+    pays no object, future or coroutine per command."""
 
-    __slots__ = ("inflight", "marker")
+    __slots__ = ("count", "idle")
 
-    def __init__(self, inflight: set[asyncio.Future[None]]) -> None:
-        self.inflight = inflight
-        self.marker: asyncio.Future[None] | None = None
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle: asyncio.Future[None] | None = None
 
-    async def __aenter__(self) -> None:
-        self.marker = asyncio.get_running_loop().create_future()
-        self.inflight.add(self.marker)
+    def __enter__(self) -> None:
+        self.count += 1
 
-    async def __aexit__(self, *exc: object) -> None:
-        marker = self.marker
-        assert marker is not None
-        self.inflight.discard(marker)
-        marker.set_result(None)
+    def __exit__(self, *exc: object) -> None:
+        self.count -= 1
+        idle = self.idle
+        if self.count == 0 and idle is not None and not idle.done():
+            idle.set_result(None)
+
+    async def none_left(self) -> None:
+        while self.count:
+            self.idle = asyncio.get_running_loop().create_future()
+            await self.idle
