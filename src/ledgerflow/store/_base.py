@@ -136,7 +136,8 @@ def _check_instance(row: object) -> None:
 
 
 def _plain_text(value: object) -> bool:
-    return type(value) is str and value.isascii() and "\x00" not in value
+    # isinstance, not type(): a StrEnum member (a status) is text too.
+    return isinstance(value, str) and value.isascii() and "\x00" not in value
 
 
 def _plain_micros(value: object) -> bool:

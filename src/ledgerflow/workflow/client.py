@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
+
+import msgspec
 
 from ..clock import Clock, SystemClock
 from ..errors import (
@@ -295,18 +298,27 @@ class WorkflowClient:
 
     async def _send(self, workflow_id: str, event: Any, action: str) -> None:
         stream = self.stream_id(workflow_id)
-        checked = False
+        unchecked = isinstance(event, SignalSent)
         while True:
             # Version first: the status row and the Finished event are written in one
             # append, so a status read after the version that is not terminal proves
-            # the version predates the end, and a later end fails this append.
-            version = await self.store.stream_version(stream)
+            # the version predates the end, and a later end fails this append. A
+            # signal's first look reads the newest events instead: the version is
+            # the first one's, and they say what the instance waits for.
+            recent: list[RecordedEvent] = []
+            if unchecked:
+                recent = await self.store.read_stream(
+                    stream, backwards=True, limit=SIGNAL_CHECK_WINDOW
+                )
+                version = recent[0].version if recent else 0
+            else:
+                version = await self.store.stream_version(stream)
             row = await self._instance(workflow_id)
             if row.status in TERMINAL:
                 raise WorkflowFinishedError(workflow_id, row.status, action)
-            if isinstance(event, SignalSent) and not checked:
-                await self._check_signal(workflow_id, event)
-                checked = True
+            if unchecked:
+                _check_signal(workflow_id, event, recent)
+                unchecked = False
             # A parked instance keeps what is sent for when it resumes, but is not
             # woken for it: it could only park again.
             runtime = (
@@ -318,39 +330,6 @@ class WorkflowClient:
                 continue  # it moved on (or finished) meanwhile: look again
             self._poke()
             return
-
-    async def _check_signal(self, workflow_id: str, signal: SignalSent) -> None:
-        """Refuse a payload that does not fit the type the instance waits for now.
-
-        The wait records its type's JSON Schema, so any sender (this process, the
-        CLI, another service) can check without the workflow's code. A signal sent
-        ahead of its wait cannot be checked here; the wait rejects it if it does
-        not fit, visibly, and goes on waiting.
-        """
-        recent = await self.store.read_stream(
-            self.stream_id(workflow_id), backwards=True, limit=SIGNAL_CHECK_WINDOW
-        )
-        waiting = open_wait([event.data for event in recent], signal.name)
-        if waiting is None or waiting.schema is None:
-            return
-        # Imported here: jsonschema costs every `import ledgerflow` (and CLI call)
-        # ~70 ms, and only a signal sent to a waiting instance needs it.
-        from jsonschema import Draft202012Validator
-        from jsonschema.exceptions import SchemaError
-
-        try:
-            validator = Draft202012Validator(waiting.schema)
-            errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))
-        except SchemaError:
-            return  # a schema we cannot use: the wait checks the payload itself
-        if errors:
-            described = "; ".join(
-                f"{'/'.join(str(p) for p in error.absolute_path) or 'payload'}: {error.message}"
-                for error in errors[:5]
-            )
-            raise SignalInputError(
-                workflow_id, signal.name, f"does not fit the waited-for type: {described}"
-            )
 
     async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
         """Deliver a signal; kept until the workflow waits for it.
@@ -518,3 +497,45 @@ def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
             definition.name, f"expected {wanted.__qualname__}, got {type(given).__qualname__}"
         )
     return encoded
+
+
+def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEvent]) -> None:
+    """Refuse a payload that does not fit the type the instance waits for now.
+
+    The wait records its type's JSON Schema, so any sender (this process, the CLI,
+    another service) can check without the workflow's code. A signal sent ahead of
+    its wait cannot be checked here; the wait rejects it if it does not fit,
+    visibly, and goes on waiting.
+    """
+    waiting = open_wait([event.data for event in recent], signal.name)
+    if waiting is None or waiting.schema is None:
+        return
+    validator = _validator(msgspec.json.encode(waiting.schema))
+    if validator is None:
+        return  # a schema we cannot use: the wait checks the payload itself
+    errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))
+    if errors:
+        described = "; ".join(
+            f"{'/'.join(str(p) for p in error.absolute_path) or 'payload'}: {error.message}"
+            for error in errors[:5]
+        )
+        raise SignalInputError(
+            workflow_id, signal.name, f"does not fit the waited-for type: {described}"
+        )
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema: bytes) -> Any:
+    """A checked validator per schema (by its JSON): building one costs more than
+    using it, and an instance's waits reuse a handful of types. None if unusable."""
+    # Imported here: jsonschema costs every `import ledgerflow` (and CLI call)
+    # ~70 ms, and only a signal sent to a waiting instance needs it.
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        validator = Draft202012Validator(msgspec.json.decode(schema))
+        validator.check_schema(validator.schema)
+    except SchemaError:
+        return None
+    return validator
