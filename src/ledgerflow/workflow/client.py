@@ -24,6 +24,7 @@ from ..errors import (
     ConcurrencyError,
     ConfigurationError,
     SignalInputError,
+    StreamNotFoundError,
     UnknownWorkflowError,
     WorkflowAlreadyStartedError,
     WorkflowError,
@@ -307,10 +308,13 @@ class WorkflowClient:
             # the first one's, and they say what the instance waits for.
             recent: list[RecordedEvent] = []
             if unchecked:
-                recent = await self.store.read_stream(
-                    stream, backwards=True, limit=SIGNAL_CHECK_WINDOW
-                )
-                version = recent[0].version if recent else 0
+                try:
+                    recent = await self.store.read_stream(
+                        stream, backwards=True, limit=SIGNAL_CHECK_WINDOW
+                    )
+                except StreamNotFoundError:
+                    raise WorkflowNotFoundError(workflow_id) from None
+                version = recent[0].version
             else:
                 version = await self.store.stream_version(stream)
             row = await self._instance(workflow_id)
