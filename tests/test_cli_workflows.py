@@ -15,6 +15,7 @@ from typer.testing import CliRunner, Result
 
 import ledgerflow as lf
 from ledgerflow.cli import app
+from ledgerflow.store.runtime import Lease
 
 from .conftest import pg_url
 
@@ -260,7 +261,11 @@ async def test_the_cli_leaves_the_leases_of_a_running_engine_alone(db: str) -> N
         claimed = await store.claim_wakeups(
             "another-engine", now_us=2**52, lease_until_us=lease_until, limit=10
         )
-        assert claimed == [WAITING]
+        # The engine started it with its lease (epoch 1) and gave that back when it
+        # waited; this claim takes the next epoch.
+        assert waiting is not None
+        assert (waiting.lease_owner, waiting.lease_epoch) == (None, 1)
+        assert claimed == [Lease(WAITING, 2)]
     signal = ["signal", WAITING, "approval", "--payload", "true"]
     for args in (["list"], ["show", WAITING], signal):
         result = await cli("workflows", *args, "--db", db)
@@ -268,10 +273,13 @@ async def test_the_cli_leaves_the_leases_of_a_running_engine_alone(db: str) -> N
     async with lf.open_store(db) as store:
         wakeup = await store.get_wakeup(WAITING)
     assert wakeup is not None
-    assert (wakeup.lease_owner, wakeup.lease_until_us) == ("another-engine", lease_until)
+    assert (wakeup.lease_owner, wakeup.lease_until_us, wakeup.lease_epoch) == (
+        "another-engine",
+        lease_until,
+        2,
+    )
     # The signal nudged it (due now rather than at the signal's timeout), for the
     # lease holder to act on.
-    assert waiting is not None
     assert waiting.due_at_us is not None
     assert wakeup.due_at_us is not None
     assert wakeup.due_at_us < waiting.due_at_us

@@ -22,6 +22,7 @@ from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
 from ledgerflow.store.postgres import PostgresEventStore, channel_for, split_url
 from ledgerflow.store.runtime import (
     InstanceRow,
+    Lease,
     Nudge,
     PutInstance,
     RuntimeWrite,
@@ -355,7 +356,7 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
     with _admin() as con:
         rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
         head = con.execute(f"SELECT id, position FROM {pg_schema}.head").fetchall()
-    assert sorted(version for version, _ in rows) == [1, 2]
+    assert sorted(version for version, _ in rows) == [1, 2, 3]
     assert head == [(True, 0)]
 
 
@@ -369,7 +370,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     store = open_adapter(pg_url(pg_schema))
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
-    assert (caught.value.found, caught.value.known) == (99, 2)
+    assert (caught.value.found, caught.value.known) == (99, 3)
     with _admin() as con:
         rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
     assert rows == (1,)
@@ -526,7 +527,8 @@ async def test_runtime_rows_add_no_round_trips(pg_schema: str) -> None:
         )
         # The last batch's writes landed (nothing later in it touches these two).
         assert await store.get_instance("wf-896") is not None
-        assert await store.get_wakeup("wf-897") == WakeupRow("wf-897", 897, "w", 907)
+        # Created by a Schedule with a lease: epoch 1.
+        assert await store.get_wakeup("wf-897") == WakeupRow("wf-897", 897, "w", 907, 1)
     assert plain == one == many
     # A guarded write must read the stream's version: one round trip more, whatever
     # its size.
@@ -603,8 +605,9 @@ async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema:
             appended, released = await asyncio.gather(append, release)
         assert appended == Appended("wf", 1, (2,))
         assert released == 2
-        for wid in "abc":
-            assert await store.get_wakeup(wid) == WakeupRow(wid, 0, None, None)
+        # Nudges and the release keep the epochs: a and b were leased once, c never.
+        for wid, epoch in zip("abc", (1, 1, 0), strict=True):
+            assert await store.get_wakeup(wid) == WakeupRow(wid, 0, None, None, epoch)
 
 
 async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: str) -> None:
@@ -617,18 +620,20 @@ async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: st
             async with asyncio.timeout(10):
                 first = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=9)
         second = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=9)
-    assert (first, second) == (["a", "c"], ["b"])
+    assert (first, second) == ([Lease("a", 1), Lease("c", 1)], [Lease("b", 1)])
 
 
 async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) -> None:
     app = f"lf_claim_{pg_schema[-12:]}"
     async with open_adapter(f"{pg_url(pg_schema)}&application_name={app}") as store:
         await store.append("s", [NewEvent("E")], runtime=[Schedule("a", 1), Schedule("b", 2)])
-        assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1) == ["a"]
+        claimed = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1)
+        assert claimed == [Lease("a", 1)]
         killed = _terminate(app)
         assert killed >= 2  # writer and reader pool
         # The dead pooled connection is replaced and the claim sent again.
-        assert await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=5) == ["b"]
+        claimed = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=5)
+        assert claimed == [Lease("b", 1)]
         assert await store.release_wakeups("w") == 2
 
 
@@ -638,9 +643,11 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         await store.append("s", [NewEvent("A"), NewEvent("B")])
         before = await store.read_all()
     with _admin() as con:
-        # Back to what the release that knew only migration 1 left behind.
+        # Back to what the release that knew only migration 1 left behind: nothing
+        # of migration 2 (workflows, wakeups) or 3 (lease_epoch, check_fences).
+        con.execute(f"DROP FUNCTION {pg_schema}.check_fences")
         con.execute(f"DROP TABLE {pg_schema}.workflows, {pg_schema}.wakeups")
-        con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version = 2")
+        con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 1")
     async with open_adapter(url) as store:
         assert await store.read_all() == before
         assert (await ledgerflow.verify_ledger(store)).ok
@@ -648,9 +655,16 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
             "s",
             [NewEvent("C")],
             expected_version=2,
-            runtime=[PutInstance(InstanceRow("wf", "n", 1, "running", None, 1, 1))],
+            runtime=[
+                PutInstance(InstanceRow("wf", "n", 1, "running", None, 1, 1)),
+                Schedule("wf", 5, "w", 9),
+            ],
         )
         assert await store.list_instances() == [InstanceRow("wf", "n", 1, "running", None, 1, 1)]
+        assert await store.get_wakeup("wf") == WakeupRow("wf", 5, "w", 9, 1)
+        assert await store.claim_wakeups("other", now_us=10, lease_until_us=20, limit=1) == [
+            Lease("wf", 2)
+        ]
     with _admin() as con:
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
@@ -658,4 +672,5 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
     assert rows == [
         (1, "events, streams, snapshots and head"),
         (2, "workflow instances and wake-ups"),
+        (3, "lease epochs (fencing)"),
     ]

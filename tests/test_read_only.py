@@ -76,14 +76,18 @@ NO_LEDGER: dict[str, Callable[[Path], object]] = {
 
 
 async def _old_ledger(url: str) -> None:
-    """A ledger as the release that knew only migration 1 left it."""
+    """A ledger as the release that knew only migration 1 left it: nothing of the
+    later migrations (2: workflows and wakeups; 3: lease epochs, and on PostgreSQL
+    the check_fences function) and none of their rows in schema_migrations."""
     async with ledgerflow.open_store(url) as store:
         await store.append("s", [NewEvent("E", {})])
+    later = [] if url.startswith("sqlite") else ["DROP FUNCTION {t}check_fences"]
     raw_sql(
         url,
+        *later,
         "DROP TABLE {t}workflows",
         "DROP TABLE {t}wakeups",
-        "DELETE FROM {t}schema_migrations WHERE version = 2",
+        "DELETE FROM {t}schema_migrations WHERE version > 1",
     )
 
 
@@ -251,6 +255,7 @@ async def test_postgres_older_schema_is_refused_without_create_and_left_alone(
     assert (caught.value.found, caught.value.known) == (1, KNOWN)
     assert _pg(f"SELECT version FROM {pg_schema}.schema_migrations") == [(1,)]
     assert not _pg("SELECT to_regclass(%s)::text", f"{pg_schema}.workflows")[0][0]
+    assert not _pg("SELECT to_regproc(%s)::text", f"{pg_schema}.check_fences")[0][0]
 
 
 # -- the CLI ------------------------------------------------------------------------

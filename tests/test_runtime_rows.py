@@ -32,6 +32,7 @@ from ledgerflow.hashing import GENESIS_HASH, chain_hash
 from ledgerflow.store._base import BaseEventStore
 from ledgerflow.store.runtime import (
     InstanceRow,
+    Lease,
     Nudge,
     PutInstance,
     RuntimeWrite,
@@ -127,32 +128,38 @@ async def test_instance_row_values_round_trip(store: BaseEventStore) -> None:
 
 async def test_schedule_sets_due_time_and_lease_exactly_as_given(store: BaseEventStore) -> None:
     assert await store.get_wakeup("wf") is None
+    # A new row with a lease starts at epoch 1; every Schedule with an owner takes the
+    # next epoch, one without keeps it.
     await write(store, Schedule("wf", 500, "worker-a", 900))
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 500, "worker-a", 900)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 500, "worker-a", 900, 1)
     # A later time replaces an earlier one (no min() as with Nudge) ...
     await write(store, Schedule("wf", 800))
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 800, None, None)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 800, None, None, 1)
     # ... and None waits for no time at all, with or without a lease.
     await write(store, Schedule("wf", None, "worker-b", 1_000))
-    assert await store.get_wakeup("wf") == WakeupRow("wf", None, "worker-b", 1_000)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", None, "worker-b", 1_000, 2)
     await write(store, Schedule("wf", 2**62))
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 2**62, None, None)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 2**62, None, None, 2)
+    # Without a lease, a new row starts at epoch 0.
+    await write(store, Schedule("unleased", 7))
+    assert await store.get_wakeup("unleased") == WakeupRow("unleased", 7, None, None, 0)
 
 
 async def test_nudge_makes_due_no_later_and_leaves_the_lease(store: BaseEventStore) -> None:
     # Absent: inserted, due at the nudge, held by nobody.
     await write(store, Nudge("new", 300))
-    assert await store.get_wakeup("new") == WakeupRow("new", 300, None, None)
+    assert await store.get_wakeup("new") == WakeupRow("new", 300, None, None, 0)
 
+    # A nudge keeps the lease's epoch too.
     await write(store, Schedule("wf", 500, "worker-a", 900))
     await write(store, Nudge("wf", 700))  # later than the due time: no change
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 500, "worker-a", 900)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 500, "worker-a", 900, 1)
     await write(store, Nudge("wf", 200))  # earlier: moved forward, lease kept
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 200, "worker-a", 900)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 200, "worker-a", 900, 1)
 
     await write(store, Schedule("waiting", None, "worker-b", 50))
     await write(store, Nudge("waiting", 10_000))  # no due time yet: takes the nudge's
-    assert await store.get_wakeup("waiting") == WakeupRow("waiting", 10_000, "worker-b", 50)
+    assert await store.get_wakeup("waiting") == WakeupRow("waiting", 10_000, "worker-b", 50, 1)
 
 
 async def test_unschedule_deletes_the_wakeup_only(store: BaseEventStore) -> None:
@@ -276,10 +283,10 @@ async def test_runtime_rows_without_events_are_guarded_by_the_stream_version(
 
     done = await store.append("wf", [], expected_version=2, runtime=[Schedule("wf", 20, "w", 30)])
     assert done == Appended("wf", 2, ())
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30, 1)
     with pytest.raises(ConcurrencyError):
         await store.append("wf", [], expected_version=1, runtime=[Unschedule("wf")])
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30, 1)
     # Nothing was appended by either.
     assert await store.head_position() == 2
     assert await store.stream_version("wf") == 2
@@ -295,7 +302,7 @@ async def test_runtime_rows_without_events_are_guarded_by_the_stream_version(
     for loose in (ledgerflow.ANY, ledgerflow.NO_STREAM, ledgerflow.STREAM_EXISTS):
         with pytest.raises(ledgerflow.InvalidEventDataError):
             await store.append("wf", [], expected_version=loose, runtime=[Unschedule("wf")])
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 20, "w", 30, 1)
 
 
 async def test_guarded_writes_in_one_batch_see_the_appends_before_them(
@@ -317,7 +324,7 @@ async def test_guarded_writes_in_one_batch_see_the_appends_before_them(
     assert outcomes[4] == Appended("other", 0, ())
     assert await store.get_wakeup("first") == WakeupRow("first", 1, None, None)
     assert await store.get_wakeup("stale") is None
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 4, "w", 9)
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 4, "w", 9, 1)
     assert await store.get_instance("o") == instance("o")
     assert await store.head_position() == 2
 
@@ -351,27 +358,28 @@ async def test_claim_takes_due_rows_earliest_first_and_leases_them(
     await due(store, ("now", 200), ("future", 201))
 
     claimed = await store.claim_wakeups("w1", now_us=200, lease_until_us=1_000, limit=10)
-    assert claimed == ["early", "a", "b", "now"]  # due_at <= now, by (due_at, id)
+    # due_at <= now, by (due_at, id); each claim takes the row's next epoch.
+    assert claimed == [Lease("early", 1), Lease("a", 1), Lease("b", 1), Lease("now", 1)]
     for wid, at in [("early", 50), ("a", 100), ("b", 100), ("now", 200)]:
-        assert await store.get_wakeup(wid) == WakeupRow(wid, at, "w1", 1_000)
+        assert await store.get_wakeup(wid) == WakeupRow(wid, at, "w1", 1_000, 1)
     for wid, maybe in [("late", 300), ("future", 201), ("idle", None)]:
-        assert await store.get_wakeup(wid) == WakeupRow(wid, maybe, None, None)
+        assert await store.get_wakeup(wid) == WakeupRow(wid, maybe, None, None, 0)
 
     # Held rows are nobody's to take, not even their holder's, until the lease ends.
     assert await store.claim_wakeups("w1", now_us=200, lease_until_us=2_000, limit=10) == []
     assert await store.claim_wakeups("w2", now_us=300, lease_until_us=2_000, limit=10) == [
-        "future",
-        "late",
+        Lease("future", 1),
+        Lease("late", 1),
     ]
     assert await store.claim_wakeups("w3", now_us=10**15, lease_until_us=1, limit=10) == [
-        "early",
-        "a",
-        "b",
-        "now",
-        "future",
-        "late",
+        Lease("early", 2),
+        Lease("a", 2),
+        Lease("b", 2),
+        Lease("now", 2),
+        Lease("future", 2),
+        Lease("late", 2),
     ]
-    assert await store.get_wakeup("idle") == WakeupRow("idle", None, None, None)
+    assert await store.get_wakeup("idle") == WakeupRow("idle", None, None, None, 0)
 
 
 async def test_claim_respects_the_limit_in_order(store: BaseEventStore) -> None:
@@ -384,16 +392,19 @@ async def test_claim_respects_the_limit_in_order(store: BaseEventStore) -> None:
         await store.claim_wakeups(f"w{k}", now_us=100, lease_until_us=500, limit=3)
         for k in range(5)
     ]
-    assert got == [order[0:3], order[3:6], order[6:9], order[9:10], []]
+    first = [[Lease(wid, 1) for wid in part] for part in (order[0:3], order[3:6], order[6:9])]
+    assert got == [*first, [Lease(order[9], 1)], []]
 
 
 async def test_a_lease_ends_strictly_after_lease_until(store: BaseEventStore) -> None:
     await due(store, ("wf", 100))
-    assert await store.claim_wakeups("w1", now_us=100, lease_until_us=500, limit=1) == ["wf"]
+    claim = await store.claim_wakeups("w1", now_us=100, lease_until_us=500, limit=1)
+    assert claim == [Lease("wf", 1)]
     assert await store.claim_wakeups("w2", now_us=499, lease_until_us=900, limit=1) == []
     assert await store.claim_wakeups("w2", now_us=500, lease_until_us=900, limit=1) == []
-    assert await store.claim_wakeups("w2", now_us=501, lease_until_us=900, limit=1) == ["wf"]
-    assert await store.get_wakeup("wf") == WakeupRow("wf", 100, "w2", 900)
+    claim = await store.claim_wakeups("w2", now_us=501, lease_until_us=900, limit=1)
+    assert claim == [Lease("wf", 2)]
+    assert await store.get_wakeup("wf") == WakeupRow("wf", 100, "w2", 900, 2)
 
 
 async def test_scheduled_and_nudged_leases_hold_off_claims(store: BaseEventStore) -> None:
@@ -406,11 +417,12 @@ async def test_scheduled_and_nudged_leases_hold_off_claims(store: BaseEventStore
         Schedule("stuck", 10, "runner", None)
 
     assert await store.claim_wakeups("other", now_us=400, lease_until_us=900, limit=9) == []
+    # Both were written with a lease (epoch 1); the claim takes the next.
     assert await store.claim_wakeups("other", now_us=401, lease_until_us=900, limit=9) == [
-        "held",
-        "nudged",
+        Lease("held", 2),
+        Lease("nudged", 2),
     ]
-    assert await store.get_wakeup("nudged") == WakeupRow("nudged", 20, "other", 900)
+    assert await store.get_wakeup("nudged") == WakeupRow("nudged", 20, "other", 900, 2)
     # next_wakeup names the first instant a claim can succeed: after the lease ends.
     assert await store.next_wakeup() == 901
 
@@ -419,7 +431,9 @@ async def test_concurrent_claimers_never_share_a_row(store: BaseEventStore) -> N
     ids = [f"wf-{i:03}" for i in range(120)]
     await due(store, *((wid, i % 7) for i, wid in enumerate(ids)))
     # Half of them were held by a worker whose lease has run out.
-    await store.claim_wakeups("dead", now_us=10, lease_until_us=50, limit=60)
+    dead = await store.claim_wakeups("dead", now_us=10, lease_until_us=50, limit=60)
+    assert [lease.epoch for lease in dead] == [1] * 60
+    held_before = {lease.workflow_id for lease in dead}
 
     async with asyncio.timeout(WAIT):
         claims = await asyncio.gather(
@@ -428,16 +442,22 @@ async def test_concurrent_claimers_never_share_a_row(store: BaseEventStore) -> N
                 for k in range(40)
             )
         )
-    claimed = [wid for batch in claims for wid in batch]
+    claimed = [lease.workflow_id for batch in claims for lease in batch]
     assert all(len(batch) <= 4 for batch in claims)
     assert len(claimed) == len(set(claimed))
     rest = await store.claim_wakeups("late", now_us=100, lease_until_us=1_000, limit=1_000)
-    assert sorted(claimed + rest) == ids
+    assert sorted(claimed + [lease.workflow_id for lease in rest]) == ids
     for k, batch in enumerate(claims):
-        for wid in batch:
-            row = await store.get_wakeup(wid)
+        for lease in batch:
+            # The next epoch after the dead worker's, where it held the row.
+            assert lease.epoch == (2 if lease.workflow_id in held_before else 1)
+            row = await store.get_wakeup(lease.workflow_id)
             assert row is not None
-            assert (row.lease_owner, row.lease_until_us) == (f"w{k}", 1_000)
+            assert (row.lease_owner, row.lease_until_us, row.lease_epoch) == (
+                f"w{k}",
+                1_000,
+                lease.epoch,
+            )
 
 
 async def test_claims_from_two_postgres_stores_never_overlap(pg_schema: str) -> None:
@@ -453,7 +473,8 @@ async def test_claims_from_two_postgres_stores_never_overlap(pg_schema: str) -> 
                 owner, now_us=100, lease_until_us=10_000, limit=3
             ):
                 assert len(batch) <= 3
-                mine.extend(batch)
+                assert all(lease.epoch == 1 for lease in batch)  # each row's first claim
+                mine.extend(lease.workflow_id for lease in batch)
             return mine
 
         workers = [(s, f"{name}-{k}") for s, name in ((one, "one"), (two, "two")) for k in range(6)]
@@ -464,7 +485,8 @@ async def test_claims_from_two_postgres_stores_never_overlap(pg_schema: str) -> 
         assert sorted(claimed) == ids  # every row, each exactly once
         for owner, mine in zip(owners, results, strict=True):
             for wid in mine:
-                assert await two.get_wakeup(wid) == WakeupRow(wid, int(wid[3:]) % 11, owner, 10_000)
+                row = WakeupRow(wid, int(wid[3:]) % 11, owner, 10_000, 1)
+                assert await two.get_wakeup(wid) == row
         # Both stores took part: the claims really ran side by side.
         assert any(results[:6])
         assert any(results[6:])
@@ -498,33 +520,36 @@ async def test_next_wakeup_counts_held_rows_from_when_their_lease_ends(
 async def test_release_by_owner_and_all(store: BaseEventStore) -> None:
     await due(store, *((f"wf-{i}", i) for i in range(6)), ("idle", None))
     assert await store.claim_wakeups("a", now_us=10, lease_until_us=900, limit=2) == [
-        "wf-0",
-        "wf-1",
+        Lease("wf-0", 1),
+        Lease("wf-1", 1),
     ]
     assert await store.claim_wakeups("b", now_us=10, lease_until_us=900, limit=3) == [
-        "wf-2",
-        "wf-3",
-        "wf-4",
+        Lease("wf-2", 1),
+        Lease("wf-3", 1),
+        Lease("wf-4", 1),
     ]
     await write(store, Schedule("idle", None, "a", 900))
 
     assert await store.release_wakeups("nobody") == 0
     assert await store.release_wakeups("a") == 3
-    assert await store.get_wakeup("wf-0") == WakeupRow("wf-0", 0, None, None)
-    assert await store.get_wakeup("idle") == WakeupRow("idle", None, None, None)
-    assert await store.get_wakeup("wf-2") == WakeupRow("wf-2", 2, "b", 900)
+    # A release keeps the epoch.
+    assert await store.get_wakeup("wf-0") == WakeupRow("wf-0", 0, None, None, 1)
+    assert await store.get_wakeup("idle") == WakeupRow("idle", None, None, None, 1)
+    assert await store.get_wakeup("wf-2") == WakeupRow("wf-2", 2, "b", 900, 1)
     assert await store.release_wakeups("a") == 0
     # Released rows are claimable at once; b's are not.
     assert await store.claim_wakeups("c", now_us=10, lease_until_us=900, limit=9) == [
-        "wf-0",
-        "wf-1",
-        "wf-5",
+        Lease("wf-0", 2),
+        Lease("wf-1", 2),
+        Lease("wf-5", 1),
     ]
 
     assert await store.release_wakeups() == 6
     assert await store.release_wakeups() == 0
+    epochs = [2, 2, 1, 1, 1, 1]
     for i in range(6):
-        assert await store.get_wakeup(f"wf-{i}") == WakeupRow(f"wf-{i}", i, None, None)
+        row = WakeupRow(f"wf-{i}", i, None, None, epochs[i])
+        assert await store.get_wakeup(f"wf-{i}") == row
     assert await store.next_wakeup() == 0
 
 
@@ -585,12 +610,12 @@ async def test_runtime_rows_survive_close_and_reopen(store_url: str) -> None:
         assert await store.get_instance("wf-1") == instance(
             "wf-1", parent_id="root", created=5, updated=6
         )
-        assert await store.get_wakeup("wf-1") == WakeupRow("wf-1", 100, "w", 900)
-        assert await store.get_wakeup("wf-2") == WakeupRow("wf-2", None, None, None)
+        assert await store.get_wakeup("wf-1") == WakeupRow("wf-1", 100, "w", 900, 1)
+        assert await store.get_wakeup("wf-2") == WakeupRow("wf-2", None, None, None, 0)
         assert await store.next_wakeup() == 901
         assert await store.release_wakeups() == 1
     async with open_adapter(store_url) as store:
-        assert await store.get_wakeup("wf-1") == WakeupRow("wf-1", 100, None, None)
+        assert await store.get_wakeup("wf-1") == WakeupRow("wf-1", 100, None, None, 1)
 
 
 async def test_migration_2_is_recorded(store_url: str) -> None:
@@ -598,8 +623,9 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    assert [v for v, _ in recorded] == [1, 2]
+    assert [v for v, _ in recorded] == [1, 2, 3]
     assert recorded[1][1] == "workflow instances and wake-ups"
+    assert recorded[2][1] == "lease epochs (fencing)"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -649,9 +675,16 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
             runtime=[Schedule("wf", 5), PutInstance(instance("wf"))],
         )
         assert result == Appended("s", 2, (2,))
-        assert await store.claim_wakeups("w", now_us=5, lease_until_us=9, limit=1) == ["wf"]
+        assert await store.claim_wakeups("w", now_us=5, lease_until_us=9, limit=1) == [
+            Lease("wf", 1)
+        ]
+        assert await store.get_wakeup("wf") == WakeupRow("wf", 5, "w", 9, 1)
         assert (await verify_ledger(store)).ok
-    assert migration_versions(url) == [(1, first.name), (2, MIGRATIONS[1].name)]
+    assert migration_versions(url) == [
+        (1, first.name),
+        (2, MIGRATIONS[1].name),
+        (3, MIGRATIONS[2].name),
+    ]
 
 
 # -- the store must be open --------------------------------------------------------

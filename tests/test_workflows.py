@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -656,10 +657,10 @@ async def test_a_full_engine_waits_instead_of_spinning(engine: EngineFactory) ->
         calls = 0
         original = e.store.next_wakeup
 
-        async def counted() -> int | None:
+        async def counted(*, workflows: Collection[tuple[str, int]] | None = None) -> int | None:
             nonlocal calls
             calls += 1
-            return await original()
+            return await original(workflows=workflows)
 
         e.store.next_wakeup = counted  # type: ignore[method-assign]
         await asyncio.sleep(0.3)  # both slots busy, four instances due and waiting

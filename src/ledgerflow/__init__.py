@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .aggregate import Aggregate, Loaded, Repository
 from .audit import Finding, FindingKind, VerifyReport, verify_ledger
-from .clock import Clock, ManualClock, SystemClock
+from .clock import Clock, DatabaseClock, ManualClock, SystemClock
 from .errors import (
     ChildWorkflowError,
     ConcurrencyError,
@@ -14,6 +14,7 @@ from .errors import (
     EventSerializationError,
     EventTooLargeError,
     InvalidEventDataError,
+    LeaseLostError,
     LedgerflowError,
     LedgerNotFoundError,
     NonDeterminismError,
@@ -87,6 +88,7 @@ __all__ = [
     "Clock",
     "ConcurrencyError",
     "ConfigurationError",
+    "DatabaseClock",
     "DuplicateEventError",
     "Engine",
     "EventError",
@@ -98,6 +100,7 @@ __all__ = [
     "Finding",
     "FindingKind",
     "InvalidEventDataError",
+    "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
     "Loaded",

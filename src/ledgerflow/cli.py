@@ -6,7 +6,8 @@ import asyncio
 import importlib.metadata
 import json
 from collections.abc import Awaitable, Callable, Coroutine
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import msgspec
@@ -293,6 +294,58 @@ def workflows_cancel(
         f"cancellation of workflow {workflow_id!r} requested; its engine carries it out",
         markup=False,
         highlight=False,
+    )
+
+
+@app.command("worker")
+def worker(
+    app_target: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            envvar="LEDGERFLOW_APP",
+            help="The workflows to run: module (every workflow in it) or module:attribute "
+            "(a workflow or a list of them). Env LEDGERFLOW_APP.",
+        ),
+    ],
+    db: DbOption = DEFAULT_DB,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Instances running a pass at once in this worker.")
+    ] = 200,
+    lease: Annotated[
+        float, typer.Option(min=0.1, help="Seconds a claim holds an instance (renewed).")
+    ] = 60.0,
+    poll: Annotated[
+        float, typer.Option(min=0.01, help="Longest wait before looking for due work.")
+    ] = 1.0,
+    grace: Annotated[
+        float, typer.Option(min=0.0, help="Seconds running passes get to finish on stop.")
+    ] = 10.0,
+) -> None:
+    """Run workflows until SIGTERM or Ctrl-C, then stop gracefully: finish running
+    passes (up to --grace), give leases back, exit 0. Run as many as you like on
+    one database; each claims only the workflows it registered."""
+    import logging
+    import sys
+
+    from .workflow.worker import load_workflows, run_worker
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        workflows = load_workflows(app_target)
+    except LedgerflowError as exc:
+        _fail(str(exc))
+    _run(
+        lambda: run_worker(
+            db,
+            workflows,
+            concurrency=concurrency,
+            lease=timedelta(seconds=lease),
+            poll_interval=poll,
+            grace=grace,
+        )
     )
 
 

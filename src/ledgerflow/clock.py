@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 from .hashing import from_micros, to_micros
 
-__all__ = ["Clock", "ManualClock", "SystemClock"]
+__all__ = ["Clock", "DatabaseClock", "ManualClock", "SystemClock"]
 
 
 class Clock(Protocol):
@@ -27,6 +28,50 @@ class SystemClock:
 
     def now(self) -> datetime:
         return datetime.now(UTC)
+
+    async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
+        timeout = None if when is None else max(0.0, (when - self.now()).total_seconds())
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(wake.wait(), timeout)
+
+
+class DatabaseClock:
+    """Wall-clock time as the database tells it: this machine's clock plus an offset
+    measured against the database's (``sync``), so that workers on hosts whose clocks
+    disagree still agree on leases and due times. Engines use it unless given a clock,
+    and measure again on every heartbeat.
+
+    ``local`` is this machine's clock (a parameter so tests can skew it).
+    """
+
+    def __init__(self, local: Callable[[], datetime] | None = None) -> None:
+        self._local = local or (lambda: datetime.now(UTC))
+        self._offset = timedelta(0)
+        self._best_rtt: float | None = None
+
+    @property
+    def offset(self) -> timedelta:
+        """How far the database's clock is ahead of this machine's."""
+        return self._offset
+
+    def now(self) -> datetime:
+        return self._local() + self._offset
+
+    async def sync(self, database_now_us: Callable[[], Awaitable[int]]) -> None:
+        """Measure the offset: the database's time against the middle of the round
+        trip that read it. A reading over a slower round trip than the best seen
+        (by more than half again) is less exact, and is kept only if the offset moved
+        by more than that round trip (the clock was stepped)."""
+        before = self._local()
+        remote = from_micros(await database_now_us())
+        after = self._local()
+        rtt = (after - before).total_seconds()
+        offset = remote - (before + (after - before) / 2)
+        best = self._best_rtt
+        moved = abs((offset - self._offset).total_seconds())
+        if best is None or rtt <= best * 1.5 or moved > rtt:
+            self._offset = offset
+            self._best_rtt = rtt if best is None else min(best, rtt)
 
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
         timeout = None if when is None else max(0.0, (when - self.now()).total_seconds())

@@ -14,6 +14,7 @@ driver type ever crosses the port::
     ├── StoreError                  the store refused or could not do the operation
     │   ├── ConcurrencyError        expected version did not match (retry after reload)
     │   ├── DuplicateEventError     an event id was reused with different content
+    │   ├── LeaseLostError          a runner's lease on an instance passed to another
     │   ├── StreamNotFoundError     read of a stream that has no events
     │   ├── SchemaVersionError      database schema is newer than this code
     │   ├── SchemaOutdatedError     schema older than this code, opened with create=False
@@ -59,6 +60,7 @@ __all__ = [
     "EventSerializationError",
     "EventTooLargeError",
     "InvalidEventDataError",
+    "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
     "NonDeterminismError",
@@ -162,6 +164,29 @@ class DuplicateEventError(StoreError):
         self.event_id = event_id
         self.stream_id = stream_id
         self.reason = reason
+
+
+class LeaseLostError(StoreError):
+    """A fenced append of a runner whose lease on the instance is no longer the one it
+    claimed: another runner took the instance over (or the runner gave it back).
+
+    Nothing of the append was written. The runner must step back without any further
+    effect: the instance is the new holder's now.
+    """
+
+    def __init__(
+        self, workflow_id: str, owner: str, epoch: int, held_by: str | None, held_epoch: int
+    ) -> None:
+        holder = "nobody" if held_by is None else f"{held_by!r}"
+        super().__init__(
+            f"workflow {workflow_id!r}: lease {epoch} of {owner!r} is lost; "
+            f"held by {holder} at epoch {held_epoch}"
+        )
+        self.workflow_id = workflow_id
+        self.owner = owner
+        self.epoch = epoch
+        self.held_by = held_by
+        self.held_epoch = held_epoch
 
 
 class StreamNotFoundError(StoreError):

@@ -7,7 +7,7 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import ClassVar, Self
@@ -41,7 +41,9 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
 from .runtime import (
+    Fence,
     InstanceRow,
+    Lease,
     Nudge,
     PutInstance,
     RuntimeWrite,
@@ -197,6 +199,30 @@ def _check_runtime_write(write: object) -> None:
             raise _invalid(f"not a runtime write: {write!r:.80}")
 
 
+def _checked_kinds(
+    workflows: Collection[tuple[str, int]] | None,
+) -> tuple[tuple[str, int], ...] | None:
+    """(name, version) pairs, checked and sorted; None means any workflow."""
+    if workflows is None:
+        return None
+    kinds = []
+    for kind in workflows:
+        if not (isinstance(kind, tuple) and len(kind) == 2):
+            raise _invalid(f"workflows must hold (name, version) pairs, not {kind!r:.60}")
+        _check_text(kind[0], "workflow name")
+        _check_int(kind[1], "workflow version", 0, _MAX_INT32)
+        kinds.append((kind[0], kind[1]))
+    return tuple(sorted(set(kinds)))
+
+
+def _check_fence(fence: object) -> None:
+    if not isinstance(fence, Fence):
+        raise _invalid(f"fence must be a Fence, not {type(fence).__name__}")
+    _check_text(fence.workflow_id, "Fence.workflow_id")
+    _check_text(fence.owner, "Fence.owner")
+    _check_int(fence.epoch, "Fence.epoch", 0, _MAX_INT64)
+
+
 def _checked_runtime(runtime: Sequence[RuntimeWrite]) -> tuple[RuntimeWrite, ...]:
     writes = tuple(runtime)
     for write in writes:
@@ -307,9 +333,12 @@ class BaseEventStore(abc.ABC):
         *,
         metadata: Metadata | None = None,
         runtime: Sequence[RuntimeWrite] = (),
+        fence: Fence | None = None,
     ) -> AppendResult:
         self._check_open()
         writes = _checked_runtime(runtime)
+        if fence is not None:
+            _check_fence(fence)
         if not events and writes:
             # No events, only runtime rows: written if the stream is at the expected
             # version, so a runner never overwrites rows decided on stale history.
@@ -318,11 +347,13 @@ class BaseEventStore(abc.ABC):
                 raise InvalidEventDataError(
                     "", 0, "runtime rows without events need an int expected version"
                 )
-            request = AppendRequest(stream_id, (), expected_version, writes)
+            request = AppendRequest(stream_id, (), expected_version, writes, fence)
         else:
             request = self._prepare(stream_id, events, expected_version, metadata)
-            if writes:
-                request = AppendRequest(request.stream_id, request.events, request.expected, writes)
+            if writes or fence is not None:
+                request = AppendRequest(
+                    request.stream_id, request.events, request.expected, writes, fence
+                )
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._submit(Pending(request, future))
         return await future
@@ -601,19 +632,52 @@ class BaseEventStore(abc.ABC):
     # -- runtime rows ---------------------------------------------------------------
 
     async def claim_wakeups(
-        self, owner: str, *, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]:
+        self,
+        owner: str,
+        *,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: Collection[tuple[str, int]] | None = None,
+    ) -> list[Lease]:
         """Lease up to ``limit`` instances due by ``now_us`` that nobody holds (or
-        whose lease expired) to ``owner``; their ids, earliest due first."""
+        whose lease expired) to ``owner``, each at its next epoch; earliest due first.
+        With ``workflows``, only instances of those (name, version) pairs: a worker
+        claims only what it can run."""
         self._check_open()
         if limit < 1:
             return []
-        return await self._claim_wakeups(owner, now_us, lease_until_us, limit)
+        kinds = _checked_kinds(workflows)
+        if kinds == ():
+            return []
+        return await self._claim_wakeups(owner, now_us, lease_until_us, limit, kinds)
 
-    async def next_wakeup(self) -> int | None:
-        """The earliest moment (µs) some instance may become claimable; None if none."""
+    async def database_now_us(self) -> int:
+        """The database's own clock (µs): what workers on many hosts agree on. An
+        embedded store's database runs on this machine: its clock is this one's."""
         self._check_open()
-        return await self._next_wakeup()
+        return to_micros(datetime.now(UTC))
+
+    async def renew_leases(
+        self, owner: str, leases: Sequence[Lease], *, lease_until_us: int
+    ) -> list[Lease]:
+        """Extend ``owner``'s leases (a heartbeat) that are still its own at their
+        epoch; those it still holds. The others were taken over or given back."""
+        self._check_open()
+        if not leases:
+            return []
+        return await self._renew_leases(owner, list(leases), lease_until_us)
+
+    async def next_wakeup(
+        self, *, workflows: Collection[tuple[str, int]] | None = None
+    ) -> int | None:
+        """The earliest moment (µs) some instance (of ``workflows``, if given) may
+        become claimable; None if none."""
+        self._check_open()
+        kinds = _checked_kinds(workflows)
+        if kinds == ():
+            return None
+        return await self._next_wakeup(kinds)
 
     async def release_wakeups(self, owner: str | None = None) -> int:
         """Drop the leases of ``owner`` (every lease if None); how many were held."""
@@ -682,11 +746,21 @@ class BaseEventStore(abc.ABC):
 
     @abc.abstractmethod
     async def _claim_wakeups(
-        self, owner: str, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]: ...
+        self,
+        owner: str,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: tuple[tuple[str, int], ...] | None,
+    ) -> list[Lease]: ...
 
     @abc.abstractmethod
-    async def _next_wakeup(self) -> int | None: ...
+    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _renew_leases(
+        self, owner: str, leases: list[Lease], lease_until_us: int
+    ) -> list[Lease]: ...
 
     @abc.abstractmethod
     async def _release_wakeups(self, owner: str | None) -> int: ...

@@ -14,14 +14,15 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from ..errors import ConcurrencyError, DuplicateEventError, StoreError
+from ..errors import ConcurrencyError, DuplicateEventError, LeaseLostError, StoreError
 from ..events import AlreadyAppended, Appended, AppendResult, ExpectedVersion, StreamState
 from ..hashing import GENESIS_HASH, chain_hash
-from .runtime import RuntimeWrite
+from .runtime import Fence, RuntimeWrite, Schedule, Unschedule
 
 __all__ = [
     "BatchPlan",
     "EventRow",
+    "LeaseState",
     "PreparedEvent",
     "StreamHead",
     "check_expected",
@@ -74,6 +75,15 @@ class AppendRequest:
     events: tuple[PreparedEvent, ...]
     expected: ExpectedVersion
     runtime: tuple[RuntimeWrite, ...] = ()
+    fence: Fence | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseState:
+    """An instance's lease as stored: who holds it (None: nobody) at which epoch."""
+
+    owner: str | None
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,6 +95,9 @@ class BatchPlan:
     last_position: int
     runtime: list[RuntimeWrite]
     """Runtime rows of the requests that were appended, in order."""
+    fences: list[Fence]
+    """The fences of the requests that were appended: what a backend that planned
+    without reading the leases must check in the transaction."""
 
 
 def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
@@ -140,25 +153,60 @@ def _replayed(request: AppendRequest, existing: Mapping[UUID, EventRow]) -> Appe
     return AlreadyAppended(request.stream_id, rows[-1].version, tuple(r.position for r in rows))
 
 
+def fenced_ids(requests: Sequence[AppendRequest]) -> list[str]:
+    """The instances whose leases a batch must read (locked) before planning."""
+    return sorted({r.fence.workflow_id for r in requests if r.fence is not None})
+
+
+def _check_fence(fence: Fence | None, leases: Mapping[str, LeaseState]) -> None:
+    if fence is None:
+        return
+    held = leases.get(fence.workflow_id, _NO_LEASE)
+    if held.owner != fence.owner or held.epoch != fence.epoch:
+        raise LeaseLostError(fence.workflow_id, fence.owner, fence.epoch, held.owner, held.epoch)
+
+
+def _leases_after(leases: dict[str, LeaseState], writes: Sequence[RuntimeWrite]) -> None:
+    """What the request's runtime writes do to the leases, so that a later request
+    of the batch is fenced against them (as the SQL statements will leave them)."""
+    for write in writes:
+        if isinstance(write, Schedule):
+            before = leases.get(write.workflow_id, _NO_LEASE)
+            if write.lease_owner is None:
+                leases[write.workflow_id] = LeaseState(None, before.epoch)
+            else:
+                leases[write.workflow_id] = LeaseState(write.lease_owner, before.epoch + 1)
+        elif isinstance(write, Unschedule):
+            leases.pop(write.workflow_id, None)
+
+
+_NO_LEASE = LeaseState(None, 0)
+
+
 def plan_batch(
     requests: Sequence[AppendRequest],
     heads: Mapping[str, StreamHead],
     existing: Mapping[UUID, EventRow],
     last_position: int,
     recorded_at_us: int,
+    leases: Mapping[str, LeaseState] | None = None,
 ) -> BatchPlan:
     """Decide each request in order, as if each were its own transaction.
 
     ``heads`` holds the stored head of every stream the batch touches (absent: no
-    stream), ``existing`` every stored event whose id the batch reuses, and
-    ``last_position`` the highest global position stored.
+    stream), ``existing`` every stored event whose id the batch reuses,
+    ``last_position`` the highest global position stored, and ``leases`` the
+    stored lease of every instance a request is fenced on (``fenced_ids``; absent:
+    no wake-up row).
     """
+    held = dict(leases or {})
     current = dict(heads)
     known = dict(existing)
     changed: dict[str, StreamHead] = {}
     rows: list[EventRow] = []
     outcomes: list[AppendResult | StoreError] = []
     runtime: list[RuntimeWrite] = []
+    fences: list[Fence] = []
     position = last_position
     for request in requests:
         try:
@@ -166,6 +214,7 @@ def plan_batch(
             if replayed is not None:
                 outcomes.append(replayed)
                 continue
+            _check_fence(request.fence, held)
             head = current.get(request.stream_id)
             version = head.version if head else 0
             check_expected(request.stream_id, request.expected, version)
@@ -173,6 +222,10 @@ def plan_batch(
             outcomes.append(error)
             continue
         runtime.extend(request.runtime)
+        if request.fence is not None:
+            fences.append(request.fence)
+        if request.runtime:
+            _leases_after(held, request.runtime)
         if not request.events:
             # A guarded runtime write: the version check passed, nothing to append.
             outcomes.append(Appended(request.stream_id, version, ()))
@@ -191,7 +244,7 @@ def plan_batch(
         outcomes.append(
             Appended(request.stream_id, last.version, tuple(r.position for r in new_rows))
         )
-    return BatchPlan(outcomes, rows, changed, position, runtime)
+    return BatchPlan(outcomes, rows, changed, position, runtime, fences)
 
 
 def _seal(

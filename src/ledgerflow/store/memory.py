@@ -9,9 +9,10 @@ from ..errors import LedgerNotFoundError, StoreError
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
 from ._base import BaseEventStore
-from ._plan import AppendRequest, EventRow, StreamHead, plan_batch
+from ._plan import AppendRequest, EventRow, LeaseState, StreamHead, fenced_ids, plan_batch
 from .runtime import (
     InstanceRow,
+    Lease,
     Nudge,
     PutInstance,
     RuntimeWrite,
@@ -52,6 +53,11 @@ class MemoryEventStore(BaseEventStore):
             {i: self._by_id[i] for i in ids if i in self._by_id},
             len(self._rows),
             recorded_at_us,
+            {
+                wid: LeaseState(w.lease_owner, w.lease_epoch)
+                for wid in fenced_ids(requests)
+                if (w := self._wakeups.get(wid)) is not None
+            },
         )
         for row in plan.rows:
             self._rows.append(row)
@@ -78,38 +84,74 @@ class MemoryEventStore(BaseEventStore):
                     )
                 self._instances[row.workflow_id] = row
             case Schedule(wid, due, owner, until):
-                self._wakeups[wid] = WakeupRow(wid, due, owner, until)
+                old = self._wakeups.get(wid)
+                epoch = 0 if old is None else old.lease_epoch
+                self._wakeups[wid] = WakeupRow(
+                    wid, due, owner, until, epoch if owner is None else epoch + 1
+                )
             case Nudge(wid, due):
                 old = self._wakeups.get(wid)
                 if old is None:
                     self._wakeups[wid] = WakeupRow(wid, due, None, None)
                 else:
                     self._wakeups[wid] = WakeupRow(
-                        wid, nudged(old.due_at_us, due), old.lease_owner, old.lease_until_us
+                        wid,
+                        nudged(old.due_at_us, due),
+                        old.lease_owner,
+                        old.lease_until_us,
+                        old.lease_epoch,
                     )
             case Unschedule(wid):
                 self._wakeups.pop(wid, None)
 
     async def _claim_wakeups(
-        self, owner: str, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]:
+        self,
+        owner: str,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: tuple[tuple[str, int], ...] | None,
+    ) -> list[Lease]:
         due = sorted(
-            (w for w in self._wakeups.values() if _claimable(w, now_us)),
+            (
+                w
+                for w in self._wakeups.values()
+                if _claimable(w, now_us) and self._of(w.workflow_id, workflows)
+            ),
             key=lambda w: (w.due_at_us, w.workflow_id),
         )[:limit]
         for w in due:
             self._wakeups[w.workflow_id] = WakeupRow(
-                w.workflow_id, w.due_at_us, owner, lease_until_us
+                w.workflow_id, w.due_at_us, owner, lease_until_us, w.lease_epoch + 1
             )
-        return [w.workflow_id for w in due]
+        return [Lease(w.workflow_id, w.lease_epoch + 1) for w in due]
 
-    async def _next_wakeup(self) -> int | None:
+    async def _renew_leases(
+        self, owner: str, leases: list[Lease], lease_until_us: int
+    ) -> list[Lease]:
+        kept = []
+        for lease in leases:
+            w = self._wakeups.get(lease.workflow_id)
+            if w is not None and w.lease_owner == owner and w.lease_epoch == lease.epoch:
+                self._wakeups[w.workflow_id] = WakeupRow(
+                    w.workflow_id, w.due_at_us, owner, lease_until_us, w.lease_epoch
+                )
+                kept.append(lease)
+        return kept
+
+    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None:
         times = [
             w.due_at_us if w.lease_owner is None else max(w.due_at_us, (w.lease_until_us or 0) + 1)
             for w in self._wakeups.values()
-            if w.due_at_us is not None
+            if w.due_at_us is not None and self._of(w.workflow_id, workflows)
         ]
         return min(times, default=None)
+
+    def _of(self, workflow_id: str, workflows: tuple[tuple[str, int], ...] | None) -> bool:
+        if workflows is None:
+            return True
+        row = self._instances.get(workflow_id)
+        return row is not None and (row.name, row.version) in workflows
 
     async def _release_wakeups(self, owner: str | None) -> int:
         held = [
@@ -118,7 +160,9 @@ class MemoryEventStore(BaseEventStore):
             if w.lease_owner is not None and (owner is None or w.lease_owner == owner)
         ]
         for w in held:
-            self._wakeups[w.workflow_id] = WakeupRow(w.workflow_id, w.due_at_us, None, None)
+            self._wakeups[w.workflow_id] = WakeupRow(
+                w.workflow_id, w.due_at_us, None, None, w.lease_epoch
+            )
         return len(held)
 
     async def _lease_owners(self) -> list[str]:

@@ -5,14 +5,14 @@ instances, wake-ups and leases). Every adapter implements both; code outside
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Collection, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
 from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
-from .runtime import InstanceRow, RuntimeWrite, WakeupRow
+from .runtime import Fence, InstanceRow, Lease, RuntimeWrite, WakeupRow
 
 __all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
@@ -83,8 +83,11 @@ class EventStore(Protocol):
         *,
         metadata: Metadata | None = None,
         runtime: Sequence[RuntimeWrite] = (),
+        fence: Fence | None = None,
     ) -> AppendResult:
         """Append registered event objects or ``NewEvent`` values to a stream.
+
+        ``fence``: written only while that lease is still held (``LeaseLostError``).
 
         ``metadata`` applies to every event of the call that carries none of its own.
         ``runtime`` rows (see ``store.runtime``) are written in the same transaction,
@@ -154,12 +157,31 @@ class WorkflowStore(EventStore, Protocol):
     only with appends (``append(..., runtime=[...])``), read and leased here."""
 
     async def claim_wakeups(
-        self, owner: str, *, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]:
-        """Lease due, unheld workflow instances to ``owner``; their ids."""
+        self,
+        owner: str,
+        *,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: Collection[tuple[str, int]] | None = None,
+    ) -> list[Lease]:
+        """Lease due, unheld workflow instances (of ``workflows``' (name, version)
+        pairs, if given) to ``owner``, each at its next epoch."""
         ...
 
-    async def next_wakeup(self) -> int | None:
+    async def database_now_us(self) -> int:
+        """The database's clock (µs since the epoch), for workers to agree on time."""
+        ...
+
+    async def renew_leases(
+        self, owner: str, leases: Sequence[Lease], *, lease_until_us: int
+    ) -> list[Lease]:
+        """Extend those of ``owner``'s leases it still holds at their epoch; those."""
+        ...
+
+    async def next_wakeup(
+        self, *, workflows: Collection[tuple[str, int]] | None = None
+    ) -> int | None:
         """The earliest moment (µs since the epoch) an instance may become claimable."""
         ...
 

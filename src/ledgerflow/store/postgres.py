@@ -48,9 +48,20 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Now
 from ._migrations import Migration, pending
-from ._plan import AppendRequest, BatchPlan, EventRow, StreamHead, plan_batch, reused_ids
+from ._plan import (
+    AppendRequest,
+    BatchPlan,
+    EventRow,
+    LeaseState,
+    StreamHead,
+    fenced_ids,
+    plan_batch,
+    reused_ids,
+)
 from .runtime import (
+    Fence,
     InstanceRow,
+    Lease,
     PutInstance,
     RuntimeWrite,
     WakeupRow,
@@ -147,6 +158,34 @@ def _migrations(schema: str) -> tuple[Migration, ...]:
                 "WHERE due_at IS NOT NULL",
             ),
         ),
+        Migration(
+            3,
+            "lease epochs (fencing)",
+            (
+                f"ALTER TABLE {schema}.wakeups ADD COLUMN lease_epoch bigint NOT NULL DEFAULT 0",
+                # For the one-round-trip append, which cannot read before it writes:
+                # lock the wake-up rows the batch touches (in id order, as every
+                # writer does) and fail the transaction if a fence does not hold.
+                # check_violation is an integrity error: the writer then decides the
+                # batch again from what it reads, request by request.
+                f"""CREATE FUNCTION {schema}.check_fences(
+                    lock_ids text[], ids text[], owners text[], epochs bigint[]
+                ) RETURNS void LANGUAGE plpgsql AS $$
+                BEGIN
+                    PERFORM 1 FROM {schema}.wakeups WHERE workflow_id = ANY(lock_ids)
+                        ORDER BY workflow_id FOR UPDATE;
+                    IF EXISTS (
+                        SELECT 1 FROM unnest(ids, owners, epochs) AS f(id, owner, epoch)
+                        LEFT JOIN {schema}.wakeups w ON w.workflow_id = f.id
+                        WHERE w.workflow_id IS NULL OR w.lease_owner IS DISTINCT FROM f.owner
+                            OR w.lease_epoch <> f.epoch
+                    ) THEN
+                        RAISE EXCEPTION 'ledgerflow: a lease fence does not hold'
+                            USING ERRCODE = 'check_violation';
+                    END IF;
+                END $$""",
+            ),
+        ),
     )
 
 
@@ -220,11 +259,16 @@ class _Sql:
             "version = excluded.version, status = excluded.status, "
             "parent_id = excluded.parent_id, updated_at = excluded.updated_at"
         )
+        # A lease given (an owner set) takes the next epoch; one given back keeps it.
         self.schedule = (
-            f"INSERT INTO {s}.wakeups (workflow_id, due_at, lease_owner, lease_until) "
-            "VALUES (%s,%s,%s,%s) ON CONFLICT (workflow_id) DO UPDATE SET "
+            f"INSERT INTO {s}.wakeups AS kept "
+            "(workflow_id, due_at, lease_owner, lease_until, lease_epoch) "
+            "VALUES (%(wid)s, %(due)s, %(owner)s, %(until)s, "
+            "CASE WHEN %(owner)s::text IS NULL THEN 0 ELSE 1 END) "
+            "ON CONFLICT (workflow_id) DO UPDATE SET "
             "due_at = excluded.due_at, lease_owner = excluded.lease_owner, "
-            "lease_until = excluded.lease_until"
+            "lease_until = excluded.lease_until, lease_epoch = CASE WHEN "
+            "excluded.lease_owner IS NULL THEN kept.lease_epoch ELSE kept.lease_epoch + 1 END"
         )
         # least() ignores NULL: a row waiting for no time becomes due at the nudge's.
         self.nudge = (
@@ -234,29 +278,54 @@ class _Sql:
         )
         self.unschedule = f"DELETE FROM {s}.wakeups WHERE workflow_id = %s"
         self.lock_wakeups = (
-            f"SELECT workflow_id FROM {s}.wakeups WHERE workflow_id = ANY(%s::text[]) "
-            "ORDER BY workflow_id FOR UPDATE"
+            f"SELECT workflow_id, lease_owner, lease_epoch FROM {s}.wakeups "
+            "WHERE workflow_id = ANY(%s::text[]) ORDER BY workflow_id FOR UPDATE"
+        )
+        self.check_fences = f"SELECT {s}.check_fences(%s, %s, %s, %s)"
+        self.renew = (
+            "WITH held AS MATERIALIZED ("
+            f"SELECT w.workflow_id FROM {s}.wakeups w "
+            "JOIN unnest(%(ids)s::text[], %(epochs)s::bigint[]) AS l(id, epoch) "
+            "ON w.workflow_id = l.id AND w.lease_epoch = l.epoch "
+            "WHERE w.lease_owner = %(owner)s ORDER BY w.workflow_id FOR UPDATE) "
+            f"UPDATE {s}.wakeups SET lease_until = %(until)s "
+            "WHERE workflow_id IN (SELECT workflow_id FROM held) "
+            "RETURNING workflow_id, lease_epoch"
         )
         # SKIP LOCKED: concurrent claimers never wait for each other (nor for a writer)
         # and never take the same row; a row whose lease changed while we looked is
         # re-checked against the WHERE once locked. MATERIALIZED runs the selection
         # exactly once: as a plain IN (subquery) the planner may rescan it inside a
         # nested loop and lease more than LIMIT rows.
-        self.claim = (
+        # Only instances of the given (name, version) pairs, when a worker says which
+        # it can run (an instance's row is written with its first wake-up).
+        of_kinds = (
+            f"EXISTS (SELECT 1 FROM {s}.workflows w "
+            "JOIN unnest(%(names)s::text[], %(versions)s::int[]) AS d(name, version) "
+            "ON w.name = d.name AND w.version = d.version "
+            "WHERE w.workflow_id = k.workflow_id)"
+        )
+        claim = (
             "WITH due AS MATERIALIZED ("
-            f"SELECT workflow_id FROM {s}.wakeups "
-            "WHERE due_at IS NOT NULL AND due_at <= %(now)s "
-            "AND (lease_owner IS NULL OR lease_until < %(now)s) "
-            "ORDER BY due_at, workflow_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
-            f"UPDATE {s}.wakeups SET lease_owner = %(owner)s, lease_until = %(until)s "
+            f"SELECT k.workflow_id FROM {s}.wakeups k "
+            "WHERE k.due_at IS NOT NULL AND k.due_at <= %(now)s "
+            "AND (k.lease_owner IS NULL OR k.lease_until < %(now)s) AND {of_kinds} "
+            "ORDER BY k.due_at, k.workflow_id LIMIT %(limit)s FOR UPDATE SKIP LOCKED) "
+            f"UPDATE {s}.wakeups SET lease_owner = %(owner)s, lease_until = %(until)s, "
+            "lease_epoch = lease_epoch + 1 "
             "WHERE workflow_id IN (SELECT workflow_id FROM due) "
-            "RETURNING workflow_id, due_at"
+            "RETURNING workflow_id, due_at, lease_epoch"
         )
-        self.next_wakeup = (
-            "SELECT min(CASE WHEN lease_owner IS NULL THEN due_at "
-            "ELSE greatest(due_at, coalesce(lease_until, 0) + 1) END) "
-            f"FROM {s}.wakeups WHERE due_at IS NOT NULL"
+        self.claim = {False: claim.format(of_kinds="true"), True: claim.format(of_kinds=of_kinds)}
+        next_wakeup = (
+            "SELECT min(CASE WHEN k.lease_owner IS NULL THEN k.due_at "
+            "ELSE greatest(k.due_at, coalesce(k.lease_until, 0) + 1) END) "
+            f"FROM {s}.wakeups k WHERE k.due_at IS NOT NULL AND {{of_kinds}}"
         )
+        self.next_wakeup = {
+            False: next_wakeup.format(of_kinds="true"),
+            True: next_wakeup.format(of_kinds=of_kinds),
+        }
         # Locks in id order, as a write transaction does (see lock_wakeups), so a
         # release and an append that touch the same rows cannot deadlock.
         release = (
@@ -269,7 +338,7 @@ class _Sql:
         self.release_owner = release.format(held="lease_owner = %s")
         self.release_all = release.format(held="lease_owner IS NOT NULL")
         self.get_wakeup = (
-            "SELECT workflow_id, due_at, lease_owner, lease_until "
+            "SELECT workflow_id, due_at, lease_owner, lease_until, lease_epoch "
             f"FROM {s}.wakeups WHERE workflow_id = %s"
         )
         self.get_instance = f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE workflow_id = %s"
@@ -307,8 +376,30 @@ def _params(row: EventRow) -> tuple[Any, ...]:
     )
 
 
-def _runtime_statement(sql: _Sql, write: RuntimeWrite) -> tuple[str, tuple[Any, ...]]:
+def _kinds(workflows: tuple[tuple[str, int], ...] | None) -> dict[str, list[Any]]:
+    if workflows is None:
+        return {}
+    return {"names": [n for n, _ in workflows], "versions": [v for _, v in workflows]}
+
+
+def _writes(requests: Sequence[AppendRequest]) -> list[RuntimeWrite]:
+    return [w for r in requests for w in r.runtime]
+
+
+def _wakeup_ids(fences: Sequence[Fence], writes: Sequence[RuntimeWrite]) -> list[str]:
+    """Every wake-up row a batch may lock, fenced or written (the database orders
+    them when it locks)."""
+    ids = {f.workflow_id for f in fences}
+    ids.update(w.workflow_id for w in writes if not isinstance(w, PutInstance))
+    return sorted(ids)
+
+
+def _runtime_statement(
+    sql: _Sql, write: RuntimeWrite
+) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
     kind, params = as_row(write)
+    if kind == "schedule":  # named: the owner is used twice
+        return sql.schedule, dict(zip(("wid", "due", "owner", "until"), params, strict=True))
     statement = {
         "put": sql.put_instance,
         "schedule": sql.schedule,
@@ -814,6 +905,18 @@ class PostgresEventStore(BaseEventStore):
             if ids
             else None
         )
+        # The wake-up rows of fenced requests, locked (with those the batch writes,
+        # in id order, as every writer locks them) so no claim moves a lease between
+        # this check and the commit.
+        fenced = fenced_ids(requests)
+        leases_cur = (
+            await conn.execute(
+                sql.lock_wakeups,
+                (_wakeup_ids([r.fence for r in requests if r.fence], _writes(requests)),),
+            )
+            if fenced
+            else None
+        )
         head = await head_cur.fetchone()
         if head is None:
             raise StoreError(
@@ -822,7 +925,9 @@ class PostgresEventStore(BaseEventStore):
         heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
         found = [] if known_cur is None else await known_cur.fetchall()
         existing = {row.id: row for row in map(_row, found)}
-        return plan_batch(requests, heads, existing, head[0], recorded_at_us), heads
+        locked = [] if leases_cur is None else await leases_cur.fetchall()
+        leases = {wid: LeaseState(owner, epoch) for wid, owner, epoch in locked}
+        return plan_batch(requests, heads, existing, head[0], recorded_at_us, leases), heads
 
     # -- the one-round-trip path ----------------------------------------------------
     #
@@ -848,7 +953,14 @@ class PostgresEventStore(BaseEventStore):
             head = self._known_heads[request.stream_id]
             if head is not None:
                 heads[request.stream_id] = head
-        plan = plan_batch(requests, heads, {}, self._known_last, recorded_at_us)
+        # Fences are assumed to hold here and checked in the transaction
+        # (check_fences): if one does not, the batch is decided again from the reads.
+        assumed = {
+            r.fence.workflow_id: LeaseState(r.fence.owner, r.fence.epoch)
+            for r in requests
+            if r.fence is not None
+        }
+        plan = plan_batch(requests, heads, {}, self._known_last, recorded_at_us, assumed)
         if not plan.rows or any(isinstance(o, StoreError) for o in plan.outcomes):
             # Nothing that would collide proves the knowledge current, or a refusal
             # might rest on stale knowledge: ask the database.
@@ -857,18 +969,29 @@ class PostgresEventStore(BaseEventStore):
 
     async def _commit_fast(self, plan: BatchPlan) -> list[AppendResult | StoreError] | None:
         """The outcomes, or None if the guess missed and nothing was written."""
+        fences = plan.fences
         with _driver_errors("append", self.location):
             conn = await self._writing_connection()
             try:
                 async with _pipeline(conn):
                     await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
                     await conn.execute(self._sql.lock_head)
+                    if fences:
+                        await conn.execute(
+                            self._sql.check_fences,
+                            (
+                                _wakeup_ids(fences, plan.runtime),
+                                [f.workflow_id for f in fences],
+                                [f.owner for f in fences],
+                                [f.epoch for f in fences],
+                            ),
+                        )
                     await self._write_plan(conn, plan)
                     await conn.execute("COMMIT")
             except psycopg.IntegrityError:
                 # Our first position (or a caller's id) is taken: another process
-                # wrote, or the caller repeats an append. The transaction is void;
-                # decide again from the database.
+                # wrote, or the caller repeats an append; or a fence does not hold.
+                # The transaction is void; decide again from the database.
                 self._forget()
                 self._fast_skip = min(64, self._fast_misses * 2 + 1)
                 self._fast_misses += 1
@@ -1052,15 +1175,50 @@ class PostgresEventStore(BaseEventStore):
     # need no head lock, so they never wait for appends (see _fetch on retries).
 
     async def _claim_wakeups(
-        self, owner: str, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]:
-        params = {"owner": owner, "until": lease_until_us, "now": now_us, "limit": limit}
-        rows = await self._fetch("claim wake-ups", self._sql.claim, params)
+        self,
+        owner: str,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: tuple[tuple[str, int], ...] | None,
+    ) -> list[Lease]:
+        params = {
+            "owner": owner,
+            "until": lease_until_us,
+            "now": now_us,
+            "limit": limit,
+            **_kinds(workflows),
+        }
+        sql = self._sql.claim[workflows is not None]
+        rows = await self._fetch("claim wake-ups", sql, params)
         # RETURNING follows no order; COLLATE "C" order is Python's str order.
-        return [wid for wid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+        return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
 
-    async def _next_wakeup(self) -> int | None:
-        rows = await self._fetch("read the next wake-up", self._sql.next_wakeup, ())
+    async def database_now_us(self) -> int:
+        self._check_open()
+        rows = await self._fetch(
+            "read the database's clock",
+            "SELECT (extract(epoch FROM clock_timestamp()) * 1000000)::bigint",
+            (),
+        )
+        return int(rows[0][0])
+
+    async def _renew_leases(
+        self, owner: str, leases: list[Lease], lease_until_us: int
+    ) -> list[Lease]:
+        params = {
+            "owner": owner,
+            "until": lease_until_us,
+            "ids": [lease.workflow_id for lease in leases],
+            "epochs": [lease.epoch for lease in leases],
+        }
+        rows = await self._fetch("renew leases", self._sql.renew, params)
+        kept = {(wid, epoch) for wid, epoch in rows}
+        return [lease for lease in leases if (lease.workflow_id, lease.epoch) in kept]
+
+    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None:
+        sql = self._sql.next_wakeup[workflows is not None]
+        rows = await self._fetch("read the next wake-up", sql, _kinds(workflows))
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def _release_wakeups(self, owner: str | None) -> int:

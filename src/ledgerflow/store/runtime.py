@@ -22,7 +22,9 @@ from typing import Any, Literal, TypeAlias
 
 __all__ = [
     "RUNTIME_WRITES",
+    "Fence",
     "InstanceRow",
+    "Lease",
     "Nudge",
     "PutInstance",
     "RuntimeWrite",
@@ -50,6 +52,30 @@ class WakeupRow:
     due_at_us: int | None
     lease_owner: str | None
     lease_until_us: int | None
+    lease_epoch: int = 0
+    """Counts the leases ever given on the instance: each claim (or start with a
+    lease) takes the next one. A runner's appends are fenced with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """A claimed instance: its id and the epoch of this runner's lease on it."""
+
+    workflow_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fence:
+    """An append's precondition: ``owner`` still holds the instance's lease at
+    ``epoch``. Checked in the append's transaction; if the lease moved on (another
+    runner claimed it, or it was given back), the append fails alone with
+    ``LeaseLostError`` and writes nothing. A lease that merely ran out, with nobody
+    claiming it since, still passes: no one else has acted on the instance."""
+
+    workflow_id: str
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +87,8 @@ class PutInstance:
 
 @dataclass(frozen=True, slots=True)
 class Schedule:
-    """Set the instance's wake-up and lease as given (None owner releases the lease)."""
+    """Set the instance's wake-up and lease as given (None owner releases the lease;
+    an owner takes the next lease epoch)."""
 
     workflow_id: str
     due_at_us: int | None

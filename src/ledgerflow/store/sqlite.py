@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import queue
 import sqlite3
@@ -39,9 +40,18 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Now, Pending
 from ._migrations import Migration, pending
-from ._plan import AppendRequest, EventRow, StreamHead, plan_batch, reused_ids
+from ._plan import (
+    AppendRequest,
+    EventRow,
+    LeaseState,
+    StreamHead,
+    fenced_ids,
+    plan_batch,
+    reused_ids,
+)
 from .runtime import (
     InstanceRow,
+    Lease,
     RuntimeWrite,
     WakeupRow,
     as_row,
@@ -111,6 +121,11 @@ MIGRATIONS = (
             "CREATE INDEX wakeups_by_due ON wakeups (due_at) WHERE due_at IS NOT NULL",
         ),
     ),
+    Migration(
+        3,
+        "lease epochs (fencing)",
+        ("ALTER TABLE wakeups ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",),
+    ),
 )
 
 _PUT_INSTANCE = (
@@ -118,22 +133,40 @@ _PUT_INSTANCE = (
     "name = excluded.name, version = excluded.version, status = excluded.status, "
     "parent_id = excluded.parent_id, updated_at = excluded.updated_at"
 )
+# A lease given (an owner set) takes the next epoch; one given back keeps it.
 _SCHEDULE = (
-    "INSERT INTO wakeups VALUES (?,?,?,?) ON CONFLICT (workflow_id) DO UPDATE SET "
+    "INSERT INTO wakeups (workflow_id, due_at, lease_owner, lease_until, lease_epoch) "
+    "VALUES (?1,?2,?3,?4, CASE WHEN ?3 IS NULL THEN 0 ELSE 1 END) "
+    "ON CONFLICT (workflow_id) DO UPDATE SET "
     "due_at = excluded.due_at, lease_owner = excluded.lease_owner, "
-    "lease_until = excluded.lease_until"
+    "lease_until = excluded.lease_until, lease_epoch = CASE WHEN excluded.lease_owner "
+    "IS NULL THEN lease_epoch ELSE lease_epoch + 1 END"
 )
 _NUDGE = (
-    "INSERT INTO wakeups VALUES (?,?,NULL,NULL) ON CONFLICT (workflow_id) DO UPDATE SET "
+    "INSERT INTO wakeups (workflow_id, due_at) VALUES (?,?) "
+    "ON CONFLICT (workflow_id) DO UPDATE SET "
     "due_at = CASE WHEN due_at IS NULL THEN excluded.due_at "
     "ELSE min(due_at, excluded.due_at) END"
 )
-_CLAIM = (
-    "UPDATE wakeups SET lease_owner = ?, lease_until = ? WHERE workflow_id IN ("
-    "SELECT workflow_id FROM wakeups WHERE due_at IS NOT NULL AND due_at <= ? "
-    "AND (lease_owner IS NULL OR lease_until < ?) ORDER BY due_at, workflow_id LIMIT ?) "
-    "RETURNING workflow_id, due_at"
+# Only instances of the given (name, version) pairs, if any: a JSON array of pairs.
+_OF_KINDS = (
+    "EXISTS (SELECT 1 FROM workflows w, json_each(?) j WHERE w.workflow_id = k.workflow_id "
+    "AND w.name = json_extract(j.value, '$[0]') AND w.version = json_extract(j.value, '$[1]'))"
 )
+_CLAIM = (
+    "UPDATE wakeups SET lease_owner = ?, lease_until = ?, lease_epoch = lease_epoch + 1 "
+    "WHERE workflow_id IN ("
+    "SELECT k.workflow_id FROM wakeups k WHERE k.due_at IS NOT NULL AND k.due_at <= ? "
+    "AND (k.lease_owner IS NULL OR k.lease_until < ?) AND {of_kinds} "
+    "ORDER BY k.due_at, k.workflow_id LIMIT ?) "
+    "RETURNING workflow_id, due_at, lease_epoch"
+)
+_NEXT_WAKEUP = (
+    "SELECT min(CASE WHEN k.lease_owner IS NULL THEN k.due_at "
+    "ELSE max(k.due_at, coalesce(k.lease_until, 0) + 1) END) "
+    "FROM wakeups k WHERE k.due_at IS NOT NULL AND {of_kinds}"
+)
+_WAKEUP_COLUMNS = "workflow_id, due_at, lease_owner, lease_until, lease_epoch"
 _INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
 
 
@@ -601,7 +634,16 @@ class SQLiteEventStore(BaseEventStore):
                     row = _row(t)
                     existing[row.id] = row
             last = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
-            plan = plan_batch(requests, heads, existing, last, recorded_at_us)
+            leases: dict[str, LeaseState] = {}
+            for chunk in _chunks(fenced_ids(requests)):
+                marks = ",".join("?" * len(chunk))
+                for wid, owner, epoch in con.execute(
+                    "SELECT workflow_id, lease_owner, lease_epoch FROM wakeups "
+                    f"WHERE workflow_id IN ({marks})",
+                    chunk,
+                ):
+                    leases[wid] = LeaseState(owner, epoch)
+            plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases)
             if not plan.rows and not plan.runtime:
                 con.execute("ROLLBACK")
                 return plan.outcomes
@@ -726,18 +768,49 @@ class SQLiteEventStore(BaseEventStore):
         return await self._on_writer(run)
 
     async def _claim_wakeups(
-        self, owner: str, now_us: int, lease_until_us: int, limit: int
-    ) -> list[str]:
-        rows = await self._write(_CLAIM, (owner, lease_until_us, now_us, now_us, limit))
-        return [wid for wid, _ in sorted(rows, key=lambda r: (r[1], r[0]))]
+        self,
+        owner: str,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: tuple[tuple[str, int], ...] | None,
+    ) -> list[Lease]:
+        kinds: tuple[Any, ...] = () if workflows is None else (json.dumps(workflows),)
+        sql = _CLAIM.format(of_kinds="1" if workflows is None else _OF_KINDS)
+        params = (owner, lease_until_us, now_us, now_us, *kinds, limit)
+        rows = await self._write(sql, params)
+        return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
 
-    async def _next_wakeup(self) -> int | None:
-        rows = await self._read(
-            "SELECT min(CASE WHEN lease_owner IS NULL THEN due_at "
-            "ELSE max(due_at, coalesce(lease_until, 0) + 1) END) "
-            "FROM wakeups WHERE due_at IS NOT NULL",
-            (),
-        )
+    async def _renew_leases(
+        self, owner: str, leases: list[Lease], lease_until_us: int
+    ) -> list[Lease]:
+        def run() -> list[Lease]:
+            con = self._writer_con
+            assert con is not None
+            kept = []
+            con.execute("BEGIN IMMEDIATE")  # one transaction for the whole heartbeat
+            try:
+                for lease in leases:
+                    cur = con.execute(
+                        "UPDATE wakeups SET lease_until = ? "
+                        "WHERE workflow_id = ? AND lease_owner = ? AND lease_epoch = ?",
+                        (lease_until_us, lease.workflow_id, owner, lease.epoch),
+                    )
+                    if cur.rowcount:
+                        kept.append(lease)
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+            return kept
+
+        return await self._on_writer(run)
+
+    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None:
+        kinds: tuple[Any, ...] = () if workflows is None else (json.dumps(workflows),)
+        sql = _NEXT_WAKEUP.format(of_kinds="1" if workflows is None else _OF_KINDS)
+        rows = await self._read(sql, kinds)
         return None if rows[0][0] is None else int(rows[0][0])
 
     async def _release_wakeups(self, owner: str | None) -> int:
@@ -769,8 +842,7 @@ class SQLiteEventStore(BaseEventStore):
 
     async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
         rows = await self._read(
-            "SELECT workflow_id, due_at, lease_owner, lease_until FROM wakeups "
-            "WHERE workflow_id = ?",
+            f"SELECT {_WAKEUP_COLUMNS} FROM wakeups WHERE workflow_id = ?",
             (workflow_id,),
         )
         return WakeupRow(*rows[0]) if rows else None

@@ -24,10 +24,11 @@ from typing import Any, Self
 
 import msgspec
 
-from ..clock import Clock
+from ..clock import Clock, DatabaseClock
 from ..errors import (
     ConcurrencyError,
     ConfigurationError,
+    LeaseLostError,
     LedgerflowError,
     StoreClosedError,
     StoreUnavailableError,
@@ -40,7 +41,16 @@ from ..events import AppendResult, Metadata, RecordedEvent
 from ..hashing import from_micros
 from ..registry import EventRegistry
 from ..store import WorkflowStore
-from ..store.runtime import InstanceRow, Nudge, PutInstance, RuntimeWrite, Schedule, Unschedule
+from ..store.runtime import (
+    Fence,
+    InstanceRow,
+    Lease,
+    Nudge,
+    PutInstance,
+    RuntimeWrite,
+    Schedule,
+    Unschedule,
+)
 from .client import WorkflowClient
 from .definition import WorkflowDefinition
 from .handles import WorkflowDescription, WorkflowHandle
@@ -54,7 +64,7 @@ from .history import (
     Stuck,
     WorkflowStatus,
 )
-from .host import Abandon, Park, PassResult, Restart
+from .host import Abandon, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .run import _Run
 
@@ -93,6 +103,9 @@ class Engine(WorkflowClient):
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
+        # Unless told otherwise, time is the database's: workers on hosts whose clocks
+        # disagree still agree on leases, due times and what they record.
+        clock = clock or DatabaseClock()
         super().__init__(
             store, workflows=workflows, clock=clock, poll_interval=poll_interval, registry=registry
         )
@@ -102,8 +115,16 @@ class Engine(WorkflowClient):
         self._owner = self.owner
         self.takeover = takeover
         self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
-        self._journal = Journal(self.store, cache_size=cache_size, snapshot_every=snapshot_every)
+        self._journal = Journal(
+            self.store,
+            cache_size=cache_size,
+            snapshot_every=snapshot_every,
+            fence_of=self._fence,
+        )
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._epochs: dict[str, int] = {}
+        """The epoch of this engine's lease on each instance it runs: its fence."""
+        self._heartbeat: asyncio.Task[None] | None = None
         self._rerun: set[str] = set()
         self._saturated = False
         self._sleeping_until: int | None = None
@@ -126,8 +147,14 @@ class Engine(WorkflowClient):
         return len(self._active) < self.concurrency and not self._closing
 
     def _run_here(self, history: History) -> None:
+        # Started with a lease to this engine on a new wake-up row: its first epoch.
+        self._epochs[history.workflow_id] = 1
         self._journal.remember(history, fresh=True)
         self._spawn(history.workflow_id)
+
+    def _fence(self, workflow_id: str) -> Fence | None:
+        epoch = self._epochs.get(workflow_id)
+        return None if epoch is None else Fence(workflow_id, self.owner, epoch)
 
     def _poke(self) -> None:
         self._wake.set()
@@ -135,12 +162,14 @@ class Engine(WorkflowClient):
     async def start_engine(self) -> None:
         """Open the store, recover unfinished instances and start running them."""
         await self.store.open()
+        await self._sync_clock()
         if self.takeover:
             for owner in await self.store.lease_owners():
                 if owner_is_gone(owner):
                     await self.store.release_wakeups(owner)
         await self._resume_stuck()
         self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
+        self._heartbeat = asyncio.create_task(self._renew(), name="ledgerflow-heartbeat")
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop claiming work, let running passes finish (up to ``grace`` seconds),
@@ -151,6 +180,9 @@ class Engine(WorkflowClient):
         self._wake.set()
         if self._scheduler is not None:
             await self._scheduler
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         active = list(self._active.values())
         if active:
             _, pending = await asyncio.wait(active, timeout=grace)
@@ -190,7 +222,7 @@ class Engine(WorkflowClient):
                 await self.clock.sleep_until(cap, self._wake)
                 continue
             try:
-                due = await self.store.next_wakeup()
+                due = await self.store.next_wakeup(workflows=self._definitions.keys())
             except StoreUnavailableError:
                 due = None
             # Other processes (the CLI, other engines) nudge rows without telling us;
@@ -208,16 +240,57 @@ class Engine(WorkflowClient):
             self._saturated = True
             return False
         now = self._now_us()
-        ids = await self.store.claim_wakeups(
-            self.owner, now_us=now, lease_until_us=now + self.lease_us, limit=free
+        # Only instances of workflows registered here: a worker that cannot run an
+        # instance leaves it to one that can, instead of parking it.
+        leases = await self.store.claim_wakeups(
+            self.owner,
+            now_us=now,
+            lease_until_us=now + self.lease_us,
+            limit=free,
+            workflows=self._definitions.keys(),
         )
-        for workflow_id in ids:
-            if workflow_id in self._active:
-                self._rerun.add(workflow_id)
+        for lease in leases:
+            self._epochs[lease.workflow_id] = lease.epoch
+            if lease.workflow_id in self._active:
+                self._rerun.add(lease.workflow_id)
             else:
-                self._spawn(workflow_id)
-        self._saturated = len(ids) == free
+                self._spawn(lease.workflow_id)
+        self._saturated = len(leases) == free
         return self._saturated
+
+    async def _sync_clock(self) -> None:
+        if not isinstance(self.clock, DatabaseClock):
+            return
+        try:
+            await self.clock.sync(self.store.database_now_us)
+        except (StoreUnavailableError, StoreClosedError) as exc:
+            log.warning("ledgerflow engine: cannot read the database's clock (%s)", exc)
+
+    async def _renew(self) -> None:
+        """The heartbeat: extend the leases of the instances running here, so a pass
+        that outlives one lease period (slow steps, retries, a busy pool) is not
+        taken over while this engine lives. A lease found lost is only logged: the
+        pass's next append fails its fence and it steps back."""
+        every = max(0.05, self.lease_us / 3 / 1_000_000)
+        while True:
+            await asyncio.sleep(every)
+            await self._sync_clock()
+            held = [Lease(wid, epoch) for wid, epoch in self._epochs.items() if wid in self._active]
+            if not held:
+                continue
+            try:
+                kept = await self.store.renew_leases(
+                    self.owner, held, lease_until_us=self._now_us() + self.lease_us
+                )
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                log.warning("ledgerflow engine: cannot renew leases (%s)", exc)
+                continue
+            for lost in set(held) - set(kept):
+                log.warning(
+                    "workflow %s: lease %d was taken over; this engine steps back",
+                    lost.workflow_id,
+                    lost.epoch,
+                )
 
     def _spawn(self, workflow_id: str) -> None:
         task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")
@@ -248,6 +321,11 @@ class Engine(WorkflowClient):
                     log.warning("workflow %s: pass abandoned, retrying: %s", workflow_id, exc)
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
+                except (LeaseLostError, Relinquish) as exc:
+                    # Another runner holds the instance now: nothing more from us.
+                    log.warning("workflow %s: stepping back: %s", workflow_id, exc)
+                    self._journal.forget(workflow_id)
+                    return
                 failures = 0
                 if not again and workflow_id not in self._rerun:
                     return
@@ -259,6 +337,7 @@ class Engine(WorkflowClient):
             self._journal.forget(workflow_id)
         finally:
             self._active.pop(workflow_id, None)
+            self._epochs.pop(workflow_id, None)  # each pass ends giving the lease back
             self._journal.settled(workflow_id)
             if self._saturated or self._closing:
                 self._wake.set()  # a slot is free for work left unclaimed
@@ -415,6 +494,7 @@ class Engine(WorkflowClient):
                     [news],
                     version,
                     runtime=[Nudge(parent, self._now_us()), Unschedule(workflow_id)],
+                    fence=self._fence(workflow_id),
                 )
             except ConcurrencyError:
                 continue  # the parent moved on meanwhile: look again
@@ -513,8 +593,15 @@ class _Host:
         self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
     ) -> Coroutine[Any, Any, AppendResult]:
         # The store's coroutine itself, not one around it: this is every append's path.
-        stream = self._engine.stream_id(history.workflow_id)
-        return self._engine.store.append(stream, events, history.version, runtime=runtime)
+        engine = self._engine
+        stream = engine.stream_id(history.workflow_id)
+        return engine.store.append(
+            stream,
+            events,
+            history.version,
+            runtime=runtime,
+            fence=engine._fence(history.workflow_id),
+        )
 
     async def read_after(self, history: History) -> list[RecordedEvent]:
         stream = self._engine.stream_id(history.workflow_id)

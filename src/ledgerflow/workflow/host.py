@@ -27,6 +27,7 @@ __all__ = [
     "BodyEnded",
     "Park",
     "PassResult",
+    "Relinquish",
     "ReplayHost",
     "Restart",
     "RunHost",
@@ -56,6 +57,15 @@ class Restart(BaseException):
 class Abandon(BaseException):
     """The store failed under the pass (unreachable, locked, closed): drop the pass
     and retry it from the last recorded event; never the workflow's outcome."""
+
+    def __init__(self, cause: LedgerflowError) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class Relinquish(BaseException):
+    """The runner's lease on the instance passed to another runner (a fenced append
+    failed): step back at once, with no further effect, and never retry."""
 
     def __init__(self, cause: LedgerflowError) -> None:
         super().__init__(str(cause))

@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 from ..events import Snapshot
 from ..store import WorkflowStore
-from ..store.runtime import RuntimeWrite
+from ..store.runtime import Fence, RuntimeWrite
 from .history import SNAPSHOT_TYPE, SNAPSHOT_VERSION, History
 
 __all__ = ["Journal", "load_history", "stream_of"]
@@ -48,9 +49,17 @@ class Journal:
     """Histories of the instances a runner works on; see the module docstring."""
 
     def __init__(
-        self, store: WorkflowStore, *, cache_size: int, snapshot_every: int | None
+        self,
+        store: WorkflowStore,
+        *,
+        cache_size: int,
+        snapshot_every: int | None,
+        fence_of: Callable[[str], Fence | None] = lambda _: None,
     ) -> None:
         self.store = store
+        self.fence_of = fence_of
+        """The runner's lease on an instance: every append of this journal is fenced
+        with it, so a runner taken over records nothing more."""
         self.cache_size = cache_size
         self.snapshot_every = snapshot_every
         self._cache: OrderedDict[str, History] = OrderedDict()
@@ -95,7 +104,11 @@ class Journal:
         moved on), then fold the events in."""
         before = history.version
         result = await self.store.append(
-            stream_of(history.workflow_id), events, history.version, runtime=runtime
+            stream_of(history.workflow_id),
+            events,
+            history.version,
+            runtime=runtime,
+            fence=self.fence_of(history.workflow_id),
         )
         first = result.version - len(events) + 1
         for offset, event in enumerate(events):
@@ -105,7 +118,11 @@ class Journal:
     async def guarded(self, history: History, runtime: list[RuntimeWrite]) -> None:
         """Write runtime rows only if the stream is still at ``history.version``."""
         await self.store.append(
-            stream_of(history.workflow_id), [], history.version, runtime=runtime
+            stream_of(history.workflow_id),
+            [],
+            history.version,
+            runtime=runtime,
+            fence=self.fence_of(history.workflow_id),
         )
 
     async def snapshot_if_due(self, history: History, before: int) -> None:

@@ -43,6 +43,7 @@ from ..errors import (
     ChildWorkflowError,
     ConcurrencyError,
     EventError,
+    LeaseLostError,
     NonDeterminismError,
     RecordedValueError,
     ResultTooLargeError,
@@ -80,7 +81,7 @@ from .history import (
     TimerStarted,
     WorkflowStatus,
 )
-from .host import Abandon, BodyEnded, Park, PassResult, Restart, RunHost, Suspend
+from .host import Abandon, BodyEnded, Park, PassResult, Relinquish, Restart, RunHost, Suspend
 from .steps import (
     DEFAULT_COMPENSATION_RETRY,
     Attempts,
@@ -169,7 +170,7 @@ class _Run:
         except Suspend as suspend:
             await self._settle()
             return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
-        except (Park, Abandon, Restart, BodyEnded) as stop:
+        except (Park, Abandon, Restart, Relinquish, BodyEnded) as stop:
             await self._settle()
             raise self.fault or stop from None
         except WorkflowCancelled as exc:
@@ -228,7 +229,7 @@ class _Run:
 
     async def _flush(self) -> None:
         # A fault is remembered by the pass: the body's next command raises it.
-        with self.acting, contextlib.suppress(Park, Abandon, Restart):
+        with self.acting, contextlib.suppress(Park, Abandon, Restart, Relinquish):
             await self.record([])
 
     def _raise(self, stop: BaseException) -> BaseException:
@@ -438,6 +439,8 @@ class _Run:
                     break
             except (StoreUnavailableError, StoreClosedError) as exc:
                 raise self._raise(Abandon(exc)) from exc
+            except LeaseLostError as exc:
+                raise self._raise(Relinquish(exc)) from exc
             except EventError as exc:  # an event the engine built does not fit the store
                 error = UnrecordableValueError(
                     self.history.workflow_id, "an event of this pass", batch[-1], str(exc)

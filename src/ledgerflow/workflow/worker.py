@@ -1,0 +1,107 @@
+"""A worker process: an engine that runs until told to stop (``ledgerflow worker``).
+
+Many workers share one store: each claims only the instances of the workflows it
+registered, renews the leases of what it runs and fences its appends with them
+(ADR 007). On SIGTERM or SIGINT a worker stops claiming, lets running passes finish
+for a grace period, cancels the rest (what they recorded stands; a step in flight
+runs again elsewhere), gives its leases back, so another worker starts on them at
+once, and returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import logging
+import signal
+from collections.abc import Sequence
+from datetime import timedelta
+from typing import Any
+
+from ..errors import ConfigurationError
+from .definition import WorkflowDefinition
+from .engine import Engine
+
+__all__ = ["load_workflows", "run_worker"]
+
+log = logging.getLogger("ledgerflow.worker")
+
+
+def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
+    """The workflows named by ``module:attribute`` (a definition, or a sequence of
+    them), or every workflow defined at the top level of ``module``."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name:
+        raise ConfigurationError(f"--app {target!r}: expected module or module:attribute")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigurationError(f"--app {target!r}: cannot import {module_name!r}: {exc}") from exc
+    if attribute:
+        try:
+            found = getattr(module, attribute)
+        except AttributeError:
+            raise ConfigurationError(
+                f"--app {target!r}: module {module_name!r} has no {attribute!r}"
+            ) from None
+        candidates = [found] if isinstance(found, WorkflowDefinition) else found
+        if not isinstance(candidates, Sequence) or not all(
+            isinstance(c, WorkflowDefinition) for c in candidates
+        ):
+            raise ConfigurationError(
+                f"--app {target!r}: expected a workflow or a list of workflows, "
+                f"not {type(found).__name__}"
+            )
+        workflows = list(candidates)
+    else:
+        workflows = [v for v in vars(module).values() if isinstance(v, WorkflowDefinition)]
+    if not workflows:
+        raise ConfigurationError(f"--app {target!r}: no workflows found")
+    return workflows
+
+
+async def run_worker(
+    store: str,
+    workflows: Sequence[WorkflowDefinition[Any, Any]],
+    *,
+    concurrency: int = 200,
+    lease: timedelta = timedelta(seconds=60),
+    poll_interval: float = 1.0,
+    grace: float = 10.0,
+    stop: asyncio.Event | None = None,
+) -> None:
+    """Run an engine on ``store`` until ``stop`` is set (or SIGTERM/SIGINT arrive),
+    then shut it down gracefully."""
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    handled = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(signum, stop.set)
+            handled.append(signum)
+        except (NotImplementedError, RuntimeError):  # not the main thread, or Windows
+            pass
+    engine = Engine(
+        store,
+        workflows=workflows,
+        concurrency=concurrency,
+        lease=lease,
+        poll_interval=poll_interval,
+    )
+    try:
+        await engine.open()
+        names = ", ".join(sorted({f"{w.name} v{w.version}" for w in workflows}))
+        log.info(
+            "worker %s started on %s: %s; concurrency %d",
+            engine.owner,
+            engine.store.location,
+            names,
+            concurrency,
+        )
+        await stop.wait()
+        log.info("worker %s stopping: finishing running passes (%.1fs)", engine.owner, grace)
+    finally:
+        await engine.close(grace=grace)
+        for signum in handled:
+            loop.remove_signal_handler(signum)
+    log.info("worker %s stopped; its leases are given back", engine.owner)

@@ -1,0 +1,195 @@
+"""``ledgerflow worker``: real worker processes, started, stopped with SIGTERM (issue 12).
+
+A worker runs the workflows of ``--app`` until SIGTERM, then stops claiming, gives
+running passes ``--grace`` seconds, gives its leases back and exits 0, so the next
+worker takes over at once instead of after the lease.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import ledgerflow
+
+from ._engines import WAIT
+
+APP = textwrap.dedent(
+    """
+    import os
+    import time
+
+    import ledgerflow as lf
+
+    MARKS = os.environ["MARKS"]
+
+
+    def charge(n: int) -> int:
+        with open(MARKS, "a") as marks:
+            marks.write(f"{os.getpid()} {time.time()} charge {n}\\n")
+        time.sleep(float(os.environ.get("STEP_SECONDS", "0")))
+        return n * 2
+
+
+    @lf.workflow(name="shop.order", version=1)
+    async def order(ctx: lf.WorkflowContext, n: int) -> int:
+        return await ctx.step(charge, n) + 1
+    """
+)
+
+
+@pytest.fixture
+def shop(tmp_path: Path) -> Path:
+    (tmp_path / "shop.py").write_text(APP)
+    return tmp_path
+
+
+def worker(shop: Path, db: str, *extra: str, step_seconds: float = 0) -> subprocess.Popen[str]:
+    env = {
+        **os.environ,
+        "MARKS": str(shop / "marks.txt"),
+        "STEP_SECONDS": str(step_seconds),
+        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+    }
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from ledgerflow.cli import main; main()",
+            "worker",
+            "--app",
+            "shop",
+            "--db",
+            db,
+            "--poll",
+            "0.05",
+            *extra,
+        ],
+        cwd=shop,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def marks(shop: Path) -> list[tuple[int, float, str]]:
+    path = shop / "marks.txt"
+    if not path.exists():
+        return []
+    rows = [line.split(" ", 2) for line in path.read_text().splitlines()]
+    return [(int(pid), float(at), what) for pid, at, what in rows]
+
+
+def stop(process: subprocess.Popen[str]) -> tuple[int, str]:
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=WAIT)
+    return process.returncode, output
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'shop.db'}"
+
+
+def client(db: str, shop: Path) -> ledgerflow.WorkflowClient:
+    os.environ["MARKS"] = str(shop / "marks.txt")  # read when the module is imported
+    sys.path.insert(0, str(shop))
+    try:
+        sys.modules.pop("shop", None)
+        import shop as module  # type: ignore[import-not-found]
+    finally:
+        sys.path.remove(str(shop))
+    return ledgerflow.WorkflowClient(db, workflows=[module.order], poll_interval=0.05)
+
+
+async def started_ledger(db: str) -> None:
+    """Workers create the ledger; wait until the first one has."""
+    deadline = time.monotonic() + WAIT
+    while True:
+        try:
+            async with ledgerflow.open_store(db, create=False):
+                return
+        except ledgerflow.LedgerNotFoundError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.05)
+
+
+async def test_a_worker_runs_the_app_and_exits_0_on_sigterm(shop: Path, db: str) -> None:
+    process = worker(shop, db)
+    try:
+        await started_ledger(db)
+        async with client(db, shop) as c:
+            for i in range(5):
+                await c.start("shop.order", i, id=f"o-{i}")
+            results = [await c.handle(f"o-{i}").result(timeout=WAIT) for i in range(5)]
+    finally:
+        code, output = stop(process)
+    assert results == [i * 2 + 1 for i in range(5)]
+    assert code == 0, output
+    assert "started" in output
+    assert "stopped; its leases are given back" in output
+    assert "Traceback" not in output
+
+
+async def test_a_stopped_worker_hands_its_instances_over_at_once(shop: Path, db: str) -> None:
+    # A 60 s lease, a step of 3 s and a grace of 0.1 s: the first worker cancels the
+    # pass, gives the lease back and exits; the second claims the instance at once.
+    first = worker(shop, db, "--lease", "60", "--grace", "0.1", step_seconds=3)
+    try:
+        await started_ledger(db)
+        async with client(db, shop) as c:
+            await c.start("shop.order", 7, id="handed")
+            deadline = time.monotonic() + WAIT
+            while not marks(shop):
+                assert time.monotonic() < deadline, "the step never began"
+                await asyncio.sleep(0.05)
+            code, output = stop(first)
+            stopped_at = time.time()
+            assert code == 0, output
+            second = worker(shop, db, "--lease", "60")
+            try:
+                assert await c.handle("handed").result(timeout=WAIT) == 15
+            finally:
+                code, output = stop(second)
+            assert code == 0, output
+    finally:
+        if first.poll() is None:
+            first.kill()
+    runs = marks(shop)
+    assert [pid for pid, _, _ in runs] == [first.pid, second.pid]
+    # Well before the 60 s lease would have let anyone take it.
+    assert runs[1][1] - stopped_at < 30
+
+
+def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> None:
+    (shop / "empty.py").write_text("x = 1\n")
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from ledgerflow.cli import main; main()",
+            "worker",
+            "--app",
+            "empty",
+            "--db",
+            db,
+        ],
+        cwd=shop,
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+    )
+    assert result.returncode == 2
+    assert "no workflows found" in result.stderr
+    assert "Traceback" not in result.stderr
