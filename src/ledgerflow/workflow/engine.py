@@ -122,8 +122,9 @@ class Engine(WorkflowClient):
             fence_of=self._fence,
         )
         self._active: dict[str, asyncio.Task[None]] = {}
-        self._epochs: dict[str, int] = {}
-        """The epoch of this engine's lease on each instance it runs: its fence."""
+        self._fences: dict[str, Fence] = {}
+        """This engine's lease on each instance it runs (owner and epoch): the fence of
+        its appends. One object per lease, not one per append."""
         self._heartbeat: asyncio.Task[None] | None = None
         self._rerun: set[str] = set()
         self._saturated = False
@@ -148,13 +149,12 @@ class Engine(WorkflowClient):
 
     def _run_here(self, history: History) -> None:
         # Started with a lease to this engine on a new wake-up row: its first epoch.
-        self._epochs[history.workflow_id] = 1
+        self._fences[history.workflow_id] = Fence(history.workflow_id, self.owner, 1)
         self._journal.remember(history, fresh=True)
         self._spawn(history.workflow_id)
 
     def _fence(self, workflow_id: str) -> Fence | None:
-        epoch = self._epochs.get(workflow_id)
-        return None if epoch is None else Fence(workflow_id, self.owner, epoch)
+        return self._fences.get(workflow_id)
 
     def _poke(self) -> None:
         self._wake.set()
@@ -250,7 +250,7 @@ class Engine(WorkflowClient):
             workflows=self._definitions.keys(),
         )
         for lease in leases:
-            self._epochs[lease.workflow_id] = lease.epoch
+            self._fences[lease.workflow_id] = Fence(lease.workflow_id, self.owner, lease.epoch)
             if lease.workflow_id in self._active:
                 self._rerun.add(lease.workflow_id)
             else:
@@ -275,7 +275,11 @@ class Engine(WorkflowClient):
         while True:
             await asyncio.sleep(every)
             await self._sync_clock()
-            held = [Lease(wid, epoch) for wid, epoch in self._epochs.items() if wid in self._active]
+            held = [
+                Lease(wid, fence.epoch)
+                for wid, fence in self._fences.items()
+                if wid in self._active
+            ]
             if not held:
                 continue
             try:
@@ -337,7 +341,7 @@ class Engine(WorkflowClient):
             self._journal.forget(workflow_id)
         finally:
             self._active.pop(workflow_id, None)
-            self._epochs.pop(workflow_id, None)  # each pass ends giving the lease back
+            self._fences.pop(workflow_id, None)  # each pass ends giving the lease back
             self._journal.settled(workflow_id)
             if self._saturated or self._closing:
                 self._wake.set()  # a slot is free for work left unclaimed
