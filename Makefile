@@ -54,7 +54,8 @@ MUTANT_TESTS_plan    := tests/test_plan.py tests/test_store_contract.py \
 MUTANT_TESTS_audit   := tests/test_audit.py
 MUTANT_TESTS_run     := tests/test_workflows.py tests/test_engine_promises.py \
 	tests/test_golden_replay.py tests/test_history.py tests/test_testing.py \
-	tests/test_cli_workflows.py tests/test_runtime_rows.py tests/test_read_only.py
+	tests/test_cli_workflows.py tests/test_runtime_rows.py tests/test_read_only.py \
+	tests/test_run_edges.py tests/test_engine_runtime.py
 MUTANT_TESTS_engine  := $(MUTANT_TESTS_run)
 
 mutants: $(addprefix mutants-,$(MUTANT_FILES))  ## mutation testing; kill rate per file

@@ -63,6 +63,7 @@ from .history import (
     SignalSent,
     Stuck,
     WorkflowStatus,
+    error_message,
 )
 from .host import Abandon, Park, PassResult, Relinquish, Restart
 from .journal import Journal
@@ -518,7 +519,7 @@ class Engine(WorkflowClient):
             now,
             now,
         )
-        stuck = Stuck(error_type=type(error).__name__, message=str(error))
+        stuck = Stuck(error_type=type(error).__name__, message=error_message(error))
         while True:
             try:
                 await self._journal.append(

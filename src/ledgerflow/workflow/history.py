@@ -20,6 +20,7 @@ from ..events import RecordedEvent
 from ..registry import EventRegistry
 
 __all__ = [
+    "MAX_MESSAGE_CHARS",
     "TERMINAL",
     "CancelRequested",
     "ChildDone",
@@ -213,6 +214,20 @@ class WorkflowStatus(StrEnum):
     COMPENSATED = "compensated"
     COMPENSATION_FAILED = "compensation_failed"
     CANCELLED = "cancelled"
+
+
+MAX_MESSAGE_CHARS = 8_192
+"""Longest error message recorded (in a failure, a failed attempt, a park): an
+exception's text is the user's, and one over the event size limit would leave its
+instance unable to record that it failed."""
+
+
+def error_message(exc: BaseException) -> str:
+    """``str(exc)``, cut to ``MAX_MESSAGE_CHARS`` saying how much was left out."""
+    text = str(exc)
+    if len(text) <= MAX_MESSAGE_CHARS:
+        return text
+    return f"{text[:MAX_MESSAGE_CHARS]}… ({len(text) - MAX_MESSAGE_CHARS} more characters)"
 
 
 TERMINAL = frozenset(

@@ -80,6 +80,7 @@ from .history import (
     TimerFired,
     TimerStarted,
     WorkflowStatus,
+    error_message,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Relinquish, Restart, RunHost, Suspend
 from .steps import (
@@ -176,7 +177,7 @@ class _Run:
         except WorkflowCancelled as exc:
             failure, cancelled = ("WorkflowCancelled", exc.reason or "cancelled"), True
         except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
-            failure = (type(exc).__name__, str(exc))
+            failure = (type(exc).__name__, error_message(exc))
         await self._settle()
         if failure is None:
             self._check_finished_path()
@@ -288,7 +289,7 @@ class _Run:
                     [CompensationDone(seq=seq, name=comp.name, step_seq=comp.step_seq)]
                 )
                 return True
-            error_type, message = type(value).__name__, str(value)
+            error_type, message = type(value).__name__, error_message(value)
             if not policy.retries(value, attempt):
                 await self.record(
                     [
@@ -510,7 +511,7 @@ class _Run:
                 if ok:
                     held, release = release, nothing
                     return await self._record_result(seq, name, value, held)
-                error_type, message = type(value).__name__, str(value)
+                error_type, message = type(value).__name__, error_message(value)
                 if not retry.retries(value, attempt):
                     failed = StepFailed(seq=seq, name=name, error_type=error_type, message=message)
                     await self.record([failed])
