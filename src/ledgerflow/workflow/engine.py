@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib
 import logging
 import os
 import socket
@@ -163,6 +164,9 @@ class Engine(WorkflowClient):
     async def start_engine(self) -> None:
         """Open the store, recover unfinished instances and start running them."""
         await self.store.open()
+        # What checks signals is imported now, not by the first signal's sender (the
+        # CLI and plain clients do not load it at all: ~70 ms a process).
+        await asyncio.to_thread(importlib.import_module, "jsonschema")
         await self._sync_clock()
         if self.takeover:
             for owner in await self.store.lease_owners():
