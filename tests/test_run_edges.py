@@ -10,13 +10,11 @@ asked, so no test waits for a back-off.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import hashlib
 import logging
 import random
 import threading
-from collections.abc import Awaitable, Callable, Iterator
 from datetime import timedelta
 from typing import Any, ClassVar
 
@@ -46,6 +44,8 @@ from ledgerflow.workflow.replay import replay
 from ledgerflow.workflow.steps import jitter_source
 
 from ._engines import WAIT, EngineFactory
+from ._passes import crashes, outcome, waiting
+from ._passes import no_pass_crashed as no_pass_crashed  # autouse: applies here
 
 
 class Tally:
@@ -78,68 +78,6 @@ def fresh_tally() -> None:
     global tally
     tally = Tally()
     late_tasks.clear()
-
-
-crashes: list[str] = []
-"""Passes that raised (logged by the engine, left to their lease) in this test."""
-
-
-class _CrashLog(logging.Handler):
-    def emit(self, record: logging.LogRecord) -> None:
-        with contextlib.suppress(Exception):  # a bad log call is the engine's to find
-            if record.getMessage().endswith("pass failed"):
-                crashes.append(record.getMessage())
-
-
-@pytest.fixture(autouse=True)
-def no_pass_crashed() -> Iterator[None]:
-    """A pass that raises is logged and left to its lease, which a manual clock never
-    reaches; none should in these tests, even if the instance gets on by other means."""
-    handler = _CrashLog(logging.ERROR)
-    logger = logging.getLogger("ledgerflow.engine")
-    crashes.clear()
-    logger.addHandler(handler)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-    assert crashes == []
-
-
-async def outcome(
-    e: Engine,
-    which: str | ledgerflow.WorkflowHandle[Any],
-    meanwhile: Callable[[], Awaitable[None]] | None = None,
-) -> Any:
-    """The instance's result (or the error it raises), failing as soon as a pass
-    crashes or ``meanwhile`` raises, rather than when the hang guard runs out."""
-    workflow_id = which if isinstance(which, str) else which.id
-    waiting = asyncio.ensure_future(e.handle(workflow_id).result(timeout=WAIT))
-    try:
-        while not waiting.done():
-            assert crashes == []
-            if meanwhile is not None:
-                await meanwhile()
-            await asyncio.wait([waiting], timeout=0.01)
-        return waiting.result()
-    finally:
-        waiting.cancel()
-
-
-async def waiting(e: Engine, workflow_id: str, what: str) -> None:
-    """``waiting_for``, failing as soon as a pass crashes rather than at the guard."""
-    async with asyncio.timeout(WAIT):
-        while True:
-            assert crashes == []
-            try:
-                described = await e.describe(workflow_id)
-            except ledgerflow.WorkflowNotFoundError:  # a child not started yet
-                described = None
-            if described is not None:
-                assert described.status == "running", described.error  # it will never
-                if (described.waiting_for or "").startswith(what):
-                    return
-            await asyncio.sleep(0.005)
 
 
 async def types_of(e: Engine, workflow_id: str) -> list[type]:
