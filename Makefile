@@ -35,7 +35,7 @@ pytest: $(VENV)/.dev
 	$(BIN)/pytest -q
 
 bench: $(VENV)/.dev  ## every benchmark, one JSON line each
-	@for b in bench/*.py; do $(BIN)/python $$b || exit 1; done
+	@for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done
 
 # Mutation testing ([tool.mutmut] in pyproject.toml): mutmut over each core file with
 # the tests that are about it, in a copy of the tree under $(MUTANTS_DIR)/<file>. Slow,

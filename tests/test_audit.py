@@ -142,7 +142,11 @@ async def test_deleted_event_is_found(ledger: str) -> None:
     raw_sql(ledger, "DELETE FROM {t}events WHERE position = 8")  # stream b, version 3
     report = await verify(ledger)
     assert (FindingKind.REMOVED, "b", 3) in kinds(report)
-    assert any(f.kind is FindingKind.REMOVED and f.position == 8 for f in report.findings)
+    # The hole in the global log is a finding too where positions leave none; on
+    # PostgreSQL a write that did not commit may leave one (ADR 008), so the stream's
+    # chain is what tells.
+    by_position = any(f.kind is FindingKind.REMOVED and f.position == 8 for f in report.findings)
+    assert by_position == (not ledger.startswith("postgres"))
 
 
 async def test_deleted_stream_tail_is_found(ledger: str) -> None:
@@ -270,6 +274,7 @@ class _Ledger:
     heads: dict[str, StreamHead]
     limits: set[int | None] = dataclasses.field(default_factory=set)
     """The ``limit`` of every read so far."""
+    dense_positions: bool = True
 
     async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
         self.limits.add(limit)

@@ -4,6 +4,7 @@ connection loss. The contract every backend shares lives in the contract suite."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import sys
@@ -19,7 +20,7 @@ import pytest
 import ledgerflow
 from ledgerflow import Appended, NewEvent, RecordedEvent
 from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
-from ledgerflow.store.postgres import PostgresEventStore, channel_for, split_url
+from ledgerflow.store.postgres import PostgresEventStore, _migrations, channel_for, split_url
 from ledgerflow.store.runtime import (
     InstanceRow,
     Lease,
@@ -33,6 +34,8 @@ from ledgerflow.store.runtime import (
 
 from ._adapters import open_adapter
 from .conftest import PG_URL, pg_url, require_postgres
+
+KNOWN_SCHEMA = _migrations("ledgerflow")[-1].version
 
 pytestmark = pytest.mark.postgres
 
@@ -174,6 +177,85 @@ class _Seen:
 # -- invariant 3: no gaps, across processes -------------------------------------------
 
 
+@contextlib.asynccontextmanager
+async def _stalled_commits_of(schema: str, stream: str) -> AsyncIterator[None]:
+    """Make the COMMIT of any transaction that inserts into ``stream`` wait (a deferred
+    trigger, run at commit, takes an advisory lock held here) until the block ends:
+    a writer frozen after taking its positions, as a paused process would be."""
+    key = f"lf-stall-{schema}"
+    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
+        await con.execute(
+            f"CREATE FUNCTION {schema}.stall() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('{key}')); RETURN NULL; END $$"
+        )
+        await con.execute(
+            f"CREATE CONSTRAINT TRIGGER stall AFTER INSERT ON {schema}.events "
+            f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.stream_id = '{stream}') "
+            f"EXECUTE FUNCTION {schema}.stall()"
+        )
+        await con.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+        try:
+            yield
+        finally:
+            await con.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+
+
+async def test_a_stalled_writer_holds_back_readers_but_no_other_writer(pg_schema: str) -> None:
+    """ADR 008: a transaction that took positions and has not committed stops no
+    writer of other streams; readers (subscribers, read_all, head_position) stop
+    before its positions until it ends, so none passes a position filled in later."""
+    url = pg_url(pg_schema)
+    seen = _Seen()
+    async with open_adapter(url) as slow, open_adapter(url) as fast, open_adapter(url) as reader:
+        await fast.append("before", [NewEvent("B")])
+        consumer = asyncio.create_task(seen.consume(reader.subscribe()))
+        await seen.until(1)
+        async with _stalled_commits_of(pg_schema, "slow"):
+            stalled = asyncio.create_task(slow.append("slow", [NewEvent("S")]))
+            await _until_a_commit_waits()
+            # Another process's writer goes on: it neither waits nor fails.
+            async with asyncio.timeout(10):
+                after = await fast.append("after", [NewEvent("A")])
+            assert isinstance(after, Appended)
+            assert after.positions == (3,)
+            assert not stalled.done()
+            # Readers stop before the stalled transaction's position 2.
+            assert [e.stream_id for e in await reader.read_all()] == ["before"]
+            assert await reader.head_position() == 1
+            await asyncio.sleep(0.3)
+            assert [e.position for e in seen.events] == [1]
+        # Released: it commits, and every reader sees both, in position order.
+        assert (await asyncio.wait_for(stalled, 10)).positions == (2,)
+        async with asyncio.timeout(10):
+            await seen.until(3)
+        consumer.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await consumer
+        assert [(e.position, e.stream_id) for e in seen.events] == [
+            (1, "before"),
+            (2, "slow"),
+            (3, "after"),
+        ]
+        assert await reader.head_position() == 3
+
+
+async def _until_a_commit_waits() -> None:
+    """Return once a session's COMMIT waits for a lock (the stalled writer's)."""
+    async with (
+        asyncio.timeout(10),
+        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
+    ):
+        while True:
+            cur = await con.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND query = 'COMMIT'"
+            )
+            row = await cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            await asyncio.sleep(0.01)
+
+
 @pytest.mark.slow
 async def test_subscriber_sees_every_event_once_in_order_while_processes_write(
     pg_schema: str,
@@ -208,18 +290,21 @@ async def test_subscriber_sees_every_event_once_in_order_while_processes_write(
             assert writer.returncode == 0, err.decode()
             report = json.loads(out.decode().splitlines()[-1])
             acked.update((event_id, position) for event_id, position in report["acked"])
-        total = len(acked)
+        last = max(acked.values())
 
         async with asyncio.timeout(30):
-            await seen.until(total)
+            await seen.until(last)
         consumer.cancel()
         with pytest.raises(asyncio.CancelledError):
             await consumer
 
+        # Positions only rise (a batch refused while another process took positions
+        # may leave a gap; ADR 008), and every acknowledged event arrived once, at the
+        # position its append reported: none was skipped or filled in behind.
         positions = [event.position for event in seen.events]
-        assert positions == list(range(1, total + 1))
+        assert positions == sorted(set(positions))
         assert {str(event.id): event.position for event in seen.events} == acked
-        assert await store.head_position() == total
+        assert await store.head_position() == last
 
         # The writers really raced: positions alternate between processes.
         owners = [event.data["p"] for event in seen.events]
@@ -325,7 +410,7 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
             (pg_schema, other_schema),
         ).fetchall()
     # events, streams, snapshots, head, workflows, wakeups and schema_migrations
-    assert dict(tables) == {pg_schema: 7, other_schema: 7}
+    assert dict(tables) == {pg_schema: 6, other_schema: 6}
 
 
 @pytest.mark.parametrize(
@@ -355,9 +440,11 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
         await asyncio.gather(*(store.close() for store in stores))
     with _admin() as con:
         rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
-        head = con.execute(f"SELECT id, position FROM {pg_schema}.head").fetchall()
-    assert sorted(version for version, _ in rows) == [1, 2, 3]
-    assert head == [(True, 0)]
+        (taken,) = con.execute(
+            f"SELECT last_value FROM {pg_schema}.positions WHERE is_called"
+        ).fetchall()
+    assert sorted(version for version, _ in rows) == list(range(1, KNOWN_SCHEMA + 1))
+    assert taken == (0,)
 
 
 async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
@@ -370,7 +457,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     store = open_adapter(pg_url(pg_schema))
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
-    assert (caught.value.found, caught.value.known) == (99, 3)
+    assert (caught.value.found, caught.value.known) == (99, KNOWN_SCHEMA)
     with _admin() as con:
         rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
     assert rows == (1,)
@@ -644,10 +731,19 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         before = await store.read_all()
     with _admin() as con:
         # Back to what the release that knew only migration 1 left behind: nothing
-        # of migration 2 (workflows, wakeups) or 3 (lease_epoch, check_fences).
-        con.execute(f"DROP FUNCTION {pg_schema}.check_fences")
-        con.execute(f"DROP TABLE {pg_schema}.workflows, {pg_schema}.wakeups")
-        con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 1")
+        # of migration 2 (workflows, wakeups), 3 (lease_epoch, check_fences) or 4
+        # (positions from a sequence, xid per event, no head row).
+        s = pg_schema
+        con.execute(f"DROP FUNCTION {s}.check_fences, {s}.begin_append, {s}.give_back")
+        con.execute(f"DROP TABLE {s}.workflows, {s}.wakeups")
+        con.execute(f"DROP SEQUENCE {s}.positions")
+        con.execute(f"ALTER TABLE {s}.events DROP COLUMN xid")
+        con.execute(
+            f"CREATE TABLE {s}.head (id boolean PRIMARY KEY DEFAULT true CHECK (id), "
+            "position bigint NOT NULL)"
+        )
+        con.execute(f"INSERT INTO {s}.head VALUES (true, 2)")
+        con.execute(f"DELETE FROM {s}.schema_migrations WHERE version > 1")
     async with open_adapter(url) as store:
         assert await store.read_all() == before
         assert (await ledgerflow.verify_ledger(store)).ok
@@ -673,4 +769,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (1, "events, streams, snapshots and head"),
         (2, "workflow instances and wake-ups"),
         (3, "lease epochs (fencing)"),
+        (4, "global order by transaction visibility (no head lock)"),
     ]
+    async with open_adapter(url) as store:  # positions go on from where the head was
+        assert [e.position for e in await store.read_all()] == [1, 2, 3]

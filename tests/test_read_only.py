@@ -29,11 +29,13 @@ from ledgerflow.errors import (
     StoreReadOnlyError,
     StoreUnavailableError,
 )
+from ledgerflow.store.postgres import _migrations as _pg_migrations
 from ledgerflow.store.sqlite import MIGRATIONS, SQLiteEventStore
 
 from .conftest import PG_URL, pg_url, raw_sql, require_postgres
 
 KNOWN = MIGRATIONS[-1].version
+PG_KNOWN = _pg_migrations("ledgerflow")[-1].version
 
 
 def _files(directory: Path) -> dict[str, bytes]:
@@ -252,7 +254,7 @@ async def test_postgres_older_schema_is_refused_without_create_and_left_alone(
     await _old_ledger(url)
     with pytest.raises(SchemaOutdatedError) as caught:
         await ledgerflow.open_store(url, create=False).open()
-    assert (caught.value.found, caught.value.known) == (1, KNOWN)
+    assert (caught.value.found, caught.value.known) == (1, PG_KNOWN)
     assert _pg(f"SELECT version FROM {pg_schema}.schema_migrations") == [(1,)]
     assert not _pg("SELECT to_regclass(%s)::text", f"{pg_schema}.workflows")[0][0]
     assert not _pg("SELECT to_regproc(%s)::text", f"{pg_schema}.check_fences")[0][0]

@@ -623,7 +623,7 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    assert [v for v, _ in recorded] == [1, 2, 3]
+    assert [v for v, _ in recorded][:3] == [1, 2, 3]
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
 

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
+from ._waiting import wait_at_most
 from .hashing import from_micros, to_micros
 
 __all__ = ["Clock", "DatabaseClock", "ManualClock", "SystemClock"]
@@ -31,8 +31,7 @@ class SystemClock:
 
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
         timeout = None if when is None else max(0.0, (when - self.now()).total_seconds())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout)
+        await wait_at_most(wake.wait(), timeout)
 
 
 class DatabaseClock:
@@ -75,8 +74,7 @@ class DatabaseClock:
 
     async def sleep_until(self, when: datetime | None, wake: asyncio.Event) -> None:
         timeout = None if when is None else max(0.0, (when - self.now()).total_seconds())
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(wake.wait(), timeout)
+        await wait_at_most(wake.wait(), timeout)
 
 
 class ManualClock:

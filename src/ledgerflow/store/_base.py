@@ -16,6 +16,7 @@ from uuid import UUID
 import msgspec
 from uuid_utils.compat import uuid7
 
+from .._waiting import wait_at_most
 from ..errors import (
     DuplicateEventError,
     EventSerializationError,
@@ -261,6 +262,7 @@ class BaseEventStore(abc.ABC):
     backend: ClassVar[str]
     max_batch_events: ClassVar[int] = 5000
     poll_interval: float = 1.0
+    dense_positions: bool = True
     """Fallback wake-up of idle subscribers, seconds; commits wake them sooner."""
 
     def __init__(
@@ -595,6 +597,8 @@ class BaseEventStore(abc.ABC):
             wake = self._new_events
             try:
                 batch = await self.read_all(from_position=position, limit=batch_size)
+            except StoreClosedError:
+                return  # closed while reading: the subscription ends, as at its loop
             except StoreUnavailableError as error:
                 # An outage pauses a subscription; it does not end it.
                 log.warning(
@@ -610,8 +614,7 @@ class BaseEventStore(abc.ABC):
                 position = batch[-1].position + 1
                 if len(batch) == batch_size:
                     continue
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(wake.wait(), self.poll_interval)
+            await wait_at_most(wake.wait(), self.poll_interval)
 
     async def stream_version(self, stream_id: str) -> int:
         self._check_open()

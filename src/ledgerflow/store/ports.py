@@ -23,13 +23,14 @@ class EventStore(Protocol):
     Contract (every adapter passes the same test suite for it):
 
     - ``append`` commits all events of one call atomically, or none. Stream versions
-      are contiguous from 1; global positions are contiguous from 1 and totally
-      ordered. ``expected_version`` is an int (0 = no stream) or a ``StreamState``;
-      a mismatch raises ``ConcurrencyError``. Events carry ids: repeating an append
+      are contiguous from 1; global positions rise from 1 and are totally ordered,
+      without gaps where ``dense_positions`` (see there). ``expected_version`` is an
+      int (0 = no stream) or a ``StreamState``; a mismatch raises
+      ``ConcurrencyError``. Events carry ids: repeating an append
       with the same ids and content returns ``AlreadyAppended`` and writes nothing.
     - Readers never see a committed event appear behind a position they have
       already read (no gaps filled in later), so ``read_all``/``subscribe`` can
-      checkpoint by position.
+      checkpoint by position. A store's reads show every append it acknowledged.
     - Every event is hash-chained to its stream's previous event.
     """
 
@@ -46,6 +47,13 @@ class EventStore(Protocol):
     @property
     def registry(self) -> EventRegistry:
         """The event types this store encodes and decodes."""
+        ...
+
+    @property
+    def dense_positions(self) -> bool:
+        """Whether global positions have no gaps (memory, SQLite). On PostgreSQL a
+        write that took positions and did not commit (a crash, a refused batch while
+        another process wrote) leaves them unused: positions only rise."""
         ...
 
     @property

@@ -1,12 +1,14 @@
 """PostgreSQL EventStore: many processes, one ledger.
 
-Every write transaction first locks the single row of ``head``. That lock is held until
-commit, so writers in every process take positions and commit strictly one after the
-other: a reader that has seen position p never later finds a committed event at or
-below p (no gaps filled in behind it; see docs/adr/002-postgres-global-order.md). Group
-commit makes that one lock cheap: a batch of appends costs two round trips, whatever
-its size. Commits send NOTIFY, which wakes subscribers in other processes at once;
-polling is only the fallback.
+Writers in every process commit concurrently. Each write transaction starts with
+``begin_append``, which locks the streams it touches and then takes its transaction id
+and its positions together, under a lock held for microseconds; readers read only rows
+of transactions older than their snapshot's xmin. So a reader that has seen position
+p never later finds a committed event at or below p, and no writer waits for another
+process's commit (see docs/adr/008-postgres-order-by-visibility.md). Group commit
+makes a batch of appends cost two round trips whatever its size, or one when this
+writer's memory of the ledger is current. Commits are followed by a NOTIFY, which
+wakes subscribers in other processes at once; polling is only the fallback.
 
 Payloads are ``bytea``, not ``jsonb``: the hash chain covers the exact bytes, which
 ``jsonb`` would normalize. Every table is qualified with the store's schema, so
@@ -22,7 +24,7 @@ import itertools
 import logging
 import re
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -39,6 +41,7 @@ from ..errors import (
     LedgerNotFoundError,
     SchemaOutdatedError,
     SchemaVersionError,
+    StoreClosedError,
     StoreError,
     StoreReadOnlyError,
     StoreUnavailableError,
@@ -78,11 +81,22 @@ _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_
 _CONNECT_TIMEOUT = 10
 _CONNECTION_DEFAULTS = {"connect_timeout": str(_CONNECT_TIMEOUT), "application_name": "ledgerflow"}
 _LISTEN_BACKOFF = (0.05, 5.0)
+_BATCH_ATTEMPTS = 3
+_SETTLE_WAIT = 2.0  # seconds a read may wait for committed events to settle
+_ROLLBACK_WAIT = 1.0  # seconds a failed writer's rollback may take before we just close
+_REDO = (psycopg.errors.TransactionRollback, psycopg.errors.UniqueViolation)
+"""Refusals after which a batch is decided again: the server rolled it back whole."""
+_PositionsMoved = psycopg.errors.RaiseException
+"""begin_append's refusal of positions planned from memory (nothing was taken)."""
 _KNOWN_HEADS = 10_000  # stream heads the writer remembers for one-round-trip appends
-# The writer is idle inside its transaction only while Python plans a batch
-# (milliseconds). A writer frozen or cut off there would hold the head lock, and so
-# every writer in every process, until TCP keepalive noticed (hours by default).
-_WRITER_IDLE_LIMIT = "30s"
+# A write transaction takes two round trips and milliseconds of planning. One whose
+# process froze (SIGSTOP, a VM pause) or was cut off holds its streams' locks and,
+# worse, holds every reader of the log back (ADR 008), until TCP keepalive noticed
+# (hours by default). The server ends it after this long: idle in the transaction
+# (between the round trips), or inside one (a pipeline is one statement to the
+# server until its Sync, so statement_timeout also covers a client that froze
+# halfway through sending it).
+_WRITER_IDLE_LIMIT = "10s"
 
 Connection = psycopg.AsyncConnection[TupleRow]
 _Session = tuple[int, datetime]
@@ -186,7 +200,90 @@ def _migrations(schema: str) -> tuple[Migration, ...]:
                 END $$""",
             ),
         ),
+        Migration(
+            4,
+            "global order by transaction visibility (no head lock)",
+            (
+                # Positions come from a sequence, taken under a lock held for
+                # microseconds inside begin_append, never across a commit (ADR 008).
+                f"CREATE SEQUENCE {schema}.positions AS bigint MINVALUE 0 START 1",
+                f"SELECT setval('{schema}.positions', position, true) FROM {schema}.head",
+                # The transaction that wrote each event. Rows from before this
+                # migration are all committed: 0 reads as older than any snapshot.
+                f"ALTER TABLE {schema}.events ADD COLUMN xid xid8 NOT NULL DEFAULT '0'",
+                f"ALTER TABLE {schema}.events ALTER COLUMN xid SET DEFAULT pg_current_xact_id()",
+                # Writers of older versions locked this row; with it gone they fail
+                # loudly instead of taking positions another way.
+                f"DROP TABLE {schema}.head",
+                # The first statement of every write transaction. It locks the
+                # streams the batch touches (in key order: no deadlocks between
+                # batches), then, only if the batch has events, takes the
+                # transaction's id and the batch's positions together under one
+                # short lock. So transaction ids and positions rise together, which
+                # is what readers rely on: all rows of transactions older than their
+                # snapshot's xmin form a prefix of the log (see read_all).
+                # ``expected``: fail (raise_exception) unless the next position is that one, for
+                # the one-round-trip path that planned positions from memory.
+                f"""CREATE FUNCTION {schema}.begin_append(
+                    stream_keys bigint[], n integer, expected bigint
+                ) RETURNS bigint LANGUAGE plpgsql AS $$
+                DECLARE
+                    k bigint;
+                    last bigint;
+                BEGIN
+                    FOR k IN SELECT DISTINCT u FROM unnest(stream_keys) u ORDER BY u LOOP
+                        PERFORM pg_advisory_xact_lock(k);
+                    END LOOP;
+                    IF n = 0 THEN
+                        RETURN NULL;
+                    END IF;
+                    PERFORM pg_advisory_lock({_allocator_key(schema)}, 0);
+                    BEGIN
+                        PERFORM pg_current_xact_id();
+                        SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+                            INTO last FROM {schema}.positions;
+                        IF expected IS NOT NULL AND last + 1 <> expected THEN
+                            RAISE EXCEPTION 'ledgerflow: positions moved on';
+                        END IF;
+                        PERFORM setval('{schema}.positions', last + n, true);
+                    EXCEPTION WHEN OTHERS THEN
+                        PERFORM pg_advisory_unlock({_allocator_key(schema)}, 0);
+                        RAISE;
+                    END;
+                    PERFORM pg_advisory_unlock({_allocator_key(schema)}, 0);
+                    RETURN last + 1;
+                END $$""",
+                # A batch that used fewer positions than it took gives the rest back,
+                # if nobody has taken positions since (else they stay a gap).
+                f"""CREATE FUNCTION {schema}.give_back(taken_to bigint, used_to bigint)
+                RETURNS boolean LANGUAGE plpgsql AS $$
+                DECLARE
+                    last bigint;
+                BEGIN
+                    PERFORM pg_advisory_lock({_allocator_key(schema)}, 0);
+                    SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END
+                        INTO last FROM {schema}.positions;
+                    IF last = taken_to THEN
+                        PERFORM setval('{schema}.positions', used_to, true);
+                    END IF;
+                    PERFORM pg_advisory_unlock({_allocator_key(schema)}, 0);
+                    RETURN last = taken_to;
+                END $$""",
+            ),
+        ),
     )
+
+
+def _allocator_key(schema: str) -> int:
+    """The first half of the (int, int) advisory lock key that orders position
+    taking in ``schema`` (two-int keys never meet the one-bigint stream keys)."""
+    return int.from_bytes(hashlib.blake2b(schema.encode(), digest_size=4).digest(), signed=True)
+
+
+def stream_key(schema: str, stream_id: str) -> int:
+    """The advisory lock that serializes writers of one stream (bigint key space)."""
+    digest = hashlib.blake2b(f"{schema}\0{stream_id}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, signed=True)
 
 
 _COLUMNS = (
@@ -201,7 +298,8 @@ class _Sql:
 
     def __init__(self, schema: str) -> None:
         s = schema
-        self.lock_head = f"SELECT position FROM {s}.head FOR UPDATE"
+        self.begin_append = f"SELECT {s}.begin_append(%s, %s, %s)"
+        self.give_back = f"SELECT {s}.give_back(%s, %s)"
         self.heads_of = (
             "SELECT stream_id, version, last_hash, last_position "
             f"FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
@@ -219,7 +317,6 @@ class _Sql:
             "version = excluded.version, last_hash = excluded.last_hash, "
             "last_position = excluded.last_position"
         )
-        self.move_head = f"UPDATE {s}.head SET position = %s"
         self.notify = "SELECT pg_notify(%s, %s)"
         self.stream_forward = (
             f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version >= %s "
@@ -229,8 +326,13 @@ class _Sql:
             f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version <= %s "
             "ORDER BY version DESC LIMIT %s"
         )
+        # Only rows of transactions older than every transaction still running: by
+        # begin_append's ordering those are a prefix of the log, so a reader never
+        # passes a position that a slower transaction fills in later.
+        settled = "xid < pg_snapshot_xmin(pg_current_snapshot())"
         self.read_all = (
-            f"SELECT {_COLUMNS} FROM {s}.events WHERE position >= %s ORDER BY position LIMIT %s"
+            f"SELECT {_COLUMNS} FROM {s}.events WHERE position >= %s AND {settled} "
+            "ORDER BY position LIMIT %s"
         )
         self.stream_head = (
             f"SELECT version, last_hash, last_position FROM {s}.streams WHERE stream_id = %s"
@@ -239,7 +341,10 @@ class _Sql:
             f"SELECT stream_id, version, last_hash, last_position FROM {s}.streams "
             "WHERE stream_id > %s ORDER BY stream_id LIMIT %s"
         )
-        self.head_position = f"SELECT position FROM {s}.head"
+        self.committed_tip = f"SELECT max(position) FROM {s}.events"
+        self.head_position = (
+            f"SELECT position FROM {s}.events WHERE {settled} ORDER BY position DESC LIMIT 1"
+        )
         self.save_snapshot = (
             f"INSERT INTO {s}.snapshots AS kept "
             "(stream_id, version, type, schema_version, state, recorded_at) "
@@ -520,6 +625,7 @@ def _location(conninfo: str, schema: str) -> str:
 class PostgresEventStore(BaseEventStore):
     backend = "postgres"
     poll_interval = 2.0  # NOTIFY wakes subscribers; this only bounds a lost notification
+    dense_positions = False  # positions a write took and did not commit stay unused
 
     def __init__(
         self,
@@ -550,7 +656,7 @@ class PostgresEventStore(BaseEventStore):
         self._writer_conn: Connection | None = None
         self._writer_session: _Session | None = None
         self._known_heads: OrderedDict[str, StreamHead | None] = OrderedDict()
-        self._known_last: int | None = None
+        self._known_next: int | None = None
         self._fast_skip = 0
         self._fast_misses = 0
         self._pool: AsyncConnectionPool[Connection] | None = None
@@ -592,9 +698,10 @@ class PostgresEventStore(BaseEventStore):
             try:
                 cur = await conn.execute(
                     "SELECT set_config('idle_in_transaction_session_timeout', %s, false), "
+                    "set_config('statement_timeout', %s, false), "
                     "set_config('synchronous_commit', 'on', false), pg_backend_pid(), "
                     "(SELECT backend_start FROM pg_stat_activity WHERE pid = pg_backend_pid())",
-                    (_WRITER_IDLE_LIMIT,),
+                    (_WRITER_IDLE_LIMIT, _WRITER_IDLE_LIMIT),
                 )
                 row = await cur.fetchone()
             except BaseException:
@@ -602,7 +709,7 @@ class PostgresEventStore(BaseEventStore):
                 raise
             assert row is not None
             self._writer_conn = conn
-            self._writer_session = (row[2], row[3])
+            self._writer_session = (row[3], row[4])
         return conn
 
     async def _discard_writer(self) -> _Session | None:
@@ -610,12 +717,19 @@ class PostgresEventStore(BaseEventStore):
         conn, self._writer_conn = self._writer_conn, None
         session, self._writer_session = self._writer_session, None
         if conn is not None:
+            if not conn.broken:
+                # Roll back at the server before closing: a closed socket ends the
+                # session only when the server next looks, and until then its open
+                # transaction holds every reader of the log back (ADR 008).
+                with contextlib.suppress(psycopg.Error, TimeoutError):
+                    await asyncio.wait_for(conn.rollback(), _ROLLBACK_WAIT)
             await conn.close()
         return session if conn is not None else None
 
     async def _fetch(self, action: str, sql: str, params: Params) -> list[TupleRow]:
         pool = self._pool
-        assert pool is not None
+        if pool is None:  # closed while a read was under way (a subscription, a wait)
+            raise StoreClosedError()
         with _driver_errors(action, self.location):
             for attempt in (1, 2):
                 async with pool.connection() as conn:
@@ -696,7 +810,6 @@ class PostgresEventStore(BaseEventStore):
         writes = {
             "events": ("INSERT",),
             "streams": ("INSERT", "UPDATE"),
-            "head": ("UPDATE",),
             "snapshots": ("INSERT", "UPDATE"),
             "workflows": ("INSERT", "UPDATE"),
             "wakeups": ("INSERT", "UPDATE", "DELETE"),
@@ -704,8 +817,10 @@ class PostgresEventStore(BaseEventStore):
         needed = [(f"{s}.{table}", p) for table, privileges in writes.items() for p in privileges]
         cur = await conn.execute(
             "SELECT t, p FROM unnest(%s::text[], %s::text[]) AS n(t, p) "
-            "WHERE NOT has_table_privilege(t, p)",
-            ([t for t, _ in needed], [p for _, p in needed]),
+            "WHERE NOT has_table_privilege(t, p) "
+            # setval, which hands out positions, needs UPDATE on the sequence.
+            "UNION ALL SELECT %s, 'UPDATE' WHERE NOT has_sequence_privilege(%s, 'UPDATE')",
+            ([t for t, _ in needed], [p for _, p in needed], f"{s}.positions", f"{s}.positions"),
         )
         missing = await cur.fetchall()
         if missing:
@@ -762,6 +877,8 @@ class PostgresEventStore(BaseEventStore):
     async def _migrate(self, conn: Connection) -> None:
         s = self.schema
         async with conn.transaction():
+            # DDL on a large ledger may take longer than a write transaction may.
+            await conn.execute("SET LOCAL statement_timeout = 0")
             # Concurrent openers of one schema queue here instead of racing on DDL.
             await conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (f"ledgerflow:{s}",)
@@ -840,33 +957,59 @@ class PostgresEventStore(BaseEventStore):
                 return done
         return await self._commit_planned(requests, recorded_at_us)
 
+    def _stream_keys(self, streams: Iterable[str]) -> list[int]:
+        return [stream_key(self.schema, stream) for stream in streams]
+
     async def _commit_planned(
         self, requests: list[AppendRequest], recorded_at_us: int
     ) -> list[AppendResult | StoreError]:
-        """The batch decided from the database: read under the head lock, then write."""
+        """The batch decided from the database: lock its streams, take positions and
+        read (one round trip), then write and commit (a second)."""
         streams = list(dict.fromkeys(r.stream_id for r in requests))
         ids = reused_ids(requests)
+        wanted = sum(len(r.events) for r in requests)
         with _driver_errors("append", self.location):
-            for attempt in (1, 2):
+            for attempt in range(1, _BATCH_ATTEMPTS + 1):
                 conn = await self._writing_connection()
                 sent: BatchPlan | None = None
+                taken: tuple[int, int] | None = None  # the positions this attempt took
                 try:
                     # BEGIN and COMMIT go through the pipeline by hand: psycopg's
                     # transaction() syncs on entry and exit, which costs three
                     # round trips more per batch than the two needed here.
                     async with _pipeline(conn):
-                        # Explicit: under REPEATABLE READ the head lock would fail with
-                        # serialization errors instead of waiting its turn.
+                        # Explicit: under REPEATABLE READ a writer that waited for a
+                        # stream's lock would read that stream's head as it was
+                        # before the previous holder committed.
                         await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                        plan, read = await self._plan(conn, requests, streams, ids, recorded_at_us)
+                        first, plan, read = await self._plan(
+                            conn, requests, streams, ids, wanted, recorded_at_us
+                        )
+                        taken_to = None if first is None else first + wanted - 1
+                        if first is not None:
+                            # What a lost commit may hand back, if still the last taken:
+                            # up to what the plan used, whether or not the give-back
+                            # below ran (if it did not, the sequence is past this).
+                            taken = (first, plan.last_position)
+                        given: psycopg.AsyncCursor[TupleRow] | None = None
+                        if taken_to is not None and plan.last_position < taken_to:
+                            # Refused or repeated requests used fewer positions than
+                            # were taken: hand the rest back rather than leave a gap.
+                            given = await conn.execute(
+                                self._sql.give_back, (taken_to, plan.last_position)
+                            )
                         # Runtime rows alone (a guarded write without events) commit too.
                         if plan.rows or plan.runtime:
                             sent = plan
                             await self._write_plan(conn, plan)
-                            await conn.execute("COMMIT")
+                            await self._commit_and_notify(conn, plan)
                         else:
                             await conn.execute("ROLLBACK")
-                    self._learn(streams, read, plan)
+                    next_position = None if taken_to is None else taken_to + 1
+                    if given is not None:
+                        row = await given.fetchone()
+                        next_position = plan.last_position + 1 if row and row[0] else None
+                    self._learn(streams, read, plan, first, next_position)
                     return plan.outcomes
                 except BaseException as exc:
                     # Whatever failed, the session's state is unknown: start afresh
@@ -874,13 +1017,20 @@ class PostgresEventStore(BaseEventStore):
                     self._forget()
                     broken = conn.broken
                     session = await self._discard_writer()
+                    if not isinstance(exc, psycopg.Error) or attempt == _BATCH_ATTEMPTS:
+                        raise
+                    if not broken and isinstance(exc, _REDO):
+                        # The server refused the transaction before it committed (a
+                        # deadlock, or an id another process was storing at the same
+                        # moment): nothing is stored; decide the batch again.
+                        continue
                     if not isinstance(exc, psycopg.OperationalError):
                         raise
-                    if sent is not None and await self._settled(sent, exc, session):
+                    if sent is not None and await self._settled(sent, exc, session, taken):
                         return sent.outcomes
                     # Nothing was stored. A connection found dead (a server restart
                     # since the last batch, or lost mid-batch) is worth one more try.
-                    if attempt == 2 or not broken:
+                    if not broken:
                         raise
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -890,13 +1040,15 @@ class PostgresEventStore(BaseEventStore):
         requests: list[AppendRequest],
         streams: list[str],
         ids: list[UUID],
+        wanted: int,
         recorded_at_us: int,
-    ) -> tuple[BatchPlan, dict[str, StreamHead]]:
-        # Pipelined: the lock and both reads travel in one round trip. Each later
-        # statement takes its snapshot after the lock is granted, so it sees the
-        # previous holder's commit.
+    ) -> tuple[int | None, BatchPlan, dict[str, StreamHead]]:
+        """Lock the batch's streams, take its positions and read what the plan needs,
+        in one round trip; the first position taken (None if no events) and the plan."""
         sql = self._sql
-        head_cur = await conn.execute(sql.lock_head)
+        # Each statement after begin_append takes its snapshot once the stream locks
+        # are granted, so it sees the previous holder's commit.
+        begun = await conn.execute(sql.begin_append, (self._stream_keys(streams), wanted, None))
         heads_cur = await conn.execute(sql.heads_of, (streams,), binary=True)
         # Only caller-chosen ids can be stored already. prepare=False: a plan cached
         # while the table was small would keep scanning it whole as it grows.
@@ -907,7 +1059,8 @@ class PostgresEventStore(BaseEventStore):
         )
         # The wake-up rows of fenced requests, locked (with those the batch writes,
         # in id order, as every writer locks them) so no claim moves a lease between
-        # this check and the commit.
+        # this check and the commit. After begin_append: a row lock gives the
+        # transaction its id, which must come with its positions.
         fenced = fenced_ids(requests)
         leases_cur = (
             await conn.execute(
@@ -917,30 +1070,30 @@ class PostgresEventStore(BaseEventStore):
             if fenced
             else None
         )
-        head = await head_cur.fetchone()
-        if head is None:
-            raise StoreError(
-                f"postgres store: {self.schema}.head has no row; the schema is damaged"
-            )
+        row = await begun.fetchone()
+        first: int | None = None if row is None else row[0]
         heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
         found = [] if known_cur is None else await known_cur.fetchall()
         existing = {row.id: row for row in map(_row, found)}
         locked = [] if leases_cur is None else await leases_cur.fetchall()
         leases = {wid: LeaseState(owner, epoch) for wid, owner, epoch in locked}
-        return plan_batch(requests, heads, existing, head[0], recorded_at_us, leases), heads
+        last = 0 if first is None else first - 1
+        plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases)
+        return first, plan, heads
 
     # -- the one-round-trip path ----------------------------------------------------
     #
-    # After a commit this writer knows the ledger's last position and the heads of
-    # the streams it touched. If no other process has written since, the next batch
-    # can be planned from that knowledge and sent in one round trip with the commit.
-    # If another process did write, our first position is already taken (positions
-    # are contiguous and the head moves with every append), so the insert fails, the
-    # transaction rolls back whole, and the batch is decided again from the database.
-    # So does a caller's id that is stored already: the guess never looks ids up.
+    # After a commit this writer knows the next position the ledger will give out and
+    # the heads of the streams it touched. If no other process has taken positions
+    # since, the next batch can be planned from that knowledge and sent in one round
+    # trip with the commit: begin_append checks the next position is the one we
+    # planned with (else it raises and takes nothing), and any process
+    # that wrote one of our streams since took positions since. Then the batch is
+    # decided again from the database. So is a batch that reuses a caller's id stored
+    # already (the guess never looks ids up) or whose fence does not hold.
 
     def _fast_plan(self, requests: list[AppendRequest], recorded_at_us: int) -> BatchPlan | None:
-        if self._known_last is None:
+        if self._known_next is None:
             return None
         if self._fast_skip:
             # Others are writing too: guesses keep missing, so skip a few.
@@ -960,7 +1113,7 @@ class PostgresEventStore(BaseEventStore):
             for r in requests
             if r.fence is not None
         }
-        plan = plan_batch(requests, heads, {}, self._known_last, recorded_at_us, assumed)
+        plan = plan_batch(requests, heads, {}, self._known_next - 1, recorded_at_us, assumed)
         if not plan.rows or any(isinstance(o, StoreError) for o in plan.outcomes):
             # Nothing that would collide proves the knowledge current, or a refusal
             # might rest on stale knowledge: ask the database.
@@ -970,12 +1123,16 @@ class PostgresEventStore(BaseEventStore):
     async def _commit_fast(self, plan: BatchPlan) -> list[AppendResult | StoreError] | None:
         """The outcomes, or None if the guess missed and nothing was written."""
         fences = plan.fences
+        first, last = plan.rows[0].position, plan.rows[-1].position
         with _driver_errors("append", self.location):
             conn = await self._writing_connection()
             try:
                 async with _pipeline(conn):
                     await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
-                    await conn.execute(self._sql.lock_head)
+                    await conn.execute(
+                        self._sql.begin_append,
+                        (self._stream_keys(plan.heads), len(plan.rows), first),
+                    )
                     if fences:
                         await conn.execute(
                             self._sql.check_fences,
@@ -987,16 +1144,19 @@ class PostgresEventStore(BaseEventStore):
                             ),
                         )
                     await self._write_plan(conn, plan)
-                    await conn.execute("COMMIT")
-            except psycopg.IntegrityError:
-                # Our first position (or a caller's id) is taken: another process
-                # wrote, or the caller repeats an append; or a fence does not hold.
-                # The transaction is void; decide again from the database.
+                    await self._commit_and_notify(conn, plan)
+            except (psycopg.IntegrityError, _PositionsMoved) as exc:
+                # Another process took positions since our last batch; or a caller's
+                # id is stored already, or a fence does not hold. The transaction is
+                # void; decide again from the database.
                 self._forget()
                 self._fast_skip = min(64, self._fast_misses * 2 + 1)
                 self._fast_misses += 1
                 try:
                     await conn.rollback()
+                    if not isinstance(exc, _PositionsMoved):
+                        # Our positions were taken: hand them back if still the last.
+                        await conn.execute(self._sql.give_back, (last, first - 1))
                 except psycopg.Error:
                     await self._discard_writer()
                 return None
@@ -1014,10 +1174,16 @@ class PostgresEventStore(BaseEventStore):
                 await self._discard_writer()
                 raise
         self._fast_misses = 0
-        self._learn(list(plan.heads), {}, plan)
+        self._learn(list(plan.heads), {}, plan, first, last + 1)
         return plan.outcomes
 
-    async def _settled(self, plan: BatchPlan, cause: BaseException, lost: _Session | None) -> bool:
+    async def _settled(
+        self,
+        plan: BatchPlan,
+        cause: BaseException,
+        lost: _Session | None,
+        taken: tuple[int, int] | None = None,
+    ) -> bool:
         """Whether the transaction that wrote ``plan`` committed, after its connection
         failed at a point we cannot tell (before, during or after COMMIT).
 
@@ -1033,9 +1199,11 @@ class PostgresEventStore(BaseEventStore):
         The answer must be final, yet the lost session may live on at the server
         (a lost connection does not stop it at once, and over a broken network it
         may not even have read our COMMIT yet). So that session is ended first and
-        waited for; then the head lock waits out whatever else is in flight. If the
-        question cannot be asked, the caller learns that the append may or may not
-        be stored, never that it was.
+        waited for; only then is the question asked. If it cannot be asked, the
+        caller learns that the append may or may not be stored, never that it was.
+
+        ``taken``: the positions the lost transaction is known to have taken; if it
+        did not commit, they are handed back (if still the last taken).
         """
         if not plan.rows:
             raise StoreUnavailableError(
@@ -1045,13 +1213,15 @@ class PostgresEventStore(BaseEventStore):
             )
         first, last = plan.rows[0].position, plan.rows[-1].position
         try:
+            if lost is None:
+                raise psycopg.OperationalError("the lost session is not known")
             conn = await self._writing_connection()
-            if lost is not None:
-                await self._end_session(conn, lost)
-            async with conn.transaction():
-                await conn.execute(self._sql.lock_head)
-                cur = await conn.execute(self._sql.sealed_between, (first, last), binary=True)
-                stored = {position: (eid, digest) for position, eid, digest in await cur.fetchall()}
+            await self._end_session(conn, lost)
+            cur = await conn.execute(self._sql.sealed_between, (first, last), binary=True)
+            stored = {position: (eid, digest) for position, eid, digest in await cur.fetchall()}
+            committed = all(stored.get(row.position) == (row.id, row.hash) for row in plan.rows)
+            if not committed and taken is not None:
+                await conn.execute(self._sql.give_back, (taken[1], taken[0] - 1))
         except psycopg.Error as exc:
             await self._discard_writer()
             raise StoreUnavailableError(
@@ -1059,7 +1229,7 @@ class PostgresEventStore(BaseEventStore):
                 f"append: {_reason(cause)}; whether it was stored could not be checked "
                 f"({_reason(exc)}): it may or may not be stored",
             ) from exc
-        return all(stored.get(row.position) == (row.id, row.hash) for row in plan.rows)
+        return committed
 
     async def _end_session(self, conn: Connection, session: _Session) -> None:
         """Terminate a lost session of this store's and wait until it has exited."""
@@ -1078,18 +1248,39 @@ class PostgresEventStore(BaseEventStore):
                 )
             await asyncio.sleep(0.02)
 
-    def _learn(self, streams: list[str], read: dict[str, StreamHead], plan: BatchPlan) -> None:
+    def _learn(
+        self,
+        streams: list[str],
+        read: dict[str, StreamHead],
+        plan: BatchPlan,
+        first: int | None,
+        next_position: int | None,
+    ) -> None:
+        """Remember the heads this batch wrote or read, and the next position.
+
+        ``first``: the first position the batch took (None: it took none).
+        ``next_position``: the ledger's next position as this batch left it (None:
+        unknown, another process took positions after ours).
+        """
+        if first is not None and first != self._known_next:
+            # Another process took positions since our last batch: what we remember
+            # of streams outside this batch (whose locks we held) may be stale.
+            self._known_heads.clear()
         for stream in streams:
             head = plan.heads.get(stream) or read.get(stream)
             self._known_heads[stream] = head
             self._known_heads.move_to_end(stream)
         while len(self._known_heads) > _KNOWN_HEADS:
             self._known_heads.popitem(last=False)
-        self._known_last = plan.last_position
+        if first is not None:
+            if next_position is None:
+                self._forget()
+            else:
+                self._known_next = next_position
 
     def _forget(self) -> None:
         self._known_heads.clear()
-        self._known_last = None
+        self._known_next = None
 
     async def _write_plan(self, conn: Connection, plan: BatchPlan) -> None:
         sql = self._sql
@@ -1100,10 +1291,16 @@ class PostgresEventStore(BaseEventStore):
                     sql.upsert_head,
                     [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
                 )
-                await cur.execute(sql.move_head, (plan.last_position,))
             await self._write_runtime(cur, plan.runtime)
-            if plan.rows:  # runtime rows alone give subscribers nothing to read
-                await cur.execute(sql.notify, (self.channel, str(plan.last_position)))
+
+    async def _commit_and_notify(self, conn: Connection, plan: BatchPlan) -> None:
+        await conn.execute("COMMIT")
+        if plan.rows:  # runtime rows alone give subscribers nothing to read
+            # After the commit, as a transaction of its own (in the same round trip):
+            # a NOTIFY inside a write transaction holds PostgreSQL's one notification
+            # lock through that commit's flush, which would serialize every writer's
+            # commit again. A crash between the two leaves subscribers to their poll.
+            await conn.execute(self._sql.notify, (self.channel, str(plan.last_position)))
 
     async def _write_runtime(
         self, cur: psycopg.AsyncCursor[TupleRow], writes: Sequence[RuntimeWrite]
@@ -1135,8 +1332,22 @@ class PostgresEventStore(BaseEventStore):
         return [_row(t) for t in rows]
 
     async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
-        rows = await self._fetch("read the log", self._sql.read_all, (from_position, limit))
-        return [_row(t) for t in rows]
+        waited: _SettleWait | None = None
+        while True:
+            found = await self._fetch("read the log", self._sql.read_all, (from_position, limit))
+            rows = [_row(t) for t in found]
+            if limit is not None and len(rows) >= limit:
+                return rows
+            reached = rows[-1].position if rows else from_position - 1
+            if waited is None:
+                waited = _SettleWait(await self._committed_tip())
+            if not await waited.longer(reached):
+                return rows
+
+    async def _committed_tip(self) -> int:
+        """The highest position committed, settled or not (see _SettleWait)."""
+        rows = await self._fetch("read the log's tip", self._sql.committed_tip, ())
+        return int(rows[0][0] or 0)
 
     async def _stream_head(self, stream_id: str) -> StreamHead | None:
         rows = await self._fetch("read a stream head", self._sql.stream_head, (stream_id,))
@@ -1149,8 +1360,12 @@ class PostgresEventStore(BaseEventStore):
         return [(sid, StreamHead(v, h, p)) for sid, v, h, p in rows]
 
     async def _head_position(self) -> int:
-        rows = await self._fetch("read the head position", self._sql.head_position, ())
-        return int(rows[0][0])
+        waited = _SettleWait(await self._committed_tip())
+        while True:
+            rows = await self._fetch("read the head position", self._sql.head_position, ())
+            head = int(rows[0][0]) if rows else 0
+            if not await waited.longer(head):
+                return head
 
     async def _save_snapshot(self, snapshot: Snapshot, recorded_at_us: int) -> None:
         params = (
@@ -1252,6 +1467,38 @@ class PostgresEventStore(BaseEventStore):
         params = {"status": status, "after": after, "limit": limit}
         rows = await self._fetch("list instances", sql, params)
         return [InstanceRow(*r) for r in rows]
+
+
+class _SettleWait:
+    """Reads of the log show every append committed before they began: this store's
+    own (read your writes) and any other process's.
+
+    The log is read only up to the oldest write transaction still running anywhere
+    in the database (ADR 008): a committed event stays unread while a transaction
+    that began before its commit, and so may still take a lower position, is
+    running. That takes milliseconds. A read that falls short of what was committed
+    when it began looks again until it is reached, or until ``_SETTLE_WAIT`` has
+    passed (a writer frozen inside its transaction), and then answers with the
+    settled part: never beyond it, which is what keeps checkpoints safe.
+    """
+
+    def __init__(self, target: int) -> None:
+        self._target = target
+        self._delay = 0.001
+        self._deadline: float | None = None
+
+    async def longer(self, reached: int) -> bool:
+        """Whether to read again, having read up to position ``reached``."""
+        if reached >= self._target:
+            return False
+        now = asyncio.get_running_loop().time()
+        if self._deadline is None:
+            self._deadline = now + _SETTLE_WAIT
+        elif now >= self._deadline:
+            return False
+        await asyncio.sleep(self._delay)
+        self._delay = min(self._delay * 2, 0.05)
+        return True
 
 
 def _utc(moment: datetime) -> datetime:

@@ -8,7 +8,6 @@ leases. The CLI uses a ``WorkflowClient`` as it is (and so will the HTTP API); a
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import uuid
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from typing import Any, Self, TypeVar, overload
 
 import msgspec
 
+from .._waiting import wait_at_most
 from ..clock import Clock, SystemClock
 from ..errors import (
     ConcurrencyError,
@@ -390,8 +390,7 @@ class WorkflowClient:
                     if left <= 0:
                         raise TimeoutError(f"workflow {workflow_id!r} has not finished")
                     wait = min(wait, left)
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(asyncio.shield(waiter), wait)
+                await wait_at_most(asyncio.shield(waiter), wait)
         finally:
             self._release_outcome(workflow_id)
 
