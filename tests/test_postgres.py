@@ -19,7 +19,7 @@ import pytest
 import ledgerflow
 from ledgerflow import Appended, NewEvent, RecordedEvent
 from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
-from ledgerflow.store.postgres import PostgresEventStore, channel_for, split_url
+from ledgerflow.store.postgres import PostgresEventStore, _migrations, channel_for, split_url
 from ledgerflow.store.runtime import (
     InstanceRow,
     Lease,
@@ -324,8 +324,8 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
             "WHERE table_schema IN (%s, %s) GROUP BY table_schema",
             (pg_schema, other_schema),
         ).fetchall()
-    # events, streams, snapshots, head, workflows, wakeups and schema_migrations
-    assert dict(tables) == {pg_schema: 7, other_schema: 7}
+    # events, streams, snapshots, head, workflows, wakeups, workers, schema_migrations
+    assert dict(tables) == {pg_schema: 8, other_schema: 8}
 
 
 @pytest.mark.parametrize(
@@ -356,7 +356,7 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
     with _admin() as con:
         rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
         head = con.execute(f"SELECT id, position FROM {pg_schema}.head").fetchall()
-    assert sorted(version for version, _ in rows) == [1, 2, 3]
+    assert sorted(version for version, _ in rows) == [m.version for m in _migrations(pg_schema)]
     assert head == [(True, 0)]
 
 
@@ -370,7 +370,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     store = open_adapter(pg_url(pg_schema))
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
-    assert (caught.value.found, caught.value.known) == (99, 3)
+    assert (caught.value.found, caught.value.known) == (99, _migrations(pg_schema)[-1].version)
     with _admin() as con:
         rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
     assert rows == (1,)
@@ -644,9 +644,11 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         before = await store.read_all()
     with _admin() as con:
         # Back to what the release that knew only migration 1 left behind: nothing
-        # of migration 2 (workflows, wakeups) or 3 (lease_epoch, check_fences).
+        # of migration 2 (workflows, wakeups), 3 (lease_epoch, check_fences) or 4
+        # (workers, and an index on wakeups).
         con.execute(f"DROP FUNCTION {pg_schema}.check_fences")
         con.execute(f"DROP TABLE {pg_schema}.workflows, {pg_schema}.wakeups")
+        con.execute(f"DROP TABLE {pg_schema}.workers")
         con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 1")
     async with open_adapter(url) as store:
         assert await store.read_all() == before
@@ -673,4 +675,5 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (1, "events, streams, snapshots and head"),
         (2, "workflow instances and wake-ups"),
         (3, "lease epochs (fencing)"),
+        (4, "the registry of workers"),
     ]

@@ -623,9 +623,10 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    assert [v for v, _ in recorded] == [1, 2, 3]
+    assert [v for v, _ in recorded] == [1, 2, 3, 4]
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
+    assert recorded[3][1] == "the registry of workers"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -684,6 +685,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
         (1, first.name),
         (2, MIGRATIONS[1].name),
         (3, MIGRATIONS[2].name),
+        (4, MIGRATIONS[3].name),
     ]
 
 
