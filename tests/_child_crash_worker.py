@@ -7,15 +7,20 @@ batch ``BATCHES - 1``, one after the other (starting is idempotent on the id, so
 restart gets the handles of the parents an earlier, killed run started), each of
 which starts a child (``<parent id>.1``) with one fast step, and exits 0 once every
 parent has finished. It prints how long starting them took and when it was done.
+
+Its lease is ``LEDGERFLOW_CRASH_LEASE`` seconds (default 0.5): the next worker reaps a
+killed one once its last heartbeat is older than that (ADR 009).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import sys
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import ledgerflow as lf
 
@@ -71,7 +76,8 @@ WORKFLOWS = (parent, child)
 async def main(db_url: str, count: int, batches: int) -> None:
     began = time.monotonic()
     ids = parent_ids(count, batches)
-    async with lf.Engine(db_url, workflows=WORKFLOWS) as engine:
+    lease = timedelta(seconds=float(os.environ.get("LEDGERFLOW_CRASH_LEASE", "0.5")))
+    async with lf.Engine(db_url, workflows=WORKFLOWS, lease=lease) as engine:
         handles = [await engine.start(parent, Job(number(i)), id=i) for i in ids]
         print(f"started {len(ids)} parents in {time.monotonic() - began:.2f}s", flush=True)
         results = await asyncio.gather(*(h.result() for h in handles))

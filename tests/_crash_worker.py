@@ -28,6 +28,9 @@ spread the kills over every phase of a pass.
 
 The environment variable ``LEDGERFLOW_CRASH_CONCURRENCY`` bounds the instances the
 engine runs at once (default 4), which keeps work pending across many kills.
+``LEDGERFLOW_CRASH_LEASE`` is the engine's lease in seconds (default 0.5): a killed
+worker is judged dead once its last heartbeat is older than that (ADR 009), and the
+next worker reaps it then; a short lease keeps the kills landing on work in flight.
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ import sys
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import ledgerflow as lf
@@ -52,6 +56,7 @@ SIGNAL_NAME = "approve"
 TIMER_SECONDS = 0.05
 MAX_PAUSE = 0.02
 DEFAULT_CONCURRENCY = 4
+DEFAULT_LEASE = 0.5
 CHARGE_RETRY = lf.RetryPolicy(max_attempts=3, initial_interval=0.03)
 """``charge`` fails once, by design: a short pause before the retry (it holds an
 engine slot meanwhile), long enough that some kills land between the two attempts."""
@@ -257,8 +262,10 @@ async def crash_order(ctx: lf.WorkflowContext, order: Order) -> Receipt:
 WORKFLOWS = (crash_order, crash_pack)
 
 
-async def main(db_url: str, count: int, concurrency: int) -> None:
-    async with lf.Engine(db_url, workflows=WORKFLOWS, concurrency=concurrency) as engine:
+async def main(db_url: str, count: int, concurrency: int, lease: float) -> None:
+    async with lf.Engine(
+        db_url, workflows=WORKFLOWS, concurrency=concurrency, lease=timedelta(seconds=lease)
+    ) as engine:
         handles = []
         for n in range(count):
             handle = await engine.start(crash_order, Order(n), id=f"w-{n}")
@@ -276,4 +283,5 @@ if __name__ == "__main__":
     _effects_path = Path(sys.argv[2])
     init_effects(_effects_path)
     concurrency = int(os.environ.get("LEDGERFLOW_CRASH_CONCURRENCY", DEFAULT_CONCURRENCY))
-    asyncio.run(main(sys.argv[1], int(sys.argv[3]), concurrency))
+    lease = float(os.environ.get("LEDGERFLOW_CRASH_LEASE", DEFAULT_LEASE))
+    asyncio.run(main(sys.argv[1], int(sys.argv[3]), concurrency, lease))

@@ -1,5 +1,5 @@
 """The engine's own machinery: how many passes run at once, when the scheduler looks,
-closing, store faults, takeover of dead engines' leases, parking and the end of a
+closing, store faults, takeover of dead workers' leases, parking and the end of a
 child whose parent is gone.
 
 These are the behaviours around the passes (``workflow/engine.py``) rather than the
@@ -15,7 +15,6 @@ import asyncio
 import logging
 import os
 import socket
-import sys
 import threading
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -28,7 +27,7 @@ from ledgerflow import ManualClock, WorkflowContext
 from ledgerflow.errors import StoreUnavailableError
 from ledgerflow.events import ANY
 from ledgerflow.workflow import engine as engine_module
-from ledgerflow.workflow.engine import MAX_PASS_RETRIES, Engine, owner_is_gone
+from ledgerflow.workflow.engine import MAX_PASS_RETRIES, Engine
 from ledgerflow.workflow.history import (
     CancelRequested,
     ChildFinished,
@@ -452,48 +451,8 @@ async def test_after_too_many_store_faults_the_instance_is_left_to_its_lease(
 
 
 # -- takeover -----------------------------------------------------------------------
-
-
-async def _dead_pid() -> int:
-    finished = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
-    await finished.wait()  # its pid now names no process
-    return finished.pid
-
-
-async def test_owner_is_gone_only_for_a_dead_process_of_this_host() -> None:
-    host = socket.gethostname()
-    dead = await _dead_pid()
-    assert owner_is_gone(f"{host}:{dead}:a1b2c3d4")
-    assert owner_is_gone(f"{host}:{dead}")  # the tag is not needed
-    assert not owner_is_gone(f"{host}:{os.getpid()}:a1b2c3d4")  # this very process
-    assert not owner_is_gone(f"{host}:{os.getppid()}:a1b2c3d4")  # alive
-    assert not owner_is_gone(f"elsewhere.example:{dead}:a1b2c3d4")  # another host
-    assert not owner_is_gone(f"{host}x:{dead}:a1b2c3d4")
-    for malformed in (host, f"{host}:", f"{host}:pid:tag", f"{host}:-{dead}:t", ""):
-        assert not owner_is_gone(malformed), malformed
-
-
-def test_a_process_we_may_not_signal_is_alive(monkeypatch: pytest.MonkeyPatch) -> None:
-    """os.kill(pid, 0) raising PermissionError means the pid exists (another
-    user's): its leases are left alone."""
-
-    def kill(pid: int, sig: int) -> None:
-        assert sig == 0  # only asks whether the process exists, never signals it
-        raise PermissionError(pid)
-
-    monkeypatch.setattr(os, "kill", kill)
-    assert not owner_is_gone(f"{socket.gethostname()}:{os.getpid() + 1}:t")
-
-
-def test_owner_is_gone_asks_without_signalling(monkeypatch: pytest.MonkeyPatch) -> None:
-    asked: list[tuple[int, int]] = []
-
-    def kill(pid: int, sig: int) -> None:
-        asked.append((pid, sig))
-
-    monkeypatch.setattr(os, "kill", kill)
-    assert not owner_is_gone(f"{socket.gethostname()}:{os.getpid() + 1}:t")
-    assert asked == [(os.getpid() + 1, 0)]
+# The registry itself (heartbeats, reaping, the PID-namespace case, kill -9) is
+# tested in tests/test_workers_registry.py.
 
 
 async def test_an_engine_owner_names_this_host_and_process(engine: EngineFactory) -> None:
@@ -502,30 +461,37 @@ async def test_an_engine_owner_names_this_host_and_process(engine: EngineFactory
         assert (host, int(pid)) == (socket.gethostname(), os.getpid())
         assert len(tag) == 8
         assert other.owner != e.owner
-        assert not owner_is_gone(e.owner)
+        assert {w.worker_id for w in await e.store.list_workers()} == {e.owner, other.owner}
 
 
-async def test_without_takeover_a_dead_engines_lease_is_left_to_expire(
-    engine: EngineFactory,
+async def test_without_takeover_a_dead_workers_lease_is_left_alone(
+    engine: EngineFactory, clock: ManualClock
 ) -> None:
-    from ledgerflow.store.runtime import Schedule
+    from ledgerflow.store.runtime import Schedule, WorkerRow
 
-    dead_owner = f"{socket.gethostname()}:{await _dead_pid()}:dead"
+    dead = "elsewhere.example:1:dead"
     far = 2**60
+    now = clock.now_us()
     async with engine() as e:
+        # Its last heartbeat is two leases old: dead, for whoever reaps.
+        await e.store.register_worker(
+            WorkerRow(dead, "elsewhere.example", 1, (), (), "0.1.0", now, now - 2_000, 1_000, 0)
+        )
         await e.store.append(
             "leases",
             [ledgerflow.NewEvent("setup")],
-            runtime=[Schedule("wf-x", far, dead_owner, far)],
+            runtime=[Schedule("wf-x", far, dead, far)],
         )
     async with engine(takeover=False) as e:
         row = await e.store.get_wakeup("wf-x")
         assert row is not None
-        assert row.lease_owner == dead_owner
+        assert row.lease_owner == dead
+        assert dead in {w.worker_id for w in await e.store.list_workers()}
     async with engine() as e:
         row = await e.store.get_wakeup("wf-x")
         assert row is not None
         assert row.lease_owner is None
+        assert dead not in {w.worker_id for w in await e.store.list_workers()}
 
 
 # -- parked instances ---------------------------------------------------------------

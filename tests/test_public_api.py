@@ -68,6 +68,7 @@ EXPECTED = {
     "UnrecordableValueError",
     "WorkflowAlreadyStartedError",
     "WorkflowClient",
+    "WorkerInfo",
     "WorkflowStatus",
     "LedgerNotFoundError",
     "SchemaOutdatedError",

@@ -80,7 +80,8 @@ NO_LEDGER: dict[str, Callable[[Path], object]] = {
 async def _old_ledger(url: str) -> None:
     """A ledger as the release that knew only migration 1 left it: nothing of the
     later migrations (2: workflows and wakeups; 3: lease epochs, and on PostgreSQL
-    the check_fences function) and none of their rows in schema_migrations."""
+    the check_fences function; 4: workers) and none of their rows in
+    schema_migrations."""
     async with ledgerflow.open_store(url) as store:
         await store.append("s", [NewEvent("E", {})])
     later = [] if url.startswith("sqlite") else ["DROP FUNCTION {t}check_fences"]
@@ -89,6 +90,7 @@ async def _old_ledger(url: str) -> None:
         *later,
         "DROP TABLE {t}workflows",
         "DROP TABLE {t}wakeups",
+        "DROP TABLE {t}workers",
         "DELETE FROM {t}schema_migrations WHERE version > 1",
     )
 
@@ -269,6 +271,7 @@ COMMANDS = {
     "workflows history": ["workflows", "history", "wf-1"],
     "workflows signal": ["workflows", "signal", "wf-1", "go", "--payload", "true"],
     "workflows cancel": ["workflows", "cancel", "wf-1"],
+    "workers list": ["workers", "list"],
 }
 
 

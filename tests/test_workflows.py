@@ -725,34 +725,48 @@ async def test_a_signal_during_the_last_step_does_not_rerun_it(engine: EngineFac
     assert fake.calls == [("poke", "pk-1"), ("poke", "pk-2")]
 
 
-async def test_takeover_releases_only_the_leases_of_dead_engines_of_this_host(
-    engine: EngineFactory,
+async def test_takeover_releases_only_the_leases_of_dead_workers(
+    engine: EngineFactory, clock: ManualClock
 ) -> None:
+    """At start an engine reaps the workers whose heartbeat is older than their lease,
+    and the expired leases of owners with no row (engines from before the registry).
+    Host and pid play no part: a worker of this host whose pid names no process here
+    (it runs in another PID namespace) lives while it beats."""
     import os
     import socket
     import sys
 
-    from ledgerflow.store.runtime import Schedule
+    from ledgerflow.store.runtime import Schedule, WorkerRow
 
     finished = await asyncio.create_subprocess_exec(sys.executable, "-c", "pass")
     await finished.wait()  # its pid now names no process
     host = socket.gethostname()
-    owners = {
-        "dead": f"{host}:{finished.pid}:a",
-        "alive": f"{host}:{os.getppid()}:b",
-        "remote": "elsewhere.example:1:c",
+    now, lease = clock.now_us(), 60_000_000
+    workers = {  # owner: its last heartbeat
+        "dead": ("elsewhere.example:7:a", now - lease - 1),
+        "namespaced": (f"{host}:{finished.pid}:b", now),
+        "alive": (f"{host}:{os.getppid()}:c", now - lease),  # at the very edge: alive
+        "remote": ("elsewhere.example:1:d", now),
     }
-    far = 2**60
-    async with engine() as e:
+    owners = {k: owner for k, (owner, _) in workers.items()}
+    owners |= {"legacy-expired": f"{host}:{finished.pid}:e", "legacy-held": "old.example:2:f"}
+    until = dict.fromkeys(owners, 2**60) | {"legacy-expired": now - 1}
+    async with engine(takeover=False) as e:
+        for owner, beat in workers.values():
+            host_, pid, _ = owner.split(":")
+            row = WorkerRow(owner, host_, int(pid), (), (), "0.1.0", beat, beat, lease, 1)
+            await e.store.register_worker(row)
         await e.store.append(
             "leases",
             [ledgerflow.NewEvent("setup")],
-            runtime=[Schedule(f"wf-{k}", far, owner, far) for k, owner in owners.items()],
+            runtime=[Schedule(f"wf-{k}", 2**60, owner, until[k]) for k, owner in owners.items()],
         )
     async with engine() as e:  # takeover at start
         rows = {k: await e.store.get_wakeup(f"wf-{k}") for k in owners}
+        listed = {w.worker_id for w in await e.store.list_workers()}
     held = {k: "no row" if row is None else row.lease_owner for k, row in rows.items()}
-    assert held == {"dead": None, "alive": owners["alive"], "remote": owners["remote"]}
+    assert held == owners | {"dead": None, "legacy-expired": None}
+    assert listed == {owners[k] for k in ("namespaced", "alive", "remote")} | {e.owner}
 
 
 async def test_a_very_long_sleep_is_described_not_crashed_on(engine: EngineFactory) -> None:

@@ -62,6 +62,7 @@ from .store import EventStore, open_store
 from .workflow import (
     Engine,
     StepInfo,
+    WorkerInfo,
     WorkflowClient,
     WorkflowContext,
     WorkflowDefinition,
@@ -131,6 +132,7 @@ __all__ = [
     "UnknownWorkflowError",
     "UnrecordableValueError",
     "VerifyReport",
+    "WorkerInfo",
     "WorkflowAlreadyStartedError",
     "WorkflowCancelled",
     "WorkflowClient",

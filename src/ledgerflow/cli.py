@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.metadata
 import json
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import UTC, datetime, timedelta
@@ -16,13 +15,14 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from ._version import running_version
 from .audit import VerifyReport, verify_ledger
 from .errors import LedgerflowError
 from .events import RecordedEvent
 from .hashing import from_micros
 from .store import open_store
 from .workflow.client import WorkflowClient
-from .workflow.handles import WorkflowDescription
+from .workflow.handles import WorkerInfo, WorkflowDescription
 from .workflow.history import WorkflowStatus
 
 __all__ = ["app", "main"]
@@ -42,6 +42,11 @@ workflows_app = typer.Typer(
     help="Inspect workflow instances, send them signals, cancel them.", no_args_is_help=True
 )
 app.add_typer(workflows_app, name="workflows")
+workers_app = typer.Typer(
+    help="See which workers (engines) are registered and whether they are alive.",
+    no_args_is_help=True,
+)
+app.add_typer(workers_app, name="workers")
 
 DbOption = Annotated[
     str,
@@ -65,18 +70,9 @@ def _fail(message: str) -> NoReturn:
     raise typer.Exit(2)
 
 
-def _version() -> str:
-    try:
-        return importlib.metadata.version("ledgerflow")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        from . import __version__
-
-        return __version__
-
-
 def _print_version(value: bool) -> None:
     if value:
-        out.print(f"ledgerflow {_version()}", highlight=False)
+        out.print(f"ledgerflow {running_version()}", highlight=False)
         raise typer.Exit()
 
 
@@ -295,6 +291,76 @@ def workflows_cancel(
         markup=False,
         highlight=False,
     )
+
+
+# -- workers --------------------------------------------------------------------------
+
+_STATE_STYLE = {"alive": "green", "stopping": "yellow", "late": "red"}
+
+
+def _seconds(delta: timedelta) -> float:
+    return round(delta.total_seconds(), 3)
+
+
+@workers_app.command("list")
+def workers_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per worker, one per line.")
+    ] = False,
+) -> None:
+    """List the registered workers: alive, stopping (shutting down gracefully) or late
+    (no heartbeat within their lease: an engine reaps them and their instances
+    resume elsewhere). Ages are on the database's clock."""
+    workers: list[WorkerInfo] = _call(db, lambda e: e.workers())
+    if as_json:
+        for w in workers:
+            record = {
+                "id": w.worker_id,
+                "host": w.host,
+                "pid": w.pid,
+                "queues": w.queues,
+                "workflows": w.workflows,
+                "version": w.version,
+                "started_at": w.started_at,
+                "last_heartbeat": w.last_heartbeat,
+                "heartbeat_age_s": _seconds(w.heartbeat_age),
+                "lease_s": _seconds(w.lease),
+                "in_flight": w.in_flight,
+                "stopping": w.stopping,
+                "alive": w.alive,
+                "state": w.state,
+            }
+            typer.echo(msgspec.json.encode(record).decode())
+        return
+    if not workers:
+        out.print("no workers registered")
+        return
+    table = Table()
+    table.add_column("id", no_wrap=True, overflow="fold")
+    table.add_column("host", overflow="fold")
+    table.add_column("pid")
+    table.add_column("queues", overflow="fold")
+    table.add_column("workflows", overflow="fold")
+    table.add_column("version", no_wrap=True)
+    table.add_column("last heartbeat", no_wrap=True, justify="right")
+    table.add_column("in-flight", justify="right")
+    table.add_column("state", no_wrap=True)
+    for w in workers:
+        # A heartbeat a little ahead of the reading (clock offsets) shows as 0 s.
+        age = max(0.0, w.heartbeat_age.total_seconds())
+        table.add_row(
+            escape(w.worker_id),
+            escape(w.host),
+            str(w.pid),
+            escape(", ".join(w.queues)) or "-",
+            escape(", ".join(w.workflows)) or "-",
+            escape(w.version),
+            f"{age:.1f}s ago",
+            str(w.in_flight),
+            f"[{_STATE_STYLE[w.state]}]{w.state}[/]",
+        )
+    out.print(table)
 
 
 @app.command("worker")

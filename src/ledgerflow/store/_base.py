@@ -51,6 +51,7 @@ from .runtime import (
     Schedule,
     Unschedule,
     WakeupRow,
+    WorkerRow,
 )
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Now", "Pending"]
@@ -237,6 +238,65 @@ def _checked_runtime(runtime: Sequence[RuntimeWrite]) -> tuple[RuntimeWrite, ...
     for write in writes:
         _check_runtime_write(write)
     return writes
+
+
+# Worker times are moments a datetime can hold after the epoch (clients show them as
+# datetimes), and lease lengths stay under 2**62 µs, so ``heartbeat_at + lease_us``,
+# which every reap computes in SQL, fits a bigint: one row overflowing it would fail
+# the reaping of every engine on the database.
+_WORKER_TIMES = (0, to_micros(datetime.max.replace(tzinfo=UTC)))
+_MAX_LEASE_US = 2**62
+
+
+def _check_names(value: object, what: str) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, (tuple, list)):
+        raise _invalid(f"{what} must be a tuple (or list) of str, not {type(value).__name__}")
+    for name in value:
+        _check_text(name, f"each of {what}")
+    return tuple(value)
+
+
+def _check_worker(row: object) -> WorkerRow:
+    if not isinstance(row, WorkerRow):
+        raise _invalid(f"register_worker needs a WorkerRow, not {type(row).__name__}")
+    _check_worker_id(row.worker_id)
+    _check_text(row.host, "WorkerRow.host")
+    _check_int(row.pid, "WorkerRow.pid", 0, _MAX_INT32)
+    queues = _check_names(row.queues, "WorkerRow.queues")
+    workflows = _check_names(row.workflows, "WorkerRow.workflows")
+    _check_text(row.version, "WorkerRow.version")
+    _check_int(row.started_at_us, "WorkerRow.started_at_us", *_WORKER_TIMES)
+    _check_int(row.heartbeat_at_us, "WorkerRow.heartbeat_at_us", *_WORKER_TIMES)
+    _check_int(row.lease_us, "WorkerRow.lease_us", 1, _MAX_LEASE_US)
+    _check_int(row.in_flight, "WorkerRow.in_flight", 0, _MAX_INT32)
+    if not isinstance(row.stopping, bool):
+        raise _invalid(f"WorkerRow.stopping must be a bool, not {row.stopping!r:.60}")
+    if (queues, workflows) == (row.queues, row.workflows):
+        return row
+    # Lists are taken as given, stored as tuples: the row stays hashable and frozen.
+    return WorkerRow(
+        row.worker_id,
+        row.host,
+        row.pid,
+        queues,
+        workflows,
+        row.version,
+        row.started_at_us,
+        row.heartbeat_at_us,
+        row.lease_us,
+        row.in_flight,
+        row.stopping,
+    )
+
+
+def _check_worker_id(worker_id: object) -> None:
+    _check_text(worker_id, "worker id")
+    if worker_id == "":
+        raise _invalid("worker id must be a non-empty string")
+
+
+def _check_worker_now(now_us: object) -> None:
+    _check_int(now_us, "now_us", *_WORKER_TIMES)
 
 
 def _check_limit(limit: int | None) -> None:
@@ -716,6 +776,46 @@ class BaseEventStore(abc.ABC):
         _check_limit(limit)
         return await self._list_instances(status, after, limit)
 
+    # -- the registry of workers -------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRow) -> None:
+        """Insert the worker's row, or replace every column of it."""
+        self._check_open()
+        await self._register_worker(_check_worker(info))
+
+    async def heartbeat_worker(
+        self, worker_id: str, *, now_us: int, in_flight: int, stopping: bool = False
+    ) -> bool:
+        """Set the worker's heartbeat to ``now_us`` with what it reports; False if it
+        has no row (it was reaped, or never registered)."""
+        self._check_open()
+        _check_worker_id(worker_id)
+        _check_worker_now(now_us)
+        _check_int(in_flight, "in_flight", 0, _MAX_INT32)
+        if not isinstance(stopping, bool):
+            raise _invalid(f"stopping must be a bool, not {stopping!r:.60}")
+        return await self._heartbeat_worker(worker_id, now_us, in_flight, stopping)
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        self._check_open()
+        _check_worker_id(worker_id)
+        await self._deregister_worker(worker_id)
+
+    async def list_workers(self) -> list[WorkerRow]:
+        """Every registered worker in id order."""
+        self._check_open()
+        return await self._list_workers()
+
+    async def reap_workers(self, now_us: int) -> list[str]:
+        """Remove the workers dead at ``now_us`` (``heartbeat_at + lease_us <
+        now_us``) and release their leases, with the expired leases of owners that
+        have no row, in one transaction; the removed ids in order. Releasing keeps
+        each lease's epoch, as ``release_wakeups`` does: a reaped runner that comes
+        back fails its fence and records nothing."""
+        self._check_open()
+        _check_worker_now(now_us)
+        return await self._reap_workers(now_us)
+
     # -- adapter hooks --------------------------------------------------------------
 
     @abc.abstractmethod
@@ -789,6 +889,23 @@ class BaseEventStore(abc.ABC):
     async def _list_instances(
         self, status: str | None, after: str | None, limit: int
     ) -> list[InstanceRow]: ...
+
+    @abc.abstractmethod
+    async def _register_worker(self, row: WorkerRow) -> None: ...
+
+    @abc.abstractmethod
+    async def _heartbeat_worker(
+        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _deregister_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _list_workers(self) -> list[WorkerRow]: ...
+
+    @abc.abstractmethod
+    async def _reap_workers(self, now_us: int) -> list[str]: ...
 
     async def _ensure_listener(self) -> None:  # noqa: B027 - optional hook, no-op default
         """Start listening for other processes' commits, where the backend can."""

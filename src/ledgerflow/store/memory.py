@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from dataclasses import replace
 from uuid import UUID
 
 from ..errors import LedgerNotFoundError, StoreError
@@ -19,6 +20,7 @@ from .runtime import (
     Schedule,
     Unschedule,
     WakeupRow,
+    WorkerRow,
     nudged,
 )
 
@@ -39,6 +41,7 @@ class MemoryEventStore(BaseEventStore):
         self._snapshots: dict[str, Snapshot] = {}
         self._instances: dict[str, InstanceRow] = {}
         self._wakeups: dict[str, WakeupRow] = {}
+        self._workers: dict[str, WorkerRow] = {}
 
     async def _close(self) -> None:
         pass
@@ -164,6 +167,43 @@ class MemoryEventStore(BaseEventStore):
                 w.workflow_id, w.due_at_us, None, None, w.lease_epoch
             )
         return len(held)
+
+    async def _register_worker(self, row: WorkerRow) -> None:
+        self._workers[row.worker_id] = row
+
+    async def _heartbeat_worker(
+        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
+    ) -> bool:
+        row = self._workers.get(worker_id)
+        if row is None:
+            return False
+        self._workers[worker_id] = replace(
+            row, heartbeat_at_us=now_us, in_flight=in_flight, stopping=stopping
+        )
+        return True
+
+    async def _deregister_worker(self, worker_id: str) -> None:
+        self._workers.pop(worker_id, None)
+
+    async def _list_workers(self) -> list[WorkerRow]:
+        return [self._workers[wid] for wid in sorted(self._workers)]
+
+    async def _reap_workers(self, now_us: int) -> list[str]:
+        # No await between the reads and the writes: one transaction, as on SQL.
+        dead = {wid for wid, w in self._workers.items() if w.heartbeat_at_us + w.lease_us < now_us}
+        for w in list(self._wakeups.values()):
+            owner = w.lease_owner
+            if owner is None:
+                continue
+            expired = w.lease_until_us is not None and w.lease_until_us < now_us
+            ownerless = expired and owner not in self._workers
+            if owner in dead or ownerless:
+                self._wakeups[w.workflow_id] = WakeupRow(
+                    w.workflow_id, w.due_at_us, None, None, w.lease_epoch
+                )
+        for wid in dead:
+            del self._workers[wid]
+        return sorted(dead)
 
     async def _lease_owners(self) -> list[str]:
         return sorted({w.lease_owner for w in self._wakeups.values() if w.lease_owner})

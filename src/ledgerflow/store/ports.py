@@ -1,7 +1,8 @@
 """The store ports, by capability: ``EventStore`` (the ledger: all that aggregates
 and audit need) and ``WorkflowStore`` (the ledger plus the workflow runtime's rows:
-instances, wake-ups and leases). Every adapter implements both; code outside
-``store/`` depends on these, never on an adapter or the shared ``_base``."""
+instances, wake-ups, leases and the registry of workers). Every adapter implements
+both; code outside ``store/`` depends on these, never on an adapter or the shared
+``_base``."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Protocol, Self
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
 from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
-from .runtime import Fence, InstanceRow, Lease, RuntimeWrite, WakeupRow
+from .runtime import Fence, InstanceRow, Lease, RuntimeWrite, WakeupRow, WorkerRow
 
 __all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
@@ -162,7 +163,8 @@ class EventStore(Protocol):
 
 class WorkflowStore(EventStore, Protocol):
     """The ledger plus the workflow runtime's index rows (``store.runtime``): written
-    only with appends (``append(..., runtime=[...])``), read and leased here."""
+    only with appends (``append(..., runtime=[...])``), read and leased here; and the
+    registry of workers, written here by the engines themselves."""
 
     async def claim_wakeups(
         self,
@@ -208,3 +210,30 @@ class WorkflowStore(EventStore, Protocol):
     async def list_instances(
         self, *, status: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[InstanceRow]: ...
+
+    async def register_worker(self, info: WorkerRow) -> None:
+        """Record a running worker, or replace its row (a worker judged dead that
+        comes back registers again)."""
+        ...
+
+    async def heartbeat_worker(
+        self, worker_id: str, *, now_us: int, in_flight: int, stopping: bool = False
+    ) -> bool:
+        """Mark the worker alive at ``now_us``; False if it has no row any more (it
+        was judged dead and reaped: it must register again)."""
+        ...
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        """Remove the worker's row (it stopped); nothing if there is none."""
+        ...
+
+    async def list_workers(self) -> list[WorkerRow]:
+        """Every registered worker, alive or late, in id order."""
+        ...
+
+    async def reap_workers(self, now_us: int) -> list[str]:
+        """In one transaction: release the leases of the workers whose heartbeat is
+        older than their lease at ``now_us`` and remove their rows; release too the
+        expired leases of owners that have no row (engines from before the registry).
+        The ids of the workers removed, in order."""
+        ...

@@ -68,6 +68,7 @@ from .runtime import (
     PutInstance,
     RuntimeWrite,
     WakeupRow,
+    WorkerRow,
     as_row,
 )
 
@@ -271,6 +272,34 @@ def _migrations(schema: str) -> tuple[Migration, ...]:
                 END $$""",
             ),
         ),
+        Migration(
+            5,
+            "the registry of workers",
+            (
+                # queues and workflows are text[], not JSON: psycopg maps them to and
+                # from lists of str with no encoding of ours, and routing by task
+                # queue will want "queue = ANY(queues)" (or a GIN index) in SQL.
+                # worker_id keeps the default collation, as wakeups.lease_owner does,
+                # since the two are compared; listings order by COLLATE "C".
+                f"""CREATE TABLE {schema}.workers (
+                    worker_id text PRIMARY KEY,
+                    host text NOT NULL,
+                    pid integer NOT NULL,
+                    queues text[] NOT NULL,
+                    workflows text[] NOT NULL,
+                    version text NOT NULL,
+                    started_at bigint NOT NULL,
+                    heartbeat_at bigint NOT NULL,
+                    lease_us bigint NOT NULL,
+                    in_flight integer NOT NULL,
+                    stopping boolean NOT NULL
+                )""",
+                # Reaping looks at held leases only: few rows (the instances running a
+                # pass), however many instances wait.
+                f"CREATE INDEX wakeups_by_owner ON {schema}.wakeups (lease_owner) "
+                "WHERE lease_owner IS NOT NULL",
+            ),
+        ),
     )
 
 
@@ -291,6 +320,10 @@ _COLUMNS = (
     "recorded_at, prev_hash, hash"
 )
 _INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
+_WORKER_COLUMNS = (
+    "worker_id, host, pid, queues, workflows, version, started_at, heartbeat_at, lease_us, "
+    "in_flight, stopping"
+)
 
 
 class _Sql:
@@ -447,6 +480,50 @@ class _Sql:
             f"FROM {s}.wakeups WHERE workflow_id = %s"
         )
         self.get_instance = f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE workflow_id = %s"
+        # -- the registry of workers
+        self.register_worker = (
+            f"INSERT INTO {s}.workers ({_WORKER_COLUMNS}) "
+            "VALUES (%s,%s,%s,%s::text[],%s::text[],%s,%s,%s,%s,%s,%s) "
+            "ON CONFLICT (worker_id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+            "queues = excluded.queues, workflows = excluded.workflows, "
+            "version = excluded.version, started_at = excluded.started_at, "
+            "heartbeat_at = excluded.heartbeat_at, lease_us = excluded.lease_us, "
+            "in_flight = excluded.in_flight, stopping = excluded.stopping"
+        )
+        self.heartbeat_worker = (
+            f"UPDATE {s}.workers SET heartbeat_at = %s, in_flight = %s, stopping = %s "
+            "WHERE worker_id = %s RETURNING worker_id"
+        )
+        self.deregister_worker = f"DELETE FROM {s}.workers WHERE worker_id = %s"
+        self.list_workers = (
+            f'SELECT {_WORKER_COLUMNS} FROM {s}.workers ORDER BY worker_id COLLATE "C"'
+        )
+        # One statement, so one transaction. SKIP LOCKED: a worker whose heartbeat
+        # (or registration) is being written is alive, and one a concurrent reaper
+        # holds is that reaper's to remove. Releasing only the leases of the rows this
+        # statement deleted (dead's RETURNING) means a worker that beat meanwhile
+        # keeps its leases. The wake-up rows are locked in id order, as every writer
+        # locks them (see lock_wakeups), so a reap and an append cannot deadlock;
+        # a lease claimed while we waited for its row is re-checked once locked.
+        # Owners with no row whose lease expired are engines from before the
+        # registry: their leases go too (sibling CTEs see the workers table as the
+        # statement began, so the dead still have rows there; the IN covers them).
+        self.reap_workers = (
+            "WITH doomed AS MATERIALIZED ("
+            f"SELECT worker_id FROM {s}.workers WHERE heartbeat_at + lease_us < %(now)s "
+            "ORDER BY worker_id FOR UPDATE SKIP LOCKED), "
+            f"dead AS (DELETE FROM {s}.workers "
+            "WHERE worker_id IN (SELECT worker_id FROM doomed) RETURNING worker_id), "
+            f"held AS MATERIALIZED (SELECT k.workflow_id FROM {s}.wakeups k "
+            "WHERE k.lease_owner IS NOT NULL AND ("
+            "k.lease_owner IN (SELECT worker_id FROM dead) "
+            "OR (k.lease_until < %(now)s AND NOT EXISTS ("
+            f"SELECT 1 FROM {s}.workers w WHERE w.worker_id = k.lease_owner))) "
+            "ORDER BY k.workflow_id FOR UPDATE), "
+            f"released AS (UPDATE {s}.wakeups SET lease_owner = NULL, lease_until = NULL "
+            "WHERE workflow_id IN (SELECT workflow_id FROM held) RETURNING workflow_id) "
+            'SELECT worker_id FROM dead ORDER BY worker_id COLLATE "C"'
+        )
         # One statement per combination of filters, so that each can use an index.
         self.list_instances = {
             (by_status, paged): f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE "
@@ -743,7 +820,9 @@ class PostgresEventStore(BaseEventStore):
                 # replace them all, then repeat. Each statement sent through the pool
                 # is its own transaction, and repeating one is safe:
                 # - reads, the snapshot upsert and lease releases are idempotent (a
-                #   repeated release may under-count what the lost one cleared);
+                #   repeated release may under-count what the lost one cleared); so
+                #   are the registry's statements (a repeated reap may not name the
+                #   workers the lost one removed);
                 # - a claim is not: if the lost attempt committed before the
                 #   connection died, its rows stay leased to the owner, who never
                 #   learns of them. The repeat does not return them (they are leased),
@@ -813,6 +892,7 @@ class PostgresEventStore(BaseEventStore):
             "snapshots": ("INSERT", "UPDATE"),
             "workflows": ("INSERT", "UPDATE"),
             "wakeups": ("INSERT", "UPDATE", "DELETE"),
+            "workers": ("INSERT", "UPDATE", "DELETE"),
         }
         needed = [(f"{s}.{table}", p) for table, privileges in writes.items() for p in privileges]
         cur = await conn.execute(
@@ -1442,6 +1522,45 @@ class PostgresEventStore(BaseEventStore):
         else:
             rows = await self._fetch("release wake-ups", self._sql.release_owner, (owner,))
         return len(rows)
+
+    async def _register_worker(self, row: WorkerRow) -> None:
+        params = (
+            row.worker_id,
+            row.host,
+            row.pid,
+            list(row.queues),
+            list(row.workflows),
+            row.version,
+            row.started_at_us,
+            row.heartbeat_at_us,
+            row.lease_us,
+            row.in_flight,
+            row.stopping,
+        )
+        await self._fetch("register a worker", self._sql.register_worker, params)
+
+    async def _heartbeat_worker(
+        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
+    ) -> bool:
+        params = (now_us, in_flight, stopping, worker_id)
+        rows = await self._fetch("record a heartbeat", self._sql.heartbeat_worker, params)
+        return bool(rows)
+
+    async def _deregister_worker(self, worker_id: str) -> None:
+        await self._fetch("deregister a worker", self._sql.deregister_worker, (worker_id,))
+
+    async def _list_workers(self) -> list[WorkerRow]:
+        rows = await self._fetch("list workers", self._sql.list_workers, ())
+        return [
+            WorkerRow(
+                r[0], r[1], r[2], tuple(r[3]), tuple(r[4]), r[5], r[6], r[7], r[8], r[9], r[10]
+            )
+            for r in rows
+        ]
+
+    async def _reap_workers(self, now_us: int) -> list[str]:
+        rows = await self._fetch("reap workers", self._sql.reap_workers, {"now": now_us})
+        return [wid for (wid,) in rows]
 
     async def _lease_owners(self) -> list[str]:
         rows = await self._fetch(

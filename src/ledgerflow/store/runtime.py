@@ -1,4 +1,5 @@
-"""Runtime rows that ride along with appends: workflow instances and their wake-ups.
+"""Runtime rows that ride along with appends: workflow instances and their wake-ups;
+and the registry of workers, which does not.
 
 A workflow instance's history is its stream; these two small tables are indexes over
 it that the runtime needs to find work without scanning the ledger:
@@ -13,6 +14,12 @@ it that the runtime needs to find work without scanning the ledger:
 They are written only through ``append(..., runtime=[...])``, in the transaction that
 records the events they summarize, and only if that append succeeds: an index can
 never disagree with the history it indexes.
+
+- ``workers``: one row per running engine (``WorkerRow``), kept fresh by its
+  heartbeat. It indexes no history: engines write it directly (``register_worker``,
+  ``heartbeat_worker``, ``deregister_worker``), and a worker whose heartbeat is older
+  than its lease is judged dead by the others (``reap_workers``), whatever host or
+  process it ran in.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ __all__ = [
     "Schedule",
     "Unschedule",
     "WakeupRow",
+    "WorkerRow",
     "as_row",
 ]
 
@@ -55,6 +63,33 @@ class WakeupRow:
     lease_epoch: int = 0
     """Counts the leases ever given on the instance: each claim (or start with a
     lease) takes the next one. A runner's appends are fenced with it."""
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerRow:
+    """A running engine, as the ``workers`` table records it. Times are µs since the
+    epoch on the database's clock (the engine's ``DatabaseClock``)."""
+
+    worker_id: str
+    """The engine's ``owner``: the name its leases carry."""
+    host: str
+    pid: int
+    """For people reading the registry; never used to judge liveness (a pid means
+    nothing outside its PID namespace)."""
+    queues: tuple[str, ...]
+    """Task queues it serves (none yet)."""
+    workflows: tuple[str, ...]
+    """The ``name@version`` of each workflow it can run."""
+    version: str
+    """The ledgerflow version it runs."""
+    started_at_us: int
+    heartbeat_at_us: int
+    lease_us: int
+    """Its lease length: with no heartbeat for longer than this, it is dead."""
+    in_flight: int
+    """Instances running a pass in it at its last heartbeat."""
+    stopping: bool = False
+    """It is shutting down gracefully: it claims nothing more."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,6 +54,7 @@ from .runtime import (
     Lease,
     RuntimeWrite,
     WakeupRow,
+    WorkerRow,
     as_row,
 )
 
@@ -126,6 +127,31 @@ MIGRATIONS = (
         "lease epochs (fencing)",
         ("ALTER TABLE wakeups ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",),
     ),
+    Migration(
+        4,
+        "the registry of workers",
+        (
+            # queues and workflows are JSON arrays of strings: SQLite has no array
+            # type, and json_each() can still search them when task queues come.
+            # stopping is 0 or 1. Times are µs on the database's clock, as in wakeups.
+            """CREATE TABLE workers (
+                worker_id TEXT PRIMARY KEY,
+                host TEXT NOT NULL,
+                pid INTEGER NOT NULL,
+                queues TEXT NOT NULL,
+                workflows TEXT NOT NULL,
+                version TEXT NOT NULL,
+                started_at INTEGER NOT NULL,
+                heartbeat_at INTEGER NOT NULL,
+                lease_us INTEGER NOT NULL,
+                in_flight INTEGER NOT NULL,
+                stopping INTEGER NOT NULL
+            ) WITHOUT ROWID""",
+            # Reaping looks at held leases only: few rows (the instances running a
+            # pass), however many instances wait.
+            "CREATE INDEX wakeups_by_owner ON wakeups (lease_owner) WHERE lease_owner IS NOT NULL",
+        ),
+    ),
 )
 
 _PUT_INSTANCE = (
@@ -167,6 +193,26 @@ _NEXT_WAKEUP = (
     "FROM wakeups k WHERE k.due_at IS NOT NULL AND {of_kinds}"
 )
 _WAKEUP_COLUMNS = "workflow_id, due_at, lease_owner, lease_until, lease_epoch"
+_WORKER_COLUMNS = (
+    "worker_id, host, pid, queues, workflows, version, started_at, heartbeat_at, lease_us, "
+    "in_flight, stopping"
+)
+_REGISTER_WORKER = (
+    f"INSERT INTO workers ({_WORKER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
+    "ON CONFLICT (worker_id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
+    "queues = excluded.queues, workflows = excluded.workflows, version = excluded.version, "
+    "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
+    "lease_us = excluded.lease_us, in_flight = excluded.in_flight, stopping = excluded.stopping"
+)
+_DEAD = "heartbeat_at + lease_us < ?1"
+# The leases of the dead, and expired leases of owners with no row (engines from
+# before the registry); epochs are kept, as release_wakeups keeps them.
+_REAP_LEASES = (
+    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
+    "WHERE lease_owner IS NOT NULL AND ("
+    f"lease_owner IN (SELECT worker_id FROM workers WHERE {_DEAD}) "
+    "OR (lease_until < ?1 AND lease_owner NOT IN (SELECT worker_id FROM workers)))"
+)
 _INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
 
 
@@ -193,7 +239,7 @@ _UPSERT_HEAD = (
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
     "last_hash = excluded.last_hash, last_position = excluded.last_position"
 )
-_LEDGER_TABLES = frozenset({"events", "streams", "snapshots", "workflows", "wakeups"})
+_LEDGER_TABLES = frozenset({"events", "streams", "snapshots", "workflows", "wakeups", "workers"})
 _MIGRATION_COLUMNS = frozenset({"version", "name", "applied_at"})
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 _NO_LIMIT = -1
@@ -829,6 +875,95 @@ class SQLiteEventStore(BaseEventStore):
                     (owner,),
                 )
             return cur.rowcount
+
+        return await self._on_writer(run)
+
+    async def _register_worker(self, row: WorkerRow) -> None:
+        await self._write(
+            _REGISTER_WORKER,
+            (
+                row.worker_id,
+                row.host,
+                row.pid,
+                json.dumps(row.queues),
+                json.dumps(row.workflows),
+                row.version,
+                row.started_at_us,
+                row.heartbeat_at_us,
+                row.lease_us,
+                row.in_flight,
+                int(row.stopping),
+            ),
+        )
+
+    async def _heartbeat_worker(
+        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
+    ) -> bool:
+        rows = await self._write(
+            "UPDATE workers SET heartbeat_at = ?, in_flight = ?, stopping = ? "
+            "WHERE worker_id = ? RETURNING worker_id",
+            (now_us, in_flight, int(stopping), worker_id),
+        )
+        return bool(rows)
+
+    async def _deregister_worker(self, worker_id: str) -> None:
+        await self._write("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
+
+    async def _list_workers(self) -> list[WorkerRow]:
+        rows = await self._read(f"SELECT {_WORKER_COLUMNS} FROM workers ORDER BY worker_id", ())
+        return [
+            WorkerRow(
+                wid,
+                host,
+                pid,
+                tuple(json.loads(queues)),
+                tuple(json.loads(workflows)),
+                version,
+                started,
+                beat,
+                lease,
+                in_flight,
+                bool(stopping),
+            )
+            for (
+                wid,
+                host,
+                pid,
+                queues,
+                workflows,
+                version,
+                started,
+                beat,
+                lease,
+                in_flight,
+                stopping,
+            ) in rows
+        ]
+
+    async def _reap_workers(self, now_us: int) -> list[str]:
+        def run() -> list[str]:
+            con = self._writer_con
+            assert con is not None
+            # IMMEDIATE: nobody writes between the three statements, so the workers
+            # whose leases are released are exactly those removed.
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                dead = [
+                    wid
+                    for (wid,) in con.execute(
+                        f"SELECT worker_id FROM workers WHERE {_DEAD} ORDER BY worker_id",
+                        (now_us,),
+                    )
+                ]
+                con.execute(_REAP_LEASES, (now_us,))
+                if dead:
+                    con.execute(f"DELETE FROM workers WHERE {_DEAD}", (now_us,))
+                con.execute("COMMIT")
+            except BaseException:
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                raise
+            return dead
 
         return await self._on_writer(run)
 

@@ -6,6 +6,7 @@ from .client import WorkflowClient
 from .context import WorkflowContext
 from .definition import StepOptions, WorkflowDefinition, step, workflow
 from .engine import Engine, WorkflowDescription, WorkflowHandle
+from .handles import WorkerInfo
 from .history import WorkflowStatus
 from .lint import LintFinding, lint_workflow
 from .replay import export_history, replay
@@ -16,6 +17,7 @@ __all__ = [
     "LintFinding",
     "StepInfo",
     "StepOptions",
+    "WorkerInfo",
     "WorkflowClient",
     "WorkflowContext",
     "WorkflowDefinition",

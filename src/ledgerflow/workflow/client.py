@@ -40,7 +40,7 @@ from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
-from .handles import WorkflowDescription, WorkflowHandle, open_wait, waiting_for
+from .handles import WorkerInfo, WorkflowDescription, WorkflowHandle, open_wait, waiting_for
 from .history import (
     TERMINAL,
     CancelRequested,
@@ -485,6 +485,17 @@ class WorkflowClient:
         self, *, status: str | None = None, after: str | None = None, limit: int = 100
     ) -> list[InstanceRow]:
         return await self.store.list_instances(status=status, after=after, limit=limit)
+
+    async def workers(self) -> list[WorkerInfo]:
+        """The registered workers (engines), alive, stopping or late, by id.
+
+        Whether each is alive is judged on the database's clock, read after the
+        registry (so no heartbeat listed is newer than it), as the engines that reap
+        dead workers judge it.
+        """
+        rows = await self.store.list_workers()
+        as_of_us = await self.store.database_now_us()
+        return [WorkerInfo.from_row(row, as_of_us) for row in rows]
 
 
 def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:

@@ -25,6 +25,7 @@ from typing import Any, Self
 
 import msgspec
 
+from .._version import running_version
 from ..clock import Clock, DatabaseClock
 from ..errors import (
     ConcurrencyError,
@@ -32,6 +33,7 @@ from ..errors import (
     LeaseLostError,
     LedgerflowError,
     StoreClosedError,
+    StoreError,
     StoreUnavailableError,
     UnknownWorkflowError,
     WorkflowError,
@@ -51,6 +53,7 @@ from ..store.runtime import (
     RuntimeWrite,
     Schedule,
     Unschedule,
+    WorkerRow,
 )
 from .client import WorkflowClient
 from .definition import WorkflowDefinition
@@ -82,10 +85,18 @@ class Engine(WorkflowClient):
     """Runs durable workflows in this process on one store.
 
     ``store`` is a URL (``sqlite:///ledgerflow.db``, ``postgresql://...``) or an open
-    store. ``concurrency`` bounds the instances running a pass at once. With
-    ``takeover`` (the default) leases left by engines of this host whose process is
-    gone (a crash, a kill) are released at start, so their unfinished instances
-    resume at once; leases of live engines, or of other hosts, are left to expire.
+    store. ``concurrency`` bounds the instances running a pass at once.
+
+    The engine registers itself in the store's registry of workers (see
+    ``WorkflowClient.workers``) and heartbeats there every third of ``lease``. With
+    ``takeover`` (the default) it reaps, at start and on every heartbeat, the workers
+    whose heartbeat is older than their lease (a crash, a kill, a vanished host),
+    releasing their leases so that their unfinished instances resume here or on
+    another engine. Liveness is that heartbeat alone, never host and pid: a pid
+    means nothing across PID namespaces (containers) or hosts.
+
+    ``queues`` names the task queues the engine serves, for the registry (task
+    queues themselves are to come).
     """
 
     def __init__(
@@ -102,9 +113,12 @@ class Engine(WorkflowClient):
         cache_size: int = 10_000,
         snapshot_every: int | None = 1_000,
         registry: EventRegistry | None = None,
+        queues: Sequence[str] = (),
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
+        if isinstance(queues, str) or not all(isinstance(q, str) and q for q in queues):
+            raise ConfigurationError("Engine queues must be a sequence of non-empty names")
         # Unless told otherwise, time is the database's: workers on hosts whose clocks
         # disagree still agree on leases, due times and what they record.
         clock = clock or DatabaseClock()
@@ -113,9 +127,17 @@ class Engine(WorkflowClient):
         )
         self.concurrency = concurrency
         self._lease_us = int(lease.total_seconds() * 1_000_000)
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._hostname = socket.gethostname()
+        # host:pid names the process for people reading leases and the registry; the
+        # random tag makes the name unique (several engines in one process, a pid
+        # reused in another PID namespace). Nothing parses it.
+        self.owner = f"{self._hostname}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._owner = self.owner
         self.takeover = takeover
+        self.queues: tuple[str, ...] = tuple(queues)
+        self._started_at_us: int | None = None
+        """When this engine registered; None until it has (and again once it left)."""
+        self._registered_workflows: frozenset[tuple[str, int]] = frozenset()
         self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
         self._journal = Journal(
             self.store,
@@ -168,10 +190,12 @@ class Engine(WorkflowClient):
         # CLI and plain clients do not load it at all: ~70 ms a process).
         await asyncio.to_thread(importlib.import_module, "jsonschema")
         await self._sync_clock()
+        now = self._now_us()
+        await self._register(now)
         if self.takeover:
-            for owner in await self.store.lease_owners():
-                if owner_is_gone(owner):
-                    await self.store.release_wakeups(owner)
+            # The leases of workers that died (and of pre-registry engines whose
+            # leases ran out) are released now, so their instances resume at once.
+            await self._reap(now)
         await self._resume_stuck()
         self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
         self._heartbeat = asyncio.create_task(self._renew(), name="ledgerflow-heartbeat")
@@ -183,19 +207,29 @@ class Engine(WorkflowClient):
             return
         self._closing = True
         self._wake.set()
+        # Say so first: the registry shows a worker that is stopping, not one that
+        # went quiet. The heartbeat keeps saying it while running passes finish.
+        await self._beat(self._now_us())
         if self._scheduler is not None:
             await self._scheduler
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
         active = list(self._active.values())
         if active:
             _, pending = await asyncio.wait(active, timeout=grace)
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        if self._heartbeat is not None:
+            # Stopped only now: the leases of passes finishing within the grace
+            # period stay renewed, and this worker alive in the registry.
+            self._heartbeat.cancel()
+            await asyncio.gather(self._heartbeat, return_exceptions=True)
         with contextlib.suppress(LedgerflowError):
             await self.store.release_wakeups(self.owner)
+        if self._started_at_us is not None:
+            # Last, after the leases: a worker listed is one whose leases may be held.
+            with contextlib.suppress(LedgerflowError):
+                await self.store.deregister_worker(self.owner)
+            self._started_at_us = None
         self.step_pool.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
@@ -271,15 +305,97 @@ class Engine(WorkflowClient):
         except (StoreUnavailableError, StoreClosedError) as exc:
             log.warning("ledgerflow engine: cannot read the database's clock (%s)", exc)
 
+    # -- the registry of workers --------------------------------------------------------
+
+    def _worker_row(self, started_at_us: int, now_us: int) -> WorkerRow:
+        return WorkerRow(
+            worker_id=self.owner,
+            host=self._hostname,
+            pid=os.getpid(),
+            queues=self.queues,
+            workflows=tuple(f"{name}@{version}" for name, version in sorted(self._definitions)),
+            version=running_version(),
+            started_at_us=started_at_us,
+            heartbeat_at_us=now_us,
+            lease_us=self.lease_us,
+            in_flight=len(self._active),
+            stopping=self._closing,
+        )
+
+    async def _register(self, now: int) -> None:
+        """Write this engine's row (all of it), beating at ``now``."""
+        started = now if self._started_at_us is None else self._started_at_us
+        workflows = frozenset(self._definitions)
+        await self.store.register_worker(self._worker_row(started, now))
+        self._started_at_us = started
+        self._registered_workflows = workflows
+
+    async def _beat(self, now: int) -> bool:
+        """Tell the registry this engine lives at ``now`` (and whether it is
+        stopping); True if the store heard it. A row found gone means another engine judged this one
+        dead (a pause longer than the lease) and released its leases: the passes
+        it runs fail their fences and step back, and it registers again."""
+        if self._started_at_us is None:
+            return False  # never registered: start_engine failed or never ran
+        try:
+            if frozenset(self._definitions) != self._registered_workflows:
+                await self._register(now)  # workflows registered since: the row says so
+                return True
+            known = await self.store.heartbeat_worker(
+                self.owner,
+                now_us=now,
+                in_flight=len(self._active),
+                stopping=self._closing,
+            )
+            if not known and not self._closing:
+                log.warning(
+                    "ledgerflow engine %s: its registry row was gone (judged dead after "
+                    "a heartbeat older than its lease); registering again",
+                    self.owner,
+                )
+                await self._register(now)
+        except StoreError as exc:
+            # Any store failure, not only an outage: an exception here would end the
+            # heartbeat task, and this engine would be reaped while it lives.
+            log.warning("ledgerflow engine: cannot record a heartbeat (%s)", exc)
+            return False
+        return True
+
+    async def _reap(self, now: int) -> None:
+        """Remove the workers whose heartbeat is older than their lease at ``now``
+        and release their leases: one statement, so cheap to run on every heartbeat.
+        ``now`` is that of this engine's own last heartbeat, so it never finds
+        itself dead."""
+        try:
+            reaped = await self.store.reap_workers(now)
+        except StoreError as exc:
+            log.warning("ledgerflow engine: cannot reap dead workers (%s)", exc)
+            return
+        for worker_id in reaped:
+            log.warning(
+                "ledgerflow engine %s: worker %s missed its heartbeat for longer than its "
+                "lease; its leases are released",
+                self.owner,
+                worker_id,
+            )
+        if reaped:
+            self._wake.set()  # their instances are claimable now
+
     async def _renew(self) -> None:
-        """The heartbeat: extend the leases of the instances running here, so a pass
-        that outlives one lease period (slow steps, retries, a busy pool) is not
-        taken over while this engine lives. A lease found lost is only logged: the
-        pass's next append fails its fence and it steps back."""
+        """The heartbeat: tell the registry this engine lives, reap workers that do
+        not (with ``takeover``), and extend the leases of the instances running here,
+        so a pass that outlives one lease period (slow steps, retries, a busy pool)
+        is not taken over while this engine lives. A lease found lost is only logged:
+        the pass's next append fails its fence and it steps back."""
         every = max(0.05, self.lease_us / 3 / 1_000_000)
         while True:
             await asyncio.sleep(every)
             await self._sync_clock()
+            # Only after a heartbeat the store heard, and as of its time: then this
+            # engine cannot reap itself, and one cut off from the store judges nobody.
+            now = self._now_us()
+            if await self._beat(now) and self.takeover:
+                await self._reap(now)
             held = [
                 Lease(wid, fence.epoch)
                 for wid, fence in self._fences.items()
@@ -628,26 +744,6 @@ class _Host:
     async def cancel_child(self, child_id: str, reason: str) -> None:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
             await self._engine.cancel(child_id, f"parent cancelled: {reason}")
-
-
-def owner_is_gone(owner: str) -> bool:
-    """Whether the engine named ``owner`` (``host:pid:tag``) is known to be dead:
-    it ran on this host and its process no longer exists. Owners on other hosts are
-    left to their lease expiry."""
-    host, _, rest = owner.partition(":")
-    pid_text = rest.partition(":")[0]
-    if host != socket.gethostname() or not pid_text.isdigit():
-        return False
-    pid = int(pid_text)
-    if pid == os.getpid():
-        return False  # another engine in this very process: alive
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # exists, someone else's
-    return False
 
 
 def _from_outside(data: Any) -> bool:

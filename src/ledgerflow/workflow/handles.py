@@ -1,13 +1,14 @@
 """What callers hold and read of an instance: its handle, its description, and what
-it waits for, in words."""
+it waits for, in words; and what they read of a worker (``WorkerInfo``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import TYPE_CHECKING, Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
 
 from ..hashing import from_micros
+from ..store.runtime import WorkerRow
 from .history import (
     ChildDone,
     ChildStarted,
@@ -25,7 +26,7 @@ from .history import (
 if TYPE_CHECKING:
     from .client import WorkflowClient
 
-__all__ = ["WorkflowDescription", "WorkflowHandle", "open_wait", "waiting_for"]
+__all__ = ["WorkerInfo", "WorkflowDescription", "WorkflowHandle", "open_wait", "waiting_for"]
 
 O = TypeVar("O")  # noqa: E741
 
@@ -47,6 +48,79 @@ class WorkflowDescription:
     error: str | None = None
     unconsumed_signals: tuple[str, ...] = ()
     """Signals sent that no wait has taken (yet, or ever: sent after the last wait)."""
+
+
+WorkerState = Literal["alive", "stopping", "late"]
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker (a running ``Engine``, e.g. a ``ledgerflow worker`` process) as the
+    store's registry records it, read at ``as_of`` on the database's clock.
+
+    Every engine registers when it starts, heartbeats every third of its lease and
+    deregisters when it closes. A worker is ``alive`` while its last heartbeat is
+    no older than its lease; past that it is ``late``, and an engine with
+    ``takeover`` (the default) soon reaps it: its row goes and its leases are
+    released, so its instances resume elsewhere. ``host`` and ``pid`` are for
+    people: liveness is judged by the heartbeat alone (a pid means nothing outside
+    its PID namespace).
+    """
+
+    worker_id: str
+    """The engine's ``owner``: the name its leases carry (``host:pid:tag``)."""
+    host: str
+    pid: int
+    queues: tuple[str, ...]
+    """The task queues it serves."""
+    workflows: tuple[str, ...]
+    """The workflows it can run, as ``name@version``."""
+    version: str
+    """The ledgerflow version it runs."""
+    started_at: datetime
+    last_heartbeat: datetime
+    lease: timedelta
+    """Its lease length: how long it may go without a heartbeat."""
+    in_flight: int
+    """Instances running a pass in it, at its last heartbeat."""
+    stopping: bool
+    """It is shutting down gracefully: it claims nothing more."""
+    as_of: datetime
+    """When the registry was read, on the database's clock."""
+
+    @property
+    def heartbeat_age(self) -> timedelta:
+        """How long before ``as_of`` it last beat (negative only by clock jitter)."""
+        return self.as_of - self.last_heartbeat
+
+    @property
+    def alive(self) -> bool:
+        """Its last heartbeat is within its lease as of ``as_of``: no one may reap it."""
+        return self.heartbeat_age <= self.lease
+
+    @property
+    def state(self) -> WorkerState:
+        """``late`` if not alive, else ``stopping`` or ``alive``."""
+        if not self.alive:
+            return "late"
+        return "stopping" if self.stopping else "alive"
+
+    @classmethod
+    def from_row(cls, row: WorkerRow, as_of_us: int) -> WorkerInfo:
+        return cls(
+            worker_id=row.worker_id,
+            host=row.host,
+            pid=row.pid,
+            queues=row.queues,
+            workflows=row.workflows,
+            version=row.version,
+            started_at=from_micros(row.started_at_us),
+            last_heartbeat=from_micros(row.heartbeat_at_us),
+            lease=timedelta(microseconds=row.lease_us),
+            in_flight=row.in_flight,
+            stopping=row.stopping,
+            as_of=from_micros(as_of_us),
+        )
 
 
 class WorkflowHandle(Generic[O]):
