@@ -251,10 +251,13 @@ async def test_a_timer_due_before_the_schedulers_next_look_wakes_it(
 async def test_work_another_process_adds_is_seen_at_the_next_poll(
     engine: EngineFactory, clock: ManualClock
 ) -> None:
-    """Nobody tells the engine about an instance a client starts: it is found when
-    the scheduler next looks, ``poll_interval`` after its last look, even though a
-    timer due much later is what the store has next."""
+    """Work nobody announces (another process's start on SQLite, a notification lost
+    in a reconnection) is found when the scheduler next looks, ``poll_interval``
+    after its last look, even though a timer due much later is what the store has
+    next."""
     async with engine(dozing, single, poll_interval=30) as e:
+        assert e._unwatch is not None
+        e._unwatch()  # this engine hears of no one's work now
         await e.start(dozing, 86_400, id="late-timer")
         await waiting(e, "late-timer", "timer")
         looked = asyncio.Event()
@@ -276,6 +279,20 @@ async def test_work_another_process_adds_is_seen_at_the_next_poll(
         clock.advance(0.1)  # exactly poll_interval after the last look
         assert await outcome(e, "from-outside") == 40
         assert (await e.describe("late-timer")).status == "running"
+
+
+async def test_work_a_client_adds_wakes_the_engine_at_once(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    """A client's start on the engine's store wakes the sleeping scheduler: the
+    instance runs with the clock standing still, long before the next poll."""
+    async with engine(dozing, single, poll_interval=30) as e:
+        await e.start(dozing, 86_400, id="late-timer")
+        await waiting(e, "late-timer", "timer")
+        await asyncio.sleep(0.05)  # the scheduler sleeps until its next poll
+        client = ledgerflow.WorkflowClient(e.store, workflows=[single])
+        await client.start(single, 4, id="from-outside")
+        assert await outcome(e, "from-outside") == 40
 
 
 # -- closing ------------------------------------------------------------------------

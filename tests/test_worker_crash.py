@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -144,7 +145,9 @@ def effects_done(app_dir: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-async def start_all(client: ledgerflow.WorkflowClient, app_dir: Path) -> None:
+async def start_all(
+    client: ledgerflow.WorkflowClient, app_dir: Path, count: int = INSTANCES
+) -> None:
     sys.path.insert(0, str(app_dir))
     os.environ["EFFECTS"] = str(app_dir / "effects.txt")
     try:
@@ -153,5 +156,98 @@ async def start_all(client: ledgerflow.WorkflowClient, app_dir: Path) -> None:
     finally:
         sys.path.remove(str(app_dir))
     client.register(crashapp.order)
-    for i in range(INSTANCES):
+    for i in range(count):
         await client.start(crashapp.order, i, id=f"o-{i}")
+
+
+RESTART_INSTANCES = 120
+
+
+def _restart_postgres() -> None:
+    """Restart the PostgreSQL cluster the tests use (fast shutdown: every session is
+    cut, as in a failover or a crash-restart), and wait until it answers again."""
+    versions = sorted(os.listdir("/etc/postgresql")) if os.path.isdir("/etc/postgresql") else []
+    if not versions or shutil.which("pg_ctlcluster") is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI=true and pg_ctlcluster is missing: cannot restart PostgreSQL")
+        pytest.skip("restarting PostgreSQL needs pg_ctlcluster (Debian's postgresql-common)")
+    subprocess.run(
+        [
+            "pg_ctlcluster",
+            "--skip-systemctl-redirect",
+            versions[-1],
+            "main",
+            "restart",
+            "-m",
+            "fast",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    """Every session is cut while workers run steps and write: workers back off and
+    reconnect, appends whose commit was cut are settled (never recorded twice), and
+    every workflow completes."""
+    from .conftest import pg_url
+
+    if os.geteuid() != 0 and os.environ.get("CI", "").lower() != "true":
+        pytest.skip("restarting PostgreSQL needs root here")
+    db = pg_url(pg_schema)
+    (tmp_path / "crashapp.py").write_text(APP)
+    async with ledgerflow.open_store(db):
+        pass
+    workers = [spawn(tmp_path, db) for _ in range(2)]
+    try:
+        async with ledgerflow.WorkflowClient(db, poll_interval=0.05) as client:
+            await start_all(client, tmp_path, RESTART_INSTANCES)
+            await _until_effects(tmp_path, RESTART_INSTANCES)
+            in_flight = effects_done(tmp_path) < 3 * RESTART_INSTANCES
+            await asyncio.to_thread(_restart_postgres)
+            assert in_flight  # the restart cut work in flight
+            assert all(w.poll() is None for w in workers)  # the outage ended no worker
+            results = await _results(client, RESTART_INSTANCES)
+            recorded = Counter[tuple[str, int]]()
+            for i in range(RESTART_INSTANCES):
+                for event in await client.history(f"o-{i}"):
+                    if isinstance(event.data, StepDone):
+                        recorded[(f"o-{i}", event.data.seq)] += 1
+    finally:
+        for worker in workers:
+            worker.kill()
+            worker.wait()
+    assert results == [i + 3 for i in range(RESTART_INSTANCES)]
+    assert set(recorded.values()) == {1}
+    assert len(recorded) == 3 * RESTART_INSTANCES
+    lines = (tmp_path / "effects.txt").read_text().splitlines()
+    applied = {line.split(" ", 1)[0] for line in lines}
+    assert applied == {f"o-{i}/{seq}" for i in range(RESTART_INSTANCES) for seq in (1, 2, 3)}
+
+
+async def _until_effects(app_dir: Path, count: int) -> None:
+    async with asyncio.timeout(60):
+        while True:
+            if effects_done(app_dir) >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def _results(client: ledgerflow.WorkflowClient, count: int) -> list[object]:
+    """Every result, reading again while the server is still coming back (this client
+    is the test's, not a worker: its reads may meet the outage)."""
+    async with asyncio.timeout(150):
+        while True:
+            try:
+                return list(
+                    await asyncio.gather(
+                        *(client.handle(f"o-{i}").result(timeout=120) for i in range(count))
+                    )
+                )
+            except ledgerflow.StoreUnavailableError:
+                await asyncio.sleep(0.2)

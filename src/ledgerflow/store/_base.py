@@ -52,6 +52,7 @@ from .runtime import (
     Unschedule,
     WakeupRow,
     WorkerRow,
+    makes_work,
 )
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Now", "Pending"]
@@ -342,6 +343,7 @@ class BaseEventStore(abc.ABC):
         self._queue: asyncio.Queue[Pending | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._new_events = asyncio.Event()
+        self._work_watchers: list[Callable[[], None]] = []
         self._opened = False
         self._closed = False
 
@@ -592,10 +594,34 @@ class BaseEventStore(abc.ABC):
             else:
                 pending.future.set_result(outcome)
         self._wake_subscribers()
+        if self._work_watchers:
+            appended = [
+                w
+                for pending, outcome in zip(batch, outcomes, strict=True)
+                if not isinstance(outcome, Exception)
+                for w in pending.request.runtime
+            ]
+            if makes_work(appended, to_micros(self._clock())):
+                self._work_appeared()
 
     def _wake_subscribers(self) -> None:
         event, self._new_events = self._new_events, asyncio.Event()
         event.set()
+
+    async def watch_work(self, callback: Callable[[], None]) -> Callable[[], None]:
+        self._check_open()
+        self._work_watchers.append(callback)
+        await self._ensure_listener()
+
+        def unwatch() -> None:
+            with contextlib.suppress(ValueError):
+                self._work_watchers.remove(callback)
+
+        return unwatch
+
+    def _work_appeared(self) -> None:
+        for callback in list(self._work_watchers):
+            callback()
 
     # -- reading --------------------------------------------------------------------
 

@@ -6,7 +6,7 @@ both; code outside ``store/`` depends on these, never on an adapter or the share
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Collection, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Sequence
 from types import TracebackType
 from typing import Protocol, Self
 
@@ -177,6 +177,13 @@ class WorkflowStore(EventStore, Protocol):
     ) -> list[Lease]:
         """Lease due, unheld workflow instances (of ``workflows``' (name, version)
         pairs, if given) to ``owner``, each at its next epoch."""
+        ...
+
+    async def watch_work(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` (on this event loop) when an append makes an instance
+        claimable about now (``runtime.makes_work``): at once for this store's own
+        appends, and for other processes' where the backend can tell (PostgreSQL:
+        LISTEN/NOTIFY; elsewhere workers poll). Returns the function that stops it."""
         ...
 
     async def database_now_us(self) -> int:

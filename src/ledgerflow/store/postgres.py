@@ -23,6 +23,7 @@ import hashlib
 import itertools
 import logging
 import re
+import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -70,6 +71,7 @@ from .runtime import (
     WakeupRow,
     WorkerRow,
     as_row,
+    makes_work,
 )
 
 __all__ = ["DEFAULT_SCHEMA", "PostgresEventStore"]
@@ -734,6 +736,8 @@ class PostgresEventStore(BaseEventStore):
         self._writer_session: _Session | None = None
         self._known_heads: OrderedDict[str, StreamHead | None] = OrderedDict()
         self._known_next: int | None = None
+        self._tag = uuid.uuid4().hex[:12]
+        """Names this store in its NOTIFY payloads, so its listener skips its own."""
         self._fast_skip = 0
         self._fast_misses = 0
         self._pool: AsyncConnectionPool[Connection] | None = None
@@ -803,7 +807,14 @@ class PostgresEventStore(BaseEventStore):
             await conn.close()
         return session if conn is not None else None
 
-    async def _fetch(self, action: str, sql: str, params: Params) -> list[TupleRow]:
+    async def _fetch(
+        self, action: str, sql: str, params: Params, *, flushed: bool = True
+    ) -> list[TupleRow]:
+        """Run one statement on the reader pool, as a transaction of its own.
+
+        ``flushed=False``: its commit does not wait for the disk (a claim: see
+        _claim_wakeups), sent with its BEGIN and COMMIT in one round trip.
+        """
         pool = self._pool
         if pool is None:  # closed while a read was under way (a subscription, a wait)
             raise StoreClosedError()
@@ -811,7 +822,14 @@ class PostgresEventStore(BaseEventStore):
             for attempt in (1, 2):
                 async with pool.connection() as conn:
                     try:
-                        cur = await conn.execute(sql, params, binary=True)
+                        if flushed:
+                            cur = await conn.execute(sql, params, binary=True)
+                        else:
+                            async with _pipeline(conn):
+                                await conn.execute("BEGIN")
+                                await conn.execute("SET LOCAL synchronous_commit TO off")
+                                cur = await conn.execute(sql, params, binary=True)
+                                await conn.execute("COMMIT")
                         return [] if cur.description is None else await cur.fetchall()
                     except psycopg.OperationalError:
                         if attempt == 2 or not conn.broken:
@@ -1010,10 +1028,16 @@ class PostgresEventStore(BaseEventStore):
                     await conn.execute(f'LISTEN "{self.channel}"')
                     delay = _LISTEN_BACKOFF[0]
                     # Commits made while we were not listening sent nobody a NOTIFY:
-                    # subscribers re-read now, and every later commit notifies.
+                    # subscribers re-read and workers look for work now, and every
+                    # later commit notifies.
                     self._wake_subscribers()
-                    async for _ in conn.notifies():
+                    self._work_appeared()
+                    own = f"w:{self._tag}"
+                    async for note in conn.notifies():
                         self._wake_subscribers()
+                        # Our own appends woke our workers already (_resolve).
+                        if " w:" in note.payload and not note.payload.endswith(own):
+                            self._work_appeared()
                 finally:
                     await conn.close()
             except psycopg.Error as exc:
@@ -1082,7 +1106,7 @@ class PostgresEventStore(BaseEventStore):
                         if plan.rows or plan.runtime:
                             sent = plan
                             await self._write_plan(conn, plan)
-                            await self._commit_and_notify(conn, plan)
+                            await self._commit_and_notify(conn, plan, recorded_at_us)
                         else:
                             await conn.execute("ROLLBACK")
                     next_position = None if taken_to is None else taken_to + 1
@@ -1224,7 +1248,7 @@ class PostgresEventStore(BaseEventStore):
                             ),
                         )
                     await self._write_plan(conn, plan)
-                    await self._commit_and_notify(conn, plan)
+                    await self._commit_and_notify(conn, plan, plan.rows[0].recorded_at_us)
             except (psycopg.IntegrityError, _PositionsMoved) as exc:
                 # Another process took positions since our last batch; or a caller's
                 # id is stored already, or a fence does not hold. The transaction is
@@ -1373,14 +1397,22 @@ class PostgresEventStore(BaseEventStore):
                 )
             await self._write_runtime(cur, plan.runtime)
 
-    async def _commit_and_notify(self, conn: Connection, plan: BatchPlan) -> None:
+    async def _commit_and_notify(
+        self, conn: Connection, plan: BatchPlan, recorded_at_us: int
+    ) -> None:
         await conn.execute("COMMIT")
-        if plan.rows:  # runtime rows alone give subscribers nothing to read
+        # "<last position>" wakes subscribers; " w:<store>" wakes workers in other
+        # processes (the work is claimable now; see runtime.makes_work).
+        payload = str(plan.last_position) if plan.rows else ""
+        if makes_work(plan.runtime, recorded_at_us):
+            payload += f" w:{self._tag}"
+        if payload:
             # After the commit, as a transaction of its own (in the same round trip):
             # a NOTIFY inside a write transaction holds PostgreSQL's one notification
             # lock through that commit's flush, which would serialize every writer's
-            # commit again. A crash between the two leaves subscribers to their poll.
-            await conn.execute(self._sql.notify, (self.channel, str(plan.last_position)))
+            # commit again. A crash between the two leaves subscribers and workers to
+            # their poll.
+            await conn.execute(self._sql.notify, (self.channel, payload))
 
     async def _write_runtime(
         self, cur: psycopg.AsyncCursor[TupleRow], writes: Sequence[RuntimeWrite]
@@ -1485,7 +1517,13 @@ class PostgresEventStore(BaseEventStore):
             **_kinds(workflows),
         }
         sql = self._sql.claim[workflows is not None]
-        rows = await self._fetch("claim wake-ups", sql, params)
+        # The claim's commit does not wait for the disk: it is on the path from a
+        # start to its first step, and losing it in a server crash is harmless. A
+        # later durable commit (the claimer's first append) flushes it too, and
+        # without one nothing the claimer did survived. A claim lost in a crash
+        # lets the instance be claimed again, at the same epoch but by another
+        # owner, and the fence (owner and epoch) refuses the first claimer's appends.
+        rows = await self._fetch("claim wake-ups", sql, params, flushed=False)
         # RETURNING follows no order; COLLATE "C" order is Python's str order.
         return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
 

@@ -24,6 +24,7 @@ never disagree with the history it indexes.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
@@ -40,6 +41,7 @@ __all__ = [
     "WakeupRow",
     "WorkerRow",
     "as_row",
+    "makes_work",
 ]
 
 
@@ -157,6 +159,28 @@ class Unschedule:
 
 RuntimeWrite: TypeAlias = PutInstance | Schedule | Nudge | Unschedule
 RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule)
+
+
+WAKE_AHEAD_US = 1_000_000
+"""How far ahead a wake-up still counts as due now, for ``makes_work``: it covers
+clocks that differ a little and timers due before a worker's next poll."""
+
+
+def makes_work(writes: Sequence[RuntimeWrite], now_us: int) -> bool:
+    """Whether ``writes`` make an instance claimable by any worker about now: a nudge
+    (a signal, a cancellation, a child's end) or an unleased wake-up due within
+    ``WAKE_AHEAD_US``. A wake-up leased to its writer is that writer's to run."""
+    for write in writes:
+        if isinstance(write, Nudge):
+            return True
+        if (
+            isinstance(write, Schedule)
+            and write.lease_owner is None
+            and write.due_at_us is not None
+            and write.due_at_us <= now_us + WAKE_AHEAD_US
+        ):
+            return True
+    return False
 
 
 def nudged(current: int | None, due_at_us: int) -> int:

@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Self
@@ -150,6 +150,7 @@ class Engine(WorkflowClient):
         """This engine's lease on each instance it runs (owner and epoch): the fence of
         its appends. One object per lease, not one per append."""
         self._heartbeat: asyncio.Task[None] | None = None
+        self._unwatch: Callable[[], None] | None = None
         self._rerun: set[str] = set()
         self._saturated = False
         self._sleeping_until: int | None = None
@@ -197,6 +198,10 @@ class Engine(WorkflowClient):
             # leases ran out) are released now, so their instances resume at once.
             await self._reap(now)
         await self._resume_stuck()
+        # Work made due by other writers (a client's start, a signal, another worker's
+        # child ending) wakes the scheduler at once, not at its next poll: on
+        # PostgreSQL from any process (LISTEN/NOTIFY), elsewhere from this one.
+        self._unwatch = await self.store.watch_work(self._poke)
         self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
         self._heartbeat = asyncio.create_task(self._renew(), name="ledgerflow-heartbeat")
 
@@ -207,6 +212,8 @@ class Engine(WorkflowClient):
             return
         self._closing = True
         self._wake.set()
+        if self._unwatch is not None:
+            self._unwatch()
         # Say so first: the registry shows a worker that is stopping, not one that
         # went quiet. The heartbeat keeps saying it while running passes finish.
         await self._beat(self._now_us())
