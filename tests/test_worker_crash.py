@@ -97,47 +97,72 @@ def db(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 async def test_killed_workers_lose_and_double_nothing(tmp_path: Path, db: str) -> None:
+    await _kill_run(tmp_path, db, instances=INSTANCES, workers=WORKERS, kills=KILLS)
+
+
+@pytest.mark.postgres
+@pytest.mark.slow
+async def test_four_workers_two_thousand_orders_twenty_kills(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    """The issue's full size: 4 workers, 2,000 orders, a worker killed 20 times."""
+    from .conftest import pg_url
+
+    await _kill_run(
+        tmp_path, pg_url(pg_schema), instances=2000, workers=4, kills=20, gap=(0.2, 0.5)
+    )
+
+
+async def _kill_run(
+    tmp_path: Path,
+    db: str,
+    *,
+    instances: int,
+    workers: int,
+    kills: int,
+    gap: tuple[float, float] = (0.1, 0.3),
+) -> None:
     (tmp_path / "crashapp.py").write_text(APP)
     # The ledger exists before the workers race to create it.
     async with ledgerflow.open_store(db):
         pass
     rng = random.Random(12)
-    workers = [spawn(tmp_path, db) for _ in range(WORKERS)]
+    running = [spawn(tmp_path, db) for _ in range(workers)]
     try:
         async with ledgerflow.WorkflowClient(db, poll_interval=0.05) as client:
-            await start_all(client, tmp_path)
+            await start_all(client, tmp_path, instances)
             mid_run = 0
-            for _ in range(KILLS):
-                await asyncio.sleep(rng.uniform(0.1, 0.3))
-                mid_run += effects_done(tmp_path) < 3 * INSTANCES
-                victim = workers.pop(rng.randrange(len(workers)))
+            for _ in range(kills):
+                await asyncio.sleep(rng.uniform(*gap))
+                mid_run += effects_done(tmp_path) < 3 * instances
+                victim = running.pop(rng.randrange(len(running)))
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
-                workers.append(spawn(tmp_path, db))
+                running.append(spawn(tmp_path, db))
             results = await asyncio.wait_for(
                 asyncio.gather(
-                    *(client.handle(f"o-{i}").result(timeout=120) for i in range(INSTANCES))
+                    *(client.handle(f"o-{i}").result(timeout=240) for i in range(instances))
                 ),
-                timeout=150,
+                timeout=270,
             )
             recorded = Counter[tuple[str, int]]()
-            for i in range(INSTANCES):
+            for i in range(instances):
                 for event in await client.history(f"o-{i}"):
                     if isinstance(event.data, StepDone):
                         recorded[(f"o-{i}", event.data.seq)] += 1
     finally:
-        for worker in workers:
+        for worker in running:
             worker.kill()
             worker.wait()
-    assert results == [i + 3 for i in range(INSTANCES)]
+    assert results == [i + 3 for i in range(instances)]
     assert set(recorded.values()) == {1}  # no step result recorded twice
-    assert len(recorded) == 3 * INSTANCES
+    assert len(recorded) == 3 * instances
     lines = (tmp_path / "effects.txt").read_text().splitlines()
     applied = {line.split(" ", 1)[0] for line in lines}
-    assert applied == {f"o-{i}/{seq}" for i in range(INSTANCES) for seq in (1, 2, 3)}
+    assert applied == {f"o-{i}/{seq}" for i in range(instances) for seq in (1, 2, 3)}
     # Steps in flight when a worker died ran again: a few repeats, never most.
-    assert mid_run >= KILLS // 2  # the kills did hit work in flight
-    assert len(lines) - len(applied) < INSTANCES
+    assert mid_run >= kills // 2  # the kills did hit work in flight
+    assert len(lines) - len(applied) < instances
 
 
 def effects_done(app_dir: Path) -> int:

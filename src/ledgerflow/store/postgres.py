@@ -89,6 +89,8 @@ _CONNECT_TIMEOUT = 10
 _CONNECTION_DEFAULTS = {"connect_timeout": str(_CONNECT_TIMEOUT), "application_name": "ledgerflow"}
 _LISTEN_BACKOFF = (0.05, 5.0)
 _BATCH_ATTEMPTS = 3
+_STREAMS_PER_TRANSACTION = 1000
+"""Advisory locks (one per stream) one write transaction may hold; see _write_batch."""
 _SETTLE_WAIT = 2.0  # seconds a read may wait for committed events to settle
 _ROLLBACK_WAIT = 1.0  # seconds a failed writer's rollback may take before we just close
 _REDO = (psycopg.errors.TransactionRollback, psycopg.errors.UniqueViolation)
@@ -108,6 +110,20 @@ _WRITER_IDLE_LIMIT = "10s"
 Connection = psycopg.AsyncConnection[TupleRow]
 _Session = tuple[int, datetime]
 """A server session: its backend's pid and start time (a pid alone may be reused)."""
+
+
+def _parts(requests: list[AppendRequest], streams: int) -> list[list[AppendRequest]]:
+    """``requests`` cut, in order, into runs that each write at most ``streams``
+    streams (each request is decided on its own: cutting changes no outcome)."""
+    parts: list[list[AppendRequest]] = [[]]
+    seen: set[str] = set()
+    for request in requests:
+        if request.stream_id not in seen and len(seen) == streams:
+            parts.append([])
+            seen = set()
+        seen.add(request.stream_id)
+        parts[-1].append(request)
+    return parts if parts[0] else []
 
 
 def _row(t: Sequence[Any]) -> EventRow:
@@ -622,6 +638,43 @@ class PostgresEventStore(BaseEventStore):
     # -- writing --------------------------------------------------------------------
 
     async def _write_batch(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        """Commit ``requests`` in as few transactions as the server's lock table lets.
+
+        Each transaction holds one advisory lock per stream it writes, and those live
+        in PostgreSQL's shared lock table (max_locks_per_transaction × connections
+        entries, 6,400 by default), which every session shares. So a transaction
+        writes at most ``_STREAMS_PER_TRANSACTION`` streams, and a batch refused with
+        "out of shared memory" (others hold many locks just now) is split in halves
+        and tried again; a part of one stream that still finds no room fails with
+        ``StoreUnavailableError``, as any outage does.
+        """
+        outcomes: list[AppendResult | StoreError] = []
+        for part in _parts(requests, _STREAMS_PER_TRANSACTION):
+            outcomes.extend(await self._write_part(part, recorded_at_us))
+        return outcomes
+
+    async def _write_part(
+        self, requests: list[AppendRequest], recorded_at_us: int
+    ) -> list[AppendResult | StoreError]:
+        try:
+            return await self._write_one(requests, recorded_at_us)
+        except StoreUnavailableError as exc:
+            streams = len({r.stream_id for r in requests})
+            if not isinstance(exc.__cause__, psycopg.errors.OutOfMemory) or streams < 2:
+                raise
+            log.warning(
+                "postgres store: the server's lock table is full; committing %d streams "
+                "in two transactions",
+                streams,
+            )
+        outcomes: list[AppendResult | StoreError] = []
+        for half in _parts(requests, (streams + 1) // 2):
+            outcomes.extend(await self._write_part(half, recorded_at_us))
+        return outcomes
+
+    async def _write_one(
         self, requests: list[AppendRequest], recorded_at_us: int
     ) -> list[AppendResult | StoreError]:
         fast = self._fast_plan(requests, recorded_at_us)
