@@ -130,7 +130,10 @@ async def _kill_run(
     running = [spawn(tmp_path, db) for _ in range(workers)]
     try:
         async with ledgerflow.WorkflowClient(db, poll_interval=0.05) as client:
-            await start_all(client, tmp_path, instances)
+            # Kills begin while the orders are still being started (2,000 starts take
+            # seconds, and the workers run the first ones meanwhile).
+            starting = asyncio.create_task(start_all(client, tmp_path, instances))
+            await asyncio.sleep(0.3)
             mid_run = 0
             for _ in range(kills):
                 await asyncio.sleep(rng.uniform(*gap))
@@ -139,6 +142,7 @@ async def _kill_run(
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
                 running.append(spawn(tmp_path, db))
+            await starting
             results = await asyncio.wait_for(
                 asyncio.gather(
                     *(client.handle(f"o-{i}").result(timeout=240) for i in range(instances))
