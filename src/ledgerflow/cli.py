@@ -336,23 +336,21 @@ def workers_list(
     if not workers:
         out.print("no workers registered")
         return
+    # Host and pid are in the id (host:pid:tag) and in --json: nine columns were
+    # folded into two characters each on an 80-column terminal.
     table = Table()
-    table.add_column("id", no_wrap=True, overflow="fold")
-    table.add_column("host", overflow="fold")
-    table.add_column("pid")
+    table.add_column("id", overflow="fold")
     table.add_column("queues", overflow="fold")
-    table.add_column("workflows", overflow="fold")
+    table.add_column("workflows", overflow="fold", min_width=9)
     table.add_column("version", no_wrap=True)
-    table.add_column("last heartbeat", no_wrap=True, justify="right")
-    table.add_column("in-flight", justify="right")
+    table.add_column("heartbeat", no_wrap=True, justify="right")
+    table.add_column("running", no_wrap=True, justify="right")
     table.add_column("state", no_wrap=True)
     for w in workers:
         # A heartbeat a little ahead of the reading (clock offsets) shows as 0 s.
         age = max(0.0, w.heartbeat_age.total_seconds())
         table.add_row(
             escape(w.worker_id),
-            escape(w.host),
-            str(w.pid),
             escape(", ".join(w.queues)) or "-",
             escape(", ".join(w.workflows)) or "-",
             escape(w.version),
