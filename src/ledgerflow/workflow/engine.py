@@ -25,7 +25,6 @@ from typing import Any, Self
 
 import msgspec
 
-from .._version import running_version
 from ..clock import Clock, DatabaseClock
 from ..errors import (
     ConcurrencyError,
@@ -33,7 +32,6 @@ from ..errors import (
     LeaseLostError,
     LedgerflowError,
     StoreClosedError,
-    StoreError,
     StoreUnavailableError,
     UnknownWorkflowError,
     WorkflowError,
@@ -53,7 +51,6 @@ from ..store.runtime import (
     RuntimeWrite,
     Schedule,
     Unschedule,
-    WorkerRow,
 )
 from .client import WorkflowClient
 from .definition import WorkflowDefinition
@@ -71,6 +68,7 @@ from .history import (
 )
 from .host import Abandon, Park, PassResult, Relinquish, Restart
 from .journal import Journal
+from .membership import Membership
 from .run import _Run
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
@@ -135,9 +133,16 @@ class Engine(WorkflowClient):
         self._owner = self.owner
         self.takeover = takeover
         self.queues: tuple[str, ...] = tuple(queues)
-        self._started_at_us: int | None = None
-        """When this engine registered; None until it has (and again once it left)."""
-        self._registered_workflows: frozenset[tuple[str, int]] = frozenset()
+        self._membership = Membership(
+            self.store,
+            self.owner,
+            host=self._hostname,
+            queues=self.queues,
+            lease_us=self._lease_us,
+            workflows=self._definitions.keys,
+            in_flight=lambda: len(self._active),
+            stopping=self._stopping,
+        )
         self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
         self._journal = Journal(
             self.store,
@@ -192,7 +197,7 @@ class Engine(WorkflowClient):
         await asyncio.to_thread(importlib.import_module, "jsonschema")
         await self._sync_clock()
         now = self._now_us()
-        await self._register(now)
+        await self._membership.join(now)
         if self.takeover:
             # The leases of workers that died (and of pre-registry engines whose
             # leases ran out) are released now, so their instances resume at once.
@@ -216,7 +221,7 @@ class Engine(WorkflowClient):
             self._unwatch()
         # Say so first: the registry shows a worker that is stopping, not one that
         # went quiet. The heartbeat keeps saying it while running passes finish.
-        await self._beat(self._now_us())
+        await self._membership.beat(self._now_us())
         if self._scheduler is not None:
             await self._scheduler
         active = list(self._active.values())
@@ -232,11 +237,7 @@ class Engine(WorkflowClient):
             await asyncio.gather(self._heartbeat, return_exceptions=True)
         with contextlib.suppress(LedgerflowError):
             await self.store.release_wakeups(self.owner)
-        if self._started_at_us is not None:
-            # Last, after the leases: a worker listed is one whose leases may be held.
-            with contextlib.suppress(LedgerflowError):
-                await self.store.deregister_worker(self.owner)
-            self._started_at_us = None
+        await self._membership.leave()  # last, after the leases
         self.step_pool.shutdown(wait=False, cancel_futures=True)
         await super().close()
 
@@ -312,80 +313,8 @@ class Engine(WorkflowClient):
         except (StoreUnavailableError, StoreClosedError) as exc:
             log.warning("ledgerflow engine: cannot read the database's clock (%s)", exc)
 
-    # -- the registry of workers --------------------------------------------------------
-
-    def _worker_row(self, started_at_us: int, now_us: int) -> WorkerRow:
-        return WorkerRow(
-            worker_id=self.owner,
-            host=self._hostname,
-            pid=os.getpid(),
-            queues=self.queues,
-            workflows=tuple(f"{name}@{version}" for name, version in sorted(self._definitions)),
-            version=running_version(),
-            started_at_us=started_at_us,
-            heartbeat_at_us=now_us,
-            lease_us=self.lease_us,
-            in_flight=len(self._active),
-            stopping=self._closing,
-        )
-
-    async def _register(self, now: int) -> None:
-        """Write this engine's row (all of it), beating at ``now``."""
-        started = now if self._started_at_us is None else self._started_at_us
-        workflows = frozenset(self._definitions)
-        await self.store.register_worker(self._worker_row(started, now))
-        self._started_at_us = started
-        self._registered_workflows = workflows
-
-    async def _beat(self, now: int) -> bool:
-        """Tell the registry this engine lives at ``now`` (and whether it is
-        stopping); True if the store heard it. A row found gone means another engine judged this one
-        dead (a pause longer than the lease) and released its leases: the passes
-        it runs fail their fences and step back, and it registers again."""
-        if self._started_at_us is None:
-            return False  # never registered: start_engine failed or never ran
-        try:
-            if frozenset(self._definitions) != self._registered_workflows:
-                await self._register(now)  # workflows registered since: the row says so
-                return True
-            known = await self.store.heartbeat_worker(
-                self.owner,
-                now_us=now,
-                in_flight=len(self._active),
-                stopping=self._closing,
-            )
-            if not known and not self._closing:
-                log.warning(
-                    "ledgerflow engine %s: its registry row was gone (judged dead after "
-                    "a heartbeat older than its lease); registering again",
-                    self.owner,
-                )
-                await self._register(now)
-        except StoreError as exc:
-            # Any store failure, not only an outage: an exception here would end the
-            # heartbeat task, and this engine would be reaped while it lives.
-            log.warning("ledgerflow engine: cannot record a heartbeat (%s)", exc)
-            return False
-        return True
-
     async def _reap(self, now: int) -> None:
-        """Remove the workers whose heartbeat is older than their lease at ``now``
-        and release their leases: one statement, so cheap to run on every heartbeat.
-        ``now`` is that of this engine's own last heartbeat, so it never finds
-        itself dead."""
-        try:
-            reaped = await self.store.reap_workers(now)
-        except StoreError as exc:
-            log.warning("ledgerflow engine: cannot reap dead workers (%s)", exc)
-            return
-        for worker_id in reaped:
-            log.warning(
-                "ledgerflow engine %s: worker %s missed its heartbeat for longer than its "
-                "lease; its leases are released",
-                self.owner,
-                worker_id,
-            )
-        if reaped:
+        if await self._membership.reap(now):
             self._wake.set()  # their instances are claimable now
 
     async def _renew(self) -> None:
@@ -401,7 +330,7 @@ class Engine(WorkflowClient):
             # Only after a heartbeat the store heard, and as of its time: then this
             # engine cannot reap itself, and one cut off from the store judges nobody.
             now = self._now_us()
-            if await self._beat(now) and self.takeover:
+            if await self._membership.beat(now) and self.takeover:
                 await self._reap(now)
             held = [
                 Lease(wid, fence.epoch)
