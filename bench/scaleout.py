@@ -56,7 +56,7 @@ from typing import TYPE_CHECKING, Any
 
 import _scaleout_app as app
 import ledgerflow as lf
-from store import PG_URL, note, pg_problem, pg_store_url, ratio
+from store import PG_URL, events_shaped_table, note, pg_problem, pg_store_url, ratio
 
 if TYPE_CHECKING:
     import psycopg
@@ -317,22 +317,7 @@ class Floor:
         ]
         for con in cons:  # as the adapter's sessions: durable commits, whatever the default
             await con.execute("SELECT set_config('synchronous_commit', 'on', false)")
-        await cons[0].execute(
-            f"""CREATE TABLE {schema}.scaleout_floor (
-                position bigint PRIMARY KEY,
-                event_id uuid NOT NULL UNIQUE,
-                stream_id text COLLATE "C" NOT NULL,
-                version bigint NOT NULL,
-                type text NOT NULL,
-                schema_version integer NOT NULL,
-                data bytea NOT NULL,
-                metadata bytea NOT NULL,
-                recorded_at timestamptz NOT NULL,
-                prev_hash bytea NOT NULL,
-                hash bytea NOT NULL,
-                UNIQUE (stream_id, version)
-            )"""
-        )
+        await cons[0].execute(events_shaped_table(f"{schema}.scaleout_floor"))
         return cls(cons, schema)
 
     async def commits_per_s(self, seconds: float) -> float:

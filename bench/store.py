@@ -226,22 +226,7 @@ class PostgresFloor(Floor):
         import psycopg
 
         con = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True)
-        await con.execute(
-            f"""CREATE TABLE {schema}.bench_floor (
-                position bigint PRIMARY KEY,
-                event_id uuid NOT NULL UNIQUE,
-                stream_id text COLLATE "C" NOT NULL,
-                version bigint NOT NULL,
-                type text NOT NULL,
-                schema_version integer NOT NULL,
-                data bytea NOT NULL,
-                metadata bytea NOT NULL,
-                recorded_at timestamptz NOT NULL,
-                prev_hash bytea NOT NULL,
-                hash bytea NOT NULL,
-                UNIQUE (stream_id, version)
-            )"""
-        )
+        await con.execute(events_shaped_table(f"{schema}.bench_floor"))
         return cls(con, schema)
 
     async def setting(self, name: str) -> str:
@@ -298,6 +283,25 @@ class Bench:
     store: BaseEventStore
     floor: Floor
     settings: dict[str, str]
+
+
+def events_shaped_table(name: str) -> str:
+    """CREATE TABLE for a scratch table shaped like the ledger's events table (the
+    floors insert the same rows the store would)."""
+    return f"""CREATE TABLE {name} (
+        position bigint PRIMARY KEY,
+        event_id uuid NOT NULL UNIQUE,
+        stream_id text COLLATE "C" NOT NULL,
+        version bigint NOT NULL,
+        type text NOT NULL,
+        schema_version integer NOT NULL,
+        data bytea NOT NULL,
+        metadata bytea NOT NULL,
+        recorded_at timestamptz NOT NULL,
+        prev_hash bytea NOT NULL,
+        hash bytea NOT NULL,
+        UNIQUE (stream_id, version)
+    )"""
 
 
 def pg_problem() -> str | None:

@@ -8,6 +8,8 @@ on a queue: ``("ok", worker, payload)`` or ``("error", worker, traceback)``.
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
 import traceback
 import uuid
 from collections.abc import Callable, Coroutine
@@ -136,3 +138,14 @@ def open_fresh(url: str, worker: int, start: Barrier, results: Queue[Any]) -> No
             return result.version
 
     _report(worker, results, body)
+
+
+CLI = [sys.executable, "-c", "from ledgerflow.cli import main; main()"]
+"""The start of the command line of a ``ledgerflow`` process running this tree's code
+(what the installed ``ledgerflow`` script runs)."""
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a child process: ours, ``extra``, and our ``sys.path``, so
+    that it imports this tree's code and the test's app modules."""
+    return {**os.environ, **extra, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}

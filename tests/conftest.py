@@ -159,3 +159,30 @@ async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFact
     yield open_engine
     if shared is not None:
         await shared.close()
+
+
+@asynccontextmanager
+async def stalling_commits(schema: str, *, stream: str | None = None) -> AsyncIterator[None]:
+    """Make the COMMIT of every transaction that inserts events (into ``stream`` only,
+    if given) wait, inside the COMMIT, until the block ends: a deferred trigger runs
+    at commit time, before the commit record is written, and takes an advisory lock
+    held here. A writer frozen after taking its positions, as a paused process is."""
+    import psycopg
+
+    key = f"lf-stall-{schema}"
+    only = "" if stream is None else f"WHEN (NEW.stream_id = '{stream}') "
+    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
+        await con.execute(
+            f"CREATE FUNCTION {schema}.stall_commit() RETURNS trigger LANGUAGE plpgsql AS "
+            f"$$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('{key}')); RETURN NULL; END $$"
+        )
+        await con.execute(
+            f"CREATE CONSTRAINT TRIGGER stall_commit AFTER INSERT ON {schema}.events "
+            f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW {only}"
+            f"EXECUTE FUNCTION {schema}.stall_commit()"
+        )
+        await con.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
+        try:
+            yield
+        finally:
+            await con.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))

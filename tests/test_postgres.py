@@ -4,7 +4,6 @@ connection loss. The contract every backend shares lives in the contract suite."
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import json
 import sys
@@ -40,7 +39,7 @@ from ledgerflow.store.runtime import (
 )
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, pg_url, require_postgres
+from .conftest import PG_URL, pg_url, require_postgres, stalling_commits
 
 KNOWN_SCHEMA = _migrations("ledgerflow")[-1].version
 
@@ -184,29 +183,6 @@ class _Seen:
 # -- invariant 3: no gaps, across processes -------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _stalled_commits_of(schema: str, stream: str) -> AsyncIterator[None]:
-    """Make the COMMIT of any transaction that inserts into ``stream`` wait (a deferred
-    trigger, run at commit, takes an advisory lock held here) until the block ends:
-    a writer frozen after taking its positions, as a paused process would be."""
-    key = f"lf-stall-{schema}"
-    async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
-        await con.execute(
-            f"CREATE FUNCTION {schema}.stall() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('{key}')); RETURN NULL; END $$"
-        )
-        await con.execute(
-            f"CREATE CONSTRAINT TRIGGER stall AFTER INSERT ON {schema}.events "
-            f"DEFERRABLE INITIALLY DEFERRED FOR EACH ROW WHEN (NEW.stream_id = '{stream}') "
-            f"EXECUTE FUNCTION {schema}.stall()"
-        )
-        await con.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-        try:
-            yield
-        finally:
-            await con.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-
-
 async def test_a_stalled_writer_holds_back_readers_but_no_other_writer(pg_schema: str) -> None:
     """ADR 008: a transaction that took positions and has not committed stops no
     writer of other streams; readers (subscribers, read_all, head_position) stop
@@ -217,9 +193,9 @@ async def test_a_stalled_writer_holds_back_readers_but_no_other_writer(pg_schema
         await fast.append("before", [NewEvent("B")])
         consumer = asyncio.create_task(seen.consume(reader.subscribe()))
         await seen.until(1)
-        async with _stalled_commits_of(pg_schema, "slow"):
+        async with stalling_commits(pg_schema, stream="slow"):
             stalled = asyncio.create_task(slow.append("slow", [NewEvent("S")]))
-            await _until_a_commit_waits()
+            await _lock_waiters("COMMIT", 1)  # the stalled writer's
             # Another process's writer goes on: it neither waits nor fails.
             async with asyncio.timeout(10):
                 after = await fast.append("after", [NewEvent("A")])
@@ -244,23 +220,6 @@ async def test_a_stalled_writer_holds_back_readers_but_no_other_writer(pg_schema
             (3, "after"),
         ]
         assert await reader.head_position() == 3
-
-
-async def _until_a_commit_waits() -> None:
-    """Return once a session's COMMIT waits for a lock (the stalled writer's)."""
-    async with (
-        asyncio.timeout(10),
-        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
-    ):
-        while True:
-            cur = await con.execute(
-                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                "AND query = 'COMMIT'"
-            )
-            row = await cur.fetchone()
-            if row is not None and row[0] > 0:
-                return
-            await asyncio.sleep(0.01)
 
 
 @pytest.mark.slow
@@ -652,8 +611,9 @@ async def test_writers_in_two_processes_interleave_without_loss(pg_schema: str) 
     assert [r.positions[0] for r in results] == list(range(1, 81))
 
 
-async def _lock_waiters(schema: str, count: int) -> None:
-    """Return once ``count`` backends wait for a row lock on the schema's wakeups."""
+async def _lock_waiters(query: str, count: int) -> None:
+    """Return once ``count`` backends wait for a lock in a statement like ``query``
+    (a LIKE pattern)."""
     async with (
         asyncio.timeout(10),
         await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
@@ -662,7 +622,7 @@ async def _lock_waiters(schema: str, count: int) -> None:
             cur = await con.execute(
                 "SELECT count(*) FROM pg_stat_activity "
                 "WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                (f"%{schema}.wakeups%",),
+                (query,),
             )
             found = await cur.fetchone()
             if found is not None and found[0] >= count:
@@ -692,9 +652,9 @@ async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema:
                     "wf", [NewEvent("E")], runtime=[Nudge("b", 0), Nudge("c", 0), Nudge("a", 0)]
                 )
             )
-            await _lock_waiters(pg_schema, 1)
+            await _lock_waiters(f"%{pg_schema}.wakeups%", 1)
             release = asyncio.create_task(store.release_wakeups("o"))
-            await _lock_waiters(pg_schema, 2)
+            await _lock_waiters(f"%{pg_schema}.wakeups%", 2)
         async with asyncio.timeout(10):
             appended, released = await asyncio.gather(append, release)
         assert appended == Appended("wf", 1, (2,))

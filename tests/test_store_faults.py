@@ -38,7 +38,7 @@ from ledgerflow.store.postgres import PostgresEventStore, _allocator_key
 from ledgerflow.store.runtime import InstanceRow, Nudge, PutInstance, Schedule, Unschedule
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, pg_url, raw_sql
+from .conftest import PG_URL, pg_url, raw_sql, stalling_commits
 
 WAIT = 30.0
 """Guard against a hang, never an assertion about speed."""
@@ -337,29 +337,6 @@ async def _holding_head(schema: str) -> AsyncIterator[None]:
             await con.execute("SELECT pg_advisory_unlock(%s, 0)", (_allocator_key(schema),))
 
 
-@contextlib.asynccontextmanager
-async def _stalling_commits(schema: str) -> AsyncIterator[None]:
-    """Make every COMMIT that inserted events wait, inside the COMMIT, for an advisory
-    lock held here: a deferred trigger runs at commit time, before the commit
-    record is written."""
-    key = f"lf-stall-{schema}"
-    async with await _admin() as con:
-        await con.execute(
-            f"CREATE FUNCTION {schema}.stall_commit() RETURNS trigger LANGUAGE plpgsql AS "
-            f"$$ BEGIN PERFORM pg_advisory_xact_lock(hashtext('{key}')); RETURN NULL; END $$"
-        )
-        await con.execute(
-            f"CREATE CONSTRAINT TRIGGER stall_commit AFTER INSERT ON {schema}.events "
-            "DEFERRABLE INITIALLY DEFERRED FOR EACH ROW "
-            f"EXECUTE FUNCTION {schema}.stall_commit()"
-        )
-        await con.execute("SELECT pg_advisory_lock(hashtext(%s))", (key,))
-        try:
-            yield
-        finally:
-            await con.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
-
-
 Request = tuple[str, list[NewEvent], Any]
 """stream, events, expected version"""
 
@@ -477,7 +454,7 @@ async def test_fast_path_loss_during_commit_is_decided_again(
             ("a", [tagged("a-1"), tagged("a-2")], 1),
             ("b", [tagged("b-1")], ledgerflow.ANY),
         ]
-        async with _stalling_commits(pg_schema):
+        async with stalling_commits(pg_schema):
             pid = _writer_pid(store)
             before = _stored(pg_url(pg_schema))
             batch = _batch(store, requests)
@@ -553,7 +530,7 @@ async def test_planned_path_loss_during_commit_is_settled_and_retried(
     async with open_adapter(url) as store:
         requests = await _mixed_url(url)
         paths = _Paths(store, monkeypatch)
-        async with _stalling_commits(pg_schema):
+        async with stalling_commits(pg_schema):
             pid = _writer_pid(store)
             before = _stored(pg_url(pg_schema))
             batch = _batch(store, requests)

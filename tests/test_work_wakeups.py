@@ -16,6 +16,7 @@ import pytest
 
 import ledgerflow
 from ledgerflow import WorkflowClient, WorkflowContext
+from ledgerflow.store._base import BaseEventStore
 from ledgerflow.store.runtime import (
     WAKE_AHEAD_US,
     Nudge,
@@ -88,3 +89,29 @@ async def test_a_start_in_another_process_wakes_the_worker(pg_schema: str) -> No
             await asyncio.sleep(0.05)  # the pass has ended: the instance waits, unleased
             await client.signal(signalled.id, "more", 2)
             assert await signalled.result(timeout=WAIT) == 3
+
+
+async def test_a_failing_watcher_stops_neither_appends_nor_other_watchers(
+    store: BaseEventStore,
+) -> None:
+    woken: list[str] = []
+
+    def broken() -> None:
+        raise RuntimeError("a watcher's bug")
+
+    unwatch_broken = await store.watch_work(broken)  # called first
+    unwatch = await store.watch_work(lambda: woken.append("woken"))
+    for n in range(2):
+        appended = await store.append(
+            f"wf-{n}", [ledgerflow.NewEvent("E")], runtime=[Nudge(f"wf-{n}", 0)]
+        )
+        assert isinstance(appended, ledgerflow.Appended)
+    # At least once per append (PostgreSQL's listener also wakes watchers when it
+    # connects, in case it missed a notification).
+    assert len(woken) >= 2
+    unwatch()
+    unwatch()  # twice is harmless
+    unwatch_broken()
+    before = len(woken)
+    await store.append("wf-3", [ledgerflow.NewEvent("E")], runtime=[Nudge("wf-3", 0)])
+    assert len(woken) == before  # unwatched

@@ -21,6 +21,7 @@ import pytest
 import ledgerflow
 
 from ._engines import WAIT
+from ._workers import CLI, child_env
 
 APP = textwrap.dedent(
     """
@@ -53,17 +54,10 @@ def shop(tmp_path: Path) -> Path:
 
 
 def worker(shop: Path, db: str, *extra: str, step_seconds: float = 0) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "MARKS": str(shop / "marks.txt"),
-        "STEP_SECONDS": str(step_seconds),
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
+    env = child_env(MARKS=str(shop / "marks.txt"), STEP_SECONDS=str(step_seconds))
     return subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from ledgerflow.cli import main; main()",
+            *CLI,
             "worker",
             "--app",
             "shop",
@@ -175,9 +169,7 @@ def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> 
     (shop / "empty.py").write_text("x = 1\n")
     result = subprocess.run(
         [
-            sys.executable,
-            "-c",
-            "from ledgerflow.cli import main; main()",
+            *CLI,
             "worker",
             "--app",
             "empty",
@@ -188,7 +180,7 @@ def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> 
         capture_output=True,
         text=True,
         timeout=WAIT,
-        env={**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)},
+        env=child_env(),
     )
     assert result.returncode == 2
     assert "no workflows found" in result.stderr

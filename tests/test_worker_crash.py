@@ -25,6 +25,8 @@ import pytest
 import ledgerflow
 from ledgerflow.workflow.history import StepDone
 
+from ._workers import CLI, child_env
+
 APP = textwrap.dedent(
     """
     import os
@@ -58,16 +60,9 @@ WORKERS = 3
 
 
 def spawn(app_dir: Path, db: str) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        "EFFECTS": str(app_dir / "effects.txt"),
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
     return subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from ledgerflow.cli import main; main()",
+            *CLI,
             "worker",
             "--app",
             "crashapp",
@@ -81,7 +76,7 @@ def spawn(app_dir: Path, db: str) -> subprocess.Popen[bytes]:
             "50",
         ],
         cwd=app_dir,
-        env=env,
+        env=child_env(EFFECTS=str(app_dir / "effects.txt")),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -149,24 +144,41 @@ async def _kill_run(
                 ),
                 timeout=270,
             )
-            recorded = Counter[tuple[str, int]]()
-            for i in range(instances):
-                for event in await client.history(f"o-{i}"):
-                    if isinstance(event.data, StepDone):
-                        recorded[(f"o-{i}", event.data.seq)] += 1
+            recorded = await _recorded_steps(client, instances)
     finally:
         for worker in running:
             worker.kill()
             worker.wait()
-    assert results == [i + 3 for i in range(instances)]
-    assert set(recorded.values()) == {1}  # no step result recorded twice
-    assert len(recorded) == 3 * instances
-    lines = (tmp_path / "effects.txt").read_text().splitlines()
-    applied = {line.split(" ", 1)[0] for line in lines}
-    assert applied == {f"o-{i}/{seq}" for i in range(instances) for seq in (1, 2, 3)}
+    lines, applied = _each_once(tmp_path, instances, results, recorded)
     # Steps in flight when a worker died ran again: a few repeats, never most.
     assert mid_run >= kills // 2  # the kills did hit work in flight
     assert len(lines) - len(applied) < instances
+
+
+async def _recorded_steps(
+    client: ledgerflow.WorkflowClient, instances: int
+) -> Counter[tuple[str, int]]:
+    """How many times each (order, step) result is recorded in the histories."""
+    recorded = Counter[tuple[str, int]]()
+    for i in range(instances):
+        for event in await client.history(f"o-{i}"):
+            if isinstance(event.data, StepDone):
+                recorded[(f"o-{i}", event.data.seq)] += 1
+    return recorded
+
+
+def _each_once(
+    app_dir: Path, instances: int, results: list[object], recorded: Counter[tuple[str, int]]
+) -> tuple[list[str], set[str]]:
+    """Every order finished with its result, each step result is recorded once, and
+    the external system applied each effect; the effect lines and the keys applied."""
+    assert results == [i + 3 for i in range(instances)]
+    assert set(recorded.values()) == {1}  # no step result recorded twice
+    assert len(recorded) == 3 * instances
+    lines = (app_dir / "effects.txt").read_text().splitlines()
+    applied = {line.split(" ", 1)[0] for line in lines}
+    assert applied == {f"o-{i}/{seq}" for i in range(instances) for seq in (1, 2, 3)}
+    return lines, applied
 
 
 def effects_done(app_dir: Path) -> int:
@@ -242,21 +254,12 @@ async def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
             assert in_flight  # the restart cut work in flight
             assert all(w.poll() is None for w in workers)  # the outage ended no worker
             results = await _results(client, RESTART_INSTANCES)
-            recorded = Counter[tuple[str, int]]()
-            for i in range(RESTART_INSTANCES):
-                for event in await client.history(f"o-{i}"):
-                    if isinstance(event.data, StepDone):
-                        recorded[(f"o-{i}", event.data.seq)] += 1
+            recorded = await _recorded_steps(client, RESTART_INSTANCES)
     finally:
         for worker in workers:
             worker.kill()
             worker.wait()
-    assert results == [i + 3 for i in range(RESTART_INSTANCES)]
-    assert set(recorded.values()) == {1}
-    assert len(recorded) == 3 * RESTART_INSTANCES
-    lines = (tmp_path / "effects.txt").read_text().splitlines()
-    applied = {line.split(" ", 1)[0] for line in lines}
-    assert applied == {f"o-{i}/{seq}" for i in range(RESTART_INSTANCES) for seq in (1, 2, 3)}
+    _each_once(tmp_path, RESTART_INSTANCES, results, recorded)
 
 
 async def _until_effects(app_dir: Path, count: int) -> None:

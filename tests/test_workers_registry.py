@@ -44,6 +44,7 @@ from ._adapters import open_adapter
 from ._engines import WAIT, EngineFactory
 from ._passes import no_pass_crashed as no_pass_crashed  # autouse: applies here
 from ._registry_worker import STALL, stall
+from ._workers import CLI, child_env
 from .conftest import backend_url
 
 LEASE = 10_000_000
@@ -555,16 +556,9 @@ async def test_two_engines_on_one_sqlite_file_are_both_listed(tmp_path: Path) ->
 
 
 def _spawn_stalling_worker(url: str, lease: float) -> subprocess.Popen[bytes]:
-    env = {
-        **os.environ,
-        STALL: "1",
-        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
-    }
     return subprocess.Popen(
         [
-            sys.executable,
-            "-c",
-            "from ledgerflow.cli import main; main()",
+            *CLI,
             "worker",
             "--app",
             "tests._registry_worker",
@@ -575,7 +569,7 @@ def _spawn_stalling_worker(url: str, lease: float) -> subprocess.Popen[bytes]:
             "--lease",
             str(lease),
         ],
-        env=env,
+        env=child_env(**{STALL: "1"}),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -621,7 +621,12 @@ class BaseEventStore(abc.ABC):
 
     def _work_appeared(self) -> None:
         for callback in list(self._work_watchers):
-            callback()
+            try:
+                callback()
+            except Exception:
+                # Called from the writer and the listener: a watcher's bug must not
+                # stop appends or notifications for everyone else.
+                log.exception("%s store: a work watcher failed", self.backend)
 
     # -- reading --------------------------------------------------------------------
 
