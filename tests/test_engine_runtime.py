@@ -357,15 +357,24 @@ async def test_a_failing_claim_is_logged_and_retried_with_back_off(
         script = [True, True, False, True, True, True]  # True: the claim fails
         real_claim = e.store.claim_wakeups
 
+        reached = asyncio.Event()
+        go_on = asyncio.Event()
+
         async def claim_wakeups(*args: Any, **kwargs: Any) -> Any:
+            if len(script) == 3:
+                # Two failures, then a claim: hold the next claim until the test has
+                # seen that (its pokes would otherwise run the script on meanwhile).
+                reached.set()
+                await go_on.wait()
             if script and script.pop(0):
                 raise unavailable(e)
             return await real_claim(*args, **kwargs)
 
         monkeypatch.setattr(e.store, "claim_wakeups", claim_wakeups)
-        await until(lambda: len(script) == 3, poke=e)  # two failures, then a claim
+        await until(reached.is_set, poke=e)
         client = ledgerflow.WorkflowClient(e.store, workflows=[single])
         await client.start(single, 2, id="after-faults")  # claimed after three more
+        go_on.set()
         assert await outcome(e, "after-faults", e._wake.set) == 20
     assert sleeps == [0.2, 0.4, 0.2, 0.4, 0.8]
     reason = f"{e.store.backend} store unavailable: connection dropped (injected)"

@@ -78,6 +78,8 @@ EXPECTED = {
     "current_step",
     "lint_workflow",
     "open_store",
+    "QueueInfo",
+    "TaskLeaseLostError",
     "step",
     "verify_ledger",
     "workflow",

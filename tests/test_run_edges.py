@@ -25,7 +25,7 @@ from ledgerflow import RetryPolicy, WorkflowContext
 from ledgerflow.errors import EventSerializationError, LeaseLostError, StoreUnavailableError
 from ledgerflow.events import ANY
 from ledgerflow.hashing import to_micros as clock_us
-from ledgerflow.workflow import run as run_module
+from ledgerflow.workflow import saga as saga_module
 from ledgerflow.workflow.engine import Engine
 from ledgerflow.workflow.history import (
     ChildFinished,
@@ -265,7 +265,7 @@ async def test_compensation_retry_jitter_comes_from_its_own_source(
     engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     RecordingPolicy.asked = []
-    monkeypatch.setattr(run_module, "DEFAULT_COMPENSATION_RETRY", RecordingPolicy(max_attempts=3))
+    monkeypatch.setattr(saga_module, "DEFAULT_COMPENSATION_RETRY", RecordingPolicy(max_attempts=3))
     tally.fail["undo a"] = 2
     async with engine(undoing) as e:
         with pytest.raises(ledgerflow.WorkflowFailedError, match="compensated"):
@@ -762,7 +762,7 @@ async def test_a_compensation_knows_its_name_and_attempt_and_failures_are_record
     engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     RecordingPolicy.asked = []
-    monkeypatch.setattr(run_module, "DEFAULT_COMPENSATION_RETRY", RecordingPolicy(max_attempts=3))
+    monkeypatch.setattr(saga_module, "DEFAULT_COMPENSATION_RETRY", RecordingPolicy(max_attempts=3))
     async with engine(undo_noting_wf) as e:
         with pytest.raises(ledgerflow.WorkflowFailedError, match="compensated"):
             await outcome(e, await e.start(undo_noting_wf, 4, id="un"))

@@ -623,12 +623,13 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    # 4 is the registry of workers on SQLite; on PostgreSQL 4 is the global order by
-    # transaction visibility and the registry is 5.
-    assert [v for v, _ in recorded] == [1, 2, 3, 4, *([5] if "postgres" in store_url else [])]
+    # 4 is the registry of workers on SQLite and 5 task queues; on PostgreSQL 4 is the
+    # global order by transaction visibility, the registry is 5 and task queues 6.
+    assert [v for v, _ in recorded] == [1, 2, 3, 4, 5, *([6] if "postgres" in store_url else [])]
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
-    assert recorded[-1][1] == "the registry of workers"
+    assert recorded[-2][1] == "the registry of workers"
+    assert recorded[-1][1] == "task queues"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -688,6 +689,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
         (2, MIGRATIONS[1].name),
         (3, MIGRATIONS[2].name),
         (4, MIGRATIONS[3].name),
+        (5, MIGRATIONS[4].name),
     ]
 
 

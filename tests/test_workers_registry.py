@@ -358,7 +358,9 @@ def test_worker_info_is_alive_within_its_lease_and_late_after() -> None:
 async def test_an_engine_registers_at_start_and_deregisters_when_it_closes(
     engine: EngineFactory, clock: ManualClock, store_url: str
 ) -> None:
-    async with engine(stall, queues=["emails", "sms"], lease=timedelta(seconds=30)) as e:
+    async with engine(
+        stall, queues=["emails", "sms"], steps=[send], lease=timedelta(seconds=30)
+    ) as e:
         [row] = await e.store.list_workers()
         assert row == WorkerRow(
             e.owner,
@@ -381,6 +383,11 @@ async def test_an_engine_registers_at_start_and_deregisters_when_it_closes(
         )
     async with after_close(store_url, e) as store:
         assert await store.list_workers() == []
+
+
+def send(n: int) -> int:
+    """A step for the task queues the engines here serve."""
+    return n
 
 
 def test_queues_must_be_names() -> None:
@@ -532,7 +539,7 @@ async def test_two_engines_on_one_sqlite_file_are_both_listed(tmp_path: Path) ->
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     async with (
         ledgerflow.Engine(url, workflows=[stall]) as a,
-        ledgerflow.Engine(url, workflows=[stall, gated], queues=["q"]) as b,
+        ledgerflow.Engine(url, workflows=[stall, gated], queues=["q"], steps=[send]) as b,
     ):
         async with ledgerflow.WorkflowClient(url) as client:
             workers = await client.workers()
@@ -657,7 +664,7 @@ def table_rows(output: str) -> dict[str, list[str]]:
 async def test_cli_workers_list_shows_each_worker_and_its_state(registry_url: str) -> None:
     # takeover=False: it would reap the late worker at start.
     async with ledgerflow.Engine(
-        registry_url, workflows=[stall], queues=["emails"], takeover=False
+        registry_url, workflows=[stall], queues=["emails"], steps=[send], takeover=False
     ) as e:
         result = await cli("workers", "list", "--db", registry_url)
     assert result.exit_code == 0, result.output

@@ -30,6 +30,7 @@ from .errors import (
     StoreReadOnlyError,
     StoreUnavailableError,
     StreamNotFoundError,
+    TaskLeaseLostError,
     UnknownEventTypeError,
     UnknownWorkflowError,
     UnrecordableValueError,
@@ -61,6 +62,7 @@ from .retry import RetryPolicy
 from .store import EventStore, open_store
 from .workflow import (
     Engine,
+    QueueInfo,
     StepInfo,
     WorkerInfo,
     WorkflowClient,
@@ -109,6 +111,7 @@ __all__ = [
     "Metadata",
     "NewEvent",
     "NonDeterminismError",
+    "QueueInfo",
     "RecordedEvent",
     "RecordedValueError",
     "Repository",
@@ -128,6 +131,7 @@ __all__ = [
     "StreamNotFoundError",
     "StreamState",
     "SystemClock",
+    "TaskLeaseLostError",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",

@@ -22,7 +22,7 @@ from .events import RecordedEvent
 from .hashing import from_micros
 from .store import open_store
 from .workflow.client import WorkflowClient
-from .workflow.handles import WorkerInfo, WorkflowDescription
+from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
 from .workflow.history import WorkflowStatus
 
 __all__ = ["app", "main"]
@@ -47,6 +47,10 @@ workers_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(workers_app, name="workers")
+queues_app = typer.Typer(
+    help="Task queues: what waits in them, what runs, and their limits.", no_args_is_help=True
+)
+app.add_typer(queues_app, name="queues")
 
 DbOption = Annotated[
     str,
@@ -361,6 +365,67 @@ def workers_list(
     out.print(table)
 
 
+@queues_app.command("list")
+def queues_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per queue, one per line.")
+    ] = False,
+) -> None:
+    """List the task queues that hold tasks or have a limit: tasks ready for a
+    worker, scheduled later (retries in backoff), running, and the limit."""
+    queues: list[QueueInfo] = _call(db, lambda e: e.task_queues())
+    if as_json:
+        for q in queues:
+            record = {
+                "queue": q.queue,
+                "max_concurrent": q.max_concurrent,
+                "ready": q.ready,
+                "scheduled": q.scheduled,
+                "running": q.running,
+            }
+            typer.echo(msgspec.json.encode(record).decode())
+        return
+    if not queues:
+        out.print("no task queues")
+        return
+    table = Table()
+    table.add_column("queue", overflow="fold")
+    for column in ("ready", "scheduled", "running", "limit"):
+        table.add_column(column, no_wrap=True, justify="right")
+    for q in queues:
+        limit = "-" if q.max_concurrent is None else str(q.max_concurrent)
+        table.add_row(escape(q.queue), str(q.ready), str(q.scheduled), str(q.running), limit)
+    out.print(table)
+
+
+@queues_app.command("limit")
+def queues_limit(
+    queue: Annotated[str, typer.Argument(help="The task queue.")],
+    max_concurrent: Annotated[
+        str,
+        typer.Argument(
+            help="Most tasks of the queue running at once across all workers, or 'none'."
+        ),
+    ],
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Bound how many tasks of a queue run at once, across every worker on the
+    database (e.g. what an external system can take). Workers apply it at once."""
+    if max_concurrent.lower() == "none":
+        limit: int | None = None
+    else:
+        try:
+            limit = int(max_concurrent)
+        except ValueError:
+            _fail(f"max_concurrent must be a whole number >= 1 or 'none', not {max_concurrent!r}")
+        if limit < 1:
+            _fail(f"max_concurrent must be >= 1 or 'none', not {limit}")
+    _call(db, lambda e: e.set_queue_limit(queue, limit))
+    shown = "no limit" if limit is None else f"at most {limit} running at once"
+    out.print(f"queue {escape(queue)}: {shown}")
+
+
 @app.command("worker")
 def worker(
     app_target: Annotated[
@@ -368,11 +433,24 @@ def worker(
         typer.Option(
             "--app",
             envvar="LEDGERFLOW_APP",
-            help="The workflows to run: module (every workflow in it) or module:attribute "
-            "(a workflow or a list of them). Env LEDGERFLOW_APP.",
+            help="What to run: module (every workflow and @ledgerflow.step function in "
+            "it) or module:attribute (a workflow, a step or a list of them). "
+            "Env LEDGERFLOW_APP.",
         ),
     ],
     db: DbOption = DEFAULT_DB,
+    queue: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--queue",
+            envvar="LEDGERFLOW_QUEUES",
+            help="A task queue whose steps this worker runs (repeat for more). Env "
+            "LEDGERFLOW_QUEUES (space-separated).",
+        ),
+    ] = None,
+    task_concurrency: Annotated[
+        int, typer.Option(min=1, help="Tasks (steps of --queue) running at once here.")
+    ] = 16,
     concurrency: Annotated[
         int, typer.Option(min=1, help="Instances running a pass at once in this worker.")
     ] = 200,
@@ -386,25 +464,34 @@ def worker(
         float, typer.Option(min=0.0, help="Seconds running passes get to finish on stop.")
     ] = 10.0,
 ) -> None:
-    """Run workflows until SIGTERM or Ctrl-C, then stop gracefully: finish running
-    passes (up to --grace), give leases back, exit 0. Run as many as you like on
-    one database; each claims only the workflows it registered."""
+    """Run workflows, and the steps of task queues, until SIGTERM or Ctrl-C, then stop
+    gracefully: finish running passes and steps (up to --grace), give leases back,
+    exit 0. Run as many as you like on one database; each claims only the
+    workflows it registered and the steps of its --queue it has."""
     import logging
     import sys
 
-    from .workflow.worker import load_workflows, run_worker
+    from .workflow.worker import load_app, run_worker
 
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    queues = list(queue or ())
     try:
-        workflows = load_workflows(app_target)
+        loaded = load_app(app_target)
     except LedgerflowError as exc:
         _fail(str(exc))
+    if queues and not loaded.steps:
+        _fail(f"--queue {' '.join(queues)}: --app {app_target} holds no steps to run")
+    if not queues and not loaded.workflows:
+        _fail(f"--app {app_target} holds steps but no workflows: name the --queue they serve")
     _run(
         lambda: run_worker(
             db,
-            workflows,
+            loaded.workflows,
+            steps=loaded.steps if queues else (),
+            queues=queues,
+            task_concurrency=task_concurrency,
             concurrency=concurrency,
             lease=timedelta(seconds=lease),
             poll_interval=poll,

@@ -76,6 +76,7 @@ __all__ = [
     "StoreReadOnlyError",
     "StoreUnavailableError",
     "StreamNotFoundError",
+    "TaskLeaseLostError",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",
@@ -119,7 +120,14 @@ class EventSerializationError(EventError):
 
 class InvalidEventDataError(EventError):
     def __init__(self, event_type: str, schema_version: int, reason: str) -> None:
-        super().__init__(f"event {event_type!r} v{schema_version} has invalid data: {reason}")
+        # Also raised for what rides with appends or goes to the store directly
+        # (runtime rows, fences, claims), where no event is named.
+        message = (
+            f"event {event_type!r} v{schema_version} has invalid data: {reason}"
+            if event_type
+            else f"invalid input: {reason}"
+        )
+        super().__init__(message)
         self.event_type = event_type
         self.schema_version = schema_version
         self.reason = reason
@@ -183,6 +191,28 @@ class LeaseLostError(StoreError):
             f"held by {holder} at epoch {held_epoch}"
         )
         self.workflow_id = workflow_id
+        self.owner = owner
+        self.epoch = epoch
+        self.held_by = held_by
+        self.held_epoch = held_epoch
+
+
+class TaskLeaseLostError(LeaseLostError):
+    """A task runner's fenced append whose lease on the task is no longer the one it
+    claimed: the task was claimed again (this runner's lease expired) or dropped
+    (its workflow ended). Nothing of the append was written."""
+
+    def __init__(
+        self, task_id: str, owner: str, epoch: int, held_by: str | None, held_epoch: int
+    ) -> None:
+        holder = "nobody" if held_by is None else f"{held_by!r}"
+        StoreError.__init__(
+            self,
+            f"task {task_id!r}: lease {epoch} of {owner!r} is lost; "
+            f"held by {holder} at epoch {held_epoch}",
+        )
+        self.workflow_id = task_id.rpartition("/")[0]
+        self.task_id = task_id
         self.owner = owner
         self.epoch = epoch
         self.held_by = held_by

@@ -14,10 +14,26 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from uuid import UUID
 
-from ..errors import ConcurrencyError, DuplicateEventError, LeaseLostError, StoreError
+from ..errors import (
+    ConcurrencyError,
+    DuplicateEventError,
+    LeaseLostError,
+    StoreError,
+    TaskLeaseLostError,
+)
 from ..events import AlreadyAppended, Appended, AppendResult, ExpectedVersion, StreamState
 from ..hashing import GENESIS_HASH, chain_hash
-from .runtime import Fence, RuntimeWrite, Schedule, Unschedule
+from .runtime import (
+    DropTask,
+    DropTasks,
+    Fence,
+    PutTask,
+    RetryTask,
+    RuntimeWrite,
+    Schedule,
+    TaskFence,
+    Unschedule,
+)
 
 __all__ = [
     "BatchPlan",
@@ -26,6 +42,8 @@ __all__ = [
     "PreparedEvent",
     "StreamHead",
     "check_expected",
+    "fenced_ids",
+    "fenced_tasks",
     "plan_batch",
     "reused_ids",
 ]
@@ -75,7 +93,7 @@ class AppendRequest:
     events: tuple[PreparedEvent, ...]
     expected: ExpectedVersion
     runtime: tuple[RuntimeWrite, ...] = ()
-    fence: Fence | None = None
+    fence: Fence | TaskFence | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +114,9 @@ class BatchPlan:
     runtime: list[RuntimeWrite]
     """Runtime rows of the requests that were appended, in order."""
     fences: list[Fence]
-    """The fences of the requests that were appended: what a backend that planned
-    without reading the leases must check in the transaction."""
+    """The instance fences of the requests that were appended: what a backend that
+    planned without reading the leases must check in the transaction (a batch with
+    task fences is planned from the leases read)."""
 
 
 def check_expected(stream_id: str, expected: ExpectedVersion, actual: int) -> None:
@@ -155,21 +174,53 @@ def _replayed(request: AppendRequest, existing: Mapping[UUID, EventRow]) -> Appe
 
 def fenced_ids(requests: Sequence[AppendRequest]) -> list[str]:
     """The instances whose leases a batch must read (locked) before planning."""
-    return sorted({r.fence.workflow_id for r in requests if r.fence is not None})
+    return sorted({r.fence.workflow_id for r in requests if isinstance(r.fence, Fence)})
 
 
-def _check_fence(fence: Fence | None, leases: Mapping[str, LeaseState]) -> None:
+def fenced_tasks(requests: Sequence[AppendRequest]) -> list[str]:
+    """The tasks whose leases a batch must read (locked) before planning."""
+    return sorted({r.fence.task_id for r in requests if isinstance(r.fence, TaskFence)})
+
+
+def _check_fence(
+    fence: Fence | TaskFence | None,
+    leases: Mapping[str, LeaseState],
+    task_leases: Mapping[str, LeaseState],
+) -> None:
     if fence is None:
+        return
+    if isinstance(fence, TaskFence):
+        held = task_leases.get(fence.task_id, _NO_LEASE)
+        if held.owner != fence.owner or held.epoch != fence.epoch:
+            raise TaskLeaseLostError(
+                fence.task_id, fence.owner, fence.epoch, held.owner, held.epoch
+            )
         return
     held = leases.get(fence.workflow_id, _NO_LEASE)
     if held.owner != fence.owner or held.epoch != fence.epoch:
         raise LeaseLostError(fence.workflow_id, fence.owner, fence.epoch, held.owner, held.epoch)
 
 
-def _leases_after(leases: dict[str, LeaseState], writes: Sequence[RuntimeWrite]) -> None:
+def _leases_after(
+    leases: dict[str, LeaseState],
+    task_leases: dict[str, LeaseState],
+    writes: Sequence[RuntimeWrite],
+) -> None:
     """What the request's runtime writes do to the leases, so that a later request
     of the batch is fenced against them (as the SQL statements will leave them)."""
     for write in writes:
+        if isinstance(write, RetryTask):
+            if write.task_id in task_leases:
+                task_leases[write.task_id] = LeaseState(None, task_leases[write.task_id].epoch)
+        elif isinstance(write, DropTask):
+            task_leases.pop(write.task_id, None)
+        elif isinstance(write, DropTasks):
+            prefix = f"{write.workflow_id}/"
+            for task_id in [t for t in task_leases if t.startswith(prefix)]:
+                del task_leases[task_id]
+        elif isinstance(write, PutTask):
+            # An insert that keeps an existing row: only a new row has a lease (none).
+            task_leases.setdefault(write.row.task_id, LeaseState(None, write.row.lease_epoch))
         if isinstance(write, Schedule):
             before = leases.get(write.workflow_id, _NO_LEASE)
             if write.lease_owner is None:
@@ -190,6 +241,7 @@ def plan_batch(
     last_position: int,
     recorded_at_us: int,
     leases: Mapping[str, LeaseState] | None = None,
+    task_leases: Mapping[str, LeaseState] | None = None,
 ) -> BatchPlan:
     """Decide each request in order, as if each were its own transaction.
 
@@ -197,9 +249,11 @@ def plan_batch(
     stream), ``existing`` every stored event whose id the batch reuses,
     ``last_position`` the highest global position stored, and ``leases`` the
     stored lease of every instance a request is fenced on (``fenced_ids``; absent:
-    no wake-up row).
+    no wake-up row); ``task_leases`` the same for every task a request is fenced on
+    (``fenced_tasks``).
     """
     held = dict(leases or {})
+    held_tasks = dict(task_leases or {})
     current = dict(heads)
     known = dict(existing)
     changed: dict[str, StreamHead] = {}
@@ -214,7 +268,7 @@ def plan_batch(
             if replayed is not None:
                 outcomes.append(replayed)
                 continue
-            _check_fence(request.fence, held)
+            _check_fence(request.fence, held, held_tasks)
             head = current.get(request.stream_id)
             version = head.version if head else 0
             check_expected(request.stream_id, request.expected, version)
@@ -222,10 +276,10 @@ def plan_batch(
             outcomes.append(error)
             continue
         runtime.extend(request.runtime)
-        if request.fence is not None:
+        if isinstance(request.fence, Fence):
             fences.append(request.fence)
         if request.runtime:
-            _leases_after(held, request.runtime)
+            _leases_after(held, held_tasks, request.runtime)
         if not request.events:
             # A guarded runtime write: the version check passed, nothing to append.
             outcomes.append(Appended(request.stream_id, version, ()))

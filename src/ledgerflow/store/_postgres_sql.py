@@ -209,6 +209,41 @@ def migrations(schema: str) -> tuple[Migration, ...]:
                 "WHERE lease_owner IS NOT NULL",
             ),
         ),
+        Migration(
+            6,
+            "task queues",
+            (
+                # Columns in TaskRow's order (runtime.TASK_COLUMNS). payload is text,
+                # not jsonb: kept byte for byte. attempt counts the claims. Ids
+                # order by code point, as elsewhere; lease_owner keeps the default
+                # collation, as wakeups.lease_owner and workers.worker_id do.
+                f"""CREATE TABLE {schema}.tasks (
+                    task_id text COLLATE "C" PRIMARY KEY,
+                    workflow_id text COLLATE "C" NOT NULL,
+                    seq integer NOT NULL,
+                    kind text NOT NULL,
+                    name text NOT NULL,
+                    queue text NOT NULL,
+                    payload text NOT NULL,
+                    due_at bigint NOT NULL,
+                    attempt integer NOT NULL,
+                    lease_owner text,
+                    lease_until bigint,
+                    lease_epoch bigint NOT NULL,
+                    created_at bigint NOT NULL
+                )""",
+                f"CREATE INDEX tasks_by_queue ON {schema}.tasks (queue, due_at)",
+                f"CREATE INDEX tasks_by_workflow ON {schema}.tasks (workflow_id)",
+                # Reaping, releases and the running counts of limited queues look at
+                # held leases only.
+                f"CREATE INDEX tasks_by_owner ON {schema}.tasks (lease_owner) "
+                "WHERE lease_owner IS NOT NULL",
+                f"""CREATE TABLE {schema}.queues (
+                    queue text PRIMARY KEY,
+                    max_concurrent integer
+                )""",
+            ),
+        ),
     )
 
 
@@ -417,6 +452,11 @@ class Sql:
         # Owners with no row whose lease expired are engines from before the
         # registry: their leases go too (sibling CTEs see the workers table as the
         # statement began, so the dead still have rows there; the IN covers them).
+        # Task leases go the same way, their rows locked in task_id order and only
+        # after every wake-up row, as a write transaction takes them. Left to
+        # itself PostgreSQL finishes the data-modifying CTEs nothing reads last
+        # declared first (released_tasks before released), so held_tasks reads
+        # released: an initplan, evaluated before any task row reaches the lock.
         self.reap_workers = (
             "WITH doomed AS MATERIALIZED ("
             f"SELECT worker_id FROM {s}.workers WHERE heartbeat_at + lease_us < %(now)s "
@@ -430,7 +470,15 @@ class Sql:
             f"SELECT 1 FROM {s}.workers w WHERE w.worker_id = k.lease_owner))) "
             "ORDER BY k.workflow_id FOR UPDATE), "
             f"released AS (UPDATE {s}.wakeups SET lease_owner = NULL, lease_until = NULL "
-            "WHERE workflow_id IN (SELECT workflow_id FROM held) RETURNING workflow_id) "
+            "WHERE workflow_id IN (SELECT workflow_id FROM held) RETURNING workflow_id), "
+            f"held_tasks AS MATERIALIZED (SELECT t.task_id FROM {s}.tasks t "
+            "WHERE (SELECT count(*) FROM released) >= 0 AND t.lease_owner IS NOT NULL AND ("
+            "t.lease_owner IN (SELECT worker_id FROM dead) "
+            "OR (t.lease_until < %(now)s AND NOT EXISTS ("
+            f"SELECT 1 FROM {s}.workers w WHERE w.worker_id = t.lease_owner))) "
+            "ORDER BY t.task_id FOR UPDATE), "
+            f"released_tasks AS (UPDATE {s}.tasks SET lease_owner = NULL, lease_until = NULL "
+            "WHERE task_id IN (SELECT task_id FROM held_tasks) RETURNING task_id) "
             'SELECT worker_id FROM dead ORDER BY worker_id COLLATE "C"'
         )
         # One statement per combination of filters, so that each can use an index.

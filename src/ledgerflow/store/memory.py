@@ -10,14 +10,29 @@ from ..errors import LedgerNotFoundError, StoreError
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
 from ._base import BaseEventStore
-from ._plan import AppendRequest, EventRow, LeaseState, StreamHead, fenced_ids, plan_batch
+from ._plan import (
+    AppendRequest,
+    EventRow,
+    LeaseState,
+    StreamHead,
+    fenced_ids,
+    fenced_tasks,
+    plan_batch,
+)
 from .runtime import (
+    DropTask,
+    DropTasks,
     InstanceRow,
     Lease,
     Nudge,
     PutInstance,
+    PutTask,
+    QueueRow,
+    RetryTask,
     RuntimeWrite,
     Schedule,
+    TaskLease,
+    TaskRow,
     Unschedule,
     WakeupRow,
     WorkerRow,
@@ -42,6 +57,8 @@ class MemoryEventStore(BaseEventStore):
         self._instances: dict[str, InstanceRow] = {}
         self._wakeups: dict[str, WakeupRow] = {}
         self._workers: dict[str, WorkerRow] = {}
+        self._tasks: dict[str, TaskRow] = {}
+        self._limits: dict[str, int] = {}
 
     async def _close(self) -> None:
         pass
@@ -60,6 +77,11 @@ class MemoryEventStore(BaseEventStore):
                 wid: LeaseState(w.lease_owner, w.lease_epoch)
                 for wid in fenced_ids(requests)
                 if (w := self._wakeups.get(wid)) is not None
+            },
+            {
+                tid: LeaseState(t.lease_owner, t.lease_epoch)
+                for tid in fenced_tasks(requests)
+                if (t := self._tasks.get(tid)) is not None
             },
         )
         for row in plan.rows:
@@ -106,6 +128,18 @@ class MemoryEventStore(BaseEventStore):
                     )
             case Unschedule(wid):
                 self._wakeups.pop(wid, None)
+            case PutTask(task):
+                self._tasks.setdefault(task.task_id, task)
+            case RetryTask(tid, due):
+                if (t := self._tasks.get(tid)) is not None:
+                    self._tasks[tid] = replace(
+                        t, due_at_us=due, lease_owner=None, lease_until_us=None
+                    )
+            case DropTask(tid):
+                self._tasks.pop(tid, None)
+            case DropTasks(wid):
+                for tid in [t.task_id for t in self._tasks.values() if t.workflow_id == wid]:
+                    del self._tasks[tid]
 
     async def _claim_wakeups(
         self,
@@ -201,9 +235,135 @@ class MemoryEventStore(BaseEventStore):
                 self._wakeups[w.workflow_id] = WakeupRow(
                     w.workflow_id, w.due_at_us, None, None, w.lease_epoch
                 )
+        for t in list(self._tasks.values()):
+            owner = t.lease_owner
+            if owner is None:
+                continue
+            expired = t.lease_until_us is not None and t.lease_until_us < now_us
+            if owner in dead or (expired and owner not in self._workers):
+                self._tasks[t.task_id] = replace(t, lease_owner=None, lease_until_us=None)
         for wid in dead:
             del self._workers[wid]
         return sorted(dead)
+
+    # -- task queues ------------------------------------------------------------------
+
+    def _running(self, queue: str, now_us: int) -> int:
+        return sum(
+            1
+            for t in self._tasks.values()
+            if t.queue == queue and t.lease_owner is not None and (t.lease_until_us or 0) >= now_us
+        )
+
+    async def _claim_tasks(
+        self,
+        owner: str,
+        queues: tuple[str, ...],
+        names: tuple[str, ...] | None,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+    ) -> list[TaskRow]:
+        claimed: list[TaskRow] = []
+        for queue in queues:
+            room = limit - len(claimed)
+            if queue in self._limits:
+                room = min(room, self._limits[queue] - self._running(queue, now_us))
+            if room <= 0:
+                continue
+            due = sorted(
+                (
+                    t
+                    for t in self._tasks.values()
+                    if t.queue == queue
+                    and (names is None or t.name in names)
+                    and _task_claimable(t, now_us)
+                ),
+                key=lambda t: (t.due_at_us, t.task_id),
+            )[:room]
+            for t in due:
+                leased = replace(
+                    t,
+                    attempt=t.attempt + 1,
+                    lease_owner=owner,
+                    lease_until_us=lease_until_us,
+                    lease_epoch=t.lease_epoch + 1,
+                )
+                self._tasks[t.task_id] = leased
+                claimed.append(leased)
+        return sorted(claimed, key=lambda t: (t.due_at_us, t.task_id))
+
+    async def _renew_task_leases(
+        self, owner: str, leases: list[TaskLease], lease_until_us: int
+    ) -> list[TaskLease]:
+        kept = []
+        for lease in leases:
+            t = self._tasks.get(lease.task_id)
+            if t is not None and t.lease_owner == owner and t.lease_epoch == lease.epoch:
+                self._tasks[t.task_id] = replace(t, lease_until_us=lease_until_us)
+                kept.append(lease)
+        return kept
+
+    async def _release_tasks(self, owner: str | None) -> int:
+        held = [
+            t
+            for t in self._tasks.values()
+            if t.lease_owner is not None and (owner is None or t.lease_owner == owner)
+        ]
+        for t in held:
+            self._tasks[t.task_id] = replace(
+                t, lease_owner=None, lease_until_us=None, attempt=max(0, t.attempt - 1)
+            )
+        return len(held)
+
+    async def _next_task_due(
+        self, queues: tuple[str, ...], names: tuple[str, ...] | None
+    ) -> int | None:
+        times = [
+            t.due_at_us if t.lease_owner is None else max(t.due_at_us, (t.lease_until_us or 0) + 1)
+            for t in self._tasks.values()
+            if t.queue in queues and (names is None or t.name in names)
+        ]
+        return min(times, default=None)
+
+    async def _list_tasks(
+        self, queue: str | None, workflow_id: str | None, after: str | None, limit: int
+    ) -> list[TaskRow]:
+        rows = sorted(
+            (
+                t
+                for t in self._tasks.values()
+                if (queue is None or t.queue == queue)
+                and (workflow_id is None or t.workflow_id == workflow_id)
+                and (after is None or t.task_id > after)
+            ),
+            key=lambda t: t.task_id,
+        )
+        return rows[:limit]
+
+    async def _set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
+        if max_concurrent is None:
+            self._limits.pop(queue, None)
+        else:
+            self._limits[queue] = max_concurrent
+
+    async def _list_queues(self, now_us: int) -> list[QueueRow]:
+        names = sorted({t.queue for t in self._tasks.values()} | set(self._limits))
+        rows = []
+        for queue in names:
+            tasks = [t for t in self._tasks.values() if t.queue == queue]
+            running = self._running(queue, now_us)
+            ready = sum(1 for t in tasks if _task_claimable(t, now_us))
+            rows.append(
+                QueueRow(
+                    queue,
+                    self._limits.get(queue),
+                    ready,
+                    sum(1 for t in tasks if t.lease_owner is None and t.due_at_us > now_us),
+                    running,
+                )
+            )
+        return rows
 
     async def _lease_owners(self) -> list[str]:
         return sorted({w.lease_owner for w in self._wakeups.values() if w.lease_owner})
@@ -276,3 +436,9 @@ def _claimable(w: WakeupRow, now_us: int) -> bool:
     if w.due_at_us is None or w.due_at_us > now_us:
         return False
     return w.lease_owner is None or (w.lease_until_us is not None and w.lease_until_us < now_us)
+
+
+def _task_claimable(t: TaskRow, now_us: int) -> bool:
+    if t.due_at_us > now_us:
+        return False
+    return t.lease_owner is None or (t.lease_until_us is not None and t.lease_until_us < now_us)

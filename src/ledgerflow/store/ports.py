@@ -1,6 +1,6 @@
 """The store ports, by capability: ``EventStore`` (the ledger: all that aggregates
 and audit need) and ``WorkflowStore`` (the ledger plus the workflow runtime's rows:
-instances, wake-ups, leases and the registry of workers). Every adapter implements
+instances, wake-ups, leases, task queues and the registry of workers). Every adapter implements
 both; code outside ``store/`` depends on these, never on an adapter or the shared
 ``_base``."""
 
@@ -13,7 +13,18 @@ from typing import Protocol, Self
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
 from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
-from .runtime import Fence, InstanceRow, Lease, RuntimeWrite, WakeupRow, WorkerRow
+from .runtime import (
+    Fence,
+    InstanceRow,
+    Lease,
+    QueueRow,
+    RuntimeWrite,
+    TaskFence,
+    TaskLease,
+    TaskRow,
+    WakeupRow,
+    WorkerRow,
+)
 
 __all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
@@ -92,11 +103,12 @@ class EventStore(Protocol):
         *,
         metadata: Metadata | None = None,
         runtime: Sequence[RuntimeWrite] = (),
-        fence: Fence | None = None,
+        fence: Fence | TaskFence | None = None,
     ) -> AppendResult:
         """Append registered event objects or ``NewEvent`` values to a stream.
 
-        ``fence``: written only while that lease is still held (``LeaseLostError``).
+        ``fence``: written only while that lease (of an instance, or of a task) is
+        still held (``LeaseLostError``).
 
         ``metadata`` applies to every event of the call that carries none of its own.
         ``runtime`` rows (see ``store.runtime``) are written in the same transaction,
@@ -243,4 +255,55 @@ class WorkflowStore(EventStore, Protocol):
         older than their lease at ``now_us`` and remove their rows; release too the
         expired leases of owners that have no row (engines from before the registry).
         The ids of the workers removed, in order."""
+        ...
+
+    # -- task queues ------------------------------------------------------------------
+
+    async def claim_tasks(
+        self,
+        owner: str,
+        *,
+        queues: Collection[str],
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        names: Collection[str] | None = None,
+    ) -> list[TaskRow]:
+        """Lease due, unheld tasks of ``queues`` (of the steps ``names``, if given)
+        to ``owner``, each at its next epoch and attempt, within each queue's
+        ``max_concurrent``; the rows as leased."""
+        ...
+
+    async def renew_task_leases(
+        self, owner: str, leases: Sequence[TaskLease], *, lease_until_us: int
+    ) -> list[TaskLease]:
+        """Extend those of ``owner``'s task leases it still holds; those."""
+        ...
+
+    async def release_tasks(self, owner: str | None = None) -> int:
+        """Give back ``owner``'s task leases (all if None), due at once and the
+        attempt in flight not counted; how many there were."""
+        ...
+
+    async def next_task_due(
+        self, *, queues: Collection[str], names: Collection[str] | None = None
+    ) -> int | None:
+        """The earliest moment (µs) a task of ``queues`` may become claimable."""
+        ...
+
+    async def list_tasks(
+        self,
+        *,
+        queue: str | None = None,
+        workflow_id: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+    ) -> list[TaskRow]: ...
+
+    async def set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
+        """Bound the tasks of ``queue`` running at once across all workers."""
+        ...
+
+    async def list_queues(self, now_us: int) -> list[QueueRow]:
+        """Queues with tasks or a limit, with their counts at ``now_us``."""
         ...

@@ -25,9 +25,9 @@ import logging
 import re
 import uuid
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import unquote, urlsplit
 from uuid import UUID
 
@@ -63,12 +63,15 @@ from ._plan import (
     reused_ids,
 )
 from ._postgres_sql import Sql, allocator_key, migrations, stream_key
+from ._postgres_tasks import PostgresTasks, TaskSql, task_locks
 from .runtime import (
     Fence,
     InstanceRow,
     Lease,
-    PutInstance,
+    Nudge,
     RuntimeWrite,
+    Schedule,
+    Unschedule,
     WakeupRow,
     WorkerRow,
     as_row,
@@ -108,6 +111,7 @@ _KNOWN_HEADS = 10_000  # stream heads the writer remembers for one-round-trip ap
 _WRITER_IDLE_LIMIT = "10s"
 
 Connection = psycopg.AsyncConnection[TupleRow]
+T = TypeVar("T")
 _Session = tuple[int, datetime]
 """A server session: its backend's pid and start time (a pid alone may be reused)."""
 
@@ -156,20 +160,27 @@ def _writes(requests: Sequence[AppendRequest]) -> list[RuntimeWrite]:
     return [w for r in requests for w in r.runtime]
 
 
+def _touched(writes: Sequence[RuntimeWrite]) -> set[str]:
+    """The wake-up rows ``writes`` change."""
+    return {w.workflow_id for w in writes if isinstance(w, Schedule | Nudge | Unschedule)}
+
+
 def _wakeup_ids(fences: Sequence[Fence], writes: Sequence[RuntimeWrite]) -> list[str]:
     """Every wake-up row a batch may lock, fenced or written (the database orders
     them when it locks)."""
     ids = {f.workflow_id for f in fences}
-    ids.update(w.workflow_id for w in writes if not isinstance(w, PutInstance))
+    ids.update(_touched(writes))
     return sorted(ids)
 
 
 def _runtime_statement(
-    sql: Sql, write: RuntimeWrite
+    sql: Sql, tasks: TaskSql, write: RuntimeWrite
 ) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
     kind, params = as_row(write)
     if kind == "schedule":  # named: the owner is used twice
         return sql.schedule, dict(zip(("wid", "due", "owner", "until"), params, strict=True))
+    if kind in tasks.runtime:
+        return tasks.runtime[kind], params
     statement = {
         "put": sql.put_instance,
         "schedule": sql.schedule,
@@ -287,7 +298,7 @@ def _location(conninfo: str, schema: str) -> str:
     return f"postgresql://{netloc}/{params.get('dbname') or ''}?schema={schema}"
 
 
-class PostgresEventStore(BaseEventStore):
+class PostgresEventStore(PostgresTasks, BaseEventStore):
     backend = "postgres"
     poll_interval = 2.0  # NOTIFY wakes subscribers; this only bounds a lost notification
     dense_positions = False  # positions a write took and did not commit stay unused
@@ -401,6 +412,48 @@ class PostgresEventStore(BaseEventStore):
         ``flushed=False``: its commit does not wait for the disk (a claim: see
         _claim_wakeups), sent with its BEGIN and COMMIT in one round trip.
         """
+
+        async def run(conn: Connection) -> list[TupleRow]:
+            if flushed:
+                cur = await conn.execute(sql, params, binary=True)
+            else:
+                async with _pipeline(conn):
+                    await conn.execute("BEGIN")
+                    await conn.execute("SET LOCAL synchronous_commit TO off")
+                    cur = await conn.execute(sql, params, binary=True)
+                    await conn.execute("COMMIT")
+            return [] if cur.description is None else await cur.fetchall()
+
+        return await self._pooled(action, run)
+
+    async def _transaction(
+        self, action: str, fn: Callable[[Connection], Awaitable[T]], *, flushed: bool = True
+    ) -> T:
+        """Run ``fn`` on the reader pool, in one READ COMMITTED transaction (each
+        statement sees what committed before it began), as ``_fetch`` runs one
+        statement. Its statements are pipelined after the BEGIN: each fetch is a
+        round trip, and the COMMIT one more."""
+
+        async def run(conn: Connection) -> T:
+            try:
+                async with _pipeline(conn):
+                    await conn.execute("BEGIN ISOLATION LEVEL READ COMMITTED")
+                    if not flushed:
+                        await conn.execute("SET LOCAL synchronous_commit TO off")
+                    result = await fn(conn)
+                    await conn.execute("COMMIT")
+            except BaseException:
+                # Roll back here, not in the pool (which would warn about it).
+                if not conn.broken:
+                    with contextlib.suppress(psycopg.Error):
+                        await conn.rollback()
+                raise
+            return result
+
+        return await self._pooled(action, run)
+
+    async def _pooled(self, action: str, run: Callable[[Connection], Awaitable[T]]) -> T:
+        """``run`` on a connection of the reader pool; psycopg's errors as ours."""
         pool = self._pool
         if pool is None:  # closed while a read was under way (a subscription, a wait)
             raise StoreClosedError()
@@ -408,30 +461,23 @@ class PostgresEventStore(BaseEventStore):
             for attempt in (1, 2):
                 async with pool.connection() as conn:
                     try:
-                        if flushed:
-                            cur = await conn.execute(sql, params, binary=True)
-                        else:
-                            async with _pipeline(conn):
-                                await conn.execute("BEGIN")
-                                await conn.execute("SET LOCAL synchronous_commit TO off")
-                                cur = await conn.execute(sql, params, binary=True)
-                                await conn.execute("COMMIT")
-                        return [] if cur.description is None else await cur.fetchall()
+                        return await run(conn)
                     except psycopg.OperationalError:
                         if attempt == 2 or not conn.broken:
                             raise
                 # Pooled connections died while idle (server restart, idle timeout):
-                # replace them all, then repeat. Each statement sent through the pool
-                # is its own transaction, and repeating one is safe:
+                # replace them all, then repeat. What runs through the pool is a
+                # transaction of its own, and repeating one is safe:
                 # - reads, the snapshot upsert and lease releases are idempotent (a
                 #   repeated release may under-count what the lost one cleared); so
                 #   are the registry's statements (a repeated reap may not name the
-                #   workers the lost one removed);
-                # - a claim is not: if the lost attempt committed before the
-                #   connection died, its rows stay leased to the owner, who never
-                #   learns of them. The repeat does not return them (they are leased),
-                #   so no row goes to two workers; they run late instead, once their
-                #   lease expires and any worker may claim them again.
+                #   workers the lost one removed) and renewals;
+                # - a claim (of wake-ups or tasks) is not: if the lost attempt
+                #   committed before the connection died, its rows stay leased to the
+                #   owner, who never learns of them. The repeat does not return them
+                #   (they are leased), so no row goes to two workers; they run late
+                #   instead, once their lease expires and any worker may claim them
+                #   again.
                 await pool.check()
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -497,6 +543,8 @@ class PostgresEventStore(BaseEventStore):
             "workflows": ("INSERT", "UPDATE"),
             "wakeups": ("INSERT", "UPDATE", "DELETE"),
             "workers": ("INSERT", "UPDATE", "DELETE"),
+            "tasks": ("INSERT", "UPDATE", "DELETE"),
+            "queues": ("INSERT", "UPDATE"),
         }
         needed = [(f"{s}.{table}", p) for table, privileges in writes.items() for p in privileges]
         cur = await conn.execute(
@@ -787,16 +835,19 @@ class PostgresEventStore(BaseEventStore):
         # The wake-up rows of fenced requests, locked (with those the batch writes,
         # in id order, as every writer locks them) so no claim moves a lease between
         # this check and the commit. After begin_append: a row lock gives the
-        # transaction its id, which must come with its positions.
-        fenced = fenced_ids(requests)
-        leases_cur = (
-            await conn.execute(
-                sql.lock_wakeups,
-                (_wakeup_ids([r.fence for r in requests if r.fence], _writes(requests)),),
+        # transaction its id, which must come with its positions. Then the same for
+        # task rows (see task_locks), always after the wake-up rows the batch
+        # touches: reaping locks in that order too.
+        tasks = task_locks(requests)
+        wakeups = (
+            _wakeup_ids(
+                [r.fence for r in requests if isinstance(r.fence, Fence)], _writes(requests)
             )
-            if fenced
-            else None
+            if fenced_ids(requests) or tasks
+            else []
         )
+        leases_cur = await conn.execute(sql.lock_wakeups, (wakeups,)) if wakeups else None
+        tasks_cur = await conn.execute(self._task_sql.lock, tasks) if tasks else None
         row = await begun.fetchone()
         first: int | None = None if row is None else row[0]
         heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await heads_cur.fetchall()}
@@ -804,8 +855,10 @@ class PostgresEventStore(BaseEventStore):
         existing = {row.id: row for row in map(_row, found)}
         locked = [] if leases_cur is None else await leases_cur.fetchall()
         leases = {wid: LeaseState(owner, epoch) for wid, owner, epoch in locked}
+        held = [] if tasks_cur is None else await tasks_cur.fetchall()
+        task_leases = {tid: LeaseState(owner, epoch) for tid, owner, epoch in held}
         last = 0 if first is None else first - 1
-        plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases)
+        plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases, task_leases)
         return first, plan, heads
 
     # -- the one-round-trip path ----------------------------------------------------
@@ -821,6 +874,12 @@ class PostgresEventStore(BaseEventStore):
 
     def _fast_plan(self, requests: list[AppendRequest], recorded_at_us: int) -> BatchPlan | None:
         if self._known_next is None:
+            return None
+        if task_locks(requests) is not None:
+            # A task fence, retry or drop: the batch plans from task rows it locks
+            # and reads first (see _plan). Puts of tasks alone may come this way:
+            # such a batch holds no task row, so an insert that waits for a
+            # conflicting row's holder closes no cycle of waits (see task_locks).
             return None
         if self._fast_skip:
             # Others are writing too: guesses keep missing, so skip a few.
@@ -838,7 +897,7 @@ class PostgresEventStore(BaseEventStore):
         assumed = {
             r.fence.workflow_id: LeaseState(r.fence.owner, r.fence.epoch)
             for r in requests
-            if r.fence is not None
+            if isinstance(r.fence, Fence)
         }
         plan = plan_batch(requests, heads, {}, self._known_next - 1, recorded_at_us, assumed)
         if not plan.rows or any(isinstance(o, StoreError) for o in plan.outcomes):
@@ -1041,13 +1100,13 @@ class PostgresEventStore(BaseEventStore):
         self, cur: psycopg.AsyncCursor[TupleRow], writes: Sequence[RuntimeWrite]
     ) -> None:
         """Apply the runtime rows in order, pipelined with the rest of the batch."""
-        touched = {w.workflow_id for w in writes if not isinstance(w, PutInstance)}
+        touched = _touched(writes)
         if len(touched) > 1:
             # Take the wake-up rows in id order before changing them in the batch's
             # order: release_wakeups locks in id order too, so neither can hold one
             # row while waiting for another the other holds. (Claims never wait.)
             await cur.execute(self._sql.lock_wakeups, (list(touched),))
-        statements = [_runtime_statement(self._sql, w) for w in writes]
+        statements = [_runtime_statement(self._sql, self._task_sql, w) for w in writes]
         # A run of writes of one kind goes as one executemany; the order is kept.
         for statement, run in itertools.groupby(statements, key=lambda t: t[0]):
             await cur.executemany(statement, [params for _, params in run])

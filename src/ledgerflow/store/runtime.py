@@ -15,6 +15,13 @@ They are written only through ``append(..., runtime=[...])``, in the transaction
 records the events they summarize, and only if that append succeeds: an index can
 never disagree with the history it indexes.
 
+- ``tasks``: one row per step sent to a task queue (``ctx.step(fn, queue="erp")``)
+  and not yet finished: workers of that queue claim due rows with a lease, run the
+  step and record its outcome in the workflow's stream, fenced by the task's lease
+  (``TaskFence``). Written with the events they summarize, like the two above.
+- ``queues``: optional limits per task queue (``max_concurrent`` across all
+  workers), read by every claim.
+
 - ``workers``: one row per running engine (``WorkerRow``), kept fresh by its
   heartbeat. It indexes no history: engines write it directly (``register_worker``,
   ``heartbeat_worker``, ``deregister_worker``), and a worker whose heartbeat is older
@@ -30,13 +37,21 @@ from typing import Any, Literal, TypeAlias
 
 __all__ = [
     "RUNTIME_WRITES",
+    "DropTask",
+    "DropTasks",
     "Fence",
     "InstanceRow",
     "Lease",
     "Nudge",
     "PutInstance",
+    "PutTask",
+    "QueueRow",
+    "RetryTask",
     "RuntimeWrite",
     "Schedule",
+    "TaskFence",
+    "TaskLease",
+    "TaskRow",
     "Unschedule",
     "WakeupRow",
     "WorkerRow",
@@ -79,7 +94,7 @@ class WorkerRow:
     """For people reading the registry; never used to judge liveness (a pid means
     nothing outside its PID namespace)."""
     queues: tuple[str, ...]
-    """Task queues it serves (none yet)."""
+    """Task queues it serves."""
     workflows: tuple[str, ...]
     """The ``name@version`` of each workflow it can run."""
     version: str
@@ -92,6 +107,68 @@ class WorkerRow:
     """Instances running a pass in it at its last heartbeat."""
     stopping: bool = False
     """It is shutting down gracefully: it claims nothing more."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRow:
+    """A step waiting in (or running from) a task queue, as the ``tasks`` table
+    records it. Times are µs on the database's clock."""
+
+    task_id: str
+    """``<workflow id>/<seq>``: the command's idempotency key, unique per step."""
+    workflow_id: str
+    seq: int
+    kind: str
+    """``step`` or ``compensation``."""
+    name: str
+    """The step's name: what a worker of the queue looks its function up by."""
+    queue: str
+    payload: str
+    """JSON the runtime reads (arguments, retry policy, timeout); the store keeps
+    it as text, byte for byte."""
+    due_at_us: int
+    attempt: int = 0
+    """Attempts started: each claim takes the next one, so an attempt lost with its
+    worker counts too (a step that kills its workers runs out of attempts)."""
+    lease_owner: str | None = None
+    lease_until_us: int | None = None
+    lease_epoch: int = 0
+    created_at_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class QueueRow:
+    """A task queue as a worker or an operator sees it."""
+
+    queue: str
+    max_concurrent: int | None
+    """Tasks of the queue running at once across all workers; None: no limit."""
+    ready: int
+    """Due and not running."""
+    scheduled: int
+    """Due later (a retry's backoff)."""
+    running: int
+    """Leased and the lease not expired."""
+
+
+@dataclass(frozen=True, slots=True)
+class TaskLease:
+    """A claimed task: its id and the epoch of this runner's lease on it."""
+
+    task_id: str
+    epoch: int
+
+
+@dataclass(frozen=True, slots=True)
+class TaskFence:
+    """An append's precondition: ``owner`` still holds the task's lease at ``epoch``
+    (the task's runner recording its outcome). As ``Fence`` for an instance: if the
+    task was claimed again or dropped (its workflow ended), the append fails with
+    ``LeaseLostError`` and writes nothing."""
+
+    task_id: str
+    owner: str
+    epoch: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,8 +234,40 @@ class Unschedule:
     workflow_id: str
 
 
-RuntimeWrite: TypeAlias = PutInstance | Schedule | Nudge | Unschedule
-RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule)
+@dataclass(frozen=True, slots=True)
+class PutTask:
+    """Send a step to its queue (kept as it is if the task exists already)."""
+
+    row: TaskRow
+
+
+@dataclass(frozen=True, slots=True)
+class RetryTask:
+    """An attempt failed and another follows at ``due_at_us``: the lease is given
+    back (its epoch kept) and the backoff holds no worker."""
+
+    task_id: str
+    due_at_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropTask:
+    """The task is done: its outcome is in the workflow's stream."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class DropTasks:
+    """The workflow ended: the tasks it still had queued are moot."""
+
+    workflow_id: str
+
+
+RuntimeWrite: TypeAlias = (
+    PutInstance | Schedule | Nudge | Unschedule | PutTask | RetryTask | DropTask | DropTasks
+)
+RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule, PutTask, RetryTask, DropTask, DropTasks)
 
 
 WAKE_AHEAD_US = 1_000_000
@@ -167,12 +276,17 @@ clocks that differ a little and timers due before a worker's next poll."""
 
 
 def makes_work(writes: Sequence[RuntimeWrite], now_us: int) -> bool:
-    """Whether ``writes`` make an instance claimable by any worker about now: a nudge
-    (a signal, a cancellation, a child's end) or an unleased wake-up due within
-    ``WAKE_AHEAD_US``. A wake-up leased to its writer is that writer's to run."""
+    """Whether ``writes`` make an instance or a task claimable by any worker about
+    now: a nudge (a signal, a cancellation, a child's end, a task's outcome), an
+    unleased wake-up due within ``WAKE_AHEAD_US``, or a task queued or retried that
+    soon. A wake-up leased to its writer is that writer's to run."""
     for write in writes:
         if isinstance(write, Nudge):
             return True
+        if isinstance(write, PutTask | RetryTask):
+            due = write.row.due_at_us if isinstance(write, PutTask) else write.due_at_us
+            if due <= now_us + WAKE_AHEAD_US:
+                return True
         if (
             isinstance(write, Schedule)
             and write.lease_owner is None
@@ -187,11 +301,39 @@ def nudged(current: int | None, due_at_us: int) -> int:
     return due_at_us if current is None else min(current, due_at_us)
 
 
-def as_row(
-    write: RuntimeWrite,
-) -> tuple[Literal["put", "schedule", "nudge", "unschedule"], tuple[Any, ...]]:
+TASK_COLUMNS = (
+    "task_id, workflow_id, seq, kind, name, queue, payload, due_at, attempt, "
+    "lease_owner, lease_until, lease_epoch, created_at"
+)
+"""The ``tasks`` table's columns in ``TaskRow``'s field order."""
+
+
+def task_values(r: TaskRow) -> tuple[Any, ...]:
+    return (
+        r.task_id,
+        r.workflow_id,
+        r.seq,
+        r.kind,
+        r.name,
+        r.queue,
+        r.payload,
+        r.due_at_us,
+        r.attempt,
+        r.lease_owner,
+        r.lease_until_us,
+        r.lease_epoch,
+        r.created_at_us,
+    )
+
+
+RowKind: TypeAlias = Literal[
+    "put", "schedule", "nudge", "unschedule", "put_task", "retry_task", "drop_task", "drop_tasks"
+]
+
+
+def as_row(write: RuntimeWrite) -> tuple[RowKind, tuple[Any, ...]]:
     """Which statement a SQL backend runs for ``write``, and its parameters in the
-    column order of the ``workflows`` / ``wakeups`` tables."""
+    column order of the ``workflows`` / ``wakeups`` / ``tasks`` tables."""
     match write:
         case PutInstance(r):
             return "put", (
@@ -209,3 +351,11 @@ def as_row(
             return "nudge", (wid, due)
         case Unschedule(wid):
             return "unschedule", (wid,)
+        case PutTask(row):
+            return "put_task", task_values(row)
+        case RetryTask(tid, due):
+            return "retry_task", (due, tid)
+        case DropTask(tid):
+            return "drop_task", (tid,)
+        case DropTasks(wid):
+            return "drop_tasks", (wid,)

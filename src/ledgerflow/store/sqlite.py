@@ -46,9 +46,11 @@ from ._plan import (
     LeaseState,
     StreamHead,
     fenced_ids,
+    fenced_tasks,
     plan_batch,
     reused_ids,
 )
+from ._sqlite_tasks import REAP_TASK_LEASES, TASK_MIGRATION, TASK_SQL, SQLiteTasks
 from .runtime import (
     InstanceRow,
     Lease,
@@ -152,6 +154,7 @@ MIGRATIONS = (
             "CREATE INDEX wakeups_by_owner ON wakeups (lease_owner) WHERE lease_owner IS NOT NULL",
         ),
     ),
+    TASK_MIGRATION,
 )
 
 _PUT_INSTANCE = (
@@ -221,6 +224,7 @@ _RUNTIME_SQL = {
     "schedule": _SCHEDULE,
     "nudge": _NUDGE,
     "unschedule": "DELETE FROM wakeups WHERE workflow_id = ?",
+    **TASK_SQL,
 }
 
 
@@ -239,7 +243,9 @@ _UPSERT_HEAD = (
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
     "last_hash = excluded.last_hash, last_position = excluded.last_position"
 )
-_LEDGER_TABLES = frozenset({"events", "streams", "snapshots", "workflows", "wakeups", "workers"})
+_LEDGER_TABLES = frozenset(
+    {"events", "streams", "snapshots", "workflows", "wakeups", "workers", "tasks", "queues"}
+)
 _MIGRATION_COLUMNS = frozenset({"version", "name", "applied_at"})
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 _NO_LIMIT = -1
@@ -289,7 +295,7 @@ def path_from_url(url: str) -> Path:
     return Path(path)
 
 
-class SQLiteEventStore(BaseEventStore):
+class SQLiteEventStore(SQLiteTasks, BaseEventStore):
     backend = "sqlite"
     poll_interval = 0.25  # other processes' commits are only seen by polling
     readers = 2
@@ -689,7 +695,16 @@ class SQLiteEventStore(BaseEventStore):
                     chunk,
                 ):
                     leases[wid] = LeaseState(owner, epoch)
-            plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases)
+            task_leases: dict[str, LeaseState] = {}
+            for chunk in _chunks(fenced_tasks(requests)):
+                marks = ",".join("?" * len(chunk))
+                for tid, owner, epoch in con.execute(
+                    "SELECT task_id, lease_owner, lease_epoch FROM tasks "
+                    f"WHERE task_id IN ({marks})",
+                    chunk,
+                ):
+                    task_leases[tid] = LeaseState(owner, epoch)
+            plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases, task_leases)
             if not plan.rows and not plan.runtime:
                 con.execute("ROLLBACK")
                 return plan.outcomes
@@ -804,6 +819,11 @@ class SQLiteEventStore(BaseEventStore):
         return Snapshot(sid, version, type_name, schema_version, state, from_micros(at))
 
     # -- runtime rows ---------------------------------------------------------------
+
+    def _write_con(self) -> sqlite3.Connection:
+        con = self._writer_con
+        assert con is not None
+        return con
 
     async def _write(self, sql: str, params: Sequence[Any]) -> list[Any]:
         def run() -> list[Any]:
@@ -956,6 +976,7 @@ class SQLiteEventStore(BaseEventStore):
                     )
                 ]
                 con.execute(_REAP_LEASES, (now_us,))
+                con.execute(REAP_TASK_LEASES, (now_us,))
                 if dead:
                     con.execute(f"DELETE FROM workers WHERE {_DEAD}", (now_us,))
                 con.execute("COMMIT")

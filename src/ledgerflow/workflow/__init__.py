@@ -6,7 +6,7 @@ from .client import WorkflowClient
 from .context import WorkflowContext
 from .definition import StepOptions, WorkflowDefinition, step, workflow
 from .engine import Engine, WorkflowDescription, WorkflowHandle
-from .handles import WorkerInfo
+from .handles import QueueInfo, WorkerInfo
 from .history import WorkflowStatus
 from .lint import LintFinding, lint_workflow
 from .replay import export_history, replay
@@ -15,6 +15,7 @@ from .steps import StepInfo, current_step
 __all__ = [
     "Engine",
     "LintFinding",
+    "QueueInfo",
     "StepInfo",
     "StepOptions",
     "WorkerInfo",

@@ -40,7 +40,14 @@ from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
-from .handles import WorkerInfo, WorkflowDescription, WorkflowHandle, open_wait, waiting_for
+from .handles import (
+    QueueInfo,
+    WorkerInfo,
+    WorkflowDescription,
+    WorkflowHandle,
+    open_wait,
+    waiting_for,
+)
 from .history import (
     TERMINAL,
     CancelRequested,
@@ -496,6 +503,18 @@ class WorkflowClient:
         rows = await self.store.list_workers()
         as_of_us = await self.store.database_now_us()
         return [WorkerInfo.from_row(row, as_of_us) for row in rows]
+
+    async def task_queues(self) -> list[QueueInfo]:
+        """The task queues that have tasks or a limit, by name, with how many tasks
+        are ready, scheduled later (a retry's backoff) and running, counted on the
+        database's clock."""
+        rows = await self.store.list_queues(await self.store.database_now_us())
+        return [QueueInfo(r.queue, r.max_concurrent, r.ready, r.scheduled, r.running) for r in rows]
+
+    async def set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
+        """Let at most ``max_concurrent`` tasks of ``queue`` run at once across every
+        worker on this store (None: no limit); workers apply it from their next claim."""
+        await self.store.set_queue_limit(queue, max_concurrent)
 
 
 def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:

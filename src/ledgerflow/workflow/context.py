@@ -48,6 +48,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
         name: str | None = None,
+        queue: str | None = None,
     ) -> R: ...
 
     @overload
@@ -59,6 +60,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
         name: str | None = None,
+        queue: str | None = None,
     ) -> R: ...
 
     @overload
@@ -70,6 +72,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
         name: str | None = None,
+        queue: str | None = None,
     ) -> R: ...
 
     def step(  # type: ignore[misc]  # mypy cannot match *Ts overloads to *Any
@@ -80,6 +83,7 @@ class WorkflowContext:
         retry: RetryPolicy | None = None,
         timeout: timedelta | float | None = None,
         name: str | None = None,
+        queue: str | None = None,
     ) -> Coroutine[Any, Any, Any]:
         """Run ``fn(*args)`` once for this instance and record its result.
 
@@ -91,6 +95,14 @@ class WorkflowContext:
         ``compensate`` (called with the same arguments, plus ``result=`` if it takes
         that keyword) is run if the workflow later fails or is cancelled. ``fn`` may
         also be an object with ``execute`` and ``compensate`` methods.
+
+        ``queue`` (or the ``queue`` of ``@ledgerflow.step``) sends the step to a task
+        queue: a worker serving it (``Engine(queues=..., steps=...)``, ``ledgerflow
+        worker --queue``), perhaps in another service, looks ``fn`` up by the step's
+        name, runs it with the recorded arguments and records the outcome here. The
+        workflow waits for it without holding a worker; retries are durable timers.
+        Its compensation runs on its own queue if declared with one, else on the
+        step's queue.
         """
         if hasattr(fn, "execute") and hasattr(fn, "compensate"):
             target: Callable[..., Any] = fn.execute
@@ -110,6 +122,7 @@ class WorkflowContext:
             compensate,
             retry or options.retry or DEFAULT_STEP_RETRY,
             timeout if timeout is not None else options.timeout,
+            queue or options.queue,
         )
 
     async def sleep(self, duration: timedelta | float) -> None:

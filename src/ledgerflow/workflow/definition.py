@@ -92,6 +92,7 @@ class StepOptions:
     retry: RetryPolicy | None = None
     timeout: timedelta | float | None = None
     compensate: Callable[..., Any] | None = None
+    queue: str | None = None
 
 
 def step(
@@ -100,15 +101,22 @@ def step(
     retry: RetryPolicy | None = None,
     timeout: timedelta | float | None = None,
     compensate: Callable[..., Any] | None = None,
+    queue: str | None = None,
 ) -> Callable[[F], F]:
     """Give a step function defaults that ``ctx.step`` uses unless told otherwise.
 
-    The name is what history records; keep it stable across deploys (the default is
-    the function's qualified name, which a rename changes).
+    The name is what history records, and what a worker of a task queue looks the
+    function up by; keep it stable across deploys (the default is the function's
+    qualified name, which a rename changes). ``queue``: the step runs on a worker
+    serving that task queue (``ledgerflow worker --queue``), perhaps in another
+    service, instead of in the engine that runs the workflow.
     """
+    if queue is not None and (not isinstance(queue, str) or not queue):
+        raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
 
     def mark(fn: F) -> F:
-        setattr(fn, _STEP_ATTR, StepOptions(name or fn.__qualname__, retry, timeout, compensate))
+        options = StepOptions(name or fn.__qualname__, retry, timeout, compensate, queue)
+        setattr(fn, _STEP_ATTR, options)
         return fn
 
     return mark

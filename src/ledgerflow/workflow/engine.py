@@ -43,6 +43,7 @@ from ..hashing import from_micros
 from ..registry import EventRegistry
 from ..store import WorkflowStore
 from ..store.runtime import (
+    DropTasks,
     Fence,
     InstanceRow,
     Lease,
@@ -57,11 +58,9 @@ from .definition import WorkflowDefinition
 from .handles import WorkflowDescription, WorkflowHandle
 from .history import (
     TERMINAL,
-    CancelRequested,
     ChildFinished,
     History,
     Resumed,
-    SignalSent,
     Stuck,
     WorkflowStatus,
     error_message,
@@ -70,6 +69,7 @@ from .host import Abandon, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .membership import Membership
 from .run import _Run
+from .tasks import StepRegistry, TaskRunner
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
 
@@ -93,8 +93,11 @@ class Engine(WorkflowClient):
     another engine. Liveness is that heartbeat alone, never host and pid: a pid
     means nothing across PID namespaces (containers) or hosts.
 
-    ``queues`` names the task queues the engine serves, for the registry (task
-    queues themselves are to come).
+    ``queues`` names the task queues the engine serves and ``steps`` the step
+    functions (or step objects) it can run for them: it claims the tasks of those
+    queues whose step it has, at most ``task_concurrency`` at once, and records
+    their outcomes in their workflows' histories (see ``workflow.tasks``). An
+    engine may serve queues without running any workflow, or the reverse.
     """
 
     def __init__(
@@ -112,11 +115,24 @@ class Engine(WorkflowClient):
         snapshot_every: int | None = 1_000,
         registry: EventRegistry | None = None,
         queues: Sequence[str] = (),
+        steps: Sequence[Any] = (),
+        task_concurrency: int = 16,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
+        if task_concurrency < 1:
+            raise ConfigurationError("Engine task_concurrency must be >= 1")
         if isinstance(queues, str) or not all(isinstance(q, str) and q for q in queues):
             raise ConfigurationError("Engine queues must be a sequence of non-empty names")
+        try:
+            registered = StepRegistry(steps)
+        except (TypeError, ValueError) as exc:
+            raise ConfigurationError(f"Engine steps: {exc}") from None
+        if queues and not registered:
+            raise ConfigurationError(
+                f"Engine serves task queues {list(queues)} but has no steps to run: "
+                "pass steps=[...] (ledgerflow worker: --app naming them)"
+            )
         # Unless told otherwise, time is the database's: workers on hosts whose clocks
         # disagree still agree on leases, due times and what they record.
         clock = clock or DatabaseClock()
@@ -140,7 +156,7 @@ class Engine(WorkflowClient):
             queues=self.queues,
             lease_us=self._lease_us,
             workflows=self._definitions.keys,
-            in_flight=lambda: len(self._active),
+            in_flight=lambda: len(self._active) + (self._tasks.in_flight if self._tasks else 0),
             stopping=self._stopping,
         )
         self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
@@ -163,6 +179,20 @@ class Engine(WorkflowClient):
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
         self._host = _Host(self)
+        self._tasks: TaskRunner | None = None
+        if self.queues:
+            self._tasks = TaskRunner(
+                self.store,
+                owner=self.owner,
+                queues=self.queues,
+                steps=registered,
+                pool=self.step_pool,
+                lease_us=self._lease_us,
+                now_us=self._now_us,
+                stream_id=self.stream_id,
+                concurrency=task_concurrency,
+                poll_interval=poll_interval,
+            )
 
     @property
     def lease_us(self) -> int:
@@ -188,6 +218,8 @@ class Engine(WorkflowClient):
 
     def _poke(self) -> None:
         self._wake.set()
+        if self._tasks is not None:
+            self._tasks.poke()
 
     async def start_engine(self) -> None:
         """Open the store, recover unfinished instances and start running them."""
@@ -209,6 +241,8 @@ class Engine(WorkflowClient):
         self._unwatch = await self.store.watch_work(self._poke)
         self._scheduler = asyncio.create_task(self._schedule(), name="ledgerflow-scheduler")
         self._heartbeat = asyncio.create_task(self._renew(), name="ledgerflow-heartbeat")
+        if self._tasks is not None:
+            self._tasks.start()
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop claiming work, let running passes finish (up to ``grace`` seconds),
@@ -224,12 +258,7 @@ class Engine(WorkflowClient):
         await self._membership.beat(self._now_us())
         if self._scheduler is not None:
             await self._scheduler
-        active = list(self._active.values())
-        if active:
-            _, pending = await asyncio.wait(active, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+        await asyncio.gather(self._finish_passes(grace), self._stop_tasks(grace))
         if self._heartbeat is not None:
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
@@ -244,6 +273,18 @@ class Engine(WorkflowClient):
     def _stopping(self) -> bool:
         # A method, not the attribute: close() flips it while loops await.
         return self._closing
+
+    async def _finish_passes(self, grace: float) -> None:
+        active = list(self._active.values())
+        if active:
+            _, pending = await asyncio.wait(active, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _stop_tasks(self, grace: float) -> None:
+        if self._tasks is not None:
+            await self._tasks.stop(grace)
 
     async def _schedule(self) -> None:
         failures = 0
@@ -315,7 +356,7 @@ class Engine(WorkflowClient):
 
     async def _reap(self, now: int) -> None:
         if await self._membership.reap(now):
-            self._wake.set()  # their instances are claimable now
+            self._poke()  # their instances and tasks are claimable now
 
     async def _renew(self) -> None:
         """The heartbeat: tell the registry this engine lives, reap workers that do
@@ -332,6 +373,8 @@ class Engine(WorkflowClient):
             now = self._now_us()
             if await self._membership.beat(now) and self.takeover:
                 await self._reap(now)
+            if self._tasks is not None:
+                await self._tasks.renew()
             held = [
                 Lease(wid, fence.epoch)
                 for wid, fence in self._fences.items()
@@ -464,6 +507,8 @@ class Engine(WorkflowClient):
             ]
             if parent is None:
                 runtime.append(Unschedule(workflow_id))
+            if history.sent_to_queues():
+                runtime.append(DropTasks(workflow_id))  # steps it no longer waits for
             # A signal or cancellation that landed meanwhile fails this append: the
             # pass runs again and decides with it in view.
             if await self._append_keeping(history, result.buffered, [finished], runtime):
@@ -510,7 +555,7 @@ class Engine(WorkflowClient):
         while buffered:
             stream = self.stream_id(history.workflow_id)
             newer = await self.store.read_stream(stream, from_version=history.version + 1)
-            if not newer or not all(_from_outside(e.data) for e in newer):
+            if not newer or not all(history.from_outside(e.data) for e in newer):
                 break
             history.extend(newer)
             try:
@@ -587,7 +632,7 @@ class Engine(WorkflowClient):
                 newer = await self.store.read_stream(
                     self.stream_id(workflow_id), from_version=history.version + 1
                 )
-                if not all(_from_outside(e.data) for e in newer):
+                if not all(history.from_outside(e.data) for e in newer):
                     self._journal.forget(workflow_id)
                     return
                 history.extend(newer)
@@ -680,7 +725,3 @@ class _Host:
     async def cancel_child(self, child_id: str, reason: str) -> None:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
             await self._engine.cancel(child_id, f"parent cancelled: {reason}")
-
-
-def _from_outside(data: Any) -> bool:
-    return isinstance(data, SignalSent | CancelRequested | ChildFinished)

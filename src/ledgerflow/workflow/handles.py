@@ -12,6 +12,9 @@ from ..store.runtime import WorkerRow
 from .history import (
     ChildDone,
     ChildStarted,
+    CompensationDone,
+    CompensationFailed,
+    CompensationScheduled,
     History,
     SignalTaken,
     SignalTimedOut,
@@ -19,6 +22,7 @@ from .history import (
     StepAttemptFailed,
     StepDone,
     StepFailed,
+    StepScheduled,
     TimerFired,
     TimerStarted,
 )
@@ -26,7 +30,14 @@ from .history import (
 if TYPE_CHECKING:
     from .client import WorkflowClient
 
-__all__ = ["WorkerInfo", "WorkflowDescription", "WorkflowHandle", "open_wait", "waiting_for"]
+__all__ = [
+    "QueueInfo",
+    "WorkerInfo",
+    "WorkflowDescription",
+    "WorkflowHandle",
+    "open_wait",
+    "waiting_for",
+]
 
 O = TypeVar("O")  # noqa: E741
 
@@ -51,6 +62,21 @@ class WorkflowDescription:
 
 
 WorkerState = Literal["alive", "stopping", "late"]
+
+
+@dataclass(frozen=True, slots=True)
+class QueueInfo:
+    """A task queue: its limit and its tasks, counted when read."""
+
+    queue: str
+    max_concurrent: int | None
+    """Most tasks of the queue running at once across all workers; None: no limit."""
+    ready: int
+    """Due and waiting for a worker of the queue."""
+    scheduled: int
+    """Due later: failed attempts waiting for their retry."""
+    running: int
+    """Held by a worker (leased, the lease not expired)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +108,7 @@ class WorkerInfo:
     lease: timedelta
     """Its lease length: how long it may go without a heartbeat."""
     in_flight: int
-    """Instances running a pass in it, at its last heartbeat."""
+    """Instances running a pass in it and tasks it is running, at its last heartbeat."""
     stopping: bool
     """It is shutting down gracefully: it claims nothing more."""
     as_of: datetime
@@ -155,7 +181,16 @@ class WorkflowHandle(Generic[O]):
 def open_commands(history: History) -> list[list[Any]]:
     """The recorded commands still without an outcome, newest first (several when
     the code waits on a ``gather``)."""
-    done = (TimerFired, SignalTaken, SignalTimedOut, ChildDone, StepDone, StepFailed)
+    done = (
+        TimerFired,
+        SignalTaken,
+        SignalTimedOut,
+        ChildDone,
+        StepDone,
+        StepFailed,
+        CompensationDone,
+        CompensationFailed,
+    )
     found = []
     for seq in sorted(history.commands, reverse=True):
         events = history.commands[seq]
@@ -181,13 +216,21 @@ def waiting_for(history: History) -> str | None:
                 return f"signal {event.name!r}"
             if isinstance(event, ChildStarted):
                 return f"child {event.child_id}"
+        first = events[0]
+        where = ""
+        if isinstance(first, StepScheduled | CompensationScheduled):
+            where = f" on task queue {first.queue!r}"
         failures = [e for e in events if isinstance(e, StepAttemptFailed)]
         if failures:
             last = failures[-1]
             return (
-                f"retry of step {last.name!r} after attempt {last.attempt} failed: "
+                f"retry of step {last.name!r}{where} after attempt {last.attempt} failed: "
                 f"{last.error_type}: {last.message}"
             )
+        if isinstance(first, StepScheduled):
+            return f"step {first.name!r}{where}"
+        if isinstance(first, CompensationScheduled):
+            return f"compensation of step {first.name!r}{where}"
     return None
 
 

@@ -30,6 +30,7 @@ __all__ = [
     "CompensationAttemptFailed",
     "CompensationDone",
     "CompensationFailed",
+    "CompensationScheduled",
     "Finished",
     "History",
     "Resumed",
@@ -42,6 +43,7 @@ __all__ = [
     "StepAttemptFailed",
     "StepDone",
     "StepFailed",
+    "StepScheduled",
     "Stuck",
     "TimerFired",
     "TimerStarted",
@@ -72,6 +74,15 @@ class StepFailed(_Command, frozen=True, kw_only=True):
     kind = "step"
     error_type: str
     message: str
+
+
+class StepScheduled(_Command, frozen=True, kw_only=True):
+    """The step was sent to a task queue: a worker of ``queue`` runs it and records
+    its attempts and outcome here (``StepAttemptFailed``, ``StepDone``,
+    ``StepFailed``), fenced by its lease on the task."""
+
+    kind = "step"
+    queue: str
 
 
 class StepAttemptFailed(_Command, frozen=True, kw_only=True):
@@ -148,6 +159,14 @@ class CompensationFailed(_Command, frozen=True, kw_only=True):
     step_seq: int
     error_type: str
     message: str
+
+
+class CompensationScheduled(_Command, frozen=True, kw_only=True):
+    """The compensation was sent to a task queue (that of its step, or its own)."""
+
+    kind = "compensation"
+    step_seq: int
+    queue: str
 
 
 class CompensationAttemptFailed(_Command, frozen=True, kw_only=True):
@@ -264,6 +283,8 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (Finished, "wf.finished"),
     (Stuck, "wf.stuck"),
     (Resumed, "wf.resumed"),
+    (StepScheduled, "wf.step_scheduled"),
+    (CompensationScheduled, "wf.compensation_scheduled"),
 )
 
 
@@ -371,6 +392,25 @@ class History:
         history.events = raw["events"]
         return history
 
+    def from_outside(self, data: Any) -> bool:
+        """Whether ``data`` was recorded by someone other than the instance's runner,
+        who may append it while a pass runs: a signal, a cancellation, a child's
+        end, or the attempts and outcome of a step or compensation sent to a task
+        queue (only its task's runner records those)."""
+        if isinstance(data, SignalSent | CancelRequested | ChildFinished):
+            return True
+        if isinstance(data, _TASK_OUTCOMES):
+            first = self.commands.get(data.seq)
+            return first is not None and isinstance(first[0], StepScheduled | CompensationScheduled)
+        return False
+
+    def sent_to_queues(self) -> bool:
+        """Whether any command was sent to a task queue."""
+        return any(
+            isinstance(events[0], StepScheduled | CompensationScheduled)
+            for events in self.commands.values()
+        )
+
     def untaken_signals(self) -> list[tuple[int, SignalSent]]:
         return [(v, s) for v, s in self.signals if v not in self.taken]
 
@@ -392,6 +432,15 @@ class History:
                 return signal
         raise KeyError(version)
 
+
+_TASK_OUTCOMES = (
+    StepDone,
+    StepFailed,
+    StepAttemptFailed,
+    CompensationDone,
+    CompensationFailed,
+    CompensationAttemptFailed,
+)
 
 SNAPSHOT_TYPE = "wf.history"
 SNAPSHOT_VERSION = 2

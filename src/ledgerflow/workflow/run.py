@@ -35,7 +35,6 @@ import hashlib
 import logging
 import random
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -55,42 +54,38 @@ from ..errors import (
 )
 from ..hashing import from_micros
 from ..retry import RetryPolicy, as_seconds
+from ..store.runtime import PutTask, TaskRow
 from .codec import CodecError, from_builtins, json_schema, to_builtins
 from .context import WorkflowContext
-from .definition import WorkflowDefinition, return_type
+from .definition import WorkflowDefinition, return_type, step_options
 from .history import (
-    CancelRequested,
     ChildDone,
     ChildFinished,
     ChildStarted,
     ClockRead,
-    CompensationAttemptFailed,
-    CompensationDone,
-    CompensationFailed,
     Finished,
     History,
     SignalRejected,
-    SignalSent,
     SignalTaken,
     SignalTimedOut,
     SignalWaiting,
     StepAttemptFailed,
     StepDone,
     StepFailed,
+    StepScheduled,
     TimerFired,
     TimerStarted,
     WorkflowStatus,
     error_message,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Relinquish, Restart, RunHost, Suspend
+from .saga import Compensation, Saga, _first
 from .steps import (
-    DEFAULT_COMPENSATION_RETRY,
     Attempts,
-    accepts_result,
     jitter_source,
-    keep_async,
     nothing,
 )
+from .tasks import task_payload
 
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
@@ -102,19 +97,10 @@ log = logging.getLogger("ledgerflow.engine")
 T = TypeVar("T")
 
 
-@dataclass
-class _Compensation:
-    step_seq: int
-    name: str
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    result: Any
-
-
 _RETURNED_NOTHING: Any = object()
 
 
-class _Run:
+class _Run(Saga):
     """The mechanics behind one pass; see the module docstring."""
 
     def __init__(
@@ -133,7 +119,7 @@ class _Run:
         self.buffer: list[Any] = []
         """Clock readings: recorded with the next append, before anything acts on them."""
         self.exposed: Any = None
-        self.compensations: list[_Compensation] = []
+        self.compensations: list[Compensation] = []
         self.compensating = False
         self.shield = 0
         self.appending = asyncio.Lock()
@@ -187,7 +173,11 @@ class _Run:
             if oversize is None:
                 return self._finish(finished)
             failure = (type(oversize).__name__, str(oversize))
-        return await self._fail(failure, cancelled)
+        try:
+            return await self._fail(failure, cancelled)
+        except Suspend as suspend:  # a compensation runs on a task queue: wait for it
+            await self._settle()
+            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
 
     async def _settle(self) -> None:
         """Let every command the body started settle; the body takes no new ones."""
@@ -239,95 +229,6 @@ class _Run:
         if self.fault is None:
             self.fault = stop
         return self.fault
-
-    async def _fail(self, failure: tuple[str, str], cancelled: bool) -> PassResult:
-        error_type, message = failure
-        self.compensating = True
-        if cancelled and not self.query:
-            await self._cancel_children(message)
-        gave_up = False
-        ran = False
-        for comp in reversed(self.compensations):
-            seq, recorded = self._command("compensation", comp.name, own=True)
-            ran = True
-            final = _final(recorded, CompensationDone | CompensationFailed)
-            if final is not None:
-                gave_up = gave_up or isinstance(final, CompensationFailed)
-                continue
-            if self.query:
-                raise Suspend()  # replay checked what is recorded; acting is not its part
-            with self.acting:
-                if not await self._compensate(seq, comp, recorded or []):
-                    gave_up = True
-        self._check_finished_path()
-        if gave_up:
-            status = WorkflowStatus.COMPENSATION_FAILED
-        elif ran:
-            status = WorkflowStatus.COMPENSATED
-        else:
-            status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
-        return self._finish(Finished(status=status, error_type=error_type, message=message))
-
-    async def _compensate(self, seq: int, comp: _Compensation, recorded: list[Any]) -> bool:
-        call: Callable[..., Any] = comp.fn
-        if accepts_result(comp.fn):
-
-            def call(*a: Any, _fn: Callable[..., Any] = comp.fn, _r: Any = comp.result) -> Any:
-                return _fn(*a, result=_r)
-
-            call = keep_async(comp.fn, call)
-        await self.record([])
-        policy = DEFAULT_COMPENSATION_RETRY
-        attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
-        name = f"compensate {comp.name}"
-        while True:
-            await self.attempts.outlive(seq)
-            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt, None)
-            release()
-            if ok:
-                await self.record(
-                    [CompensationDone(seq=seq, name=comp.name, step_seq=comp.step_seq)]
-                )
-                return True
-            error_type, message = type(value).__name__, error_message(value)
-            if not policy.retries(value, attempt):
-                await self.record(
-                    [
-                        CompensationFailed(
-                            seq=seq,
-                            name=comp.name,
-                            step_seq=comp.step_seq,
-                            error_type=error_type,
-                            message=message,
-                        )
-                    ]
-                )
-                return False
-            await self.record(
-                [
-                    CompensationAttemptFailed(
-                        seq=seq,
-                        name=comp.name,
-                        step_seq=comp.step_seq,
-                        attempt=attempt,
-                        error_type=error_type,
-                        message=message,
-                    )
-                ]
-            )
-            await asyncio.sleep(
-                policy.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
-            )
-            attempt += 1
-
-    async def _cancel_children(self, reason: str) -> None:
-        for events in list(self.history.commands.values()):
-            started = _first(events, ChildStarted)
-            if started is None or _first(events, ChildDone) is not None:
-                continue
-            if started.child_id in self.history.children:
-                continue
-            await self._host(self.host.cancel_child(started.child_id, reason))
 
     def _check_finished_path(self) -> None:
         later = self.history.recorded(self.seq + 1)
@@ -428,7 +329,7 @@ class _Run:
                         newer = await self.host.read_after(self.history)
                         # Nothing new to see (yet), or commands of another runner:
                         # replay from the record rather than append on top of it.
-                        if not newer or any(not _external(e.data) for e in newer):
+                        if not newer or any(not self.history.from_outside(e.data) for e in newer):
                             raise self._raise(Restart()) from None
                         self.history.extend(newer)
                         continue
@@ -459,6 +360,7 @@ class _Run:
         compensate: Callable[..., Any] | None,
         retry: RetryPolicy,
         timeout: timedelta | float | None,
+        queue: str | None = None,
     ) -> Any:
         seq, recorded = self._command("step", name)
         wanted = return_type(fn)
@@ -471,6 +373,18 @@ class _Run:
                 value = from_builtins(outcome.result, wanted)
             except CodecError:
                 value = self._decode(outcome.result, wanted, _result_of(name, seq))
+        elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
+            # Sent to a task queue (now, or by an earlier pass: the record decides,
+            # whatever the code says today): a worker of the queue runs it.
+            value = await self._remote_step(seq, name, fn, args, retry, timeout, queue, recorded)
+            compensate_queue = step_options(compensate).queue if compensate else None
+            if compensate is not None:
+                self.compensations.append(
+                    Compensation(
+                        seq, name, compensate, args, value, compensate_queue or _queue_of(recorded)
+                    )
+                )
+            return value
         else:
             self._live()
             with self.acting:
@@ -482,11 +396,59 @@ class _Run:
                 # Registered before the command settles: a pass that fails meanwhile
                 # waits for it, so a completed step's compensation is never lost.
                 if compensate is not None:
-                    self.compensations.append(_Compensation(seq, name, compensate, args, value))
+                    self.compensations.append(Compensation(seq, name, compensate, args, value))
             return value
         if compensate is not None:
-            self.compensations.append(_Compensation(seq, name, compensate, args, value))
+            own = step_options(compensate).queue
+            queue_of = own or (_queue_of(recorded) if recorded else None)
+            self.compensations.append(Compensation(seq, name, compensate, args, value, queue_of))
         return value
+
+    async def _remote_step(
+        self,
+        seq: int,
+        name: str,
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        retry: RetryPolicy,
+        timeout: timedelta | float | None,
+        queue: str | None,
+        recorded: list[Any] | None,
+    ) -> Any:
+        """A step run by a worker of its task queue: sent (with the command's record,
+        in one append), then waited for like a child; its outcome arrives in this
+        stream, appended by the task's runner with a nudge."""
+        self._live()
+        if not recorded:
+            assert queue is not None
+            with self.acting:
+                arguments = self._encode(list(args), f"the arguments of step {name!r}")
+                payload = task_payload(arguments, {}, retry, as_seconds(timeout), name)
+                row = self._task_row(seq, "step", name, queue, payload)
+                await self.record([StepScheduled(seq=seq, name=name, queue=queue)], (PutTask(row),))
+            recorded = self.history.recorded(seq)
+        outcome = recorded[-1] if recorded else None
+        if isinstance(outcome, StepFailed):
+            raise StepFailedError(name, outcome.error_type, outcome.message)
+        if isinstance(outcome, StepDone):
+            wanted = return_type(fn)
+            return self._decode(outcome.result, wanted, _result_of(name, seq))
+        raise Suspend()
+
+    def _task_row(self, seq: int, kind: str, name: str, queue: str, payload: str) -> TaskRow:
+        now = self.host.now_us()
+        workflow_id = self.history.workflow_id
+        return TaskRow(
+            f"{workflow_id}/{seq}",
+            workflow_id,
+            seq,
+            kind,
+            name,
+            queue,
+            payload,
+            now,
+            created_at_us=now,
+        )
 
     async def _run_step(
         self,
@@ -709,27 +671,14 @@ def _surely_within(payload: Any, budget: int) -> bool:
     return False
 
 
+def _queue_of(recorded: list[Any] | None) -> str | None:
+    """The queue a step was sent to, if it was."""
+    first = recorded[0] if recorded else None
+    return first.queue if isinstance(first, StepScheduled) else None
+
+
 def _result_of(name: str, seq: int) -> str:
     return f"result of step {name!r} (command {seq})"
-
-
-def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:
-    for event in recorded or ():
-        if isinstance(event, kind):
-            return event
-    return None
-
-
-def _final(recorded: list[Any] | None, kinds: Any) -> Any:
-    """The event that ended a command (a result, a failure), if recorded."""
-    for event in recorded or ():
-        if isinstance(event, kinds):
-            return event
-    return None
-
-
-def _external(data: Any) -> bool:
-    return isinstance(data, SignalSent | CancelRequested | ChildFinished)
 
 
 class _Acting:

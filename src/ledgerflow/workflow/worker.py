@@ -1,11 +1,12 @@
 """A worker process: an engine that runs until told to stop (``ledgerflow worker``).
 
 Many workers share one store: each claims only the instances of the workflows it
-registered, renews the leases of what it runs and fences its appends with them
-(ADR 007). On SIGTERM or SIGINT a worker stops claiming, lets running passes finish
-for a grace period, cancels the rest (what they recorded stands; a step in flight
-runs again elsewhere), gives its leases back, so another worker starts on them at
-once, and returns.
+registered and the tasks of the queues it serves whose steps it has, renews the
+leases of what it runs and fences its appends with them (ADR 007). On SIGTERM or
+SIGINT a worker stops claiming, lets running passes and tasks finish for a grace
+period, cancels the rest (what they recorded stands; a step in flight runs again
+elsewhere), gives its leases back, so another worker starts on them at once, and
+returns.
 """
 
 from __future__ import annotations
@@ -15,21 +16,37 @@ import importlib
 import logging
 import signal
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
 from ..errors import ConfigurationError
-from .definition import WorkflowDefinition
+from .definition import _STEP_ATTR, StepOptions, WorkflowDefinition
 from .engine import Engine
 
-__all__ = ["load_workflows", "run_worker"]
+__all__ = ["App", "load_app", "load_workflows", "run_worker"]
 
 log = logging.getLogger("ledgerflow.worker")
 
 
-def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
-    """The workflows named by ``module:attribute`` (a definition, or a sequence of
-    them), or every workflow defined at the top level of ``module``."""
+@dataclass(frozen=True)
+class App:
+    """What a worker runs: workflows, and steps for the task queues it serves."""
+
+    workflows: list[WorkflowDefinition[Any, Any]]
+    steps: list[Any]
+
+
+def _is_step(value: Any) -> bool:
+    return isinstance(getattr(value, _STEP_ATTR, None), StepOptions) or (
+        hasattr(value, "execute") and hasattr(value, "compensate") and not isinstance(value, type)
+    )
+
+
+def load_app(target: str) -> App:
+    """The workflows and steps named by ``module:attribute`` (a workflow, a step, or
+    a sequence of them), or every workflow and ``@ledgerflow.step`` function defined
+    at the top level of ``module``."""
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise ConfigurationError(f"--app {target!r}: expected module or module:attribute")
@@ -44,17 +61,33 @@ def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
             raise ConfigurationError(
                 f"--app {target!r}: module {module_name!r} has no {attribute!r}"
             ) from None
-        candidates = [found] if isinstance(found, WorkflowDefinition) else found
+        single = isinstance(found, WorkflowDefinition) or _is_step(found)
+        candidates = [found] if single else found
         if not isinstance(candidates, Sequence) or not all(
-            isinstance(c, WorkflowDefinition) for c in candidates
+            isinstance(c, WorkflowDefinition) or _is_step(c) or callable(c) for c in candidates
         ):
             raise ConfigurationError(
-                f"--app {target!r}: expected a workflow or a list of workflows, "
+                f"--app {target!r}: expected a workflow, a step or a list of them, "
                 f"not {type(found).__name__}"
             )
-        workflows = list(candidates)
+        values = list(candidates)
     else:
-        workflows = [v for v in vars(module).values() if isinstance(v, WorkflowDefinition)]
+        values = [
+            v
+            for v in vars(module).values()
+            if isinstance(v, WorkflowDefinition)
+            or (_is_step(v) and getattr(v, "__module__", None) == module.__name__)
+        ]
+    workflows = [v for v in values if isinstance(v, WorkflowDefinition)]
+    steps = [v for v in values if not isinstance(v, WorkflowDefinition)]
+    if not values:
+        raise ConfigurationError(f"--app {target!r}: no workflows or steps found")
+    return App(workflows, steps)
+
+
+def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
+    """The workflows of ``load_app(target)``; raises if there are none."""
+    workflows = load_app(target).workflows
     if not workflows:
         raise ConfigurationError(f"--app {target!r}: no workflows found")
     return workflows
@@ -64,6 +97,9 @@ async def run_worker(
     store: str,
     workflows: Sequence[WorkflowDefinition[Any, Any]],
     *,
+    steps: Sequence[Any] = (),
+    queues: Sequence[str] = (),
+    task_concurrency: int = 16,
     concurrency: int = 200,
     lease: timedelta = timedelta(seconds=60),
     poll_interval: float = 1.0,
@@ -87,16 +123,22 @@ async def run_worker(
         concurrency=concurrency,
         lease=lease,
         poll_interval=poll_interval,
+        queues=queues,
+        steps=steps,
+        task_concurrency=task_concurrency,
     )
     try:
         await engine.open()
-        names = ", ".join(sorted({f"{w.name} v{w.version}" for w in workflows}))
+        names = ", ".join(sorted({f"{w.name} v{w.version}" for w in workflows})) or "none"
         log.info(
-            "worker %s started on %s: %s; concurrency %d",
+            "worker %s started on %s: workflows %s (concurrency %d); task queues %s "
+            "(concurrency %d)",
             engine.owner,
             engine.store.location,
             names,
             concurrency,
+            ", ".join(queues) or "none",
+            task_concurrency,
         )
         await stop.wait()
         log.info("worker %s stopping: finishing running passes (%.1fs)", engine.owner, grace)

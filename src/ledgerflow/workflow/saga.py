@@ -1,0 +1,213 @@
+"""Sagas: a failed or cancelled workflow's compensations, run in reverse order of
+the steps they undo, here or on a task queue.
+
+``Saga`` is the part of a pass (``run._Run``) that runs them; it shares the pass's
+state and commands, and is a module of its own only to keep each one readable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..store.runtime import PutTask, RuntimeWrite, TaskRow
+from .codec import to_builtins
+from .definition import step_options
+from .history import (
+    ChildDone,
+    ChildStarted,
+    CompensationAttemptFailed,
+    CompensationDone,
+    CompensationFailed,
+    CompensationScheduled,
+    Finished,
+    History,
+    WorkflowStatus,
+    error_message,
+)
+from .host import PassResult, RunHost, Suspend
+from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, jitter_source, keep_async
+from .tasks import task_payload
+
+if TYPE_CHECKING:
+    from .run import _Acting
+
+__all__ = ["Compensation", "Saga"]
+
+T = TypeVar("T")
+
+
+@dataclass
+class Compensation:
+    step_seq: int
+    name: str
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    result: Any
+    queue: str | None = None
+    """The task queue it runs on (its own, else its step's); None: here."""
+
+
+class Saga:
+    """Compensations of one pass; mixed into ``run._Run``, whose state it uses."""
+
+    host: RunHost
+    history: History
+    query: bool
+    compensations: list[Compensation]
+    compensating: bool
+    acting: _Acting
+    attempts: Attempts
+
+    if TYPE_CHECKING:
+
+        def _command(
+            self, kind: str, name: str, *, own: bool = False
+        ) -> tuple[int, list[Any] | None]: ...
+
+        async def record(
+            self, events: list[Any], runtime: tuple[RuntimeWrite, ...] = ()
+        ) -> None: ...
+
+        def _encode(self, value: Any, what: str) -> Any: ...
+
+        def _task_row(
+            self, seq: int, kind: str, name: str, queue: str, payload: str
+        ) -> TaskRow: ...
+
+        def _check_finished_path(self) -> None: ...
+
+        def _finish(self, finished: Finished) -> PassResult: ...
+
+        async def _host(self, call: Awaitable[T]) -> T: ...
+
+    async def _fail(self, failure: tuple[str, str], cancelled: bool) -> PassResult:
+        error_type, message = failure
+        self.compensating = True
+        if cancelled and not self.query:
+            await self._cancel_children(message)
+        gave_up = False
+        ran = False
+        for comp in reversed(self.compensations):
+            seq, recorded = self._command("compensation", comp.name, own=True)
+            ran = True
+            final = _final(recorded, CompensationDone | CompensationFailed)
+            if final is not None:
+                gave_up = gave_up or isinstance(final, CompensationFailed)
+                continue
+            if self.query:
+                raise Suspend()  # replay checked what is recorded; acting is not its part
+            if comp.queue is not None or (
+                recorded and isinstance(recorded[0], CompensationScheduled)
+            ):
+                await self._remote_compensation(seq, comp, recorded)
+            with self.acting:
+                if not await self._compensate(seq, comp, recorded or []):
+                    gave_up = True
+        self._check_finished_path()
+        if gave_up:
+            status = WorkflowStatus.COMPENSATION_FAILED
+        elif ran:
+            status = WorkflowStatus.COMPENSATED
+        else:
+            status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
+        return self._finish(Finished(status=status, error_type=error_type, message=message))
+
+    async def _remote_compensation(
+        self, seq: int, comp: Compensation, recorded: list[Any] | None
+    ) -> None:
+        """Send the compensation to its queue, if not yet sent, and wait for its
+        outcome (the caller then finds it recorded, on a later pass)."""
+        if not recorded:
+            assert comp.queue is not None
+            kwargs = {"result": to_builtins(comp.result)} if accepts_result(comp.fn) else {}
+            with self.acting:
+                arguments = self._encode(list(comp.args), f"the arguments of {comp.name!r}")
+                payload = task_payload(
+                    arguments, kwargs, DEFAULT_COMPENSATION_RETRY, None, comp.name, comp.step_seq
+                )
+                target = step_options(comp.fn).name
+                row = self._task_row(seq, "compensation", target, comp.queue, payload)
+                scheduled = CompensationScheduled(
+                    seq=seq, name=comp.name, step_seq=comp.step_seq, queue=comp.queue
+                )
+                await self.record([scheduled], (PutTask(row),))
+        raise Suspend()
+
+    async def _compensate(self, seq: int, comp: Compensation, recorded: list[Any]) -> bool:
+        call: Callable[..., Any] = comp.fn
+        if accepts_result(comp.fn):
+
+            def call(*a: Any, _fn: Callable[..., Any] = comp.fn, _r: Any = comp.result) -> Any:
+                return _fn(*a, result=_r)
+
+            call = keep_async(comp.fn, call)
+        await self.record([])
+        policy = DEFAULT_COMPENSATION_RETRY
+        attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
+        name = f"compensate {comp.name}"
+        while True:
+            await self.attempts.outlive(seq)
+            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt, None)
+            release()
+            if ok:
+                await self.record(
+                    [CompensationDone(seq=seq, name=comp.name, step_seq=comp.step_seq)]
+                )
+                return True
+            error_type, message = type(value).__name__, error_message(value)
+            if not policy.retries(value, attempt):
+                await self.record(
+                    [
+                        CompensationFailed(
+                            seq=seq,
+                            name=comp.name,
+                            step_seq=comp.step_seq,
+                            error_type=error_type,
+                            message=message,
+                        )
+                    ]
+                )
+                return False
+            await self.record(
+                [
+                    CompensationAttemptFailed(
+                        seq=seq,
+                        name=comp.name,
+                        step_seq=comp.step_seq,
+                        attempt=attempt,
+                        error_type=error_type,
+                        message=message,
+                    )
+                ]
+            )
+            await asyncio.sleep(
+                policy.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
+            )
+            attempt += 1
+
+    async def _cancel_children(self, reason: str) -> None:
+        for events in list(self.history.commands.values()):
+            started = _first(events, ChildStarted)
+            if started is None or _first(events, ChildDone) is not None:
+                continue
+            if started.child_id in self.history.children:
+                continue
+            await self._host(self.host.cancel_child(started.child_id, reason))
+
+
+def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:
+    for event in recorded or ():
+        if isinstance(event, kind):
+            return event
+    return None
+
+
+def _final(recorded: list[Any] | None, kinds: Any) -> Any:
+    """The event that ended a command (a result, a failure), if recorded."""
+    for event in recorded or ():
+        if isinstance(event, kinds):
+            return event
+    return None

@@ -1,0 +1,516 @@
+"""Steps on task queues: what a task carries, and the runner that serves queues.
+
+``ctx.step(fn, ..., queue="erp")`` records ``StepScheduled`` and, in the same append,
+a row in the ``tasks`` table (``store.runtime.PutTask``); the workflow then waits
+without holding a worker. A worker serving ``erp`` (``TaskRunner``, part of an
+``Engine`` given ``queues`` and ``steps``) claims the row with a lease, looks the
+function up by the step's name, runs one attempt, and records what happened in the
+workflow's stream, fenced by its lease on the task (``TaskFence``):
+
+- success: ``StepDone``, the task dropped and the workflow nudged, in one append;
+- a retryable failure: ``StepAttemptFailed`` and the task due again after the
+  policy's backoff (a durable timer: no thread or lease is held meanwhile);
+- the last failure: ``StepFailed``, dropped and nudged.
+
+A worker that dies mid-attempt loses its lease; the task is claimed again, at the
+next attempt (an attempt lost with its worker counts, so a step that kills its
+workers runs out of attempts). The runner whose lease was taken over records
+nothing: its append fails its fence. Compensations sent to a queue go the same way
+with ``Compensation*`` events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import typing
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Executor
+from typing import Any
+
+import msgspec
+
+from ..errors import (
+    LeaseLostError,
+    LedgerflowError,
+    StoreClosedError,
+    StoreUnavailableError,
+)
+from ..events import NewEvent, StreamState
+from ..retry import RetryPolicy
+from ..store import WorkflowStore
+from ..store.runtime import DropTask, Nudge, RetryTask, RuntimeWrite, TaskFence, TaskLease, TaskRow
+from .codec import CodecError, from_builtins, to_builtins
+from .definition import step_options
+from .history import (
+    CompensationAttemptFailed,
+    CompensationDone,
+    CompensationFailed,
+    StepAttemptFailed,
+    StepDone,
+    StepFailed,
+    error_message,
+)
+from .steps import Attempts, jitter_source
+
+__all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
+
+log = logging.getLogger("ledgerflow.tasks")
+
+_IDS = uuid.UUID("6c1f0a52-3b6e-4d8a-9a57-0c5b1e7f2d11")
+"""Namespace of the ids of the events a task's runner records."""
+
+
+class RemoteRetry(msgspec.Struct, frozen=True):
+    """A ``RetryPolicy`` as data, for the worker that runs the step: exception types
+    travel by qualified name, and an error is not retried if its type or any base
+    is named."""
+
+    max_attempts: int
+    initial_interval: float
+    backoff: float
+    max_interval: float
+    jitter: float
+    non_retryable: list[str] = []
+
+    @classmethod
+    def of(cls, policy: RetryPolicy) -> RemoteRetry:
+        return cls(
+            policy.max_attempts,
+            policy.initial_interval,
+            policy.backoff,
+            policy.max_interval,
+            policy.jitter,
+            [_type_name(t) for t in policy.non_retryable],
+        )
+
+    def policy(self) -> RetryPolicy:
+        return RetryPolicy(
+            self.max_attempts, self.initial_interval, self.backoff, self.max_interval, self.jitter
+        )
+
+    def retries(self, error: BaseException, attempt: int) -> bool:
+        if attempt >= self.max_attempts:
+            return False
+        names = {_type_name(t) for t in type(error).__mro__}
+        return not names.intersection(self.non_retryable)
+
+
+class TaskPayload(msgspec.Struct, frozen=True):
+    """What a task row's ``payload`` holds."""
+
+    command: str
+    """The command's name in the workflow's history (the events' ``name``)."""
+    args: list[Any]
+    kwargs: dict[str, Any]
+    retry: RemoteRetry
+    timeout: float | None = None
+    step_seq: int | None = None
+    """For a compensation: the seq of the step it undoes."""
+
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(TaskPayload).decode
+
+
+def task_payload(
+    args: list[Any],
+    kwargs: dict[str, Any],
+    retry: RetryPolicy,
+    timeout: float | None,
+    command: str,
+    step_seq: int | None = None,
+) -> str:
+    payload = TaskPayload(command, args, kwargs, RemoteRetry.of(retry), timeout, step_seq)
+    return _encode(payload).decode()
+
+
+def _type_name(t: type) -> str:
+    return f"{t.__module__}.{t.__qualname__}"
+
+
+class StepRegistry:
+    """The step functions a worker can run, by the name tasks carry: a function's
+    ``@ledgerflow.step`` name (else its qualified name); for a step object (with
+    ``execute`` and ``compensate``), its class's qualified name runs ``execute``
+    and ``<name>.compensate`` runs ``compensate``."""
+
+    def __init__(self, steps: Sequence[Any] = ()) -> None:
+        self._by_name: dict[str, Callable[..., Any]] = {}
+        for step in steps:
+            self.add(step)
+
+    def add(self, step: Any) -> None:
+        if hasattr(step, "execute") and hasattr(step, "compensate"):
+            # As ctx.step names it (unless the call gives name=...).
+            self._put(type(step).__qualname__, step.execute)
+            self._put(step_options(step.compensate).name, step.compensate)
+            return
+        if not callable(step):
+            raise TypeError(f"a step must be callable, not {type(step).__name__}")
+        self._put(step_options(step).name, step)
+
+    def _put(self, name: str, fn: Callable[..., Any]) -> None:
+        known = self._by_name.get(name)
+        if known is not None and known is not fn:
+            raise ValueError(f"two steps are named {name!r}: {known!r} and {fn!r}")
+        self._by_name[name] = fn
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self._by_name))
+
+    def get(self, name: str) -> Callable[..., Any] | None:
+        return self._by_name.get(name)
+
+    def __bool__(self) -> bool:
+        return bool(self._by_name)
+
+
+def _arguments(
+    fn: Callable[..., Any], args: list[Any], kwargs: Mapping[str, Any]
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """The recorded arguments converted to ``fn``'s annotations (a dataclass back
+    from its JSON form, and so on); CodecError if one does not fit."""
+    try:
+        hints = typing.get_type_hints(fn)
+        params = [
+            p
+            for p in inspect.signature(fn).parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)
+        ]
+    except (NameError, TypeError, ValueError):
+        return tuple(args), dict(kwargs)
+    converted = [
+        from_builtins(value, hints.get(params[i].name, Any)) if i < len(params) else value
+        for i, value in enumerate(args)
+    ]
+    named = {k: from_builtins(v, hints.get(k, Any)) for k, v in kwargs.items()}
+    return tuple(converted), named
+
+
+class TaskRunner:
+    """Claims the tasks of ``queues`` whose steps are in ``steps`` and runs them,
+    at most ``concurrency`` at once; ``renew`` (the engine's heartbeat) extends the
+    leases of those running."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        *,
+        owner: str,
+        queues: Sequence[str],
+        steps: StepRegistry,
+        pool: Executor,
+        lease_us: int,
+        now_us: Callable[[], int],
+        stream_id: Callable[[str], str],
+        concurrency: int,
+        poll_interval: float,
+    ) -> None:
+        self.store = store
+        self.owner = owner
+        self.queues = tuple(queues)
+        self.steps = steps
+        self._names = steps.names()
+        self.pool = pool
+        self.lease_us = lease_us
+        self._now_us = now_us
+        self._stream_id = stream_id
+        self.concurrency = concurrency
+        self.poll_interval = poll_interval
+        self._running: dict[str, tuple[asyncio.Task[None], TaskLease]] = {}
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._loop: asyncio.Task[None] | None = None
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._running)
+
+    def poke(self) -> None:
+        self._wake.set()
+
+    def start(self) -> None:
+        self._loop = asyncio.create_task(self._serve(), name="ledgerflow-tasks")
+
+    async def stop(self, grace: float) -> None:
+        """Claim nothing more; let running attempts finish for ``grace`` seconds,
+        cancel the rest, and give back every task lease still held (the tasks are
+        due at once for another worker, the unfinished attempts not counted)."""
+        self._closing = True
+        self._wake.set()
+        if self._loop is not None:
+            await self._loop
+        running = [task for task, _ in self._running.values()]
+        if running:
+            _, pending = await asyncio.wait(running, timeout=grace)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        with contextlib.suppress(LedgerflowError):
+            await self.store.release_tasks(self.owner)
+
+    async def renew(self) -> None:
+        held = [lease for _, lease in self._running.values()]
+        if not held:
+            return
+        try:
+            kept = await self.store.renew_task_leases(
+                self.owner, held, lease_until_us=self._now_us() + self.lease_us
+            )
+        except (StoreUnavailableError, StoreClosedError) as exc:
+            log.warning("ledgerflow tasks: cannot renew task leases (%s)", exc)
+            return
+        for lost in set(held) - set(kept):
+            log.warning(
+                "task %s: lease %d was taken over; its outcome will not be recorded here",
+                lost.task_id,
+                lost.epoch,
+            )
+
+    async def _serve(self) -> None:
+        failures = 0
+        while not self._stopping():
+            free = self.concurrency - len(self._running)
+            claimed: list[TaskRow] = []
+            if free > 0:
+                now = self._now_us()
+                try:
+                    claimed = await self.store.claim_tasks(
+                        self.owner,
+                        queues=self.queues,
+                        names=self._names,
+                        now_us=now,
+                        lease_until_us=now + self.lease_us,
+                        limit=free,
+                    )
+                    failures = 0
+                except (StoreUnavailableError, StoreClosedError) as exc:
+                    if self._stopping():
+                        return
+                    failures += 1
+                    log.warning("ledgerflow tasks: cannot claim tasks (%s)", exc)
+                    await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                    continue
+            for row in claimed:
+                lease = TaskLease(row.task_id, row.lease_epoch)
+                task = asyncio.create_task(self._run(row), name=f"task:{row.task_id}")
+                self._running[row.task_id] = (task, lease)
+            if claimed and len(claimed) == free:
+                continue  # there may be more: look again at once
+            self._wake.clear()
+            if self._stopping():
+                return
+            await self._sleep(full=free <= len(claimed))
+
+    def _stopping(self) -> bool:
+        # A method, not the attribute: stop() flips it while the loop awaits.
+        return self._closing
+
+    async def _sleep(self, *, full: bool) -> None:
+        """Until work may be due: a wake-up (a task queued here or, on PostgreSQL, by
+        another process; an attempt ending), the next due task, or a poll."""
+        timeout = self.poll_interval
+        if not full:
+            with contextlib.suppress(StoreUnavailableError, StoreClosedError):
+                due = await self.store.next_task_due(queues=self.queues, names=self._names)
+                # A task due already but not claimed is held back by its queue's limit
+                # (or went to another worker): a task ending pokes us, or we poll.
+                if due is not None and due > self._now_us():
+                    timeout = min(timeout, (due - self._now_us()) / 1_000_000)
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._wake.wait()
+
+    async def _run(self, row: TaskRow) -> None:
+        try:
+            await self._attempt(row)
+        except Exception:
+            # A bug or an unexpected failure: the lease runs out and the task is
+            # claimed again then (at its next attempt); nothing recorded is lost.
+            log.exception("task %s: attempt failed unexpectedly", row.task_id)
+        finally:
+            self._running.pop(row.task_id, None)
+            self._wake.set()  # a slot is free
+
+    async def _attempt(self, row: TaskRow) -> None:
+        fence = TaskFence(row.task_id, self.owner, row.lease_epoch)
+        try:
+            payload = _decode(row.payload)
+        except msgspec.DecodeError as exc:
+            await self._finish(row, fence, None, False, f"its payload is unreadable: {exc}")
+            return
+        fn = self.steps.get(row.name)
+        if fn is None:  # claims ask for known names only
+            log.error("task %s: no step named %r here", row.task_id, row.name)
+            return
+        if row.attempt > payload.retry.max_attempts:
+            await self._finish(
+                row,
+                fence,
+                payload,
+                False,
+                f"attempt {row.attempt - 1} was lost with its worker and no attempts are left",
+                "TaskLostError",
+            )
+            return
+        try:
+            args, kwargs = _arguments(fn, payload.args, payload.kwargs)
+        except CodecError as exc:
+            await self._finish(
+                row,
+                fence,
+                payload,
+                False,
+                f"the recorded arguments do not fit: {exc}",
+                "RecordedValueError",
+            )
+            return
+        call: Callable[..., Any] = fn
+        if kwargs:
+
+            def call(*a: Any, _fn: Callable[..., Any] = fn, _kw: dict[str, Any] = kwargs) -> Any:
+                return _fn(*a, **_kw)
+
+            if inspect.iscoroutinefunction(fn):
+                original = call
+
+                async def call(*a: Any) -> Any:
+                    return await original(*a)
+
+        attempts = Attempts(row.workflow_id, self.pool)
+        ok, value, release = await attempts.run(
+            row.seq, payload.command, call, args, row.attempt, payload.timeout
+        )
+        try:
+            if ok:
+                try:
+                    encoded = to_builtins(value)
+                except CodecError as exc:
+                    await self._finish(
+                        row,
+                        fence,
+                        payload,
+                        False,
+                        f"its result cannot be recorded: {exc}",
+                        "UnrecordableValueError",
+                    )
+                    return
+                await self._finish(row, fence, payload, True, encoded)
+                return
+            error_type, message = type(value).__name__, error_message(value)
+            if payload.retry.retries(value, row.attempt):
+                delay = payload.retry.policy().delay(
+                    row.attempt, jitter_source(row.workflow_id, row.seq, row.attempt)
+                )
+                failed = self._attempt_failed(row, payload, error_type, message)
+                due = self._now_us() + int(delay * 1_000_000)
+                await self._record(row, fence, [failed], [RetryTask(row.task_id, due)])
+                return
+            await self._finish(row, fence, payload, False, message, error_type)
+        finally:
+            release()
+
+    def _attempt_failed(
+        self, row: TaskRow, payload: TaskPayload, error_type: str, message: str
+    ) -> Any:
+        if row.kind == "compensation":
+            return CompensationAttemptFailed(
+                seq=row.seq,
+                name=payload.command,
+                step_seq=payload.step_seq or 0,
+                attempt=row.attempt,
+                error_type=error_type,
+                message=message,
+            )
+        return StepAttemptFailed(
+            seq=row.seq,
+            name=payload.command,
+            attempt=row.attempt,
+            error_type=error_type,
+            message=message,
+        )
+
+    async def _finish(
+        self,
+        row: TaskRow,
+        fence: TaskFence,
+        payload: TaskPayload | None,
+        ok: bool,
+        value: Any,
+        error_type: str = "TaskError",
+    ) -> None:
+        """Record the task's outcome, drop it and nudge its workflow, in one append."""
+        name = payload.command if payload is not None else row.name
+        step_seq = (payload.step_seq if payload is not None else None) or 0
+        event: Any
+        if row.kind == "compensation":
+            if ok:
+                event = CompensationDone(seq=row.seq, name=name, step_seq=step_seq)
+            else:
+                event = CompensationFailed(
+                    seq=row.seq, name=name, step_seq=step_seq, error_type=error_type, message=value
+                )
+        elif ok:
+            event = StepDone(seq=row.seq, name=name, result=value)
+            limit = self.store.max_event_bytes
+            size = len(self.store.registry.encode(event).data)
+            if size > limit:
+                message = (
+                    f"the result of step {name!r} is {size} bytes encoded; the store takes "
+                    f"at most {limit}"
+                )
+                event = StepFailed(
+                    seq=row.seq, name=name, error_type="ResultTooLargeError", message=message
+                )
+        else:
+            event = StepFailed(seq=row.seq, name=name, error_type=error_type, message=value)
+        runtime: list[RuntimeWrite] = [
+            Nudge(row.workflow_id, self._now_us()),
+            DropTask(row.task_id),
+        ]
+        await self._record(row, fence, [event], runtime)
+
+    async def _record(
+        self, row: TaskRow, fence: TaskFence, events: list[Any], runtime: list[RuntimeWrite]
+    ) -> None:
+        """Append to the workflow's stream while the lease holds; a store fault is
+        retried (the lease is renewed meanwhile), a lost lease ends it quietly."""
+        stream = self._stream_id(row.workflow_id)
+        registry = self.store.registry
+        # Ids of our own, one set per lease: an append retried after a fault that
+        # left it unknown whether it was stored is then stored once.
+        with_ids = [
+            NewEvent(
+                registry.name_of(type(event)),
+                msgspec.to_builtins(event),
+                id=uuid.uuid5(_IDS, f"{row.task_id}/{row.lease_epoch}/{i}"),
+            )
+            for i, event in enumerate(events)
+        ]
+        failures = 0
+        while True:
+            try:
+                await self.store.append(
+                    stream, with_ids, StreamState.STREAM_EXISTS, runtime=runtime, fence=fence
+                )
+                return
+            except LeaseLostError as exc:
+                log.warning("task %s: not recorded: %s", row.task_id, exc)
+                return
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                failures += 1
+                if self._closing and isinstance(exc, StoreClosedError):
+                    return
+                if failures > 8:
+                    log.error(
+                        "task %s: cannot record its outcome (%s); it runs again once its "
+                        "lease expires",
+                        row.task_id,
+                        exc,
+                    )
+                    return
+                await asyncio.sleep(min(5.0, 0.05 * 2**failures))

@@ -1,0 +1,353 @@
+"""Steps on task queues, end to end on every backend (issue 12).
+
+``ctx.step(fn, queue="erp")`` sends the step to the ``erp`` queue; an engine serving
+that queue (``Engine(queues=["erp"], steps=[...])``) runs it and records its outcome
+in the workflow's history. Engines here run in one process on one store; the
+two-services test with real worker processes is in ``test_two_services.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections import Counter
+from dataclasses import dataclass
+
+import pytest
+
+import ledgerflow
+from ledgerflow import RetryPolicy, StepFailedError, WorkflowContext
+from ledgerflow.store import WorkflowStore
+from ledgerflow.workflow.history import (
+    CompensationDone,
+    CompensationScheduled,
+    StepAttemptFailed,
+    StepDone,
+    StepScheduled,
+)
+
+from ._engines import WAIT, EngineFactory
+
+REAL = ledgerflow.SystemClock()
+FAST = RetryPolicy(max_attempts=3, initial_interval=0.05)
+
+calls: Counter[str] = Counter()
+keys: list[str] = []
+
+
+@dataclass(frozen=True)
+class Order:
+    id: str
+    amount: int
+
+
+@ledgerflow.step(name="erp.reserve", queue="erp")
+def reserve(order: Order) -> str:
+    calls["reserve"] += 1
+    keys.append(ledgerflow.current_step().idempotency_key)
+    return f"R-{order.id}-{order.amount}"
+
+
+@ledgerflow.step(name="erp.release")
+def release(order: Order, result: str) -> None:
+    calls[f"release {result}"] += 1
+
+
+class Flaky(Exception):
+    pass
+
+
+class Refused(Exception):
+    pass
+
+
+@ledgerflow.step(name="erp.flaky")
+async def flaky(n: int) -> int:
+    calls["flaky"] += 1
+    if calls["flaky"] < 3:
+        raise Flaky(f"try {calls['flaky']}")
+    return n * 2
+
+
+@ledgerflow.step(name="erp.refuse")
+def refuse(n: int) -> int:
+    calls["refuse"] += 1
+    raise Refused("no credit")
+
+
+def local_charge(order: Order) -> int:
+    raise RuntimeError("card declined")
+
+
+@ledgerflow.workflow(name="tq.order")
+async def order_flow(ctx: WorkflowContext, order: Order) -> str:
+    return await ctx.step(reserve, order)
+
+
+@ledgerflow.workflow(name="tq.retry")
+async def retry_flow(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step(flaky, n, queue="erp", retry=FAST)
+
+
+@ledgerflow.workflow(name="tq.refuse")
+async def refuse_flow(ctx: WorkflowContext, n: int) -> str:
+    policy = RetryPolicy(max_attempts=5, initial_interval=0.01, non_retryable=(Refused,))
+    try:
+        await ctx.step(refuse, n, queue="erp", retry=policy)
+    except StepFailedError as exc:
+        return f"{exc.error_type}: {exc.message}"
+    return "?"
+
+
+@ledgerflow.workflow(name="tq.saga")
+async def saga_flow(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step(reserve, order, compensate=release)
+    await ctx.step(local_charge, order, retry=RetryPolicy.none())
+    return "unreachable"
+
+
+@ledgerflow.workflow(name="tq.fanout")
+async def fanout_flow(ctx: WorkflowContext, n: int) -> list[str]:
+    orders = [Order(f"o{i}", i) for i in range(n)]
+    return list(await asyncio.gather(*(ctx.step(reserve, o) for o in orders)))
+
+
+@pytest.fixture(autouse=True)
+def _reset() -> None:
+    calls.clear()
+    keys.clear()
+
+
+async def types_of(store: WorkflowStore, workflow_id: str) -> list[type]:
+    return [type(e.data) for e in await store.read_stream(f"wf-{workflow_id}")]
+
+
+async def test_a_step_on_a_queue_runs_on_an_engine_serving_it(engine: EngineFactory) -> None:
+    async with (
+        engine(order_flow, clock=REAL) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[reserve]) as erp,
+    ):
+        handle = await orders.start(order_flow, Order("a", 5), id="q-1")
+        assert await handle.result(timeout=WAIT) == "R-a-5"
+        history = await orders.store.read_stream("wf-q-1")
+        kinds = [type(e.data) for e in history]
+        assert StepScheduled in kinds
+        assert StepDone in kinds
+        scheduled = next(e.data for e in history if isinstance(e.data, StepScheduled))
+        assert (scheduled.name, scheduled.queue) == ("erp.reserve", "erp")
+        assert calls["reserve"] == 1
+        assert keys == ["q-1/1"]
+        assert await erp.store.list_tasks() == []
+        # The step's worker ran it, not the workflow's engine.
+        (step_worker,) = [w for w in await orders.workers() if "erp" in w.queues]
+        assert step_worker.worker_id == erp.owner
+
+
+async def test_steps_wait_for_a_worker_of_their_queue(engine: EngineFactory) -> None:
+    async with engine(order_flow, clock=REAL) as orders:
+        handle = await orders.start(order_flow, Order("b", 1), id="q-2")
+        await asyncio.sleep(0.2)
+        described = await handle.describe()
+        assert described.status == "running"
+        assert described.waiting_for == "step 'erp.reserve' on task queue 'erp'"
+        (task,) = await orders.store.list_tasks()
+        assert (task.queue, task.name, task.attempt) == ("erp", "erp.reserve", 0)
+        (queue,) = await orders.store.list_queues(await orders.store.database_now_us())
+        assert (queue.queue, queue.ready, queue.running) == ("erp", 1, 0)
+        async with engine(clock=REAL, queues=["erp"], steps=[reserve]):
+            assert await handle.result(timeout=WAIT) == "R-b-1"
+
+
+async def test_failed_attempts_are_recorded_and_retried_after_a_durable_backoff(
+    engine: EngineFactory,
+) -> None:
+    async with engine(retry_flow, clock=REAL, queues=["erp"], steps=[flaky]) as both:
+        handle = await both.start(retry_flow, 21, id="q-3")
+        assert await handle.result(timeout=WAIT) == 42
+        attempts = [
+            e.data
+            for e in await both.store.read_stream("wf-q-3")
+            if isinstance(e.data, StepAttemptFailed)
+        ]
+        assert [(a.attempt, a.error_type, a.message) for a in attempts] == [
+            (1, "Flaky", "try 1"),
+            (2, "Flaky", "try 2"),
+        ]
+        assert calls["flaky"] == 3
+
+
+async def test_a_non_retryable_error_fails_the_step_at_once(engine: EngineFactory) -> None:
+    async with engine(refuse_flow, clock=REAL, queues=["erp"], steps=[refuse]) as both:
+        handle = await both.start(refuse_flow, 1, id="q-4")
+        assert await handle.result(timeout=WAIT) == "Refused: no credit"
+        assert calls["refuse"] == 1
+
+
+async def test_a_compensation_runs_on_its_steps_queue(engine: EngineFactory) -> None:
+    async with (
+        engine(saga_flow, clock=REAL) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[reserve, release]),
+    ):
+        handle = await orders.start(saga_flow, Order("c", 3), id="q-5")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await handle.describe()).status == "compensated"
+        kinds = await types_of(orders.store, "q-5")
+        assert CompensationScheduled in kinds
+        assert CompensationDone in kinds
+        assert calls["release R-c-3"] == 1
+
+
+async def test_parallel_steps_are_all_sent_in_one_pass(engine: EngineFactory) -> None:
+    async with engine(fanout_flow, clock=REAL) as orders:
+        handle = await orders.start(fanout_flow, 4, id="q-6")
+        for _ in range(100):
+            if len(await orders.store.list_tasks()) == 4:
+                break
+            await asyncio.sleep(0.02)
+        assert len(await orders.store.list_tasks()) == 4
+        async with engine(clock=REAL, queues=["erp"], steps=[reserve]):
+            assert await handle.result(timeout=WAIT) == [f"R-o{i}-{i}" for i in range(4)]
+
+
+async def test_cancelling_a_workflow_drops_its_queued_steps(engine: EngineFactory) -> None:
+    async with engine(order_flow, clock=REAL) as orders:
+        handle = await orders.start(order_flow, Order("d", 1), id="q-7")
+        for _ in range(100):
+            if await orders.store.list_tasks():
+                break
+            await asyncio.sleep(0.02)
+        await handle.cancel("changed my mind")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await handle.describe()).status == "cancelled"
+        assert await orders.store.list_tasks() == []
+
+
+async def test_a_queue_limit_holds_across_engines(engine: EngineFactory) -> None:
+    running = 0
+    most = 0
+    lock = threading.Lock()
+
+    @ledgerflow.step(name="erp.slow")
+    def slow(n: int) -> int:
+        nonlocal running, most
+        with lock:
+            running += 1
+            most = max(most, running)
+        threading.Event().wait(0.05)
+        with lock:
+            running -= 1
+        return n
+
+    @ledgerflow.workflow(name="tq.slow")
+    async def slow_flow(ctx: WorkflowContext, n: int) -> int:
+        return await ctx.step(slow, n, queue="erp")
+
+    async with engine(slow_flow, clock=REAL) as orders:
+        await orders.store.set_queue_limit("erp", 3)
+        handles = [await orders.start(slow_flow, i, id=f"s-{i}") for i in range(12)]
+        async with (
+            engine(clock=REAL, queues=["erp"], steps=[slow], task_concurrency=8),
+            engine(clock=REAL, queues=["erp"], steps=[slow], task_concurrency=8),
+        ):
+            results = [await h.result(timeout=WAIT) for h in handles]
+        assert results == list(range(12))
+        assert 1 <= most <= 3
+
+
+def test_an_engine_serving_queues_needs_steps() -> None:
+    with pytest.raises(ledgerflow.ConfigurationError, match="no steps"):
+        ledgerflow.Engine("memory://", queues=["erp"])
+
+    @ledgerflow.step(name="erp.reserve")
+    def other(order: Order) -> str:
+        return ""
+
+    with pytest.raises(ledgerflow.ConfigurationError, match="two steps are named"):
+        ledgerflow.Engine("memory://", queues=["erp"], steps=[reserve, other])
+
+
+@ledgerflow.step(name="erp.hang")
+def hang(n: int) -> int:
+    step = ledgerflow.current_step()
+    calls["hang"] += 1
+    for _ in range(200):  # a long sync step that looks at its flag
+        if step.cancelled:
+            raise ledgerflow.StepCancelledError("gave up")
+        threading.Event().wait(0.01)
+    return n
+
+
+@ledgerflow.workflow(name="tq.timeout")
+async def timeout_flow(ctx: WorkflowContext, n: int) -> str:
+    try:
+        await ctx.step(hang, n, queue="erp", timeout=0.1, retry=RetryPolicy.none())
+    except StepFailedError as exc:
+        return exc.error_type
+    return "done"
+
+
+async def test_the_attempt_timeout_is_enforced_by_the_step_worker(engine: EngineFactory) -> None:
+    async with engine(timeout_flow, clock=REAL, queues=["erp"], steps=[hang]) as both:
+        handle = await both.start(timeout_flow, 1, id="q-8")
+        assert await handle.result(timeout=WAIT) == "TimeoutError"
+        assert calls["hang"] == 1
+
+
+async def test_attempts_lost_with_their_workers_count(engine: EngineFactory) -> None:
+    @ledgerflow.workflow(name="tq.lost")
+    async def lost_flow(ctx: WorkflowContext, n: int) -> str:
+        try:
+            await ctx.step(reserve, Order("x", n), retry=RetryPolicy(max_attempts=2))
+        except StepFailedError as exc:
+            return f"{exc.error_type}: {exc.message}"
+        return "done"
+
+    async with engine(lost_flow, clock=REAL) as orders:
+        handle = await orders.start(lost_flow, 1, id="q-9")
+        for _ in range(500):
+            if await orders.store.list_tasks():
+                break
+            await asyncio.sleep(0.01)
+        # Two workers claimed it and died in the attempt (their leases ran out).
+        now = await orders.store.database_now_us()
+        for ghost in ("ghost-1", "ghost-2"):
+            (row,) = await orders.store.claim_tasks(
+                ghost, queues=["erp"], now_us=now, lease_until_us=now + 1, limit=1
+            )
+            now += 2
+        assert row.attempt == 2
+        async with engine(clock=REAL, queues=["erp"], steps=[reserve]):
+            outcome = await handle.result(timeout=WAIT)
+        assert outcome.startswith("TaskLostError: attempt 2 was lost with its worker")
+        assert calls["reserve"] == 0
+
+
+class Booking:
+    """A step as an object: ``execute`` books, ``compensate`` cancels."""
+
+    def execute(self, n: int) -> str:
+        calls["book"] += 1
+        return f"B{n}"
+
+    def compensate(self, n: int) -> None:
+        calls["unbook"] += 1
+
+
+@ledgerflow.workflow(name="tq.booking")
+async def booking_flow(ctx: WorkflowContext, n: int) -> str:
+    booked = await ctx.step(Booking(), n, queue="erp")
+    if n < 0:
+        await ctx.step(local_charge, Order("x", n), retry=RetryPolicy.none())
+    return booked
+
+
+async def test_a_step_object_runs_and_compensates_on_its_queue(engine: EngineFactory) -> None:
+    async with engine(booking_flow, clock=REAL, queues=["erp"], steps=[Booking()]) as both:
+        assert await (await both.start(booking_flow, 2, id="q-10")).result(timeout=WAIT) == "B2"
+        handle = await both.start(booking_flow, -1, id="q-11")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await handle.describe()).status == "compensated"
+    assert (calls["book"], calls["unbook"]) == (2, 1)
