@@ -7,6 +7,7 @@ PostgreSQL fails the run; elsewhere those tests skip with the reason.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import uuid
@@ -186,3 +187,24 @@ async def stalling_commits(schema: str, *, stream: str | None = None) -> AsyncIt
             yield
         finally:
             await con.execute("SELECT pg_advisory_unlock(hashtext(%s))", (key,))
+
+
+async def lock_waiters(query: str, count: int) -> None:
+    """Return once ``count`` PostgreSQL backends wait for a lock in a statement like
+    ``query`` (a LIKE pattern)."""
+    import psycopg
+
+    async with (
+        asyncio.timeout(10),
+        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
+    ):
+        while True:
+            cur = await con.execute(
+                "SELECT count(*) FROM pg_stat_activity "
+                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
+                (query,),
+            )
+            found = await cur.fetchone()
+            if found is not None and found[0] >= count:
+                return
+            await asyncio.sleep(0.02)

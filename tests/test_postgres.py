@@ -39,7 +39,7 @@ from ledgerflow.store.runtime import (
 )
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, pg_url, require_postgres, stalling_commits
+from .conftest import PG_URL, lock_waiters, pg_url, require_postgres, stalling_commits
 
 KNOWN_SCHEMA = _migrations("ledgerflow")[-1].version
 
@@ -195,7 +195,7 @@ async def test_a_stalled_writer_holds_back_readers_but_no_other_writer(pg_schema
         await seen.until(1)
         async with stalling_commits(pg_schema, stream="slow"):
             stalled = asyncio.create_task(slow.append("slow", [NewEvent("S")]))
-            await _lock_waiters("COMMIT", 1)  # the stalled writer's
+            await lock_waiters("COMMIT", 1)  # the stalled writer's
             # Another process's writer goes on: it neither waits nor fails.
             async with asyncio.timeout(10):
                 after = await fast.append("after", [NewEvent("A")])
@@ -612,25 +612,6 @@ async def test_writers_in_two_processes_interleave_without_loss(pg_schema: str) 
     assert [r.positions[0] for r in results] == list(range(1, 81))
 
 
-async def _lock_waiters(query: str, count: int) -> None:
-    """Return once ``count`` backends wait for a lock in a statement like ``query``
-    (a LIKE pattern)."""
-    async with (
-        asyncio.timeout(10),
-        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
-    ):
-        while True:
-            cur = await con.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                (query,),
-            )
-            found = await cur.fetchone()
-            if found is not None and found[0] >= count:
-                return
-            await asyncio.sleep(0.02)
-
-
 async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema: str) -> None:
     forever = 2**62
     async with open_adapter(pg_url(pg_schema)) as store:
@@ -653,9 +634,9 @@ async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema:
                     "wf", [NewEvent("E")], runtime=[Nudge("b", 0), Nudge("c", 0), Nudge("a", 0)]
                 )
             )
-            await _lock_waiters(f"%{pg_schema}.wakeups%", 1)
+            await lock_waiters(f"%{pg_schema}.wakeups%", 1)
             release = asyncio.create_task(store.release_wakeups("o"))
-            await _lock_waiters(f"%{pg_schema}.wakeups%", 2)
+            await lock_waiters(f"%{pg_schema}.wakeups%", 2)
         async with asyncio.timeout(10):
             appended, released = await asyncio.gather(append, release)
         assert appended == Appended("wf", 1, (2,))

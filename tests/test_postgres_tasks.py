@@ -33,7 +33,7 @@ from ledgerflow.store.runtime import (
 )
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, pg_url
+from .conftest import PG_URL, lock_waiters, pg_url
 
 pytestmark = pytest.mark.postgres
 
@@ -60,25 +60,6 @@ async def claim(
 
 def _admin() -> psycopg.Connection[tuple[Any, ...]]:
     return psycopg.connect(PG_URL, autocommit=True)
-
-
-async def _lock_waiters(query: str, count: int) -> None:
-    """Return once ``count`` backends wait for a lock in a statement like ``query``
-    (a LIKE pattern)."""
-    async with (
-        asyncio.timeout(10),
-        await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con,
-    ):
-        while True:
-            cur = await con.execute(
-                "SELECT count(*) FROM pg_stat_activity "
-                "WHERE wait_event_type = 'Lock' AND query LIKE %s",
-                (query,),
-            )
-            found = await cur.fetchone()
-            if found is not None and found[0] >= count:
-                return
-            await asyncio.sleep(0.02)
 
 
 def _locked(schema: str, table: str, key: str, value: str) -> bool:
@@ -147,7 +128,7 @@ async def test_a_write_locks_its_wakeups_before_its_tasks(pg_schema: str) -> Non
                     runtime=[DropTask("a/1"), Nudge("a", 0)],
                 )
             )
-            await _lock_waiters(f"%{s}.tasks%", 1)
+            await lock_waiters(f"%{s}.tasks%", 1)
             assert _locked(s, "wakeups", "workflow_id", "a")
         async with asyncio.timeout(10):
             assert await append == Appended("wf-a", 2, (2,))
@@ -163,7 +144,7 @@ async def test_dropping_a_workflows_tasks_locks_them_in_id_order(pg_schema: str)
         with _admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/2' FOR UPDATE")
             append = asyncio.create_task(store.append("wf-a", [ev()], runtime=[DropTasks("a")]))
-            await _lock_waiters(f"%{s}.tasks%", 1)
+            await lock_waiters(f"%{s}.tasks%", 1)
             assert _locked(s, "tasks", "task_id", "a/1")
             assert not _locked(s, "tasks", "task_id", "a/3")
         async with asyncio.timeout(10):
@@ -184,7 +165,7 @@ async def test_reaping_locks_wakeups_before_tasks(pg_schema: str) -> None:
         with _admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/1' FOR UPDATE")
             reap = asyncio.create_task(store.reap_workers(NOW + LEASE + 1))
-            await _lock_waiters(f"%{s}.tasks%", 1)
+            await lock_waiters(f"%{s}.tasks%", 1)
             assert _locked(s, "wakeups", "workflow_id", "a")
         async with asyncio.timeout(10):
             assert await reap == ["dead"]
@@ -218,7 +199,7 @@ async def test_renewal_and_release_lock_in_id_order(pg_schema: str) -> None:
             with _admin() as blocker, blocker.transaction():
                 blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/2' FOR UPDATE")
                 running = asyncio.create_task(act())
-                await _lock_waiters(f"%{s}.tasks%", 1)
+                await lock_waiters(f"%{s}.tasks%", 1)
                 assert _locked(s, "tasks", "task_id", "a/1")
                 assert not _locked(s, "tasks", "task_id", "a/3")
             async with asyncio.timeout(10):
@@ -262,7 +243,7 @@ async def test_a_claim_of_a_limited_queue_waits_for_the_one_before(
                 (FAR,),
             )
             waiting = asyncio.create_task(claim(store, "w1"))
-            await _lock_waiters(f"%{s}.queues%", 1)
+            await lock_waiters(f"%{s}.queues%", 1)
         async with asyncio.timeout(10):
             got = await waiting
         assert [t.task_id for t in got] == ["t2/1"]
