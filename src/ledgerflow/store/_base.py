@@ -436,6 +436,23 @@ class BaseEventStore(TaskQueues):
             raise StreamNotFoundError(stream_id)
         return [self._decode(row) for row in rows]
 
+    async def load_stream(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The stream's latest snapshot and the events after it (every event if it
+        has none), as one consistent read: in one round trip where the backend can.
+        Raises ``StreamNotFoundError`` for a stream with neither."""
+        self._check_open()
+        snapshot, rows = await self._load_stream_rows(stream_id)
+        if not rows and snapshot is None and await self._stream_head(stream_id) is None:
+            raise StreamNotFoundError(stream_id)
+        return snapshot, [self._decode(row) for row in rows]
+
+    async def _load_stream_rows(self, stream_id: str) -> tuple[Snapshot | None, list[EventRow]]:
+        """The snapshot, then the rows after it; backends that can overlap the two
+        reads override this."""
+        snapshot = await self._load_snapshot(stream_id)
+        first = 1 if snapshot is None else snapshot.version + 1
+        return snapshot, await self._read_stream_rows(stream_id, first, None, False)
+
     async def read_all(
         self, *, from_position: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:

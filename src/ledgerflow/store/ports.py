@@ -131,6 +131,11 @@ class EventStore(Protocol):
         """
         ...
 
+    async def load_stream(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
+        """The latest snapshot and the events after it (all events if none), read
+        consistently; ``StreamNotFoundError`` if the stream has neither."""
+        ...
+
     async def read_all(
         self, *, from_position: int = 1, limit: int | None = None
     ) -> list[RecordedEvent]:

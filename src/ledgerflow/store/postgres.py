@@ -1174,10 +1174,29 @@ class PostgresEventStore(PostgresTasks, BaseEventStore):
 
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
         rows = await self._fetch("load a snapshot", self._sql.load_snapshot, (stream_id,))
-        if not rows:
-            return None
-        sid, version, type_name, schema_version, state, at = rows[0]
-        return Snapshot(sid, version, type_name, schema_version, state, _utc(at))
+        return _snapshot(rows[0]) if rows else None
+
+    async def _load_stream_rows(self, stream_id: str) -> tuple[Snapshot | None, list[EventRow]]:
+        # Both reads in one round trip (a worker loading an instance it just claimed
+        # waits for this): the events read from after the snapshot as the second
+        # statement sees it. Each statement has its own snapshot of the database, so
+        # a snapshot saved between them shows as events that do not follow the one
+        # read first; then it is read again, in turn.
+        async def both(conn: Connection) -> tuple[list[TupleRow], list[TupleRow]]:
+            async with _pipeline(conn):
+                snap = await conn.execute(self._sql.load_snapshot, (stream_id,))
+                events = await conn.execute(
+                    self._sql.stream_after_snapshot, (stream_id, stream_id), binary=True
+                )
+                return await snap.fetchall(), await events.fetchall()
+
+        found, tail = await self._pooled("load a stream", both)
+        snapshot = _snapshot(found[0]) if found else None
+        rows = [_row(t) for t in tail]
+        first = 1 if snapshot is None else snapshot.version + 1
+        if rows and rows[0].version != first:
+            return await super()._load_stream_rows(stream_id)
+        return snapshot, rows
 
     # -- runtime rows ---------------------------------------------------------------
     # Claims and releases are single autocommit statements on the reader pool: they
@@ -1338,6 +1357,11 @@ class _SettleWait:
         await asyncio.sleep(self._delay)
         self._delay = min(self._delay * 2, 0.05)
         return True
+
+
+def _snapshot(row: TupleRow) -> Snapshot:
+    sid, version, type_name, schema_version, state, at = row
+    return Snapshot(sid, version, type_name, schema_version, state, _utc(at))
 
 
 def _utc(moment: datetime) -> datetime:

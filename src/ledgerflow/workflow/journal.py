@@ -33,15 +33,14 @@ def stream_of(workflow_id: str) -> str:
 async def load_history(store: WorkflowStore, workflow_id: str) -> History:
     """From the latest snapshot and the events after it, or from the start."""
     stream = stream_of(workflow_id)
-    snapshot = await store.load_snapshot(stream)
-    if (
-        snapshot is not None
-        and snapshot.type == SNAPSHOT_TYPE
-        and snapshot.schema_version == SNAPSHOT_VERSION
-    ):
+    snapshot, after = await store.load_stream(stream)
+    if snapshot is None:
+        return History.of(workflow_id, after)
+    if snapshot.type == SNAPSHOT_TYPE and snapshot.schema_version == SNAPSHOT_VERSION:
         history = History.from_snapshot(snapshot.state)
-        history.extend(await store.read_stream(stream, from_version=history.version + 1))
+        history.extend(after)
         return history
+    # A snapshot of an older shape: the whole stream, then.
     return History.of(workflow_id, await store.read_stream(stream))
 
 
