@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
 import queue
 import sqlite3
@@ -39,7 +38,7 @@ from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Now, Pending
-from ._migrations import Migration, pending
+from ._migrations import pending
 from ._plan import (
     AppendRequest,
     EventRow,
@@ -50,188 +49,15 @@ from ._plan import (
     plan_batch,
     reused_ids,
 )
-from ._sqlite_tasks import REAP_TASK_LEASES, TASK_MIGRATION, TASK_SQL, SQLiteTasks
-from .runtime import (
-    InstanceRow,
-    Lease,
-    RuntimeWrite,
-    WakeupRow,
-    WorkerRow,
-    as_row,
-)
+from ._sqlite_runtime import SQLiteRuntime
+from ._sqlite_schema import MIGRATIONS, apply_runtime
+from ._sqlite_tasks import SQLiteTasks
 
-__all__ = ["SQLiteEventStore"]
+__all__ = ["MIGRATIONS", "SQLiteEventStore", "path_from_url"]
 
 T = TypeVar("T")
 
 log = logging.getLogger("ledgerflow.store.sqlite")
-
-MIGRATIONS = (
-    Migration(
-        1,
-        "events, streams and snapshots",
-        (
-            """CREATE TABLE events (
-                position INTEGER PRIMARY KEY,
-                event_id TEXT NOT NULL UNIQUE,
-                stream_id TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                type TEXT NOT NULL,
-                schema_version INTEGER NOT NULL,
-                data BLOB NOT NULL,
-                metadata BLOB NOT NULL,
-                recorded_at INTEGER NOT NULL,
-                prev_hash BLOB NOT NULL,
-                hash BLOB NOT NULL,
-                UNIQUE (stream_id, version)
-            )""",
-            """CREATE TABLE streams (
-                stream_id TEXT PRIMARY KEY,
-                version INTEGER NOT NULL,
-                last_hash BLOB NOT NULL,
-                last_position INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-            """CREATE TABLE snapshots (
-                stream_id TEXT PRIMARY KEY,
-                version INTEGER NOT NULL,
-                type TEXT NOT NULL,
-                schema_version INTEGER NOT NULL,
-                state BLOB NOT NULL,
-                recorded_at INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-        ),
-    ),
-    Migration(
-        2,
-        "workflow instances and wake-ups",
-        (
-            """CREATE TABLE workflows (
-                workflow_id TEXT PRIMARY KEY,
-                name TEXT NOT NULL,
-                version INTEGER NOT NULL,
-                status TEXT NOT NULL,
-                parent_id TEXT,
-                created_at INTEGER NOT NULL,
-                updated_at INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-            "CREATE INDEX workflows_by_status ON workflows (status, workflow_id)",
-            """CREATE TABLE wakeups (
-                workflow_id TEXT PRIMARY KEY,
-                due_at INTEGER,
-                lease_owner TEXT,
-                lease_until INTEGER
-            ) WITHOUT ROWID""",
-            "CREATE INDEX wakeups_by_due ON wakeups (due_at) WHERE due_at IS NOT NULL",
-        ),
-    ),
-    Migration(
-        3,
-        "lease epochs (fencing)",
-        ("ALTER TABLE wakeups ADD COLUMN lease_epoch INTEGER NOT NULL DEFAULT 0",),
-    ),
-    Migration(
-        4,
-        "the registry of workers",
-        (
-            # queues and workflows are JSON arrays of strings: SQLite has no array
-            # type, and json_each() can still search them when task queues come.
-            # stopping is 0 or 1. Times are µs on the database's clock, as in wakeups.
-            """CREATE TABLE workers (
-                worker_id TEXT PRIMARY KEY,
-                host TEXT NOT NULL,
-                pid INTEGER NOT NULL,
-                queues TEXT NOT NULL,
-                workflows TEXT NOT NULL,
-                version TEXT NOT NULL,
-                started_at INTEGER NOT NULL,
-                heartbeat_at INTEGER NOT NULL,
-                lease_us INTEGER NOT NULL,
-                in_flight INTEGER NOT NULL,
-                stopping INTEGER NOT NULL
-            ) WITHOUT ROWID""",
-            # Reaping looks at held leases only: few rows (the instances running a
-            # pass), however many instances wait.
-            "CREATE INDEX wakeups_by_owner ON wakeups (lease_owner) WHERE lease_owner IS NOT NULL",
-        ),
-    ),
-    TASK_MIGRATION,
-)
-
-_PUT_INSTANCE = (
-    "INSERT INTO workflows VALUES (?,?,?,?,?,?,?) ON CONFLICT (workflow_id) DO UPDATE SET "
-    "name = excluded.name, version = excluded.version, status = excluded.status, "
-    "parent_id = excluded.parent_id, updated_at = excluded.updated_at"
-)
-# A lease given (an owner set) takes the next epoch; one given back keeps it.
-_SCHEDULE = (
-    "INSERT INTO wakeups (workflow_id, due_at, lease_owner, lease_until, lease_epoch) "
-    "VALUES (?1,?2,?3,?4, CASE WHEN ?3 IS NULL THEN 0 ELSE 1 END) "
-    "ON CONFLICT (workflow_id) DO UPDATE SET "
-    "due_at = excluded.due_at, lease_owner = excluded.lease_owner, "
-    "lease_until = excluded.lease_until, lease_epoch = CASE WHEN excluded.lease_owner "
-    "IS NULL THEN lease_epoch ELSE lease_epoch + 1 END"
-)
-_NUDGE = (
-    "INSERT INTO wakeups (workflow_id, due_at) VALUES (?,?) "
-    "ON CONFLICT (workflow_id) DO UPDATE SET "
-    "due_at = CASE WHEN due_at IS NULL THEN excluded.due_at "
-    "ELSE min(due_at, excluded.due_at) END"
-)
-# Only instances of the given (name, version) pairs, if any: a JSON array of pairs.
-_OF_KINDS = (
-    "EXISTS (SELECT 1 FROM workflows w, json_each(?) j WHERE w.workflow_id = k.workflow_id "
-    "AND w.name = json_extract(j.value, '$[0]') AND w.version = json_extract(j.value, '$[1]'))"
-)
-_CLAIM = (
-    "UPDATE wakeups SET lease_owner = ?, lease_until = ?, lease_epoch = lease_epoch + 1 "
-    "WHERE workflow_id IN ("
-    "SELECT k.workflow_id FROM wakeups k WHERE k.due_at IS NOT NULL AND k.due_at <= ? "
-    "AND (k.lease_owner IS NULL OR k.lease_until < ?) AND {of_kinds} "
-    "ORDER BY k.due_at, k.workflow_id LIMIT ?) "
-    "RETURNING workflow_id, due_at, lease_epoch"
-)
-_NEXT_WAKEUP = (
-    "SELECT min(CASE WHEN k.lease_owner IS NULL THEN k.due_at "
-    "ELSE max(k.due_at, coalesce(k.lease_until, 0) + 1) END) "
-    "FROM wakeups k WHERE k.due_at IS NOT NULL AND {of_kinds}"
-)
-_WAKEUP_COLUMNS = "workflow_id, due_at, lease_owner, lease_until, lease_epoch"
-_WORKER_COLUMNS = (
-    "worker_id, host, pid, queues, workflows, version, started_at, heartbeat_at, lease_us, "
-    "in_flight, stopping"
-)
-_REGISTER_WORKER = (
-    f"INSERT INTO workers ({_WORKER_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?) "
-    "ON CONFLICT (worker_id) DO UPDATE SET host = excluded.host, pid = excluded.pid, "
-    "queues = excluded.queues, workflows = excluded.workflows, version = excluded.version, "
-    "started_at = excluded.started_at, heartbeat_at = excluded.heartbeat_at, "
-    "lease_us = excluded.lease_us, in_flight = excluded.in_flight, stopping = excluded.stopping"
-)
-_DEAD = "heartbeat_at + lease_us < ?1"
-# The leases of the dead, and expired leases of owners with no row (engines from
-# before the registry); epochs are kept, as release_wakeups keeps them.
-_REAP_LEASES = (
-    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
-    "WHERE lease_owner IS NOT NULL AND ("
-    f"lease_owner IN (SELECT worker_id FROM workers WHERE {_DEAD}) "
-    "OR (lease_until < ?1 AND lease_owner NOT IN (SELECT worker_id FROM workers)))"
-)
-_INSTANCE_COLUMNS = "workflow_id, name, version, status, parent_id, created_at, updated_at"
-
-
-_RUNTIME_SQL = {
-    "put": _PUT_INSTANCE,
-    "schedule": _SCHEDULE,
-    "nudge": _NUDGE,
-    "unschedule": "DELETE FROM wakeups WHERE workflow_id = ?",
-    **TASK_SQL,
-}
-
-
-def _apply(con: sqlite3.Connection, write: RuntimeWrite) -> None:
-    kind, params = as_row(write)
-    con.execute(_RUNTIME_SQL[kind], params)
-
 
 _COLUMNS = (
     "position, event_id, stream_id, version, type, schema_version, data, metadata, "
@@ -295,7 +121,7 @@ def path_from_url(url: str) -> Path:
     return Path(path)
 
 
-class SQLiteEventStore(SQLiteTasks, BaseEventStore):
+class SQLiteEventStore(SQLiteRuntime, SQLiteTasks, BaseEventStore):
     backend = "sqlite"
     poll_interval = 0.25  # other processes' commits are only seen by polling
     readers = 2
@@ -732,7 +558,7 @@ class SQLiteEventStore(SQLiteTasks, BaseEventStore):
                 [(s, h.version, h.last_hash, h.last_position) for s, h in plan.heads.items()],
             )
             for write in plan.runtime:
-                _apply(con, write)
+                apply_runtime(con, write)
             con.execute("COMMIT")
         except BaseException:
             if con.in_transaction:
@@ -824,200 +650,3 @@ class SQLiteEventStore(SQLiteTasks, BaseEventStore):
         con = self._writer_con
         assert con is not None
         return con
-
-    async def _write(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        def run() -> list[Any]:
-            con = self._writer_con
-            assert con is not None
-            return con.execute(sql, params).fetchall()
-
-        return await self._on_writer(run)
-
-    async def _claim_wakeups(
-        self,
-        owner: str,
-        now_us: int,
-        lease_until_us: int,
-        limit: int,
-        workflows: tuple[tuple[str, int], ...] | None,
-    ) -> list[Lease]:
-        kinds: tuple[Any, ...] = () if workflows is None else (json.dumps(workflows),)
-        sql = _CLAIM.format(of_kinds="1" if workflows is None else _OF_KINDS)
-        params = (owner, lease_until_us, now_us, now_us, *kinds, limit)
-        rows = await self._write(sql, params)
-        return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
-
-    async def _renew_leases(
-        self, owner: str, leases: list[Lease], lease_until_us: int
-    ) -> list[Lease]:
-        def run() -> list[Lease]:
-            con = self._writer_con
-            assert con is not None
-            kept = []
-            con.execute("BEGIN IMMEDIATE")  # one transaction for the whole heartbeat
-            try:
-                for lease in leases:
-                    cur = con.execute(
-                        "UPDATE wakeups SET lease_until = ? "
-                        "WHERE workflow_id = ? AND lease_owner = ? AND lease_epoch = ?",
-                        (lease_until_us, lease.workflow_id, owner, lease.epoch),
-                    )
-                    if cur.rowcount:
-                        kept.append(lease)
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
-            return kept
-
-        return await self._on_writer(run)
-
-    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None:
-        kinds: tuple[Any, ...] = () if workflows is None else (json.dumps(workflows),)
-        sql = _NEXT_WAKEUP.format(of_kinds="1" if workflows is None else _OF_KINDS)
-        rows = await self._read(sql, kinds)
-        return None if rows[0][0] is None else int(rows[0][0])
-
-    async def _release_wakeups(self, owner: str | None) -> int:
-        def run() -> int:
-            con = self._writer_con
-            assert con is not None
-            if owner is None:
-                cur = con.execute(
-                    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
-                    "WHERE lease_owner IS NOT NULL"
-                )
-            else:
-                cur = con.execute(
-                    "UPDATE wakeups SET lease_owner = NULL, lease_until = NULL "
-                    "WHERE lease_owner = ?",
-                    (owner,),
-                )
-            return cur.rowcount
-
-        return await self._on_writer(run)
-
-    async def _register_worker(self, row: WorkerRow) -> None:
-        await self._write(
-            _REGISTER_WORKER,
-            (
-                row.worker_id,
-                row.host,
-                row.pid,
-                json.dumps(row.queues),
-                json.dumps(row.workflows),
-                row.version,
-                row.started_at_us,
-                row.heartbeat_at_us,
-                row.lease_us,
-                row.in_flight,
-                int(row.stopping),
-            ),
-        )
-
-    async def _heartbeat_worker(
-        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
-    ) -> bool:
-        rows = await self._write(
-            "UPDATE workers SET heartbeat_at = ?, in_flight = ?, stopping = ? "
-            "WHERE worker_id = ? RETURNING worker_id",
-            (now_us, in_flight, int(stopping), worker_id),
-        )
-        return bool(rows)
-
-    async def _deregister_worker(self, worker_id: str) -> None:
-        await self._write("DELETE FROM workers WHERE worker_id = ?", (worker_id,))
-
-    async def _list_workers(self) -> list[WorkerRow]:
-        rows = await self._read(f"SELECT {_WORKER_COLUMNS} FROM workers ORDER BY worker_id", ())
-        return [
-            WorkerRow(
-                wid,
-                host,
-                pid,
-                tuple(json.loads(queues)),
-                tuple(json.loads(workflows)),
-                version,
-                started,
-                beat,
-                lease,
-                in_flight,
-                bool(stopping),
-            )
-            for (
-                wid,
-                host,
-                pid,
-                queues,
-                workflows,
-                version,
-                started,
-                beat,
-                lease,
-                in_flight,
-                stopping,
-            ) in rows
-        ]
-
-    async def _reap_workers(self, now_us: int) -> list[str]:
-        def run() -> list[str]:
-            con = self._writer_con
-            assert con is not None
-            # IMMEDIATE: nobody writes between the three statements, so the workers
-            # whose leases are released are exactly those removed.
-            con.execute("BEGIN IMMEDIATE")
-            try:
-                dead = [
-                    wid
-                    for (wid,) in con.execute(
-                        f"SELECT worker_id FROM workers WHERE {_DEAD} ORDER BY worker_id",
-                        (now_us,),
-                    )
-                ]
-                con.execute(_REAP_LEASES, (now_us,))
-                con.execute(REAP_TASK_LEASES, (now_us,))
-                if dead:
-                    con.execute(f"DELETE FROM workers WHERE {_DEAD}", (now_us,))
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
-            return dead
-
-        return await self._on_writer(run)
-
-    async def _lease_owners(self) -> list[str]:
-        rows = await self._read(
-            "SELECT DISTINCT lease_owner FROM wakeups WHERE lease_owner IS NOT NULL "
-            "ORDER BY lease_owner",
-            (),
-        )
-        return [owner for (owner,) in rows]
-
-    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None:
-        rows = await self._read(
-            f"SELECT {_WAKEUP_COLUMNS} FROM wakeups WHERE workflow_id = ?",
-            (workflow_id,),
-        )
-        return WakeupRow(*rows[0]) if rows else None
-
-    async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
-        rows = await self._read(
-            f"SELECT {_INSTANCE_COLUMNS} FROM workflows WHERE workflow_id = ?", (workflow_id,)
-        )
-        return InstanceRow(*rows[0]) if rows else None
-
-    async def _list_instances(
-        self, status: str | None, after: str | None, limit: int
-    ) -> list[InstanceRow]:
-        # A NULL ``after`` compares as unknown, so "after IS NULL OR id > after" lists
-        # every id, the empty one included.
-        rows = await self._read(
-            f"SELECT {_INSTANCE_COLUMNS} FROM workflows "
-            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow_id > ?2) "
-            "ORDER BY workflow_id LIMIT ?3",
-            (status, after, limit),
-        )
-        return [InstanceRow(*r) for r in rows]

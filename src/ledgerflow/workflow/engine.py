@@ -18,12 +18,10 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Self
-
-import msgspec
 
 from ..clock import Clock, DatabaseClock
 from ..errors import (
@@ -35,10 +33,7 @@ from ..errors import (
     StoreUnavailableError,
     UnknownWorkflowError,
     WorkflowError,
-    WorkflowFinishedError,
-    WorkflowNotFoundError,
 )
-from ..events import AppendResult, Metadata, RecordedEvent
 from ..hashing import from_micros
 from ..registry import EventRegistry
 from ..store import WorkflowStore
@@ -65,7 +60,7 @@ from .history import (
     WorkflowStatus,
     error_message,
 )
-from .host import Abandon, Park, PassResult, Relinquish, Restart
+from .host import Abandon, EngineHost, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .membership import Membership
 from .run import _Run
@@ -178,7 +173,7 @@ class Engine(WorkflowClient):
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
-        self._host = _Host(self)
+        self._host = EngineHost(self)
         self._tasks: TaskRunner | None = None
         if self.queues:
             self._tasks = TaskRunner(
@@ -671,57 +666,3 @@ class Engine(WorkflowClient):
                         runtime=[PutInstance(running), Schedule(row.workflow_id, now)],
                     )
             after = rows[-1].workflow_id
-
-
-class _Host:
-    """The engine as a pass sees it (``run.RunHost``): a narrow door, so the pass
-    never reaches into the engine's other rooms."""
-
-    def __init__(self, engine: Engine) -> None:
-        self._engine = engine
-        self._metadata_bytes = len(msgspec.json.encode(Metadata()))
-
-    @property
-    def step_pool(self) -> ThreadPoolExecutor:
-        return self._engine.step_pool
-
-    @property
-    def max_event_bytes(self) -> int:
-        return self._engine.store.max_event_bytes
-
-    def now_us(self) -> int:
-        return self._engine._now_us()
-
-    def encoded_size(self, event: Any) -> int:
-        return len(self._engine.store.registry.encode(event).data) + self._metadata_bytes
-
-    def append(
-        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
-    ) -> Coroutine[Any, Any, AppendResult]:
-        # The store's coroutine itself, not one around it: this is every append's path.
-        engine = self._engine
-        stream = engine.stream_id(history.workflow_id)
-        return engine.store.append(
-            stream,
-            events,
-            history.version,
-            runtime=runtime,
-            fence=engine._fence(history.workflow_id),
-        )
-
-    async def read_after(self, history: History) -> list[RecordedEvent]:
-        stream = self._engine.stream_id(history.workflow_id)
-        return await self._engine.store.read_stream(stream, from_version=history.version + 1)
-
-    async def appended(self, history: History, before: int) -> None:
-        await self._engine._journal.snapshot_if_due(history, before)
-
-    async def start_child(
-        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
-    ) -> None:
-        engine = self._engine
-        await engine._start(engine._definition(workflow), given, child_id, parent_id)
-
-    async def cancel_child(self, child_id: str, reason: str) -> None:
-        with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
-            await self._engine.cancel(child_id, f"parent cancelled: {reason}")

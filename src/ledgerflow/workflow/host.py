@@ -5,26 +5,33 @@ talks to its host only through ``RunHost``, and tells it how it ended with one o
 the exceptions below or a ``PassResult``. Only returning or raising from the
 workflow's code is the workflow's own outcome; the rest are ``BaseException``s, so
 ``except Exception`` in workflow code cannot swallow them (see
-``docs/adr/005-engine-promises.md``).
+``docs/adr/005-engine-promises.md``). ``EngineHost`` is the engine's side of that
+door; ``ReplayHost`` the one of passes that only replay.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import Executor
+import contextlib
+from collections.abc import Coroutine
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ..errors import LedgerflowError, WorkflowError
-from ..events import AppendResult, RecordedEvent
+import msgspec
+
+from ..errors import LedgerflowError, WorkflowError, WorkflowFinishedError, WorkflowNotFoundError
+from ..events import AppendResult, Metadata, RecordedEvent
 from .definition import WorkflowDefinition
 from .history import Finished, History
 
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
+    from .engine import Engine
 
 __all__ = [
     "Abandon",
     "BodyEnded",
+    "EngineHost",
     "Park",
     "PassResult",
     "Relinquish",
@@ -163,3 +170,57 @@ class ReplayHost:
 
     async def cancel_child(self, child_id: str, reason: str) -> None:
         raise AssertionError("a replaying pass never acts")
+
+
+class EngineHost:
+    """The engine as a pass sees it (``run.RunHost``): a narrow door, so the pass
+    never reaches into the engine's other rooms."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+        self._metadata_bytes = len(msgspec.json.encode(Metadata()))
+
+    @property
+    def step_pool(self) -> ThreadPoolExecutor:
+        return self._engine.step_pool
+
+    @property
+    def max_event_bytes(self) -> int:
+        return self._engine.store.max_event_bytes
+
+    def now_us(self) -> int:
+        return self._engine._now_us()
+
+    def encoded_size(self, event: Any) -> int:
+        return len(self._engine.store.registry.encode(event).data) + self._metadata_bytes
+
+    def append(
+        self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]
+    ) -> Coroutine[Any, Any, AppendResult]:
+        # The store's coroutine itself, not one around it: this is every append's path.
+        engine = self._engine
+        stream = engine.stream_id(history.workflow_id)
+        return engine.store.append(
+            stream,
+            events,
+            history.version,
+            runtime=runtime,
+            fence=engine._fence(history.workflow_id),
+        )
+
+    async def read_after(self, history: History) -> list[RecordedEvent]:
+        stream = self._engine.stream_id(history.workflow_id)
+        return await self._engine.store.read_stream(stream, from_version=history.version + 1)
+
+    async def appended(self, history: History, before: int) -> None:
+        await self._engine._journal.snapshot_if_due(history, before)
+
+    async def start_child(
+        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+    ) -> None:
+        engine = self._engine
+        await engine._start(engine._definition(workflow), given, child_id, parent_id)
+
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
+            await self._engine.cancel(child_id, f"parent cancelled: {reason}")

@@ -1,0 +1,201 @@
+"""The runtime-row part of a workflow store that appends do not write: claims,
+renewals and releases of instance leases, reads of instances and wake-ups, and the
+registry of workers. Adapters supply the ``_`` hooks."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Collection, Sequence
+from datetime import UTC, datetime
+
+from ..hashing import to_micros
+from ._checks import (
+    _MAX_INT32,
+    _check_int,
+    _check_limit,
+    _check_worker,
+    _check_worker_id,
+    _check_worker_now,
+    _checked_kinds,
+    _invalid,
+)
+from .runtime import InstanceRow, Lease, WakeupRow, WorkerRow
+
+__all__ = ["RuntimeRows"]
+
+
+class RuntimeRows(abc.ABC):
+    """Mixed into ``BaseEventStore``; see ``ports.WorkflowStore`` for the contract."""
+
+    @abc.abstractmethod
+    def _check_open(self) -> None: ...
+
+    # -- runtime rows ---------------------------------------------------------------
+
+    async def claim_wakeups(
+        self,
+        owner: str,
+        *,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: Collection[tuple[str, int]] | None = None,
+    ) -> list[Lease]:
+        """Lease up to ``limit`` instances due by ``now_us`` that nobody holds (or
+        whose lease expired) to ``owner``, each at its next epoch; earliest due first.
+        With ``workflows``, only instances of those (name, version) pairs: a worker
+        claims only what it can run."""
+        self._check_open()
+        if limit < 1:
+            return []
+        kinds = _checked_kinds(workflows)
+        if kinds == ():
+            return []
+        return await self._claim_wakeups(owner, now_us, lease_until_us, limit, kinds)
+
+    async def database_now_us(self) -> int:
+        """The database's own clock (µs): what workers on many hosts agree on. An
+        embedded store's database runs on this machine: its clock is this one's."""
+        self._check_open()
+        return to_micros(datetime.now(UTC))
+
+    async def renew_leases(
+        self, owner: str, leases: Sequence[Lease], *, lease_until_us: int
+    ) -> list[Lease]:
+        """Extend ``owner``'s leases (a heartbeat) that are still its own at their
+        epoch; those it still holds. The others were taken over or given back."""
+        self._check_open()
+        if not leases:
+            return []
+        return await self._renew_leases(owner, list(leases), lease_until_us)
+
+    async def next_wakeup(
+        self, *, workflows: Collection[tuple[str, int]] | None = None
+    ) -> int | None:
+        """The earliest moment (µs) some instance (of ``workflows``, if given) may
+        become claimable; None if none."""
+        self._check_open()
+        kinds = _checked_kinds(workflows)
+        if kinds == ():
+            return None
+        return await self._next_wakeup(kinds)
+
+    async def release_wakeups(self, owner: str | None = None) -> int:
+        """Drop the leases of ``owner`` (every lease if None); how many were held."""
+        self._check_open()
+        return await self._release_wakeups(owner)
+
+    async def lease_owners(self) -> list[str]:
+        """Every owner that holds a lease now, expired or not, in order."""
+        self._check_open()
+        return await self._lease_owners()
+
+    async def get_wakeup(self, workflow_id: str) -> WakeupRow | None:
+        self._check_open()
+        return await self._get_wakeup(workflow_id)
+
+    async def get_instance(self, workflow_id: str) -> InstanceRow | None:
+        self._check_open()
+        return await self._get_instance(workflow_id)
+
+    async def list_instances(
+        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+    ) -> list[InstanceRow]:
+        """Instances in id order after ``after``, optionally of one status."""
+        self._check_open()
+        _check_limit(limit)
+        return await self._list_instances(status, after, limit)
+
+    # -- the registry of workers -------------------------------------------------------
+
+    async def register_worker(self, info: WorkerRow) -> None:
+        """Insert the worker's row, or replace every column of it."""
+        self._check_open()
+        await self._register_worker(_check_worker(info))
+
+    async def heartbeat_worker(
+        self, worker_id: str, *, now_us: int, in_flight: int, stopping: bool = False
+    ) -> bool:
+        """Set the worker's heartbeat to ``now_us`` with what it reports; False if it
+        has no row (it was reaped, or never registered)."""
+        self._check_open()
+        _check_worker_id(worker_id)
+        _check_worker_now(now_us)
+        _check_int(in_flight, "in_flight", 0, _MAX_INT32)
+        if not isinstance(stopping, bool):
+            raise _invalid(f"stopping must be a bool, not {stopping!r:.60}")
+        return await self._heartbeat_worker(worker_id, now_us, in_flight, stopping)
+
+    async def deregister_worker(self, worker_id: str) -> None:
+        self._check_open()
+        _check_worker_id(worker_id)
+        await self._deregister_worker(worker_id)
+
+    async def list_workers(self) -> list[WorkerRow]:
+        """Every registered worker in id order."""
+        self._check_open()
+        return await self._list_workers()
+
+    async def reap_workers(self, now_us: int) -> list[str]:
+        """Remove the workers dead at ``now_us`` (``heartbeat_at + lease_us <
+        now_us``) and release their leases, with the expired leases of owners that
+        have no row, in one transaction; the removed ids in order. Releasing keeps
+        each lease's epoch, as ``release_wakeups`` does: a reaped runner that comes
+        back fails its fence and records nothing."""
+        self._check_open()
+        _check_worker_now(now_us)
+        return await self._reap_workers(now_us)
+
+    # -- adapter hooks --------------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _claim_wakeups(
+        self,
+        owner: str,
+        now_us: int,
+        lease_until_us: int,
+        limit: int,
+        workflows: tuple[tuple[str, int], ...] | None,
+    ) -> list[Lease]: ...
+
+    @abc.abstractmethod
+    async def _next_wakeup(self, workflows: tuple[tuple[str, int], ...] | None) -> int | None: ...
+
+    @abc.abstractmethod
+    async def _renew_leases(
+        self, owner: str, leases: list[Lease], lease_until_us: int
+    ) -> list[Lease]: ...
+
+    @abc.abstractmethod
+    async def _release_wakeups(self, owner: str | None) -> int: ...
+
+    @abc.abstractmethod
+    async def _lease_owners(self) -> list[str]: ...
+
+    @abc.abstractmethod
+    async def _get_wakeup(self, workflow_id: str) -> WakeupRow | None: ...
+
+    @abc.abstractmethod
+    async def _get_instance(self, workflow_id: str) -> InstanceRow | None: ...
+
+    @abc.abstractmethod
+    async def _list_instances(
+        self, status: str | None, after: str | None, limit: int
+    ) -> list[InstanceRow]: ...
+
+    @abc.abstractmethod
+    async def _register_worker(self, row: WorkerRow) -> None: ...
+
+    @abc.abstractmethod
+    async def _heartbeat_worker(
+        self, worker_id: str, now_us: int, in_flight: int, stopping: bool
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _deregister_worker(self, worker_id: str) -> None: ...
+
+    @abc.abstractmethod
+    async def _list_workers(self) -> list[WorkerRow]: ...
+
+    @abc.abstractmethod
+    async def _reap_workers(self, now_us: int) -> list[str]: ...

@@ -1,0 +1,190 @@
+"""Commands that wait: durable timers, signals, child workflows, and the recorded
+clock. ``Waits`` is the part of a pass (``run._Run``) that issues them; it shares
+the pass's state and commands, and is a module of its own only to keep each one
+readable."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from ..errors import ChildWorkflowError
+from ..hashing import from_micros
+from ..store.runtime import RuntimeWrite
+from .codec import CodecError, from_builtins, json_schema
+from .definition import WorkflowDefinition
+from .history import (
+    ChildDone,
+    ChildFinished,
+    ChildStarted,
+    ClockRead,
+    History,
+    SignalRejected,
+    SignalTaken,
+    SignalTimedOut,
+    SignalWaiting,
+    TimerFired,
+    TimerStarted,
+    WorkflowStatus,
+)
+from .host import RunHost, Suspend
+from .saga import _first
+
+if TYPE_CHECKING:
+    from .run import _Acting
+
+__all__ = ["Waits"]
+
+log = logging.getLogger("ledgerflow.engine")
+
+T = TypeVar("T")
+
+
+class Waits:
+    """Timers, signals, children and the clock of one pass; mixed into ``run._Run``."""
+
+    host: RunHost
+    history: History
+    query: bool
+    acting: _Acting
+    buffer: list[Any]
+
+    if TYPE_CHECKING:
+
+        def _command(
+            self, kind: str, name: str, *, own: bool = False
+        ) -> tuple[int, list[Any] | None]: ...
+
+        def _live(self) -> None: ...
+
+        async def record(
+            self, events: list[Any], runtime: tuple[RuntimeWrite, ...] = ()
+        ) -> None: ...
+
+        def _decode(self, value: Any, type_: Any, what: str) -> Any: ...
+
+        async def _host(self, call: Awaitable[T]) -> T: ...
+
+    async def timer(self, fire_at: Callable[[int], int]) -> None:
+        seq, recorded = self._command("timer", "sleep")
+        if recorded and any(isinstance(e, TimerFired) for e in recorded):
+            return
+        self._live()
+        now = self.host.now_us()
+        if recorded:
+            due = recorded[0].fire_at_us
+            started: list[Any] = []
+        else:
+            due = fire_at(now)
+            started = [TimerStarted(seq=seq, name="sleep", fire_at_us=due)]
+        if now >= due:
+            with self.acting:
+                await self.record([*started, TimerFired(seq=seq, name="sleep")])
+            return
+        raise Suspend(started, due)
+
+    async def signal(self, name: str, type_: Any, timeout: float | None) -> Any:
+        seq, recorded = self._command("signal", name)
+        for event in recorded or ():
+            if isinstance(event, SignalTaken):
+                payload = self.history.signal_at(event.signal_version).payload
+                return self._decode(payload, type_, f"payload of signal {name!r}")
+            if isinstance(event, SignalTimedOut):
+                return None
+        self._live()
+        with self.acting:
+            while (found := self.history.next_signal(name)) is not None:
+                version, sent = found
+                try:
+                    value = from_builtins(sent.payload, type_)
+                except CodecError as exc:
+                    # Bad input that reached the instance anyway: set aside, visibly;
+                    # it never ends the instance, and the wait goes on.
+                    reason = f"does not fit {getattr(type_, '__qualname__', type_)}: {exc}"
+                    log.warning(
+                        "workflow %s: signal %r rejected: %s",
+                        self.history.workflow_id,
+                        name,
+                        reason,
+                    )
+                    rejected = SignalRejected(
+                        seq=seq, name=name, signal_version=version, reason=reason
+                    )
+                    await self.record([rejected])
+                    continue
+                await self.record([SignalTaken(seq=seq, name=name, signal_version=version)])
+                return value
+            now = self.host.now_us()
+            waiting = _first(recorded, SignalWaiting)
+            new: list[Any] = []
+            if waiting is not None:
+                deadline = waiting.deadline_us
+            else:
+                deadline = None if timeout is None else now + int(timeout * 1_000_000)
+                new = [
+                    SignalWaiting(
+                        seq=seq, name=name, deadline_us=deadline, schema=json_schema(type_)
+                    )
+                ]
+            if deadline is not None and now >= deadline:
+                await self.record([*new, SignalTimedOut(seq=seq, name=name)])
+                return None
+        raise Suspend(new, deadline)
+
+    async def child(
+        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str | None
+    ) -> Any:
+        seq, recorded = self._command("child", workflow.name)
+        done = _first(recorded, ChildDone)
+        if done is not None:
+            return self._child_outcome(workflow, done)
+        started = _first(recorded, ChildStarted)
+        cid = (
+            started.child_id
+            if started is not None
+            else child_id or f"{self.history.workflow_id}.{seq}"
+        )
+        ended = self.history.children.get(cid)
+        if started is not None and ended is not None:
+            return self._child_outcome(workflow, ended)
+        self._live()
+        if started is None:
+            with self.acting:
+                # What the child's input depends on is durable before it starts.
+                await self.record([])
+                await self._host(
+                    self.host.start_child(workflow, given, cid, self.history.workflow_id)
+                )
+                await self.record(
+                    [
+                        ChildStarted(
+                            seq=seq, name=workflow.name, child_id=cid, version=workflow.version
+                        )
+                    ]
+                )
+            ended = self.history.children.get(cid)
+            if ended is not None:
+                return self._child_outcome(workflow, ended)
+        # The child tells us when it ends (wf.child_finished, with a nudge): a version
+        # check on our wait makes sure that news is never missed.
+        raise Suspend([], None, child_id=cid)
+
+    def _child_outcome(
+        self, workflow: WorkflowDefinition[Any, Any], done: ChildDone | ChildFinished
+    ) -> Any:
+        if done.status != WorkflowStatus.COMPLETED:
+            raise ChildWorkflowError(
+                done.child_id, done.status, done.error_type or "", done.message or ""
+            )
+        return self._decode(done.result, workflow.output_type, f"result of child {done.child_id!r}")
+
+    def now(self) -> datetime:
+        seq, recorded = self._command("now", "now")
+        if recorded:
+            return from_micros(recorded[0].at_us)
+        at = self.host.now_us()
+        if not self.query:
+            self.buffer.append(ClockRead(seq=seq, name="now", at_us=at))
+        return from_micros(at)
