@@ -54,18 +54,24 @@ APP = textwrap.dedent(
     """
 )
 
+# The same order, its charge sent to the "pay" task queue, which only the payment
+# service's workers serve (``--app crashapp:apply --queue pay``).
+REMOTE_APP = APP.replace("\ndef apply(", '\n@lf.step(name="apply")\ndef apply(').replace(
+    'b = await ctx.step(apply, "charge", a)', 'b = await ctx.step(apply, "charge", a, queue="pay")'
+)
+
 INSTANCES = 240
 KILLS = 8
 WORKERS = 3
 
 
-def spawn(app_dir: Path, db: str) -> subprocess.Popen[bytes]:
+def spawn(app_dir: Path, db: str, *app: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [
             *CLI,
             "worker",
             "--app",
-            "crashapp",
+            *(app or ("crashapp",)),
             "--db",
             db,
             "--poll",
@@ -108,6 +114,26 @@ async def test_four_workers_two_thousand_orders_twenty_kills(
     )
 
 
+@pytest.mark.postgres
+async def test_killed_workers_of_two_services_lose_and_double_nothing(
+    tmp_path: Path, pg_schema: str
+) -> None:
+    """Orders workers and payment workers (serving the "pay" task queue) are killed at
+    random and replaced: every order completes, every step result is recorded once,
+    every effect applied."""
+    from .conftest import pg_url
+
+    await _kill_run(
+        tmp_path,
+        pg_url(pg_schema),
+        instances=200,
+        workers=4,
+        kills=KILLS,
+        app=REMOTE_APP,
+        kinds=[(), ("crashapp:apply", "--queue", "pay")],
+    )
+
+
 async def _kill_run(
     tmp_path: Path,
     db: str,
@@ -116,13 +142,20 @@ async def _kill_run(
     workers: int,
     kills: int,
     gap: tuple[float, float] = (0.1, 0.3),
+    app: str = APP,
+    kinds: list[tuple[str, ...]] | None = None,
 ) -> None:
-    (tmp_path / "crashapp.py").write_text(APP)
+    """``workers`` worker processes (taking turns among ``kinds`` of command line),
+    one killed at random ``kills`` times and replaced by one of its kind."""
+    (tmp_path / "crashapp.py").write_text(app)
     # The ledger exists before the workers race to create it.
     async with ledgerflow.open_store(db):
         pass
     rng = random.Random(12)
-    running = [spawn(tmp_path, db) for _ in range(workers)]
+    assert app.count("ctx.step") == 3
+    kinds = kinds or [()]
+    running = [spawn(tmp_path, db, *kinds[i % len(kinds)]) for i in range(workers)]
+    kind_of = {w.pid: kinds[i % len(kinds)] for i, w in enumerate(running)}
     try:
         async with ledgerflow.WorkflowClient(db, poll_interval=0.05) as client:
             # Kills begin while the orders are still being started (2,000 starts take
@@ -136,8 +169,13 @@ async def _kill_run(
                 victim = running.pop(rng.randrange(len(running)))
                 victim.send_signal(signal.SIGKILL)
                 victim.wait()
-                running.append(spawn(tmp_path, db))
+                again = spawn(tmp_path, db, *kind_of[victim.pid])
+                kind_of[again.pid] = kind_of[victim.pid]
+                running.append(again)
             await starting
+            # A worker that exited by itself (a bad command line, a crash) would
+            # only show as a timeout below.
+            assert all(w.poll() is None for w in running), "a worker exited by itself"
             results = await asyncio.wait_for(
                 asyncio.gather(
                     *(client.handle(f"o-{i}").result(timeout=240) for i in range(instances))
