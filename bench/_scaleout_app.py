@@ -91,4 +91,20 @@ async def claim(ctx: lf.WorkflowContext, i: int) -> int:
     return await ctx.step(first, i)
 
 
-WORKFLOWS: list[lf.WorkflowDefinition[Any, Any]] = [three_steps, failover, claim]
+# -- task latency: when does a step sent to a task queue start? -----------------------
+
+REMOTE_QUEUE = "bench-remote"
+
+
+@lf.step(name="scaleout.remote_first", queue=REMOTE_QUEUE)
+def remote_first(i: int) -> int:
+    mark("remote_first")
+    return i
+
+
+@lf.workflow(name="scaleout.remote", version=1)
+async def remote(ctx: lf.WorkflowContext, i: int) -> int:
+    return await ctx.step(remote_first, i)
+
+
+WORKFLOWS: list[lf.WorkflowDefinition[Any, Any]] = [three_steps, failover, claim, remote]

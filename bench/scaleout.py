@@ -21,6 +21,10 @@ schema ``lf_bench_scaleout_<random>`` (dropped afterwards), in a temporary direc
   killed with SIGKILL; seconds until the step starts again on the other.
 - ``claim_latency``: one idle worker; 200 workflows started one at a time (0.05 to
   0.15 s apart); from the ``start`` call until the first step starts.
+- ``task_latency``: the same, with the first step sent to a task queue that only a
+  second worker serves (``--app _scaleout_app:remote_first --queue bench-remote``):
+  the workflow's worker claims the instance and sends the step, the other claims
+  the task and runs it. No target: a figure next to ``claim_latency``.
 
 The floor, measured in the same run on the same server, is single-row INSERT +
 COMMIT from 8 connections at once into a scratch table shaped like the events table.
@@ -63,7 +67,7 @@ if TYPE_CHECKING:
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-CASES = ("append", "workflows", "failover", "claim_latency")
+CASES = ("append", "workflows", "failover", "claim_latency", "task_latency")
 
 FLOOR_CONNECTIONS = 8
 FLOOR_SECONDS = 0.8
@@ -420,8 +424,10 @@ async def until(
 # -- workers (the CLI) ----------------------------------------------------------------
 
 
-def worker_argv(url: str, *, lease: float | None = None) -> list[str]:
-    argv = [sys.executable, *LEDGERFLOW_CLI, "worker", "--db", url, "--app", "_scaleout_app"]
+def worker_argv(
+    url: str, *, lease: float | None = None, app: Sequence[str] = ("_scaleout_app",)
+) -> list[str]:
+    argv = [sys.executable, *LEDGERFLOW_CLI, "worker", "--db", url, "--app", *app]
     if lease is not None:
         argv += ["--lease", f"{lease:g}"]
     return argv
@@ -438,12 +444,15 @@ async def start_workers(
     *,
     lease: float | None = None,
     env: dict[str, str] | None = None,
+    app: Sequence[str] = ("_scaleout_app",),
 ) -> list[Child]:
     workers = [
         await children.spawn(
             f"{tag}-worker-{i + 1}",
             worker_argv(
-                with_params(url, application_name=f"lf-scaleout-{tag}-{i + 1}"), lease=lease
+                with_params(url, application_name=f"lf-scaleout-{tag}-{i + 1}"),
+                lease=lease,
+                app=app,
             ),
             cwd=BENCH,  # as deploy.md has it: the --app module in the current directory
             env=env,
@@ -1012,9 +1021,25 @@ async def case_failover(children: Children, schema: str) -> dict[str, Any]:
 
 
 async def case_claim_latency(children: Children, schema: str) -> dict[str, Any]:
+    return await _first_step_latency(children, schema, remote=False)
+
+
+async def case_task_latency(children: Children, schema: str) -> dict[str, Any]:
+    return await _first_step_latency(children, schema, remote=True)
+
+
+async def _first_step_latency(children: Children, schema: str, *, remote: bool) -> dict[str, Any]:
+    """From each ``start`` call until the workflow's first step starts (on the
+    workflow's worker, or with ``remote`` on the worker of its task queue)."""
     url = pg_store_url(schema)
-    marks = children.directory / "claim-marks.log"
-    workers = await start_workers(children, url, 1, "claim", env={app.MARKS_ENV: str(marks)})
+    case = "task_latency" if remote else "claim_latency"
+    marks = children.directory / f"{case}-marks.log"
+    env = {app.MARKS_ENV: str(marks)}
+    workers = await start_workers(children, url, 1, "claim", env=env)
+    if remote:
+        queue_app = ("_scaleout_app:remote_first", "--queue", app.REMOTE_QUEUE)
+        workers += await start_workers(children, url, 1, "queue", env=env, app=queue_app)
+    workflow = app.remote if remote else app.claim
     stops: list[dict[str, Any]] = []
     try:
         async with lf.WorkflowClient(url, workflows=app.WORKFLOWS) as client:
@@ -1022,8 +1047,8 @@ async def case_claim_latency(children: Children, schema: str) -> dict[str, Any]:
             def firsts() -> dict[str, float]:
                 return {m.workflow_id: m.at for m in reversed(read_marks(marks))}
 
-            for i in range(CLAIM_WARMUP):  # the worker's first passes, one at a time
-                await client.start(app.claim, i, id=f"warm-{i}")
+            for i in range(CLAIM_WARMUP):  # the workers' first passes, one at a time
+                await client.start(workflow, i, id=f"warm-{i}")
 
                 async def warmed(i: int = i) -> bool:
                     return f"warm-{i}" in firsts()
@@ -1032,11 +1057,11 @@ async def case_claim_latency(children: Children, schema: str) -> dict[str, Any]:
             rng = random.Random(12)
             called: dict[str, float] = {}
             returned: dict[str, float] = {}
-            note(f"claim_latency: {CLAIM_STARTS} starts, {CLAIM_GAP_S[0]}-{CLAIM_GAP_S[1]} s apart")
+            note(f"{case}: {CLAIM_STARTS} starts, {CLAIM_GAP_S[0]}-{CLAIM_GAP_S[1]} s apart")
             for i in range(CLAIM_STARTS):
                 wid = f"c-{i}"
                 called[wid] = time.time()
-                await client.start(app.claim, i, id=wid)
+                await client.start(workflow, i, id=wid)
                 returned[wid] = time.time()
                 await asyncio.sleep(rng.uniform(*CLAIM_GAP_S))
 
@@ -1051,8 +1076,8 @@ async def case_claim_latency(children: Children, schema: str) -> dict[str, Any]:
     calls = [returned[wid] - at for wid, at in called.items()]
     after_return = [started[wid] - at for wid, at in returned.items()]
     p50 = percentile(latencies, 50)
-    note(f"claim_latency: p50 {p50 * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms")
-    return {
+    note(f"{case}: p50 {p50 * 1000:.1f} ms, p99 {percentile(latencies, 99) * 1000:.1f} ms")
+    figures: dict[str, Any] = {
         "starts": CLAIM_STARTS,
         "gap_s": list(CLAIM_GAP_S),
         "worker_poll_s": 1.0,
@@ -1067,9 +1092,16 @@ async def case_claim_latency(children: Children, schema: str) -> dict[str, Any]:
         "after_start_returned_p99_ms": ms(percentile(after_return, 99)),
         "worker_stops": stops,
         "worker_stop_problems": stop_problems(stops),
-        "targets": {"latency_p50_ms": TARGETS["claim_latency_p50_ms"]},
-        "targets_met": {"latency_p50_ms": p50 * 1000 < 5},
     }
+    if remote:
+        figures["queue_worker_command"] = (
+            "ledgerflow worker --db <url> --app _scaleout_app:remote_first --queue "
+            f"{app.REMOTE_QUEUE} (cwd bench/)"
+        )
+    else:
+        figures["targets"] = {"latency_p50_ms": TARGETS["claim_latency_p50_ms"]}
+        figures["targets_met"] = {"latency_p50_ms": p50 * 1000 < 5}
+    return figures
 
 
 # -- the run ----------------------------------------------------------------------------
@@ -1079,6 +1111,7 @@ CASE_BODIES: dict[str, Callable[[Children, str], Awaitable[dict[str, Any]]]] = {
     "workflows": case_workflows,
     "failover": case_failover,
     "claim_latency": case_claim_latency,
+    "task_latency": case_task_latency,
 }
 
 
