@@ -1,6 +1,6 @@
-"""``load_stream``: a stream's latest snapshot and the events after it, in one
-consistent read (one round trip on PostgreSQL), on every backend. Workers load the
-history of each instance they claim this way."""
+"""``load_stream``: a stream's latest snapshot and the events after it, read
+consistently, on every backend. Workers load the history of each instance they
+claim this way."""
 
 from __future__ import annotations
 
@@ -42,24 +42,37 @@ async def test_a_stream_that_is_not_there_is_not_found(store: BaseEventStore) ->
         await store.load_stream("nowhere")
 
 
-async def test_a_snapshot_saved_between_the_two_reads_is_read_again(
-    store: BaseEventStore, monkeypatch: pytest.MonkeyPatch
+async def test_a_stream_read_to_its_end_is_appended_to_in_one_round_trip(
+    store: BaseEventStore, store_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On PostgreSQL the two reads are separate statements: one that sees a newer
-    snapshot than the other would give a tail that does not follow; it is read
-    again instead of handing the loader a history with a hole."""
+    """A worker loads an instance another process wrote, then appends to it: the head
+    the read found lets that append take the one-round-trip path; a head gone stale
+    meanwhile is caught (the append is decided again) and never written on."""
     if store.backend != "postgres":
-        pytest.skip("only PostgreSQL reads the two in separate statements at once")
-    await store.append("s", [ev(i) for i in range(6)])
-    await store.save_snapshot(Snapshot("s", 2, "state", 1, b"two"))
-    sql = store._sql  # type: ignore[attr-defined]
-    # The tail as if a snapshot at 4 had been saved after the first statement.
-    monkeypatch.setattr(
-        sql,
-        "stream_after_snapshot",
-        sql.stream_after_snapshot.replace("coalesce(", "4 + 0 * coalesce("),
-    )
-    snapshot, events = await store.load_stream("s")
-    assert snapshot is not None
-    assert snapshot.version == 2
-    assert [e.version for e in events] == [3, 4, 5, 6]
+        pytest.skip("only PostgreSQL has a one-round-trip path")
+    from ledgerflow import ConcurrencyError, verify_ledger
+
+    from ._adapters import open_adapter
+
+    async with open_adapter(store_url) as other:
+        await other.append("s", [ev(0), ev(1)])
+        await store.append("mine", [ev(0)])  # this writer now knows the next position
+        await store.append("mine", [ev(1)], expected_version=1)
+        fast: list[bool] = []
+        real = store._commit_fast  # type: ignore[attr-defined]
+
+        async def commit_fast(plan: object) -> object:
+            outcome = await real(plan)
+            fast.append(outcome is not None)
+            return outcome
+
+        monkeypatch.setattr(store, "_commit_fast", commit_fast)
+        await store.load_stream("s")
+        await store.append("s", [ev(2)], expected_version=2)
+        assert fast == [True]
+        await store.load_stream("s")
+        await other.append("s", [ev(3)], expected_version=3)  # the head goes stale
+        with pytest.raises(ConcurrencyError):
+            await store.append("s", [ev(4)], expected_version=3)
+        assert [e.version for e in await store.read_stream("s")] == [1, 2, 3, 4]
+        assert (await verify_ledger(store)).ok

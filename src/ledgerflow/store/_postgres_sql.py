@@ -299,11 +299,6 @@ class Sql:
             f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version >= %s "
             "ORDER BY version LIMIT %s"
         )
-        self.stream_after_snapshot = (
-            f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version > "
-            f"coalesce((SELECT version FROM {s}.snapshots WHERE stream_id = %s), 0) "
-            "ORDER BY version"
-        )
         self.stream_backward = (
             f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version <= %s "
             "ORDER BY version DESC LIMIT %s"

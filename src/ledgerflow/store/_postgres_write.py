@@ -540,6 +540,20 @@ class PostgresWrites(abc.ABC):
             else:
                 self._known_next = next_position
 
+    def _learn_head(self, stream: str, last: EventRow) -> None:
+        """Remember a head a read found (its last event, read to the end). Stale or
+        not, it is safe to plan with: if the stream moved on before our last
+        commit, the planned version is stored already and the unique (stream,
+        version) constraint voids the transaction; if it moved on after, positions
+        were taken since and begin_append refuses. Either way the batch is decided
+        again from the database."""
+        if self._known_next is None:
+            return  # no one-round-trip path without the next position
+        self._known_heads[stream] = StreamHead(last.version, last.hash, last.position)
+        self._known_heads.move_to_end(stream)
+        while len(self._known_heads) > _KNOWN_HEADS:
+            self._known_heads.popitem(last=False)
+
     def _forget(self) -> None:
         self._known_heads.clear()
         self._known_next = None

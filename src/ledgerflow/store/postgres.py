@@ -57,7 +57,6 @@ from ._postgres_conn import (
     driver_errors,
     event_row,
     location_of,
-    pipeline,
     reason,
     split_url,
 )
@@ -372,8 +371,14 @@ class PostgresEventStore(
                 bound = 2**63 - 1
         else:
             sql, bound = self._sql.stream_forward, 1 if from_version is None else from_version
-        rows = await self._fetch("read a stream", sql, (stream_id, bound, limit))
-        return [event_row(t) for t in rows]
+        found = await self._fetch("read a stream", sql, (stream_id, bound, limit))
+        rows = [event_row(t) for t in found]
+        if rows and limit is None and not backwards:
+            # Read to its end: the stream's head as of now, which lets the next
+            # append to it (a worker's, after loading an instance) take the
+            # one-round-trip path.
+            self._learn_head(stream_id, rows[-1])
+        return rows
 
     async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
         waited: _SettleWait | None = None
@@ -425,28 +430,6 @@ class PostgresEventStore(
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
         rows = await self._fetch("load a snapshot", self._sql.load_snapshot, (stream_id,))
         return _snapshot(rows[0]) if rows else None
-
-    async def _load_stream_rows(self, stream_id: str) -> tuple[Snapshot | None, list[EventRow]]:
-        # Both reads in one round trip (a worker loading an instance it just claimed
-        # waits for this): the events read from after the snapshot as the second
-        # statement sees it. Each statement has its own snapshot of the database, so
-        # a snapshot saved between them shows as events that do not follow the one
-        # read first; then it is read again, in turn.
-        async def both(conn: Connection) -> tuple[list[TupleRow], list[TupleRow]]:
-            async with pipeline(conn):
-                snap = await conn.execute(self._sql.load_snapshot, (stream_id,))
-                events = await conn.execute(
-                    self._sql.stream_after_snapshot, (stream_id, stream_id), binary=True
-                )
-                return await snap.fetchall(), await events.fetchall()
-
-        found, tail = await self._pooled("load a stream", both)
-        snapshot = _snapshot(found[0]) if found else None
-        rows = [event_row(t) for t in tail]
-        first = 1 if snapshot is None else snapshot.version + 1
-        if rows and rows[0].version != first:
-            return await super()._load_stream_rows(stream_id)
-        return snapshot, rows
 
 
 class _SettleWait:
