@@ -14,7 +14,7 @@ import uuid
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
@@ -25,6 +25,9 @@ from ledgerflow.store._base import BaseEventStore
 
 from ._adapters import open_adapter
 from ._engines import EngineFactory
+
+if TYPE_CHECKING:
+    import psycopg
 
 PG_URL = os.environ.get("LEDGERFLOW_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
 BACKENDS = ["memory", "sqlite", "postgres"]
@@ -208,3 +211,22 @@ async def lock_waiters(query: str, count: int) -> None:
             if found is not None and found[0] >= count:
                 return
             await asyncio.sleep(0.02)
+
+
+def pg_admin() -> psycopg.Connection[tuple[Any, ...]]:
+    """An autocommit connection to the test server, outside any store."""
+    import psycopg
+
+    return psycopg.connect(PG_URL, autocommit=True)
+
+
+def terminate_backends(application_name: str) -> int:
+    """Kill every server connection of that application; how many there were."""
+    with pg_admin() as con:
+        row = con.execute(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE application_name = %s",
+            (application_name,),
+        ).fetchone()
+    assert row is not None
+    return int(row[0])

@@ -11,7 +11,6 @@ import tempfile
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from datetime import UTC, datetime, timedelta, timezone
-from typing import Any
 
 import psycopg
 import pytest
@@ -39,7 +38,15 @@ from ledgerflow.store.runtime import (
 )
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, lock_waiters, pg_url, require_postgres, stalling_commits
+from .conftest import (
+    PG_URL,
+    lock_waiters,
+    pg_admin,
+    pg_url,
+    require_postgres,
+    stalling_commits,
+    terminate_backends,
+)
 
 KNOWN_SCHEMA = _migrations("ledgerflow")[-1].version
 
@@ -103,28 +110,12 @@ asyncio.run(main(sys.argv[1]))
 """
 
 
-def _admin() -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(PG_URL, autocommit=True)
-
-
-def _terminate(application_name: str) -> int:
-    """Kill every server connection of that application; how many there were."""
-    with _admin() as con:
-        row = con.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (application_name,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 @pytest.fixture
 def other_schema() -> Iterator[str]:
     require_postgres()
     name = f"lf_test_{uuid.uuid4().hex[:16]}"
     yield name
-    with _admin() as con:
+    with pg_admin() as con:
         con.execute(f"DROP SCHEMA IF EXISTS {name} CASCADE")
 
 
@@ -323,7 +314,7 @@ async def test_store_recovers_when_the_server_drops_every_connection(pg_schema: 
             listener = await _wait_for_listener(pg_schema)
             await seen.until(1)
 
-        killed = _terminate(app)
+        killed = terminate_backends(app)
         assert killed >= 3  # writer, reader pool, listener
 
         # Nothing was in flight: the writer and the readers reconnect transparently.
@@ -369,7 +360,7 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
         assert await one.stream_version("order-2") == 0
         assert (await one.head_position(), await two.head_position()) == (2, 2)
 
-    with _admin() as con:
+    with pg_admin() as con:
         tables = con.execute(
             "SELECT table_schema, count(*) FROM information_schema.tables "
             "WHERE table_schema IN (%s, %s) GROUP BY table_schema",
@@ -405,7 +396,7 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
         await asyncio.gather(*(store.open() for store in stores))
     finally:
         await asyncio.gather(*(store.close() for store in stores))
-    with _admin() as con:
+    with pg_admin() as con:
         rows = con.execute(f"SELECT version, name FROM {pg_schema}.schema_migrations").fetchall()
         (taken,) = con.execute(
             f"SELECT last_value FROM {pg_schema}.positions WHERE is_called"
@@ -417,7 +408,7 @@ async def test_concurrent_openers_apply_migrations_once(pg_schema: str) -> None:
 async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     async with open_adapter(pg_url(pg_schema)) as store:
         await store.append("s", [NewEvent("Kept")])
-    with _admin() as con:
+    with pg_admin() as con:
         con.execute(
             f"INSERT INTO {pg_schema}.schema_migrations (version, name) VALUES (99, 'future')"
         )
@@ -425,7 +416,7 @@ async def test_schema_newer_than_the_code_is_refused(pg_schema: str) -> None:
     with pytest.raises(ledgerflow.SchemaVersionError) as caught:
         await store.open()
     assert (caught.value.found, caught.value.known) == (99, KNOWN_SCHEMA)
-    with _admin() as con:
+    with pg_admin() as con:
         rows = con.execute(f"SELECT count(*) FROM {pg_schema}.events").fetchone()
     assert rows == (1,)
 
@@ -624,7 +615,7 @@ async def test_release_and_append_on_the_same_wakeups_do_not_deadlock(pg_schema:
                 Schedule("c", 1),
             ],
         )
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             # Hold c so the writer stops halfway through its runtime writes.
             blocker.execute(f"SELECT 1 FROM {pg_schema}.wakeups WHERE workflow_id = 'c' FOR UPDATE")
             # Against the id order: touched one by one, b would be held while waiting
@@ -651,7 +642,7 @@ async def test_a_claim_skips_rows_being_written_instead_of_waiting(pg_schema: st
         await store.append(
             "s", [NewEvent("E")], runtime=[Schedule(w, i) for i, w in enumerate("abc")]
         )
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {pg_schema}.wakeups WHERE workflow_id = 'b' FOR UPDATE")
             async with asyncio.timeout(10):
                 first = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=9)
@@ -665,7 +656,7 @@ async def test_a_claim_survives_the_server_dropping_the_readers(pg_schema: str) 
         await store.append("s", [NewEvent("E")], runtime=[Schedule("a", 1), Schedule("b", 2)])
         claimed = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=1)
         assert claimed == [Lease("a", 1)]
-        killed = _terminate(app)
+        killed = terminate_backends(app)
         assert killed >= 2  # writer and reader pool
         # The dead pooled connection is replaced and the claim sent again.
         claimed = await store.claim_wakeups("w", now_us=9, lease_until_us=99, limit=5)
@@ -678,7 +669,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
     async with open_adapter(url) as store:
         await store.append("s", [NewEvent("A"), NewEvent("B")])
         before = await store.read_all()
-    with _admin() as con:
+    with pg_admin() as con:
         # Back to what the release that knew only migration 1 left behind: nothing
         # of migration 2 (workflows, wakeups), 3 (lease_epoch, check_fences), 4
         # (positions from a sequence, xid per event, no head row), 5 (workers, and
@@ -711,7 +702,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         assert await store.claim_wakeups("other", now_us=10, lease_until_us=20, limit=1) == [
             Lease("wf", 2)
         ]
-    with _admin() as con:
+    with pg_admin() as con:
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
         ).fetchall()

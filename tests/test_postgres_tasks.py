@@ -33,7 +33,7 @@ from ledgerflow.store.runtime import (
 )
 
 from ._adapters import open_adapter
-from .conftest import PG_URL, lock_waiters, pg_url
+from .conftest import lock_waiters, pg_admin, pg_url, terminate_backends
 
 pytestmark = pytest.mark.postgres
 
@@ -58,13 +58,9 @@ async def claim(
     )
 
 
-def _admin() -> psycopg.Connection[tuple[Any, ...]]:
-    return psycopg.connect(PG_URL, autocommit=True)
-
-
 def _locked(schema: str, table: str, key: str, value: str) -> bool:
     """Whether another transaction holds that row's lock."""
-    with _admin() as probe, probe.transaction():
+    with pg_admin() as probe, probe.transaction():
         try:
             probe.execute(
                 f"SELECT 1 FROM {schema}.{table} WHERE {key} = %s FOR UPDATE NOWAIT", (value,)
@@ -81,7 +77,7 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
     url = pg_url(pg_schema)
     async with open_adapter(url) as store:
         await store.append("s", [ev()])
-    with _admin() as con:
+    with pg_admin() as con:
         con.execute(f"DROP TABLE {pg_schema}.tasks, {pg_schema}.queues")
         con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 5")
     async with open_adapter(url) as store:
@@ -90,7 +86,7 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
         (claimed,) = await claim(store, limit=5)
         assert (claimed.task_id, claimed.lease_epoch, claimed.attempt) == ("a/1", 1, 1)
         assert await store.list_queues(NOW) == [QueueRow("erp", 1, 0, 0, 1)]
-    with _admin() as con:
+    with pg_admin() as con:
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
         ).fetchall()
@@ -117,7 +113,7 @@ async def test_a_write_locks_its_wakeups_before_its_tasks(pg_schema: str) -> Non
             "wf-a", [ev()], runtime=[Schedule("a", 1, "runner", FAR), PutTask(task("a"))]
         )
         (held,) = await claim(store)
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/1' FOR UPDATE")
             # The task's write comes first in the batch; its lock still comes second.
             append = asyncio.create_task(
@@ -141,7 +137,7 @@ async def test_dropping_a_workflows_tasks_locks_them_in_id_order(pg_schema: str)
     async with open_adapter(pg_url(s)) as store:
         # Stored against the id order: a scan by workflow would meet a/3 first.
         await store.append("wf-a", [ev()], runtime=[PutTask(task("a", n)) for n in (3, 2, 1)])
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/2' FOR UPDATE")
             append = asyncio.create_task(store.append("wf-a", [ev()], runtime=[DropTasks("a")]))
             await lock_waiters(f"%{s}.tasks%", 1)
@@ -162,7 +158,7 @@ async def test_reaping_locks_wakeups_before_tasks(pg_schema: str) -> None:
             "wf-a", [ev()], runtime=[Schedule("a", 1, "dead", FAR), PutTask(task("a"))]
         )
         await claim(store, "dead")
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/1' FOR UPDATE")
             reap = asyncio.create_task(store.reap_workers(NOW + LEASE + 1))
             await lock_waiters(f"%{s}.tasks%", 1)
@@ -196,7 +192,7 @@ async def test_renewal_and_release_lock_in_id_order(pg_schema: str) -> None:
             lambda: store.renew_task_leases("w1", leases, lease_until_us=NOW + 9 * LEASE),
             lambda: store.release_tasks("w1"),
         ):
-            with _admin() as blocker, blocker.transaction():
+            with pg_admin() as blocker, blocker.transaction():
                 blocker.execute(f"SELECT 1 FROM {s}.tasks WHERE task_id = 'a/2' FOR UPDATE")
                 running = asyncio.create_task(act())
                 await lock_waiters(f"%{s}.tasks%", 1)
@@ -210,7 +206,7 @@ async def test_renewal_and_release_lock_in_id_order(pg_schema: str) -> None:
 async def test_a_task_claim_skips_rows_being_written_instead_of_waiting(pg_schema: str) -> None:
     async with open_adapter(pg_url(pg_schema)) as store:
         await store.append("wf", [ev()], runtime=[PutTask(task(w)) for w in "abc"])
-        with _admin() as blocker, blocker.transaction():
+        with pg_admin() as blocker, blocker.transaction():
             blocker.execute(f"SELECT 1 FROM {pg_schema}.tasks WHERE task_id = 'b/1' FOR UPDATE")
             async with asyncio.timeout(10):
                 first = await claim(store)
@@ -234,7 +230,7 @@ async def test_a_claim_of_a_limited_queue_waits_for_the_one_before(
     async with open_adapter(pg_url(s) + options) as store:
         await store.append("wf", [ev()], runtime=[PutTask(task(f"t{i}")) for i in range(5)])
         await store.set_queue_limit("erp", 3)
-        with _admin() as other, other.transaction():
+        with pg_admin() as other, other.transaction():
             # Another claimer, inside its transaction: the queue locked, two claimed.
             other.execute(f"SELECT 1 FROM {s}.queues WHERE queue = 'erp' FOR UPDATE")
             other.execute(
@@ -386,24 +382,13 @@ async def test_claims_over_several_queues_share_the_limit_in_queue_order(
 # -- the pool and the write paths -----------------------------------------------------
 
 
-def _terminate(application_name: str) -> int:
-    with _admin() as con:
-        row = con.execute(
-            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
-            "WHERE application_name = %s",
-            (application_name,),
-        ).fetchone()
-    assert row is not None
-    return int(row[0])
-
-
 async def test_a_task_claim_survives_the_server_dropping_the_readers(pg_schema: str) -> None:
     app = f"lf_tasks_{pg_schema[-12:]}"
     async with open_adapter(f"{pg_url(pg_schema)}&application_name={app}") as store:
         await store.append("wf", [ev()], runtime=[PutTask(task("a")), PutTask(task("b"))])
         await store.set_queue_limit("erp", 5)
         assert [t.task_id for t in await claim(store, limit=1)] == ["a/1"]
-        assert _terminate(app) >= 2  # writer and reader pool
+        assert terminate_backends(app) >= 2  # writer and reader pool
         # The dead pooled connection is replaced and the claim's transaction run again.
         assert [t.task_id for t in await claim(store, limit=5)] == ["b/1"]
 
