@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
@@ -351,3 +352,33 @@ async def test_a_step_object_runs_and_compensates_on_its_queue(engine: EngineFac
             await handle.result(timeout=WAIT)
         assert (await handle.describe()).status == "compensated"
     assert (calls["book"], calls["unbook"]) == (2, 1)
+
+
+@ledgerflow.workflow(name="tq.bad_queue")
+async def bad_queue_flow(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step(reserve, Order("x", n), queue="")
+
+
+async def test_an_empty_queue_name_fails_the_workflow_saying_so(engine: EngineFactory) -> None:
+    async with engine(bad_queue_flow, clock=REAL) as e:
+        handle = await e.start(bad_queue_flow, 1, id="q-12")
+        with pytest.raises(ledgerflow.WorkflowFailedError, match="non-empty str"):
+            await handle.result(timeout=WAIT)
+    assert calls["reserve"] == 0
+
+
+def test_a_worker_app_names_its_steps(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ledgerflow.workflow.worker import load_app, load_workflows
+
+    (tmp_path / "svc_app.py").write_text(
+        "import ledgerflow as lf\n\n"
+        "@lf.step(name='svc.one')\ndef one(x: int) -> int:\n    return x\n\n"
+        "def plain(x: int) -> int:\n    return x\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = load_app("svc_app")  # marked steps only: a module holds other functions
+    assert ([f.__name__ for f in found.steps], found.workflows) == (["one"], [])
+    named = load_app("svc_app:plain")  # named explicitly, a plain function is a step
+    assert [f.__name__ for f in named.steps] == ["plain"]
+    with pytest.raises(ledgerflow.ConfigurationError, match="no workflows found"):
+        load_workflows("svc_app")

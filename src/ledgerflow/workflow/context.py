@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, overload
 
+from ..errors import WorkflowDefinitionError
 from ..hashing import to_micros
 from ..retry import RetryPolicy, as_seconds
 from .definition import WorkflowDefinition, step_options
@@ -114,6 +115,8 @@ class WorkflowContext:
             options = step_options(fn)
             step_name = name or options.name
             compensate = compensate or options.compensate
+        if queue is not None and (not isinstance(queue, str) or not queue):
+            raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
         # The run's coroutine itself, not one around it: one frame less per step.
         return self._run.step(
             step_name,

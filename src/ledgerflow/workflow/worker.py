@@ -61,7 +61,9 @@ def load_app(target: str) -> App:
             raise ConfigurationError(
                 f"--app {target!r}: module {module_name!r} has no {attribute!r}"
             ) from None
-        single = isinstance(found, WorkflowDefinition) or _is_step(found)
+        # Named explicitly, a plain function is a step too (its name: its qualified
+        # name, as ctx.step gives it).
+        single = isinstance(found, WorkflowDefinition) or _is_step(found) or callable(found)
         candidates = [found] if single else found
         if not isinstance(candidates, Sequence) or not all(
             isinstance(c, WorkflowDefinition) or _is_step(c) or callable(c) for c in candidates
