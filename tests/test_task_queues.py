@@ -355,7 +355,7 @@ async def test_a_step_object_runs_and_compensates_on_its_queue(engine: EngineFac
 
 
 @ledgerflow.workflow(name="tq.bad_queue")
-async def bad_queue_flow(ctx: WorkflowContext, n: int) -> int:
+async def bad_queue_flow(ctx: WorkflowContext, n: int) -> str:
     return await ctx.step(reserve, Order("x", n), queue="")
 
 
