@@ -12,6 +12,7 @@ import asyncio
 import threading
 from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -382,3 +383,35 @@ def test_a_worker_app_names_its_steps(tmp_path: Path, monkeypatch: pytest.Monkey
     assert [f.__name__ for f in named.steps] == ["plain"]
     with pytest.raises(ledgerflow.ConfigurationError, match="no workflows found"):
         load_workflows("svc_app")
+
+
+@ledgerflow.step(name="erp.long")
+def long_step(n: int) -> int:
+    calls["long"] += 1
+    threading.Event().wait(1.0)
+    return n
+
+
+@ledgerflow.workflow(name="tq.long")
+async def long_flow(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step(long_step, n, queue="erp")
+
+
+async def test_a_step_longer_than_its_lease_keeps_it_while_it_runs(
+    engine: EngineFactory,
+) -> None:
+    """The heartbeat renews the task's lease: a second worker of the queue never
+    takes it over, so the step runs once."""
+    lease = timedelta(seconds=0.3)
+    async with (
+        engine(long_flow, clock=REAL, lease=lease) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease),
+    ):
+        handle = await orders.start(long_flow, 5, id="q-13")
+        for _ in range(500):
+            if calls["long"]:
+                break
+            await asyncio.sleep(0.01)
+        async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease):
+            assert await handle.result(timeout=WAIT) == 5
+    assert calls["long"] == 1
