@@ -415,3 +415,22 @@ async def test_a_step_longer_than_its_lease_keeps_it_while_it_runs(
         async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease):
             assert await handle.result(timeout=WAIT) == 5
     assert calls["long"] == 1
+
+
+async def test_a_stopping_worker_hands_its_tasks_back_at_once(engine: EngineFactory) -> None:
+    """Closed with a short grace while a step runs, a worker gives the task back (its
+    attempt not counted): another takes it at once, not after the 60 s lease."""
+    lease = timedelta(seconds=60)
+    async with engine(long_flow, clock=REAL, lease=lease) as orders:
+        handle = await orders.start(long_flow, 7, id="q-14")
+        async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease) as first:
+            for _ in range(500):
+                if calls["long"]:
+                    break
+                await asyncio.sleep(0.01)
+            await first.close(grace=0.05)
+        (task,) = await orders.store.list_tasks()
+        assert (task.lease_owner, task.attempt) == (None, 0)
+        async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease):
+            assert await handle.result(timeout=10) == 7
+    assert calls["long"] == 2  # at least once: the cut attempt ran again
