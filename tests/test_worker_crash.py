@@ -268,21 +268,24 @@ def _restart_postgres() -> None:
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.parametrize("services", ["one", "two"])
 async def test_postgres_restarted_mid_run_loses_and_doubles_nothing(
-    tmp_path: Path, pg_schema: str
+    tmp_path: Path, pg_schema: str, services: str
 ) -> None:
     """Every session is cut while workers run steps and write: workers back off and
     reconnect, appends whose commit was cut are settled (never recorded twice), and
-    every workflow completes."""
+    every workflow completes. With two services, the charge runs on the payment
+    workers' task queue, so task claims and fenced task outcomes are cut too."""
     from .conftest import pg_url
 
     if os.geteuid() != 0 and os.environ.get("CI", "").lower() != "true":
         pytest.skip("restarting PostgreSQL needs root here")
     db = pg_url(pg_schema)
-    (tmp_path / "crashapp.py").write_text(APP)
+    (tmp_path / "crashapp.py").write_text(APP if services == "one" else REMOTE_APP)
     async with ledgerflow.open_store(db):
         pass
-    workers = [spawn(tmp_path, db) for _ in range(2)]
+    payment = ("crashapp:apply", "--queue", "pay")
+    workers = [spawn(tmp_path, db), spawn(tmp_path, db, *(() if services == "one" else payment))]
     try:
         async with ledgerflow.WorkflowClient(db, poll_interval=0.05) as client:
             await start_all(client, tmp_path, RESTART_INSTANCES)
