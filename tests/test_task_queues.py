@@ -14,6 +14,7 @@ from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -434,3 +435,30 @@ async def test_a_stopping_worker_hands_its_tasks_back_at_once(engine: EngineFact
         async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease):
             assert await handle.result(timeout=10) == 7
     assert calls["long"] == 2  # at least once: the cut attempt ran again
+
+
+def test_step_names_are_checked_when_registered() -> None:
+    def nul() -> None:
+        return None
+
+    nul.__qualname__ = "bad\x00name"
+    with pytest.raises(ledgerflow.ConfigurationError, match="without NUL"):
+        ledgerflow.Engine("memory://", queues=["erp"], steps=[nul])
+
+
+async def test_a_failing_claim_is_logged_and_the_queue_still_served(
+    engine: EngineFactory, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with engine(order_flow, clock=REAL, queues=["erp"], steps=[reserve]) as both:
+        real = both.store.claim_tasks
+        failures = [RuntimeError("a bug")]
+
+        async def claim_tasks(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                raise failures.pop()
+            return await real(*args, **kwargs)
+
+        monkeypatch.setattr(both.store, "claim_tasks", claim_tasks)
+        handle = await both.start(order_flow, Order("z", 1), id="q-15")
+        assert await handle.result(timeout=WAIT) == "R-z-1"
+    assert "claiming tasks failed" in caplog.text

@@ -1,4 +1,5 @@
-"""``wait_at_most``: a time-limited wait that never swallows a cancellation."""
+"""``wait_at_most``: a time-limited wait that never swallows a cancellation; and
+``cancel_and_wait``, which ends a task even where a library lost one."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from ledgerflow._waiting import wait_at_most
+from ledgerflow._waiting import cancel_and_wait, wait_at_most
 
 
 async def _wait_for(awaitable: Awaitable[object], timeout: float | None) -> bool:
@@ -58,3 +59,27 @@ async def test_times_out_and_returns() -> None:
     done = asyncio.Event()
     done.set()
     assert await wait_at_most(done.wait(), None)
+
+
+async def test_cancel_and_wait_ends_a_task_that_lost_a_cancellation() -> None:
+    """A library that loses a cancellation (psycopg_pool's ``wait_for`` on 3.11) lets
+    the task go on; cancelling once and awaiting it would wait for ever."""
+    lost = 0
+
+    async def heartbeat() -> None:
+        nonlocal lost
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                if lost == 0:
+                    lost += 1  # swallowed, as the library did
+                    continue
+                raise
+
+    task = asyncio.create_task(heartbeat())
+    await asyncio.sleep(0.03)
+    async with asyncio.timeout(5):
+        await cancel_and_wait([task])
+    assert task.cancelled()
+    assert lost == 1

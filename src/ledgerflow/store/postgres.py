@@ -18,7 +18,6 @@ Payloads are ``bytea``, not ``jsonb``: the hash chain covers the exact bytes, wh
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import uuid
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import TupleRow
 from psycopg_pool import AsyncConnectionPool
 
+from .._waiting import cancel_and_wait
 from ..errors import (
     ConfigurationError,
     LedgerNotFoundError,
@@ -316,9 +316,7 @@ class PostgresEventStore(
     async def _release(self) -> None:
         listener, self._listener = self._listener, None
         if listener is not None:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await cancel_and_wait([listener])
         pool, self._pool = self._pool, None
         if pool is not None:
             await pool.close()

@@ -23,6 +23,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Self
 
+from .._waiting import cancel_and_wait
 from ..clock import Clock, DatabaseClock
 from ..errors import (
     ConcurrencyError,
@@ -257,8 +258,7 @@ class Engine(WorkflowClient):
         if self._heartbeat is not None:
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
-            self._heartbeat.cancel()
-            await asyncio.gather(self._heartbeat, return_exceptions=True)
+            await cancel_and_wait([self._heartbeat])
         with contextlib.suppress(LedgerflowError):
             await self.store.release_wakeups(self.owner)
         await self._membership.leave()  # last, after the leases
@@ -273,9 +273,7 @@ class Engine(WorkflowClient):
         active = list(self._active.values())
         if active:
             _, pending = await asyncio.wait(active, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
 
     async def _stop_tasks(self, grace: float) -> None:
         if self._tasks is not None:
@@ -385,11 +383,23 @@ class Engine(WorkflowClient):
                 log.warning("ledgerflow engine: cannot renew leases (%s)", exc)
                 continue
             for lost in set(held) - set(kept):
-                log.warning(
-                    "workflow %s: lease %d was taken over; this engine steps back",
-                    lost.workflow_id,
-                    lost.epoch,
-                )
+                await self._lost(lost)
+
+    async def _lost(self, lease: Lease) -> None:
+        """A lease a renewal did not find: say so if another runner holds it now. A
+        pass that just ended gives its lease back before it leaves ``_active``, so a
+        renewal in between finds it gone: that is no takeover, and says nothing."""
+        try:
+            row = await self.store.get_wakeup(lease.workflow_id)
+        except (StoreUnavailableError, StoreClosedError):
+            return
+        if row is not None and row.lease_owner not in (None, self.owner):
+            log.warning(
+                "workflow %s: lease %d was taken over by %s; this engine steps back",
+                lease.workflow_id,
+                lease.epoch,
+                row.lease_owner,
+            )
 
     def _spawn(self, workflow_id: str) -> None:
         task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from .._waiting import cancel_and_wait
 from ..errors import (
     LeaseLostError,
     LedgerflowError,
@@ -154,6 +155,12 @@ class StepRegistry:
         self._put(step_options(step).name, step)
 
     def _put(self, name: str, fn: Callable[..., Any]) -> None:
+        if not isinstance(name, str) or not name or "\x00" in name:
+            raise ValueError(f"a step name must be a non-empty str without NUL, not {name!r}")
+        try:
+            name.encode()
+        except UnicodeEncodeError:
+            raise ValueError(f"step name {name!r} is not valid Unicode") from None
         known = self._by_name.get(name)
         if known is not None and known is not fn:
             raise ValueError(f"two steps are named {name!r}: {known!r} and {fn!r}")
@@ -247,9 +254,7 @@ class TaskRunner:
         running = [task for task, _ in self._running.values()]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
-            for task in pending:
-                task.cancel()
-            await asyncio.gather(*pending, return_exceptions=True)
+            await cancel_and_wait(pending)
         with contextlib.suppress(LedgerflowError):
             await self.store.release_tasks(self.owner)
 
@@ -265,6 +270,9 @@ class TaskRunner:
             log.warning("ledgerflow tasks: cannot renew task leases (%s)", exc)
             return
         for lost in set(held) - set(kept):
+            running = self._running.get(lost.task_id)
+            if running is None or running[1] != lost:
+                continue  # its attempt ended (and gave the task up) during the renewal
             log.warning(
                 "task %s: lease %d was taken over; its outcome will not be recorded here",
                 lost.task_id,
@@ -293,6 +301,13 @@ class TaskRunner:
                         return
                     failures += 1
                     log.warning("ledgerflow tasks: cannot claim tasks (%s)", exc)
+                    await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                    continue
+                except Exception:
+                    # A bug, or a refusal no retry cures: say so loudly and keep
+                    # serving (a dead loop would leave the queue silently unserved).
+                    failures += 1
+                    log.exception("ledgerflow tasks: claiming tasks failed")
                     await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                     continue
             for row in claimed:
