@@ -33,11 +33,8 @@ from typing import Any
 
 import psycopg
 
-PG_URL = (
-    os.environ.get("LEDGERFLOW_BENCH_PG")
-    or os.environ.get("LEDGERFLOW_TEST_PG")
-    or "postgresql://postgres@127.0.0.1:5432/test"
-)
+from store import PG_URL, events_shaped_table
+
 CASE_SECONDS = 3.0
 BATCH = 100
 DATA = b'{"account":"acc-000042","amount":1250,"currency":"EUR","memo":"invoice 2024-117"}'
@@ -219,22 +216,7 @@ async def run() -> dict[str, Any]:
     table = f"public.lf_bench_driver_{uuid.uuid4().hex[:12]}"
     admin = await psycopg.AsyncConnection.connect(PG_URL, autocommit=True)
     try:
-        await admin.execute(
-            f"""CREATE TABLE {table} (
-                position bigint PRIMARY KEY,
-                event_id uuid NOT NULL UNIQUE,
-                stream_id text COLLATE "C" NOT NULL,
-                version bigint NOT NULL,
-                type text NOT NULL,
-                schema_version integer NOT NULL,
-                data bytea NOT NULL,
-                metadata bytea NOT NULL,
-                recorded_at timestamptz NOT NULL,
-                prev_hash bytea NOT NULL,
-                hash bytea NOT NULL,
-                UNIQUE (stream_id, version)
-            )"""
-        )
+        await admin.execute(events_shaped_table(table))
         await admin.execute(f"CREATE TABLE {table}_head (position bigint NOT NULL)")
         await admin.execute(f"INSERT INTO {table}_head VALUES (0)")
         server = await settings(admin)

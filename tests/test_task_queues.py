@@ -462,3 +462,29 @@ async def test_a_failing_claim_is_logged_and_the_queue_still_served(
         handle = await both.start(order_flow, Order("z", 1), id="q-15")
         assert await handle.result(timeout=WAIT) == "R-z-1"
     assert "claiming tasks failed" in caplog.text
+
+
+@ledgerflow.step(name="erp.release_async")
+async def release_async(order: Order, result: str) -> None:
+    calls[f"async release {result}"] += 1
+
+
+@ledgerflow.workflow(name="tq.saga_async")
+async def saga_async_flow(ctx: WorkflowContext, order: Order) -> str:
+    await ctx.step(reserve, order, compensate=release_async)
+    await ctx.step(local_charge, order, retry=RetryPolicy.none())
+    return "unreachable"
+
+
+async def test_an_async_compensation_on_a_queue_gets_the_steps_result(
+    engine: EngineFactory,
+) -> None:
+    async with (
+        engine(saga_async_flow, clock=REAL) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[reserve, release_async]),
+    ):
+        handle = await orders.start(saga_async_flow, Order("d", 4), id="q-16")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await handle.describe()).status == "compensated"
+    assert calls["async release R-d-4"] == 1

@@ -209,7 +209,16 @@ def _leases_after(
     """What the request's runtime writes do to the leases, so that a later request
     of the batch is fenced against them (as the SQL statements will leave them)."""
     for write in writes:
-        if isinstance(write, RetryTask):
+        # Instance writes first: nearly every append carries one.
+        if isinstance(write, Schedule):
+            before = leases.get(write.workflow_id, _NO_LEASE)
+            if write.lease_owner is None:
+                leases[write.workflow_id] = LeaseState(None, before.epoch)
+            else:
+                leases[write.workflow_id] = LeaseState(write.lease_owner, before.epoch + 1)
+        elif isinstance(write, Unschedule):
+            leases.pop(write.workflow_id, None)
+        elif isinstance(write, RetryTask):
             if write.task_id in task_leases:
                 task_leases[write.task_id] = LeaseState(None, task_leases[write.task_id].epoch)
         elif isinstance(write, DropTask):
@@ -221,14 +230,6 @@ def _leases_after(
         elif isinstance(write, PutTask):
             # An insert that keeps an existing row: only a new row has a lease (none).
             task_leases.setdefault(write.row.task_id, LeaseState(None, write.row.lease_epoch))
-        if isinstance(write, Schedule):
-            before = leases.get(write.workflow_id, _NO_LEASE)
-            if write.lease_owner is None:
-                leases[write.workflow_id] = LeaseState(None, before.epoch)
-            else:
-                leases[write.workflow_id] = LeaseState(write.lease_owner, before.epoch + 1)
-        elif isinstance(write, Unschedule):
-            leases.pop(write.workflow_id, None)
 
 
 _NO_LEASE = LeaseState(None, 0)

@@ -55,7 +55,7 @@ from .history import (
     StepFailed,
     error_message,
 )
-from .steps import Attempts, jitter_source
+from .steps import Attempts, jitter_source, keep_async
 
 __all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
 
@@ -385,16 +385,12 @@ class TaskRunner:
             )
             return
         call: Callable[..., Any] = fn
-        if kwargs:
+        if kwargs:  # a compensation's result=: as the saga calls it in process
 
             def call(*a: Any, _fn: Callable[..., Any] = fn, _kw: dict[str, Any] = kwargs) -> Any:
                 return _fn(*a, **_kw)
 
-            if inspect.iscoroutinefunction(fn):
-                original = call
-
-                async def call(*a: Any) -> Any:
-                    return await original(*a)
+            call = keep_async(fn, call)
 
         attempts = Attempts(row.workflow_id, self.pool)
         ok, value, release = await attempts.run(
