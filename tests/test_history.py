@@ -130,7 +130,7 @@ async def undo(ctx: WorkflowContext, n: int) -> int:
 class ReplayHost:
     """A host for a pass that only replays; appends fail as if someone wrote first."""
 
-    step_pool = None
+    step_threads = None
     max_event_bytes = None
 
     def __init__(self, newer: list[RecordedEvent] | None = None) -> None:

@@ -382,6 +382,11 @@ class WorkflowClient:
                 if waiter.done():
                     started, outcome = waiter.result()
                     return self._decode_outcome(workflow_id, started, outcome, output_type)
+                if self._runs_here(workflow_id):
+                    # A pass of ours runs it: its end tells the waiter, and a pass that
+                    # parks or steps back leaves, so the next look reads the row.
+                    await wait_at_most(asyncio.shield(waiter), self._wait(workflow_id, deadline))
+                    continue
                 row = await self._instance(workflow_id)
                 if row.status in TERMINAL:
                     finished = await self._finished_event(workflow_id)
@@ -391,15 +396,22 @@ class WorkflowClient:
                     )
                 if row.status == WorkflowStatus.STUCK and workflow_id in self._stuck:
                     raise self._stuck[workflow_id]
-                wait = self.poll_interval
-                if deadline is not None:
-                    left = deadline - loop.time()
-                    if left <= 0:
-                        raise TimeoutError(f"workflow {workflow_id!r} has not finished")
-                    wait = min(wait, left)
-                await wait_at_most(asyncio.shield(waiter), wait)
+                await wait_at_most(asyncio.shield(waiter), self._wait(workflow_id, deadline))
         finally:
             self._release_outcome(workflow_id)
+
+    def _runs_here(self, workflow_id: str) -> bool:
+        """Whether a pass of this process runs the instance now (an engine's)."""
+        return False
+
+    def _wait(self, workflow_id: str, deadline: float | None) -> float:
+        """How long ``result`` waits before it looks again (raises past the deadline)."""
+        if deadline is None:
+            return self.poll_interval
+        left = deadline - asyncio.get_running_loop().time()
+        if left <= 0:
+            raise TimeoutError(f"workflow {workflow_id!r} has not finished")
+        return min(self.poll_interval, left)
 
     def _outcome(self, workflow_id: str) -> asyncio.Future[Outcome]:
         entry = self._waiters.get(workflow_id)

@@ -19,7 +19,6 @@ import os
 import socket
 import uuid
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
 from typing import Any, Self
 
@@ -65,6 +64,7 @@ from .host import Abandon, EngineHost, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .membership import Membership
 from .run import _Run
+from .step_threads import StepThreads
 from .tasks import StepRegistry, TaskRunner
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
@@ -155,7 +155,7 @@ class Engine(WorkflowClient):
             in_flight=lambda: len(self._active) + (self._tasks.in_flight if self._tasks else 0),
             stopping=self._stopping,
         )
-        self.step_pool = ThreadPoolExecutor(step_threads, thread_name_prefix="ledgerflow-step")
+        self.step_threads = StepThreads(step_threads)
         self._journal = Journal(
             self.store,
             cache_size=cache_size,
@@ -182,7 +182,7 @@ class Engine(WorkflowClient):
                 owner=self.owner,
                 queues=self.queues,
                 steps=registered,
-                pool=self.step_pool,
+                threads=self.step_threads,
                 lease_us=self._lease_us,
                 now_us=self._now_us,
                 stream_id=self.stream_id,
@@ -262,7 +262,7 @@ class Engine(WorkflowClient):
         with contextlib.suppress(LedgerflowError):
             await self.store.release_wakeups(self.owner)
         await self._membership.leave()  # last, after the leases
-        self.step_pool.shutdown(wait=False, cancel_futures=True)
+        self.step_threads.shutdown()
         await super().close()
 
     def _stopping(self) -> bool:
@@ -400,6 +400,9 @@ class Engine(WorkflowClient):
                 lease.epoch,
                 row.lease_owner,
             )
+
+    def _runs_here(self, workflow_id: str) -> bool:
+        return workflow_id in self._active
 
     def _spawn(self, workflow_id: str) -> None:
         task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")

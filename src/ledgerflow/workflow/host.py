@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Coroutine
-from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -23,6 +22,7 @@ from ..errors import LedgerflowError, WorkflowError, WorkflowFinishedError, Work
 from ..events import AppendResult, Metadata, RecordedEvent
 from .definition import WorkflowDefinition
 from .history import Finished, History
+from .step_threads import StepThreads
 
 if TYPE_CHECKING:
     from ..store.runtime import RuntimeWrite
@@ -96,7 +96,7 @@ class RunHost(Protocol):
     """What a pass needs from the engine that hosts it."""
 
     @property
-    def step_pool(self) -> Executor | None: ...
+    def step_threads(self) -> StepThreads | None: ...
 
     @property
     def max_event_bytes(self) -> int | None:
@@ -140,7 +140,7 @@ class ReplayHost:
     """A host for passes that only replay (queries, golden-history checks): it has a
     clock and nothing else, since a replaying pass never acts."""
 
-    step_pool: Executor | None = None
+    step_threads: StepThreads | None = None
     max_event_bytes: int | None = None
 
     def __init__(self, now_us: int) -> None:
@@ -181,8 +181,8 @@ class EngineHost:
         self._metadata_bytes = len(msgspec.json.encode(Metadata()))
 
     @property
-    def step_pool(self) -> ThreadPoolExecutor:
-        return self._engine.step_pool
+    def step_threads(self) -> StepThreads:
+        return self._engine.step_threads
 
     @property
     def max_event_bytes(self) -> int:

@@ -116,7 +116,7 @@ class _Run(Waits, Saga):
         """Commands acting for real: the pass ends only when none is left."""
         self.ended = False
         self.fault: BaseException | None = None
-        self.attempts = Attempts(history.workflow_id, host.step_pool)
+        self.attempts = Attempts(history.workflow_id, host.step_threads)
         self.on_durable: list[Callable[[], None]] = []
         """Releases of step threads whose results are in ``buffer``."""
         self.held: list[Callable[[], None]] = []

@@ -1,11 +1,11 @@
 """Running steps: one attempt at a time, what a step may know about itself, and
 the default retry policies.
 
-A sync attempt runs in the engine's thread pool and keeps its thread until its
-result is recorded: finished bodies whose results are not yet durable then never
-outnumber the step threads, so a crash re-runs at most that many. A timed-out sync
-attempt cannot be stopped from outside: it is flagged, and the next attempt of the
-same step waits for it.
+A sync attempt runs in one of the engine's step threads and keeps a slot of them
+until its result is recorded: finished bodies whose results are not yet durable
+then never outnumber the step threads, so a crash re-runs at most that many
+(``step_threads``). A timed-out sync attempt cannot be stopped from outside: it is
+flagged, and the next attempt of the same step waits for it.
 """
 
 from __future__ import annotations
@@ -17,12 +17,12 @@ import logging
 import random
 import threading
 from collections.abc import Awaitable, Callable
-from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
 from ..errors import StepCancelledError
 from ..retry import RetryPolicy
+from .step_threads import Outcome, StepThreads
 
 __all__ = [
     "DEFAULT_COMPENSATION_RETRY",
@@ -45,8 +45,6 @@ DEFAULT_COMPENSATION_RETRY = RetryPolicy(max_attempts=5, initial_interval=0.2)
 """A compensation: 5 attempts, 0.2 s doubling (+10 %)."""
 HUNG_WARNING_EVERY = 30.0
 """Seconds between warnings about a timed-out sync attempt that is still running."""
-RESULT_HOLD_LIMIT = 300.0
-"""Longest a step thread waits for its result to be recorded (a safety net only)."""
 
 
 _NEVER = threading.Event()
@@ -154,10 +152,10 @@ class Attempts:
     step: a timed-out sync attempt still running is remembered, by step seq, and
     the next attempt of that step waits for it (``outlive``)."""
 
-    def __init__(self, workflow_id: str, pool: Executor | None) -> None:
+    def __init__(self, workflow_id: str, threads: StepThreads | None) -> None:
         self.workflow_id = workflow_id
-        self.pool = pool
-        self.hung: dict[int, tuple[StepInfo, asyncio.Future[None], float | None]] = {}
+        self.threads = threads
+        self.hung: dict[int, tuple[StepInfo, asyncio.Future[Outcome], float | None]] = {}
 
     async def run(
         self,
@@ -169,9 +167,10 @@ class Attempts:
         timeout: float | None,
     ) -> tuple[bool, Any, Callable[[], None]]:
         """One attempt: (succeeded, value or error, release). A sync attempt keeps
-        its thread until ``release`` is called, after its result is recorded: so the
-        bodies that finished but whose results are not yet durable never outnumber
-        the step threads, and a crash re-runs at most that many."""
+        its slot of the step threads until ``release`` is called, after its result
+        is recorded: so the bodies that finished but whose results are not yet
+        durable never outnumber the step threads, and a crash re-runs at most that
+        many."""
         flag = _NEVER if timeout is None else threading.Event()
         info = StepInfo(self.workflow_id, seq, name, attempt, flag)
         token = _current_step.set(info)
@@ -191,37 +190,33 @@ class Attempts:
     async def _in_thread(
         self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None
     ) -> tuple[bool, Any, Callable[[], None]]:
-        loop = asyncio.get_running_loop()
-        got: asyncio.Future[tuple[bool, Any]] = loop.create_future()
-        recorded = threading.Event()
-        context = contextvars.copy_context()
-
-        def job() -> None:
-            outcome: tuple[bool, Any]
-            try:
-                outcome = (True, context.run(fn, *args))
-            except Exception as exc:  # noqa: BLE001 - handed to the retry policy
-                outcome = (False, exc)
-            try:
-                loop.call_soon_threadsafe(_settle_future, got, outcome)
-            except RuntimeError:  # the loop is gone: nobody will record it
-                return
-            if outcome[0]:
-                recorded.wait(RESULT_HOLD_LIMIT)
-
-        work = loop.run_in_executor(self.pool, job)
+        threads = self.threads
+        if threads is None:
+            raise AssertionError("a replaying pass never runs a step")
+        release = await threads.slot()
         try:
-            ok, value = await asyncio.wait_for(asyncio.shield(got), timeout)
+            body = threads.run(fn, args)
+        except BaseException:
+            release()
+            raise
+        try:
+            ok, value = await asyncio.wait_for(asyncio.shield(body), timeout)
         except TimeoutError:
             info._cancel.set()
-            recorded.set()
-            # Recorded as failed now (visible at once); the next attempt waits for it.
-            self.hung[info.seq] = (info, work, timeout)
+            # Its slot stays taken while the body still runs. Recorded as failed now
+            # (visible at once); the next attempt waits for it.
+            body.add_done_callback(lambda _: release())
+            self.hung[info.seq] = (info, body, timeout)
             return False, _timed_out(info.name, info.attempt, timeout), nothing
         except BaseException:
-            recorded.set()
+            # The pass is cancelled: the body's result is lost with it (it re-runs);
+            # its slot is free once it is no longer running.
+            body.add_done_callback(lambda _: release())
             raise
-        return ok, value, recorded.set
+        if not ok:
+            release()  # a failed attempt has no effect to keep durable first
+            return False, value, nothing
+        return True, value, release
 
     async def outlive(self, seq: int) -> None:
         """A new attempt never starts while an earlier one of the same step runs:

@@ -28,7 +28,6 @@ import logging
 import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Executor
 from typing import Any
 
 import msgspec
@@ -55,6 +54,7 @@ from .history import (
     StepFailed,
     error_message,
 )
+from .step_threads import StepThreads
 from .steps import Attempts, jitter_source, keep_async
 
 __all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
@@ -210,7 +210,7 @@ class TaskRunner:
         owner: str,
         queues: Sequence[str],
         steps: StepRegistry,
-        pool: Executor,
+        threads: StepThreads,
         lease_us: int,
         now_us: Callable[[], int],
         stream_id: Callable[[str], str],
@@ -222,7 +222,7 @@ class TaskRunner:
         self.queues = tuple(queues)
         self.steps = steps
         self._names = steps.names()
-        self.pool = pool
+        self.threads = threads
         self.lease_us = lease_us
         self._now_us = now_us
         self._stream_id = stream_id
@@ -392,7 +392,7 @@ class TaskRunner:
 
             call = keep_async(fn, call)
 
-        attempts = Attempts(row.workflow_id, self.pool)
+        attempts = Attempts(row.workflow_id, self.threads)
         ok, value, release = await attempts.run(
             row.seq, payload.command, call, args, row.attempt, payload.timeout
         )
