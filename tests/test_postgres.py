@@ -580,6 +580,42 @@ async def test_runtime_rows_add_no_round_trips(pg_schema: str) -> None:
     assert guarded == plain + 1
 
 
+async def test_a_new_stream_said_new_takes_one_round_trip(pg_schema: str) -> None:
+    """A workflow's start appends to a stream this writer never saw, expecting none:
+    the guess path takes it (one round trip), and the (stream, version) key catches a
+    stream that exists after all, which is then refused from the database."""
+    url = pg_url(pg_schema)
+    async with open_adapter(url) as store, open_adapter(url) as other:
+        assert isinstance(store, PostgresEventStore)
+        await other.append("taken", [NewEvent("Theirs")])
+        await store.append("warm", [NewEvent("E")])  # the writer knows the next position
+        plain = await _syncs_of(store, store.append("warm", [NewEvent("E")]))
+        start = await _syncs_of(
+            store,
+            store.append(
+                "wf-new",
+                [NewEvent("Started")],
+                ledgerflow.NO_STREAM,
+                runtime=[PutInstance(InstanceRow("wf-new", "n", 1, "running", None, 1, 1))],
+            ),
+        )
+        assert start == plain
+        with pytest.raises(ledgerflow.ConcurrencyError):
+            await store.append(
+                "taken",
+                [NewEvent("Mine")],
+                ledgerflow.NO_STREAM,
+                runtime=[PutInstance(InstanceRow("taken", "n", 1, "running", None, 1, 1))],
+            )
+        assert await store.get_instance("taken") is None  # the void batch wrote nothing
+        # The miss was no sign of other writers: the next append (to a stream the
+        # refusal read) still guesses.
+        mine = store.append("taken", [NewEvent("Mine")], expected_version=1)
+        assert await _syncs_of(store, mine) == plain
+        assert [e.type for e in await store.read_stream("taken")] == ["Theirs", "Mine"]
+        assert (await ledgerflow.verify_ledger(store)).ok
+
+
 async def test_writers_in_two_processes_interleave_without_loss(pg_schema: str) -> None:
     """Each writer's one-round-trip guess misses after the other wrote; nothing is
     lost, doubled or misnumbered."""

@@ -21,7 +21,7 @@ import psycopg
 from psycopg.rows import TupleRow
 
 from ..errors import StoreError, StoreUnavailableError
-from ..events import AppendResult
+from ..events import AppendResult, StreamState
 from ..hashing import from_micros
 from ._plan import (
     AppendRequest,
@@ -95,6 +95,16 @@ def _params(row: EventRow) -> tuple[Any, ...]:
         from_micros(row.recorded_at_us),
         row.prev_hash,
         row.hash,
+    )
+
+
+def _fence_params(plan: BatchPlan) -> tuple[Any, ...]:
+    fences = plan.fences
+    return (
+        _wakeup_ids(fences, plan.runtime),
+        [f.workflow_id for f in fences],
+        [f.owner for f in fences],
+        [f.epoch for f in fences],
     )
 
 
@@ -363,9 +373,15 @@ class PostgresWrites(abc.ABC):
             return None
         heads: dict[str, StreamHead] = {}
         for request in requests:
-            if request.stream_id not in self._known_heads:
+            if request.stream_id in self._known_heads:
+                head = self._known_heads[request.stream_id]
+            elif request.expected is StreamState.NO_STREAM:
+                # New, says the caller (a workflow's start): if it is not, the insert
+                # of its version 1 breaks the (stream, version) key, and the batch is
+                # decided from the database.
+                head = None
+            else:
                 return None
-            head = self._known_heads[request.stream_id]
             if head is not None:
                 heads[request.stream_id] = head
         # Fences are assumed to hold here and checked in the transaction
@@ -396,24 +412,18 @@ class PostgresWrites(abc.ABC):
                         (self._stream_keys(plan.heads), len(plan.rows), first),
                     )
                     if fences:
-                        await conn.execute(
-                            self._sql.check_fences,
-                            (
-                                _wakeup_ids(fences, plan.runtime),
-                                [f.workflow_id for f in fences],
-                                [f.owner for f in fences],
-                                [f.epoch for f in fences],
-                            ),
-                        )
+                        await conn.execute(self._sql.check_fences, _fence_params(plan))
                     await self._write_plan(conn, plan)
                     await self._commit_and_notify(conn, plan, plan.rows[0].recorded_at_us)
             except (psycopg.IntegrityError, _PositionsMoved) as exc:
                 # Another process took positions since our last batch; or a caller's
-                # id is stored already, or a fence does not hold. The transaction is
-                # void; decide again from the database.
+                # id is stored already, or a fence does not hold, or a stream said to
+                # be new is not. The transaction is void; decide again from the
+                # database. Only the first means others are writing too.
                 self._forget()
-                self._fast_skip = min(64, self._fast_misses * 2 + 1)
-                self._fast_misses += 1
+                if isinstance(exc, _PositionsMoved):
+                    self._fast_skip = min(64, self._fast_misses * 2 + 1)
+                    self._fast_misses += 1
                 try:
                     await conn.rollback()
                     if not isinstance(exc, _PositionsMoved):
