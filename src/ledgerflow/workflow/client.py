@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import uuid
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -72,6 +73,11 @@ SIGNAL_CHECK_WINDOW = 64
 """Latest events a sender reads to find the wait its signal is for."""
 
 Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
+
+RECENT_OUTCOMES = 4096
+"""Ends of instances this process ran that ``result()`` answers from memory: the
+latest ones, each small enough (``RECENT_OUTCOME_BYTES``). An end never changes."""
+RECENT_OUTCOME_BYTES = 16 * 1024
 """(name, version) of the instance and how it ended."""
 
 
@@ -115,6 +121,7 @@ class WorkflowClient:
         # Callers of result() waiting on instances this process runs: a future and
         # how many wait on it.
         self._waiters: dict[str, _Waiters] = {}
+        self._recent: OrderedDict[str, Outcome] = OrderedDict()
 
     async def open(self) -> Self:
         """Open the store (``async with`` does it for you)."""
@@ -287,8 +294,12 @@ class WorkflowClient:
         """From the latest snapshot and the events after it, or from the start."""
         return await load_history(self.store, workflow_id)
 
-    async def _finished_event(self, workflow_id: str) -> Finished | None:
-        row = await self.store.get_instance(workflow_id)
+    async def _finished_event(
+        self, workflow_id: str, row: InstanceRow | None = None
+    ) -> Finished | None:
+        """The instance's end; ``row`` is its row if the caller just read it."""
+        if row is None:
+            row = await self.store.get_instance(workflow_id)
         if row is None or row.status not in TERMINAL:
             return None
         stream = self.stream_id(workflow_id)
@@ -382,6 +393,8 @@ class WorkflowClient:
                 if waiter.done():
                     started, outcome = waiter.result()
                     return self._decode_outcome(workflow_id, started, outcome, output_type)
+                if (recent := self._recent.get(workflow_id)) is not None:
+                    return self._decode_outcome(workflow_id, *recent, output_type)
                 if self._runs_here(workflow_id):
                     # A pass of ours runs it: its end tells the waiter, and a pass that
                     # parks or steps back leaves, so the next look reads the row.
@@ -389,7 +402,7 @@ class WorkflowClient:
                     continue
                 row = await self._instance(workflow_id)
                 if row.status in TERMINAL:
-                    finished = await self._finished_event(workflow_id)
+                    finished = await self._finished_event(workflow_id, row)
                     assert finished is not None
                     return self._decode_outcome(
                         workflow_id, (row.name, row.version), finished, output_type
@@ -430,9 +443,20 @@ class WorkflowClient:
                 del self._waiters[workflow_id]
 
     def _tell(self, history: History, outcome: Finished | WorkflowError) -> None:
-        entry = self._waiters.get(history.workflow_id)
+        """The instance ended (its end is durable), or parked: wake its waiters."""
+        workflow_id = history.workflow_id
+        started = (history.started.name, history.started.version)
+        entry = self._waiters.get(workflow_id)
         if entry is not None and not entry.future.done():
-            entry.future.set_result(((history.started.name, history.started.version), outcome))
+            entry.future.set_result((started, outcome))
+        if isinstance(outcome, Finished) and _small(outcome):
+            # Kept for a result() that comes later (starts in a loop, then results):
+            # it would otherwise read the row and the stream's end again.
+            recent = self._recent
+            recent[workflow_id] = (started, outcome)
+            recent.move_to_end(workflow_id)
+            if len(recent) > RECENT_OUTCOMES:
+                recent.popitem(last=False)
 
     def _decode_outcome(
         self, workflow_id: str, started: tuple[str, int], outcome: Any, output_type: Any
@@ -584,3 +608,12 @@ def _validator(schema: bytes) -> Any:
     except SchemaError:
         return None
     return validator
+
+
+def _small(finished: Finished) -> bool:
+    """Whether an end is small enough to keep in memory (its result and message)."""
+    result = finished.result
+    if result is None or isinstance(result, bool | int | float):
+        return True
+    size = len(msgspec.json.encode(result)) + len(finished.message or "")
+    return size <= RECENT_OUTCOME_BYTES
