@@ -76,3 +76,34 @@ async def test_a_stream_read_to_its_end_is_appended_to_in_one_round_trip(
             await store.append("s", [ev(4)], expected_version=3)
         assert [e.version for e in await store.read_stream("s")] == [1, 2, 3, 4]
         assert (await verify_ledger(store)).ok
+
+
+async def test_a_limited_read_that_reaches_the_end_teaches_the_head(
+    store: BaseEventStore, store_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cold worker reads a short history with a limit: fewer rows than the limit is
+    the stream's end, and the next append takes the one-round-trip path; a read cut
+    by its limit is not the end and teaches nothing."""
+    if store.backend != "postgres":
+        pytest.skip("only PostgreSQL has a one-round-trip path")
+    from ._adapters import open_adapter
+
+    async with open_adapter(store_url) as other:
+        await other.append("short", [ev(0), ev(1)])
+        await other.append("cut", [ev(0), ev(1), ev(2)])
+        await store.append("mine", [ev(0)])  # this writer now knows the next position
+        fast: list[bool] = []
+        real = store._commit_fast  # type: ignore[attr-defined]
+
+        async def commit_fast(plan: object) -> object:
+            outcome = await real(plan)
+            fast.append(outcome is not None)
+            return outcome
+
+        monkeypatch.setattr(store, "_commit_fast", commit_fast)
+        await store.read_stream("short", limit=128)
+        await store.append("short", [ev(2)], expected_version=2)
+        assert fast == [True]
+        await store.read_stream("cut", limit=2)
+        await store.append("cut", [ev(3)], expected_version=3)
+        assert fast == [True]  # not guessed: decided from the database

@@ -371,10 +371,10 @@ class PostgresEventStore(
             sql, bound = self._sql.stream_forward, 1 if from_version is None else from_version
         found = await self._fetch("read a stream", sql, (stream_id, bound, limit))
         rows = [event_row(t) for t in found]
-        if rows and limit is None and not backwards:
-            # Read to its end: the stream's head as of now, which lets the next
-            # append to it (a worker's, after loading an instance) take the
-            # one-round-trip path.
+        if rows and (limit is None or len(rows) < limit) and not backwards:
+            # Read to its end (no limit, or fewer rows than it): the stream's head
+            # as of now, which lets the next append to it (a worker's, after loading
+            # an instance) take the one-round-trip path.
             self._learn_head(stream_id, rows[-1])
         return rows
 

@@ -23,6 +23,10 @@ __all__ = ["Journal", "load_history", "stream_of"]
 log = logging.getLogger("ledgerflow.engine")
 
 STREAM_PREFIX = "wf-"
+SHORT_HISTORY = 128
+"""A history shorter than this is read whole, in one read: most are (a few events per
+step), and then the snapshot, which a short history rarely has, need not be looked
+for first."""
 
 
 def stream_of(workflow_id: str) -> str:
@@ -31,8 +35,13 @@ def stream_of(workflow_id: str) -> str:
 
 
 async def load_history(store: WorkflowStore, workflow_id: str) -> History:
-    """From the latest snapshot and the events after it, or from the start."""
+    """From the start if it is short, else from the latest snapshot and the events
+    after it (a snapshot is a cache of the events before it: either way is the same
+    history)."""
     stream = stream_of(workflow_id)
+    first = await store.read_stream(stream, limit=SHORT_HISTORY)
+    if len(first) < SHORT_HISTORY:
+        return History.of(workflow_id, first)
     snapshot, after = await store.load_stream(stream)
     if snapshot is None:
         return History.of(workflow_id, after)
