@@ -1109,21 +1109,21 @@ async def thread_waiter(ctx: WorkflowContext, n: int) -> int:
     return await ctx.step(waits_in_its_thread, n)
 
 
-async def test_by_default_sixteen_sync_steps_run_at_once(engine: EngineFactory) -> None:
-    """``step_threads`` defaults to 16: a seventeenth sync step waits for a thread."""
+async def test_by_default_sixty_four_sync_steps_run_at_once(engine: EngineFactory) -> None:
+    """``step_threads`` defaults to 64: a sixty-fifth sync step waits for a slot."""
     released.clear()
     try:
         async with engine(thread_waiter) as e:
-            for n in range(17):
+            for n in range(65):
                 await e.start(thread_waiter, n, id=f"tw-{n}")
-            await until(lambda: tally.running == 16)
+            await until(lambda: tally.running == 64)
             await asyncio.sleep(0.05)
-            assert tally.running == 16
+            assert tally.running == 64
             released.set()
-            assert [await outcome(e, f"tw-{n}") for n in range(17)] == list(range(17))
+            assert [await outcome(e, f"tw-{n}") for n in range(65)] == list(range(65))
     finally:
         released.set()
-    assert tally.most_at_once == 16
+    assert tally.most_at_once == 64
 
 
 # -- bugs found ---------------------------------------------------------------------

@@ -106,3 +106,22 @@ async def test_shutdown_drops_queued_bodies_and_ends_the_threads() -> None:
 def test_at_least_one_thread() -> None:
     with pytest.raises(ValueError, match="at least 1"):
         StepThreads(0)
+
+
+async def test_threads_start_as_bodies_need_them_up_to_the_size() -> None:
+    def names() -> set[str]:
+        return {t.name for t in threading.enumerate() if t.name.startswith("lf-test-lazy")}
+
+    threads = StepThreads(4, name="lf-test-lazy")
+    try:
+        for n in range(50):  # one body at a time: one thread
+            assert await asyncio.wait_for(threads.run(lambda x: x, (n,)), WAIT) == (True, n)
+        assert len(names()) == 1
+        gate = threading.Event()
+        blocked = [threads.run(gate.wait, (WAIT,)) for _ in range(8)]
+        await asyncio.sleep(0.05)
+        assert len(names()) == 4  # eight bodies at once, four threads at most
+        gate.set()
+        assert all(ok for ok, _ in await asyncio.wait_for(asyncio.gather(*blocked), WAIT))
+    finally:
+        threads.shutdown()

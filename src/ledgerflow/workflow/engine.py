@@ -80,6 +80,9 @@ class Engine(WorkflowClient):
 
     ``store`` is a URL (``sqlite:///ledgerflow.db``, ``postgresql://...``) or an open
     store. ``concurrency`` bounds the instances running a pass at once.
+    ``step_threads`` bounds the sync (``def``) step bodies that run, or have finished
+    and wait for their result to be recorded, at once: a crash re-runs at most that
+    many finished bodies. Their threads start as bodies need them.
 
     The engine registers itself in the store's registry of workers (see
     ``WorkflowClient.workers``) and heartbeats there every third of ``lease``. With
@@ -104,7 +107,7 @@ class Engine(WorkflowClient):
         concurrency: int = 200,
         clock: Clock | None = None,
         lease: timedelta = timedelta(seconds=60),
-        step_threads: int = 16,
+        step_threads: int = 64,
         takeover: bool = True,
         poll_interval: float = 1.0,
         cache_size: int = 10_000,

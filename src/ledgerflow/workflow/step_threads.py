@@ -33,7 +33,8 @@ _Job = tuple["asyncio.Future[Outcome]", contextvars.Context, Callable[..., Any],
 
 
 class StepThreads:
-    """``size`` threads for sync step bodies, started on first use, and as many slots."""
+    """Up to ``size`` threads for sync step bodies, started as bodies need them, and
+    ``size`` slots."""
 
     def __init__(self, size: int, name: str = "ledgerflow-step") -> None:
         if size < 1:
@@ -42,6 +43,8 @@ class StepThreads:
         self.name = name
         self._slots = asyncio.Semaphore(size)
         self._taken = 0
+        self._pending = 0
+        """Bodies handed to the threads and not yet back on the loop (loop-side count)."""
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._finished: deque[tuple[asyncio.Future[Outcome], Outcome]] = deque()
@@ -76,9 +79,10 @@ class StepThreads:
         loop = asyncio.get_running_loop()
         if self._closed:
             raise RuntimeError("the engine's step threads are shut down")
-        if self._loop is None:
-            self._loop = loop
-            self._start()
+        self._loop = loop
+        self._pending += 1
+        if len(self._threads) < min(self.size, self._pending):
+            self._start_thread()
         done: asyncio.Future[Outcome] = loop.create_future()
         self._jobs.put((done, contextvars.copy_context(), fn, args))
         return done
@@ -95,15 +99,15 @@ class StepThreads:
         for _ in self._threads:
             self._jobs.put(None)
 
-    def _start(self) -> None:
-        # All at once: a count of idle threads kept in step with the loop would cost
-        # a lock per body, and an idle thread costs a blocked call and its stack.
-        for n in range(self.size):
-            # Daemon: an interpreter exiting without closing the engine abandons a
-            # running body as a crash would (it re-runs), instead of hanging on it.
-            thread = threading.Thread(target=self._work, name=f"{self.name}_{n}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+    def _start_thread(self) -> None:
+        # One more only when every thread may be busy (the count lives on the loop,
+        # so no lock per body): an engine whose sync steps run one at a time keeps
+        # one thread. Daemon: an interpreter exiting without closing the engine
+        # abandons a running body as a crash would (it re-runs), instead of hanging.
+        name = f"{self.name}_{len(self._threads)}"
+        thread = threading.Thread(target=self._work, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def _work(self) -> None:
         jobs = self._jobs
@@ -135,5 +139,6 @@ class StepThreads:
         finished = self._finished
         while finished:
             done, outcome = finished.popleft()
+            self._pending -= 1
             if not done.done():
                 done.set_result(outcome)
