@@ -40,23 +40,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import shutil
-import sqlite3
 import statistics
 import sys
-import tempfile
 import time
 import traceback
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import ledgerflow as lf
-from store import PG_URL, Floor, PostgresFloor, SQLiteFloor, note, pg_problem, pg_store_url, ratio
+from store import fresh_database, note, pg_problem, ratio
 
 BACKENDS = ("sqlite", "postgres")
 MODES = ("sequential", "loop", "gathered")
@@ -242,50 +236,6 @@ def figures(batches: list[Batch], n: int, floor: float) -> dict[str, Any]:
 # -- a fresh database and its floor ------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def database(backend: str) -> AsyncIterator[tuple[str, Floor, dict[str, Any]]]:
-    """(engine URL, floor, settings) on a fresh database, removed afterwards."""
-    if backend == "sqlite":
-        directory = Path(tempfile.mkdtemp(prefix="ledgerflow-bench-modes-"))
-        try:
-            floor = SQLiteFloor(directory / "floor.db")
-            try:
-                yield (
-                    f"sqlite:///{directory / 'modes.db'}",
-                    floor,
-                    {
-                        "journal_mode": "wal",
-                        "synchronous": "FULL",
-                        "sqlite_version": sqlite3.sqlite_version,
-                        "directory": str(directory.parent),
-                    },
-                )
-            finally:
-                await floor.close()
-        finally:
-            shutil.rmtree(directory, ignore_errors=True)
-        return
-    import psycopg
-
-    schema = f"lf_bench_modes_{uuid.uuid4().hex[:12]}"
-    try:
-        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
-            await con.execute(f"CREATE SCHEMA {schema}")
-        pg_floor = await PostgresFloor.create(schema)
-        try:
-            settings: dict[str, Any] = {
-                name: await pg_floor.setting(name)
-                for name in ("server_version", "synchronous_commit", "fsync")
-            }
-            settings["schema"] = schema
-            yield pg_store_url(schema), pg_floor, settings
-        finally:
-            await pg_floor.close()
-    finally:
-        async with await psycopg.AsyncConnection.connect(PG_URL, autocommit=True) as con:
-            await con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
-
-
 # -- the run -----------------------------------------------------------------------------
 
 
@@ -316,7 +266,7 @@ async def run_backend(backend: str, sizes: dict[str, int], quick: bool) -> dict[
         errors.append(f"{what}: {type(exc).__name__}: {exc}")
 
     try:
-        async with database(backend) as (url, floor, db_settings):
+        async with fresh_database(backend, "bench_modes") as (url, floor, db_settings):
             settings.update(db_settings)
             async with lf.Engine(url, workflows=list(WORKFLOWS.values())) as eng:
                 settings["engine"] = f"defaults (concurrency {eng.concurrency})"

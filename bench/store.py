@@ -328,26 +328,27 @@ def pg_store_url(schema: str) -> str:
 
 
 @contextlib.asynccontextmanager
-async def open_bench(backend: str) -> AsyncIterator[Bench]:
-    """A store on a fresh database with its floor beside it; both removed afterwards."""
+async def fresh_database(
+    backend: str, name: str = "bench"
+) -> AsyncIterator[tuple[str, Floor, dict[str, Any]]]:
+    """(URL, floor, settings) on a fresh database: a new directory for SQLite, a new
+    schema ``lf_<name>_<random>`` for PostgreSQL, with the commit floor beside it; all
+    removed afterwards."""
     if backend == "sqlite":
-        directory = Path(tempfile.mkdtemp(prefix="ledgerflow-bench-"))
+        directory = Path(tempfile.mkdtemp(prefix=f"ledgerflow-{name}-"))
         try:
             floor = SQLiteFloor(directory / "floor.db")
             try:
-                url = f"sqlite:///{directory / 'ledger.db'}"
-                async with _open_adapter(url, registry=make_registry()) as store:
-                    yield Bench(
-                        backend,
-                        store,
-                        floor,
-                        {
-                            "journal_mode": "wal",
-                            "synchronous": "FULL",
-                            "sqlite_version": sqlite3.sqlite_version,
-                            "directory": str(directory.parent),
-                        },
-                    )
+                yield (
+                    f"sqlite:///{directory / 'ledger.db'}",
+                    floor,
+                    {
+                        "journal_mode": "wal",
+                        "synchronous": "FULL",
+                        "sqlite_version": sqlite3.sqlite_version,
+                        "directory": str(directory.parent),
+                    },
+                )
             finally:
                 await floor.close()
         finally:
@@ -355,21 +356,33 @@ async def open_bench(backend: str) -> AsyncIterator[Bench]:
         return
     import psycopg
 
-    schema = f"lf_bench_{uuid.uuid4().hex[:12]}"
+    schema = f"lf_{name}_{uuid.uuid4().hex[:12]}"
     try:
-        async with _open_adapter(pg_store_url(schema), registry=make_registry()) as pg_store:
-            pg_floor = await PostgresFloor.create(schema)
-            try:
-                settings = {
-                    name: await pg_floor.setting(name)
-                    for name in ("server_version", "synchronous_commit", "fsync")
-                }
-                yield Bench(backend, pg_store, pg_floor, settings)
-            finally:
-                await pg_floor.close()
+        with psycopg.connect(PG_URL, autocommit=True) as con:
+            con.execute(f"CREATE SCHEMA {schema}")
+        pg_floor = await PostgresFloor.create(schema)
+        try:
+            settings: dict[str, Any] = {
+                setting: await pg_floor.setting(setting)
+                for setting in ("server_version", "synchronous_commit", "fsync")
+            }
+            settings["schema"] = schema
+            yield pg_store_url(schema), pg_floor, settings
+        finally:
+            await pg_floor.close()
     finally:
         with psycopg.connect(PG_URL, autocommit=True) as con:
             con.execute(f"DROP SCHEMA IF EXISTS {schema} CASCADE")
+
+
+@contextlib.asynccontextmanager
+async def open_bench(backend: str) -> AsyncIterator[Bench]:
+    """A store on a fresh database with its floor beside it; both removed afterwards."""
+    async with (
+        fresh_database(backend) as (url, floor, settings),
+        _open_adapter(url, registry=make_registry()) as store,
+    ):
+        yield Bench(backend, store, floor, settings)
 
 
 # -- measurements -----------------------------------------------------------------------

@@ -58,15 +58,7 @@ async def test_a_stream_read_to_its_end_is_appended_to_in_one_round_trip(
         await other.append("s", [ev(0), ev(1)])
         await store.append("mine", [ev(0)])  # this writer now knows the next position
         await store.append("mine", [ev(1)], expected_version=1)
-        fast: list[bool] = []
-        real = store._commit_fast  # type: ignore[attr-defined]
-
-        async def commit_fast(plan: object) -> object:
-            outcome = await real(plan)
-            fast.append(outcome is not None)
-            return outcome
-
-        monkeypatch.setattr(store, "_commit_fast", commit_fast)
+        fast = _fast_commits(store, monkeypatch)
         await store.load_stream("s")
         await store.append("s", [ev(2)], expected_version=2)
         assert fast == [True]
@@ -92,18 +84,24 @@ async def test_a_limited_read_that_reaches_the_end_teaches_the_head(
         await other.append("short", [ev(0), ev(1)])
         await other.append("cut", [ev(0), ev(1), ev(2)])
         await store.append("mine", [ev(0)])  # this writer now knows the next position
-        fast: list[bool] = []
-        real = store._commit_fast  # type: ignore[attr-defined]
-
-        async def commit_fast(plan: object) -> object:
-            outcome = await real(plan)
-            fast.append(outcome is not None)
-            return outcome
-
-        monkeypatch.setattr(store, "_commit_fast", commit_fast)
+        fast = _fast_commits(store, monkeypatch)
         await store.read_stream("short", limit=128)
         await store.append("short", [ev(2)], expected_version=2)
         assert fast == [True]
         await store.read_stream("cut", limit=2)
         await store.append("cut", [ev(3)], expected_version=3)
         assert fast == [True]  # not guessed: decided from the database
+
+
+def _fast_commits(store: BaseEventStore, monkeypatch: pytest.MonkeyPatch) -> list[bool]:
+    """Each one-round-trip attempt of ``store`` from now on: True if it committed."""
+    fast: list[bool] = []
+    real = store._commit_fast  # type: ignore[attr-defined]
+
+    async def commit_fast(plan: object) -> object:
+        outcome = await real(plan)
+        fast.append(outcome is not None)
+        return outcome
+
+    monkeypatch.setattr(store, "_commit_fast", commit_fast)
+    return fast
