@@ -77,7 +77,7 @@ Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
 RECENT_OUTCOMES = 4096
 """Ends of instances this process ran that ``result()`` answers from memory: the
 latest ones, each small enough (``RECENT_OUTCOME_BYTES``). An end never changes."""
-RECENT_OUTCOME_BYTES = 16 * 1024
+RECENT_OUTCOME_BYTES = 4 * 1024
 """(name, version) of the instance and how it ended."""
 
 
