@@ -73,12 +73,13 @@ SIGNAL_CHECK_WINDOW = 64
 """Latest events a sender reads to find the wait its signal is for."""
 
 Outcome = tuple[tuple[str, int], "Finished | WorkflowError"]
+"""(name, version) of the instance and how it ended."""
 
 RECENT_OUTCOMES = 4096
 """Ends of instances this process ran that ``result()`` answers from memory: the
-latest ones, each small enough (``RECENT_OUTCOME_BYTES``). An end never changes."""
+latest ones, each small enough. An end never changes once it is durable."""
 RECENT_OUTCOME_BYTES = 4 * 1024
-"""(name, version) of the instance and how it ended."""
+"""The largest end kept (its result, encoded, and its message)."""
 
 
 @dataclass(slots=True)

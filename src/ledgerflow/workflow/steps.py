@@ -36,7 +36,6 @@ __all__ = [
 log = logging.getLogger("ledgerflow.engine")
 
 R_co = TypeVar("R_co", covariant=True)
-T = TypeVar("T")
 Ts = TypeVarTuple("Ts")
 
 DEFAULT_STEP_RETRY = RetryPolicy(max_attempts=3, initial_interval=0.1)
@@ -122,11 +121,6 @@ def jitter_source(workflow_id: str, seq: int, attempt: int) -> random.Random:
     """A source for retry jitter of its own, derived from (instance, command,
     attempt): the workflow's replayed random stream is never touched by the engine."""
     return random.Random(f"{workflow_id}/{seq}/{attempt}")
-
-
-def _settle_future(future: asyncio.Future[T], value: T) -> None:
-    if not future.done():
-        future.set_result(value)
 
 
 def nothing() -> None:
