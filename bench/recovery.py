@@ -48,6 +48,7 @@ import urllib.parse
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +66,9 @@ POLL_S = 0.01
 KILL_DEADLINE_S = 30.0
 """The first worker is killed at this age even if fewer workflows are done (an error)."""
 RECOVER_TIMEOUT_S = 30.0
+LEASE_S = 2.0
+"""Both workers' lease: the second takes over the killed one's instances once its
+heartbeat is this old (the default, 60 s, would outlast RECOVER_TIMEOUT_S)."""
 PEER_TIMEOUT_S = 45.0
 DBOS_FIELDS = (
     "done_at_kill",
@@ -136,6 +140,7 @@ async def work(
         workflows=[recovery],
         concurrency=instances or concurrency,
         step_threads=concurrency,
+        lease=timedelta(seconds=LEASE_S),
     )
     await engine.start_engine()
     try:
@@ -448,6 +453,7 @@ def run(s: Settings) -> tuple[dict[str, Any], bool]:
         "sleep_s": s.sleep,
         "concurrency": s.concurrency,
         "engine_concurrency": s.instances or s.concurrency,
+        "lease_s": LEASE_S,
         "kill_at": s.kill_at,
         **figures,
         **peer,
