@@ -231,6 +231,8 @@ def test_an_engine_needs_at_least_one_slot() -> None:
     with pytest.raises(ledgerflow.ConfigurationError, match=r"^Engine concurrency must be >= 1$"):
         Engine("memory://", concurrency=0)
     assert Engine("memory://", concurrency=1).concurrency == 1
+    with pytest.raises(ledgerflow.ConfigurationError, match=r"^Engine step_threads must be >= 1$"):
+        Engine("memory://", step_threads=0)
 
 
 # -- when the scheduler looks -------------------------------------------------------

@@ -32,6 +32,11 @@ async def big(ctx: WorkflowContext, n: int) -> str:
     return "x" * (client_module.RECENT_OUTCOME_BYTES + n)
 
 
+@ledgerflow.workflow(name="results.medium", version=1)
+async def medium(ctx: WorkflowContext, n: int) -> dict[str, str]:
+    return {"text": "é" * 1000, "n": str(n)}  # ~2 KiB encoded: kept
+
+
 @ledgerflow.workflow(name="results.fails", version=1)
 async def fails(ctx: WorkflowContext, n: int) -> int:
     raise ValueError(f"no {n}")
@@ -60,13 +65,15 @@ async def _ended(e: ledgerflow.Engine, workflow_id: str) -> None:
 async def test_ends_of_instances_run_here_are_answered_without_reading(
     engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async with engine(small, fails) as e:
+    async with engine(small, medium, fails) as e:
         handles = [await e.start(small, n, id=f"s-{n}") for n in range(5)]
+        text = await e.start(medium, 3, id="m-3")
         failed = await e.start(fails, 7, id="f-7")
-        for h in [*handles, failed]:
-            await _ended(e, h.id)
+        for workflow_id in [*(h.id for h in handles), text.id, failed.id]:
+            await _ended(e, workflow_id)
         reads = _Reads(e, monkeypatch)
         assert [await h.result(timeout=WAIT) for h in handles] == [1, 2, 3, 4, 5]
+        assert await text.result(timeout=WAIT) == {"text": "é" * 1000, "n": "3"}
         with pytest.raises(ledgerflow.WorkflowFailedError, match="no 7"):
             await failed.result(timeout=WAIT)
         assert reads.count == 0

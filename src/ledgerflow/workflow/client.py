@@ -61,7 +61,7 @@ from .history import (
 )
 from .host import Park, ReplayHost, Suspend
 from .journal import load_history
-from .run import _Run
+from .run import _Run, _surely_within
 
 __all__ = ["STREAM_PREFIX", "WorkflowClient"]
 
@@ -613,8 +613,10 @@ def _validator(schema: bytes) -> Any:
 
 def _small(finished: Finished) -> bool:
     """Whether an end is small enough to keep in memory (its result and message)."""
+    budget = RECENT_OUTCOME_BYTES - len(finished.message or "")
     result = finished.result
-    if result is None or isinstance(result, bool | int | float):
-        return True
-    size = len(msgspec.json.encode(result)) + len(finished.message or "")
-    return size <= RECENT_OUTCOME_BYTES
+    if _surely_within(result, budget):
+        return True  # the common scalars, without encoding
+    if isinstance(result, str) and len(result) > budget:
+        return False  # too long before any escaping: no need to encode it
+    return len(msgspec.json.encode(result)) <= budget

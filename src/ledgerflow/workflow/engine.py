@@ -121,6 +121,8 @@ class Engine(WorkflowClient):
             raise ConfigurationError("Engine concurrency must be >= 1")
         if task_concurrency < 1:
             raise ConfigurationError("Engine task_concurrency must be >= 1")
+        if step_threads < 1:
+            raise ConfigurationError("Engine step_threads must be >= 1")
         if isinstance(queues, str) or not all(isinstance(q, str) and q for q in queues):
             raise ConfigurationError("Engine queues must be a sequence of non-empty names")
         try:
