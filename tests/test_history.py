@@ -157,6 +157,9 @@ class ReplayHost:
     async def cancel_child(self, *args: Any) -> None:
         raise AssertionError("not in these tests")
 
+    async def policy(self, name: str) -> Any:
+        raise AssertionError("not in these tests")
+
 
 async def test_a_recorded_compensation_failure_decides_the_status_on_replay() -> None:
     history = indexed(

@@ -5,6 +5,20 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    "classify",
+    "Timeouts",
+    "StepTimeoutError",
+    "Retry",
+    "ResilienceError",
+    "RateLimit",
+    "PolicyVersion",
+    "PolicyNotFoundError",
+    "PolicyChanged",
+    "PolicyBook",
+    "Policy",
+    "InvalidPolicyError",
+    "Bulkhead",
+    "Breaker",
     "ANY",
     "NO_STREAM",
     "STREAM_EXISTS",

@@ -41,7 +41,7 @@ from ledgerflow.workflow.history import (
 )
 from ledgerflow.workflow.host import BodyEnded
 from ledgerflow.workflow.replay import replay
-from ledgerflow.workflow.steps import jitter_source
+from ledgerflow.resilience.retrying import jitter_source
 
 from ._engines import WAIT, EngineFactory
 from ._passes import crashes, outcome, waiting

@@ -294,7 +294,7 @@ async def timeout_flow(ctx: WorkflowContext, n: int) -> str:
 async def test_the_attempt_timeout_is_enforced_by_the_step_worker(engine: EngineFactory) -> None:
     async with engine(timeout_flow, clock=REAL, queues=["erp"], steps=[hang]) as both:
         handle = await both.start(timeout_flow, 1, id="q-8")
-        assert await handle.result(timeout=WAIT) == "TimeoutError"
+        assert await handle.result(timeout=WAIT) == "StepTimeoutError"
         assert calls["hang"] == 1
 
 

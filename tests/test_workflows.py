@@ -537,7 +537,7 @@ async def test_step_timeout_counts_as_a_failed_attempt(engine: EngineFactory) ->
     assert caught.value.status == "failed"
     assert [c[0] for c in fake.calls] == ["slow", "slow"]  # NO_WAIT: two attempts
     failed = [ev.data for ev in history if ev.type == "wf.step_failed"]
-    assert [(f.name, f.error_type) for f in failed] == [("slow", "TimeoutError")]
+    assert [(f.name, f.error_type) for f in failed] == [("slow", "StepTimeoutError")]
 
 
 async def test_step_decorator_names_and_retry(engine: EngineFactory) -> None:

@@ -22,29 +22,35 @@ driver type ever crosses the port::
     │   ├── StoreReadOnlyError      the database cannot be written (read-only file, standby)
     │   ├── StoreClosedError        the store was used after it was closed
     │   └── StoreUnavailableError   connection or I/O failure (retryable)
-    └── WorkflowError               durable workflows
-        ├── WorkflowDefinitionError a workflow or step definition is unusable (lint)
-        ├── UnknownWorkflowError    no registered workflow of that name/version
-        ├── WorkflowNotFoundError   no instance with that id
-        ├── WorkflowInputError      input does not match the workflow's input type
-        │   └── SignalInputError    a signal's payload does not fit the waited-for type
-        ├── WorkflowFinishedError   signal or cancel sent to a finished instance
-        ├── WorkflowAlreadyStartedError  the id is taken by another workflow or input
-        ├── NonDeterminismError     the code no longer matches the recorded history
-        ├── UnrecordableValueError  a step result or return value cannot be encoded
-        ├── RecordedValueError      a recorded value no longer fits the code's type
-        ├── ResultTooLargeError     a step result or return value over the size limit
-        ├── StepCancelledError      inside a step: its attempt timed out, stop now
-        ├── WorkflowFailedError     result() of an instance that did not complete
-        ├── StepFailedError         inside workflow code: a step failed for good
-        └── ChildWorkflowError      inside workflow code: a child did not complete
+    ├── WorkflowError               durable workflows
+    │   ├── WorkflowDefinitionError a workflow or step definition is unusable (lint)
+    │   ├── UnknownWorkflowError    no registered workflow of that name/version
+    │   ├── WorkflowNotFoundError   no instance with that id
+    │   ├── WorkflowInputError      input does not match the workflow's input type
+    │   │   └── SignalInputError    a signal's payload does not fit the waited-for type
+    │   ├── WorkflowFinishedError   signal or cancel sent to a finished instance
+    │   ├── WorkflowAlreadyStartedError  the id is taken by another workflow or input
+    │   ├── NonDeterminismError     the code no longer matches the recorded history
+    │   ├── UnrecordableValueError  a step result or return value cannot be encoded
+    │   ├── RecordedValueError      a recorded value no longer fits the code's type
+    │   ├── ResultTooLargeError     a step result or return value over the size limit
+    │   ├── StepCancelledError      inside a step: its attempt timed out, stop now
+    │   ├── StepTimeoutError        a step attempt ran out of time (also a TimeoutError)
+    │   ├── WorkflowFailedError     result() of an instance that did not complete
+    │   ├── StepFailedError         inside workflow code: a step failed for good
+    │   └── ChildWorkflowError      inside workflow code: a child did not complete
+    └── ResilienceError             named resilience policies
+        ├── InvalidPolicyError      a policy document is wrong; ``field`` names where
+        └── PolicyNotFoundError     no policy of that name in the ledger
 
 ``WorkflowCancelled`` is not an error but a signal to workflow code (a
 ``BaseException``, like ``asyncio.CancelledError``): it is raised at the next await of
 a cancelled instance so that ``except Exception`` in user code cannot swallow it.
 
 Retryability is data: ``error.retryable`` says whether the same call may succeed
-if simply tried again (after reloading state, for a ``ConcurrencyError``).
+if simply tried again (after reloading state, for a ``ConcurrencyError``). Step
+retries read it too, from any exception that has it: a user's own error class can say
+``retryable = False`` (a business rule was violated: trying again will not help).
 """
 
 from __future__ import annotations
@@ -60,17 +66,21 @@ __all__ = [
     "EventSerializationError",
     "EventTooLargeError",
     "InvalidEventDataError",
+    "InvalidPolicyError",
     "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
     "NonDeterminismError",
+    "PolicyNotFoundError",
     "RecordedValueError",
+    "ResilienceError",
     "ResultTooLargeError",
     "SchemaOutdatedError",
     "SchemaVersionError",
     "SignalInputError",
     "StepCancelledError",
     "StepFailedError",
+    "StepTimeoutError",
     "StoreClosedError",
     "StoreError",
     "StoreReadOnlyError",
@@ -403,6 +413,23 @@ class StepCancelledError(WorkflowError):
     this one returns."""
 
 
+class StepTimeoutError(WorkflowError, TimeoutError):
+    """A step attempt took longer than its timeout (start-to-close, the step's whole
+    schedule-to-close budget, or its heartbeat interval). Retryable: the next attempt
+    may be quicker. Also a ``TimeoutError``, so ``except TimeoutError`` catches it."""
+
+    retryable = True
+
+    def __init__(self, step: str, attempt: int, limit: str, seconds: float) -> None:
+        super().__init__(
+            f"attempt {attempt} of step {step!r} took longer than {limit} ({seconds}s)"
+        )
+        self.step = step
+        self.attempt = attempt
+        self.limit = limit
+        self.seconds = seconds
+
+
 class NonDeterminismError(WorkflowError):
     """Replaying the recorded history with the current code took another path.
 
@@ -462,3 +489,31 @@ class WorkflowCancelled(BaseException):
     def __init__(self, reason: str | None = None) -> None:
         super().__init__(reason or "cancelled")
         self.reason = reason
+
+
+class ResilienceError(LedgerflowError):
+    """Something about a named resilience policy."""
+
+
+class InvalidPolicyError(ResilienceError):
+    """A policy document (or a change to one) is not valid; nothing was recorded and
+    the version in force stays. ``field`` is the dotted path of the first wrong field
+    (``retry.max_interval``), or ``""`` for the document as a whole."""
+
+    def __init__(self, policy: str, field: str, problem: str) -> None:
+        where = f" field {field!r}" if field else ""
+        super().__init__(f"policy {policy!r}{where}: {problem}")
+        self.policy = policy
+        self.field = field
+        self.problem = problem
+
+
+class PolicyNotFoundError(ResilienceError):
+    """No policy of that name was ever set (in the ledger, or declared to the engine)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(
+            f"no policy named {name!r}: declare it with Engine(policies={{...}}) or set it "
+            f"with `ledgerflow policy set {name} ...`"
+        )
+        self.name = name

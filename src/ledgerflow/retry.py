@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from .errors import ConfigurationError
+from .resilience.retrying import is_retryable
 
 __all__ = ["RetryPolicy"]
 
@@ -16,7 +17,9 @@ class RetryPolicy:
     """How often and how patiently to retry a failing step or compensation.
 
     All intervals are in seconds. ``max_attempts`` counts the first try: 1 means no
-    retry. Exceptions that are instances of ``non_retryable`` fail at once.
+    retry. Exceptions that are instances of ``non_retryable`` fail at once, and so do
+    those that say they are not retryable (``ledgerflow.classify``, or a
+    ``retryable = False`` attribute).
     """
 
     max_attempts: int = 3
@@ -40,7 +43,9 @@ class RetryPolicy:
         return base + spread
 
     def retries(self, error: BaseException, attempt: int) -> bool:
-        return attempt < self.max_attempts and not isinstance(error, self.non_retryable)
+        """Whether attempt ``attempt`` (1-based) failing with ``error`` is tried again:
+        attempts are left and the error is retryable (see ``ledgerflow.classify``)."""
+        return attempt < self.max_attempts and is_retryable(error, (), self.non_retryable)
 
     @classmethod
     def none(cls) -> RetryPolicy:

@@ -37,6 +37,7 @@ from ..errors import (
 from ..events import NO_STREAM, RecordedEvent
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
+from ..resilience.book import PolicyBook
 from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
@@ -113,6 +114,8 @@ class WorkflowClient:
         else:
             history_registry(store.registry)
             self.store = store
+        self.policies = PolicyBook(self.store)
+        """Named resilience policies in the ledger: set, change, read, list."""
         self._definitions: dict[tuple[str, int], WorkflowDefinition[Any, Any]] = {}
         self._latest: dict[str, WorkflowDefinition[Any, Any]] = {}
         for definition in workflows:

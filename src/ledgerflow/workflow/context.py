@@ -13,7 +13,7 @@ from ..errors import WorkflowDefinitionError
 from ..hashing import to_micros
 from ..retry import RetryPolicy, as_seconds
 from .definition import WorkflowDefinition, step_options
-from .steps import DEFAULT_STEP_RETRY, StepClass
+from .steps import StepClass
 
 if TYPE_CHECKING:
     from .run import _Run
@@ -50,6 +50,7 @@ class WorkflowContext:
         timeout: timedelta | float | None = None,
         name: str | None = None,
         queue: str | None = None,
+        policy: str | None = None,
     ) -> R: ...
 
     @overload
@@ -62,6 +63,7 @@ class WorkflowContext:
         timeout: timedelta | float | None = None,
         name: str | None = None,
         queue: str | None = None,
+        policy: str | None = None,
     ) -> R: ...
 
     @overload
@@ -74,6 +76,7 @@ class WorkflowContext:
         timeout: timedelta | float | None = None,
         name: str | None = None,
         queue: str | None = None,
+        policy: str | None = None,
     ) -> R: ...
 
     def step(  # type: ignore[misc]  # mypy cannot match *Ts overloads to *Any
@@ -85,6 +88,7 @@ class WorkflowContext:
         timeout: timedelta | float | None = None,
         name: str | None = None,
         queue: str | None = None,
+        policy: str | None = None,
     ) -> Coroutine[Any, Any, Any]:
         """Run ``fn(*args)`` once for this instance and record its result.
 
@@ -93,6 +97,10 @@ class WorkflowContext:
         called. A step that fails after its retries (default: ``DEFAULT_STEP_RETRY``,
         3 attempts) raises ``StepFailedError``; each failed attempt is recorded, so a
         restart does not give a step more attempts. ``timeout`` bounds one attempt.
+        ``policy`` (or the ``policy`` of ``@ledgerflow.step``) runs the step under a
+        named resilience policy from the ledger (see ``Engine.policies``), the version
+        in force at each attempt; ``retry`` and ``timeout`` given in code win over its
+        sections.
         ``compensate`` (called with the same arguments, plus ``result=`` if it takes
         that keyword) is run if the workflow later fails or is cancelled. ``fn`` may
         also be an object with ``execute`` and ``compensate`` methods.
@@ -117,15 +125,18 @@ class WorkflowContext:
             compensate = compensate or options.compensate
         if queue is not None and (not isinstance(queue, str) or not queue):
             raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
+        if policy is not None and (not isinstance(policy, str) or not policy):
+            raise WorkflowDefinitionError(f"step policy must be a non-empty str, not {policy!r}")
         # The run's coroutine itself, not one around it: one frame less per step.
         return self._run.step(
             step_name,
             target,
             args,
             compensate,
-            retry or options.retry or DEFAULT_STEP_RETRY,
+            retry or options.retry,
             timeout if timeout is not None else options.timeout,
             queue or options.queue,
+            policy or options.policy,
         )
 
     async def sleep(self, duration: timedelta | float) -> None:

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, Generic, ParamSpec, TypeVar
 
-from ..errors import WorkflowDefinitionError
+from ..errors import LedgerflowError, WorkflowDefinitionError
+from ..resilience.policy import check_policy_name
 from ..retry import RetryPolicy
 from .lint import lint_workflow
 
@@ -93,6 +94,7 @@ class StepOptions:
     timeout: timedelta | float | None = None
     compensate: Callable[..., Any] | None = None
     queue: str | None = None
+    policy: str | None = None
 
 
 def step(
@@ -102,6 +104,7 @@ def step(
     timeout: timedelta | float | None = None,
     compensate: Callable[..., Any] | None = None,
     queue: str | None = None,
+    policy: str | None = None,
 ) -> Callable[[F], F]:
     """Give a step function defaults that ``ctx.step`` uses unless told otherwise.
 
@@ -109,13 +112,20 @@ def step(
     function up by; keep it stable across deploys (the default is the function's
     qualified name, which a rename changes). ``queue``: the step runs on a worker
     serving that task queue (``ledgerflow worker --queue``), perhaps in another
-    service, instead of in the engine that runs the workflow.
+    service, instead of in the engine that runs the workflow. ``policy``: the named
+    resilience policy its attempts run under (retry, timeouts...; see
+    ``Engine.policies``); ``retry`` and ``timeout`` given here win over its sections.
     """
     if queue is not None and (not isinstance(queue, str) or not queue):
         raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
+    if policy is not None:
+        try:
+            check_policy_name(policy)
+        except LedgerflowError as exc:
+            raise WorkflowDefinitionError(f"step policy: {exc}") from None
 
     def mark(fn: F) -> F:
-        options = StepOptions(name or fn.__qualname__, retry, timeout, compensate, queue)
+        options = StepOptions(name or fn.__qualname__, retry, timeout, compensate, queue, policy)
         setattr(fn, _STEP_ATTR, options)
         return fn
 

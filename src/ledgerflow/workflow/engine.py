@@ -18,7 +18,7 @@ import logging
 import os
 import socket
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
@@ -36,6 +36,8 @@ from ..errors import (
 )
 from ..hashing import from_micros
 from ..registry import EventRegistry
+from ..resilience.book import REFRESH_S
+from ..resilience.policy import Policy, check_policy, check_policy_name
 from ..store import WorkflowStore
 from ..store.runtime import (
     DropTasks,
@@ -97,6 +99,12 @@ class Engine(WorkflowClient):
     queues whose step it has, at most ``task_concurrency`` at once, and records
     their outcomes in their workflows' histories (see ``workflow.tasks``). An
     engine may serve queues without running any workflow, or the reverse.
+
+    ``policies`` declares the application's named resilience policies (steps name
+    them: ``policy="erp"``): each is recorded in the ledger as version 1 unless the
+    ledger has it already, so changes made at run time (``engine.policies.update``,
+    ``ledgerflow policy set``) outlive a deploy. Every engine on the store uses the
+    version in force, checked at most every ``policy_refresh`` seconds.
     """
 
     def __init__(
@@ -116,6 +124,8 @@ class Engine(WorkflowClient):
         queues: Sequence[str] = (),
         steps: Sequence[Any] = (),
         task_concurrency: int = 16,
+        policies: Mapping[str, Policy] | None = None,
+        policy_refresh: float = REFRESH_S,
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
@@ -123,6 +133,12 @@ class Engine(WorkflowClient):
             raise ConfigurationError("Engine task_concurrency must be >= 1")
         if step_threads < 1:
             raise ConfigurationError("Engine step_threads must be >= 1")
+        if not policy_refresh >= 0:
+            raise ConfigurationError("Engine policy_refresh must be >= 0 seconds")
+        declared = {
+            check_policy_name(name): check_policy(name, policy)
+            for name, policy in (policies or {}).items()
+        }
         if isinstance(queues, str) or not all(isinstance(q, str) and q for q in queues):
             raise ConfigurationError("Engine queues must be a sequence of non-empty names")
         try:
@@ -140,6 +156,8 @@ class Engine(WorkflowClient):
         super().__init__(
             store, workflows=workflows, clock=clock, poll_interval=poll_interval, registry=registry
         )
+        self.policies.refresh_s = policy_refresh
+        self._declared = declared
         self.concurrency = concurrency
         self._lease_us = int(lease.total_seconds() * 1_000_000)
         self._hostname = socket.gethostname()
@@ -236,6 +254,7 @@ class Engine(WorkflowClient):
             # leases ran out) are released now, so their instances resume at once.
             await self._reap(now)
         await self._resume_stuck()
+        await self.policies.declare(self._declared, actor=f"engine {self.owner}")
         # Work made due by other writers (a client's start, a signal, another worker's
         # child ending) wakes the scheduler at once, not at its next poll: on
         # PostgreSQL from any process (LISTEN/NOTIFY), elsewhere from this one.

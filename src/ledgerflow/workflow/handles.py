@@ -223,9 +223,12 @@ def waiting_for(history: History) -> str | None:
         failures = [e for e in events if isinstance(e, StepAttemptFailed)]
         if failures:
             last = failures[-1]
+            when = ""
+            if last.retry_at_us is not None:
+                when = f" at {from_micros(last.retry_at_us).isoformat()}"
             return (
-                f"retry of step {last.name!r}{where} after attempt {last.attempt} failed: "
-                f"{last.error_type}: {last.message}"
+                f"retry of step {last.name!r}{where}{when} after attempt {last.attempt} "
+                f"failed: {last.error_type}: {last.message}"
             )
         if isinstance(first, StepScheduled):
             return f"step {first.name!r}{where}"

@@ -65,15 +65,22 @@ class _Command(msgspec.Struct, frozen=True, kw_only=True):
     name: str
 
 
-class StepDone(_Command, frozen=True, kw_only=True):
+class StepDone(_Command, frozen=True, kw_only=True, omit_defaults=True):
+    """The step's result. ``policy``/``policy_version``: the named policy its last
+    attempt ran under, if any."""
+
     kind = "step"
     result: Any
+    policy: str | None = None
+    policy_version: int | None = None
 
 
-class StepFailed(_Command, frozen=True, kw_only=True):
+class StepFailed(_Command, frozen=True, kw_only=True, omit_defaults=True):
     kind = "step"
     error_type: str
     message: str
+    policy: str | None = None
+    policy_version: int | None = None
 
 
 class StepScheduled(_Command, frozen=True, kw_only=True):
@@ -85,13 +92,22 @@ class StepScheduled(_Command, frozen=True, kw_only=True):
     queue: str
 
 
-class StepAttemptFailed(_Command, frozen=True, kw_only=True):
-    """An attempt failed and another will follow: attempts survive a restart."""
+class StepAttemptFailed(_Command, frozen=True, kw_only=True, omit_defaults=True):
+    """An attempt failed and another will follow: attempts survive a restart.
+
+    ``retry_at_us``: when the next attempt may start (the backoff, durable: a restart
+    waits out the rest of it); ``first_at_us``: when the step's first attempt
+    started (its deadlines count from there); ``policy``/``policy_version``: the named
+    policy the attempt ran under. All absent in histories recorded before them."""
 
     kind = "step"
     attempt: int
     error_type: str
     message: str
+    retry_at_us: int | None = None
+    first_at_us: int | None = None
+    policy: str | None = None
+    policy_version: int | None = None
 
 
 class TimerStarted(_Command, frozen=True, kw_only=True):

@@ -25,6 +25,7 @@ from .history import Finished, History
 from .step_threads import StepThreads
 
 if TYPE_CHECKING:
+    from ..resilience.book import PolicyVersion
     from ..store.runtime import RuntimeWrite
     from .engine import Engine
 
@@ -125,6 +126,10 @@ class RunHost(Protocol):
 
     async def cancel_child(self, child_id: str, reason: str) -> None: ...
 
+    async def policy(self, name: str) -> PolicyVersion:
+        """The version in force of a named policy (``PolicyNotFoundError``)."""
+        ...
+
 
 @dataclass
 class PassResult:
@@ -169,6 +174,9 @@ class ReplayHost:
         raise AssertionError("a replaying pass never acts")
 
     async def cancel_child(self, child_id: str, reason: str) -> None:
+        raise AssertionError("a replaying pass never acts")
+
+    async def policy(self, name: str) -> PolicyVersion:
         raise AssertionError("a replaying pass never acts")
 
 
@@ -224,3 +232,6 @@ class EngineHost:
     async def cancel_child(self, child_id: str, reason: str) -> None:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
             await self._engine.cancel(child_id, f"parent cancelled: {reason}")
+
+    def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
+        return self._engine.policies.current(name)

@@ -43,9 +43,11 @@ from ..errors import (
     EventError,
     LeaseLostError,
     NonDeterminismError,
+    PolicyNotFoundError,
     RecordedValueError,
     ResultTooLargeError,
     StepFailedError,
+    StepTimeoutError,
     StoreClosedError,
     StoreUnavailableError,
     UnrecordableValueError,
@@ -67,12 +69,9 @@ from .history import (
     error_message,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Relinquish, Restart, RunHost, Suspend
+from .rules import INLINE_BACKOFF_S, StepRules, inline_rules, named_rules
 from .saga import Compensation, Saga
-from .steps import (
-    Attempts,
-    jitter_source,
-    nothing,
-)
+from .steps import DEFAULT_STEP_RETRY, Attempts, Limits, nothing
 from .tasks import task_payload
 from .waits import Waits
 
@@ -347,9 +346,10 @@ class _Run(Waits, Saga):
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         compensate: Callable[..., Any] | None,
-        retry: RetryPolicy,
+        retry: RetryPolicy | None,
         timeout: timedelta | float | None,
         queue: str | None = None,
+        policy: str | None = None,
     ) -> Any:
         seq, recorded = self._command("step", name)
         wanted = return_type(fn)
@@ -365,7 +365,9 @@ class _Run(Waits, Saga):
         elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
             # Sent to a task queue (now, or by an earlier pass: the record decides,
             # whatever the code says today): a worker of the queue runs it.
-            value = await self._remote_step(seq, name, fn, args, retry, timeout, queue, recorded)
+            value = await self._remote_step(
+                seq, name, fn, args, retry or DEFAULT_STEP_RETRY, timeout, queue, recorded
+            )
             compensate_queue = step_options(compensate).queue if compensate else None
             if compensate is not None:
                 self.compensations.append(
@@ -377,7 +379,7 @@ class _Run(Waits, Saga):
         else:
             self._live()
             with self.acting:
-                value = await self._run_step(seq, name, fn, args, retry, timeout, recorded)
+                value = await self._run_step(seq, name, fn, args, retry, timeout, recorded, policy)
                 try:
                     value = from_builtins(value, wanted)
                 except CodecError:
@@ -445,28 +447,52 @@ class _Run(Waits, Saga):
         name: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        retry: RetryPolicy,
+        retry: RetryPolicy | None,
         timeout: timedelta | float | None,
         recorded: list[Any] | None,
+        policy: str | None,
     ) -> Any:
-        """Attempts until one succeeds or the policy gives up; the encoded result,
-        recorded before it is returned."""
+        """Attempts until one succeeds or the rules give up; the encoded result,
+        recorded before it is returned. Each attempt runs under the rules in force
+        when it starts (a policy changed meanwhile applies from the next attempt)."""
         # Clock readings the arguments may depend on are durable before the step acts.
         await self.record([])
-        attempt = 1 + sum(isinstance(e, StepAttemptFailed) for e in recorded or ())
-        seconds = as_seconds(timeout)
+        failures = [e for e in recorded or () if isinstance(e, StepAttemptFailed)]
+        attempt = 1 + len(failures)
+        first_at = failures[0].first_at_us if failures else None
+        retry_at = failures[-1].retry_at_us if failures else None
+        code_timeout = as_seconds(timeout)
         while True:
-            await self.attempts.outlive(seq)
-            ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, seconds)
+            if retry_at is not None:
+                await self._backoff(retry_at)
+            rules, refused = await self._rules(retry, code_timeout, policy)
+            now = self.host.now_us()
+            first_at = first_at if first_at is not None else now
+            limits = _limits(rules, first_at, now)
+            if refused is None and limits.timeout is not None and limits.timeout <= 0:
+                refused = StepTimeoutError(name, attempt, limits.kind, limits.shown or 0.0)
+            if refused is not None:
+                ok, value, release = False, refused, nothing
+            else:
+                await self.attempts.outlive(seq)
+                ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, limits)
             try:
                 if ok:
                     held, release = release, nothing
-                    return await self._record_result(seq, name, value, held)
+                    return await self._record_result(seq, name, value, held, rules)
                 error_type, message = type(value).__name__, error_message(value)
-                if not retry.retries(value, attempt):
-                    failed = StepFailed(seq=seq, name=name, error_type=error_type, message=message)
+                retry_at, why_not = self._retry_at(rules, seq, attempt, first_at, value)
+                if retry_at is None:
+                    failed = StepFailed(
+                        seq=seq,
+                        name=name,
+                        error_type=error_type,
+                        message=f"{message} ({why_not})" if why_not else message,
+                        policy=rules.policy,
+                        policy_version=rules.policy_version,
+                    )
                     await self.record([failed])
-                    raise StepFailedError(name, error_type, message) from value
+                    raise StepFailedError(name, error_type, failed.message) from value
                 await self.record(
                     [
                         StepAttemptFailed(
@@ -475,18 +501,61 @@ class _Run(Waits, Saga):
                             attempt=attempt,
                             error_type=error_type,
                             message=message,
+                            retry_at_us=retry_at,
+                            first_at_us=first_at,
+                            policy=rules.policy,
+                            policy_version=rules.policy_version,
                         )
                     ]
                 )
             finally:
                 release()
-            await asyncio.sleep(
-                retry.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
-            )
             attempt += 1
 
+    async def _rules(
+        self, retry: RetryPolicy | None, timeout: float | None, policy: str | None
+    ) -> tuple[StepRules, BaseException | None]:
+        """The rules of the next attempt, and why it may not run at all (its policy
+        is missing: a retryable failure, so a policy set meanwhile is picked up)."""
+        if policy is None:
+            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None
+        try:
+            found = await self._host(self.host.policy(policy))
+        except PolicyNotFoundError as exc:
+            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), exc
+        return named_rules(found, retry, timeout, DEFAULT_STEP_RETRY), None
+
+    def _retry_at(
+        self, rules: StepRules, seq: int, attempt: int, first_at: int, error: BaseException
+    ) -> tuple[int | None, str]:
+        """When the next attempt may start (None: no more attempts), and if none
+        although the error is retryable, why not."""
+        if not rules.retries(error, attempt):
+            return None, ""
+        at = self.host.now_us() + int(
+            rules.delay(self.history.workflow_id, seq, attempt) * 1_000_000
+        )
+        deadline = rules.retry.deadline
+        if deadline is not None and at >= first_at + int(deadline * 1_000_000):
+            return None, f"no retry: the step's retry deadline of {deadline}s would pass"
+        budget = rules.schedule_to_close
+        if budget is not None and at >= first_at + int(budget * 1_000_000):
+            return None, f"no retry: the step's schedule_to_close of {budget}s would pass"
+        return at, ""
+
+    async def _backoff(self, retry_at_us: int) -> None:
+        """Wait until ``retry_at_us``: in the pass if it is soon, else by ending the
+        pass with a durable timer (no lease or thread held meanwhile)."""
+        wait = (retry_at_us - self.host.now_us()) / 1_000_000
+        if wait <= 0:
+            return
+        if wait < INLINE_BACKOFF_S:
+            await asyncio.sleep(wait)
+            return
+        raise Suspend([], retry_at_us)
+
     async def _record_result(
-        self, seq: int, name: str, value: Any, release: Callable[[], None]
+        self, seq: int, name: str, value: Any, release: Callable[[], None], rules: StepRules
     ) -> Any:
         """Buffer a step's result to ride with the next append; ``release`` frees the
         step's thread once it is recorded, or at once if it can never be."""
@@ -495,7 +564,17 @@ class _Run(Waits, Saga):
                 encoded = to_builtins(value)
             except CodecError:  # said once, with its context, by _encode
                 encoded = self._encode(value, f"the {_result_of(name, seq)}")
-            done = StepDone(seq=seq, name=name, result=encoded)
+            done = (
+                StepDone(seq=seq, name=name, result=encoded)
+                if rules.policy is None
+                else StepDone(
+                    seq=seq,
+                    name=name,
+                    result=encoded,
+                    policy=rules.policy,
+                    policy_version=rules.policy_version,
+                )
+            )
             oversize = self._oversize(done, encoded, f"the result of step {name!r}")
             if oversize is not None:
                 error_type = type(oversize).__name__
@@ -536,6 +615,23 @@ def _surely_within(payload: Any, budget: int) -> bool:
     if kind is str:
         return 6 * len(payload) + 2 <= budget
     return False
+
+
+def _limits(rules: StepRules, first_at_us: int, now_us: int) -> Limits:
+    """How long the next attempt may run: its own start-to-close, or what is left of
+    the step's schedule-to-close if that is sooner (<= 0: nothing is left)."""
+    timeout, kind, shown = rules.start_to_close, "start_to_close", rules.start_to_close
+    budget = rules.schedule_to_close
+    if budget is not None:
+        left = (first_at_us + int(budget * 1_000_000) - now_us) / 1_000_000
+        if timeout is None or left < timeout:
+            timeout, kind, shown = left, "schedule_to_close", budget
+    if timeout is None and rules.heartbeat is None:
+        return _NO_LIMITS
+    return Limits(timeout, kind, rules.heartbeat, shown)
+
+
+_NO_LIMITS = Limits()
 
 
 def _queue_of(recorded: list[Any] | None) -> str | None:

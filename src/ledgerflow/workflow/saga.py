@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from ..resilience.retrying import jitter_source
 from ..store.runtime import PutTask, RuntimeWrite, TaskRow
 from .codec import to_builtins
 from .definition import step_options
@@ -28,7 +29,7 @@ from .history import (
     error_message,
 )
 from .host import PassResult, RunHost, Suspend
-from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, jitter_source, keep_async
+from .steps import DEFAULT_COMPENSATION_RETRY, Attempts, accepts_result, keep_async
 from .tasks import task_payload
 
 if TYPE_CHECKING:
@@ -150,7 +151,7 @@ class Saga:
         name = f"compensate {comp.name}"
         while True:
             await self.attempts.outlive(seq)
-            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt, None)
+            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt)
             release()
             if ok:
                 await self.record(

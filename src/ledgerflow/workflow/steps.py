@@ -11,16 +11,17 @@ flagged, and the next attempt of the same step waits for it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import inspect
 import logging
-import random
 import threading
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
-from ..errors import StepCancelledError
+from ..errors import StepCancelledError, StepTimeoutError
 from ..retry import RetryPolicy
 from .step_threads import Outcome, StepThreads
 
@@ -50,6 +51,19 @@ _NEVER = threading.Event()
 """The flag of attempts without a timeout: never set (an Event per attempt costs)."""
 
 
+class _Beat:
+    """When a long attempt last said it is alive (``time.monotonic()``)."""
+
+    __slots__ = ("at",)
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+
+_NO_BEAT = _Beat()
+"""The heartbeat of attempts nobody watches."""
+
+
 @dataclass(frozen=True, slots=True)
 class StepInfo:
     """What a running step may know about itself.
@@ -59,6 +73,8 @@ class StepInfo:
     ``cancelled`` turns true when the attempt has timed out; long sync steps should
     check it (or call ``raise_if_cancelled()``) between units of work, since a
     thread cannot be stopped from outside. The next attempt waits for this one.
+    Under a policy with a heartbeat timeout, a long step calls ``heartbeat()`` at
+    least that often, or its attempt counts as timed out.
     """
 
     workflow_id: str
@@ -66,6 +82,11 @@ class StepInfo:
     name: str
     attempt: int
     _cancel: threading.Event = field(default=_NEVER, repr=False, compare=False)
+    _beat: _Beat = field(default=_NO_BEAT, repr=False, compare=False)
+
+    def heartbeat(self) -> None:
+        """Say the attempt is alive and making progress (from any thread)."""
+        self._beat.at = time.monotonic()
 
     @property
     def idempotency_key(self) -> str:
@@ -117,18 +138,52 @@ def accepts_result(fn: Callable[..., Any]) -> bool:
         return False
 
 
-def jitter_source(workflow_id: str, seq: int, attempt: int) -> random.Random:
-    """A source for retry jitter of its own, derived from (instance, command,
-    attempt): the workflow's replayed random stream is never touched by the engine."""
-    return random.Random(f"{workflow_id}/{seq}/{attempt}")
-
-
 def nothing() -> None:
     return None
 
 
-def _timed_out(name: str, attempt: int, timeout: float | None) -> TimeoutError:
-    return TimeoutError(f"attempt {attempt} of step {name!r} took longer than {timeout}s")
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """How long one attempt may run: ``timeout`` seconds in all (named by ``kind``:
+    the attempt's own start-to-close, or what is left of the step's
+    schedule-to-close), and ``heartbeat`` seconds between two heartbeats."""
+
+    timeout: float | None = None
+    kind: str = "start_to_close"
+    heartbeat: float | None = None
+    shown: float | None = None
+    """The limit as set (``timeout`` may be what is left of it), for messages."""
+
+
+NO_LIMITS = Limits()
+
+
+def _timed_out(info: StepInfo, limits: Limits, beat_missed: bool) -> StepTimeoutError:
+    if beat_missed:
+        assert limits.heartbeat is not None
+        return StepTimeoutError(info.name, info.attempt, "its heartbeat timeout", limits.heartbeat)
+    limit = limits.shown if limits.shown is not None else limits.timeout
+    assert limit is not None
+    return StepTimeoutError(info.name, info.attempt, limits.kind, limit)
+
+
+async def _watch(work: asyncio.Future[Any], limits: Limits, beat: _Beat) -> bool | None:
+    """Wait for ``work`` within ``limits``: None if it ended in time, else whether the
+    heartbeat (True) or the timeout (False) ran out first."""
+    deadline = None if limits.timeout is None else time.monotonic() + limits.timeout
+    while True:
+        now = time.monotonic()
+        waits = []
+        if deadline is not None:
+            waits.append(deadline - now)
+        if limits.heartbeat is not None:
+            waits.append(beat.at + limits.heartbeat - now)
+        wait = min(waits) if waits else None
+        if wait is not None and wait <= 0:
+            return deadline is None or time.monotonic() < deadline
+        done, _ = await asyncio.wait({work}, timeout=wait)
+        if done:
+            return None
 
 
 def keep_async(original: Callable[..., Any], wrapper: Callable[..., Any]) -> Callable[..., Any]:
@@ -158,31 +213,58 @@ class Attempts:
         fn: Callable[..., Any],
         args: tuple[Any, ...],
         attempt: int,
-        timeout: float | None,
+        limits: Limits = NO_LIMITS,
     ) -> tuple[bool, Any, Callable[[], None]]:
         """One attempt: (succeeded, value or error, release). A sync attempt keeps
         its slot of the step threads until ``release`` is called, after its result
         is recorded: so the bodies that finished but whose results are not yet
         durable never outnumber the step threads, and a crash re-runs at most that
         many."""
-        flag = _NEVER if timeout is None else threading.Event()
-        info = StepInfo(self.workflow_id, seq, name, attempt, flag)
+        watched = limits.timeout is not None or limits.heartbeat is not None
+        flag = threading.Event() if watched else _NEVER
+        beat = _Beat() if limits.heartbeat is not None else _NO_BEAT
+        info = StepInfo(self.workflow_id, seq, name, attempt, flag, beat)
         token = _current_step.set(info)
         try:
             if not _is_async(fn):
-                return await self._in_thread(info, fn, args, timeout)
+                return await self._in_thread(info, fn, args, limits)
+            if limits.heartbeat is not None:
+                return await self._beating(info, fn, args, limits)
             try:
-                value = await asyncio.wait_for(fn(*args), timeout)
-            except TimeoutError:
-                return False, _timed_out(name, attempt, timeout), nothing
+                value = await asyncio.wait_for(fn(*args), limits.timeout)
+            except TimeoutError as exc:
+                if limits.timeout is None:  # the body's own TimeoutError
+                    return False, exc, nothing
+                return False, _timed_out(info, limits, False), nothing
             except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
                 return False, exc, nothing
             return True, value, nothing
         finally:
             _current_step.reset(token)
 
+    async def _beating(
+        self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits
+    ) -> tuple[bool, Any, Callable[[], None]]:
+        """An async attempt watched for its heartbeat: cancelled when it misses one."""
+        task = asyncio.ensure_future(fn(*args))
+        try:
+            missed = await _watch(task, limits, info._beat)
+        except BaseException:
+            task.cancel()
+            raise
+        if missed is not None:
+            info._cancel.set()
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+            return False, _timed_out(info, limits, missed), nothing
+        try:
+            return True, task.result(), nothing
+        except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
+            return False, exc, nothing
+
     async def _in_thread(
-        self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], timeout: float | None
+        self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits
     ) -> tuple[bool, Any, Callable[[], None]]:
         threads = self.threads
         if threads is None:
@@ -194,14 +276,23 @@ class Attempts:
             release()
             raise
         try:
-            ok, value = await asyncio.wait_for(asyncio.shield(body), timeout)
-        except TimeoutError:
-            info._cancel.set()
-            # Its slot stays taken while the body still runs. Recorded as failed now
-            # (visible at once); the next attempt waits for it.
-            body.add_done_callback(lambda _: release())
-            self.hung[info.seq] = (info, body, timeout)
-            return False, _timed_out(info.name, info.attempt, timeout), nothing
+            if limits.heartbeat is None:
+                missed = None
+                try:
+                    ok, value = await asyncio.wait_for(asyncio.shield(body), limits.timeout)
+                except TimeoutError:
+                    missed = False
+            else:
+                missed = await _watch(body, limits, info._beat)
+                if missed is None:
+                    ok, value = body.result()
+            if missed is not None:
+                info._cancel.set()
+                # Its slot stays taken while the body still runs. Recorded as failed
+                # now (visible at once); the next attempt waits for it.
+                body.add_done_callback(lambda _: release())
+                self.hung[info.seq] = (info, body, limits.timeout)
+                return False, _timed_out(info, limits, missed), nothing
         except BaseException:
             # The pass is cancelled: the body's result is lost with it (it re-runs);
             # its slot is free once it is no longer running.

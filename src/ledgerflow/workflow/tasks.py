@@ -40,6 +40,7 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..events import NewEvent, StreamState
+from ..resilience.retrying import is_retryable, jitter_source
 from ..retry import RetryPolicy
 from ..store import WorkflowStore
 from ..store.runtime import DropTask, Nudge, RetryTask, RuntimeWrite, TaskFence, TaskLease, TaskRow
@@ -55,7 +56,7 @@ from .history import (
     error_message,
 )
 from .step_threads import StepThreads
-from .steps import Attempts, jitter_source, keep_async
+from .steps import NO_LIMITS, Attempts, Limits, keep_async
 
 __all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
 
@@ -94,10 +95,7 @@ class RemoteRetry(msgspec.Struct, frozen=True):
         )
 
     def retries(self, error: BaseException, attempt: int) -> bool:
-        if attempt >= self.max_attempts:
-            return False
-        names = {_type_name(t) for t in type(error).__mro__}
-        return not names.intersection(self.non_retryable)
+        return attempt < self.max_attempts and is_retryable(error, self.non_retryable)
 
 
 class TaskPayload(msgspec.Struct, frozen=True):
@@ -393,8 +391,9 @@ class TaskRunner:
             call = keep_async(fn, call)
 
         attempts = Attempts(row.workflow_id, self.threads)
+        limits = NO_LIMITS if payload.timeout is None else Limits(payload.timeout)
         ok, value, release = await attempts.run(
-            row.seq, payload.command, call, args, row.attempt, payload.timeout
+            row.seq, payload.command, call, args, row.attempt, limits
         )
         try:
             if ok:
