@@ -63,9 +63,9 @@ async def test_an_invalid_change_records_nothing_and_the_version_in_force_stays(
     with pytest.raises(lf.InvalidPolicyError) as caught:
         await book.update("erp", {"retry.initial_interval": -1}, reason="oops")
     assert caught.value.field == "retry.initial_interval"
-    with pytest.raises(lf.InvalidPolicyError, match="field 'retry.maximum'"):
+    with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.maximum'"):
         await book.update("erp", {"retry.maximum": 1}, reason="typo")
-    with pytest.raises(lf.InvalidPolicyError, match="field 'retry.max_attempts'"):
+    with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.max_attempts'"):
         await book.set("erp", {"retry": {"max_attempts": "ten"}}, reason="wrong type")
     with pytest.raises(lf.InvalidPolicyError, match="needs a reason"):
         await book.update("erp", {"retry.max_attempts": 6}, reason=" ")
@@ -141,7 +141,7 @@ async def test_a_worker_sees_a_change_within_its_refresh_interval(store: BaseEve
     await operator.update("erp", {"retry.max_attempts": 8}, reason="ops")
     changed_at = time.monotonic()
     async with asyncio.timeout(WAIT):
-        while (await worker.current("erp")).version != 2:
+        while (await worker.current("erp")).version != 2:  # noqa: ASYNC110 - polling is the point
             await asyncio.sleep(0.01)
     # Not a speed assertion: the cache may not be older than its interval.
     assert time.monotonic() - changed_at < 0.2 + 1.0
@@ -207,7 +207,8 @@ async def test_each_attempt_records_the_policy_and_version_it_ran_under(
         failed, done = await step_events(e, "p-1")
     assert isinstance(failed, StepAttemptFailed)
     assert (failed.policy, failed.policy_version, failed.attempt) == ("erp", 1, 1)
-    assert failed.first_at_us is not None and failed.retry_at_us is not None
+    assert failed.first_at_us is not None
+    assert failed.retry_at_us is not None
     assert failed.retry_at_us > failed.first_at_us
     assert isinstance(done, StepDone)
     assert (done.policy, done.policy_version) == ("erp", 1)
@@ -231,8 +232,10 @@ async def test_a_policy_change_mid_run_applies_from_the_next_attempt(
             await e.handle("p-2").result(timeout=WAIT)
         first, last = await step_events(e, "p-2")
     assert calls["always"] == 2
-    assert isinstance(first, StepAttemptFailed) and first.policy_version == 1
-    assert isinstance(last, StepFailed) and last.policy_version == 2
+    assert isinstance(first, StepAttemptFailed)
+    assert first.policy_version == 1
+    assert isinstance(last, StepFailed)
+    assert last.policy_version == 2
 
 
 async def test_a_long_backoff_holds_no_lease_and_no_thread(
@@ -243,11 +246,12 @@ async def test_a_long_backoff_holds_no_lease_and_no_thread(
         handle = await e.start(erp_flow, 5, id="p-3")
         await waiting_for(e, "p-3", "retry of step 'via_erp' at ")
         async with asyncio.timeout(WAIT):
-            while "p-3" in e._active:  # the pass ended: the timer wakes it
+            while "p-3" in e._active:  # noqa: ASYNC110 - the pass ends; a timer wakes it
                 await asyncio.sleep(0.01)
         assert e.step_threads.in_use == 0
         wakeup = await e.store.get_wakeup("p-3")
-        assert wakeup is not None and wakeup.lease_owner is None
+        assert wakeup is not None
+        assert wakeup.lease_owner is None
         assert calls["flaky"] == 1
         clock.advance(31)
         assert await handle.result(timeout=WAIT) == 10
@@ -278,7 +282,8 @@ async def test_retry_and_timeout_given_in_code_win_over_the_policy(
             await (await e.start(code_wins, 1, id="p-5")).result(timeout=WAIT)
         (failed,) = await step_events(e, "p-5")
     assert calls["always"] == 1
-    assert isinstance(failed, StepFailed) and failed.policy == "erp"
+    assert isinstance(failed, StepFailed)
+    assert failed.policy == "erp"
 
 
 async def test_a_step_naming_a_missing_policy_fails_saying_so(engine: EngineFactory) -> None:
@@ -294,7 +299,7 @@ async def test_the_retry_deadline_stops_further_attempts(engine: EngineFactory) 
         retry=lf.Retry(max_attempts=1000, initial_interval=0.02, multiplier=1, deadline=0.3)
     )
     async with engine(erp_down, policies={"erp": bounded}, clock=REAL) as e:
-        with pytest.raises(lf.WorkflowFailedError, match="retry deadline of 0.3s") as caught:
+        with pytest.raises(lf.WorkflowFailedError, match=r"retry deadline of 0\.3s") as caught:
             await (await e.start(erp_down, 1, id="p-7")).result(timeout=WAIT)
     assert "ERP down" in str(caught.value)
     assert 2 <= calls["always"] < 1000

@@ -68,7 +68,7 @@ def test_an_invalid_document_is_refused_naming_its_field(
 
 def test_a_policy_built_in_python_is_checked_too() -> None:
     """Structs do not check their field types when built: the book does."""
-    with pytest.raises(lf.InvalidPolicyError, match="retry.max_attempts"):
+    with pytest.raises(lf.InvalidPolicyError, match=r"retry\.max_attempts"):
         check_policy("erp", lf.Policy(retry=lf.Retry(max_attempts="3")))  # type: ignore[arg-type]
     assert check_policy("erp", lf.Policy(retry=lf.Retry(initial_interval=1))).retry == lf.Retry(
         initial_interval=1.0
@@ -92,10 +92,10 @@ def test_settings_change_fields_by_dotted_name() -> None:
         'rate_limit: added {"rate":5.0,"burst":null}',
         'on_exhausted: "fail" -> "park"',
     ]
-    with pytest.raises(lf.InvalidPolicyError, match="field 'retry.max'") as caught:
+    with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.max'") as caught:
         with_settings("erp", base, {"retry.max": 1})
     assert "known: max_attempts" in caught.value.problem
-    with pytest.raises(lf.InvalidPolicyError, match="field 'retry.max_interval'"):
+    with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.max_interval'"):
         with_settings("erp", base, {"retry.max_interval": 0.01, "retry.initial_interval": 1})
 
 

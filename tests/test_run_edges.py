@@ -25,6 +25,7 @@ from ledgerflow import RetryPolicy, WorkflowContext
 from ledgerflow.errors import EventSerializationError, LeaseLostError, StoreUnavailableError
 from ledgerflow.events import ANY
 from ledgerflow.hashing import to_micros as clock_us
+from ledgerflow.resilience.retrying import jitter_source
 from ledgerflow.workflow import saga as saga_module
 from ledgerflow.workflow.engine import Engine
 from ledgerflow.workflow.history import (
@@ -41,7 +42,6 @@ from ledgerflow.workflow.history import (
 )
 from ledgerflow.workflow.host import BodyEnded
 from ledgerflow.workflow.replay import replay
-from ledgerflow.resilience.retrying import jitter_source
 
 from ._engines import WAIT, EngineFactory
 from ._passes import crashes, outcome, waiting
