@@ -20,6 +20,7 @@ from .audit import VerifyReport, verify_ledger
 from .errors import LedgerflowError
 from .events import RecordedEvent
 from .hashing import from_micros
+from .resilience import Policy, PolicyVersion, check_policy, policy_document, with_settings
 from .store import open_store
 from .workflow.client import WorkflowClient
 from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
@@ -51,6 +52,11 @@ queues_app = typer.Typer(
     help="Task queues: what waits in them, what runs, and their limits.", no_args_is_help=True
 )
 app.add_typer(queues_app, name="queues")
+policy_app = typer.Typer(
+    help="Named resilience policies: list, show, history, set (changes apply while running).",
+    no_args_is_help=True,
+)
+app.add_typer(policy_app, name="policy")
 
 DbOption = Annotated[
     str,
@@ -61,6 +67,7 @@ DbOption = Annotated[
     ),
 ]
 IdArgument = Annotated[str, typer.Argument(help="The workflow instance id.")]
+PolicyArgument = Annotated[str, typer.Argument(help="The policy's name (e.g. erp).")]
 
 out = Console()
 err = Console(stderr=True)
@@ -424,6 +431,200 @@ def queues_limit(
     _call(db, lambda e: e.set_queue_limit(queue, limit))
     shown = "no limit" if limit is None else f"at most {limit} running at once"
     out.print(f"queue {escape(queue)}: {shown}")
+
+
+# -- policies -------------------------------------------------------------------------
+
+
+def _setting(pair: str) -> tuple[str, Any]:
+    """``retry.max_attempts=10`` as (key, value): the value read as JSON (numbers,
+    true/false, null, lists), else taken as text; a list field also takes
+    comma-separated text (``retry.non_retryable=ValueError,KeyError``)."""
+    key, sep, text = pair.partition("=")
+    if not sep or not key.strip():
+        _fail(f"a setting is key=value (e.g. retry.max_attempts=10), not {pair!r}")
+    key = key.strip()
+    try:
+        value: Any = json.loads(text)
+    except ValueError:
+        value = text
+    if key.endswith("non_retryable") and isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    return key, value
+
+
+def _policy_json(version: PolicyVersion) -> dict[str, Any]:
+    return {
+        "name": version.name,
+        "version": version.version,
+        "at": version.at.astimezone(UTC).isoformat(),
+        "actor": version.actor,
+        "reason": version.reason,
+        "changes": list(version.changes),
+        "policy": policy_document(version.policy, full=True),
+    }
+
+
+def _sections(policy: Policy) -> str:
+    present = [
+        f for f in ("retry", "timeout", "breaker", "bulkhead", "rate_limit") if getattr(policy, f)
+    ]
+    shown = ", ".join(present) if present else "(defaults)"
+    return f"{shown}; on_exhausted={policy.on_exhausted}"
+
+
+@policy_app.command("list")
+def policy_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per policy, one per line.")
+    ] = False,
+) -> None:
+    """List the named policies and the version of each in force."""
+    versions: list[PolicyVersion] = _call(db, lambda c: c.policies.list())
+    if as_json:
+        for v in versions:
+            typer.echo(msgspec.json.encode(_policy_json(v)).decode())
+        return
+    if not versions:
+        out.print("no policies")
+        return
+    table = Table()
+    table.add_column("policy", overflow="fold")
+    table.add_column("version", justify="right")
+    table.add_column("changed (UTC)", no_wrap=True)
+    table.add_column("by", overflow="fold")
+    table.add_column("sections", overflow="fold")
+    for v in versions:
+        table.add_row(
+            escape(v.name),
+            str(v.version),
+            _time(v.at),
+            escape(v.actor),
+            escape(_sections(v.policy)),
+        )
+    out.print(table)
+
+
+async def _policy_at(client: WorkflowClient, name: str, version: int | None) -> PolicyVersion:
+    if version is None:
+        return await client.policies.get(name)
+    for found in await client.policies.history(name):
+        if found.version == version:
+            return found
+    _fail(f"policy {name!r} has no version {version}")
+
+
+@policy_app.command("show")
+def policy_show(
+    name: PolicyArgument,
+    db: DbOption = DEFAULT_DB,
+    version: Annotated[
+        int | None, typer.Option(min=1, help="An earlier version (default: the one in force).")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="As one JSON object.")] = False,
+) -> None:
+    """Show a policy: every field, defaults included, and who set it and why."""
+    found = _call(db, lambda c: _policy_at(c, name, version))
+    if as_json:
+        typer.echo(msgspec.json.encode(_policy_json(found)).decode())
+        return
+    _line("policy", found.name)
+    _line("version", found.version)
+    _line("changed", f"{_time(found.at)} UTC by {found.actor}")
+    _line("reason", found.reason)
+    out.print(
+        json.dumps(policy_document(found.policy, full=True), indent=2),
+        markup=False,
+        highlight=False,
+    )
+
+
+@policy_app.command("history")
+def policy_history(
+    name: PolicyArgument,
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per version, one per line.")
+    ] = False,
+) -> None:
+    """Every version of a policy, oldest first: when, who, why and what changed."""
+    versions: list[PolicyVersion] = _call(db, lambda c: c.policies.history(name))
+    if as_json:
+        for v in versions:
+            typer.echo(msgspec.json.encode(_policy_json(v)).decode())
+        return
+    table = Table()
+    table.add_column("version", justify="right")
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("by", overflow="fold")
+    table.add_column("reason", overflow="fold")
+    table.add_column("changes", overflow="fold")
+    for v in versions:
+        table.add_row(
+            str(v.version),
+            _time(v.at),
+            escape(v.actor),
+            escape(v.reason),
+            escape("\n".join(v.changes) or "-"),
+        )
+    out.print(table)
+
+
+@policy_app.command("set")
+def policy_set(
+    name: PolicyArgument,
+    settings: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Fields to change, as key=value: retry.max_attempts=10, "
+            "breaker.open_for=60, rate_limit.rate=5, bulkhead=null (removes a section)."
+        ),
+    ] = None,
+    reason: Annotated[
+        str, typer.Option("--reason", help="Why: recorded with the change (required).")
+    ] = "",
+    actor: Annotated[
+        str | None, typer.Option(help="Who: recorded with the change (default: user@host).")
+    ] = None,
+    file: Annotated[
+        Path | None,
+        typer.Option(
+            "--file", help="Replace the whole document with this JSON file (then key=value)."
+        ),
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Change a policy (creating it if new). The document is checked first: a wrong
+    field is refused, naming it, and the version in force stays. Running workers
+    use the new version within a second, from their next attempt."""
+    if not reason.strip():
+        _fail("--reason is required: say why (it is recorded with the change)")
+    pairs = dict(_setting(p) for p in settings or ())
+    if file is None and not pairs:
+        _fail("nothing to set: give key=value settings or --file")
+    document: dict[str, Any] | None = None
+    if file is not None:
+        try:
+            document = json.loads(file.read_text())
+        except (OSError, ValueError) as exc:
+            _fail(f"cannot read {file}: {exc}")
+
+    async def change(client: WorkflowClient) -> PolicyVersion:
+        book = client.policies
+        if document is not None:
+            base = check_policy(name, document)
+            if not pairs:
+                return await book.set(name, base, reason=reason, actor=actor)
+            return await book.set(
+                name, with_settings(name, base, pairs), reason=reason, actor=actor
+            )
+        return await book.update(name, pairs, reason=reason, actor=actor, create=True)
+
+    found = _call(db, change)
+    out.print(f"policy {escape(name)}: version {found.version} in force", highlight=False)
+    for line in found.changes:
+        out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("worker")

@@ -208,7 +208,9 @@ def with_settings(name: str, policy: Policy | None, settings: dict[str, Any]) ->
 def policy_changes(old: Policy | None, new: Policy) -> list[str]:
     """What differs between two versions, for people reading history:
     ``retry.max_attempts: 3 -> 10``, ``rate_limit: added {...}``, ``breaker: removed``."""
-    before = policy_document(old, full=True) if old is not None else {}
+    if old is None:
+        return [f"created: {_shown(policy_document(new))}"]
+    before = policy_document(old, full=True)
     after = policy_document(new, full=True)
     changes: list[str] = []
     for key in Policy.__struct_fields__:
