@@ -67,13 +67,17 @@ def test_order_demo_runs_and_the_ledger_verifies(tmp_path: Path) -> None:
     second = re.search(r"(\d+) events in (\d+) streams", again.stdout)
     assert first
     assert second
-    assert int(second[1]) == 2 * int(first[1])
-    assert int(second[2]) == 2 * int(first[2])
+    # New orders in new streams; the ERP's policy and breaker streams are shared (how
+    # many calls the breaker refused depends on timing, so events are not counted).
+    assert int(second[1]) > int(first[1])
+    assert int(second[2]) == 2 * int(first[2]) - 2
 
 
 def test_order_demo_without_erp_failures_places_every_approved_order(tmp_path: Path) -> None:
     demo = run_demo(f"sqlite:///{tmp_path / 'demo.db'}", "--erp-failure-rate", "0")
     assert demo.returncode == 0, demo.stderr
     assert statuses(demo.stdout) == {"placed": 9, "rejected": 3}
-    assert "compensated" not in demo.stdout
+    act1, act2 = demo.stdout.split("act 2: the ERP goes down")
+    assert "compensated" not in act1
+    assert "hash chains intact" in act2
     assert "hash chains intact" in demo.stdout

@@ -160,6 +160,8 @@ class ReplayHost:
     async def policy(self, name: str) -> Any:
         raise AssertionError("not in these tests")
 
+    guards = None
+
 
 async def test_a_recorded_compensation_failure_decides_the_status_on_replay() -> None:
     history = indexed(

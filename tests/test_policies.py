@@ -374,3 +374,38 @@ async def test_an_attempt_that_stops_heartbeating_times_out(
     assert isinstance(failed, StepAttemptFailed)
     assert failed.error_type == "StepTimeoutError"
     assert "heartbeat" in failed.message
+
+
+def test_a_task_queue_step_cannot_name_a_policy_yet() -> None:
+    with pytest.raises(lf.WorkflowDefinitionError, match="task queue"):
+        lf.step(queue="erp", policy="erp")
+
+
+async def test_a_task_queue_step_naming_a_policy_in_code_fails_loudly(
+    engine: EngineFactory,
+) -> None:
+    @lf.workflow(name="queued_policy", version=1)
+    async def queued_policy(ctx: WorkflowContext, n: int) -> int:
+        return await ctx.step(flaky, n, queue="erp", policy="erp")
+
+    async with engine(queued_policy, policies={"erp": QUICK}) as e:
+        with pytest.raises(lf.WorkflowFailedError, match="cannot run under a named policy"):
+            await (await e.start(queued_policy, 1, id="qp-1")).result(timeout=WAIT)
+
+
+async def test_a_policy_created_between_the_stores_two_reads_is_not_a_crash(
+    store: BaseEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """read_stream reads rows, then (finding none) the stream's head: a stream another
+    process creates in between comes back as [] (found by a multi-process test,
+    where an engine starting beside another crashed with IndexError)."""
+
+    async def nothing_yet(*args: Any, **kwargs: Any) -> list[Any]:
+        return []
+
+    monkeypatch.setattr(store, "read_stream", nothing_yet)
+    book = PolicyBook(store)
+    with pytest.raises(lf.PolicyNotFoundError):
+        await book.get("erp")
+    with pytest.raises(lf.PolicyNotFoundError):
+        await book.history("erp")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    "StepNotParkedError",
+    "CircuitOpenError",
+    "BulkheadFullError",
     "classify",
     "Timeouts",
     "StepTimeoutError",

@@ -80,8 +80,8 @@ NO_LEDGER: dict[str, Callable[[Path], object]] = {
 async def _old_ledger(url: str) -> None:
     """A ledger as the release that knew only migration 1 left it: nothing of the
     later migrations (2: workflows and wakeups; 3: lease epochs, and on PostgreSQL
-    the check_fences function; 4: workers; then task queues) and none of their rows
-    in schema_migrations."""
+    the check_fences function; 4: workers; then task queues, guarded resources) and
+    none of their rows in schema_migrations."""
     async with ledgerflow.open_store(url) as store:
         await store.append("s", [NewEvent("E", {})])
     later = [] if url.startswith("sqlite") else ["DROP FUNCTION {t}check_fences"]
@@ -93,6 +93,8 @@ async def _old_ledger(url: str) -> None:
         "DROP TABLE {t}workers",
         "DROP TABLE {t}tasks",
         "DROP TABLE {t}queues",
+        "DROP TABLE {t}resources",
+        "DROP TABLE {t}permits",
         "DELETE FROM {t}schema_migrations WHERE version > 1",
     )
 

@@ -40,6 +40,7 @@ from erp import CATALOG, FakeErp
 from order import registry
 from order_workflow import (
     APPROVAL_TIMEOUT,
+    ERP_POLICY,
     Approval,
     OrderInput,
     OrderResult,
@@ -47,6 +48,7 @@ from order_workflow import (
     order_workflow,
     use_systems,
 )
+from outage import erp_outage
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -68,7 +70,10 @@ DEFAULT_ERP_FAILURE_RATE = 0.5
 DEFAULT_SEED = 8
 WAIT = 30.0
 """Seconds any one order may take to reach its outcome before the demo gives up."""
-SIMULATED = APPROVAL_TIMEOUT + timedelta(minutes=1)
+OUTAGE_ROOM = timedelta(minutes=2)
+"""Act 1 ends this long before the wall clock's now: act 2 spends it (the breaker's
+30 s and the retries after), so nothing is ever dated after it was written."""
+SIMULATED = APPROVAL_TIMEOUT + OUTAGE_ROOM + timedelta(minutes=1)
 """How far back a run's clock starts: just past the approval timeout."""
 
 Plan = Literal["approve", "reject", "timeout"]
@@ -267,9 +272,18 @@ async def main(argv: Sequence[str] | None = None) -> int:
     # Start in the past, so that moving on past the approval timeout lands on the
     # present instead of days ahead of it (see the module docstring).
     clock = ledgerflow.ManualClock((datetime.now(UTC) - SIMULATED).replace(microsecond=0))
-    engine = ledgerflow.Engine(args.url, workflows=[order_workflow], clock=clock, registry=registry)
+    engine = ledgerflow.Engine(
+        args.url,
+        workflows=[order_workflow],
+        clock=clock,
+        registry=registry,
+        policies={"erp": ERP_POLICY},
+    )
     systems = use_systems(Systems.on(engine.store, erp=erp, stock=dict.fromkeys(CATALOG, 1_000)))
     async with engine:
+        # Each run starts from the shipped policy, whatever act 2 of an earlier run
+        # left in force (a change made at run time otherwise outlives restarts).
+        await engine.policies.set("erp", ERP_POLICY, reason="the demo starts from its policy")
         for planned in batch:
             await engine.start(order_workflow, planned.input, id=planned.input.order_id)
         for planned in batch:
@@ -296,8 +310,9 @@ async def main(argv: Sequence[str] | None = None) -> int:
             f"the clock moves on by {APPROVAL_TIMEOUT.days} days...[/]"
         )
         # The clock started SIMULATED before the wall clock's now at the start of the
-        # run, so the wall clock's now is past every deadline the batch set.
-        clock.set(datetime.now(UTC))
+        # run, so OUTAGE_ROOM before the wall clock's now is past every deadline the
+        # batch set.
+        clock.set(datetime.now(UTC) - OUTAGE_ROOM)
         for planned in silent:
             outcomes[planned.input.order_id] = await outcome(engine, planned)
 
@@ -310,6 +325,8 @@ async def main(argv: Sequence[str] | None = None) -> int:
         shown_id = shown.planned.input.order_id
         console.print(history_table(shown_id, await engine.history(shown_id), wide=wide))
         console.print(escape(await order_stream(engine.store, shown_id)))
+
+        await erp_outage(engine, clock, erp, run, args.seed, console)
 
         report = await ledgerflow.verify_ledger(engine.store)
         verdict = "[green]intact[/]" if report.ok else "[red]TAMPERED[/]"

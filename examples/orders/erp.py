@@ -33,7 +33,11 @@ class ErpUnavailable(ErpError):
 
 
 class ErpRejected(ErpError):
-    """The ERP refused the request itself; trying again will not help."""
+    """The ERP refused the request itself; trying again will not help (retryability
+    is data: step retries read ``retryable``, and the ERP's breaker does not count it
+    as a failure of the ERP)."""
+
+    retryable = False
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Literal
 
-from erp import ErpRejected, FakeErp, PurchaseOrder
+from erp import FakeErp, PurchaseOrder
 from order import ORDER, Approve, Command, Create, Order, OrderEvent, OrderRuleError, Reject
 
 import ledgerflow
@@ -28,7 +28,7 @@ import ledgerflow
 __all__ = [
     "APPROVAL_TIMEOUT",
     "AUTO_REJECTER",
-    "ERP_RETRY",
+    "ERP_POLICY",
     "Approval",
     "OrderInput",
     "OrderResult",
@@ -43,9 +43,18 @@ __all__ = [
 APPROVAL_TIMEOUT = timedelta(days=3)
 AUTO_REJECTER = "auto-reject"
 """Who the ledger names as having rejected an order nobody decided on in time."""
-ERP_RETRY = ledgerflow.RetryPolicy(
-    max_attempts=3, initial_interval=0.02, backoff=2.0, jitter=0.0, non_retryable=(ErpRejected,)
+ERP_POLICY = ledgerflow.Policy(
+    retry=ledgerflow.Retry(max_attempts=3, initial_interval=0.02, multiplier=2.0, jitter=0.0),
+    breaker=ledgerflow.Breaker(
+        consecutive_failures=None, failure_rate=0.9, min_calls=8, window=60, open_for=30
+    ),
+    rate_limit=ledgerflow.RateLimit(rate=20, burst=100),
 )
+"""The ERP's policy (``Engine(policies={"erp": ERP_POLICY})``): three attempts; a
+breaker that opens when 90 % of at least 8 calls within a minute fail (an ERP that is
+down, not one that is flaky) and refuses calls for 30 s; at most 20 calls a second
+after a burst of 100. ``ErpRejected`` says itself that it is not worth retrying. Change
+it at run time with ``ledgerflow policy set erp ...``."""
 
 
 # -- values in and out ----------------------------------------------------------------
@@ -244,7 +253,7 @@ async def refund_card(order: OrderInput, result: str) -> str:
     return systems().payments.refund(result)
 
 
-@ledgerflow.step(name="create_purchase_order", retry=ERP_RETRY)
+@ledgerflow.step(name="create_purchase_order", policy="erp")
 async def create_purchase_order(order: OrderInput) -> PurchaseOrder:
     return systems().erp.create_purchase_order(
         ledgerflow.current_step().idempotency_key,

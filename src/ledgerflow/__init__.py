@@ -6,7 +6,9 @@ from .aggregate import Aggregate, Loaded, Repository
 from .audit import Finding, FindingKind, VerifyReport, verify_ledger
 from .clock import Clock, DatabaseClock, ManualClock, SystemClock
 from .errors import (
+    BulkheadFullError,
     ChildWorkflowError,
+    CircuitOpenError,
     ConcurrencyError,
     ConfigurationError,
     DuplicateEventError,
@@ -28,6 +30,7 @@ from .errors import (
     SignalInputError,
     StepCancelledError,
     StepFailedError,
+    StepNotParkedError,
     StepTimeoutError,
     StoreClosedError,
     StoreError,
@@ -105,7 +108,9 @@ __all__ = [
     "Appended",
     "Breaker",
     "Bulkhead",
+    "BulkheadFullError",
     "ChildWorkflowError",
+    "CircuitOpenError",
     "Clock",
     "ConcurrencyError",
     "ConfigurationError",
@@ -151,6 +156,7 @@ __all__ = [
     "StepCancelledError",
     "StepFailedError",
     "StepInfo",
+    "StepNotParkedError",
     "StepTimeoutError",
     "StoreClosedError",
     "StoreError",

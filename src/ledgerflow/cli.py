@@ -304,6 +304,83 @@ def workflows_cancel(
     )
 
 
+ReasonOption = Annotated[
+    str, typer.Option("--reason", help="Why: recorded with the action (required).")
+]
+ActorOption = Annotated[
+    str | None, typer.Option(help="Who: recorded with the action (default: user@host).")
+]
+SeqOption = Annotated[
+    int | None,
+    typer.Option(min=1, help="Which step (its seq), when several wait for an operator."),
+]
+
+
+def _operated(action: str, workflow_id: str, seq: int) -> None:
+    out.print(
+        f"{action} step {seq} of workflow {workflow_id!r}; its engine carries on",
+        markup=False,
+        highlight=False,
+    )
+
+
+def _reason(reason: str) -> str:
+    if not reason.strip():
+        _fail("--reason is required: say why (it is recorded with the action)")
+    return reason
+
+
+@workflows_app.command("retry")
+def workflows_retry(
+    workflow_id: IdArgument,
+    reason: ReasonOption = "",
+    actor: ActorOption = None,
+    seq: SeqOption = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Try a step parked after its attempts (or waiting out a long backoff) again
+    now, with a fresh set of attempts."""
+    why = _reason(reason)
+    done = _call(db, lambda c: c.retry_step(workflow_id, reason=why, actor=actor, seq=seq))
+    _operated("retrying", workflow_id, done)
+
+
+@workflows_app.command("skip")
+def workflows_skip(
+    workflow_id: IdArgument,
+    result: Annotated[
+        str, typer.Option(help="The step's result, as JSON (it must fit its return type).")
+    ] = "null",
+    reason: ReasonOption = "",
+    actor: ActorOption = None,
+    seq: SeqOption = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Skip a parked step: record RESULT as what it returned, and go on."""
+    why = _reason(reason)
+    try:
+        value = json.loads(result)
+    except ValueError as exc:
+        _fail(f"--result is not JSON: {exc}")
+    done = _call(db, lambda c: c.skip_step(workflow_id, value, reason=why, actor=actor, seq=seq))
+    _operated("skipped", workflow_id, done)
+
+
+@workflows_app.command("compensate")
+def workflows_compensate(
+    workflow_id: IdArgument,
+    reason: ReasonOption = "",
+    actor: ActorOption = None,
+    seq: SeqOption = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Give a parked step up: it fails where the workflow awaits it, which then
+    fails and compensates the steps it completed (unless its code handles it)."""
+    why = _reason(reason)
+    done = _call(db, lambda c: c.compensate(workflow_id, reason=why, actor=actor, seq=seq))
+    _operated("gave up", workflow_id, done)
+
+
 # -- workers --------------------------------------------------------------------------
 
 _STATE_STYLE = {"alive": "green", "stopping": "yellow", "late": "red"}

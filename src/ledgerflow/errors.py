@@ -38,10 +38,13 @@ driver type ever crosses the port::
     │   ├── StepTimeoutError        a step attempt ran out of time (also a TimeoutError)
     │   ├── WorkflowFailedError     result() of an instance that did not complete
     │   ├── StepFailedError         inside workflow code: a step failed for good
+    │   ├── StepNotParkedError      an operator action on an instance with no such step
     │   └── ChildWorkflowError      inside workflow code: a child did not complete
     └── ResilienceError             named resilience policies
         ├── InvalidPolicyError      a policy document is wrong; ``field`` names where
-        └── PolicyNotFoundError     no policy of that name in the ledger
+        ├── PolicyNotFoundError     no policy of that name in the ledger
+        ├── CircuitOpenError        a call refused: the resource's breaker is open
+        └── BulkheadFullError       a call refused: the resource's bulkhead stayed full
 
 ``WorkflowCancelled`` is not an error but a signal to workflow code (a
 ``BaseException``, like ``asyncio.CancelledError``): it is raised at the next await of
@@ -57,8 +60,12 @@ from __future__ import annotations
 
 from uuid import UUID
 
+from .hashing import from_micros
+
 __all__ = [
+    "BulkheadFullError",
     "ChildWorkflowError",
+    "CircuitOpenError",
     "ConcurrencyError",
     "ConfigurationError",
     "DuplicateEventError",
@@ -80,6 +87,7 @@ __all__ = [
     "SignalInputError",
     "StepCancelledError",
     "StepFailedError",
+    "StepNotParkedError",
     "StepTimeoutError",
     "StoreClosedError",
     "StoreError",
@@ -474,6 +482,23 @@ class StepFailedError(WorkflowError):
         self.message = message
 
 
+class StepNotParkedError(WorkflowError):
+    """An operator action found no step to act on (or several: name one with
+    ``seq``): retry, skip and compensate act on a step parked after its attempts
+    (retry also on one waiting out a long backoff)."""
+
+    def __init__(self, workflow_id: str, action: str, status: str, candidates: list[int]) -> None:
+        if candidates:
+            which = f"several steps wait ({', '.join(map(str, candidates))}): pass seq="
+        else:
+            which = f"no step waits for an operator (status {status})"
+        super().__init__(f"cannot {action} a step of workflow {workflow_id!r}: {which}")
+        self.workflow_id = workflow_id
+        self.action = action
+        self.status = status
+        self.candidates = candidates
+
+
 class ChildWorkflowError(WorkflowError):
     def __init__(self, child_id: str, status: str, error_type: str, message: str) -> None:
         super().__init__(f"child workflow {child_id!r} ended {status}: {error_type}: {message}")
@@ -517,3 +542,38 @@ class PolicyNotFoundError(ResilienceError):
             f"with `ledgerflow policy set {name} ...`"
         )
         self.name = name
+
+
+class CircuitOpenError(ResilienceError):
+    """A call to ``resource`` was refused without being made: its circuit breaker is
+    open (or half-open with its probes taken) until ``until_us`` (µs on the
+    database's clock). Retryable, after that."""
+
+    retryable = True
+
+    def __init__(self, resource: str, state: str, until_us: int, why: str = "") -> None:
+        try:
+            until = from_micros(until_us).isoformat()
+        except (OverflowError, ValueError):
+            until = str(until_us)
+        super().__init__(
+            f"circuit {resource!r} is {state.replace('_', '-')}{why}; refused until {until}"
+        )
+        self.resource = resource
+        self.state = state
+        self.until_us = until_us
+
+
+class BulkheadFullError(ResilienceError):
+    """A call to ``resource`` was refused: its ``max_concurrent`` permits stayed taken
+    for ``max_wait`` seconds. Retryable."""
+
+    retryable = True
+
+    def __init__(self, resource: str, max_concurrent: int, max_wait: float) -> None:
+        super().__init__(
+            f"bulkhead {resource!r} full: {max_concurrent} calls in progress for {max_wait:g}s"
+        )
+        self.resource = resource
+        self.max_concurrent = max_concurrent
+        self.max_wait = max_wait

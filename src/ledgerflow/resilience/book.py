@@ -130,7 +130,9 @@ class PolicyBook:
         try:
             newest = await self.store.read_stream(_stream(name), backwards=True, limit=1)
         except StreamNotFoundError:
-            raise PolicyNotFoundError(name) from None
+            newest = []
+        if not newest:  # (or created by another process between the store's two reads)
+            raise PolicyNotFoundError(name)
         found = _version(newest[0])
         self._remember(found)
         return found
@@ -154,7 +156,9 @@ class PolicyBook:
         try:
             events = await self.store.read_stream(_stream(name))
         except StreamNotFoundError:
-            raise PolicyNotFoundError(name) from None
+            events = []
+        if not events:
+            raise PolicyNotFoundError(name)
         return [_version(e) for e in events]
 
     async def list(self) -> list[PolicyVersion]:

@@ -51,6 +51,7 @@ from ._checks import (
     _text_problem,
 )
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
+from ._resources import ResourceGuards
 from ._runtime_rows import RuntimeRows
 from ._tasks import TaskQueues
 from .runtime import (
@@ -85,7 +86,7 @@ class Pending:
         self.future = future
 
 
-class BaseEventStore(RuntimeRows, TaskQueues):
+class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards):
     """Template for adapters; see ``ports.EventStore`` for the contract."""
 
     backend: ClassVar[str]

@@ -11,16 +11,20 @@ from ..errors import InvalidEventDataError
 from ..events import ExpectedVersion, StreamState
 from ..hashing import to_micros
 from .runtime import (
+    BREAKER_STATES,
+    DropPermit,
     DropTask,
     DropTasks,
     Fence,
     InstanceRow,
+    MoveBreaker,
     Nudge,
     PutInstance,
     PutTask,
     RetryTask,
     RuntimeWrite,
     Schedule,
+    Tally,
     TaskFence,
     TaskLease,
     TaskRow,
@@ -168,6 +172,23 @@ def _check_runtime_write(write: object) -> None:
             _check_text(write.task_id, "DropTask.task_id")
         case DropTasks():
             _check_text(write.workflow_id, "DropTasks.workflow_id")
+        case Tally():
+            _check_text(write.resource, "Tally.resource")
+            if not isinstance(write.failed, bool):
+                raise _invalid(f"Tally.failed must be a bool, not {write.failed!r:.40}")
+            _check_int(write.at_us, "Tally.at_us", *micros)
+            _check_int(write.window_us, "Tally.window_us", 1, _MAX_INT64)
+        case MoveBreaker():
+            _check_text(write.resource, "MoveBreaker.resource")
+            if write.state not in BREAKER_STATES:
+                raise _invalid(
+                    f"MoveBreaker.state must be one of {BREAKER_STATES}, not {write.state!r:.40}"
+                )
+            _check_int(write.at_us, "MoveBreaker.at_us", *micros)
+            _check_int(write.transitions, "MoveBreaker.transitions", 1, _MAX_INT64)
+        case DropPermit():
+            _check_text(write.resource, "DropPermit.resource")
+            _check_text(write.holder, "DropPermit.holder")
         case _:
             raise _invalid(f"not a runtime write: {write!r:.80}")
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from ._migrations import Migration
+from ._postgres_resources import resource_migration
 
 __all__ = ["Sql", "allocator_key", "migrations", "stream_key"]
 
@@ -244,6 +245,7 @@ def migrations(schema: str) -> tuple[Migration, ...]:
                 )""",
             ),
         ),
+        resource_migration(schema),
     )
 
 

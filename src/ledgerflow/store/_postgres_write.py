@@ -42,6 +42,7 @@ from ._postgres_conn import (
     pipeline,
     reason,
 )
+from ._postgres_resources import ResourceSql, resource_locks, runtime_params
 from ._postgres_sql import Sql, stream_key
 from ._postgres_tasks import TaskSql, task_locks
 from .runtime import (
@@ -126,13 +127,15 @@ def _wakeup_ids(fences: Sequence[Fence], writes: Sequence[RuntimeWrite]) -> list
 
 
 def _runtime_statement(
-    sql: Sql, tasks: TaskSql, write: RuntimeWrite
+    sql: Sql, tasks: TaskSql, resources: ResourceSql, write: RuntimeWrite
 ) -> tuple[str, tuple[Any, ...] | dict[str, Any]]:
     kind, params = as_row(write)
     if kind == "schedule":  # named: the owner is used twice
         return sql.schedule, dict(zip(("wid", "due", "owner", "until"), params, strict=True))
     if kind in tasks.runtime:
         return tasks.runtime[kind], params
+    if kind in resources.runtime:
+        return resources.runtime[kind], runtime_params(kind, params)
     statement = {
         "put": sql.put_instance,
         "schedule": sql.schedule,
@@ -155,6 +158,7 @@ class PostgresWrites(abc.ABC):
     _fast_skip: int
     _fast_misses: int
     _task_sql: TaskSql  # PostgresTasks's (annotated: a declaration here would hide it)
+    _resource_sql: ResourceSql  # PostgresResources's, likewise
 
     @property
     @abc.abstractmethod
@@ -606,7 +610,14 @@ class PostgresWrites(abc.ABC):
             # order: release_wakeups locks in id order too, so neither can hold one
             # row while waiting for another the other holds. (Claims never wait.)
             await cur.execute(self._sql.lock_wakeups, (list(touched),))
-        statements = [_runtime_statement(self._sql, self._task_sql, w) for w in writes]
+        # Then the resource and permit rows it changes, in key order (see
+        # resource_locks): acquires, renewals and releases of permits lock in that
+        # order too.
+        for lock, params in resource_locks(self._resource_sql, writes):
+            await cur.execute(lock, params)
+        statements = [
+            _runtime_statement(self._sql, self._task_sql, self._resource_sql, w) for w in writes
+        ]
         # A run of writes of one kind goes as one executemany; the order is kept.
         for statement, run in itertools.groupby(statements, key=lambda t: t[0]):
             await cur.executemany(statement, [params for _, params in run])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from ._migrations import Migration
+from ._sqlite_resources import RESOURCE_MIGRATION, RESOURCE_SQL
 from ._sqlite_tasks import TASK_MIGRATION, TASK_SQL
 from .runtime import RuntimeWrite, as_row
 
@@ -101,6 +102,7 @@ MIGRATIONS = (
         ),
     ),
     TASK_MIGRATION,
+    RESOURCE_MIGRATION,
 )
 
 _PUT_INSTANCE = (
@@ -171,6 +173,7 @@ RUNTIME_SQL = {
     "nudge": _NUDGE,
     "unschedule": "DELETE FROM wakeups WHERE workflow_id = ?",
     **TASK_SQL,
+    **RESOURCE_SQL,
 }
 
 

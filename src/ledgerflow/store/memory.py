@@ -19,18 +19,23 @@ from ._plan import (
     fenced_tasks,
     plan_batch,
 )
+from ._resources import refill, token_wait_us
 from .runtime import (
+    DropPermit,
     DropTask,
     DropTasks,
     InstanceRow,
     Lease,
+    MoveBreaker,
     Nudge,
     PutInstance,
     PutTask,
     QueueRow,
+    ResourceRow,
     RetryTask,
     RuntimeWrite,
     Schedule,
+    Tally,
     TaskLease,
     TaskRow,
     Unschedule,
@@ -59,6 +64,9 @@ class MemoryEventStore(BaseEventStore):
         self._workers: dict[str, WorkerRow] = {}
         self._tasks: dict[str, TaskRow] = {}
         self._limits: dict[str, int] = {}
+        self._resources: dict[str, ResourceRow] = {}
+        self._permits: dict[tuple[str, str], tuple[str, int]] = {}
+        """(resource, holder) -> (owner, until)"""
 
     async def _close(self) -> None:
         pass
@@ -140,6 +148,35 @@ class MemoryEventStore(BaseEventStore):
             case DropTasks(wid):
                 for tid in [t.task_id for t in self._tasks.values() if t.workflow_id == wid]:
                     del self._tasks[tid]
+            case Tally(resource, failed, at, window):
+                r = self._resource(resource)
+                fresh = resource not in self._resources or at - r.window_start_us >= window
+                self._resources[resource] = replace(
+                    r,
+                    consecutive=r.consecutive + 1 if failed else 0,
+                    window_start_us=at if fresh else r.window_start_us,
+                    window_calls=1 if fresh else r.window_calls + 1,
+                    window_failures=int(failed) + (0 if fresh else r.window_failures),
+                )
+            case MoveBreaker(resource, state, at, transitions):
+                r = self._resource(resource)
+                if state == "half_open":
+                    r = replace(r, state=state, changed_at_us=at, transitions=transitions, probes=0)
+                else:
+                    r = replace(
+                        r,
+                        state=state,
+                        changed_at_us=at,
+                        transitions=transitions,
+                        probes=0,
+                        consecutive=0,
+                        window_start_us=at,
+                        window_calls=0,
+                        window_failures=0,
+                    )
+                self._resources[resource] = r
+            case DropPermit(resource, holder):
+                self._permits.pop((resource, holder), None)
 
     async def _claim_wakeups(
         self,
@@ -364,6 +401,78 @@ class MemoryEventStore(BaseEventStore):
                 )
             )
         return rows
+
+    # -- guarded resources --------------------------------------------------------------
+
+    def _resource(self, resource: str) -> ResourceRow:
+        found = self._resources.get(resource)
+        if found is None:
+            found = ResourceRow(resource, "closed", 0, 0, 0, 0, 0, 0, 0, None, None)
+        return found
+
+    def _held(self, resource: str, now_us: int) -> int:
+        return sum(
+            1 for (r, _), (_, until) in self._permits.items() if r == resource and until >= now_us
+        )
+
+    async def _resource_state(self, resource: str, now_us: int) -> ResourceRow | None:
+        found = self._resources.get(resource)
+        return None if found is None else replace(found, permits=self._held(resource, now_us))
+
+    async def _list_resources(self, now_us: int) -> list[ResourceRow]:
+        return [
+            replace(self._resources[r], permits=self._held(r, now_us))
+            for r in sorted(self._resources)
+        ]
+
+    async def _take_probe(self, resource: str, transitions: int, max_probes: int) -> bool:
+        r = self._resources.get(resource)
+        if r is None or r.state != "half_open" or r.transitions != transitions:
+            return False
+        if r.probes >= max_probes:
+            return False
+        self._resources[resource] = replace(r, probes=r.probes + 1)
+        return True
+
+    async def _take_token(self, resource: str, rate: float, burst: int, now_us: int) -> int:
+        r = self._resource(resource)
+        level = refill(r.tokens, r.tokens_at_us, rate, burst, now_us)
+        if level < 1.0:
+            return token_wait_us(level, rate)
+        at = now_us if r.tokens_at_us is None else max(r.tokens_at_us, now_us)
+        self._resources[resource] = replace(r, tokens=level - 1.0, tokens_at_us=at)
+        return 0
+
+    async def _acquire_permit(
+        self,
+        resource: str,
+        holder: str,
+        owner: str,
+        max_concurrent: int,
+        now_us: int,
+        until_us: int,
+    ) -> bool:
+        key = (resource, holder)
+        if key in self._permits:
+            self._permits[key] = (self._permits[key][0], until_us)
+            return True
+        if self._held(resource, now_us) >= max_concurrent:
+            return False
+        self._resources.setdefault(resource, self._resource(resource))
+        self._permits[key] = (owner, until_us)
+        return True
+
+    async def _renew_permits(self, owner: str, until_us: int) -> int:
+        mine = [k for k, (o, _) in self._permits.items() if o == owner]
+        for key in mine:
+            self._permits[key] = (owner, until_us)
+        return len(mine)
+
+    async def _release_permits(self, owner: str) -> int:
+        mine = [k for k, (o, _) in self._permits.items() if o == owner]
+        for key in mine:
+            del self._permits[key]
+        return len(mine)
 
     async def _lease_owners(self) -> list[str]:
         return sorted({w.lease_owner for w in self._wakeups.values() if w.lease_owner})

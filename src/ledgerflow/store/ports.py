@@ -18,6 +18,7 @@ from .runtime import (
     InstanceRow,
     Lease,
     QueueRow,
+    ResourceRow,
     RuntimeWrite,
     TaskFence,
     TaskLease,
@@ -312,3 +313,35 @@ class WorkflowStore(EventStore, Protocol):
     async def list_queues(self, now_us: int) -> list[QueueRow]:
         """Queues with tasks or a limit, with their counts at ``now_us``."""
         ...
+
+    async def resource_state(self, resource: str, *, now_us: int) -> ResourceRow | None:
+        """A guarded resource's shared breaker, rate-limit and bulkhead state."""
+        ...
+
+    async def list_resources(self, *, now_us: int) -> list[ResourceRow]: ...
+
+    async def take_probe(self, resource: str, *, transitions: int, max_probes: int) -> bool:
+        """One half-open probe, if the breaker is half-open at that move and fewer
+        than ``max_probes`` were given out, across all workers."""
+        ...
+
+    async def take_token(self, resource: str, *, rate: float, burst: int, now_us: int) -> int:
+        """0 if a token was taken from the resource's bucket; else µs until one is."""
+        ...
+
+    async def acquire_permit(
+        self,
+        resource: str,
+        holder: str,
+        *,
+        owner: str,
+        max_concurrent: int,
+        now_us: int,
+        until_us: int,
+    ) -> bool:
+        """One of the resource's bulkhead permits for ``holder``, if one is free."""
+        ...
+
+    async def renew_permits(self, owner: str, *, until_us: int) -> int: ...
+
+    async def release_permits(self, owner: str) -> int: ...

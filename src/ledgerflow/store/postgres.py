@@ -60,6 +60,7 @@ from ._postgres_conn import (
     reason,
     split_url,
 )
+from ._postgres_resources import PostgresResources
 from ._postgres_runtime import PostgresRuntime
 from ._postgres_sql import Sql, allocator_key, migrations
 from ._postgres_tasks import PostgresTasks
@@ -86,12 +87,18 @@ _SETTLE_WAIT = 2.0  # seconds a read may wait for committed events to settle
 
 
 # The store's parts: its connections (_postgres_conn), the write path
-# (_postgres_write), runtime rows (_postgres_runtime) and task rows (_postgres_tasks);
-# here its state, its lifecycle, notifications and reads. The mixins declare what
-# they take from the store as abstract methods, so PostgresConnections comes first:
-# a base listed before it would hide its methods behind those declarations.
+# (_postgres_write), runtime rows (_postgres_runtime), task rows (_postgres_tasks) and
+# guarded resources (_postgres_resources); here its state, its lifecycle,
+# notifications and reads. The mixins declare what they take from the store as
+# abstract methods, so PostgresConnections comes first: a base listed before it
+# would hide its methods behind those declarations.
 class PostgresEventStore(
-    PostgresConnections, PostgresWrites, PostgresRuntime, PostgresTasks, BaseEventStore
+    PostgresConnections,
+    PostgresWrites,
+    PostgresRuntime,
+    PostgresTasks,
+    PostgresResources,
+    BaseEventStore,
 ):
     backend = BACKEND
     poll_interval = 2.0  # NOTIFY wakes subscribers; this only bounds a lost notification
@@ -222,6 +229,8 @@ class PostgresEventStore(
             "workers": ("INSERT", "UPDATE", "DELETE"),
             "tasks": ("INSERT", "UPDATE", "DELETE"),
             "queues": ("INSERT", "UPDATE"),
+            "resources": ("INSERT", "UPDATE"),
+            "permits": ("INSERT", "UPDATE", "DELETE"),
         }
         needed = [(f"{s}.{table}", p) for table, privileges in writes.items() for p in privileges]
         cur = await conn.execute(

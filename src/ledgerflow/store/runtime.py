@@ -22,6 +22,15 @@ never disagree with the history it indexes.
 - ``queues``: optional limits per task queue (``max_concurrent`` across all
   workers), read by every claim.
 
+- ``resources``: one row per external resource guarded by a named policy (its name):
+  the circuit breaker's state and counts, and the rate limit's token bucket, shared
+  by every worker. Call outcomes are tallied (``Tally``) and the breaker moved
+  (``MoveBreaker``) with the events that record them; tokens and half-open probes are
+  taken directly (``take_tokens``, ``take_probe``), one small row update each.
+- ``permits``: the bulkhead's calls in progress per resource (``acquire_permit``),
+  each held by a worker until its outcome is recorded (``DropPermit``), or until it
+  expires with a worker that stopped renewing it.
+
 - ``workers``: one row per running engine (``WorkerRow``), kept fresh by its
   heartbeat. It indexes no history: engines write it directly (``register_worker``,
   ``heartbeat_worker``, ``deregister_worker``), and a worker whose heartbeat is older
@@ -36,19 +45,24 @@ from dataclasses import dataclass
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
+    "BREAKER_STATES",
     "RUNTIME_WRITES",
+    "DropPermit",
     "DropTask",
     "DropTasks",
     "Fence",
     "InstanceRow",
     "Lease",
+    "MoveBreaker",
     "Nudge",
     "PutInstance",
     "PutTask",
     "QueueRow",
+    "ResourceRow",
     "RetryTask",
     "RuntimeWrite",
     "Schedule",
+    "Tally",
     "TaskFence",
     "TaskLease",
     "TaskRow",
@@ -149,6 +163,36 @@ class QueueRow:
     """Due later (a retry's backoff)."""
     running: int
     """Leased and the lease not expired."""
+
+
+BREAKER_STATES = ("closed", "open", "half_open")
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceRow:
+    """A guarded resource's shared state, as the ``resources`` and ``permits`` tables
+    hold it. Times are µs on the database's clock."""
+
+    resource: str
+    state: str
+    """The circuit breaker: ``closed``, ``open`` or ``half_open``."""
+    changed_at_us: int
+    """When the breaker last moved (0: never)."""
+    transitions: int
+    """How often it moved: the version of its ledger stream ``breaker-<resource>``."""
+    consecutive: int
+    """Failures in a row since the last success (or move)."""
+    window_start_us: int
+    window_calls: int
+    window_failures: int
+    """Calls and failures counted since ``window_start_us`` (a tumbling window)."""
+    probes: int
+    """Half-open probes given out since it half-opened."""
+    tokens: float | None
+    tokens_at_us: int | None
+    """The rate limit's bucket: tokens left at ``tokens_at_us`` (None: never used)."""
+    permits: int = 0
+    """Bulkhead permits held and not expired, as of the read."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -264,10 +308,65 @@ class DropTasks:
     workflow_id: str
 
 
+@dataclass(frozen=True, slots=True)
+class Tally:
+    """Count one call's outcome against ``resource``'s breaker: failures in a row,
+    and calls and failures in the window of ``window_us`` that holds ``at_us`` (a new
+    window starts when the last one is that old)."""
+
+    resource: str
+    failed: bool
+    at_us: int
+    window_us: int
+
+
+@dataclass(frozen=True, slots=True)
+class MoveBreaker:
+    """Move ``resource``'s breaker to ``state`` at ``at_us``, its ``transitions``-th
+    move: written with the ``breaker-<resource>`` event that records the move, at that
+    stream version, so two workers can never both make the same move. Closing or
+    opening starts the counts afresh; half-opening keeps them and zeroes the probes."""
+
+    resource: str
+    state: str
+    at_us: int
+    transitions: int
+
+
+@dataclass(frozen=True, slots=True)
+class DropPermit:
+    """A bulkhead call is over (its outcome recorded with this): free its permit."""
+
+    resource: str
+    holder: str
+
+
 RuntimeWrite: TypeAlias = (
-    PutInstance | Schedule | Nudge | Unschedule | PutTask | RetryTask | DropTask | DropTasks
+    PutInstance
+    | Schedule
+    | Nudge
+    | Unschedule
+    | PutTask
+    | RetryTask
+    | DropTask
+    | DropTasks
+    | Tally
+    | MoveBreaker
+    | DropPermit
 )
-RUNTIME_WRITES = (PutInstance, Schedule, Nudge, Unschedule, PutTask, RetryTask, DropTask, DropTasks)
+RUNTIME_WRITES = (
+    PutInstance,
+    Schedule,
+    Nudge,
+    Unschedule,
+    PutTask,
+    RetryTask,
+    DropTask,
+    DropTasks,
+    Tally,
+    MoveBreaker,
+    DropPermit,
+)
 
 
 WAKE_AHEAD_US = 1_000_000
@@ -327,7 +426,17 @@ def task_values(r: TaskRow) -> tuple[Any, ...]:
 
 
 RowKind: TypeAlias = Literal[
-    "put", "schedule", "nudge", "unschedule", "put_task", "retry_task", "drop_task", "drop_tasks"
+    "put",
+    "schedule",
+    "nudge",
+    "unschedule",
+    "put_task",
+    "retry_task",
+    "drop_task",
+    "drop_tasks",
+    "tally",
+    "move_breaker",
+    "drop_permit",
 ]
 
 
@@ -359,3 +468,9 @@ def as_row(write: RuntimeWrite) -> tuple[RowKind, tuple[Any, ...]]:
             return "drop_task", (tid,)
         case DropTasks(wid):
             return "drop_tasks", (wid,)
+        case Tally(resource, failed, at, window):
+            return "tally", (resource, int(failed), at, window)
+        case MoveBreaker(resource, state, at, transitions):
+            return "move_breaker", (resource, state, at, transitions)
+        case DropPermit(resource, holder):
+            return "drop_permit", (resource, holder)

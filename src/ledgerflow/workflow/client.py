@@ -38,6 +38,7 @@ from ..events import NO_STREAM, RecordedEvent
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..resilience.book import PolicyBook
+from ..resilience.guards import breaker_registry
 from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
@@ -62,6 +63,7 @@ from .history import (
 )
 from .host import Park, ReplayHost, Suspend
 from .journal import load_history
+from .operations import Operations
 from .run import _Run, _surely_within
 
 __all__ = ["STREAM_PREFIX", "WorkflowClient"]
@@ -89,7 +91,7 @@ class _Waiters:
     count: int = 0
 
 
-class WorkflowClient:
+class WorkflowClient(Operations):
     """Starts, signals, cancels and reads workflow instances through a store.
 
     ``store`` is a URL (opened and closed by the client) or a store object. Workflows
@@ -115,6 +117,7 @@ class WorkflowClient:
             history_registry(store.registry)
             self.store = store
         self.policies = PolicyBook(self.store)
+        breaker_registry(self.store.registry)
         """Named resilience policies in the ledger: set, change, read, list."""
         self._definitions: dict[tuple[str, int], WorkflowDefinition[Any, Any]] = {}
         self._latest: dict[str, WorkflowDefinition[Any, Any]] = {}
@@ -348,7 +351,9 @@ class WorkflowClient:
             # A parked instance keeps what is sent for when it resumes, but is not
             # woken for it: it could only park again.
             runtime = (
-                [Nudge(workflow_id, self._now_us())] if row.status == WorkflowStatus.RUNNING else []
+                [Nudge(workflow_id, self._now_us())]
+                if row.status in (WorkflowStatus.RUNNING, WorkflowStatus.NEEDS_ATTENTION)
+                else []
             )
             try:
                 await self.store.append(stream, [event], version, runtime=runtime)

@@ -37,6 +37,7 @@ from ..errors import (
 from ..hashing import from_micros
 from ..registry import EventRegistry
 from ..resilience.book import REFRESH_S
+from ..resilience.guards import Guards
 from ..resilience.policy import Policy, check_policy, check_policy_name
 from ..store import WorkflowStore
 from ..store.runtime import (
@@ -179,6 +180,11 @@ class Engine(WorkflowClient):
             stopping=self._stopping,
         )
         self.step_threads = StepThreads(step_threads)
+        self.guards = Guards(
+            self.store, owner=self.owner, now_us=self._now_us, permit_us=lambda: self._lease_us
+        )
+        """The shared state of the resources named policies guard (breakers, rate
+        limits, bulkheads)."""
         self._journal = Journal(
             self.store,
             cache_size=cache_size,
@@ -285,6 +291,8 @@ class Engine(WorkflowClient):
             await cancel_and_wait([self._heartbeat])
         with contextlib.suppress(LedgerflowError):
             await self.store.release_wakeups(self.owner)
+        with contextlib.suppress(LedgerflowError):
+            await self.guards.release()
         await self._membership.leave()  # last, after the leases
         self.step_threads.shutdown()
         await super().close()
@@ -392,6 +400,10 @@ class Engine(WorkflowClient):
                 await self._reap(now)
             if self._tasks is not None:
                 await self._tasks.renew()
+            try:
+                await self.guards.renew()
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                log.warning("ledgerflow engine: cannot renew bulkhead permits (%s)", exc)
             held = [
                 Lease(wid, fence.epoch)
                 for wid, fence in self._fences.items()

@@ -22,6 +22,8 @@ from .history import (
     StepAttemptFailed,
     StepDone,
     StepFailed,
+    StepParked,
+    StepRetried,
     StepScheduled,
     TimerFired,
     TimerStarted,
@@ -216,6 +218,12 @@ def waiting_for(history: History) -> str | None:
                 return f"signal {event.name!r}"
             if isinstance(event, ChildStarted):
                 return f"child {event.child_id}"
+        parked = next((e for e in reversed(events) if isinstance(e, StepParked)), None)
+        if parked is not None and not isinstance(events[-1], StepRetried):
+            return (
+                f"operator: step {parked.name!r} failed {parked.attempts} time(s): "
+                f"{parked.error_type}: {parked.message} (retry, skip or compensate it)"
+            )
         first = events[0]
         where = ""
         if isinstance(first, StepScheduled | CompensationScheduled):

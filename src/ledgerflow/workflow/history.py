@@ -43,6 +43,8 @@ __all__ = [
     "StepAttemptFailed",
     "StepDone",
     "StepFailed",
+    "StepParked",
+    "StepRetried",
     "StepScheduled",
     "Stuck",
     "TimerFired",
@@ -98,7 +100,9 @@ class StepAttemptFailed(_Command, frozen=True, kw_only=True, omit_defaults=True)
     ``retry_at_us``: when the next attempt may start (the backoff, durable: a restart
     waits out the rest of it); ``first_at_us``: when the step's first attempt
     started (its deadlines count from there); ``policy``/``policy_version``: the named
-    policy the attempt ran under. All absent in histories recorded before them."""
+    policy the attempt ran under; ``refused``: the call was never made (its resource's
+    breaker was open, its bulkhead full), which uses up no attempt. All absent in
+    histories recorded before them."""
 
     kind = "step"
     attempt: int
@@ -108,6 +112,30 @@ class StepAttemptFailed(_Command, frozen=True, kw_only=True, omit_defaults=True)
     first_at_us: int | None = None
     policy: str | None = None
     policy_version: int | None = None
+    refused: bool = False
+
+
+class StepParked(_Command, frozen=True, kw_only=True, omit_defaults=True):
+    """The step used up its attempts under a policy that parks (``on_exhausted=
+    "park"``): the instance waits as ``needs_attention`` until an operator retries
+    the step (``StepRetried``), skips it with a result (``StepDone``) or gives it up
+    (``StepFailed``), each recorded with who and why."""
+
+    kind = "step"
+    attempts: int
+    error_type: str
+    message: str
+    policy: str | None = None
+    policy_version: int | None = None
+
+
+class StepRetried(_Command, frozen=True, kw_only=True):
+    """An operator asked for a parked (or backing-off) step to be tried again now,
+    with a fresh set of attempts."""
+
+    kind = "step"
+    by: str
+    reason: str
 
 
 class TimerStarted(_Command, frozen=True, kw_only=True):
@@ -243,6 +271,8 @@ class WorkflowStatus(StrEnum):
     values are what the ``workflows`` table and ``Finished.status`` hold."""
 
     RUNNING = "running"
+    NEEDS_ATTENTION = "needs_attention"
+    """A step used up its attempts under a policy that parks: an operator decides."""
     STUCK = "stuck"
     COMPLETED = "completed"
     FAILED = "failed"
@@ -291,6 +321,8 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (CompensationDone, "wf.compensation_done"),
     (CompensationFailed, "wf.compensation_failed"),
     (StepAttemptFailed, "wf.step_attempt_failed"),
+    (StepParked, "wf.step_parked"),
+    (StepRetried, "wf.step_retried"),
     (CompensationAttemptFailed, "wf.compensation_attempt_failed"),
     (SignalRejected, "wf.signal_rejected"),
     (SignalSent, "wf.signal"),

@@ -26,6 +26,7 @@ from .step_threads import StepThreads
 
 if TYPE_CHECKING:
     from ..resilience.book import PolicyVersion
+    from ..resilience.guards import Guards
     from ..store.runtime import RuntimeWrite
     from .engine import Engine
 
@@ -130,6 +131,11 @@ class RunHost(Protocol):
         """The version in force of a named policy (``PolicyNotFoundError``)."""
         ...
 
+    @property
+    def guards(self) -> Guards | None:
+        """The guarded resources' shared state; None if the host makes no calls."""
+        ...
+
 
 @dataclass
 class PassResult:
@@ -178,6 +184,8 @@ class ReplayHost:
 
     async def policy(self, name: str) -> PolicyVersion:
         raise AssertionError("a replaying pass never acts")
+
+    guards: Guards | None = None
 
 
 class EngineHost:
@@ -235,3 +243,7 @@ class EngineHost:
 
     def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
         return self._engine.policies.current(name)
+
+    @property
+    def guards(self) -> Guards:
+        return self._engine.guards

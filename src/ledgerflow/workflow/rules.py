@@ -45,6 +45,10 @@ class StepRules:
             return self.code.retries(error, attempt)
         return attempt < self.retry.max_attempts and is_retryable(error, self.retry.non_retryable)
 
+    def retryable(self, error: BaseException) -> bool:
+        """Whether ``error`` is the kind worth trying again (attempts aside)."""
+        return self.retries(error, 0)
+
     def delay(self, workflow_id: str, seq: int, attempt: int) -> float:
         """Seconds before the attempt after failed attempt ``attempt``."""
         source = jitter_source(workflow_id, seq, attempt)

@@ -39,6 +39,8 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
+    BulkheadFullError,
+    CircuitOpenError,
     ConcurrencyError,
     EventError,
     LeaseLostError,
@@ -53,8 +55,9 @@ from ..errors import (
     UnrecordableValueError,
     WorkflowCancelled,
 )
+from ..resilience.guards import Admission, TokenWait, guarded
 from ..retry import RetryPolicy, as_seconds
-from ..store.runtime import PutTask, TaskRow
+from ..store.runtime import InstanceRow, PutInstance, PutTask, TaskRow
 from .codec import CodecError, from_builtins, to_builtins
 from .context import WorkflowContext
 from .definition import WorkflowDefinition, return_type, step_options
@@ -64,6 +67,8 @@ from .history import (
     StepAttemptFailed,
     StepDone,
     StepFailed,
+    StepParked,
+    StepRetried,
     StepScheduled,
     WorkflowStatus,
     error_message,
@@ -76,6 +81,7 @@ from .tasks import task_payload
 from .waits import Waits
 
 if TYPE_CHECKING:
+    from ..resilience.book import PolicyVersion
     from ..store.runtime import RuntimeWrite
 
 __all__ = ["Abandon", "Park", "PassResult", "Restart", "Suspend"]
@@ -362,6 +368,11 @@ class _Run(Waits, Saga):
                 value = from_builtins(outcome.result, wanted)
             except CodecError:
                 value = self._decode(outcome.result, wanted, _result_of(name, seq))
+        elif isinstance(outcome, StepParked):
+            # Waiting for an operator (retry, skip, give up); a cancellation still
+            # gets through.
+            self._live()
+            raise Suspend([], None)
         elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
             # Sent to a task queue (now, or by an earlier pass: the record decides,
             # whatever the code says today): a worker of the queue runs it.
@@ -457,31 +468,51 @@ class _Run(Waits, Saga):
         when it starts (a policy changed meanwhile applies from the next attempt)."""
         # Clock readings the arguments may depend on are durable before the step acts.
         await self.record([])
-        failures = [e for e in recorded or () if isinstance(e, StepAttemptFailed)]
-        attempt = 1 + len(failures)
+        # An operator's retry starts afresh: attempts and deadlines count from it.
+        since = [i for i, e in enumerate(recorded or ()) if isinstance(e, StepRetried)]
+        current = (recorded or [])[since[-1] + 1 :] if since else (recorded or [])
+        failures = [e for e in current if isinstance(e, StepAttemptFailed)]
+        attempt = 1 + sum(not f.refused for f in failures)
         first_at = failures[0].first_at_us if failures else None
         retry_at = failures[-1].retry_at_us if failures else None
         code_timeout = as_seconds(timeout)
         while True:
             if retry_at is not None:
                 await self._backoff(retry_at)
-            rules, refused = await self._rules(retry, code_timeout, policy)
+            rules, found, missing = await self._rules(retry, code_timeout, policy)
             now = self.host.now_us()
             first_at = first_at if first_at is not None else now
             limits = _limits(rules, first_at, now)
-            if refused is None and limits.timeout is not None and limits.timeout <= 0:
-                refused = StepTimeoutError(name, attempt, limits.kind, limits.shown or 0.0)
-            if refused is not None:
-                ok, value, release = False, refused, nothing
+            failure: BaseException | None = missing
+            if failure is None and limits.timeout is not None and limits.timeout <= 0:
+                failure = StepTimeoutError(name, attempt, limits.kind, limits.shown or 0.0)
+            admission: Admission | None = None
+            refusal: BaseException | None = None
+            if failure is None and found is not None and guarded(found.policy):
+                admission, refusal = await self._admit(found, seq, attempt)
+            value: Any
+            if failure is not None:
+                ok, value, release = False, failure, nothing
+            elif refusal is not None:
+                ok, value, release = False, refusal, nothing
             else:
                 await self.attempts.outlive(seq)
                 ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, limits)
             try:
                 if ok:
                     held, release = release, nothing
-                    return await self._record_result(seq, name, value, held, rules)
+                    return await self._record_result(
+                        seq, name, value, held, rules, admission, found
+                    )
+                writes = self._outcome(admission, value)
                 error_type, message = type(value).__name__, error_message(value)
-                retry_at, why_not = self._retry_at(rules, seq, attempt, first_at, value)
+                retry_at, why_not = self._retry_at(
+                    rules, seq, attempt, first_at, value, refused=refusal is not None
+                )
+                if retry_at is None and rules.on_exhausted == "park" and rules.retryable(value):
+                    await self._park(seq, name, attempt, value, rules, writes)
+                    await self._settle_guards(found, admission, value)
+                    raise Suspend([], None)
                 if retry_at is None:
                     failed = StepFailed(
                         seq=seq,
@@ -491,7 +522,8 @@ class _Run(Waits, Saga):
                         policy=rules.policy,
                         policy_version=rules.policy_version,
                     )
-                    await self.record([failed])
+                    await self.record([failed], writes)
+                    await self._settle_guards(found, admission, value)
                     raise StepFailedError(name, error_type, failed.message) from value
                 await self.record(
                     [
@@ -505,36 +537,127 @@ class _Run(Waits, Saga):
                             first_at_us=first_at,
                             policy=rules.policy,
                             policy_version=rules.policy_version,
+                            refused=refusal is not None,
                         )
-                    ]
+                    ],
+                    writes,
                 )
+                await self._settle_guards(found, admission, value)
             finally:
                 release()
-            attempt += 1
+            if refusal is None:
+                attempt += 1
+
+    async def _park(
+        self,
+        seq: int,
+        name: str,
+        attempt: int,
+        error: BaseException,
+        rules: StepRules,
+        writes: tuple[RuntimeWrite, ...],
+    ) -> None:
+        """The step used up its attempts under a policy that parks: record it, and
+        list the instance as needing attention until an operator acts."""
+        started = self.history.started
+        now = self.host.now_us()
+        row = InstanceRow(
+            self.history.workflow_id,
+            started.name,
+            started.version,
+            WorkflowStatus.NEEDS_ATTENTION,
+            started.parent_id,
+            now,
+            now,
+        )
+        parked = StepParked(
+            seq=seq,
+            name=name,
+            attempts=attempt,
+            error_type=type(error).__name__,
+            message=error_message(error),
+            policy=rules.policy,
+            policy_version=rules.policy_version,
+        )
+        log.warning(
+            "workflow %s: step %r used up its attempts (%s: %s); parked for an operator",
+            self.history.workflow_id,
+            name,
+            parked.error_type,
+            parked.message,
+        )
+        await self.record([parked], (*writes, PutInstance(row)))
+
+    async def _admit(
+        self, found: PolicyVersion, seq: int, attempt: int
+    ) -> tuple[Admission | None, BaseException | None]:
+        """Pass the resource's guards: the admission, or the refusal to record (a
+        long wait for a token ends the pass until then instead)."""
+        guards = self.host.guards
+        assert guards is not None
+        call = f"{self.history.workflow_id}/{seq}/{attempt}"
+        try:
+            return await self._host(guards.admit(found, call)), None
+        except (CircuitOpenError, BulkheadFullError) as refused:
+            return None, refused
+        except TokenWait as wait:
+            raise Suspend([], wait.until_us) from None
+
+    def _outcome(
+        self, admission: Admission | None, error: BaseException | None
+    ) -> tuple[RuntimeWrite, ...]:
+        guards = self.host.guards
+        if admission is None or guards is None:
+            return ()
+        return guards.outcome_writes(admission, error)
+
+    async def _settle_guards(
+        self,
+        found: PolicyVersion | None,
+        admission: Admission | None,
+        error: BaseException | None,
+    ) -> None:
+        guards = self.host.guards
+        if admission is None or found is None or guards is None:
+            return
+        if guards.needs_settling(admission, error):
+            await self._host(guards.settle(found, admission, error, self.history.workflow_id))
 
     async def _rules(
         self, retry: RetryPolicy | None, timeout: float | None, policy: str | None
-    ) -> tuple[StepRules, BaseException | None]:
-        """The rules of the next attempt, and why it may not run at all (its policy
-        is missing: a retryable failure, so a policy set meanwhile is picked up)."""
+    ) -> tuple[StepRules, PolicyVersion | None, BaseException | None]:
+        """The rules of the next attempt, the policy version they come from, and why
+        the attempt may not run at all (its policy is missing: a retryable failure,
+        so a policy set meanwhile is picked up)."""
         if policy is None:
-            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None
+            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None, None
         try:
             found = await self._host(self.host.policy(policy))
         except PolicyNotFoundError as exc:
-            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), exc
-        return named_rules(found, retry, timeout, DEFAULT_STEP_RETRY), None
+            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None, exc
+        return named_rules(found, retry, timeout, DEFAULT_STEP_RETRY), found, None
 
     def _retry_at(
-        self, rules: StepRules, seq: int, attempt: int, first_at: int, error: BaseException
+        self,
+        rules: StepRules,
+        seq: int,
+        attempt: int,
+        first_at: int,
+        error: BaseException,
+        *,
+        refused: bool = False,
     ) -> tuple[int | None, str]:
         """When the next attempt may start (None: no more attempts), and if none
-        although the error is retryable, why not."""
-        if not rules.retries(error, attempt):
+        although the error is retryable, why not. A refused call used up no attempt:
+        it is tried again (after the breaker's open time), deadlines permitting."""
+        if not refused and not rules.retries(error, attempt):
             return None, ""
-        at = self.host.now_us() + int(
-            rules.delay(self.history.workflow_id, seq, attempt) * 1_000_000
-        )
+        wait = int(rules.delay(self.history.workflow_id, seq, attempt) * 1_000_000)
+        at = self.host.now_us() + wait
+        if isinstance(error, CircuitOpenError):
+            # Not before the breaker half-opens; spread by the backoff, so the
+            # instances it refused do not all come back at once.
+            at = max(at, error.until_us + wait)
         deadline = rules.retry.deadline
         if deadline is not None and at >= first_at + int(deadline * 1_000_000):
             return None, f"no retry: the step's retry deadline of {deadline}s would pass"
@@ -555,7 +678,14 @@ class _Run(Waits, Saga):
         raise Suspend([], retry_at_us)
 
     async def _record_result(
-        self, seq: int, name: str, value: Any, release: Callable[[], None], rules: StepRules
+        self,
+        seq: int,
+        name: str,
+        value: Any,
+        release: Callable[[], None],
+        rules: StepRules,
+        admission: Admission | None = None,
+        found: PolicyVersion | None = None,
     ) -> Any:
         """Buffer a step's result to ride with the next append; ``release`` frees the
         step's thread once it is recorded, or at once if it can never be."""
@@ -585,6 +715,15 @@ class _Run(Waits, Saga):
         except BaseException:
             release()
             raise
+        if admission is not None:
+            # A guarded call's outcome moves shared state (its tally, its permit, a
+            # probe's verdict): recorded now, with those writes.
+            try:
+                await self.record([done], self._outcome(admission, None))
+            finally:
+                release()
+            await self._settle_guards(found, admission, None)
+            return encoded
         # The result goes with the next append, which the code reaches in the same
         # turn (its next command, its wait, its end: a 3-step workflow then costs 4
         # commits); if nothing appends by the end of this turn (a gather sibling still
