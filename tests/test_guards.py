@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import time
 from collections import Counter
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -240,3 +243,41 @@ async def test_a_policy_without_guards_touches_no_shared_state(engine: EngineFac
         erp["healthy"] = True
         assert await (await e.start(purchase, 3, id="plain")).result(timeout=WAIT) == "po-3"
         assert await e.store.list_resources(now_us=0) == []
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+
+async def test_the_cli_shows_shared_state_and_every_breaker_move(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from ledgerflow.cli import app
+
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    def run(*args: str) -> Any:
+        return CliRunner().invoke(app, [*args, "--db", url], env={"COLUMNS": "200"})
+
+    async with lf.Engine(url, workflows=[purchase], policies={"erp": BREAKER}) as e:
+        assert (await asyncio.to_thread(run, "resources", "list")).stdout.startswith("no guarded")
+        await fail_three(e)
+    listed = await asyncio.to_thread(run, "resources", "list", "--json")
+    assert listed.exit_code == 0, listed.output
+    (row,) = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert (row["resource"], row["breaker"], row["moves"]) == ("erp", "open", 1)
+    table = await asyncio.to_thread(run, "resources", "list")
+    assert "erp" in table.stdout
+    assert "open" in table.stdout
+    history = await asyncio.to_thread(run, "resources", "history", "erp")
+    assert "closed -> open" in history.stdout
+    assert "3 failures in a row" in history.stdout
+    assert "po-2" in history.stdout
+    (moved,) = [
+        json.loads(line)
+        for line in (
+            await asyncio.to_thread(run, "resources", "history", "erp", "--json")
+        ).stdout.splitlines()
+    ]
+    assert (moved["previous"], moved["state"], moved["version"]) == ("closed", "open", 1)
+    never = await asyncio.to_thread(run, "resources", "history", "bank")
+    assert "never moved" in never.stdout

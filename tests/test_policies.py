@@ -409,3 +409,56 @@ async def test_a_policy_created_between_the_stores_two_reads_is_not_a_crash(
         await book.get("erp")
     with pytest.raises(lf.PolicyNotFoundError):
         await book.history("erp")
+
+
+# -- retries never swallow cancellation -------------------------------------------------
+
+
+def undo(n: int) -> None:
+    calls["undo"] += 1
+
+
+@lf.workflow(name="cancel_in_backoff", version=1)
+async def cancel_in_backoff(ctx: WorkflowContext, n: int) -> int:
+    await ctx.step(flaky, n, compensate=undo)  # succeeds on its second call
+    return await ctx.step(always_fails, n, policy="erp")
+
+
+async def test_a_cancelled_instance_stops_retrying_and_compensates(
+    engine: EngineFactory,
+) -> None:
+    calls["flaky"] = 1  # the first step succeeds at once
+    slow = lf.Policy(retry=lf.Retry(max_attempts=5, initial_interval=600, max_interval=600))
+    async with engine(cancel_in_backoff, policies={"erp": slow}) as e:
+        await e.start(cancel_in_backoff, 1, id="c-1")
+        await waiting_for(e, "c-1", "retry of step 'always_fails' at ")
+        await e.cancel("c-1", "customer withdrew")
+        with pytest.raises(lf.WorkflowFailedError, match="WorkflowCancelled: customer withdrew"):
+            await e.handle("c-1").result(timeout=WAIT)
+    assert calls["always"] == 1  # no attempt after the cancellation
+    assert calls["undo"] == 1
+
+
+async def test_an_engine_stopping_mid_backoff_records_no_failure_and_resumes_later(
+    engine: EngineFactory,
+) -> None:
+    """The in-pass wait is cancelled with the pass (nothing recorded for it), and the
+    next engine waits out the recorded rest and goes on with the attempts left."""
+    short = lf.Policy(retry=lf.Retry(max_attempts=3, initial_interval=0.6, jitter=0))
+    async with engine(erp_down, policies={"erp": short}, clock=REAL) as e:
+        await e.start(erp_down, 1, id="c-2")
+        await waiting_for(e, "c-2", "retry of step 'always_fails' at ")
+        await e.close(grace=0.05)  # during the 0.6 s in-pass wait
+    assert calls["always"] == 1
+    async with engine(erp_down, policies={"erp": short}, clock=REAL) as e:
+        failed = await step_events(e, "c-2")
+        assert [type(ev).__name__ for ev in failed] == ["StepAttemptFailed"]
+        with pytest.raises(lf.WorkflowFailedError, match=r"ERP down \(3\)"):
+            await e.handle("c-2").result(timeout=WAIT)
+        events = await step_events(e, "c-2")
+    assert calls["always"] == 3
+    assert [type(ev).__name__ for ev in events] == [
+        "StepAttemptFailed",
+        "StepAttemptFailed",
+        "StepFailed",
+    ]

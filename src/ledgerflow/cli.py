@@ -17,11 +17,12 @@ from rich.table import Table
 
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
-from .errors import LedgerflowError
+from .errors import LedgerflowError, StreamNotFoundError
 from .events import RecordedEvent
 from .hashing import from_micros
 from .resilience import Policy, PolicyVersion, check_policy, policy_document, with_settings
 from .store import open_store
+from .store.runtime import ResourceRow
 from .workflow.client import WorkflowClient
 from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
 from .workflow.history import WorkflowStatus
@@ -57,6 +58,11 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
+resources_app = typer.Typer(
+    help="Guarded resources: breaker state, tokens, permits, and every breaker move.",
+    no_args_is_help=True,
+)
+app.add_typer(resources_app, name="resources")
 
 DbOption = Annotated[
     str,
@@ -702,6 +708,109 @@ def policy_set(
     out.print(f"policy {escape(name)}: version {found.version} in force", highlight=False)
     for line in found.changes:
         out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+
+
+# -- guarded resources -----------------------------------------------------------------
+
+
+async def _resources(client: WorkflowClient) -> list[ResourceRow]:
+    """As of the database's clock: permits past their expiry are not counted."""
+    now = await client.store.database_now_us()
+    return await client.store.list_resources(now_us=now)
+
+
+@resources_app.command("list")
+def resources_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per resource, one per line.")
+    ] = False,
+) -> None:
+    """The resources named policies guard, with the state every worker shares: the
+    circuit breaker (and since when), its counts, tokens left, permits held."""
+    rows = _call(db, _resources)
+    if as_json:
+        for r in rows:
+            typer.echo(
+                msgspec.json.encode(
+                    {
+                        "resource": r.resource,
+                        "breaker": r.state,
+                        "since": None
+                        if not r.changed_at_us
+                        else from_micros(r.changed_at_us).isoformat(),
+                        "moves": r.transitions,
+                        "failures_in_a_row": r.consecutive,
+                        "window_calls": r.window_calls,
+                        "window_failures": r.window_failures,
+                        "tokens_at_last_take": r.tokens,
+                        "permits_held": r.permits,
+                    }
+                ).decode()
+            )
+        return
+    if not rows:
+        out.print("no guarded resources have state yet")
+        return
+    table = Table()
+    table.add_column("resource", overflow="fold")
+    table.add_column("breaker", no_wrap=True)
+    table.add_column("since (UTC)", no_wrap=True)
+    for column in ("in a row", "window", "tokens at last take", "permits"):
+        table.add_column(column, justify="right", no_wrap=True)
+    for r in rows:
+        since = _time(from_micros(r.changed_at_us)) if r.changed_at_us else "-"
+        tokens = "-" if r.tokens is None else f"{r.tokens:.1f}"
+        window = f"{r.window_failures}/{r.window_calls} failed"
+        table.add_row(
+            escape(r.resource), r.state, since, str(r.consecutive), window, tokens, str(r.permits)
+        )
+    out.print(table)
+
+
+@resources_app.command("history")
+def resources_history(
+    resource: Annotated[str, typer.Argument(help="The resource (its policy's name).")],
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="One JSON object per move, one per line.")
+    ] = False,
+) -> None:
+    """Every move of the resource's circuit breaker, oldest first: when, from what to
+    what, why, and whose call tripped it."""
+
+    async def moves(client: WorkflowClient) -> list[RecordedEvent]:
+        try:
+            return await client.store.read_stream(f"breaker-{resource}")
+        except StreamNotFoundError:
+            return []
+
+    events = _call(db, moves)
+    if as_json:
+        for event in events:
+            record = {"version": event.version, "at": event.recorded_at.isoformat()}
+            record.update(msgspec.to_builtins(event.data))
+            typer.echo(msgspec.json.encode(record).decode())
+        return
+    if not events:
+        out.print(f"the breaker of {escape(resource)} never moved")
+        return
+    table = Table()
+    table.add_column("v", justify="right")
+    table.add_column("at (UTC)", no_wrap=True)
+    table.add_column("move", no_wrap=True)
+    table.add_column("why", overflow="fold")
+    table.add_column("tripped by", overflow="fold")
+    for event in events:
+        moved = msgspec.to_builtins(event.data)
+        table.add_row(
+            str(event.version),
+            _time(event.recorded_at),
+            f"{moved.get('previous')} -> {moved.get('state')}",
+            escape(str(moved.get("reason", ""))),
+            escape(str(moved.get("workflow_id") or "-")),
+        )
+    out.print(table)
 
 
 @app.command("worker")

@@ -35,6 +35,7 @@ from ..registry import EventRegistry
 from ..store.ports import WorkflowStore
 from ..store.runtime import DropPermit, MoveBreaker, ResourceRow, RuntimeWrite, Tally
 from .book import PolicyVersion
+from .breaker import after_outcome, meets
 from .policy import Breaker, Policy
 from .retrying import is_retryable
 
@@ -46,7 +47,6 @@ __all__ = [
     "Guards",
     "TokenWait",
     "breaker_registry",
-    "trips",
 ]
 
 log = logging.getLogger("ledgerflow.resilience")
@@ -56,9 +56,6 @@ BREAKER_MOVED = "ledgerflow.breaker_moved"
 STATE_FRESH_S = 0.25
 """How old a worker's copy of a closed breaker's state may be: one that opened
 elsewhere refuses calls here within this (a moved one is re-read at once)."""
-HALF_OPEN_RECHECK_US = 1_000_000
-"""A call refused while the probes of a half-open breaker are out tries again this
-soon (or after ``open_for``, if shorter)."""
 PERMIT_POLL_S = 0.05
 """How often a call waiting for a bulkhead permit asks again."""
 
@@ -112,23 +109,6 @@ def guarded(policy: Policy) -> bool:
     )
 
 
-def trips(row: ResourceRow, breaker: Breaker) -> str | None:
-    """Why a closed breaker with these counts opens, or None if it stays closed."""
-    if breaker.consecutive_failures is not None and row.consecutive >= breaker.consecutive_failures:
-        return f"{row.consecutive} failures in a row"
-    rate = breaker.failure_rate
-    if (
-        rate is not None
-        and row.window_calls >= breaker.min_calls
-        and row.window_failures >= rate * row.window_calls
-    ):
-        return (
-            f"{row.window_failures} of {row.window_calls} calls failed within "
-            f"{breaker.window:g}s (threshold {rate:.0%})"
-        )
-    return None
-
-
 class Guards:
     """One engine's view of the guarded resources (see the module docstring)."""
 
@@ -178,32 +158,25 @@ class Guards:
 
     async def _breaker(self, found: PolicyVersion, breaker: Breaker) -> tuple[bool, int]:
         resource = found.name
-        open_us = int(breaker.open_for * 1_000_000)
         for _ in range(3):  # another worker may move it under us: look again
             row = await self._state(resource)
-            if row is None or row.state == "closed":
+            met = meets(row, breaker, self._now_us())
+            if met.verdict == "pass":
                 return False, 0 if row is None else row.transitions
-            now = self._now_us()
-            until = row.changed_at_us + open_us
-            if row.state == "open" and now < until:
-                raise await self._refused(resource, row, until)
-            if row.state == "open" or now >= until:
-                # Open long enough (or half-open with its probes lost): half-open it.
-                why = (
-                    f"open for {breaker.open_for:g}s"
-                    if row.state == "open"
-                    else f"no probe settled within {breaker.open_for:g}s"
-                )
-                await self._move(found, row, "half_open", why, None)
+            assert row is not None
+            if met.verdict == "refuse":
+                raise await self._refused(resource, row, met.until_us)
+            if met.verdict == "half_open":
+                await self._move(found, row, "half_open", met.why, None)
                 continue
             if await self.store.take_probe(
                 resource, transitions=row.transitions, max_probes=breaker.half_open_probes
             ):
                 return True, row.transitions
-            # The probes are out: their verdict comes within a call's time, not open_for.
-            raise await self._refused(resource, row, now + min(open_us, HALF_OPEN_RECHECK_US))
+            raise await self._refused(resource, row, met.until_us)
         row = await self._state(resource, fresh=True)
-        raise await self._refused(resource, row, self._now_us() + open_us)
+        until = self._now_us() + int(breaker.open_for * 1_000_000)
+        raise await self._refused(resource, row, until)
 
     async def _refused(
         self, resource: str, row: ResourceRow | None, until: int
@@ -293,18 +266,16 @@ class Guards:
         if row is None:
             return
         last = f"; last: {type(error).__name__}: {error}" if error is not None else ""
-        if admission.probe:
-            if row.state != "half_open" or row.transitions != admission.transitions:
-                return  # settled by another probe already
-            if failed:
-                await self._move(found, row, "open", f"probe failed{last}", workflow_id)
-            else:
-                await self._move(found, row, "closed", "probe succeeded", workflow_id)
-            return
-        if failed and row.state == "closed":
-            why = trips(row, breaker)
-            if why is not None:
-                await self._move(found, row, "open", f"{why}{last}", workflow_id)
+        move = after_outcome(
+            row,
+            breaker,
+            probe=admission.probe,
+            probe_move=admission.transitions,
+            failed=failed,
+            last=last,
+        )
+        if move is not None:
+            await self._move(found, row, move.state, move.why, workflow_id)
 
     async def _move(
         self,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import abc
 import math
+from dataclasses import replace
 
 from ._checks import _MAX_INT32, _MAX_INT64, _check_int, _check_text, _check_worker_now, _invalid
 from .runtime import ResourceRow
@@ -158,3 +159,45 @@ def refill(
 def token_wait_us(level: float, rate: float) -> int:
     """µs until a bucket at ``level`` (< 1) holds a whole token again."""
     return max(1, math.ceil((1.0 - level) / rate * 1_000_000))
+
+
+def tallied(
+    row: ResourceRow | None, resource: str, failed: bool, at_us: int, window_us: int
+) -> ResourceRow:
+    """The state after counting one outcome (what the stores' ``Tally`` does): a
+    failure in a row or a success ending the run, and the call in the tumbling window
+    that holds ``at_us`` (a new one starts when the last is ``window_us`` old)."""
+    if row is None:
+        return ResourceRow(
+            resource, "closed", 0, 0, int(failed), at_us, 1, int(failed), 0, None, None
+        )
+    fresh = at_us - row.window_start_us >= window_us
+    return replace(
+        row,
+        consecutive=row.consecutive + 1 if failed else 0,
+        window_start_us=at_us if fresh else row.window_start_us,
+        window_calls=1 if fresh else row.window_calls + 1,
+        window_failures=int(failed) + (0 if fresh else row.window_failures),
+    )
+
+
+def moved(
+    row: ResourceRow | None, resource: str, state: str, at_us: int, transitions: int
+) -> ResourceRow:
+    """The state after a move (what the stores' ``MoveBreaker`` does): half-opening
+    keeps the counts and zeroes the probes; opening and closing start them afresh."""
+    if row is None:
+        row = ResourceRow(resource, "closed", 0, 0, 0, at_us, 0, 0, 0, None, None)
+    if state == "half_open":
+        return replace(row, state=state, changed_at_us=at_us, transitions=transitions, probes=0)
+    return replace(
+        row,
+        state=state,
+        changed_at_us=at_us,
+        transitions=transitions,
+        probes=0,
+        consecutive=0,
+        window_start_us=at_us,
+        window_calls=0,
+        window_failures=0,
+    )

@@ -19,7 +19,7 @@ from ._plan import (
     fenced_tasks,
     plan_batch,
 )
-from ._resources import refill, token_wait_us
+from ._resources import moved, refill, tallied, token_wait_us
 from .runtime import (
     DropPermit,
     DropTask,
@@ -149,32 +149,11 @@ class MemoryEventStore(BaseEventStore):
                 for tid in [t.task_id for t in self._tasks.values() if t.workflow_id == wid]:
                     del self._tasks[tid]
             case Tally(resource, failed, at, window):
-                r = self._resource(resource)
-                fresh = resource not in self._resources or at - r.window_start_us >= window
-                self._resources[resource] = replace(
-                    r,
-                    consecutive=r.consecutive + 1 if failed else 0,
-                    window_start_us=at if fresh else r.window_start_us,
-                    window_calls=1 if fresh else r.window_calls + 1,
-                    window_failures=int(failed) + (0 if fresh else r.window_failures),
-                )
+                found = self._resources.get(resource)
+                self._resources[resource] = tallied(found, resource, failed, at, window)
             case MoveBreaker(resource, state, at, transitions):
-                r = self._resource(resource)
-                if state == "half_open":
-                    r = replace(r, state=state, changed_at_us=at, transitions=transitions, probes=0)
-                else:
-                    r = replace(
-                        r,
-                        state=state,
-                        changed_at_us=at,
-                        transitions=transitions,
-                        probes=0,
-                        consecutive=0,
-                        window_start_us=at,
-                        window_calls=0,
-                        window_failures=0,
-                    )
-                self._resources[resource] = r
+                found = self._resources.get(resource)
+                self._resources[resource] = moved(found, resource, state, at, transitions)
             case DropPermit(resource, holder):
                 self._permits.pop((resource, holder), None)
 
