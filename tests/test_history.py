@@ -160,6 +160,9 @@ class ReplayHost:
     async def policy(self, name: str) -> Any:
         raise AssertionError("not in these tests")
 
+    def fresh_policy(self, name: str) -> Any:
+        raise AssertionError("not in these tests")
+
     guards = None
 
 

@@ -137,6 +137,13 @@ class PolicyBook:
         self._remember(found)
         return found
 
+    def fresh(self, name: str) -> PolicyVersion | None:
+        """The cached version if it is at most ``refresh_s`` seconds old, else None."""
+        cached = self._cache.get(name)
+        if cached is not None and time.monotonic() - cached.checked < self.refresh_s:
+            return cached.version
+        return None
+
     async def current(self, name: str) -> PolicyVersion:
         """The version in force as this process knows it: at most ``refresh_s``
         seconds old. What steps run under; cheap enough to ask on every attempt."""

@@ -318,7 +318,8 @@ class PostgresResources(abc.ABC):
             await conn.execute(sql.set_bucket, (level - 1.0, at, resource))
             return 0
 
-        return await self._transaction("take a token", take)
+        # Not flushed: a take lost with the server only lets one more call through.
+        return await self._transaction("take a token", take, flushed=False)
 
     async def _acquire_permit(
         self,
@@ -349,7 +350,8 @@ class PostgresResources(abc.ABC):
             await conn.execute(sql.list_resource, params)
             return bool(await kept.fetchall() or await taken.fetchall())
 
-        return await self._transaction("acquire a permit", acquire)
+        # Not flushed: a permit lost with the server was held by a call that is over.
+        return await self._transaction("acquire a permit", acquire, flushed=False)
 
     async def _renew_permits(self, owner: str, until_us: int) -> int:
         params = {"owner": owner, "until": until_us}

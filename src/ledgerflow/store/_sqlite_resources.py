@@ -85,7 +85,9 @@ class SQLiteResources(abc.ABC):
     """Mixed into ``SQLiteEventStore``, whose writer thread runs every write."""
 
     @abc.abstractmethod
-    async def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T: ...
+    async def _in_transaction(
+        self, fn: Callable[[sqlite3.Connection], T], *, flushed: bool = True
+    ) -> T: ...
 
     @abc.abstractmethod
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]: ...
@@ -131,7 +133,8 @@ class SQLiteResources(abc.ABC):
             )
             return 0
 
-        return await self._in_transaction(take)
+        # Not flushed: a take lost with the machine only lets one more call through.
+        return await self._in_transaction(take, flushed=False)
 
     async def _acquire_permit(
         self,
@@ -165,7 +168,8 @@ class SQLiteResources(abc.ABC):
             )
             return True
 
-        return await self._in_transaction(acquire)
+        # Not flushed: a permit lost with the machine was held by a call now over.
+        return await self._in_transaction(acquire, flushed=False)
 
     async def _renew_permits(self, owner: str, until_us: int) -> int:
         def renew(con: sqlite3.Connection) -> int:

@@ -113,17 +113,30 @@ class SQLiteTasks(abc.ABC):
     @abc.abstractmethod
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]: ...
 
-    async def _in_transaction(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+    async def _in_transaction(
+        self, fn: Callable[[sqlite3.Connection], T], *, flushed: bool = True
+    ) -> T:
+        """``fn`` in one write transaction on the writer connection. ``flushed=False``:
+        its commit does not wait for the disk (``synchronous=NORMAL`` for it: in WAL
+        mode a power loss may drop it, never corrupt anything; the next flushed commit
+        makes it durable), for soft state such as a rate limit's tokens."""
+
         def run() -> T:
             con = self._write_con()
-            con.execute("BEGIN IMMEDIATE")
+            if not flushed:
+                con.execute("PRAGMA synchronous = NORMAL")
             try:
-                result = fn(con)
-                con.execute("COMMIT")
-            except BaseException:
-                if con.in_transaction:
-                    con.execute("ROLLBACK")
-                raise
+                con.execute("BEGIN IMMEDIATE")
+                try:
+                    result = fn(con)
+                    con.execute("COMMIT")
+                except BaseException:
+                    if con.in_transaction:
+                        con.execute("ROLLBACK")
+                    raise
+            finally:
+                if not flushed:
+                    con.execute("PRAGMA synchronous = FULL")
             return result
 
         return await self._on_writer(run)

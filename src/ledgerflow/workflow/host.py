@@ -131,6 +131,11 @@ class RunHost(Protocol):
         """The version in force of a named policy (``PolicyNotFoundError``)."""
         ...
 
+    def fresh_policy(self, name: str) -> PolicyVersion | None:
+        """The cached version of a policy if it is fresh enough to use; else None
+        (then ask ``policy``)."""
+        ...
+
     @property
     def guards(self) -> Guards | None:
         """The guarded resources' shared state; None if the host makes no calls."""
@@ -183,6 +188,9 @@ class ReplayHost:
         raise AssertionError("a replaying pass never acts")
 
     async def policy(self, name: str) -> PolicyVersion:
+        raise AssertionError("a replaying pass never acts")
+
+    def fresh_policy(self, name: str) -> PolicyVersion | None:
         raise AssertionError("a replaying pass never acts")
 
     guards: Guards | None = None
@@ -243,6 +251,9 @@ class EngineHost:
 
     def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
         return self._engine.policies.current(name)
+
+    def fresh_policy(self, name: str) -> PolicyVersion | None:
+        return self._engine.policies.fresh(name)
 
     @property
     def guards(self) -> Guards:

@@ -79,7 +79,27 @@ def inline_rules(retry: RetryPolicy, timeout: float | None) -> StepRules:
 def named_rules(
     found: PolicyVersion, retry: RetryPolicy | None, timeout: float | None, default: RetryPolicy
 ) -> StepRules:
-    """Rules of a step under a named policy; ``retry``/``timeout`` from code win."""
+    """Rules of a step under a named policy; ``retry``/``timeout`` from code win. One
+    object per (policy version, retry, timeout): every attempt asks."""
+    key = (id(found), retry, timeout, default)
+    kept = _NAMED.get(key)
+    if kept is not None and kept[0] is found:
+        return kept[1]
+    if len(_NAMED) >= _NAMED_SIZE:
+        _NAMED.clear()
+    made = _named_rules(found, retry, timeout, default)
+    # The entry holds ``found`` itself: its id cannot be reused while it is here.
+    _NAMED[key] = (found, made)
+    return made
+
+
+_NAMED: dict[tuple[object, ...], tuple[PolicyVersion, StepRules]] = {}
+_NAMED_SIZE = 1024
+
+
+def _named_rules(
+    found: PolicyVersion, retry: RetryPolicy | None, timeout: float | None, default: RetryPolicy
+) -> StepRules:
     policy = found.policy
     code = retry if retry is not None else (default if policy.retry is None else None)
     limits = policy.timeout or _NO_TIMEOUTS

@@ -631,10 +631,13 @@ class _Run(Waits, Saga):
         so a policy set meanwhile is picked up)."""
         if policy is None:
             return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None, None
-        try:
-            found = await self._host(self.host.policy(policy))
-        except PolicyNotFoundError as exc:
-            return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None, exc
+        # The cached version, if fresh enough, without a coroutine: every attempt asks.
+        found = self.host.fresh_policy(policy)
+        if found is None:
+            try:
+                found = await self._host(self.host.policy(policy))
+            except PolicyNotFoundError as exc:
+                return inline_rules(retry or DEFAULT_STEP_RETRY, timeout), None, exc
         return named_rules(found, retry, timeout, DEFAULT_STEP_RETRY), found, None
 
     def _retry_at(
@@ -715,11 +718,12 @@ class _Run(Waits, Saga):
         except BaseException:
             release()
             raise
-        if admission is not None:
+        writes = self._outcome(admission, None)
+        if writes or (admission is not None and admission.probe):
             # A guarded call's outcome moves shared state (its tally, its permit, a
             # probe's verdict): recorded now, with those writes.
             try:
-                await self.record([done], self._outcome(admission, None))
+                await self.record([done], writes)
             finally:
                 release()
             await self._settle_guards(found, admission, None)
