@@ -13,9 +13,9 @@ several processes never mix): ``<pid> <n> start <time>`` when it begins and ``<p
 <n> end <time> <ok>`` when it ends, times from ``time.time()``. A body killed with its
 process logs no end. The test reads overlaps and counts from those lines.
 
-Whether a body blocks is decided by a flag file: while it does not exist a body waits
-for it (the worker is killed meanwhile); once the test has created it (after the
-kill), bodies run through. Engines use ``SystemClock``, so the times the store holds
+A call may name a flag file: while it does not exist its body waits for it (the
+worker is killed meanwhile); once the test has created it (after the kill), bodies
+run through. Engines use ``SystemClock``, so the times the store holds
 (permits' expiries) and the logs' times are on one clock.
 """
 
@@ -63,9 +63,12 @@ class Call(msgspec.Struct, frozen=True, kw_only=True):
     """One call to the ERP: where to log it, the flag it waits for, how it goes."""
 
     log: str
-    flag: str
+    flag: str | None
+    """None: the call does not wait for a flag."""
     n: int
     healthy: bool = True
+    hold: float = HOLD
+    """Seconds the call takes once the flag is there."""
 
 
 def _line(path: str, text: str) -> None:
@@ -78,16 +81,16 @@ def _line(path: str, text: str) -> None:
 
 def call_erp(call: Call) -> str:
     """The ERP, called from a step thread: blocks until the flag file exists (a
-    worker killed meanwhile never returns), then takes ``HOLD`` seconds."""
+    worker killed meanwhile never returns), then takes ``call.hold`` seconds."""
     _line(call.log, f"{call.n} start {time.time()!r}")
     ok = False
     try:
         deadline = time.monotonic() + TIMEOUT
-        while not os.path.exists(call.flag):
+        while call.flag is not None and not os.path.exists(call.flag):
             if time.monotonic() > deadline:
                 raise AssertionError(f"call {call.n}: no flag within {TIMEOUT}s")
             time.sleep(0.02)
-        time.sleep(HOLD)
+        time.sleep(call.hold)
         if not call.healthy:
             raise ConnectionError("ERP unreachable")
         ok = True
@@ -134,7 +137,7 @@ def _report(
         results.put(("ok", worker, payload))
 
 
-def _resource(row: Any) -> dict[str, Any] | None:
+def summary(row: Any) -> dict[str, Any] | None:
     if row is None:
         return None
     return {
@@ -179,31 +182,61 @@ async def _park(e: lf.Engine) -> None:
 # -- a bulkhead whose holder is killed ------------------------------------------------------
 
 
-def hold_the_bulkhead(url: str, log: str, flag: str, ids: list[str], results: Queue[Any]) -> None:
-    """Worker A: start one call per id (each takes a permit and blocks on the flag),
-    report who it is, then run on until the test kills it."""
+def hold_the_bulkhead(
+    url: str, log: str, flag: str, ids: list[str], hold: float, results: Queue[Any]
+) -> None:
+    """Worker A: start one call per id (each takes a permit and blocks on the flag,
+    then, wherever it runs again, takes ``hold`` seconds), report who it is, then run
+    on until the test kills it."""
     worker = 0
 
     async def body() -> None:
         async with _engine(url, BULK, BULKHEAD) as e:
             for n, workflow_id in enumerate(ids):
-                await e.start(BULK, Call(log=log, flag=flag, n=n), id=workflow_id)
+                await e.start(BULK, Call(log=log, flag=flag, n=n, hold=hold), id=workflow_id)
             results.put(("ok", worker, {"pid": os.getpid(), "owner": e.owner}))
             await _park(e)
 
     _report(worker, results, body)
 
 
+def _starts(log: str) -> set[tuple[int, int]]:
+    """The (pid, n) of every call logged as started."""
+    if not os.path.exists(log):
+        return set()
+    with open(log) as lines:
+        return {(int(pid), int(n)) for pid, n, what, *_ in map(str.split, lines) if what == "start"}
+
+
+async def _started_here(log: str, count: int) -> None:
+    """Until this process has started the calls numbered below ``count``."""
+    wanted = {(os.getpid(), n) for n in range(count)}
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            if wanted <= _starts(log):
+                return
+            await asyncio.sleep(0.02)
+
+
 def take_over_the_bulkhead(
-    url: str, log: str, flag: str, theirs: list[str], ours: list[str], results: Queue[Any]
+    url: str,
+    log: str,
+    flag: str,
+    theirs: list[str],
+    ours: list[str],
+    after_reruns: bool,
+    results: Queue[Any],
 ) -> None:
-    """Worker B, started after A was killed: start one call per id of ``ours`` (they
-    wait for room in the bulkhead A's permits fill), and see every instance, A's
-    included (taken over once A is judged dead), complete."""
+    """Worker B, started after A was killed: start one call per id of ``ours`` (at
+    once, or ``after_reruns``: once this worker runs A's calls again), which wait for
+    room in the bulkhead if need be, and see every instance, A's included (taken over
+    once A is judged dead), complete."""
     worker = 1
 
     async def body() -> dict[str, Any]:
         async with _engine(url, BULK, BULKHEAD) as e:
+            if after_reruns:
+                await _started_here(log, len(theirs))
             first = len(theirs)
             for n, workflow_id in enumerate(ours, start=first):
                 await e.start(BULK, Call(log=log, flag=flag, n=n), id=workflow_id)
@@ -218,7 +251,7 @@ def take_over_the_bulkhead(
                 "owner": e.owner,
                 "results": done,
                 "outcomes": await _outcomes(e, [*theirs, *ours]),
-                "resource": _resource(row),
+                "resource": summary(row),
             }
 
     _report(worker, results, body)
@@ -237,7 +270,7 @@ def fail_twice_then_hang(url: str, log: str, flag: str, results: Queue[Any]) -> 
             failures = []
             for n in range(2):
                 handle = await e.start(
-                    TRIP_A, Call(log=log, flag=flag, n=n, healthy=False), id=f"a-{n}"
+                    TRIP_A, Call(log=log, flag=None, n=n, healthy=False), id=f"a-{n}"
                 )
                 try:
                     await handle.result(timeout=TIMEOUT)
@@ -254,7 +287,7 @@ def fail_twice_then_hang(url: str, log: str, flag: str, results: Queue[Any]) -> 
                         "pid": os.getpid(),
                         "owner": e.owner,
                         "failures": failures,
-                        "resource": _resource(row),
+                        "resource": summary(row),
                     },
                 )
             )
@@ -272,7 +305,7 @@ def fail_until_refused(url: str, log: str, flag: str, most: int, results: Queue[
 
     async def body() -> dict[str, Any]:
         async with _engine(url, TRIP_B, BREAKER) as e:
-            before = _resource(await e.store.resource_state(RESOURCE, now_us=e._now_us()))
+            before = summary(await e.store.resource_state(RESOURCE, now_us=e._now_us()))
             ids: list[str] = []
             for n in range(10, 10 + most):
                 workflow_id = f"b-{n}"
@@ -324,7 +357,7 @@ def fail_until_refused(url: str, log: str, flag: str, most: int, results: Queue[
                     for m in moves
                     if isinstance(m.data, BreakerMoved)
                 ],
-                "resource": _resource(row),
+                "resource": summary(row),
             }
 
     _report(worker, results, body)

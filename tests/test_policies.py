@@ -376,23 +376,6 @@ async def test_an_attempt_that_stops_heartbeating_times_out(
     assert "heartbeat" in failed.message
 
 
-def test_a_task_queue_step_cannot_name_a_policy_yet() -> None:
-    with pytest.raises(lf.WorkflowDefinitionError, match="task queue"):
-        lf.step(queue="erp", policy="erp")
-
-
-async def test_a_task_queue_step_naming_a_policy_in_code_fails_loudly(
-    engine: EngineFactory,
-) -> None:
-    @lf.workflow(name="queued_policy", version=1)
-    async def queued_policy(ctx: WorkflowContext, n: int) -> int:
-        return await ctx.step(flaky, n, queue="erp", policy="erp")
-
-    async with engine(queued_policy, policies={"erp": QUICK}) as e:
-        with pytest.raises(lf.WorkflowFailedError, match="cannot run under a named policy"):
-            await (await e.start(queued_policy, 1, id="qp-1")).result(timeout=WAIT)
-
-
 async def test_a_policy_created_between_the_stores_two_reads_is_not_a_crash(
     store: BaseEventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:

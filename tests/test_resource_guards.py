@@ -218,3 +218,22 @@ def test_a_bucket_never_gives_more_than_its_burst_and_rate_allow(
             wait = token_wait_us(level, rate)
             assert refill(level, now, rate, burst, now + wait) >= 1 - 1e-9
     assert taken <= burst + now * rate / S + 1e-6
+
+
+async def test_a_holder_asking_again_from_another_worker_moves_its_permit_there(
+    store: BaseEventStore,
+) -> None:
+    """A call taken over from a dead worker asks again under the same holder: the
+    permit becomes the new worker's, which renews and releases it (found by a kill -9
+    test: it stayed in the dead worker's name and expired while the call ran)."""
+
+    async def take(owner: str) -> bool:
+        return await store.acquire_permit(
+            "erp", "wf-1/2/1", owner=owner, max_concurrent=1, now_us=S, until_us=2 * S
+        )
+
+    assert await take("dead")
+    assert await take("alive")
+    assert await store.renew_permits("dead", until_us=9 * S) == 0
+    assert await store.renew_permits("alive", until_us=9 * S) == 1
+    assert await store.release_permits("alive") == 1

@@ -202,6 +202,19 @@ async def test_a_retry_gives_the_lease_back_and_waits_for_its_due_time(
     assert (again.attempt, again.lease_epoch) == (2, 2)
 
 
+async def test_a_refunded_retry_does_not_count_the_attempt(store: BaseEventStore) -> None:
+    """A call its resource's breaker refused never ran: the claim that made it gives
+    its attempt back."""
+    await put(store, task("a"))
+    (t,) = await claim(store)
+    assert t.attempt == 1
+    fence = TaskFence("a/1", "w1", t.lease_epoch)
+    refund = RetryTask("a/1", NOW + 5, refund=True)
+    await store.append("wf-a", [ev()], fence=fence, runtime=[refund])
+    (again,) = await claim(store, "w2", now=NOW + 5)
+    assert (again.attempt, again.lease_epoch) == (1, 2)
+
+
 async def test_a_finished_workflow_drops_its_tasks_and_their_outcomes(
     store: BaseEventStore,
 ) -> None:

@@ -168,6 +168,8 @@ def _check_runtime_write(write: object) -> None:
         case RetryTask():
             _check_text(write.task_id, "RetryTask.task_id")
             _check_int(write.due_at_us, "RetryTask.due_at_us", *micros)
+            if not isinstance(write.refund, bool):
+                raise _invalid(f"RetryTask.refund must be a bool, not {write.refund!r:.40}")
         case DropTask():
             _check_text(write.task_id, "DropTask.task_id")
         case DropTasks():

@@ -195,7 +195,7 @@ class ResourceSql:
         )
         # A holder that has one keeps it (expired or not, as in SQLite)...
         self.keep_permit = (
-            f"UPDATE {s}.permits SET until = %(until)s "
+            f"UPDATE {s}.permits SET until = %(until)s, owner = %(owner)s "
             "WHERE resource = %(resource)s AND holder = %(holder)s RETURNING 1"
         )
         self.sweep_permits = (

@@ -81,8 +81,8 @@ class TaskSql:
             ),
             # The lease is given back with its epoch kept: the old holder's fence fails.
             "retry_task": (
-                f"UPDATE {s}.tasks SET due_at = %s, lease_owner = NULL, lease_until = NULL "
-                "WHERE task_id = %s"
+                f"UPDATE {s}.tasks SET due_at = %s, attempt = attempt - %s, "
+                "lease_owner = NULL, lease_until = NULL WHERE task_id = %s"
             ),
             "drop_task": f"DELETE FROM {s}.tasks WHERE task_id = %s",
             "drop_tasks": f"DELETE FROM {s}.tasks WHERE workflow_id = %s",

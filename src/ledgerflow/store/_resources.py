@@ -90,7 +90,9 @@ class ResourceGuards(abc.ABC):
     ) -> bool:
         """Hold one of ``resource``'s ``max_concurrent`` permits for ``holder`` (a
         call) of ``owner`` (its worker) until ``until_us`` unless renewed; False if
-        all are held (expired ones do not count). A holder that has one keeps it."""
+        all are held (expired ones do not count). A holder that has one keeps it, and
+        ``owner`` takes it over (a call rerun by the worker that took over a dead one's:
+        that worker's heartbeat renews it from then on)."""
         self._check_open()
         _check_resource(resource)
         _check_text(holder, "holder")

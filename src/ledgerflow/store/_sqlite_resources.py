@@ -146,9 +146,11 @@ class SQLiteResources(abc.ABC):
         until_us: int,
     ) -> bool:
         def acquire(con: sqlite3.Connection) -> bool:
+            # A holder that has one keeps it, and its worker now owns it: a call taken
+            # over from a dead worker is renewed by the heartbeat of the one running it.
             held = con.execute(
-                "UPDATE permits SET until = ? WHERE resource = ? AND holder = ?",
-                (until_us, resource, holder),
+                "UPDATE permits SET until = ?, owner = ? WHERE resource = ? AND holder = ?",
+                (until_us, owner, resource, holder),
             )
             if held.rowcount:
                 return True

@@ -52,7 +52,8 @@ TASK_SQL = {
     ),
     # The lease is given back with its epoch kept: the old holder's fence then fails.
     "retry_task": (
-        "UPDATE tasks SET due_at = ?, lease_owner = NULL, lease_until = NULL WHERE task_id = ?"
+        "UPDATE tasks SET due_at = ?, attempt = attempt - ?, lease_owner = NULL, "
+        "lease_until = NULL WHERE task_id = ?"
     ),
     "drop_task": "DELETE FROM tasks WHERE task_id = ?",
     "drop_tasks": "DELETE FROM tasks WHERE workflow_id = ?",

@@ -138,10 +138,14 @@ class MemoryEventStore(BaseEventStore):
                 self._wakeups.pop(wid, None)
             case PutTask(task):
                 self._tasks.setdefault(task.task_id, task)
-            case RetryTask(tid, due):
+            case RetryTask(tid, due, refund):
                 if (t := self._tasks.get(tid)) is not None:
                     self._tasks[tid] = replace(
-                        t, due_at_us=due, lease_owner=None, lease_until_us=None
+                        t,
+                        due_at_us=due,
+                        attempt=t.attempt - int(refund),
+                        lease_owner=None,
+                        lease_until_us=None,
                     )
             case DropTask(tid):
                 self._tasks.pop(tid, None)
@@ -432,8 +436,8 @@ class MemoryEventStore(BaseEventStore):
         until_us: int,
     ) -> bool:
         key = (resource, holder)
-        if key in self._permits:
-            self._permits[key] = (self._permits[key][0], until_us)
+        if key in self._permits:  # kept, and now its worker's (a taken-over call)
+            self._permits[key] = (owner, until_us)
             return True
         if self._held(resource, now_us) >= max_concurrent:
             return False

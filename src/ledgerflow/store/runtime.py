@@ -288,10 +288,13 @@ class PutTask:
 @dataclass(frozen=True, slots=True)
 class RetryTask:
     """An attempt failed and another follows at ``due_at_us``: the lease is given
-    back (its epoch kept) and the backoff holds no worker."""
+    back (its epoch kept) and the backoff holds no worker. ``refund``: the attempt
+    never called the step (its resource's breaker or bulkhead refused it), so it
+    does not count."""
 
     task_id: str
     due_at_us: int
+    refund: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -462,8 +465,8 @@ def as_row(write: RuntimeWrite) -> tuple[RowKind, tuple[Any, ...]]:
             return "unschedule", (wid,)
         case PutTask(row):
             return "put_task", task_values(row)
-        case RetryTask(tid, due):
-            return "retry_task", (due, tid)
+        case RetryTask(tid, due, refund):
+            return "retry_task", (due, int(refund), tid)
         case DropTask(tid):
             return "drop_task", (tid,)
         case DropTasks(wid):

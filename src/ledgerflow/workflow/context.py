@@ -127,12 +127,6 @@ class WorkflowContext:
             raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
         if policy is not None and (not isinstance(policy, str) or not policy):
             raise WorkflowDefinitionError(f"step policy must be a non-empty str, not {policy!r}")
-        if (queue or options.queue) and (policy or options.policy):
-            raise WorkflowDefinitionError(
-                f"step {step_name!r}: a step sent to a task queue cannot run under a named "
-                "policy yet (the queue's worker keeps the retry and timeout it is sent "
-                "with); give it retry= and timeout=, or run it here"
-            )
         # The run's coroutine itself, not one around it: one frame less per step.
         return self._run.step(
             step_name,

@@ -118,11 +118,6 @@ def step(
     """
     if queue is not None and (not isinstance(queue, str) or not queue):
         raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
-    if policy is not None and queue is not None:
-        raise WorkflowDefinitionError(
-            "a step sent to a task queue cannot run under a named policy yet: give it "
-            "retry= and timeout= instead"
-        )
     if policy is not None:
         try:
             check_policy_name(policy)

@@ -217,6 +217,8 @@ class Engine(WorkflowClient):
                 stream_id=self.stream_id,
                 concurrency=task_concurrency,
                 poll_interval=poll_interval,
+                policies=self.policies,
+                guards=self.guards,
             )
 
     @property

@@ -218,8 +218,12 @@ def waiting_for(history: History) -> str | None:
                 return f"signal {event.name!r}"
             if isinstance(event, ChildStarted):
                 return f"child {event.child_id}"
-        parked = next((e for e in reversed(events) if isinstance(e, StepParked)), None)
-        if parked is not None and not isinstance(events[-1], StepRetried):
+        # Parked unless an operator's retry came after it.
+        latest = next(
+            (e for e in reversed(events) if isinstance(e, StepParked | StepRetried)), None
+        )
+        parked = latest if isinstance(latest, StepParked) else None
+        if parked is not None:
             return (
                 f"operator: step {parked.name!r} failed {parked.attempts} time(s): "
                 f"{parked.error_type}: {parked.message} (retry, skip or compensate it)"
@@ -228,7 +232,9 @@ def waiting_for(history: History) -> str | None:
         where = ""
         if isinstance(first, StepScheduled | CompensationScheduled):
             where = f" on task queue {first.queue!r}"
-        failures = [e for e in events if isinstance(e, StepAttemptFailed)]
+        retried = [i for i, e in enumerate(events) if isinstance(e, StepRetried)]
+        since = events[retried[-1] + 1 :] if retried else events
+        failures = [e for e in since if isinstance(e, StepAttemptFailed)]
         if failures:
             last = failures[-1]
             when = ""

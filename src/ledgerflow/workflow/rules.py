@@ -11,12 +11,22 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+from ..errors import CircuitOpenError
 from ..resilience.book import PolicyVersion
 from ..resilience.policy import OnExhausted, Retry, Timeouts
 from ..resilience.retrying import is_retryable, jitter_source, retry_delay
 from ..retry import RetryPolicy
+from .steps import NO_LIMITS, Limits
 
-__all__ = ["INLINE_BACKOFF_S", "StepRules", "inline_rules", "named_rules"]
+__all__ = [
+    "INLINE_BACKOFF_S",
+    "StepRules",
+    "attempt_limits",
+    "inline_rules",
+    "named_rules",
+    "next_attempt_at",
+    "retry_document",
+]
 
 INLINE_BACKOFF_S = 1.0
 """Waits between attempts shorter than this are slept in the pass; longer ones end it
@@ -60,7 +70,9 @@ class StepRules:
 _NO_TIMEOUTS = Timeouts()
 
 
-def _retry_of(policy: RetryPolicy) -> Retry:
+def retry_document(policy: RetryPolicy) -> Retry:
+    """A ``RetryPolicy`` given in code as a policy's ``Retry`` section (its exception
+    types left out: they are matched by the ``RetryPolicy`` itself)."""
     return Retry(
         max_attempts=policy.max_attempts,
         initial_interval=policy.initial_interval,
@@ -73,7 +85,7 @@ def _retry_of(policy: RetryPolicy) -> Retry:
 @functools.lru_cache(maxsize=256)
 def inline_rules(retry: RetryPolicy, timeout: float | None) -> StepRules:
     """Rules of a step with no named policy (one object per distinct pair)."""
-    return StepRules(_retry_of(retry), start_to_close=timeout, code=retry)
+    return StepRules(retry_document(retry), start_to_close=timeout, code=retry)
 
 
 def named_rules(
@@ -104,7 +116,7 @@ def _named_rules(
     code = retry if retry is not None else (default if policy.retry is None else None)
     limits = policy.timeout or _NO_TIMEOUTS
     return StepRules(
-        _retry_of(code) if code is not None else policy.retry or _retry_of(default),
+        retry_document(code) if code is not None else policy.retry or retry_document(default),
         start_to_close=timeout if timeout is not None else limits.start_to_close,
         schedule_to_close=limits.schedule_to_close,
         heartbeat=limits.heartbeat,
@@ -113,3 +125,48 @@ def _named_rules(
         policy_version=found.version,
         code=code,
     )
+
+
+def attempt_limits(rules: StepRules, first_at_us: int, now_us: int) -> Limits:
+    """How long the next attempt may run: its own start-to-close, or what is left of
+    the step's schedule-to-close if that is sooner (<= 0: nothing is left)."""
+    timeout, kind, shown = rules.start_to_close, "start_to_close", rules.start_to_close
+    budget = rules.schedule_to_close
+    if budget is not None:
+        left = (first_at_us + int(budget * 1_000_000) - now_us) / 1_000_000
+        if timeout is None or left < timeout:
+            timeout, kind, shown = left, "schedule_to_close", budget
+    if timeout is None and rules.heartbeat is None:
+        return NO_LIMITS
+    return Limits(timeout, kind, rules.heartbeat, shown)
+
+
+def next_attempt_at(
+    rules: StepRules,
+    error: BaseException,
+    *,
+    now_us: int,
+    workflow_id: str,
+    seq: int,
+    attempt: int,
+    first_at_us: int,
+    refused: bool = False,
+) -> tuple[int | None, str]:
+    """When the attempt after failed attempt ``attempt`` may start (None: there is
+    none), and, if none although the error is retryable, why not. A refused call used
+    up no attempt: it is tried again (not before the breaker half-opens), deadlines
+    permitting."""
+    if not refused and not rules.retries(error, attempt):
+        return None, ""
+    wait = int(rules.delay(workflow_id, seq, attempt) * 1_000_000)
+    at = now_us + wait
+    if isinstance(error, CircuitOpenError):
+        # Spread by the backoff, so the calls it refused do not all come back at once.
+        at = max(at, error.until_us + wait)
+    deadline = rules.retry.deadline
+    if deadline is not None and at >= first_at_us + int(deadline * 1_000_000):
+        return None, f"no retry: the step's retry deadline of {deadline}s would pass"
+    budget = rules.schedule_to_close
+    if budget is not None and at >= first_at_us + int(budget * 1_000_000):
+        return None, f"no retry: the step's schedule_to_close of {budget}s would pass"
+    return at, ""

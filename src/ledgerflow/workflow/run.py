@@ -74,9 +74,16 @@ from .history import (
     error_message,
 )
 from .host import Abandon, BodyEnded, Park, PassResult, Relinquish, Restart, RunHost, Suspend
-from .rules import INLINE_BACKOFF_S, StepRules, inline_rules, named_rules
+from .rules import (
+    INLINE_BACKOFF_S,
+    StepRules,
+    attempt_limits,
+    inline_rules,
+    named_rules,
+    next_attempt_at,
+)
 from .saga import Compensation, Saga
-from .steps import DEFAULT_STEP_RETRY, Attempts, Limits, nothing
+from .steps import DEFAULT_STEP_RETRY, Attempts, nothing
 from .tasks import task_payload
 from .waits import Waits
 
@@ -377,7 +384,7 @@ class _Run(Waits, Saga):
             # Sent to a task queue (now, or by an earlier pass: the record decides,
             # whatever the code says today): a worker of the queue runs it.
             value = await self._remote_step(
-                seq, name, fn, args, retry or DEFAULT_STEP_RETRY, timeout, queue, recorded
+                seq, name, fn, args, retry, timeout, queue, recorded, policy
             )
             compensate_queue = step_options(compensate).queue if compensate else None
             if compensate is not None:
@@ -412,20 +419,33 @@ class _Run(Waits, Saga):
         name: str,
         fn: Callable[..., Any],
         args: tuple[Any, ...],
-        retry: RetryPolicy,
+        retry: RetryPolicy | None,
         timeout: timedelta | float | None,
         queue: str | None,
         recorded: list[Any] | None,
+        policy: str | None,
     ) -> Any:
         """A step run by a worker of its task queue: sent (with the command's record,
         in one append), then waited for like a child; its outcome arrives in this
-        stream, appended by the task's runner with a nudge."""
+        stream, appended by the task's runner with a nudge. Under a named policy the
+        worker resolves it at each attempt. An operator's retry of a parked step
+        sends it again."""
         self._live()
-        if not recorded:
+        again = bool(recorded) and isinstance(recorded[-1], StepRetried)  # type: ignore[index]
+        if not recorded or again:
+            queue = queue or _queue_of(recorded)
             assert queue is not None
             with self.acting:
                 arguments = self._encode(list(args), f"the arguments of step {name!r}")
-                payload = task_payload(arguments, {}, retry, as_seconds(timeout), name)
+                payload = task_payload(
+                    arguments,
+                    {},
+                    retry or DEFAULT_STEP_RETRY,
+                    as_seconds(timeout),
+                    name,
+                    policy=policy,
+                    code_retry=retry is not None,
+                )
                 row = self._task_row(seq, "step", name, queue, payload)
                 await self.record([StepScheduled(seq=seq, name=name, queue=queue)], (PutTask(row),))
             recorded = self.history.recorded(seq)
@@ -482,7 +502,7 @@ class _Run(Waits, Saga):
             rules, found, missing = await self._rules(retry, code_timeout, policy)
             now = self.host.now_us()
             first_at = first_at if first_at is not None else now
-            limits = _limits(rules, first_at, now)
+            limits = attempt_limits(rules, first_at, now)
             failure: BaseException | None = missing
             if failure is None and limits.timeout is not None and limits.timeout <= 0:
                 failure = StepTimeoutError(name, attempt, limits.kind, limits.shown or 0.0)
@@ -650,24 +670,16 @@ class _Run(Waits, Saga):
         *,
         refused: bool = False,
     ) -> tuple[int | None, str]:
-        """When the next attempt may start (None: no more attempts), and if none
-        although the error is retryable, why not. A refused call used up no attempt:
-        it is tried again (after the breaker's open time), deadlines permitting."""
-        if not refused and not rules.retries(error, attempt):
-            return None, ""
-        wait = int(rules.delay(self.history.workflow_id, seq, attempt) * 1_000_000)
-        at = self.host.now_us() + wait
-        if isinstance(error, CircuitOpenError):
-            # Not before the breaker half-opens; spread by the backoff, so the
-            # instances it refused do not all come back at once.
-            at = max(at, error.until_us + wait)
-        deadline = rules.retry.deadline
-        if deadline is not None and at >= first_at + int(deadline * 1_000_000):
-            return None, f"no retry: the step's retry deadline of {deadline}s would pass"
-        budget = rules.schedule_to_close
-        if budget is not None and at >= first_at + int(budget * 1_000_000):
-            return None, f"no retry: the step's schedule_to_close of {budget}s would pass"
-        return at, ""
+        return next_attempt_at(
+            rules,
+            error,
+            now_us=self.host.now_us(),
+            workflow_id=self.history.workflow_id,
+            seq=seq,
+            attempt=attempt,
+            first_at_us=first_at,
+            refused=refused,
+        )
 
     async def _backoff(self, retry_at_us: int) -> None:
         """Wait until ``retry_at_us``: in the pass if it is soon, else by ending the
@@ -758,23 +770,6 @@ def _surely_within(payload: Any, budget: int) -> bool:
     if kind is str:
         return 6 * len(payload) + 2 <= budget
     return False
-
-
-def _limits(rules: StepRules, first_at_us: int, now_us: int) -> Limits:
-    """How long the next attempt may run: its own start-to-close, or what is left of
-    the step's schedule-to-close if that is sooner (<= 0: nothing is left)."""
-    timeout, kind, shown = rules.start_to_close, "start_to_close", rules.start_to_close
-    budget = rules.schedule_to_close
-    if budget is not None:
-        left = (first_at_us + int(budget * 1_000_000) - now_us) / 1_000_000
-        if timeout is None or left < timeout:
-            timeout, kind, shown = left, "schedule_to_close", budget
-    if timeout is None and rules.heartbeat is None:
-        return _NO_LIMITS
-    return Limits(timeout, kind, rules.heartbeat, shown)
-
-
-_NO_LIMITS = Limits()
 
 
 def _queue_of(recorded: list[Any] | None) -> str | None:

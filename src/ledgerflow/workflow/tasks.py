@@ -28,22 +28,39 @@ import logging
 import typing
 import uuid
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 import msgspec
 
 from .._waiting import cancel_and_wait
 from ..errors import (
+    BulkheadFullError,
+    CircuitOpenError,
     LeaseLostError,
     LedgerflowError,
+    PolicyNotFoundError,
+    StepTimeoutError,
     StoreClosedError,
     StoreUnavailableError,
 )
 from ..events import NewEvent, StreamState
+from ..resilience.book import PolicyBook, PolicyVersion
+from ..resilience.guards import Admission, Guards, TokenWait, guarded
+from ..resilience.policy import Retry, Timeouts
 from ..resilience.retrying import is_retryable, jitter_source
 from ..retry import RetryPolicy
 from ..store import WorkflowStore
-from ..store.runtime import DropTask, Nudge, RetryTask, RuntimeWrite, TaskFence, TaskLease, TaskRow
+from ..store.runtime import (
+    DropTask,
+    Nudge,
+    PutInstance,
+    RetryTask,
+    RuntimeWrite,
+    TaskFence,
+    TaskLease,
+    TaskRow,
+)
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import step_options
 from .history import (
@@ -53,10 +70,13 @@ from .history import (
     StepAttemptFailed,
     StepDone,
     StepFailed,
+    StepParked,
+    WorkflowStatus,
     error_message,
 )
+from .rules import StepRules, attempt_limits, next_attempt_at, retry_document
 from .step_threads import StepThreads
-from .steps import NO_LIMITS, Attempts, Limits, keep_async
+from .steps import DEFAULT_STEP_RETRY, NO_LIMITS, Attempts, Limits, keep_async, nothing
 
 __all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
 
@@ -109,6 +129,10 @@ class TaskPayload(msgspec.Struct, frozen=True):
     timeout: float | None = None
     step_seq: int | None = None
     """For a compensation: the seq of the step it undoes."""
+    policy: str | None = None
+    """The named policy the step runs under, resolved by the worker at each attempt."""
+    code_retry: bool = True
+    """Whether ``retry`` was given in code (it then wins over the policy's)."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -122,9 +146,42 @@ def task_payload(
     timeout: float | None,
     command: str,
     step_seq: int | None = None,
+    *,
+    policy: str | None = None,
+    code_retry: bool = True,
 ) -> str:
-    payload = TaskPayload(command, args, kwargs, RemoteRetry.of(retry), timeout, step_seq)
+    payload = TaskPayload(
+        command, args, kwargs, RemoteRetry.of(retry), timeout, step_seq, policy, code_retry
+    )
     return _encode(payload).decode()
+
+
+def remote_rules(found: PolicyVersion, payload: TaskPayload) -> StepRules:
+    """The rules a worker runs a queued step's next attempt under: its named policy's
+    version in force, with the retry and timeout given in code winning."""
+    policy = found.policy
+    if payload.code_retry:
+        r = payload.retry
+        retry = Retry(
+            max_attempts=r.max_attempts,
+            initial_interval=r.initial_interval,
+            multiplier=r.backoff,
+            max_interval=r.max_interval,
+            jitter=r.jitter,
+            non_retryable=list(r.non_retryable),
+        )
+    else:
+        retry = policy.retry or retry_document(DEFAULT_STEP_RETRY)
+    limits = policy.timeout or Timeouts()
+    return StepRules(
+        retry,
+        start_to_close=payload.timeout if payload.timeout is not None else limits.start_to_close,
+        schedule_to_close=limits.schedule_to_close,
+        heartbeat=limits.heartbeat,
+        on_exhausted=policy.on_exhausted,
+        policy=found.name,
+        policy_version=found.version,
+    )
 
 
 def _type_name(t: type) -> str:
@@ -214,8 +271,12 @@ class TaskRunner:
         stream_id: Callable[[str], str],
         concurrency: int,
         poll_interval: float,
+        policies: PolicyBook | None = None,
+        guards: Guards | None = None,
     ) -> None:
         self.store = store
+        self.policies = policies
+        self.guards = guards
         self.owner = owner
         self.queues = tuple(queues)
         self.steps = steps
@@ -360,7 +421,9 @@ class TaskRunner:
         if fn is None:  # claims ask for known names only
             log.error("task %s: no step named %r here", row.task_id, row.name)
             return
-        if row.attempt > payload.retry.max_attempts:
+        found, rules, failure = await self._rules(row, payload)
+        most = rules.retry.max_attempts if rules is not None else payload.retry.max_attempts
+        if row.attempt > most:
             await self._finish(
                 row,
                 fence,
@@ -368,6 +431,7 @@ class TaskRunner:
                 False,
                 f"attempt {row.attempt - 1} was lost with its worker and no attempts are left",
                 "TaskLostError",
+                rules=rules,
             )
             return
         try:
@@ -380,6 +444,7 @@ class TaskRunner:
                 False,
                 f"the recorded arguments do not fit: {exc}",
                 "RecordedValueError",
+                rules=rules,
             )
             return
         call: Callable[..., Any] = fn
@@ -390,11 +455,31 @@ class TaskRunner:
 
             call = keep_async(fn, call)
 
-        attempts = Attempts(row.workflow_id, self.threads)
         limits = NO_LIMITS if payload.timeout is None else Limits(payload.timeout)
-        ok, value, release = await attempts.run(
-            row.seq, payload.command, call, args, row.attempt, limits
-        )
+        if rules is not None:
+            # The step's deadlines count from when it was first sent (the task's row).
+            limits = attempt_limits(rules, row.created_at_us, self._now_us())
+            if failure is None and limits.timeout is not None and limits.timeout <= 0:
+                failure = StepTimeoutError(
+                    payload.command, row.attempt, limits.kind, limits.shown or 0.0
+                )
+        admission: Admission | None = None
+        refusal: BaseException | None = None
+        if failure is None and found is not None and guarded(found.policy):
+            admission, refusal = await self._admit(found, row)
+        value: Any
+        if failure is not None:
+            ok, value, release = False, failure, nothing
+        elif refusal is not None:
+            ok, value, release = False, refusal, nothing
+        else:
+            attempts = Attempts(row.workflow_id, self.threads)
+            ok, value, release = await attempts.run(
+                row.seq, payload.command, call, args, row.attempt, limits
+            )
+        writes: tuple[RuntimeWrite, ...] = ()
+        if admission is not None and self.guards is not None:
+            writes = self.guards.outcome_writes(admission, None if ok else value)
         try:
             if ok:
                 try:
@@ -407,11 +492,20 @@ class TaskRunner:
                         False,
                         f"its result cannot be recorded: {exc}",
                         "UnrecordableValueError",
+                        rules=rules,
+                        extra=writes,
                     )
                     return
-                await self._finish(row, fence, payload, True, encoded)
+                await self._finish(row, fence, payload, True, encoded, rules=rules, extra=writes)
+                await self._settle(found, admission, None, row)
                 return
             error_type, message = type(value).__name__, error_message(value)
+            if rules is not None:
+                await self._after_failure(
+                    row, fence, payload, rules, value, refused=refusal is not None, writes=writes
+                )
+                await self._settle(found, admission, value, row)
+                return
             if payload.retry.retries(value, row.attempt):
                 delay = payload.retry.policy().delay(
                     row.attempt, jitter_source(row.workflow_id, row.seq, row.attempt)
@@ -423,6 +517,130 @@ class TaskRunner:
             await self._finish(row, fence, payload, False, message, error_type)
         finally:
             release()
+
+    async def _rules(
+        self, row: TaskRow, payload: TaskPayload
+    ) -> tuple[PolicyVersion | None, StepRules | None, BaseException | None]:
+        """The named policy of a queued step (its version in force now), the rules it
+        makes, and why the attempt may not run (no such policy: a retryable failure
+        under the default retry, so a policy set meanwhile is picked up)."""
+        if payload.policy is None or row.kind != "step" or self.policies is None:
+            return None, None, None
+        try:
+            found = await self.policies.current(payload.policy)
+        except PolicyNotFoundError as exc:
+            return None, None, exc
+        return found, remote_rules(found, payload), None
+
+    async def _admit(
+        self, found: PolicyVersion, row: TaskRow
+    ) -> tuple[Admission | None, BaseException | None]:
+        """Pass the resource's guards; a wait for a token is made here (the task's
+        lease is renewed meanwhile)."""
+        assert self.guards is not None
+        call = f"{row.task_id}/{row.attempt}"
+        while True:
+            try:
+                return await self.guards.admit(found, call), None
+            except (CircuitOpenError, BulkheadFullError) as refused:
+                return None, refused
+            except TokenWait as wait:
+                left = (wait.until_us - self._now_us()) / 1_000_000
+                await asyncio.sleep(min(1.0, max(0.001, left)))
+
+    async def _settle(
+        self,
+        found: PolicyVersion | None,
+        admission: Admission | None,
+        error: BaseException | None,
+        row: TaskRow,
+    ) -> None:
+        if found is None or admission is None or self.guards is None:
+            return
+        if self.guards.needs_settling(admission, error):
+            try:
+                await self.guards.settle(found, admission, error, row.workflow_id)
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                log.warning(
+                    "task %s: the breaker's move is left to the next call (%s)", row.task_id, exc
+                )
+
+    async def _after_failure(
+        self,
+        row: TaskRow,
+        fence: TaskFence,
+        payload: TaskPayload,
+        rules: StepRules,
+        error: BaseException,
+        *,
+        refused: bool,
+        writes: tuple[RuntimeWrite, ...],
+    ) -> None:
+        """A failed (or refused) attempt of a step under a named policy: the next
+        one is due (a refused one not counted), or the step is parked for an
+        operator, or it fails."""
+        error_type, message = type(error).__name__, error_message(error)
+        at, why_not = next_attempt_at(
+            rules,
+            error,
+            now_us=self._now_us(),
+            workflow_id=row.workflow_id,
+            seq=row.seq,
+            attempt=row.attempt,
+            first_at_us=row.created_at_us,
+            refused=refused,
+        )
+        if at is not None:
+            failed = StepAttemptFailed(
+                seq=row.seq,
+                name=payload.command,
+                attempt=row.attempt,
+                error_type=error_type,
+                message=message,
+                retry_at_us=at,
+                first_at_us=row.created_at_us,
+                policy=rules.policy,
+                policy_version=rules.policy_version,
+                refused=refused,
+            )
+            await self._record(
+                row, fence, [failed], [RetryTask(row.task_id, at, refund=refused), *writes]
+            )
+            return
+        if rules.on_exhausted == "park" and rules.retryable(error):
+            instance = await self.store.get_instance(row.workflow_id)
+            parked = StepParked(
+                seq=row.seq,
+                name=payload.command,
+                attempts=row.attempt,
+                error_type=error_type,
+                message=message,
+                policy=rules.policy,
+                policy_version=rules.policy_version,
+            )
+            runtime: list[RuntimeWrite] = [DropTask(row.task_id), *writes]
+            if instance is not None:
+                now = self._now_us()
+                runtime.append(
+                    PutInstance(
+                        replace(
+                            instance,
+                            status=WorkflowStatus.NEEDS_ATTENTION,
+                            updated_at_us=now,
+                        )
+                    )
+                )
+            log.warning(
+                "task %s: step %r used up its attempts (%s: %s); parked for an operator",
+                row.task_id,
+                payload.command,
+                error_type,
+                message,
+            )
+            await self._record(row, fence, [parked], runtime)
+            return
+        shown = f"{message} ({why_not})" if why_not else message
+        await self._finish(row, fence, payload, False, shown, error_type, rules=rules, extra=writes)
 
     def _attempt_failed(
         self, row: TaskRow, payload: TaskPayload, error_type: str, message: str
@@ -452,8 +670,14 @@ class TaskRunner:
         ok: bool,
         value: Any,
         error_type: str = "TaskError",
+        *,
+        rules: StepRules | None = None,
+        extra: Sequence[RuntimeWrite] = (),
     ) -> None:
-        """Record the task's outcome, drop it and nudge its workflow, in one append."""
+        """Record the task's outcome, drop it and nudge its workflow, in one append
+        (with ``extra`` writes: a guarded call's tally and permit)."""
+        policy = rules.policy if rules is not None else None
+        version = rules.policy_version if rules is not None else None
         name = payload.command if payload is not None else row.name
         step_seq = (payload.step_seq if payload is not None else None) or 0
         event: Any
@@ -465,7 +689,9 @@ class TaskRunner:
                     seq=row.seq, name=name, step_seq=step_seq, error_type=error_type, message=value
                 )
         elif ok:
-            event = StepDone(seq=row.seq, name=name, result=value)
+            event = StepDone(
+                seq=row.seq, name=name, result=value, policy=policy, policy_version=version
+            )
             limit = self.store.max_event_bytes
             size = len(self.store.registry.encode(event).data)
             if size > limit:
@@ -477,10 +703,18 @@ class TaskRunner:
                     seq=row.seq, name=name, error_type="ResultTooLargeError", message=message
                 )
         else:
-            event = StepFailed(seq=row.seq, name=name, error_type=error_type, message=value)
+            event = StepFailed(
+                seq=row.seq,
+                name=name,
+                error_type=error_type,
+                message=value,
+                policy=policy,
+                policy_version=version,
+            )
         runtime: list[RuntimeWrite] = [
             Nudge(row.workflow_id, self._now_us()),
             DropTask(row.task_id),
+            *extra,
         ]
         await self._record(row, fence, [event], runtime)
 
@@ -491,13 +725,14 @@ class TaskRunner:
         retried (the lease is renewed meanwhile), a lost lease ends it quietly."""
         stream = self._stream_id(row.workflow_id)
         registry = self.store.registry
-        # Ids of our own, one set per lease: an append retried after a fault that
-        # left it unknown whether it was stored is then stored once.
+        # Ids of our own, one set per lease of this row (a step an operator retries is
+        # sent again as a new row, with leases counted afresh): an append retried
+        # after a fault that left it unknown whether it was stored is stored once.
         with_ids = [
             NewEvent(
                 registry.name_of(type(event)),
                 msgspec.to_builtins(event),
-                id=uuid.uuid5(_IDS, f"{row.task_id}/{row.lease_epoch}/{i}"),
+                id=uuid.uuid5(_IDS, f"{row.task_id}/{row.created_at_us}/{row.lease_epoch}/{i}"),
             )
             for i, event in enumerate(events)
         ]
