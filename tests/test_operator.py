@@ -131,9 +131,11 @@ async def test_compensate_fails_the_step_and_undoes_the_rest(engine: EngineFacto
 async def test_a_parked_instance_can_be_cancelled(engine: EngineFactory) -> None:
     async with engine(ordering, policies={"erp": PARKS}) as e:
         await parked(e, "o-5")
-        await e.cancel("o-5", "order cancelled")
+        await e.cancel("o-5", "order cancelled", actor="dave")
         with pytest.raises(lf.WorkflowFailedError, match="cancelled"):
             await e.handle("o-5").result(timeout=WAIT)
+        (asked,) = [ev for ev in await e.history("o-5") if ev.type == "wf.cancel_requested"]
+    assert (asked.metadata.actor, asked.metadata.reason) == ("dave", "order cancelled")
     assert calls["release"] == 1
 
 

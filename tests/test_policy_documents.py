@@ -92,6 +92,17 @@ def test_settings_change_fields_by_dotted_name() -> None:
         'rate_limit: added {"rate":5.0,"burst":null}',
         'on_exhausted: "fail" -> "park"',
     ]
+    # null for a field is null, not its default: open by failure rate only.
+    by_rate = with_settings(
+        "erp",
+        changed,
+        {"breaker.consecutive_failures": None, "breaker.failure_rate": 0.5},
+    )
+    assert by_rate.breaker == lf.Breaker(consecutive_failures=None, failure_rate=0.5)
+    with pytest.raises(lf.InvalidPolicyError, match="needs consecutive_failures or failure_rate"):
+        with_settings("erp", changed, {"breaker.consecutive_failures": None})
+    with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.max_attempts'"):
+        with_settings("erp", changed, {"retry.max_attempts": None})
     with pytest.raises(lf.InvalidPolicyError, match=r"field 'retry\.max'") as caught:
         with_settings("erp", base, {"retry.max": 1})
     assert "known: max_attempts" in caught.value.problem

@@ -299,10 +299,13 @@ def workflows_cancel(
     workflow_id: IdArgument,
     db: DbOption = DEFAULT_DB,
     reason: Annotated[str | None, typer.Option(help="Why, recorded with the request.")] = None,
+    actor: Annotated[
+        str | None, typer.Option(help="Who: recorded with the request (default: user@host).")
+    ] = None,
 ) -> None:
     """Ask an instance to stop: it is cancelled at its next await, and the steps it
     completed are compensated."""
-    _call(db, lambda e: e.cancel(workflow_id, reason))
+    _call(db, lambda e: e.cancel(workflow_id, reason, actor=actor))
     out.print(
         f"cancellation of workflow {workflow_id!r} requested; its engine carries it out",
         markup=False,

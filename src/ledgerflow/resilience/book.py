@@ -220,7 +220,7 @@ class PolicyBook:
         create: bool = False,
     ) -> PolicyVersion:
         """Change some fields of the version in force: ``{"retry.max_attempts": 10}``
-        (``None`` removes a section, or resets a field to its default). Others may
+        (``None`` removes a section, or sets a field to null). Others may
         change the policy meanwhile: the change is made on top of theirs. ``create``:
         start from an empty policy if there is none yet."""
         check_policy_name(name)

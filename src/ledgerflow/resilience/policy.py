@@ -181,8 +181,9 @@ def check_policy(name: str, document: Policy | dict[str, Any]) -> Policy:
 
 def with_settings(name: str, policy: Policy | None, settings: dict[str, Any]) -> Policy:
     """``policy`` (or an empty one) with ``settings`` applied: dotted keys such as
-    ``retry.max_attempts`` to values (``None`` removes a section or resets a key to
-    its default), checked as a whole."""
+    ``retry.max_attempts`` to values (``None`` removes a whole section, and sets a field
+    to null: ``breaker.consecutive_failures=None`` to open by failure rate only),
+    checked as a whole."""
     data = policy_document(policy) if policy is not None else {}
     for key, value in settings.items():
         path = key.split(".")
@@ -198,10 +199,10 @@ def with_settings(name: str, policy: Policy | None, settings: dict[str, Any]) ->
             if not isinstance(inner, dict):
                 raise InvalidPolicyError(name, key, f"{part!r} is not a section")
             target = inner
-        if value is None:
-            target.pop(path[-1], None)
+        if value is None and len(path) == 1 and path[0] != "on_exhausted":
+            target.pop(path[-1], None)  # the section goes: no such protection
         else:
-            target[path[-1]] = value
+            target[path[-1]] = value  # None for a field is null (no deadline, ...)
     return check_policy(name, data)
 
 

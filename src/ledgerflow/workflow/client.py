@@ -34,10 +34,10 @@ from ..errors import (
     WorkflowInputError,
     WorkflowNotFoundError,
 )
-from ..events import NO_STREAM, RecordedEvent
+from ..events import NO_STREAM, Metadata, RecordedEvent
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
-from ..resilience.book import PolicyBook
+from ..resilience.book import PolicyBook, default_actor
 from ..resilience.guards import breaker_registry
 from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
@@ -322,7 +322,9 @@ class WorkflowClient(Operations):
             raise WorkflowNotFoundError(workflow_id)
         return row
 
-    async def _send(self, workflow_id: str, event: Any, action: str) -> None:
+    async def _send(
+        self, workflow_id: str, event: Any, action: str, metadata: Metadata | None = None
+    ) -> None:
         stream = self.stream_id(workflow_id)
         unchecked = isinstance(event, SignalSent)
         while True:
@@ -356,7 +358,9 @@ class WorkflowClient(Operations):
                 else []
             )
             try:
-                await self.store.append(stream, [event], version, runtime=runtime)
+                await self.store.append(
+                    stream, [event], version, runtime=runtime, metadata=metadata
+                )
             except ConcurrencyError:
                 continue  # it moved on (or finished) meanwhile: look again
             self._poke()
@@ -379,10 +383,14 @@ class WorkflowClient(Operations):
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
         await self._send(workflow_id, SignalSent(name=name, payload=encoded), "signal")
 
-    async def cancel(self, workflow_id: str, reason: str | None = None) -> None:
+    async def cancel(
+        self, workflow_id: str, reason: str | None = None, *, actor: str | None = None
+    ) -> None:
         """Ask the instance to stop: it raises ``WorkflowCancelled`` at its next await,
-        its compensations run and the children it still runs are cancelled too."""
-        await self._send(workflow_id, CancelRequested(reason=reason), "cancel")
+        its compensations run and the children it still runs are cancelled too. Who
+        asked (``actor``, default ``user@host``) and why are recorded with it."""
+        metadata = Metadata(actor=actor or default_actor(), reason=reason)
+        await self._send(workflow_id, CancelRequested(reason=reason), "cancel", metadata)
 
     async def result(
         self,

@@ -170,8 +170,8 @@ class WorkflowHandle(Generic[O]):
     async def signal(self, name: str, payload: Any = None) -> None:
         await self.engine.signal(self.id, name, payload)
 
-    async def cancel(self, reason: str | None = None) -> None:
-        await self.engine.cancel(self.id, reason)
+    async def cancel(self, reason: str | None = None, *, actor: str | None = None) -> None:
+        await self.engine.cancel(self.id, reason, actor=actor)
 
     async def query(self) -> Any:
         return await self.engine.query(self.id)

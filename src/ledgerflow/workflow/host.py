@@ -247,7 +247,8 @@ class EngineHost:
 
     async def cancel_child(self, child_id: str, reason: str) -> None:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
-            await self._engine.cancel(child_id, f"parent cancelled: {reason}")
+            engine = self._engine
+            await engine.cancel(child_id, f"parent cancelled: {reason}", actor=engine.owner)
 
     def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
         return self._engine.policies.current(name)
