@@ -730,7 +730,8 @@ def resources_list(
     ] = False,
 ) -> None:
     """The resources named policies guard, with the state every worker shares: the
-    circuit breaker (and since when), its counts, tokens left, permits held."""
+    circuit breaker (and since when), failures in a row, failed/calls in its window,
+    the tokens its bucket held at the last take, the bulkhead permits held."""
     rows = _call(db, _resources)
     if as_json:
         for r in rows:
@@ -756,15 +757,15 @@ def resources_list(
         out.print("no guarded resources have state yet")
         return
     table = Table()
-    table.add_column("resource", overflow="fold")
+    table.add_column("resource", no_wrap=True, min_width=8)
     table.add_column("breaker", no_wrap=True)
-    table.add_column("since (UTC)", no_wrap=True)
-    for column in ("in a row", "window", "tokens at last take", "permits"):
+    table.add_column("since (UTC)", overflow="fold")
+    for column in ("in a row", "failed/calls", "tokens", "permits"):
         table.add_column(column, justify="right", no_wrap=True)
     for r in rows:
         since = _time(from_micros(r.changed_at_us)) if r.changed_at_us else "-"
         tokens = "-" if r.tokens is None else f"{r.tokens:.1f}"
-        window = f"{r.window_failures}/{r.window_calls} failed"
+        window = f"{r.window_failures}/{r.window_calls}"
         table.add_row(
             escape(r.resource), r.state, since, str(r.consecutive), window, tokens, str(r.permits)
         )
