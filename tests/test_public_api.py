@@ -5,6 +5,8 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    "verify_machine",
+    "Machine",
     "StepNotParkedError",
     "CircuitOpenError",
     "BulkheadFullError",

@@ -78,6 +78,8 @@ from .resilience import (
     classify,
 )
 from .retry import RetryPolicy
+from .statemachine import Machine
+from .statemachine import verify as verify_machine
 from .store import EventStore, open_store
 from .workflow import (
     Engine,
@@ -131,6 +133,7 @@ __all__ = [
     "LedgerNotFoundError",
     "LedgerflowError",
     "Loaded",
+    "Machine",
     "ManualClock",
     "Metadata",
     "NewEvent",
@@ -193,5 +196,6 @@ __all__ = [
     "open_store",
     "step",
     "verify_ledger",
+    "verify_machine",
     "workflow",
 ]

@@ -1,0 +1,195 @@
+"""Declaring a state machine: states, events with finite payload domains, guarded
+transitions over finite data.
+
+A definition is a value: it runs nothing and touches no store. ``verify`` explores
+every configuration it can reach (its state and its data), so whatever a guard or an
+update reads must range over a finite domain the definition declares: each data
+field and each event payload field lists its possible values.
+
+    order = Machine("order", version=1, data={"stock": range(0, 3)}, initial_data={"stock": 2})
+    order.state("created", initial=True)
+    order.state("approved")
+    order.state("placed", terminal=True)
+    order.state("rejected", terminal=True)
+    order.event("approve", payload={"approver": ["alice", "bob"]})
+    order.transition("created", "approve", "approved")
+    order.transition("created", "reject", "rejected")
+    order.transition(
+        "approved", "place", "placed",
+        guard=lambda data, payload: data["stock"] > 0,
+        update=lambda data, payload: {**data, "stock": data["stock"] - 1},
+    )
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from ..errors import WorkflowDefinitionError
+
+__all__ = ["Data", "Event", "Guard", "Machine", "State", "Transition", "Update"]
+
+Data = Mapping[str, Any]
+Guard = Callable[[Data, Data], bool]
+"""``guard(data, payload)``: whether the transition may fire."""
+Update = Callable[[Data, Data], Mapping[str, Any]]
+"""``update(data, payload)``: the data after the transition (every field)."""
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    name: str
+    initial: bool = False
+    terminal: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    name: str
+    payload: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    """Each payload field and the values it may take."""
+
+    def payloads(self) -> Iterator[Data]:
+        """Every payload the event may carry (one empty payload if it has none)."""
+        names = list(self.payload)
+        for values in itertools.product(*(self.payload[n] for n in names)):
+            yield MappingProxyType(dict(zip(names, values, strict=True)))
+
+
+@dataclass(frozen=True, slots=True)
+class Transition:
+    source: str
+    event: str
+    target: str
+    guard: Guard | None = None
+    update: Update | None = None
+    name: str = ""
+    """How findings name it: ``source --event--> target`` unless given."""
+
+    def label(self) -> str:
+        return self.name or f"{self.source} --{self.event}--> {self.target}"
+
+
+class Machine:
+    """A state-machine definition under construction (see the module docstring)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        version: int = 1,
+        data: Mapping[str, Iterable[Any]] | None = None,
+        initial_data: Mapping[str, Any] | None = None,
+    ) -> None:
+        if not isinstance(name, str) or not name:
+            raise WorkflowDefinitionError("a state machine needs a non-empty name")
+        if version < 1:
+            raise WorkflowDefinitionError(f"machine {name!r}: version must be >= 1")
+        self.name = name
+        self.version = version
+        self.domains: dict[str, tuple[Any, ...]] = {
+            k: _domain(name, f"data field {k!r}", v) for k, v in (data or {}).items()
+        }
+        given = dict(initial_data or {})
+        unknown = set(given) - set(self.domains)
+        if unknown:
+            raise WorkflowDefinitionError(
+                f"machine {name!r}: initial data for undeclared fields {sorted(unknown)}"
+            )
+        for k, v in given.items():
+            if v not in self.domains[k]:
+                raise WorkflowDefinitionError(
+                    f"machine {name!r}: initial {k}={v!r} is not in its domain"
+                )
+        self.initial_data = given
+        """Fields not given start at every value of their domain (each a start)."""
+        self.states: dict[str, State] = {}
+        self.events: dict[str, Event] = {}
+        self.transitions: list[Transition] = []
+        self.invariants: dict[str, Callable[[str, Data], bool]] = {}
+        """What must hold in every reachable configuration: ``verify`` checks them."""
+
+    def state(self, name: str, *, initial: bool = False, terminal: bool = False) -> State:
+        if not isinstance(name, str) or not name:
+            raise WorkflowDefinitionError(f"machine {self.name!r}: a state needs a name")
+        if name in self.states:
+            raise WorkflowDefinitionError(f"machine {self.name!r}: state {name!r} twice")
+        if initial and any(s.initial for s in self.states.values()):
+            raise WorkflowDefinitionError(f"machine {self.name!r}: two initial states")
+        if initial and terminal:
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: state {name!r} cannot be initial and terminal"
+            )
+        made = self.states[name] = State(name, initial, terminal)
+        return made
+
+    def event(self, name: str, *, payload: Mapping[str, Iterable[Any]] | None = None) -> Event:
+        if name in self.events:
+            raise WorkflowDefinitionError(f"machine {self.name!r}: event {name!r} twice")
+        domains = {
+            k: _domain(self.name, f"payload field {k!r} of {name!r}", v)
+            for k, v in (payload or {}).items()
+        }
+        made = self.events[name] = Event(name, MappingProxyType(domains))
+        return made
+
+    def transition(
+        self,
+        source: str,
+        event: str,
+        target: str,
+        *,
+        guard: Guard | None = None,
+        update: Update | None = None,
+        name: str = "",
+    ) -> Transition:
+        """``source --event--> target``; an event not declared with ``event`` is one
+        without payload."""
+        for which in (source, target):
+            if which not in self.states:
+                raise WorkflowDefinitionError(
+                    f"machine {self.name!r}: transition on undeclared state {which!r}"
+                )
+        if self.states[source].terminal:
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: terminal state {source!r} has no way out"
+            )
+        if event not in self.events:
+            self.event(event)
+        made = Transition(source, event, target, guard, update, name)
+        self.transitions.append(made)
+        return made
+
+    def invariant(self, name: str, holds: Callable[[str, Data], bool]) -> None:
+        """Declare ``holds(state, data)`` true of every reachable configuration."""
+        if name in self.invariants:
+            raise WorkflowDefinitionError(f"machine {self.name!r}: invariant {name!r} twice")
+        self.invariants[name] = holds
+
+    def initial(self) -> State:
+        found = [s for s in self.states.values() if s.initial]
+        if not found:
+            raise WorkflowDefinitionError(f"machine {self.name!r} has no initial state")
+        return found[0]
+
+    def starts(self) -> Iterator[Data]:
+        """Every data the machine may start with: given fields fixed, the others over
+        their domains."""
+        free = [k for k in self.domains if k not in self.initial_data]
+        for values in itertools.product(*(self.domains[k] for k in free)):
+            yield MappingProxyType({**self.initial_data, **dict(zip(free, values, strict=True))})
+
+
+def _domain(machine: str, what: str, values: Iterable[Any]) -> tuple[Any, ...]:
+    if isinstance(values, str | bytes) or not isinstance(values, Iterable):
+        raise WorkflowDefinitionError(
+            f"machine {machine!r}: {what} needs a finite domain (a list or range of values)"
+        )
+    domain = tuple(values)
+    if not domain:
+        raise WorkflowDefinitionError(f"machine {machine!r}: {what} has an empty domain")
+    return domain

@@ -1,0 +1,325 @@
+"""Verifying a state-machine definition before it runs: explicit-state exploration.
+
+Every configuration (state and data) reachable from the machine's starts is visited
+breadth first, over every event and every payload its domain allows, so each finding
+comes with a shortest counterexample: the events that lead there. Found:
+
+- ``unreachable_state``: a state no configuration reaches;
+- ``dead_transition``: a transition never enabled in any reachable configuration;
+- ``deadlock``: a reachable non-terminal configuration with no enabled transition;
+- ``no_completion``: a reachable configuration from which no terminal state can be
+  reached any more (a livelock or a trap), whatever events follow;
+- ``nondeterminism``: a configuration where one event with one payload enables two
+  transitions (their guards both hold);
+- ``invariant``: a reachable configuration where a user's invariant does not hold;
+- ``guard_error`` and ``out_of_domain``: a guard or update that raised, or an update
+  that left a data field's declared domain.
+
+Exploration stops at ``max_configurations`` (the report says it is ``bounded``): what
+was found holds, and what needs the whole graph (unreachable, dead, completion) is
+not reported, rather than guessed.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
+
+from .definition import Data, Machine, Transition
+
+__all__ = ["Config", "Finding", "FindingKind", "Report", "transition_labels", "verify"]
+
+Invariant = Callable[[str, Data], bool]
+"""``invariant(state, data)``: must hold in every reachable configuration."""
+MAX_CONFIGURATIONS = 1_000_000
+
+
+class FindingKind(enum.StrEnum):
+    UNREACHABLE_STATE = "unreachable_state"
+    DEAD_TRANSITION = "dead_transition"
+    DEADLOCK = "deadlock"
+    NO_COMPLETION = "no_completion"
+    NONDETERMINISM = "nondeterminism"
+    INVARIANT = "invariant"
+    GUARD_ERROR = "guard_error"
+    OUT_OF_DOMAIN = "out_of_domain"
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """A configuration: the state, and the data as sorted (field, value) pairs."""
+
+    state: str
+    data: tuple[tuple[str, Any], ...]
+
+    def values(self) -> Data:
+        return MappingProxyType(dict(self.data))
+
+    def __str__(self) -> str:
+        shown = ", ".join(f"{k}={v!r}" for k, v in self.data)
+        return f"{self.state}" + (f" [{shown}]" if shown else "")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    kind: FindingKind
+    subject: str
+    """The state, transition or invariant it is about."""
+    message: str
+    trace: tuple[str, ...] = ()
+    """The events from a start to where it shows (empty: not about one configuration)."""
+    start: str = ""
+    """The start configuration of ``trace``."""
+
+    def __str__(self) -> str:
+        said = f"{self.kind}: {self.message}"
+        if self.start:
+            path = " -> ".join(self.trace) if self.trace else "(at the start)"
+            said += f"\n    from {self.start}: {path}"
+        return said
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    machine: str
+    version: int
+    configurations: int
+    transitions_fired: int
+    findings: tuple[Finding, ...]
+    bounded: bool = False
+    """Exploration stopped at ``max_configurations``: graph-wide checks were skipped."""
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def ok(self) -> bool:
+        return not self.findings and not self.bounded
+
+    def of(self, kind: FindingKind) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+
+def transition_labels(machine: Machine) -> list[str]:
+    """How findings name each transition: ``source --event--> target`` (or its given
+    name), with ``#n`` (its place among the machine's transitions) when two share it."""
+    plain = [t.label() for t in machine.transitions]
+    return [
+        label if plain.count(label) == 1 else f"{label} #{i + 1}" for i, label in enumerate(plain)
+    ]
+
+
+def _key(data: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
+    return tuple(sorted(data.items()))
+
+
+def _label(event: str, payload: Data) -> str:
+    if not payload:
+        return event
+    return f"{event}({', '.join(f'{k}={v!r}' for k, v in payload.items())})"
+
+
+def verify(
+    machine: Machine,
+    *,
+    invariants: Mapping[str, Invariant] | None = None,
+    max_configurations: int = MAX_CONFIGURATIONS,
+) -> Report:
+    """Explore ``machine`` and report what is wrong with it (see the module docstring).
+    ``invariants`` add to those the machine declares."""
+    initial = machine.initial()
+    invariants = {**machine.invariants, **(invariants or {})}
+    findings: list[Finding] = []
+    seen_kinds: set[tuple[FindingKind, str]] = set()
+    parent: dict[Config, tuple[Config, str] | None] = {}
+    origin: dict[Config, Config] = {}
+    queue: deque[Config] = deque()
+    for data in machine.starts():
+        start = Config(initial.name, _key(data))
+        if start not in parent:
+            parent[start] = None
+            origin[start] = start
+            queue.append(start)
+
+    def trace(config: Config) -> tuple[str, tuple[str, ...]]:
+        steps: list[str] = []
+        at: Config | None = config
+        while at is not None and (link := parent[at]) is not None:
+            at, label = link
+            steps.append(label)
+        return str(origin[config]), tuple(reversed(steps))
+
+    def found(kind: FindingKind, subject: str, message: str, at: Config | None) -> None:
+        if (kind, subject) in seen_kinds:
+            return  # the first (a shortest) counterexample per subject
+        seen_kinds.add((kind, subject))
+        start, steps = trace(at) if at is not None else ("", ())
+        findings.append(Finding(kind, subject, message, steps, start))
+
+    labels = transition_labels(machine)
+    by_source: dict[str, list[tuple[int, Transition]]] = {}
+    for index, t in enumerate(machine.transitions):
+        by_source.setdefault(t.source, []).append((index, t))
+    reached: set[str] = set()
+    fired: set[int] = set()
+    edges: dict[Config, set[Config]] = {}
+    bounded = False
+    count = 0
+    while queue:
+        config = queue.popleft()
+        count += 1
+        reached.add(config.state)
+        data = config.values()
+        for name, holds in invariants.items():
+            try:
+                ok = bool(holds(config.state, data))
+            except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                found(
+                    FindingKind.INVARIANT,
+                    name,
+                    f"invariant {name!r} raised {exc!r} in {config}",
+                    config,
+                )
+                continue
+            if not ok:
+                found(
+                    FindingKind.INVARIANT,
+                    name,
+                    f"invariant {name!r} does not hold in {config}",
+                    config,
+                )
+        outs = edges.setdefault(config, set())
+        enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], list[int]] = {}
+        for index, t in by_source.get(config.state, ()):
+            event = machine.events[t.event]
+            for payload in event.payloads():
+                try:
+                    allowed = t.guard is None or bool(t.guard(data, payload))
+                except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    found(
+                        FindingKind.GUARD_ERROR,
+                        labels[index],
+                        f"the guard of {labels[index]} raised {exc!r} in {config} on "
+                        f"{_label(t.event, payload)}",
+                        config,
+                    )
+                    continue
+                if not allowed:
+                    continue
+                enabled.setdefault((t.event, _key(payload)), []).append(index)
+                fired.add(index)
+                try:
+                    after = data if t.update is None else t.update(data, payload)
+                except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    found(
+                        FindingKind.GUARD_ERROR,
+                        labels[index],
+                        f"the update of {labels[index]} raised {exc!r} in {config}",
+                        config,
+                    )
+                    continue
+                wrong = _out_of_domain(machine, after)
+                if wrong:
+                    found(
+                        FindingKind.OUT_OF_DOMAIN,
+                        labels[index],
+                        f"{labels[index]} on {_label(t.event, payload)} in {config} leaves {wrong}",
+                        config,
+                    )
+                    continue
+                target = Config(t.target, _key(after))
+                outs.add(target)
+                if target not in parent:
+                    if len(parent) >= max_configurations:
+                        bounded = True
+                        continue
+                    parent[target] = (config, _label(t.event, payload))
+                    origin[target] = origin[config]
+                    queue.append(target)
+        for (event_name, payload_key), ts in enabled.items():
+            if len(ts) > 1:
+                label = _label(event_name, MappingProxyType(dict(payload_key)))
+                found(
+                    FindingKind.NONDETERMINISM,
+                    f"{config.state} on {event_name}",
+                    f"in {config}, {label} enables {len(ts)} transitions: "
+                    + ", ".join(labels[i] for i in ts),
+                    config,
+                )
+        terminal = machine.states[config.state].terminal
+        if not terminal and not enabled:
+            found(
+                FindingKind.DEADLOCK,
+                config.state,
+                f"{config} is not terminal and no event can move it",
+                config,
+            )
+    notes: list[str] = []
+    if bounded:
+        notes.append(
+            f"stopped at {max_configurations} configurations: unreachable states, dead "
+            "transitions and completion were not checked"
+        )
+    else:
+        for state in machine.states:
+            if state not in reached:
+                found(
+                    FindingKind.UNREACHABLE_STATE, state, f"state {state!r} is never reached", None
+                )
+        for index, label in enumerate(labels):
+            if index not in fired:
+                found(
+                    FindingKind.DEAD_TRANSITION,
+                    label,
+                    f"{label} is never enabled in a reachable configuration",
+                    None,
+                )
+        _completion(machine, parent, edges, found)
+    return Report(
+        machine.name,
+        machine.version,
+        count,
+        len(fired),
+        tuple(findings),
+        bounded,
+        tuple(notes),
+    )
+
+
+def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
+    if set(after) != set(machine.domains):
+        return f"the data fields {sorted(set(after) ^ set(machine.domains))} changed"
+    for k, v in after.items():
+        if v not in machine.domains[k]:
+            return f"{k}={v!r} outside its domain"
+    return ""
+
+
+def _completion(
+    machine: Machine,
+    parent: Mapping[Config, object],
+    edges: Mapping[Config, set[Config]],
+    found: Callable[[FindingKind, str, str, Config | None], None],
+) -> None:
+    """Every reachable configuration must still be able to reach a terminal one."""
+    back: dict[Config, list[Config]] = {}
+    for source, targets in edges.items():
+        for target in targets:
+            back.setdefault(target, []).append(source)
+    done = {c for c in parent if machine.states[c.state].terminal}
+    todo = deque(done)
+    while todo:
+        for source in back.get(todo.popleft(), ()):
+            if source not in done:
+                done.add(source)
+                todo.append(source)
+    for config in parent:  # in discovery order: the first has a shortest trace
+        if config not in done and edges.get(config):
+            found(
+                FindingKind.NO_COMPLETION,
+                config.state,
+                f"from {config} no terminal state can be reached any more",
+                config,
+            )

@@ -1,0 +1,274 @@
+"""Verifying state-machine definitions: each known-bad definition is caught with a
+shortest counterexample; a sound one passes; random runs never reach what the
+verifier called unreachable (hypothesis)."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from typer.testing import CliRunner
+
+from ledgerflow import WorkflowDefinitionError
+from ledgerflow.cli import app
+from ledgerflow.statemachine import FindingKind, Machine, verify
+from ledgerflow.statemachine.verify import transition_labels
+
+
+def order(stock: int = 2) -> Machine:
+    """The order process: created -> approved | rejected -> placed (while stock lasts)."""
+    m = Machine("order", data={"stock": range(3)}, initial_data={"stock": stock})
+    m.state("created", initial=True)
+    m.state("approved")
+    m.state("placed", terminal=True)
+    m.state("rejected", terminal=True)
+    m.state("cancelled", terminal=True)
+    m.event("approve", payload={"approver": ["alice", "bob"]})
+    m.transition("created", "approve", "approved")
+    m.transition("created", "reject", "rejected")
+    m.transition(
+        "approved",
+        "place",
+        "placed",
+        guard=lambda data, payload: data["stock"] > 0,
+        update=lambda data, payload: {**data, "stock": data["stock"] - 1},
+    )
+    m.transition("approved", "cancel", "cancelled")
+    return m
+
+
+def test_a_sound_definition_has_no_findings() -> None:
+    report = verify(order())
+    assert report.ok, [str(f) for f in report.findings]
+    assert report.configurations == 5  # created, approved, placed, rejected, cancelled
+    assert not report.bounded
+
+
+def test_an_unreachable_state_and_a_dead_transition_are_named() -> None:
+    m = order()
+    m.state("archived", terminal=True)
+    m.state("limbo")
+    m.transition("limbo", "wake", "created")
+    m.transition("approved", "gift", "placed", guard=lambda data, payload: data["stock"] > 5)
+    report = verify(m)
+    assert {f.subject for f in report.of(FindingKind.UNREACHABLE_STATE)} == {"archived", "limbo"}
+    dead = {f.subject for f in report.of(FindingKind.DEAD_TRANSITION)}
+    assert dead == {"limbo --wake--> created", "approved --gift--> placed"}
+
+
+def test_a_deadlock_comes_with_the_shortest_trace_that_reaches_it() -> None:
+    m = order(stock=0)  # nothing to place, and no way to cancel either:
+    m.transitions = [t for t in m.transitions if t.event != "cancel"]
+    report = verify(m)
+    (deadlock,) = report.of(FindingKind.DEADLOCK)
+    assert deadlock.subject == "approved"
+    assert deadlock.trace == ("approve(approver='alice')",)
+    assert deadlock.start == "created [stock=0]"
+    assert "is not terminal and no event can move it" in str(deadlock)
+
+
+def test_a_trap_without_completion_is_found() -> None:
+    m = Machine("loop")
+    m.state("start", initial=True)
+    m.state("spin")
+    m.state("end", terminal=True)
+    m.transition("start", "go", "spin")
+    m.transition("start", "finish", "end")
+    m.transition("spin", "again", "spin")  # never a way out: not a deadlock, a trap
+    report = verify(m)
+    assert report.of(FindingKind.DEADLOCK) == []
+    (trap,) = report.of(FindingKind.NO_COMPLETION)
+    assert trap.subject == "spin"
+    assert trap.trace == ("go",)
+
+
+def test_nondeterministic_guards_are_caught_with_the_payload() -> None:
+    m = Machine("approval", data={"amount": [100, 5000]})
+    m.state("pending", initial=True)
+    m.state("approved", terminal=True)
+    m.state("escalated", terminal=True)
+    m.event("review", payload={"by": ["clerk", "manager"]})
+    m.transition(
+        "pending",
+        "review",
+        "approved",
+        guard=lambda d, p: d["amount"] < 1000 or p["by"] == "manager",
+    )
+    m.transition("pending", "review", "escalated", guard=lambda d, p: d["amount"] >= 1000)
+    report = verify(m)
+    (both,) = report.of(FindingKind.NONDETERMINISM)
+    assert "review(by='manager') enables 2 transitions" in both.message
+    assert both.start == "pending [amount=5000]"
+    assert both.trace == ()
+
+
+def test_a_violated_invariant_and_a_bad_update_are_reported() -> None:
+    m = order(stock=1)
+    m.transition(
+        "approved",
+        "restock",
+        "approved",
+        update=lambda data, payload: {**data, "stock": data["stock"] + 1},
+    )
+    report = verify(m, invariants={"stock never runs out": lambda state, data: data["stock"] > 0})
+    (broken,) = report.of(FindingKind.INVARIANT)
+    assert broken.subject == "stock never runs out"
+    assert broken.trace == ("approve(approver='alice')", "place")
+    (outside,) = report.of(FindingKind.OUT_OF_DOMAIN)
+    assert "stock=3 outside its domain" in outside.message
+    assert outside.trace == ("approve(approver='alice')", "restock")
+
+
+def test_a_guard_that_raises_is_a_finding_not_a_crash() -> None:
+    m = order()
+    m.transition("created", "hold", "approved", guard=lambda data, payload: data["missing"])
+    (raised,) = verify(m).of(FindingKind.GUARD_ERROR)
+    assert "KeyError" in raised.message
+
+
+def test_exploration_is_bounded_and_says_what_it_skipped() -> None:
+    m = Machine("counter", data={"n": range(1000)}, initial_data={"n": 0})
+    m.state("counting", initial=True)
+    m.state("done", terminal=True)
+    m.transition(
+        "counting",
+        "tick",
+        "counting",
+        guard=lambda d, p: d["n"] < 999,
+        update=lambda d, p: {"n": d["n"] + 1},
+    )
+    m.transition("counting", "stop", "done")
+    report = verify(m, max_configurations=100)
+    assert report.bounded
+    assert not report.ok
+    assert "unreachable states, dead transitions and completion were not checked" in report.notes[0]
+    assert verify(m).ok  # unbounded: 1,001 configurations, all fine
+
+
+def test_bad_definitions_are_refused_as_they_are_declared() -> None:
+    m = Machine("x", data={"n": [1, 2]})
+    m.state("a", initial=True)
+    with pytest.raises(WorkflowDefinitionError, match="two initial states"):
+        m.state("b", initial=True)
+    with pytest.raises(WorkflowDefinitionError, match="undeclared state 'zz'"):
+        m.transition("a", "go", "zz")
+    m.state("end", terminal=True)
+    with pytest.raises(WorkflowDefinitionError, match="terminal state 'end' has no way out"):
+        m.transition("end", "go", "a")
+    with pytest.raises(WorkflowDefinitionError, match="finite domain"):
+        Machine("y", data={"n": "abc"})
+    with pytest.raises(WorkflowDefinitionError, match="not in its domain"):
+        Machine("y", data={"n": [1]}, initial_data={"n": 2})
+
+
+# -- random runs never reach what verify called unreachable ---------------------------
+
+
+@st.composite
+def machines(draw: st.DrawFn) -> Machine:
+    states = draw(st.integers(2, 7))
+    m = Machine("random", data={"n": range(3)}, initial_data={"n": 0})
+    terminal = draw(st.sets(st.integers(1, states - 1), min_size=1, max_size=2))
+    for i in range(states):
+        m.state(f"s{i}", initial=i == 0, terminal=i in terminal)
+    events = ["a", "b", "c"]
+    for _ in range(draw(st.integers(1, 12))):
+        source = draw(st.sampled_from([i for i in range(states) if i not in terminal]))
+        target = draw(st.integers(0, states - 1))
+        bump = draw(st.booleans())
+        limit = draw(st.integers(0, 3))
+        m.transition(
+            f"s{source}",
+            draw(st.sampled_from(events)),
+            f"s{target}",
+            guard=_below(limit),
+            update=_bump if bump else None,
+        )
+    return m
+
+
+def _below(limit: int) -> Callable[[Mapping[str, Any], Mapping[str, Any]], bool]:
+    return lambda data, payload: bool(data["n"] < limit)
+
+
+def _bump(data: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+    return {"n": min(2, data["n"] + 1)}
+
+
+@given(machines(), st.integers(0, 2**32 - 1))
+def test_random_runs_never_reach_what_verify_called_unreachable(m: Machine, seed: int) -> None:
+    report = verify(m)
+    unreachable = {f.subject for f in report.of(FindingKind.UNREACHABLE_STATE)}
+    dead = {f.subject for f in report.of(FindingKind.DEAD_TRANSITION)}
+    labels = transition_labels(m)
+    rng = random.Random(seed)
+    state, data = "s0", {"n": 0}
+    for _ in range(30):
+        assert state not in unreachable
+        enabled = [
+            t for t in m.transitions if t.source == state and (t.guard is None or t.guard(data, {}))
+        ]
+        if not enabled:
+            break
+        t = rng.choice(enabled)
+        assert labels[m.transitions.index(t)] not in dead
+        data = dict(t.update(data, {})) if t.update else data
+        state = t.target
+    assert state not in unreachable
+
+
+# -- the CLI -----------------------------------------------------------------------------
+
+MACHINES = """
+from ledgerflow.statemachine import Machine
+
+def _order(place: bool) -> Machine:
+    m = Machine("order")
+    m.state("created", initial=True)
+    m.state("approved")
+    m.state("placed", terminal=True)
+    m.transition("created", "approve", "approved")
+    if place:
+        m.transition("approved", "place", "placed")
+    return m
+
+sound = _order(True)
+stuck = _order(False)
+made = lambda: _order(True)
+not_a_machine = 42
+"""
+
+
+def test_the_cli_verifies_a_definition_with_exit_codes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "sm_defs.py").write_text(MACHINES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    ok = runner.invoke(app, ["verify", "sm_defs:sound"], env={"COLUMNS": "200"})
+    assert ok.exit_code == 0, ok.output
+    assert "order v1: sound (3 configurations explored)" in ok.stdout
+    assert runner.invoke(app, ["verify", "sm_defs:made"]).exit_code == 0
+    bad = runner.invoke(app, ["verify", "sm_defs:stuck"], env={"COLUMNS": "200"})
+    assert bad.exit_code == 1
+    assert "NOT SOUND" in bad.stdout
+    assert "deadlock: approved is not terminal" in bad.stdout
+    assert "from created: approve" in bad.stdout
+    report = json.loads(runner.invoke(app, ["verify", "sm_defs:stuck", "--json"]).stdout)
+    assert report["ok"] is False
+    kinds = {f["kind"] for f in report["findings"]}
+    assert kinds == {"deadlock", "no_completion", "unreachable_state"}
+    for target, said in [
+        ("sm_defs:not_a_machine", "expected a state machine"),
+        ("sm_defs", "expected module:attribute"),
+        ("no_such_module:x", "cannot import"),
+    ]:
+        refused = runner.invoke(app, ["verify", target])
+        assert refused.exit_code == 2
+        assert said in refused.stderr
