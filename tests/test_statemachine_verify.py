@@ -17,7 +17,15 @@ from typer.testing import CliRunner
 
 from ledgerflow import WorkflowDefinitionError
 from ledgerflow.cli import app
-from ledgerflow.statemachine import FindingKind, Machine, verify
+from ledgerflow.statemachine import (
+    FindingKind,
+    Machine,
+    always,
+    eventually,
+    leads_to,
+    never,
+    verify,
+)
 from ledgerflow.statemachine.verify import transition_labels
 
 
@@ -147,7 +155,10 @@ def test_exploration_is_bounded_and_says_what_it_skipped() -> None:
     report = verify(m, max_configurations=100)
     assert report.bounded
     assert not report.ok
-    assert "unreachable states, dead transitions and completion were not checked" in report.notes[0]
+    assert (
+        "unreachable states, dead transitions, completion and liveness were not checked"
+        in report.notes[0]
+    )
     assert verify(m).ok  # unbounded: 1,001 configurations, all fine
 
 
@@ -221,6 +232,27 @@ def test_random_runs_never_reach_what_verify_called_unreachable(m: Machine, seed
         data = dict(t.update(data, {})) if t.update else data
         state = t.target
     assert state not in unreachable
+    # Where verify saw no deadlock and no trap, every run can still complete: an
+    # independent search from where the random run got to finds a terminal state.
+    if not report.of(FindingKind.DEADLOCK) and not report.of(FindingKind.NO_COMPLETION):
+        assert _can_complete(m, state, data)
+
+
+def _can_complete(m: Machine, state: str, data: Mapping[str, Any]) -> bool:
+    todo, seen = [(state, tuple(sorted(data.items())))], set()
+    while todo:
+        at, frozen = todo.pop()
+        if m.states[at].terminal:
+            return True
+        if (at, frozen) in seen:
+            continue
+        seen.add((at, frozen))
+        values = dict(frozen)
+        for t in m.transitions:
+            if t.source == at and (t.guard is None or t.guard(values, {})):
+                after = dict(t.update(values, {})) if t.update else values
+                todo.append((t.target, tuple(sorted(after.items()))))
+    return False
 
 
 # -- the CLI -----------------------------------------------------------------------------
@@ -272,3 +304,69 @@ def test_the_cli_verifies_a_definition_with_exit_codes(
         refused = runner.invoke(app, ["verify", target])
         assert refused.exit_code == 2
         assert said in refused.stderr
+
+
+# -- temporal properties -------------------------------------------------------------------
+
+
+def test_safety_properties_are_checked_on_every_configuration() -> None:
+    m = order(stock=1)
+    m.property("placed orders took stock", never(lambda s, d: s == "placed" and d["stock"] == 1))
+    m.property("stock lasts", always(lambda s, d: d["stock"] > 0))
+    report = verify(m)
+    (failed,) = report.of(FindingKind.PROPERTY)
+    assert failed.subject == "stock lasts"
+    assert "always property 'stock lasts' does not hold in placed [stock=0]" in failed.message
+    assert failed.trace == ("approve(approver='alice')", "place")
+
+
+def test_eventually_fails_on_a_cycle_that_avoids_the_goal() -> None:
+    m = order()
+    m.state("on_hold")
+    m.transition("approved", "hold", "on_hold")
+    m.transition("on_hold", "resume", "approved")
+    m.property("completes", eventually(lambda s, d: m.states[s].terminal))
+    report = verify(m)
+    assert report.of(FindingKind.NO_COMPLETION) == []  # completion stays possible...
+    (failed,) = report.of(FindingKind.PROPERTY)  # ...but is not forced: no fairness
+    assert failed.trace == ("approve(approver='alice')", "hold", "resume")
+    assert "repeats hold -> resume from approved [stock=2] forever" in failed.message
+    assert any("no fairness" in note for note in report.notes)
+
+
+def test_leads_to_names_the_run_that_never_gets_there() -> None:
+    m = order()
+    m.property(
+        "approval leads to an end",
+        leads_to(lambda s, d: s == "approved", lambda s, d: m.states[s].terminal),
+    )
+    m.property(
+        "creation leads to placing",
+        leads_to(lambda s, d: s == "created", lambda s, d: s == "placed"),
+    )
+    report = verify(m)
+    (failed,) = report.of(FindingKind.PROPERTY)
+    assert failed.subject == "creation leads to placing"
+    assert failed.trace == ("approve(approver='alice')", "cancel")
+    assert "and stops in cancelled [stock=2]" in failed.message
+
+
+def test_liveness_is_not_guessed_on_a_bounded_exploration() -> None:
+    m = Machine("counter", data={"n": range(500)}, initial_data={"n": 0})
+    m.state("counting", initial=True)
+    m.state("done", terminal=True)
+    m.transition(
+        "counting",
+        "tick",
+        "counting",
+        guard=lambda d, p: d["n"] < 499,
+        update=lambda d, p: {"n": d["n"] + 1},
+    )
+    m.transition("counting", "stop", "done")
+    m.property("ends", eventually(lambda s, d: s == "done"))
+    report = verify(m, max_configurations=50)
+    assert report.bounded
+    assert report.of(FindingKind.PROPERTY) == []
+    assert "liveness were not checked" in report.notes[0]
+    full = verify(m)  # a run may tick up to 499 and stop there: fine; stop is always on
+    assert full.of(FindingKind.PROPERTY) == []

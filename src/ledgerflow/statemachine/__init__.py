@@ -6,6 +6,7 @@ running instances on the engine comes with the executor interface (issue 15)."""
 from __future__ import annotations
 
 from .definition import Event, Machine, State, Transition
+from .temporal import Property, always, eventually, leads_to, never
 from .verify import Config, Finding, FindingKind, Report, verify
 
 __all__ = [
@@ -14,8 +15,13 @@ __all__ = [
     "Finding",
     "FindingKind",
     "Machine",
+    "Property",
     "Report",
     "State",
     "Transition",
+    "always",
+    "eventually",
+    "leads_to",
+    "never",
     "verify",
 ]

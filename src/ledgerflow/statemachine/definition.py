@@ -27,9 +27,12 @@ import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..errors import WorkflowDefinitionError
+
+if TYPE_CHECKING:
+    from .temporal import Property
 
 __all__ = ["Data", "Event", "Guard", "Machine", "State", "Transition", "Update"]
 
@@ -112,6 +115,8 @@ class Machine:
         self.transitions: list[Transition] = []
         self.invariants: dict[str, Callable[[str, Data], bool]] = {}
         """What must hold in every reachable configuration: ``verify`` checks them."""
+        self.properties: dict[str, Property] = {}
+        """Temporal properties (``statemachine.temporal``) ``verify`` checks."""
 
     def state(self, name: str, *, initial: bool = False, terminal: bool = False) -> State:
         if not isinstance(name, str) or not name:
@@ -169,6 +174,13 @@ class Machine:
         if name in self.invariants:
             raise WorkflowDefinitionError(f"machine {self.name!r}: invariant {name!r} twice")
         self.invariants[name] = holds
+
+    def property(self, name: str, prop: Property) -> None:
+        """Declare a temporal property: ``always(p)``, ``never(p)``, ``eventually(p)``
+        or ``leads_to(p, q)`` (``statemachine.temporal``)."""
+        if name in self.properties or name in self.invariants:
+            raise WorkflowDefinitionError(f"machine {self.name!r}: property {name!r} twice")
+        self.properties[name] = prop
 
     def initial(self) -> State:
         found = [s for s in self.states.values() if s.initial]

@@ -12,6 +12,8 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``nondeterminism``: a configuration where one event with one payload enables two
   transitions (their guards both hold);
 - ``invariant``: a reachable configuration where a user's invariant does not hold;
+- ``property``: a temporal property (``temporal.always``, ``never``, ``eventually``,
+  ``leads_to``) that fails, with a run that shows it (no fairness assumed);
 - ``guard_error`` and ``out_of_domain``: a guard or update that raised, or an update
   that left a data field's declared domain.
 
@@ -30,6 +32,7 @@ from types import MappingProxyType
 from typing import Any
 
 from .definition import Data, Machine, Transition
+from .temporal import Property, avoiding_run, must_reach
 
 __all__ = ["Config", "Finding", "FindingKind", "Report", "transition_labels", "verify"]
 
@@ -45,6 +48,7 @@ class FindingKind(enum.StrEnum):
     NO_COMPLETION = "no_completion"
     NONDETERMINISM = "nondeterminism"
     INVARIANT = "invariant"
+    PROPERTY = "property"
     GUARD_ERROR = "guard_error"
     OUT_OF_DOMAIN = "out_of_domain"
 
@@ -125,12 +129,20 @@ def verify(
     machine: Machine,
     *,
     invariants: Mapping[str, Invariant] | None = None,
+    properties: Mapping[str, Property] | None = None,
     max_configurations: int = MAX_CONFIGURATIONS,
 ) -> Report:
     """Explore ``machine`` and report what is wrong with it (see the module docstring).
-    ``invariants`` add to those the machine declares."""
+    ``invariants`` and ``properties`` add to those the machine declares."""
     initial = machine.initial()
-    invariants = {**machine.invariants, **(invariants or {})}
+    checks = {**machine.properties, **(properties or {})}
+    invariants = {
+        **machine.invariants,
+        **(invariants or {}),
+        **{n: p.p for n, p in checks.items() if p.kind == "always"},
+        **{n: _not(p.p) for n, p in checks.items() if p.kind == "never"},
+    }
+    liveness = {n: p for n, p in checks.items() if p.kind in ("eventually", "leads_to")}
     findings: list[Finding] = []
     seen_kinds: set[tuple[FindingKind, str]] = set()
     parent: dict[Config, tuple[Config, str] | None] = {}
@@ -151,12 +163,18 @@ def verify(
             steps.append(label)
         return str(origin[config]), tuple(reversed(steps))
 
-    def found(kind: FindingKind, subject: str, message: str, at: Config | None) -> None:
+    def found(
+        kind: FindingKind,
+        subject: str,
+        message: str,
+        at: Config | None,
+        then: tuple[str, ...] = (),
+    ) -> None:
         if (kind, subject) in seen_kinds:
             return  # the first (a shortest) counterexample per subject
         seen_kinds.add((kind, subject))
         start, steps = trace(at) if at is not None else ("", ())
-        findings.append(Finding(kind, subject, message, steps, start))
+        findings.append(Finding(kind, subject, message, steps + then, start))
 
     labels = transition_labels(machine)
     by_source: dict[str, list[tuple[int, Transition]]] = {}
@@ -164,7 +182,8 @@ def verify(
         by_source.setdefault(t.source, []).append((index, t))
     reached: set[str] = set()
     fired: set[int] = set()
-    edges: dict[Config, set[Config]] = {}
+    edges: dict[Config, dict[Config, str]] = {}
+    """Each configuration's successors, with the (first) event that leads there."""
     bounded = False
     count = 0
     while queue:
@@ -173,24 +192,17 @@ def verify(
         reached.add(config.state)
         data = config.values()
         for name, holds in invariants.items():
+            prop = checks.get(name)
+            kind = FindingKind.PROPERTY if prop is not None else FindingKind.INVARIANT
+            what = f"{prop.kind} property" if prop is not None else "invariant"
             try:
                 ok = bool(holds(config.state, data))
             except Exception as exc:  # noqa: BLE001 - a finding, with its trace
-                found(
-                    FindingKind.INVARIANT,
-                    name,
-                    f"invariant {name!r} raised {exc!r} in {config}",
-                    config,
-                )
+                found(kind, name, f"{what} {name!r} raised {exc!r} in {config}", config)
                 continue
             if not ok:
-                found(
-                    FindingKind.INVARIANT,
-                    name,
-                    f"invariant {name!r} does not hold in {config}",
-                    config,
-                )
-        outs = edges.setdefault(config, set())
+                found(kind, name, f"{what} {name!r} does not hold in {config}", config)
+        outs = edges.setdefault(config, {})
         enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], list[int]] = {}
         for index, t in by_source.get(config.state, ()):
             event = machine.events[t.event]
@@ -230,7 +242,7 @@ def verify(
                     )
                     continue
                 target = Config(t.target, _key(after))
-                outs.add(target)
+                outs.setdefault(target, _label(t.event, payload))
                 if target not in parent:
                     if len(parent) >= max_configurations:
                         bounded = True
@@ -260,7 +272,7 @@ def verify(
     if bounded:
         notes.append(
             f"stopped at {max_configurations} configurations: unreachable states, dead "
-            "transitions and completion were not checked"
+            "transitions, completion and liveness were not checked"
         )
     else:
         for state in machine.states:
@@ -277,6 +289,12 @@ def verify(
                     None,
                 )
         _completion(machine, parent, edges, found)
+        if liveness:
+            notes.append(
+                "liveness checked with no fairness: a run may loop forever, so a cycle "
+                "that avoids the goal is a counterexample"
+            )
+            _liveness(liveness, parent, edges, found)
     return Report(
         machine.name,
         machine.version,
@@ -300,7 +318,7 @@ def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
 def _completion(
     machine: Machine,
     parent: Mapping[Config, object],
-    edges: Mapping[Config, set[Config]],
+    edges: Mapping[Config, Mapping[Config, str]],
     found: Callable[[FindingKind, str, str, Config | None], None],
 ) -> None:
     """Every reachable configuration must still be able to reach a terminal one."""
@@ -323,3 +341,54 @@ def _completion(
                 f"from {config} no terminal state can be reached any more",
                 config,
             )
+
+
+def _not(p: Callable[[str, Data], bool]) -> Callable[[str, Data], bool]:
+    return lambda state, data: not p(state, data)
+
+
+def _holds(p: Callable[[str, Data], bool]) -> Callable[[object], bool]:
+    def test(config: object) -> bool:
+        assert isinstance(config, Config)
+        try:
+            return bool(p(config.state, config.values()))
+        except Exception:  # noqa: BLE001 - a predicate that raises does not hold
+            return False
+
+    return test
+
+
+def _liveness(
+    liveness: Mapping[str, Property],
+    parent: Mapping[Config, object],
+    edges: Mapping[Config, Mapping[Config, str]],
+    found: Callable[..., None],
+) -> None:
+    configs = list(parent)  # discovery order: the first failure has a shortest prefix
+    graph: Mapping[object, Mapping[object, str]] = edges  # type: ignore[assignment]
+    for name, prop in liveness.items():
+        goal = prop.q if prop.kind == "leads_to" else prop.p
+        assert goal is not None
+        inside = must_reach(configs, graph, _holds(goal))
+        if prop.kind == "eventually":
+            suspects = [c for c in configs if parent[c] is None]
+        else:
+            trigger = _holds(prop.p)
+            suspects = [c for c in configs if trigger(c)]
+        for config in suspects:
+            if config in inside:
+                continue
+            then, ending = avoiding_run(config, graph, inside, str)
+            what = (
+                "not every run from the start reaches its goal"
+                if prop.kind == "eventually"
+                else f"from {config}, not every run reaches its goal"
+            )
+            found(
+                FindingKind.PROPERTY,
+                name,
+                f"{prop.kind} property {name!r}: {what}: a run {ending}",
+                config,
+                then,
+            )
+            break
