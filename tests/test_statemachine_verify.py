@@ -370,3 +370,44 @@ def test_liveness_is_not_guessed_on_a_bounded_exploration() -> None:
     assert "liveness were not checked" in report.notes[0]
     full = verify(m)  # a run may tick up to 499 and stop there: fine; stop is always on
     assert full.of(FindingKind.PROPERTY) == []
+
+
+# -- diagrams -------------------------------------------------------------------------------
+
+
+def test_diagrams_draw_every_state_and_transition_and_highlight_the_current_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ledgerflow.statemachine.diagram import dot, mermaid
+
+    m = order()
+    m.state("on hold")  # a name that is no identifier
+    m.transition("approved", "hold", "on hold")
+    m.transition("on hold", "resume", "approved")
+    chart = mermaid(m, current="approved", path=["created"])
+    assert chart.startswith("stateDiagram-v2\n")
+    assert "    [*] --> created" in chart
+    assert "    approved --> placed : place [guard]" in chart
+    assert '    state "on hold" as on_hold' in chart
+    assert "    approved --> on_hold : hold" in chart
+    for terminal in ("placed", "rejected", "cancelled"):
+        assert f"    {terminal} --> [*]" in chart
+    assert "    class approved current" in chart
+    assert "    class created visited" in chart
+    graph = dot(m, current="approved")
+    assert graph.startswith('digraph "order v1" {')
+    assert 'placed [label="placed", shape=doublecircle];' in graph
+    assert 'approved [label="approved", shape=circle, style=filled, fillcolor="#ffe08a"];' in graph
+    assert 'on_hold -> approved [label="resume"];' in graph
+    # From the CLI.
+    (tmp_path / "sm_diagram.py").write_text(MACHINES)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    runner = CliRunner()
+    out = runner.invoke(app, ["diagram", "sm_diagram:sound", "--current", "approved"])
+    assert out.exit_code == 0, out.output
+    assert "class approved current" in out.stdout
+    as_dot = runner.invoke(app, ["diagram", "sm_diagram:sound", "--format", "dot"])
+    assert as_dot.stdout.startswith('digraph "order v1"')
+    bad = runner.invoke(app, ["diagram", "sm_diagram:sound", "--current", "nowhere"])
+    assert bad.exit_code == 2
+    assert "has no state 'nowhere'" in bad.stderr

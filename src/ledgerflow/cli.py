@@ -24,6 +24,7 @@ from .hashing import from_micros
 from .resilience import Policy, PolicyVersion, check_policy, policy_document, with_settings
 from .statemachine import Machine
 from .statemachine import verify as verify_machine
+from .statemachine.diagram import dot, mermaid
 from .store import open_store
 from .store.runtime import ResourceRow
 from .workflow.client import WorkflowClient
@@ -891,6 +892,26 @@ def verify_command(
             out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
     if not report.ok:
         raise typer.Exit(1)
+
+
+@app.command("diagram")
+def diagram_command(
+    target: Annotated[str, typer.Argument(help="The definition: module:attribute (a Machine).")],
+    fmt: Annotated[
+        str, typer.Option("--format", help="mermaid (stateDiagram-v2) or dot (Graphviz).")
+    ] = "mermaid",
+    current: Annotated[
+        str | None, typer.Option(help="A state to highlight (an instance's current one).")
+    ] = None,
+) -> None:
+    """Print a state machine as a diagram: Mermaid or Graphviz DOT source."""
+    machine = _machine(target)
+    if fmt not in ("mermaid", "dot"):
+        _fail(f"--format must be mermaid or dot, not {fmt!r}")
+    if current is not None and current not in machine.states:
+        _fail(f"--current: machine {machine.name!r} has no state {current!r}")
+    draw = mermaid if fmt == "mermaid" else dot
+    typer.echo(draw(machine, current=current), nl=False)
 
 
 @app.command("worker")
