@@ -94,3 +94,57 @@ def test_mypy_strict_refuses_wrong_steps_children_and_starts(tmp_path: Path) -> 
     unexpected = sorted(flagged - expected)
     assert not missed, f"mypy accepted wrong lines {[lines[n - 1] for n in missed]}\n{out}{err}"
     assert not unexpected, f"mypy refused good lines {[lines[n - 1] for n in unexpected]}\n{out}"
+
+
+TYPESTATE = """
+from typestate import Order, Approved, Created, Placed, Rejected, new_order
+
+created: Order[Created] = new_order("o-1", "acme", 1250)
+approved: Order[Approved] = created.approve("alice")
+placed: Order[Placed] = approved.place("PO-1")
+rejected: Order[Rejected] = new_order("o-2", "acme", 10).reject("bob", "credit limit")
+cancelled = created.approve("carol").cancel("customer withdrew")
+rejected.approve("alice")  # E: a rejected order cannot be approved
+placed.cancel("too late")  # E: a placed order cannot be cancelled
+created.place("PO-2")  # E: an order is placed only once approved
+approved.approve("dave")  # E: approved twice
+wrong: Order[Approved] = created  # E: a created order is not an approved one
+"""
+
+
+@pytest.mark.slow
+def test_the_order_typestate_makes_illegal_transitions_type_errors(tmp_path: Path) -> None:
+    """The pattern of examples/orders/typestate.py (brief §3.1): each line marked
+    ``# E`` must fail ``mypy --strict``, and the legal path must type-check."""
+    source = tmp_path / "snippet.py"
+    source.write_text(TYPESTATE)
+    example = Path(__file__).parent.parent / "examples" / "orders"
+    out, err = _mypy_with_path(tmp_path, source, example)
+    flagged = {int(m[1]) for m in re.finditer(r"snippet\.py:(\d+): error", out)}
+    lines = TYPESTATE.splitlines()
+    expected = {n for n, line in enumerate(lines, start=1) if "# E" in line}
+    missed = sorted(expected - flagged)
+    unexpected = sorted(flagged - expected)
+    assert not missed, (
+        f"mypy accepted illegal transitions {[lines[n - 1] for n in missed]}\n{out}{err}"
+    )
+    assert not unexpected, f"mypy refused legal lines {[lines[n - 1] for n in unexpected]}\n{out}"
+
+
+def _mypy_with_path(tmp_path: Path, source: Path, extra: Path) -> tuple[str, str]:
+    """mypy --strict on ``source``, with ``extra`` on its module search path."""
+    config = tmp_path / "mypy.ini"
+    config.write_text(f"[mypy]\nmypy_path = {extra}\n")
+    out, err, _ = api.run(
+        [
+            "--strict",
+            "--no-error-summary",
+            "--show-error-codes",
+            "--config-file",
+            str(config),
+            "--cache-dir",
+            str(tmp_path / ".mypy_cache"),
+            str(source),
+        ]
+    )
+    return out, err
