@@ -411,3 +411,67 @@ def test_diagrams_draw_every_state_and_transition_and_highlight_the_current_one(
     bad = runner.invoke(app, ["diagram", "sm_diagram:sound", "--current", "nowhere"])
     assert bad.exit_code == 2
     assert "has no state 'nowhere'" in bad.stderr
+
+
+# -- parallel regions: fork and join, verified as a workflow net -------------------------
+
+
+def fulfilment(*, early_exit: bool = False, dead_branch: bool = False) -> Machine:
+    """approved -> fork (reserve stock | charge card) -> join -> placed."""
+    m = Machine("fulfilment")
+    m.state("approved", initial=True)
+    for name in ("reserving", "reserved", "charging", "charged"):
+        m.state(name)
+    m.state("placed", terminal=True)
+    if early_exit:
+        m.state("failed", terminal=True)
+    m.transition("approved", "start", ["reserving", "charging"])
+    m.transition("reserving", "reserve", "reserved")
+    if not dead_branch:
+        m.transition("charging", "charge", "charged")
+    m.transition(["reserved", "charged"], "place", "placed")
+    if early_exit:  # the card is declined: the process ends, the warehouse still works
+        m.transition("charging", "decline", "failed")
+    return m
+
+
+def test_a_sound_fork_and_join_verify_as_a_workflow_net() -> None:
+    report = verify(fulfilment())
+    assert report.ok, [str(f) for f in report.findings]
+    # approved; reserving+charging; reserved+charging; reserving+charged; reserved+charged; placed
+    assert report.configurations == 6
+
+
+def test_ending_one_region_while_another_runs_is_improper_completion() -> None:
+    report = verify(fulfilment(early_exit=True))
+    improper, later = report.of(FindingKind.IMPROPER_COMPLETION)  # the shortest first
+    assert later.subject == "failed+reserved"
+    assert improper.subject == "failed+reserving"
+    assert improper.trace == ("start", "decline")
+    assert "reached an end while other regions still run" in improper.message
+
+
+def test_a_join_waiting_for_a_region_that_cannot_arrive_deadlocks() -> None:
+    report = verify(fulfilment(dead_branch=True))
+    (stuck,) = report.of(FindingKind.DEADLOCK)
+    assert stuck.subject == "charging+reserved"
+    assert stuck.trace == ("start", "reserve")
+    assert {f.subject for f in report.of(FindingKind.DEAD_TRANSITION)} == {
+        "reserved+charged --place--> placed"
+    }
+    assert {f.subject for f in report.of(FindingKind.UNREACHABLE_STATE)} == {"charged", "placed"}
+
+
+def test_forks_and_joins_are_drawn_as_bars() -> None:
+    from ledgerflow.statemachine.diagram import dot, mermaid
+
+    chart = mermaid(fulfilment())
+    assert "    state fork_1 <<fork>>" in chart
+    assert "    approved --> fork_1 : start" in chart
+    assert "    fork_1 --> reserving" in chart
+    assert "    state join_4 <<join>>" in chart
+    assert "    charged --> join_4" in chart
+    assert "    join_4 --> placed : place" in chart
+    graph = dot(fulfilment())
+    assert '__bar_1 [shape=box, style=filled, fillcolor=black, label=""' in graph
+    assert "__bar_4 -> placed;" in graph

@@ -24,7 +24,7 @@ field and each event payload field lists its possible values.
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
@@ -65,6 +65,11 @@ class Event:
 
 @dataclass(frozen=True, slots=True)
 class Transition:
+    """``source --event--> target``. A fork has several targets (each a region that
+    runs on its own), a join several sources (all must be reached before it fires):
+    ``sources``/``targets`` hold them, ``source``/``target`` the names joined by
+    ``+``."""
+
     source: str
     event: str
     target: str
@@ -72,6 +77,8 @@ class Transition:
     update: Update | None = None
     name: str = ""
     """How findings name it: ``source --event--> target`` unless given."""
+    sources: tuple[str, ...] = ()
+    targets: tuple[str, ...] = ()
 
     def label(self) -> str:
         return self.name or f"{self.source} --{self.event}--> {self.target}"
@@ -144,28 +151,38 @@ class Machine:
 
     def transition(
         self,
-        source: str,
+        source: str | Sequence[str],
         event: str,
-        target: str,
+        target: str | Sequence[str],
         *,
         guard: Guard | None = None,
         update: Update | None = None,
         name: str = "",
     ) -> Transition:
         """``source --event--> target``; an event not declared with ``event`` is one
-        without payload."""
-        for which in (source, target):
+        without payload. Several targets fork parallel regions; several sources join
+        them (the transition fires once every one of them is reached)."""
+        sources = (source,) if isinstance(source, str) else tuple(source)
+        targets = (target,) if isinstance(target, str) else tuple(target)
+        if not sources or not targets:
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: a transition needs a source and a target"
+            )
+        for which in (*sources, *targets):
             if which not in self.states:
                 raise WorkflowDefinitionError(
                     f"machine {self.name!r}: transition on undeclared state {which!r}"
                 )
-        if self.states[source].terminal:
-            raise WorkflowDefinitionError(
-                f"machine {self.name!r}: terminal state {source!r} has no way out"
-            )
+        for which in sources:
+            if self.states[which].terminal:
+                raise WorkflowDefinitionError(
+                    f"machine {self.name!r}: terminal state {which!r} has no way out"
+                )
         if event not in self.events:
             self.event(event)
-        made = Transition(source, event, target, guard, update, name)
+        made = Transition(
+            "+".join(sources), event, "+".join(targets), guard, update, name, sources, targets
+        )
         self.transitions.append(made)
         return made
 

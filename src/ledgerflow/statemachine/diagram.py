@@ -29,9 +29,23 @@ def mermaid(machine: Machine, *, current: str | None = None, path: Collection[st
         if _id(state.name) != state.name:
             lines.append(f'    state "{state.name}" as {_id(state.name)}')
     lines.append(f"    [*] --> {_id(machine.initial().name)}")
-    for t in machine.transitions:
+    for i, t in enumerate(machine.transitions, start=1):
         label = _edge_label(t.event, t.guard is not None)
-        lines.append(f"    {_id(t.source)} --> {_id(t.target)} : {label}")
+        sources, targets = t.sources or (t.source,), t.targets or (t.target,)
+        if len(sources) == 1 and len(targets) == 1:
+            lines.append(f"    {_id(sources[0])} --> {_id(targets[0])} : {label}")
+            continue
+        # A fork or join: a bar, the event on the edge that enters or leaves it.
+        bar = f"{'join' if len(sources) > 1 else 'fork'}_{i}"
+        lines.append(f"    state {bar} <<{'join' if len(sources) > 1 else 'fork'}>>")
+        if len(sources) > 1:
+            lines.extend(f"    {_id(s)} --> {bar}" for s in sources)
+        else:
+            lines.append(f"    {_id(sources[0])} --> {bar} : {label}")
+        if len(sources) > 1 and len(targets) == 1:
+            lines.append(f"    {bar} --> {_id(targets[0])} : {label}")
+        else:
+            lines.extend(f"    {bar} --> {_id(t_)}" for t_ in targets)
     for state in machine.states.values():
         if state.terminal:
             lines.append(f"    {_id(state.name)} --> [*]")
@@ -59,8 +73,18 @@ def dot(machine: Machine, *, current: str | None = None, path: Collection[str] =
             attrs.append('style=filled, fillcolor="#e8f0fe"')
         lines.append(f'    {_id(state.name)} [label="{state.name}", {", ".join(attrs)}];')
     lines.append(f"    __start -> {_id(machine.initial().name)};")
-    for t in machine.transitions:
+    for i, t in enumerate(machine.transitions, start=1):
         label = _edge_label(t.event, t.guard is not None)
-        lines.append(f'    {_id(t.source)} -> {_id(t.target)} [label="{label}"];')
+        sources, targets = t.sources or (t.source,), t.targets or (t.target,)
+        if len(sources) == 1 and len(targets) == 1:
+            lines.append(f'    {_id(sources[0])} -> {_id(targets[0])} [label="{label}"];')
+            continue
+        bar = f"__bar_{i}"
+        lines.append(
+            f'    {bar} [shape=box, style=filled, fillcolor=black, label="", '
+            "height=0.05, width=0.6];"
+        )
+        lines.extend(f'    {_id(s)} -> {bar} [label="{label}"];' for s in sources)
+        lines.extend(f"    {bar} -> {_id(t_)};" for t_ in targets)
     lines.append("}")
     return "\n".join(lines) + "\n"

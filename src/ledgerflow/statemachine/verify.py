@@ -15,7 +15,14 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``property``: a temporal property (``temporal.always``, ``never``, ``eventually``,
   ``leads_to``) that fails, with a run that shows it (no fairness assumed);
 - ``guard_error`` and ``out_of_domain``: a guard or update that raised, or an update
-  that left a data field's declared domain.
+  that left a data field's declared domain;
+- ``improper_completion``: with parallel regions (fork/join), a configuration that has
+  reached a terminal state while other regions still hold states.
+
+With parallel regions a configuration is a marking of the definition's workflow net
+(the states it is in, one per running region); it has completed when it is in one
+terminal state alone. No deadlock, no configuration that cannot complete, no
+improper completion and no dead transition together are workflow-net soundness.
 
 Exploration stops at ``max_configurations`` (the report says it is ``bounded``): what
 was found holds, and what needs the whole graph (unreachable, dead, completion) is
@@ -51,14 +58,23 @@ class FindingKind(enum.StrEnum):
     PROPERTY = "property"
     GUARD_ERROR = "guard_error"
     OUT_OF_DOMAIN = "out_of_domain"
+    IMPROPER_COMPLETION = "improper_completion"
 
 
 @dataclass(frozen=True, slots=True)
 class Config:
-    """A configuration: the state, and the data as sorted (field, value) pairs."""
+    """A configuration: the states it is in (sorted; several with parallel regions,
+    the marking of the definition's workflow net) and the data as sorted (field,
+    value) pairs."""
 
-    state: str
+    marking: tuple[str, ...]
     data: tuple[tuple[str, Any], ...]
+
+    @property
+    def state(self) -> str:
+        """The states, joined by ``+`` (one state's name, without regions): what
+        invariants and properties are given."""
+        return "+".join(self.marking)
 
     def values(self) -> Data:
         return MappingProxyType(dict(self.data))
@@ -149,7 +165,7 @@ def verify(
     origin: dict[Config, Config] = {}
     queue: deque[Config] = deque()
     for data in machine.starts():
-        start = Config(initial.name, _key(data))
+        start = Config((initial.name,), _key(data))
         if start not in parent:
             parent[start] = None
             origin[start] = start
@@ -179,7 +195,7 @@ def verify(
     labels = transition_labels(machine)
     by_source: dict[str, list[tuple[int, Transition]]] = {}
     for index, t in enumerate(machine.transitions):
-        by_source.setdefault(t.source, []).append((index, t))
+        by_source.setdefault(t.sources[0], []).append((index, t))
     reached: set[str] = set()
     fired: set[int] = set()
     edges: dict[Config, dict[Config, str]] = {}
@@ -189,7 +205,7 @@ def verify(
     while queue:
         config = queue.popleft()
         count += 1
-        reached.add(config.state)
+        reached.update(config.marking)
         data = config.values()
         for name, holds in invariants.items():
             prop = checks.get(name)
@@ -204,7 +220,7 @@ def verify(
                 found(kind, name, f"{what} {name!r} does not hold in {config}", config)
         outs = edges.setdefault(config, {})
         enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], list[int]] = {}
-        for index, t in by_source.get(config.state, ()):
+        for index, t in _candidates(by_source, config.marking):
             event = machine.events[t.event]
             for payload in event.payloads():
                 try:
@@ -241,7 +257,7 @@ def verify(
                         config,
                     )
                     continue
-                target = Config(t.target, _key(after))
+                target = Config(_fire(config.marking, t), _key(after))
                 outs.setdefault(target, _label(t.event, payload))
                 if target not in parent:
                     if len(parent) >= max_configurations:
@@ -260,7 +276,14 @@ def verify(
                     + ", ".join(labels[i] for i in ts),
                     config,
                 )
-        terminal = machine.states[config.state].terminal
+        terminal = _final(machine, config.marking)
+        if not terminal and _ended(machine, config.marking):
+            found(
+                FindingKind.IMPROPER_COMPLETION,
+                config.state,
+                f"{config} has reached an end while other regions still run",
+                config,
+            )
         if not terminal and not enabled:
             found(
                 FindingKind.DEADLOCK,
@@ -326,7 +349,7 @@ def _completion(
     for source, targets in edges.items():
         for target in targets:
             back.setdefault(target, []).append(source)
-    done = {c for c in parent if machine.states[c.state].terminal}
+    done = {c for c in parent if _final(machine, c.marking)}
     todo = deque(done)
     while todo:
         for source in back.get(todo.popleft(), ()):
@@ -392,3 +415,39 @@ def _liveness(
                 then,
             )
             break
+
+
+def _candidates(
+    by_source: Mapping[str, list[tuple[int, Transition]]], marking: tuple[str, ...]
+) -> list[tuple[int, Transition]]:
+    """The transitions whose sources the marking holds (each as often as it needs)."""
+    held: dict[str, int] = {}
+    for state in marking:
+        held[state] = held.get(state, 0) + 1
+    found: list[tuple[int, Transition]] = []
+    for state in held:
+        for index, t in by_source.get(state, ()):
+            need: dict[str, int] = {}
+            for source in t.sources:
+                need[source] = need.get(source, 0) + 1
+            if all(held.get(s, 0) >= n for s, n in need.items()):
+                found.append((index, t))
+    found.sort(key=lambda pair: pair[0])
+    return found
+
+
+def _fire(marking: tuple[str, ...], t: Transition) -> tuple[str, ...]:
+    left = list(marking)
+    for source in t.sources:
+        left.remove(source)
+    return tuple(sorted([*left, *t.targets]))
+
+
+def _final(machine: Machine, marking: tuple[str, ...]) -> bool:
+    """Completed: in one terminal state alone."""
+    return len(marking) == 1 and machine.states[marking[0]].terminal
+
+
+def _ended(machine: Machine, marking: tuple[str, ...]) -> bool:
+    """Some region reached a terminal state."""
+    return any(machine.states[s].terminal for s in marking)
