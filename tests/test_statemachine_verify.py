@@ -140,18 +140,24 @@ def test_a_guard_that_raises_is_a_finding_not_a_crash() -> None:
     assert "KeyError" in raised.message
 
 
-def test_exploration_is_bounded_and_says_what_it_skipped() -> None:
-    m = Machine("counter", data={"n": range(1000)}, initial_data={"n": 0})
+def counter(size: int) -> Machine:
+    """Counts up to ``size - 1``, and may stop at any time: ``size + 1`` configurations."""
+    m = Machine("counter", data={"n": range(size)}, initial_data={"n": 0})
     m.state("counting", initial=True)
     m.state("done", terminal=True)
     m.transition(
         "counting",
         "tick",
         "counting",
-        guard=lambda d, p: d["n"] < 999,
+        guard=lambda d, p: d["n"] < size - 1,
         update=lambda d, p: {"n": d["n"] + 1},
     )
     m.transition("counting", "stop", "done")
+    return m
+
+
+def test_exploration_is_bounded_and_says_what_it_skipped() -> None:
+    m = counter(1000)
     report = verify(m, max_configurations=100)
     assert report.bounded
     assert not report.ok
@@ -352,17 +358,7 @@ def test_leads_to_names_the_run_that_never_gets_there() -> None:
 
 
 def test_liveness_is_not_guessed_on_a_bounded_exploration() -> None:
-    m = Machine("counter", data={"n": range(500)}, initial_data={"n": 0})
-    m.state("counting", initial=True)
-    m.state("done", terminal=True)
-    m.transition(
-        "counting",
-        "tick",
-        "counting",
-        guard=lambda d, p: d["n"] < 499,
-        update=lambda d, p: {"n": d["n"] + 1},
-    )
-    m.transition("counting", "stop", "done")
+    m = counter(500)
     m.property("ends", eventually(lambda s, d: s == "done"))
     report = verify(m, max_configurations=50)
     assert report.bounded
