@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
@@ -471,3 +471,99 @@ def test_forks_and_joins_are_drawn_as_bars() -> None:
     graph = dot(fulfilment())
     assert '__bar_1 [shape=box, style=filled, fillcolor=black, label=""' in graph
     assert "__bar_4 -> placed;" in graph
+
+
+# -- a cross-check against an independent soundness check --------------------------------
+
+
+@st.composite
+def nets(draw: st.DrawFn) -> Machine:
+    """Random fork/join definitions without data: each transition has its own event
+    (so nondeterminism cannot arise) and one or two sources and targets."""
+    size = draw(st.integers(2, 6))
+    ends = draw(st.sets(st.integers(1, size - 1), min_size=1, max_size=2))
+    m = Machine("net")
+    for i in range(size):
+        m.state(f"p{i}", initial=i == 0, terminal=i in ends)
+    inner = [i for i in range(size) if i not in ends]
+    for n in range(draw(st.integers(1, 8))):
+        sources = draw(st.lists(st.sampled_from(inner), min_size=1, max_size=2, unique=True))
+        targets = draw(st.lists(st.integers(0, size - 1), min_size=1, max_size=2))
+        m.transition([f"p{i}" for i in sources], f"e{n}", [f"p{i}" for i in targets])
+    return m
+
+
+def _independent_soundness(m: Machine, limit: int = 400) -> dict[str, bool] | None:
+    """Workflow-net soundness, condition by condition, by a search of our own written
+    apart from verify: None if the markings exceed ``limit`` (unbounded, or too large
+    to judge here)."""
+    from collections import Counter
+
+    def fire(
+        marking: tuple[str, ...], sources: tuple[str, ...], targets: tuple[str, ...]
+    ) -> tuple[str, ...] | None:
+        held = Counter(marking)
+        if any(held[s] < n for s, n in Counter(sources).items()):
+            return None
+        held.subtract(sources)
+        held.update(targets)
+        return tuple(sorted(held.elements()))
+
+    start: tuple[str, ...] = (m.initial().name,)
+    seen, stack = {start}, [start]
+    graph: dict[tuple[str, ...], list[tuple[str, ...]]] = {}
+    fired: set[int] = set()
+    while stack:
+        marking = stack.pop()
+        graph[marking] = []
+        for i, t in enumerate(m.transitions):
+            after = fire(marking, t.sources, t.targets)
+            if after is None:
+                continue
+            fired.add(i)
+            graph[marking].append(after)
+            if after not in seen:
+                seen.add(after)
+                if len(seen) > limit:
+                    return None
+                stack.append(after)
+
+    def final(marking: tuple[str, ...]) -> bool:
+        return len(marking) == 1 and m.states[marking[0]].terminal
+
+    can_finish = {k for k in graph if final(k)}
+    changed = True
+    while changed:
+        changed = False
+        for k, outs in graph.items():
+            if k not in can_finish and any(o in can_finish for o in outs):
+                can_finish.add(k)
+                changed = True
+    option_to_complete = all(k in can_finish for k in graph)
+    proper = all(final(k) or not any(m.states[s].terminal for s in k) for k in graph)
+    no_dead = len(fired) == len(m.transitions)
+    marked = {s for k in graph for s in k}
+    return {
+        "option to complete": option_to_complete,
+        "proper completion": proper,
+        "no dead transitions": no_dead,
+        "every state reached": marked == set(m.states),
+    }
+
+
+@settings(deadline=None)
+@given(nets())
+def test_verify_agrees_with_an_independent_soundness_check(m: Machine) -> None:
+    expected = _independent_soundness(m)
+    report = verify(m, max_configurations=400)
+    if expected is None or report.bounded:
+        return  # too large (or unbounded) for the independent search: nothing to compare
+    kinds = {f.kind for f in report.findings}
+    said = {
+        "option to complete": not kinds & {FindingKind.DEADLOCK, FindingKind.NO_COMPLETION},
+        "proper completion": FindingKind.IMPROPER_COMPLETION not in kinds,
+        "no dead transitions": FindingKind.DEAD_TRANSITION not in kinds,
+        "every state reached": FindingKind.UNREACHABLE_STATE not in kinds,
+    }
+    assert said == expected, [str(f) for f in report.findings]
+    assert report.ok == all(expected.values())
