@@ -36,6 +36,7 @@ from typing import Any
 
 import ledgerflow as lf
 from ledgerflow.store.runtime import DropPermit, MoveBreaker
+from modes import add_one, double, minus_three  # the same trivial steps
 from store import fresh_database, note, pg_problem, ratio
 
 BACKENDS = ("sqlite", "postgres")
@@ -57,18 +58,6 @@ KINDS: dict[str, lf.Policy | None] = {
     "rate_limit": lf.Policy(retry=RETRY, rate_limit=lf.RateLimit(rate=1e6, burst=1_000_000)),
     "bulkhead": lf.Policy(retry=RETRY, bulkhead=lf.Bulkhead(max_concurrent=100_000)),
 }
-
-
-def add_one(x: int) -> int:
-    return x + 1
-
-
-def double(x: int) -> int:
-    return x * 2
-
-
-def minus_three(x: int) -> int:
-    return x - 3
 
 
 def _flow(kind: str) -> lf.WorkflowDefinition[int, int]:

@@ -24,8 +24,6 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-import traceback
-from collections.abc import Callable, Coroutine
 from datetime import timedelta
 from multiprocessing.queues import Queue
 from typing import Any
@@ -35,6 +33,8 @@ import msgspec
 import ledgerflow as lf
 from ledgerflow.resilience.guards import BreakerMoved
 from ledgerflow.workflow.history import StepAttemptFailed, StepDone, StepFailed
+
+from ._workers import _report
 
 RESOURCE = "erp"
 TIMEOUT = 60.0
@@ -124,17 +124,6 @@ def _engine(url: str, workflow: lf.WorkflowDefinition[Call, str], policy: lf.Pol
         poll_interval=POLL,
         lease=timedelta(seconds=LEASE),
     )
-
-
-def _report(
-    worker: int, results: Queue[Any], body: Callable[[], Coroutine[Any, Any, object]]
-) -> None:
-    try:
-        payload = asyncio.run(body())
-    except BaseException:  # noqa: BLE001 - the parent fails the test with the traceback
-        results.put(("error", worker, traceback.format_exc()))
-    else:
-        results.put(("ok", worker, payload))
 
 
 def summary(row: Any) -> dict[str, Any] | None:

@@ -22,7 +22,6 @@ import asyncio
 import os
 import time
 import traceback
-from collections.abc import Callable, Coroutine
 from multiprocessing.queues import Queue
 from multiprocessing.synchronize import Barrier, Event
 from typing import Any
@@ -32,6 +31,8 @@ import msgspec
 import ledgerflow as lf
 from ledgerflow.resilience.guards import STATE_FRESH_S, BreakerMoved
 from ledgerflow.workflow.history import StepAttemptFailed
+
+from ._workers import _report
 
 RESOURCE = "erp"
 WORKERS = 4
@@ -132,17 +133,6 @@ def _engine(url: str, workflow: lf.WorkflowDefinition[Call, str], policy: lf.Pol
         clock=lf.SystemClock(),
         poll_interval=POLL,
     )
-
-
-def _report(
-    worker: int, results: Queue[Any], body: Callable[[], Coroutine[Any, Any, object]]
-) -> None:
-    try:
-        payload = asyncio.run(body())
-    except BaseException:  # noqa: BLE001 - the parent fails the test with the traceback
-        results.put(("error", worker, traceback.format_exc()))
-    else:
-        results.put(("ok", worker, payload))
 
 
 async def _wait(event: Event, what: str) -> None:

@@ -98,6 +98,16 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     return pg_url(schema)
 
 
+@pytest.fixture(params=["sqlite", "postgres"])
+async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """One store on a database of its own for several processes (the multi-process
+    tests), created up front: the workers race on their work, not on migrations."""
+    url = backend_url(request.param, tmp_path, request)
+    async with ledgerflow.open_store(url) as store:
+        assert await store.head_position() == 0
+    return url
+
+
 @pytest.fixture
 def registry() -> ledgerflow.EventRegistry:
     return ledgerflow.EventRegistry()

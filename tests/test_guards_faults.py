@@ -23,11 +23,8 @@ and on the ledger after every process is done. Timeouts only guard against a han
 
 from __future__ import annotations
 
-import multiprocessing
 import queue
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
@@ -37,50 +34,16 @@ import pytest
 import ledgerflow as lf
 
 from . import _guard_fault_worker as w
-from .conftest import backend_url, raw_sql
-
-RESULT_TIMEOUT = 90.0
-"""Guard against a hung worker, never an expectation of speed."""
-JOIN_TIMEOUT = 30.0
-
-ctx = multiprocessing.get_context("spawn")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """One store for several processes, created up front."""
-    url = backend_url(request.param, tmp_path, request)
-    async with lf.open_store(url) as store:
-        assert await store.head_position() == 0
-    return url
-
-
-@contextmanager
-def processes() -> Iterator[list[BaseProcess]]:
-    """The processes the test starts (append them); whatever happens, each is
-    stopped and joined at the end (killed if it has not exited by then)."""
-    started: list[BaseProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(timeout=JOIN_TIMEOUT)
-
-
-async def declare(url: str, policy: lf.Policy) -> None:
-    """Record the resource's policy before the workers start (as an operator would;
-    see ``test_guards_processes.declare``)."""
-    async with lf.WorkflowClient(url) as client:
-        await client.policies.declare({w.RESOURCE: policy}, actor="test")
-
-
-def spawn(started: list[BaseProcess], target: Any, *args: Any) -> BaseProcess:
-    process = ctx.Process(target=target, args=args, daemon=True)
-    process.start()
-    started.append(process)
-    return process
+from ._guard_harness import (
+    JOIN_TIMEOUT,
+    RESULT_TIMEOUT,
+    ctx,
+    declare,
+    most_at_once,
+    processes,
+    spawn,
+)
+from .conftest import raw_sql
 
 
 def report(results: Any, process: BaseProcess) -> Any:
@@ -142,17 +105,6 @@ def wait_for_starts(log: Path, pid: int, count: int, process: BaseProcess) -> No
         assert process.is_alive(), f"{process.name} exited with {process.exitcode}"
         assert time.monotonic() < deadline, f"{count} calls did not start in {process.name}"
         time.sleep(0.02)
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals in progress at one moment (one that ends as another starts
-    is not counted twice)."""
-    edges = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
-    now = most = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 async def resource(url: str) -> dict[str, Any] | None:

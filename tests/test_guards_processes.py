@@ -10,68 +10,23 @@ speed: timeouts only guard against a hang.
 
 from __future__ import annotations
 
-import multiprocessing
 import queue
-from collections.abc import Iterator
-from contextlib import contextmanager
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-import ledgerflow as lf
-
 from . import _guard_worker as w
-from .conftest import backend_url
-
-RESULT_TIMEOUT = 90.0
-"""Guard against a hung worker, never an expectation of speed."""
-JOIN_TIMEOUT = 30.0
-
-ctx = multiprocessing.get_context("spawn")
-
-
-@pytest.fixture(params=["sqlite", "postgres"])
-async def shared_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """One store for several processes, created up front (the workers race on calls,
-    not on migrations)."""
-    url = backend_url(request.param, tmp_path, request)
-    async with lf.open_store(url) as store:
-        assert await store.head_position() == 0
-    return url
-
-
-@contextmanager
-def processes() -> Iterator[list[BaseProcess]]:
-    """The processes the test starts (append them); whatever happens, each is
-    stopped and joined at the end (killed if it has not exited by then)."""
-    started: list[BaseProcess] = []
-    try:
-        yield started
-    finally:
-        for process in started:
-            if process.is_alive():
-                process.kill()
-            process.join(timeout=JOIN_TIMEOUT)
-
-
-async def declare(url: str, policy: lf.Policy) -> None:
-    """Record the resource's policy before the workers start (as an operator would).
-
-    Engines starting at once on a store without it each declare it, and one may then
-    fail to start: a read of the policy's stream racing another engine's first append
-    answers no events instead of "no such stream" (``read_stream``'s two queries), and
-    ``PolicyBook.get`` indexes the empty list. Not what these tests are about."""
-    async with lf.WorkflowClient(url) as client:
-        await client.policies.declare({w.RESOURCE: policy}, actor="test")
-
-
-def spawn(started: list[BaseProcess], target: Any, *args: Any) -> BaseProcess:
-    process = ctx.Process(target=target, args=args, daemon=True)
-    process.start()
-    started.append(process)
-    return process
+from ._guard_harness import (
+    JOIN_TIMEOUT,
+    RESULT_TIMEOUT,
+    ctx,
+    declare,
+    most_at_once,
+    processes,
+    spawn,
+)
 
 
 def reports(results: Any, count: int) -> dict[int, Any]:
@@ -106,17 +61,6 @@ def calls(*logs: Path) -> list[Line]:
             pid, start, end, ok = text.split()
             lines.append((int(pid), float(start), float(end), ok == "1"))
     return lines
-
-
-def most_at_once(intervals: list[tuple[float, float]]) -> int:
-    """The most intervals in progress at one moment (one that ends as another starts
-    is not counted twice)."""
-    edges = sorted([(end, -1) for _, end in intervals] + [(start, 1) for start, _ in intervals])
-    now = most = 0
-    for _, step in edges:
-        now += step
-        most = max(most, now)
-    return most
 
 
 # -- one breaker --------------------------------------------------------------------------
