@@ -22,7 +22,7 @@ import logging
 import socket
 import time
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -108,17 +108,25 @@ def default_actor() -> str:
 class _Cached:
     version: PolicyVersion
     checked: float
-    """``time.monotonic()`` of the last look at the ledger."""
+    """The book's monotonic clock at the last look at the ledger."""
 
 
 class PolicyBook:
     """Named policies in the ledger: set, change, read and list them (from Python;
     the CLI's ``ledgerflow policy`` does the same), and the cached reads workers use."""
 
-    def __init__(self, store: EventStore, *, refresh_s: float = REFRESH_S) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        refresh_s: float = REFRESH_S,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
         policy_registry(store.registry)
         self.store = store
         self.refresh_s = refresh_s
+        self._monotonic = monotonic
+        """How old a cached copy is, judged by this (tests move it)."""
         self._cache: dict[str, _Cached] = {}
         self._loading: dict[str, asyncio.Future[PolicyVersion]] = {}
 
@@ -140,7 +148,7 @@ class PolicyBook:
     def fresh(self, name: str) -> PolicyVersion | None:
         """The cached version if it is at most ``refresh_s`` seconds old, else None."""
         cached = self._cache.get(name)
-        if cached is not None and time.monotonic() - cached.checked < self.refresh_s:
+        if cached is not None and self._monotonic() - cached.checked < self.refresh_s:
             return cached.version
         return None
 
@@ -148,7 +156,7 @@ class PolicyBook:
         """The version in force as this process knows it: at most ``refresh_s``
         seconds old. What steps run under; cheap enough to ask on every attempt."""
         cached = self._cache.get(name)
-        if cached is not None and time.monotonic() - cached.checked < self.refresh_s:
+        if cached is not None and self._monotonic() - cached.checked < self.refresh_s:
             return cached.version
         loading = self._loading.get(name)
         if loading is None:
@@ -291,7 +299,7 @@ class PolicyBook:
     def _remember(self, found: PolicyVersion) -> None:
         cached = self._cache.get(found.name)
         if cached is None or cached.version.version <= found.version:
-            self._cache[found.name] = _Cached(found, time.monotonic())
+            self._cache[found.name] = _Cached(found, self._monotonic())
 
     async def _refresh(self, name: str, cached: _Cached | None) -> PolicyVersion:
         if cached is None:
@@ -312,7 +320,7 @@ class PolicyBook:
         if newer:
             self._remember(_version(newer[-1]))
         else:
-            cached.checked = time.monotonic()
+            cached.checked = self._monotonic()
         return self._cache[name].version
 
 
