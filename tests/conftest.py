@@ -162,7 +162,7 @@ async def engine(store_url: str, clock: ManualClock) -> AsyncIterator[EngineFact
 
     @asynccontextmanager
     async def open_engine(
-        *workflows: ledgerflow.WorkflowDefinition[Any, Any], **options: Any
+        *workflows: ledgerflow.WorkflowDefinition[Any, Any] | ledgerflow.Machine, **options: Any
     ) -> AsyncIterator[ledgerflow.Engine]:
         options.setdefault("clock", clock)
         options.setdefault("poll_interval", 0.05)

@@ -5,6 +5,12 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    "InvalidTransition",
+    "TransitionFailedError",
+    "MigrationError",
+    "MachineCall",
+    "MachineOutcome",
+    "MachineState",
     "verify_machine",
     "Machine",
     "StepNotParkedError",

@@ -2,6 +2,27 @@
 
 from __future__ import annotations
 
+# The workflow package first: its engine runs state machines, so its modules load
+# the statemachine package's; loading that one first would come back to it half
+# loaded.
+from .workflow import (
+    Engine,
+    QueueInfo,
+    StepInfo,
+    WorkerInfo,
+    WorkflowClient,
+    WorkflowContext,
+    WorkflowDefinition,
+    WorkflowDescription,
+    WorkflowHandle,
+    WorkflowStatus,
+    current_step,
+    lint_workflow,
+    step,
+    workflow,
+)
+
+# isort: split
 from .aggregate import Aggregate, Loaded, Repository
 from .audit import Finding, FindingKind, VerifyReport, verify_ledger
 from .clock import Clock, DatabaseClock, ManualClock, SystemClock
@@ -17,9 +38,11 @@ from .errors import (
     EventTooLargeError,
     InvalidEventDataError,
     InvalidPolicyError,
+    InvalidTransition,
     LeaseLostError,
     LedgerflowError,
     LedgerNotFoundError,
+    MigrationError,
     NonDeterminismError,
     PolicyNotFoundError,
     RecordedValueError,
@@ -38,6 +61,7 @@ from .errors import (
     StoreUnavailableError,
     StreamNotFoundError,
     TaskLeaseLostError,
+    TransitionFailedError,
     UnknownEventTypeError,
     UnknownWorkflowError,
     UnrecordableValueError,
@@ -78,25 +102,9 @@ from .resilience import (
     classify,
 )
 from .retry import RetryPolicy
-from .statemachine import Machine
+from .statemachine import Machine, MachineCall, MachineOutcome, MachineState
 from .statemachine import verify as verify_machine
 from .store import EventStore, open_store
-from .workflow import (
-    Engine,
-    QueueInfo,
-    StepInfo,
-    WorkerInfo,
-    WorkflowClient,
-    WorkflowContext,
-    WorkflowDefinition,
-    WorkflowDescription,
-    WorkflowHandle,
-    WorkflowStatus,
-    current_step,
-    lint_workflow,
-    step,
-    workflow,
-)
 
 __version__ = "0.1.0"
 
@@ -129,13 +137,18 @@ __all__ = [
     "FindingKind",
     "InvalidEventDataError",
     "InvalidPolicyError",
+    "InvalidTransition",
     "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
     "Loaded",
     "Machine",
+    "MachineCall",
+    "MachineOutcome",
+    "MachineState",
     "ManualClock",
     "Metadata",
+    "MigrationError",
     "NewEvent",
     "NonDeterminismError",
     "Policy",
@@ -170,6 +183,7 @@ __all__ = [
     "SystemClock",
     "TaskLeaseLostError",
     "Timeouts",
+    "TransitionFailedError",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",

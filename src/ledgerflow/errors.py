@@ -39,7 +39,10 @@ driver type ever crosses the port::
     │   ├── WorkflowFailedError     result() of an instance that did not complete
     │   ├── StepFailedError         inside workflow code: a step failed for good
     │   ├── StepNotParkedError      an operator action on an instance with no such step
-    │   └── ChildWorkflowError      inside workflow code: a child did not complete
+    │   ├── ChildWorkflowError      inside workflow code: a child did not complete
+    │   ├── InvalidTransition       an event a state machine does not accept where it is
+    │   ├── TransitionFailedError   the activity of a state machine's transition failed
+    │   └── MigrationError          a running state machine cannot move to that version
     └── ResilienceError             named resilience policies
         ├── InvalidPolicyError      a policy document is wrong; ``field`` names where
         ├── PolicyNotFoundError     no policy of that name in the ledger
@@ -74,9 +77,11 @@ __all__ = [
     "EventTooLargeError",
     "InvalidEventDataError",
     "InvalidPolicyError",
+    "InvalidTransition",
     "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
+    "MigrationError",
     "NonDeterminismError",
     "PolicyNotFoundError",
     "RecordedValueError",
@@ -95,6 +100,7 @@ __all__ = [
     "StoreUnavailableError",
     "StreamNotFoundError",
     "TaskLeaseLostError",
+    "TransitionFailedError",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",
@@ -506,6 +512,67 @@ class ChildWorkflowError(WorkflowError):
         self.status = status
         self.error_type = error_type
         self.message = message
+
+
+class InvalidTransition(WorkflowError):
+    """An event a state-machine instance does not accept where it is (no transition
+    on it from its states, or no guard of one holds): nothing was recorded.
+    ``accepts`` lists the events it takes there."""
+
+    def __init__(
+        self, instance_id: str, state: str, event: str, accepts: tuple[str, ...], reason: str = ""
+    ) -> None:
+        listed = ", ".join(repr(e) for e in accepts) if accepts else "none (it has ended)"
+        why = f" ({reason})" if reason else ""
+        super().__init__(
+            f"instance {instance_id!r} in state {state!r} does not accept {event!r}{why}; "
+            f"it accepts: {listed}"
+        )
+        self.instance_id = instance_id
+        self.state = state
+        self.event = event
+        self.accepts = accepts
+        self.reason = reason
+
+
+class TransitionFailedError(WorkflowError):
+    """An activity of the transition an event fired failed for good: the instance is
+    in ``state`` now (its failure states, compensated, or where it was)."""
+
+    def __init__(
+        self,
+        instance_id: str,
+        event: str,
+        transition: str,
+        state: str,
+        error_type: str,
+        message: str,
+        compensated: bool,
+    ) -> None:
+        then = "compensated; now in" if compensated else "still in"
+        super().__init__(
+            f"instance {instance_id!r}: {transition} failed ({error_type}: {message}); "
+            f"{then} {state!r}"
+        )
+        self.instance_id = instance_id
+        self.event = event
+        self.transition = transition
+        self.state = state
+        self.error_type = error_type
+        self.message = message
+        self.compensated = compensated
+
+
+class MigrationError(WorkflowError):
+    """A migration of a running state-machine instance to another version of its
+    definition was refused (``problems`` says why); nothing was recorded."""
+
+    def __init__(self, instance_id: str, to_version: int, problems: list[str]) -> None:
+        listed = "; ".join(problems)
+        super().__init__(f"instance {instance_id!r} cannot move to v{to_version}: {listed}")
+        self.instance_id = instance_id
+        self.to_version = to_version
+        self.problems = problems
 
 
 class WorkflowCancelled(BaseException):

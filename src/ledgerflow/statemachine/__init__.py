@@ -1,20 +1,26 @@
 """State-machine workflows: declarative definitions, verified before they run.
 
-This part holds the definitions (``Machine``) and their verification (``verify``);
-running instances on the engine comes with the executor interface (issue 15)."""
+A definition (``Machine``) is a value: ``verify`` explores it, the engine runs its
+instances (``engine.start(machine, input)``, ``engine.execute(id, event, payload)``;
+``runtime`` and ``client``), and ``diagram`` draws it."""
 
 from __future__ import annotations
 
-from .definition import Event, Machine, State, Transition
+from .definition import Activity, Event, Machine, State, Transition
+from .instance import MachineCall, MachineOutcome, MachineState
 from .temporal import Property, always, eventually, leads_to, never
 from .verify import Config, Finding, FindingKind, Report, verify
 
 __all__ = [
+    "Activity",
     "Config",
     "Event",
     "Finding",
     "FindingKind",
     "Machine",
+    "MachineCall",
+    "MachineOutcome",
+    "MachineState",
     "Property",
     "Report",
     "State",

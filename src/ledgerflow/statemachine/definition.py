@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import timedelta
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
@@ -34,7 +35,7 @@ from ..errors import WorkflowDefinitionError
 if TYPE_CHECKING:
     from .temporal import Property
 
-__all__ = ["Data", "Event", "Guard", "Machine", "State", "Transition", "Update"]
+__all__ = ["Activity", "Data", "Event", "Guard", "Machine", "State", "Transition", "Update"]
 
 Data = Mapping[str, Any]
 Guard = Callable[[Data, Data], bool]
@@ -43,11 +44,24 @@ Update = Callable[[Data, Data], Mapping[str, Any]]
 """``update(data, payload)``: the data after the transition (every field)."""
 
 
+Activity = Callable[..., Any]
+"""A step function (``def`` or ``async def``, optionally ``@ledgerflow.step(...)``
+for its name, policy, queue and compensation), called with one ``MachineCall``."""
+
+
 @dataclass(frozen=True, slots=True)
 class State:
     name: str
     initial: bool = False
     terminal: bool = False
+    on_enter: Activity | None = None
+    """Run (as a step) by every transition that enters the state."""
+    on_exit: Activity | None = None
+    """Run (as a step) by every transition that leaves the state."""
+    timeout: timedelta | None = None
+    """How long an instance may stay: then ``on_timeout`` is sent to it (once per
+    entry), by a durable timer."""
+    on_timeout: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,6 +93,17 @@ class Transition:
     """How findings name it: ``source --event--> target`` unless given."""
     sources: tuple[str, ...] = ()
     targets: tuple[str, ...] = ()
+    activity: Activity | None = None
+    """Run as a step (its policy, retries, queue) when the transition fires; the
+    machine moves once it succeeded."""
+    compensate: Activity | None = None
+    """Undoes ``activity`` (called with its ``MachineCall`` and ``result=``) when a
+    later transition fails towards ``failure`` states or the instance is cancelled;
+    the activity's own ``@step(compensate=...)`` otherwise."""
+    failure: tuple[str, ...] = ()
+    """Where the machine goes if an activity of the transition fails for good, after
+    the compensations of every completed activity ran (newest first). Without it the
+    machine stays where it was and the event's sender gets the error."""
 
     def label(self) -> str:
         return self.name or f"{self.source} --{self.event}--> {self.target}"
@@ -94,6 +119,8 @@ class Machine:
         version: int = 1,
         data: Mapping[str, Iterable[Any]] | None = None,
         initial_data: Mapping[str, Any] | None = None,
+        input: Any = Any,
+        start_data: Callable[[Any], Mapping[str, Any]] | None = None,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError("a state machine needs a non-empty name")
@@ -116,7 +143,11 @@ class Machine:
                     f"machine {name!r}: initial {k}={v!r} is not in its domain"
                 )
         self.initial_data = given
-        """Fields not given start at every value of their domain (each a start)."""
+        """Fields not given start at every value of their domain (each a start); a
+        running instance takes them from ``start_data(input)``."""
+        self.input_type: Any = input
+        """The type of an instance's input (``engine.start(machine, input)``)."""
+        self.start_data = start_data
         self.states: dict[str, State] = {}
         self.events: dict[str, Event] = {}
         self.transitions: list[Transition] = []
@@ -125,7 +156,27 @@ class Machine:
         self.properties: dict[str, Property] = {}
         """Temporal properties (``statemachine.temporal``) ``verify`` checks."""
 
-    def state(self, name: str, *, initial: bool = False, terminal: bool = False) -> State:
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+    @property
+    def output_type(self) -> Any:
+        from .instance import MachineOutcome  # the runtime's type; definitions need not load it
+
+        return MachineOutcome
+
+    def state(
+        self,
+        name: str,
+        *,
+        initial: bool = False,
+        terminal: bool = False,
+        on_enter: Activity | None = None,
+        on_exit: Activity | None = None,
+        timeout: timedelta | None = None,
+        on_timeout: str | None = None,
+    ) -> State:
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError(f"machine {self.name!r}: a state needs a name")
         if name in self.states:
@@ -136,7 +187,28 @@ class Machine:
             raise WorkflowDefinitionError(
                 f"machine {self.name!r}: state {name!r} cannot be initial and terminal"
             )
-        made = self.states[name] = State(name, initial, terminal)
+        if (timeout is None) != (on_timeout is None):
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: state {name!r} needs both timeout= and on_timeout= "
+                "(the event its timeout sends)"
+            )
+        if timeout is not None and (not isinstance(timeout, timedelta) or timeout <= timedelta(0)):
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: state {name!r} timeout must be a positive timedelta"
+            )
+        if terminal and (timeout is not None or on_exit is not None):
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: terminal state {name!r} is never left "
+                "(no timeout, no on_exit)"
+            )
+        for which, fn in (("on_enter", on_enter), ("on_exit", on_exit)):
+            if fn is not None and not callable(fn):
+                raise WorkflowDefinitionError(
+                    f"machine {self.name!r}: state {name!r} {which} must be a function"
+                )
+        made = self.states[name] = State(
+            name, initial, terminal, on_enter, on_exit, timeout, on_timeout
+        )
         return made
 
     def event(self, name: str, *, payload: Mapping[str, Iterable[Any]] | None = None) -> Event:
@@ -158,10 +230,17 @@ class Machine:
         guard: Guard | None = None,
         update: Update | None = None,
         name: str = "",
+        activity: Activity | None = None,
+        compensate: Activity | None = None,
+        failure: str | Sequence[str] = (),
     ) -> Transition:
         """``source --event--> target``; an event not declared with ``event`` is one
         without payload. Several targets fork parallel regions; several sources join
-        them (the transition fires once every one of them is reached)."""
+        them (the transition fires once every one of them is reached).
+
+        ``activity`` runs as a step when it fires (with the policy, queue and
+        compensation its ``@step`` gives it; ``compensate`` here wins); ``failure``
+        names where to go if an activity fails for good, after compensating."""
         sources = (source,) if isinstance(source, str) else tuple(source)
         targets = (target,) if isinstance(target, str) else tuple(target)
         if not sources or not targets:
@@ -178,10 +257,35 @@ class Machine:
                 raise WorkflowDefinitionError(
                     f"machine {self.name!r}: terminal state {which!r} has no way out"
                 )
+        failures = (failure,) if isinstance(failure, str) else tuple(failure)
+        for which in failures:
+            if which not in self.states:
+                raise WorkflowDefinitionError(
+                    f"machine {self.name!r}: failure state {which!r} is not declared"
+                )
+        for which, fn in (("activity", activity), ("compensate", compensate)):
+            if fn is not None and not callable(fn):
+                raise WorkflowDefinitionError(
+                    f"machine {self.name!r}: transition {which} must be a function"
+                )
+        if compensate is not None and activity is None:
+            raise WorkflowDefinitionError(
+                f"machine {self.name!r}: compensate= needs an activity= to undo"
+            )
         if event not in self.events:
             self.event(event)
         made = Transition(
-            "+".join(sources), event, "+".join(targets), guard, update, name, sources, targets
+            "+".join(sources),
+            event,
+            "+".join(targets),
+            guard,
+            update,
+            name,
+            sources,
+            targets,
+            activity,
+            compensate,
+            failures,
         )
         self.transitions.append(made)
         return made
@@ -198,6 +302,70 @@ class Machine:
         if name in self.properties or name in self.invariants:
             raise WorkflowDefinitionError(f"machine {self.name!r}: property {name!r} twice")
         self.properties[name] = prop
+
+    def actions(self, t: Transition) -> list[tuple[Activity, Activity | None]]:
+        """What firing ``t`` runs, in order, each with its compensation: the exit
+        activities of the states it leaves, its activity, the entry activities of
+        the states it enters."""
+        found: list[tuple[Activity, Activity | None]] = []
+        for source in t.sources:
+            if (fn := self.states[source].on_exit) is not None:
+                found.append((fn, None))
+        if t.activity is not None:
+            found.append((t.activity, t.compensate))
+        for target in t.targets:
+            if (fn := self.states[target].on_enter) is not None:
+                found.append((fn, None))
+        return found
+
+    def check(self) -> None:
+        """What an instance needs of the definition beyond what ``verify`` explores:
+        a timeout's event moves its state, a failure target has something to fail,
+        every data field has a start value, and no two functions share a step name
+        (compensations are found by it). ``WorkflowDefinitionError`` lists what is
+        wrong."""
+        problems: list[str] = []
+        try:
+            self.initial()
+        except WorkflowDefinitionError as exc:
+            problems.append(str(exc))
+        for state in self.states.values():
+            if state.on_timeout is None:
+                continue
+            if not any(
+                state.name in t.sources and t.event == state.on_timeout for t in self.transitions
+            ):
+                problems.append(
+                    f"state {state.name!r} times out with {state.on_timeout!r}, but no "
+                    f"transition leaves it on that event"
+                )
+        for t in self.transitions:
+            if t.failure and not self.actions(t):
+                problems.append(f"{t.label()} has failure= but no activity that can fail")
+        missing = [k for k in self.domains if k not in self.initial_data]
+        if missing and self.start_data is None:
+            problems.append(
+                f"data fields {missing} have no start value: give initial_data= or "
+                "start_data=(input -> data)"
+            )
+        # Here, not at the top: the workflow package loads its engine, which loads
+        # this module (a definition is a value; it needs steps' names only here).
+        from ..workflow.definition import step_options
+
+        names: dict[str, Activity] = {}
+        for fn in self._functions():
+            name = step_options(fn).name
+            if names.setdefault(name, fn) is not fn:
+                problems.append(f"two activities share the step name {name!r}")
+        if problems:
+            listed = "\n".join(f"  {p}" for p in problems)
+            raise WorkflowDefinitionError(f"machine {self.name!r} v{self.version}:\n{listed}")
+
+    def _functions(self) -> Iterator[Activity]:
+        for state in self.states.values():
+            yield from (fn for fn in (state.on_enter, state.on_exit) if fn is not None)
+        for t in self.transitions:
+            yield from (fn for fn in (t.activity, t.compensate) if fn is not None)
 
     def initial(self) -> State:
         found = [s for s in self.states.values() if s.initial]

@@ -19,6 +19,9 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``improper_completion``: with parallel regions (fork/join), a configuration that has
   reached a terminal state while other regions still hold states.
 
+A transition whose activity may fail towards ``failure`` states has both outcomes
+explored: its targets (with the update) and its failure states (data unchanged).
+
 With parallel regions a configuration is a marking of the definition's workflow net
 (the states it is in, one per running region); it has completed when it is in one
 terminal state alone. No deadlock, no configuration that cannot complete, no
@@ -38,10 +41,24 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from .definition import Data, Machine, Transition
+from .definition import Data, Machine
+from .semantics import by_source as _by_source
+from .semantics import candidates as _candidates
+from .semantics import ended as _ended
+from .semantics import final as _final
+from .semantics import fire as _fire
+from .semantics import fire_to
 from .temporal import Property, avoiding_run, must_reach
 
-__all__ = ["Config", "Finding", "FindingKind", "Report", "transition_labels", "verify"]
+__all__ = [
+    "Config",
+    "Finding",
+    "FindingKind",
+    "Report",
+    "can_complete",
+    "transition_labels",
+    "verify",
+]
 
 Invariant = Callable[[str, Data], bool]
 """``invariant(state, data)``: must hold in every reachable configuration."""
@@ -193,9 +210,7 @@ def verify(
         findings.append(Finding(kind, subject, message, steps + then, start))
 
     labels = transition_labels(machine)
-    by_source: dict[str, list[tuple[int, Transition]]] = {}
-    for index, t in enumerate(machine.transitions):
-        by_source.setdefault(t.sources[0], []).append((index, t))
+    by_source = _by_source(machine)
     reached: set[str] = set()
     fired: set[int] = set()
     edges: dict[Config, dict[Config, str]] = {}
@@ -257,15 +272,21 @@ def verify(
                         config,
                     )
                     continue
-                target = Config(_fire(config.marking, t), _key(after))
-                outs.setdefault(target, _label(t.event, payload))
-                if target not in parent:
-                    if len(parent) >= max_configurations:
-                        bounded = True
-                        continue
-                    parent[target] = (config, _label(t.event, payload))
-                    origin[target] = origin[config]
-                    queue.append(target)
+                moves = [(Config(_fire(config.marking, t), _key(after)), _label(t.event, payload))]
+                if t.failure and machine.actions(t):
+                    # Its activity may fail for good: compensated, the machine goes
+                    # to the failure states with its data as it was.
+                    failed = Config(fire_to(config.marking, t.sources, t.failure), config.data)
+                    moves.append((failed, f"{_label(t.event, payload)} (activity failed)"))
+                for target, label in moves:
+                    outs.setdefault(target, label)
+                    if target not in parent:
+                        if len(parent) >= max_configurations:
+                            bounded = True
+                            continue
+                        parent[target] = (config, label)
+                        origin[target] = origin[config]
+                        queue.append(target)
         for (event_name, payload_key), ts in enabled.items():
             if len(ts) > 1:
                 label = _label(event_name, MappingProxyType(dict(payload_key)))
@@ -417,37 +438,48 @@ def _liveness(
             break
 
 
-def _candidates(
-    by_source: Mapping[str, list[tuple[int, Transition]]], marking: tuple[str, ...]
-) -> list[tuple[int, Transition]]:
-    """The transitions whose sources the marking holds (each as often as it needs)."""
-    held: dict[str, int] = {}
-    for state in marking:
-        held[state] = held.get(state, 0) + 1
-    found: list[tuple[int, Transition]] = []
-    for state in held:
-        for index, t in by_source.get(state, ()):
-            need: dict[str, int] = {}
-            for source in t.sources:
-                need[source] = need.get(source, 0) + 1
-            if all(held.get(s, 0) >= n for s, n in need.items()):
-                found.append((index, t))
-    found.sort(key=lambda pair: pair[0])
-    return found
-
-
-def _fire(marking: tuple[str, ...], t: Transition) -> tuple[str, ...]:
-    left = list(marking)
-    for source in t.sources:
-        left.remove(source)
-    return tuple(sorted([*left, *t.targets]))
-
-
-def _final(machine: Machine, marking: tuple[str, ...]) -> bool:
-    """Completed: in one terminal state alone."""
-    return len(marking) == 1 and machine.states[marking[0]].terminal
-
-
-def _ended(machine: Machine, marking: tuple[str, ...]) -> bool:
-    """Some region reached a terminal state."""
-    return any(machine.states[s].terminal for s in marking)
+def can_complete(
+    machine: Machine,
+    marking: tuple[str, ...],
+    data: Mapping[str, Any],
+    *,
+    max_configurations: int = MAX_CONFIGURATIONS,
+) -> tuple[bool | None, str]:
+    """Whether some run from this configuration reaches completion (a terminal state
+    alone), exploring as ``verify`` does: True, or False with why, or None if the
+    exploration stopped at ``max_configurations`` first. Guards that raise and
+    updates that leave the domains are not taken."""
+    by_source = _by_source(machine)
+    start = Config(tuple(sorted(marking)), _key(data))
+    seen = {start}
+    queue = deque([start])
+    while queue:
+        config = queue.popleft()
+        if _final(machine, config.marking):
+            return True, ""
+        values = config.values()
+        for _, t in _candidates(by_source, config.marking):
+            for payload in machine.events[t.event].payloads():
+                try:
+                    if t.guard is not None and not t.guard(values, payload):
+                        continue
+                    after = values if t.update is None else t.update(values, payload)
+                except Exception:  # noqa: BLE001, S112 - a move that cannot happen
+                    continue
+                moves = [Config(_fire(config.marking, t), _key(after))]
+                if t.failure and machine.actions(t):
+                    moves.append(Config(fire_to(config.marking, t.sources, t.failure), config.data))
+                for target in moves:
+                    if target in seen:
+                        continue
+                    if len(seen) >= max_configurations:
+                        return None, (
+                            f"could not show it can complete within {max_configurations} "
+                            "configurations"
+                        )
+                    seen.add(target)
+                    queue.append(target)
+    return False, (
+        f"from {start} no terminal state of v{machine.version} can be reached "
+        f"({len(seen)} configurations explored)"
+    )

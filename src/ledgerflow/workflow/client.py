@@ -11,7 +11,7 @@ import asyncio
 import functools
 import uuid
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
@@ -39,10 +39,14 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..resilience.book import PolicyBook, default_actor
 from ..resilience.guards import breaker_registry
+from ..statemachine.client import MachineClient, check_machine
+from ..statemachine.definition import Machine
+from ..statemachine.instance import MachineOutcome
 from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
+from .executors import Definition
 from .handles import (
     QueueInfo,
     WorkerInfo,
@@ -91,7 +95,7 @@ class _Waiters:
     count: int = 0
 
 
-class WorkflowClient(Operations):
+class WorkflowClient(Operations, MachineClient):
     """Starts, signals, cancels and reads workflow instances through a store.
 
     ``store`` is a URL (opened and closed by the client) or a store object. Workflows
@@ -102,12 +106,14 @@ class WorkflowClient(Operations):
         self,
         store: str | WorkflowStore,
         *,
-        workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
+        workflows: Sequence[Definition] = (),
         clock: Clock | None = None,
         poll_interval: float = 1.0,
         registry: EventRegistry | None = None,
+        verify_machines: str = "refuse",
     ) -> None:
         self.clock: Clock = clock or SystemClock()
+        self.verify_machines = verify_machines
         self._owns_store = isinstance(store, str)
         if isinstance(store, str):
             self.store: WorkflowStore = open_store(
@@ -119,8 +125,8 @@ class WorkflowClient(Operations):
         self.policies = PolicyBook(self.store)
         breaker_registry(self.store.registry)
         """Named resilience policies in the ledger: set, change, read, list."""
-        self._definitions: dict[tuple[str, int], WorkflowDefinition[Any, Any]] = {}
-        self._latest: dict[str, WorkflowDefinition[Any, Any]] = {}
+        self._definitions: dict[tuple[str, int], Definition] = {}
+        self._latest: dict[str, Definition] = {}
         for definition in workflows:
             self.register(definition)
         self.poll_interval = poll_interval
@@ -166,12 +172,16 @@ class WorkflowClient(Operations):
     def _poke(self) -> None:
         """Something became due: a client has no scheduler to wake."""
 
-    def register(self, definition: WorkflowDefinition[Any, Any]) -> None:
+    def register(self, definition: Definition) -> None:
+        """Register a workflow or a state machine (checked first: see
+        ``check_machine``) to start, run and read its instances."""
         known = self._definitions.get(definition.key)
-        if known is not None and known.fn is not definition.fn:
+        if known is not None and not _same(known, definition):
             raise ConfigurationError(
                 f"workflow {definition.name!r} v{definition.version} is registered twice"
             )
+        if isinstance(definition, Machine) and known is None:
+            check_machine(definition, self.verify_machines)
         self._definitions[definition.key] = definition
         latest = self._latest.get(definition.name)
         if latest is None or latest.version < definition.version:
@@ -180,14 +190,16 @@ class WorkflowClient(Operations):
     def _now_us(self) -> int:
         return to_micros(self.clock.now())
 
+    @property
+    def _machines(self) -> Mapping[tuple[str, int], Definition]:
+        return self._definitions
+
     @staticmethod
     def stream_id(workflow_id: str) -> str:
         """The ledger stream holding the history of instance ``workflow_id``."""
         return STREAM_PREFIX + workflow_id
 
-    def _definition(
-        self, workflow: WorkflowDefinition[Any, Any] | str
-    ) -> WorkflowDefinition[Any, Any]:
+    def _definition(self, workflow: Definition | str) -> Definition:
         if isinstance(workflow, str):
             found = self._latest.get(workflow)
             if found is None:
@@ -203,11 +215,15 @@ class WorkflowClient(Operations):
     ) -> WorkflowHandle[O]: ...
     @overload
     async def start(
+        self, workflow: Machine, input: Any, *, id: str | None = None
+    ) -> WorkflowHandle[MachineOutcome]: ...
+    @overload
+    async def start(
         self, workflow: str, input: Any, *, id: str | None = None
     ) -> WorkflowHandle[Any]: ...
     async def start(
         self,
-        workflow: WorkflowDefinition[Any, Any] | str,
+        workflow: Definition | str,
         input: Any,
         *,
         id: str | None = None,
@@ -229,7 +245,7 @@ class WorkflowClient(Operations):
 
     async def _start(
         self,
-        definition: WorkflowDefinition[Any, Any],
+        definition: Definition,
         given: Any,
         workflow_id: str,
         parent_id: str | None,
@@ -462,7 +478,7 @@ class WorkflowClient(Operations):
     def _tell(self, history: History, outcome: Finished | WorkflowError) -> None:
         """The instance ended (its end is durable), or parked: wake its waiters."""
         workflow_id = history.workflow_id
-        started = (history.started.name, history.started.version)
+        started = (history.started.name, history.definition_version)
         entry = self._waiters.get(workflow_id)
         if entry is not None and not entry.future.done():
             entry.future.set_result((started, outcome))
@@ -500,6 +516,8 @@ class WorkflowClient(Operations):
         definition = self._definitions.get((row.name, row.version))
         if definition is None:
             raise UnknownWorkflowError(row.name, row.version)
+        if isinstance(definition, Machine):
+            return await self.machine_state(workflow_id)
         run = _Run(
             ReplayHost(self._now_us()),
             definition,
@@ -570,7 +588,13 @@ class WorkflowClient(Operations):
         await self.store.set_queue_limit(queue, max_concurrent)
 
 
-def _check_input(definition: WorkflowDefinition[Any, Any], given: Any) -> Any:
+def _same(known: Definition, given: Definition) -> bool:
+    if isinstance(known, WorkflowDefinition) and isinstance(given, WorkflowDefinition):
+        return known.fn is given.fn
+    return known is given
+
+
+def _check_input(definition: Definition, given: Any) -> Any:
     """The input as JSON builtins, once it is known to fit the input type."""
     try:
         encoded = to_builtins(given)

@@ -18,6 +18,7 @@ import logging
 import os
 import socket
 import uuid
+import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
@@ -52,7 +53,7 @@ from ..store.runtime import (
     Unschedule,
 )
 from .client import WorkflowClient
-from .definition import WorkflowDefinition
+from .executors import Definition, executor
 from .handles import WorkflowDescription, WorkflowHandle
 from .history import (
     TERMINAL,
@@ -66,7 +67,6 @@ from .history import (
 from .host import Abandon, EngineHost, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .membership import Membership
-from .run import _Run
 from .step_threads import StepThreads
 from .tasks import StepRegistry, TaskRunner
 
@@ -106,13 +106,18 @@ class Engine(WorkflowClient):
     ledger has it already, so changes made at run time (``engine.policies.update``,
     ``ledgerflow policy set``) outlive a deploy. Every engine on the store uses the
     version in force, checked at most every ``policy_refresh`` seconds.
+
+    ``workflows`` may hold state machines (``ledgerflow.Machine``) too: they run on
+    the same claims, leases, timers, queues and policies. Each is verified when
+    registered: ``verify_machines="refuse"`` (the default) refuses one with
+    findings, ``"warn"`` logs them, ``"off"`` skips verification.
     """
 
     def __init__(
         self,
         store: str | WorkflowStore,
         *,
-        workflows: Sequence[WorkflowDefinition[Any, Any]] = (),
+        workflows: Sequence[Definition] = (),
         concurrency: int = 200,
         clock: Clock | None = None,
         lease: timedelta = timedelta(seconds=60),
@@ -127,6 +132,7 @@ class Engine(WorkflowClient):
         task_concurrency: int = 16,
         policies: Mapping[str, Policy] | None = None,
         policy_refresh: float = REFRESH_S,
+        verify_machines: str = "refuse",
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
@@ -155,7 +161,12 @@ class Engine(WorkflowClient):
         # disagree still agree on leases, due times and what they record.
         clock = clock or DatabaseClock()
         super().__init__(
-            store, workflows=workflows, clock=clock, poll_interval=poll_interval, registry=registry
+            store,
+            workflows=workflows,
+            clock=clock,
+            poll_interval=poll_interval,
+            registry=registry,
+            verify_machines=verify_machines,
         )
         self.policies.refresh_s = policy_refresh
         self._declared = declared
@@ -198,6 +209,11 @@ class Engine(WorkflowClient):
         self._heartbeat: asyncio.Task[None] | None = None
         self._unwatch: Callable[[], None] | None = None
         self._rerun: set[str] = set()
+        self._watchers: weakref.WeakValueDictionary[str, asyncio.Event] = (
+            weakref.WeakValueDictionary()
+        )
+        """Callers waiting for an instance this engine runs to record something
+        (``execute``): set after each append of its passes."""
         self._saturated = False
         self._sleeping_until: int | None = None
         self._wake = asyncio.Event()
@@ -442,6 +458,17 @@ class Engine(WorkflowClient):
     def _runs_here(self, workflow_id: str) -> bool:
         return workflow_id in self._active
 
+    def _moved(self, workflow_id: str) -> asyncio.Event:
+        event = self._watchers.get(workflow_id)
+        if event is None:
+            event = self._watchers[workflow_id] = asyncio.Event()
+        return event
+
+    def _appended(self, workflow_id: str) -> None:
+        event = self._watchers.get(workflow_id)
+        if event is not None:
+            event.set()
+
     def _spawn(self, workflow_id: str) -> None:
         task = asyncio.create_task(self._drive(workflow_id), name=f"wf:{workflow_id}")
         self._active[workflow_id] = task
@@ -514,11 +541,12 @@ class Engine(WorkflowClient):
             await self._journal.guarded(history, [Unschedule(workflow_id)])
             return False
         started = history.started
-        definition = self._definitions.get((started.name, started.version))
+        version = history.definition_version
+        definition = self._definitions.get((started.name, version))
         if definition is None:
-            await self._get_stuck(history, UnknownWorkflowError(started.name, started.version))
+            await self._get_stuck(history, UnknownWorkflowError(started.name, version))
             return False
-        run = _Run(self._host, definition, history)
+        run = executor(definition, self._host, history)
         try:
             try:
                 result = await run.execute()
@@ -543,7 +571,7 @@ class Engine(WorkflowClient):
                     InstanceRow(
                         workflow_id,
                         history.started.name,
-                        history.started.version,
+                        history.definition_version,
                         finished.status,
                         parent,
                         now,
@@ -660,7 +688,7 @@ class Engine(WorkflowClient):
         row = InstanceRow(
             workflow_id,
             history.started.name,
-            history.started.version,
+            history.definition_version,
             WorkflowStatus.STUCK,
             history.started.parent_id,
             now,

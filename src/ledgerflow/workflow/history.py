@@ -31,8 +31,12 @@ __all__ = [
     "CompensationDone",
     "CompensationFailed",
     "CompensationScheduled",
+    "EventReceived",
+    "EventRefused",
     "Finished",
     "History",
+    "MachineCancelling",
+    "MachineMigrated",
     "Resumed",
     "SignalRejected",
     "SignalSent",
@@ -49,6 +53,8 @@ __all__ = [
     "Stuck",
     "TimerFired",
     "TimerStarted",
+    "TransitionFailed",
+    "Transitioned",
     "WorkflowStatus",
     "history_registry",
 ]
@@ -221,6 +227,78 @@ class CompensationAttemptFailed(_Command, frozen=True, kw_only=True):
     message: str
 
 
+class EventReceived(_Command, frozen=True, kw_only=True, omit_defaults=True):
+    """An event sent to a state-machine instance, accepted in the configuration it
+    was in (appended at the version that configuration was read at). Its outcome
+    follows under the same ``seq``: ``Transitioned``, ``TransitionFailed`` or
+    ``EventRefused``; the steps it runs take the ``seq`` numbers after it."""
+
+    kind = "machine"
+    payload: dict[str, Any] = {}
+    by: str = ""
+    """Who sent it: an actor, or ``timeout`` for a state's timeout."""
+    timeout_of: str | None = None
+    """The state whose timeout sent it."""
+
+
+class Transitioned(_Command, frozen=True, kw_only=True):
+    """The machine moved: from ``source`` to ``marking`` (the states it is in now),
+    with ``data`` after the transition's update. Seq 1 holds the instance's entry
+    into its initial state (``name`` empty, ``transition`` ``start``)."""
+
+    kind = "machine"
+    transition: str
+    source: tuple[str, ...]
+    marking: tuple[str, ...]
+    targets: tuple[str, ...]
+    """The states it entered (anew, even those it was in: their timeouts restart)."""
+    data: dict[str, Any]
+    at_us: int
+
+
+class TransitionFailed(_Command, frozen=True, kw_only=True):
+    """An activity of the transition failed for good: the machine is in ``marking``
+    now (its failure states once ``compensated``, else where it was)."""
+
+    kind = "machine"
+    transition: str
+    error_type: str
+    message: str
+    marking: tuple[str, ...]
+    targets: tuple[str, ...]
+    """The failure states it entered (none if it stayed)."""
+    compensated: bool
+    at_us: int
+
+
+class EventRefused(_Command, frozen=True, kw_only=True):
+    """The event could not fire once its turn came (a guard that changed its mind):
+    nothing ran, nothing moved."""
+
+    kind = "machine"
+    reason: str
+
+
+class MachineCancelling(_Command, frozen=True, kw_only=True):
+    """A cancelled state-machine instance starts undoing its completed activities;
+    its compensations take the ``seq`` numbers after this one."""
+
+    kind = "machine"
+
+
+class MachineMigrated(_Command, frozen=True, kw_only=True):
+    """A running state-machine instance moved to another version of its definition
+    (``name``), checked first; ``marking`` is where it is in that version."""
+
+    kind = "machine"
+    from_version: int
+    to_version: int
+    marking: tuple[str, ...]
+    by: str
+    reason: str
+    at_us: int
+
+
 class SignalSent(msgspec.Struct, frozen=True, kw_only=True):
     name: str
     payload: Any = None
@@ -333,6 +411,12 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (Resumed, "wf.resumed"),
     (StepScheduled, "wf.step_scheduled"),
     (CompensationScheduled, "wf.compensation_scheduled"),
+    (EventReceived, "sm.event_received"),
+    (Transitioned, "sm.transitioned"),
+    (TransitionFailed, "sm.transition_failed"),
+    (EventRefused, "sm.event_refused"),
+    (MachineCancelling, "sm.cancelling"),
+    (MachineMigrated, "sm.migrated"),
 )
 
 
@@ -360,6 +444,8 @@ class History:
     finished: Finished | None = None
     stuck: Stuck | None = None
     events: int = 0
+    migrated_to: int | None = None
+    """A state-machine instance's definition version since its last migration."""
 
     @classmethod
     def of(cls, workflow_id: str, events: list[RecordedEvent]) -> History:
@@ -382,6 +468,8 @@ class History:
             self.commands.setdefault(data.seq, []).append(data)
             if isinstance(data, (SignalTaken, SignalRejected)):
                 self.taken.add(data.signal_version)
+            elif isinstance(data, MachineMigrated):
+                self.migrated_to = data.to_version
         elif isinstance(data, SignalSent):
             self.signals.append((version, data))
         elif isinstance(data, CancelRequested):
@@ -427,6 +515,8 @@ class History:
             history.commands.setdefault(command.seq, []).append(command)
             if isinstance(command, (SignalTaken, SignalRejected)):
                 history.taken.add(command.signal_version)
+            elif isinstance(command, MachineMigrated):
+                history.migrated_to = command.to_version
         history.signals = [
             (version, msgspec.convert(signal, SignalSent)) for version, signal in raw["signals"]
         ]
@@ -443,10 +533,15 @@ class History:
     def from_outside(self, data: Any) -> bool:
         """Whether ``data`` was recorded by someone other than the instance's runner,
         who may append it while a pass runs: a signal, a cancellation, a child's
-        end, or the attempts and outcome of a step or compensation sent to a task
-        queue (only its task's runner records those)."""
+        end, an event sent to a state machine or its migration, or the attempts
+        and outcome of a step or compensation sent to a task queue (only its
+        task's runner records those)."""
         if isinstance(data, SignalSent | CancelRequested | ChildFinished):
             return True
+        if isinstance(data, MachineMigrated):
+            return True
+        if isinstance(data, EventReceived):
+            return data.by != "timeout"  # a state's timeout is sent by the runner
         if isinstance(data, _TASK_OUTCOMES):
             first = self.commands.get(data.seq)
             return first is not None and isinstance(first[0], StepScheduled | CompensationScheduled)
@@ -461,6 +556,11 @@ class History:
 
     def untaken_signals(self) -> list[tuple[int, SignalSent]]:
         return [(v, s) for v, s in self.signals if v not in self.taken]
+
+    @property
+    def definition_version(self) -> int:
+        """The version of its definition the instance runs on now."""
+        return self.migrated_to if self.migrated_to is not None else self.started.version
 
     def recorded(self, seq: int) -> list[Any] | None:
         return self.commands.get(seq)

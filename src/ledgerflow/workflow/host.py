@@ -34,6 +34,7 @@ __all__ = [
     "Abandon",
     "BodyEnded",
     "EngineHost",
+    "Executor",
     "Park",
     "PassResult",
     "Relinquish",
@@ -142,6 +143,27 @@ class RunHost(Protocol):
         ...
 
 
+class Executor(Protocol):
+    """One pass over one instance, whatever kind of definition it runs: the history
+    in; out, the events to record, its next wake-up (``PassResult.suspend``) or its
+    end (``PassResult.finished``), or one of the exceptions above. The engine holds
+    the lease, appends the conclusion with its runtime writes and schedules the
+    wake-up; it knows no more of the definition than this. Code-first workflows
+    (``run._Run``) and state machines (``statemachine.runtime.MachineRun``) are
+    the two kinds; ``executors.executor`` picks one for a definition."""
+
+    @property
+    def exposed(self) -> Any:
+        """What a query reads (``ctx.expose`` of a code-first workflow)."""
+        ...
+
+    async def execute(self) -> PassResult: ...
+
+    def released(self) -> None:
+        """The host is done with the pass's result: free what it held."""
+        ...
+
+
 @dataclass
 class PassResult:
     """How a pass ended: suspended (``suspend``) or finished (``finished``)."""
@@ -237,6 +259,7 @@ class EngineHost:
         return await self._engine.store.read_stream(stream, from_version=history.version + 1)
 
     async def appended(self, history: History, before: int) -> None:
+        self._engine._appended(history.workflow_id)
         await self._engine._journal.snapshot_if_due(history, before)
 
     async def start_child(

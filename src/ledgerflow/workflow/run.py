@@ -101,19 +101,13 @@ T = TypeVar("T")
 _RETURNED_NOTHING: Any = object()
 
 
-class _Run(Waits, Saga):
-    """The mechanics behind one pass; see the module docstring."""
+class _Pass(Waits, Saga):
+    """The mechanics behind one pass (commands, steps, records, compensations),
+    whatever runs them: a workflow's code (``_Run``) or a state machine's
+    transitions (``statemachine.runtime.MachineRun``)."""
 
-    def __init__(
-        self,
-        host: RunHost,
-        definition: WorkflowDefinition[Any, Any],
-        history: History,
-        *,
-        query: bool = False,
-    ) -> None:
+    def __init__(self, host: RunHost, history: History, *, query: bool = False) -> None:
         self.host = host
-        self.definition = definition
         self.history = history
         self.query = query
         self.seq = 0
@@ -144,41 +138,6 @@ class _Run(Waits, Saga):
             seed = hashlib.sha256(self.history.workflow_id.encode()).digest()
             self._rng = random.Random(int.from_bytes(seed[:8], "big"))
         return self._rng
-
-    # -- the pass -------------------------------------------------------------------
-
-    async def execute(self) -> PassResult:
-        ctx = WorkflowContext(self)
-        failure: tuple[str, str] | None = None
-        cancelled = False
-        returned: Any = _RETURNED_NOTHING
-        try:
-            given = self._decode(self.history.started.input, self.definition.input_type, "input")
-            returned = await self.definition.fn(ctx, given)
-        except Suspend as suspend:
-            await self._settle()
-            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
-        except (Park, Abandon, Restart, Relinquish, BodyEnded) as stop:
-            await self._settle()
-            raise self.fault or stop from None
-        except WorkflowCancelled as exc:
-            failure, cancelled = ("WorkflowCancelled", exc.reason or "cancelled"), True
-        except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
-            failure = (type(exc).__name__, error_message(exc))
-        await self._settle()
-        if failure is None:
-            self._check_finished_path()
-            encoded = self._encode(returned, "the workflow's return value")
-            finished = Finished(status=WorkflowStatus.COMPLETED, result=encoded)
-            oversize = self._oversize(finished, encoded, "the workflow's return value")
-            if oversize is None:
-                return self._finish(finished)
-            failure = (type(oversize).__name__, str(oversize))
-        try:
-            return await self._fail(failure, cancelled)
-        except Suspend as suspend:  # a compensation runs on a task queue: wait for it
-            await self._settle()
-            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
 
     async def _settle(self) -> None:
         """Let every command the body started settle; the body takes no new ones."""
@@ -584,7 +543,7 @@ class _Run(Waits, Saga):
         row = InstanceRow(
             self.history.workflow_id,
             started.name,
-            started.version,
+            self.history.definition_version,
             WorkflowStatus.NEEDS_ATTENTION,
             started.parent_id,
             now,
@@ -749,6 +708,54 @@ class _Run(Waits, Saga):
         self.on_durable.append(release)
         self._flush_soon()
         return encoded
+
+
+class _Run(_Pass):
+    """One pass of a code-first workflow; see the module docstring."""
+
+    def __init__(
+        self,
+        host: RunHost,
+        definition: WorkflowDefinition[Any, Any],
+        history: History,
+        *,
+        query: bool = False,
+    ) -> None:
+        super().__init__(host, history, query=query)
+        self.definition = definition
+
+    async def execute(self) -> PassResult:
+        ctx = WorkflowContext(self)
+        failure: tuple[str, str] | None = None
+        cancelled = False
+        returned: Any = _RETURNED_NOTHING
+        try:
+            given = self._decode(self.history.started.input, self.definition.input_type, "input")
+            returned = await self.definition.fn(ctx, given)
+        except Suspend as suspend:
+            await self._settle()
+            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
+        except (Park, Abandon, Restart, Relinquish, BodyEnded) as stop:
+            await self._settle()
+            raise self.fault or stop from None
+        except WorkflowCancelled as exc:
+            failure, cancelled = ("WorkflowCancelled", exc.reason or "cancelled"), True
+        except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
+            failure = (type(exc).__name__, error_message(exc))
+        await self._settle()
+        if failure is None:
+            self._check_finished_path()
+            encoded = self._encode(returned, "the workflow's return value")
+            finished = Finished(status=WorkflowStatus.COMPLETED, result=encoded)
+            oversize = self._oversize(finished, encoded, "the workflow's return value")
+            if oversize is None:
+                return self._finish(finished)
+            failure = (type(oversize).__name__, str(oversize))
+        try:
+            return await self._fail(failure, cancelled)
+        except Suspend as suspend:  # a compensation runs on a task queue: wait for it
+            await self._settle()
+            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
 
 
 _EVENT_OVERHEAD_BOUND = 8192

@@ -1,7 +1,7 @@
 """Sagas: a failed or cancelled workflow's compensations, run in reverse order of
 the steps they undo, here or on a task queue.
 
-``Saga`` is the part of a pass (``run._Run``) that runs them; it shares the pass's
+``Saga`` is the part of a pass (``run._Pass``) that runs them; it shares the pass's
 state and commands, and is a module of its own only to keep each one readable.
 """
 
@@ -52,7 +52,7 @@ class Compensation:
 
 
 class Saga:
-    """Compensations of one pass; mixed into ``run._Run``, whose state it uses."""
+    """Compensations of one pass; mixed into ``run._Pass``, whose state it uses."""
 
     host: RunHost
     history: History
@@ -89,9 +89,23 @@ class Saga:
         self.compensating = True
         if cancelled and not self.query:
             await self._cancel_children(message)
+        ran, gave_up = await self._undo(self.compensations)
+        self._check_finished_path()
+        if gave_up:
+            status = WorkflowStatus.COMPENSATION_FAILED
+        elif ran:
+            status = WorkflowStatus.COMPENSATED
+        else:
+            status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
+        return self._finish(Finished(status=status, error_type=error_type, message=message))
+
+    async def _undo(self, compensations: list[Compensation]) -> tuple[bool, bool]:
+        """Run ``compensations`` newest first, each a command of its own (what is
+        recorded is replayed, not run again); whether any ran, and whether any gave
+        up. A compensation on a task queue ends the pass until it is done."""
         gave_up = False
         ran = False
-        for comp in reversed(self.compensations):
+        for comp in reversed(compensations):
             seq, recorded = self._command("compensation", comp.name, own=True)
             ran = True
             final = _final(recorded, CompensationDone | CompensationFailed)
@@ -107,14 +121,7 @@ class Saga:
             with self.acting:
                 if not await self._compensate(seq, comp, recorded or []):
                     gave_up = True
-        self._check_finished_path()
-        if gave_up:
-            status = WorkflowStatus.COMPENSATION_FAILED
-        elif ran:
-            status = WorkflowStatus.COMPENSATED
-        else:
-            status = WorkflowStatus.CANCELLED if cancelled else WorkflowStatus.FAILED
-        return self._finish(Finished(status=status, error_type=error_type, message=message))
+        return ran, gave_up
 
     async def _remote_compensation(
         self, seq: int, comp: Compensation, recorded: list[Any] | None

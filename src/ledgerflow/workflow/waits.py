@@ -1,5 +1,5 @@
 """Commands that wait: durable timers, signals, child workflows, and the recorded
-clock. ``Waits`` is the part of a pass (``run._Run``) that issues them; it shares
+clock. ``Waits`` is the part of a pass (``run._Pass``) that issues them; it shares
 the pass's state and commands, and is a module of its own only to keep each one
 readable."""
 
@@ -43,7 +43,7 @@ T = TypeVar("T")
 
 
 class Waits:
-    """Timers, signals, children and the clock of one pass; mixed into ``run._Run``."""
+    """Timers, signals, children and the clock of one pass; mixed into ``run._Pass``."""
 
     host: RunHost
     history: History

@@ -1,0 +1,526 @@
+"""State-machine instances on the engine: events, activities, compensation, timeouts,
+one event at a time, cancellation, versions and migration (every backend)."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from typing import Any
+
+import pytest
+
+import ledgerflow as lf
+from ledgerflow.clock import ManualClock
+from ledgerflow.workflow.history import EventReceived, StepDone, Transitioned
+
+from ._engines import WAIT, EngineFactory
+
+FAST = lf.RetryPolicy(max_attempts=3, initial_interval=0.001, max_interval=0.001, jitter=0)
+ONCE = lf.RetryPolicy(max_attempts=1)
+
+
+class Calls:
+    """What the activities of one test did, in order."""
+
+    def __init__(self) -> None:
+        self.log: list[str] = []
+        self.fail: set[str] = set()
+        self.flaky: dict[str, int] = {}
+
+    def activity(self, name: str, *, retry: lf.RetryPolicy = ONCE) -> Any:
+        @lf.step(name=name, retry=retry)
+        def run(call: lf.MachineCall) -> str:
+            self.log.append(name)
+            if self.flaky.get(name, 0) > 0:
+                self.flaky[name] -= 1
+                raise ConnectionError(f"{name} flaked")
+            if name in self.fail:
+                raise ValueError(f"{name} refused")
+            return f"{name}-done"
+
+        return run
+
+    def undo(self, name: str) -> Any:
+        @lf.step(name=f"undo {name}")
+        def run(call: lf.MachineCall, result: str) -> None:
+            self.log.append(f"undo {name} ({result})")
+
+        return run
+
+
+def order_machine(calls: Calls, *, version: int = 1) -> lf.Machine:
+    m = lf.Machine(
+        "order",
+        version=version,
+        data={"approver": [None, "alice", "bob"]},
+        initial_data={"approver": None},
+    )
+    m.state("created", initial=True)
+    m.state("approved")
+    m.state("reserved")
+    m.state("placed", terminal=True)
+    m.state("rejected", terminal=True)
+    m.state("compensated", terminal=True)
+    m.event("approve", payload={"approver": ["alice", "bob"]})
+    m.transition("created", "approve", "approved", update=lambda d, p: {"approver": p["approver"]})
+    m.transition("created", "reject", "rejected")
+    m.transition(
+        "approved",
+        "reserve",
+        "reserved",
+        activity=calls.activity("reserve", retry=FAST),
+        compensate=calls.undo("reserve"),
+    )
+    m.transition(
+        "reserved", "charge", "placed", activity=calls.activity("charge"), failure="compensated"
+    )
+    return m
+
+
+async def events_of(engine: lf.Engine, instance_id: str) -> list[Any]:
+    return [e.data for e in await engine.history(instance_id)]
+
+
+async def test_an_order_moves_event_by_event_to_its_end(engine: EngineFactory) -> None:
+    calls = Calls()
+    machine = order_machine(calls)
+    async with engine(machine) as running:
+        handle = await running.start(machine, None, id="o1")
+        approved = await running.execute("o1", "approve", {"approver": "alice"}, timeout=WAIT)
+        assert (approved.state, approved.data, approved.accepts) == (
+            "approved",
+            {"approver": "alice"},
+            ("reserve",),
+        )
+        reserved = await running.execute("o1", "reserve", timeout=WAIT)
+        assert reserved.results == {"reserve": "reserve-done"}
+        placed = await running.execute("o1", "charge", actor="ops", timeout=WAIT)
+        assert placed.state == "placed"
+        assert placed.accepts == ()
+        outcome = await handle.result(timeout=WAIT)
+        assert outcome == lf.MachineOutcome(
+            state="placed",
+            data={"approver": "alice"},
+            results={"reserve": "reserve-done", "charge": "charge-done"},
+        )
+        assert calls.log == ["reserve", "charge"]
+        assert placed.path == (
+            "start",
+            "created --approve--> approved",
+            "approved --reserve--> reserved",
+            "reserved --charge--> placed",
+        )
+        recorded = await running.history("o1")
+        sent = [e for e in recorded if isinstance(e.data, EventReceived)]
+        assert [e.data.by for e in sent][-1] == "ops"
+        assert sent[-1].metadata.actor == "ops"
+        with pytest.raises(lf.WorkflowFinishedError):
+            await running.execute("o1", "charge", timeout=WAIT)
+
+
+async def test_an_event_the_state_does_not_accept_is_refused_and_nothing_recorded(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    machine = order_machine(calls)
+    async with engine(machine) as running:
+        await running.start(machine, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "bob"}, timeout=WAIT)
+        before = len(await running.history("o1"))
+        with pytest.raises(lf.InvalidTransition) as refused:
+            await running.execute("o1", "charge", timeout=WAIT)
+        assert refused.value.state == "approved"
+        assert refused.value.accepts == ("reserve",)
+        assert "approved" in str(refused.value)
+        assert "'reserve'" in str(refused.value)
+        with pytest.raises(lf.InvalidTransition):
+            await running.execute("o1", "no-such-event", timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError, match="unknown"):
+            await running.execute("o1", "reserve", {"extra": 1}, timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError, match="non-empty"):
+            await running.execute("o1", "", timeout=WAIT)
+        with pytest.raises(lf.WorkflowNotFoundError):
+            await running.execute("nobody", "reserve", timeout=WAIT)
+        assert len(await running.history("o1")) == before
+        assert calls.log == []
+
+
+async def test_a_payload_missing_a_declared_field_is_refused(engine: EngineFactory) -> None:
+    machine = order_machine(Calls())
+    async with engine(machine) as running:
+        await running.start(machine, None, id="o1")
+        with pytest.raises(lf.WorkflowInputError, match="missing"):
+            await running.execute("o1", "approve", timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError, match="mapping"):
+            await running.execute("o1", "approve", [1, 2], timeout=WAIT)  # type: ignore[arg-type]
+
+
+async def test_a_guard_that_does_not_hold_refuses_the_event(engine: EngineFactory) -> None:
+    m = lf.Machine("gate", data={"open": [True, False]}, initial_data={"open": False})
+    m.state("shut", initial=True)
+    m.state("through", terminal=True)
+    m.transition("shut", "pass", "through", guard=lambda d, p: bool(d["open"]))
+    m.transition("shut", "unlock", "shut", update=lambda d, p: {"open": True})
+    async with engine(m) as running:
+        await running.start(m, None, id="g")
+        with pytest.raises(lf.InvalidTransition, match="no guard holds"):
+            await running.execute("g", "pass", timeout=WAIT)
+        await running.execute("g", "unlock", timeout=WAIT)
+        assert (await running.execute("g", "pass", timeout=WAIT)).state == "through"
+
+
+async def test_retries_run_under_the_activitys_retry_policy(engine: EngineFactory) -> None:
+    calls = Calls()
+    calls.flaky["reserve"] = 2
+    machine = order_machine(calls)
+    async with engine(machine) as running:
+        await running.start(machine, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "alice"}, timeout=WAIT)
+        reserved = await running.execute("o1", "reserve", timeout=WAIT)
+        assert reserved.state == "reserved"
+        assert calls.log == ["reserve", "reserve", "reserve"]
+
+
+async def test_a_failed_activity_without_failure_states_leaves_the_machine_where_it_was(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    m = lf.Machine("pay")
+    m.state("due", initial=True)
+    m.state("paid", terminal=True)
+    m.transition("due", "pay", "paid", activity=calls.activity("pay"))
+    async with engine(m) as running:
+        await running.start(m, None, id="p")
+        calls.fail.add("pay")
+        with pytest.raises(lf.TransitionFailedError) as failed:
+            await running.execute("p", "pay", timeout=WAIT)
+        assert (failed.value.state, failed.value.compensated) == ("due", False)
+        assert failed.value.error_type == "ValueError"
+        calls.fail.clear()
+        assert (await running.execute("p", "pay", timeout=WAIT)).state == "paid"
+        assert calls.log == ["pay", "pay"]
+
+
+async def test_a_failure_compensates_every_completed_activity_newest_first(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    m = lf.Machine("trip")
+    m.state("start", initial=True)
+    m.state("flight")
+    m.state("hotel")
+    m.state("booked", terminal=True)
+    m.state("undone", terminal=True)
+    m.transition(
+        "start",
+        "book_flight",
+        "flight",
+        activity=calls.activity("flight"),
+        compensate=calls.undo("flight"),
+    )
+    m.transition(
+        "flight",
+        "book_hotel",
+        "hotel",
+        activity=calls.activity("hotel"),
+        compensate=calls.undo("hotel"),
+    )
+    m.transition("hotel", "book_car", "booked", activity=calls.activity("car"), failure="undone")
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="t")
+        await running.execute("t", "book_flight", timeout=WAIT)
+        await running.execute("t", "book_hotel", timeout=WAIT)
+        calls.fail.add("car")
+        with pytest.raises(lf.TransitionFailedError) as failed:
+            await running.execute("t", "book_car", timeout=WAIT)
+        assert (failed.value.state, failed.value.compensated) == ("undone", True)
+        assert calls.log == [
+            "flight",
+            "hotel",
+            "car",
+            "undo hotel (hotel-done)",
+            "undo flight (flight-done)",
+        ]
+        assert (await handle.result(timeout=WAIT)).state == "undone"
+
+
+async def test_entry_and_exit_activities_run_around_the_transitions_own(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    m = lf.Machine("doors")
+    m.state(
+        "hall",
+        initial=True,
+        on_enter=calls.activity("enter hall"),
+        on_exit=calls.activity("leave hall"),
+    )
+    m.state("room", terminal=True, on_enter=calls.activity("enter room"))
+    m.transition("hall", "walk", "room", activity=calls.activity("walk"))
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="d")
+        await running.execute("d", "walk", timeout=WAIT)
+        await handle.result(timeout=WAIT)
+        assert calls.log == ["enter hall", "leave hall", "walk", "enter room"]
+
+
+def approval_machine(calls: Calls) -> lf.Machine:
+    m = lf.Machine("approval")
+    m.state(
+        "waiting",
+        initial=True,
+        timeout=timedelta(days=7),
+        on_timeout="expire",
+    )
+    m.state("approved", terminal=True)
+    m.state("rejected", terminal=True)
+    m.transition("waiting", "approve", "approved")
+    m.transition("waiting", "expire", "rejected", activity=calls.activity("notify"))
+    return m
+
+
+async def test_a_state_timeout_is_a_durable_timer_that_sends_its_event(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    calls = Calls()
+    m = approval_machine(calls)
+    async with engine(m) as running:
+        await running.start(m, None, id="a")
+        state = await running.machine_state("a")
+        assert state.state == "waiting"
+        async with asyncio.timeout(WAIT):
+            while state.pending is not None:  # until it has entered (and set its timer)
+                await asyncio.sleep(0.01)
+                state = await running.machine_state("a")
+    # The engine is gone; the timer is in the ledger: a new engine fires it when due.
+    clock.advance(timedelta(days=7, seconds=1))
+    async with engine(m) as running:
+        handle = running.handle("a")
+        outcome = await handle.result(timeout=WAIT)
+        assert outcome.state == "rejected"
+        assert calls.log == ["notify"]
+        received = [e for e in await events_of(running, "a") if isinstance(e, EventReceived)]
+        assert [(r.name, r.by, r.timeout_of) for r in received] == [
+            ("expire", "timeout", "waiting")
+        ]
+
+
+async def test_an_event_before_the_timeout_wins_and_the_timer_never_fires(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    calls = Calls()
+    m = approval_machine(calls)
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="a")
+        await running.execute("a", "approve", timeout=WAIT)
+        clock.advance(timedelta(days=8))
+        assert (await handle.result(timeout=WAIT)).state == "approved"
+        assert calls.log == []
+
+
+async def test_concurrent_events_apply_one_at_a_time_and_none_is_lost(
+    engine: EngineFactory,
+) -> None:
+    m = lf.Machine("counter", data={"n": range(21)}, initial_data={"n": 0})
+    m.state("counting", initial=True)
+    m.state("done", terminal=True)
+    m.transition(
+        "counting",
+        "add",
+        "counting",
+        guard=lambda d, p: d["n"] < 20,
+        update=lambda d, p: {"n": d["n"] + 1},
+    )
+    m.transition("counting", "stop", "done")
+    async with engine(m) as running:
+        await running.start(m, None, id="c")
+        senders = [lf.WorkflowClient(running.store, workflows=[m]) for _ in range(3)]
+        results = await asyncio.gather(
+            *(
+                sender.execute("c", "add", timeout=WAIT)
+                for sender in [running, *senders]
+                for _ in range(5)
+            )
+        )
+        assert sorted(r.data["n"] for r in results) == list(range(1, 21))
+        state = await running.machine_state("c")
+        assert state.data == {"n": 20}
+        with pytest.raises(lf.InvalidTransition, match="no guard holds"):
+            await running.execute("c", "add", timeout=WAIT)
+        moves = [e for e in await events_of(running, "c") if isinstance(e, Transitioned)]
+        assert [t.data["n"] for t in moves] == list(range(21))
+
+
+async def test_cancelling_an_instance_compensates_what_it_completed(engine: EngineFactory) -> None:
+    calls = Calls()
+    machine = order_machine(calls)
+    async with engine(machine) as running:
+        handle = await running.start(machine, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "alice"}, timeout=WAIT)
+        await running.execute("o1", "reserve", timeout=WAIT)
+        await running.cancel("o1", "customer changed their mind", actor="support")
+        with pytest.raises(lf.WorkflowFailedError) as ended:
+            await handle.result(timeout=WAIT)
+        assert ended.value.status == "compensated"
+        assert calls.log == ["reserve", "undo reserve (reserve-done)"]
+        with pytest.raises(lf.WorkflowFinishedError):
+            await running.execute("o1", "charge", timeout=WAIT)
+
+
+async def test_parallel_regions_fork_and_join_at_run_time(engine: EngineFactory) -> None:
+    calls = Calls()
+    m = lf.Machine("onboarding")
+    m.state("hired", initial=True)
+    m.state("laptop")
+    m.state("badge")
+    m.state("laptop_ready")
+    m.state("badge_ready")
+    m.state("ready", terminal=True)
+    m.transition("hired", "start", ["laptop", "badge"])
+    m.transition("laptop", "laptop_done", "laptop_ready", activity=calls.activity("image laptop"))
+    m.transition("badge", "badge_done", "badge_ready")
+    m.transition(["laptop_ready", "badge_ready"], "first_day", "ready")
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="e")
+        forked = await running.execute("e", "start", timeout=WAIT)
+        assert forked.marking == ("badge", "laptop")
+        assert forked.accepts == ("badge_done", "laptop_done")
+        await running.execute("e", "badge_done", timeout=WAIT)
+        with pytest.raises(lf.InvalidTransition):
+            await running.execute("e", "first_day", timeout=WAIT)  # the laptop is not ready
+        await running.execute("e", "laptop_done", timeout=WAIT)
+        assert (await running.execute("e", "first_day", timeout=WAIT)).state == "ready"
+        assert (await handle.result(timeout=WAIT)).state == "ready"
+
+
+def unsound() -> lf.Machine:
+    m = lf.Machine("stuck")
+    m.state("a", initial=True)
+    m.state("b")
+    m.state("end", terminal=True)
+    m.transition("a", "go", "b")  # b has no way out: a deadlock
+    return m
+
+
+async def test_an_unsound_definition_is_refused_at_registration_unless_told(
+    store_url: str,
+) -> None:
+    with pytest.raises(lf.WorkflowDefinitionError, match="deadlock"):
+        lf.WorkflowClient(store_url, workflows=[unsound()])
+    lf.WorkflowClient(store_url, workflows=[unsound()], verify_machines="warn")
+    with pytest.raises(lf.WorkflowDefinitionError, match="verify_machines"):
+        lf.WorkflowClient(store_url, workflows=[unsound()], verify_machines="maybe")
+
+
+def test_a_definition_the_runtime_cannot_run_is_refused() -> None:
+    m = lf.Machine("t", data={"x": [1, 2]})
+    m.state("a", initial=True, timeout=timedelta(hours=1), on_timeout="late")
+    m.state("z", terminal=True)
+    m.transition("a", "go", "z")
+    with pytest.raises(lf.WorkflowDefinitionError) as refused:
+        m.check()
+    assert "'late'" in str(refused.value)
+    assert "no start value" in str(refused.value)
+
+
+async def test_migration_moves_a_running_instance_only_when_it_can_still_complete(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    v1 = order_machine(calls)
+    # v2 renames "reserved" to "held" and adds a fraud check before the charge.
+    v2 = lf.Machine(
+        "order",
+        version=2,
+        data={"approver": [None, "alice", "bob"]},
+        initial_data={"approver": None},
+    )
+    for name in ("created", "approved", "held", "checked"):
+        v2.state(name, initial=name == "created")
+    for name in ("placed", "rejected", "compensated"):
+        v2.state(name, terminal=True)
+    v2.event("approve", payload={"approver": ["alice", "bob"]})
+    v2.transition("created", "approve", "approved", update=lambda d, p: {"approver": p["approver"]})
+    v2.transition("created", "reject", "rejected")
+    v2.transition(
+        "approved",
+        "reserve",
+        "held",
+        activity=calls.activity("reserve", retry=FAST),
+        compensate=calls.undo("reserve"),
+    )
+    v2.transition("held", "check", "checked")
+    v2.transition(
+        "checked", "charge", "placed", activity=calls.activity("charge"), failure="compensated"
+    )
+    async with engine(v1, v2) as running:
+        await running.start(v1, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "alice"}, timeout=WAIT)
+        await running.execute("o1", "reserve", timeout=WAIT)
+        before = len(await running.history("o1"))
+        with pytest.raises(lf.MigrationError, match="'reserved'"):
+            await running.migrate("o1", 2, reason="fraud checks")
+        with pytest.raises(lf.WorkflowInputError, match="reason"):
+            await running.migrate("o1", 2, states={"reserved": "held"}, reason=" ")
+        with pytest.raises(lf.UnknownWorkflowError):
+            await running.migrate("o1", 3, reason="no such version")
+        assert len(await running.history("o1")) == before
+        moved = await running.migrate(
+            "o1", 2, states={"reserved": "held"}, actor="release-bot", reason="fraud checks"
+        )
+        assert (moved.version, moved.state, moved.accepts) == (2, "held", ("check",))
+        with pytest.raises(lf.InvalidTransition):
+            await running.execute("o1", "charge", timeout=WAIT)
+        await running.execute("o1", "check", timeout=WAIT)
+        calls.fail.add("charge")
+        with pytest.raises(lf.TransitionFailedError):
+            await running.execute("o1", "charge", timeout=WAIT)
+        # The reservation made under v1 is undone by v2's compensation of it.
+        assert calls.log[-1] == "undo reserve (reserve-done)"
+        row = await running.store.get_instance("o1")
+        assert row is not None
+        assert row.version == 2
+
+
+async def test_migration_is_refused_where_the_new_version_cannot_complete(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    v1 = order_machine(calls)
+    v2 = lf.Machine(
+        "order",
+        version=2,
+        data={"approver": [None, "alice", "bob"]},
+        initial_data={"approver": None},
+    )
+    v2.state("created", initial=True)
+    v2.state("approved")
+    v2.state("trap")
+    v2.state("done", terminal=True)
+    v2.event("approve", payload={"approver": ["alice", "bob"]})
+    v2.transition("created", "approve", "done", update=lambda d, p: {"approver": p["approver"]})
+    v2.transition("approved", "loop", "trap")
+    v2.transition("trap", "loop", "approved")
+    v2.transition("created", "side", "approved")
+    async with engine(v1, v2, verify_machines="warn") as running:
+        await running.start(v1, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "bob"}, timeout=WAIT)
+        with pytest.raises(lf.MigrationError, match="no terminal state"):
+            await running.migrate("o1", 2, reason="try")
+
+
+async def test_a_recorded_activity_is_not_run_again_by_a_later_engine(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    machine = order_machine(calls)
+    async with engine(machine) as running:
+        await running.start(machine, None, id="o1")
+        await running.execute("o1", "approve", {"approver": "alice"}, timeout=WAIT)
+        await running.execute("o1", "reserve", timeout=WAIT)
+    async with engine(machine) as again:
+        placed = await again.execute("o1", "charge", timeout=WAIT)
+        assert placed.state == "placed"
+        done = [e for e in await events_of(again, "o1") if isinstance(e, StepDone)]
+        assert [d.name for d in done] == ["reserve", "charge"]
+    assert calls.log == ["reserve", "charge"]
