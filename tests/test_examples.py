@@ -43,6 +43,14 @@ def test_order_demo_runs_and_the_ledger_verifies(tmp_path: Path) -> None:
     assert "no decision within 3 days" in out
     assert "ErpUnavailable" in out
     assert "hash chains intact" in out
+    # Act 3: the state-machine form, verified, refusing an event its state does not
+    # accept, compensating when the ERP fails for good.
+    act3 = out.split("act 3: the same process as a state machine")[1]
+    assert "order-machine v1: sound" in act3
+    assert "in state 'created' does not accept 'charge'; it accepts: 'approve', 'expire'" in act3
+    assert re.search(r"sm-placed\s*│ placed\s*│ created -> approved -> reserved", act3)
+    assert re.search(r"sm-refused\s*│ rejected", act3)
+    assert re.search(r"sm-failing\s*│ compensated", act3)
     # The default seed is fixed: the same outcomes every run.
     tally = statuses(out)
     assert tally == {"placed": 7, "rejected": 3, "compensated": 2}

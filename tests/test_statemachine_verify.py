@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Mapping
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -567,3 +568,46 @@ def test_verify_agrees_with_an_independent_soundness_check(m: Machine) -> None:
     }
     assert said == expected, [str(f) for f in report.findings]
     assert report.ok == all(expected.values())
+
+
+# -- activities that may fail, timeouts: what verify explores and diagrams draw ----------
+
+
+def charging() -> Machine:
+    def charge(call: object) -> str:
+        return "C-1"
+
+    m = Machine("charging")
+    m.state("due", initial=True, timeout=timedelta(days=2), on_timeout="lapse")
+    m.state("paid", terminal=True)
+    m.state("refunded", terminal=True)
+    m.state("lapsed", terminal=True)
+    m.transition("due", "pay", "paid", activity=charge, failure="refunded")
+    m.transition("due", "lapse", "lapsed")
+    return m
+
+
+def test_a_failing_activity_is_explored_towards_its_failure_states() -> None:
+    report = verify(charging())
+    assert report.ok, [str(f) for f in report.findings]
+    assert report.configurations == 4  # due, paid, refunded (the charge failed), lapsed
+    m = charging()
+    m.state("stuck")
+    m.transition("due", "hold", "stuck", activity=lambda call: None, failure="stuck")
+    (deadlock,) = verify(m).of(FindingKind.DEADLOCK)
+    assert deadlock.subject == "stuck"
+
+
+def test_diagrams_draw_failure_edges_timeouts_and_the_transitions_taken() -> None:
+    from ledgerflow.statemachine.diagram import dot, mermaid
+
+    chart = mermaid(
+        charging(), current="refunded", path=["due"], taken=["due --pay--> paid (failed)"]
+    )
+    assert "    due --> refunded : pay fails ✓" in chart
+    assert "    due --> paid : pay\n" in chart
+    assert "    due --> lapsed : lapse (after 2d)" in chart
+    assert "    class refunded current" in chart
+    graph = dot(charging(), taken=["due --lapse--> lapsed"])
+    assert 'due -> refunded [label="pay fails", style=dashed];' in graph
+    assert 'due -> lapsed [label="lapse (after 2d) ✓", penwidth=2.5, color="#b8860b"];' in graph

@@ -37,7 +37,9 @@ from uuid import uuid4
 
 import msgspec
 from erp import CATALOG, FakeErp
+from machine_act import state_machine_act
 from order import registry
+from order_machine import ORDER_MACHINE
 from order_workflow import (
     APPROVAL_TIMEOUT,
     ERP_POLICY,
@@ -274,7 +276,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
     clock = ledgerflow.ManualClock((datetime.now(UTC) - SIMULATED).replace(microsecond=0))
     engine = ledgerflow.Engine(
         args.url,
-        workflows=[order_workflow],
+        workflows=[order_workflow, ORDER_MACHINE],
         clock=clock,
         registry=registry,
         policies={"erp": ERP_POLICY},
@@ -327,6 +329,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         console.print(escape(await order_stream(engine.store, shown_id)))
 
         await erp_outage(engine, clock, erp, run, args.seed, console)
+        await state_machine_act(engine, erp, run, console)
 
         report = await ledgerflow.verify_ledger(engine.store)
         verdict = "[green]intact[/]" if report.ok else "[red]TAMPERED[/]"

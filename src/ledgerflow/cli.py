@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import importlib
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+import sys
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
@@ -18,16 +19,23 @@ from rich.table import Table
 
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
-from .errors import LedgerflowError, StreamNotFoundError
+from .errors import (
+    InvalidTransition,
+    LedgerflowError,
+    StreamNotFoundError,
+    TransitionFailedError,
+)
 from .events import RecordedEvent
 from .hashing import from_micros
 from .resilience import Policy, PolicyVersion, check_policy, policy_document, with_settings
 from .statemachine import Machine
 from .statemachine import verify as verify_machine
 from .statemachine.diagram import dot, mermaid
+from .statemachine.instance import MachineState
 from .store import open_store
 from .store.runtime import ResourceRow
 from .workflow.client import WorkflowClient
+from .workflow.drawing import history_dot, history_mermaid
 from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
 from .workflow.history import WorkflowStatus
 
@@ -62,6 +70,11 @@ policy_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
+machines_app = typer.Typer(
+    help="State-machine instances: where they are, send them events, migrate them.",
+    no_args_is_help=True,
+)
+app.add_typer(machines_app, name="machines")
 resources_app = typer.Typer(
     help="Guarded resources: breaker state, tokens, permits, and every breaker move.",
     no_args_is_help=True,
@@ -152,20 +165,30 @@ def audit_verify(db: DbOption = DEFAULT_DB) -> None:
 # -- workflows ------------------------------------------------------------------------
 
 
-async def _client(db: str, call: Callable[[WorkflowClient], Awaitable[T]]) -> T:
+async def _client(
+    db: str,
+    call: Callable[[WorkflowClient], Awaitable[T]],
+    workflows: Sequence[Machine] = (),
+) -> T:
     """``call`` with a workflow client of the store: it claims no work and runs no
     workflow, and leaves the leases of running engines alone. Signals and
-    cancellations nudge the instance so that its engine picks them up."""
-    async with WorkflowClient(open_store(db, create=False)) as client:
+    cancellations nudge the instance so that its engine picks them up. ``workflows``:
+    the state machines it reads and sends events to (their engines verified them)."""
+    client = WorkflowClient(
+        open_store(db, create=False), workflows=workflows, verify_machines="off"
+    )
+    async with client:
         try:
             return await call(client)
         finally:
             await client.store.close()
 
 
-def _call(db: str, call: Callable[[WorkflowClient], Awaitable[T]]) -> T:
+def _call(
+    db: str, call: Callable[[WorkflowClient], Awaitable[T]], workflows: Sequence[Machine] = ()
+) -> T:
     """The result of ``call`` on a workflow client of the store at ``db``."""
-    return _run(lambda: _client(db, call))
+    return _run(lambda: _client(db, call, workflows))
 
 
 def _time(moment: datetime) -> str:
@@ -824,23 +847,6 @@ def resources_history(
 # -- state machines ----------------------------------------------------------------------
 
 
-def _machine(target: str) -> Machine:
-    """The ``Machine`` named by ``module:attribute`` (or a function returning one)."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        _fail(f"{target!r}: expected module:attribute naming a state machine")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
-    found = getattr(module, attribute, None)
-    if callable(found) and not isinstance(found, Machine):
-        found = found()
-    if not isinstance(found, Machine):
-        _fail(f"{target!r}: expected a state machine (ledgerflow.statemachine.Machine)")
-    return found
-
-
 @app.command("verify")
 def verify_command(
     target: Annotated[str, typer.Argument(help="The definition: module:attribute (a Machine).")],
@@ -852,7 +858,7 @@ def verify_command(
     """Verify a state-machine definition before it runs: every reachable
     configuration explored, each finding with the events that lead there. Exit 0
     sound, 1 findings (or exploration cut short), 2 error."""
-    machine = _machine(target)
+    machine = _machines(target)[-1]
     try:
         report = verify_machine(machine, max_configurations=max_configurations)
     except LedgerflowError as exc:
@@ -896,22 +902,193 @@ def verify_command(
 
 @app.command("diagram")
 def diagram_command(
-    target: Annotated[str, typer.Argument(help="The definition: module:attribute (a Machine).")],
+    target: Annotated[
+        str | None,
+        typer.Argument(
+            help="The definition: module:attribute (a Machine). Leave it out with "
+            "--instance to draw a code-first workflow's history."
+        ),
+    ] = None,
     fmt: Annotated[
         str, typer.Option("--format", help="mermaid (stateDiagram-v2) or dot (Graphviz).")
     ] = "mermaid",
     current: Annotated[
         str | None, typer.Option(help="A state to highlight (an instance's current one).")
     ] = None,
+    instance: Annotated[
+        str | None,
+        typer.Option(
+            help="An instance (with --db): its current state, the states it went "
+            "through and the transitions it took are highlighted; without TARGET, a "
+            "code-first workflow's steps, signals and timers as its history shows them."
+        ),
+    ] = None,
+    db: DbOption = DEFAULT_DB,
 ) -> None:
-    """Print a state machine as a diagram: Mermaid or Graphviz DOT source."""
-    machine = _machine(target)
+    """Print a state machine (or an instance's history) as a diagram: Mermaid or
+    Graphviz DOT source."""
     if fmt not in ("mermaid", "dot"):
         _fail(f"--format must be mermaid or dot, not {fmt!r}")
-    if current is not None and current not in machine.states:
+    if target is None:
+        if instance is None:
+            _fail("name a state machine (module:attribute), or an --instance to draw")
+        events = _call(db, lambda c: c.history(instance))
+        draw_history = history_mermaid if fmt == "mermaid" else history_dot
+        typer.echo(draw_history(events), nl=False)
+        return
+    machines = _machines(target)
+    machine = machines[-1]
+    taken: tuple[str, ...] = ()
+    visited: tuple[str, ...] = ()
+    if instance is not None:
+        state = _call(db, lambda c: c.machine_state(instance), machines)
+        machine = next(m for m in machines if m.version == state.version)
+        current, taken, visited = current or state.state, state.path, state.visited
+    if current is not None and not all(s in machine.states for s in current.split("+")):
         _fail(f"--current: machine {machine.name!r} has no state {current!r}")
     draw = mermaid if fmt == "mermaid" else dot
-    typer.echo(draw(machine, current=current), nl=False)
+    typer.echo(draw(machine, current=current, path=visited, taken=taken), nl=False)
+
+
+def _machines(target: str) -> list[Machine]:
+    """The machines named by ``module:attribute`` (one, a list of versions, or a
+    function returning either), oldest version first."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        _fail(f"{target!r}: expected module:attribute naming a state machine")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # modules of the current directory
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
+    found = getattr(module, attribute, None)
+    if callable(found) and not isinstance(found, Machine):
+        found = found()
+    listed = found if isinstance(found, list | tuple) else [found]
+    if not listed or not all(isinstance(m, Machine) for m in listed):
+        _fail(f"{target!r}: expected a state machine (ledgerflow.Machine) or a list of them")
+    return sorted(listed, key=lambda m: m.version)
+
+
+AppOption = Annotated[
+    str,
+    typer.Option(
+        "--app",
+        envvar="LEDGERFLOW_APP",
+        help="The machine: module:attribute (a Machine, or a list of its versions). "
+        "Env LEDGERFLOW_APP.",
+    ),
+]
+
+
+def _show_state(state: MachineState) -> None:
+    _line("instance", state.instance_id)
+    _line("machine", f"{state.machine} v{state.version}")
+    _line("status", state.status)
+    _line("state", state.state + (f" (processing {state.pending!r})" if state.pending else ""))
+    _line("accepts", ", ".join(state.accepts) or "-")
+    _line("data", _compact(state.data))
+    if state.results:
+        _line("results", _compact(state.results))
+    _line("path", " -> ".join(state.path))
+
+
+@machines_app.command("show")
+def machines_show(
+    instance_id: IdArgument,
+    app_target: AppOption,
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="As one JSON object.")] = False,
+) -> None:
+    """Where a state-machine instance is: its state, the events it accepts, its data,
+    the transitions it took."""
+    machines = _machines(app_target)
+    state = _call(db, lambda c: c.machine_state(instance_id), machines)
+    if as_json:
+        typer.echo(msgspec.json.encode(state).decode())
+        return
+    _show_state(state)
+
+
+@machines_app.command("send")
+def machines_send(
+    instance_id: IdArgument,
+    event: Annotated[str, typer.Argument(help="The event's name.")],
+    app_target: AppOption,
+    db: DbOption = DEFAULT_DB,
+    payload: Annotated[
+        str | None, typer.Option(help="The event's payload: a JSON object of its fields.")
+    ] = None,
+    actor: ActorOption = None,
+    reason: Annotated[str | None, typer.Option(help="Why: recorded with the event.")] = None,
+    timeout: Annotated[
+        float, typer.Option(min=0.0, help="Seconds to wait for the transition to run.")
+    ] = 30.0,
+) -> None:
+    """Send an event to a state-machine instance and wait for its transition. Exit 0
+    moved, 1 refused (the state does not accept it: nothing recorded) or its
+    activity failed, 2 error (also: accepted, but not run within --timeout)."""
+    machines = _machines(app_target)
+    fields: Any = None
+    if payload is not None:
+        try:
+            fields = json.loads(payload, parse_constant=_not_json)
+        except ValueError as exc:
+            _fail(f"--payload is not valid JSON: {exc}")
+
+    async def send(client: WorkflowClient) -> MachineState:
+        try:
+            return await client.execute(
+                instance_id, event, fields, actor=actor, reason=reason, timeout=timeout
+            )
+        except (InvalidTransition, TransitionFailedError) as exc:
+            _refused(exc)
+        except TimeoutError:
+            _fail(
+                f"{event!r} was accepted but its transition has not run within {timeout:g}s; "
+                "it will: see `ledgerflow machines show`"
+            )
+
+    _show_state(_call(db, send, machines))
+
+
+def _refused(exc: InvalidTransition | TransitionFailedError) -> NoReturn:
+    err.print(f"[red]refused:[/] {escape(str(exc))}", soft_wrap=True)
+    raise typer.Exit(1)
+
+
+@machines_app.command("migrate")
+def machines_migrate(
+    instance_id: IdArgument,
+    app_target: AppOption,
+    to: Annotated[int, typer.Option("--to", min=1, help="The version to move it to.")],
+    reason: ReasonOption,
+    db: DbOption = DEFAULT_DB,
+    rename: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--state", help="old=new: a state of its version renamed in the new one (repeat)."
+        ),
+    ] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Move a running instance to another version of its machine, checked first (its
+    states exist there, it can still complete, its completed activities can still be
+    compensated). Nothing is recorded if a check fails (exit 2)."""
+    machines = _machines(app_target)
+    states: dict[str, str] = {}
+    for pair in rename or ():
+        old, sep, new = pair.partition("=")
+        if not sep or not old or not new:
+            _fail(f"--state {pair!r}: expected old=new")
+        states[old] = new
+    state = _call(
+        db,
+        lambda c: c.migrate(instance_id, to, states=states, actor=actor, reason=_reason(reason)),
+        machines,
+    )
+    _show_state(state)
 
 
 @app.command("worker")

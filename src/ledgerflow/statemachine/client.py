@@ -386,6 +386,7 @@ def _state(machine: Machine, history: History, status: str) -> MachineState:
         ),
         status=status,
         path=tuple(instance.path),
+        visited=tuple(instance.visited),
         stream_version=history.version,
     )
 

@@ -82,7 +82,10 @@ class MachineState(msgspec.Struct, frozen=True, kw_only=True):
     """An event accepted and still being processed, if any."""
     status: str = "running"
     path: tuple[str, ...] = ()
-    """The transitions it took, in order."""
+    """The transitions it took, in order (``start`` first; a failed one with
+    `` (failed)`` when it moved to failure states)."""
+    visited: tuple[str, ...] = ()
+    """The states it entered, in order."""
     stream_version: int = 0
 
 
@@ -129,6 +132,8 @@ class Instance:
     compensated: dict[int, int] = field(default_factory=dict)
     """The seq of the compensation (done or given up) of each activity's step seq."""
     path: list[str] = field(default_factory=list)
+    visited: list[str] = field(default_factory=list)
+    """The states entered, in order (again on each entry)."""
     cancelling: int | None = None
     """The seq of ``MachineCancelling`` once the undoing of a cancellation began."""
 
@@ -209,3 +214,4 @@ def _move(instance: Instance, marking: tuple[str, ...], targets: tuple[str, ...]
     instance.entered = {s: at if s in targets else instance.entered.get(s, at) for s in marking}
     instance.timed_out = {s for s in instance.timed_out if s in marking and s not in targets}
     instance.marking = marking
+    instance.visited.extend(targets)

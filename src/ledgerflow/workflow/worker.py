@@ -21,8 +21,10 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..statemachine.definition import Machine
 from .definition import _STEP_ATTR, StepOptions, WorkflowDefinition
 from .engine import Engine
+from .executors import Definition
 
 __all__ = ["App", "load_app", "load_workflows", "run_worker"]
 
@@ -31,9 +33,10 @@ log = logging.getLogger("ledgerflow.worker")
 
 @dataclass(frozen=True)
 class App:
-    """What a worker runs: workflows, and steps for the task queues it serves."""
+    """What a worker runs: workflows (and state machines), and steps for the task
+    queues it serves."""
 
-    workflows: list[WorkflowDefinition[Any, Any]]
+    workflows: list[Definition]
     steps: list[Any]
 
 
@@ -44,9 +47,9 @@ def _is_step(value: Any) -> bool:
 
 
 def load_app(target: str) -> App:
-    """The workflows and steps named by ``module:attribute`` (a workflow, a step, or
-    a sequence of them), or every workflow and ``@ledgerflow.step`` function defined
-    at the top level of ``module``."""
+    """The workflows, state machines and steps named by ``module:attribute`` (one of
+    them, or a sequence of them), or every workflow, state machine and
+    ``@ledgerflow.step`` function defined at the top level of ``module``."""
     module_name, _, attribute = target.partition(":")
     if not module_name:
         raise ConfigurationError(f"--app {target!r}: expected module or module:attribute")
@@ -63,31 +66,35 @@ def load_app(target: str) -> App:
             ) from None
         # Named explicitly, a plain function is a step too (its name: its qualified
         # name, as ctx.step gives it).
-        single = isinstance(found, WorkflowDefinition) or _is_step(found) or callable(found)
+        single = _is_definition(found) or _is_step(found) or callable(found)
         candidates = [found] if single else found
         if not isinstance(candidates, Sequence) or not all(
-            isinstance(c, WorkflowDefinition) or _is_step(c) or callable(c) for c in candidates
+            _is_definition(c) or _is_step(c) or callable(c) for c in candidates
         ):
             raise ConfigurationError(
-                f"--app {target!r}: expected a workflow, a step or a list of them, "
-                f"not {type(found).__name__}"
+                f"--app {target!r}: expected a workflow, a state machine, a step or a list "
+                f"of them, not {type(found).__name__}"
             )
         values = list(candidates)
     else:
         values = [
             v
             for v in vars(module).values()
-            if isinstance(v, WorkflowDefinition)
+            if _is_definition(v)
             or (_is_step(v) and getattr(v, "__module__", None) == module.__name__)
         ]
-    workflows = [v for v in values if isinstance(v, WorkflowDefinition)]
-    steps = [v for v in values if not isinstance(v, WorkflowDefinition)]
+    workflows = [v for v in values if _is_definition(v)]
+    steps = [v for v in values if not _is_definition(v)]
     if not values:
         raise ConfigurationError(f"--app {target!r}: no workflows or steps found")
     return App(workflows, steps)
 
 
-def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
+def _is_definition(value: Any) -> bool:
+    return isinstance(value, WorkflowDefinition | Machine)
+
+
+def load_workflows(target: str) -> list[Definition]:
     """The workflows of ``load_app(target)``; raises if there are none."""
     workflows = load_app(target).workflows
     if not workflows:
@@ -97,7 +104,7 @@ def load_workflows(target: str) -> list[WorkflowDefinition[Any, Any]]:
 
 async def run_worker(
     store: str,
-    workflows: Sequence[WorkflowDefinition[Any, Any]],
+    workflows: Sequence[Definition],
     *,
     steps: Sequence[Any] = (),
     queues: Sequence[str] = (),
