@@ -4,6 +4,7 @@ one event at a time, cancellation, versions and migration (every backend)."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
 
@@ -524,3 +525,82 @@ async def test_a_recorded_activity_is_not_run_again_by_a_later_engine(
         done = [e for e in await events_of(again, "o1") if isinstance(e, StepDone)]
         assert [d.name for d in done] == ["reserve", "charge"]
     assert calls.log == ["reserve", "charge"]
+
+
+# -- what a careless or hostile caller sends ---------------------------------------------
+
+
+async def test_bad_input_is_refused_before_anything_is_recorded(engine: EngineFactory) -> None:
+    @lf.workflow(name="plain")
+    async def plain(ctx: lf.WorkflowContext, n: int) -> int:
+        return n
+
+    m = lf.Machine("typed", input=int)
+    m.state("a", initial=True)
+    m.state("z", terminal=True)
+    m.transition("a", "go", "z")
+    async with engine(m, plain) as running:
+        with pytest.raises(lf.WorkflowInputError):
+            await running.start(m, "not an int", id="bad")
+        with pytest.raises(lf.WorkflowNotFoundError):
+            await running.machine_state("bad")
+        await running.start(m, 7, id="t")
+        with pytest.raises(lf.WorkflowInputError):
+            await running.execute("t", "go", {"when": object()}, timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError):
+            await running.execute("t", "go", "payload", timeout=WAIT)  # type: ignore[arg-type]
+        await (await running.start(plain, 1, id="p")).result(timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError, match="not a state machine"):
+            await running.execute("p", "go", timeout=WAIT)
+        assert (await running.execute("t", "go", timeout=WAIT)).state == "z"
+
+
+async def test_a_guard_or_update_that_raises_refuses_the_event_visibly(
+    engine: EngineFactory,
+) -> None:
+    flaky = {"guard": False, "update": False}
+
+    def guard(data: Mapping[str, Any], payload: Mapping[str, Any]) -> bool:
+        if flaky["guard"]:
+            raise RuntimeError("guard broke")
+        return True
+
+    def update(data: Mapping[str, Any], payload: Mapping[str, Any]) -> dict[str, Any]:
+        if flaky["update"]:
+            return {"n": 1, "extra": 2}
+        return {"n": 1}
+
+    m = lf.Machine("fragile", data={"n": [0, 1]}, initial_data={"n": 0})
+    m.state("a", initial=True)
+    m.state("z", terminal=True)
+    m.transition("a", "go", "z", guard=guard, update=update)
+    async with engine(m) as running:
+        await running.start(m, None, id="f")
+        flaky["guard"] = True
+        with pytest.raises(lf.InvalidTransition, match="guard raised RuntimeError"):
+            await running.execute("f", "go", timeout=WAIT)
+        flaky["guard"], flaky["update"] = False, True
+        with pytest.raises(lf.InvalidTransition, match="changed the data fields"):
+            await running.execute("f", "go", timeout=WAIT)
+        flaky["update"] = False
+        assert (await running.execute("f", "go", timeout=WAIT)).data == {"n": 1}
+
+
+async def test_an_activity_whose_result_cannot_be_recorded_parks_and_says_so(
+    engine: EngineFactory,
+) -> None:
+    def opaque(call: lf.MachineCall) -> Any:
+        return object()
+
+    m = lf.Machine("opaque")
+    m.state("a", initial=True)
+    m.state("z", terminal=True)
+    m.transition("a", "go", "z", activity=opaque)
+    async with engine(m) as running:
+        await running.start(m, None, id="o")
+        with pytest.raises(lf.WorkflowFailedError) as parked:
+            await running.execute("o", "go", timeout=WAIT)
+        assert parked.value.status == "stuck"
+        assert "UnrecordableValueError" in str(parked.value)
+        with pytest.raises(lf.WorkflowFinishedError):
+            await running.execute("o", "go", timeout=WAIT)

@@ -32,8 +32,8 @@ from typing import Any
 from .clock import ManualClock
 from .hashing import from_micros, to_micros
 from .store import open_store
-from .workflow.definition import WorkflowDefinition
 from .workflow.engine import Engine
+from .workflow.executors import Definition
 
 __all__ = ["ManualClock", "WorkflowEnvironment", "workflow_environment"]
 
@@ -85,13 +85,14 @@ class WorkflowEnvironment:
 
 @asynccontextmanager
 async def workflow_environment(
-    *workflows: WorkflowDefinition[Any, Any],
+    *workflows: Definition,
     store: str = "memory://",
     start: datetime | None = None,
     **engine_options: Any,
 ) -> AsyncIterator[WorkflowEnvironment]:
-    """An engine running ``workflows`` on a ``ManualClock`` starting at ``start``
-    (default 2030-01-01 UTC), on ``store`` (default: in memory); closed on exit.
+    """An engine running ``workflows`` (and state machines) on a ``ManualClock``
+    starting at ``start`` (default 2030-01-01 UTC), on ``store`` (default: in
+    memory); closed on exit.
 
     ``engine_options`` go to ``Engine`` (``concurrency``, ``step_threads``...).
     """

@@ -31,6 +31,7 @@ from ..errors import (
     TransitionFailedError,
     UnknownWorkflowError,
     WorkflowDefinitionError,
+    WorkflowFailedError,
     WorkflowFinishedError,
     WorkflowInputError,
 )
@@ -46,6 +47,7 @@ from ..workflow.history import (
     Finished,
     History,
     MachineMigrated,
+    Stuck,
     Transitioned,
     TransitionFailed,
     WorkflowStatus,
@@ -142,8 +144,11 @@ class MachineClient(abc.ABC):
         Raises ``InvalidTransition`` (nothing recorded) if the instance's states do
         not accept the event or no guard holds; ``TransitionFailedError`` if an
         activity failed for good (the instance is in its failure states, or where it
-        was); ``WorkflowFinishedError`` once it has ended; ``TimeoutError`` if
-        ``timeout`` passes first (the event stays accepted and will run).
+        was); ``WorkflowFinishedError`` once it has ended; ``WorkflowFailedError``
+        (status ``stuck``) if the instance was parked on the way (an activity's
+        result that cannot be recorded: the event runs once fitting code is
+        deployed); ``TimeoutError`` if ``timeout`` passes first (the event stays
+        accepted and will run: an activity parked for an operator waits for one).
         """
         if not isinstance(event, str) or not event:
             raise WorkflowInputError(
@@ -234,6 +239,12 @@ class MachineClient(abc.ABC):
                 if isinstance(data, Finished) and data.status != WorkflowStatus.COMPLETED:
                     raise WorkflowFinishedError(
                         instance_id, data.status, f"run {received.name!r} on"
+                    )
+                if isinstance(data, Stuck):
+                    # Parked until code that can go on is deployed: the event stays
+                    # accepted and runs then; the sender learns why now.
+                    raise WorkflowFailedError(
+                        instance_id, WorkflowStatus.STUCK, data.error_type, data.message
                     )
                 if getattr(data, "seq", None) != received.seq:
                     continue
