@@ -611,3 +611,115 @@ def test_diagrams_draw_failure_edges_timeouts_and_the_transitions_taken() -> Non
     graph = dot(charging(), taken=["due --lapse--> lapsed"])
     assert 'due -> refunded [label="pay fails", style=dashed];' in graph
     assert 'due -> lapsed [label="lapse (after 2d) ✓", penwidth=2.5, color="#b8860b"];' in graph
+
+
+# -- fairness ------------------------------------------------------------------------------
+
+
+def test_under_strong_fairness_an_optional_loop_is_left_some_day() -> None:
+    m = order()
+    m.state("on_hold")
+    m.transition("approved", "hold", "on_hold")
+    m.transition("on_hold", "resume", "approved")
+    m.property("completes", eventually(lambda s, d: m.states[s].terminal))
+    report = verify(m, fairness="strong")
+    assert report.ok, [str(f) for f in report.findings]
+    assert any("strong fairness" in note for note in report.notes)
+    # Declared on the machine, it is what registration and the CLI verify with.
+    fair = order()
+    fair.fairness = "strong"
+    fair.state("on_hold")
+    fair.transition("approved", "hold", "on_hold")
+    fair.transition("on_hold", "resume", "approved")
+    fair.property("completes", eventually(lambda s, d: fair.states[s].terminal))
+    assert verify(fair).ok
+
+
+def test_a_fair_cycle_that_avoids_the_goal_still_fails() -> None:
+    # In the loop, the way out is never enabled: fairness cannot force it.
+    m = Machine("spin", data={"n": [0]}, initial_data={"n": 0})
+    m.state("a", initial=True)
+    m.state("b")
+    m.state("z", terminal=True)
+    m.transition("a", "go", "b")
+    m.transition("b", "back", "a")
+    m.transition("a", "leave", "z", guard=lambda d, p: False)
+    m.property("ends", eventually(lambda s, d: s == "z"))
+    report = verify(m, fairness="strong")
+    (failed,) = report.of(FindingKind.PROPERTY)
+    assert "strongly fair run" in failed.message
+    with pytest.raises(WorkflowDefinitionError, match="fairness"):
+        verify(m, fairness="weak")  # type: ignore[arg-type]
+    with pytest.raises(WorkflowDefinitionError, match="fairness"):
+        Machine("x", fairness="sometimes")
+
+
+@st.composite
+def loopy(draw: st.DrawFn) -> Machine:
+    """Small graphs without data, with loops, one event per transition."""
+    states = draw(st.integers(2, 5))
+    m = Machine("loopy")
+    terminal = draw(st.integers(1, states - 1))
+    for i in range(states):
+        m.state(f"s{i}", initial=i == 0, terminal=i == terminal)
+    for k in range(draw(st.integers(1, 8))):
+        source = draw(st.sampled_from([i for i in range(states) if i != terminal]))
+        m.transition(f"s{source}", f"e{k}", f"s{draw(st.integers(0, states - 1))}")
+    goal = f"s{draw(st.integers(0, states - 1))}"
+    m.property("reaches", eventually(_is(goal)))
+    return m
+
+
+def _is(goal: str) -> Callable[[str, Mapping[str, Any]], bool]:
+    return lambda state, data: state == goal
+
+
+@settings(max_examples=200)
+@given(loopy())
+def test_strong_fairness_agrees_with_a_brute_force_search_for_fair_lassos(m: Machine) -> None:
+    fails = bool(verify(m, fairness="strong").of(FindingKind.PROPERTY))
+    assert fails == _has_fair_counterexample(m)
+
+
+def _has_fair_counterexample(m: Machine) -> bool:
+    """Independently: some run from s0 avoids the goal for ever, either stopping or
+    ending in a loop (a set of states visited again and again, strongly connected by
+    the transitions it uses) in which every transition enabled is used."""
+    goal = m.properties["reaches"].p
+    out = {
+        s: [(k, t.target) for k, t in enumerate(m.transitions) if t.source == s] for s in m.states
+    }
+    avoid = {s for s in m.states if not goal(s, {})}
+    if "s0" not in avoid:
+        return False
+    reach, todo = {"s0"}, ["s0"]
+    while todo:
+        for _, t in out[todo.pop()]:
+            if t in avoid and t not in reach:
+                reach.add(t)
+                todo.append(t)
+    if any(not out[s] for s in reach):
+        return True  # a run that stops
+    # Every non-empty subset of reachable states and subset of its internal edges that
+    # is strongly connected and fair: exponential, fine for five states.
+    states = sorted(reach)
+    for mask in range(1, 2 ** len(states)):
+        chosen = {states[i] for i in range(len(states)) if mask >> i & 1}
+        inner = [(k, s, t) for s in chosen for k, t in out[s] if t in chosen]
+        enabled = {k for s in chosen for k, _ in out[s]}
+        if not inner or enabled - {k for k, _, _ in inner}:
+            continue
+        if all(_reaches(a, b, inner) for a in chosen for b in chosen):
+            return True
+    return False
+
+
+def _reaches(a: str, b: str, edges: list[tuple[int, str, str]]) -> bool:
+    seen, todo = {a}, [a]
+    while todo:
+        at = todo.pop()
+        for _, s, t in edges:
+            if s == at and t not in seen:
+                seen.add(t)
+                todo.append(t)
+    return b in seen and (a != b or any(s == a for _, s, _ in edges))

@@ -854,13 +854,27 @@ def verify_command(
         int, typer.Option(min=1, help="Stop exploring after this many configurations.")
     ] = 1_000_000,
     as_json: Annotated[bool, typer.Option("--json", help="The report as one JSON object.")] = False,
+    fairness: Annotated[
+        str | None,
+        typer.Option(
+            help="What liveness properties assume: none (any run) or strong (a "
+            "transition enabled again and again is taken some day). Default: the "
+            "machine's own (Machine(fairness=...))."
+        ),
+    ] = None,
 ) -> None:
     """Verify a state-machine definition before it runs: every reachable
     configuration explored, each finding with the events that lead there. Exit 0
     sound, 1 findings (or exploration cut short), 2 error."""
     machine = _machines(target)[-1]
+    if fairness not in (None, "none", "strong"):
+        _fail(f"--fairness must be none or strong, not {fairness!r}")
     try:
-        report = verify_machine(machine, max_configurations=max_configurations)
+        report = verify_machine(
+            machine,
+            max_configurations=max_configurations,
+            fairness="strong" if fairness == "strong" else ("none" if fairness else None),
+        )
     except LedgerflowError as exc:
         _fail(str(exc))
     if as_json:
@@ -872,6 +886,7 @@ def verify_command(
                     "ok": report.ok,
                     "configurations": report.configurations,
                     "bounded": report.bounded,
+                    "fairness": report.fairness,
                     "notes": list(report.notes),
                     "findings": [
                         {

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import WorkflowDefinitionError
 
@@ -121,6 +121,7 @@ class Machine:
         initial_data: Mapping[str, Any] | None = None,
         input: Any = Any,
         start_data: Callable[[Any], Mapping[str, Any]] | None = None,
+        fairness: str = "none",
     ) -> None:
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError("a state machine needs a non-empty name")
@@ -148,6 +149,12 @@ class Machine:
         self.input_type: Any = input
         """The type of an instance's input (``engine.start(machine, input)``)."""
         self.start_data = start_data
+        if fairness not in ("none", "strong"):
+            raise WorkflowDefinitionError(
+                f"machine {name!r}: fairness must be 'none' or 'strong', not {fairness!r}"
+            )
+        self.fairness: Literal["none", "strong"] = "strong" if fairness == "strong" else "none"
+        """What its liveness properties assume of runs (``temporal.Fairness``)."""
         self.states: dict[str, State] = {}
         self.events: dict[str, Event] = {}
         self.transitions: list[Transition] = []

@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
+from ..errors import WorkflowDefinitionError
 from .definition import Data, Machine
 from .semantics import by_source as _by_source
 from .semantics import candidates as _candidates
@@ -48,7 +49,15 @@ from .semantics import ended as _ended
 from .semantics import final as _final
 from .semantics import fire as _fire
 from .semantics import fire_to
-from .temporal import Property, avoiding_run, must_reach
+from .temporal import (
+    Fairness,
+    Moves,
+    Property,
+    avoiding_run,
+    fair_escape,
+    fair_run,
+    must_reach,
+)
 
 __all__ = [
     "Config",
@@ -130,6 +139,8 @@ class Report:
     bounded: bool = False
     """Exploration stopped at ``max_configurations``: graph-wide checks were skipped."""
     notes: tuple[str, ...] = field(default_factory=tuple)
+    fairness: str = "none"
+    """What liveness properties were checked under."""
 
     @property
     def ok(self) -> bool:
@@ -164,9 +175,14 @@ def verify(
     invariants: Mapping[str, Invariant] | None = None,
     properties: Mapping[str, Property] | None = None,
     max_configurations: int = MAX_CONFIGURATIONS,
+    fairness: Fairness | None = None,
 ) -> Report:
     """Explore ``machine`` and report what is wrong with it (see the module docstring).
-    ``invariants`` and ``properties`` add to those the machine declares."""
+    ``invariants`` and ``properties`` add to those the machine declares; ``fairness``
+    (default: the machine's) is what liveness properties assume of runs."""
+    fairness = fairness or machine.fairness
+    if fairness not in ("none", "strong"):
+        raise WorkflowDefinitionError(f"fairness must be 'none' or 'strong', not {fairness!r}")
     initial = machine.initial()
     checks = {**machine.properties, **(properties or {})}
     invariants = {
@@ -215,6 +231,8 @@ def verify(
     fired: set[int] = set()
     edges: dict[Config, dict[Config, str]] = {}
     """Each configuration's successors, with the (first) event that leads there."""
+    moves: dict[Config, list[tuple[int, Config, str]]] = {}
+    """Each configuration's moves by transition (for fairness)."""
     bounded = False
     count = 0
     while queue:
@@ -272,14 +290,17 @@ def verify(
                         config,
                     )
                     continue
-                moves = [(Config(_fire(config.marking, t), _key(after)), _label(t.event, payload))]
+                outcomes = [
+                    (Config(_fire(config.marking, t), _key(after)), _label(t.event, payload))
+                ]
                 if t.failure and machine.actions(t):
                     # Its activity may fail for good: compensated, the machine goes
                     # to the failure states with its data as it was.
                     failed = Config(fire_to(config.marking, t.sources, t.failure), config.data)
-                    moves.append((failed, f"{_label(t.event, payload)} (activity failed)"))
-                for target, label in moves:
+                    outcomes.append((failed, f"{_label(t.event, payload)} (activity failed)"))
+                for target, label in outcomes:
                     outs.setdefault(target, label)
+                    moves.setdefault(config, []).append((index, target, label))
                     if target not in parent:
                         if len(parent) >= max_configurations:
                             bounded = True
@@ -333,12 +354,20 @@ def verify(
                     None,
                 )
         _completion(machine, parent, edges, found)
-        if liveness:
+        if liveness and fairness == "strong":
+            notes.append(
+                "liveness checked under strong fairness: a transition enabled infinitely "
+                "often is taken infinitely often, so only a fair cycle that avoids the "
+                "goal (or a run that stops) is a counterexample"
+            )
+        elif liveness:
             notes.append(
                 "liveness checked with no fairness: a run may loop forever, so a cycle "
-                "that avoids the goal is a counterexample"
+                "that avoids the goal is a counterexample (fairness='strong' assumes "
+                "a transition enabled again and again is taken some day)"
             )
-            _liveness(liveness, parent, edges, found)
+        if liveness:
+            _liveness(liveness, parent, edges, moves, fairness, found)
     return Report(
         machine.name,
         machine.version,
@@ -347,6 +376,7 @@ def verify(
         tuple(findings),
         bounded,
         tuple(notes),
+        fairness,
     )
 
 
@@ -406,23 +436,34 @@ def _liveness(
     liveness: Mapping[str, Property],
     parent: Mapping[Config, object],
     edges: Mapping[Config, Mapping[Config, str]],
+    moves: Mapping[Config, list[tuple[int, Config, str]]],
+    fairness: Fairness,
     found: Callable[..., None],
 ) -> None:
     configs = list(parent)  # discovery order: the first failure has a shortest prefix
     graph: Mapping[object, Mapping[object, str]] = edges  # type: ignore[assignment]
+    fired: Moves = moves  # type: ignore[assignment]
     for name, prop in liveness.items():
         goal = prop.q if prop.kind == "leads_to" else prop.p
         assert goal is not None
-        inside = must_reach(configs, graph, _holds(goal))
+        if fairness == "strong":
+            escaping, stops, cycles = fair_escape(configs, fired, _holds(goal))
+        else:
+            inside = must_reach(configs, graph, _holds(goal))
         if prop.kind == "eventually":
             suspects = [c for c in configs if parent[c] is None]
         else:
             trigger = _holds(prop.p)
             suspects = [c for c in configs if trigger(c)]
         for config in suspects:
-            if config in inside:
-                continue
-            then, ending = avoiding_run(config, graph, inside, str)
+            if fairness == "strong":
+                if config not in escaping:
+                    continue
+                then, ending = fair_run(config, fired, escaping, stops, cycles, str)
+            else:
+                if config in inside:
+                    continue
+                then, ending = avoiding_run(config, graph, inside, str)
             what = (
                 "not every run from the start reaches its goal"
                 if prop.kind == "eventually"
