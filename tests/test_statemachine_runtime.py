@@ -6,8 +6,9 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Mapping
 from datetime import timedelta
-from typing import Any
+from typing import Any, Literal
 
+import msgspec
 import pytest
 
 import ledgerflow as lf
@@ -76,6 +77,15 @@ def order_machine(calls: Calls, *, version: int = 1) -> lf.Machine:
         "reserved", "charge", "placed", activity=calls.activity("charge"), failure="compensated"
     )
     return m
+
+
+async def entered(engine: lf.Engine, instance_id: str) -> None:
+    """Return once the instance has entered its initial state (its first pass ran)."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if (await engine.machine_state(instance_id)).pending is None:
+                return
+            await asyncio.sleep(0.01)
 
 
 async def events_of(engine: lf.Engine, instance_id: str) -> list[Any]:
@@ -289,10 +299,7 @@ async def test_a_state_timeout_is_a_durable_timer_that_sends_its_event(
         await running.start(m, None, id="a")
         state = await running.machine_state("a")
         assert state.state == "waiting"
-        async with asyncio.timeout(WAIT):
-            while state.pending is not None:  # until it has entered (and set its timer)
-                await asyncio.sleep(0.01)
-                state = await running.machine_state("a")
+        await entered(running, "a")  # and has set its timer
     # The engine is gone; the timer is in the ledger: a new engine fires it when due.
     clock.advance(timedelta(days=7, seconds=1))
     async with engine(m) as running:
@@ -604,3 +611,65 @@ async def test_an_activity_whose_result_cannot_be_recorded_parks_and_says_so(
         assert "UnrecordableValueError" in str(parked.value)
         with pytest.raises(lf.WorkflowFinishedError):
             await running.execute("o", "go", timeout=WAIT)
+
+
+async def test_describe_says_what_a_machine_waits_for(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    calls = Calls()
+    m = approval_machine(calls)
+    async with engine(m) as running:
+        await running.start(m, None, id="a")
+        await entered(running, "a")
+        described = await running.describe("a")
+        assert described.waiting_for is not None
+        assert described.waiting_for.startswith("an event in state 'waiting': approve, expire")
+        assert "'expire' at " in described.waiting_for
+
+
+class Decision(msgspec.Struct, frozen=True):
+    approver: Literal["alice", "bob"]
+    urgent: bool = False
+    note: str = ""
+
+
+def typed_machine() -> lf.Machine:
+    m = lf.Machine("typed-approval")
+    m.state("open", initial=True)
+    m.state("fast", terminal=True)
+    m.state("slow", terminal=True)
+    m.event("decide", type=Decision)
+    m.transition("open", "decide", "fast", guard=lambda d, p: bool(p["urgent"]))
+    m.transition("open", "decide", "slow", guard=lambda d, p: not p["urgent"])
+    return m
+
+
+def test_a_typed_payload_gives_verification_its_domains() -> None:
+    m = typed_machine()
+    assert m.events["decide"].payload["approver"] == ("alice", "bob")
+    assert m.events["decide"].payload["urgent"] == (False, True)
+    report = lf.verify_machine(m)
+    assert report.ok, [str(f) for f in report.findings]
+    # A guard reading a field whose values nobody declared is reported, not guessed.
+    reads_note = typed_machine()
+    reads_note.transition("open", "decide", "slow", guard=lambda d, p: p["note"] == "x")
+    findings = lf.verify_machine(reads_note).findings
+    assert any(f.kind == "guard_error" and "declared domain" in f.message for f in findings)
+    with pytest.raises(lf.WorkflowDefinitionError, match="does not have"):
+        lf.Machine("x").event("e", type=Decision, payload={"nope": [1]})
+
+
+async def test_a_typed_payload_is_checked_and_completed_before_it_is_recorded(
+    engine: EngineFactory,
+) -> None:
+    m = typed_machine()
+    async with engine(m) as running:
+        await running.start(m, None, id="t")
+        with pytest.raises(lf.WorkflowInputError, match="approver"):
+            await running.execute("t", "decide", {"approver": "mallory"}, timeout=WAIT)
+        with pytest.raises(lf.WorkflowInputError, match="urgent"):
+            await running.execute("t", "decide", {"approver": "bob", "urgent": "yes"}, timeout=WAIT)
+        moved = await running.execute("t", "decide", Decision("bob"), timeout=WAIT)
+        assert moved.state == "slow"
+        received = [e for e in await events_of(running, "t") if isinstance(e, EventReceived)]
+        assert [r.payload for r in received] == [{"approver": "bob", "urgent": False, "note": ""}]

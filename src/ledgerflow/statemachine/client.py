@@ -36,6 +36,7 @@ from ..errors import (
     WorkflowInputError,
 )
 from ..events import Metadata
+from ..hashing import from_micros
 from ..resilience.book import default_actor
 from ..store import WorkflowStore
 from ..store.runtime import InstanceRow, Nudge, PutInstance
@@ -57,7 +58,7 @@ from .instance import Instance, MachineState, fold
 from .runtime import accepted, enabled, undoer
 from .verify import can_complete, verify
 
-__all__ = ["MachineClient", "check_machine"]
+__all__ = ["MachineClient", "check_machine", "machine_waits"]
 
 log = logging.getLogger("ledgerflow.statemachine")
 
@@ -174,10 +175,10 @@ class MachineClient(abc.ABC):
                 # Another event's turn (or the start's): ours is decided after it.
                 await self._until_moved(instance_id, history.version, deadline)
                 continue
-            _check_fields(machine, instance_id, event, given)
-            self._check_accepts(machine, instance_id, instance, event, given)
+            checked = _check_fields(machine, instance_id, event, given)
+            self._check_accepts(machine, instance_id, instance, event, checked)
             received = EventReceived(
-                seq=instance.last_seq + 1, name=event, payload=given, by=actor or default_actor()
+                seq=instance.last_seq + 1, name=event, payload=checked, by=actor or default_actor()
             )
             runtime = (
                 [Nudge(instance_id, self._now_us())]
@@ -402,6 +403,26 @@ def _state(machine: Machine, history: History, status: str) -> MachineState:
     )
 
 
+def machine_waits(machine: Machine, history: History) -> str:
+    """What a state-machine instance waits for, in words (``describe``)."""
+    state = _state(machine, history, WorkflowStatus.RUNNING)
+    if state.pending is not None:
+        return f"its {state.pending!r} transition to run"
+    said = f"an event in state {state.state!r}: {', '.join(state.accepts) or 'none'}"
+    instance = fold(history)
+    timeouts = [
+        (s, machine.states[s])
+        for s in instance.marking
+        if s in machine.states and machine.states[s].timeout is not None
+        if s not in instance.timed_out
+    ]
+    for name, spec in timeouts:
+        assert spec.timeout is not None
+        due = instance.entered.get(name, 0) + int(spec.timeout.total_seconds() * 1_000_000)
+        said += f"; {spec.on_timeout!r} at {from_micros(due).isoformat()}"
+    return said
+
+
 def _payload(event: str, payload: Mapping[str, Any] | msgspec.Struct | None) -> dict[str, Any]:
     if payload is None:
         return {}
@@ -417,15 +438,25 @@ def _payload(event: str, payload: Mapping[str, Any] | msgspec.Struct | None) -> 
     return encoded
 
 
-def _check_fields(machine: Machine, instance_id: str, event: str, payload: dict[str, Any]) -> None:
-    """The payload carries exactly the fields the event declares (an undeclared
-    event carries none). Their values are not held to the declared domains: those
-    are what verification explored."""
+def _check_fields(
+    machine: Machine, instance_id: str, event: str, payload: dict[str, Any]
+) -> dict[str, Any]:
+    """The payload as the instance will record it: checked against the event's type
+    if it declares one (defaults filled in), else holding exactly the fields the
+    event declares (an undeclared event carries none). Values are not held to the
+    declared domains: those are what verification explored."""
     declared = machine.events.get(event)
+    if declared is not None and declared.type is not None:
+        try:
+            typed = msgspec.convert(payload, declared.type)
+        except msgspec.ValidationError as exc:
+            raise WorkflowInputError(f"event {event!r}", f"payload: {exc}") from None
+        encoded: dict[str, Any] = to_builtins(typed)
+        return encoded
     wanted = set(declared.payload) if declared is not None else set()
     given = set(payload)
     if given == wanted:
-        return
+        return payload
     problems = []
     if wanted - given:
         problems.append(f"missing {sorted(wanted - given)}")

@@ -35,7 +35,17 @@ from ..errors import WorkflowDefinitionError
 if TYPE_CHECKING:
     from .temporal import Property
 
-__all__ = ["Activity", "Data", "Event", "Guard", "Machine", "State", "Transition", "Update"]
+__all__ = [
+    "UNEXPLORED",
+    "Activity",
+    "Data",
+    "Event",
+    "Guard",
+    "Machine",
+    "State",
+    "Transition",
+    "Update",
+]
 
 Data = Mapping[str, Any]
 Guard = Callable[[Data, Data], bool]
@@ -68,7 +78,10 @@ class State:
 class Event:
     name: str
     payload: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
-    """Each payload field and the values it may take."""
+    """Each payload field and the values verification explores."""
+    type: Any = None
+    """The payload's type (a ``msgspec.Struct`` or dataclass), if declared: what a
+    sent payload is checked against."""
 
     def payloads(self) -> Iterator[Data]:
         """Every payload the event may carry (one empty payload if it has none)."""
@@ -218,14 +231,28 @@ class Machine:
         )
         return made
 
-    def event(self, name: str, *, payload: Mapping[str, Iterable[Any]] | None = None) -> Event:
+    def event(
+        self,
+        name: str,
+        *,
+        payload: Mapping[str, Iterable[Any]] | None = None,
+        type: Any = None,
+    ) -> Event:
+        """Declare an event and its payload: ``payload`` lists the values each field
+        takes in verification; ``type`` (a ``msgspec.Struct`` or dataclass) is what a
+        sent payload must fit. With a type, fields typed ``Literal``, ``bool`` or an
+        ``Enum`` (optional or not) get their domains from it; a field with neither
+        is explored as ``UNEXPLORED``, which a guard cannot compare (a
+        ``guard_error`` finding says to declare its domain)."""
         if name in self.events:
             raise WorkflowDefinitionError(f"machine {self.name!r}: event {name!r} twice")
         domains = {
             k: _domain(self.name, f"payload field {k!r} of {name!r}", v)
             for k, v in (payload or {}).items()
         }
-        made = self.events[name] = Event(name, MappingProxyType(domains))
+        if type is not None:
+            domains = _typed_domains(self.name, name, type, domains)
+        made = self.events[name] = Event(name, MappingProxyType(domains), type)
         return made
 
     def transition(
@@ -397,3 +424,76 @@ def _domain(machine: str, what: str, values: Iterable[Any]) -> tuple[Any, ...]:
     if not domain:
         raise WorkflowDefinitionError(f"machine {machine!r}: {what} has an empty domain")
     return domain
+
+
+class _Unexplored:
+    """The one value verification gives a typed payload field without a domain:
+    comparing or hashing it into a decision raises, so a guard that reads it is
+    reported (``guard_error``) instead of being explored on a made-up value."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "UNEXPLORED"
+
+    def _refuse(self, *args: object) -> bool:
+        raise TypeError(
+            "a payload field without a declared domain was read: declare its values "
+            "with payload={field: [...]}"
+        )
+
+    __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = _refuse
+    __hash__ = object.__hash__
+
+
+UNEXPLORED: Any = _Unexplored()
+
+
+def _typed_domains(
+    machine: str, event: str, kind: Any, declared: dict[str, tuple[Any, ...]]
+) -> dict[str, tuple[Any, ...]]:
+    import msgspec  # here: only typed payloads need it at declaration
+
+    try:
+        info = msgspec.inspect.type_info(kind)
+    except (TypeError, ValueError) as exc:
+        raise WorkflowDefinitionError(
+            f"machine {machine!r}: payload type of {event!r} is not usable: {exc}"
+        ) from None
+    fields = getattr(info, "fields", None)
+    if fields is None:
+        raise WorkflowDefinitionError(
+            f"machine {machine!r}: payload type of {event!r} must be a msgspec.Struct or "
+            "a dataclass"
+        )
+    names = {f.name for f in fields}
+    unknown = set(declared) - names
+    if unknown:
+        raise WorkflowDefinitionError(
+            f"machine {machine!r}: payload of {event!r} declares fields {sorted(unknown)} "
+            f"its type {getattr(kind, '__qualname__', kind)} does not have"
+        )
+    found = dict(declared)
+    for f in fields:
+        if f.name not in found:
+            found[f.name] = _values_of(f.type) or (UNEXPLORED,)
+    return found
+
+
+def _values_of(info: Any) -> tuple[Any, ...] | None:
+    """The JSON values a field of this type takes, if they are few and known."""
+    import msgspec
+
+    if isinstance(info, msgspec.inspect.LiteralType):
+        return tuple(info.values)
+    if isinstance(info, msgspec.inspect.BoolType):
+        return (False, True)
+    if isinstance(info, msgspec.inspect.EnumType):
+        return tuple(member.value for member in info.cls)
+    if isinstance(info, msgspec.inspect.NoneType):
+        return (None,)
+    if isinstance(info, msgspec.inspect.UnionType):
+        parts = [_values_of(t) for t in info.types]
+        if all(p is not None for p in parts):
+            return tuple(v for p in parts if p is not None for v in p)
+    return None

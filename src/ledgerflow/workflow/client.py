@@ -39,7 +39,7 @@ from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..resilience.book import PolicyBook, default_actor
 from ..resilience.guards import breaker_registry
-from ..statemachine.client import MachineClient, check_machine
+from ..statemachine.client import MachineClient, check_machine, machine_waits
 from ..statemachine.definition import Machine
 from ..statemachine.instance import MachineOutcome
 from ..store import WorkflowStore, open_store
@@ -553,11 +553,18 @@ class WorkflowClient(Operations, MachineClient):
             created_at=from_micros(row.created_at_us),
             updated_at=from_micros(row.updated_at_us),
             events=history.events,
-            waiting_for=None if finished else waiting_for(history),
+            waiting_for=None if finished else self._waiting(row, history),
             result=result,
             error=error,
             unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
         )
+
+    def _waiting(self, row: InstanceRow, history: History) -> str | None:
+        said = waiting_for(history)
+        definition = self._definitions.get((row.name, row.version))
+        if said is not None or not isinstance(definition, Machine):
+            return said
+        return machine_waits(definition, history)
 
     async def list_workflows(
         self, *, status: str | None = None, after: str | None = None, limit: int = 100

@@ -15,7 +15,11 @@ from .history import (
     CompensationDone,
     CompensationFailed,
     CompensationScheduled,
+    EventReceived,
+    EventRefused,
     History,
+    MachineCancelling,
+    MachineMigrated,
     SignalTaken,
     SignalTimedOut,
     SignalWaiting,
@@ -27,6 +31,8 @@ from .history import (
     StepScheduled,
     TimerFired,
     TimerStarted,
+    Transitioned,
+    TransitionFailed,
 )
 
 if TYPE_CHECKING:
@@ -192,6 +198,11 @@ def open_commands(history: History) -> list[list[Any]]:
         StepFailed,
         CompensationDone,
         CompensationFailed,
+        Transitioned,
+        TransitionFailed,
+        EventRefused,
+        MachineMigrated,
+        MachineCancelling,
     )
     found = []
     for seq in sorted(history.commands, reverse=True):
@@ -229,6 +240,8 @@ def waiting_for(history: History) -> str | None:
                 f"{parked.error_type}: {parked.message} (retry, skip or compensate it)"
             )
         first = events[0]
+        if isinstance(first, EventReceived):
+            continue  # a state machine's turn: its activities' steps say what it waits for
         where = ""
         if isinstance(first, StepScheduled | CompensationScheduled):
             where = f" on task queue {first.queue!r}"
