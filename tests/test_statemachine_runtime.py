@@ -673,3 +673,76 @@ async def test_a_typed_payload_is_checked_and_completed_before_it_is_recorded(
         assert moved.state == "slow"
         received = [e for e in await events_of(running, "t") if isinstance(e, EventReceived)]
         assert [r.payload for r in received] == [{"approver": "bob", "urgent": False, "note": ""}]
+
+
+# -- activities on task queues, under named policies, parked for an operator -------------
+
+
+async def test_activities_and_their_compensations_run_on_a_task_queue(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+
+    @lf.step(name="remote reserve", queue="warehouse", retry=ONCE)
+    def reserve(call: lf.MachineCall) -> str:
+        calls.log.append(f"reserve for {call.instance_id} in {call.state}")
+        return "R-9"
+
+    @lf.step(name="remote release", queue="warehouse")
+    def release(call: lf.MachineCall, result: str) -> None:
+        calls.log.append(f"release {result}")
+
+    m = lf.Machine("remote")
+    m.state("new", initial=True)
+    m.state("held")
+    m.state("done", terminal=True)
+    m.transition("new", "hold", "held", activity=reserve, compensate=release)
+    m.transition("held", "finish", "done")
+    async with engine(m, queues=["warehouse"], steps=[reserve, release]) as running:
+        handle = await running.start(m, None, id="r")
+        held = await running.execute("r", "hold", timeout=WAIT)
+        assert held.results == {"remote reserve": "R-9"}
+        await running.cancel("r", "changed plans")
+        with pytest.raises(lf.WorkflowFailedError) as ended:
+            await handle.result(timeout=WAIT)
+        assert ended.value.status == "compensated"
+    assert calls.log == ["reserve for r in new", "release R-9"]
+
+
+PARKS = lf.Policy(retry=lf.Retry(max_attempts=2, initial_interval=0.01), on_exhausted="park")
+
+
+async def test_an_activity_that_used_up_its_attempts_waits_for_an_operator(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    calls.flaky["submit"] = 2
+
+    @lf.step(name="submit", policy="erp")
+    def submit(call: lf.MachineCall) -> str:
+        calls.log.append("submit")
+        if calls.flaky["submit"] > 0:
+            calls.flaky["submit"] -= 1
+            raise ConnectionError("ERP down")
+        return "PO-1"
+
+    m = lf.Machine("procure")
+    m.state("draft", initial=True)
+    m.state("submitted", terminal=True)
+    m.transition("draft", "submit", "submitted", activity=submit)
+    async with engine(m, policies={"erp": PARKS}) as running:
+        await running.start(m, None, id="p")
+        with pytest.raises(TimeoutError):  # the event stays accepted: it waits
+            await running.execute("p", "submit", timeout=0.2)
+        async with asyncio.timeout(WAIT):
+            while True:
+                described = await running.describe("p")
+                if described.status == "needs_attention":
+                    break
+                await asyncio.sleep(0.01)
+        assert (described.waiting_for or "").startswith("operator: step 'submit' failed 2 time(s)")
+        await running.retry_step("p", reason="ERP is back", actor="ops")
+        outcome = await running.handle("p").result(timeout=WAIT)
+        assert outcome.state == "submitted"
+        assert outcome.results == {"submit": "PO-1"}
+    assert calls.log == ["submit"] * 3
