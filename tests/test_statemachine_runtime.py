@@ -746,3 +746,35 @@ async def test_an_activity_that_used_up_its_attempts_waits_for_an_operator(
         assert outcome.state == "submitted"
         assert outcome.results == {"submit": "PO-1"}
     assert calls.log == ["submit"] * 3
+
+
+async def test_a_long_lived_instance_reads_the_same_from_its_snapshot(
+    engine: EngineFactory,
+) -> None:
+    m = lf.Machine("ticker", data={"n": range(61)}, initial_data={"n": 0})
+    m.state("ticking", initial=True)
+    m.state("stopped", terminal=True)
+    m.transition(
+        "ticking",
+        "tick",
+        "ticking",
+        guard=lambda d, p: d["n"] < 60,
+        update=lambda d, p: {"n": d["n"] + 1},
+        activity=lf.step(name="tick")(lambda call: call.data["n"]),
+    )
+    m.transition("ticking", "stop", "stopped")
+    async with engine(m, snapshot_every=10) as running:
+        await running.start(m, None, id="t")
+        for _ in range(45):  # 137 events: read from a snapshot from now on
+            await running.execute("t", "tick", timeout=WAIT)
+    async with engine(m, snapshot_every=10) as again:
+        snapshot, _ = await again.store.load_stream(again.stream_id("t"))
+        assert snapshot is not None
+        state = await again.machine_state("t")
+        assert (state.data, state.results) == ({"n": 45}, {"tick": 44})
+        assert len(state.path) == 46
+        for _ in range(15):
+            await again.execute("t", "tick", timeout=WAIT)
+        with pytest.raises(lf.InvalidTransition, match="no guard holds"):
+            await again.execute("t", "tick", timeout=WAIT)
+        assert (await again.execute("t", "stop", timeout=WAIT)).state == "stopped"
