@@ -778,3 +778,17 @@ async def test_a_long_lived_instance_reads_the_same_from_its_snapshot(
         with pytest.raises(lf.InvalidTransition, match="no guard holds"):
             await again.execute("t", "tick", timeout=WAIT)
         assert (await again.execute("t", "stop", timeout=WAIT)).state == "stopped"
+
+
+async def test_can_process_answers_without_recording(engine: EngineFactory) -> None:
+    machine = order_machine(Calls())
+    async with engine(machine) as running:
+        await running.start(machine, None, id="o1")
+        await entered(running, "o1")
+        before = len(await running.history("o1"))
+        assert await running.can_process("o1", "approve", {"approver": "alice"})
+        assert not await running.can_process("o1", "approve")  # its payload is missing
+        assert not await running.can_process("o1", "charge")
+        assert len(await running.history("o1")) == before
+        await running.execute("o1", "reject", timeout=WAIT)
+        assert not await running.can_process("o1", "approve", {"approver": "alice"})

@@ -198,6 +198,27 @@ class MachineClient(abc.ABC):
             self._poke()
             return await self._outcome_of(machine, history, received, deadline)
 
+    async def can_process(
+        self,
+        instance_id: str,
+        event: str,
+        payload: Mapping[str, Any] | msgspec.Struct | None = None,
+    ) -> bool:
+        """Whether the instance, where it is now, would accept ``event`` with this
+        payload (its state takes the event and a guard holds; the payload fits). Reads
+        only: ``execute`` checks again, at the version it appends at."""
+        row = await self._instance(instance_id)
+        history = await self._load_history(instance_id)
+        machine = self._machine_of(history)
+        if row.status in TERMINAL or history.cancel is not None:
+            return False
+        try:
+            checked = _check_fields(machine, instance_id, event, _payload(event, payload))
+            self._check_accepts(machine, instance_id, fold(history), event, checked)
+        except (InvalidTransition, WorkflowInputError):
+            return False
+        return True
+
     def _check_accepts(
         self,
         machine: Machine,
