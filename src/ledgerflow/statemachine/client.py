@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections import OrderedDict
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any
@@ -54,7 +55,7 @@ from ..workflow.history import (
     WorkflowStatus,
 )
 from .definition import Machine
-from .instance import Instance, MachineState, fold
+from .instance import Instance, MachineState, view
 from .runtime import accepted, enabled, undoer
 from .verify import can_complete, verify
 
@@ -66,6 +67,9 @@ VERIFY_MODES = ("refuse", "warn", "off")
 FIRST_LOOK_S = 0.002
 """The first wait for an instance to move on; doubled up to ``MAX_LOOK_S``."""
 MAX_LOOK_S = 0.1
+HISTORIES_KEPT = 1_024
+"""State-machine histories a client keeps, the latest used: the next event to one of
+them reads only what was appended since."""
 MIGRATION_BOUND = 100_000
 """Configurations a migration explores to show the instance can still complete."""
 
@@ -103,6 +107,8 @@ class MachineClient(abc.ABC):
 
     store: WorkflowStore
     poll_interval: float
+    _histories: OrderedDict[str, History]
+    """Kept by ``_current``; the client creates it."""
 
     @property
     @abc.abstractmethod
@@ -162,9 +168,9 @@ class MachineClient(abc.ABC):
         stream = self.stream_id(instance_id)
         while True:
             row = await self._instance(instance_id)
-            history = await self._load_history(instance_id)
+            history = await self._current(instance_id)
             machine = self._machine_of(history)
-            instance = fold(history)
+            instance = view(history)
             if row.status in TERMINAL or history.finished is not None:
                 raise WorkflowFinishedError(instance_id, row.status, f"send {event!r} to")
             if row.status == WorkflowStatus.STUCK:
@@ -175,8 +181,11 @@ class MachineClient(abc.ABC):
                 # Another event's turn (or the start's): ours is decided after it.
                 await self._until_moved(instance_id, history.version, deadline)
                 continue
+            # From here to the append nothing awaits: what is checked is the instance
+            # at ``version``, and the append is at ``version``.
             checked = _check_fields(machine, instance_id, event, given)
             self._check_accepts(machine, instance_id, instance, event, checked)
+            version, base = history.version, instance.copy()
             received = EventReceived(
                 seq=instance.last_seq + 1, name=event, payload=checked, by=actor or default_actor()
             )
@@ -189,14 +198,35 @@ class MachineClient(abc.ABC):
                 await self.store.append(
                     stream,
                     [received],
-                    history.version,
+                    version,
                     runtime=runtime,
                     metadata=Metadata(actor=received.by, reason=reason),
                 )
             except ConcurrencyError:
                 continue  # it moved (another event, a timeout): look again
             self._poke()
-            return await self._outcome_of(machine, history, received, deadline)
+            base.apply(received)
+            return await self._outcome_of(
+                machine, instance_id, version + 1, base, received, deadline
+            )
+
+    async def _current(self, instance_id: str) -> History:
+        """The instance's history, from this client's cache and the events after it
+        (the whole history the first time): a long-lived instance is not read whole
+        for each event. Histories only grow, so the cached part stays true."""
+        known = self._histories.get(instance_id)
+        if known is None:
+            known = await self._load_history(instance_id)
+            self._histories[instance_id] = known
+            while len(self._histories) > HISTORIES_KEPT:
+                self._histories.popitem(last=False)
+        else:
+            self._histories.move_to_end(instance_id)
+            newer = await self.store.read_stream(
+                self.stream_id(instance_id), from_version=known.version + 1
+            )
+            known.extend(newer)  # events it has already (a concurrent read) are skipped
+        return known
 
     async def can_process(
         self,
@@ -208,13 +238,13 @@ class MachineClient(abc.ABC):
         payload (its state takes the event and a guard holds; the payload fits). Reads
         only: ``execute`` checks again, at the version it appends at."""
         row = await self._instance(instance_id)
-        history = await self._load_history(instance_id)
+        history = await self._current(instance_id)
         machine = self._machine_of(history)
         if row.status in TERMINAL or history.cancel is not None:
             return False
         try:
             checked = _check_fields(machine, instance_id, event, _payload(event, payload))
-            self._check_accepts(machine, instance_id, fold(history), event, checked)
+            self._check_accepts(machine, instance_id, view(history), event, checked)
         except (InvalidTransition, WorkflowInputError):
             return False
         return True
@@ -245,19 +275,22 @@ class MachineClient(abc.ABC):
     async def _outcome_of(
         self,
         machine: Machine,
-        history: History,
+        instance_id: str,
+        version: int,
+        mine: Instance,
         received: EventReceived,
         deadline: float | None,
     ) -> MachineState:
-        """Wait for the outcome of ``received`` (appended right after ``history``);
-        where the instance is just after it (a later event may have moved it since)."""
-        instance_id = history.workflow_id
+        """Wait for the outcome of ``received`` (appended as ``version``); where the
+        instance is just after it (a later event may have moved it since): ``mine``,
+        the instance as of ``version``, is folded on up to the outcome."""
         stream = self.stream_id(instance_id)
         while True:
-            newer = await self.store.read_stream(stream, from_version=history.version + 1)
+            newer = await self.store.read_stream(stream, from_version=version + 1)
             for recorded in newer:
-                history.extend([recorded])
+                version = recorded.version
                 data = recorded.data
+                mine.apply(data)
                 if isinstance(data, Finished) and data.status != WorkflowStatus.COMPLETED:
                     raise WorkflowFinishedError(
                         instance_id, data.status, f"run {received.name!r} on"
@@ -271,7 +304,7 @@ class MachineClient(abc.ABC):
                 if getattr(data, "seq", None) != received.seq:
                     continue
                 if isinstance(data, EventRefused):
-                    state = _state(machine, history, WorkflowStatus.RUNNING)
+                    state = _state(machine, instance_id, mine, WorkflowStatus.RUNNING, version)
                     raise InvalidTransition(
                         instance_id, state.state, received.name, state.accepts, data.reason
                     )
@@ -286,8 +319,8 @@ class MachineClient(abc.ABC):
                         data.compensated,
                     )
                 if isinstance(data, Transitioned):
-                    return _state(machine, history, WorkflowStatus.RUNNING)
-            await self._until_moved(instance_id, history.version, deadline)
+                    return _state(machine, instance_id, mine, WorkflowStatus.RUNNING, version)
+            await self._until_moved(instance_id, version, deadline)
 
     async def _until_moved(self, instance_id: str, version: int, deadline: float | None) -> None:
         """Return once the instance's stream is past ``version`` (or soon after)."""
@@ -317,8 +350,9 @@ class MachineClient(abc.ABC):
     async def machine_state(self, instance_id: str) -> MachineState:
         """Where a state-machine instance is now (from its history)."""
         row = await self._instance(instance_id)
-        history = await self._load_history(instance_id)
-        return _state(self._machine_of(history), history, str(row.status))
+        history = await self._current(instance_id)
+        machine = self._machine_of(history)
+        return _state(machine, instance_id, view(history), str(row.status), history.version)
 
     async def migrate(
         self,
@@ -340,14 +374,14 @@ class MachineClient(abc.ABC):
         renames = dict(states or {})
         while True:
             row = await self._instance(instance_id)
-            history = await self._load_history(instance_id)
+            history = await self._current(instance_id)
             current = self._machine_of(history)
             target = self._machines.get((current.name, to_version))
             if not isinstance(target, Machine):
                 raise UnknownWorkflowError(current.name, to_version)
             if row.status in TERMINAL:
                 raise WorkflowFinishedError(instance_id, row.status, "migrate")
-            instance = fold(history)
+            instance = view(history)
             problems = _migration_problems(current, target, instance, renames)
             if problems:
                 raise MigrationError(instance_id, to_version, problems)
@@ -397,21 +431,23 @@ class MachineClient(abc.ABC):
         return found
 
 
-def _state(machine: Machine, history: History, status: str) -> MachineState:
-    instance = fold(history)
+def _state(
+    machine: Machine, instance_id: str, instance: Instance, status: str, version: int
+) -> MachineState:
+    """Where the instance is, as a value of its own (nothing shared with ``instance``)."""
+    marking, data = instance.marking, instance.data
     if not instance.begun:  # its first pass has yet to enter the initial state
-        instance.marking = (machine.initial().name,)
-        instance.data = dict(machine.initial_data)
+        marking, data = (machine.initial().name,), dict(machine.initial_data)
     ended = status in TERMINAL
     return MachineState(
-        instance_id=history.workflow_id,
+        instance_id=instance_id,
         machine=machine.name,
         version=instance.version,
-        state="+".join(instance.marking),
-        marking=instance.marking,
-        data=instance.data,
-        results=instance.results,
-        accepts=() if ended else accepted(machine, instance.marking),
+        state="+".join(marking),
+        marking=marking,
+        data=dict(data),
+        results=dict(instance.results),
+        accepts=() if ended else accepted(machine, marking),
         pending=(
             instance.pending.name
             if instance.pending is not None
@@ -420,17 +456,17 @@ def _state(machine: Machine, history: History, status: str) -> MachineState:
         status=status,
         path=tuple(instance.path),
         visited=tuple(instance.visited),
-        stream_version=history.version,
+        stream_version=version,
     )
 
 
 def machine_waits(machine: Machine, history: History) -> str:
     """What a state-machine instance waits for, in words (``describe``)."""
-    state = _state(machine, history, WorkflowStatus.RUNNING)
+    instance = view(history)
+    state = _state(machine, history.workflow_id, instance, WorkflowStatus.RUNNING, history.version)
     if state.pending is not None:
         return f"its {state.pending!r} transition to run"
     said = f"an event in state {state.state!r}: {', '.join(state.accepts) or 'none'}"
-    instance = fold(history)
     timeouts = [
         (s, machine.states[s])
         for s in instance.marking

@@ -27,7 +27,16 @@ from ..workflow.history import (
     TransitionFailed,
 )
 
-__all__ = ["Done", "Instance", "MachineCall", "MachineOutcome", "MachineState", "Moment", "fold"]
+__all__ = [
+    "Done",
+    "Instance",
+    "MachineCall",
+    "MachineOutcome",
+    "MachineState",
+    "Moment",
+    "fold",
+    "view",
+]
 
 START_SEQ = 1
 """The seq of an instance's entry into its initial state."""
@@ -137,6 +146,59 @@ class Instance:
     cancelling: int | None = None
     """The seq of ``MachineCancelling`` once the undoing of a cancellation began."""
 
+    def __post_init__(self) -> None:
+        if self.moment is None:
+            self.moment = Moment(START_SEQ, "", {}, (), {}, {}, "start")
+
+    def apply(self, event: Any) -> None:
+        """Fold in one recorded command (in the order of the stream, or by seq: the
+        same instance either way). Other events are not the machine's."""
+        seq = getattr(event, "seq", None)
+        if seq is None:
+            return
+        self.last_seq = max(self.last_seq, seq)
+        if isinstance(event, EventReceived):
+            self.pending = event
+            self.moment = Moment(
+                seq, event.name, event.payload, self.marking, self.data, dict(self.results)
+            )
+            if event.timeout_of is not None:
+                self.timed_out.add(event.timeout_of)
+        elif isinstance(event, Transitioned | TransitionFailed | EventRefused):
+            _conclude(self, event)
+        elif isinstance(event, MachineMigrated):
+            self.version = event.to_version
+            renamed = tuple(s for s in event.marking if s not in self.marking)
+            _move(self, event.marking, renamed, event.at_us)
+        elif isinstance(event, MachineCancelling):
+            self.cancelling = seq
+        elif isinstance(event, StepDone) and self.moment is not None:
+            self.results[event.name] = event.result
+            self.done.append(Done(seq, event.name, event.result, self.moment))
+        elif isinstance(event, CompensationDone | CompensationFailed):
+            self.compensated.setdefault(event.step_seq, seq)
+
+    def copy(self) -> Instance:
+        """A copy to fold further on its own (its ``Done`` and ``Moment`` records are
+        shared: they do not change once their turn is over)."""
+        return Instance(
+            self.version,
+            self.begun,
+            self.marking,
+            self.data,
+            dict(self.entered),
+            set(self.timed_out),
+            dict(self.results),
+            self.last_seq,
+            self.pending,
+            self.moment,
+            list(self.done),
+            dict(self.compensated),
+            list(self.path),
+            list(self.visited),
+            self.cancelling,
+        )
+
     def outstanding(self, before: int, *, skip_turn: int | None = None) -> list[Done]:
         """Completed activities not compensated by a command before seq ``before``,
         oldest first: what an undo starting there must run (or replay: those it
@@ -150,46 +212,35 @@ class Instance:
 
 
 def fold(history: History) -> Instance:
-    """The instance as its history records it."""
+    """The instance as its history records it, folded anew."""
     instance = Instance(history.started.version)
-    start = Moment(START_SEQ, "", {}, (), {}, {}, "start")
-    instance.moment = start
     for seq in sorted(history.commands):
-        events = history.commands[seq]
-        instance.last_seq = seq
-        first = events[0]
-        if isinstance(first, EventReceived):
-            instance.pending = first
-            instance.moment = Moment(
-                seq,
-                first.name,
-                first.payload,
-                instance.marking,
-                instance.data,
-                dict(instance.results),
-            )
-            if first.timeout_of is not None:
-                instance.timed_out.add(first.timeout_of)
-            for outcome in events[1:]:
-                _conclude(instance, outcome)
-        elif isinstance(first, Transitioned | TransitionFailed | EventRefused):
-            _conclude(instance, first)  # the start (seq 1)
-            for outcome in events[1:]:
-                _conclude(instance, outcome)
-        elif isinstance(first, MachineMigrated):
-            instance.version = first.to_version
-            renamed = tuple(s for s in first.marking if s not in instance.marking)
-            _move(instance, first.marking, renamed, first.at_us)
-        elif isinstance(first, MachineCancelling):
-            instance.cancelling = seq
-        else:
-            outcome = events[-1]
-            if isinstance(outcome, StepDone) and instance.moment is not None:
-                instance.results[outcome.name] = outcome.result
-                instance.done.append(Done(seq, outcome.name, outcome.result, instance.moment))
-            elif isinstance(outcome, CompensationDone | CompensationFailed):
-                instance.compensated.setdefault(outcome.step_seq, seq)
+        for event in history.commands[seq]:
+            instance.apply(event)
     return instance
+
+
+def view(history: History) -> Instance:
+    """The instance as its history records it, kept up to date as events are added to
+    ``history`` (folded once, then one event at a time)."""
+    found = history.observer
+    if isinstance(found, _View):
+        return found.instance
+    kept = _View(fold(history))
+    history.observer = kept
+    return kept.instance
+
+
+class _View:
+    """Applies each command added to a history to its instance."""
+
+    __slots__ = ("instance",)
+
+    def __init__(self, instance: Instance) -> None:
+        self.instance = instance
+
+    def __call__(self, event: Any) -> None:
+        self.instance.apply(event)
 
 
 def _conclude(instance: Instance, outcome: Any) -> None:
@@ -197,7 +248,8 @@ def _conclude(instance: Instance, outcome: Any) -> None:
     if isinstance(outcome, Transitioned):
         if outcome.seq == START_SEQ:
             instance.begun = True
-            moment = instance.moment = Moment(START_SEQ, "", {}, (), outcome.data, {}, "start")
+            if moment is not None and moment.seq == START_SEQ:
+                moment.data = outcome.data
         _move(instance, outcome.marking, outcome.targets, outcome.at_us)
         instance.data = outcome.data
         instance.path.append(outcome.transition)

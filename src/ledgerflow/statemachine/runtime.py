@@ -54,7 +54,7 @@ from ..workflow.host import (
 from ..workflow.run import _Pass
 from ..workflow.saga import Compensation
 from .definition import Activity, Machine, Transition
-from .instance import START_SEQ, Done, Instance, MachineCall, MachineOutcome, Moment, fold
+from .instance import START_SEQ, Done, Instance, MachineCall, MachineOutcome, Moment, view
 from .semantics import by_source, candidates, final, fire, fire_to
 
 __all__ = ["MachineRun", "accepted", "enabled", "start_data", "undoer"]
@@ -72,23 +72,32 @@ class MachineRun(_Pass):
     async def execute(self) -> PassResult:
         try:
             while True:
-                instance = fold(self.history)
+                instance = view(self.history)
                 if self.history.cancel is not None or instance.cancelling is not None:
                     return await self._cancelled(instance)
+                outcome: Transitioned | TransitionFailed | EventRefused | None
                 try:
                     if not instance.begun:
-                        await self._begin(instance)
-                        continue
-                    if instance.pending is not None:
-                        await self._process(instance, instance.pending)
-                        continue
+                        outcome = await self._begin()
+                    elif instance.pending is not None:
+                        outcome = await self._process(instance, instance.pending)
+                    else:
+                        outcome = None
                 except WorkflowCancelled:
                     continue  # undone on the next turn of the loop
+                if outcome is not None:
+                    # The turn's outcome rides with what ends the pass (its wake-up, or
+                    # its end): one commit. Until then it is folded in on a copy.
+                    self.buffer.append(outcome)
+                    instance = instance.copy()
+                    for pending in self.buffer:  # the last step's result, then the outcome
+                        instance.apply(pending)
                 if final(self.machine, instance.marking):
                     return self._finish(self._completed(instance))
                 due = self._next_timeout(instance)
                 if due is not None and due[1] <= self.host.now_us():
-                    await self._time_out(instance, due[0])
+                    await self.record([])  # what is buffered first: the timeout goes after
+                    await self._time_out(view(self.history), due[0])
                     continue
                 raise Suspend([], None if due is None else due[1])
         except Suspend as suspend:
@@ -100,7 +109,7 @@ class MachineRun(_Pass):
 
     # -- turns ------------------------------------------------------------------------
 
-    async def _begin(self, instance: Instance) -> None:
+    async def _begin(self) -> Transitioned:
         """Enter the initial state: its entry activity, then the record of it."""
         self._live()
         initial = self.machine.initial().name
@@ -110,7 +119,7 @@ class MachineRun(_Pass):
         entry = self.machine.states[initial].on_enter
         if entry is not None:
             await self._act(entry, None, moment)
-        started = Transitioned(
+        return Transitioned(
             seq=START_SEQ,
             name="",
             transition="start",
@@ -120,9 +129,11 @@ class MachineRun(_Pass):
             data=data,
             at_us=self.host.now_us(),
         )
-        await self.record([started])
 
-    async def _process(self, instance: Instance, event: EventReceived) -> None:
+    async def _process(
+        self, instance: Instance, event: EventReceived
+    ) -> Transitioned | TransitionFailed | EventRefused:
+        """Run the pending event's transition; its outcome, to record."""
         moment = instance.moment
         assert moment is not None
         assert moment.seq == event.seq
@@ -137,24 +148,21 @@ class MachineRun(_Pass):
         else:
             reason = _refusal(self.machine, instance.marking, event.name)
         if not fired:
-            await self.record([EventRefused(seq=event.seq, name=event.name, reason=reason)])
-            return
+            return EventRefused(seq=event.seq, name=event.name, reason=reason)
         t = fired[0]  # two at once is nondeterminism: verify reports it; declared order wins
         moment.transition = t.label()
         try:
             after = _updated(self.machine, t, instance.data, event.payload)
         except Exception as exc:  # noqa: BLE001 - a user's update raised: refuse, visibly
             why = f"the update of {t.label()} raised {type(exc).__name__}: {error_message(exc)}"
-            await self.record([EventRefused(seq=event.seq, name=event.name, reason=why)])
-            return
+            return EventRefused(seq=event.seq, name=event.name, reason=why)
         data = self._encode(after, f"the data after {t.label()}")
         try:
             for fn, compensate in self.machine.actions(t):
                 await self._act(fn, compensate, moment)
         except StepFailedError as failed:
-            await self._failed(instance, event, t, failed)
-            return
-        moved = Transitioned(
+            return await self._failed(instance, event, t, failed)
+        return Transitioned(
             seq=event.seq,
             name=event.name,
             transition=t.label(),
@@ -164,11 +172,10 @@ class MachineRun(_Pass):
             data=data,
             at_us=self.host.now_us(),
         )
-        await self.record([moved])
 
     async def _failed(
         self, instance: Instance, event: EventReceived, t: Transition, failed: StepFailedError
-    ) -> None:
+    ) -> TransitionFailed:
         """An activity failed for good: with failure states, undo every completed
         activity (newest first) and go there; else stay, and say so."""
         marking, compensated = instance.marking, False
@@ -178,7 +185,7 @@ class MachineRun(_Pass):
             _, gave_up = await self._undo([*self._compensations(earlier), *self.compensations])
             marking = fire_to(instance.marking, t.sources, t.failure)
             targets, compensated = t.failure, not gave_up
-        outcome = TransitionFailed(
+        return TransitionFailed(
             seq=event.seq,
             name=event.name,
             transition=t.label(),
@@ -189,7 +196,6 @@ class MachineRun(_Pass):
             compensated=compensated,
             at_us=self.host.now_us(),
         )
-        await self.record([outcome])
 
     async def _time_out(self, instance: Instance, state: str) -> None:
         """Send a state's timeout event to the instance: one append at the version the

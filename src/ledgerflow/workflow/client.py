@@ -135,6 +135,7 @@ class WorkflowClient(Operations, MachineClient):
         # how many wait on it.
         self._waiters: dict[str, _Waiters] = {}
         self._recent: OrderedDict[str, Outcome] = OrderedDict()
+        self._histories: OrderedDict[str, History] = OrderedDict()
 
     async def open(self) -> Self:
         """Open the store (``async with`` does it for you)."""

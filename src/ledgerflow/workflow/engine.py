@@ -623,6 +623,7 @@ class Engine(WorkflowClient):
         """
         try:
             await self._journal.append(history, [*buffered, *events], runtime)
+            self._appended(history.workflow_id)
             return False
         except ConcurrencyError:
             pass
@@ -634,6 +635,7 @@ class Engine(WorkflowClient):
             history.extend(newer)
             try:
                 await self._journal.append(history, buffered, [])
+                self._appended(history.workflow_id)
                 break
             except ConcurrencyError:
                 continue

@@ -10,6 +10,7 @@ outside and carry no ``seq``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -446,6 +447,9 @@ class History:
     events: int = 0
     migrated_to: int | None = None
     """A state-machine instance's definition version since its last migration."""
+    observer: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
+    """Told of each command added (``statemachine.instance.view`` keeps a state
+    machine's fold up to date with it)."""
 
     @classmethod
     def of(cls, workflow_id: str, events: list[RecordedEvent]) -> History:
@@ -466,6 +470,8 @@ class History:
         self.events += 1
         if isinstance(data, _Command):
             self.commands.setdefault(data.seq, []).append(data)
+            if self.observer is not None:
+                self.observer(data)
             if isinstance(data, (SignalTaken, SignalRejected)):
                 self.taken.add(data.signal_version)
             elif isinstance(data, MachineMigrated):
