@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import getpass
 import hashlib
 import logging
@@ -95,8 +96,11 @@ class PolicyVersion:
     changes: tuple[str, ...]
 
 
+@functools.cache
 def default_actor() -> str:
-    """Who is changing a policy when the caller does not say: ``user@host``."""
+    """Who acts (changes a policy, sends an event) when the caller does not say:
+    ``user@host``, looked up once a process (without ``USER`` in the environment
+    the lookup reads the password database)."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):  # no login name (a container's numeric user)
