@@ -232,7 +232,8 @@ def verify(
     edges: dict[Config, dict[Config, str]] = {}
     """Each configuration's successors, with the (first) event that leads there."""
     moves: dict[Config, list[tuple[int, Config, str]]] = {}
-    """Each configuration's moves by transition (for fairness)."""
+    """Each configuration's moves by transition: kept only when fairness needs them."""
+    fair = fairness == "strong" and bool(liveness)
     bounded = False
     count = 0
     while queue:
@@ -300,7 +301,8 @@ def verify(
                     outcomes.append((failed, f"{_label(t.event, payload)} (activity failed)"))
                 for target, label in outcomes:
                     outs.setdefault(target, label)
-                    moves.setdefault(config, []).append((index, target, label))
+                    if fair:
+                        moves.setdefault(config, []).append((index, target, label))
                     if target not in parent:
                         if len(parent) >= max_configurations:
                             bounded = True
