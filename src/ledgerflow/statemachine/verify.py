@@ -42,7 +42,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import WorkflowDefinitionError
-from .definition import Data, Machine
+from .definition import UNEXPLORED, Data, Machine
 from .semantics import by_source as _by_source
 from .semantics import candidates as _candidates
 from .semantics import ended as _ended
@@ -335,7 +335,7 @@ def verify(
                 f"{config} is not terminal and no event can move it",
                 config,
             )
-    notes: list[str] = []
+    notes: list[str] = [_explored(machine, max_configurations)]
     if bounded:
         notes.append(
             f"stopped at {max_configurations} configurations: unreachable states, dead "
@@ -380,6 +380,22 @@ def verify(
         tuple(notes),
         fairness,
     )
+
+
+def _explored(machine: Machine, bound: int) -> str:
+    """What the exploration covered: each data and payload field's declared domain
+    (the report's claims hold over these values only) and the bound."""
+    fields = [f"{k} ({_values(v)})" for k, v in machine.domains.items()]
+    for event in machine.events.values():
+        for k, v in event.payload.items():
+            unexplored = any(value is UNEXPLORED for value in v)
+            fields.append(f"{event.name}.{k} ({'unexplored' if unexplored else _values(v)})")
+    over = "; ".join(fields) if fields else "no data or payload fields"
+    return f"explored over the declared domains: {over}; bound {bound:,} configurations"
+
+
+def _values(domain: tuple[Any, ...]) -> str:
+    return f"{len(domain)} value" + ("" if len(domain) == 1 else "s")
 
 
 def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
