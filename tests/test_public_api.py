@@ -5,6 +5,12 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    "Projection",
+    "ProjectionLeaseLostError",
+    "ProjectionRunner",
+    "ReadModel",
+    "Table",
+    "View",
     "InvalidTransition",
     "TransitionFailedError",
     "MigrationError",

@@ -45,6 +45,7 @@ from .errors import (
     MigrationError,
     NonDeterminismError,
     PolicyNotFoundError,
+    ProjectionLeaseLostError,
     RecordedValueError,
     ResilienceError,
     ResultTooLargeError,
@@ -88,6 +89,7 @@ from .events import (
     Snapshot,
     StreamState,
 )
+from .projections import Projection, ProjectionRunner, ReadModel, Table, View
 from .registry import EventRegistry
 from .resilience import (
     Breaker,
@@ -156,8 +158,12 @@ __all__ = [
     "PolicyChanged",
     "PolicyNotFoundError",
     "PolicyVersion",
+    "Projection",
+    "ProjectionLeaseLostError",
+    "ProjectionRunner",
     "QueueInfo",
     "RateLimit",
+    "ReadModel",
     "RecordedEvent",
     "RecordedValueError",
     "Repository",
@@ -181,6 +187,7 @@ __all__ = [
     "StreamNotFoundError",
     "StreamState",
     "SystemClock",
+    "Table",
     "TaskLeaseLostError",
     "Timeouts",
     "TransitionFailedError",
@@ -188,6 +195,7 @@ __all__ = [
     "UnknownWorkflowError",
     "UnrecordableValueError",
     "VerifyReport",
+    "View",
     "WorkerInfo",
     "WorkflowAlreadyStartedError",
     "WorkflowCancelled",

@@ -15,6 +15,7 @@ driver type ever crosses the port::
     │   ├── ConcurrencyError        expected version did not match (retry after reload)
     │   ├── DuplicateEventError     an event id was reused with different content
     │   ├── LeaseLostError          a runner's lease on an instance passed to another
+    │   │   └── ProjectionLeaseLostError  a projection runner's lease, or its checkpoint, moved
     │   ├── StreamNotFoundError     read of a stream that has no events
     │   ├── SchemaVersionError      database schema is newer than this code
     │   ├── SchemaOutdatedError     schema older than this code, opened with create=False
@@ -84,6 +85,7 @@ __all__ = [
     "MigrationError",
     "NonDeterminismError",
     "PolicyNotFoundError",
+    "ProjectionLeaseLostError",
     "RecordedValueError",
     "ResilienceError",
     "ResultTooLargeError",
@@ -241,6 +243,25 @@ class TaskLeaseLostError(LeaseLostError):
         self.epoch = epoch
         self.held_by = held_by
         self.held_epoch = held_epoch
+
+
+class ProjectionLeaseLostError(LeaseLostError):
+    """A projection runner's commit when its lease is no longer the one it claimed
+    (another runner took the projection over) or its checkpoint moved (an operator
+    skipped or retried meanwhile). Nothing was written: the runner steps back and
+    reads its row again."""
+
+    def __init__(self, projection: str, owner: str, epoch: int, why: str) -> None:
+        StoreError.__init__(
+            self, f"projection {projection!r}: lease {epoch} of {owner!r} cannot commit: {why}"
+        )
+        self.workflow_id = ""
+        self.projection = projection
+        self.owner = owner
+        self.epoch = epoch
+        self.held_by: str | None = None
+        self.held_epoch = 0
+        self.why = why
 
 
 class StreamNotFoundError(StoreError):

@@ -51,6 +51,7 @@ from ._checks import (
     _text_problem,
 )
 from ._plan import AppendRequest, EventRow, PreparedEvent, StreamHead
+from ._projections import ProjectionStore
 from ._resources import ResourceGuards
 from ._runtime_rows import RuntimeRows
 from ._tasks import TaskQueues
@@ -86,7 +87,7 @@ class Pending:
         self.future = future
 
 
-class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards):
+class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     """Template for adapters; see ``ports.EventStore`` for the contract."""
 
     backend: ClassVar[str]
@@ -495,6 +496,15 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards):
                 if len(batch) == batch_size:
                     continue
             await wait_at_most(wake.wait(), self.poll_interval)
+
+    async def commits(self) -> Callable[[], asyncio.Event]:
+        """A function giving the event that the next commit sets (take it before a
+        read, wait on it after): how followers of the log (projections, relays) wait
+        for new events without polling hot. In-process, or LISTEN/NOTIFY on
+        PostgreSQL; ``poll_interval`` bounds the wait either way."""
+        self._check_open()
+        await self._ensure_listener()
+        return lambda: self._new_events
 
     async def stream_version(self, stream_id: str) -> int:
         self._check_open()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from ._migrations import Migration
+from ._postgres_projections import projection_migration
 from ._postgres_resources import resource_migration
 
 __all__ = ["Sql", "allocator_key", "migrations", "stream_key"]
@@ -246,6 +247,7 @@ def migrations(schema: str) -> tuple[Migration, ...]:
             ),
         ),
         resource_migration(schema),
+        projection_migration(schema),
     )
 
 

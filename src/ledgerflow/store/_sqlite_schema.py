@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from ._migrations import Migration
+from ._sqlite_projections import PROJECTION_MIGRATION
 from ._sqlite_resources import RESOURCE_MIGRATION, RESOURCE_SQL
 from ._sqlite_tasks import TASK_MIGRATION, TASK_SQL
 from .runtime import RuntimeWrite, as_row
@@ -103,6 +104,7 @@ MIGRATIONS = (
     ),
     TASK_MIGRATION,
     RESOURCE_MIGRATION,
+    PROJECTION_MIGRATION,
 )
 
 _PUT_INSTANCE = (

@@ -10,6 +10,7 @@ from ..errors import LedgerNotFoundError, StoreError
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
 from ._base import BaseEventStore
+from ._memory_projections import MemoryProjections
 from ._plan import (
     AppendRequest,
     EventRow,
@@ -47,7 +48,7 @@ from .runtime import (
 __all__ = ["MemoryEventStore"]
 
 
-class MemoryEventStore(BaseEventStore):
+class MemoryEventStore(MemoryProjections, BaseEventStore):
     backend = "memory"
 
     async def _open(self) -> None:
@@ -67,6 +68,7 @@ class MemoryEventStore(BaseEventStore):
         self._resources: dict[str, ResourceRow] = {}
         self._permits: dict[tuple[str, str], tuple[str, int]] = {}
         """(resource, holder) -> (owner, until)"""
+        self._init_projections()
 
     async def _close(self) -> None:
         pass

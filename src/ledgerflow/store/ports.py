@@ -6,11 +6,14 @@ both; code outside ``store/`` depends on these, never on an adapter or the share
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from types import TracebackType
-from typing import Protocol, Self
+from typing import Any, Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
+from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow
+from ..projections.tables import Table, TableWrite
 from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
 from .runtime import (
@@ -345,3 +348,61 @@ class WorkflowStore(EventStore, Protocol):
     async def renew_permits(self, owner: str, *, until_us: int) -> int: ...
 
     async def release_permits(self, owner: str) -> int: ...
+
+    # -- projections (see store._projections and docs/adr/015-projections.md) --------
+
+    async def commits(self) -> Callable[[], asyncio.Event]:
+        """A function giving the event the next commit sets (take it before a read)."""
+        ...
+
+    async def ensure_tables(self, projection: str, tables: Sequence[Table]) -> None: ...
+
+    async def claim_projection(
+        self, name: str, owner: str, *, now_us: int, until_us: int
+    ) -> ProjectionLease | None: ...
+
+    async def renew_projection(self, lease: ProjectionLease, *, until_us: int) -> bool: ...
+
+    async def release_projection(self, lease: ProjectionLease) -> None: ...
+
+    async def project(
+        self,
+        lease: ProjectionLease,
+        tables: Mapping[str, Table],
+        *,
+        from_position: int,
+        to_position: int,
+        event_at_us: int | None,
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> None:
+        """A batch's writes and its checkpoint, in one transaction fenced by the lease."""
+        ...
+
+    async def fail_projection(
+        self, lease: ProjectionLease, failure: ProjectionFailure, *, now_us: int
+    ) -> None: ...
+
+    async def retry_projection(self, name: str) -> bool: ...
+
+    async def skip_projection(self, name: str, position: int) -> bool: ...
+
+    async def projection_row(self, name: str) -> ProjectionRow | None: ...
+
+    async def list_projections(self) -> list[ProjectionRow]: ...
+
+    async def read_model_get(
+        self, projection: str, table: Table, key: Any
+    ) -> dict[str, Any] | None: ...
+
+    async def read_model_select(
+        self,
+        projection: str,
+        table: Table,
+        *,
+        where: Mapping[str, Any] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]: ...

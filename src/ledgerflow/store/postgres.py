@@ -60,6 +60,7 @@ from ._postgres_conn import (
     reason,
     split_url,
 )
+from ._postgres_projections import PostgresProjections
 from ._postgres_resources import PostgresResources
 from ._postgres_runtime import PostgresRuntime
 from ._postgres_sql import Sql, allocator_key, migrations
@@ -98,6 +99,7 @@ class PostgresEventStore(
     PostgresRuntime,
     PostgresTasks,
     PostgresResources,
+    PostgresProjections,
     BaseEventStore,
 ):
     backend = BACKEND

@@ -49,6 +49,7 @@ from ._plan import (
     plan_batch,
     reused_ids,
 )
+from ._sqlite_projections import SQLiteProjections
 from ._sqlite_resources import SQLiteResources
 from ._sqlite_runtime import SQLiteRuntime
 from ._sqlite_schema import MIGRATIONS, apply_runtime
@@ -122,7 +123,9 @@ def path_from_url(url: str) -> Path:
     return Path(path)
 
 
-class SQLiteEventStore(SQLiteRuntime, SQLiteTasks, SQLiteResources, BaseEventStore):
+class SQLiteEventStore(
+    SQLiteRuntime, SQLiteTasks, SQLiteResources, SQLiteProjections, BaseEventStore
+):
     backend = "sqlite"
     poll_interval = 0.25  # other processes' commits are only seen by polling
     readers = 2

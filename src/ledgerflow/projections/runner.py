@@ -1,0 +1,258 @@
+"""Running projections: follow the global log from the checkpoint, in batches, one
+runner per projection at a time (see ``docs/adr/015-projections.md``).
+
+For each projection the runner claims its lease (or waits while another runner holds
+it), makes its tables, and then, until stopped: reads the events after the
+checkpoint (``read_all``, at most ``batch_size``), calls the handlers of those it
+handles through a ``View``, and commits the writes with the new checkpoint in one
+transaction, fenced by the lease. A handler that raises stops the projection there:
+the events before it commit, the failure is recorded, and nothing more happens to the
+projection until an operator retries or skips it (``ledgerflow projections retry|skip``).
+A lease renewed too late, or a checkpoint moved under the runner (an operator's skip),
+makes it step back and read its row again; a dead runner's lease expires and another
+takes over from the committed checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from .._waiting import cancel_and_wait, wait_at_most
+from ..errors import (
+    ConfigurationError,
+    ProjectionLeaseLostError,
+    StoreClosedError,
+    StoreUnavailableError,
+)
+from ..hashing import to_micros
+from ..workflow.history import error_message
+from .definition import Projection, call
+from .state import ProjectionFailure, ProjectionLease
+from .view import View
+
+if TYPE_CHECKING:
+    from ..store import WorkflowStore
+
+__all__ = ["ProjectionRunner"]
+
+log = logging.getLogger("ledgerflow.projections")
+
+
+class ProjectionRunner:
+    """Runs ``projections`` on ``store`` (see the module docstring).
+
+    ``now_us``: the clock leases are judged by (an engine passes the database's);
+    by default this host's. ``poll_interval`` bounds how long a new event, or an
+    operator's retry, waits to be seen when no commit signal arrives."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        projections: Sequence[Projection],
+        *,
+        owner: str | None = None,
+        lease: timedelta = timedelta(seconds=30),
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        now_us: Callable[[], int] | None = None,
+    ) -> None:
+        names = [p.name for p in projections]
+        if len(set(names)) != len(names):
+            raise ConfigurationError(f"projections registered twice: {sorted(names)}")
+        if batch_size < 1:
+            raise ConfigurationError("batch_size must be >= 1")
+        self.store = store
+        self.projections = list(projections)
+        self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.lease_us = int(lease.total_seconds() * 1_000_000)
+        self.batch_size = batch_size
+        self.poll_interval = poll_interval
+        self._now_us = now_us or (lambda: time.time_ns() // 1_000)
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = asyncio.Event()
+        self._leases: dict[str, ProjectionLease] = {}
+
+    # -- lifetime ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Start following every projection (in tasks of the running loop)."""
+        if self._tasks:
+            return
+        self._stopping.clear()
+        self._tasks = [
+            asyncio.create_task(self._follow(p), name=f"projection:{p.name}")
+            for p in self.projections
+        ]
+
+    async def stop(self) -> None:
+        """Stop after the batches under way, and give the leases back."""
+        self._stopping.set()
+        tasks, self._tasks = self._tasks, []
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=self.poll_interval + 5.0)
+            await cancel_and_wait(pending)
+        for lease in list(self._leases.values()):
+            with contextlib.suppress(StoreUnavailableError, StoreClosedError):
+                await self.store.release_projection(lease)
+        self._leases.clear()
+
+    async def catch_up(self, projection: Projection | str | None = None) -> int:
+        """Apply what is in the log now to one projection (or every one), here and
+        at once, without the background tasks (tests, scripts, a CLI's rebuild);
+        the events applied. Takes the projection's lease like a runner."""
+        chosen = [
+            p
+            for p in self.projections
+            if projection is None or p.name == projection or p is projection
+        ]
+        if not chosen:
+            raise ConfigurationError(f"no projection {projection!r} here")
+        applied = 0
+        for p in chosen:
+            lease = await self._claim(p)
+            if lease is None:
+                raise ConfigurationError(f"projection {p.name!r} is held by another runner")
+            while True:
+                count, more = await self._batch(p, lease)
+                applied += count
+                if not more:
+                    break
+                lease = self._leases[p.name]
+        return applied
+
+    # -- one projection ---------------------------------------------------------------
+
+    async def _follow(self, projection: Projection) -> None:
+        failures = 0
+        while not self._stopping.is_set():
+            try:
+                lease = await self._claim(projection)
+                if lease is None:
+                    await self._pause(min(self.poll_interval, self.lease_us / 3e6))
+                    continue
+                failures = 0
+                await self._run(projection)
+            except ProjectionLeaseLostError as exc:
+                log.warning("%s; stepping back", exc)
+                self._leases.pop(projection.name, None)
+            except (StoreUnavailableError, StoreClosedError) as exc:
+                if self._stopping.is_set() or isinstance(exc, StoreClosedError):
+                    return
+                failures += 1
+                log.warning("projection %s: store unavailable (%s)", projection.name, exc)
+                await self._pause(min(5.0, 0.1 * 2**failures))
+            except Exception:
+                log.exception("projection %s: runner failed; starting again", projection.name)
+                await self._pause(self.poll_interval)
+
+    async def _claim(self, projection: Projection) -> ProjectionLease | None:
+        now = self._now_us()
+        lease = await self.store.claim_projection(
+            projection.name, self.owner, now_us=now, until_us=now + self.lease_us
+        )
+        if lease is None:
+            return None
+        if projection.name not in self._leases:
+            await self.store.ensure_tables(projection.name, list(projection.tables.values()))
+        self._leases[projection.name] = lease
+        return lease
+
+    async def _run(self, projection: Projection) -> None:
+        """Batches while the lease holds; the lease is renewed every third of it."""
+        next_renewal = self._now_us() + self.lease_us // 3
+        signal = await self.store.commits()
+        while not self._stopping.is_set():
+            if self._now_us() >= next_renewal:
+                await self._renew(projection)
+                next_renewal = self._now_us() + self.lease_us // 3
+            wake = signal()  # before the read: a commit after it still wakes us
+            lease = self._leases[projection.name]
+            _count, more = await self._batch(projection, lease)
+            if not more:
+                await self._pause(min(self.poll_interval, self.lease_us / 3e6), wake)
+
+    async def _renew(self, projection: Projection) -> None:
+        lease = self._leases[projection.name]
+        now = self._now_us()
+        if not await self.store.renew_projection(lease, until_us=now + self.lease_us):
+            raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+
+    async def _batch(self, projection: Projection, lease: ProjectionLease) -> tuple[int, bool]:
+        """One batch: the events applied, and whether more may be waiting."""
+        row = await self.store.projection_row(projection.name)
+        if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
+            raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+        if row.failure is not None:
+            return 0, False  # stopped at a failed event until an operator acts
+        position = row.position
+        events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
+        if not events:
+            return 0, False
+
+        async def read(table: str, key: Any) -> dict[str, Any] | None:
+            return await self.store.read_model_get(projection.name, projection.tables[table], key)
+
+        view = View(projection, read)
+        last, event_at, applied = position, None, 0
+        failure: ProjectionFailure | None = None
+        for event in events:
+            handlers = projection.handlers(event)
+            if handlers:
+                mark = view.mark()
+                try:
+                    for handler in handlers:
+                        await call(handler, event, view)
+                except Exception as exc:  # noqa: BLE001 - recorded; the projection stops
+                    view.undo(mark)
+                    failure = _failure(event, exc)
+                    break
+                applied += 1
+            last, event_at = event.position, to_micros(event.recorded_at)
+        now = self._now_us()
+        if last > position:
+            await self.store.project(
+                lease,
+                projection.tables,
+                from_position=position,
+                to_position=last,
+                event_at_us=event_at,
+                writes=view.writes,
+                now_us=now,
+            )
+        if failure is not None:
+            await self.store.fail_projection(lease, failure, now_us=now)
+            log.error(
+                "projection %s stopped at position %d (%s %s): %s: %s; retry or skip it",
+                projection.name,
+                failure.position,
+                failure.event_type,
+                failure.event_id,
+                failure.error_type,
+                failure.message,
+            )
+            return applied, False
+        return applied, len(events) == self.batch_size
+
+    async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> None:
+        waits = [asyncio.ensure_future(self._stopping.wait())]
+        if wake is not None:
+            waits.append(asyncio.ensure_future(wake.wait()))
+        try:
+            await wait_at_most(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), seconds)
+        finally:
+            await cancel_and_wait([w for w in waits if not w.done()])
+
+
+def _failure(event: Any, exc: BaseException) -> ProjectionFailure:
+    return ProjectionFailure(
+        event.position, str(event.id), event.type, type(exc).__name__, error_message(exc)
+    )

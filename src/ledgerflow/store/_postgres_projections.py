@@ -1,0 +1,265 @@
+"""The PostgreSQL store's projections: the ``projections`` table (migration 8, see
+``_postgres_sql.migrations``), the read-model tables in the store's schema, and the
+hooks of ``_projections.ProjectionStore``, on its reader pool.
+
+A batch is one READ COMMITTED transaction: the fenced checkpoint UPDATE first (it
+locks the projection's row, so a concurrent runner or an operator's skip waits for
+it or finds it moved), then the writes, pipelined."""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+import psycopg
+from psycopg.abc import Params
+from psycopg.rows import TupleRow
+
+from ..errors import ProjectionLeaseLostError, StoreError
+from ..projections.tables import Table, TableWrite
+from ._migrations import Migration
+from ._projections import (
+    PROJECTION_COLUMNS,
+    ProjectionFailure,
+    ProjectionLease,
+    ProjectionRow,
+    ReadModelSql,
+    physical_name,
+    projection_row,
+)
+
+__all__ = ["PostgresProjections", "projection_migration"]
+
+T = TypeVar("T")
+Connection = psycopg.AsyncConnection[TupleRow]
+
+
+def projection_migration(schema: str) -> Migration:
+    """As SQLite's migration 7."""
+    return Migration(
+        8,
+        "projections: checkpoints, leases, failures",
+        (
+            f"""CREATE TABLE {schema}.projections (
+                name text COLLATE "C" PRIMARY KEY,
+                position bigint NOT NULL DEFAULT 0,
+                event_at bigint,
+                owner text,
+                epoch bigint NOT NULL DEFAULT 0,
+                lease_until bigint,
+                failed_position bigint,
+                failed_event text,
+                failed_type text,
+                error_type text,
+                error_message text,
+                failed_at bigint,
+                updated_at bigint NOT NULL DEFAULT 0
+            )""",
+        ),
+    )
+
+
+class PostgresProjections(abc.ABC):
+    """Mixed into ``PostgresEventStore``."""
+
+    schema: str
+
+    @abc.abstractmethod
+    async def _fetch(
+        self, action: str, sql: str, params: Params, *, flushed: bool = True
+    ) -> list[TupleRow]: ...
+
+    @abc.abstractmethod
+    async def _transaction(
+        self, action: str, fn: Callable[[Connection], Awaitable[T]], *, flushed: bool = True
+    ) -> T: ...
+
+    def _model_sql(self, projection: str, table: Table) -> ReadModelSql:
+        return ReadModelSql(
+            "postgres", f"{self.schema}.{physical_name(projection, table.name)}", table
+        )
+
+    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
+        s = self.schema
+        statements = [
+            statement
+            for table in tables
+            for statement in (
+                self._model_sql(projection, table).create,
+                *self._model_sql(projection, table).indexes,
+            )
+        ]
+
+        async def create(conn: Connection) -> None:
+            # Runners of one projection may start together: their DDL takes turns.
+            await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{s}.rm",))
+            await conn.execute(
+                f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                (projection,),
+            )
+            for statement in statements:
+                await conn.execute(statement)
+
+        await self._transaction("create read-model tables", create)
+
+    async def _claim_projection(
+        self, name: str, owner: str, now_us: int, until_us: int
+    ) -> ProjectionLease | None:
+        s = self.schema
+
+        async def claim(conn: Connection) -> ProjectionLease | None:
+            await conn.execute(
+                f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,)
+            )
+            cur = await conn.execute(
+                f"SELECT owner, epoch, lease_until, position FROM {s}.projections "
+                "WHERE name = %s FOR UPDATE",
+                (name,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            held_by, epoch, until, position = row
+            if held_by is not None and held_by != owner and until is not None and until >= now_us:
+                return None
+            if held_by != owner or until is None:
+                epoch += 1
+            await conn.execute(
+                f"UPDATE {s}.projections SET owner = %s, epoch = %s, lease_until = %s "
+                "WHERE name = %s",
+                (owner, epoch, until_us, name),
+            )
+            return ProjectionLease(name, owner, int(epoch), int(position))
+
+        return await self._transaction("claim a projection", claim)
+
+    async def _renew_projection(self, lease: ProjectionLease, until_us: int) -> bool:
+        rows = await self._fetch(
+            "renew a projection's lease",
+            f"UPDATE {self.schema}.projections SET lease_until = %s WHERE name = %s "
+            "AND owner = %s AND epoch = %s RETURNING 1",
+            (until_us, lease.name, lease.owner, lease.epoch),
+        )
+        return len(rows) == 1
+
+    async def _release_projection(self, lease: ProjectionLease) -> None:
+        await self._fetch(
+            "release a projection",
+            f"UPDATE {self.schema}.projections SET owner = NULL, lease_until = NULL "
+            "WHERE name = %s AND owner = %s AND epoch = %s",
+            (lease.name, lease.owner, lease.epoch),
+        )
+
+    async def _project(
+        self,
+        lease: ProjectionLease,
+        tables: Mapping[str, Table],
+        from_position: int,
+        to_position: int,
+        event_at_us: int | None,
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> None:
+        models = {name: self._model_sql(lease.name, t) for name, t in tables.items()}
+        statements = [models[w.table].write(w) for w in writes]
+        checkpoint = (
+            f"UPDATE {self.schema}.projections SET position = %s, "
+            "event_at = coalesce(%s, event_at), updated_at = %s WHERE name = %s AND owner = %s "
+            "AND epoch = %s AND position = %s AND failed_position IS NULL RETURNING 1"
+        )
+
+        async def project(conn: Connection) -> None:
+            cur = await conn.execute(
+                checkpoint,
+                (to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
+                 from_position),
+            )  # fmt: skip
+            if await cur.fetchone() is None:
+                raise ProjectionLeaseLostError(
+                    lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
+                )
+            for sql, params in statements:
+                await conn.execute(sql, params)
+
+        await self._transaction("apply a projection's batch", project)
+
+    async def _fail_projection(
+        self, lease: ProjectionLease, failure: ProjectionFailure, now_us: int
+    ) -> None:
+        rows = await self._fetch(
+            "record a projection's failure",
+            f"UPDATE {self.schema}.projections SET failed_position = %s, failed_event = %s, "
+            "failed_type = %s, error_type = %s, error_message = %s, failed_at = %s, "
+            "updated_at = %s WHERE name = %s AND owner = %s AND epoch = %s RETURNING 1",
+            (failure.position, failure.event_id, failure.event_type, failure.error_type,
+             failure.message, now_us, now_us, lease.name, lease.owner, lease.epoch),
+        )  # fmt: skip
+        if not rows:
+            raise ProjectionLeaseLostError(lease.name, lease.owner, lease.epoch, "lease lost")
+
+    async def _retry_projection(self, name: str) -> bool:
+        rows = await self._fetch(
+            "retry a projection",
+            f"UPDATE {self.schema}.projections SET failed_position = NULL, failed_event = NULL, "
+            "failed_type = NULL, error_type = NULL, error_message = NULL, failed_at = NULL "
+            "WHERE name = %s AND failed_position IS NOT NULL RETURNING 1",
+            (name,),
+        )
+        return len(rows) == 1
+
+    async def _skip_projection(self, name: str, position: int) -> bool:
+        rows = await self._fetch(
+            "skip a projection's event",
+            f"UPDATE {self.schema}.projections SET position = %s, failed_position = NULL, "
+            "failed_event = NULL, failed_type = NULL, error_type = NULL, error_message = NULL, "
+            "failed_at = NULL WHERE name = %s AND failed_position = %s RETURNING 1",
+            (position, name, position),
+        )
+        return len(rows) == 1
+
+    async def _projection_row(self, name: str) -> ProjectionRow | None:
+        rows = await self._fetch(
+            "read a projection",
+            f"SELECT {PROJECTION_COLUMNS} FROM {self.schema}.projections WHERE name = %s",
+            (name,),
+        )
+        return projection_row(rows[0]) if rows else None
+
+    async def _list_projections(self) -> list[ProjectionRow]:
+        rows = await self._fetch(
+            "list projections",
+            f"SELECT {PROJECTION_COLUMNS} FROM {self.schema}.projections ORDER BY name",
+            (),
+        )
+        return [projection_row(r) for r in rows]
+
+    async def _read_model_get(
+        self, projection: str, table: Table, key: Any
+    ) -> dict[str, Any] | None:
+        model = self._model_sql(projection, table)
+        rows = await self._read_model("read a read-model row", model.get, (key,))
+        return model.decode_row(rows[0]) if rows else None
+
+    async def _read_model_select(
+        self,
+        projection: str,
+        table: Table,
+        where: Mapping[str, Any],
+        order_by: str | None,
+        descending: bool,
+        limit: int,
+        offset: int,
+    ) -> list[dict[str, Any]]:
+        model = self._model_sql(projection, table)
+        sql, params = model.select(where, order_by, descending)
+        rows = await self._read_model("query a read model", sql, [*params, limit, offset])
+        return [model.decode_row(r) for r in rows]
+
+    async def _read_model(self, action: str, sql: str, params: Params) -> list[TupleRow]:
+        """A read of a read-model table; none if its runner has not made it yet."""
+        try:
+            return await self._fetch(action, sql, params)
+        except StoreError as exc:
+            if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
+                return []
+            raise

@@ -1,0 +1,361 @@
+"""Projections in the store: their checkpoints and leases (table ``projections``),
+their read-model tables, and the one transaction that writes a batch's changes with
+the new checkpoint (see ``docs/adr/015-projections.md``).
+
+``ProjectionStore`` is mixed into every store: its public methods check their input
+and call the backend's hooks. ``ReadModelSql`` builds the statements of the SQL
+backends from a table's declaration (names are checked identifiers: nothing is
+quoted that was not checked).
+"""
+
+from __future__ import annotations
+
+import abc
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import ConfigurationError
+from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow
+from ..projections.tables import Column, Patch, Put, Remove, Table, TableWrite, check_name
+
+__all__ = [
+    "ProjectionFailure",
+    "ProjectionLease",
+    "ProjectionRow",
+    "ProjectionStore",
+    "ReadModelSql",
+    "physical_name",
+]
+
+
+def physical_name(projection: str, table: str) -> str:
+    """The table's name in the database (checked parts: see ``check_name``)."""
+    return f"rm_{check_name(projection, 'projection name')}_{check_name(table, 'table name')}"
+
+
+class ProjectionStore(abc.ABC):
+    """The projection part of a store (see the module docstring)."""
+
+    @abc.abstractmethod
+    def _check_open(self) -> None: ...
+
+    async def ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
+        """Create the projection's row and its tables (and indexes) if missing."""
+        self._check_open()
+        check_name(projection, "projection name")
+        await self._ensure_tables(projection, tables)
+
+    async def claim_projection(
+        self, name: str, owner: str, *, now_us: int, until_us: int
+    ) -> ProjectionLease | None:
+        """Take the projection's lease if it is free, expired or already ours; a new
+        epoch when it changes hands. None if another runner holds it."""
+        self._check_open()
+        check_name(name, "projection name")
+        return await self._claim_projection(name, owner, now_us, until_us)
+
+    async def renew_projection(self, lease: ProjectionLease, *, until_us: int) -> bool:
+        """Extend the lease; False if it was lost (another runner took over)."""
+        self._check_open()
+        return await self._renew_projection(lease, until_us)
+
+    async def release_projection(self, lease: ProjectionLease) -> None:
+        self._check_open()
+        await self._release_projection(lease)
+
+    async def project(
+        self,
+        lease: ProjectionLease,
+        tables: Mapping[str, Table],
+        *,
+        from_position: int,
+        to_position: int,
+        event_at_us: int | None,
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> None:
+        """In one transaction: the writes, and the checkpoint moved from
+        ``from_position`` to ``to_position``, if the lease still holds and nothing
+        moved the checkpoint meanwhile (``LeaseLostError`` otherwise: nothing
+        written)."""
+        self._check_open()
+        if to_position < from_position:
+            raise ConfigurationError("a checkpoint only moves forward")
+        await self._project(lease, tables, from_position, to_position, event_at_us, writes, now_us)
+
+    async def fail_projection(
+        self, lease: ProjectionLease, failure: ProjectionFailure, *, now_us: int
+    ) -> None:
+        """Record that the event after the checkpoint failed (if the lease holds)."""
+        self._check_open()
+        await self._fail_projection(lease, failure, now_us)
+
+    async def retry_projection(self, name: str) -> bool:
+        """Clear a recorded failure: its runner tries the event again. False if the
+        projection has none."""
+        self._check_open()
+        return await self._retry_projection(check_name(name, "projection name"))
+
+    async def skip_projection(self, name: str, position: int) -> bool:
+        """Move the checkpoint past the failed event at ``position`` and clear the
+        failure; False if the projection is not failed there."""
+        self._check_open()
+        return await self._skip_projection(check_name(name, "projection name"), position)
+
+    async def projection_row(self, name: str) -> ProjectionRow | None:
+        self._check_open()
+        return await self._projection_row(check_name(name, "projection name"))
+
+    async def list_projections(self) -> list[ProjectionRow]:
+        self._check_open()
+        return await self._list_projections()
+
+    async def read_model_get(
+        self, projection: str, table: Table, key: Any
+    ) -> dict[str, Any] | None:
+        self._check_open()
+        return await self._read_model_get(projection, table, table.check_key(key))
+
+    async def read_model_select(
+        self,
+        projection: str,
+        table: Table,
+        *,
+        where: Mapping[str, Any] | None = None,
+        order_by: str | None = None,
+        descending: bool = False,
+        limit: int = 100,
+        offset: int = 0,
+    ) -> list[dict[str, Any]]:
+        """Rows whose columns equal ``where``'s values (None: IS NULL), ordered by
+        ``order_by`` (then the key), a page of ``limit`` from ``offset``."""
+        self._check_open()
+        conditions = dict(where or {})
+        for column, value in conditions.items():
+            spec = table.columns.get(column)
+            if spec is None:
+                raise ConfigurationError(f"table {table.name!r} has no column {column!r}")
+            if spec.kind == "json":
+                raise ConfigurationError(f"table {table.name!r}: cannot filter on JSON {column!r}")
+            conditions[column] = spec.check(table.name, value) if value is not None else None
+        if order_by is not None and order_by not in table.columns:
+            raise ConfigurationError(f"table {table.name!r} has no column {order_by!r}")
+        if not 1 <= limit <= 10_000 or offset < 0:
+            raise ConfigurationError("limit must be 1..10000 and offset >= 0")
+        return await self._read_model_select(
+            projection, table, conditions, order_by, descending, limit, offset
+        )
+
+    # -- the backend's hooks ----------------------------------------------------------
+
+    @abc.abstractmethod
+    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None: ...
+
+    @abc.abstractmethod
+    async def _claim_projection(
+        self, name: str, owner: str, now_us: int, until_us: int
+    ) -> ProjectionLease | None: ...
+
+    @abc.abstractmethod
+    async def _renew_projection(self, lease: ProjectionLease, until_us: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def _release_projection(self, lease: ProjectionLease) -> None: ...
+
+    @abc.abstractmethod
+    async def _project(
+        self,
+        lease: ProjectionLease,
+        tables: Mapping[str, Table],
+        from_position: int,
+        to_position: int,
+        event_at_us: int | None,
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def _fail_projection(
+        self, lease: ProjectionLease, failure: ProjectionFailure, now_us: int
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def _retry_projection(self, name: str) -> bool: ...
+
+    @abc.abstractmethod
+    async def _skip_projection(self, name: str, position: int) -> bool: ...
+
+    @abc.abstractmethod
+    async def _projection_row(self, name: str) -> ProjectionRow | None: ...
+
+    @abc.abstractmethod
+    async def _list_projections(self) -> list[ProjectionRow]: ...
+
+    @abc.abstractmethod
+    async def _read_model_get(
+        self, projection: str, table: Table, key: Any
+    ) -> dict[str, Any] | None: ...
+
+    @abc.abstractmethod
+    async def _read_model_select(
+        self,
+        projection: str,
+        table: Table,
+        where: Mapping[str, Any],
+        order_by: str | None,
+        descending: bool,
+        limit: int,
+        offset: int,
+    ) -> list[dict[str, Any]]: ...
+
+
+PROJECTION_COLUMNS = (
+    "name, position, event_at, owner, epoch, lease_until, failed_position, failed_event, "
+    "failed_type, error_type, error_message, failed_at, updated_at"
+)
+
+
+def projection_row(row: Sequence[Any]) -> ProjectionRow:
+    (name, position, event_at, owner, epoch, until, f_pos, f_event, f_type, e_type, e_msg,
+     failed_at, updated_at) = row  # fmt: skip
+    failure = (
+        None
+        if f_pos is None
+        else ProjectionFailure(int(f_pos), str(f_event), str(f_type), str(e_type), str(e_msg))
+    )
+    return ProjectionRow(
+        str(name), int(position), event_at, owner, int(epoch), until, failure, failed_at,
+        int(updated_at),
+    )  # fmt: skip
+
+
+Dialect = Literal["sqlite", "postgres"]
+
+_SQLITE_TYPES = {
+    "text": "TEXT",
+    "integer": "INTEGER",
+    "real": "REAL",
+    "boolean": "INTEGER",
+    "json": "TEXT",
+}
+_POSTGRES_TYPES = {
+    "text": 'text COLLATE "C"',
+    "integer": "bigint",
+    "real": "double precision",
+    "boolean": "boolean",
+    "json": "jsonb",
+}
+
+
+def _digest(*parts: str) -> str:
+    return hashlib.sha256("/".join(parts).encode()).hexdigest()[:20]
+
+
+class ReadModelSql:
+    """Statements on one read-model table, for one SQL dialect."""
+
+    def __init__(self, dialect: Dialect, qualified: str, table: Table) -> None:
+        self.dialect = dialect
+        self.table = table
+        self.name = qualified
+        p = "?" if dialect == "sqlite" else "%s"
+        self.p = p
+        columns = list(table.columns)
+        self.columns = columns
+        listed = ", ".join(columns)
+        self.select_columns = listed
+        types = _SQLITE_TYPES if dialect == "sqlite" else _POSTGRES_TYPES
+        defs = [
+            f"{c.name} {types[c.kind]}"
+            + (" PRIMARY KEY" if c.name == table.key else "")
+            + ("" if c.nullable or c.name == table.key else " NOT NULL")
+            for c in table.columns.values()
+        ]
+        suffix = " WITHOUT ROWID" if dialect == "sqlite" else ""
+        self.create = f"CREATE TABLE IF NOT EXISTS {qualified} ({', '.join(defs)}){suffix}"
+        bare = qualified.split(".")[-1]
+        # Named by a digest: the plain name could pass PostgreSQL's 63 characters,
+        # which it would cut silently (and two cut names could meet).
+        self.indexes = [
+            f"CREATE INDEX IF NOT EXISTS ix_{_digest(bare, column)} ON {qualified} ({column})"
+            for column in table.indexes
+        ]
+        others = [c for c in columns if c != table.key]
+        update = (
+            ", ".join(f"{c} = excluded.{c}" for c in others)
+            if others
+            else f"{table.key} = excluded.{table.key}"
+        )
+        self.put = (
+            f"INSERT INTO {qualified} ({listed}) VALUES ({', '.join([p] * len(columns))}) "
+            f"ON CONFLICT ({table.key}) DO UPDATE SET {update}"
+        )
+        self.remove = f"DELETE FROM {qualified} WHERE {table.key} = {p}"
+        self.get = f"SELECT {listed} FROM {qualified} WHERE {table.key} = {p}"
+
+    def patch(self, changes: Mapping[str, Any]) -> str:
+        sets = ", ".join(f"{c} = {self.p}" for c in changes)
+        return f"UPDATE {self.name} SET {sets} WHERE {self.table.key} = {self.p}"
+
+    def select(
+        self, where: Mapping[str, Any], order_by: str | None, descending: bool
+    ) -> tuple[str, list[Any]]:
+        clauses: list[str] = []
+        params: list[Any] = []
+        for column, value in where.items():
+            if value is None:
+                clauses.append(f"{column} IS NULL")
+            else:
+                clauses.append(f"{column} = {self.p}")
+                params.append(self.encode(self.table.columns[column], value))
+        sql = f"SELECT {self.select_columns} FROM {self.name}"
+        if clauses:
+            sql += " WHERE " + " AND ".join(clauses)
+        direction = " DESC" if descending else ""
+        order = [f"{order_by}{direction}"] if order_by and order_by != self.table.key else []
+        order.append(f"{self.table.key}{direction}")
+        sql += f" ORDER BY {', '.join(order)} LIMIT {self.p} OFFSET {self.p}"
+        return sql, params
+
+    def encode(self, column: Column, value: Any) -> Any:
+        if value is None:
+            return None
+        if column.kind == "json":
+            encoded = msgspec.json.encode(value)
+            if self.dialect == "sqlite":
+                return encoded.decode()
+            from psycopg.types.json import Jsonb  # only the PostgreSQL store gets here
+
+            return Jsonb(value, dumps=lambda v: msgspec.json.encode(v).decode())
+        if column.kind == "boolean" and self.dialect == "sqlite":
+            return int(value)
+        return value
+
+    def encode_row(self, row: Mapping[str, Any]) -> list[Any]:
+        return [self.encode(self.table.columns[c], row[c]) for c in self.columns]
+
+    def decode_row(self, row: Sequence[Any]) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+        for column, value in zip(self.columns, row, strict=True):
+            spec = self.table.columns[column]
+            if value is not None and self.dialect == "sqlite":
+                if spec.kind == "json":
+                    value = msgspec.json.decode(value)
+                elif spec.kind == "boolean":
+                    value = bool(value)
+            found[column] = value
+        return found
+
+    def write(self, write: TableWrite) -> tuple[str, list[Any]]:
+        """The statement and parameters of one write."""
+        if isinstance(write, Put):
+            return self.put, self.encode_row(write.row)
+        if isinstance(write, Patch):
+            params = [self.encode(self.table.columns[c], v) for c, v in write.changes.items()]
+            return self.patch(write.changes), [*params, write.key]
+        if isinstance(write, Remove):
+            return self.remove, [write.key]
+        raise TypeError(f"not a table write: {write!r}")  # pragma: no cover

@@ -1,0 +1,241 @@
+"""The SQLite store's projections: the ``projections`` table (migration 7), the
+read-model tables, and the hooks of ``_projections.ProjectionStore``. Every write
+goes through the store's one writer connection, so a batch's writes and its
+checkpoint are one transaction of that connection."""
+
+from __future__ import annotations
+
+import abc
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, TypeVar
+
+from ..errors import ProjectionLeaseLostError, StoreError
+from ..projections.tables import Table, TableWrite
+from ._migrations import Migration
+from ._projections import (
+    PROJECTION_COLUMNS,
+    ProjectionFailure,
+    ProjectionLease,
+    ProjectionRow,
+    ReadModelSql,
+    physical_name,
+    projection_row,
+)
+
+__all__ = ["PROJECTION_MIGRATION", "SQLiteProjections"]
+
+T = TypeVar("T")
+
+PROJECTION_MIGRATION = Migration(
+    7,
+    "projections: checkpoints, leases, failures",
+    (
+        """CREATE TABLE projections (
+            name TEXT PRIMARY KEY,
+            position INTEGER NOT NULL DEFAULT 0,
+            event_at INTEGER,
+            owner TEXT,
+            epoch INTEGER NOT NULL DEFAULT 0,
+            lease_until INTEGER,
+            failed_position INTEGER,
+            failed_event TEXT,
+            failed_type TEXT,
+            error_type TEXT,
+            error_message TEXT,
+            failed_at INTEGER,
+            updated_at INTEGER NOT NULL DEFAULT 0
+        ) WITHOUT ROWID""",
+    ),
+)
+
+_ADD = "INSERT INTO projections (name) VALUES (?) ON CONFLICT DO NOTHING"
+
+
+class SQLiteProjections(abc.ABC):
+    """Mixed into ``SQLiteEventStore``."""
+
+    @abc.abstractmethod
+    async def _in_transaction(
+        self, fn: Callable[[sqlite3.Connection], T], *, flushed: bool = True
+    ) -> T: ...
+
+    @abc.abstractmethod
+    async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]: ...
+
+    def _model_sql(self, projection: str, table: Table) -> ReadModelSql:
+        return ReadModelSql("sqlite", physical_name(projection, table.name), table)
+
+    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
+        statements = [s for t in tables for s in (lambda m: [m.create, *m.indexes])(
+            self._model_sql(projection, t)
+        )]  # fmt: skip
+
+        def create(con: sqlite3.Connection) -> None:
+            con.execute(_ADD, (projection,))
+            for statement in statements:
+                con.execute(statement)
+
+        await self._in_transaction(create)
+
+    async def _claim_projection(
+        self, name: str, owner: str, now_us: int, until_us: int
+    ) -> ProjectionLease | None:
+        def claim(con: sqlite3.Connection) -> ProjectionLease | None:
+            con.execute(_ADD, (name,))
+            row = con.execute(
+                "SELECT owner, epoch, lease_until, position FROM projections WHERE name = ?",
+                (name,),
+            ).fetchone()
+            held_by, epoch, until, position = row
+            if held_by is not None and held_by != owner and until is not None and until >= now_us:
+                return None
+            if held_by != owner or until is None:
+                epoch += 1
+            con.execute(
+                "UPDATE projections SET owner = ?, epoch = ?, lease_until = ? WHERE name = ?",
+                (owner, epoch, until_us, name),
+            )
+            return ProjectionLease(name, owner, epoch, position)
+
+        return await self._in_transaction(claim)
+
+    async def _renew_projection(self, lease: ProjectionLease, until_us: int) -> bool:
+        def renew(con: sqlite3.Connection) -> bool:
+            return (
+                con.execute(
+                    "UPDATE projections SET lease_until = ? WHERE name = ? AND owner = ? "
+                    "AND epoch = ?",
+                    (until_us, lease.name, lease.owner, lease.epoch),
+                ).rowcount
+                == 1
+            )
+
+        return await self._in_transaction(renew)
+
+    async def _release_projection(self, lease: ProjectionLease) -> None:
+        def release(con: sqlite3.Connection) -> None:
+            con.execute(
+                "UPDATE projections SET owner = NULL, lease_until = NULL WHERE name = ? "
+                "AND owner = ? AND epoch = ?",
+                (lease.name, lease.owner, lease.epoch),
+            )
+
+        await self._in_transaction(release)
+
+    async def _project(
+        self,
+        lease: ProjectionLease,
+        tables: Mapping[str, Table],
+        from_position: int,
+        to_position: int,
+        event_at_us: int | None,
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> None:
+        models = {name: self._model_sql(lease.name, t) for name, t in tables.items()}
+        statements = [models[w.table].write(w) for w in writes]
+
+        def project(con: sqlite3.Connection) -> None:
+            moved = con.execute(
+                "UPDATE projections SET position = ?, event_at = coalesce(?, event_at), "
+                "updated_at = ? WHERE name = ? AND owner = ? AND epoch = ? AND position = ? "
+                "AND failed_position IS NULL",
+                (to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
+                 from_position),
+            )  # fmt: skip
+            if moved.rowcount != 1:
+                raise ProjectionLeaseLostError(
+                    lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
+                )
+            for sql, params in statements:
+                con.execute(sql, params)
+
+        await self._in_transaction(project)
+
+    async def _fail_projection(
+        self, lease: ProjectionLease, failure: ProjectionFailure, now_us: int
+    ) -> None:
+        def fail(con: sqlite3.Connection) -> None:
+            done = con.execute(
+                "UPDATE projections SET failed_position = ?, failed_event = ?, failed_type = ?, "
+                "error_type = ?, error_message = ?, failed_at = ?, updated_at = ? "
+                "WHERE name = ? AND owner = ? AND epoch = ?",
+                (failure.position, failure.event_id, failure.event_type, failure.error_type,
+                 failure.message, now_us, now_us, lease.name, lease.owner, lease.epoch),
+            )  # fmt: skip
+            if done.rowcount != 1:
+                raise ProjectionLeaseLostError(lease.name, lease.owner, lease.epoch, "lease lost")
+
+        await self._in_transaction(fail)
+
+    async def _retry_projection(self, name: str) -> bool:
+        def retry(con: sqlite3.Connection) -> bool:
+            return (
+                con.execute(
+                    "UPDATE projections SET failed_position = NULL, failed_event = NULL, "
+                    "failed_type = NULL, error_type = NULL, error_message = NULL, "
+                    "failed_at = NULL WHERE name = ? AND failed_position IS NOT NULL",
+                    (name,),
+                ).rowcount
+                == 1
+            )
+
+        return await self._in_transaction(retry)
+
+    async def _skip_projection(self, name: str, position: int) -> bool:
+        def skip(con: sqlite3.Connection) -> bool:
+            return (
+                con.execute(
+                    "UPDATE projections SET position = ?, failed_position = NULL, "
+                    "failed_event = NULL, failed_type = NULL, error_type = NULL, "
+                    "error_message = NULL, failed_at = NULL WHERE name = ? "
+                    "AND failed_position = ?",
+                    (position, name, position),
+                ).rowcount
+                == 1
+            )
+
+        return await self._in_transaction(skip)
+
+    async def _projection_row(self, name: str) -> ProjectionRow | None:
+        rows = await self._read(
+            f"SELECT {PROJECTION_COLUMNS} FROM projections WHERE name = ?", (name,)
+        )
+        return projection_row(rows[0]) if rows else None
+
+    async def _list_projections(self) -> list[ProjectionRow]:
+        rows = await self._read(f"SELECT {PROJECTION_COLUMNS} FROM projections ORDER BY name", ())
+        return [projection_row(r) for r in rows]
+
+    async def _read_model_get(
+        self, projection: str, table: Table, key: Any
+    ) -> dict[str, Any] | None:
+        model = self._model_sql(projection, table)
+        rows = await self._read_model(model.get, (key,))
+        return model.decode_row(rows[0]) if rows else None
+
+    async def _read_model_select(
+        self,
+        projection: str,
+        table: Table,
+        where: Mapping[str, Any],
+        order_by: str | None,
+        descending: bool,
+        limit: int,
+        offset: int,
+    ) -> list[dict[str, Any]]:
+        model = self._model_sql(projection, table)
+        sql, params = model.select(where, order_by, descending)
+        rows = await self._read_model(sql, [*params, limit, offset])
+        return [model.decode_row(r) for r in rows]
+
+    async def _read_model(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """A read of a read-model table; none if its runner has not made it yet."""
+        try:
+            return await self._read(sql, params)
+        except StoreError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, sqlite3.OperationalError) and "no such table" in str(cause):
+                return []
+            raise

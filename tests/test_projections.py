@@ -1,0 +1,300 @@
+"""Projections on every backend: read models built from the log, writes and checkpoint
+in one fenced transaction, failures that stop (retry, skip), one runner at a time."""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import ledgerflow as lf
+from ledgerflow.projections import Projection, ProjectionRunner, ReadModel, Table, View
+from ledgerflow.store._base import BaseEventStore
+
+from ._adapters import open_adapter
+
+
+@dataclass(frozen=True)
+class Placed:
+    customer: str
+    amount_cents: int
+
+
+@dataclass(frozen=True)
+class Approved:
+    approver: str
+
+
+@dataclass(frozen=True)
+class Cancelled:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Noise:
+    n: int
+
+
+ORDERS = Table(
+    "orders",
+    key="order_id",
+    columns={
+        "order_id": str,
+        "status": str,
+        "customer": str,
+        "amount_cents": int,
+        "approver": str | None,
+        "notes": dict,
+    },
+    indexes=("status", "customer"),
+)
+
+
+def orders_projection(fail_on: set[str] | None = None) -> Projection:
+    p = Projection("orders", tables=[ORDERS])
+
+    @p.on(Placed)
+    def placed(event: lf.RecordedEvent, view: View) -> None:
+        if fail_on and event.stream_id in fail_on:
+            raise ValueError(f"cannot project {event.stream_id}")
+        view.put(
+            ORDERS,
+            {
+                "order_id": event.stream_id,
+                "status": "placed",
+                "customer": event.data.customer,
+                "amount_cents": event.data.amount_cents,
+                "notes": {"placed_at": event.position},
+            },
+        )
+
+    @p.on(Approved)
+    async def approved(event: lf.RecordedEvent, view: View) -> None:
+        row = await view.get(ORDERS, event.stream_id)
+        assert row is not None, "approved before placed"
+        view.update(ORDERS, event.stream_id, status="approved", approver=event.data.approver)
+
+    @p.on("test.cancelled")
+    def cancelled(event: lf.RecordedEvent, view: View) -> None:
+        view.delete(ORDERS, event.stream_id)
+
+    return p
+
+
+@pytest.fixture
+async def ledger(store_url: str) -> Any:
+    registry = lf.EventRegistry()
+    registry.register(Placed, "test.placed")
+    registry.register(Approved, "test.approved")
+    registry.register(Cancelled, "test.cancelled")
+    registry.register(Noise, "test.noise")
+    async with open_adapter(store_url, registry=registry) as store:
+        yield store
+
+
+async def test_a_projection_builds_its_read_model_and_checkpoint(ledger: BaseEventStore) -> None:
+    await ledger.append("o-1", [Placed("acme", 500), Approved("alice")])
+    await ledger.append("o-2", [Placed("bob", 70)])
+    await ledger.append("noise", [Noise(1), Noise(2)])
+    await ledger.append("o-3", [Placed("acme", 900), Cancelled("dup")])
+    projection = orders_projection()
+    runner = ProjectionRunner(ledger, [projection], batch_size=3)
+    assert await runner.catch_up() == 5  # the noise is read past, not handled
+    model = ReadModel(ledger, projection)
+    assert await model.get(ORDERS, "o-1") == {
+        "order_id": "o-1",
+        "status": "approved",
+        "customer": "acme",
+        "amount_cents": 500,
+        "approver": "alice",
+        "notes": {"placed_at": 1},
+    }
+    assert await model.get(ORDERS, "o-3") is None
+    placed = await model.select(ORDERS, where={"status": "placed"})
+    assert [r["order_id"] for r in placed] == ["o-2"]
+    by_amount = await model.select(ORDERS, order_by="amount_cents", descending=True)
+    assert [r["order_id"] for r in by_amount] == ["o-1", "o-2"]
+    assert await model.select(ORDERS, where={"approver": None}) == placed
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.position == await ledger.head_position()
+    assert row.failure is None
+    # Nothing new: nothing applied, the checkpoint stays.
+    assert await runner.catch_up() == 0
+    with pytest.raises(lf.ConfigurationError):
+        await model.select(ORDERS, where={"notes": {}})
+    with pytest.raises(lf.ConfigurationError):
+        await model.select(ORDERS, where={"nope": 1})
+
+
+async def test_writes_and_checkpoint_commit_together_or_not_at_all(
+    ledger: BaseEventStore,
+) -> None:
+    projection = orders_projection()
+    await ledger.append("o-1", [Placed("acme", 500)])
+    await ledger.ensure_tables("orders", [ORDERS])
+    lease = await ledger.claim_projection("orders", "me", now_us=0, until_us=10**12)
+    assert lease is not None
+    write = lf.projections.tables.Put(
+        "orders",
+        ORDERS.check_row(
+            {"order_id": "x", "status": "s", "customer": "c", "amount_cents": 1, "notes": {}}
+        ),
+    )
+    # The checkpoint moved meanwhile (from_position is stale): nothing is written.
+    with pytest.raises(lf.ProjectionLeaseLostError):
+        await ledger.project(
+            lease,
+            projection.tables,
+            from_position=5,
+            to_position=6,
+            event_at_us=None,
+            writes=[write],
+            now_us=1,
+        )
+    assert await ledger.read_model_get("orders", ORDERS, "x") is None
+    assert (await ledger.projection_row("orders")).position == 0  # type: ignore[union-attr]
+    # Another runner took the lease over: the old lease writes nothing.
+    taken = await ledger.claim_projection("orders", "other", now_us=10**12 + 1, until_us=10**13)
+    assert taken is not None
+    assert taken.epoch == lease.epoch + 1
+    with pytest.raises(lf.ProjectionLeaseLostError):
+        await ledger.project(
+            lease,
+            projection.tables,
+            from_position=0,
+            to_position=1,
+            event_at_us=None,
+            writes=[write],
+            now_us=1,
+        )
+    assert await ledger.read_model_get("orders", ORDERS, "x") is None
+    assert not await ledger.renew_projection(lease, until_us=10**14)
+    await ledger.project(
+        taken,
+        projection.tables,
+        from_position=0,
+        to_position=1,
+        event_at_us=7,
+        writes=[write],
+        now_us=2,
+    )
+    assert (await ledger.read_model_get("orders", ORDERS, "x")) is not None
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert (row.position, row.event_at_us, row.owner) == (1, 7, "other")
+
+
+async def test_a_failing_handler_stops_the_projection_until_retried_or_skipped(
+    ledger: BaseEventStore,
+) -> None:
+    await ledger.append("o-1", [Placed("acme", 500)])
+    await ledger.append("o-bad", [Placed("evil", 1)])
+    await ledger.append("o-2", [Placed("bob", 70)])
+    broken = orders_projection(fail_on={"o-bad"})
+    runner = ProjectionRunner(ledger, [broken])
+    assert await runner.catch_up() == 1
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.position == 1  # o-1 committed; stopped before o-bad
+    assert row.failure is not None
+    assert (row.failure.position, row.failure.event_type) == (2, "test.placed")
+    assert row.failure.error_type == "ValueError"
+    assert "cannot project o-bad" in row.failure.message
+    assert await runner.catch_up() == 0  # stays stopped
+    model = ReadModel(ledger, broken)
+    assert [r["order_id"] for r in await model.select(ORDERS)] == ["o-1"]
+    # Retried with the handler still failing: stopped again at the same event.
+    assert await ledger.retry_projection("orders")
+    assert await runner.catch_up() == 0
+    assert (await ledger.projection_row("orders")).failure is not None  # type: ignore[union-attr]
+    assert not await ledger.skip_projection("orders", 3)  # not where it failed
+    assert await ledger.skip_projection("orders", 2)
+    assert await runner.catch_up() == 1
+    assert [r["order_id"] for r in await model.select(ORDERS)] == ["o-1", "o-2"]
+    assert not await ledger.retry_projection("orders")  # nothing to retry
+
+
+async def test_one_runner_at_a_time_and_a_dead_ones_lease_expires(
+    ledger: BaseEventStore,
+) -> None:
+    await ledger.append("o-1", [Placed("acme", 500)])
+    now = [1_000_000]
+    first = ProjectionRunner(ledger, [orders_projection()], owner="first", now_us=lambda: now[0])
+    second = ProjectionRunner(ledger, [orders_projection()], owner="second", now_us=lambda: now[0])
+    assert await first.catch_up() == 1
+    with pytest.raises(lf.ConfigurationError, match="held by another runner"):
+        await second.catch_up()
+    now[0] += 31_000_000  # first's lease (30 s) ran out: it is taken as dead
+    await ledger.append("o-2", [Placed("bob", 70)])
+    assert await second.catch_up() == 1
+    with pytest.raises(lf.ConfigurationError, match="held by another runner"):
+        await first.catch_up()  # it comes back: the projection is second's now
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.owner == "second"
+
+
+async def test_a_running_runner_follows_new_events(ledger: BaseEventStore) -> None:
+    projection = orders_projection()
+    runner = ProjectionRunner(ledger, [projection], poll_interval=0.05)
+    runner.start()
+    try:
+        await ledger.append("o-1", [Placed("acme", 500)])
+        model = ReadModel(ledger, projection)
+        async with asyncio.timeout(20):
+            while await model.get(ORDERS, "o-1") is None:
+                await asyncio.sleep(0.01)
+        await ledger.append("o-1", [Approved("zoe")], expected_version=1)
+        async with asyncio.timeout(20):
+            while (await model.get(ORDERS, "o-1") or {}).get("approver") != "zoe":
+                await asyncio.sleep(0.01)
+    finally:
+        await runner.stop()
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.owner is None  # given back on stop
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["a", "b", "c"]), st.sampled_from(["place", "approve", "cancel"])
+        ),
+        max_size=30,
+    ),
+    st.integers(1, 7),
+)
+def test_the_read_model_is_the_fold_of_the_events(steps: list[tuple[str, str]], batch: int) -> None:
+    asyncio.run(_fold_case(steps, batch))
+
+
+async def _fold_case(steps: list[tuple[str, str]], batch: int) -> None:
+    registry = lf.EventRegistry()
+    registry.register(Placed, "test.placed")
+    registry.register(Approved, "test.approved")
+    registry.register(Cancelled, "test.cancelled")
+    async with open_adapter("memory://", registry=registry) as store:
+        expected: dict[str, dict[str, Any]] = {}
+        for n, (order, action) in enumerate(steps):
+            if action == "place":
+                await store.append(order, [Placed(f"c{n}", n)])
+                expected[order] = {"status": "placed", "amount_cents": n, "approver": None}
+            elif action == "approve" and order in expected:
+                await store.append(order, [Approved(f"u{n}")])
+                expected[order] |= {"status": "approved", "approver": f"u{n}"}
+            elif action == "cancel":
+                await store.append(order, [Cancelled("x")])
+                expected.pop(order, None)
+        projection = orders_projection()
+        await ProjectionRunner(store, [projection], batch_size=batch).catch_up()
+        rows = await ReadModel(store, projection).select(ORDERS, limit=100)
+        got = {
+            r["order_id"]: {k: r[k] for k in ("status", "amount_cents", "approver")} for r in rows
+        }
+        assert got == expected
