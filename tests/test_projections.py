@@ -246,18 +246,23 @@ async def test_a_running_runner_follows_new_events(ledger: BaseEventStore) -> No
     try:
         await ledger.append("o-1", [Placed("acme", 500)])
         model = ReadModel(ledger, projection)
-        async with asyncio.timeout(20):
-            while await model.get(ORDERS, "o-1") is None:
-                await asyncio.sleep(0.01)
+        await until(model, lambda row: row is not None)
         await ledger.append("o-1", [Approved("zoe")], expected_version=1)
-        async with asyncio.timeout(20):
-            while (await model.get(ORDERS, "o-1") or {}).get("approver") != "zoe":
-                await asyncio.sleep(0.01)
+        await until(model, lambda row: (row or {}).get("approver") == "zoe")
     finally:
         await runner.stop()
     row = await ledger.projection_row("orders")
     assert row is not None
     assert row.owner is None  # given back on stop
+
+
+async def until(model: ReadModel, ok: Any) -> None:
+    """Return once order o-1's row satisfies ``ok`` (a hang guard, not a speed bound)."""
+    async with asyncio.timeout(20):
+        while True:
+            if ok(await model.get(ORDERS, "o-1")):
+                return
+            await asyncio.sleep(0.01)
 
 
 @settings(max_examples=25, deadline=None)
