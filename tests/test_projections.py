@@ -224,19 +224,25 @@ async def test_one_runner_at_a_time_and_a_dead_ones_lease_expires(
 ) -> None:
     await ledger.append("o-1", [Placed("acme", 500)])
     now = [1_000_000]
-    first = ProjectionRunner(ledger, [orders_projection()], owner="first", now_us=lambda: now[0])
     second = ProjectionRunner(ledger, [orders_projection()], owner="second", now_us=lambda: now[0])
-    assert await first.catch_up() == 1
+    # A runner "first" holds the projection (and then dies without a word).
+    held = await ledger.claim_projection(
+        "orders", "first", now_us=now[0], until_us=now[0] + 30_000_000
+    )
+    assert held is not None
     with pytest.raises(lf.ConfigurationError, match="held by another runner"):
         await second.catch_up()
-    now[0] += 31_000_000  # first's lease (30 s) ran out: it is taken as dead
-    await ledger.append("o-2", [Placed("bob", 70)])
+    now[0] += 31_000_000  # first's lease ran out: it is taken as dead
     assert await second.catch_up() == 1
-    with pytest.raises(lf.ConfigurationError, match="held by another runner"):
-        await first.catch_up()  # it comes back: the projection is second's now
     row = await ledger.projection_row("orders")
     assert row is not None
-    assert row.owner == "second"
+    assert row.epoch == held.epoch + 1
+    assert row.owner is None  # a one-off catch-up gives it back
+    # first comes back: its lease is gone, so its writes are refused.
+    with pytest.raises(lf.ProjectionLeaseLostError):
+        await ledger.project(
+            held, {}, from_position=0, to_position=1, event_at_us=None, writes=[], now_us=now[0]
+        )
 
 
 async def test_a_running_runner_follows_new_events(ledger: BaseEventStore) -> None:
@@ -303,3 +309,59 @@ async def _fold_case(steps: list[tuple[str, str]], batch: int) -> None:
             r["order_id"]: {k: r[k] for k in ("status", "amount_cents", "approver")} for r in rows
         }
         assert got == expected
+
+
+async def test_retry_and_skip_are_recorded_with_who_and_why(ledger: BaseEventStore) -> None:
+    from ledgerflow.projections import operations
+
+    await ledger.append("o-bad", [Placed("evil", 1)])
+    await ledger.append("o-1", [Placed("acme", 5)])
+    runner = ProjectionRunner(ledger, [orders_projection(fail_on={"o-bad"})])
+    await runner.catch_up()
+    (stopped,) = await operations.status(ledger)
+    assert stopped.failure is not None
+    assert (stopped.position, stopped.behind) == (0, 2)
+    assert stopped.seconds_behind >= 0
+    await operations.retry(ledger, "orders", actor="ops", reason="fixed the data")
+    await runner.catch_up()
+    with pytest.raises(lf.ProjectionNotFailedError, match="position 1, not 2"):
+        await operations.skip(ledger, "orders", reason="bad order", position=2)
+    with pytest.raises(lf.ProjectionNotFailedError, match="reason"):
+        await operations.skip(ledger, "orders", reason=" ")
+    skipped = await operations.skip(ledger, "orders", reason="bad order", actor="ops")
+    assert skipped.position == 1
+    await runner.catch_up()
+    (caught_up,) = await operations.status(ledger, "orders")
+    assert (caught_up.behind, caught_up.failure) == (0, None)
+    record = [e.data for e in await ledger.read_stream("projection-orders")]
+    assert [type(r).__name__ for r in record] == ["ProjectionRetried", "ProjectionSkipped"]
+    assert record[1].reason == "bad order"
+    assert record[1].actor == "ops"
+    assert record[1].event_type == "test.placed"
+    with pytest.raises(lf.ProjectionNotFailedError):
+        await operations.retry(ledger, "orders")
+    with pytest.raises(lf.ProjectionNotFoundError):
+        await operations.status(ledger, "nope")
+
+
+async def test_an_engine_runs_its_projections(engine: Any) -> None:
+    projection = orders_projection()
+    async with engine(projections=[projection]) as running:
+        _register(running.store.registry)
+        await running.store.append("o-1", [Placed("acme", 5)])
+        model = ReadModel(running.store, projection)
+        await until(model, lambda row: row is not None)
+        row = await running.store.projection_row("orders")
+        assert row is not None
+        assert row.owner == running.owner
+    async with engine() as later:
+        row = await later.store.projection_row("orders")
+        assert row is not None
+        assert row.owner is None  # given back when the engine closed
+        assert row.position == 1
+
+
+def _register(registry: lf.EventRegistry) -> None:
+    for cls, name in ((Placed, "test.placed"), (Approved, "test.approved")):
+        if registry.class_of(name) is None:
+            registry.register(cls, name)

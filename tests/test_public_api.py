@@ -6,7 +6,10 @@ import ledgerflow
 
 EXPECTED = {
     "Projection",
+    "ProjectionError",
     "ProjectionLeaseLostError",
+    "ProjectionNotFailedError",
+    "ProjectionNotFoundError",
     "ProjectionRunner",
     "ReadModel",
     "Table",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import importlib
 import json
 import sys
@@ -75,6 +76,11 @@ machines_app = typer.Typer(
     no_args_is_help=True,
 )
 app.add_typer(machines_app, name="machines")
+projections_app = typer.Typer(
+    help="Projections (read models): their checkpoints, lag and failures; retry, skip, query.",
+    no_args_is_help=True,
+)
+app.add_typer(projections_app, name="projections")
 resources_app = typer.Typer(
     help="Guarded resources: breaker state, tokens, permits, and every breaker move.",
     no_args_is_help=True,
@@ -1106,6 +1112,187 @@ def machines_migrate(
     _show_state(state)
 
 
+# -- projections ---------------------------------------------------------------------
+
+
+ProjectionArgument = Annotated[str, typer.Argument(help="The projection's name.")]
+
+
+def _status_json(found: Any) -> dict[str, Any]:
+    failure = found.failure
+    return {
+        "name": found.name,
+        "position": found.position,
+        "head": found.head,
+        "behind": found.behind,
+        "seconds_behind": found.seconds_behind,
+        "owner": found.owner,
+        "failure": None if failure is None else dataclasses.asdict(failure),
+    }
+
+
+@projections_app.command("list")
+def projections_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """Every projection: its checkpoint, how far behind the log it is, its runner,
+    and the event it is stopped at, if any."""
+    from .projections import operations
+
+    found = _call(db, lambda c: operations.status(c.store))
+    if as_json:
+        for item in found:
+            typer.echo(json.dumps(_status_json(item)))
+        return
+    table = Table(title=f"projections of {db}")
+    for column in ("name", "position", "behind", "seconds behind", "runner", "state"):
+        table.add_column(column, overflow="fold")
+    for item in found:
+        failure = item.failure
+        state = (
+            "running"
+            if failure is None
+            else f"STOPPED at {failure.position}: {failure.error_type}: {failure.message}"
+        )
+        table.add_row(
+            escape(item.name),
+            str(item.position),
+            str(item.behind),
+            f"{item.seconds_behind:g}",
+            escape(item.owner or "-"),
+            escape(state),
+        )
+    out.print(table)
+
+
+@projections_app.command("status")
+def projections_status(name: ProjectionArgument, db: DbOption = DEFAULT_DB) -> None:
+    """One projection's checkpoint, lag, runner and failure, as JSON."""
+    from .projections import operations
+
+    (found,) = _call(db, lambda c: operations.status(c.store, name))
+    typer.echo(json.dumps(_status_json(found)))
+
+
+@projections_app.command("retry")
+def projections_retry(
+    name: ProjectionArgument,
+    db: DbOption = DEFAULT_DB,
+    reason: Annotated[str | None, typer.Option(help="Why: recorded with the action.")] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Try the event a projection stopped at again (recorded in projection-NAME)."""
+    from .projections import operations
+
+    failure = _call(db, lambda c: operations.retry(c.store, name, actor=actor, reason=reason))
+    out.print(
+        f"projection {name!r}: the event at position {failure.position} is tried again",
+        markup=False,
+        highlight=False,
+    )
+
+
+@projections_app.command("skip")
+def projections_skip(
+    name: ProjectionArgument,
+    reason: ReasonOption,
+    db: DbOption = DEFAULT_DB,
+    position: Annotated[
+        int | None, typer.Option(min=1, help="The failed event's position, to be sure.")
+    ] = None,
+    actor: ActorOption = None,
+) -> None:
+    """Move a stopped projection past the event it failed at, with a reason (recorded
+    in projection-NAME with who and the event); the event is not applied."""
+    from .projections import operations
+
+    why = _reason(reason)
+    failure = _call(
+        db,
+        lambda c: operations.skip(c.store, name, reason=why, actor=actor, position=position),
+    )
+    out.print(
+        f"projection {name!r}: skipped {failure.event_type} {failure.event_id} at position "
+        f"{failure.position} ({failure.error_type}); it goes on after it",
+        markup=False,
+        highlight=False,
+    )
+
+
+@projections_app.command("query")
+def projections_query(
+    table_name: Annotated[str, typer.Argument(help="The table (of the projection of --app).")],
+    app_target: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            envvar="LEDGERFLOW_APP",
+            help="The projection: module:attribute (a Projection). Env LEDGERFLOW_APP.",
+        ),
+    ],
+    db: DbOption = DEFAULT_DB,
+    where: Annotated[
+        list[str] | None, typer.Option(help="column=value (JSON values; repeat for AND).")
+    ] = None,
+    order_by: Annotated[str | None, typer.Option(help="The column to order by.")] = None,
+    desc: Annotated[bool, typer.Option(help="Descending order.")] = False,
+    limit: Annotated[int, typer.Option(min=1, max=10_000)] = 50,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per row.")] = False,
+) -> None:
+    """Rows of a read-model table, as the projection last committed them."""
+    from .projections import Projection, ReadModel
+
+    projection = _named(app_target, Projection, "a projection (ledgerflow.Projection)")
+    conditions: dict[str, Any] = {}
+    for pair in where or ():
+        column, sep, raw = pair.partition("=")
+        if not sep or not column:
+            _fail(f"--where {pair!r}: expected column=value")
+        try:
+            conditions[column] = json.loads(raw, parse_constant=_not_json)
+        except ValueError:
+            conditions[column] = raw  # a bare word: a string
+    if table_name not in projection.tables:
+        _fail(f"projection {projection.name!r} has no table {table_name!r}")
+
+    async def query(client: WorkflowClient) -> list[dict[str, Any]]:
+        return await ReadModel(client.store, projection).select(
+            table_name, where=conditions, order_by=order_by, descending=desc, limit=limit
+        )
+
+    rows = _call(db, query)
+    if as_json:
+        for row in rows:
+            typer.echo(json.dumps(row))
+        return
+    spec = projection.tables[table_name]
+    table = Table(title=f"{projection.name}.{table_name}: {len(rows)} row(s)")
+    for column in spec.columns:
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(*(escape(_compact(row[c])) if not isinstance(row[c], str) else escape(row[c])
+                        for c in spec.columns))  # fmt: skip
+    out.print(table)
+
+
+def _named(target: str, kind: type[T], what: str) -> T:
+    """The object ``module:attribute`` names, which must be a ``kind``."""
+    module_name, _, attribute = target.partition(":")
+    if not module_name or not attribute:
+        _fail(f"{target!r}: expected module:attribute naming {what}")
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
+    found = getattr(module, attribute, None)
+    if not isinstance(found, kind):
+        _fail(f"{target!r}: expected {what}")
+    return found
+
+
 @app.command("worker")
 def worker(
     app_target: Annotated[
@@ -1163,13 +1350,14 @@ def worker(
         _fail(str(exc))
     if queues and not loaded.steps:
         _fail(f"--queue {' '.join(queues)}: --app {app_target} holds no steps to run")
-    if not queues and not loaded.workflows:
+    if not queues and not loaded.workflows and not loaded.projections:
         _fail(f"--app {app_target} holds steps but no workflows: name the --queue they serve")
     _run(
         lambda: run_worker(
             db,
             loaded.workflows,
             steps=loaded.steps if queues else (),
+            projections=loaded.projections,
             queues=queues,
             task_concurrency=task_concurrency,
             concurrency=concurrency,

@@ -44,6 +44,9 @@ driver type ever crosses the port::
     │   ├── InvalidTransition       an event a state machine does not accept where it is
     │   ├── TransitionFailedError   the activity of a state machine's transition failed
     │   └── MigrationError          a running state machine cannot move to that version
+    ├── ProjectionError             projections (operator actions)
+    │   ├── ProjectionNotFoundError no projection of that name in the ledger
+    │   └── ProjectionNotFailedError retry or skip of a projection not stopped at a failure
     └── ResilienceError             named resilience policies
         ├── InvalidPolicyError      a policy document is wrong; ``field`` names where
         ├── PolicyNotFoundError     no policy of that name in the ledger
@@ -85,7 +88,10 @@ __all__ = [
     "MigrationError",
     "NonDeterminismError",
     "PolicyNotFoundError",
+    "ProjectionError",
     "ProjectionLeaseLostError",
+    "ProjectionNotFailedError",
+    "ProjectionNotFoundError",
     "RecordedValueError",
     "ResilienceError",
     "ResultTooLargeError",
@@ -602,6 +608,25 @@ class WorkflowCancelled(BaseException):
     def __init__(self, reason: str | None = None) -> None:
         super().__init__(reason or "cancelled")
         self.reason = reason
+
+
+class ProjectionError(LedgerflowError):
+    """Projections: an operator action that does not fit the projection's state."""
+
+
+class ProjectionNotFoundError(ProjectionError):
+    def __init__(self, name: str) -> None:
+        super().__init__(f"no projection {name!r} in this ledger (has a runner started it?)")
+        self.name = name
+
+
+class ProjectionNotFailedError(ProjectionError):
+    """Retry or skip of a projection that is not stopped at a failed event (or not at
+    the one named)."""
+
+    def __init__(self, name: str, detail: str = "it is not stopped at a failed event") -> None:
+        super().__init__(f"projection {name!r}: {detail}")
+        self.name = name
 
 
 class ResilienceError(LedgerflowError):

@@ -108,7 +108,8 @@ class ProjectionRunner:
     async def catch_up(self, projection: Projection | str | None = None) -> int:
         """Apply what is in the log now to one projection (or every one), here and
         at once, without the background tasks (tests, scripts, a CLI's rebuild);
-        the events applied. Takes the projection's lease like a runner."""
+        the events applied. Takes the projection's lease like a runner, and gives it
+        back when done unless this runner's tasks run the projection."""
         chosen = [
             p
             for p in self.projections
@@ -118,15 +119,21 @@ class ProjectionRunner:
             raise ConfigurationError(f"no projection {projection!r} here")
         applied = 0
         for p in chosen:
+            running = p.name in self._leases and bool(self._tasks)
             lease = await self._claim(p)
             if lease is None:
                 raise ConfigurationError(f"projection {p.name!r} is held by another runner")
-            while True:
-                count, more = await self._batch(p, lease)
-                applied += count
-                if not more:
-                    break
-                lease = self._leases[p.name]
+            try:
+                while True:
+                    count, more = await self._batch(p, lease)
+                    applied += count
+                    if not more:
+                        break
+            finally:
+                if not running:  # a one-off: the lease goes back at once
+                    self._leases.pop(p.name, None)
+                    with contextlib.suppress(StoreUnavailableError, StoreClosedError):
+                        await self.store.release_projection(lease)
         return applied
 
     # -- one projection ---------------------------------------------------------------

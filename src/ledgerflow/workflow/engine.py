@@ -36,6 +36,8 @@ from ..errors import (
     WorkflowError,
 )
 from ..hashing import from_micros
+from ..projections.definition import Projection
+from ..projections.runner import ProjectionRunner
 from ..registry import EventRegistry
 from ..resilience.book import REFRESH_S
 from ..resilience.guards import Guards
@@ -107,6 +109,10 @@ class Engine(WorkflowClient):
     ``ledgerflow policy set``) outlive a deploy. Every engine on the store uses the
     version in force, checked at most every ``policy_refresh`` seconds.
 
+    ``projections`` are run here too (``ledgerflow.Projection``): each is followed by
+    one runner at a time across every engine on the store (a lease, renewed while this
+    engine lives), its read-model writes and checkpoint committed together.
+
     ``workflows`` may hold state machines (``ledgerflow.Machine``) too: they run on
     the same claims, leases, timers, queues and policies. Each is verified when
     registered: ``verify_machines="refuse"`` (the default) refuses one with
@@ -133,6 +139,7 @@ class Engine(WorkflowClient):
         policies: Mapping[str, Policy] | None = None,
         policy_refresh: float = REFRESH_S,
         verify_machines: str = "refuse",
+        projections: Sequence[Projection] = (),
     ) -> None:
         if concurrency < 1:
             raise ConfigurationError("Engine concurrency must be >= 1")
@@ -220,6 +227,17 @@ class Engine(WorkflowClient):
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
         self._host = EngineHost(self)
+        self.projections: ProjectionRunner | None = None
+        """The runner of ``projections`` (None without them)."""
+        if projections:
+            self.projections = ProjectionRunner(
+                self.store,
+                projections,
+                owner=self.owner,
+                lease=lease,
+                poll_interval=poll_interval,
+                now_us=self._now_us,
+            )
         self._tasks: TaskRunner | None = None
         if self.queues:
             self._tasks = TaskRunner(
@@ -287,6 +305,8 @@ class Engine(WorkflowClient):
         self._heartbeat = asyncio.create_task(self._renew(), name="ledgerflow-heartbeat")
         if self._tasks is not None:
             self._tasks.start()
+        if self.projections is not None:
+            self.projections.start()
 
     async def close(self, *, grace: float = 5.0) -> None:
         """Stop claiming work, let running passes finish (up to ``grace`` seconds),
@@ -302,7 +322,9 @@ class Engine(WorkflowClient):
         await self._membership.beat(self._now_us())
         if self._scheduler is not None:
             await self._scheduler
-        await asyncio.gather(self._finish_passes(grace), self._stop_tasks(grace))
+        await asyncio.gather(
+            self._finish_passes(grace), self._stop_tasks(grace), self._stop_projections()
+        )
         if self._heartbeat is not None:
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
@@ -324,6 +346,10 @@ class Engine(WorkflowClient):
         if active:
             _, pending = await asyncio.wait(active, timeout=grace)
             await cancel_and_wait(pending)
+
+    async def _stop_projections(self) -> None:
+        if self.projections is not None:
+            await self.projections.stop()
 
     async def _stop_tasks(self, grace: float) -> None:
         if self._tasks is not None:

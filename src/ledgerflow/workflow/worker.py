@@ -16,11 +16,12 @@ import importlib
 import logging
 import signal
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..projections.definition import Projection
 from ..statemachine.definition import Machine
 from .definition import _STEP_ATTR, StepOptions, WorkflowDefinition
 from .engine import Engine
@@ -38,6 +39,7 @@ class App:
 
     workflows: list[Definition]
     steps: list[Any]
+    projections: list[Projection] = field(default_factory=list)
 
 
 def _is_step(value: Any) -> bool:
@@ -66,10 +68,16 @@ def load_app(target: str) -> App:
             ) from None
         # Named explicitly, a plain function is a step too (its name: its qualified
         # name, as ctx.step gives it).
-        single = _is_definition(found) or _is_step(found) or callable(found)
+        single = (
+            _is_definition(found)
+            or isinstance(found, Projection)
+            or _is_step(found)
+            or callable(found)
+        )
         candidates = [found] if single else found
         if not isinstance(candidates, Sequence) or not all(
-            _is_definition(c) or _is_step(c) or callable(c) for c in candidates
+            _is_definition(c) or isinstance(c, Projection) or _is_step(c) or callable(c)
+            for c in candidates
         ):
             raise ConfigurationError(
                 f"--app {target!r}: expected a workflow, a state machine, a step or a list "
@@ -81,13 +89,15 @@ def load_app(target: str) -> App:
             v
             for v in vars(module).values()
             if _is_definition(v)
+            or isinstance(v, Projection)
             or (_is_step(v) and getattr(v, "__module__", None) == module.__name__)
         ]
     workflows = [v for v in values if _is_definition(v)]
-    steps = [v for v in values if not _is_definition(v)]
+    projections = [v for v in values if isinstance(v, Projection)]
+    steps = [v for v in values if not _is_definition(v) and not isinstance(v, Projection)]
     if not values:
-        raise ConfigurationError(f"--app {target!r}: no workflows or steps found")
-    return App(workflows, steps)
+        raise ConfigurationError(f"--app {target!r}: no workflows, projections or steps found")
+    return App(workflows, steps, projections)
 
 
 def _is_definition(value: Any) -> bool:
@@ -107,6 +117,7 @@ async def run_worker(
     workflows: Sequence[Definition],
     *,
     steps: Sequence[Any] = (),
+    projections: Sequence[Projection] = (),
     queues: Sequence[str] = (),
     task_concurrency: int = 16,
     concurrency: int = 200,
@@ -135,6 +146,7 @@ async def run_worker(
         queues=queues,
         steps=steps,
         task_concurrency=task_concurrency,
+        projections=projections,
     )
     try:
         await engine.open()
