@@ -1127,6 +1127,8 @@ def _status_json(found: Any) -> dict[str, Any]:
         "behind": found.behind,
         "seconds_behind": found.seconds_behind,
         "owner": found.owner,
+        "generation": found.generation,
+        "rebuild": None if found.rebuild is None else dataclasses.asdict(found.rebuild),
         "failure": None if failure is None else dataclasses.asdict(failure),
     }
 
@@ -1155,6 +1157,11 @@ def projections_list(
             if failure is None
             else f"STOPPED at {failure.position}: {failure.error_type}: {failure.message}"
         )
+        if item.rebuild is not None:
+            state += (
+                f"; rebuilding generation {item.rebuild.generation} "
+                f"({item.rebuild.position}/{item.head})"
+            )
         table.add_row(
             escape(item.name),
             str(item.position),
@@ -1215,6 +1222,28 @@ def projections_skip(
     out.print(
         f"projection {name!r}: skipped {failure.event_type} {failure.event_id} at position "
         f"{failure.position} ({failure.error_type}); it goes on after it",
+        markup=False,
+        highlight=False,
+    )
+
+
+@projections_app.command("rebuild")
+def projections_rebuild(
+    name: ProjectionArgument,
+    reason: ReasonOption,
+    db: DbOption = DEFAULT_DB,
+    actor: ActorOption = None,
+) -> None:
+    """Build a projection's read model anew from position 0 into fresh tables, while
+    its runner goes on; queries read the old tables until the new ones have caught up
+    and are swapped in (recorded in projection-NAME with who and why)."""
+    from .projections import operations
+
+    why = _reason(reason)
+    planned = _call(db, lambda c: operations.rebuild(c.store, name, reason=why, actor=actor))
+    out.print(
+        f"projection {name!r}: rebuilding into generation {planned.generation}; its runner "
+        "swaps it in once caught up",
         markup=False,
         highlight=False,
     )

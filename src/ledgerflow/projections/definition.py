@@ -37,8 +37,13 @@ Handler = Callable[[RecordedEvent, "View"], Awaitable[None] | None]
 class Projection:
     """A read model built from the ledger: see the module docstring."""
 
-    def __init__(self, name: str, *, tables: Iterable[Table] = ()) -> None:
+    def __init__(self, name: str, *, tables: Iterable[Table] = (), version: int = 1) -> None:
         self.name = check_name(name, "projection name")
+        if not isinstance(version, int) or version < 1:
+            raise ConfigurationError(f"projection {name!r}: version must be an int >= 1")
+        self.version = version
+        """Bump it when handlers or tables change: runners then rebuild the read model
+        from position 0 into fresh tables, and swap them in once caught up."""
         self.tables: dict[str, Table] = {}
         for table in tables:
             if table.name in self.tables:

@@ -5,6 +5,9 @@
   its failure, if stopped.
 - ``retry``: clear the failure; the runner tries the event again.
 - ``skip``: move the checkpoint past the failed event, with a reason.
+- ``rebuild``: build the read model anew from position 0 into fresh tables, swapped
+  in once caught up (a projection whose ``version`` changed is rebuilt by its runner
+  without asking).
 
 Both actions are recorded first in the ledger stream ``projection-<name>``
 (``ProjectionRetried``, ``ProjectionSkipped``: who, why, which event), then applied:
@@ -25,16 +28,18 @@ from ..events import Metadata
 from ..hashing import to_micros
 from ..registry import EventRegistry
 from ..resilience.book import default_actor
-from .state import ProjectionFailure, ProjectionRow
+from .state import ProjectionFailure, ProjectionRow, Rebuild
 
 if TYPE_CHECKING:
     from ..store import WorkflowStore
 
 __all__ = [
+    "ProjectionRebuildRequested",
     "ProjectionRetried",
     "ProjectionSkipped",
     "ProjectionStatus",
     "projection_registry",
+    "rebuild",
     "retry",
     "skip",
     "status",
@@ -52,6 +57,13 @@ class ProjectionRetried(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
+class ProjectionRebuildRequested(msgspec.Struct, frozen=True, kw_only=True):
+    generation: int
+    version: int
+    actor: str
+    reason: str
+
+
 class ProjectionSkipped(msgspec.Struct, frozen=True, kw_only=True):
     position: int
     event_id: str
@@ -66,6 +78,7 @@ def projection_registry(registry: EventRegistry) -> EventRegistry:
     for cls, name in (
         (ProjectionRetried, "projection.retried"),
         (ProjectionSkipped, "projection.skipped"),
+        (ProjectionRebuildRequested, "projection.rebuild_requested"),
     ):
         if registry.class_of(name) is None:
             registry.register(cls, name)
@@ -85,6 +98,9 @@ class ProjectionStatus:
     owner: str | None
     lease_until_us: int | None
     failure: ProjectionFailure | None
+    generation: int = 0
+    rebuild: Rebuild | None = None
+    """A generation under way (queries read the live one until it has caught up)."""
 
 
 async def status(store: WorkflowStore, name: str | None = None) -> list[ProjectionStatus]:
@@ -112,9 +128,36 @@ async def status(store: WorkflowStore, name: str | None = None) -> list[Projecti
                 row.owner,
                 row.lease_until_us,
                 row.failure,
+                row.generation,
+                row.rebuild,
             )
         )
     return found
+
+
+async def rebuild(
+    store: WorkflowStore, name: str, *, reason: str, actor: str | None = None
+) -> Rebuild:
+    """Build the projection's read model anew from position 0 into fresh tables; its
+    runner swaps them in once caught up (queries read the old ones until then)."""
+    if not reason or not reason.strip():
+        raise ProjectionNotFailedError(name, "a rebuild needs a reason (it is recorded)")
+    row = await store.projection_row(name)
+    if row is None:
+        raise ProjectionNotFoundError(name)
+    who = actor or default_actor()
+    projection_registry(store.registry)
+    planned = row.rebuild or Rebuild(row.generation + 1, row.version, 0)
+    await store.append(
+        STREAM_PREFIX + name,
+        [
+            ProjectionRebuildRequested(
+                generation=planned.generation, version=planned.version, actor=who, reason=reason
+            )
+        ],
+        metadata=Metadata(actor=who, reason=reason),
+    )
+    return await store.begin_rebuild(name, version=row.version)
 
 
 async def _failed(store: WorkflowStore, name: str) -> tuple[ProjectionRow, ProjectionFailure]:

@@ -80,6 +80,8 @@ class ProjectionRunner:
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = asyncio.Event()
         self._leases: dict[str, ProjectionLease] = {}
+        self._made: set[tuple[str, int]] = set()
+        """(projection, generation) whose tables this runner made sure of."""
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -168,10 +170,19 @@ class ProjectionRunner:
         )
         if lease is None:
             return None
-        if projection.name not in self._leases:
-            await self.store.ensure_tables(projection.name, list(projection.tables.values()))
         self._leases[projection.name] = lease
         return lease
+
+    async def _tables(self, projection: Projection, generation: int) -> None:
+        if (projection.name, generation) in self._made:
+            return
+        await self.store.ensure_tables(
+            projection.name,
+            list(projection.tables.values()),
+            generation=generation,
+            version=projection.version,
+        )
+        self._made.add((projection.name, generation))
 
     async def _run(self, projection: Projection) -> None:
         """Batches while the lease holds; the lease is renewed every third of it."""
@@ -198,11 +209,32 @@ class ProjectionRunner:
         row = await self.store.projection_row(projection.name)
         if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+        await self._tables(projection, row.generation)
+        if row.version == 0:  # made just now by this runner's version
+            row = await self.store.projection_row(projection.name) or row
         if row.failure is not None:
             return 0, False  # stopped at a failed event until an operator acts
-        position = row.position
+        if row.rebuild is None and row.version != projection.version:
+            # New code: its read model is built anew beside the old one, which queries
+            # keep reading until the new one has caught up.
+            rebuild = await self.store.begin_rebuild(projection.name, version=projection.version)
+            log.info(
+                "projection %s: version %d -> %d, rebuilding into generation %d",
+                projection.name,
+                row.version,
+                projection.version,
+                rebuild.generation,
+            )
+            row = await self.store.projection_row(projection.name) or row
+        rebuilding = row.rebuild is not None
+        generation = row.rebuild.generation if row.rebuild is not None else row.generation
+        position = row.rebuild.position if row.rebuild is not None else row.position
+        await self._tables(projection, generation)
         events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
         if not events:
+            if rebuilding:
+                await self._finish(projection, lease, generation, position)
+                return 0, True
             return 0, False
 
         async def read(table: str, key: Any) -> dict[str, Any] | None:
@@ -234,6 +266,8 @@ class ProjectionRunner:
                 event_at_us=event_at,
                 writes=view.writes,
                 now_us=now,
+                generation=generation,
+                rebuild=rebuilding,
             )
         if failure is not None:
             await self.store.fail_projection(lease, failure, now_us=now)
@@ -247,7 +281,26 @@ class ProjectionRunner:
                 failure.message,
             )
             return applied, False
-        return applied, len(events) == self.batch_size
+        more = len(events) == self.batch_size
+        if rebuilding and not more:
+            # Within a batch of the head: the new generation goes live now (its cursor
+            # becomes the checkpoint: what came meanwhile is the next batch's).
+            await self._finish(projection, lease, generation, last)
+            return applied, True
+        return applied, more
+
+    async def _finish(
+        self, projection: Projection, lease: ProjectionLease, generation: int, position: int
+    ) -> None:
+        await self.store.finish_rebuild(
+            lease, list(projection.tables.values()), now_us=self._now_us()
+        )
+        log.info(
+            "projection %s: generation %d caught up at position %d; it is live",
+            projection.name,
+            generation,
+            position,
+        )
 
     async def _pause(self, seconds: float, wake: asyncio.Event | None = None) -> None:
         waits = [asyncio.ensure_future(self._stopping.wait())]

@@ -1,10 +1,11 @@
-"""What the store keeps of a projection: its checkpoint, lease and failure."""
+"""What the store keeps of a projection: its checkpoint, lease, failure, and the
+generation of its tables (and the one a rebuild is making)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["ProjectionFailure", "ProjectionLease", "ProjectionRow"]
+__all__ = ["ProjectionFailure", "ProjectionLease", "ProjectionRow", "Rebuild"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,3 +41,18 @@ class ProjectionRow:
     failure: ProjectionFailure | None
     failed_at_us: int | None
     updated_at_us: int
+    generation: int = 0
+    """The tables' generation queries read (a rebuild makes the next one)."""
+    version: int = 0
+    """The projection's version the live generation was built by."""
+    rebuild: Rebuild | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Rebuild:
+    """A generation being built from position 0 beside the live one; it replaces it
+    once it has caught up with the log."""
+
+    generation: int
+    version: int
+    position: int

@@ -31,18 +31,19 @@ __all__ = [
 
 ColumnKind = Literal["text", "integer", "real", "boolean", "json"]
 
-_NAME = re.compile(r"^[a-z][a-z0-9_]{0,23}$")
+_NAME = re.compile(r"^(?=.{1,24}$)[a-z](?:_?[a-z0-9])*$")
 _KINDS: dict[Any, ColumnKind] = {str: "text", int: "integer", float: "real", bool: "boolean"}
 _INT64 = (-(2**63), 2**63 - 1)
 
 
 def check_name(name: object, what: str) -> str:
-    """A lower-case identifier of at most 24 characters (it becomes part of a table's
+    """A lower-case identifier of at most 24 characters, without ``__`` (names are
+    joined with it into a table's
     name in SQL)."""
     if not isinstance(name, str) or not _NAME.match(name):
         raise ConfigurationError(
-            f"{what} {name!r} must be a lower-case identifier (a-z, 0-9, _; starting "
-            "with a letter; at most 24 characters)"
+            f"{what} {name!r} must be a lower-case identifier (a-z, 0-9 and single _ "
+            "between them; starting with a letter; at most 24 characters)"
         )
     return name
 

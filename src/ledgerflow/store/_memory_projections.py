@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from ..errors import ProjectionLeaseLostError
+from ..projections.state import Rebuild
 from ..projections.tables import Patch, Put, Remove, Table, TableWrite
 from ._projections import ProjectionFailure, ProjectionLease, ProjectionRow, physical_name
 
@@ -25,19 +26,45 @@ class MemoryProjections:
         self._projections = {}
         self._read_models = {}
 
-    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
-        self._projections.setdefault(
-            projection, ProjectionRow(projection, 0, None, None, 0, None, None, None, 0)
-        )
+    async def _ensure_tables(
+        self, projection: str, tables: Sequence[Table], generation: int, version: int
+    ) -> None:
+        row = self._projections.setdefault(projection, _new(projection))
+        if row.version == 0:
+            self._projections[projection] = replace(row, version=version)
         for table in tables:
-            self._read_models.setdefault(physical_name(projection, table.name), {})
+            self._read_models.setdefault(physical_name(projection, table.name, generation), {})
+
+    async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
+        row = self._projections.setdefault(name, _new(name))
+        if row.rebuild is not None:
+            return row.rebuild
+        rebuild = Rebuild(row.generation + 1, version, 0)
+        self._projections[name] = replace(row, rebuild=rebuild)
+        return rebuild
+
+    async def _finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], now_us: int
+    ) -> None:
+        row = self._holds(lease)
+        if row is None or row.rebuild is None or row.failure is not None:
+            raise ProjectionLeaseLostError(lease.name, lease.owner, lease.epoch, "lease lost")
+        for table in tables:
+            self._read_models.pop(physical_name(lease.name, table.name, row.generation), None)
+        rebuilt = row.rebuild
+        self._projections[lease.name] = replace(
+            row,
+            generation=rebuilt.generation,
+            version=rebuilt.version,
+            position=rebuilt.position,
+            rebuild=None,
+            updated_at_us=now_us,
+        )
 
     async def _claim_projection(
         self, name: str, owner: str, now_us: int, until_us: int
     ) -> ProjectionLease | None:
-        row = self._projections.setdefault(
-            name, ProjectionRow(name, 0, None, None, 0, None, None, None, 0)
-        )
+        row = self._projections.setdefault(name, _new(name))
         held = row.owner is not None and row.lease_until_us is not None
         if held and row.owner != owner and (row.lease_until_us or 0) >= now_us:
             return None
@@ -67,6 +94,8 @@ class MemoryProjections:
         self,
         lease: ProjectionLease,
         tables: Mapping[str, Table],
+        generation: int,
+        rebuild: bool,
         from_position: int,
         to_position: int,
         event_at_us: int | None,
@@ -76,14 +105,21 @@ class MemoryProjections:
         row = self._holds(lease)
         if row is None:
             raise ProjectionLeaseLostError(lease.name, lease.owner, lease.epoch, "lease lost")
-        if row.position != from_position or row.failure is not None:
+        cursor = row.rebuild.position if rebuild and row.rebuild is not None else row.position
+        expected = row.rebuild.generation if rebuild and row.rebuild is not None else row.generation
+        if (
+            cursor != from_position
+            or row.failure is not None
+            or (rebuild and row.rebuild is None)
+            or expected != generation
+        ):
             raise ProjectionLeaseLostError(
                 lease.name, lease.owner, lease.epoch, "its checkpoint moved meanwhile"
             )
         # All or nothing: applied to copies, swapped in at the end.
         touched: dict[str, dict[Any, dict[str, Any]]] = {}
         for write in writes:
-            name = physical_name(lease.name, write.table)
+            name = physical_name(lease.name, write.table, generation)
             rows = touched.get(name)
             if rows is None:
                 rows = touched[name] = copy.deepcopy(self._read_models.setdefault(name, {}))
@@ -96,6 +132,11 @@ class MemoryProjections:
             elif isinstance(write, Remove):
                 rows.pop(write.key, None)
         self._read_models.update(touched)
+        if rebuild and row.rebuild is not None:
+            self._projections[lease.name] = replace(
+                row, rebuild=replace(row.rebuild, position=to_position), updated_at_us=now_us
+            )
+            return
         self._projections[lease.name] = replace(
             row,
             position=to_position,
@@ -124,6 +165,14 @@ class MemoryProjections:
         row = self._projections.get(name)
         if row is None or row.failure is None or row.failure.position != position:
             return False
+        if row.rebuild is not None:
+            self._projections[name] = replace(
+                row,
+                rebuild=replace(row.rebuild, position=position),
+                failure=None,
+                failed_at_us=None,
+            )
+            return True
         self._projections[name] = replace(row, position=position, failure=None, failed_at_us=None)
         return True
 
@@ -134,9 +183,11 @@ class MemoryProjections:
         return [self._projections[n] for n in sorted(self._projections)]
 
     async def _read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, generation: int
     ) -> dict[str, Any] | None:
-        found = self._read_models.get(physical_name(projection, table.name), {}).get(key)
+        found = self._read_models.get(physical_name(projection, table.name, generation), {}).get(
+            key
+        )
         return None if found is None else copy.deepcopy(found)
 
     async def _read_model_select(
@@ -148,10 +199,12 @@ class MemoryProjections:
         descending: bool,
         limit: int,
         offset: int,
+        generation: int,
     ) -> list[dict[str, Any]]:
+        stored = self._read_models.get(physical_name(projection, table.name, generation), {})
         rows = [
             r
-            for r in self._read_models.get(physical_name(projection, table.name), {}).values()
+            for r in stored.values()
             if all(r.get(c) == v if v is not None else r.get(c) is None for c, v in where.items())
         ]
         column = order_by or table.key
@@ -164,3 +217,7 @@ class MemoryProjections:
 
         rows.sort(key=order, reverse=descending)
         return [copy.deepcopy(r) for r in rows[offset : offset + limit]]
+
+
+def _new(name: str) -> ProjectionRow:
+    return ProjectionRow(name, 0, None, None, 0, None, None, None, 0)

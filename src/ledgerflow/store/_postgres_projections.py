@@ -17,6 +17,7 @@ from psycopg.abc import Params
 from psycopg.rows import TupleRow
 
 from ..errors import ProjectionLeaseLostError, StoreError
+from ..projections.state import Rebuild
 from ..projections.tables import Table, TableWrite
 from ._migrations import Migration
 from ._projections import (
@@ -54,7 +55,12 @@ def projection_migration(schema: str) -> Migration:
                 error_type text,
                 error_message text,
                 failed_at bigint,
-                updated_at bigint NOT NULL DEFAULT 0
+                updated_at bigint NOT NULL DEFAULT 0,
+                generation bigint NOT NULL DEFAULT 0,
+                version bigint NOT NULL DEFAULT 0,
+                rebuild_generation bigint,
+                rebuild_version bigint,
+                rebuild_position bigint
             )""",
         ),
     )
@@ -75,21 +81,17 @@ class PostgresProjections(abc.ABC):
         self, action: str, fn: Callable[[Connection], Awaitable[T]], *, flushed: bool = True
     ) -> T: ...
 
-    def _model_sql(self, projection: str, table: Table) -> ReadModelSql:
+    def _model_sql(self, projection: str, table: Table, generation: int) -> ReadModelSql:
         return ReadModelSql(
-            "postgres", f"{self.schema}.{physical_name(projection, table.name)}", table
+            "postgres", f"{self.schema}.{physical_name(projection, table.name, generation)}", table
         )
 
-    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
+    async def _ensure_tables(
+        self, projection: str, tables: Sequence[Table], generation: int, version: int
+    ) -> None:
         s = self.schema
-        statements = [
-            statement
-            for table in tables
-            for statement in (
-                self._model_sql(projection, table).create,
-                *self._model_sql(projection, table).indexes,
-            )
-        ]
+        models = [self._model_sql(projection, t, generation) for t in tables]
+        statements = [statement for m in models for statement in (m.create, *m.indexes)]
 
         async def create(conn: Connection) -> None:
             # Runners of one projection may start together: their DDL takes turns.
@@ -98,10 +100,68 @@ class PostgresProjections(abc.ABC):
                 f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING",
                 (projection,),
             )
+            await conn.execute(
+                f"UPDATE {s}.projections SET version = %s WHERE name = %s AND version = 0",
+                (version, projection),
+            )
             for statement in statements:
                 await conn.execute(statement)
 
         await self._transaction("create read-model tables", create)
+
+    async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
+        s = self.schema
+
+        async def begin(conn: Connection) -> Rebuild:
+            await conn.execute(
+                f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING", (name,)
+            )
+            await conn.execute(
+                f"UPDATE {s}.projections SET rebuild_generation = generation + 1, "
+                "rebuild_version = %s, rebuild_position = 0 WHERE name = %s "
+                "AND rebuild_generation IS NULL",
+                (version, name),
+            )
+            cur = await conn.execute(
+                f"SELECT rebuild_generation, rebuild_version, rebuild_position "
+                f"FROM {s}.projections WHERE name = %s",
+                (name,),
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return Rebuild(int(row[0]), int(row[1]), int(row[2]))
+
+        return await self._transaction("begin a projection's rebuild", begin)
+
+    async def _finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], now_us: int
+    ) -> None:
+        s = self.schema
+
+        async def finish(conn: Connection) -> None:
+            cur = await conn.execute(
+                f"SELECT generation FROM {s}.projections WHERE name = %s AND owner = %s "
+                "AND epoch = %s AND rebuild_generation IS NOT NULL AND failed_position IS NULL "
+                "FOR UPDATE",
+                (lease.name, lease.owner, lease.epoch),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                raise ProjectionLeaseLostError(
+                    lease.name, lease.owner, lease.epoch, "lease lost or no rebuild"
+                )
+            for table in tables:
+                old = physical_name(lease.name, table.name, int(row[0]))
+                await conn.execute(f"DROP TABLE IF EXISTS {s}.{old}")
+            await conn.execute(
+                f"UPDATE {s}.projections SET generation = rebuild_generation, "
+                "version = rebuild_version, position = rebuild_position, "
+                "rebuild_generation = NULL, rebuild_version = NULL, rebuild_position = NULL, "
+                "updated_at = %s WHERE name = %s",
+                (now_us, lease.name),
+            )
+
+        await self._transaction("finish a projection's rebuild", finish)
 
     async def _claim_projection(
         self, name: str, owner: str, now_us: int, until_us: int
@@ -154,32 +214,48 @@ class PostgresProjections(abc.ABC):
         self,
         lease: ProjectionLease,
         tables: Mapping[str, Table],
+        generation: int,
+        rebuild: bool,
         from_position: int,
         to_position: int,
         event_at_us: int | None,
         writes: Sequence[TableWrite],
         now_us: int,
     ) -> None:
-        models = {name: self._model_sql(lease.name, t) for name, t in tables.items()}
+        models = {name: self._model_sql(lease.name, t, generation) for name, t in tables.items()}
         statements = [models[w.table].write(w) for w in writes]
-        checkpoint = (
-            f"UPDATE {self.schema}.projections SET position = %s, "
-            "event_at = coalesce(%s, event_at), updated_at = %s WHERE name = %s AND owner = %s "
-            "AND epoch = %s AND position = %s AND failed_position IS NULL RETURNING 1"
-        )
+        s = self.schema
+        checkpoint: str
+        params: tuple[Any, ...]
+        if rebuild:
+            checkpoint = (
+                f"UPDATE {s}.projections SET rebuild_position = %s, updated_at = %s "
+                "WHERE name = %s AND owner = %s AND epoch = %s AND rebuild_position = %s "
+                "AND rebuild_generation = %s AND failed_position IS NULL RETURNING 1"
+            )
+            params = (
+                to_position, now_us, lease.name, lease.owner, lease.epoch, from_position,
+                generation,
+            )  # fmt: skip
+        else:
+            checkpoint = (
+                f"UPDATE {s}.projections SET position = %s, event_at = coalesce(%s, event_at), "
+                "updated_at = %s WHERE name = %s AND owner = %s AND epoch = %s AND position = %s "
+                "AND generation = %s AND failed_position IS NULL RETURNING 1"
+            )
+            params = (
+                to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
+                from_position, generation,
+            )  # fmt: skip
 
         async def project(conn: Connection) -> None:
-            cur = await conn.execute(
-                checkpoint,
-                (to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
-                 from_position),
-            )  # fmt: skip
+            cur = await conn.execute(checkpoint, params)
             if await cur.fetchone() is None:
                 raise ProjectionLeaseLostError(
                     lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
                 )
-            for sql, params in statements:
-                await conn.execute(sql, params)
+            for sql, values in statements:
+                await conn.execute(sql, values)
 
         await self._transaction("apply a projection's batch", project)
 
@@ -210,10 +286,13 @@ class PostgresProjections(abc.ABC):
     async def _skip_projection(self, name: str, position: int) -> bool:
         rows = await self._fetch(
             "skip a projection's event",
-            f"UPDATE {self.schema}.projections SET position = %s, failed_position = NULL, "
-            "failed_event = NULL, failed_type = NULL, error_type = NULL, error_message = NULL, "
-            "failed_at = NULL WHERE name = %s AND failed_position = %s RETURNING 1",
-            (position, name, position),
+            f"UPDATE {self.schema}.projections SET "
+            "position = CASE WHEN rebuild_generation IS NULL THEN %(p)s ELSE position END, "
+            "rebuild_position = CASE WHEN rebuild_generation IS NULL THEN NULL ELSE %(p)s END, "
+            "failed_position = NULL, failed_event = NULL, failed_type = NULL, error_type = NULL, "
+            "error_message = NULL, failed_at = NULL WHERE name = %(n)s AND failed_position = %(p)s "
+            "RETURNING 1",
+            {"p": position, "n": name},
         )
         return len(rows) == 1
 
@@ -234,9 +313,9 @@ class PostgresProjections(abc.ABC):
         return [projection_row(r) for r in rows]
 
     async def _read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, generation: int
     ) -> dict[str, Any] | None:
-        model = self._model_sql(projection, table)
+        model = self._model_sql(projection, table, generation)
         rows = await self._read_model("read a read-model row", model.get, (key,))
         return model.decode_row(rows[0]) if rows else None
 
@@ -249,8 +328,9 @@ class PostgresProjections(abc.ABC):
         descending: bool,
         limit: int,
         offset: int,
+        generation: int,
     ) -> list[dict[str, Any]]:
-        model = self._model_sql(projection, table)
+        model = self._model_sql(projection, table, generation)
         sql, params = model.select(where, order_by, descending)
         rows = await self._read_model("query a read model", sql, [*params, limit, offset])
         return [model.decode_row(r) for r in rows]

@@ -18,7 +18,7 @@ from typing import Any, Literal
 import msgspec
 
 from ..errors import ConfigurationError
-from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow
+from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow, Rebuild
 from ..projections.tables import Column, Patch, Put, Remove, Table, TableWrite, check_name
 
 __all__ = [
@@ -31,9 +31,11 @@ __all__ = [
 ]
 
 
-def physical_name(projection: str, table: str) -> str:
-    """The table's name in the database (checked parts: see ``check_name``)."""
-    return f"rm_{check_name(projection, 'projection name')}_{check_name(table, 'table name')}"
+def physical_name(projection: str, table: str, generation: int = 0) -> str:
+    """The table's name in the database: ``rm_<projection>__<table>``, and
+    ``__g<n>`` after it from the first rebuild on (checked names hold no ``__``)."""
+    base = f"rm_{check_name(projection, 'projection name')}__{check_name(table, 'table name')}"
+    return base if generation == 0 else f"{base}__g{generation}"
 
 
 class ProjectionStore(abc.ABC):
@@ -42,11 +44,28 @@ class ProjectionStore(abc.ABC):
     @abc.abstractmethod
     def _check_open(self) -> None: ...
 
-    async def ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
-        """Create the projection's row and its tables (and indexes) if missing."""
+    async def ensure_tables(
+        self, projection: str, tables: Sequence[Table], *, generation: int = 0, version: int = 1
+    ) -> None:
+        """Create the projection's row and the tables (and indexes) of ``generation``
+        if missing; a new row's live generation is ``version``'s."""
         self._check_open()
         check_name(projection, "projection name")
-        await self._ensure_tables(projection, tables)
+        await self._ensure_tables(projection, tables, generation, version)
+
+    async def begin_rebuild(self, name: str, *, version: int) -> Rebuild:
+        """Start building the next generation of the projection's tables from position
+        0, by ``version`` of the projection (the one under way, if any, is kept)."""
+        self._check_open()
+        return await self._begin_rebuild(check_name(name, "projection name"), version)
+
+    async def finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], *, now_us: int
+    ) -> None:
+        """Make the rebuilt generation the live one (its checkpoint the projection's)
+        and drop the tables of the old one, in one transaction, if the lease holds."""
+        self._check_open()
+        await self._finish_rebuild(lease, tables, now_us)
 
     async def claim_projection(
         self, name: str, owner: str, *, now_us: int, until_us: int
@@ -76,15 +95,28 @@ class ProjectionStore(abc.ABC):
         event_at_us: int | None,
         writes: Sequence[TableWrite],
         now_us: int,
+        generation: int = 0,
+        rebuild: bool = False,
     ) -> None:
-        """In one transaction: the writes, and the checkpoint moved from
+        """In one transaction: the writes to ``generation``'s tables, and the
+        checkpoint (the rebuild's cursor, with ``rebuild``) moved from
         ``from_position`` to ``to_position``, if the lease still holds and nothing
-        moved the checkpoint meanwhile (``LeaseLostError`` otherwise: nothing
+        moved them meanwhile (``ProjectionLeaseLostError`` otherwise: nothing
         written)."""
         self._check_open()
         if to_position < from_position:
             raise ConfigurationError("a checkpoint only moves forward")
-        await self._project(lease, tables, from_position, to_position, event_at_us, writes, now_us)
+        await self._project(
+            lease,
+            tables,
+            generation,
+            rebuild,
+            from_position,
+            to_position,
+            event_at_us,
+            writes,
+            now_us,
+        )
 
     async def fail_projection(
         self, lease: ProjectionLease, failure: ProjectionFailure, *, now_us: int
@@ -100,8 +132,9 @@ class ProjectionStore(abc.ABC):
         return await self._retry_projection(check_name(name, "projection name"))
 
     async def skip_projection(self, name: str, position: int) -> bool:
-        """Move the checkpoint past the failed event at ``position`` and clear the
-        failure; False if the projection is not failed there."""
+        """Move the checkpoint (the rebuild's cursor, during a rebuild) past the failed
+        event at ``position`` and clear the failure; False if the projection is not
+        failed there."""
         self._check_open()
         return await self._skip_projection(check_name(name, "projection name"), position)
 
@@ -114,10 +147,18 @@ class ProjectionStore(abc.ABC):
         return await self._list_projections()
 
     async def read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, *, generation: int | None = None
     ) -> dict[str, Any] | None:
+        """The row with ``key`` in ``generation`` (by default the live one)."""
         self._check_open()
-        return await self._read_model_get(projection, table, table.check_key(key))
+        live = await self._generation(projection, generation)
+        return await self._read_model_get(projection, table, table.check_key(key), live)
+
+    async def _generation(self, projection: str, generation: int | None) -> int:
+        if generation is not None:
+            return generation
+        row = await self._projection_row(check_name(projection, "projection name"))
+        return 0 if row is None else row.generation
 
     async def read_model_select(
         self,
@@ -129,9 +170,11 @@ class ProjectionStore(abc.ABC):
         descending: bool = False,
         limit: int = 100,
         offset: int = 0,
+        generation: int | None = None,
     ) -> list[dict[str, Any]]:
         """Rows whose columns equal ``where``'s values (None: IS NULL), ordered by
-        ``order_by`` (then the key), a page of ``limit`` from ``offset``."""
+        ``order_by`` (then the key), a page of ``limit`` from ``offset``, of
+        ``generation`` (by default the live one)."""
         self._check_open()
         conditions = dict(where or {})
         for column, value in conditions.items():
@@ -145,14 +188,25 @@ class ProjectionStore(abc.ABC):
             raise ConfigurationError(f"table {table.name!r} has no column {order_by!r}")
         if not 1 <= limit <= 10_000 or offset < 0:
             raise ConfigurationError("limit must be 1..10000 and offset >= 0")
+        live = await self._generation(projection, generation)
         return await self._read_model_select(
-            projection, table, conditions, order_by, descending, limit, offset
+            projection, table, conditions, order_by, descending, limit, offset, live
         )
 
     # -- the backend's hooks ----------------------------------------------------------
 
     @abc.abstractmethod
-    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None: ...
+    async def _ensure_tables(
+        self, projection: str, tables: Sequence[Table], generation: int, version: int
+    ) -> None: ...
+
+    @abc.abstractmethod
+    async def _begin_rebuild(self, name: str, version: int) -> Rebuild: ...
+
+    @abc.abstractmethod
+    async def _finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], now_us: int
+    ) -> None: ...
 
     @abc.abstractmethod
     async def _claim_projection(
@@ -170,6 +224,8 @@ class ProjectionStore(abc.ABC):
         self,
         lease: ProjectionLease,
         tables: Mapping[str, Table],
+        generation: int,
+        rebuild: bool,
         from_position: int,
         to_position: int,
         event_at_us: int | None,
@@ -196,7 +252,7 @@ class ProjectionStore(abc.ABC):
 
     @abc.abstractmethod
     async def _read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, generation: int
     ) -> dict[str, Any] | None: ...
 
     @abc.abstractmethod
@@ -209,26 +265,29 @@ class ProjectionStore(abc.ABC):
         descending: bool,
         limit: int,
         offset: int,
+        generation: int,
     ) -> list[dict[str, Any]]: ...
 
 
 PROJECTION_COLUMNS = (
     "name, position, event_at, owner, epoch, lease_until, failed_position, failed_event, "
-    "failed_type, error_type, error_message, failed_at, updated_at"
+    "failed_type, error_type, error_message, failed_at, updated_at, generation, version, "
+    "rebuild_generation, rebuild_version, rebuild_position"
 )
 
 
 def projection_row(row: Sequence[Any]) -> ProjectionRow:
     (name, position, event_at, owner, epoch, until, f_pos, f_event, f_type, e_type, e_msg,
-     failed_at, updated_at) = row  # fmt: skip
+     failed_at, updated_at, generation, version, r_gen, r_version, r_pos) = row  # fmt: skip
     failure = (
         None
         if f_pos is None
         else ProjectionFailure(int(f_pos), str(f_event), str(f_type), str(e_type), str(e_msg))
     )
+    rebuild = None if r_gen is None else Rebuild(int(r_gen), int(r_version), int(r_pos))
     return ProjectionRow(
         str(name), int(position), event_at, owner, int(epoch), until, failure, failed_at,
-        int(updated_at),
+        int(updated_at), int(generation), int(version), rebuild,
     )  # fmt: skip
 
 

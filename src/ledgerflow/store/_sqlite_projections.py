@@ -11,6 +11,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from ..errors import ProjectionLeaseLostError, StoreError
+from ..projections.state import Rebuild
 from ..projections.tables import Table, TableWrite
 from ._migrations import Migration
 from ._projections import (
@@ -44,7 +45,12 @@ PROJECTION_MIGRATION = Migration(
             error_type TEXT,
             error_message TEXT,
             failed_at INTEGER,
-            updated_at INTEGER NOT NULL DEFAULT 0
+            updated_at INTEGER NOT NULL DEFAULT 0,
+            generation INTEGER NOT NULL DEFAULT 0,
+            version INTEGER NOT NULL DEFAULT 0,
+            rebuild_generation INTEGER,
+            rebuild_version INTEGER,
+            rebuild_position INTEGER
         ) WITHOUT ROWID""",
     ),
 )
@@ -63,20 +69,68 @@ class SQLiteProjections(abc.ABC):
     @abc.abstractmethod
     async def _read(self, sql: str, params: Sequence[Any]) -> list[Any]: ...
 
-    def _model_sql(self, projection: str, table: Table) -> ReadModelSql:
-        return ReadModelSql("sqlite", physical_name(projection, table.name), table)
+    def _model_sql(self, projection: str, table: Table, generation: int) -> ReadModelSql:
+        return ReadModelSql("sqlite", physical_name(projection, table.name, generation), table)
 
-    async def _ensure_tables(self, projection: str, tables: Sequence[Table]) -> None:
-        statements = [s for t in tables for s in (lambda m: [m.create, *m.indexes])(
-            self._model_sql(projection, t)
-        )]  # fmt: skip
+    async def _ensure_tables(
+        self, projection: str, tables: Sequence[Table], generation: int, version: int
+    ) -> None:
+        models = [self._model_sql(projection, t, generation) for t in tables]
+        statements = [s for m in models for s in (m.create, *m.indexes)]
 
         def create(con: sqlite3.Connection) -> None:
             con.execute(_ADD, (projection,))
+            con.execute(
+                "UPDATE projections SET version = ? WHERE name = ? AND version = 0",
+                (version, projection),
+            )
             for statement in statements:
                 con.execute(statement)
 
         await self._in_transaction(create)
+
+    async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
+        def begin(con: sqlite3.Connection) -> Rebuild:
+            con.execute(_ADD, (name,))
+            con.execute(
+                "UPDATE projections SET rebuild_generation = generation + 1, "
+                "rebuild_version = ?, rebuild_position = 0 WHERE name = ? "
+                "AND rebuild_generation IS NULL",
+                (version, name),
+            )
+            g, v, p = con.execute(
+                "SELECT rebuild_generation, rebuild_version, rebuild_position FROM projections "
+                "WHERE name = ?",
+                (name,),
+            ).fetchone()
+            return Rebuild(g, v, p)
+
+        return await self._in_transaction(begin)
+
+    async def _finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], now_us: int
+    ) -> None:
+        def finish(con: sqlite3.Connection) -> None:
+            row = con.execute(
+                "SELECT generation FROM projections WHERE name = ? AND owner = ? AND epoch = ? "
+                "AND rebuild_generation IS NOT NULL AND failed_position IS NULL",
+                (lease.name, lease.owner, lease.epoch),
+            ).fetchone()
+            if row is None:
+                raise ProjectionLeaseLostError(
+                    lease.name, lease.owner, lease.epoch, "lease lost or no rebuild"
+                )
+            for table in tables:
+                con.execute(f"DROP TABLE IF EXISTS {physical_name(lease.name, table.name, row[0])}")
+            con.execute(
+                "UPDATE projections SET generation = rebuild_generation, "
+                "version = rebuild_version, position = rebuild_position, "
+                "rebuild_generation = NULL, rebuild_version = NULL, rebuild_position = NULL, "
+                "updated_at = ? WHERE name = ?",
+                (now_us, lease.name),
+            )
+
+        await self._in_transaction(finish)
 
     async def _claim_projection(
         self, name: str, owner: str, now_us: int, until_us: int
@@ -127,29 +181,45 @@ class SQLiteProjections(abc.ABC):
         self,
         lease: ProjectionLease,
         tables: Mapping[str, Table],
+        generation: int,
+        rebuild: bool,
         from_position: int,
         to_position: int,
         event_at_us: int | None,
         writes: Sequence[TableWrite],
         now_us: int,
     ) -> None:
-        models = {name: self._model_sql(lease.name, t) for name, t in tables.items()}
+        models = {name: self._model_sql(lease.name, t, generation) for name, t in tables.items()}
         statements = [models[w.table].write(w) for w in writes]
-
-        def project(con: sqlite3.Connection) -> None:
-            moved = con.execute(
+        if rebuild:
+            checkpoint = (
+                "UPDATE projections SET rebuild_position = ?, updated_at = ? WHERE name = ? "
+                "AND owner = ? AND epoch = ? AND rebuild_position = ? AND rebuild_generation = ? "
+                "AND failed_position IS NULL"
+            )
+            params: tuple[Any, ...] = (
+                to_position, now_us, lease.name, lease.owner, lease.epoch, from_position,
+                generation,
+            )  # fmt: skip
+        else:
+            checkpoint = (
                 "UPDATE projections SET position = ?, event_at = coalesce(?, event_at), "
                 "updated_at = ? WHERE name = ? AND owner = ? AND epoch = ? AND position = ? "
-                "AND failed_position IS NULL",
-                (to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
-                 from_position),
+                "AND generation = ? AND failed_position IS NULL"
+            )
+            params = (
+                to_position, event_at_us, now_us, lease.name, lease.owner, lease.epoch,
+                from_position, generation,
             )  # fmt: skip
+
+        def project(con: sqlite3.Connection) -> None:
+            moved = con.execute(checkpoint, params)
             if moved.rowcount != 1:
                 raise ProjectionLeaseLostError(
                     lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
                 )
-            for sql, params in statements:
-                con.execute(sql, params)
+            for sql, values in statements:
+                con.execute(sql, values)
 
         await self._in_transaction(project)
 
@@ -187,11 +257,14 @@ class SQLiteProjections(abc.ABC):
         def skip(con: sqlite3.Connection) -> bool:
             return (
                 con.execute(
-                    "UPDATE projections SET position = ?, failed_position = NULL, "
-                    "failed_event = NULL, failed_type = NULL, error_type = NULL, "
-                    "error_message = NULL, failed_at = NULL WHERE name = ? "
-                    "AND failed_position = ?",
-                    (position, name, position),
+                    "UPDATE projections SET "
+                    "position = CASE WHEN rebuild_generation IS NULL THEN ?1 ELSE position END, "
+                    "rebuild_position = "
+                    "CASE WHEN rebuild_generation IS NULL THEN NULL ELSE ?1 END, "
+                    "failed_position = NULL, failed_event = NULL, failed_type = NULL, "
+                    "error_type = NULL, error_message = NULL, failed_at = NULL WHERE name = ?2 "
+                    "AND failed_position = ?1",
+                    (position, name),
                 ).rowcount
                 == 1
             )
@@ -209,9 +282,9 @@ class SQLiteProjections(abc.ABC):
         return [projection_row(r) for r in rows]
 
     async def _read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, generation: int
     ) -> dict[str, Any] | None:
-        model = self._model_sql(projection, table)
+        model = self._model_sql(projection, table, generation)
         rows = await self._read_model(model.get, (key,))
         return model.decode_row(rows[0]) if rows else None
 
@@ -224,8 +297,9 @@ class SQLiteProjections(abc.ABC):
         descending: bool,
         limit: int,
         offset: int,
+        generation: int,
     ) -> list[dict[str, Any]]:
-        model = self._model_sql(projection, table)
+        model = self._model_sql(projection, table, generation)
         sql, params = model.select(where, order_by, descending)
         rows = await self._read_model(sql, [*params, limit, offset])
         return [model.decode_row(r) for r in rows]

@@ -12,7 +12,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
-from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow
+from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow, Rebuild
 from ..projections.tables import Table, TableWrite
 from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
@@ -355,7 +355,15 @@ class WorkflowStore(EventStore, Protocol):
         """A function giving the event the next commit sets (take it before a read)."""
         ...
 
-    async def ensure_tables(self, projection: str, tables: Sequence[Table]) -> None: ...
+    async def ensure_tables(
+        self, projection: str, tables: Sequence[Table], *, generation: int = 0, version: int = 1
+    ) -> None: ...
+
+    async def begin_rebuild(self, name: str, *, version: int) -> Rebuild: ...
+
+    async def finish_rebuild(
+        self, lease: ProjectionLease, tables: Sequence[Table], *, now_us: int
+    ) -> None: ...
 
     async def claim_projection(
         self, name: str, owner: str, *, now_us: int, until_us: int
@@ -375,6 +383,8 @@ class WorkflowStore(EventStore, Protocol):
         event_at_us: int | None,
         writes: Sequence[TableWrite],
         now_us: int,
+        generation: int = 0,
+        rebuild: bool = False,
     ) -> None:
         """A batch's writes and its checkpoint, in one transaction fenced by the lease."""
         ...
@@ -392,7 +402,7 @@ class WorkflowStore(EventStore, Protocol):
     async def list_projections(self) -> list[ProjectionRow]: ...
 
     async def read_model_get(
-        self, projection: str, table: Table, key: Any
+        self, projection: str, table: Table, key: Any, *, generation: int | None = None
     ) -> dict[str, Any] | None: ...
 
     async def read_model_select(
@@ -405,4 +415,5 @@ class WorkflowStore(EventStore, Protocol):
         descending: bool = False,
         limit: int = 100,
         offset: int = 0,
+        generation: int | None = None,
     ) -> list[dict[str, Any]]: ...
