@@ -54,6 +54,9 @@ def test_order_demo_runs_and_the_ledger_verifies(tmp_path: Path) -> None:
     # The default seed is fixed: the same outcomes every run.
     tally = statuses(out)
     assert tally == {"placed": 7, "rejected": 3, "compensated": 2}
+    # The orders read model, kept by a projection, says the same.
+    assert re.search(r"read model order_view \(projection at position \d+\): "
+                     r"2 compensated, 7 placed, 3 rejected", out)  # fmt: skip
     # The history shown is a compensated order's: refund, then release.
     refund = re.search(r"compensation_done\s*│\s*7 │ charge_card", out)
     release = re.search(r"compensation_done\s*│\s*8 │ reserve_stock", out)

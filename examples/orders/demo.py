@@ -36,6 +36,7 @@ from typing import Any, Literal
 from uuid import uuid4
 
 import msgspec
+import read_model
 from erp import CATALOG, FakeErp
 from machine_act import state_machine_act
 from order import registry
@@ -51,6 +52,7 @@ from order_workflow import (
     use_systems,
 )
 from outage import erp_outage
+from read_model import ORDER_VIEW
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -256,6 +258,28 @@ def summary(outcomes: Sequence[Outcome], systems: Systems) -> str:
     )
 
 
+async def read_model_summary(engine: ledgerflow.Engine, ids: Sequence[str]) -> str:
+    """What the orders read model (``read_model.py``) says of this batch, once its
+    projection has caught up with the ledger."""
+    async with asyncio.timeout(30):
+        while True:
+            row = await engine.store.projection_row(ORDER_VIEW.name)
+            if row is not None and row.position >= await engine.store.head_position():
+                break
+            await asyncio.sleep(0.02)
+    model = ledgerflow.ReadModel(engine.store, ORDER_VIEW)
+    rows = [r for r in [await model.get(read_model.ORDERS, i) for i in ids] if r is not None]
+    by_status: dict[str, int] = {}
+    for r in rows:
+        by_status[r["status"]] = by_status.get(r["status"], 0) + 1
+    approved_by_alice = sum(1 for r in rows if r["approver"] == "alice")
+    counted = ", ".join(f"{n} {status}" for status, n in sorted(by_status.items()))
+    return (
+        f"read model order_view (projection at position {row.position}): {counted}; "
+        f"{approved_by_alice} decided by alice"
+    )
+
+
 async def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("url", nargs="?", default="sqlite:///ledgerflow.db")
@@ -280,6 +304,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         clock=clock,
         registry=registry,
         policies={"erp": ERP_POLICY},
+        projections=[ORDER_VIEW],
     )
     systems = use_systems(Systems.on(engine.store, erp=erp, stock=dict.fromkeys(CATALOG, 1_000)))
     async with engine:
@@ -322,6 +347,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         wide = console.width >= WIDE
         console.print(outcome_table(run, ordered, erp, wide=wide))
         console.print(summary(ordered, systems))
+        console.print(await read_model_summary(engine, [p.input.order_id for p in batch]))
 
         shown = next((o for o in ordered if o.status == "compensated"), ordered[0])
         shown_id = shown.planned.input.order_id

@@ -1300,9 +1300,15 @@ def projections_query(
     for column in spec.columns:
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(*(escape(_compact(row[c])) if not isinstance(row[c], str) else escape(row[c])
-                        for c in spec.columns))  # fmt: skip
+        table.add_row(*(_cell(row[c]) for c in spec.columns))
+
     out.print(table)
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    return escape(value if isinstance(value, str) else _compact(value))
 
 
 def _named(target: str, kind: type[T], what: str) -> T:
