@@ -44,6 +44,7 @@ driver type ever crosses the port::
     │   ├── InvalidTransition       an event a state machine does not accept where it is
     │   ├── TransitionFailedError   the activity of a state machine's transition failed
     │   └── MigrationError          a running state machine cannot move to that version
+    ├── BusUnavailableError         the event bus's broker is out of reach (retryable)
     ├── ProjectionError             projections (operator actions)
     │   ├── ProjectionNotFoundError no projection of that name in the ledger
     │   └── ProjectionNotFailedError retry or skip of a projection not stopped at a failure
@@ -71,6 +72,7 @@ from .hashing import from_micros
 
 __all__ = [
     "BulkheadFullError",
+    "BusUnavailableError",
     "ChildWorkflowError",
     "CircuitOpenError",
     "ConcurrencyError",
@@ -627,6 +629,18 @@ class ProjectionNotFailedError(ProjectionError):
     def __init__(self, name: str, detail: str = "it is not stopped at a failed event") -> None:
         super().__init__(f"projection {name!r}: {detail}")
         self.name = name
+
+
+class BusUnavailableError(LedgerflowError):
+    """The event bus's broker could not be reached, or did not acknowledge in time:
+    retry later (what was published may be stored; publishing it again is safe)."""
+
+    retryable = True
+
+    def __init__(self, where: str, detail: str) -> None:
+        super().__init__(f"event bus {where}: {detail}")
+        self.where = where
+        self.detail = detail
 
 
 class ResilienceError(LedgerflowError):

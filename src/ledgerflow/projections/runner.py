@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from .._waiting import cancel_and_wait, wait_at_most
 from ..errors import (
+    BusUnavailableError,
     ConfigurationError,
     ProjectionLeaseLostError,
     StoreClosedError,
@@ -153,11 +154,11 @@ class ProjectionRunner:
             except ProjectionLeaseLostError as exc:
                 log.warning("%s; stepping back", exc)
                 self._leases.pop(projection.name, None)
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreClosedError, BusUnavailableError) as exc:
                 if self._stopping.is_set() or isinstance(exc, StoreClosedError):
                     return
                 failures += 1
-                log.warning("projection %s: store unavailable (%s)", projection.name, exc)
+                log.warning("projection %s: %s; retrying", projection.name, exc)
                 await self._pause(min(5.0, 0.1 * 2**failures))
             except Exception:
                 log.exception("projection %s: runner failed; starting again", projection.name)

@@ -1,0 +1,24 @@
+"""The event bus: the ledger as an outbox, relayed to a broker (NATS JetStream, or in
+process), and consumers that apply each message once. See
+``docs/adr/016-event-bus.md``."""
+
+from __future__ import annotations
+
+from .jetstream import JetStreamBus
+from .memory import InProcessBus
+from .port import Delivery, EventBus, Handler, Message, Subscription, decode
+from .relay import Relay, Route, envelope
+
+__all__ = [
+    "Delivery",
+    "EventBus",
+    "Handler",
+    "InProcessBus",
+    "JetStreamBus",
+    "Message",
+    "Relay",
+    "Route",
+    "Subscription",
+    "decode",
+    "envelope",
+]

@@ -1,0 +1,95 @@
+"""The event bus port: messages out to other services, and back in.
+
+A ``Message`` carries one ledger event: its id (the message id brokers deduplicate on:
+``Nats-Msg-Id`` on JetStream), a subject, the event as JSON, headers. ``publish`` sends
+a batch and returns once the broker has them, each stream's messages in their order;
+``subscribe`` delivers a durable consumer's messages to a handler, acknowledged when it
+returns and delivered again when it raises. Adapters: ``InProcessBus`` (tests, one
+process) and ``JetStreamBus`` (NATS JetStream).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import msgspec
+
+__all__ = [
+    "Delivery",
+    "EventBus",
+    "Handler",
+    "Message",
+    "Subscription",
+    "decode",
+    "subject_matches",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    subject: str
+    id: str
+    """The ledger event's id: brokers drop a message whose id they saw (within their
+    window); consumers drop one whose id they processed (``Inbox``)."""
+    data: bytes
+    headers: Mapping[str, str] = field(default_factory=dict)
+    key: str = ""
+    """What orders it: messages with one key (the ledger stream) keep their order."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    message: Message
+    attempt: int
+    """1 the first time, then each redelivery."""
+
+    def event(self) -> dict[str, Any]:
+        """The ledger event the message carries (as ``Relay`` encodes it)."""
+        return decode(self.message)
+
+
+Handler = Callable[[Delivery], Awaitable[None]]
+
+
+class Subscription(Protocol):
+    async def stop(self) -> None: ...
+
+
+class EventBus(Protocol):
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def publish(self, messages: Sequence[Message]) -> list[bool]:
+        """Send ``messages``; once it returns the broker holds each (or already held
+        it: True at its place). Messages of one ``key`` are stored in their order.
+        ``BusUnavailableError`` if the broker cannot be reached: some may be stored,
+        and publishing them again is safe."""
+        ...
+
+    async def subscribe(
+        self, subject: str, *, durable: str, handler: Handler, max_attempts: int = 0
+    ) -> Subscription:
+        """Deliver the messages of ``subject`` (wildcards ``*`` and ``>``) to
+        ``handler`` through the durable consumer ``durable`` (it resumes where it
+        left off), acknowledging each when the handler returns; one that raises is
+        delivered again (``max_attempts``: 0 for no limit)."""
+        ...
+
+
+def subject_matches(pattern: str, subject: str) -> bool:
+    """NATS subject matching: ``*`` one token, ``>`` the rest."""
+    want, have = pattern.split("."), subject.split(".")
+    for i, part in enumerate(want):
+        if part == ">":
+            return len(have) > i
+        if i >= len(have) or (part != "*" and part != have[i]):
+            return False
+    return len(want) == len(have)
+
+
+def decode(message: Message) -> dict[str, Any]:
+    found: dict[str, Any] = msgspec.json.decode(message.data)
+    return found

@@ -1,0 +1,163 @@
+"""The outbox relay: the ledger is the outbox; the relay publishes what it holds.
+
+A relay follows the global log from its own checkpoint (a projection row named
+``relay_<name>``, with the same lease: one relay at a time, taken over when its holder
+dies). For each batch it publishes the events a ``Route`` selects (by type, or by
+stream prefix), each stream's in order, with the event id as the message id, and then
+moves its checkpoint. The write transaction that recorded the events is never widened:
+nothing is published for a write that rolled back, and nothing a write committed is
+left unpublished.
+
+A crash between publishing and checkpointing publishes the batch again: the broker
+drops the copies it stored within its duplicate window (JetStream: ``Nats-Msg-Id``),
+and consumers drop the rest by message id. A broker that is down stops the relay where
+it is; it backs off and catches up once the broker is back, and its lag is that of its
+row (``ledgerflow projections list``).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import TYPE_CHECKING
+
+import msgspec
+
+from ..errors import ConfigurationError, ProjectionLeaseLostError
+from ..events import RecordedEvent
+from ..hashing import to_micros
+from ..projections.definition import Projection
+from ..projections.runner import ProjectionRunner
+from ..projections.state import ProjectionLease
+from .port import EventBus, Message
+
+if TYPE_CHECKING:
+    from ..store import WorkflowStore
+
+__all__ = ["Relay", "Route", "envelope"]
+
+log = logging.getLogger("ledgerflow.bus")
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
+
+
+@dataclass(frozen=True)
+class Route:
+    """Which events to publish, and on which subject.
+
+    ``types``: event type names (none: any type); ``stream_prefix``: only events of
+    streams whose id starts with it. ``subject`` is a template over ``{type}`` (its
+    dots kept as subject tokens), ``{category}`` (the stream id before its first
+    ``-``) and ``{stream}``; characters a subject cannot hold become ``_``."""
+
+    subject: str = "ledgerflow.{category}.{type}"
+    types: Collection[str] = ()
+    stream_prefix: str | None = None
+
+    def matches(self, event: RecordedEvent) -> bool:
+        if self.types and event.type not in self.types:
+            return False
+        return self.stream_prefix is None or event.stream_id.startswith(self.stream_prefix)
+
+    def subject_for(self, event: RecordedEvent) -> str:
+        category = event.stream_id.split("-", 1)[0]
+        return self.subject.format(
+            type=".".join(_UNSAFE.sub("_", t) for t in event.type.split(".")),
+            category=_UNSAFE.sub("_", category) or "_",
+            stream=_UNSAFE.sub("_", event.stream_id) or "_",
+        )
+
+
+def envelope(event: RecordedEvent) -> bytes:
+    """The event as a message's JSON body."""
+    return msgspec.json.encode(
+        {
+            "id": str(event.id),
+            "stream": event.stream_id,
+            "version": event.version,
+            "position": event.position,
+            "type": event.type,
+            "schema_version": event.schema_version,
+            "recorded_at": event.recorded_at.isoformat(),
+            "data": msgspec.to_builtins(event.data),
+            "metadata": msgspec.to_builtins(event.metadata),
+        }
+    )
+
+
+class Relay(ProjectionRunner):
+    """Publishes the ledger's events that ``routes`` select to ``bus`` (see the
+    module docstring). ``start()`` runs it in the background; ``catch_up()`` publishes
+    what is there now."""
+
+    def __init__(
+        self,
+        store: WorkflowStore,
+        bus: EventBus,
+        routes: Sequence[Route],
+        *,
+        name: str = "main",
+        owner: str | None = None,
+        lease: timedelta = timedelta(seconds=30),
+        batch_size: int = 500,
+        poll_interval: float = 1.0,
+        now_us: Callable[[], int] | None = None,
+    ) -> None:
+        if not routes:
+            raise ConfigurationError("a relay needs routes: which events to publish")
+        super().__init__(
+            store,
+            [Projection(f"relay_{name}")],
+            owner=owner,
+            lease=lease,
+            batch_size=batch_size,
+            poll_interval=poll_interval,
+            now_us=now_us,
+        )
+        self.bus = bus
+        self.routes = list(routes)
+        self.name = name
+
+    def _message(self, event: RecordedEvent) -> Message | None:
+        for route in self.routes:
+            if route.matches(event):
+                return Message(
+                    route.subject_for(event),
+                    str(event.id),
+                    envelope(event),
+                    {"Ledgerflow-Stream": event.stream_id, "Ledgerflow-Type": event.type},
+                    key=event.stream_id,
+                )
+        return None
+
+    async def _batch(self, projection: Projection, lease: ProjectionLease) -> tuple[int, bool]:
+        row = await self.store.projection_row(projection.name)
+        if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
+            raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+        position = row.position
+        events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
+        if not events:
+            return 0, False
+        messages = [m for m in (self._message(e) for e in events) if m is not None]
+        if messages:
+            duplicates = await self.bus.publish(messages)  # BusUnavailableError: retried
+            if any(duplicates):
+                log.info(
+                    "relay %s: %d of %d messages were published before (a retry)",
+                    self.name,
+                    sum(duplicates),
+                    len(messages),
+                )
+        await self.store.project(
+            lease,
+            {},
+            from_position=position,
+            to_position=events[-1].position,
+            event_at_us=to_micros(events[-1].recorded_at),
+            writes=[],
+            now_us=self._now_us(),
+        )
+        return len(messages), len(events) == self.batch_size

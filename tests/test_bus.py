@@ -1,0 +1,272 @@
+"""The event bus: the relay publishes what the ledger holds (in process, and on a real
+NATS JetStream), each stream in order, again after a crash without storing twice, and
+catches up after the broker was down."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+import ledgerflow as lf
+from ledgerflow.bus import Delivery, InProcessBus, JetStreamBus, Relay, Route, decode
+from ledgerflow.projections import operations
+from ledgerflow.store._base import BaseEventStore
+
+from ._adapters import open_adapter
+
+NATS = os.environ.get("LEDGERFLOW_TEST_NATS", "nats://127.0.0.1:4222")
+WAIT = 30.0
+"""A hang guard, never a speed bound."""
+NATS_START = [
+    "start-stop-daemon", "--start", "--oknodo", "--background", "--exec", "/usr/sbin/nats-server",
+    "--", "-a", "127.0.0.1", "-p", "4222", "-js", "-sd", "/var/lib/nats-server",
+    "-l", "/var/log/nats-server.log",
+]  # fmt: skip
+NATS_STOP = ["start-stop-daemon", "--stop", "--oknodo", "--exec", "/usr/sbin/nats-server"]
+
+
+@dataclass(frozen=True)
+class Placed:
+    n: int
+
+
+@dataclass(frozen=True)
+class Internal:
+    n: int
+
+
+def _registry() -> lf.EventRegistry:
+    registry = lf.EventRegistry()
+    registry.register(Placed, "shop.placed")
+    registry.register(Internal, "shop.internal")
+    return registry
+
+
+@pytest.fixture
+async def ledger(store_url: str) -> AsyncIterator[BaseEventStore]:
+    async with open_adapter(store_url, registry=_registry()) as store:
+        yield store
+
+
+def _nats_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def nats_url() -> str:
+    if not _nats_answers():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"NATS with JetStream must answer at {NATS} under CI")
+        pytest.skip(f"no NATS at {NATS}: start nats-server -js to run the JetStream tests")
+    return NATS
+
+
+@pytest.fixture
+async def jetstream(nats_url: str) -> AsyncIterator[JetStreamBus]:
+    """A JetStream bus on a stream of this test's own (deleted afterwards)."""
+    tag = uuid.uuid4().hex[:10]
+    bus = JetStreamBus(nats_url, stream=f"LFTEST_{tag}", subjects=[f"lftest{tag}.>"], timeout=2.0)
+    bus.subject_root = f"lftest{tag}"  # type: ignore[attr-defined]
+    await bus.open()
+    try:
+        yield bus
+    finally:
+        js = bus._js
+        await bus.close()
+        import nats
+
+        nc = await nats.connect(nats_url)
+        with contextlib.suppress(Exception):  # already gone
+            await nc.jetstream().delete_stream(f"LFTEST_{tag}")
+        await nc.close()
+        del js
+
+
+async def _service(command: list[str]) -> None:
+    """Stop or start the machine's NATS service (as .ci/run starts it)."""
+    process = await asyncio.create_subprocess_exec(
+        *command, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
+    )
+    output, _ = await process.communicate()
+    assert process.returncode == 0, output.decode()
+
+
+async def _write(store: BaseEventStore, streams: int, each: int) -> None:
+    for n in range(each):
+        for s in range(streams):
+            await store.append(f"order-{s}", [Placed(n), Internal(n)])
+
+
+def _route(root: str = "ledgerflow") -> Route:
+    return Route(subject=root + ".{category}.{type}", types={"shop.placed"})
+
+
+async def test_the_relay_publishes_what_the_routes_select_each_stream_in_order(
+    ledger: BaseEventStore,
+) -> None:
+    await _write(ledger, streams=3, each=4)
+    bus = InProcessBus()
+    relay = Relay(ledger, bus, [_route()], batch_size=5)
+    assert await relay.catch_up() == 12
+    bodies = [decode(m) for m in bus.messages]
+    assert {m.subject for m in bus.messages} == {"ledgerflow.order.shop.placed"}
+    for s in range(3):
+        mine = [b["data"]["n"] for b in bodies if b["stream"] == f"order-{s}"]
+        assert mine == [0, 1, 2, 3]
+    assert all(m.id == b["id"] for m, b in zip(bus.messages, bodies, strict=True))
+    row = await ledger.projection_row("relay_main")
+    assert row is not None
+    assert row.position == await ledger.head_position()
+    assert await relay.catch_up() == 0  # nothing new: nothing published again
+    assert len(bus.messages) == 12
+
+
+async def test_a_crash_between_publish_and_checkpoint_publishes_again_stores_once(
+    ledger: BaseEventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await _write(ledger, streams=2, each=3)
+    bus = InProcessBus()
+    published: list[list[bool]] = []
+    publish = bus.publish
+
+    async def counting(messages: Any) -> list[bool]:
+        found = await publish(messages)
+        published.append(found)
+        return found
+
+    monkeypatch.setattr(bus, "publish", counting)
+    relay = Relay(ledger, bus, [_route()])
+    project = ledger.project
+    calls = {"n": 0}
+
+    async def dies_once(*args: Any, **kwargs: Any) -> None:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise lf.StoreUnavailableError("sqlite", "the relay died before its checkpoint")
+        await project(*args, **kwargs)
+
+    monkeypatch.setattr(ledger, "project", dies_once)
+    with pytest.raises(lf.StoreUnavailableError):
+        await relay.catch_up()
+    assert await relay.catch_up() == 6
+    assert published == [[False] * 6, [True] * 6]  # the second time: all duplicates
+    assert len(bus.messages) == 6
+
+
+async def test_the_relay_on_jetstream_delivers_each_event_once_in_order(
+    ledger: BaseEventStore, jetstream: JetStreamBus
+) -> None:
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    await _write(ledger, streams=4, each=25)
+    relay = Relay(ledger, jetstream, [_route(root)], batch_size=40)
+    assert await relay.catch_up() == 100
+    # Published again (a relay that crashed before its checkpoint): nothing stored twice.
+    messages = [relay._message(e) for e in await ledger.read_all()]
+    again = await jetstream.publish([m for m in messages if m is not None])
+    assert all(again)
+    seen: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def consume(delivery: Delivery) -> None:
+        seen.append(delivery.event())
+        if len(seen) == 100:
+            done.set()
+
+    subscription = await jetstream.subscribe(f"{root}.>", durable="readers", handler=consume)
+    try:
+        await asyncio.wait_for(done.wait(), WAIT)
+        await asyncio.sleep(0.3)  # anything more would be a duplicate
+    finally:
+        await subscription.stop()
+    assert len(seen) == 100
+    assert len({e["id"] for e in seen}) == 100
+    for s in range(4):
+        assert [e["data"]["n"] for e in seen if e["stream"] == f"order-{s}"] == list(range(25))
+
+
+async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
+    jetstream: JetStreamBus,
+) -> None:
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    message = lf.bus.Message(f"{root}.x.y", str(uuid.uuid4()), b'{"n": 1}', key="s")
+    await jetstream.publish([message])
+    attempts: list[int] = []
+    done = asyncio.Event()
+
+    async def flaky(delivery: Delivery) -> None:
+        attempts.append(delivery.attempt)
+        if delivery.attempt < 3:
+            raise RuntimeError("not yet")
+        done.set()
+
+    jetstream.redelivery_delay = 0.05
+    subscription = await jetstream.subscribe(f"{root}.>", durable="flaky", handler=flaky)
+    try:
+        await asyncio.wait_for(done.wait(), WAIT)
+    finally:
+        await subscription.stop()
+    assert attempts == [1, 2, 3]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="stopping the NATS service needs root")
+async def test_the_relay_waits_out_a_broker_outage_and_catches_up(
+    ledger: BaseEventStore, jetstream: JetStreamBus
+) -> None:
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    relay = Relay(ledger, jetstream, [_route(root)], batch_size=20, poll_interval=0.05)
+    relay.start()
+    try:
+        await _write(ledger, streams=2, each=10)
+        await _service(NATS_STOP)
+        try:
+            await _write(ledger, streams=2, each=20)  # the ledger takes writes regardless
+            await asyncio.sleep(1.0)  # the relay meets the outage, and backs off
+            (during,) = await operations.status(ledger, "relay_main")
+            assert during.behind > 0  # its lag shows
+        finally:
+            await _service(NATS_START)
+            deadline = time.monotonic() + WAIT
+            while not _nats_answers():
+                assert time.monotonic() < deadline, "NATS did not come back"
+                await asyncio.sleep(0.1)
+        async with asyncio.timeout(WAIT):
+            while True:
+                row = await ledger.projection_row("relay_main")
+                if row is not None and row.position >= await ledger.head_position():
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        await relay.stop()
+    seen: list[dict[str, Any]] = []
+    done = asyncio.Event()
+
+    async def consume(delivery: Delivery) -> None:
+        seen.append(delivery.event())
+        if len(seen) >= 60:
+            done.set()
+
+    subscription = await jetstream.subscribe(f"{root}.>", durable="after", handler=consume)
+    try:
+        await asyncio.wait_for(done.wait(), WAIT)
+        await asyncio.sleep(0.3)
+    finally:
+        await subscription.stop()
+    assert len(seen) == 60  # 2 streams x 30 placed events, none lost, none twice
+    for s in range(2):
+        assert [e["data"]["n"] for e in seen if e["stream"] == f"order-{s}"] == [
+            *range(10),
+            *range(20),
+        ]
