@@ -270,3 +270,50 @@ async def test_the_relay_waits_out_a_broker_outage_and_catches_up(
             *range(10),
             *range(20),
         ]
+
+
+# -- messages drive processes here -------------------------------------------------------
+
+
+@lf.workflow(name="bus.checkout")
+async def checkout(ctx: lf.WorkflowContext, order: str) -> Any:
+    paid = await ctx.wait_for_signal("paid", dict)
+    return {"order": order, "paid": paid}
+
+
+def _event_message(subject: str, stream: str, data: dict[str, Any]) -> lf.bus.Message:
+    import msgspec
+
+    event_id = str(uuid.uuid4())
+    body = {"id": event_id, "stream": stream, "version": 1, "position": 1, "type": "x",
+            "schema_version": 1, "recorded_at": "", "data": data, "metadata": {}}  # fmt: skip
+    return lf.bus.Message(subject, event_id, msgspec.json.encode(body), key=stream)
+
+
+async def test_messages_start_and_signal_workflows_once_each(engine: Any) -> None:
+    bus = InProcessBus()
+    async with engine(checkout) as running:
+        triggers = lf.bus.Triggers(running, bus)
+        await triggers.start(
+            "billing.order.created", checkout, id=lambda e: e["stream"], input=lambda e: e["stream"]
+        )
+        await triggers.signal(
+            "billing.order.paid", "paid", workflow_id=lambda e: e["data"]["order"]
+        )
+        created = _event_message("billing.order.created", "o-77", {})
+        paid = _event_message("billing.order.paid", "pay-1", {"order": "o-77", "cents": 500})
+        # The signal may be handled first: it is delivered again until o-77 exists.
+        await bus.publish([paid, created])
+        async with asyncio.timeout(WAIT):
+            while await running.store.get_instance("o-77") is None:
+                await asyncio.sleep(0.01)
+        result = await running.handle("o-77").result(timeout=WAIT)
+        assert result == {"order": "o-77", "paid": {"order": "o-77", "cents": 500}}
+        await triggers.stop()
+        # The same signal sent twice with one id (a message delivered again): recorded once.
+        started = await running.start(checkout, "o-78", id="o-78")
+        for _ in range(2):
+            await running.signal("o-78", "paid", {"n": 1}, id="message-123")
+        assert await started.result(timeout=WAIT) == {"order": "o-78", "paid": {"n": 1}}
+        signals = [e for e in await running.history("o-78") if e.type == "wf.signal"]
+        assert len(signals) == 1

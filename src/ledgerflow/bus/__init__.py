@@ -8,6 +8,7 @@ from .jetstream import JetStreamBus
 from .memory import InProcessBus
 from .port import Delivery, EventBus, Handler, Message, Subscription, decode
 from .relay import Relay, Route, envelope
+from .triggers import Triggers
 
 __all__ = [
     "Delivery",
@@ -19,6 +20,7 @@ __all__ = [
     "Relay",
     "Route",
     "Subscription",
+    "Triggers",
     "decode",
     "envelope",
 ]

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
+from uuid import UUID
 
 import msgspec
 
@@ -34,7 +35,7 @@ from ..errors import (
     WorkflowInputError,
     WorkflowNotFoundError,
 )
-from ..events import NO_STREAM, Metadata, RecordedEvent
+from ..events import NO_STREAM, Metadata, NewEvent, RecordedEvent
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ..resilience.book import PolicyBook, default_actor
@@ -340,7 +341,12 @@ class WorkflowClient(Operations, MachineClient):
         return row
 
     async def _send(
-        self, workflow_id: str, event: Any, action: str, metadata: Metadata | None = None
+        self,
+        workflow_id: str,
+        event: Any,
+        action: str,
+        metadata: Metadata | None = None,
+        event_id: UUID | None = None,
     ) -> None:
         stream = self.stream_id(workflow_id)
         unchecked = isinstance(event, SignalSent)
@@ -374,21 +380,26 @@ class WorkflowClient(Operations, MachineClient):
                 if row.status in (WorkflowStatus.RUNNING, WorkflowStatus.NEEDS_ATTENTION)
                 else []
             )
+            # With an id, sending twice (a message delivered again) stores it once.
+            recorded: Any = event if event_id is None else _with_id(event, event_id)
             try:
                 await self.store.append(
-                    stream, [event], version, runtime=runtime, metadata=metadata
+                    stream, [recorded], version, runtime=runtime, metadata=metadata
                 )
             except ConcurrencyError:
                 continue  # it moved on (or finished) meanwhile: look again
             self._poke()
             return
 
-    async def signal(self, workflow_id: str, name: str, payload: Any = None) -> None:
+    async def signal(
+        self, workflow_id: str, name: str, payload: Any = None, *, id: str | UUID | None = None
+    ) -> None:
         """Deliver a signal; kept until the workflow waits for it.
 
         If the instance is waiting for ``name`` now, the payload is checked against
         the waited-for type first: ``WorkflowInputError`` and nothing recorded if it
-        does not fit.
+        does not fit. ``id`` makes sending idempotent: the same signal sent again with
+        the same id (a message delivered twice) is recorded once.
         """
         if not isinstance(name, str) or not name:
             raise WorkflowInputError(
@@ -398,7 +409,10 @@ class WorkflowClient(Operations, MachineClient):
             encoded = to_builtins(payload)
         except CodecError as exc:
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
-        await self._send(workflow_id, SignalSent(name=name, payload=encoded), "signal")
+        event_id = None if id is None else _uuid(id)
+        await self._send(
+            workflow_id, SignalSent(name=name, payload=encoded), "signal", event_id=event_id
+        )
 
     async def cancel(
         self, workflow_id: str, reason: str | None = None, *, actor: str | None = None
@@ -594,6 +608,21 @@ class WorkflowClient(Operations, MachineClient):
         """Let at most ``max_concurrent`` tasks of ``queue`` run at once across every
         worker on this store (None: no limit); workers apply it from their next claim."""
         await self.store.set_queue_limit(queue, max_concurrent)
+
+
+_IDEMPOTENT = uuid.UUID("6f1c2b7e-4d3a-5e8f-9a0b-1c2d3e4f5a6b")
+
+
+def _uuid(given: str | UUID) -> UUID:
+    """A caller's idempotency key as an event id (a name-based UUID for a string)."""
+    return given if isinstance(given, UUID) else uuid.uuid5(_IDEMPOTENT, given)
+
+
+def _with_id(event: Any, event_id: UUID) -> NewEvent:
+    return NewEvent(_SIGNAL_TYPE, msgspec.to_builtins(event), id=event_id)
+
+
+_SIGNAL_TYPE = "wf.signal"
 
 
 def _same(known: Definition, given: Definition) -> bool:
