@@ -305,7 +305,9 @@ async def test_messages_start_and_signal_workflows_once_each(engine: Any) -> Non
         # The signal may be handled first: it is delivered again until o-77 exists.
         await bus.publish([paid, created])
         async with asyncio.timeout(WAIT):
-            while await running.store.get_instance("o-77") is None:
+            while True:
+                if await running.store.get_instance("o-77") is not None:
+                    break
                 await asyncio.sleep(0.01)
         result = await running.handle("o-77").result(timeout=WAIT)
         assert result == {"order": "o-77", "paid": {"order": "o-77", "cents": 500}}
