@@ -319,3 +319,39 @@ async def test_messages_start_and_signal_workflows_once_each(engine: Any) -> Non
         assert await started.result(timeout=WAIT) == {"order": "o-78", "paid": {"n": 1}}
         signals = [e for e in await running.history("o-78") if e.type == "wf.signal"]
         assert len(signals) == 1
+
+
+async def test_an_inbox_applies_a_message_once_however_often_it_comes(
+    ledger: BaseEventStore,
+) -> None:
+    totals = lf.Table("totals", key="customer", columns={"customer": str, "cents": int})
+
+    async def add(delivery: Delivery, view: lf.View) -> None:
+        data = delivery.event()["data"]
+        row = await view.get(totals, data["customer"])
+        cents = (row["cents"] if row else 0) + data["cents"]
+        view.put(totals, {"customer": data["customer"], "cents": cents})
+
+    inbox = lf.bus.Inbox(ledger, "billing", tables=[totals], handle=add)
+    await inbox.open()
+    first = _event_message("x.paid", "p-1", {"customer": "acme", "cents": 500})
+    second = _event_message("x.paid", "p-2", {"customer": "acme", "cents": 70})
+    for message in (first, first, second, first, second):  # redeliveries
+        await inbox(Delivery(message, 1))
+    model = lf.ReadModel(ledger, inbox.projection)
+    assert await model.get(totals, "acme") == {"customer": "acme", "cents": 570}
+    assert await ledger.consumed("billing", first.id)
+    assert not await ledger.consumed("billing", "never")
+
+    async def broken(delivery: Delivery, view: lf.View) -> None:
+        view.put(totals, {"customer": "zed", "cents": 1})
+        raise RuntimeError("fails after writing")
+
+    failing = lf.bus.Inbox(ledger, "billing", tables=[totals], handle=broken)
+    third = _event_message("x.paid", "p-3", {"customer": "zed", "cents": 1})
+    with pytest.raises(RuntimeError):
+        await failing(Delivery(third, 1))
+    assert await model.get(totals, "zed") is None  # nothing of it committed
+    assert not await ledger.consumed("billing", third.id)  # so it comes again
+    rows = await ledger.list_projections()
+    assert "billing" not in [r.name for r in rows]  # an inbox has no checkpoint to list

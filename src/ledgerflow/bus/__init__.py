@@ -4,6 +4,7 @@ process), and consumers that apply each message once. See
 
 from __future__ import annotations
 
+from .inbox import Inbox
 from .jetstream import JetStreamBus
 from .memory import InProcessBus
 from .port import Delivery, EventBus, Handler, Message, Subscription, decode
@@ -15,6 +16,7 @@ __all__ = [
     "EventBus",
     "Handler",
     "InProcessBus",
+    "Inbox",
     "JetStreamBus",
     "Message",
     "Relay",

@@ -25,15 +25,59 @@ class MemoryProjections:
     def _init_projections(self) -> None:
         self._projections = {}
         self._read_models = {}
+        self._inbox: set[tuple[str, str]] = set()
 
     async def _ensure_tables(
-        self, projection: str, tables: Sequence[Table], generation: int, version: int
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        generation: int,
+        version: int,
+        listed: bool,
     ) -> None:
-        row = self._projections.setdefault(projection, _new(projection))
-        if row.version == 0:
-            self._projections[projection] = replace(row, version=version)
+        if listed:
+            row = self._projections.setdefault(projection, _new(projection))
+            if row.version == 0:
+                self._projections[projection] = replace(row, version=version)
         for table in tables:
             self._read_models.setdefault(physical_name(projection, table.name, generation), {})
+
+    async def _consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> bool:
+        if (consumer, message_id) in self._inbox:
+            return False
+        self._apply_writes(consumer, 0, tables, writes)
+        self._inbox.add((consumer, message_id))
+        return True
+
+    async def _consumed(self, consumer: str, message_id: str) -> bool:
+        return (consumer, message_id) in self._inbox
+
+    def _apply_writes(
+        self, owner: str, generation: int, tables: Mapping[str, Table], writes: Sequence[TableWrite]
+    ) -> None:
+        """All or nothing: applied to copies, swapped in at the end."""
+        touched: dict[str, dict[Any, dict[str, Any]]] = {}
+        for write in writes:
+            name = physical_name(owner, write.table, generation)
+            rows = touched.get(name)
+            if rows is None:
+                rows = touched[name] = copy.deepcopy(self._read_models.setdefault(name, {}))
+            key_column = tables[write.table].key
+            if isinstance(write, Put):
+                rows[write.row[key_column]] = copy.deepcopy(write.row)
+            elif isinstance(write, Patch):
+                if write.key in rows:
+                    rows[write.key].update(copy.deepcopy(write.changes))
+            elif isinstance(write, Remove):
+                rows.pop(write.key, None)
+        self._read_models.update(touched)
 
     async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
         row = self._projections.setdefault(name, _new(name))
@@ -116,22 +160,7 @@ class MemoryProjections:
             raise ProjectionLeaseLostError(
                 lease.name, lease.owner, lease.epoch, "its checkpoint moved meanwhile"
             )
-        # All or nothing: applied to copies, swapped in at the end.
-        touched: dict[str, dict[Any, dict[str, Any]]] = {}
-        for write in writes:
-            name = physical_name(lease.name, write.table, generation)
-            rows = touched.get(name)
-            if rows is None:
-                rows = touched[name] = copy.deepcopy(self._read_models.setdefault(name, {}))
-            key_column = tables[write.table].key
-            if isinstance(write, Put):
-                rows[write.row[key_column]] = copy.deepcopy(write.row)
-            elif isinstance(write, Patch):
-                if write.key in rows:
-                    rows[write.key].update(copy.deepcopy(write.changes))
-            elif isinstance(write, Remove):
-                rows.pop(write.key, None)
-        self._read_models.update(touched)
+        self._apply_writes(lease.name, generation, tables, writes)
         if rebuild and row.rebuild is not None:
             self._projections[lease.name] = replace(
                 row, rebuild=replace(row.rebuild, position=to_position), updated_at_us=now_us

@@ -62,6 +62,12 @@ def projection_migration(schema: str) -> Migration:
                 rebuild_version bigint,
                 rebuild_position bigint
             )""",
+            f"""CREATE TABLE {schema}.inbox (
+                consumer text COLLATE "C" NOT NULL,
+                message_id text COLLATE "C" NOT NULL,
+                processed_at bigint NOT NULL,
+                PRIMARY KEY (consumer, message_id)
+            )""",
         ),
     )
 
@@ -87,7 +93,12 @@ class PostgresProjections(abc.ABC):
         )
 
     async def _ensure_tables(
-        self, projection: str, tables: Sequence[Table], generation: int, version: int
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        generation: int,
+        version: int,
+        listed: bool,
     ) -> None:
         s = self.schema
         models = [self._model_sql(projection, t, generation) for t in tables]
@@ -96,18 +107,54 @@ class PostgresProjections(abc.ABC):
         async def create(conn: Connection) -> None:
             # Runners of one projection may start together: their DDL takes turns.
             await conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"{s}.rm",))
-            await conn.execute(
-                f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING",
-                (projection,),
-            )
-            await conn.execute(
-                f"UPDATE {s}.projections SET version = %s WHERE name = %s AND version = 0",
-                (version, projection),
-            )
+            if listed:
+                await conn.execute(
+                    f"INSERT INTO {s}.projections (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                    (projection,),
+                )
+                await conn.execute(
+                    f"UPDATE {s}.projections SET version = %s WHERE name = %s AND version = 0",
+                    (version, projection),
+                )
             for statement in statements:
                 await conn.execute(statement)
 
         await self._transaction("create read-model tables", create)
+
+    async def _consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> bool:
+        models = {name: self._model_sql(consumer, t, 0) for name, t in tables.items()}
+        statements = [models[w.table].write(w) for w in writes]
+        record = (
+            f"INSERT INTO {self.schema}.inbox (consumer, message_id, processed_at) "
+            "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1"
+        )
+
+        async def consume(conn: Connection) -> bool:
+            # The row is taken (or waited for) first: a concurrent delivery of the same
+            # message commits first or finds it.
+            cur = await conn.execute(record, (consumer, message_id, now_us))
+            if await cur.fetchone() is None:
+                return False
+            for sql, values in statements:
+                await conn.execute(sql, values)
+            return True
+
+        return await self._transaction("apply a message once", consume)
+
+    async def _consumed(self, consumer: str, message_id: str) -> bool:
+        rows = await self._fetch(
+            "look up a processed message",
+            f"SELECT 1 FROM {self.schema}.inbox WHERE consumer = %s AND message_id = %s",
+            (consumer, message_id),
+        )
+        return bool(rows)
 
     async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
         s = self.schema

@@ -45,13 +45,43 @@ class ProjectionStore(abc.ABC):
     def _check_open(self) -> None: ...
 
     async def ensure_tables(
-        self, projection: str, tables: Sequence[Table], *, generation: int = 0, version: int = 1
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        *,
+        generation: int = 0,
+        version: int = 1,
+        listed: bool = True,
     ) -> None:
         """Create the projection's row and the tables (and indexes) of ``generation``
-        if missing; a new row's live generation is ``version``'s."""
+        if missing; a new row's live generation is ``version``'s. ``listed=False``:
+        the tables only (an inbox's, which has no checkpoint)."""
         self._check_open()
         check_name(projection, "projection name")
-        await self._ensure_tables(projection, tables, generation, version)
+        await self._ensure_tables(projection, tables, generation, version, listed)
+
+    async def consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        *,
+        now_us: int,
+    ) -> bool:
+        """In one transaction: record ``message_id`` as processed by ``consumer`` and
+        apply the writes to its tables; False (nothing written) if it was processed
+        before."""
+        self._check_open()
+        check_name(consumer, "consumer name")
+        if not isinstance(message_id, str) or not message_id:
+            raise ConfigurationError("a message needs an id to be processed once")
+        return await self._consume(consumer, message_id, tables, writes, now_us)
+
+    async def consumed(self, consumer: str, message_id: str) -> bool:
+        """Whether ``consumer`` processed ``message_id``."""
+        self._check_open()
+        return await self._consumed(check_name(consumer, "consumer name"), message_id)
 
     async def begin_rebuild(self, name: str, *, version: int) -> Rebuild:
         """Start building the next generation of the projection's tables from position
@@ -197,8 +227,26 @@ class ProjectionStore(abc.ABC):
 
     @abc.abstractmethod
     async def _ensure_tables(
-        self, projection: str, tables: Sequence[Table], generation: int, version: int
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        generation: int,
+        version: int,
+        listed: bool,
     ) -> None: ...
+
+    @abc.abstractmethod
+    async def _consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> bool: ...
+
+    @abc.abstractmethod
+    async def _consumed(self, consumer: str, message_id: str) -> bool: ...
 
     @abc.abstractmethod
     async def _begin_rebuild(self, name: str, version: int) -> Rebuild: ...

@@ -52,6 +52,14 @@ PROJECTION_MIGRATION = Migration(
             rebuild_version INTEGER,
             rebuild_position INTEGER
         ) WITHOUT ROWID""",
+        # The messages each consumer has applied (bus.Inbox): its writes and this
+        # row commit together, so a message delivered again applies nothing.
+        """CREATE TABLE inbox (
+            consumer TEXT NOT NULL,
+            message_id TEXT NOT NULL,
+            processed_at INTEGER NOT NULL,
+            PRIMARY KEY (consumer, message_id)
+        ) WITHOUT ROWID""",
     ),
 )
 
@@ -73,21 +81,58 @@ class SQLiteProjections(abc.ABC):
         return ReadModelSql("sqlite", physical_name(projection, table.name, generation), table)
 
     async def _ensure_tables(
-        self, projection: str, tables: Sequence[Table], generation: int, version: int
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        generation: int,
+        version: int,
+        listed: bool,
     ) -> None:
         models = [self._model_sql(projection, t, generation) for t in tables]
         statements = [s for m in models for s in (m.create, *m.indexes)]
 
         def create(con: sqlite3.Connection) -> None:
-            con.execute(_ADD, (projection,))
-            con.execute(
-                "UPDATE projections SET version = ? WHERE name = ? AND version = 0",
-                (version, projection),
-            )
+            if listed:
+                con.execute(_ADD, (projection,))
+                con.execute(
+                    "UPDATE projections SET version = ? WHERE name = ? AND version = 0",
+                    (version, projection),
+                )
             for statement in statements:
                 con.execute(statement)
 
         await self._in_transaction(create)
+
+    async def _consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        now_us: int,
+    ) -> bool:
+        models = {name: self._model_sql(consumer, t, 0) for name, t in tables.items()}
+        statements = [models[w.table].write(w) for w in writes]
+
+        def consume(con: sqlite3.Connection) -> bool:
+            new = con.execute(
+                "INSERT INTO inbox (consumer, message_id, processed_at) VALUES (?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (consumer, message_id, now_us),
+            ).rowcount
+            if not new:
+                return False
+            for sql, values in statements:
+                con.execute(sql, values)
+            return True
+
+        return await self._in_transaction(consume)
+
+    async def _consumed(self, consumer: str, message_id: str) -> bool:
+        rows = await self._read(
+            "SELECT 1 FROM inbox WHERE consumer = ? AND message_id = ?", (consumer, message_id)
+        )
+        return bool(rows)
 
     async def _begin_rebuild(self, name: str, version: int) -> Rebuild:
         def begin(con: sqlite3.Connection) -> Rebuild:

@@ -356,8 +356,28 @@ class WorkflowStore(EventStore, Protocol):
         ...
 
     async def ensure_tables(
-        self, projection: str, tables: Sequence[Table], *, generation: int = 0, version: int = 1
+        self,
+        projection: str,
+        tables: Sequence[Table],
+        *,
+        generation: int = 0,
+        version: int = 1,
+        listed: bool = True,
     ) -> None: ...
+
+    async def consume(
+        self,
+        consumer: str,
+        message_id: str,
+        tables: Mapping[str, Table],
+        writes: Sequence[TableWrite],
+        *,
+        now_us: int,
+    ) -> bool:
+        """A message's writes and its record as processed, in one transaction."""
+        ...
+
+    async def consumed(self, consumer: str, message_id: str) -> bool: ...
 
     async def begin_rebuild(self, name: str, *, version: int) -> Rebuild: ...
 
