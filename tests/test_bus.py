@@ -355,3 +355,25 @@ async def test_an_inbox_applies_a_message_once_however_often_it_comes(
     assert not await ledger.consumed("billing", third.id)  # so it comes again
     rows = await ledger.list_projections()
     assert "billing" not in [r.name for r in rows]  # an inbox has no checkpoint to list
+
+
+async def test_a_step_publishes_once_however_often_it_runs(engine: Any) -> None:
+    bus = InProcessBus()
+    runs = {"n": 0}
+
+    @lf.step(name="notify", retry=lf.RetryPolicy(max_attempts=3, initial_interval=0.001))
+    async def notify(order: str) -> None:
+        runs["n"] += 1
+        await bus.publish([lf.bus.step_message("warehouse.pick", {"order": order})])
+        if runs["n"] < 3:
+            raise ConnectionError("the reply got lost after publishing")
+
+    @lf.workflow(name="bus.notifying")
+    async def notifying(ctx: lf.WorkflowContext, order: str) -> None:
+        await ctx.step(notify, order)
+
+    async with engine(notifying) as running:
+        await (await running.start(notifying, "o-1", id="n-1")).result(timeout=WAIT)
+    assert runs["n"] == 3
+    assert len(bus.messages) == 1  # three attempts, one message
+    assert bus.messages[0].id.startswith("n-1/")

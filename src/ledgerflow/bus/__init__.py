@@ -7,7 +7,7 @@ from __future__ import annotations
 from .inbox import Inbox
 from .jetstream import JetStreamBus
 from .memory import InProcessBus
-from .port import Delivery, EventBus, Handler, Message, Subscription, decode
+from .port import Delivery, EventBus, Handler, Message, Subscription, decode, step_message
 from .relay import Relay, Route, envelope
 from .triggers import Triggers
 
@@ -25,4 +25,5 @@ __all__ = [
     "Triggers",
     "decode",
     "envelope",
+    "step_message",
 ]

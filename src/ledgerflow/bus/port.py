@@ -39,6 +39,27 @@ class Message:
     """What orders it: messages with one key (the ledger stream) keep their order."""
 
 
+def step_message(subject: str, data: Any, *, key: str = "") -> Message:
+    """A message published from inside a step: its id is the step's idempotency key,
+    the same on every attempt and replay, so a step that runs again (a retry, a crash
+    after publishing) publishes a message the broker and inboxes drop as a repeat.
+
+        @ledgerflow.step()
+        async def notify_warehouse(order: Order) -> None:
+            await bus.publish([step_message("warehouse.pick", {"order": order.id})])
+    """
+    from ..workflow.steps import current_step  # a step's context, when it runs
+
+    step = current_step()
+    return Message(
+        subject,
+        step.idempotency_key,
+        msgspec.json.encode(data),
+        {"Ledgerflow-Step": step.idempotency_key},
+        key=key or step.idempotency_key.rpartition("/")[0],
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Delivery:
     message: Message
