@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import sqlite3
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -240,3 +241,24 @@ def terminate_backends(application_name: str) -> int:
         ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+NATS = os.environ.get("LEDGERFLOW_TEST_NATS", "nats://127.0.0.1:4222")
+
+
+def nats_answers() -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", 4222), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def nats_url() -> str:
+    """NATS with JetStream for the bus tests: required under CI, else skipped."""
+    if not nats_answers():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"NATS with JetStream must answer at {NATS} under CI")
+        pytest.skip(f"no NATS at {NATS}: start nats-server -js to run the JetStream tests")
+    return NATS

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -22,8 +21,8 @@ from ledgerflow.projections import operations
 from ledgerflow.store._base import BaseEventStore
 
 from ._adapters import open_adapter
+from .conftest import nats_answers
 
-NATS = os.environ.get("LEDGERFLOW_TEST_NATS", "nats://127.0.0.1:4222")
 WAIT = 30.0
 """A hang guard, never a speed bound."""
 NATS_START = [
@@ -55,23 +54,6 @@ def _registry() -> lf.EventRegistry:
 async def ledger(store_url: str) -> AsyncIterator[BaseEventStore]:
     async with open_adapter(store_url, registry=_registry()) as store:
         yield store
-
-
-def _nats_answers() -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", 4222), timeout=1):
-            return True
-    except OSError:
-        return False
-
-
-@pytest.fixture
-def nats_url() -> str:
-    if not _nats_answers():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"NATS with JetStream must answer at {NATS} under CI")
-        pytest.skip(f"no NATS at {NATS}: start nats-server -js to run the JetStream tests")
-    return NATS
 
 
 @pytest.fixture
@@ -239,7 +221,7 @@ async def test_the_relay_waits_out_a_broker_outage_and_catches_up(
         finally:
             await _service(NATS_START)
             deadline = time.monotonic() + WAIT
-            while not _nats_answers():
+            while not nats_answers():
                 assert time.monotonic() < deadline, "NATS did not come back"
                 await asyncio.sleep(0.1)
         async with asyncio.timeout(WAIT):

@@ -430,3 +430,28 @@ async def test_a_new_version_of_a_projection_is_rebuilt_and_swapped_in(
     assert row is not None
     assert (row.generation, row.version, row.rebuild) == (1, 2, None)
     assert await ReadModel(ledger, v2).select(totals) == [{"order_id": "o-1", "amount": 5.0}]
+
+
+async def test_handlers_read_the_generation_being_rebuilt_not_the_live_one(
+    ledger: BaseEventStore,
+) -> None:
+    counts = Table("counts", key="order_id", columns={"order_id": str, "seen": int})
+
+    def counting(version: int) -> Projection:
+        p = Projection("counting", tables=[counts], version=version)
+
+        @p.on(Placed)
+        async def placed(event: lf.RecordedEvent, view: View) -> None:
+            row = await view.get(counts, event.stream_id)
+            view.put(
+                counts, {"order_id": event.stream_id, "seen": (row or {"seen": 0})["seen"] + 1}
+            )
+
+        return p
+
+    for n in range(5):
+        await ledger.append(f"o-{n}", [Placed("acme", n)])
+    await ProjectionRunner(ledger, [counting(1)]).catch_up()
+    await ProjectionRunner(ledger, [counting(2)]).catch_up()  # a rebuild, reading as it goes
+    rows = await ReadModel(ledger, counting(2)).select(counts)
+    assert [r["seen"] for r in rows] == [1] * 5  # read from the new generation: not 2

@@ -239,7 +239,10 @@ class ProjectionRunner:
             return 0, False
 
         async def read(table: str, key: Any) -> dict[str, Any] | None:
-            return await self.store.read_model_get(projection.name, projection.tables[table], key)
+            # The generation being written (a rebuild's, not the live one).
+            return await self.store.read_model_get(
+                projection.name, projection.tables[table], key, generation=generation
+            )
 
         view = View(projection, read)
         last, event_at, applied = position, None, 0
