@@ -28,6 +28,7 @@ from ._projections import (
     ReadModelSql,
     physical_name,
     projection_row,
+    runs,
 )
 
 __all__ = ["PostgresProjections", "projection_migration"]
@@ -142,8 +143,9 @@ class PostgresProjections(abc.ABC):
             cur = await conn.execute(record, (consumer, message_id, now_us))
             if await cur.fetchone() is None:
                 return False
-            for sql, values in statements:
-                await conn.execute(sql, values)
+            for sql, many in runs(statements):
+                async with conn.cursor() as cur:
+                    await cur.executemany(sql, many)
             return True
 
         return await self._transaction("apply a message once", consume)
@@ -301,8 +303,9 @@ class PostgresProjections(abc.ABC):
                 raise ProjectionLeaseLostError(
                     lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
                 )
-            for sql, values in statements:
-                await conn.execute(sql, values)
+            for sql, many in runs(statements):
+                async with conn.cursor() as cur:
+                    await cur.executemany(sql, many)
 
         await self._transaction("apply a projection's batch", project)
 

@@ -466,3 +466,15 @@ class ReadModelSql:
         if isinstance(write, Remove):
             return self.remove, [write.key]
         raise TypeError(f"not a table write: {write!r}")  # pragma: no cover
+
+
+def runs(statements: Sequence[tuple[str, list[Any]]]) -> list[tuple[str, list[list[Any]]]]:
+    """Consecutive statements with the same SQL, grouped (their order kept): each run
+    can go to the database as one ``executemany``."""
+    grouped: list[tuple[str, list[list[Any]]]] = []
+    for sql, params in statements:
+        if grouped and grouped[-1][0] == sql:
+            grouped[-1][1].append(params)
+        else:
+            grouped.append((sql, [params]))
+    return grouped

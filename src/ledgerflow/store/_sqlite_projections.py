@@ -22,6 +22,7 @@ from ._projections import (
     ReadModelSql,
     physical_name,
     projection_row,
+    runs,
 )
 
 __all__ = ["PROJECTION_MIGRATION", "SQLiteProjections"]
@@ -122,8 +123,8 @@ class SQLiteProjections(abc.ABC):
             ).rowcount
             if not new:
                 return False
-            for sql, values in statements:
-                con.execute(sql, values)
+            for sql, many in runs(statements):
+                con.executemany(sql, many)
             return True
 
         return await self._in_transaction(consume)
@@ -263,8 +264,8 @@ class SQLiteProjections(abc.ABC):
                 raise ProjectionLeaseLostError(
                     lease.name, lease.owner, lease.epoch, "lease lost or checkpoint moved"
                 )
-            for sql, values in statements:
-                con.execute(sql, values)
+            for sql, many in runs(statements):
+                con.executemany(sql, many)
 
         await self._in_transaction(project)
 
