@@ -359,3 +359,47 @@ async def test_a_step_publishes_once_however_often_it_runs(engine: Any) -> None:
     assert runs["n"] == 3
     assert len(bus.messages) == 1  # three attempts, one message
     assert bus.messages[0].id.startswith("n-1/")
+
+
+async def test_the_relay_command_runs_until_told_to_stop(tmp_path: Any, nats_url: str) -> None:
+    import signal
+
+    from ._workers import CLI, child_env
+
+    db = f"sqlite:///{tmp_path / 'relay.db'}"
+    async with lf.open_store(db, registry=_registry()) as store:
+        await _write(store, streams=3, each=5)
+        head = await store.head_position()
+    tag = uuid.uuid4().hex[:8]
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "relay", "--db", db, "--nats", nats_url, "--stream", f"LFCLI_{tag}",
+        "--subject", f"lfcli{tag}.{{category}}.{{type}}", "--type", "shop.placed",
+        env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    try:
+        async with lf.open_store(db, registry=_registry()) as store, asyncio.timeout(WAIT):
+            while True:
+                row = await store.projection_row("relay_main")
+                if row is not None and row.position >= head:
+                    break
+                await asyncio.sleep(0.05)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), WAIT)
+    assert process.returncode == 0, output.decode()
+    import nats
+
+    nc = await nats.connect(nats_url)
+    try:
+        info = await nc.jetstream().stream_info(f"LFCLI_{tag}")
+        assert info.state.messages == 15  # the 15 placed events, not the noise
+        await nc.jetstream().delete_stream(f"LFCLI_{tag}")
+    finally:
+        await nc.close()
+    missing = await asyncio.create_subprocess_exec(
+        *CLI, "relay", "--db", db, env={**child_env(), "LEDGERFLOW_NATS": ""},
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await missing.communicate()
+    assert missing.returncode == 2
+    assert b"--nats" in err

@@ -1328,6 +1328,66 @@ def _named(target: str, kind: type[T], what: str) -> T:
     return found
 
 
+@app.command("relay")
+def relay_command(
+    db: DbOption = DEFAULT_DB,
+    nats: Annotated[
+        str | None,
+        typer.Option(
+            envvar="LEDGERFLOW_NATS",
+            help="NATS URL (JetStream). Env LEDGERFLOW_NATS. Required.",
+        ),
+    ] = None,
+    stream: Annotated[str, typer.Option(help="The JetStream stream to store into.")] = "LEDGERFLOW",
+    subject: Annotated[
+        str,
+        typer.Option(help="Subject template: {category}, {type}, {stream}."),
+    ] = "ledgerflow.{category}.{type}",
+    event_type: Annotated[
+        list[str] | None,
+        typer.Option("--type", help="An event type to publish (repeat; none: every type)."),
+    ] = None,
+    prefix: Annotated[
+        str | None, typer.Option(help="Only events of streams whose id starts with this.")
+    ] = None,
+    name: Annotated[str, typer.Option(help="The relay's name (its checkpoint).")] = "main",
+) -> None:
+    """Publish the ledger's events to NATS JetStream until SIGTERM or Ctrl-C: one relay
+    of a name at a time across processes, each stream in order, the event id as the
+    message id; a crash publishes again, and JetStream keeps one copy."""
+    import logging
+    import signal
+
+    from .bus import JetStreamBus, Relay, Route
+
+    if not nats:
+        _fail("--nats (or LEDGERFLOW_NATS) names the NATS server, e.g. nats://127.0.0.1:4222")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    subjects = [subject.split("{", 1)[0].rstrip(".") + ".>"] if "{" in subject else [subject]
+
+    async def run() -> None:
+        bus = JetStreamBus(nats, stream=stream, subjects=subjects)
+        await bus.open()
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        try:
+            async with open_store(db) as store:
+                route = Route(subject=subject, types=tuple(event_type or ()), stream_prefix=prefix)
+                relay = Relay(store, bus, [route], name=name)
+                relay.start()
+                logging.getLogger("ledgerflow.bus").info(
+                    "relay %s: %s -> %s (stream %s)", name, db, nats, stream
+                )
+                await stop.wait()
+                await relay.stop()
+        finally:
+            await bus.close()
+
+    _run(run)
+
+
 @app.command("worker")
 def worker(
     app_target: Annotated[
