@@ -86,7 +86,7 @@ async def _service(command: list[str]) -> None:
     assert process.returncode == 0, output.decode()
 
 
-async def _write(store: BaseEventStore, streams: int, each: int) -> None:
+async def _write(store: lf.store.WorkflowStore, streams: int, each: int) -> None:
     for n in range(each):
         for s in range(streams):
             await store.append(f"order-{s}", [Placed(n), Internal(n)])
