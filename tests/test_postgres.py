@@ -367,8 +367,8 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
             (pg_schema, other_schema),
         ).fetchall()
     # events, streams, snapshots, workflows, wakeups, workers, tasks, queues, resources,
-    # permits, schema_migrations
-    assert dict(tables) == {pg_schema: 11, other_schema: 11}
+    # permits, projections, inbox, schema_migrations
+    assert dict(tables) == {pg_schema: 13, other_schema: 13}
 
 
 @pytest.mark.parametrize(
@@ -709,12 +709,13 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         # Back to what the release that knew only migration 1 left behind: nothing
         # of migration 2 (workflows, wakeups), 3 (lease_epoch, check_fences), 4
         # (positions from a sequence, xid per event, no head row), 5 (workers, and
-        # an index on wakeups), 6 (tasks, queues) or 7 (resources, permits).
+        # an index on wakeups), 6 (tasks, queues), 7 (resources, permits) or 8
+        # (projections, inbox).
         s = pg_schema
         con.execute(f"DROP FUNCTION {s}.check_fences, {s}.begin_append, {s}.give_back")
         con.execute(
             f"DROP TABLE {s}.workflows, {s}.wakeups, {s}.workers, {s}.tasks, {s}.queues, "
-            f"{s}.resources, {s}.permits"
+            f"{s}.resources, {s}.permits, {s}.projections, {s}.inbox"
         )
         con.execute(f"DROP SEQUENCE {s}.positions")
         con.execute(f"ALTER TABLE {s}.events DROP COLUMN xid")
@@ -753,6 +754,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (5, "the registry of workers"),
         (6, "task queues"),
         (7, "guarded resources: breakers, rate limits, bulkheads"),
+        (8, "projections: checkpoints, leases, failures"),
     ]
     async with open_adapter(url) as store:  # positions go on from where the head was
         assert [e.position for e in await store.read_all()] == [1, 2, 3]

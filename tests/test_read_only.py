@@ -80,7 +80,8 @@ NO_LEDGER: dict[str, Callable[[Path], object]] = {
 async def _old_ledger(url: str) -> None:
     """A ledger as the release that knew only migration 1 left it: nothing of the
     later migrations (2: workflows and wakeups; 3: lease epochs, and on PostgreSQL
-    the check_fences function; 4: workers; then task queues, guarded resources) and
+    the check_fences function; 4: workers; then task queues, guarded resources,
+    projections) and
     none of their rows in schema_migrations."""
     async with ledgerflow.open_store(url) as store:
         await store.append("s", [NewEvent("E", {})])
@@ -95,6 +96,8 @@ async def _old_ledger(url: str) -> None:
         "DROP TABLE {t}queues",
         "DROP TABLE {t}resources",
         "DROP TABLE {t}permits",
+        "DROP TABLE {t}projections",
+        "DROP TABLE {t}inbox",
         "DELETE FROM {t}schema_migrations WHERE version > 1",
     )
 

@@ -623,15 +623,17 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    # 4 is the registry of workers on SQLite, 5 task queues and 6 guarded resources; on
-    # PostgreSQL 4 is the global order by transaction visibility, then one more each.
-    last = 7 if "postgres" in store_url else 6
+    # 4 is the registry of workers on SQLite, 5 task queues, 6 guarded resources and 7
+    # projections; on PostgreSQL 4 is the global order by transaction visibility, then
+    # one more each.
+    last = 8 if "postgres" in store_url else 7
     assert [v for v, _ in recorded] == list(range(1, last + 1))
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
-    assert recorded[-3][1] == "the registry of workers"
-    assert recorded[-2][1] == "task queues"
-    assert recorded[-1][1] == "guarded resources: breakers, rate limits, bulkheads"
+    assert recorded[-4][1] == "the registry of workers"
+    assert recorded[-3][1] == "task queues"
+    assert recorded[-2][1] == "guarded resources: breakers, rate limits, bulkheads"
+    assert recorded[-1][1] == "projections: checkpoints, leases, failures"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -693,6 +695,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
         (4, MIGRATIONS[3].name),
         (5, MIGRATIONS[4].name),
         (6, MIGRATIONS[5].name),
+        (7, MIGRATIONS[6].name),
     ]
 
 

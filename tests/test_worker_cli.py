@@ -183,5 +183,5 @@ def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> 
         env=child_env(),
     )
     assert result.returncode == 2
-    assert "no workflows or steps found" in result.stderr
+    assert "no workflows, projections or steps found" in result.stderr
     assert "Traceback" not in result.stderr
