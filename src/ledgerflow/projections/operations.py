@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -146,17 +146,11 @@ async def rebuild(
     if row is None:
         raise ProjectionNotFoundError(name)
     who = actor or default_actor()
-    projection_registry(store.registry)
     planned = row.rebuild or Rebuild(row.generation + 1, row.version, 0)
-    await store.append(
-        STREAM_PREFIX + name,
-        [
-            ProjectionRebuildRequested(
-                generation=planned.generation, version=planned.version, actor=who, reason=reason
-            )
-        ],
-        metadata=Metadata(actor=who, reason=reason),
+    requested = ProjectionRebuildRequested(
+        generation=planned.generation, version=planned.version, actor=who, reason=reason
     )
+    await _record(store, name, requested, who, reason)
     return await store.begin_rebuild(name, version=row.version)
 
 
@@ -169,27 +163,29 @@ async def _failed(store: WorkflowStore, name: str) -> tuple[ProjectionRow, Proje
     return row, row.failure
 
 
+async def _record(
+    store: WorkflowStore, name: str, event: Any, who: str, reason: str | None
+) -> None:
+    """An operator's action, in ``projection-<name>``, before it takes effect."""
+    projection_registry(store.registry)
+    await store.append(STREAM_PREFIX + name, [event], metadata=Metadata(actor=who, reason=reason))
+
+
 async def retry(
     store: WorkflowStore, name: str, *, actor: str | None = None, reason: str | None = None
 ) -> ProjectionFailure:
     """Clear the projection's failure (recorded first); the failure it had."""
     _, failure = await _failed(store, name)
     who = actor or default_actor()
-    projection_registry(store.registry)
-    await store.append(
-        STREAM_PREFIX + name,
-        [
-            ProjectionRetried(
-                position=failure.position,
-                event_id=failure.event_id,
-                error_type=failure.error_type,
-                message=failure.message,
-                actor=who,
-                reason=reason,
-            )
-        ],
-        metadata=Metadata(actor=who, reason=reason),
+    retried = ProjectionRetried(
+        position=failure.position,
+        event_id=failure.event_id,
+        error_type=failure.error_type,
+        message=failure.message,
+        actor=who,
+        reason=reason,
     )
+    await _record(store, name, retried, who, reason)
     if not await store.retry_projection(name):
         raise ProjectionNotFailedError(name, "its failure was cleared meanwhile")
     return failure
@@ -213,22 +209,16 @@ async def skip(
             name, f"it failed at position {failure.position}, not {position}"
         )
     who = actor or default_actor()
-    projection_registry(store.registry)
-    await store.append(
-        STREAM_PREFIX + name,
-        [
-            ProjectionSkipped(
-                position=failure.position,
-                event_id=failure.event_id,
-                event_type=failure.event_type,
-                error_type=failure.error_type,
-                message=failure.message,
-                actor=who,
-                reason=reason,
-            )
-        ],
-        metadata=Metadata(actor=who, reason=reason),
+    skipped = ProjectionSkipped(
+        position=failure.position,
+        event_id=failure.event_id,
+        event_type=failure.event_type,
+        error_type=failure.error_type,
+        message=failure.message,
+        actor=who,
+        reason=reason,
     )
+    await _record(store, name, skipped, who, reason)
     if not await store.skip_projection(name, failure.position):
         raise ProjectionNotFailedError(name, "it moved meanwhile: look again")
     return failure
