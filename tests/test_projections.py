@@ -455,3 +455,28 @@ async def test_handlers_read_the_generation_being_rebuilt_not_the_live_one(
     await ProjectionRunner(ledger, [counting(2)]).catch_up()  # a rebuild, reading as it goes
     rows = await ReadModel(ledger, counting(2)).select(counts)
     assert [r["seen"] for r in rows] == [1] * 5  # read from the new generation: not 2
+
+
+async def test_a_view_reads_its_own_writes_and_forgets_undone_ones() -> None:
+    stored = {"o-9": {"order_id": "o-9", "status": "old", "customer": "c", "amount_cents": 1,
+                      "approver": None, "notes": {}}}  # fmt: skip
+
+    async def read(table: str, key: Any) -> dict[str, Any] | None:
+        row = stored.get(key)
+        return None if row is None else dict(row)
+
+    view = View(orders_projection(), read)
+    view.update(ORDERS, "o-9", status="patched")  # before any read of it
+    view.put(ORDERS, {"order_id": "a", "status": "new", "customer": "c", "amount_cents": 5,
+                      "notes": {}})  # fmt: skip
+    view.update(ORDERS, "a", status="approved")
+    mark = view.mark()
+    view.put(ORDERS, {"order_id": "b", "status": "new", "customer": "c", "amount_cents": 7,
+                      "notes": {}})  # fmt: skip
+    view.update(ORDERS, "a", status="shipped")
+    view.delete(ORDERS, "o-9")
+    view.undo(mark)  # the failed handler's writes are gone
+    assert (await view.get(ORDERS, "a") or {})["status"] == "approved"
+    assert await view.get(ORDERS, "b") is None
+    assert (await view.get(ORDERS, "o-9") or {})["status"] == "patched"
+    assert len(view.writes) == 3

@@ -28,6 +28,8 @@ class View:
         self.projection = projection
         self._read = read
         self.writes: list[TableWrite] = []
+        self._by_key: dict[tuple[str, Any], list[TableWrite]] = {}
+        """Each row's writes in this batch, in order: what a read replays."""
         self._rows: dict[tuple[str, Any], Any] = {}
         """Rows as the batch left them: a dict, or ``_GONE``; absent if untouched
         and unread."""
@@ -37,7 +39,7 @@ class View:
         spec = self.projection.table(table)
         checked = spec.check_row(row)
         key = checked[spec.key]
-        self.writes.append(Put(spec.name, checked))
+        self._add(Put(spec.name, checked), key)
         self._rows[(spec.name, key)] = checked
 
     def update(self, table: Table | str, key: Any, **changes: Any) -> None:
@@ -45,7 +47,7 @@ class View:
         spec = self.projection.table(table)
         key = spec.check_key(key)
         checked = spec.check_changes(changes)
-        self.writes.append(Patch(spec.name, key, checked))
+        self._add(Patch(spec.name, key, checked), key)
         known = self._rows.get((spec.name, key))
         if isinstance(known, dict):
             self._rows[(spec.name, key)] = {**known, **checked}
@@ -55,7 +57,7 @@ class View:
     def delete(self, table: Table | str, key: Any) -> None:
         spec = self.projection.table(table)
         key = spec.check_key(key)
-        self.writes.append(Remove(spec.name, key))
+        self._add(Remove(spec.name, key), key)
         self._rows[(spec.name, key)] = _GONE
 
     async def get(self, table: Table | str, key: Any) -> dict[str, Any] | None:
@@ -69,17 +71,19 @@ class View:
             return dict(known)
         row = await self._read(spec.name, key)
         # The batch's writes to it so far apply on top, in order.
-        for write in self.writes:
-            if write.table != spec.name:
-                continue
-            if isinstance(write, Put) and write.row[spec.key] == key:
+        for write in self._by_key.get((spec.name, key), ()):
+            if isinstance(write, Put):
                 row = dict(write.row)
-            elif isinstance(write, Patch) and write.key == key:
+            elif isinstance(write, Patch):
                 row = None if row is None else {**row, **write.changes}
-            elif isinstance(write, Remove) and write.key == key:
+            else:
                 row = None
         self._rows[(spec.name, key)] = _GONE if row is None else row
         return None if row is None else dict(row)
+
+    def _add(self, write: TableWrite, key: Any) -> None:
+        self.writes.append(write)
+        self._by_key.setdefault((write.table, key), []).append(write)
 
     def mark(self) -> int:
         """Where the writes are now: ``undo(mark)`` drops what came after."""
@@ -91,3 +95,11 @@ class View:
         if len(self.writes) > mark:
             del self.writes[mark:]
             self._rows.clear()
+            self._by_key.clear()
+            for write in self.writes:
+                key = write.key if isinstance(write, Patch | Remove) else _key_of(self, write)
+                self._by_key.setdefault((write.table, key), []).append(write)
+
+
+def _key_of(view: View, write: Put) -> Any:
+    return write.row[view.projection.tables[write.table].key]
