@@ -26,6 +26,7 @@ from ._projections import (
     ProjectionLease,
     ProjectionRow,
     ReadModelSql,
+    TableMissing,
     physical_name,
     projection_row,
     runs,
@@ -386,10 +387,10 @@ class PostgresProjections(abc.ABC):
         return [model.decode_row(r) for r in rows]
 
     async def _read_model(self, action: str, sql: str, params: Params) -> list[TupleRow]:
-        """A read of a read-model table; none if its runner has not made it yet."""
+        """A read of a read-model table (``TableMissing`` if it is not there)."""
         try:
             return await self._fetch(action, sql, params)
         except StoreError as exc:
             if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
-                return []
+                raise TableMissing(sql) from None
             raise

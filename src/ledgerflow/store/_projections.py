@@ -27,8 +27,14 @@ __all__ = [
     "ProjectionRow",
     "ProjectionStore",
     "ReadModelSql",
+    "TableMissing",
     "physical_name",
 ]
+
+
+class TableMissing(Exception):
+    """A read-model table that is not there: not made yet, or dropped by a rebuild's
+    swap just after the reader looked up the live generation."""
 
 
 def physical_name(projection: str, table: str, generation: int = 0) -> str:
@@ -181,8 +187,16 @@ class ProjectionStore(abc.ABC):
     ) -> dict[str, Any] | None:
         """The row with ``key`` in ``generation`` (by default the live one)."""
         self._check_open()
-        live = await self._generation(projection, generation)
-        return await self._read_model_get(projection, table, table.check_key(key), live)
+        key = table.check_key(key)
+        for last in (False, True):
+            live = await self._generation(projection, generation)
+            try:
+                return await self._read_model_get(projection, table, key, live)
+            except TableMissing:
+                if last or generation is not None:
+                    return None  # not made yet
+                # A rebuild's swap dropped it after we looked: look again, once.
+        return None  # pragma: no cover
 
     async def _generation(self, projection: str, generation: int | None) -> int:
         if generation is not None:
@@ -218,10 +232,16 @@ class ProjectionStore(abc.ABC):
             raise ConfigurationError(f"table {table.name!r} has no column {order_by!r}")
         if not 1 <= limit <= 10_000 or offset < 0:
             raise ConfigurationError("limit must be 1..10000 and offset >= 0")
-        live = await self._generation(projection, generation)
-        return await self._read_model_select(
-            projection, table, conditions, order_by, descending, limit, offset, live
-        )
+        for last in (False, True):
+            live = await self._generation(projection, generation)
+            try:
+                return await self._read_model_select(
+                    projection, table, conditions, order_by, descending, limit, offset, live
+                )
+            except TableMissing:
+                if last or generation is not None:
+                    return []  # not made yet
+        return []  # pragma: no cover
 
     # -- the backend's hooks ----------------------------------------------------------
 

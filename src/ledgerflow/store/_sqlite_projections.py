@@ -20,6 +20,7 @@ from ._projections import (
     ProjectionLease,
     ProjectionRow,
     ReadModelSql,
+    TableMissing,
     physical_name,
     projection_row,
     runs,
@@ -351,11 +352,11 @@ class SQLiteProjections(abc.ABC):
         return [model.decode_row(r) for r in rows]
 
     async def _read_model(self, sql: str, params: Sequence[Any]) -> list[Any]:
-        """A read of a read-model table; none if its runner has not made it yet."""
+        """A read of a read-model table (``TableMissing`` if it is not there)."""
         try:
             return await self._read(sql, params)
         except StoreError as exc:
             cause = exc.__cause__
             if isinstance(cause, sqlite3.OperationalError) and "no such table" in str(cause):
-                return []
+                raise TableMissing(sql) from None
             raise
