@@ -1,7 +1,8 @@
 """The process ``test_relay_crash`` kills with SIGKILL: a relay publishing a ledger to
 NATS JetStream.
 
-Run as ``python tests/_relay_crash_worker.py DB_URL NATS_URL STREAM ROOT``: it runs a
+Run as ``python tests/_relay_crash_worker.py DB_URL NATS_URL STREAM ROOT MODE`` (MODE:
+``pipelined`` or ``one-by-one``, how the bus publishes a stream's messages): it runs a
 ``Relay`` (small batches, a 0.5 s lease, a short poll) that publishes every
 ``crash.placed`` event of the ledger to the JetStream stream ``STREAM`` under the
 subject root ``ROOT``, and exits 0 once its checkpoint has reached the ledger's head.
@@ -49,8 +50,14 @@ class _SlowBus(JetStreamBus):
         return done
 
 
-async def main(db: str, nats_url: str, stream: str, root: str) -> int:
-    bus = _SlowBus(nats_url, stream=stream, subjects=[f"{root}.>"], timeout=2.0)
+async def main(db: str, nats_url: str, stream: str, root: str, pipelined: str) -> int:
+    bus = _SlowBus(
+        nats_url,
+        stream=stream,
+        subjects=[f"{root}.>"],
+        timeout=2.0,
+        pipelined=pipelined == "pipelined",
+    )
     await bus.open()
     async with lf.open_store(db, registry=registry()) as store:
         relay = Relay(
@@ -75,4 +82,4 @@ async def main(db: str, nats_url: str, stream: str, root: str) -> int:
 
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
-    sys.exit(asyncio.run(main(*sys.argv[1:5])))
+    sys.exit(asyncio.run(main(*sys.argv[1:6])))

@@ -56,11 +56,18 @@ async def ledger(store_url: str) -> AsyncIterator[BaseEventStore]:
         yield store
 
 
-@pytest.fixture
-async def jetstream(nats_url: str) -> AsyncIterator[JetStreamBus]:
-    """A JetStream bus on a stream of this test's own (deleted afterwards)."""
+@pytest.fixture(params=["one by one", "pipelined"])
+async def jetstream(nats_url: str, request: pytest.FixtureRequest) -> AsyncIterator[JetStreamBus]:
+    """A JetStream bus on a stream of this test's own (deleted afterwards), publishing
+    each ledger stream one acknowledgement at a time, or pipelined."""
     tag = uuid.uuid4().hex[:10]
-    bus = JetStreamBus(nats_url, stream=f"LFTEST_{tag}", subjects=[f"lftest{tag}.>"], timeout=2.0)
+    bus = JetStreamBus(
+        nats_url,
+        stream=f"LFTEST_{tag}",
+        subjects=[f"lftest{tag}.>"],
+        timeout=2.0,
+        pipelined=request.param == "pipelined",
+    )
     bus.subject_root = f"lftest{tag}"  # type: ignore[attr-defined]
     await bus.open()
     try:

@@ -45,12 +45,12 @@ def _run(args: list[str], log: Path, timeout: float) -> int | None:
         return None if code == -signal.SIGKILL else code
 
 
-@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+@pytest.mark.parametrize(
+    ("backend", "mode"),
+    [("sqlite", "one-by-one"), ("postgres", "one-by-one"), ("sqlite", "pipelined")],
+)
 def test_a_killed_relay_publishes_everything_once_in_order(
-    backend: str,
-    tmp_path: Path,
-    request: pytest.FixtureRequest,
-    nats_url: str,
+    backend: str, mode: str, tmp_path: Path, request: pytest.FixtureRequest, nats_url: str
 ) -> None:
     url = backend_url(backend, tmp_path, request)
     tag = uuid.uuid4().hex[:10]
@@ -63,9 +63,9 @@ def test_a_killed_relay_publishes_everything_once_in_order(
                     await store.append(f"order-{s}", [w.Placed(n), w.Noise(n)])
 
     asyncio.run(write())
-    print(f"\nrelay crash on {backend}, seed {SEED}")
+    print(f"\nrelay crash on {backend} ({mode}), seed {SEED}")
     rng = random.Random(SEED)
-    args = [url, nats_url, stream, root]
+    args = [url, nats_url, stream, root, mode]
     kills = 0
     for round_ in range(KILLS * 3):
         if kills >= KILLS:

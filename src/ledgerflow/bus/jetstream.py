@@ -3,13 +3,19 @@
 Messages are stored in one JetStream stream (``LEDGERFLOW`` by default, over the
 subjects ``ledgerflow.>``), with the ledger event's id as ``Nats-Msg-Id``: JetStream
 drops a message whose id it stored within its duplicate window, so a relay that
-publishes a batch again after a crash stores nothing twice. Each ledger stream's
-messages are published one after another, each acknowledged before the next, so a
-stream's order holds whatever is lost and retried; the streams of a batch go side by
-side. ``pipelined=True`` sends a stream's messages without waiting (several times
-faster for one busy stream) at the price of that order across a lost connection:
-the client re-sends what it buffered after reconnecting, and a message the server
-lost may come after a later one. Consumers are durable pull consumers, acknowledged
+publishes a batch again after a crash stores nothing twice.
+
+Each ledger stream's messages keep their order. By default (``pipelined``) a batch
+goes out on a connection of the call's own that never reconnects, without waiting for
+each acknowledgement: when that socket breaks, the later messages are lost with it
+(TCP keeps their order, and nothing buffered is sent again on a new socket), so what
+the server stored of each stream is a prefix; the rest then go one at a time on the
+main connection, and the server drops what it has already. (nats-py's reconnecting
+connection does send its buffer again after a reconnection, which can store a later
+message before an earlier one the server lost: the broker-outage test caught that
+with a first version.) ``pipelined=False`` waits for each acknowledgement before the
+next message of a stream: slower, and order holds even if the server refused a single
+message and accepted the next. Consumers are durable pull consumers, acknowledged
 when their handler returns and delivered again (``nak``) when it raises.
 """
 
@@ -18,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -43,7 +49,7 @@ class JetStreamBus:
         duplicate_window: timedelta = timedelta(minutes=2),
         timeout: float = 5.0,
         redelivery_delay: float = 0.5,
-        pipelined: bool = False,
+        pipelined: bool = True,
     ) -> None:
         self.url = url
         self.stream = stream
@@ -52,9 +58,8 @@ class JetStreamBus:
         self.timeout = timeout
         self.redelivery_delay = redelivery_delay
         self.pipelined = pipelined
-        """Send a ledger stream's messages without waiting for each acknowledgement:
-        several times faster for one busy stream, but a stream's order may break
-        across a lost connection (a later message stored before an earlier one)."""
+        """Send a ledger stream's messages without waiting for each acknowledgement
+        (faster for one busy stream; the module docstring says how order holds)."""
         self._nc: Any = None
         self._js: Any = None
         self._consumers: list[_PullConsumer] = []
@@ -104,6 +109,23 @@ class JetStreamBus:
     async def _on_reconnected(self) -> None:
         log.info("event bus %s: reconnected", self.url)
 
+    @contextlib.asynccontextmanager
+    async def _one_off(self) -> AsyncIterator[Any]:
+        """A JetStream context on a connection that never reconnects, closed after."""
+        import nats
+
+        async def quiet(exc: Exception) -> None:
+            log.debug("event bus %s (publisher): %r", self.url, exc)
+
+        nc = await nats.connect(
+            self.url, connect_timeout=self.timeout, allow_reconnect=False, error_cb=quiet
+        )
+        try:
+            yield nc.jetstream(timeout=self.timeout)
+        finally:
+            with contextlib.suppress(Exception):
+                await nc.close()
+
     async def close(self) -> None:
         self._closing = True
         for consumer in list(self._consumers):
@@ -131,39 +153,54 @@ class JetStreamBus:
                 headers={**message.headers, MSG_ID: message.id},
             )
 
-        async def chain(indexes: list[int]) -> None:
-            if not self.pipelined:
-                # One at a time, each acknowledged before the next: a message can only
-                # be stored after the ones before it, whatever is lost and retried.
-                for index in indexes:
-                    duplicates[index] = bool((await send(index)).duplicate)
-                return
-            # Pipelined: faster, but across a lost connection the client's own buffer
-            # and the retry below may store a later message before an earlier one.
-            pending: list[tuple[int, asyncio.Future[Any]]] = []
+        async def one_by_one(indexes: list[int]) -> None:
+            # Each acknowledged before the next: a message can only be stored after
+            # the ones before it, whatever is lost and retried.
             for index in indexes:
-                message = messages[index]
-                future = await self._js.publish_async(
-                    message.subject,
-                    message.data,
-                    wait_stall=self.timeout,
-                    stream=self.stream,
-                    headers={**message.headers, MSG_ID: message.id},
-                )
-                pending.append((index, future))
-            for at, (index, future) in enumerate(pending):
-                try:
+                duplicates[index] = bool((await send(index)).duplicate)
+
+        async def pipelined(js: Any, indexes: list[int]) -> None:
+            sent = 0
+            try:
+                pending = []
+                for index in indexes:
+                    message = messages[index]
+                    pending.append(
+                        await js.publish_async(
+                            message.subject,
+                            message.data,
+                            wait_stall=self.timeout,
+                            stream=self.stream,
+                            headers={**message.headers, MSG_ID: message.id},
+                        )
+                    )
+                for index, future in zip(indexes, pending, strict=True):
                     ack = await asyncio.wait_for(future, self.timeout)
-                except Exception:  # noqa: BLE001 - fall back to one at a time from here
-                    for _, left in pending[at:]:
-                        left.cancel()
-                    for again in indexes[at:]:
-                        duplicates[again] = bool((await send(again)).duplicate)
-                    return
-                duplicates[index] = bool(ack.duplicate)
+                    duplicates[index] = bool(ack.duplicate)
+                    sent += 1
+            except Exception:  # noqa: BLE001 - the rest one at a time, in order
+                await one_by_one(indexes[sent:])
 
         try:
-            await asyncio.gather(*(chain(i) for i in chains.values()))
+            if not self.pipelined:
+                await asyncio.gather(*(one_by_one(i) for i in chains.values()))
+            else:
+                # On a connection of this call's own that never reconnects: a socket
+                # that breaks takes every later message of a chain with it (TCP keeps
+                # their order, and nothing buffered is sent again on a new socket), so
+                # the server stored a prefix of each chain. The rest then go one at a
+                # time on the main connection; what the server has already, it drops
+                # as a repeat of its Nats-Msg-Id.
+                async with contextlib.AsyncExitStack() as stack:
+                    try:
+                        js = await stack.enter_async_context(self._one_off())
+                    except Exception as lost:  # noqa: BLE001 - no second connection now
+                        log.debug("event bus %s: not pipelining (%r)", self.url, lost)
+                        js = None
+                    if js is None:
+                        await asyncio.gather(*(one_by_one(i) for i in chains.values()))
+                    else:
+                        await asyncio.gather(*(pipelined(js, i) for i in chains.values()))
         except Exception as exc:
             raise BusUnavailableError(self.url, f"publish failed: {exc!r}") from exc
         return duplicates
