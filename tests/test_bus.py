@@ -410,3 +410,12 @@ async def test_the_relay_command_runs_until_told_to_stop(tmp_path: Any, nats_url
     _, err = await missing.communicate()
     assert missing.returncode == 2
     assert b"--nats" in err
+
+
+def test_a_route_with_a_wrong_subject_template_is_refused_at_once() -> None:
+    with pytest.raises(lf.ConfigurationError, match="may be filled in"):
+        Route(subject="orders.{order_id}")
+    with pytest.raises(lf.ConfigurationError, match="no NATS subject"):
+        Route(subject="orders.>.{type}")
+    with pytest.raises(lf.ConfigurationError, match="routes"):
+        Relay(None, InProcessBus(), [])  # type: ignore[arg-type]

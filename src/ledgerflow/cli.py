@@ -974,16 +974,7 @@ def diagram_command(
 def _machines(target: str) -> list[Machine]:
     """The machines named by ``module:attribute`` (one, a list of versions, or a
     function returning either), oldest version first."""
-    module_name, _, attribute = target.partition(":")
-    if not module_name or not attribute:
-        _fail(f"{target!r}: expected module:attribute naming a state machine")
-    if str(Path.cwd()) not in sys.path:
-        sys.path.insert(0, str(Path.cwd()))  # modules of the current directory
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
-    found = getattr(module, attribute, None)
+    found = _attribute(target, "a state machine")
     if callable(found) and not isinstance(found, Machine):
         found = found()
     listed = found if isinstance(found, list | tuple) else [found]
@@ -1311,8 +1302,8 @@ def _cell(value: Any) -> str:
     return escape(value if isinstance(value, str) else _compact(value))
 
 
-def _named(target: str, kind: type[T], what: str) -> T:
-    """The object ``module:attribute`` names, which must be a ``kind``."""
+def _attribute(target: str, what: str) -> Any:
+    """What ``module:attribute`` names (modules of the current directory too)."""
     module_name, _, attribute = target.partition(":")
     if not module_name or not attribute:
         _fail(f"{target!r}: expected module:attribute naming {what}")
@@ -1322,7 +1313,12 @@ def _named(target: str, kind: type[T], what: str) -> T:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
-    found = getattr(module, attribute, None)
+    return getattr(module, attribute, None)
+
+
+def _named(target: str, kind: type[T], what: str) -> T:
+    """The object ``module:attribute`` names, which must be a ``kind``."""
+    found = _attribute(target, what)
     if not isinstance(found, kind):
         _fail(f"{target!r}: expected {what}")
     return found

@@ -57,6 +57,18 @@ class Route:
     types: Collection[str] = ()
     stream_prefix: str | None = None
 
+    def __post_init__(self) -> None:
+        # A wrong template is said now, not by every batch of a running relay.
+        try:
+            made = self.subject.format(type="t", category="c", stream="s")
+        except (KeyError, IndexError, ValueError) as exc:
+            raise ConfigurationError(
+                f"route subject {self.subject!r}: only {{type}}, {{category}} and {{stream}} "
+                f"may be filled in ({exc!r})"
+            ) from None
+        if not made or any(c in made for c in " *>") or ".." in made or made.endswith("."):
+            raise ConfigurationError(f"route subject {self.subject!r} is no NATS subject")
+
     def matches(self, event: RecordedEvent) -> bool:
         if self.types and event.type not in self.types:
             return False
