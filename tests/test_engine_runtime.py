@@ -227,6 +227,40 @@ async def test_instances_started_on_a_full_engine_wait_for_a_slot(
     assert tally.most_at_once == 1
 
 
+async def test_a_claim_in_flight_holds_its_slots_from_starts_meanwhile(
+    engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A claim that counted one free slot is held in flight while two instances are
+    started on the engine: the starts must not run one in that slot too, or the
+    claim's lease makes two passes on an engine of one (a CI failure on
+    PostgreSQL, whose claim round trip leaves room for it)."""
+    async with engine(holding, concurrency=1) as e:
+        real_claim = e.store.claim_wakeups
+        reached = asyncio.Event()
+        go_on = asyncio.Event()
+        held_once = [False]
+
+        async def claim_wakeups(*args: Any, **kwargs: Any) -> Any:
+            if not held_once[0]:
+                held_once[0] = True
+                reached.set()
+                await go_on.wait()
+            return await real_claim(*args, **kwargs)
+
+        monkeypatch.setattr(e.store, "claim_wakeups", claim_wakeups)
+        await until(reached.is_set, poke=e)
+        handles = [await e.start(holding, n, id=f"c-{n}") for n in range(2)]
+        go_on.set()
+        await until(lambda: tally.running >= 1, poke=e)
+        for _ in range(3):  # more looks, each a chance to claim too much
+            e._wake.set()
+            await asyncio.sleep(0.02)
+        assert tally.most_at_once == 1
+        gate.set()
+        assert sorted([await outcome(e, h) for h in handles]) == [0, 1]
+    assert tally.most_at_once == 1
+
+
 def test_an_engine_needs_at_least_one_slot() -> None:
     with pytest.raises(ledgerflow.ConfigurationError, match=r"^Engine concurrency must be >= 1$"):
         Engine("memory://", concurrency=0)

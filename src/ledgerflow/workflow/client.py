@@ -164,9 +164,14 @@ class WorkflowClient(Operations, MachineClient):
     _owner: str | None = None
     _lease_us: int = 0
 
-    def _takes_new_work(self) -> bool:
-        """Whether this process runs an instance it starts (a client never does)."""
+    def _reserve_slot(self) -> bool:
+        """Whether this process runs an instance it starts (a client never does); an
+        engine that says yes holds a slot for it until ``_run_here`` or
+        ``_release_slot``."""
         return False
+
+    def _release_slot(self) -> None:
+        raise AssertionError("a client holds no slot")  # pragma: no cover
 
     def _run_here(self, history: History) -> None:
         raise AssertionError("a client runs no instance")  # pragma: no cover
@@ -259,7 +264,24 @@ class WorkflowClient(Operations, MachineClient):
             )
         encoded = _check_input(definition, given)
         now = self._now_us()
-        local = self._takes_new_work()
+        local = self._reserve_slot()
+        try:
+            await self._record_start(workflow_id, definition, encoded, parent_id, now, local)
+        finally:
+            if local:
+                # Running here (no await since ``_run_here``: the slot passes to the
+                # pass at once), already started, or failed: the hold ends.
+                self._release_slot()
+
+    async def _record_start(
+        self,
+        workflow_id: str,
+        definition: Definition,
+        encoded: Any,
+        parent_id: str | None,
+        now: int,
+        local: bool,
+    ) -> None:
         row = InstanceRow(
             workflow_id,
             definition.name,

@@ -210,6 +210,7 @@ class Engine(WorkflowClient):
             fence_of=self._fence,
         )
         self._active: dict[str, asyncio.Task[None]] = {}
+        self._held_slots = 0  # reserved by starts and claims in flight
         self._fences: dict[str, Fence] = {}
         """This engine's lease on each instance it runs (owner and epoch): the fence of
         its appends. One object per lease, not one per append."""
@@ -265,8 +266,22 @@ class Engine(WorkflowClient):
 
     # -- hooks of the client ----------------------------------------------------------
 
-    def _takes_new_work(self) -> bool:
-        return len(self._active) < self.concurrency and not self._closing
+    def _free_slots(self) -> int:
+        # Slots held for a start or a claim still in flight count as taken: else a
+        # claim that read the free count before a start's await ran one more pass
+        # than ``concurrency`` (seen on PostgreSQL, whose claim round trip is long).
+        return self.concurrency - len(self._active) - self._held_slots
+
+    def _reserve_slot(self) -> bool:
+        if self._closing or self._free_slots() <= 0:
+            return False
+        self._held_slots += 1
+        return True
+
+    def _release_slot(self) -> None:
+        self._held_slots -= 1
+        if self._saturated:
+            self._wake.set()  # a claim held back for this slot looks again
 
     def _run_here(self, history: History) -> None:
         # Started with a lease to this engine on a new wake-up row: its first epoch.
@@ -371,7 +386,7 @@ class Engine(WorkflowClient):
             self._wake.clear()
             if self._stopping():
                 break
-            if self.concurrency - len(self._active) <= 0:
+            if self._free_slots() <= 0:
                 # Every slot is busy: a pass ending frees one and wakes us; looking at
                 # due times now would only find the backlog due and spin.
                 self._saturated = True
@@ -392,20 +407,24 @@ class Engine(WorkflowClient):
             self._sleeping_until = None
 
     async def _claim(self) -> bool:
-        free = self.concurrency - len(self._active)
+        free = self._free_slots()
         if free <= 0:
             self._saturated = True
             return False
         now = self._now_us()
-        # Only instances of workflows registered here: a worker that cannot run an
-        # instance leaves it to one that can, instead of parking it.
-        leases = await self.store.claim_wakeups(
-            self.owner,
-            now_us=now,
-            lease_until_us=now + self.lease_us,
-            limit=free,
-            workflows=self._definitions.keys(),
-        )
+        self._held_slots += free
+        try:
+            # Only instances of workflows registered here: a worker that cannot run
+            # an instance leaves it to one that can, instead of parking it.
+            leases = await self.store.claim_wakeups(
+                self.owner,
+                now_us=now,
+                lease_until_us=now + self.lease_us,
+                limit=free,
+                workflows=self._definitions.keys(),
+            )
+        finally:
+            self._held_slots -= free
         for lease in leases:
             self._fences[lease.workflow_id] = Fence(lease.workflow_id, self.owner, lease.epoch)
             if lease.workflow_id in self._active:
