@@ -210,6 +210,126 @@ async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
     assert attempts == [1, 2, 3]
 
 
+async def _stored(bus: JetStreamBus, subject: str, count: int) -> list[lf.bus.Message]:
+    """The messages the stream holds on ``subject``, in the stream's order (all of
+    them: ``count`` are expected, and a pause after shows there are no more)."""
+    got: list[lf.bus.Message] = []
+    done = asyncio.Event()
+
+    async def keep(delivery: Delivery) -> None:
+        got.append(delivery.message)
+        if len(got) >= count:
+            done.set()
+
+    subscription = await bus.subscribe(subject, durable=f"r{uuid.uuid4().hex[:8]}", handler=keep)
+    try:
+        await asyncio.wait_for(done.wait(), WAIT)
+        await asyncio.sleep(0.2)  # anything more would be a duplicate
+    finally:
+        await subscription.stop()
+    return got
+
+
+def _publisher(bus: JetStreamBus) -> Any:
+    return bus._pub
+
+
+def _chains(root: str, chains: int, each: int) -> list[lf.bus.Message]:
+    """``chains`` keys' messages interleaved, each key's numbered in order."""
+    return [
+        lf.bus.Message(f"{root}.c{c}", str(uuid.uuid4()), f"{n}".encode(), key=f"{root}{c}")
+        for n in range(each)
+        for c in range(chains)
+    ]
+
+
+def _in_order(stored: list[lf.bus.Message], sent: list[lf.bus.Message]) -> None:
+    """Each sent message stored once, and each key's in the order sent."""
+    assert sorted(m.id for m in stored) == sorted(m.id for m in sent)
+    for key in {m.key for m in sent}:
+        ids = [m.id for m in sent if m.key == key]
+        order = {i: n for n, i in enumerate(ids)}
+        assert [order[m.id] for m in stored if m.id in order] == list(range(len(ids)))
+
+
+async def test_a_pipelined_batch_cut_short_goes_on_one_at_a_time_in_order(
+    nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The publisher connection closes a third of the way into a batch (a broken
+    socket): the server stored a prefix of each key's messages, the rest go one at a
+    time on the main connection, nothing is stored twice or out of order, and the
+    next batch pipelines again on a new publisher connection."""
+    tag = uuid.uuid4().hex[:10]
+    bus = JetStreamBus(nats_url, stream=f"LFTEST_{tag}", subjects=[f"lftest{tag}.>"], timeout=2.0)
+    await bus.open()
+    try:
+        first = _chains(f"lftest{tag}", chains=3, each=10)
+        assert await bus.publish(first) == [False] * 30  # makes the publisher connection
+        publisher = bus._pub
+        real_publish = publisher.publish
+        sent = [0]
+
+        async def breaks(*args: Any, **kwargs: Any) -> None:
+            sent[0] += 1
+            if sent[0] == 20:
+                await publisher.close()  # what it had buffered goes out first, in order
+            await real_publish(*args, **kwargs)
+
+        monkeypatch.setattr(publisher, "publish", breaks)
+        cut = _chains(f"lftest{tag}", chains=3, each=20)
+        again = first[:5]  # stored already: the server says so
+        held = await bus.publish(cut + again)
+        # What went out before the cut may be stored with its acknowledgement lost:
+        # the server then says it held it already, as the port allows.
+        assert held[19:] == [False] * 41 + [True] * 5
+        assert sent[0] == 20
+        assert bus._pub is None  # the broken connection is not used again
+        last = _chains(f"lftest{tag}", chains=2, each=5)
+        assert await bus.publish(last) == [False] * 10
+        renewed = _publisher(bus)  # a function: mypy keeps no narrowing across it
+        assert renewed is not None
+        assert renewed is not publisher
+        stored = await _stored(bus, f"lftest{tag}.>", 100)
+        _in_order(stored, first + cut + last)
+    finally:
+        await bus.close()
+        import nats
+
+        nc = await nats.connect(nats_url)
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(f"LFTEST_{tag}")
+        await nc.close()
+
+
+async def test_concurrent_publishes_share_the_bus_and_keep_each_keys_order(
+    jetstream: JetStreamBus,
+) -> None:
+    """A relay and steps publish on one bus at once: each call's messages are stored
+    once, each key's in order, over one publisher connection when pipelining."""
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    calls = [_chains(f"{root}.p{p}", chains=3, each=30) for p in range(4)]
+    results = await asyncio.gather(*(jetstream.publish(c) for c in calls))
+    assert results == [[False] * 90] * 4
+    if jetstream.pipelined:
+        assert _publisher(jetstream) is not None
+    _in_order(await _stored(jetstream, f"{root}.>", 360), [m for c in calls for m in c])
+
+
+async def test_a_message_no_stream_takes_fails_the_batch_and_loses_no_other(
+    jetstream: JetStreamBus,
+) -> None:
+    """A subject outside the stream (a route the stream does not cover): publishing
+    fails with ``BusUnavailableError`` naming why, so the relay stops there and
+    retries instead of moving its checkpoint past it; the other keys' messages are
+    stored, in order."""
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    good = _chains(root, chains=2, each=5)
+    stray = lf.bus.Message("elsewhere.x", str(uuid.uuid4()), b"{}", key="k-stray")
+    with pytest.raises(lf.BusUnavailableError, match="publish failed"):
+        await jetstream.publish([*good[:4], stray, *good[4:]])
+    _in_order(await _stored(jetstream, f"{root}.>", 10), good)
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="stopping the NATS service needs root")
 async def test_the_relay_waits_out_a_broker_outage_and_catches_up(
     ledger: BaseEventStore, jetstream: JetStreamBus

@@ -25,6 +25,7 @@ EXPECTED = {
     "StepNotParkedError",
     "CircuitOpenError",
     "BulkheadFullError",
+    "BusUnavailableError",
     "classify",
     "Timeouts",
     "StepTimeoutError",

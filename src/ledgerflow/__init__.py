@@ -28,6 +28,7 @@ from .audit import Finding, FindingKind, VerifyReport, verify_ledger
 from .clock import Clock, DatabaseClock, ManualClock, SystemClock
 from .errors import (
     BulkheadFullError,
+    BusUnavailableError,
     ChildWorkflowError,
     CircuitOpenError,
     ConcurrencyError,
@@ -124,6 +125,7 @@ __all__ = [
     "Breaker",
     "Bulkhead",
     "BulkheadFullError",
+    "BusUnavailableError",
     "ChildWorkflowError",
     "CircuitOpenError",
     "Clock",

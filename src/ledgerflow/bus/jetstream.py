@@ -6,8 +6,9 @@ drops a message whose id it stored within its duplicate window, so a relay that
 publishes a batch again after a crash stores nothing twice.
 
 Each ledger stream's messages keep their order. By default (``pipelined``) a batch
-goes out on a connection of the call's own that never reconnects, without waiting for
-each acknowledgement: when that socket breaks, the later messages are lost with it
+goes out on a connection of the bus's own that never reconnects, without waiting for
+each acknowledgement (they come back to one subscription, named by the message's
+index in the batch): when that socket breaks, the later messages are lost with it
 (TCP keeps their order, and nothing buffered is sent again on a new socket), so what
 the server stored of each stream is a prefix; the rest then go one at a time on the
 main connection, and the server drops what it has already. (nats-py's reconnecting
@@ -23,8 +24,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -37,6 +39,7 @@ __all__ = ["JetStreamBus"]
 log = logging.getLogger("ledgerflow.bus")
 
 MSG_ID = "Nats-Msg-Id"
+EXPECTED_STREAM = "Nats-Expected-Stream"
 
 
 class JetStreamBus:
@@ -63,6 +66,8 @@ class JetStreamBus:
         self._nc: Any = None
         self._js: Any = None
         self._consumers: list[_PullConsumer] = []
+        self._pub: Any = None
+        self._pub_lock = asyncio.Lock()
         self._closing = False
 
     async def open(self) -> None:
@@ -109,27 +114,34 @@ class JetStreamBus:
     async def _on_reconnected(self) -> None:
         log.info("event bus %s: reconnected", self.url)
 
-    @contextlib.asynccontextmanager
-    async def _one_off(self) -> AsyncIterator[Any]:
-        """A JetStream context on a connection that never reconnects, closed after."""
-        import nats
+    async def _publisher(self) -> Any:
+        """The connection pipelined batches go out on: one of this bus's own that never
+        reconnects, made again for the next batch once it has broken."""
+        async with self._pub_lock:  # concurrent publishers share one, not one each
+            if self._pub is not None and self._pub.is_connected:
+                return self._pub
+            await self._drop_publisher()
+            import nats
 
-        async def quiet(exc: Exception) -> None:
-            log.debug("event bus %s (publisher): %r", self.url, exc)
+            async def quiet(exc: Exception) -> None:
+                log.debug("event bus %s (publisher): %r", self.url, exc)
 
-        nc = await nats.connect(
-            self.url, connect_timeout=self.timeout, allow_reconnect=False, error_cb=quiet
-        )
-        try:
-            yield nc.jetstream(timeout=self.timeout)
-        finally:
+            self._pub = await nats.connect(
+                self.url, connect_timeout=self.timeout, allow_reconnect=False, error_cb=quiet
+            )
+            return self._pub
+
+    async def _drop_publisher(self) -> None:
+        pub, self._pub = self._pub, None
+        if pub is not None:
             with contextlib.suppress(Exception):
-                await nc.close()
+                await pub.close()
 
     async def close(self) -> None:
         self._closing = True
         for consumer in list(self._consumers):
             await consumer.stop()
+        await self._drop_publisher()
         if self._nc is not None:
             with contextlib.suppress(Exception):
                 await self._nc.close()
@@ -138,72 +150,113 @@ class JetStreamBus:
     async def publish(self, messages: Sequence[Message]) -> list[bool]:
         if self._js is None:
             raise BusUnavailableError(self.url, "not open")
-        duplicates = [False] * len(messages)
+        duplicates: list[bool | None] = [None] * len(messages)
         chains: dict[str, list[int]] = {}
         for index, message in enumerate(messages):
             chains.setdefault(message.key or message.id, []).append(index)
-
-        def send(index: int) -> Any:
-            message = messages[index]
-            return self._js.publish(
-                message.subject,
-                message.data,
-                timeout=self.timeout,
-                stream=self.stream,
-                headers={**message.headers, MSG_ID: message.id},
-            )
 
         async def one_by_one(indexes: list[int]) -> None:
             # Each acknowledged before the next: a message can only be stored after
             # the ones before it, whatever is lost and retried.
             for index in indexes:
-                duplicates[index] = bool((await send(index)).duplicate)
-
-        async def pipelined(js: Any, indexes: list[int]) -> None:
-            sent = 0
-            try:
-                pending = []
-                for index in indexes:
-                    message = messages[index]
-                    pending.append(
-                        await js.publish_async(
-                            message.subject,
-                            message.data,
-                            wait_stall=self.timeout,
-                            stream=self.stream,
-                            headers={**message.headers, MSG_ID: message.id},
-                        )
-                    )
-                for index, future in zip(indexes, pending, strict=True):
-                    ack = await asyncio.wait_for(future, self.timeout)
-                    duplicates[index] = bool(ack.duplicate)
-                    sent += 1
-            except Exception:  # noqa: BLE001 - the rest one at a time, in order
-                await one_by_one(indexes[sent:])
+                message = messages[index]
+                ack = await self._js.publish(
+                    message.subject,
+                    message.data,
+                    timeout=self.timeout,
+                    stream=self.stream,
+                    headers={**message.headers, MSG_ID: message.id},
+                )
+                duplicates[index] = bool(ack.duplicate)
 
         try:
-            if not self.pipelined:
-                await asyncio.gather(*(one_by_one(i) for i in chains.values()))
-            else:
-                # On a connection of this call's own that never reconnects: a socket
-                # that breaks takes every later message of a chain with it (TCP keeps
-                # their order, and nothing buffered is sent again on a new socket), so
-                # the server stored a prefix of each chain. The rest then go one at a
-                # time on the main connection; what the server has already, it drops
-                # as a repeat of its Nats-Msg-Id.
-                async with contextlib.AsyncExitStack() as stack:
-                    try:
-                        js = await stack.enter_async_context(self._one_off())
-                    except Exception as lost:  # noqa: BLE001 - no second connection now
-                        log.debug("event bus %s: not pipelining (%r)", self.url, lost)
-                        js = None
-                    if js is None:
-                        await asyncio.gather(*(one_by_one(i) for i in chains.values()))
-                    else:
-                        await asyncio.gather(*(pipelined(js, i) for i in chains.values()))
+            if self.pipelined:
+                await self._pipeline(messages, duplicates)
+            # What the pipeline left (all of it when not pipelining): from each
+            # chain's first message without an acknowledgement on, one at a time on
+            # the main connection; what the server has already, it drops as a
+            # repeat of its Nats-Msg-Id.
+            rest = [
+                indexes[next(i for i, x in enumerate(indexes) if duplicates[x] is None) :]
+                for indexes in chains.values()
+                if any(duplicates[x] is None for x in indexes)
+            ]
+            await asyncio.gather(*(one_by_one(r) for r in rest))
         except Exception as exc:
             raise BusUnavailableError(self.url, f"publish failed: {exc!r}") from exc
-        return duplicates
+        return [bool(d) for d in duplicates]
+
+    async def _pipeline(self, messages: Sequence[Message], duplicates: list[bool | None]) -> None:
+        """Send the whole batch without waiting, then collect the acknowledgements
+        into ``duplicates`` (left ``None`` where none came, or an error did).
+
+        On the publisher connection, which never reconnects: a socket that breaks
+        takes every later message with it (TCP keeps their order, and nothing
+        buffered is sent again on a new socket), so the server stored a prefix of
+        each chain. Replies come to one subscription whose subjects end in the
+        message's index: no future, task or timer per message, which is most of
+        what nats-py's ``publish_async`` costs."""
+        try:
+            nc = await self._publisher()
+        except Exception as lost:  # noqa: BLE001 - no second connection now
+            log.debug("event bus %s: not pipelining (%r)", self.url, lost)
+            return
+        inbox = nc.new_inbox()
+        waiting = len(messages)
+        progress = asyncio.Event()
+        refused: list[str] = []
+
+        async def on_ack(msg: Any) -> None:
+            nonlocal waiting
+            index = int(msg.subject.rsplit(".", 1)[1])
+            status = (msg.headers or {}).get("Status")
+            if status is not None:  # 503: no stream listens on the subject
+                refused.append(f"status {status} for {messages[index].subject}")
+            else:
+                reply = json.loads(msg.data)
+                if "error" in reply:
+                    refused.append(str(reply["error"]))
+                elif duplicates[index] is None:
+                    duplicates[index] = bool(reply.get("duplicate", False))
+            waiting -= 1
+            progress.set()
+
+        sub = None
+        try:
+            sub = await nc.subscribe(f"{inbox}.*", cb=on_ack)
+            expected = {EXPECTED_STREAM: self.stream}
+            for index, message in enumerate(messages):
+                await nc.publish(
+                    message.subject,
+                    message.data,
+                    reply=f"{inbox}.{index}",
+                    headers={**message.headers, MSG_ID: message.id, **expected},
+                )
+            await nc.flush(self.timeout)
+            # A batch takes as long as it takes; a pause without a single
+            # acknowledgement for ``timeout``, or the socket breaking, ends the wait.
+            loop = asyncio.get_running_loop()
+            heard = loop.time()
+            while waiting > 0:
+                progress.clear()
+                try:
+                    await asyncio.wait_for(progress.wait(), min(self.timeout, 0.25))
+                    heard = loop.time()
+                except TimeoutError:
+                    if not nc.is_connected:
+                        raise BusUnavailableError(self.url, "publisher connection lost") from None
+                    if loop.time() - heard >= self.timeout:
+                        raise
+        except Exception as exc:  # noqa: BLE001 - the rest one at a time, in order
+            log.debug("event bus %s: pipelined batch cut short (%r)", self.url, exc)
+            await self._drop_publisher()
+            sub = None
+        finally:
+            if sub is not None:
+                with contextlib.suppress(Exception):
+                    await sub.unsubscribe()
+        if refused:
+            log.warning("event bus %s: the server refused %s", self.url, refused[0])
 
     async def subscribe(
         self, subject: str, *, durable: str, handler: Handler, max_attempts: int = 0
