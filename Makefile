@@ -4,7 +4,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 SRC    := src tests bench examples
 
-.PHONY: demo test lint types pytest bench format clean mutants
+.PHONY: demo test lint types pytest bench format clean mutants openapi
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,6 +33,9 @@ types: $(VENV)/.dev
 
 pytest: $(VENV)/.dev
 	$(BIN)/pytest -q
+
+openapi: $(VENV)/.dev  ## regenerate docs/openapi.json from the server's routes
+	$(BIN)/python -m ledgerflow.server.openapi > docs/openapi.json
 
 bench: $(VENV)/.dev  ## every benchmark, one JSON line each
 	@for b in bench/[!_]*.py; do $(BIN)/python $$b || exit 1; done

@@ -615,6 +615,39 @@ async def test_an_instance_code_cannot_go_on_with_parks_until_an_engine_resumes_
     assert events[-4] == Resumed(by=owner)
 
 
+async def test_an_operator_resumes_a_stuck_instance_with_a_reason(
+    engine: EngineFactory,
+) -> None:
+    """``resume`` takes a stuck instance up at once (an engine would only at its
+    start); with the code still broken it parks again. Who and why are recorded."""
+    await waiting_to_go(engine, retyped_before, "parks-r", "waits-r")
+    async with engine(retyped_after) as e:
+        await e.signal("parks-r", "go", actor="ops", reason="customer called")
+        with pytest.raises(ledgerflow.RecordedValueError):
+            await outcome(e, "parks-r")
+        with pytest.raises(ledgerflow.WorkflowInputError, match="reason"):
+            await e.resume("parks-r", reason=" ")
+        with pytest.raises(ledgerflow.WorkflowNotStuckError, match="running, not stuck"):
+            await e.resume("waits-r", reason="why not")
+        with pytest.raises(ledgerflow.WorkflowNotFoundError):
+            await e.resume("nobody", reason="why not")
+
+        await e.resume("parks-r", reason="fix deployed", actor="ana")
+        async with asyncio.timeout(WAIT):
+            while True:
+                events = await e.history("parks-r")
+                if sum(isinstance(ev.data, Stuck) for ev in events) == 2:
+                    break
+                await asyncio.sleep(0.01)
+        assert (await e.describe("parks-r")).status == "stuck"
+    signal = next(ev for ev in events if isinstance(ev.data, SignalSent))
+    assert (signal.metadata.actor, signal.metadata.reason) == ("ops", "customer called")
+    resumed = next(ev for ev in events if isinstance(ev.data, Resumed))
+    assert resumed.data == Resumed(by="ana")
+    assert (resumed.metadata.actor, resumed.metadata.reason) == ("ana", "resume: fix deployed")
+    assert [type(ev.data) for ev in events[-3:]] == [Stuck, Resumed, Stuck]
+
+
 async def test_resuming_skips_parked_instances_of_workflows_this_engine_lacks(
     engine: EngineFactory,
 ) -> None:

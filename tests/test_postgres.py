@@ -755,6 +755,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (6, "task queues"),
         (7, "guarded resources: breakers, rate limits, bulkheads"),
         (8, "projections: checkpoints, leases, failures"),
+        (9, "instances listed newest first"),
     ]
     async with open_adapter(url) as store:  # positions go on from where the head was
         assert [e.position for e in await store.read_all()] == [1, 2, 3]

@@ -83,6 +83,7 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
             f"DROP TABLE {s}.tasks, {s}.queues, {s}.resources, {s}.permits, {s}.projections, "
             f"{s}.inbox"
         )
+        con.execute(f"DROP INDEX {s}.workflows_by_created")
         con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 5")
     async with open_adapter(url) as store:
         await store.append("wf-a", [ev()], runtime=[PutTask(task("a"))])
@@ -94,10 +95,11 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
         ).fetchall()
-    assert rows[-3] == (6, "task queues")
-    assert rows[-2] == (7, "guarded resources: breakers, rate limits, bulkheads")
-    assert rows[-1] == (8, "projections: checkpoints, leases, failures")
-    assert _migrations(pg_schema)[-1].version == 8
+    assert rows[-4] == (6, "task queues")
+    assert rows[-3] == (7, "guarded resources: breakers, rate limits, bulkheads")
+    assert rows[-2] == (8, "projections: checkpoints, leases, failures")
+    assert rows[-1] == (9, "instances listed newest first")
+    assert _migrations(pg_schema)[-1].version == 9
 
 
 async def test_the_payload_is_kept_byte_for_byte(pg_schema: str) -> None:

@@ -23,6 +23,7 @@ EXPECTED = {
     "verify_machine",
     "Machine",
     "StepNotParkedError",
+    "WorkflowNotStuckError",
     "CircuitOpenError",
     "BulkheadFullError",
     "BusUnavailableError",

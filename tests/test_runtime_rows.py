@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 import ledgerflow
 from ledgerflow import (
@@ -30,7 +32,9 @@ from ledgerflow import (
 )
 from ledgerflow.hashing import GENESIS_HASH, chain_hash
 from ledgerflow.store._base import BaseEventStore
+from ledgerflow.store._runtime_rows import matches
 from ledgerflow.store.runtime import (
+    InstanceQuery,
     InstanceRow,
     Lease,
     Nudge,
@@ -594,6 +598,178 @@ async def test_list_instances_in_code_point_order_with_paging_and_status(
     assert "b" in [r.workflow_id for r in await store.list_instances(status="completed")]
 
 
+# A population that trips naive filters: LIKE wildcards and the escape in ids and
+# names, ASCII and non-ASCII case variants, tenant prefixes, ties on creation time.
+POPULATION = [
+    instance(wid, status, name=name, created=created)
+    for wid, status, name, created in [
+        ("acme/ord-1", "running", "order", 10),
+        ("acme/ord-2", "completed", "order", 20),
+        ("acme/Ord-3", "failed", "Order", 20),
+        ("acme/refund-1", "running", "refund", 30),
+        ("acme-eu/ord-1", "running", "order", 15),
+        ("acme_/x", "stuck", "order", 25),
+        ("acmeX/x", "running", "order", 25),
+        ("ac%e/x", "running", "pay%ment", 5),
+        ("back\\slash", "running", "order_v2", 40),
+        ("plain", "completed", "ordervv2", 40),
+        ("émile/ord", "running", "Émission", 50),
+        ("ÉMILE/ord", "running", "émission", 50),
+        ("🙂/ord", "running", "order", 60),
+        ("\U0010ffff/z", "running", "order", 60),
+        ("zeta", "running", "ORDER", 70),
+        ("summer", "completed", "Été", 1),
+    ]
+]
+
+
+async def put_population(store: BaseEventStore) -> None:
+    if await store.get_instance(POPULATION[0].workflow_id) is None:
+        await write(store, *(PutInstance(r) for r in POPULATION))
+
+
+def expected(query: InstanceQuery, after: str | None = None) -> list[InstanceRow]:
+    """The model: which rows a query lists, and in what order."""
+    rows = [r for r in POPULATION if matches(r, query)]
+    if query.newest_first:
+        rows.sort(key=lambda r: (r.created_at_us, r.workflow_id), reverse=True)
+        if after is not None:
+            mark = next(r for r in POPULATION if r.workflow_id == after)
+            rows = [
+                r for r in rows if (r.created_at_us, r.workflow_id) < (mark.created_at_us, after)
+            ]
+    else:
+        rows.sort(key=lambda r: r.workflow_id)
+        rows = [r for r in rows if after is None or r.workflow_id > after]
+    return rows
+
+
+async def listed(store: BaseEventStore, query: InstanceQuery, *, page: int) -> list[InstanceRow]:
+    """Every page of ``query``, each after the last id of the one before."""
+    rows: list[InstanceRow] = []
+    after: str | None = None
+    while chunk := await store.list_instances(query=query, after=after, limit=page):
+        assert len(chunk) <= page
+        rows += chunk
+        after = chunk[-1].workflow_id
+    return rows
+
+
+def ids(rows: list[InstanceRow]) -> list[str]:
+    return [r.workflow_id for r in rows]
+
+
+async def test_list_instances_by_each_filter(store: BaseEventStore) -> None:
+    await put_population(store)
+
+    async def listing(**fields: Any) -> list[str]:
+        return ids(await store.list_instances(query=InstanceQuery(**fields), limit=100))
+
+    # A tenant's prefix is a range, not a pattern: "acme_/" holds no wildcard.
+    assert await listing(id_prefix="acme/") == [
+        "acme/Ord-3",
+        "acme/ord-1",
+        "acme/ord-2",
+        "acme/refund-1",
+    ]
+    assert await listing(id_prefix="acme_/") == ["acme_/x"]
+    assert await listing(id_prefix="ac%") == ["ac%e/x"]
+    assert await listing(id_prefix="\U0010ffff") == ["\U0010ffff/z"]
+    assert await listing(id_prefix="") == ids(sorted(POPULATION, key=lambda r: r.workflow_id))
+    assert await listing(id_prefix="nobody/") == []
+
+    assert await listing(name="Order") == ["acme/Ord-3"]
+    assert await listing(name="order", status="running", id_prefix="acme") == [
+        "acme-eu/ord-1",
+        "acme/ord-1",
+        "acmeX/x",
+    ]
+
+    # Text: a substring of the id or the name, ASCII letters in either case, and
+    # the wildcards and the escape as themselves.
+    assert await listing(text="ORD-") == ["acme-eu/ord-1", "acme/Ord-3", "acme/ord-1", "acme/ord-2"]
+    assert await listing(text="%") == ["ac%e/x"]
+    assert await listing(text="_v") == ["back\\slash"]
+    assert await listing(text="\\") == ["back\\slash"]
+    assert await listing(text="refund") == ["acme/refund-1"]
+    # Non-ASCII letters match as written only (both backends' LIKE folds ASCII).
+    assert await listing(text="émi") == ["ÉMILE/ord", "émile/ord"]
+    assert await listing(text="Émi") == ["ÉMILE/ord", "émile/ord"]
+    assert await listing(text="ÉMILE") == ["ÉMILE/ord"]
+    assert await listing(text="été") == []
+    assert await listing(text="ÉTÉ") == []
+    assert await listing(text="Été") == ["summer"]
+
+    assert await listing(created_from_us=40, created_before_us=60) == [
+        "back\\slash",
+        "plain",
+        "ÉMILE/ord",
+        "émile/ord",
+    ]
+    assert await listing(created_before_us=10) == ["ac%e/x", "summer"]
+
+    # Newest first, ties by id descending.
+    assert (await listing(newest_first=True))[:5] == [
+        "zeta",
+        "\U0010ffff/z",
+        "🙂/ord",
+        "émile/ord",
+        "ÉMILE/ord",
+    ]
+    assert await listing(newest_first=True, created_from_us=20, created_before_us=26) == [
+        "acme_/x",
+        "acmeX/x",
+        "acme/ord-2",
+        "acme/Ord-3",
+    ]
+
+    with pytest.raises(ledgerflow.LedgerflowError, match="status"):
+        await store.list_instances(status="running", query=InstanceQuery(status="failed"))
+    with pytest.raises(ledgerflow.LedgerflowError, match="NUL"):
+        await store.list_instances(query=InstanceQuery(text="a\x00"))
+    with pytest.raises(ledgerflow.LedgerflowError, match="created_from_us"):
+        await store.list_instances(query=InstanceQuery(created_from_us=2**64))
+
+
+async def test_newest_first_pages_resume_after_the_last_row_even_among_ties(
+    store: BaseEventStore,
+) -> None:
+    await put_population(store)
+    query = InstanceQuery(newest_first=True)
+    for page in (1, 2, 3, 7):
+        assert ids(await listed(store, query, page=page)) == ids(expected(query))
+    # A page mark that no longer exists lists nothing, on every backend alike.
+    assert await store.list_instances(query=query, after="gone") == []
+
+
+QUERIES = st.builds(
+    InstanceQuery,
+    status=st.none() | st.sampled_from(["running", "completed", "failed", "stuck"]),
+    name=st.none() | st.sampled_from(["order", "Order", "ORDER", "refund", "pay%ment"]),
+    id_prefix=st.none()
+    | st.sampled_from(["", "acme", "acme/", "acme_", "ac%", "é", "É", "\U0010ffff", "zz"])
+    | st.text(max_size=3),
+    text=st.none()
+    | st.text(alphabet="aAoOrRdD%_\\/-éÉ1🙂mMeEtT", max_size=3).filter(lambda t: "\x00" not in t),
+    created_from_us=st.none() | st.integers(0, 80),
+    created_before_us=st.none() | st.integers(0, 80),
+    newest_first=st.booleans(),
+)
+
+
+@settings(
+    max_examples=60,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+@given(query=QUERIES, page=st.integers(1, 6))
+async def test_list_instances_agrees_with_the_model(
+    store: BaseEventStore, query: InstanceQuery, page: int
+) -> None:
+    await put_population(store)
+    assert await listed(store, query, page=page) == expected(query)
+
+
 # -- durability and schema ---------------------------------------------------------
 
 
@@ -623,17 +799,18 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
     async with open_adapter(store_url) as store:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
-    # 4 is the registry of workers on SQLite, 5 task queues, 6 guarded resources and 7
-    # projections; on PostgreSQL 4 is the global order by transaction visibility, then
-    # one more each.
-    last = 8 if "postgres" in store_url else 7
+    # 4 is the registry of workers on SQLite, 5 task queues, 6 guarded resources, 7
+    # projections and 8 an index by creation time; on PostgreSQL 4 is the global
+    # order by transaction visibility, then one more each.
+    last = 9 if "postgres" in store_url else 8
     assert [v for v, _ in recorded] == list(range(1, last + 1))
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
-    assert recorded[-4][1] == "the registry of workers"
-    assert recorded[-3][1] == "task queues"
-    assert recorded[-2][1] == "guarded resources: breakers, rate limits, bulkheads"
-    assert recorded[-1][1] == "projections: checkpoints, leases, failures"
+    assert recorded[-5][1] == "the registry of workers"
+    assert recorded[-4][1] == "task queues"
+    assert recorded[-3][1] == "guarded resources: breakers, rate limits, bulkheads"
+    assert recorded[-2][1] == "projections: checkpoints, leases, failures"
+    assert recorded[-1][1] == "instances listed newest first"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -696,6 +873,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
         (5, MIGRATIONS[4].name),
         (6, MIGRATIONS[5].name),
         (7, MIGRATIONS[6].name),
+        (8, MIGRATIONS[7].name),
     ]
 
 

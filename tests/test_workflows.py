@@ -307,6 +307,36 @@ async def test_child_workflows(engine: EngineFactory) -> None:
     assert (fixed.status, fixed.parent_id) == ("completed", "p-1")
 
 
+async def test_a_tenants_instance_and_its_children_live_in_its_namespace(
+    engine: EngineFactory,
+) -> None:
+    async with engine(parent, saga) as e:
+        handle = await e.start(
+            parent, Order("kid", 1), id="p-1", tenant="acme", actor="ana", reason="test order"
+        )
+        assert handle.id == "acme/p-1"
+        assert await handle.result(timeout=WAIT) == [1001, 1002]
+        # A generated child id and an explicit one both land under the tenant.
+        assert (await e.describe("acme/p-1.1")).parent_id == "acme/p-1"
+        assert (await e.describe("acme/child-fixed")).parent_id == "acme/p-1"
+        listed = await e.list_workflows(id_prefix="acme/")
+        assert [r.workflow_id for r in listed] == ["acme/child-fixed", "acme/p-1", "acme/p-1.1"]
+        first = (await e.history("acme/p-1"))[0]
+        assert first.data.tenant == "acme"
+        assert (first.metadata.actor, first.metadata.reason, first.metadata.tenant) == (
+            "ana",
+            "test order",
+            "acme",
+        )
+        # Starting again is idempotent within the tenant's namespace.
+        again = await e.start(parent, Order("kid", 1), id="p-1", tenant="acme")
+        assert again.id == "acme/p-1"
+        for bad in ("Acme", "-acme", "ac/me", "", "a" * 64, "acmé"):
+            with pytest.raises(ledgerflow.WorkflowInputError, match="tenant"):
+                await e.start(parent, Order("kid", 1), id="p-9", tenant=bad)
+        assert await e.list_workflows(text="p-9") == []
+
+
 async def test_failing_child_raises_in_the_parent(engine: EngineFactory) -> None:
     fake.fail["ship"] = 2
     async with engine(parent, saga) as e:

@@ -78,6 +78,7 @@ from .errors import (
     WorkflowFinishedError,
     WorkflowInputError,
     WorkflowNotFoundError,
+    WorkflowNotStuckError,
 )
 from .events import (
     ANY,
@@ -218,6 +219,7 @@ __all__ = [
     "WorkflowHandle",
     "WorkflowInputError",
     "WorkflowNotFoundError",
+    "WorkflowNotStuckError",
     "WorkflowStatus",
     "__version__",
     "classify",

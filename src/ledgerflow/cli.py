@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from . import cli_server as _server_cli
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
 from .errors import (
@@ -1457,6 +1458,11 @@ def worker(
             grace=grace,
         )
     )
+
+
+# The HTTP API's commands, in their own module (the web framework is an extra).
+app.command("server")(_server_cli.server)
+app.add_typer(_server_cli.keys_app, name="keys")
 
 
 def main() -> None:

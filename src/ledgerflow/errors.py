@@ -40,6 +40,7 @@ driver type ever crosses the port::
     │   ├── WorkflowFailedError     result() of an instance that did not complete
     │   ├── StepFailedError         inside workflow code: a step failed for good
     │   ├── StepNotParkedError      an operator action on an instance with no such step
+    │   ├── WorkflowNotStuckError   resume of an instance that is not stuck
     │   ├── ChildWorkflowError      inside workflow code: a child did not complete
     │   ├── InvalidTransition       an event a state machine does not accept where it is
     │   ├── TransitionFailedError   the activity of a state machine's transition failed
@@ -532,6 +533,16 @@ class StepNotParkedError(WorkflowError):
         self.action = action
         self.status = status
         self.candidates = candidates
+
+
+class WorkflowNotStuckError(WorkflowError):
+    """``resume`` found the instance not parked as stuck (it runs, waits, or a
+    worker took it up already)."""
+
+    def __init__(self, workflow_id: str, status: str) -> None:
+        super().__init__(f"cannot resume workflow {workflow_id!r}: it is {status}, not stuck")
+        self.workflow_id = workflow_id
+        self.status = status
 
 
 class ChildWorkflowError(WorkflowError):

@@ -14,7 +14,8 @@ from psycopg.abc import Params
 from psycopg.rows import TupleRow
 
 from ._postgres_sql import Sql
-from .runtime import InstanceRow, Lease, WakeupRow, WorkerRow
+from ._runtime_rows import instance_filter
+from .runtime import InstanceQuery, InstanceRow, Lease, WakeupRow, WorkerRow
 
 __all__ = ["PostgresRuntime"]
 
@@ -162,9 +163,18 @@ class PostgresRuntime(abc.ABC):
         return InstanceRow(*rows[0]) if rows else None
 
     async def _list_instances(
-        self, status: str | None, after: str | None, limit: int
+        self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]:
-        sql = self._sql.list_instances[status is not None, after is not None]
-        params = {"status": status, "after": after, "limit": limit}
-        rows = await self._fetch("list instances", sql, params)
+        # ILIKE under the "C" collation folds ASCII letters only, as SQLite's LIKE
+        # does (the database's own collation would fold more, and list more).
+        where, order, params = instance_filter(
+            query,
+            after,
+            table=f"{self._sql.s}.workflows",
+            placeholder="%s",
+            text_op="ILIKE",
+            text_collate=' COLLATE "C"',
+        )
+        sql = self._sql.list_instances.format(where=where, order=order)
+        rows = await self._fetch("list instances", sql, (*params, limit))
         return [InstanceRow(*r) for r in rows]

@@ -248,6 +248,11 @@ def migrations(schema: str) -> tuple[Migration, ...]:
         ),
         resource_migration(schema),
         projection_migration(schema),
+        Migration(
+            9,
+            "instances listed newest first",
+            (f"CREATE INDEX workflows_by_created ON {schema}.workflows (created_at, workflow_id)",),
+        ),
     )
 
 
@@ -279,6 +284,7 @@ class Sql:
 
     def __init__(self, schema: str) -> None:
         s = schema
+        self.s = schema
         self.begin_append = f"SELECT {s}.begin_append(%s, %s, %s)"
         self.give_back = f"SELECT {s}.give_back(%s, %s)"
         self.heads_of = (
@@ -485,15 +491,8 @@ class Sql:
             "WHERE task_id IN (SELECT task_id FROM held_tasks) RETURNING task_id) "
             'SELECT worker_id FROM dead ORDER BY worker_id COLLATE "C"'
         )
-        # One statement per combination of filters, so that each can use an index.
-        self.list_instances = {
-            (by_status, paged): f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE "
-            + " AND ".join(
-                ["true"]
-                + (["status = %(status)s"] if by_status else [])
-                + (["workflow_id > %(after)s"] if paged else [])
-            )
-            + " ORDER BY workflow_id LIMIT %(limit)s"
-            for by_status in (False, True)
-            for paged in (False, True)
-        }
+        # Filled in with runtime_rows.instance_filter's clauses (values as parameters).
+        self.list_instances = (
+            f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows "
+            "WHERE {where} ORDER BY {order} LIMIT %s"
+        )

@@ -5,6 +5,7 @@ registry of workers. Adapters supply the ``_`` hooks."""
 from __future__ import annotations
 
 import abc
+import dataclasses
 from collections.abc import Collection, Sequence
 from datetime import UTC, datetime
 
@@ -19,7 +20,7 @@ from ._checks import (
     _checked_kinds,
     _invalid,
 )
-from .runtime import InstanceRow, Lease, WakeupRow, WorkerRow
+from .runtime import InstanceQuery, InstanceRow, Lease, WakeupRow, WorkerRow
 
 __all__ = ["RuntimeRows"]
 
@@ -99,12 +100,19 @@ class RuntimeRows(abc.ABC):
         return await self._get_instance(workflow_id)
 
     async def list_instances(
-        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        query: InstanceQuery | None = None,
     ) -> list[InstanceRow]:
-        """Instances in id order after ``after``, optionally of one status."""
+        """Instances in id order (or newest first: ``query``) after the instance
+        ``after`` (a page's last id), of one status or matching ``query``."""
         self._check_open()
         _check_limit(limit)
-        return await self._list_instances(status, after, limit)
+        query = _check_query(query or InstanceQuery(), status)
+        return await self._list_instances(query, after, limit)
 
     # -- the registry of workers -------------------------------------------------------
 
@@ -180,7 +188,7 @@ class RuntimeRows(abc.ABC):
 
     @abc.abstractmethod
     async def _list_instances(
-        self, status: str | None, after: str | None, limit: int
+        self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]: ...
 
     @abc.abstractmethod
@@ -199,3 +207,120 @@ class RuntimeRows(abc.ABC):
 
     @abc.abstractmethod
     async def _reap_workers(self, now_us: int) -> list[str]: ...
+
+
+def _check_query(query: InstanceQuery, status: str | None) -> InstanceQuery:
+    if status is not None:
+        if query.status not in (None, status):
+            raise _invalid(f"status {status!r} and a query of status {query.status!r}")
+        query = dataclasses.replace(query, status=status)
+    for field in ("status", "name", "id_prefix", "text"):
+        value = getattr(query, field)
+        if value is not None and (not isinstance(value, str) or "\x00" in value):
+            raise _invalid(f"{field} must be a string without NUL, not {value!r:.60}")
+    for field in ("created_from_us", "created_before_us"):
+        value = getattr(query, field)
+        if value is not None:
+            _check_int(value, field, -(2**63), 2**63 - 1)
+    return query
+
+
+def like_pattern(text: str) -> str:
+    """``text`` as a LIKE pattern matching it anywhere, with ``\\`` as the escape."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return f"%{escaped}%"
+
+
+def matches(row: InstanceRow, query: InstanceQuery) -> bool:
+    """Whether ``row`` is one ``query`` asks for: the memory store's filter, and the
+    meaning the SQL ones must have."""
+    text = None if query.text is None else _ascii_fold(query.text)
+    return (
+        (query.status is None or row.status == query.status)
+        and (query.name is None or row.name == query.name)
+        and (query.id_prefix is None or row.workflow_id.startswith(query.id_prefix))
+        and (text is None or text in _ascii_fold(row.workflow_id) or text in _ascii_fold(row.name))
+        and (query.created_from_us is None or row.created_at_us >= query.created_from_us)
+        and (query.created_before_us is None or row.created_at_us < query.created_before_us)
+    )
+
+
+def _ascii_fold(text: str) -> str:
+    # SQLite's LIKE folds ASCII letters only; so does PostgreSQL's ILIKE under the
+    # "C" collation the ids use. Folding more here would list more than they do.
+    return text.translate(_ASCII_LOWER)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+def instance_filter(
+    query: InstanceQuery,
+    after: str | None,
+    *,
+    table: str,
+    placeholder: str,
+    text_op: str = "LIKE",
+    text_collate: str = "",
+) -> tuple[str, str, list[object]]:
+    """The WHERE and ORDER BY clauses listing the rows of ``table`` (the workflows
+    table, schema-qualified where it must be) that ``query`` asks for, after the
+    instance ``after``, and their parameters in order; ``placeholder`` is the
+    driver's (``?`` or ``%s``); ``text_op`` and ``text_collate`` make the text
+    search fold ASCII letters only. Only values travel as parameters."""
+    where: list[str] = []
+    params: list[object] = []
+    if query.status is not None:
+        where.append(f"status = {placeholder}")
+        params.append(query.status)
+    if query.name is not None:
+        where.append(f"name = {placeholder}")
+        params.append(query.name)
+    if query.id_prefix is not None and query.id_prefix:
+        # A range of the primary key: every id that starts with the prefix, and no
+        # LIKE (whose wildcards the prefix may hold).
+        where.append(f"workflow_id >= {placeholder}")
+        params.append(query.id_prefix)
+        upper = _after_prefix(query.id_prefix)
+        if upper is not None:
+            where.append(f"workflow_id < {placeholder}")
+            params.append(upper)
+    if query.text is not None:
+        pattern = like_pattern(query.text)
+        where.append(
+            f"(workflow_id{text_collate} {text_op} {placeholder} ESCAPE '\\' "
+            f"OR name{text_collate} {text_op} {placeholder} ESCAPE '\\')"
+        )
+        params += [pattern, pattern]
+    if query.created_from_us is not None:
+        where.append(f"created_at >= {placeholder}")
+        params.append(query.created_from_us)
+    if query.created_before_us is not None:
+        where.append(f"created_at < {placeholder}")
+        params.append(query.created_before_us)
+    if query.newest_first:
+        if after is not None:
+            where.append(
+                f"(created_at, workflow_id) < (SELECT created_at, workflow_id "
+                f"FROM {table} WHERE workflow_id = {placeholder})"
+            )
+            params.append(after)
+        order = "created_at DESC, workflow_id DESC"
+    else:
+        if after is not None:
+            where.append(f"workflow_id > {placeholder}")
+            params.append(after)
+        order = "workflow_id"
+    return " AND ".join(where) or "1 = 1", order, params
+
+
+def _after_prefix(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix`` (None when
+    there is none: the prefix is all U+10FFFF)."""
+    stripped = prefix.rstrip("\U0010ffff")
+    if not stripped:
+        return None
+    following = ord(stripped[-1]) + 1
+    if 0xD800 <= following <= 0xDFFF:  # surrogates are no characters: skip them
+        following = 0xE000
+    return stripped[:-1] + chr(following)

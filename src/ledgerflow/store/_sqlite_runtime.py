@@ -10,6 +10,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+from ._runtime_rows import instance_filter
 from ._sqlite_schema import (
     _CLAIM,
     _DEAD,
@@ -22,7 +23,7 @@ from ._sqlite_schema import (
     _WORKER_COLUMNS,
 )
 from ._sqlite_tasks import REAP_TASK_LEASES
-from .runtime import InstanceRow, Lease, WakeupRow, WorkerRow
+from .runtime import InstanceQuery, InstanceRow, Lease, WakeupRow, WorkerRow
 
 __all__ = ["SQLiteRuntime"]
 
@@ -225,14 +226,11 @@ class SQLiteRuntime(abc.ABC):
         return InstanceRow(*rows[0]) if rows else None
 
     async def _list_instances(
-        self, status: str | None, after: str | None, limit: int
+        self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]:
-        # A NULL ``after`` compares as unknown, so "after IS NULL OR id > after" lists
-        # every id, the empty one included.
+        where, order, params = instance_filter(query, after, table="workflows", placeholder="?")
         rows = await self._read(
-            f"SELECT {_INSTANCE_COLUMNS} FROM workflows "
-            "WHERE (?1 IS NULL OR status = ?1) AND (?2 IS NULL OR workflow_id > ?2) "
-            "ORDER BY workflow_id LIMIT ?3",
-            (status, after, limit),
+            f"SELECT {_INSTANCE_COLUMNS} FROM workflows WHERE {where} ORDER BY {order} LIMIT ?",
+            (*params, limit),
         )
         return [InstanceRow(*r) for r in rows]

@@ -105,6 +105,11 @@ MIGRATIONS = (
     TASK_MIGRATION,
     RESOURCE_MIGRATION,
     PROJECTION_MIGRATION,
+    Migration(
+        8,
+        "instances listed newest first",
+        ("CREATE INDEX workflows_by_created ON workflows (created_at, workflow_id)",),
+    ),
 )
 
 _PUT_INSTANCE = (

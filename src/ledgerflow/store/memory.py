@@ -21,10 +21,12 @@ from ._plan import (
     plan_batch,
 )
 from ._resources import moved, refill, tallied, token_wait_us
+from ._runtime_rows import matches
 from .runtime import (
     DropPermit,
     DropTask,
     DropTasks,
+    InstanceQuery,
     InstanceRow,
     Lease,
     MoveBreaker,
@@ -469,17 +471,21 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
         return self._instances.get(workflow_id)
 
     async def _list_instances(
-        self, status: str | None, after: str | None, limit: int
+        self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]:
-        rows = sorted(
-            (
-                r
-                for r in self._instances.values()
-                if (status is None or r.status == status)
-                and (after is None or r.workflow_id > after)
-            ),
-            key=lambda r: r.workflow_id,
-        )
+        rows = [r for r in self._instances.values() if matches(r, query)]
+        if query.newest_first:
+            rows.sort(key=lambda r: (r.created_at_us, r.workflow_id), reverse=True)
+            if after is not None:
+                mark = self._instances.get(after)
+                if mark is None:
+                    return []
+                key = (mark.created_at_us, mark.workflow_id)
+                rows = [r for r in rows if (r.created_at_us, r.workflow_id) < key]
+        else:
+            rows.sort(key=lambda r: r.workflow_id)
+            if after is not None:
+                rows = [r for r in rows if r.workflow_id > after]
         return rows[:limit]
 
     async def _read_stream_rows(

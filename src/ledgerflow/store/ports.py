@@ -18,6 +18,7 @@ from ..registry import EventRegistry
 from ._plan import EventRow, StreamHead
 from .runtime import (
     Fence,
+    InstanceQuery,
     InstanceRow,
     Lease,
     QueueRow,
@@ -236,8 +237,16 @@ class WorkflowStore(EventStore, Protocol):
     async def get_instance(self, workflow_id: str) -> InstanceRow | None: ...
 
     async def list_instances(
-        self, *, status: str | None = None, after: str | None = None, limit: int = 100
-    ) -> list[InstanceRow]: ...
+        self,
+        *,
+        status: str | None = None,
+        after: str | None = None,
+        limit: int = 100,
+        query: InstanceQuery | None = None,
+    ) -> list[InstanceRow]:
+        """Instances in id order, or newest first (``query.newest_first``), after the
+        instance ``after`` (the last of the page before), filtered by ``query``."""
+        ...
 
     async def register_worker(self, info: WorkerRow) -> None:
         """Record a running worker, or replace its row (a worker judged dead that

@@ -86,6 +86,24 @@ class InstanceRow:
 
 
 @dataclass(frozen=True, slots=True)
+class InstanceQuery:
+    """Which instances to list; every field set narrows the list (all: AND)."""
+
+    status: str | None = None
+    name: str | None = None
+    id_prefix: str | None = None
+    """Ids that start with it (a tenant's ``<tenant>/``): a range of the primary key."""
+    text: str | None = None
+    """A substring of the id or the name, ASCII letters in either case."""
+    created_from_us: int | None = None
+    """Created at or after (µs since the epoch)."""
+    created_before_us: int | None = None
+    """Created before (µs since the epoch)."""
+    newest_first: bool = False
+    """By creation time, newest first (ties by id, descending); else by id."""
+
+
+@dataclass(frozen=True, slots=True)
 class WakeupRow:
     workflow_id: str
     due_at_us: int | None

@@ -13,7 +13,7 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from types import TracebackType
 from typing import Any, Self, TypeVar, overload
 from uuid import UUID
@@ -44,7 +44,8 @@ from ..statemachine.client import MachineClient, check_machine, machine_waits
 from ..statemachine.definition import Machine
 from ..statemachine.instance import MachineOutcome
 from ..store import WorkflowStore, open_store
-from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
+from ..store.runtime import InstanceQuery, InstanceRow, Nudge, PutInstance, Schedule
+from ..tenants import check_tenant
 from .codec import CodecError, from_builtins, to_builtins
 from .definition import WorkflowDefinition
 from .executors import Definition
@@ -54,6 +55,7 @@ from .handles import (
     WorkflowDescription,
     WorkflowHandle,
     open_wait,
+    signal_waits,
     waiting_for,
 )
 from .history import (
@@ -218,15 +220,36 @@ class WorkflowClient(Operations, MachineClient):
 
     @overload
     async def start(
-        self, workflow: WorkflowDefinition[I, O], input: I, *, id: str | None = None
+        self,
+        workflow: WorkflowDefinition[I, O],
+        input: I,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> WorkflowHandle[O]: ...
     @overload
     async def start(
-        self, workflow: Machine, input: Any, *, id: str | None = None
+        self,
+        workflow: Machine,
+        input: Any,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> WorkflowHandle[MachineOutcome]: ...
     @overload
     async def start(
-        self, workflow: str, input: Any, *, id: str | None = None
+        self,
+        workflow: str,
+        input: Any,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> WorkflowHandle[Any]: ...
     async def start(
         self,
@@ -234,6 +257,9 @@ class WorkflowClient(Operations, MachineClient):
         input: Any,
         *,
         id: str | None = None,
+        tenant: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> WorkflowHandle[Any]:
         """Start an instance, or return the handle of the one with this ``id``.
 
@@ -241,10 +267,18 @@ class WorkflowClient(Operations, MachineClient):
         recorded. Starting is idempotent on ``id``: the same workflow and input
         return the existing instance; another workflow or input under the same id
         raises ``WorkflowAlreadyStartedError``. Without ``id`` a random one is used.
+        With ``tenant`` the instance (and its children) is in that tenant's
+        namespace: its id is ``<tenant>/<id>``. ``actor`` and ``reason`` are
+        recorded with the start (the metadata of its first event).
         """
         definition = self._definition(workflow)
         workflow_id = str(uuid.uuid4()) if id is None else id
-        await self._start(definition, input, workflow_id, None)
+        if tenant is not None:
+            workflow_id = f"{check_tenant(tenant, definition.name)}/{workflow_id}"
+        metadata = None
+        if actor is not None or reason is not None or tenant is not None:
+            metadata = Metadata(actor=actor, reason=reason, tenant=tenant)
+        await self._start(definition, input, workflow_id, None, tenant=tenant, metadata=metadata)
         return WorkflowHandle(self, workflow_id, definition.output_type)
 
     def handle(self, workflow_id: str, output_type: Any = Any) -> WorkflowHandle[Any]:
@@ -256,6 +290,9 @@ class WorkflowClient(Operations, MachineClient):
         given: Any,
         workflow_id: str,
         parent_id: str | None,
+        *,
+        tenant: str | None = None,
+        metadata: Metadata | None = None,
     ) -> None:
         if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
             raise WorkflowInputError(
@@ -266,7 +303,14 @@ class WorkflowClient(Operations, MachineClient):
         now = self._now_us()
         local = self._reserve_slot()
         try:
-            await self._record_start(workflow_id, definition, encoded, parent_id, now, local)
+            started = Started(
+                name=definition.name,
+                version=definition.version,
+                input=encoded,
+                parent_id=parent_id,
+                tenant=tenant,
+            )
+            await self._record_start(workflow_id, started, metadata, now, local)
         finally:
             if local:
                 # Running here (no await since ``_run_here``: the slot passes to the
@@ -276,18 +320,17 @@ class WorkflowClient(Operations, MachineClient):
     async def _record_start(
         self,
         workflow_id: str,
-        definition: Definition,
-        encoded: Any,
-        parent_id: str | None,
+        started: Started,
+        metadata: Metadata | None,
         now: int,
         local: bool,
     ) -> None:
         row = InstanceRow(
             workflow_id,
-            definition.name,
-            definition.version,
+            started.name,
+            started.version,
             WorkflowStatus.RUNNING,
-            parent_id,
+            started.parent_id,
             now,
             now,
         )
@@ -297,15 +340,13 @@ class WorkflowClient(Operations, MachineClient):
             self._owner if local else None,
             now + self._lease_us if local else None,
         )
-        started = Started(
-            name=definition.name, version=definition.version, input=encoded, parent_id=parent_id
-        )
         try:
             await self.store.append(
                 self.stream_id(workflow_id),
                 [started],
                 NO_STREAM,  # the one check that makes starting idempotent
                 runtime=[PutInstance(row), schedule],
+                metadata=metadata,
             )
         except ConcurrencyError:
             await self._same_start(workflow_id, started)
@@ -414,14 +455,22 @@ class WorkflowClient(Operations, MachineClient):
             return
 
     async def signal(
-        self, workflow_id: str, name: str, payload: Any = None, *, id: str | UUID | None = None
+        self,
+        workflow_id: str,
+        name: str,
+        payload: Any = None,
+        *,
+        id: str | UUID | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
     ) -> None:
         """Deliver a signal; kept until the workflow waits for it.
 
         If the instance is waiting for ``name`` now, the payload is checked against
         the waited-for type first: ``WorkflowInputError`` and nothing recorded if it
         does not fit. ``id`` makes sending idempotent: the same signal sent again with
-        the same id (a message delivered twice) is recorded once.
+        the same id (a message delivered twice) is recorded once. ``actor`` and
+        ``reason``, when given, are recorded with it (its metadata).
         """
         if not isinstance(name, str) or not name:
             raise WorkflowInputError(
@@ -432,8 +481,15 @@ class WorkflowClient(Operations, MachineClient):
         except CodecError as exc:
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
         event_id = None if id is None else _uuid(id)
+        metadata = None
+        if actor is not None or reason is not None:
+            metadata = Metadata(actor=actor, reason=reason)
         await self._send(
-            workflow_id, SignalSent(name=name, payload=encoded), "signal", event_id=event_id
+            workflow_id,
+            SignalSent(name=name, payload=encoded),
+            "signal",
+            metadata,
+            event_id=event_id,
         )
 
     async def cancel(
@@ -594,6 +650,7 @@ class WorkflowClient(Operations, MachineClient):
             result=result,
             error=error,
             unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
+            waiting_signals=() if finished else signal_waits(history),
         )
 
     def _waiting(self, row: InstanceRow, history: History) -> str | None:
@@ -604,9 +661,33 @@ class WorkflowClient(Operations, MachineClient):
         return machine_waits(definition, history)
 
     async def list_workflows(
-        self, *, status: str | None = None, after: str | None = None, limit: int = 100
+        self,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        id_prefix: str | None = None,
+        text: str | None = None,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = False,
+        after: str | None = None,
+        limit: int = 100,
     ) -> list[InstanceRow]:
-        return await self.store.list_instances(status=status, after=after, limit=limit)
+        """One page of instances, by id or newest first, after the instance ``after``
+        (the last id of the page before). Every filter given narrows the list:
+        ``text`` is a substring of the id or the name (ASCII letters in either case),
+        ``id_prefix`` a start of the id, and the creation time is in
+        [``created_from``, ``created_before``)."""
+        query = InstanceQuery(
+            status=status,
+            name=name,
+            id_prefix=id_prefix,
+            text=text,
+            created_from_us=None if created_from is None else to_micros(created_from),
+            created_before_us=None if created_before is None else to_micros(created_before),
+            newest_first=newest_first,
+        )
+        return await self.store.list_instances(query=query, after=after, limit=limit)
 
     async def workers(self) -> list[WorkerInfo]:
         """The registered workers (engines), alive, stopping or late, by id.

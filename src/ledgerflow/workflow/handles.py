@@ -67,6 +67,39 @@ class WorkflowDescription:
     error: str | None = None
     unconsumed_signals: tuple[str, ...] = ()
     """Signals sent that no wait has taken (yet, or ever: sent after the last wait)."""
+    waiting_signals: tuple[SignalWait, ...] = ()
+    """The signals the instance waits for now, each with its payload's JSON Schema."""
+
+
+@dataclass(frozen=True, slots=True)
+class SignalWait:
+    """A signal an instance waits for: its name, and the JSON Schema a payload must
+    fit (None: any payload, or a type without one); a form can be made from it."""
+
+    name: str
+    schema: dict[str, Any] | None
+    deadline: datetime | None
+
+
+def signal_waits(history: History) -> tuple[SignalWait, ...]:
+    """The open signal waits of an instance, newest first."""
+    return tuple(
+        SignalWait(
+            event.name,
+            event.schema,
+            None if event.deadline_us is None else _moment(event.deadline_us),
+        )
+        for events in open_commands(history)
+        for event in events
+        if isinstance(event, SignalWaiting)
+    )
+
+
+def _moment(us: int) -> datetime | None:
+    try:
+        return from_micros(us)
+    except OverflowError:  # a deadline beyond the year 9999
+        return None
 
 
 WorkerState = Literal["alive", "stopping", "late"]

@@ -61,11 +61,14 @@ __all__ = [
 ]
 
 
-class Started(msgspec.Struct, frozen=True, kw_only=True):
+class Started(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     name: str
     version: int
     input: Any
     parent_id: str | None = None
+    tenant: str | None = None
+    """The tenant whose namespace (``<tenant>/`` before the id) the instance is in;
+    its children are started there too."""
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True):

@@ -123,7 +123,12 @@ class RunHost(Protocol):
         ...
 
     async def start_child(
-        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+        self,
+        workflow: WorkflowDefinition[Any, Any],
+        given: Any,
+        child_id: str,
+        parent_id: str,
+        tenant: str | None,
     ) -> None: ...
 
     async def cancel_child(self, child_id: str, reason: str) -> None: ...
@@ -202,7 +207,12 @@ class ReplayHost:
         raise AssertionError("a replaying pass never records")
 
     async def start_child(
-        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+        self,
+        workflow: WorkflowDefinition[Any, Any],
+        given: Any,
+        child_id: str,
+        parent_id: str,
+        tenant: str | None,
     ) -> None:
         raise AssertionError("a replaying pass never acts")
 
@@ -263,10 +273,15 @@ class EngineHost:
         await self._engine._journal.snapshot_if_due(history, before)
 
     async def start_child(
-        self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str, parent_id: str
+        self,
+        workflow: WorkflowDefinition[Any, Any],
+        given: Any,
+        child_id: str,
+        parent_id: str,
+        tenant: str | None,
     ) -> None:
         engine = self._engine
-        await engine._start(engine._definition(workflow), given, child_id, parent_id)
+        await engine._start(engine._definition(workflow), given, child_id, parent_id, tenant=tenant)
 
     async def cancel_child(self, child_id: str, reason: str) -> None:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):

@@ -20,14 +20,16 @@ from ..errors import (
     WorkflowFinishedError,
     WorkflowInputError,
     WorkflowNotFoundError,
+    WorkflowNotStuckError,
 )
 from ..events import Metadata, RecordedEvent
 from ..resilience.book import default_actor
 from ..store import WorkflowStore
-from ..store.runtime import InstanceRow, Nudge, PutInstance
+from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
 from .codec import CodecError, to_builtins
 from .history import (
     TERMINAL,
+    Resumed,
     StepAttemptFailed,
     StepDone,
     StepFailed,
@@ -134,6 +136,43 @@ class Operations(abc.ABC):
         return await self._operate(
             workflow_id, "compensate", reason, actor, seq, act, parked_only=True
         )
+
+    async def resume(self, workflow_id: str, *, reason: str, actor: str | None = None) -> None:
+        """Take a stuck instance up again now (its code was missing or broke replay:
+        deploy the fix first), rather than when the next engine starts. A worker that
+        knows its workflow runs it; if it still cannot, it is parked again."""
+        if not isinstance(reason, str) or not reason.strip():
+            raise WorkflowInputError(f"resume of workflow {workflow_id!r}", "a reason is required")
+        who = actor or default_actor()
+        stream = self.stream_id(workflow_id)
+        while True:
+            # The version first, then the row: a row read after it that says stuck
+            # proves no pass moved the instance on since (that would fail the append).
+            try:
+                version = await self.store.stream_version(stream)
+            except StreamNotFoundError:
+                raise WorkflowNotFoundError(workflow_id) from None
+            row = await self._instance(workflow_id)
+            if row.status in TERMINAL:
+                raise WorkflowFinishedError(workflow_id, row.status, "resume")
+            if row.status != WorkflowStatus.STUCK:
+                raise WorkflowNotStuckError(workflow_id, row.status)
+            now = self._now_us()
+            running = InstanceRow(
+                workflow_id, row.name, row.version, WorkflowStatus.RUNNING, row.parent_id, now, now
+            )
+            try:
+                await self.store.append(
+                    stream,
+                    [Resumed(by=who)],
+                    version,
+                    metadata=Metadata(actor=who, reason=f"resume: {reason}"),
+                    runtime=[PutInstance(running), Schedule(workflow_id, now)],
+                )
+            except ConcurrencyError:
+                continue
+            self._poke()
+            return
 
     async def _operate(
         self,

@@ -141,9 +141,12 @@ class Waits:
         if done is not None:
             return self._child_outcome(workflow, done)
         started = _first(recorded, ChildStarted)
+        tenant = self.history.started.tenant
         cid = (
             started.child_id
             if started is not None
+            else f"{tenant}/{child_id}"
+            if child_id and tenant and not child_id.startswith(f"{tenant}/")
             else child_id or f"{self.history.workflow_id}.{seq}"
         )
         ended = self.history.children.get(cid)
@@ -155,7 +158,7 @@ class Waits:
                 # What the child's input depends on is durable before it starts.
                 await self.record([])
                 await self._host(
-                    self.host.start_child(workflow, given, cid, self.history.workflow_id)
+                    self.host.start_child(workflow, given, cid, self.history.workflow_id, tenant)
                 )
                 await self.record(
                     [

@@ -1,0 +1,246 @@
+"""``ledgerflow server`` and ``ledgerflow keys``. Imported by the main CLI; the web
+framework is imported only when a command runs (it is the ``server`` extra)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from .errors import LedgerflowError
+from .tenants import ALL_TENANTS
+
+__all__ = ["keys_app", "server"]
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+
+DbOption = Annotated[
+    str,
+    typer.Option(
+        "--db",
+        envvar="LEDGERFLOW_DB",
+        help="Store URL: sqlite:///path.db or postgresql://... (env LEDGERFLOW_DB).",
+    ),
+]
+DEFAULT_DB = "sqlite:///ledgerflow.db"
+
+keys_app = typer.Typer(help="API keys of the HTTP API: create, list, revoke.", no_args_is_help=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    return typer.Exit(2)
+
+
+def _needs_extra() -> None:
+    try:
+        import litestar  # noqa: F401
+        import uvicorn  # noqa: F401
+    except ImportError:
+        raise _fail(
+            "the server needs the 'server' extra: pip install 'ledgerflow[server]'"
+        ) from None
+
+
+def server(
+    app_target: Annotated[
+        str | None,
+        typer.Option(
+            "--app",
+            envvar="LEDGERFLOW_APP",
+            help="The workflows it may start: module or module:attribute, as for "
+            "'ledgerflow worker'. Env LEDGERFLOW_APP.",
+        ),
+    ] = None,
+    db: DbOption = DEFAULT_DB,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="Port (0: any free one).")] = 8000,
+    worker: Annotated[
+        bool,
+        typer.Option(
+            "--worker/--no-worker",
+            help="Also run the workflows in this process (an engine), as a worker would.",
+        ),
+    ] = False,
+    jwks_url: Annotated[
+        str | None, typer.Option(help="Accept OIDC/JWT bearer tokens signed by this JWKS URL.")
+    ] = None,
+    jwks_file: Annotated[
+        Path | None, typer.Option(help="Accept JWTs signed by the keys in this JWKS file.")
+    ] = None,
+    issuer: Annotated[str | None, typer.Option(help="The tokens' required issuer (iss).")] = None,
+    audience: Annotated[
+        str | None, typer.Option(help="The tokens' required audience (aud).")
+    ] = None,
+    role_claim: Annotated[str, typer.Option(help="The claim naming the role.")] = (
+        "ledgerflow_role"
+    ),
+    tenant_claim: Annotated[str, typer.Option(help="The claim naming the tenant.")] = (
+        "ledgerflow_tenant"
+    ),
+    rate: Annotated[
+        float, typer.Option(min=0.001, help="Requests a second per key or token subject.")
+    ] = 50.0,
+    burst: Annotated[int, typer.Option(min=1, help="Requests at once per key.")] = 100,
+) -> None:
+    """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM or Ctrl-C."""
+    _needs_extra()
+    import uvicorn
+
+    from .server.app import ServerSettings, create_app
+    from .server.tokens import TokenVerifier
+    from .workflow.client import WorkflowClient
+    from .workflow.engine import Engine
+    from .workflow.worker import load_app
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    try:
+        workflows = load_app(app_target).workflows if app_target else []
+        tokens = None
+        if jwks_url or jwks_file:
+            if jwks_url and jwks_file:
+                raise _fail("--jwks-url or --jwks-file, not both")
+            if not issuer or not audience:
+                raise _fail("JWTs need --issuer and --audience to be checked against")
+            claims: dict[str, Any] = {"role_claim": role_claim, "tenant_claim": tenant_claim}
+            tokens = (
+                TokenVerifier.from_url(jwks_url, issuer=issuer, audience=audience, **claims)
+                if jwks_url
+                else TokenVerifier.from_file(
+                    jwks_file or "", issuer=issuer, audience=audience, **claims
+                )
+            )
+        client = (
+            Engine(db, workflows=workflows) if worker else WorkflowClient(db, workflows=workflows)
+        )
+    except LedgerflowError as exc:
+        raise _fail(str(exc)) from None
+    asgi = create_app(client, ServerSettings(tokens=tokens, rate=rate, burst=burst))
+    uvicorn.run(asgi, host=host, port=port, log_level="info", proxy_headers=False)
+
+
+@keys_app.command("create")
+def keys_create(
+    name: Annotated[str, typer.Argument(help="What the key is for (shown when listed).")],
+    role: Annotated[str, typer.Option(help="viewer, operator or admin.")] = "viewer",
+    tenant: Annotated[
+        str, typer.Option(help=f"The key's tenant, or {ALL_TENANTS!r} for every instance.")
+    ] = ALL_TENANTS,
+    db: DbOption = DEFAULT_DB,
+    by: Annotated[str | None, typer.Option(help="Who creates it (default user@host).")] = None,
+) -> None:
+    """Create an API key and print it: it is shown this once."""
+    from .resilience.book import default_actor
+    from .server.keys import ApiKeys
+    from .server.principals import Role
+
+    try:
+        parsed = Role.parse(role)
+    except ValueError as exc:
+        raise _fail(str(exc)) from None
+
+    async def create() -> str:
+        from .workflow.client import WorkflowClient
+
+        async with WorkflowClient(db) as client:
+            created = await ApiKeys(client.store).create(
+                name, parsed, tenant, by=by or default_actor()
+            )
+            return created.secret
+
+    secret = _run(create)
+    err.print(f"created a {parsed.label} key for {tenant}; it is shown this once:")
+    out.print(secret, soft_wrap=True)
+
+
+@keys_app.command("list")
+def keys_list(
+    db: DbOption = DEFAULT_DB,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per line.")] = False,
+) -> None:
+    """List the API keys (never their secrets)."""
+    from .server.keys import ApiKey, ApiKeys
+
+    async def listed() -> list[ApiKey]:
+        from .workflow.client import WorkflowClient
+
+        async with WorkflowClient(db) as client:
+            return await ApiKeys(client.store).list()
+
+    found = _run(listed)
+    if as_json:
+        for key in found:
+            out.print(
+                json.dumps(
+                    {
+                        "key_id": key.key_id,
+                        "name": key.name,
+                        "role": key.role.label,
+                        "tenant": key.tenant,
+                        "created_by": key.created_by,
+                        "created_at": key.created_at.isoformat(),
+                        "revoked": key.revoked,
+                    }
+                ),
+                soft_wrap=True,
+            )
+        return
+    if not found:
+        out.print("no API keys")
+        return
+    table = Table()
+    for column in ("key id", "name", "role", "tenant", "created", "by", "revoked"):
+        table.add_column(column)
+    for key in found:
+        table.add_row(
+            key.key_id,
+            escape(key.name),
+            key.role.label,
+            key.tenant,
+            key.created_at.isoformat(timespec="seconds"),
+            escape(key.created_by),
+            escape(f"yes: {key.revoked_reason}") if key.revoked else "",
+        )
+    out.print(table)
+
+
+@keys_app.command("revoke")
+def keys_revoke(
+    key_id: Annotated[str, typer.Argument(help="The key's id (from 'keys list').")],
+    reason: Annotated[str, typer.Option(help="Why (recorded).")],
+    db: DbOption = DEFAULT_DB,
+    by: Annotated[str | None, typer.Option(help="Who revokes it (default user@host).")] = None,
+) -> None:
+    """Revoke an API key: every server refuses it within a second."""
+    from .resilience.book import default_actor
+    from .server.keys import ApiKeys
+
+    async def revoke() -> None:
+        from .workflow.client import WorkflowClient
+
+        async with WorkflowClient(db) as client:
+            try:
+                await ApiKeys(client.store).revoke(key_id, by=by or default_actor(), reason=reason)
+            except KeyError:
+                raise _fail(f"no API key {key_id!r}") from None
+
+    _run(revoke)
+    out.print(f"revoked key {key_id}")
+
+
+def _run(work: Any) -> Any:
+    try:
+        return asyncio.run(work())
+    except LedgerflowError as exc:
+        raise _fail(str(exc)) from None

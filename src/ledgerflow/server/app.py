@@ -1,0 +1,226 @@
+"""The ASGI application: the API under ``/api/v1``, health, the OpenAPI document at
+``/openapi.json``; authentication, roles and rate limits in one guard."""
+
+from __future__ import annotations
+
+import functools
+import re
+from dataclasses import dataclass
+from typing import Any, cast
+
+from litestar import Litestar, Request, get
+from litestar.connection import ASGIConnection
+from litestar.enums import ScopeType
+from litestar.handlers.base import BaseRouteHandler
+from litestar.openapi import OpenAPIConfig
+from litestar.openapi.plugins import JsonRenderPlugin
+from litestar.openapi.spec import Components, SecurityScheme
+from litestar.types import (
+    HTTPResponseBodyEvent,
+    HTTPResponseStartEvent,
+    Receive,
+    Scope,
+    Send,
+)
+
+from .._version import running_version
+from ..workflow.client import WorkflowClient
+from .api import Api, api_router, health_routes
+from .keys import ApiKeys
+from .limits import RateLimiter
+from .principals import Principal, Role
+from .problems import Problem, problem_response
+from .tokens import TokenError, TokenVerifier
+
+__all__ = ["ServerSettings", "create_app"]
+
+MAX_BODY = 1 << 20
+"""Largest request body accepted (1 MiB): a workflow's input or a signal's payload
+is recorded in one event, whose size the store limits anyway."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServerSettings:
+    """How the server authenticates and limits callers."""
+
+    tokens: TokenVerifier | None = None
+    """Verifies OIDC/JWT bearer tokens; None: API keys only."""
+    rate: float = 50.0
+    """Requests a second each principal may make on average..."""
+    burst: int = 100
+    """...and at once."""
+
+
+def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -> SlashSafe:
+    """The server's ASGI application over ``client`` (its store and registered
+    workflows). The client is opened and closed with the application."""
+    settings = settings or ServerSettings()
+    keys = ApiKeys(client.store)
+    api = Api(client, keys)
+    limiter = RateLimiter(settings.rate, settings.burst)
+
+    async def authenticate(
+        connection: ASGIConnection[Any, Any, Any, Any], _: BaseRouteHandler
+    ) -> None:
+        principal = await _principal(connection, keys, settings.tokens)
+        wait = limiter.take(principal.subject)
+        if wait > 0:
+            raise Problem(
+                429,
+                "Too many requests",
+                f"over {settings.rate:g} requests a second: retry in {wait:.2f} s",
+                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+            )
+        needed: Role = connection.route_handler.opt.get("role", Role.ADMIN)
+        if not principal.may(needed):
+            raise Problem(
+                403,
+                "Forbidden",
+                f"this needs the {needed.label} role; the caller has {principal.role.label}",
+            )
+        connection.state.principal = principal
+        unknown = sorted(set(connection.query_params) - _query_names(connection.route_handler))
+        if unknown:
+            # A mistyped filter must not widen a listing to everything silently.
+            raise Problem(
+                422,
+                "Invalid input",
+                f"query.{unknown[0]}: not a parameter of this route",
+                errors=[
+                    {"field": f"query.{name}", "message": "not a parameter of this route"}
+                    for name in unknown
+                ],
+            )
+
+    async def opening() -> None:
+        await client.open()
+
+    async def closing() -> None:
+        await client.close()
+
+    @get("/openapi.json", include_in_schema=False, media_type="application/json")
+    async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
+        schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+        return schema
+
+    app = Litestar(
+        route_handlers=[api_router(api, [authenticate]), openapi, *health_routes(api)],
+        exception_handlers={Exception: problem_response},
+        request_max_body_size=MAX_BODY,
+        on_startup=[opening],
+        on_shutdown=[closing],
+        openapi_config=OpenAPIConfig(
+            title="ledgerflow",
+            version=running_version(),
+            description="Durable workflows: start, watch and operate them.",
+            path="/_openapi",
+            render_plugins=[JsonRenderPlugin()],
+            components=Components(
+                security_schemes={
+                    "bearer": SecurityScheme(
+                        type="http",
+                        scheme="bearer",
+                        description="An API key (lfk_...) or an OIDC access token (JWT).",
+                    )
+                }
+            ),
+        ),
+        debug=False,
+    )
+    return SlashSafe(app)
+
+
+async def _principal(
+    connection: ASGIConnection[Any, Any, Any, Any],
+    keys: ApiKeys,
+    tokens: TokenVerifier | None,
+) -> Principal:
+    header = connection.headers.get("authorization", "")
+    scheme, _, credential = header.partition(" ")
+    credential = credential.strip()
+    if not header:
+        credential = connection.headers.get("x-api-key", "").strip()
+    elif scheme.lower() != "bearer":
+        raise _unauthorized("use Authorization: Bearer <API key or token>")
+    if not credential:
+        raise _unauthorized("no credentials: send Authorization: Bearer <API key or token>")
+    if credential.startswith("lfk_"):
+        principal = await keys.authenticate(credential)
+        if principal is None:
+            raise _unauthorized("the API key is not valid (unknown, revoked or mistyped)")
+        return principal
+    if tokens is None:
+        raise _unauthorized("this server accepts API keys only")
+    try:
+        return await tokens.verify(credential)
+    except TokenError as exc:
+        if exc.forbidden:
+            raise Problem(403, "Forbidden", exc.reason) from None
+        raise _unauthorized(exc.reason) from None
+
+
+_NOT_QUERY = frozenset({"api", "who", "data", "request"})
+_PATH_PARAMETER = re.compile(r"\{(\w+)(?::\w+)?\}")
+
+
+@functools.cache
+def _query_names(handler: BaseRouteHandler) -> frozenset[str]:
+    """The query parameters ``handler`` takes: its parameters less the path's, the
+    body and what is injected."""
+    in_path = {name for path in handler.paths for name in _PATH_PARAMETER.findall(path)}
+    return frozenset(handler.parsed_fn_signature.parameters) - _NOT_QUERY - in_path
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+_ENCODED_SLASH = re.compile(rb"%2[fF]")
+
+
+class SlashSafe:
+    """Lets an id with ``/`` travel in a path as ``%2F``: the router would decode it
+    and see another path. The path is decoded here with such slashes turned into
+    NUL (which no id holds), and ``Api`` turns them back."""
+
+    def __init__(self, app: Litestar) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        raw = scope.get("raw_path")
+        http = scope["type"] == ScopeType.HTTP
+        if http and raw and (b"%00" in raw or "\x00" in scope["path"]):
+            await _refuse(send, scope["path"])
+            return
+        if http and raw and _ENCODED_SLASH.search(raw):
+            from urllib.parse import unquote_to_bytes
+
+            path = raw.split(b"?", 1)[0]
+            parts = [unquote_to_bytes(p) for p in _ENCODED_SLASH.split(path)]
+            path_ = b"\x00".join(parts).decode("utf-8", "replace")
+            scope = cast("Scope", {**scope, "path": path_})
+        await self.app(scope, receive, send)
+
+
+async def _refuse(send: Send, path: str) -> None:
+    import msgspec
+
+    body = msgspec.json.encode(
+        {
+            "type": "about:blank",
+            "title": "Bad Request",
+            "status": 400,
+            "detail": "a path may not hold NUL (%00)",
+        }
+    )
+    start: HTTPResponseStartEvent = {
+        "type": "http.response.start",
+        "status": 400,
+        "headers": [
+            (b"content-type", b"application/problem+json"),
+            (b"content-length", str(len(body)).encode()),
+        ],
+    }
+    await send(start)
+    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
+    await send(end)

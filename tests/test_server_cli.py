@@ -1,0 +1,151 @@
+"""`ledgerflow keys` and `ledgerflow server`: keys made, listed and revoked from the
+command line; a real server process (uvicorn) started, used and stopped."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import textwrap
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from ledgerflow.cli import app
+
+from ._workers import CLI, child_env
+
+WAIT = 30.0
+
+APP = textwrap.dedent(
+    """
+    import ledgerflow as lf
+
+    @lf.workflow(name="hello", version=1)
+    async def hello(ctx: lf.WorkflowContext, name: str) -> str:
+        return f"hello {name}"
+    """
+)
+
+
+def run(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_keys_are_created_listed_and_revoked(tmp_path: Path) -> None:
+    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    code, out, err = run(
+        "keys", "create", "deploy bot", "--role", "operator", "--tenant", "acme", "--db", db
+    )
+    assert code == 0, err
+    secret = out.strip()
+    assert secret.startswith("lfk_")
+    assert "shown this once" in err
+    key_id = secret.split("_")[1]
+
+    code, out, _ = run("keys", "list", "--db", db, "--json")
+    (listed,) = [json.loads(line) for line in out.splitlines()]
+    assert listed["key_id"] == key_id
+    assert (listed["name"], listed["role"], listed["tenant"], listed["revoked"]) == (
+        "deploy bot",
+        "operator",
+        "acme",
+        False,
+    )
+    assert secret.split("_")[2] not in out
+
+    code, out, err = run("keys", "revoke", key_id, "--reason", "rotated", "--db", db)
+    assert code == 0, err
+    code, out, _ = run("keys", "list", "--db", db, "--json")
+    assert json.loads(out)["revoked"] is True
+
+    # Mistakes: exit 2 with one line, no traceback.
+    for args, message in [
+        (("keys", "create", "x", "--role", "root", "--db", db), "unknown role"),
+        (("keys", "create", "x", "--tenant", "Not Valid", "--db", db), "tenant"),
+        (("keys", "revoke", "ffffffffffffffff", "--reason", "x", "--db", db), "no API key"),
+        (("keys", "revoke", key_id, "--reason", " ", "--db", db), "reason"),
+    ]:
+        code, _, err = run(*args)
+        assert code == 2, (args, err)
+        assert message in err
+        assert "Traceback" not in err
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
+    (tmp_path / "hello_app.py").write_text(APP)
+    db = f"sqlite:///{tmp_path / 'server.db'}"
+    code, out, err = run("keys", "create", "ops", "--role", "operator", "--db", db)
+    assert code == 0, err
+    headers = {"Authorization": f"Bearer {out.strip()}"}
+    port = _free_port()
+    process = subprocess.Popen(
+        [*CLI, "server", "--app", "hello_app", "--db", db, "--port", str(port), "--worker"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{base}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never got ready"
+            time.sleep(0.05)
+        started = httpx.post(
+            f"{base}/api/v1/workflows",
+            json={"workflow": "hello", "input": "ana", "id": "h-1"},
+            headers=headers,
+        )
+        assert started.status_code == 201, started.text
+        while True:
+            described = httpx.get(f"{base}/api/v1/workflows/h-1", headers=headers).json()
+            if described["status"] == "completed":
+                break
+            assert time.monotonic() < deadline, described
+            time.sleep(0.05)
+        assert described["result"] == "hello ana"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=WAIT)
+    # uvicorn shuts down gracefully, then ends by the signal it caught (as the
+    # process would have without handling it): -SIGTERM.
+    assert process.returncode in (0, -signal.SIGTERM), output
+    assert "Application shutdown complete" in output
+    assert "Traceback" not in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--jwks-url", "https://x/jwks", "--jwks-file", "f.json"), "not both"),
+        (("--jwks-file", "missing.json", "--issuer", "i", "--audience", "a"), "JWKS file"),
+        (("--jwks-url", "https://x/jwks"), "--issuer and --audience"),
+        (("--app", "no_such_module"), "cannot import"),
+    ],
+)
+def test_server_configuration_mistakes_exit_2(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    code, _, err = run("server", "--db", f"sqlite:///{tmp_path / 'x.db'}", *args)
+    assert code == 2, err
+    assert message in err
