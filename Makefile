@@ -3,6 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 SRC    := src tests bench examples
+PORT   ?= 8000
 
 .PHONY: demo test lint types pytest bench format clean mutants openapi
 
@@ -11,7 +12,7 @@ $(BIN)/python:
 	$(BIN)/pip install -q --upgrade pip
 
 $(VENV)/.base: $(BIN)/python pyproject.toml
-	$(BIN)/pip install -q -e .
+	$(BIN)/pip install -q -e '.[server]'
 	touch $@
 
 $(VENV)/.dev: $(BIN)/python pyproject.toml
@@ -21,6 +22,7 @@ $(VENV)/.dev: $(BIN)/python pyproject.toml
 demo: $(VENV)/.base  ## the order example on embedded SQLite (ledgerflow.db)
 	$(BIN)/python examples/orders/demo.py sqlite:///ledgerflow.db
 	$(BIN)/ledgerflow audit verify --db sqlite:///ledgerflow.db
+	$(BIN)/python examples/orders/serve.py sqlite:///ledgerflow.db --port $(PORT)
 
 test: $(VENV)/.dev lint types pytest  ## lint, types and the whole suite
 

@@ -91,6 +91,9 @@ def server(
         float, typer.Option(min=0.001, help="Requests a second per key or token subject.")
     ] = 50.0,
     burst: Annotated[int, typer.Option(min=1, help="Requests at once per key.")] = 100,
+    access_log: Annotated[
+        bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
+    ] = False,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM or Ctrl-C."""
     _needs_extra()
@@ -127,7 +130,9 @@ def server(
     except LedgerflowError as exc:
         raise _fail(str(exc)) from None
     asgi = create_app(client, ServerSettings(tokens=tokens, rate=rate, burst=burst))
-    uvicorn.run(asgi, host=host, port=port, log_level="info", proxy_headers=False)
+    uvicorn.run(
+        asgi, host=host, port=port, log_level="info", access_log=access_log, proxy_headers=False
+    )
 
 
 @keys_app.command("create")

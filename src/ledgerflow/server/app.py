@@ -25,12 +25,14 @@ from litestar.types import (
 
 from .._version import running_version
 from ..workflow.client import WorkflowClient
-from .api import Api, api_router, health_routes
+from .api import api_router, health_routes
 from .keys import ApiKeys
 from .limits import RateLimiter
 from .principals import Principal, Role
 from .problems import Problem, problem_response
+from .service import Service
 from .tokens import TokenError, TokenVerifier
+from .ui import Ui, template_config
 
 __all__ = ["ServerSettings", "create_app"]
 
@@ -56,7 +58,7 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
     workflows). The client is opened and closed with the application."""
     settings = settings or ServerSettings()
     keys = ApiKeys(client.store)
-    api = Api(client, keys)
+    service = Service(client, keys)
     limiter = RateLimiter(settings.rate, settings.burst)
 
     async def authenticate(
@@ -104,7 +106,13 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
         return schema
 
     app = Litestar(
-        route_handlers=[api_router(api, [authenticate]), openapi, *health_routes(api)],
+        route_handlers=[
+            api_router(service, [authenticate]),
+            openapi,
+            *health_routes(service),
+            *Ui(service, limiter).routes(),
+        ],
+        template_config=template_config(),
         exception_handlers={Exception: problem_response},
         request_max_body_size=MAX_BODY,
         on_startup=[opening],

@@ -271,6 +271,23 @@ class WorkflowClient(Operations, MachineClient):
         namespace: its id is ``<tenant>/<id>``. ``actor`` and ``reason`` are
         recorded with the start (the metadata of its first event).
         """
+        handle, _ = await self._begin(
+            workflow, input, id=id, tenant=tenant, actor=actor, reason=reason
+        )
+        return handle
+
+    async def _begin(
+        self,
+        workflow: Definition | str,
+        input: Any,
+        *,
+        id: str | None = None,
+        tenant: str | None = None,
+        actor: str | None = None,
+        reason: str | None = None,
+    ) -> tuple[WorkflowHandle[Any], bool]:
+        """``start``, and whether this call started the instance (False: it was
+        started before, the same way), for callers that answer differently."""
         definition = self._definition(workflow)
         workflow_id = str(uuid.uuid4()) if id is None else id
         if tenant is not None:
@@ -278,8 +295,10 @@ class WorkflowClient(Operations, MachineClient):
         metadata = None
         if actor is not None or reason is not None or tenant is not None:
             metadata = Metadata(actor=actor, reason=reason, tenant=tenant)
-        await self._start(definition, input, workflow_id, None, tenant=tenant, metadata=metadata)
-        return WorkflowHandle(self, workflow_id, definition.output_type)
+        created = await self._start(
+            definition, input, workflow_id, None, tenant=tenant, metadata=metadata
+        )
+        return WorkflowHandle(self, workflow_id, definition.output_type), created
 
     def handle(self, workflow_id: str, output_type: Any = Any) -> WorkflowHandle[Any]:
         return WorkflowHandle(self, workflow_id, output_type)
@@ -293,7 +312,8 @@ class WorkflowClient(Operations, MachineClient):
         *,
         tenant: str | None = None,
         metadata: Metadata | None = None,
-    ) -> None:
+    ) -> bool:
+        """Record the start; whether it is new (False: started the same way before)."""
         if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
             raise WorkflowInputError(
                 definition.name,
@@ -310,7 +330,7 @@ class WorkflowClient(Operations, MachineClient):
                 parent_id=parent_id,
                 tenant=tenant,
             )
-            await self._record_start(workflow_id, started, metadata, now, local)
+            return await self._record_start(workflow_id, started, metadata, now, local)
         finally:
             if local:
                 # Running here (no await since ``_run_here``: the slot passes to the
@@ -324,7 +344,7 @@ class WorkflowClient(Operations, MachineClient):
         metadata: Metadata | None,
         now: int,
         local: bool,
-    ) -> None:
+    ) -> bool:
         row = InstanceRow(
             workflow_id,
             started.name,
@@ -350,7 +370,7 @@ class WorkflowClient(Operations, MachineClient):
             )
         except ConcurrencyError:
             await self._same_start(workflow_id, started)
-            return
+            return False
         if local:
             # The first pass replays what we just wrote: no need to read it back.
             history = History(workflow_id, started)
@@ -358,6 +378,7 @@ class WorkflowClient(Operations, MachineClient):
             self._run_here(history)
         else:
             self._poke()
+        return True
 
     async def _same_start(self, workflow_id: str, wanted: Started) -> None:
         """An instance with this id exists: fine if it was started the same way."""

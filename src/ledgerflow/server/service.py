@@ -1,0 +1,289 @@
+"""What the API and the web UI do for a caller, in one place: each method takes the
+principal and the caller's ids, maps them into the ledger's (tenants are id
+namespaces: see ``ledgerflow.tenants``), calls the engine's client, and answers with
+the bodies of ``schemas``. Refusals are ``Problem``s naming the field at fault."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+import msgspec
+
+from ..errors import WorkflowNotFoundError
+from ..events import RecordedEvent
+from ..hashing import from_micros
+from ..store.runtime import InstanceRow
+from ..tenants import tenant_prefix
+from ..workflow.client import WorkflowClient
+from ..workflow.history import WorkflowStatus
+from .keys import ApiKey, ApiKeys
+from .principals import Principal, Role
+from .problems import Problem, field_errors, invalid
+from .schemas import (
+    Accepted,
+    CreateKey,
+    EventOut,
+    HistoryPage,
+    KeyCreatedOut,
+    KeyOut,
+    QueryOut,
+    SendSignal,
+    SignalWaitOut,
+    Started,
+    StartWorkflow,
+    WorkflowDetail,
+    WorkflowPage,
+    WorkflowSummary,
+)
+
+__all__ = ["Action", "Service", "parse_moment"]
+
+Action = Literal["cancel", "retry", "skip", "compensate", "resume"]
+
+_RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]|[+-]\d{2}:\d{2})")
+
+
+def parse_moment(value: str | None, field: str) -> datetime | None:
+    """An RFC 3339 time with its offset (what ``format: date-time`` means)."""
+    if value is None or value == "":
+        return None
+    if not _RFC3339.fullmatch(value):
+        raise invalid(field, "expected an RFC 3339 time with offset, e.g. 2026-12-01T10:00:00Z")
+    try:
+        return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise invalid(field, str(exc)) from None
+
+
+def _no_nul(field: str, value: str | None) -> None:
+    if value is not None and "\x00" in value:
+        raise invalid(field, "NUL is not allowed")
+
+
+@dataclass(frozen=True, slots=True)
+class Service:
+    client: WorkflowClient
+    keys: ApiKeys
+
+    # -- ids ------------------------------------------------------------------------------
+
+    def internal(self, who: Principal, workflow_id: str) -> str:
+        """The ledger's id of the caller's ``workflow_id`` (a ``/`` sent in a path as
+        ``%2F`` arrives as NUL: see ``app.SlashSafe``)."""
+        workflow_id = workflow_id.replace("\x00", "/")
+        if not workflow_id or len(workflow_id) > 400:
+            raise invalid("path.workflow_id", "an id is 1-400 characters without NUL")
+        return workflow_id if who.everywhere else tenant_prefix(who.tenant) + workflow_id
+
+    def external(self, who: Principal, workflow_id: str | None) -> str | None:
+        """The caller's id of a ledger id (None for one outside the caller's tenant)."""
+        if workflow_id is None or who.everywhere:
+            return workflow_id
+        prefix = tenant_prefix(who.tenant)
+        return workflow_id[len(prefix) :] if workflow_id.startswith(prefix) else None
+
+    def mine(self, who: Principal, workflow_id: str) -> str:
+        found = self.external(who, workflow_id)
+        assert found is not None  # every id read for a tenant is under its prefix
+        return found
+
+    async def _row(self, who: Principal, workflow_id: str) -> tuple[str, InstanceRow]:
+        internal = self.internal(who, workflow_id)
+        row = await self.client.store.get_instance(internal)
+        if row is None:
+            raise WorkflowNotFoundError(self.mine(who, internal))
+        return internal, row
+
+    # -- reading ----------------------------------------------------------------------
+
+    async def list_workflows(
+        self,
+        who: Principal,
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        text: str | None = None,
+        created_from: datetime | None = None,
+        created_before: datetime | None = None,
+        newest_first: bool = True,
+        after: str | None = None,
+        limit: int = 50,
+    ) -> WorkflowPage:
+        for field, value in (("name", name), ("text", text), ("after", after)):
+            _no_nul(f"query.{field}", value)
+        rows = await self.client.list_workflows(
+            status=status,
+            name=name,
+            text=text,
+            id_prefix=None if who.everywhere else tenant_prefix(who.tenant),
+            created_from=created_from,
+            created_before=created_before,
+            newest_first=newest_first,
+            after=None if after is None else self.internal(who, after),
+            limit=limit,
+        )
+        items = [self._summary(who, row) for row in rows]
+        return WorkflowPage(items, items[-1].id if len(items) == limit else None)
+
+    def _summary(self, who: Principal, row: InstanceRow) -> WorkflowSummary:
+        return WorkflowSummary(
+            id=self.mine(who, row.workflow_id),
+            name=row.name,
+            version=row.version,
+            status=row.status,
+            parent_id=self.external(who, row.parent_id),
+            created_at=from_micros(row.created_at_us),
+            updated_at=from_micros(row.updated_at_us),
+        )
+
+    async def describe(self, who: Principal, workflow_id: str) -> WorkflowDetail:
+        internal, _ = await self._row(who, workflow_id)
+        described = await self.client.describe(internal)
+        return WorkflowDetail(
+            id=self.mine(who, internal),
+            name=described.name,
+            version=described.version,
+            status=described.status,
+            parent_id=self.external(who, described.parent_id),
+            created_at=described.created_at,
+            updated_at=described.updated_at,
+            events=described.events,
+            waiting_for=described.waiting_for,
+            waiting_signals=[
+                SignalWaitOut(w.name, w.schema, w.deadline) for w in described.waiting_signals
+            ],
+            unconsumed_signals=list(described.unconsumed_signals),
+            result=described.result,
+            error=described.error,
+        )
+
+    async def history(
+        self, who: Principal, workflow_id: str, *, after: int = 0, limit: int = 100
+    ) -> HistoryPage:
+        internal, _ = await self._row(who, workflow_id)
+        events = await self.client.store.read_stream(
+            self.client.stream_id(internal), from_version=after + 1, limit=limit
+        )
+        items = [_event(e) for e in events]
+        return HistoryPage(items, items[-1].version if len(items) == limit else None)
+
+    async def query(self, who: Principal, workflow_id: str) -> QueryOut:
+        internal, _ = await self._row(who, workflow_id)
+        state = await self.client.query(internal)
+        return QueryOut(self.mine(who, internal), msgspec.to_builtins(state))
+
+    # -- acting -----------------------------------------------------------------------
+
+    async def start(self, who: Principal, body: StartWorkflow) -> tuple[Started, bool]:
+        """The instance, and whether this call started it (False: it was started
+        the same way before; starting is idempotent on the id)."""
+        _no_nul("body.id", body.id)
+        with field_errors("body.workflow"):
+            definition = self.client._definition(body.workflow)
+        with field_errors("body.input"):
+            handle, created = await self.client._begin(
+                definition,
+                body.input,
+                id=body.id,
+                tenant=None if who.everywhere else who.tenant,
+                actor=who.subject,
+                reason=body.reason,
+            )
+        status: str = WorkflowStatus.RUNNING
+        if not created:  # it may have moved on since
+            row = await self.client.store.get_instance(handle.id)
+            status = row.status if row is not None else status
+        started = Started(self.mine(who, handle.id), definition.name, definition.version, status)
+        return started, created
+
+    async def signal(
+        self, who: Principal, workflow_id: str, signal: str, body: SendSignal
+    ) -> Accepted:
+        if not signal or len(signal) > 200 or "\x00" in signal:
+            raise invalid("path.signal", "a signal name is 1-200 characters without NUL")
+        internal, _ = await self._row(who, workflow_id)
+        with field_errors("body.payload"):
+            await self.client.signal(
+                internal, signal, body.payload, id=body.id, actor=who.subject, reason=body.reason
+            )
+        return Accepted(self.mine(who, internal), "signal")
+
+    async def act(
+        self,
+        who: Principal,
+        workflow_id: str,
+        action: Action,
+        reason: str,
+        *,
+        seq: int | None = None,
+        result: Any = None,
+    ) -> Accepted:
+        """An operator's action on an instance, with the reason recorded."""
+        internal, _ = await self._row(who, workflow_id)
+        client = self.client
+        done: int | None = None
+        with field_errors("body.result" if action == "skip" else "body.reason"):
+            if action == "cancel":
+                await client.cancel(internal, reason, actor=who.subject)
+            elif action == "retry":
+                done = await client.retry_step(internal, reason=reason, actor=who.subject, seq=seq)
+            elif action == "skip":
+                done = await client.skip_step(
+                    internal, result, reason=reason, actor=who.subject, seq=seq
+                )
+            elif action == "compensate":
+                done = await client.compensate(internal, reason=reason, actor=who.subject, seq=seq)
+            else:
+                await client.resume(internal, reason=reason, actor=who.subject)
+        return Accepted(self.mine(who, internal), action, done)
+
+    # -- keys -------------------------------------------------------------------------
+
+    async def list_keys(self, who: Principal) -> list[KeyOut]:
+        return [_key(k) for k in await self.keys.list(who.tenant)]
+
+    async def create_key(self, who: Principal, body: CreateKey) -> KeyCreatedOut:
+        tenant = body.tenant or who.tenant
+        if not who.everywhere and tenant != who.tenant:
+            raise Problem(403, "Forbidden", "a tenant's admin creates keys of its own tenant only")
+        with field_errors("body.tenant"):
+            created = await self.keys.create(
+                body.name, Role.parse(body.role), tenant, by=who.subject
+            )
+        return KeyCreatedOut(_key(created.key), created.secret)
+
+    async def revoke_key(self, who: Principal, key_id: str, reason: str) -> KeyOut:
+        try:
+            key = await self.keys.revoke(key_id, by=who.subject, reason=reason, tenant=who.tenant)
+        except KeyError:
+            raise Problem(404, "Key not found", f"no API key {key_id!r}") from None
+        return _key(key)
+
+
+def _event(event: RecordedEvent) -> EventOut:
+    return EventOut(
+        version=event.version,
+        position=event.position,
+        id=str(event.id),
+        type=event.type,
+        data=msgspec.to_builtins(event.data),
+        metadata=msgspec.to_builtins(event.metadata),
+        recorded_at=event.recorded_at,
+    )
+
+
+def _key(key: ApiKey) -> KeyOut:
+    return KeyOut(
+        key.key_id,
+        key.name,
+        key.role.label,
+        key.tenant,
+        key.created_by,
+        key.created_at,
+        key.revoked,
+        key.revoked_by,
+        key.revoked_reason,
+    )

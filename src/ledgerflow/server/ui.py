@@ -1,0 +1,406 @@
+"""The web UI: server-rendered pages over the same ``Service`` as the API, signed
+in with an API key (kept in an HttpOnly, SameSite=Strict cookie; every form carries
+a token derived from it, so another site cannot post in the user's name). It works
+without JavaScript; ``static/ui.js`` (30 lines, no framework) only refreshes the
+live parts of a page."""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import secrets
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote, urlencode
+
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+from litestar import Request, Response, Router, get, post
+from litestar.datastructures import Cookie
+from litestar.params import FromPath
+from litestar.plugins.jinja import JinjaTemplateEngine
+from litestar.response import Redirect, Template
+from litestar.static_files import create_static_files_router
+from litestar.template.config import TemplateConfig
+
+from ..workflow.history import TERMINAL, WorkflowStatus
+from .forms import signal_form
+from .limits import RateLimiter
+from .principals import Principal, Role
+from .problems import Problem, to_problem
+from .schemas import SendSignal, WorkflowDetail
+from .service import Action, Service, parse_moment
+
+__all__ = ["Ui", "template_config"]
+
+HERE = Path(__file__).parent
+COOKIE = "lf_session"
+PAGE = 50
+HISTORY_PAGE = 500
+
+
+class SignIn(Exception):
+    """No valid session: the page sends the user to sign in."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Action:
+    name: Action
+    title: str
+    help: str
+
+
+_ACTIONS = {
+    "retry": _Action("retry", "Retry the step", "Try the parked step again now."),
+    "skip": _Action("skip", "Skip the step", "Record a result for it, as if it had returned."),
+    "compensate": _Action(
+        "compensate", "Give the step up", "It fails; the workflow's compensations run."
+    ),
+    "resume": _Action("resume", "Resume", "Take the stuck instance up again."),
+    "cancel": _Action("cancel", "Cancel", "Stop the instance; its compensations run."),
+}
+
+
+def _actions(status: str) -> list[_Action]:
+    if status in TERMINAL:
+        return []
+    if status == WorkflowStatus.NEEDS_ATTENTION:
+        names = ["retry", "skip", "compensate", "cancel"]
+    elif status == WorkflowStatus.STUCK:
+        names = ["resume", "cancel"]
+    else:
+        names = ["cancel"]
+    return [_ACTIONS[n] for n in names]
+
+
+def _path(value: str) -> str:
+    return quote(value, safe="")
+
+
+def _when(moment: datetime | None) -> str:
+    if moment is None:
+        return ""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _pretty(value: Any) -> str:
+    return json.dumps(value, indent=2, ensure_ascii=False, default=str)
+
+
+def _plain(docstring: str) -> str:
+    """A type's docstring without its reStructuredText literals' backquotes."""
+    return docstring.replace("``", "")
+
+
+def _kind(event_type: str) -> str:
+    if "compensat" in event_type:
+        return "ev-compensation"
+    if any(w in event_type for w in ("failed", "stuck", "timed_out", "refused", "parked")):
+        return "ev-failure"
+    if any(w in event_type for w in ("retried", "resumed", "cancel")):
+        return "ev-operator"
+    if "signal" in event_type:
+        return "ev-signal"
+    return "ev-plain"
+
+
+def template_config() -> TemplateConfig[JinjaTemplateEngine]:
+    environment = Environment(
+        loader=FileSystemLoader(HERE / "templates"),
+        autoescape=select_autoescape(default=True, default_for_string=True),
+    )
+    environment.filters.update(path=_path, when=_when, pretty=_pretty, kind=_kind, plain=_plain)
+    return TemplateConfig(instance=JinjaTemplateEngine.from_environment(environment))
+
+
+class Ui:
+    def __init__(self, service: Service, limiter: RateLimiter) -> None:
+        self.service = service
+        self.limiter = limiter
+        self._secret = secrets.token_bytes(32)
+
+    # -- sessions ---------------------------------------------------------------------
+
+    async def who(self, request: Request[Any, Any, Any], need: Role = Role.VIEWER) -> Principal:
+        key = request.cookies.get(COOKIE)
+        principal = await self.service.keys.authenticate(key) if key else None
+        if principal is None:
+            raise SignIn
+        wait = self.limiter.take(principal.subject)
+        if wait > 0:
+            raise Problem(429, "Too many requests", f"retry in {wait:.1f} s")
+        if not principal.may(need):
+            raise Problem(403, "Forbidden", f"this needs the {need.label} role")
+        return principal
+
+    def csrf(self, request: Request[Any, Any, Any]) -> str:
+        key = request.cookies.get(COOKIE, "")
+        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+
+    async def form(self, request: Request[Any, Any, Any]) -> dict[str, str]:
+        data = await request.form()
+        form = {k: v for k, v in data.items() if isinstance(v, str)}
+        if not hmac.compare_digest(form.get("csrf", ""), self.csrf(request)):
+            raise Problem(403, "Forbidden", "the form is stale or from elsewhere: reload the page")
+        return form
+
+    def render(
+        self,
+        request: Request[Any, Any, Any],
+        name: str,
+        who: Principal | None,
+        status: int = 200,
+        **context: Any,
+    ) -> Template:
+        return Template(
+            template_name=name,
+            context={"who": who, "csrf": self.csrf(request), **context},
+            status_code=status,
+        )
+
+    # -- routes -----------------------------------------------------------------------
+
+    def router(self) -> Router:
+        ui = self
+
+        @get("/sign-in")
+        async def sign_in_page(request: Request[Any, Any, Any]) -> Template:
+            return ui.render(request, "sign_in.html", None)
+
+        @post("/sign-in", status_code=303)
+        async def sign_in(request: Request[Any, Any, Any]) -> Response[Any]:
+            data = await request.form()
+            key = str(data.get("key", "")).strip()
+            principal = await ui.service.keys.authenticate(key)
+            if principal is None:
+                error = {"title": "Not signed in", "detail": "that key is not valid"}
+                return ui.render(request, "sign_in.html", None, status=401, error=error)
+            secure = request.url.scheme == "https"
+            return Redirect(
+                "/ui/workflows",
+                status_code=303,
+                cookies=[
+                    Cookie(
+                        key=COOKIE,
+                        value=key,
+                        path="/ui",
+                        httponly=True,
+                        samesite="strict",
+                        secure=secure,
+                    )
+                ],
+            )
+
+        @post("/sign-out", status_code=303)
+        async def sign_out(request: Request[Any, Any, Any]) -> Response[Any]:
+            await ui.form(request)
+            return Redirect(
+                "/ui/sign-in",
+                status_code=303,
+                cookies=[Cookie(key=COOKIE, value="", path="/ui", max_age=0, httponly=True)],
+            )
+
+        @get("/workflows")
+        async def workflows(request: Request[Any, Any, Any]) -> Template:
+            who = await ui.who(request)
+            query = request.query_params
+            filters = {
+                k: query.get(k) or None
+                for k in ("status", "name", "text", "created_from", "created_before", "after")
+            }
+            filters["order"] = query.get("order") or "newest"
+            page = await ui.service.list_workflows(
+                who,
+                status=filters["status"] if filters["status"] in _STATUSES else None,
+                name=filters["name"],
+                text=filters["text"],
+                created_from=_local(filters["created_from"], "created_from"),
+                created_before=_local(filters["created_before"], "created_before"),
+                newest_first=filters["order"] != "id",
+                after=filters["after"],
+                limit=PAGE,
+            )
+            shown = {k: v for k, v in filters.items() if v and k != "after"}
+            next_url = "/ui/workflows?" + urlencode({**shown, "after": page.next or ""})
+            context: dict[str, Any] = {
+                "page": page,
+                "filters": filters,
+                "after": filters["after"],
+                "statuses": _STATUSES,
+                "names": sorted({d.name for d in ui.service.client._latest.values()}),
+                "next_url": next_url,
+                "now": _when(datetime.now(UTC)),
+                "live_url": "/ui/workflows?" + urlencode({**shown, "fragment": "rows"}),
+            }
+            if query.get("fragment") == "rows":
+                return ui.render(request, "_rows.html", who, **context)
+            return ui.render(request, "workflows.html", who, **context)
+
+        @get("/workflows/{workflow_id:str}")
+        async def workflow(request: Request[Any, Any, Any], workflow_id: FromPath[str]) -> Template:
+            who = await ui.who(request)
+            detail = await ui.service.describe(who, workflow_id)
+            if request.query_params.get("fragment") == "live":
+                template = ui.render(request, "_workflow_live.html", who, w=detail)
+                template.headers["x-status"] = detail.status
+                return template
+            notice = {
+                "signal": "Signal sent.",
+                "cancel": "Cancellation requested.",
+                "retry": "The step will be tried again.",
+                "skip": "The step's result was recorded.",
+                "compensate": "The step was given up.",
+                "resume": "The instance was taken up again.",
+            }.get(request.query_params.get("done", ""))
+            return await ui.workflow_page(request, who, detail, notice=notice)
+
+        @post("/workflows/{workflow_id:str}/signals/{signal:str}", status_code=303)
+        async def send(
+            request: Request[Any, Any, Any], workflow_id: FromPath[str], signal: FromPath[str]
+        ) -> Response[Any]:
+            who = await ui.who(request, Role.OPERATOR)
+            form = await ui.form(request)
+            detail = await ui.service.describe(who, workflow_id)
+            wait = next((w for w in detail.waiting_signals if w.name == signal), None)
+            reads = signal_form(signal, wait.schema if wait else None)
+            payload, problems = reads.read(form)
+            if not problems:
+                try:
+                    body = SendSignal(payload=payload, reason=form.get("reason") or None)
+                    await ui.service.signal(who, workflow_id, signal, body)
+                except Problem as refused:
+                    if refused.status != 422:
+                        raise
+                    error = {"title": "Not sent", "detail": refused.detail}
+                    return await ui.workflow_page(
+                        request, who, detail, error=error, values=form, status=422
+                    )
+                return Redirect(_back(detail.id, "signal"), status_code=303)
+            error = {"title": "Not sent", "detail": "some fields need fixing"}
+            return await ui.workflow_page(
+                request, who, detail, error=error, values=form, problems=problems, status=422
+            )
+
+        @post("/workflows/{workflow_id:str}/actions/{action:str}", status_code=303)
+        async def act(
+            request: Request[Any, Any, Any], workflow_id: FromPath[str], action: FromPath[str]
+        ) -> Response[Any]:
+            who = await ui.who(request, Role.OPERATOR)
+            form = await ui.form(request)
+            if action not in _ACTIONS:
+                raise Problem(404, "Not Found", f"no action {action!r}")
+            reason = form.get("reason", "").strip()
+            detail = await ui.service.describe(who, workflow_id)
+            try:
+                if not reason:
+                    raise Problem(422, "Invalid input", "a reason is required")
+                result = None
+                if action == "skip":
+                    try:
+                        result = json.loads(form.get("result") or "null")
+                    except ValueError as exc:
+                        raise Problem(
+                            422, "Invalid input", f"the result is not JSON: {exc}"
+                        ) from None
+                await ui.service.act(who, workflow_id, _ACTIONS[action].name, reason, result=result)
+            except Problem as refused:
+                if refused.status not in (409, 422):
+                    raise
+                error = {"title": refused.title, "detail": refused.detail}
+                return await ui.workflow_page(
+                    request, who, detail, error=error, status=refused.status
+                )
+            return Redirect(_back(detail.id, action), status_code=303)
+
+        # A plain function, not the bound method: routers are deep-copied when
+        # registered, and a method would take this object (and its store) along.
+        def failed(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+            return ui.failed(request, exc)
+
+        return Router(
+            "/ui",
+            route_handlers=[sign_in_page, sign_in, sign_out, workflows, workflow, send, act],
+            exception_handlers={Exception: failed},
+            include_in_schema=False,
+        )
+
+    async def workflow_page(
+        self,
+        request: Request[Any, Any, Any],
+        who: Principal,
+        detail: WorkflowDetail,
+        *,
+        notice: str | None = None,
+        error: dict[str, str] | None = None,
+        values: dict[str, str] | None = None,
+        problems: dict[str, str] | None = None,
+        status: int = 200,
+    ) -> Template:
+        after = _int(request.query_params.get("after"))
+        history = await self.service.history(who, detail.id, after=after, limit=HISTORY_PAGE)
+        history_next = None
+        if history.next is not None:
+            history_next = f"/ui/workflows/{_path(detail.id)}?after={history.next}"
+        return self.render(
+            request,
+            "workflow.html",
+            who,
+            status=status,
+            w=detail,
+            history=history.items,
+            history_next=history_next,
+            forms=[signal_form(s.name, s.schema) for s in detail.waiting_signals],
+            actions=_actions(detail.status),
+            may_act=who.may(Role.OPERATOR),
+            live_url=f"/ui/workflows/{_path(detail.id)}?fragment=live",
+            notice=notice,
+            error=error,
+            values=values or {},
+            problems=problems or {},
+        )
+
+    def failed(self, request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        if isinstance(exc, SignIn):
+            return Redirect("/ui/sign-in", status_code=303)
+        problem = to_problem(exc)
+        error = {"status": problem.status, "title": problem.title, "detail": problem.detail}
+        return self.render(request, "error.html", None, status=problem.status, error=error)
+
+    def routes(self) -> list[Any]:
+        @get("/", include_in_schema=False)
+        async def root() -> Redirect:
+            return Redirect("/ui/workflows")
+
+        @get("/ui", include_in_schema=False)
+        async def ui_root() -> Redirect:
+            return Redirect("/ui/workflows")
+
+        static = create_static_files_router(
+            path="/ui/static", directories=[HERE / "static"], include_in_schema=False
+        )
+        return [root, ui_root, static, self.router()]
+
+
+_STATUSES = [s.value for s in WorkflowStatus]
+
+
+def _back(workflow_id: str, done: str) -> str:
+    return f"/ui/workflows/{_path(workflow_id)}?done={done}"
+
+
+def _int(text: str | None) -> int:
+    try:
+        return max(0, int(text or 0))
+    except ValueError:
+        return 0
+
+
+def _local(value: str | None, field: str) -> datetime | None:
+    """A ``datetime-local`` input's value (no offset: taken as UTC), or RFC 3339."""
+    if not value:
+        return None
+    if len(value) in (16, 19) and "T" in value and value[-1].isdigit():
+        value = value + (":00" if len(value) == 16 else "") + "Z"
+    return parse_moment(value, f"query.{field}")

@@ -1,0 +1,215 @@
+"""The web UI without a browser: sessions, forms made from a wait's type and read
+back, operator actions, roles and tenants, escaping. (The browser test walks the
+order example's approval in Chromium.)"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import msgspec
+import pytest
+
+from ledgerflow.server import Role
+from ledgerflow.server.forms import signal_form
+
+from ._api_app import Api, serve
+
+
+@pytest.fixture
+def api(tmp_path: Path) -> Iterator[Api]:
+    with serve(f"sqlite:///{tmp_path / 'ui.db'}") as running:
+        yield running
+
+
+def sign_in(api: Api, tenant: str = "acme", role: Role = Role.OPERATOR) -> str:
+    answer = api.http.post(
+        "/ui/sign-in", data={"key": api.keys[(tenant, role)]}, follow_redirects=False
+    )
+    assert answer.status_code == 303, answer.text
+    assert "HttpOnly" in answer.headers["set-cookie"]
+    assert "SameSite=strict" in answer.headers["set-cookie"]
+    page = api.http.get("/ui/workflows").text
+    found = re.search(r'name="csrf" value="([0-9a-f]+)"', page)
+    assert found is not None
+    return found.group(1)
+
+
+def start(api: Api, workflow_id: str, workflow: str = "approval", tenant: str = "acme") -> None:
+    answer = api.post(
+        "/api/v1/workflows",
+        json={"workflow": workflow, "input": workflow_id, "id": workflow_id},
+        tenant=tenant,
+    )
+    assert answer.status_code == 201, answer.text
+
+
+def test_pages_need_a_session(api: Api) -> None:
+    for path in ("/ui/workflows", "/ui/workflows/x", "/"):
+        answer = api.http.get(path, follow_redirects=True)
+        assert "Sign in" in answer.text, path
+    refused = api.http.post("/ui/sign-in", data={"key": "lfk_nope"})
+    assert refused.status_code == 401
+    assert "not valid" in refused.text
+
+
+def test_an_approval_through_the_form(api: Api) -> None:
+    start(api, "o/1")
+    api.until("/api/v1/workflows/o%2F1", lambda b: bool(b["waiting_signals"]))
+    csrf = sign_in(api)
+    listing = api.http.get("/ui/workflows?status=running").text
+    assert 'href="/ui/workflows/o%2F1"' in listing
+    page = api.http.get("/ui/workflows/o%2F1").text
+    assert "Send approval" in page
+    assert 'name="f.approved"' in page and 'name="f.approver"' in page  # noqa: PT018
+
+    url = "/ui/workflows/o%2F1/signals/approval"
+    # Fields the form can check: named problems, nothing sent.
+    bad = api.http.post(url, data={"csrf": csrf, "f.approved": "maybe", "f.approver": ""})
+    assert bad.status_code == 422
+    assert "choose yes or no" in bad.text and "required" in bad.text  # noqa: PT018
+    # A form posted from elsewhere (no token from this session): refused.
+    assert api.http.post(url, data={"f.approved": "true", "f.approver": "x"}).status_code == 403
+    history = api.get("/api/v1/workflows/o%2F1/history").json()["items"]
+    assert not [e for e in history if e["type"] == "wf.signal"]
+
+    sent = api.http.post(
+        url,
+        data={"csrf": csrf, "f.approved": "true", "f.approver": "ana", "reason": "fine"},
+        follow_redirects=False,
+    )
+    assert sent.status_code == 303
+    assert sent.headers["location"] == "/ui/workflows/o%2F1?done=signal"
+    api.until("/api/v1/workflows/o%2F1", lambda b: b["status"] == "completed")
+    done = api.http.get(sent.headers["location"]).text
+    assert "Signal sent." in done
+    assert "o/1: approved by ana" in done
+    assert "“fine”" in done
+    live = api.http.get("/ui/workflows/o%2F1?fragment=live")
+    assert live.headers["x-status"] == "completed"
+    assert "<html" not in live.text
+
+
+def test_operator_actions_need_a_reason_and_the_role(api: Api) -> None:
+    start(api, "p-1", workflow="purchase")
+    api.until("/api/v1/workflows/p-1", lambda b: b["status"] == "needs_attention")
+    csrf = sign_in(api, role=Role.VIEWER)
+    page = api.http.get("/ui/workflows/p-1").text
+    assert "Retry the step" not in page  # a viewer sees no buttons...
+    answer = api.http.post("/ui/workflows/p-1/actions/retry", data={"csrf": csrf, "reason": "x"})
+    assert answer.status_code == 403  # ...and cannot post them either
+
+    csrf = sign_in(api, role=Role.OPERATOR)
+    page = api.http.get("/ui/workflows/p-1").text
+    for title in ("Retry the step", "Skip the step", "Give the step up", "Cancel"):
+        assert title in page
+    missing = api.http.post("/ui/workflows/p-1/actions/retry", data={"csrf": csrf, "reason": ""})
+    assert missing.status_code == 422
+    assert "a reason is required" in missing.text
+    not_json = api.http.post(
+        "/ui/workflows/p-1/actions/skip", data={"csrf": csrf, "reason": "r", "result": "{"}
+    )
+    assert not_json.status_code == 422
+    skipped = api.http.post(
+        "/ui/workflows/p-1/actions/skip",
+        data={"csrf": csrf, "reason": "made by hand", "result": '"po 9"'},
+        follow_redirects=False,
+    )
+    assert skipped.status_code == 303
+    assert (
+        api.until("/api/v1/workflows/p-1", lambda b: b["status"] == "completed")["result"] == "po 9"
+    )
+    assert (
+        api.http.post(
+            "/ui/workflows/p-1/actions/explode", data={"csrf": csrf, "reason": "r"}
+        ).status_code
+        == 404
+    )
+
+
+def test_tenants_and_escaping(api: Api) -> None:
+    evil = '<script>alert("x")</script>'
+    start(api, evil, tenant="beta")
+    start(api, "mine")
+    sign_in(api, tenant="acme")
+    listing = api.http.get("/ui/workflows").text
+    assert "mine" in listing
+    assert "alert" not in listing  # beta's instance is not listed to acme
+    assert api.http.get("/ui/workflows/mine").status_code == 200
+    assert api.http.get("/ui/workflows/..%2Fbeta%2Fx").status_code == 404
+
+    sign_in(api, tenant="beta")
+    page = api.http.get("/ui/workflows").text
+    assert evil not in page
+    assert "&lt;script&gt;" in page
+    assert evil not in api.http.get(f"/ui/workflows/{evil.replace('/', '%2F')}").text
+
+
+class Decision(msgspec.Struct):
+    """A ``decision``."""
+
+    approver: str
+    verdict: Literal["yes", "no"]
+    amount: int
+    share: float
+    urgent: bool
+    note: str | None = None
+    tags: list[str] = []
+
+
+@pytest.mark.parametrize(
+    ("form", "payload", "problems"),
+    [
+        (
+            {
+                "f.approver": "ana",
+                "f.verdict": "yes",
+                "f.amount": "12",
+                "f.share": "0.5",
+                "f.urgent": "false",
+                "f.tags": '["a"]',
+            },
+            {
+                "approver": "ana",
+                "verdict": "yes",
+                "amount": 12,
+                "share": 0.5,
+                "urgent": False,
+                "tags": ["a"],
+            },
+            set(),
+        ),
+        (
+            {"f.verdict": "perhaps", "f.amount": "1.5", "f.share": "x", "f.tags": "["},
+            None,
+            {"f.approver", "f.verdict", "f.amount", "f.share", "f.tags"},
+        ),
+    ],
+)
+def test_forms_are_made_from_a_waits_schema(
+    form: dict[str, str], payload: Any, problems: set[str]
+) -> None:
+    made = signal_form("decide", msgspec.json.schema(Decision))
+    kinds = {f.key: (f.kind, f.required) for f in made.fields}
+    assert kinds == {
+        "approver": ("string", True),
+        "verdict": ("choice", True),
+        "amount": ("integer", True),
+        "share": ("number", True),
+        "urgent": ("boolean", True),
+        "note": ("string", False),
+        "tags": ("json", False),
+    }
+    read, found = made.read(form)
+    assert set(found) == problems
+    if payload is not None:
+        assert read == payload
+        assert msgspec.convert(read, Decision).approver == "ana"
+
+    one = signal_form("go", msgspec.json.schema(bool))
+    assert one.whole
+    assert one.read({"f.payload": "true"}) == (True, {})
+    anything = signal_form("any", None)
+    assert anything.read({"f.payload": '{"a": [1]}'}) == ({"a": [1]}, {})
