@@ -95,6 +95,7 @@ def server(tmp_path: Path) -> Iterator[tuple[str, str, list[str]]]:
 def test_an_approver_signs_in_approves_an_order_and_reads_its_history(
     browser: object, server: tuple[str, str, list[str]]
 ) -> None:
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.remote.webdriver import WebDriver
     from selenium.webdriver.support import expected_conditions as shown
@@ -106,6 +107,20 @@ def test_an_approver_signs_in_approves_an_order_and_reads_its_history(
     base, secret, ids = server
     until = WebDriverWait(driver, WAIT).until
     ARTIFACTS.mkdir(exist_ok=True)
+
+    def click(by: str, value: str) -> None:
+        """Click what ``(by, value)`` finds once it can be: the list's live refresh
+        replaces its rows, so an element found a moment ago may be gone."""
+
+        def clicked(d: WebDriver) -> bool:
+            d.find_element(by, value).click()
+            return True
+
+        WebDriverWait(
+            driver,
+            WAIT,
+            ignored_exceptions=(StaleElementReferenceException, NoSuchElementException),
+        ).until(clicked)
 
     def snap(name: str) -> None:
         driver.save_screenshot(str(ARTIFACTS / f"ui-{name}.png"))
@@ -125,10 +140,10 @@ def test_an_approver_signs_in_approves_an_order_and_reads_its_history(
     driver.find_element(By.ID, "text").send_keys(order)
     Select(driver.find_element(By.ID, "status")).select_by_value("running")
     driver.find_element(By.CSS_SELECTOR, "form.filters button").click()
-    link = until(shown.element_to_be_clickable((By.LINK_TEXT, order)))
-    assert len(driver.find_elements(By.CSS_SELECTOR, "table.list tbody tr")) == 1
+    until(shown.url_contains("status=running"))
+    until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "table.list tbody tr")) == 1)
     snap("list")
-    link.click()
+    click(By.LINK_TEXT, order)
     until(shown.text_to_be_present_in_element((By.CSS_SELECTOR, "main"), "Waiting for"))
     assert "signal 'approval'" in driver.find_element(By.CSS_SELECTOR, ".summary").text
 
@@ -160,5 +175,5 @@ def test_an_approver_signs_in_approves_an_order_and_reads_its_history(
     # Operator buttons are gone once it completed; the other order still waits.
     assert not driver.find_elements(By.CSS_SELECTOR, "form[action*='/actions/']")
     driver.get(f"{base}/ui/workflows?status=running")
-    until(shown.element_to_be_clickable((By.LINK_TEXT, ids[1])))
+    until(shown.presence_of_element_located((By.LINK_TEXT, ids[1])))
     assert not driver.find_elements(By.LINK_TEXT, order)

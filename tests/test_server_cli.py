@@ -141,6 +141,7 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path) -> No
         (("--jwks-file", "missing.json", "--issuer", "i", "--audience", "a"), "JWKS file"),
         (("--jwks-url", "https://x/jwks"), "--issuer and --audience"),
         (("--app", "no_such_module"), "cannot import"),
+        (("--worker", "--processes", "2"), "--processes 1"),
     ],
 )
 def test_server_configuration_mistakes_exit_2(

@@ -19,6 +19,7 @@ from uuid import uuid4
 import uvicorn
 from erp import CATALOG, FakeErp
 from order import registry
+from order_machine import ORDER_MACHINE
 from order_workflow import ERP_POLICY, OrderInput, Systems, order_workflow, use_systems
 from read_model import ORDER_VIEW
 
@@ -32,7 +33,9 @@ def engine(url: str) -> ledgerflow.Engine:
     """The order saga's engine on ``url``, with a healthy fake ERP."""
     built = ledgerflow.Engine(
         url,
-        workflows=[order_workflow],
+        # The state-machine form too: an engine claims whatever is due in the ledger,
+        # and the demo's batch may have left machine instances behind.
+        workflows=[order_workflow, ORDER_MACHINE],
         registry=registry,
         policies={"erp": ERP_POLICY},
         projections=[ORDER_VIEW],

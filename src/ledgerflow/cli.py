@@ -21,6 +21,7 @@ from rich.table import Table
 from . import cli_server as _server_cli
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
+from .cli_options import DEFAULT_DB, DbOption
 from .errors import (
     InvalidTransition,
     LedgerflowError,
@@ -43,7 +44,6 @@ from .workflow.history import WorkflowStatus
 
 __all__ = ["app", "main"]
 
-DEFAULT_DB = "sqlite:///ledgerflow.db"
 STATUSES = tuple(status.value for status in WorkflowStatus)
 
 app = typer.Typer(
@@ -88,14 +88,6 @@ resources_app = typer.Typer(
 )
 app.add_typer(resources_app, name="resources")
 
-DbOption = Annotated[
-    str,
-    typer.Option(
-        "--db",
-        envvar="LEDGERFLOW_DB",
-        help="Store URL: sqlite:///path.db or postgresql://... (env LEDGERFLOW_DB).",
-    ),
-]
 IdArgument = Annotated[str, typer.Argument(help="The workflow instance id.")]
 PolicyArgument = Annotated[str, typer.Argument(help="The policy's name (e.g. erp).")]
 

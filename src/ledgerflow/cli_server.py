@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,6 +16,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from .cli_options import DEFAULT_DB, DbOption
 from .errors import LedgerflowError
 from .tenants import ALL_TENANTS
 
@@ -23,15 +25,6 @@ __all__ = ["keys_app", "server"]
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
-DbOption = Annotated[
-    str,
-    typer.Option(
-        "--db",
-        envvar="LEDGERFLOW_DB",
-        help="Store URL: sqlite:///path.db or postgresql://... (env LEDGERFLOW_DB).",
-    ),
-]
-DEFAULT_DB = "sqlite:///ledgerflow.db"
 
 keys_app = typer.Typer(help="API keys of the HTTP API: create, list, revoke.", no_args_is_help=True)
 
@@ -94,11 +87,66 @@ def server(
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
     ] = False,
+    processes: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Server processes sharing the port (each with its own connections "
+            "and rate limits): one per core the server may use.",
+        ),
+    ] = 1,
 ) -> None:
-    """Serve the HTTP API (OpenAPI at /openapi.json) until SIGTERM or Ctrl-C."""
+    """Serve the HTTP API (OpenAPI at /openapi.json) and the web UI (/ui) until
+    SIGTERM or Ctrl-C."""
     _needs_extra()
     import uvicorn
 
+    if jwks_url and jwks_file:
+        raise _fail("--jwks-url or --jwks-file, not both")
+    if (jwks_url or jwks_file) and (not issuer or not audience):
+        raise _fail("JWTs need --issuer and --audience to be checked against")
+    if worker and processes > 1:
+        raise _fail("--worker runs one engine: use --processes 1 (run workers apart to scale)")
+    options = {
+        "app": app_target,
+        "db": db,
+        "worker": worker,
+        "jwks_url": jwks_url,
+        "jwks_file": str(jwks_file) if jwks_file else None,
+        "issuer": issuer,
+        "audience": audience,
+        "role_claim": role_claim,
+        "tenant_claim": tenant_claim,
+        "rate": rate,
+        "burst": burst,
+    }
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    asgi = _built(options)  # in this process first: a mistake is reported once, here
+    common: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "log_level": "info",
+        "access_log": access_log,
+        "proxy_headers": False,
+    }
+    if processes == 1:
+        uvicorn.run(asgi, **common)
+        return
+    # Each process builds its own application from the same options.
+    os.environ[_OPTIONS_VARIABLE] = json.dumps(options)
+    uvicorn.run(f"{__name__}:serve_factory", factory=True, workers=processes, **common)
+
+
+_OPTIONS_VARIABLE = "LEDGERFLOW_SERVER_OPTIONS"
+
+
+def serve_factory() -> Any:
+    """The application of one of ``--processes`` server processes."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    return _built(json.loads(os.environ[_OPTIONS_VARIABLE]))
+
+
+def _built(options: dict[str, Any]) -> Any:
     from .server.app import ServerSettings, create_app
     from .server.tokens import TokenVerifier
     from .workflow.client import WorkflowClient
@@ -107,32 +155,29 @@ def server(
 
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
-        workflows = load_app(app_target).workflows if app_target else []
+        workflows = load_app(options["app"]).workflows if options["app"] else []
         tokens = None
-        if jwks_url or jwks_file:
-            if jwks_url and jwks_file:
-                raise _fail("--jwks-url or --jwks-file, not both")
-            if not issuer or not audience:
-                raise _fail("JWTs need --issuer and --audience to be checked against")
-            claims: dict[str, Any] = {"role_claim": role_claim, "tenant_claim": tenant_claim}
-            tokens = (
-                TokenVerifier.from_url(jwks_url, issuer=issuer, audience=audience, **claims)
-                if jwks_url
-                else TokenVerifier.from_file(
-                    jwks_file or "", issuer=issuer, audience=audience, **claims
-                )
-            )
+        claims: dict[str, Any] = {
+            "issuer": options["issuer"],
+            "audience": options["audience"],
+            "role_claim": options["role_claim"],
+            "tenant_claim": options["tenant_claim"],
+        }
+        if options["jwks_url"]:
+            tokens = TokenVerifier.from_url(options["jwks_url"], **claims)
+        elif options["jwks_file"]:
+            tokens = TokenVerifier.from_file(options["jwks_file"], **claims)
+        db = options["db"]
         client = (
-            Engine(db, workflows=workflows) if worker else WorkflowClient(db, workflows=workflows)
+            Engine(db, workflows=workflows)
+            if options["worker"]
+            else WorkflowClient(db, workflows=workflows)
         )
     except LedgerflowError as exc:
         raise _fail(str(exc)) from None
-    asgi = create_app(client, ServerSettings(tokens=tokens, rate=rate, burst=burst))
-    uvicorn.run(
-        asgi, host=host, port=port, log_level="info", access_log=access_log, proxy_headers=False
-    )
+    settings = ServerSettings(tokens=tokens, rate=options["rate"], burst=options["burst"])
+    return create_app(client, settings)
 
 
 @keys_app.command("create")
