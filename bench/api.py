@@ -17,7 +17,9 @@ next to the engine's own start rate in the same run, on the same store.
   once. Without wrk the line says it was skipped. (httpx, tried first as the client,
   held the figure to ~700 requests/s even on ``/health``: the client, not the server.)
 - ``ratio``: http / in_process (the issue's target: at least 0.5). The commit floor
-  (bench/store.py) is measured beside them.
+  (bench/store.py) is measured beside them. CPU time per start (this process, every
+  thread) and per request (the server process, from /proc) are printed too: they
+  vary less than the rates on a machine the load generator shares.
 
 Both start a workflow that nobody runs (no engine): the cost measured is the start's
 append and the HTTP path around it, not the workflow. The server process and this
@@ -70,7 +72,8 @@ def _load_app(directory: Path) -> Any:
     return bench_api_app.order
 
 
-async def in_process(url: str, workflow: Any, seconds: float) -> float:
+async def in_process(url: str, workflow: Any, seconds: float) -> tuple[float, float]:
+    """Starts/s, and the process's CPU time (every thread) per start in µs."""
     async with ledgerflow.WorkflowClient(url, workflows=[workflow]) as client:
         count = 0
         deadline = time.monotonic() + seconds
@@ -83,9 +86,10 @@ async def in_process(url: str, workflow: Any, seconds: float) -> float:
                 n += 1
                 count += 1
 
-        began = time.monotonic()
+        began, cpu = time.monotonic(), time.process_time()
         await asyncio.gather(*(starter(i) for i in range(CLIENTS)))
-        return count / (time.monotonic() - began)
+        rate = count / (time.monotonic() - began)
+        return rate, (time.process_time() - cpu) / count * 1e6
 
 
 def _free_port() -> int:
@@ -104,6 +108,12 @@ request = function()
     ["Content-Type"] = "application/json", ["Authorization"] = "Bearer %s"}, body)
 end
 """
+
+
+def _cpu_seconds(pid: int) -> float:
+    """CPU time (user + system, every thread) process ``pid`` has used (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _wrk_figures(output: str) -> dict[str, Any]:
@@ -176,6 +186,7 @@ async def over_http(url: str, directory: Path, seconds: float, processes: int) -
                     problem = await server.stderr.read() if server.stderr else b""
                     raise RuntimeError(f"the server did not start: {problem.decode()}")
                 await asyncio.sleep(0.05)
+        cpu_before = _cpu_seconds(server.pid)
         wrk = await asyncio.create_subprocess_exec(
             "wrk",
             "-t1",
@@ -189,10 +200,14 @@ async def over_http(url: str, directory: Path, seconds: float, processes: int) -
             stderr=subprocess.STDOUT,
         )
         output, _ = await wrk.communicate()
+        cpu_used = _cpu_seconds(server.pid) - cpu_before
     finally:
         server.send_signal(signal.SIGTERM)
         await asyncio.wait_for(server.wait(), 30)
     figures = _wrk_figures(output.decode())
+    # The server's CPU time (every thread) per answered request: steadier than the
+    # rate on a machine the load generator shares.
+    figures["server_cpu_us_per_request"] = round(cpu_used / figures["requests"] * 1e6, 1)
     async with ledgerflow.WorkflowClient(url) as client:
         stored = 0
         after = None
@@ -220,7 +235,7 @@ async def main() -> int:
     workflow = _load_app(directory)
     async with fresh_database(args.backend, "api_in") as (url, floor, settings):
         floor_rate = await floor.commits_per_s(FLOOR_SECONDS)
-        engine_rate = await in_process(url, workflow, seconds)
+        engine_rate, engine_cpu_us = await in_process(url, workflow, seconds)
     async with fresh_database(args.backend, "api_http") as (url, _, _):
         http = await over_http(url, directory, seconds, args.processes)
     line = {
@@ -232,6 +247,7 @@ async def main() -> int:
         "floor_commits_per_s": round(floor_rate, 1),
         "in_process_starts_per_s": round(engine_rate, 1),
         "http": http,
+        "in_process_cpu_us_per_start": round(engine_cpu_us, 1),
         "ratio_http_to_in_process": round(http["requests_per_s"] / engine_rate, 3),
         "in_process_to_floor": round(engine_rate / floor_rate, 3),
         "settings": settings,
