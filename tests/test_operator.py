@@ -116,6 +116,23 @@ async def test_skip_records_the_result_an_operator_gives(engine: EngineFactory) 
     assert calls["erp"] == 2
 
 
+async def test_a_skipped_result_must_fit_the_steps_return_type(engine: EngineFactory) -> None:
+    """The park records the step's return type as a JSON Schema, so a result that
+    would break the workflow at replay (it decodes results by that type) is refused
+    before it is recorded (it once made the instance stuck)."""
+    async with engine(ordering, policies={"erp": PARKS}) as e:
+        await parked(e, "o-9")
+        (park,) = [ev.data for ev in await e.history("o-9") if isinstance(ev.data, StepParked)]
+        assert park.result_schema == {"type": "string"}
+        before = await e.history("o-9")
+        with pytest.raises(lf.WorkflowInputError, match="'create_po''s return type"):
+            await e.skip_step("o-9", 4711, reason="a number by mistake")
+        assert await e.history("o-9") == before
+        assert (await e.describe("o-9")).status == "needs_attention"
+        await e.skip_step("o-9", "PO-4711", reason="typed into the ERP")
+        assert await e.handle("o-9").result(timeout=WAIT) == "o-9: PO-4711"
+
+
 async def test_compensate_fails_the_step_and_undoes_the_rest(engine: EngineFactory) -> None:
     async with engine(ordering, policies={"erp": PARKS}) as e:
         await parked(e, "o-4")

@@ -111,6 +111,9 @@ async def test_a_parked_queued_step_is_sent_again_when_an_operator_retries(
         await waiting_for(e, "q-4", "operator: step 'erp.create_po' failed 2 time(s)")
         assert (await e.describe("q-4")).status == "needs_attention"
         assert await e.store.list_tasks(workflow_id="q-4") == []
+        # The queue's worker recorded the step's return type with the park.
+        (park,) = [ev.data for ev in await e.history("q-4") if isinstance(ev.data, StepParked)]
+        assert park.result_schema == {"type": "string"}
         erp["healthy"] = True
         await e.retry_step("q-4", reason="ERP back", actor="ops")
         assert await handle.result(timeout=WAIT) == "po-4"

@@ -197,6 +197,12 @@ def test_operator_actions_record_who_and_why(api: Api) -> None:
         == "po 77"
     )
 
+    refused = problem(
+        api.post("/api/v1/workflows/p-3/skip", json={"reason": "wrong type", "result": 5}), 422
+    )
+    assert refused["errors"][0]["field"] == "body.result"
+    assert "return type" in refused["detail"]
+
     given_up = api.post("/api/v1/workflows/p-3/compensate", json={"reason": "order withdrawn"})
     assert given_up.status_code == 200
     assert api.until("/api/v1/workflows/p-3", lambda b: b["status"] == "failed")

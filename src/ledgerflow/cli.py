@@ -21,6 +21,7 @@ from rich.table import Table
 from . import cli_server as _server_cli
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
+from .audit_report import Action, actions, actions_csv, actions_json
 from .cli_options import DEFAULT_DB, DbOption
 from .errors import (
     InvalidTransition,
@@ -159,6 +160,49 @@ def audit_verify(db: DbOption = DEFAULT_DB) -> None:
     for finding in report.findings:
         out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
     raise typer.Exit(1)
+
+
+@audit_app.command("report")
+def audit_report(
+    db: DbOption = DEFAULT_DB,
+    actor: Annotated[str | None, typer.Option(help="Only this actor's events.")] = None,
+    tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
+    since: Annotated[
+        datetime | None, typer.Option(help="Recorded at or after (UTC unless an offset).")
+    ] = None,
+    until: Annotated[
+        datetime | None, typer.Option(help="Recorded before (UTC unless an offset).")
+    ] = None,
+    event_type: Annotated[
+        list[str] | None, typer.Option("--type", help="Only events of this type (repeatable).")
+    ] = None,
+    output: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
+) -> None:
+    """Who did what: every event recorded with an actor (API calls, CLI and operator
+    actions), as CSV or JSON, filtered by actor, tenant, time and type."""
+    if output not in ("csv", "json"):
+        _fail(f"--format {output!r}: csv or json")
+
+    def utc(moment: datetime | None) -> datetime | None:
+        return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
+
+    async def collect() -> list[Action]:
+        async with open_store(db, create=False) as store:
+            return [
+                found
+                async for found in actions(
+                    store,
+                    actor=actor,
+                    tenant=tenant,
+                    since=utc(since),
+                    until=utc(until),
+                    types=set(event_type or ()),
+                )
+            ]
+
+    found = _run(collect)
+    text = actions_csv(found) if output == "csv" else actions_json(found)
+    sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 # -- workflows ------------------------------------------------------------------------

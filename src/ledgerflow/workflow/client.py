@@ -8,7 +8,6 @@ leases. The CLI uses a ``WorkflowClient`` as it is (and so will the HTTP API); a
 from __future__ import annotations
 
 import asyncio
-import functools
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -46,7 +45,7 @@ from ..statemachine.instance import MachineOutcome
 from ..store import WorkflowStore, open_store
 from ..store.runtime import InstanceQuery, InstanceRow, Nudge, PutInstance, Schedule
 from ..tenants import check_tenant
-from .codec import CodecError, from_builtins, to_builtins
+from .codec import CodecError, from_builtins, schema_problems, to_builtins
 from .definition import WorkflowDefinition
 from .executors import Definition
 from .handles import (
@@ -781,35 +780,11 @@ def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEve
     waiting = open_wait([event.data for event in recent], signal.name)
     if waiting is None or waiting.schema is None:
         return
-    validator = _validator(msgspec.json.encode(waiting.schema))
-    if validator is None:
-        return  # a schema we cannot use: the wait checks the payload itself
-    errors = sorted(validator.iter_errors(signal.payload), key=lambda e: list(e.path))
-    if errors:
-        described = "; ".join(
-            f"{'/'.join(str(p) for p in error.absolute_path) or 'payload'}: {error.message}"
-            for error in errors[:5]
-        )
+    problems = schema_problems(waiting.schema, signal.payload)
+    if problems is not None:
         raise SignalInputError(
-            workflow_id, signal.name, f"does not fit the waited-for type: {described}"
+            workflow_id, signal.name, f"does not fit the waited-for type: {problems}"
         )
-
-
-@functools.lru_cache(maxsize=256)
-def _validator(schema: bytes) -> Any:
-    """A checked validator per schema (by its JSON): building one costs more than
-    using it, and an instance's waits reuse a handful of types. None if unusable."""
-    # Imported here: jsonschema costs every `import ledgerflow` (and CLI call)
-    # ~70 ms, and only a signal sent to a waiting instance needs it.
-    from jsonschema import Draft202012Validator
-    from jsonschema.exceptions import SchemaError
-
-    try:
-        validator = Draft202012Validator(msgspec.json.decode(schema))
-        validator.check_schema(validator.schema)
-    except SchemaError:
-        return None
-    return validator
 
 
 def _small(finished: Finished) -> bool:

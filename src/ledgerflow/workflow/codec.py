@@ -3,11 +3,12 @@ user's types (dataclasses, msgspec Structs, pydantic models) in workflow code.""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import msgspec
 
-__all__ = ["CodecError", "from_builtins", "json_schema", "to_builtins"]
+__all__ = ["CodecError", "from_builtins", "json_schema", "schema_problems", "to_builtins"]
 
 
 class CodecError(ValueError):
@@ -57,6 +58,38 @@ def json_schema(type_: Any) -> dict[str, Any] | None:
         return schema
     except TypeError:  # an unhashable annotation
         return _json_schema(type_)
+
+
+def schema_problems(schema: dict[str, Any], value: Any) -> str | None:
+    """Why ``value`` (JSON builtins) does not fit ``schema``, in a few words; None
+    if it does, or if the schema cannot be used (the decoder checks then)."""
+    validator = _validator(msgspec.json.encode(schema))
+    if validator is None:
+        return None
+    errors = sorted(validator.iter_errors(value), key=lambda e: list(e.path))
+    if not errors:
+        return None
+    return "; ".join(
+        f"{'/'.join(str(p) for p in error.absolute_path) or 'value'}: {error.message}"
+        for error in errors[:5]
+    )
+
+
+@functools.lru_cache(maxsize=256)
+def _validator(schema: bytes) -> Any:
+    """A checked validator per schema (by its JSON): building one costs more than
+    using it, and a program waits on a handful of types. None if unusable."""
+    # Imported here: jsonschema costs every `import ledgerflow` (and CLI call)
+    # ~70 ms, and only a payload checked against a recorded type needs it.
+    from jsonschema import Draft202012Validator
+    from jsonschema.exceptions import SchemaError
+
+    try:
+        validator = Draft202012Validator(msgspec.json.decode(schema))
+        validator.check_schema(validator.schema)
+    except SchemaError:
+        return None
+    return validator
 
 
 def _json_schema(type_: Any) -> dict[str, Any] | None:

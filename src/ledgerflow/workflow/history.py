@@ -137,6 +137,9 @@ class StepParked(_Command, frozen=True, kw_only=True, omit_defaults=True):
     message: str
     policy: str | None = None
     policy_version: int | None = None
+    result_schema: dict[str, Any] | None = None
+    """JSON Schema of the step's return type: a result given by an operator (skip)
+    is checked against it before it is recorded."""
 
 
 class StepRetried(_Command, frozen=True, kw_only=True):

@@ -26,7 +26,7 @@ from ..events import Metadata, RecordedEvent
 from ..resilience.book import default_actor
 from ..store import WorkflowStore
 from ..store.runtime import InstanceRow, Nudge, PutInstance, Schedule
-from .codec import CodecError, to_builtins
+from .codec import CodecError, schema_problems, to_builtins
 from .history import (
     TERMINAL,
     Resumed,
@@ -111,7 +111,14 @@ class Operations(abc.ABC):
         except CodecError as exc:
             raise WorkflowInputError("the skipped step's result", str(exc)) from exc
 
-        def act(target: Any, who: str) -> Any:
+        def act(target: StepParked, who: str) -> Any:
+            if target.result_schema is not None:
+                problems = schema_problems(target.result_schema, encoded)
+                if problems is not None:
+                    raise WorkflowInputError(
+                        "the skipped step's result",
+                        f"does not fit step {target.name!r}'s return type: {problems}",
+                    )
             return StepDone(seq=target.seq, name=target.name, result=encoded)
 
         return await self._operate(workflow_id, "skip", reason, actor, seq, act, parked_only=True)

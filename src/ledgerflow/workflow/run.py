@@ -58,7 +58,7 @@ from ..errors import (
 from ..resilience.guards import Admission, TokenWait, guarded
 from ..retry import RetryPolicy, as_seconds
 from ..store.runtime import InstanceRow, PutInstance, PutTask, TaskRow
-from .codec import CodecError, from_builtins, to_builtins
+from .codec import CodecError, from_builtins, json_schema, to_builtins
 from .context import WorkflowContext
 from .definition import WorkflowDefinition, return_type, step_options
 from .history import (
@@ -489,7 +489,8 @@ class _Pass(Waits, Saga):
                     rules, seq, attempt, first_at, value, refused=refusal is not None
                 )
                 if retry_at is None and rules.on_exhausted == "park" and rules.retryable(value):
-                    await self._park(seq, name, attempt, value, rules, writes)
+                    schema = json_schema(return_type(fn))
+                    await self._park(seq, name, attempt, value, rules, writes, schema)
                     await self._settle_guards(found, admission, value)
                     raise Suspend([], None)
                 if retry_at is None:
@@ -535,6 +536,7 @@ class _Pass(Waits, Saga):
         error: BaseException,
         rules: StepRules,
         writes: tuple[RuntimeWrite, ...],
+        result_schema: dict[str, Any] | None,
     ) -> None:
         """The step used up its attempts under a policy that parks: record it, and
         list the instance as needing attention until an operator acts."""
@@ -557,6 +559,7 @@ class _Pass(Waits, Saga):
             message=error_message(error),
             policy=rules.policy,
             policy_version=rules.policy_version,
+            result_schema=result_schema,
         )
         log.warning(
             "workflow %s: step %r used up its attempts (%s: %s); parked for an operator",

@@ -61,8 +61,8 @@ from ..store.runtime import (
     TaskLease,
     TaskRow,
 )
-from .codec import CodecError, from_builtins, to_builtins
-from .definition import step_options
+from .codec import CodecError, from_builtins, json_schema, to_builtins
+from .definition import return_type, step_options
 from .history import (
     CompensationAttemptFailed,
     CompensationDone,
@@ -609,6 +609,7 @@ class TaskRunner:
             return
         if rules.on_exhausted == "park" and rules.retryable(error):
             instance = await self.store.get_instance(row.workflow_id)
+            fn = self.steps.get(row.name)
             parked = StepParked(
                 seq=row.seq,
                 name=payload.command,
@@ -617,6 +618,7 @@ class TaskRunner:
                 message=message,
                 policy=rules.policy,
                 policy_version=rules.policy_version,
+                result_schema=None if fn is None else json_schema(return_type(fn)),
             )
             runtime: list[RuntimeWrite] = [DropTask(row.task_id), *writes]
             if instance is not None:
