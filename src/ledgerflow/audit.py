@@ -93,19 +93,23 @@ def row_hash(row: EventRow) -> bytes:
 
 
 async def verify_ledger(store: EventStore, *, batch_size: int = 2000) -> VerifyReport:
-    """Check every event and stream head; the report lists each problem found."""
+    """Check every event and stream head; the report lists each problem found.
+
+    Events and heads are read as of one moment (``store.read_snapshot``): appends
+    made while it runs are not mistaken for tampering, nor seen half-way.
+    """
     findings: list[Finding] = []
     streams: dict[str, list[_Seen]] = {}
     expected_position = 1
     checked = 0
-    while True:
-        rows = await store.read_rows(from_position=expected_position, limit=batch_size)
-        if not rows:
-            break
+    dense = store.dense_positions
+
+    def visit(rows: list[EventRow]) -> None:
+        nonlocal expected_position, checked
         for row in rows:
             # A missing position proves a removal only where writers leave none
             # (PostgreSQL may skip positions a write took and did not commit).
-            if row.position > expected_position and store.dense_positions:
+            if row.position > expected_position and dense:
                 gap = (
                     f"position {expected_position}"
                     if row.position == expected_position + 1
@@ -125,14 +129,8 @@ async def verify_ledger(store: EventStore, *, batch_size: int = 2000) -> VerifyR
             streams.setdefault(row.stream_id, []).append(
                 _Seen(row.position, row.version, row.hash, row.prev_hash, _intact(row))
             )
-    heads: dict[str, StreamHead] = {}
-    after: str | None = None
-    while True:
-        page = await store.stream_heads(after=after, limit=batch_size)
-        if not page:
-            break
-        heads.update(page)
-        after = page[-1][0]
+
+    heads = await store.read_snapshot(visit, batch_size=batch_size)
     for stream_id in sorted(streams.keys() | heads.keys()):
         findings.extend(_check_stream(stream_id, streams.get(stream_id, []), heads.get(stream_id)))
     return VerifyReport(checked, len(streams.keys() | heads.keys()), findings)

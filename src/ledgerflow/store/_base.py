@@ -522,6 +522,13 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         _check_limit(limit)
         return await self._stream_heads(after, limit)
 
+    async def read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], *, batch_size: int = 2000
+    ) -> dict[str, StreamHead]:
+        self._check_open()
+        _check_limit(batch_size)
+        return await self._read_snapshot(visit, max(batch_size, 1))
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         self._check_open()
         await self._save_snapshot(snapshot, to_micros(snapshot.recorded_at or self._clock()))
@@ -559,6 +566,11 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     async def _stream_heads(
         self, after: str | None, limit: int
     ) -> list[tuple[str, StreamHead]]: ...
+
+    @abc.abstractmethod
+    async def _read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], batch_size: int
+    ) -> dict[str, StreamHead]: ...
 
     @abc.abstractmethod
     async def _head_position(self) -> int: ...

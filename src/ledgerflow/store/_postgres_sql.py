@@ -324,6 +324,10 @@ class Sql:
         self.stream_head = (
             f"SELECT version, last_hash, last_position FROM {s}.streams WHERE stream_id = %s"
         )
+        self.snapshot_rows = (
+            f"SELECT {_COLUMNS} FROM {s}.events WHERE position >= %s ORDER BY position LIMIT %s"
+        )
+        self.all_heads = f"SELECT stream_id, version, last_hash, last_position FROM {s}.streams"
         self.stream_heads = (
             f"SELECT stream_id, version, last_hash, last_position FROM {s}.streams "
             "WHERE stream_id > %s ORDER BY stream_id LIMIT %s"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import bisect
+from collections.abc import Callable
 from dataclasses import replace
 from uuid import UUID
 
@@ -511,6 +512,15 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
     async def _stream_heads(self, after: str | None, limit: int) -> list[tuple[str, StreamHead]]:
         names = sorted(s for s in self._heads if after is None or s > after)[:limit]
         return [(name, self._heads[name]) for name in names]
+
+    async def _read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], batch_size: int
+    ) -> dict[str, StreamHead]:
+        # No await in here: no append can land in between.
+        rows = self._rows
+        for start in range(0, len(rows), batch_size):
+            visit(rows[start : start + batch_size])
+        return dict(self._heads)
 
     async def _head_position(self) -> int:
         return len(self._rows)

@@ -182,6 +182,15 @@ class EventStore(Protocol):
         """Recorded stream heads in stream-id order, after ``after``: for audit."""
         ...
 
+    async def read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], *, batch_size: int = 2000
+    ) -> dict[str, StreamHead]:
+        """Every stored row, in global order and in batches, given to ``visit``, then
+        every stream head: all of it as of one moment, while writers go on (what
+        ``verify_ledger`` needs to tell tampering from appends made meanwhile).
+        ``visit`` runs on the event loop's thread or not: it must only compute."""
+        ...
+
 
 class WorkflowStore(EventStore, Protocol):
     """The ledger plus the workflow runtime's index rows (``store.runtime``): written

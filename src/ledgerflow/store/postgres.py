@@ -21,6 +21,7 @@ import asyncio
 import logging
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -406,6 +407,36 @@ class PostgresEventStore(
         """The highest position committed, settled or not (see _SettleWait)."""
         rows = await self._fetch("read the log's tip", self._sql.committed_tip, ())
         return int(rows[0][0] or 0)
+
+    async def _read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], batch_size: int
+    ) -> dict[str, StreamHead]:
+        sql = self._sql
+
+        async def run(conn: Any) -> dict[str, StreamHead]:
+            # One REPEATABLE READ transaction: every statement sees the snapshot of
+            # its first. Rows of transactions still running are invisible to it, and
+            # so are the heads they move: the two agree (read_all's settled filter is
+            # for followers that must not skip a position; here it would hide rows
+            # whose heads are visible).
+            await conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
+            try:
+                position = 1
+                while True:
+                    cur = await conn.execute(sql.snapshot_rows, (position, batch_size), binary=True)
+                    found = await cur.fetchall()
+                    if not found:
+                        break
+                    rows = [event_row(t) for t in found]
+                    visit(rows)
+                    position = rows[-1].position + 1
+                cur = await conn.execute(sql.all_heads, binary=True)
+                heads = {sid: StreamHead(v, h, p) for sid, v, h, p in await cur.fetchall()}
+            finally:
+                await conn.rollback()
+            return heads
+
+        return await self._pooled("read a snapshot of the ledger", run)
 
     async def _stream_head(self, stream_id: str) -> StreamHead | None:
         rows = await self._fetch("read a stream head", self._sql.stream_head, (stream_id,))

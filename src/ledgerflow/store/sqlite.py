@@ -612,6 +612,27 @@ class SQLiteEventStore(
         )
         return [(sid, StreamHead(v, h, p)) for sid, v, h, p in rows]
 
+    async def _read_snapshot(
+        self, visit: Callable[[list[EventRow]], None], batch_size: int
+    ) -> dict[str, StreamHead]:
+        def run() -> dict[str, StreamHead]:
+            # One read transaction: in WAL mode it sees the database as of its first
+            # read, whatever commits meanwhile.
+            con = self._reader()
+            con.execute("BEGIN")
+            try:
+                cursor = con.execute(f"SELECT {_COLUMNS} FROM events ORDER BY position")
+                while batch := cursor.fetchmany(batch_size):
+                    visit([_row(t) for t in batch])
+                heads = con.execute(
+                    "SELECT stream_id, version, last_hash, last_position FROM streams"
+                ).fetchall()
+            finally:
+                con.execute("COMMIT")
+            return {sid: StreamHead(v, h, p) for sid, v, h, p in heads}
+
+        return await self._on(self._read_pool, run)
+
     async def _head_position(self) -> int:
         rows = await self._read("SELECT coalesce(max(position), 0) FROM events", ())
         return int(rows[0][0])
