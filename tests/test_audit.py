@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 from typing import cast
@@ -27,6 +28,7 @@ from ledgerflow.store._base import BaseEventStore
 from ledgerflow.store._plan import AppendRequest, EventRow, PreparedEvent, StreamHead, plan_batch
 from ledgerflow.store.ports import EventStore
 
+from ._engines import waiting_for
 from .conftest import pg_url, raw_sql
 
 
@@ -249,6 +251,63 @@ async def test_cli_exit_codes(ledger: str) -> None:
     tampered = await asyncio.to_thread(runner.invoke, app, ["audit", "verify", "--db", ledger])
     assert tampered.exit_code == 1
     assert "stream 'b', version 3" in tampered.output
+
+
+def _damaged_ledger(tmp_path: Path) -> Path:
+    path = tmp_path / "ledger.db"
+
+    async def fill() -> None:
+        async with ledgerflow.open_store(f"sqlite:///{path}") as store:
+            for i in range(600):
+                await store.append(f"s-{i % 20}", [ledgerflow.NewEvent("x", {"pad": "p" * 200})])
+
+    asyncio.run(fill())
+    return path
+
+
+def test_a_corrupted_page_exits_3_without_a_traceback(tmp_path: Path) -> None:
+    path = _damaged_ledger(tmp_path)
+    pages = path.stat().st_size // 4096
+    with path.open("r+b") as f:  # scribble over the cells of every other page
+        for page in range(2, pages, 2):
+            f.seek(4096 * page + 200)
+            f.write(b"\xde\xad\xbe\xef" * 64)
+    result = CliRunner().invoke(app, ["audit", "verify", "--db", f"sqlite:///{path}"])
+    assert result.exit_code == 3, result.output
+    assert "CORRUPT" in result.output
+    assert "Traceback" not in result.output
+
+
+def test_a_corrupted_index_is_not_intact(tmp_path: Path) -> None:
+    """An index that no longer matches its table reads fine row by row, so the hash
+    chains cannot see it; the database's own check does."""
+    path = _damaged_ledger(tmp_path)
+    with sqlite3.connect(path) as con:  # point two indexes at each other's pages
+        (a,) = con.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_events_1'"
+        ).fetchone()
+        (b,) = con.execute(
+            "SELECT rootpage FROM sqlite_master WHERE name = 'sqlite_autoindex_events_2'"
+        ).fetchone()
+        (version,) = con.execute("PRAGMA schema_version").fetchone()
+        con.execute("PRAGMA writable_schema = ON")
+        con.execute(
+            "UPDATE sqlite_master SET rootpage = CASE name "
+            "WHEN 'sqlite_autoindex_events_1' THEN ? ELSE ? END "
+            "WHERE name IN ('sqlite_autoindex_events_1', 'sqlite_autoindex_events_2')",
+            (b, a),
+        )
+        con.execute(f"PRAGMA schema_version = {version + 1}")
+    result = CliRunner().invoke(app, ["audit", "verify", "--db", f"sqlite:///{path}"])
+    assert result.exit_code == 3, result.output
+    assert "index" in result.output
+
+
+async def test_the_integrity_check_of_a_sound_database_finds_nothing(
+    store: BaseEventStore,
+) -> None:
+    await store.append("s", [ledgerflow.NewEvent("x", {})])
+    assert await store.integrity_check() == []
 
 
 def test_cli_reports_a_missing_database_without_a_traceback(tmp_path: Path) -> None:
@@ -677,3 +736,47 @@ async def test_verify_on_a_live_ledger_finds_nothing_while_writers_append(
         stop.set()
         await writing
     assert (await ledgerflow.verify_ledger(store)).ok
+
+
+# -- derived tables -------------------------------------------------------------------
+
+
+@ledgerflow.workflow(name="audited", version=1)
+async def audited(ctx: ledgerflow.WorkflowContext, n: int) -> int:
+    if n < 0:
+        await ctx.wait_for_signal("never", int)
+    return n
+
+
+async def instances(url: str) -> None:
+    async with ledgerflow.Engine(url, workflows=[audited], poll_interval=0.05) as engine:
+        for n in (1, 2):
+            await (await engine.start(audited, n, id=f"done-{n}")).result(timeout=20)
+        await engine.start(audited, -1, id="waits")
+        await waiting_for(engine, "waits", "signal 'never'")
+
+
+async def verify_cli(url: str) -> tuple[int, str]:
+    result = await asyncio.to_thread(
+        CliRunner().invoke, app, ["audit", "verify", "--db", url], env={"COLUMNS": "200"}
+    )
+    return result.exit_code, " ".join(result.output.split())
+
+
+async def test_status_rows_are_checked_against_the_ledger(sql_url: str) -> None:
+    """A status changed behind the ledger's back (a finished order marked failed, a
+    waiting one marked completed, a row deleted) is tampering `verify` reports."""
+    await instances(sql_url)
+    assert (await verify_cli(sql_url))[0] == 0
+    raw_sql(sql_url, "UPDATE {t}workflows SET status = 'failed' WHERE workflow_id = 'done-1'")
+    raw_sql(sql_url, "UPDATE {t}workflows SET status = 'completed' WHERE workflow_id = 'waits'")
+    raw_sql(sql_url, "DELETE FROM {t}workflows WHERE workflow_id = 'done-2'")
+    code, output = await verify_cli(sql_url)
+    assert code == 1, output
+    assert (
+        "derived: stream 'wf-done-1': the status row says 'failed' but the ledger says "
+        "the instance ended 'completed'" in output
+    )
+    assert "stream 'wf-waits': the status row says 'completed' but the ledger has not" in output
+    assert "stream 'wf-done-2', version 1: instance 'done-2' was started but has no" in output
+    assert output.count("derived:") == 3

@@ -80,6 +80,7 @@ EXPECTED = {
     "StepInfo",
     "StoreClosedError",
     "StoreError",
+    "StoreCorruptError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "StreamState",

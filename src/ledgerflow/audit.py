@@ -31,6 +31,9 @@ class FindingKind(enum.Enum):
     """The event sits out of version order in the global log."""
     HEAD_MISMATCH = "head_mismatch"
     """The recorded stream head disagrees with the stream's events."""
+    DERIVED = "derived"
+    """A table derived from the ledger (an instance's status row) disagrees with it
+    (``ledgerflow.audit_instances``)."""
 
 
 @dataclass(frozen=True, slots=True)

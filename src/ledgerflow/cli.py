@@ -21,11 +21,13 @@ from rich.table import Table
 from . import cli_server as _server_cli
 from ._version import running_version
 from .audit import VerifyReport, verify_ledger
+from .audit_instances import check_instances
 from .audit_report import Action, actions, actions_csv, actions_json
 from .cli_options import DEFAULT_DB, DbOption
 from .errors import (
     InvalidTransition,
     LedgerflowError,
+    StoreCorruptError,
     StreamNotFoundError,
     TransitionFailedError,
 )
@@ -41,7 +43,7 @@ from .store.runtime import ResourceRow
 from .workflow.client import WorkflowClient
 from .workflow.drawing import history_dot, history_mermaid
 from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
-from .workflow.history import WorkflowStatus
+from .workflow.history import WorkflowStatus, history_registry
 
 __all__ = ["app", "main"]
 
@@ -138,28 +140,47 @@ def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
 # "no ledger at ..." instead of creating an empty ledger and calling it intact.
 
 
-async def _verify(url: str) -> VerifyReport:
-    async with open_store(url, create=False) as store:
-        return await verify_ledger(store)
+async def _verify(url: str) -> tuple[list[str], VerifyReport | None]:
+    """The database's own findings, and the hash chains' with the derived status
+    rows' (None: too damaged to read)."""
+    async with open_store(url, create=False, registry=history_registry()) as store:
+        damaged = await store.integrity_check()
+        try:
+            report = await verify_ledger(store)
+            derived = await check_instances(store)
+        except StoreCorruptError as exc:
+            return [*damaged, str(exc)], None
+        findings = [*report.findings, *derived]
+        return damaged, dataclasses.replace(report, findings=findings)
 
 
 @audit_app.command("verify")
 def audit_verify(db: DbOption = DEFAULT_DB) -> None:
-    """Walk every stream and check its hash chain. Exit 0 if intact, 1 if not."""
-    report = _run(lambda: _verify(db))
-    if report.ok:
+    """Check the database's own integrity, then every stream's hash chain, in one
+    snapshot. Exit 0 intact, 1 tampered, 2 error (no ledger there, unreachable),
+    3 corrupt (the database's files are damaged: restore a backup)."""
+    damaged, report = _run(lambda: _verify(db))
+    if report is not None and report.findings:
         out.print(
-            f"[green]intact[/]: {report.events_checked} events in "
-            f"{report.streams_checked} streams, every hash chain verified"
+            f"[red]TAMPERED[/]: {len(report.findings)} problem(s) in {report.events_checked} "
+            f"events, {report.streams_checked} streams"
         )
-        return
+        for finding in report.findings:
+            out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
+    if damaged:
+        out.print(
+            f"[red]CORRUPT[/]: the database's integrity check found {len(damaged)} problem(s)"
+        )
+        for line in damaged[:20]:
+            out.print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(3)
+    assert report is not None
+    if report.findings:
+        raise typer.Exit(1)
     out.print(
-        f"[red]TAMPERED[/]: {len(report.findings)} problem(s) in {report.events_checked} "
-        f"events, {report.streams_checked} streams"
+        f"[green]intact[/]: {report.events_checked} events in "
+        f"{report.streams_checked} streams, every hash chain and instance status verified"
     )
-    for finding in report.findings:
-        out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
-    raise typer.Exit(1)
 
 
 @audit_app.command("report")

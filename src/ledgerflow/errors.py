@@ -22,6 +22,7 @@ driver type ever crosses the port::
     │   ├── LedgerNotFoundError     no ledger at that URL (opened with create=False)
     │   ├── StoreReadOnlyError      the database cannot be written (read-only file, standby)
     │   ├── StoreClosedError        the store was used after it was closed
+    │   ├── StoreCorruptError       the database's files are damaged (restore a backup)
     │   └── StoreUnavailableError   connection or I/O failure (retryable)
     ├── WorkflowError               durable workflows
     │   ├── WorkflowDefinitionError a workflow or step definition is unusable (lint)
@@ -338,6 +339,17 @@ class StoreUnavailableError(StoreError):
     def __init__(self, backend: str, reason: str) -> None:
         super().__init__(f"{backend} store unavailable: {reason}")
         self.backend = backend
+        self.reason = reason
+
+
+class StoreCorruptError(StoreError):
+    """The database's files are damaged (a page or an index that does not read
+    back): not a state to retry, nor tampering the hash chain can describe. Restore
+    from a backup; ``ledgerflow audit verify`` exits 3."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"the database at {location} is corrupt: {reason}")
+        self.location = location
         self.reason = reason
 
 

@@ -522,6 +522,13 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         _check_limit(limit)
         return await self._stream_heads(after, limit)
 
+    async def integrity_check(self) -> list[str]:
+        self._check_open()
+        return await self._integrity_check()
+
+    async def _integrity_check(self) -> list[str]:
+        return []  # no check of its own (memory; PostgreSQL without amcheck)
+
     async def read_snapshot(
         self, visit: Callable[[list[EventRow]], None], *, batch_size: int = 2000
     ) -> dict[str, StreamHead]:

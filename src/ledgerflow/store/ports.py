@@ -182,6 +182,12 @@ class EventStore(Protocol):
         """Recorded stream heads in stream-id order, after ``after``: for audit."""
         ...
 
+    async def integrity_check(self) -> list[str]:
+        """What the database's own consistency check finds wrong with its files
+        (pages, indexes), one line each; empty if nothing (or if the backend has no
+        such check: PostgreSQL's needs the amcheck extension, memory has no files)."""
+        ...
+
     async def read_snapshot(
         self, visit: Callable[[list[EventRow]], None], *, batch_size: int = 2000
     ) -> dict[str, StreamHead]:

@@ -30,6 +30,7 @@ from ..errors import (
     LedgerNotFoundError,
     SchemaOutdatedError,
     SchemaVersionError,
+    StoreCorruptError,
     StoreError,
     StoreReadOnlyError,
     StoreUnavailableError,
@@ -198,7 +199,11 @@ class SQLiteEventStore(
             raise self._unavailable(exc) from exc
 
     def _unavailable(self, exc: sqlite3.Error) -> StoreError:
-        if getattr(exc, "sqlite_errorname", "").startswith("SQLITE_READONLY"):
+        name = getattr(exc, "sqlite_errorname", "")
+        if name.startswith("SQLITE_CORRUPT") or name == "SQLITE_NOTADB":
+            # Damaged pages: retrying reads the same bytes again.
+            return StoreCorruptError(self.location, f"{type(exc).__name__}: {exc}")
+        if name.startswith("SQLITE_READONLY"):
             # Waiting does not help: the file, its directory or the mount is read-only.
             return StoreReadOnlyError(self.location, str(exc))
         return StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}")
@@ -611,6 +616,19 @@ class SQLiteEventStore(
             ("" if after is None else after, limit),
         )
         return [(sid, StreamHead(v, h, p)) for sid, v, h, p in rows]
+
+    async def _integrity_check(self) -> list[str]:
+        # SQLite's own check: every page, every index entry against its table. A
+        # file too broken to run it is itself the finding.
+        def run() -> list[str]:
+            try:
+                found = self._reader().execute("PRAGMA integrity_check(100)").fetchall()
+            except sqlite3.DatabaseError as exc:
+                return [f"{type(exc).__name__}: {exc}"]
+            lines = [str(row[0]) for row in found]
+            return [] if lines == ["ok"] else lines
+
+        return await self._on(self._read_pool, run)
 
     async def _read_snapshot(
         self, visit: Callable[[list[EventRow]], None], batch_size: int
