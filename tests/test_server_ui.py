@@ -213,3 +213,22 @@ def test_forms_are_made_from_a_waits_schema(
     assert one.read({"f.payload": "true"}) == (True, {})
     anything = signal_form("any", None)
     assert anything.read({"f.payload": '{"a": [1]}'}) == ({"a": [1]}, {})
+
+
+def test_a_form_served_by_one_server_process_is_accepted_by_another(tmp_path: Path) -> None:
+    """Behind `--processes N` a form may be posted to another process than the one
+    that served it (or to a restarted one): its token must not be per process."""
+    url = f"sqlite:///{tmp_path / 'two.db'}"
+    with serve(url) as first:
+        start(first, "o-2")
+        first.until("/api/v1/workflows/o-2", lambda b: bool(b["waiting_signals"]))
+        csrf = sign_in(first)
+        cookie = first.http.cookies["lf_session"]
+        with serve(url) as second:
+            second.http.cookies.set("lf_session", cookie, path="/ui")
+            sent = second.http.post(
+                "/ui/workflows/o-2/signals/approval",
+                data={"csrf": csrf, "f.approved": "false", "f.approver": "bo"},
+                follow_redirects=False,
+            )
+            assert sent.status_code == 303, sent.text

@@ -64,6 +64,16 @@ def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     return [*inclusion_proof(leaves[k:], index - k), tree_head(leaves[:k])]
 
 
+def _up_the_right_edge(fn: int, sn: int) -> tuple[int, int]:
+    """Both indexes shifted right until ``fn`` is odd or 0: the step of RFC 9162's
+    verification algorithms past a node that was the right edge of its level."""
+    while True:
+        fn >>= 1
+        sn >>= 1
+        if fn & 1 or fn == 0:
+            return fn, sn
+
+
 def verify_inclusion(
     leaf: bytes, index: int, size: int, proof: Sequence[bytes], head: bytes
 ) -> bool:
@@ -79,11 +89,7 @@ def verify_inclusion(
         if fn & 1 or fn == sn:
             r = _node(p, r)
             if not fn & 1:
-                while True:
-                    fn >>= 1
-                    sn >>= 1
-                    if fn & 1 or fn == 0:
-                        break
+                fn, sn = _up_the_right_edge(fn, sn)
         else:
             r = _node(r, p)
         fn >>= 1
@@ -140,11 +146,7 @@ def verify_consistency(
             fr = _node(c, fr)
             sr = _node(c, sr)
             if not fn & 1:
-                while True:
-                    fn >>= 1
-                    sn >>= 1
-                    if fn & 1 or fn == 0:
-                        break
+                fn, sn = _up_the_right_edge(fn, sn)
         else:
             sr = _node(sr, c)
         fn >>= 1

@@ -136,14 +136,7 @@ class SignalWaitOut(msgspec.Struct):
     deadline: datetime | None
 
 
-class WorkflowDetail(msgspec.Struct):
-    id: str
-    name: str
-    version: int
-    status: str
-    parent_id: str | None
-    created_at: datetime
-    updated_at: datetime
+class WorkflowDetail(WorkflowSummary):
     events: int
     waiting_for: str | None
     waiting_signals: list[SignalWaitOut]

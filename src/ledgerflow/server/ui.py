@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
-import secrets
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -119,7 +118,6 @@ class Ui:
     def __init__(self, service: Service, limiter: RateLimiter) -> None:
         self.service = service
         self.limiter = limiter
-        self._secret = secrets.token_bytes(32)
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -136,8 +134,11 @@ class Ui:
         return principal
 
     def csrf(self, request: Request[Any, Any, Any]) -> str:
+        # Derived from the session's key alone, so every server process (and a
+        # restarted one) accepts the forms it served; another site can read neither
+        # the HttpOnly cookie nor the page, so it cannot make one.
         key = request.cookies.get(COOKIE, "")
-        return hmac.new(self._secret, key.encode(), hashlib.sha256).hexdigest()[:32]
+        return hmac.new(key.encode(), b"ledgerflow ui form", hashlib.sha256).hexdigest()[:32]
 
     async def form(self, request: Request[Any, Any, Any]) -> dict[str, str]:
         data = await request.form()
