@@ -179,9 +179,23 @@ async def test_swapped_versions_are_found(ledger: str) -> None:
         "UPDATE {t}events SET version = 2 WHERE position = -1 OR version = -1",
     )
     report = await verify(ledger)
-    assert not report.ok
-    assert {f.stream_id for f in report.findings} == {"b"}
-    assert FindingKind.REORDERED in {f.kind for f in report.findings}
+    # Named as the swap it is: neither event's contents changed.
+    assert {(f.kind, f.stream_id, f.version, f.position, f.detail) for f in report.findings} == {
+        (
+            FindingKind.REORDERED,
+            "b",
+            1,
+            5,
+            "holds the event written as version 2: its version was changed",
+        ),
+        (
+            FindingKind.REORDERED,
+            "b",
+            2,
+            2,
+            "holds the event written as version 1: its version was changed",
+        ),
+    }
 
 
 async def test_events_swapped_between_streams_are_found(ledger: str) -> None:
@@ -194,8 +208,11 @@ async def test_events_swapped_between_streams_are_found(ledger: str) -> None:
         "UPDATE {t}events SET position = 2 WHERE position = -1",
     )
     report = await verify(ledger)
-    assert kinds(report) == {(FindingKind.EDITED, "a", 1), (FindingKind.EDITED, "b", 1)}
-    assert {(f.stream_id, f.position) for f in report.findings} == {("a", 2), ("b", 1)}
+    assert kinds(report) == {(FindingKind.REORDERED, "a", 1), (FindingKind.REORDERED, "b", 1)}
+    assert {(f.stream_id, f.position, f.detail) for f in report.findings} == {
+        ("a", 2, "holds the event written at position 1: it was moved"),
+        ("b", 1, "holds the event written at position 2: it was moved"),
+    }
 
 
 async def test_a_rewritten_stream_must_still_start_the_chain(ledger: str) -> None:
@@ -356,6 +373,16 @@ class _Ledger:
         for start in range(0, len(rows), batch_size):
             visit(rows[start : start + batch_size])
         return dict(self.heads)
+
+    # No Merkle tree: these rows were never checkpointed (test_checkpoints has them).
+    async def merkle_tiles(self, **_: object) -> list[object]:
+        return []
+
+    async def latest_checkpoint(self) -> None:
+        return None
+
+    async def checkpoints(self, **_: object) -> list[object]:
+        return []
 
     async def verify(self, batch_size: int = 2000) -> VerifyReport:
         return await ledgerflow.verify_ledger(cast("EventStore", self), batch_size=batch_size)
@@ -588,11 +615,27 @@ async def test_an_event_moved_back_in_the_global_log_is_reordered() -> None:
     ledger.put(dataclasses.replace(one, position=3))
     ledger.put(dataclasses.replace(three, position=1))
     report = await ledger.verify()
-    # Version 1 now sits after version 2; its hash (which covers the position) no
-    # longer matches either, but a reordered event is reported once, as reordered.
+    # Version 1 now sits after version 2. Each hash (which covers the position)
+    # matches again with the other's position: a swap, reported once per event.
     assert report.findings == [
-        Finding(FindingKind.REORDERED, "a", 1, 3, "appears after version 2 in the global log"),
-        Finding(FindingKind.EDITED, "a", 2, 1, "stored fields do not match the event's hash"),
+        Finding(
+            FindingKind.REORDERED, "a", 1, 3, "holds the event written at position 1: it was moved"
+        ),
+        Finding(
+            FindingKind.REORDERED, "a", 2, 1, "holds the event written at position 3: it was moved"
+        ),
+    ]
+
+
+async def test_an_event_moved_back_alone_is_reordered_once() -> None:
+    ledger = sealed("a", "b", "a", "a")
+    first = ledger.at(1)
+    ledger.drop(1)
+    ledger.rows.append(dataclasses.replace(first, position=5))
+    report = await ledger.verify()
+    assert [(f.kind, f.stream_id, f.version, f.position) for f in report.findings] == [
+        (FindingKind.REMOVED, None, None, 1),
+        (FindingKind.REORDERED, "a", 1, 5),
     ]
 
 

@@ -3,14 +3,17 @@ logs (every inclusion and consistency proof verifies; an altered one does not)."
 
 from __future__ import annotations
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from ledgerflow.merkle import (
     EMPTY,
+    CompactRange,
     consistency_proof,
     inclusion_proof,
     leaf_hash,
+    subtree_head,
     tree_head,
     verify_consistency,
     verify_inclusion,
@@ -126,3 +129,41 @@ def test_every_consistency_proof_verifies_and_a_rewritten_past_does_not(
         assert not verify_consistency(old, size, bytes(32), new_head, proof)
         # Nor can a truncated log: the new head must match what the proof builds.
         assert not verify_consistency(old, size, old_head, tree_head(leaves[:-1]), proof)
+
+
+@settings(max_examples=60, deadline=None)
+@given(leaves=LOGS)
+def test_a_compact_range_gives_the_head_of_every_prefix(leaves: list[bytes]) -> None:
+    compact = CompactRange()
+    assert compact.head() == EMPTY
+    for n, leaf in enumerate(leaves, 1):
+        compact.append(leaf)
+        assert compact.head() == tree_head(leaves[:n])
+        # What a checkpoint stores is enough to go on from.
+        restored = CompactRange.from_bytes(n, compact.to_bytes())
+        assert restored.head() == compact.head()
+    assert len(compact.to_bytes()) == 32 * len(leaves).bit_count()
+
+
+@settings(max_examples=60, deadline=None)
+@given(leaves=LOGS, block=st.sampled_from([2, 4, 8]))
+def test_heads_from_stored_blocks_equal_heads_from_leaves(leaves: list[bytes], block: int) -> None:
+    # A store that knows the heads of aligned full blocks (the ledger's tiles)
+    # answers without the leaves under them, and gets the same heads.
+    full = len(leaves) // block
+    known = {i: tree_head(leaves[i * block : (i + 1) * block]) for i in range(full)}
+    read: set[int] = set()
+
+    def stored(lo: int, hi: int) -> bytes:
+        if hi - lo == block and lo % block == 0 and lo // block in known:
+            return known[lo // block]
+        return b""
+
+    def leaf(i: int) -> bytes:
+        read.add(i)
+        return leaves[i]
+
+    assert subtree_head(0, len(leaves), stored, leaf) == tree_head(leaves)
+    assert all(i >= full * block for i in read)
+    with pytest.raises(ValueError, match="2 subtree heads"):
+        CompactRange(3, [bytes(32)])

@@ -368,7 +368,7 @@ async def test_stores_on_different_schemas_do_not_see_each_other(
         ).fetchall()
     # events, streams, snapshots, workflows, wakeups, workers, tasks, queues, resources,
     # permits, projections, inbox, schema_migrations
-    assert dict(tables) == {pg_schema: 13, other_schema: 13}
+    assert dict(tables) == {pg_schema: 16, other_schema: 16}
 
 
 @pytest.mark.parametrize(
@@ -715,7 +715,8 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         con.execute(f"DROP FUNCTION {s}.check_fences, {s}.begin_append, {s}.give_back")
         con.execute(
             f"DROP TABLE {s}.workflows, {s}.wakeups, {s}.workers, {s}.tasks, {s}.queues, "
-            f"{s}.resources, {s}.permits, {s}.projections, {s}.inbox"
+            f"{s}.resources, {s}.permits, {s}.projections, {s}.inbox, {s}.merkle_tiles, "
+            f"{s}.checkpoints, {s}.subject_keys"
         )
         con.execute(f"DROP SEQUENCE {s}.positions")
         con.execute(f"ALTER TABLE {s}.events DROP COLUMN xid")
@@ -756,6 +757,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (7, "guarded resources: breakers, rate limits, bulkheads"),
         (8, "projections: checkpoints, leases, failures"),
         (9, "instances listed newest first"),
+        (10, "audit: Merkle tiles, checkpointed tree heads, personal-data keys"),
     ]
     async with open_adapter(url) as store:  # positions go on from where the head was
         assert [e.position for e in await store.read_all()] == [1, 2, 3]

@@ -81,7 +81,7 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
         s = pg_schema
         con.execute(
             f"DROP TABLE {s}.tasks, {s}.queues, {s}.resources, {s}.permits, {s}.projections, "
-            f"{s}.inbox"
+            f"{s}.inbox, {s}.merkle_tiles, {s}.checkpoints, {s}.subject_keys"
         )
         con.execute(f"DROP INDEX {s}.workflows_by_created")
         con.execute(f"DELETE FROM {pg_schema}.schema_migrations WHERE version > 5")
@@ -95,11 +95,12 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
         ).fetchall()
-    assert rows[-4] == (6, "task queues")
-    assert rows[-3] == (7, "guarded resources: breakers, rate limits, bulkheads")
-    assert rows[-2] == (8, "projections: checkpoints, leases, failures")
-    assert rows[-1] == (9, "instances listed newest first")
-    assert _migrations(pg_schema)[-1].version == 9
+    assert rows[-5] == (6, "task queues")
+    assert rows[-4] == (7, "guarded resources: breakers, rate limits, bulkheads")
+    assert rows[-3] == (8, "projections: checkpoints, leases, failures")
+    assert rows[-2] == (9, "instances listed newest first")
+    assert rows[-1] == (10, "audit: Merkle tiles, checkpointed tree heads, personal-data keys")
+    assert _migrations(pg_schema)[-1].version == 10
 
 
 async def test_the_payload_is_kept_byte_for_byte(pg_schema: str) -> None:

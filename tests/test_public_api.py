@@ -5,6 +5,22 @@ from __future__ import annotations
 import ledgerflow
 
 EXPECTED = {
+    # audit: Merkle checkpoints, signed heads, witnesses, bundles (issue 18)
+    "AuditError",
+    "BundleReport",
+    "CheckpointMismatchError",
+    "Checkpointer",
+    "FileWitness",
+    "LogSigner",
+    "LogVerifier",
+    "SignedTreeHead",
+    "TreeHead",
+    "Witness",
+    "WitnessError",
+    "WitnessRefusedError",
+    "check_bundle",
+    "generate_signing_key",
+    "make_bundle",
     "Projection",
     "ProjectionError",
     "ProjectionLeaseLostError",

@@ -81,7 +81,7 @@ async def _old_ledger(url: str) -> None:
     """A ledger as the release that knew only migration 1 left it: nothing of the
     later migrations (2: workflows and wakeups; 3: lease epochs, and on PostgreSQL
     the check_fences function; 4: workers; then task queues, guarded resources,
-    projections) and
+    projections, the audit tables) and
     none of their rows in schema_migrations."""
     async with ledgerflow.open_store(url) as store:
         await store.append("s", [NewEvent("E", {})])
@@ -98,6 +98,9 @@ async def _old_ledger(url: str) -> None:
         "DROP TABLE {t}permits",
         "DROP TABLE {t}projections",
         "DROP TABLE {t}inbox",
+        "DROP TABLE {t}merkle_tiles",
+        "DROP TABLE {t}checkpoints",
+        "DROP TABLE {t}subject_keys",
         "DELETE FROM {t}schema_migrations WHERE version > 1",
     )
 

@@ -25,10 +25,14 @@ from .workflow import (
 # isort: split
 from .aggregate import Aggregate, Loaded, Repository
 from .audit import Finding, FindingKind, VerifyReport, verify_ledger
+from .audit_bundle import BundleReport, check_bundle, make_bundle
+from .checkpoints import Checkpointer
 from .clock import Clock, DatabaseClock, ManualClock, SystemClock
 from .errors import (
+    AuditError,
     BulkheadFullError,
     BusUnavailableError,
+    CheckpointMismatchError,
     ChildWorkflowError,
     CircuitOpenError,
     ConcurrencyError,
@@ -71,6 +75,8 @@ from .errors import (
     UnknownEventTypeError,
     UnknownWorkflowError,
     UnrecordableValueError,
+    WitnessError,
+    WitnessRefusedError,
     WorkflowAlreadyStartedError,
     WorkflowCancelled,
     WorkflowDefinitionError,
@@ -110,9 +116,11 @@ from .resilience import (
     classify,
 )
 from .retry import RetryPolicy
+from .signing import LogSigner, LogVerifier, SignedTreeHead, TreeHead, generate_signing_key
 from .statemachine import Machine, MachineCall, MachineOutcome, MachineState
 from .statemachine import verify as verify_machine
 from .store import EventStore, open_store
+from .witness import FileWitness, Witness
 
 __version__ = "0.1.0"
 
@@ -124,10 +132,14 @@ __all__ = [
     "AlreadyAppended",
     "AppendResult",
     "Appended",
+    "AuditError",
     "Breaker",
     "Bulkhead",
     "BulkheadFullError",
+    "BundleReport",
     "BusUnavailableError",
+    "CheckpointMismatchError",
+    "Checkpointer",
     "ChildWorkflowError",
     "CircuitOpenError",
     "Clock",
@@ -142,6 +154,7 @@ __all__ = [
     "EventStore",
     "EventTooLargeError",
     "ExpectedVersion",
+    "FileWitness",
     "Finding",
     "FindingKind",
     "InvalidEventDataError",
@@ -151,6 +164,8 @@ __all__ = [
     "LedgerNotFoundError",
     "LedgerflowError",
     "Loaded",
+    "LogSigner",
+    "LogVerifier",
     "Machine",
     "MachineCall",
     "MachineOutcome",
@@ -184,6 +199,7 @@ __all__ = [
     "SchemaOutdatedError",
     "SchemaVersionError",
     "SignalInputError",
+    "SignedTreeHead",
     "Snapshot",
     "StepCancelledError",
     "StepFailedError",
@@ -202,11 +218,15 @@ __all__ = [
     "TaskLeaseLostError",
     "Timeouts",
     "TransitionFailedError",
+    "TreeHead",
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",
     "VerifyReport",
     "View",
+    "Witness",
+    "WitnessError",
+    "WitnessRefusedError",
     "WorkerInfo",
     "WorkflowAlreadyStartedError",
     "WorkflowCancelled",
@@ -224,9 +244,12 @@ __all__ = [
     "WorkflowNotStuckError",
     "WorkflowStatus",
     "__version__",
+    "check_bundle",
     "classify",
     "current_step",
+    "generate_signing_key",
     "lint_workflow",
+    "make_bundle",
     "open_store",
     "step",
     "verify_ledger",

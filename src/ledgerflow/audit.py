@@ -11,12 +11,16 @@ stream heads elsewhere.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from dataclasses import dataclass, field
 
+from .audit_tree import TreeCheck, TreeFinding
 from .hashing import GENESIS_HASH, chain_hash
+from .signing import LogVerifier
 from .store import EventRow, StreamHead
 from .store.ports import EventStore
+from .witness import Witness
 
 __all__ = ["Finding", "FindingKind", "VerifyReport", "verify_ledger"]
 
@@ -34,6 +38,10 @@ class FindingKind(enum.Enum):
     DERIVED = "derived"
     """A table derived from the ledger (an instance's status row) disagrees with it
     (``ledgerflow.audit_instances``)."""
+    CHECKPOINT = "checkpoint"
+    """The log no longer produces a tree head it checkpointed or a witness holds
+    (cut, rewritten or re-chained), or the checkpoints themselves were changed
+    (``ledgerflow.audit_tree``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,6 +60,8 @@ class Finding:
             where.append(f"version {self.version}")
         if self.position is not None:
             where.append(f"position {self.position}")
+        if not where:
+            return f"{self.kind.value}: {self.detail}"
         return f"{self.kind.value}: {', '.join(where)}: {self.detail}"
 
 
@@ -95,17 +105,29 @@ def row_hash(row: EventRow) -> bytes:
     )
 
 
-async def verify_ledger(store: EventStore, *, batch_size: int = 2000) -> VerifyReport:
-    """Check every event and stream head; the report lists each problem found.
+async def verify_ledger(
+    store: EventStore,
+    *,
+    batch_size: int = 2000,
+    witness: Witness | None = None,
+    verifier: LogVerifier | None = None,
+) -> VerifyReport:
+    """Check every event and stream head, and the log against its Merkle tiles and
+    checkpoints (and ``witness``'s heads, signed by ``verifier``'s key, if given);
+    the report lists each problem found.
 
     Events and heads are read as of one moment (``store.read_snapshot``): appends
     made while it runs are not mistaken for tampering, nor seen half-way.
     """
     findings: list[Finding] = []
     streams: dict[str, list[_Seen]] = {}
+    gaps: list[tuple[int, int]] = []
+    broken: list[EventRow] = []
     expected_position = 1
     checked = 0
     dense = store.dense_positions
+    tree = TreeCheck(store, witness=witness, verifier=verifier)
+    await tree.prepare()
 
     def visit(rows: list[EventRow]) -> None:
         nonlocal expected_position, checked
@@ -113,33 +135,100 @@ async def verify_ledger(store: EventStore, *, batch_size: int = 2000) -> VerifyR
             # A missing position proves a removal only where writers leave none
             # (PostgreSQL may skip positions a write took and did not commit).
             if row.position > expected_position and dense:
-                gap = (
-                    f"position {expected_position}"
-                    if row.position == expected_position + 1
-                    else f"positions {expected_position}..{row.position - 1}"
+                gaps.append((expected_position, row.position - 1))
+            expected_position = row.position + 1
+            checked += 1
+            intact = _intact(row)
+            if not intact and len(broken) < _EXPLAINED:
+                broken.append(row)
+            streams.setdefault(row.stream_id, []).append(
+                _Seen(row.position, row.version, row.hash, row.prev_hash, intact)
+            )
+            tree.visit(row)
+
+    heads = await store.read_snapshot(visit, batch_size=batch_size)
+    tree.end()
+    named = [_finding(f) for f in await tree.findings()]
+    removed = {f.position for f in named if f.kind is FindingKind.REMOVED}
+    findings.extend(_gap_findings(gaps, removed))
+    moved = _moved(broken)
+    for stream_id in sorted(streams.keys() | heads.keys()):
+        findings.extend(
+            _check_stream(stream_id, streams.get(stream_id, []), heads.get(stream_id), moved)
+        )
+    seen = {(f.kind, f.stream_id, f.version) for f in findings if f.stream_id is not None}
+    findings.extend(
+        f for f in named if f.stream_id is None or (f.kind, f.stream_id, f.version) not in seen
+    )
+    return VerifyReport(checked, len(streams.keys() | heads.keys()), findings)
+
+
+_EXPLAINED = 1000
+"""Events whose stored fields no longer match their hash that verify tries to explain
+as moved (another version or position swapped in): the cost is quadratic in them."""
+
+
+def _finding(found: TreeFinding) -> Finding:
+    return Finding(
+        FindingKind(found.kind), found.stream_id, found.version, found.position, found.detail
+    )
+
+
+def _gap_findings(gaps: list[tuple[int, int]], named: set[int | None]) -> list[Finding]:
+    """Holes in the global log, less the positions the tiles name an event for."""
+    findings = []
+    for first, last in gaps:
+        start: int | None = None
+        for position in range(first, last + 2):
+            unnamed = position <= last and position not in named
+            if unnamed and start is None:
+                start = position
+            elif not unnamed and start is not None:
+                where = (
+                    f"position {start}"
+                    if start == position - 1
+                    else (f"positions {start}..{position - 1}")
                 )
                 findings.append(
                     Finding(
                         FindingKind.REMOVED,
                         None,
                         None,
-                        expected_position,
-                        f"{gap} missing from the global log",
+                        start,
+                        f"{where} missing from the global log",
                     )
                 )
-            expected_position = row.position + 1
-            checked += 1
-            streams.setdefault(row.stream_id, []).append(
-                _Seen(row.position, row.version, row.hash, row.prev_hash, _intact(row))
-            )
-
-    heads = await store.read_snapshot(visit, batch_size=batch_size)
-    for stream_id in sorted(streams.keys() | heads.keys()):
-        findings.extend(_check_stream(stream_id, streams.get(stream_id, []), heads.get(stream_id)))
-    return VerifyReport(checked, len(streams.keys() | heads.keys()), findings)
+                start = None
+    return findings
 
 
-def _check_stream(stream_id: str, seen: list[_Seen], head: StreamHead | None) -> list[Finding]:
+def _moved(broken: list[EventRow]) -> dict[int, str]:
+    """For events whose fields no longer match their hash, the ones that match it
+    again with another event's version or position: swapped, not edited."""
+    moved: dict[int, str] = {}
+    for row in broken:
+        for other in broken:
+            if other is row:
+                continue
+            if (
+                other.stream_id == row.stream_id
+                and row_hash(dataclasses.replace(row, version=other.version)) == row.hash
+            ):
+                moved[row.position] = (
+                    f"holds the event written as version {other.version}: its version was changed"
+                )
+                break
+            if row_hash(dataclasses.replace(row, position=other.position)) == row.hash:
+                moved[row.position] = (
+                    f"holds the event written at position {other.position}: it was moved"
+                )
+                break
+    return moved
+
+
+def _check_stream(
+    stream_id: str, seen: list[_Seen], head: StreamHead | None, moved: dict[int, str]
+) -> list[Finding]:
     findings: list[Finding] = []
     # In global (position) order versions must rise; an event whose version is lower
     # than one before it was moved.
@@ -148,6 +237,7 @@ def _check_stream(stream_id: str, seen: list[_Seen], head: StreamHead | None) ->
     for event in seen:
         if event.version < highest:
             reordered.add(event.position)
+        if event.version < highest and event.position not in moved:
             findings.append(
                 Finding(
                     FindingKind.REORDERED,
@@ -173,7 +263,17 @@ def _check_stream(stream_id: str, seen: list[_Seen], head: StreamHead | None) ->
                     FindingKind.REMOVED, stream_id, expected_version, None, f"{missing} missing"
                 )
             )
-        if not event.intact and event.position not in reordered:
+        if not event.intact and event.position in moved:
+            findings.append(
+                Finding(
+                    FindingKind.REORDERED,
+                    stream_id,
+                    event.version,
+                    event.position,
+                    moved[event.position],
+                )
+            )
+        elif not event.intact and event.position not in reordered:
             findings.append(
                 Finding(
                     FindingKind.EDITED,

@@ -7,27 +7,24 @@ import dataclasses
 import importlib
 import json
 import sys
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import msgspec
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
 from . import cli_server as _server_cli
 from ._version import running_version
-from .audit import VerifyReport, verify_ledger
-from .audit_instances import check_instances
-from .audit_report import Action, actions, actions_csv, actions_json
-from .cli_options import DEFAULT_DB, DbOption
+from .cli_audit import audit_app
+from .cli_options import DEFAULT_DB, DbOption, err, fail, out
+from .cli_options import run as _run
 from .errors import (
     InvalidTransition,
     LedgerflowError,
-    StoreCorruptError,
     StreamNotFoundError,
     TransitionFailedError,
 )
@@ -43,7 +40,7 @@ from .store.runtime import ResourceRow
 from .workflow.client import WorkflowClient
 from .workflow.drawing import history_dot, history_mermaid
 from .workflow.handles import QueueInfo, WorkerInfo, WorkflowDescription
-from .workflow.history import WorkflowStatus, history_registry
+from .workflow.history import WorkflowStatus
 
 __all__ = ["app", "main"]
 
@@ -55,7 +52,6 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
 )
-audit_app = typer.Typer(help="Check the ledger for tampering.", no_args_is_help=True)
 app.add_typer(audit_app, name="audit")
 workflows_app = typer.Typer(
     help="Inspect workflow instances, send them signals, cancel them.", no_args_is_help=True
@@ -94,16 +90,13 @@ app.add_typer(resources_app, name="resources")
 IdArgument = Annotated[str, typer.Argument(help="The workflow instance id.")]
 PolicyArgument = Annotated[str, typer.Argument(help="The policy's name (e.g. erp).")]
 
-out = Console()
-err = Console(stderr=True)
-
 T = TypeVar("T")
 
 
 def _fail(message: str) -> NoReturn:
-    """One line on stderr, exit 2: the command could not be carried out."""
-    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
-    raise typer.Exit(2)
+    """One line on stderr, exit 2 (``cli_options.fail``; here so that checkers see
+    that it never returns)."""
+    fail(message)
 
 
 def _print_version(value: bool) -> None:
@@ -127,103 +120,9 @@ def _main(
     """Durable workflows and sagas on a hash-chained event ledger."""
 
 
-def _run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run ``work`` on a fresh event loop; ledgerflow errors become ``_fail``."""
-    try:
-        return asyncio.run(work())
-    except LedgerflowError as exc:
-        _fail(str(exc))
-
-
 # Every command opens the ledger with create=False: only a process that writes
 # workflows (an Engine) creates or migrates a ledger. A mistyped --db then reports
 # "no ledger at ..." instead of creating an empty ledger and calling it intact.
-
-
-async def _verify(url: str) -> tuple[list[str], VerifyReport | None]:
-    """The database's own findings, and the hash chains' with the derived status
-    rows' (None: too damaged to read)."""
-    async with open_store(url, create=False, registry=history_registry()) as store:
-        damaged = await store.integrity_check()
-        try:
-            report = await verify_ledger(store)
-            derived = await check_instances(store)
-        except StoreCorruptError as exc:
-            return [*damaged, str(exc)], None
-        findings = [*report.findings, *derived]
-        return damaged, dataclasses.replace(report, findings=findings)
-
-
-@audit_app.command("verify")
-def audit_verify(db: DbOption = DEFAULT_DB) -> None:
-    """Check the database's own integrity, then every stream's hash chain, in one
-    snapshot. Exit 0 intact, 1 tampered, 2 error (no ledger there, unreachable),
-    3 corrupt (the database's files are damaged: restore a backup)."""
-    damaged, report = _run(lambda: _verify(db))
-    if report is not None and report.findings:
-        out.print(
-            f"[red]TAMPERED[/]: {len(report.findings)} problem(s) in {report.events_checked} "
-            f"events, {report.streams_checked} streams"
-        )
-        for finding in report.findings:
-            out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
-    if damaged:
-        out.print(
-            f"[red]CORRUPT[/]: the database's integrity check found {len(damaged)} problem(s)"
-        )
-        for line in damaged[:20]:
-            out.print(f"  - {line}", markup=False, highlight=False, soft_wrap=True)
-        raise typer.Exit(3)
-    assert report is not None
-    if report.findings:
-        raise typer.Exit(1)
-    out.print(
-        f"[green]intact[/]: {report.events_checked} events in "
-        f"{report.streams_checked} streams, every hash chain and instance status verified"
-    )
-
-
-@audit_app.command("report")
-def audit_report(
-    db: DbOption = DEFAULT_DB,
-    actor: Annotated[str | None, typer.Option(help="Only this actor's events.")] = None,
-    tenant: Annotated[str | None, typer.Option(help="Only this tenant's events.")] = None,
-    since: Annotated[
-        datetime | None, typer.Option(help="Recorded at or after (UTC unless an offset).")
-    ] = None,
-    until: Annotated[
-        datetime | None, typer.Option(help="Recorded before (UTC unless an offset).")
-    ] = None,
-    event_type: Annotated[
-        list[str] | None, typer.Option("--type", help="Only events of this type (repeatable).")
-    ] = None,
-    output: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
-) -> None:
-    """Who did what: every event recorded with an actor (API calls, CLI and operator
-    actions), as CSV or JSON, filtered by actor, tenant, time and type."""
-    if output not in ("csv", "json"):
-        _fail(f"--format {output!r}: csv or json")
-
-    def utc(moment: datetime | None) -> datetime | None:
-        return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=UTC)
-
-    async def collect() -> list[Action]:
-        async with open_store(db, create=False) as store:
-            return [
-                found
-                async for found in actions(
-                    store,
-                    actor=actor,
-                    tenant=tenant,
-                    since=utc(since),
-                    until=utc(until),
-                    types=set(event_type or ()),
-                )
-            ]
-
-    found = _run(collect)
-    text = actions_csv(found) if output == "csv" else actions_json(found)
-    sys.stdout.write(text if text.endswith("\n") else text + "\n")
 
 
 # -- workflows ------------------------------------------------------------------------

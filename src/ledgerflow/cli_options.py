@@ -1,12 +1,38 @@
-"""Options every ``ledgerflow`` command module shares."""
+"""Options and plumbing every ``ledgerflow`` command module shares."""
 
 from __future__ import annotations
 
-from typing import Annotated
+import asyncio
+from collections.abc import Callable, Coroutine
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
+from rich.console import Console
+from rich.markup import escape
 
-__all__ = ["DEFAULT_DB", "DbOption"]
+from .errors import LedgerflowError
+
+__all__ = ["DEFAULT_DB", "DbOption", "err", "fail", "out", "run"]
+
+T = TypeVar("T")
+
+out = Console()
+err = Console(stderr=True)
+
+
+def fail(message: str) -> NoReturn:
+    """One line on stderr, exit 2: the command could not be carried out."""
+    err.print(f"[red]error:[/] {escape(message)}", soft_wrap=True)
+    raise typer.Exit(2)
+
+
+def run(work: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run ``work`` on a fresh event loop; ledgerflow errors become ``fail``."""
+    try:
+        return asyncio.run(work())
+    except LedgerflowError as exc:
+        fail(str(exc))
+
 
 DEFAULT_DB = "sqlite:///ledgerflow.db"
 DbOption = Annotated[

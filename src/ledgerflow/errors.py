@@ -73,8 +73,10 @@ from uuid import UUID
 from .hashing import from_micros
 
 __all__ = [
+    "AuditError",
     "BulkheadFullError",
     "BusUnavailableError",
+    "CheckpointMismatchError",
     "ChildWorkflowError",
     "CircuitOpenError",
     "ConcurrencyError",
@@ -91,6 +93,7 @@ __all__ = [
     "LedgerflowError",
     "MigrationError",
     "NonDeterminismError",
+    "PersonalDataErasedError",
     "PolicyNotFoundError",
     "ProjectionError",
     "ProjectionLeaseLostError",
@@ -116,6 +119,8 @@ __all__ = [
     "UnknownEventTypeError",
     "UnknownWorkflowError",
     "UnrecordableValueError",
+    "WitnessError",
+    "WitnessRefusedError",
     "WorkflowAlreadyStartedError",
     "WorkflowCancelled",
     "WorkflowDefinitionError",
@@ -727,3 +732,46 @@ class BulkheadFullError(ResilienceError):
         self.resource = resource
         self.max_concurrent = max_concurrent
         self.max_wait = max_wait
+
+
+class AuditError(LedgerflowError):
+    """Checkpointing, witnessing or proving the ledger's Merkle tree failed."""
+
+
+class CheckpointMismatchError(AuditError):
+    """The ledger no longer produces a tree head it checkpointed or exported: its
+    events (or its checkpoints) were changed, removed or re-chained since. Not
+    retryable: run ``ledgerflow audit verify`` to see what changed."""
+
+    def __init__(self, location: str, reason: str) -> None:
+        super().__init__(f"{location}: {reason}")
+        self.location = location
+        self.reason = reason
+
+
+class WitnessError(AuditError):
+    """A witness of tree heads could not be read or written."""
+
+    def __init__(self, witness: str, reason: str) -> None:
+        super().__init__(f"witness {witness}: {reason}")
+        self.witness = witness
+        self.reason = reason
+
+
+class WitnessRefusedError(WitnessError):
+    """The witness refused a tree head that does not extend the last one it holds
+    (another root for the same size, a failed consistency proof, a wrong key)."""
+
+
+class PersonalDataErasedError(LedgerflowError):
+    """Personal data this needs was erased (its subject's key destroyed): converting
+    what is left into a typed value would only put placeholders where the data was.
+    Not retryable."""
+
+    def __init__(self, what: str, fields: list[str]) -> None:
+        super().__init__(
+            f"{what}: the personal data at {', '.join(fields)} was erased (its subject's "
+            "key was destroyed); it can no longer be read"
+        )
+        self.what = what
+        self.fields = fields

@@ -11,12 +11,19 @@ outside the database, are what make truncation and re-chaining detectable (issue
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 __all__ = [
+    "EMPTY",
+    "CompactRange",
+    "Subtree",
+    "consistency_path",
     "consistency_proof",
+    "inclusion_path",
     "inclusion_proof",
     "leaf_hash",
+    "node_hash",
+    "subtree_head",
     "tree_head",
     "verify_consistency",
     "verify_inclusion",
@@ -31,13 +38,24 @@ def leaf_hash(entry: bytes) -> bytes:
     return hashlib.sha256(b"\x00" + entry).digest()
 
 
-def _node(left: bytes, right: bytes) -> bytes:
+def node_hash(left: bytes, right: bytes) -> bytes:
+    """HASH(0x01 || left || right): an interior node."""
     return hashlib.sha256(b"\x01" + left + right).digest()
+
+
+_node = node_hash
 
 
 def _split(n: int) -> int:
     """The largest power of two smaller than ``n`` (n > 1): RFC 9162's k."""
     return 1 << ((n - 1).bit_length() - 1)
+
+
+Subtree = Callable[[int, int], bytes]
+"""MTH(D[lo:hi]): the head of the subtree over leaves ``lo`` to ``hi`` (exclusive).
+The proofs ask only for the subtrees RFC 9162's recursion visits, which start at a
+multiple of a power of two: a store that keeps the heads of aligned blocks of leaves
+(the ledger's tiles) answers most of them without reading a leaf."""
 
 
 def tree_head(leaves: Sequence[bytes]) -> bytes:
@@ -51,17 +69,44 @@ def tree_head(leaves: Sequence[bytes]) -> bytes:
     return _node(tree_head(leaves[:k]), tree_head(leaves[k:]))
 
 
+def subtree_head(lo: int, hi: int, block: Subtree, leaf: Callable[[int], bytes]) -> bytes:
+    """MTH(D[lo:hi]) from ``leaf(i)`` below blocks and ``block(lo, hi)`` for the
+    aligned ranges ``block`` answers (it returns ``b""`` for those it does not)."""
+    n = hi - lo
+    if n == 1:
+        return leaf(lo)
+    known = block(lo, hi)
+    if known:
+        return known
+    k = _split(n)
+    return _node(subtree_head(lo, lo + k, block, leaf), subtree_head(lo + k, hi, block, leaf))
+
+
+def _of(leaves: Sequence[bytes]) -> Subtree:
+    return lambda lo, hi: tree_head(leaves[lo:hi])
+
+
 def inclusion_proof(leaves: Sequence[bytes], index: int) -> list[bytes]:
     """PATH(index, D[n]): the hashes that lead from leaf ``index`` to the head."""
-    n = len(leaves)
-    if not 0 <= index < n:
-        raise ValueError(f"leaf {index} is not in a tree of {n}")
-    if n == 1:
-        return []
-    k = _split(n)
-    if index < k:
-        return [*inclusion_proof(leaves[:k], index), tree_head(leaves[k:])]
-    return [*inclusion_proof(leaves[k:], index - k), tree_head(leaves[:k])]
+    return inclusion_path(index, len(leaves), _of(leaves))
+
+
+def inclusion_path(index: int, size: int, subtree: Subtree) -> list[bytes]:
+    """PATH(index, D[size]) with the subtree heads that ``subtree`` gives."""
+    if not 0 <= index < size:
+        raise ValueError(f"leaf {index} is not in a tree of {size}")
+    path: list[bytes] = []
+    lo, hi = 0, size
+    while hi - lo > 1:
+        k = _split(hi - lo)
+        if index < lo + k:
+            path.append(subtree(lo + k, hi))
+            hi = lo + k
+        else:
+            path.append(subtree(lo, lo + k))
+            lo += k
+    path.reverse()  # the recursion's order: from the leaf up
+    return path
 
 
 def _up_the_right_edge(fn: int, sn: int) -> tuple[int, int]:
@@ -100,22 +145,74 @@ def verify_inclusion(
 def consistency_proof(leaves: Sequence[bytes], old_size: int) -> list[bytes]:
     """PROOF(m, D[n]): the hashes that show the tree of ``old_size`` leaves is a prefix
     of the tree of ``len(leaves)`` (empty when the sizes are equal or m is 0)."""
-    n = len(leaves)
-    if not 0 <= old_size <= n:
-        raise ValueError(f"a tree of {n} cannot extend one of {old_size}")
-    if old_size in (0, n):
+    return consistency_path(old_size, len(leaves), _of(leaves))
+
+
+def consistency_path(old_size: int, size: int, subtree: Subtree) -> list[bytes]:
+    """PROOF(old_size, D[size]) with the subtree heads that ``subtree`` gives."""
+    if not 0 <= old_size <= size:
+        raise ValueError(f"a tree of {size} cannot extend one of {old_size}")
+    if old_size in (0, size):
         return []
-    return _subproof(old_size, leaves, True)
+    path: list[bytes] = []
+    m, lo, hi, whole = old_size, 0, size, True
+    while m != hi - lo:
+        k = _split(hi - lo)
+        if m <= k:
+            path.append(subtree(lo + k, hi))
+            hi = lo + k
+        else:
+            path.append(subtree(lo, lo + k))
+            m -= k
+            lo += k
+            whole = False
+    if not whole:
+        path.append(subtree(lo, hi))
+    path.reverse()
+    return path
 
 
-def _subproof(m: int, leaves: Sequence[bytes], whole: bool) -> list[bytes]:
-    n = len(leaves)
-    if m == n:
-        return [] if whole else [tree_head(leaves)]
-    k = _split(n)
-    if m <= k:
-        return [*_subproof(m, leaves[:k], whole), tree_head(leaves[k:])]
-    return [*_subproof(m - k, leaves[k:], False), tree_head(leaves[:k])]
+class CompactRange:
+    """The heads of the perfect subtrees a log of ``size`` leaves splits into (one
+    per set bit of ``size``, largest first): enough to append leaves and compute the
+    tree head without the leaves before them. What a checkpointer keeps between
+    checkpoints (RFC 9162's trees extend by merging equal neighbours)."""
+
+    __slots__ = ("_heads", "size")
+
+    def __init__(self, size: int = 0, heads: Sequence[bytes] = ()) -> None:
+        if size < 0 or len(heads) != size.bit_count():
+            raise ValueError(f"a log of {size} leaves has {size.bit_count()} subtree heads")
+        self.size = size
+        self._heads = list(heads)
+
+    def append(self, leaf: bytes) -> None:
+        self._heads.append(leaf)
+        self.size += 1
+        # Appending carries as binary addition does: one merge of equal neighbours
+        # per trailing zero bit of the new size.
+        merges = (self.size & -self.size).bit_length() - 1
+        for _ in range(merges):
+            right = self._heads.pop()
+            self._heads[-1] = _node(self._heads[-1], right)
+
+    def head(self) -> bytes:
+        """MTH of the leaves appended so far."""
+        if not self._heads:
+            return EMPTY
+        result = self._heads[-1]
+        for left in reversed(self._heads[:-1]):
+            result = _node(left, result)
+        return result
+
+    def to_bytes(self) -> bytes:
+        return b"".join(self._heads)
+
+    @classmethod
+    def from_bytes(cls, size: int, data: bytes) -> CompactRange:
+        if len(data) != 32 * size.bit_count():
+            raise ValueError(f"a log of {size} leaves has {size.bit_count()} subtree heads")
+        return cls(size, [data[i : i + 32] for i in range(0, len(data), 32)])
 
 
 def verify_consistency(

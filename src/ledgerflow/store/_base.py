@@ -61,6 +61,7 @@ from .runtime import (
     TaskFence,
     makes_work,
 )
+from .tiles import Checkpoint, MerkleTile
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Now", "Pending"]
 
@@ -458,6 +459,13 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         rows = await self._read_all_rows(from_position, limit)
         return [self._decode(row) for row in rows]
 
+    async def read_stream_rows(
+        self, stream_id: str, *, from_version: int = 1, limit: int = 1000
+    ) -> list[EventRow]:
+        self._check_open()
+        _check_limit(limit)
+        return await self._read_stream_rows(stream_id, from_version, limit, False)
+
     async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
         self._check_open()
         _check_limit(limit)
@@ -536,6 +544,32 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         _check_limit(batch_size)
         return await self._read_snapshot(visit, max(batch_size, 1))
 
+    async def save_checkpoint(
+        self, tiles: Sequence[MerkleTile], checkpoint: Checkpoint
+    ) -> Checkpoint:
+        self._check_open()
+        return await self._save_checkpoint(tiles, checkpoint)
+
+    async def merkle_tiles(
+        self, *, first: int = 0, limit: int = 1000, entries: bool = False
+    ) -> list[MerkleTile]:
+        self._check_open()
+        _check_limit(limit)
+        return await self._merkle_tiles(first, limit, entries)
+
+    async def merkle_tile_of(self, position: int) -> MerkleTile | None:
+        self._check_open()
+        return await self._merkle_tile_of(position)
+
+    async def checkpoints(self, *, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        self._check_open()
+        _check_limit(limit)
+        return await self._checkpoints(after_size, limit)
+
+    async def latest_checkpoint(self) -> Checkpoint | None:
+        self._check_open()
+        return await self._latest_checkpoint()
+
     async def save_snapshot(self, snapshot: Snapshot) -> None:
         self._check_open()
         await self._save_snapshot(snapshot, to_micros(snapshot.recorded_at or self._clock()))
@@ -587,6 +621,23 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
 
     @abc.abstractmethod
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None: ...
+
+    @abc.abstractmethod
+    async def _save_checkpoint(
+        self, tiles: Sequence[MerkleTile], checkpoint: Checkpoint
+    ) -> Checkpoint: ...
+
+    @abc.abstractmethod
+    async def _merkle_tiles(self, first: int, limit: int, entries: bool) -> list[MerkleTile]: ...
+
+    @abc.abstractmethod
+    async def _merkle_tile_of(self, position: int) -> MerkleTile | None: ...
+
+    @abc.abstractmethod
+    async def _checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]: ...
+
+    @abc.abstractmethod
+    async def _latest_checkpoint(self) -> Checkpoint | None: ...
 
     async def _ensure_listener(self) -> None:
         """Start listening for other processes' commits, where the backend can."""

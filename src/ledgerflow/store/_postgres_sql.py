@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 
 from ._migrations import Migration
+from ._postgres_merkle import merkle_migration
 from ._postgres_projections import projection_migration
 from ._postgres_resources import resource_migration
 
@@ -253,6 +254,7 @@ def migrations(schema: str) -> tuple[Migration, ...]:
             "instances listed newest first",
             (f"CREATE INDEX workflows_by_created ON {schema}.workflows (created_at, workflow_id)",),
         ),
+        merkle_migration(schema),
     )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 from ._migrations import Migration
+from ._sqlite_merkle import MERKLE_MIGRATION
 from ._sqlite_projections import PROJECTION_MIGRATION
 from ._sqlite_resources import RESOURCE_MIGRATION, RESOURCE_SQL
 from ._sqlite_tasks import TASK_MIGRATION, TASK_SQL
@@ -110,6 +111,7 @@ MIGRATIONS = (
         "instances listed newest first",
         ("CREATE INDEX workflows_by_created ON workflows (created_at, workflow_id)",),
     ),
+    MERKLE_MIGRATION,
 )
 
 _PUT_INSTANCE = (

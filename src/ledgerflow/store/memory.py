@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from uuid import UUID
 
@@ -47,6 +47,7 @@ from .runtime import (
     WorkerRow,
     nudged,
 )
+from .tiles import Checkpoint, MerkleTile
 
 __all__ = ["MemoryEventStore"]
 
@@ -71,6 +72,8 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
         self._resources: dict[str, ResourceRow] = {}
         self._permits: dict[tuple[str, str], tuple[str, int]] = {}
         """(resource, holder) -> (owner, until)"""
+        self._tiles: dict[int, MerkleTile] = {}
+        self._tree_heads: dict[int, Checkpoint] = {}
         self._init_projections()
 
     async def _close(self) -> None:
@@ -540,6 +543,31 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
 
     async def _load_snapshot(self, stream_id: str) -> Snapshot | None:
         return self._snapshots.get(stream_id)
+
+    async def _save_checkpoint(
+        self, tiles: Sequence[MerkleTile], checkpoint: Checkpoint
+    ) -> Checkpoint:
+        for tile in tiles:
+            kept = self._tiles.get(tile.tile)
+            if kept is None or tile.size > kept.size:
+                self._tiles[tile.tile] = tile
+        return self._tree_heads.setdefault(checkpoint.tree_size, checkpoint)
+
+    async def _merkle_tiles(self, first: int, limit: int, entries: bool) -> list[MerkleTile]:
+        found = [self._tiles[t] for t in sorted(self._tiles) if t >= first][:limit]
+        return found if entries else [replace(t, entries=()) for t in found]
+
+    async def _merkle_tile_of(self, position: int) -> MerkleTile | None:
+        for tile in self._tiles.values():
+            if tile.first_position <= position <= tile.last_position:
+                return tile
+        return None
+
+    async def _checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]:
+        return [self._tree_heads[n] for n in sorted(self._tree_heads) if n > after_size][:limit]
+
+    async def _latest_checkpoint(self) -> Checkpoint | None:
+        return self._tree_heads[max(self._tree_heads)] if self._tree_heads else None
 
 
 def _claimable(w: WakeupRow, now_us: int) -> bool:

@@ -30,6 +30,7 @@ from .runtime import (
     WakeupRow,
     WorkerRow,
 )
+from .tiles import Checkpoint, MerkleTile
 
 __all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
@@ -172,6 +173,12 @@ class EventStore(Protocol):
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None: ...
 
+    async def read_stream_rows(
+        self, stream_id: str, *, from_version: int = 1, limit: int = 1000
+    ) -> list[EventRow]:
+        """A stream's stored rows, undecoded, in version order: for audit tools."""
+        ...
+
     async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
         """Stored rows, undecoded, in global order: for audit and migration tools."""
         ...
@@ -196,6 +203,32 @@ class EventStore(Protocol):
         ``verify_ledger`` needs to tell tampering from appends made meanwhile).
         ``visit`` runs on the event loop's thread or not: it must only compute."""
         ...
+
+    async def save_checkpoint(
+        self, tiles: Sequence[MerkleTile], checkpoint: Checkpoint
+    ) -> Checkpoint:
+        """Keep newly sealed ``tiles`` and a tree head in one transaction. Returns the
+        checkpoint of that size as stored: this one, or the one another checkpointer
+        stored first (the same head, unless the log changed under one of them). A
+        tile already stored is kept as it was."""
+        ...
+
+    async def merkle_tiles(
+        self, *, first: int = 0, limit: int = 1000, entries: bool = False
+    ) -> list[MerkleTile]:
+        """Sealed tiles from number ``first`` on, in order; with their entries only if
+        asked (a tile's root and range are what proofs over it need)."""
+        ...
+
+    async def merkle_tile_of(self, position: int) -> MerkleTile | None:
+        """The sealed tile, with its entries, whose range holds ``position``."""
+        ...
+
+    async def checkpoints(self, *, after_size: int = 0, limit: int = 1000) -> list[Checkpoint]:
+        """Checkpointed tree heads larger than ``after_size``, smallest first."""
+        ...
+
+    async def latest_checkpoint(self) -> Checkpoint | None: ...
 
 
 class WorkflowStore(EventStore, Protocol):

@@ -61,6 +61,7 @@ from ._postgres_conn import (
     reason,
     split_url,
 )
+from ._postgres_merkle import PostgresMerkle
 from ._postgres_projections import PostgresProjections
 from ._postgres_resources import PostgresResources
 from ._postgres_runtime import PostgresRuntime
@@ -101,6 +102,7 @@ class PostgresEventStore(
     PostgresTasks,
     PostgresResources,
     PostgresProjections,
+    PostgresMerkle,
     BaseEventStore,
 ):
     backend = BACKEND

@@ -50,6 +50,7 @@ from ._plan import (
     plan_batch,
     reused_ids,
 )
+from ._sqlite_merkle import SQLiteMerkle
 from ._sqlite_projections import SQLiteProjections
 from ._sqlite_resources import SQLiteResources
 from ._sqlite_runtime import SQLiteRuntime
@@ -125,7 +126,7 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteEventStore(
-    SQLiteRuntime, SQLiteTasks, SQLiteResources, SQLiteProjections, BaseEventStore
+    SQLiteRuntime, SQLiteTasks, SQLiteResources, SQLiteProjections, SQLiteMerkle, BaseEventStore
 ):
     backend = "sqlite"
     poll_interval = 0.25  # other processes' commits are only seen by polling

@@ -1,0 +1,252 @@
+"""The Merkle tree over the ledger's global log (ADR 019).
+
+Leaf ``i`` is the ``i``-th event in position order among those settled (on
+PostgreSQL, positions a write took and did not commit are not leaves), and its
+entry is the event's chain hash: that hash already covers every stored field and
+its predecessor in the stream, so the tree commits to the events and their
+streams' chains at once. ``leaf_hash(event.hash)`` is the leaf hash.
+
+A ``LogTree`` holds what proofs need without the leaves before it: the roots of
+the sealed tiles (one per ``TILE_SIZE`` leaves, stored by the checkpointer), the
+entries after the last sealed tile, and the compact range that gives the head.
+Proofs read one tile's entries at most besides.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .errors import CheckpointMismatchError
+from .merkle import (
+    EMPTY,
+    CompactRange,
+    consistency_path,
+    inclusion_path,
+    leaf_hash,
+    node_hash,
+    subtree_head,
+    tree_head,
+)
+from .store import EventRow
+from .store.ports import EventStore
+from .store.tiles import TILE_SIZE, Checkpoint, MerkleTile, TileEntry
+
+__all__ = ["LogTree", "entry_of"]
+
+_MEMO_FROM = 16 * TILE_SIZE
+"""Perfect subtrees this large are remembered once computed: they never change, and
+a checkpointer's consistency proofs ask for the same ones every time."""
+
+
+def entry_of(row: EventRow) -> TileEntry:
+    return TileEntry(row.position, row.stream_id, row.version, row.hash)
+
+
+class LogTree:
+    """The tree over the first ``size`` leaves of ``store``'s log."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        roots: Sequence[bytes] = (),
+        tail: Sequence[TileEntry] = (),
+        last_position: int = 0,
+    ) -> None:
+        self.store = store
+        self.roots = list(roots)
+        self.tail = list(tail)
+        self.last_position = last_position
+        self._tail_leaves = [leaf_hash(e.event_hash) for e in self.tail]
+        self._range = CompactRange()
+        self._tiles: dict[int, list[bytes]] = {}
+        self._perfect: dict[tuple[int, int], bytes] = {}
+        if len(self.tail) >= TILE_SIZE:
+            raise ValueError(f"a tail holds fewer than {TILE_SIZE} leaves")
+
+    @property
+    def size(self) -> int:
+        return len(self.roots) * TILE_SIZE + len(self.tail)
+
+    # -- building ---------------------------------------------------------------------
+
+    @classmethod
+    async def load(cls, store: EventStore, checkpoint: Checkpoint | None) -> LogTree:
+        """The tree of ``checkpoint`` (empty for None), read back from the store's
+        tiles and the events after them. ``CheckpointMismatchError`` when they no
+        longer produce the checkpoint's head."""
+        if checkpoint is None:
+            return cls(store)
+        full, rest = divmod(checkpoint.tree_size, TILE_SIZE)
+        roots: list[bytes] = []
+        after = 0
+        while len(roots) < full:
+            tiles = await store.merkle_tiles(first=len(roots), limit=min(full - len(roots), 5000))
+            if not tiles or tiles[0].tile != len(roots):
+                raise CheckpointMismatchError(
+                    store.location,
+                    f"Merkle tile {len(roots)} of the checkpoint of "
+                    f"{checkpoint.tree_size} events is missing",
+                )
+            for tile in tiles:
+                if tile.tile != len(roots) or tile.first_position <= after or not tile.sealed:
+                    raise CheckpointMismatchError(
+                        store.location, f"Merkle tile {tile.tile} is out of order"
+                    )
+                roots.append(tile.root)
+                after = tile.last_position
+        tail = await _entries_between(store, after, checkpoint.last_position)
+        if len(tail) != rest:
+            raise CheckpointMismatchError(
+                store.location,
+                f"the checkpoint of {checkpoint.tree_size} events ends at position "
+                f"{checkpoint.last_position}, but the log holds {full * TILE_SIZE + len(tail)} "
+                "events there",
+            )
+        tree = cls(store, roots=roots[:full], tail=tail, last_position=checkpoint.last_position)
+        tree._range = CompactRange.from_bytes(checkpoint.tree_size, checkpoint.frontier)
+        if tree.head() != checkpoint.root or tree.head_at(tree.size) != checkpoint.root:
+            raise CheckpointMismatchError(
+                store.location,
+                f"the ledger's first {checkpoint.tree_size} events no longer produce "
+                "the head it checkpointed",
+            )
+        return tree
+
+    def append(self, row: EventRow) -> MerkleTile | None:
+        """Add the next settled event; the tile it completes, if any, to store."""
+        if row.position <= self.last_position:
+            raise ValueError(f"position {row.position} is not after {self.last_position}")
+        entry = entry_of(row)
+        leaf = leaf_hash(row.hash)
+        self.tail.append(entry)
+        self._tail_leaves.append(leaf)
+        self._range.append(leaf)
+        self.last_position = row.position
+        if len(self.tail) < TILE_SIZE:
+            return None
+        number = len(self.roots)
+        leaves = self._tail_leaves
+        root = subtree_head(0, TILE_SIZE, lambda lo, hi: b"", leaves.__getitem__)
+        tile = MerkleTile(
+            number, self.tail[0].position, self.tail[-1].position, root, TILE_SIZE, tuple(self.tail)
+        )
+        self.roots.append(root)
+        self._tiles[number] = leaves
+        self.tail, self._tail_leaves = [], []
+        return tile
+
+    def partial(self) -> MerkleTile | None:
+        """The tile being filled, as far as it goes (None when the tail is empty)."""
+        if not self.tail:
+            return None
+        return MerkleTile(
+            len(self.roots),
+            self.tail[0].position,
+            self.tail[-1].position,
+            tree_head(self._tail_leaves),
+            len(self.tail),
+            tuple(self.tail),
+        )
+
+    def head(self) -> bytes:
+        return self._range.head()
+
+    def frontier(self) -> bytes:
+        return self._range.to_bytes()
+
+    # -- proofs -----------------------------------------------------------------------
+
+    def head_at(self, size: int) -> bytes:
+        """MTH of the first ``size`` leaves; ``prepare_for(size)`` first when it
+        ends inside a sealed tile."""
+        self._check(size)
+        return subtree_head(0, size, self._block, self._leaf) if size else EMPTY
+
+    async def prepare_for(self, *sizes_or_indexes: int) -> None:
+        """Read the entries of the sealed tiles that hold the given boundaries (a
+        tree size ending inside one, or a leaf index): proofs need their leaves."""
+        for n in sizes_or_indexes:
+            number = n // TILE_SIZE
+            if number < len(self.roots) and number not in self._tiles:
+                tiles = await self.store.merkle_tiles(first=number, limit=1, entries=True)
+                if not tiles or tiles[0].tile != number:
+                    raise CheckpointMismatchError(
+                        self.store.location, f"Merkle tile {number} is missing"
+                    )
+                self._tiles[number] = [leaf_hash(e.event_hash) for e in tiles[0].entries]
+
+    async def inclusion(self, index: int, size: int | None = None) -> list[bytes]:
+        """PATH(index, D[size]) (size: the whole tree by default)."""
+        size = self.size if size is None else size
+        self._check(size)
+        await self.prepare_for(index, size)
+        return inclusion_path(index, size, self._subtree)
+
+    async def consistency(self, old_size: int, size: int | None = None) -> list[bytes]:
+        """PROOF(old_size, D[size]) (size: the whole tree by default)."""
+        size = self.size if size is None else size
+        self._check(size)
+        await self.prepare_for(old_size, size)
+        return consistency_path(old_size, size, self._subtree)
+
+    async def index_of(self, position: int) -> int | None:
+        """The leaf index of the event at ``position``, if it is in the tree."""
+        if self.tail and self.tail[0].position <= position <= self.tail[-1].position:
+            for offset, entry in enumerate(self.tail):
+                if entry.position == position:
+                    return len(self.roots) * TILE_SIZE + offset
+            return None
+        tile = await self.store.merkle_tile_of(position)
+        if tile is None or tile.tile >= len(self.roots):
+            return None
+        for offset, entry in enumerate(tile.entries):
+            if entry.position == position:
+                self._tiles.setdefault(tile.tile, [leaf_hash(e.event_hash) for e in tile.entries])
+                return tile.tile * TILE_SIZE + offset
+        return None
+
+    def _check(self, size: int) -> None:
+        if not 0 <= size <= self.size:
+            raise ValueError(f"the tree holds {self.size} leaves, not {size}")
+
+    def _subtree(self, lo: int, hi: int) -> bytes:
+        return subtree_head(lo, hi, self._block, self._leaf)
+
+    def _block(self, lo: int, hi: int) -> bytes:
+        n = hi - lo
+        if n == TILE_SIZE and lo % TILE_SIZE == 0 and lo // TILE_SIZE < len(self.roots):
+            return self.roots[lo // TILE_SIZE]
+        if n >= _MEMO_FROM and n & (n - 1) == 0 and hi <= len(self.roots) * TILE_SIZE:
+            known = self._perfect.get((lo, hi))
+            if known is None:
+                half = n // 2
+                known = self._perfect[(lo, hi)] = node_hash(
+                    self._subtree(lo, lo + half), self._subtree(lo + half, hi)
+                )
+            return known
+        return b""
+
+    def _leaf(self, index: int) -> bytes:
+        number, offset = divmod(index, TILE_SIZE)
+        if number == len(self.roots):
+            return self._tail_leaves[offset]
+        leaves = self._tiles.get(number)
+        if leaves is None:
+            raise LookupError(f"the leaves of Merkle tile {number} were not read")
+        return leaves[offset]
+
+
+async def _entries_between(store: EventStore, after: int, last: int) -> list[TileEntry]:
+    """Entries of the settled events at positions ``after < p <= last``."""
+    entries: list[TileEntry] = []
+    position = after + 1
+    while position <= last:
+        rows = await store.read_rows(from_position=position, limit=TILE_SIZE)
+        if not rows:
+            break
+        entries.extend(entry_of(r) for r in rows if r.position <= last)
+        if rows[-1].position >= last:
+            break
+        position = rows[-1].position + 1
+    return entries
