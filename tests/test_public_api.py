@@ -21,6 +21,12 @@ EXPECTED = {
     "check_bundle",
     "generate_signing_key",
     "make_bundle",
+    # personal data and its erasure
+    "KeyVault",
+    "Personal",
+    "PersonalDataErasedError",
+    "Subject",
+    "erase_subject",
     "Projection",
     "ProjectionError",
     "ProjectionLeaseLostError",

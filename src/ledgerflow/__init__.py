@@ -49,6 +49,7 @@ from .errors import (
     LedgerNotFoundError,
     MigrationError,
     NonDeterminismError,
+    PersonalDataErasedError,
     PolicyNotFoundError,
     ProjectionError,
     ProjectionLeaseLostError,
@@ -101,6 +102,8 @@ from .events import (
     Snapshot,
     StreamState,
 )
+from .gdpr import erase_subject
+from .personal import KeyVault, Personal, Subject
 from .projections import Projection, ProjectionRunner, ReadModel, Table, View
 from .registry import EventRegistry
 from .resilience import (
@@ -160,6 +163,7 @@ __all__ = [
     "InvalidEventDataError",
     "InvalidPolicyError",
     "InvalidTransition",
+    "KeyVault",
     "LeaseLostError",
     "LedgerNotFoundError",
     "LedgerflowError",
@@ -175,6 +179,8 @@ __all__ = [
     "MigrationError",
     "NewEvent",
     "NonDeterminismError",
+    "Personal",
+    "PersonalDataErasedError",
     "Policy",
     "PolicyBook",
     "PolicyChanged",
@@ -213,6 +219,7 @@ __all__ = [
     "StoreUnavailableError",
     "StreamNotFoundError",
     "StreamState",
+    "Subject",
     "SystemClock",
     "Table",
     "TaskLeaseLostError",
@@ -247,6 +254,7 @@ __all__ = [
     "check_bundle",
     "classify",
     "current_step",
+    "erase_subject",
     "generate_signing_key",
     "lint_workflow",
     "make_bundle",

@@ -15,6 +15,7 @@ from typing import Generic, TypeVar
 
 import msgspec
 
+from . import personal
 from .errors import ConcurrencyError, ConfigurationError, StreamNotFoundError
 from .events import Metadata, Snapshot
 from .store.ports import EventStore
@@ -32,7 +33,9 @@ class Aggregate(Generic[S, C, E]):
 
     ``name`` prefixes its streams (``f"{name}-{id}"``). ``state_type`` is the type of
     the state (a frozen dataclass or msgspec Struct) used to encode snapshots; a
-    snapshot is kept every ``snapshot_every`` events (None: never). Bump
+    snapshot is kept every ``snapshot_every`` events (None: never), unless the state
+    or its events hold personal data (``ledgerflow.personal``: a snapshot would keep
+    it in the clear, past an erasure). Bump
     ``snapshot_version`` whenever the state's shape changes: older snapshots are
     then ignored and the state is rebuilt from events.
     """
@@ -110,7 +113,11 @@ class Repository(Generic[S, C, E]):
         state = self.aggregate.fold(events, loaded.state)
         saved = Loaded(loaded.id, state, result.version)
         every = self.aggregate.snapshot_every
-        if every is not None and result.version // every > loaded.version // every:
+        if (
+            every is not None
+            and result.version // every > loaded.version // every
+            and not _personal(state, events)
+        ):
             await self.store.save_snapshot(
                 Snapshot(
                     stream,
@@ -144,3 +151,13 @@ class Repository(Generic[S, C, E]):
                 if attempt == attempts:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _personal(state: object, events: Sequence[object]) -> bool:
+    """Whether a snapshot of ``state`` would keep personal data in the clear (its
+    type, or the events that made it, declare some): such states are not kept."""
+    if not personal.declared():
+        return False
+    return personal.has_personal_objects(state) or any(
+        personal.has_personal_objects(e) for e in events
+    )

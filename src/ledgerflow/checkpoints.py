@@ -88,7 +88,7 @@ class Checkpointer:
         sealed: list[MerkleTile] = []
         grown = False
         while True:
-            rows = await self.store.read_rows(
+            rows = await self.store.read_leaves(
                 from_position=tree.last_position + 1, limit=self.batch_size
             )
             for row in rows:

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from . import cli_server as _server_cli
 from ._version import running_version
-from .cli_audit import audit_app
+from .cli_audit import audit_app, gdpr_app
 from .cli_options import DEFAULT_DB, DbOption, err, fail, out
 from .cli_options import run as _run
 from .errors import (
@@ -53,6 +53,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.add_typer(audit_app, name="audit")
+app.add_typer(gdpr_app, name="gdpr")
 workflows_app = typer.Typer(
     help="Inspect workflow instances, send them signals, cancel them.", no_args_is_help=True
 )

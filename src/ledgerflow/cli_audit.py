@@ -26,13 +26,15 @@ from .checkpoints import Checkpointer
 from .cli_options import DEFAULT_DB, DbOption, fail, out, run
 from .definitions import describe_definition
 from .errors import LedgerflowError, StoreCorruptError
+from .gdpr import erase_subject
+from .resilience.book import default_actor
 from .signing import LogSigner, LogVerifier, generate_signing_key
 from .store import open_store
 from .witness import FileWitness
 from .workflow.history import history_registry
 from .workflow.journal import stream_of
 
-__all__ = ["audit_app"]
+__all__ = ["audit_app", "gdpr_app"]
 
 audit_app = typer.Typer(
     help="Verify the ledger, checkpoint it to a witness, prove instances, report actions.",
@@ -326,3 +328,38 @@ def audit_report(
     found = run(collect)
     text = actions_csv(found) if output == "csv" else actions_json(found)
     sys.stdout.write(text if text.endswith("\n") else text + "\n")
+
+
+gdpr_app = typer.Typer(
+    help="Personal data: erase a data subject's (its key destroyed, the ledger intact).",
+    no_args_is_help=True,
+)
+
+
+@gdpr_app.command("erase")
+def gdpr_erase(
+    subject: Annotated[str, typer.Argument(help="The data subject's id (its Subject field).")],
+    reason: Annotated[str, typer.Option(help="Why (the request it answers): recorded.")],
+    db: DbOption = DEFAULT_DB,
+    actor: Annotated[
+        str | None, typer.Option(help="Who: recorded with the erasure (default: user@host).")
+    ] = None,
+) -> None:
+    """Destroy the subject's key: every personal value sealed with it becomes
+    unreadable, a ledgerflow.subject_erased event records it (without the subject's
+    id), and no event changes, so `audit verify` and every proof still hold. Running
+    it again is harmless."""
+    if not reason.strip():
+        fail("--reason must say why")
+
+    async def erase() -> str | None:
+        async with open_store(db, create=False) as store:
+            return await erase_subject(
+                store, subject, reason=reason, actor=actor or default_actor()
+            )
+
+    key_id = run(erase)
+    if key_id is None:
+        out.print(f"no key for {subject!r}: nothing to erase (never seen, or erased before)")
+    else:
+        out.print(f"erased: key {key_id} of {subject!r} destroyed", highlight=False)

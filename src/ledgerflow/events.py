@@ -100,6 +100,10 @@ class RecordedEvent:
     recorded_at: datetime
     hash: bytes
     prev_hash: bytes
+    sealed: bool = field(default=False, compare=False, repr=False)
+    """Its stored data holds sealed personal values (``ledgerflow.personal``): what
+    ``data`` shows of them lasts only until their subject is erased, so caches of
+    it (a worker's hot histories) must not outlive the read."""
 
 
 @dataclass(frozen=True, slots=True)

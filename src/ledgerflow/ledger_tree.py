@@ -27,19 +27,14 @@ from .merkle import (
     subtree_head,
     tree_head,
 )
-from .store import EventRow
 from .store.ports import EventStore
-from .store.tiles import TILE_SIZE, Checkpoint, MerkleTile, TileEntry
+from .store.tiles import TILE_SIZE, Checkpoint, LeafRow, MerkleTile, TileEntry
 
-__all__ = ["LogTree", "entry_of"]
+__all__ = ["LogTree"]
 
 _MEMO_FROM = 16 * TILE_SIZE
 """Perfect subtrees this large are remembered once computed: they never change, and
 a checkpointer's consistency proofs ask for the same ones every time."""
-
-
-def entry_of(row: EventRow) -> TileEntry:
-    return TileEntry(row.position, row.stream_id, row.version, row.hash)
 
 
 class LogTree:
@@ -50,14 +45,14 @@ class LogTree:
         store: EventStore,
         *,
         roots: Sequence[bytes] = (),
-        tail: Sequence[TileEntry] = (),
+        tail: Sequence[LeafRow] = (),
         last_position: int = 0,
     ) -> None:
         self.store = store
         self.roots = list(roots)
         self.tail = list(tail)
         self.last_position = last_position
-        self._tail_leaves = [leaf_hash(e.event_hash) for e in self.tail]
+        self._tail_leaves = [leaf_hash(t[3]) for t in self.tail]
         self._range = CompactRange()
         self._tiles: dict[int, list[bytes]] = {}
         self._perfect: dict[tuple[int, int], bytes] = {}
@@ -113,26 +108,25 @@ class LogTree:
             )
         return tree
 
-    def append(self, row: EventRow) -> MerkleTile | None:
+    def append(self, leaf_row: LeafRow) -> MerkleTile | None:
         """Add the next settled event; the tile it completes, if any, to store."""
-        if row.position <= self.last_position:
-            raise ValueError(f"position {row.position} is not after {self.last_position}")
-        entry = entry_of(row)
-        leaf = leaf_hash(row.hash)
-        self.tail.append(entry)
+        position = leaf_row[0]
+        if position <= self.last_position:
+            raise ValueError(f"position {position} is not after {self.last_position}")
+        leaf = leaf_hash(leaf_row[3])
+        self.tail.append(leaf_row)
         self._tail_leaves.append(leaf)
-        self._range.append(leaf)
-        self.last_position = row.position
-        if len(self.tail) < TILE_SIZE:
+        self.last_position = position
+        root = self._range.append(leaf, capture=TILE_SIZE)
+        if root is None:
             return None
         number = len(self.roots)
-        leaves = self._tail_leaves
-        root = subtree_head(0, TILE_SIZE, lambda lo, hi: b"", leaves.__getitem__)
+        tail = self.tail
         tile = MerkleTile(
-            number, self.tail[0].position, self.tail[-1].position, root, TILE_SIZE, tuple(self.tail)
+            number, tail[0][0], position, root, TILE_SIZE, tuple(TileEntry(*t) for t in tail)
         )
         self.roots.append(root)
-        self._tiles[number] = leaves
+        self._tiles[number] = self._tail_leaves
         self.tail, self._tail_leaves = [], []
         return tile
 
@@ -142,11 +136,11 @@ class LogTree:
             return None
         return MerkleTile(
             len(self.roots),
-            self.tail[0].position,
-            self.tail[-1].position,
+            self.tail[0][0],
+            self.tail[-1][0],
             tree_head(self._tail_leaves),
             len(self.tail),
-            tuple(self.tail),
+            tuple(TileEntry(*t) for t in self.tail),
         )
 
     def head(self) -> bytes:
@@ -192,9 +186,9 @@ class LogTree:
 
     async def index_of(self, position: int) -> int | None:
         """The leaf index of the event at ``position``, if it is in the tree."""
-        if self.tail and self.tail[0].position <= position <= self.tail[-1].position:
-            for offset, entry in enumerate(self.tail):
-                if entry.position == position:
+        if self.tail and self.tail[0][0] <= position <= self.tail[-1][0]:
+            for offset, leaf_row in enumerate(self.tail):
+                if leaf_row[0] == position:
                     return len(self.roots) * TILE_SIZE + offset
             return None
         tile = await self.store.merkle_tile_of(position)
@@ -237,16 +231,16 @@ class LogTree:
         return leaves[offset]
 
 
-async def _entries_between(store: EventStore, after: int, last: int) -> list[TileEntry]:
-    """Entries of the settled events at positions ``after < p <= last``."""
-    entries: list[TileEntry] = []
+async def _entries_between(store: EventStore, after: int, last: int) -> list[LeafRow]:
+    """The settled events at positions ``after < p <= last``, as leaves."""
+    entries: list[LeafRow] = []
     position = after + 1
     while position <= last:
-        rows = await store.read_rows(from_position=position, limit=TILE_SIZE)
+        rows = await store.read_leaves(from_position=position, limit=TILE_SIZE)
         if not rows:
             break
-        entries.extend(entry_of(r) for r in rows if r.position <= last)
-        if rows[-1].position >= last:
+        entries.extend(r for r in rows if r[0] <= last)
+        if rows[-1][0] >= last:
             break
-        position = rows[-1].position + 1
+        position = rows[-1][0] + 1
     return entries

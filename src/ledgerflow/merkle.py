@@ -186,15 +186,25 @@ class CompactRange:
         self.size = size
         self._heads = list(heads)
 
-    def append(self, leaf: bytes) -> None:
-        self._heads.append(leaf)
+    def append(self, leaf: bytes, *, capture: int = 0) -> bytes | None:
+        """Add a leaf. With ``capture`` (a power of two): the head of the perfect
+        subtree of that many leaves this leaf completes, if it completes one (what a
+        tile's root is, without hashing its leaves again)."""
+        heads = self._heads
+        heads.append(leaf)
         self.size += 1
         # Appending carries as binary addition does: one merge of equal neighbours
         # per trailing zero bit of the new size.
         merges = (self.size & -self.size).bit_length() - 1
+        captured = None
+        width = 1
         for _ in range(merges):
-            right = self._heads.pop()
-            self._heads[-1] = _node(self._heads[-1], right)
+            right = heads.pop()
+            heads[-1] = _node(heads[-1], right)
+            width *= 2
+            if width == capture:
+                captured = heads[-1]
+        return captured
 
     def head(self) -> bytes:
         """MTH of the leaves appended so far."""

@@ -50,8 +50,14 @@ __all__ = [
     "Sealer",
     "Subject",
     "SubjectKey",
+    "check_class",
+    "check_not_erased",
+    "declared",
     "erased_fields",
+    "has_personal_objects",
+    "holds_personal",
     "key_ids_in",
+    "plain",
     "reveal",
     "seal_builtins",
     "subjects_in",
@@ -88,6 +94,19 @@ class _Spec:
 
 
 _SPECS: dict[type, _Spec | None] = {}
+_declared = False
+"""Whether any class with personal fields was seen in this process: until one is,
+no value can hold personal data and appends skip looking for it."""
+
+
+def declared() -> bool:
+    return _declared
+
+
+def check_class(cls: type) -> None:
+    """Learn ``cls``'s personal fields now (``ConfigurationError`` if it declares
+    some without a subject): the registry calls it when a class is registered."""
+    _spec(cls)
 
 
 def _spec(cls: type) -> _Spec | None:
@@ -118,6 +137,9 @@ def _make_spec(cls: type) -> _Spec | None:
             personal.append((attr, encoded))
         if any(m is Subject for m in marks):
             subject = attr
+    if personal:
+        global _declared
+        _declared = True
     if personal and subject is None:
         raise ConfigurationError(
             f"{cls.__qualname__} declares personal fields "
@@ -168,9 +190,9 @@ def seal_builtins(value: Any, raw: Any) -> Any:
                 raw[encoded] = seal_builtins(getattr(value, attr), raw[encoded])
         if spec.personal and spec.subject is not None:
             subject = getattr(value, spec.subject)
-            for attr, encoded in spec.personal:
+            for _, encoded in spec.personal:
                 if raw.get(encoded) is not None:
-                    raw[encoded] = Sealed(str(subject), attr, raw[encoded])
+                    raw[encoded] = Sealed(str(subject), encoded, raw[encoded])
         return raw
     if isinstance(value, (list, tuple)) and isinstance(raw, list):
         for i, item in enumerate(value):
@@ -319,28 +341,62 @@ def _key_ids(raw: Any, found: set[str]) -> None:
             _key_ids(item, found)
 
 
+def plain(raw: Any) -> Any:
+    """``raw`` with each ``Sealed`` placeholder back to its value (a copy where it
+    held any): builtins as the user's value gave them, to convert or compare."""
+    cls = type(raw)
+    if cls is Sealed:
+        return raw.value
+    if cls is dict:
+        return {name: plain(item) for name, item in raw.items()}
+    if cls is list:
+        return [plain(item) for item in raw]
+    return raw
+
+
+def has_personal_objects(value: Any) -> bool:
+    """Whether ``value`` holds typed objects with personal fields (not yet sealed)."""
+    cls = type(value)
+    if cls in _SCALARS or cls is Sealed:
+        return False
+    if cls is dict:
+        return any(has_personal_objects(v) for v in value.values())
+    if cls is list or cls is tuple:
+        return any(has_personal_objects(v) for v in value)
+    spec = _spec(cls)
+    if spec is None:
+        return False
+    if spec.personal:
+        return True
+    return any(has_personal_objects(getattr(value, attr)) for attr, _ in spec.fields)
+
+
 def reveal(raw: Any, keys: Mapping[str, bytes]) -> Any:
     """``raw`` with every sealed value decrypted, or ``{"$erased": field}`` where its
-    key is gone (or the ciphertext does not open: it is not readable either way)."""
+    key is gone (or the ciphertext does not open: it is not readable either way).
+    Sealed values sit under the field they were sealed for; one anywhere else (at
+    the top, in a list) is not opened."""
     if type(raw) is dict:
-        marker = _marker(raw)
-        if marker is not None:
-            return _open(marker, keys)
-        return {name: reveal(item, keys) for name, item in raw.items()}
+        revealed = {}
+        for name, item in raw.items():
+            marker = _marker(item)
+            revealed[name] = reveal(item, keys) if marker is None else _open(marker, name, keys)
+        return revealed
     if type(raw) is list:
         return [reveal(item, keys) for item in raw]
     return raw
 
 
-def _open(marker: dict[str, Any], keys: Mapping[str, bytes]) -> Any:
-    field = marker.get("f")
+def _open(marker: dict[str, Any], field: str, keys: Mapping[str, bytes]) -> Any:
+    """The value sealed in ``marker``, found under ``field``: the field is part of
+    the authenticated data, so a ciphertext moved to another field does not open."""
     key = keys.get(marker.get("k", ""))
     if key is None:
         return {ERASED: field}
     try:
         nonce = base64.b64decode(marker["n"])
         cipher = base64.b64decode(marker["c"])
-        plain = AESGCM(key).decrypt(nonce, cipher, _aad(marker["k"], str(field)))
+        plain = AESGCM(key).decrypt(nonce, cipher, _aad(marker["k"], field))
     except (InvalidTag, KeyError, TypeError, ValueError):
         return {ERASED: field}
     return _unjson.decode(plain)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
+from . import personal
 from .errors import (
     ConfigurationError,
     EventSerializationError,
@@ -87,6 +88,8 @@ class EventRegistry:
                 f"event class {cls.__qualname__} must be a dataclass, msgspec Struct "
                 "or pydantic model"
             )
+        if not pydantic:
+            personal.check_class(cls)
         known = self._by_name.get(name)
         if known is not None and known.cls is not cls:
             raise ConfigurationError(
@@ -123,26 +126,33 @@ class EventRegistry:
 
     # -- encoding -------------------------------------------------------------------
 
-    def encode(self, event: object) -> EncodedEvent:
+    def encode(self, event: object, *, sealer: personal.Sealer | None = None) -> EncodedEvent:
         """Encode a registered event object or a ``NewEvent`` into JSON bytes.
+
+        ``sealer``: encrypts the personal values in it (``personal``); the store
+        passes one holding the keys of the event's data subjects.
 
         Raises a subclass of ``EventError``: the event is unacceptable as given.
         """
         if isinstance(event, NewEvent):
-            return self._encode_new(event)
+            return self._encode_new(event, sealer)
         entry = self._by_class.get(type(event))
         if entry is None:
             raise UnknownEventTypeError(type(event).__qualname__)
+        encoder = _encoder if sealer is None else sealer.encoder
         try:
             if entry.is_pydantic:
                 data = event.model_dump_json().encode()  # type: ignore[attr-defined]
+            elif personal.declared() and personal.has_personal_objects(event):
+                raw = msgspec.to_builtins(event, builtin_types=(personal.Sealed,))
+                data = encoder.encode(personal.seal_builtins(event, raw))
             else:
-                data = _encoder.encode(event)
+                data = encoder.encode(event)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise EventSerializationError(entry.name, str(exc)) from exc
+            raise EventSerializationError(entry.name, _unsealed(exc)) from exc
         return EncodedEvent(entry.name, entry.version, data)
 
-    def _encode_new(self, event: NewEvent) -> EncodedEvent:
+    def _encode_new(self, event: NewEvent, sealer: personal.Sealer | None) -> EncodedEvent:
         if not event.type:
             raise InvalidEventDataError("", event.schema_version or 1, "event type is empty")
         entry = self._by_name.get(event.type)
@@ -150,19 +160,22 @@ class EventRegistry:
         if not isinstance(event.data, Mapping):
             raise InvalidEventDataError(event.type, version, "data must be a JSON object")
         try:
-            data = _encoder.encode(event.data)
+            data = (_encoder if sealer is None else sealer.encoder).encode(event.data)
         except (TypeError, ValueError, OverflowError) as exc:
-            raise EventSerializationError(event.type, str(exc)) from exc
+            raise EventSerializationError(event.type, _unsealed(exc)) from exc
         # msgspec writes sets, tuples, datetimes and NaN as *something*; plain data must
         # read back equal to what was given, or the event would silently change.
-        if _decode_any.decode(data) != event.data:
+        # (Sealed values read back as what they were sealed as: not compared.)
+        if (sealer is None or not personal.holds_personal(data)) and _decode_any.decode(
+            data
+        ) != event.data:
             raise EventSerializationError(
                 event.type,
                 "data does not survive a JSON round trip (only dict with str keys, list, "
                 "str, int, float, bool and None are plain JSON; use a registered class "
                 "for richer types)",
             )
-        if entry is not None:
+        if entry is not None and not personal.holds_personal(data):
             # Validate now (through upcasters, for older versions), so that a read of
             # this event can never fail to decode.
             self.decode(event.type, version, data)
@@ -170,10 +183,23 @@ class EventRegistry:
 
     # -- decoding -------------------------------------------------------------------
 
-    def decode(self, type_name: str, schema_version: int, data: bytes) -> Any:
+    def decode(
+        self,
+        type_name: str,
+        schema_version: int,
+        data: bytes,
+        *,
+        keys: Mapping[str, bytes] | None = None,
+    ) -> Any:
         """Decode stored data: an instance of the registered class, upcast to its
-        current version, or plain JSON when ``type_name`` is not registered."""
+        current version, or plain JSON when ``type_name`` is not registered.
+
+        ``keys``: the subject keys that open the personal values sealed in ``data``
+        (by key id); a value whose key is missing reads as erased, and decoding it
+        into a typed field raises ``PersonalDataErasedError``."""
         entry = self._by_name.get(type_name)
+        if keys is not None:
+            return self._decode_revealed(entry, type_name, schema_version, data, keys)
         if entry is None:
             try:
                 return _decode_any.decode(data)
@@ -191,6 +217,36 @@ class EventRegistry:
             raw = _decode_any.decode(data)
         except msgspec.DecodeError as exc:
             raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
+        return self._from_raw(entry, schema_version, raw)
+
+    def _decode_revealed(
+        self,
+        entry: _Entry | None,
+        type_name: str,
+        schema_version: int,
+        data: bytes,
+        keys: Mapping[str, bytes],
+    ) -> Any:
+        try:
+            raw = personal.reveal(_decode_any.decode(data), keys)
+        except msgspec.DecodeError as exc:
+            raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
+        if entry is None:
+            return raw
+        if schema_version > entry.version:
+            raise InvalidEventDataError(
+                type_name,
+                schema_version,
+                f"stored schema version is newer than the registered {entry.version}",
+            )
+        try:
+            return self._from_raw(entry, schema_version, raw)
+        except InvalidEventDataError:
+            personal.check_not_erased(raw, f"event {type_name!r}")
+            raise
+
+    def _from_raw(self, entry: _Entry, schema_version: int, raw: Any) -> Any:
+        type_name = entry.name
         for version in range(schema_version, entry.version):
             upcast = self._upcasters.get((type_name, version))
             if upcast is None:
@@ -218,3 +274,11 @@ class EventRegistry:
             return entry.decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError, ValueError) as exc:
             raise InvalidEventDataError(entry.name, entry.version, str(exc)) from exc
+
+
+def _unsealed(exc: BaseException) -> str:
+    if "Sealed" in str(exc):
+        return (
+            f"it holds personal data: append it through a store, whose key vault seals it ({exc})"
+        )
+    return str(exc)

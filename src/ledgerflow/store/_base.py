@@ -7,7 +7,7 @@ import abc
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
 from typing import ClassVar, Self
@@ -16,6 +16,7 @@ from uuid import UUID
 import msgspec
 from uuid_utils.compat import uuid7
 
+from .. import personal
 from .._waiting import wait_at_most
 from ..errors import (
     DuplicateEventError,
@@ -39,6 +40,7 @@ from ..events import (
     StreamState,
 )
 from ..hashing import from_micros, to_micros
+from ..personal import KeyVault, SubjectKey
 from ..registry import EventRegistry
 from ._checks import (
     _MAX_INT32,
@@ -61,7 +63,7 @@ from .runtime import (
     TaskFence,
     makes_work,
 )
-from .tiles import Checkpoint, MerkleTile
+from .tiles import Checkpoint, LeafRow, MerkleTile
 
 __all__ = ["DEFAULT_MAX_EVENT_BYTES", "BaseEventStore", "Now", "Pending"]
 
@@ -117,6 +119,9 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         self._work_watchers: list[Callable[[], None]] = []
         self._opened = False
         self._closed = False
+        self.key_vault: KeyVault = _TableVault(self)
+        """Where personal data's subject keys live (``personal``): this store's
+        table unless replaced (a KMS adapter) before the store is used."""
 
     # -- lifecycle ------------------------------------------------------------------
 
@@ -192,7 +197,8 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
                 )
             request = AppendRequest(stream_id, (), expected_version, writes, fence)
         else:
-            request = self._prepare(stream_id, events, expected_version, metadata)
+            sealer = await self._sealer(events) if personal.declared() else None
+            request = self._prepare(stream_id, events, expected_version, metadata, sealer)
             if writes or fence is not None:
                 request = AppendRequest(
                     request.stream_id, request.events, request.expected, writes, fence
@@ -200,6 +206,39 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
         self._submit(Pending(request, future))
         return await future
+
+    async def _sealer(self, events: Sequence[object]) -> personal.Sealer | None:
+        """What encrypts the personal values in ``events``, holding their subjects'
+        keys (created for subjects seen for the first time); None if they hold none."""
+        if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
+            return None  # refused by _prepare
+        subjects: set[str] = set()
+        for event in events:
+            subjects |= personal.subjects_in(event)
+        if not subjects:
+            return None
+        return personal.Sealer(await self.key_vault.keys_for(subjects))
+
+    async def _decode_rows(self, rows: Sequence[EventRow]) -> list[RecordedEvent]:
+        """Rows as events, the personal values in them opened with the keys that
+        still exist (one vault read for all the rows that hold any)."""
+        sealed = [row for row in rows if personal.holds_personal(row.data)]
+        if not sealed:
+            return [self._decode(row) for row in rows]
+        ids: set[str] = set()
+        for row in sealed:
+            try:
+                ids |= personal.key_ids_in(msgspec.json.decode(row.data))
+            except msgspec.DecodeError:
+                continue  # decoding it reports that
+        keys = await self.key_vault.keys_by_id(ids) if ids else {}
+        return [
+            self._decode(row, keys if personal.holds_personal(row.data) else None) for row in rows
+        ]
+
+    async def purge_snapshots(self, *, mentioning: str) -> int:
+        self._check_open()
+        return await self._purge_snapshots(mentioning)
 
     def _submit(self, pending: Pending) -> None:
         """Queue an append for the writer; adapters with a writer thread override."""
@@ -212,6 +251,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         events: Sequence[object],
         expected: ExpectedVersion,
         metadata: Metadata | None,
+        sealer: personal.Sealer | None = None,
     ) -> AppendRequest:
         _check_target(stream_id, expected)
         if isinstance(events, (str, bytes)) or not isinstance(events, Sequence):
@@ -221,7 +261,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         if metadata is not None and not isinstance(metadata, Metadata):
             raise InvalidEventDataError("", 0, "metadata must be a ledgerflow.Metadata")
         shared = _EMPTY_METADATA if metadata is None else self._encode_metadata(metadata)
-        prepared = tuple(self._prepare_event(event, shared) for event in events)
+        prepared = tuple(self._prepare_event(event, shared, sealer) for event in events)
         ids = {event.id for event in prepared}
         if len(ids) != len(prepared):
             duplicate = next(e.id for e in prepared if sum(p.id == e.id for p in prepared) > 1)
@@ -265,10 +305,12 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
                 event.type,
             )
 
-    def _prepare_event(self, event: object, shared_metadata: bytes) -> PreparedEvent:
+    def _prepare_event(
+        self, event: object, shared_metadata: bytes, sealer: personal.Sealer | None = None
+    ) -> PreparedEvent:
         if isinstance(event, NewEvent):
             self._check_new_event(event)
-        encoded = self.registry.encode(event)
+        encoded = self.registry.encode(event, sealer=sealer)
         problem = _text_problem(encoded.type, "event type")
         if problem is not None:
             raise _invalid(problem, schema_version=encoded.schema_version)
@@ -401,7 +443,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
 
     # -- reading --------------------------------------------------------------------
 
-    def _decode(self, row: EventRow) -> RecordedEvent:
+    def _decode(self, row: EventRow, keys: Mapping[str, bytes] | None = None) -> RecordedEvent:
         return RecordedEvent(
             id=row.id,
             stream_id=row.stream_id,
@@ -409,11 +451,12 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
             position=row.position,
             type=row.type,
             schema_version=row.schema_version,
-            data=self.registry.decode(row.type, row.schema_version, row.data),
+            data=self.registry.decode(row.type, row.schema_version, row.data, keys=keys),
             metadata=_decode_metadata(row.metadata),
             recorded_at=from_micros(row.recorded_at_us),
             hash=row.hash,
             prev_hash=row.prev_hash,
+            sealed=keys is not None,
         )
 
     async def read_stream(
@@ -429,7 +472,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         rows = await self._read_stream_rows(stream_id, from_version, limit, backwards)
         if not rows and await self._stream_head(stream_id) is None:
             raise StreamNotFoundError(stream_id)
-        return [self._decode(row) for row in rows]
+        return await self._decode_rows(rows)
 
     async def load_stream(self, stream_id: str) -> tuple[Snapshot | None, list[RecordedEvent]]:
         """The stream's latest snapshot and the events after it (every event if it
@@ -439,7 +482,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         snapshot, rows = await self._load_stream_rows(stream_id)
         if not rows and snapshot is None and await self._stream_head(stream_id) is None:
             raise StreamNotFoundError(stream_id)
-        return snapshot, [self._decode(row) for row in rows]
+        return snapshot, await self._decode_rows(rows)
 
     async def _load_stream_rows(self, stream_id: str) -> tuple[Snapshot | None, list[EventRow]]:
         """The snapshot, then the rows after it: consistent, since a snapshot saved
@@ -457,7 +500,12 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         self._check_open()
         _check_limit(limit)
         rows = await self._read_all_rows(from_position, limit)
-        return [self._decode(row) for row in rows]
+        return await self._decode_rows(rows)
+
+    async def read_leaves(self, *, from_position: int = 1, limit: int = 1000) -> list[LeafRow]:
+        self._check_open()
+        _check_limit(limit)
+        return await self._read_leaves(from_position, limit)
 
     async def read_stream_rows(
         self, stream_id: str, *, from_version: int = 1, limit: int = 1000
@@ -601,6 +649,9 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]: ...
 
     @abc.abstractmethod
+    async def _read_leaves(self, from_position: int, limit: int) -> list[LeafRow]: ...
+
+    @abc.abstractmethod
     async def _stream_head(self, stream_id: str) -> StreamHead | None: ...
 
     @abc.abstractmethod
@@ -639,5 +690,43 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     @abc.abstractmethod
     async def _latest_checkpoint(self) -> Checkpoint | None: ...
 
+    @abc.abstractmethod
+    async def _vault_keys(self, subjects: Collection[str]) -> dict[str, SubjectKey]: ...
+
+    @abc.abstractmethod
+    async def _vault_keys_by_id(self, key_ids: Collection[str]) -> dict[str, bytes]: ...
+
+    @abc.abstractmethod
+    async def _vault_key_id(self, subject: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def _vault_destroy(self, subject: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def _purge_snapshots(self, mentioning: str) -> int: ...
+
     async def _ensure_listener(self) -> None:
         """Start listening for other processes' commits, where the backend can."""
+
+
+class _TableVault:
+    """``personal.KeyVault`` on the store's own ``subject_keys`` table."""
+
+    def __init__(self, store: BaseEventStore) -> None:
+        self._store = store
+
+    async def keys_for(self, subjects: Collection[str]) -> dict[str, SubjectKey]:
+        self._store._check_open()
+        return await self._store._vault_keys(subjects)
+
+    async def keys_by_id(self, key_ids: Collection[str]) -> dict[str, bytes]:
+        self._store._check_open()
+        return await self._store._vault_keys_by_id(key_ids)
+
+    async def key_id_of(self, subject: str) -> str | None:
+        self._store._check_open()
+        return await self._store._vault_key_id(subject)
+
+    async def destroy(self, subject: str) -> str | None:
+        self._store._check_open()
+        return await self._store._vault_destroy(subject)

@@ -323,6 +323,10 @@ class Sql:
             f"SELECT {_COLUMNS} FROM {s}.events WHERE position >= %s AND {settled} "
             "ORDER BY position LIMIT %s"
         )
+        self.read_leaves = (
+            f"SELECT position, stream_id, version, hash FROM {s}.events "
+            f"WHERE position >= %s AND {settled} ORDER BY position LIMIT %s"
+        )
         self.stream_head = (
             f"SELECT version, last_hash, last_position FROM {s}.streams WHERE stream_id = %s"
         )

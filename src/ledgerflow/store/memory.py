@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import bisect
-from collections.abc import Callable, Sequence
+import os
+import uuid
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from uuid import UUID
 
 from ..errors import LedgerNotFoundError, StoreError
 from ..events import AppendResult, Snapshot
 from ..hashing import from_micros
+from ..personal import SubjectKey
 from ._base import BaseEventStore
 from ._memory_projections import MemoryProjections
 from ._plan import (
@@ -47,7 +50,7 @@ from .runtime import (
     WorkerRow,
     nudged,
 )
-from .tiles import Checkpoint, MerkleTile
+from .tiles import Checkpoint, LeafRow, MerkleTile
 
 __all__ = ["MemoryEventStore"]
 
@@ -73,6 +76,7 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
         self._permits: dict[tuple[str, str], tuple[str, int]] = {}
         """(resource, holder) -> (owner, until)"""
         self._tiles: dict[int, MerkleTile] = {}
+        self._subject_keys: dict[str, SubjectKey] = {}
         self._tree_heads: dict[int, Checkpoint] = {}
         self._init_projections()
 
@@ -509,6 +513,10 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
         end = len(self._rows) if limit is None else start + limit
         return self._rows[start:end]
 
+    async def _read_leaves(self, from_position: int, limit: int) -> list[LeafRow]:
+        rows = await self._read_all_rows(from_position, limit)
+        return [(r.position, r.stream_id, r.version, r.hash) for r in rows]
+
     async def _stream_head(self, stream_id: str) -> StreamHead | None:
         return self._heads.get(stream_id)
 
@@ -565,6 +573,32 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
 
     async def _checkpoints(self, after_size: int, limit: int) -> list[Checkpoint]:
         return [self._tree_heads[n] for n in sorted(self._tree_heads) if n > after_size][:limit]
+
+    async def _vault_keys(self, subjects: Collection[str]) -> dict[str, SubjectKey]:
+        for subject in subjects:
+            if subject not in self._subject_keys:
+                self._subject_keys[subject] = SubjectKey(str(uuid.uuid4()), os.urandom(32))
+        return {s: self._subject_keys[s] for s in subjects}
+
+    async def _vault_keys_by_id(self, key_ids: Collection[str]) -> dict[str, bytes]:
+        wanted = set(key_ids)
+        return {k.key_id: k.key for k in self._subject_keys.values() if k.key_id in wanted}
+
+    async def _vault_key_id(self, subject: str) -> str | None:
+        key = self._subject_keys.get(subject)
+        return None if key is None else key.key_id
+
+    async def _vault_destroy(self, subject: str) -> str | None:
+        key = self._subject_keys.pop(subject, None)
+        return None if key is None else key.key_id
+
+    async def _purge_snapshots(self, mentioning: str) -> int:
+        needle = mentioning.encode()
+        streams = {r.stream_id for r in self._rows if needle in r.data}
+        gone = [s for s in streams if s in self._snapshots]
+        for stream in gone:
+            del self._snapshots[stream]
+        return len(gone)
 
     async def _latest_checkpoint(self) -> Checkpoint | None:
         return self._tree_heads[max(self._tree_heads)] if self._tree_heads else None

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
+from ..personal import KeyVault
 from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow, Rebuild
 from ..projections.tables import Table, TableWrite
 from ..registry import EventRegistry
@@ -30,7 +31,7 @@ from .runtime import (
     WakeupRow,
     WorkerRow,
 )
-from .tiles import Checkpoint, MerkleTile
+from .tiles import Checkpoint, LeafRow, MerkleTile
 
 __all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
 
@@ -173,6 +174,11 @@ class EventStore(Protocol):
 
     async def load_snapshot(self, stream_id: str) -> Snapshot | None: ...
 
+    async def read_leaves(self, *, from_position: int = 1, limit: int = 1000) -> list[LeafRow]:
+        """(position, stream id, version, hash) of the log's events in order, as
+        ``read_rows`` reads them (settled): what its Merkle tree is made of."""
+        ...
+
     async def read_stream_rows(
         self, stream_id: str, *, from_version: int = 1, limit: int = 1000
     ) -> list[EventRow]:
@@ -229,6 +235,14 @@ class EventStore(Protocol):
         ...
 
     async def latest_checkpoint(self) -> Checkpoint | None: ...
+
+    key_vault: KeyVault
+    """Where the subject keys of personal data live (``ledgerflow.personal``)."""
+
+    async def purge_snapshots(self, *, mentioning: str) -> int:
+        """Drop the snapshots of every stream whose events' data contains
+        ``mentioning`` (a subject key id, on erasure); how many were dropped."""
+        ...
 
 
 class WorkflowStore(EventStore, Protocol):

@@ -67,7 +67,9 @@ from ._postgres_resources import PostgresResources
 from ._postgres_runtime import PostgresRuntime
 from ._postgres_sql import Sql, allocator_key, migrations
 from ._postgres_tasks import PostgresTasks
+from ._postgres_vault import PostgresVault
 from ._postgres_write import PostgresWrites, parts
+from .tiles import LeafRow
 
 __all__ = [
     "DEFAULT_SCHEMA",
@@ -103,6 +105,7 @@ class PostgresEventStore(
     PostgresResources,
     PostgresProjections,
     PostgresMerkle,
+    PostgresVault,
     BaseEventStore,
 ):
     backend = BACKEND
@@ -393,17 +396,26 @@ class PostgresEventStore(
         return rows
 
     async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
+        found = await self._settled_rows(self._sql.read_all, from_position, limit)
+        return [event_row(t) for t in found]
+
+    async def _read_leaves(self, from_position: int, limit: int) -> list[LeafRow]:
+        found = await self._settled_rows(self._sql.read_leaves, from_position, limit)
+        return [(p, s, v, bytes(h)) for p, s, v, h in found]
+
+    async def _settled_rows(self, sql: str, from_position: int, limit: int | None) -> list[Any]:
+        """Rows of the settled log from ``from_position`` (position first in each),
+        read again while short of what had committed when the read began."""
         waited: _SettleWait | None = None
         while True:
-            found = await self._fetch("read the log", self._sql.read_all, (from_position, limit))
-            rows = [event_row(t) for t in found]
-            if limit is not None and len(rows) >= limit:
-                return rows
-            reached = rows[-1].position if rows else from_position - 1
+            found = await self._fetch("read the log", sql, (from_position, limit))
+            if limit is not None and len(found) >= limit:
+                return found
+            reached = found[-1][0] if found else from_position - 1
             if waited is None:
                 waited = _SettleWait(await self._committed_tip())
             if not await waited.longer(reached):
-                return rows
+                return found
 
     async def _committed_tip(self) -> int:
         """The highest position committed, settled or not (see _SettleWait)."""

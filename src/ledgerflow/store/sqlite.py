@@ -56,6 +56,8 @@ from ._sqlite_resources import SQLiteResources
 from ._sqlite_runtime import SQLiteRuntime
 from ._sqlite_schema import MIGRATIONS, apply_runtime
 from ._sqlite_tasks import SQLiteTasks
+from ._sqlite_vault import SQLiteVault
+from .tiles import LeafRow
 
 __all__ = ["MIGRATIONS", "SQLiteEventStore", "path_from_url"]
 
@@ -126,7 +128,13 @@ def path_from_url(url: str) -> Path:
 
 
 class SQLiteEventStore(
-    SQLiteRuntime, SQLiteTasks, SQLiteResources, SQLiteProjections, SQLiteMerkle, BaseEventStore
+    SQLiteRuntime,
+    SQLiteTasks,
+    SQLiteResources,
+    SQLiteProjections,
+    SQLiteMerkle,
+    SQLiteVault,
+    BaseEventStore,
 ):
     backend = "sqlite"
     poll_interval = 0.25  # other processes' commits are only seen by polling
@@ -602,6 +610,13 @@ class SQLiteEventStore(
         n = _NO_LIMIT if limit is None else limit
         sql = f"SELECT {_COLUMNS} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
         return [_row(t) for t in await self._read(sql, (from_position, n))]
+
+    async def _read_leaves(self, from_position: int, limit: int) -> list[LeafRow]:
+        return await self._read(
+            "SELECT position, stream_id, version, hash FROM events WHERE position >= ? "
+            "ORDER BY position LIMIT ?",
+            (from_position, limit),
+        )
 
     async def _stream_head(self, stream_id: str) -> StreamHead | None:
         rows = await self._read(

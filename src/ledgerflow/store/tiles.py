@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "TILE_SIZE",
     "Checkpoint",
+    "LeafRow",
     "MerkleTile",
     "TileEntry",
     "decode_entries",
@@ -26,6 +27,10 @@ __all__ = [
 
 TILE_SIZE = 256
 """Leaves per tile: 2**8, so every tile is a perfect subtree of the log's tree."""
+
+
+LeafRow = tuple[int, str, int, bytes]
+"""(position, stream id, version, event hash): an event as a leaf of the tree."""
 
 
 @dataclass(frozen=True, slots=True)

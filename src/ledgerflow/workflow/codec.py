@@ -8,6 +8,8 @@ from typing import Any
 
 import msgspec
 
+from .. import personal
+
 __all__ = ["CodecError", "from_builtins", "json_schema", "schema_problems", "to_builtins"]
 
 
@@ -20,17 +22,20 @@ def _is_pydantic(value: object) -> bool:
 
 
 def to_builtins(value: Any) -> Any:
-    """JSON-safe builtins for ``value``; raises CodecError if it has none."""
+    """JSON-safe builtins for ``value``, its personal fields left as ``Sealed``
+    placeholders for the store to encrypt; raises CodecError if it has none."""
     try:
         if _is_pydantic(value):
             return value.model_dump(mode="json")
-        return msgspec.to_builtins(value)
+        return personal.seal_builtins(value, msgspec.to_builtins(value))
     except (TypeError, ValueError) as exc:
         raise CodecError(str(exc)) from exc
 
 
 def from_builtins(value: Any, type_: Any) -> Any:
     """``value`` (JSON builtins) as an instance of ``type_``; Any returns it as is."""
+    if personal.declared():
+        value = personal.plain(value)  # placeholders from to_builtins: their values
     if type_ is Any or type_ is None or type_ is type(None):
         return value
     try:
@@ -38,6 +43,8 @@ def from_builtins(value: Any, type_: Any) -> Any:
             return type_.model_validate(value)
         return msgspec.convert(value, type_)
     except (msgspec.ValidationError, TypeError, ValueError) as exc:
+        # A field that was personal data and is erased: say so, not "expected str".
+        personal.check_not_erased(value, f"a value of type {getattr(type_, '__name__', type_)}")
         raise CodecError(str(exc)) from exc
 
 

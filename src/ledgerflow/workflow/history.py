@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from .. import personal
 from ..events import RecordedEvent
 from ..registry import EventRegistry
 
@@ -456,6 +457,9 @@ class History:
     observer: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
     """Told of each command added (``statemachine.instance.view`` keeps a state
     machine's fold up to date with it)."""
+    personal: bool = False
+    """It holds personal data (``ledgerflow.personal``): never kept in a cache, so
+    that an erasure reaches the next pass."""
 
     @classmethod
     def of(cls, workflow_id: str, events: list[RecordedEvent]) -> History:
@@ -469,11 +473,14 @@ class History:
         for event in events:
             if event.version <= self.version:
                 continue
+            self.personal = self.personal or event.sealed
             self.add(event.version, event.data)
 
     def add(self, version: int, data: Any) -> None:
         self.version = version
         self.events += 1
+        if personal.declared() and not self.personal:
+            self.personal = bool(personal.subjects_in(data))
         if isinstance(data, _Command):
             self.commands.setdefault(data.seq, []).append(data)
             if self.observer is not None:

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
+from .. import personal
 from ..errors import LedgerflowError, WorkflowError, WorkflowFinishedError, WorkflowNotFoundError
 from ..events import AppendResult, Metadata, RecordedEvent
 from .definition import WorkflowDefinition
@@ -248,7 +249,8 @@ class EngineHost:
         return self._engine._now_us()
 
     def encoded_size(self, event: Any) -> int:
-        return len(self._engine.store.registry.encode(event).data) + self._metadata_bytes
+        encoded = self._engine.store.registry.encode(event, sealer=personal.SIZING)
+        return len(encoded.data) + self._metadata_bytes
 
     def append(
         self, history: History, events: list[Any], runtime: tuple[RuntimeWrite, ...]

@@ -89,6 +89,11 @@ class Journal:
         return cached
 
     def remember(self, history: History, *, fresh: bool = False) -> None:
+        if history.personal:
+            # Read again each pass: a subject erased meanwhile must not live on here.
+            self.forget(history.workflow_id)
+            self._fresh.discard(history.workflow_id)
+            return
         self._cache[history.workflow_id] = history
         self._cache.move_to_end(history.workflow_id)
         if fresh:
@@ -139,6 +144,8 @@ class Journal:
         every = self.snapshot_every
         if not every or history.version // every <= before // every:
             return
+        if history.personal:
+            return  # a snapshot would keep personal data in the clear, past any erasure
         try:
             state = history.snapshot()
         except (TypeError, ValueError, OverflowError) as exc:

@@ -45,6 +45,7 @@ from ..errors import (
     EventError,
     LeaseLostError,
     NonDeterminismError,
+    PersonalDataErasedError,
     PolicyNotFoundError,
     RecordedValueError,
     ResultTooLargeError,
@@ -218,6 +219,10 @@ class _Pass(Waits, Saga):
             return from_builtins(value, type_)
         except CodecError as exc:
             error = RecordedValueError(self.history.workflow_id, what, type_, str(exc))
+            raise self._raise(Park(error)) from None
+        except PersonalDataErasedError as erased:
+            # The history can no longer be replayed as it ran: stuck, saying why.
+            error = RecordedValueError(self.history.workflow_id, what, type_, str(erased))
             raise self._raise(Park(error)) from None
 
     def _oversize(self, event: Any, payload: Any, what: str) -> ResultTooLargeError | None:

@@ -33,6 +33,7 @@ from typing import Any
 
 import msgspec
 
+from .. import personal
 from .._waiting import cancel_and_wait
 from ..errors import (
     BulkheadFullError,
@@ -695,7 +696,7 @@ class TaskRunner:
                 seq=row.seq, name=name, result=value, policy=policy, policy_version=version
             )
             limit = self.store.max_event_bytes
-            size = len(self.store.registry.encode(event).data)
+            size = len(self.store.registry.encode(event, sealer=personal.SIZING).data)
             if size > limit:
                 message = (
                     f"the result of step {name!r} is {size} bytes encoded; the store takes "
