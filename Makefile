@@ -19,9 +19,17 @@ $(VENV)/.dev: $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $@ $(VENV)/.base
 
+DEMO_DB  := sqlite:///ledgerflow.db
+DEMO_KEY := ledgerflow-keys/ledger-signing
+
 demo: $(VENV)/.base  ## the order example on embedded SQLite (ledgerflow.db)
-	$(BIN)/python examples/orders/demo.py sqlite:///ledgerflow.db
-	$(BIN)/ledgerflow audit verify --db sqlite:///ledgerflow.db
+	@test -f ledgerflow.db || rm -f ledgerflow-heads.jsonl  # a new ledger, a new witness
+	$(BIN)/python examples/orders/demo.py $(DEMO_DB)
+	@test -f $(DEMO_KEY).key || $(BIN)/ledgerflow audit keygen ledgerflow-keys
+	$(BIN)/ledgerflow audit checkpoint --db $(DEMO_DB) --key $(DEMO_KEY).key \
+		--witness ledgerflow-heads.jsonl
+	$(BIN)/ledgerflow audit verify --db $(DEMO_DB) --witness ledgerflow-heads.jsonl \
+		--public-key $(DEMO_KEY).pub
 	$(BIN)/python examples/orders/serve.py sqlite:///ledgerflow.db --port $(PORT)
 
 test: $(VENV)/.dev lint types pytest  ## lint, types and the whole suite

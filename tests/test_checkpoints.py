@@ -8,6 +8,7 @@ import dataclasses
 import itertools
 import json
 import struct
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
@@ -306,3 +307,36 @@ async def rechain(url: str, stream: str, *, from_version: int) -> None:
 
 def blob(url: str, data: bytes) -> str:
     return f"X'{data.hex()}'" if url.startswith("sqlite") else f"'\\x{data.hex()}'::bytea"
+
+
+async def test_a_checkpointer_behind_the_witness_catches_up_instead_of_crying_removal(
+    store: EventStore, signer: LogSigner, witness: FileWitness
+) -> None:
+    # Another checkpointer hands the witness a larger head between this one's read
+    # of the log and its look at the witness (the race two processes run into).
+    await fill(store, 100)
+    other = Checkpointer(store, signer=signer, witness=witness)
+
+    class Racing:
+        location = witness.location
+        raced = False
+
+        async def heads(self) -> list[SignedTreeHead]:
+            return await witness.heads()
+
+        async def latest(self) -> SignedTreeHead | None:
+            if not self.raced:
+                self.raced = True
+                await fill(store, 50, start=100)
+                await other.checkpoint()
+            return await witness.latest()
+
+        async def submit(
+            self, head: SignedTreeHead, *, old_size: int, proof: Sequence[bytes]
+        ) -> bool:
+            return await witness.submit(head, old_size=old_size, proof=proof)
+
+    latest = await Checkpointer(store, signer=signer, witness=Racing()).checkpoint()
+    assert latest is not None
+    assert latest.tree_size == 150
+    assert [h.tree_size for h in await witness.heads()] == [150]

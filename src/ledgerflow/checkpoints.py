@@ -85,6 +85,14 @@ class Checkpointer:
             self._latest = await self.store.latest_checkpoint()
             self._tree = await LogTree.load(self.store, self._latest)
         tree = self._tree
+        await self._grow(tree)
+        if self.witness is not None and self.signer is not None and self._latest is not None:
+            await self._witness(self.witness, self.signer, tree)
+        return self._latest
+
+    async def _grow(self, tree: LogTree) -> None:
+        """Extend ``tree`` over every event settled since; store the tiles it sealed
+        and its head if it grew."""
         sealed: list[MerkleTile] = []
         grown = False
         while True:
@@ -101,9 +109,6 @@ class Checkpointer:
         if grown:
             filling = tree.partial()
             self._latest = await self._save(tree, [*sealed, *([filling] if filling else [])])
-        if self.witness is not None and self.signer is not None and self._latest is not None:
-            await self._witness(self.witness, self.signer, tree, self._latest)
-        return self._latest
 
     async def _save(self, tree: LogTree, sealed: list[MerkleTile]) -> Checkpoint:
         head = TreeHead(tree.size, tree.head(), self._clock_ms())
@@ -125,11 +130,12 @@ class Checkpointer:
             )
         return stored
 
-    async def _witness(
-        self, witness: Witness, signer: LogSigner, tree: LogTree, latest: Checkpoint
-    ) -> None:
+    async def _witness(self, witness: Witness, signer: LogSigner, tree: LogTree) -> None:
         for _ in range(5):
             held = await witness.latest()
+            if held is not None and held.tree_size > tree.size:
+                # Another checkpointer got further: catch up with what it saw.
+                await self._grow(tree)
             if held is not None and held.tree_size > tree.size:
                 raise CheckpointMismatchError(
                     self.store.location,
@@ -147,7 +153,8 @@ class Checkpointer:
                 if held.tree_size == tree.size:
                     return
             old_size = 0 if held is None else held.tree_size
-            signed = _signed(signer, latest)
+            assert self._latest is not None  # the head of ``tree``, stored
+            signed = _signed(signer, self._latest)
             proof = await tree.consistency(old_size, signed.tree_size)
             if await witness.submit(signed, old_size=old_size, proof=proof):
                 return

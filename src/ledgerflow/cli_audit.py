@@ -121,11 +121,11 @@ def audit_verify(
     assert report is not None
     if report.findings:
         raise typer.Exit(1)
-    against = "" if witness is None else f", and the witness's heads ({witness})"
+    against = "" if witness is None else f", the witness's heads ({witness})"
     out.print(
         f"[green]intact[/]: {report.events_checked} events in "
-        f"{report.streams_checked} streams: every hash chain, Merkle tile, checkpoint"
-        f"{against} and instance status verified"
+        f"{report.streams_checked} streams; verified: every hash chain, Merkle tile and "
+        f"checkpoint{against}, every instance status"
     )
 
 
@@ -166,7 +166,7 @@ def audit_checkpoint(
         bool, typer.Option(help="Keep checkpointing every --interval until stopped.")
     ] = False,
     interval: Annotated[
-        float, typer.Option(min=0.1, help="Seconds between checkpoints with --follow.")
+        float, typer.Option(min=0.01, help="Seconds between checkpoints with --follow.")
     ] = 10.0,
 ) -> None:
     """Extend the ledger's Merkle tree over every settled event, store its tiles and
