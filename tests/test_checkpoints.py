@@ -340,3 +340,19 @@ async def test_a_checkpointer_behind_the_witness_catches_up_instead_of_crying_re
     assert latest is not None
     assert latest.tree_size == 150
     assert [h.tree_size for h in await witness.heads()] == [150]
+
+
+async def test_the_witness_reads_its_latest_head_from_the_end(
+    tmp_path: Path, signer: LogSigner
+) -> None:
+    path = tmp_path / "heads.jsonl"
+    witness = FileWitness(path)
+    assert await witness.latest() is None
+    path.write_text("")
+    assert await witness.latest() is None
+    heads = [signer.sign(TreeHead(n, bytes([n % 256]) * 32, n)) for n in range(1, 3001)]
+    path.write_text("".join(json.dumps(h.to_json()) + "\n" for h in heads))
+    assert await witness.latest() == heads[-1]
+    path.write_text(path.read_text().rstrip("\n"))  # no newline after the last
+    assert await witness.latest() == heads[-1]
+    assert len(await witness.heads()) == 3000

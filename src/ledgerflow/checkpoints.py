@@ -99,10 +99,7 @@ class Checkpointer:
             rows = await self.store.read_leaves(
                 from_position=tree.last_position + 1, limit=self.batch_size
             )
-            for row in rows:
-                tile = tree.append(row)
-                if tile is not None:
-                    sealed.append(tile)
+            sealed.extend(tree.extend(rows))
             grown = grown or bool(rows)
             if len(rows) < self.batch_size:
                 break

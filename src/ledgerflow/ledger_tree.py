@@ -14,7 +14,8 @@ Proofs read one tile's entries at most besides.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import hashlib
+from collections.abc import Iterable, Sequence
 
 from .errors import CheckpointMismatchError
 from .merkle import (
@@ -31,6 +32,8 @@ from .store.ports import EventStore
 from .store.tiles import TILE_SIZE, Checkpoint, LeafRow, MerkleTile, TileEntry
 
 __all__ = ["LogTree"]
+
+_sha256 = hashlib.sha256
 
 _MEMO_FROM = 16 * TILE_SIZE
 """Perfect subtrees this large are remembered once computed: they never change, and
@@ -53,7 +56,9 @@ class LogTree:
         self.tail = list(tail)
         self.last_position = last_position
         self._tail_leaves = [leaf_hash(t[3]) for t in self.tail]
-        self._range = CompactRange()
+        self._tile_range = CompactRange()
+        """The compact range over the sealed tiles' roots (each a leaf of it): with
+        the tail's, the compact range of the whole tree."""
         self._tiles: dict[int, list[bytes]] = {}
         self._perfect: dict[tuple[int, int], bytes] = {}
         if len(self.tail) >= TILE_SIZE:
@@ -99,8 +104,11 @@ class LogTree:
                 "events there",
             )
         tree = cls(store, roots=roots[:full], tail=tail, last_position=checkpoint.last_position)
-        tree._range = CompactRange.from_bytes(checkpoint.tree_size, checkpoint.frontier)
-        if tree.head() != checkpoint.root or tree.head_at(tree.size) != checkpoint.root:
+        # The frontier's first heads are the sealed tiles' (the size's bits above the
+        # tile's), the rest the tail's, which the tail's leaves give again.
+        frontier = CompactRange.from_bytes(checkpoint.tree_size, checkpoint.frontier)
+        tree._tile_range = CompactRange(full, frontier.heads[: full.bit_count()])
+        if tree.frontier() != checkpoint.frontier or tree.head() != checkpoint.root:
             raise CheckpointMismatchError(
                 store.location,
                 f"the ledger's first {checkpoint.tree_size} events no longer produce "
@@ -110,25 +118,42 @@ class LogTree:
 
     def append(self, leaf_row: LeafRow) -> MerkleTile | None:
         """Add the next settled event; the tile it completes, if any, to store."""
-        position = leaf_row[0]
-        if position <= self.last_position:
-            raise ValueError(f"position {position} is not after {self.last_position}")
-        leaf = leaf_hash(leaf_row[3])
-        self.tail.append(leaf_row)
-        self._tail_leaves.append(leaf)
-        self.last_position = position
-        root = self._range.append(leaf, capture=TILE_SIZE)
-        if root is None:
-            return None
+        sealed = self.extend((leaf_row,))
+        return sealed[0] if sealed else None
+
+    def extend(self, leaf_rows: Iterable[LeafRow]) -> list[MerkleTile]:
+        """Add the next settled events, in order; the tiles they complete, to store.
+
+        The hot loop of a checkpointer that follows a busy ledger: one hash per
+        event, and one per event again, in a tight loop, when its tile is sealed."""
+        sealed: list[MerkleTile] = []
+        tail, leaves = self.tail, self._tail_leaves
+        last = self.last_position
+        for leaf_row in leaf_rows:
+            if leaf_row[0] <= last:
+                raise ValueError(f"position {leaf_row[0]} is not after {last}")
+            last = leaf_row[0]
+            tail.append(leaf_row)
+            leaves.append(_sha256(b"\x00" + leaf_row[3]).digest())
+            if len(leaves) == TILE_SIZE:
+                sealed.append(self._seal(tail, leaves))
+                self.tail, self._tail_leaves = tail, leaves = [], []
+        self.last_position = last
+        return sealed
+
+    def _seal(self, tail: list[LeafRow], leaves: list[bytes]) -> MerkleTile:
+        level = leaves
+        while len(level) > 1:
+            level = [
+                _sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level), 2)
+            ]
+        root = level[0]
         number = len(self.roots)
-        tail = self.tail
-        tile = MerkleTile(
-            number, tail[0][0], position, root, TILE_SIZE, tuple(TileEntry(*t) for t in tail)
-        )
         self.roots.append(root)
-        self._tiles[number] = self._tail_leaves
-        self.tail, self._tail_leaves = [], []
-        return tile
+        self._tile_range.append(root)
+        self._tiles[number] = leaves
+        entries = tuple(TileEntry(*t) for t in tail)
+        return MerkleTile(number, tail[0][0], tail[-1][0], root, TILE_SIZE, entries)
 
     def partial(self) -> MerkleTile | None:
         """The tile being filled, as far as it goes (None when the tail is empty)."""
@@ -144,10 +169,28 @@ class LogTree:
         )
 
     def head(self) -> bytes:
-        return self._range.head()
+        heads = self._heads()
+        if not heads:
+            return EMPTY
+        result = heads[-1]
+        for left in reversed(heads[:-1]):
+            result = node_hash(left, result)
+        return result
+
+    def _heads(self) -> list[bytes]:
+        """The compact range of the whole tree: the sealed tiles', then the tail's
+        perfect subtrees (one per set bit of its length, largest first)."""
+        heads = list(self._tile_range.heads)
+        leaves, start = self._tail_leaves, 0
+        for bit in reversed(range(TILE_SIZE.bit_length())):
+            width = 1 << bit
+            if len(leaves) - start >= width:
+                heads.append(tree_head(leaves[start : start + width]))
+                start += width
+        return heads
 
     def frontier(self) -> bytes:
-        return self._range.to_bytes()
+        return b"".join(self._heads())
 
     # -- proofs -----------------------------------------------------------------------
 

@@ -186,25 +186,21 @@ class CompactRange:
         self.size = size
         self._heads = list(heads)
 
-    def append(self, leaf: bytes, *, capture: int = 0) -> bytes | None:
-        """Add a leaf. With ``capture`` (a power of two): the head of the perfect
-        subtree of that many leaves this leaf completes, if it completes one (what a
-        tile's root is, without hashing its leaves again)."""
+    def append(self, leaf: bytes) -> None:
         heads = self._heads
         heads.append(leaf)
         self.size += 1
         # Appending carries as binary addition does: one merge of equal neighbours
         # per trailing zero bit of the new size.
         merges = (self.size & -self.size).bit_length() - 1
-        captured = None
-        width = 1
         for _ in range(merges):
             right = heads.pop()
             heads[-1] = _node(heads[-1], right)
-            width *= 2
-            if width == capture:
-                captured = heads[-1]
-        return captured
+
+    @property
+    def heads(self) -> tuple[bytes, ...]:
+        """The perfect subtrees' heads, largest (leftmost) first."""
+        return tuple(self._heads)
 
     def head(self) -> bytes:
         """MTH of the leaves appended so far."""

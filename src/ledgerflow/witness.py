@@ -18,13 +18,15 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from .errors import WitnessError, WitnessRefusedError
 from .merkle import verify_consistency
 from .signing import LogVerifier, SignedTreeHead
 
 __all__ = ["FileWitness", "Witness"]
+
+_BLOCK = 4096
 
 
 class Witness(Protocol):
@@ -67,8 +69,32 @@ class FileWitness:
         return await asyncio.to_thread(self._read_all)
 
     async def latest(self) -> SignedTreeHead | None:
-        heads = await self.heads()
-        return heads[-1] if heads else None
+        return await asyncio.to_thread(self._read_latest)
+
+    def _read_latest(self) -> SignedTreeHead | None:
+        try:
+            with self.path.open("rb") as file:
+                return self._last(file)
+        except FileNotFoundError:
+            return None
+        except OSError as exc:
+            raise WitnessError(self.location, f"cannot read it: {exc.strerror or exc}") from None
+
+    def _last(self, file: BinaryIO) -> SignedTreeHead | None:
+        """The last head in ``file``, read from its end: a checkpointer asks every
+        interval, and the file only grows."""
+        end = file.seek(0, os.SEEK_END)
+        block = b""
+        start = end
+        while start > 0:
+            start = max(0, start - _BLOCK)
+            file.seek(start)
+            block = file.read(end - start)
+            lines = block.rstrip(b"\n").split(b"\n")
+            if len(lines) > 1 or start == 0:
+                last = lines[-1].decode()
+                return self._parse(last)[-1] if last.strip() else None
+        return None
 
     async def submit(self, head: SignedTreeHead, *, old_size: int, proof: Sequence[bytes]) -> bool:
         return await asyncio.to_thread(self._submit, head, old_size, list(proof))
@@ -103,11 +129,9 @@ class FileWitness:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
         except OSError as exc:
             raise WitnessError(self.location, f"cannot open it: {exc.strerror or exc}") from None
-        with os.fdopen(fd, "r+") as file:
+        with os.fdopen(fd, "r+b") as file:
             fcntl.flock(file, fcntl.LOCK_EX)
-            file.seek(0)
-            held = self._parse(file.read())
-            latest = held[-1] if held else None
+            latest = self._last(file)
             old_size = 0 if latest is None else latest.tree_size
             if latest is not None and head.tree_size <= latest.tree_size:
                 if head.tree_size == latest.tree_size and head.root_hash != latest.root_hash:
@@ -128,7 +152,7 @@ class FileWitness:
                     f"the head of {head.tree_size} events does not extend the one of "
                     f"{old_size} it holds (consistency proof fails)",
                 )
-            file.write(json.dumps(head.to_json(), sort_keys=True) + "\n")
+            file.write((json.dumps(head.to_json(), sort_keys=True) + "\n").encode())
             file.flush()
             os.fsync(file.fileno())
         return True
