@@ -356,3 +356,27 @@ async def test_the_witness_reads_its_latest_head_from_the_end(
     path.write_text(path.read_text().rstrip("\n"))  # no newline after the last
     assert await witness.latest() == heads[-1]
     assert len(await witness.heads()) == 3000
+
+
+async def test_the_same_tiles_saved_at_once_by_two_checkpointers_are_kept_once(
+    store: EventStore,
+) -> None:
+    # Two processes sealing the same tile race on its row: ON CONFLICT settles it
+    # (a second unique index on the position would fail the later one instead).
+    await fill(store, 3 * TILE_SIZE + 10)
+    rows = await store.read_leaves(limit=10_000)
+    for attempt in range(10):
+        trees = [LogTree(store), LogTree(store)]
+        sealed = [tree.extend(rows[: (attempt % 3 + 1) * TILE_SIZE]) for tree in trees]
+        heads = [
+            ledgerflow.store.tiles.Checkpoint(
+                tree.size, tree.last_position, tree.head(), attempt, tree.frontier()
+            )
+            for tree in trees
+        ]
+        saved = await asyncio.gather(
+            *(store.save_checkpoint(s, h) for s, h in zip(sealed, heads, strict=True))
+        )
+        assert saved[0].root == saved[1].root == heads[0].root
+    tiles = await store.merkle_tiles()
+    assert [t.tile for t in tiles] == [0, 1, 2]

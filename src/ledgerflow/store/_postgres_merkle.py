@@ -33,11 +33,15 @@ def merkle_migration(schema: str) -> Migration:
             f"""CREATE TABLE {schema}.merkle_tiles (
                 tile bigint PRIMARY KEY,
                 first_position bigint NOT NULL,
-                last_position bigint NOT NULL UNIQUE,
+                last_position bigint NOT NULL,
                 root bytea NOT NULL,
                 size integer NOT NULL,
                 entries bytea NOT NULL
             )""",
+            # Not UNIQUE: two checkpointers sealing the same tile at once conflict on
+            # the primary key, which ON CONFLICT settles; a second unique index would
+            # fail the later one instead.
+            f"CREATE INDEX merkle_tiles_by_position ON {schema}.merkle_tiles (last_position)",
             f"""CREATE TABLE {schema}.checkpoints (
                 tree_size bigint PRIMARY KEY,
                 last_position bigint NOT NULL,

@@ -24,11 +24,12 @@ MERKLE_MIGRATION = Migration(
         """CREATE TABLE merkle_tiles (
             tile INTEGER PRIMARY KEY,
             first_position INTEGER NOT NULL,
-            last_position INTEGER NOT NULL UNIQUE,
+            last_position INTEGER NOT NULL,
             root BLOB NOT NULL,
             size INTEGER NOT NULL,
             entries BLOB NOT NULL
         )""",
+        "CREATE INDEX merkle_tiles_by_position ON merkle_tiles (last_position)",
         """CREATE TABLE checkpoints (
             tree_size INTEGER PRIMARY KEY,
             last_position INTEGER NOT NULL,
