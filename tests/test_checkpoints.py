@@ -56,6 +56,17 @@ async def fill(store: EventStore, count: int, *, streams: int = 7, start: int = 
         await store.append(stream, [ledgerflow.NewEvent("noted", {"n": i})], version)
 
 
+def assert_one_history(held: list[SignedTreeHead], leaves: list[bytes]) -> None:
+    """Each head the witness holds extends the one before, up to the whole log."""
+    assert held[-1].tree_size == len(leaves)
+    for before, after in itertools.pairwise(held):
+        assert before.tree_size < after.tree_size
+        proof = consistency_proof(leaves[: after.tree_size], before.tree_size)
+        assert verify_consistency(
+            before.tree_size, after.tree_size, before.root_hash, after.root_hash, proof
+        )
+
+
 async def leaves_of(store: EventStore) -> list[bytes]:
     rows = await store.read_rows(limit=100_000)
     return [leaf_hash(r.hash) for r in rows]
@@ -158,13 +169,7 @@ async def test_two_checkpointers_at_once_agree(
     await asyncio.gather(one.checkpoint(), two.checkpoint())
     leaves = await leaves_of(store)
     held = await witness.heads()
-    assert held[-1].tree_size == len(leaves)
-    for before, after in itertools.pairwise(held):
-        assert before.tree_size < after.tree_size
-        proof = consistency_proof(leaves[: after.tree_size], before.tree_size)
-        assert verify_consistency(
-            before.tree_size, after.tree_size, before.root_hash, after.root_hash, proof
-        )
+    assert_one_history(held, leaves)
     assert all(signer.verifier.verify(h) for h in held)
 
 

@@ -12,13 +12,13 @@ or a head not signed by the key, fails it.
 
 from __future__ import annotations
 
-import base64
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
+from ._base64 import from_text, to_text
 from .audit import row_hash
 from .errors import AuditError
 from .hashing import GENESIS_HASH, from_micros
@@ -31,19 +31,6 @@ from .store.ports import EventStore
 __all__ = ["FORMAT", "BundleReport", "check_bundle", "dumps", "make_bundle"]
 
 FORMAT = "ledgerflow-audit-bundle/1"
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(value: Any, what: str) -> bytes:
-    if not isinstance(value, str):
-        raise ValueError(f"{what} is not a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise ValueError(f"{what} is not valid base64") from None
 
 
 async def make_bundle(
@@ -113,12 +100,12 @@ def _event_json(row: EventRow, index: int, proof: list[bytes]) -> dict[str, Any]
         "schema_version": row.schema_version,
         "recorded_at": from_micros(row.recorded_at_us).isoformat(),
         "recorded_at_us": row.recorded_at_us,
-        "data": _b64(row.data),
-        "metadata": _b64(row.metadata),
-        "prev_hash": _b64(row.prev_hash),
-        "hash": _b64(row.hash),
+        "data": to_text(row.data),
+        "metadata": to_text(row.metadata),
+        "prev_hash": to_text(row.prev_hash),
+        "hash": to_text(row.hash),
         "leaf_index": index,
-        "inclusion_proof": [_b64(p) for p in proof],
+        "inclusion_proof": [to_text(p) for p in proof],
     }
 
 
@@ -203,13 +190,13 @@ def _parse_event(event: Any) -> tuple[EventRow, int, list[bytes]]:
         event["version"],
         event["type"],
         event["schema_version"],
-        _unb64(event["data"], "data"),
-        _unb64(event["metadata"], "metadata"),
+        from_text(event["data"], "data"),
+        from_text(event["metadata"], "metadata"),
         event["recorded_at_us"],
-        _unb64(event["prev_hash"], "prev_hash"),
-        _unb64(event["hash"], "hash"),
+        from_text(event["prev_hash"], "prev_hash"),
+        from_text(event["hash"], "hash"),
     )
-    return row, event["leaf_index"], [_unb64(p, "inclusion_proof") for p in proof]
+    return row, event["leaf_index"], [from_text(p, "inclusion_proof") for p in proof]
 
 
 def dumps(bundle: dict[str, Any]) -> str:

@@ -39,6 +39,11 @@ class TreeFinding:
     detail: str
 
 
+def _ledger_wide(detail: str) -> TreeFinding:
+    """A finding about the log as a whole (its heads, its tiles), not one event."""
+    return TreeFinding("checkpoint", None, None, None, detail)
+
+
 def _when(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
@@ -118,8 +123,7 @@ class TreeCheck:
 
     async def findings(self) -> list[TreeFinding]:
         found: list[TreeFinding] = [
-            TreeFinding("checkpoint", None, None, None, f"Merkle tile {number} was removed")
-            for number in self._missing_tiles()
+            _ledger_wide(f"Merkle tile {number} was removed") for number in self._missing_tiles()
         ]
         for number in sorted(self._suspects):
             found.extend(await self._explain(self.tiles[number]))
@@ -217,11 +221,7 @@ class TreeCheck:
                 )
                 if not self.verifier.verify(signed):
                     found.append(
-                        TreeFinding(
-                            "checkpoint",
-                            None,
-                            None,
-                            None,
+                        _ledger_wide(
                             f"the checkpoint of {checkpoint.tree_size} events is not signed "
                             "by the given key",
                         )
@@ -234,11 +234,7 @@ class TreeCheck:
         found: list[TreeFinding] = []
         if self.verifier is not None:
             found.extend(
-                TreeFinding(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
+                _ledger_wide(
                     f"the witness's head of {h.tree_size} events ({_when(h.head.timestamp_ms)}) "
                     "is not signed by the given key",
                 )
@@ -252,22 +248,14 @@ class TreeCheck:
         at = self.at_witness
         if at is None:
             found.append(
-                TreeFinding(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
+                _ledger_wide(
                     f"the ledger has no checkpoint of {head.tree_size} events, though the "
                     "witness holds its head: checkpoints were removed",
                 )
             )
         elif at.root != head.root_hash:
             found.append(
-                TreeFinding(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
+                _ledger_wide(
                     f"the ledger's checkpoint of {head.tree_size} events differs from "
                     f"{what}: checkpoints were rewritten",
                 )
@@ -277,22 +265,14 @@ class TreeCheck:
     def _against(self, size: int, root: bytes, what: str) -> list[TreeFinding]:
         if size > self.leaves:
             return [
-                TreeFinding(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
+                _ledger_wide(
                     f"{what} covers {size} events, the ledger holds {self.leaves}: "
                     "events were removed",
                 )
             ]
         if self._heads.get(size) != root:
             return [
-                TreeFinding(
-                    "checkpoint",
-                    None,
-                    None,
-                    None,
+                _ledger_wide(
                     f"the ledger's first {size} events no longer produce {what}: events "
                     "were changed, removed or re-chained",
                 )

@@ -207,12 +207,7 @@ class EventRegistry:
                 raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
         if schema_version == entry.version:
             return self._decode_entry(entry, data)
-        if schema_version > entry.version:
-            raise InvalidEventDataError(
-                type_name,
-                schema_version,
-                f"stored schema version is newer than the registered {entry.version}",
-            )
+        _check_not_newer(entry, schema_version)
         try:
             raw = _decode_any.decode(data)
         except msgspec.DecodeError as exc:
@@ -233,12 +228,7 @@ class EventRegistry:
             raise InvalidEventDataError(type_name, schema_version, str(exc)) from exc
         if entry is None:
             return raw
-        if schema_version > entry.version:
-            raise InvalidEventDataError(
-                type_name,
-                schema_version,
-                f"stored schema version is newer than the registered {entry.version}",
-            )
+        _check_not_newer(entry, schema_version)
         try:
             return self._from_raw(entry, schema_version, raw)
         except InvalidEventDataError:
@@ -282,3 +272,12 @@ def _unsealed(exc: BaseException) -> str:
             f"it holds personal data: append it through a store, whose key vault seals it ({exc})"
         )
     return str(exc)
+
+
+def _check_not_newer(entry: _Entry, schema_version: int) -> None:
+    if schema_version > entry.version:
+        raise InvalidEventDataError(
+            entry.name,
+            schema_version,
+            f"stored schema version is newer than the registered {entry.version}",
+        )

@@ -11,7 +11,6 @@ logs), so a head says which key signed it.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import os
 import struct
@@ -23,6 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ._base64 import from_text, to_text
 from .errors import ConfigurationError
 
 __all__ = [
@@ -69,9 +69,9 @@ class SignedTreeHead:
         return {
             "tree_size": self.head.tree_size,
             "timestamp_ms": self.head.timestamp_ms,
-            "root_hash": _b64(self.head.root_hash),
-            "key_id": _b64(self.key_id),
-            "signature": _b64(self.signature),
+            "root_hash": to_text(self.head.root_hash),
+            "key_id": to_text(self.key_id),
+            "signature": to_text(self.signature),
         }
 
     @classmethod
@@ -83,29 +83,16 @@ class SignedTreeHead:
             size, at = data["tree_size"], data["timestamp_ms"]
             if not (isinstance(size, int) and isinstance(at, int)) or size < 0 or at < 0:
                 raise ValueError("tree_size and timestamp_ms are non-negative integers")
-            root = _unb64(data["root_hash"], "root_hash")
+            root = from_text(data["root_hash"], "root_hash")
             if len(root) != 32:
                 raise ValueError("root_hash is 32 bytes")
             return cls(
                 TreeHead(size, root, at),
-                _unb64(data["key_id"], "key_id"),
-                _unb64(data["signature"], "signature"),
+                from_text(data["key_id"], "key_id"),
+                from_text(data["signature"], "signature"),
             )
         except KeyError as missing:
             raise ValueError(f"a signed tree head needs {missing}") from None
-
-
-def _b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def _unb64(value: Any, name: str) -> bytes:
-    if not isinstance(value, str):
-        raise ValueError(f"{name} is a base64 string")
-    try:
-        return base64.b64decode(value, validate=True)
-    except ValueError:
-        raise ValueError(f"{name} is not valid base64") from None
 
 
 def _key_id(public: Ed25519PublicKey) -> bytes:
