@@ -7,7 +7,7 @@ import functools
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 from litestar import Litestar, Request, get
 from litestar.connection import ASGIConnection
@@ -20,8 +20,6 @@ from litestar.openapi.plugins import JsonRenderPlugin
 from litestar.openapi.spec import Components, SecurityScheme
 from litestar.types import (
     ASGIApp,
-    HTTPResponseBodyEvent,
-    HTTPResponseStartEvent,
     Receive,
     Scope,
     Send,
@@ -30,6 +28,8 @@ from litestar.types import (
 from .._version import running_version
 from ..workflow.client import WorkflowClient
 from .api import api_router, health_routes
+from .asgi import SlashSafe
+from .fast import FastStart
 from .keys import ApiKeys
 from .limits import RateLimiter
 from .principals import Principal, Role
@@ -55,9 +55,14 @@ class ServerSettings:
     """Requests a second each principal may make on average..."""
     burst: int = 100
     """...and at once."""
+    fast_start: bool = True
+    """Answer plain ``POST /api/v1/workflows`` requests without the framework's
+    per-request machinery (``fast.FastStart``); off only to compare the two."""
 
 
-def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -> SlashSafe:
+def create_app(
+    client: WorkflowClient, settings: ServerSettings | None = None
+) -> FastStart | SlashSafe:
     """The server's ASGI application over ``client`` (its store and registered
     workflows). The client is opened and closed with the application."""
     settings = settings or ServerSettings()
@@ -138,7 +143,10 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
         ),
         debug=False,
     )
-    return SlashSafe(app)
+    served = SlashSafe(app)
+    if not settings.fast_start:
+        return served
+    return FastStart(served, service, keys, limiter, MAX_BODY)
 
 
 async def _principal(
@@ -199,54 +207,3 @@ class Gate(ASGIMiddleware):
 
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
-
-
-_ENCODED_SLASH = re.compile(rb"%2[fF]")
-
-
-class SlashSafe:
-    """Lets an id with ``/`` travel in a path as ``%2F``: the router would decode it
-    and see another path. The path is decoded here with such slashes turned into
-    NUL (which no id holds), and ``Api`` turns them back."""
-
-    def __init__(self, app: Litestar) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        raw = scope.get("raw_path")
-        http = scope["type"] == ScopeType.HTTP
-        if http and raw and (b"%00" in raw or "\x00" in scope["path"]):
-            await _refuse(send, scope["path"])
-            return
-        if http and raw and _ENCODED_SLASH.search(raw):
-            from urllib.parse import unquote_to_bytes
-
-            path = raw.split(b"?", 1)[0]
-            parts = [unquote_to_bytes(p) for p in _ENCODED_SLASH.split(path)]
-            path_ = b"\x00".join(parts).decode("utf-8", "replace")
-            scope = cast("Scope", {**scope, "path": path_})
-        await self.app(scope, receive, send)
-
-
-async def _refuse(send: Send, path: str) -> None:
-    import msgspec
-
-    body = msgspec.json.encode(
-        {
-            "type": "about:blank",
-            "title": "Bad Request",
-            "status": 400,
-            "detail": "a path may not hold NUL (%00)",
-        }
-    )
-    start: HTTPResponseStartEvent = {
-        "type": "http.response.start",
-        "status": 400,
-        "headers": [
-            (b"content-type", b"application/problem+json"),
-            (b"content-length", str(len(body)).encode()),
-        ],
-    }
-    await send(start)
-    end: HTTPResponseBodyEvent = {"type": "http.response.body", "body": body, "more_body": False}
-    await send(end)

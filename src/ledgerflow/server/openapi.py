@@ -15,7 +15,7 @@ __all__ = ["openapi_document"]
 def openapi_document() -> dict[str, Any]:
     """The document of the API; no store is opened to make it."""
     served = create_app(WorkflowClient("memory://"))
-    document: dict[str, Any] = served.app.openapi_schema.to_schema()
+    document: dict[str, Any] = served.litestar.openapi_schema.to_schema()
     return document
 
 

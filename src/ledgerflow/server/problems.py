@@ -33,7 +33,14 @@ from ..errors import (
     WorkflowNotStuckError,
 )
 
-__all__ = ["MEDIA_TYPE", "Problem", "field_errors", "problem_response", "to_problem"]
+__all__ = [
+    "MEDIA_TYPE",
+    "Problem",
+    "field_errors",
+    "problem_body",
+    "problem_response",
+    "to_problem",
+]
 
 MEDIA_TYPE = "application/problem+json"
 log = logging.getLogger("ledgerflow.server")
@@ -166,15 +173,23 @@ def _title(status: int) -> str:
 
 def problem_response(request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
     problem = to_problem(exc)
+    return Response(
+        problem_body(problem, request.url.path),
+        status_code=problem.status,
+        media_type=MEDIA_TYPE,
+        headers=problem.headers,
+    )
+
+
+def problem_body(problem: Problem, path: str) -> dict[str, Any]:
+    """The RFC 9457 document of ``problem`` at ``path``."""
     body: dict[str, Any] = {
         "type": "about:blank",
         "title": problem.title,
         "status": problem.status,
         "detail": problem.detail,
-        "instance": request.url.path,
+        "instance": path,
     }
     if problem.errors:
         body["errors"] = problem.errors
-    return Response(
-        body, status_code=problem.status, media_type=MEDIA_TYPE, headers=problem.headers
-    )
+    return body

@@ -1,0 +1,104 @@
+"""``POST /api/v1/workflows`` answered by the fast path and by the framework's route
+gives the same answers (status, body, content type) for the plain case and for
+every refusal the fast path hands on: the same requests, sent to a server with it
+and one without, each on a ledger of its own."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ledgerflow.server import Role, ServerSettings
+
+from ._api_app import Api, serve
+
+START = "/api/v1/workflows"
+
+
+@pytest.fixture
+def pair(tmp_path: Path) -> Iterator[tuple[Api, Api]]:
+    with (
+        serve(f"sqlite:///{tmp_path / 'fast.db'}", ServerSettings(rate=1e6, burst=10**6)) as fast,
+        serve(
+            f"sqlite:///{tmp_path / 'slow.db'}",
+            ServerSettings(rate=1e6, burst=10**6, fast_start=False),
+        ) as slow,
+    ):
+        yield fast, slow
+
+
+def both(pair: tuple[Api, Api], *, same_body: bool = True, **request: Any) -> tuple[Any, Any]:
+    answers = []
+    for api in pair:
+        given = dict(request)
+        headers = given.pop("headers", None)
+        if headers is None:
+            headers = api.auth(given.pop("tenant", None), given.pop("role", None))
+        answers.append(api.http.request("POST", given.pop("path", START), headers=headers, **given))
+    fast, slow = answers
+    assert fast.status_code == slow.status_code, (fast.text, slow.text)
+    assert fast.headers.get("content-type") == slow.headers.get("content-type")
+    if same_body:
+        assert _body(fast) == _body(slow)
+    return fast, slow
+
+
+def _body(answer: Any) -> Any:
+    try:
+        return answer.json()
+    except ValueError:
+        return answer.text
+
+
+def test_the_plain_case_and_what_the_route_refuses_answer_alike(pair: tuple[Api, Api]) -> None:
+    order = {"workflow": "approval", "input": "o-1", "id": "f-1"}
+    assert both(pair, json=order)[0].status_code == 201
+    assert both(pair, json=order)[0].status_code == 200  # the same start again
+    assert both(pair, json={**order, "input": "o-2"})[0].status_code == 409
+    assert both(pair, json={**order, "workflow": "nope", "id": "f-2"})[0].status_code == 422
+    assert both(pair, json={"workflow": "approval", "input": 5, "id": "f-3"})[0].status_code == 422
+    assert both(pair, json={**order, "id": "a\x00b"})[0].status_code == 422
+    both(pair, json={**order, "unknown": 1})
+    both(pair, content=b"{", headers=None)
+    both(pair, content=json.dumps(order).encode(), headers={"content-type": "text/plain"})
+    both(pair, json={**order, "id": "f-4"}, path=f"{START}?limit=5")
+    both(pair, json={**order, "id": "f-5"}, role=Role.VIEWER)
+    both(pair, json={**order, "id": "f-6"}, headers={})
+    both(pair, json={**order, "id": "f-7"}, headers={"Authorization": "Bearer lfk_nope"})
+    both(pair, json={**order, "id": "f-8"}, headers={"Authorization": "Basic abc"})
+    both(pair, content=b"[" + b"1," * 600_000 + b"1]", headers=None)  # over 1 MiB
+
+
+def test_keys_in_either_header_and_tenants_answer_alike(pair: tuple[Api, Api]) -> None:
+    order = {"workflow": "approval", "input": "o-1", "id": "t-1"}
+    for api in pair:
+        key = api.keys[("acme", Role.OPERATOR)]
+        assert api.http.post(START, json=order, headers={"X-API-Key": key}).status_code == 201
+    # Another tenant's instance of the same id is another instance.
+    answer, _ = both(pair, json=order, tenant="beta")
+    assert answer.status_code == 201
+    assert answer.json()["id"] == "t-1"
+
+
+def test_an_exhausted_rate_bucket_answers_alike(tmp_path: Path) -> None:
+    settings = {"rate": 0.001, "burst": 2}
+    with (
+        serve(f"sqlite:///{tmp_path / 'f.db'}", ServerSettings(**settings)) as fast,  # type: ignore[arg-type]
+        serve(
+            f"sqlite:///{tmp_path / 's.db'}",
+            ServerSettings(**settings, fast_start=False),  # type: ignore[arg-type]
+        ) as slow,
+    ):
+        for n in range(4):
+            # (the wait it names is to the hundredth of a second: not compared)
+            fast_answer, slow_answer = both(
+                (fast, slow),
+                same_body=n < 2,
+                json={"workflow": "approval", "input": "o", "id": f"r-{n}"},
+            )
+        assert fast_answer.status_code == 429
+        assert fast_answer.headers.get("retry-after") == slow_answer.headers.get("retry-after")
