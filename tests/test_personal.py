@@ -281,3 +281,48 @@ async def test_aggregates_and_workflows_with_personal_data_keep_no_snapshots(
         await engine.signal("w-5", "go", None)
         assert await asyncio.wait_for(handle.result(), 10) == "sent to zed@example.com"
         assert await engine.store.load_snapshot("wf-w-5") is None
+
+
+# -- data that arrives as JSON (the HTTP API, the CLI) is sealed by its declared type ---
+
+
+@dataclass(frozen=True)
+class Consent:
+    customer_id: Annotated[str, Subject]
+    signature: Annotated[str, Personal]
+
+
+@dataclass(frozen=True)
+class Receipt:
+    customer_id: Annotated[str, Subject]
+    text: Annotated[str, Personal]  # made of personal data: declared so too
+
+
+@ledgerflow.workflow(name="consent")
+async def consent(ctx: ledgerflow.WorkflowContext, signup: Signup) -> Receipt:
+    given = await ctx.wait_for_signal("consent", Consent)
+    assert given is not None
+    return Receipt(signup.customer_id, f"{signup.email} signed {given.signature}")
+
+
+async def test_inputs_and_signals_given_as_json_are_sealed_by_their_types(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    async with ledgerflow.Engine(ledgerflow.open_store(url), workflows=[consent]) as engine:
+        given = {"customer_id": "c-7", "email": "jo@example.com"}
+        handle = await engine.start("consent", given, id="j-1")
+        again = await engine.start(consent, Signup("c-7", "jo@example.com"), id="j-1")
+        assert again.id == "j-1"  # the same start again, typed this time: idempotent
+        for _ in range(100):
+            if (await engine.describe("j-1")).waiting_for:
+                break
+            await asyncio.sleep(0.02)
+        await engine.signal("j-1", "consent", {"customer_id": "c-7", "signature": "J. Doe"})
+        receipt = await asyncio.wait_for(handle.result(), 10)
+        assert receipt == Receipt("c-7", "jo@example.com signed J. Doe")
+        rows = [r for r in await engine.store.read_rows() if r.stream_id == "wf-j-1"]
+    stored = b"".join(r.data for r in rows)
+    assert b"jo@example.com" not in stored
+    assert b"J. Doe" not in stored
+    assert stored.count(b'"$pii"') >= 3  # the input, the signal, the result

@@ -43,6 +43,7 @@ from .errors import ConfigurationError, PersonalDataErasedError
 __all__ = [
     "ERASED",
     "MARKER",
+    "SCHEMA_KEY",
     "SIZING",
     "KeyVault",
     "Personal",
@@ -57,9 +58,12 @@ __all__ = [
     "has_personal_objects",
     "holds_personal",
     "key_ids_in",
+    "mark_schema",
+    "marked",
     "plain",
     "reveal",
     "seal_builtins",
+    "seal_by_schema",
     "subjects_in",
 ]
 
@@ -429,3 +433,82 @@ class _AnyKey(dict[str, SubjectKey]):
 SIZING: Final = Sealer(_AnyKey())
 """Seals with a dummy key: to learn an event's encoded size before its subjects'
 keys are fetched (a sealed value's size does not depend on the key)."""
+
+
+SCHEMA_KEY: Final = "x-ledgerflow-personal"
+"""Where a recorded JSON Schema says which fields of an object are personal and
+which names the subject: how a sender without the workflow's code (the CLI, the HTTP
+API) seals a signal's payload before it is recorded."""
+
+
+def mark_schema(schema: dict[str, Any], type_: Any) -> dict[str, Any]:
+    """``schema`` (msgspec's, of ``type_``) with each object schema of a class that
+    declares personal fields marked with them (under ``SCHEMA_KEY``)."""
+    classes: dict[str, type] = {}
+    _classes(type_, classes, set())
+    defs = schema.get("$defs", {})
+    for name, cls in classes.items():
+        spec = _spec(cls)
+        target = defs.get(name)
+        if spec is None or not spec.personal or spec.subject is None or target is None:
+            continue
+        encoded = dict(spec.fields)
+        target[SCHEMA_KEY] = {
+            "subject": encoded[spec.subject],
+            "fields": [e for _, e in spec.personal],
+        }
+    return schema
+
+
+def _classes(type_: Any, found: dict[str, type], seen: set[int]) -> None:
+    """The dataclasses and Structs reachable from ``type_``'s annotations, by name."""
+    if id(type_) in seen:
+        return
+    seen.add(id(type_))
+    for arg in typing.get_args(type_):
+        _classes(arg, found, seen)
+    if isinstance(type_, type) and _spec(type_) is not None:
+        found.setdefault(type_.__name__, type_)
+        try:
+            hints = typing.get_type_hints(type_, include_extras=True)
+        except Exception:  # noqa: BLE001 - unresolvable annotations: nothing more
+            return
+        for hint in hints.values():
+            _classes(hint, found, seen)
+
+
+def marked(schema: dict[str, Any]) -> bool:
+    """Whether ``schema`` marks any personal field (``mark_schema``)."""
+    nodes = [schema, *schema.get("$defs", {}).values()]
+    return any(isinstance(n, dict) and SCHEMA_KEY in n for n in nodes)
+
+
+def seal_by_schema(raw: Any, schema: dict[str, Any]) -> Any:
+    """``raw`` (JSON builtins that fit ``schema``) with the fields ``mark_schema``
+    marked personal replaced by ``Sealed`` placeholders."""
+    return _seal_node(raw, schema, schema.get("$defs", {}), 0)
+
+
+def _seal_node(raw: Any, node: Any, defs: dict[str, Any], depth: int) -> Any:
+    if not isinstance(node, dict) or depth > 64:
+        return raw
+    ref = node.get("$ref")
+    if isinstance(ref, str) and ref.startswith("#/$defs/"):
+        return _seal_node(raw, defs.get(ref.removeprefix("#/$defs/")), defs, depth + 1)
+    for key in ("anyOf", "oneOf"):
+        for option in node.get(key, ()):
+            raw = _seal_node(raw, option, defs, depth + 1)
+    if type(raw) is dict:
+        properties = node.get("properties", {})
+        for name, item in raw.items():
+            if name in properties:
+                raw[name] = _seal_node(item, properties[name], defs, depth + 1)
+        marks = node.get(SCHEMA_KEY)
+        if isinstance(marks, dict) and marks.get("subject") in raw:
+            subject = str(raw[marks["subject"]])
+            for name in marks.get("fields", ()):
+                if raw.get(name) is not None and type(raw[name]) is not Sealed:
+                    raw[name] = Sealed(subject, name, raw[name])
+    elif type(raw) is list and isinstance(node.get("items"), dict):
+        return [_seal_node(item, node["items"], defs, depth + 1) for item in raw]
+    return raw

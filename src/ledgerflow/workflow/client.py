@@ -19,6 +19,7 @@ from uuid import UUID
 
 import msgspec
 
+from .. import personal
 from .._waiting import wait_at_most
 from ..clock import Clock, SystemClock
 from ..errors import (
@@ -392,7 +393,7 @@ class WorkflowClient(Operations, MachineClient):
             raise WorkflowAlreadyStartedError(
                 workflow_id, f"it belongs to parent {existing.parent_id!r}"
             )
-        if existing.input != wanted.input:
+        if existing.input != personal.plain(wanted.input):
             raise WorkflowAlreadyStartedError(
                 workflow_id,
                 "it was started with another input; starting is idempotent only for the same input",
@@ -454,7 +455,7 @@ class WorkflowClient(Operations, MachineClient):
             if row.status in TERMINAL:
                 raise WorkflowFinishedError(workflow_id, row.status, action)
             if unchecked:
-                _check_signal(workflow_id, event, recent)
+                event = _check_signal(workflow_id, event, recent)
                 unchecked = False
             # A parked instance keeps what is sent for when it resumes, but is not
             # woken for it: it could only park again.
@@ -758,7 +759,11 @@ def _check_input(definition: Definition, given: Any) -> Any:
     """The input as JSON builtins, once it is known to fit the input type."""
     try:
         encoded = to_builtins(given)
-        from_builtins(encoded, definition.input_type)
+        typed = from_builtins(encoded, definition.input_type)
+        if typed is not encoded and personal.has_personal_objects(typed):
+            # Given as JSON (over HTTP, from the CLI): its personal fields are
+            # known only from the input type, and sealed from the typed value.
+            encoded = to_builtins(typed)
     except CodecError as exc:
         raise WorkflowInputError(definition.name, str(exc)) from exc
     wanted = definition.input_type
@@ -769,8 +774,9 @@ def _check_input(definition: Definition, given: Any) -> Any:
     return encoded
 
 
-def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEvent]) -> None:
-    """Refuse a payload that does not fit the type the instance waits for now.
+def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEvent]) -> SignalSent:
+    """Refuse a payload that does not fit the type the instance waits for now; the
+    signal to record, its personal fields sealed as that type declares.
 
     The wait records its type's JSON Schema, so any sender (this process, the CLI,
     another service) can check without the workflow's code. A signal sent ahead of
@@ -779,12 +785,16 @@ def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEve
     """
     waiting = open_wait([event.data for event in recent], signal.name)
     if waiting is None or waiting.schema is None:
-        return
-    problems = schema_problems(waiting.schema, signal.payload)
+        return signal
+    problems = schema_problems(waiting.schema, personal.plain(signal.payload))
     if problems is not None:
         raise SignalInputError(
             workflow_id, signal.name, f"does not fit the waited-for type: {problems}"
         )
+    if not personal.marked(waiting.schema):
+        return signal
+    payload = personal.seal_by_schema(signal.payload, waiting.schema)
+    return msgspec.structs.replace(signal, payload=payload)
 
 
 def _small(finished: Finished) -> bool:

@@ -106,7 +106,7 @@ def _json_schema(type_: Any) -> dict[str, Any] | None:
         if isinstance(type_, type) and hasattr(type_, "model_json_schema"):
             schema: dict[str, Any] = type_.model_json_schema()
         else:
-            schema = msgspec.json.schema(type_)
+            schema = personal.mark_schema(msgspec.json.schema(type_), type_)
     except (TypeError, ValueError):
         return None
     return schema
