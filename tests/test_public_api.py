@@ -21,6 +21,10 @@ EXPECTED = {
     "check_bundle",
     "generate_signing_key",
     "make_bundle",
+    # the replay gate before a deploy
+    "Breakage",
+    "GateReport",
+    "replay_check",
     # personal data and its erasure
     "KeyVault",
     "Personal",

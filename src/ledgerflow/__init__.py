@@ -124,6 +124,7 @@ from .statemachine import Machine, MachineCall, MachineOutcome, MachineState
 from .statemachine import verify as verify_machine
 from .store import EventStore, open_store
 from .witness import FileWitness, Witness
+from .workflow.gate import Breakage, GateReport, replay_check
 
 __version__ = "0.1.0"
 
@@ -136,6 +137,7 @@ __all__ = [
     "AppendResult",
     "Appended",
     "AuditError",
+    "Breakage",
     "Breaker",
     "Bulkhead",
     "BulkheadFullError",
@@ -160,6 +162,7 @@ __all__ = [
     "FileWitness",
     "Finding",
     "FindingKind",
+    "GateReport",
     "InvalidEventDataError",
     "InvalidPolicyError",
     "InvalidTransition",
@@ -259,6 +262,7 @@ __all__ = [
     "lint_workflow",
     "make_bundle",
     "open_store",
+    "replay_check",
     "step",
     "verify_ledger",
     "verify_machine",

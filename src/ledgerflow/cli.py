@@ -1342,6 +1342,84 @@ def relay_command(
     _run(run)
 
 
+@app.command("replay-check")
+def replay_check_command(
+    app_target: Annotated[
+        str,
+        typer.Option(
+            "--app",
+            envvar="LEDGERFLOW_APP",
+            help="The code about to be deployed: module or module:attribute, as for "
+            "`ledgerflow worker`.",
+        ),
+    ],
+    db: DbOption = DEFAULT_DB,
+    sample: Annotated[
+        int | None,
+        typer.Option(min=1, help="Replay this many instances, drawn at random (default: all)."),
+    ] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            help="Instances in this status (repeatable; default: running, needs_attention, stuck).",
+        ),
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="The sample's random seed.")] = None,
+) -> None:
+    """Before a deploy: replay live instances' histories against the new code and name
+    every one it would break (the first command that differs, recorded against
+    attempted, and where in the code), or strand (no definition of its version).
+    Exit 0 none breaks, 1 some would, 2 error."""
+    import sys
+
+    from .workflow.gate import replay_check
+    from .workflow.history import history_registry
+    from .workflow.worker import load_app
+
+    if str(Path.cwd()) not in sys.path:
+        sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
+    try:
+        loaded = load_app(app_target)
+    except LedgerflowError as exc:
+        _fail(str(exc))
+    statuses = status or ["running", "needs_attention", "stuck"]
+    unknown = sorted(set(statuses) - set(STATUSES))
+    if unknown:
+        _fail(f"--status {unknown[0]!r}: one of {', '.join(STATUSES)}")
+
+    async def check() -> Any:
+        async with open_store(db, create=False, registry=history_registry()) as store:
+            return await replay_check(
+                store, loaded.workflows, statuses=statuses, sample=sample, seed=seed
+            )
+
+    report = _run(check)
+    for broken in report.breakages:
+        where = f" at {broken.location}" if broken.location else ""
+        if broken.recorded is not None:
+            detail = (
+                f"command {broken.seq}: recorded {broken.recorded}, the new code "
+                f"attempted {broken.attempted}{where}"
+            )
+        else:
+            detail = broken.reason
+        out.print(
+            f"[red]BREAKS[/] {escape(broken.workflow_id)} ({escape(broken.name)} "
+            f"v{broken.version}): {escape(detail)}",
+            soft_wrap=True,
+        )
+    skipped = (
+        f", {len(report.not_replayed)} state-machine instances not replayed"
+        if (report.not_replayed)
+        else ""
+    )
+    if report.breakages:
+        out.print(f"{len(report.breakages)} of {report.checked} instances would break{skipped}")
+        raise typer.Exit(1)
+    out.print(f"[green]ok[/]: {report.checked} instances replay on the new code{skipped}")
+
+
 @app.command("worker")
 def worker(
     app_target: Annotated[

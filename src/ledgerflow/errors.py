@@ -499,7 +499,14 @@ class NonDeterminismError(WorkflowError):
     (for example ``"step 'charge_card'"``).
     """
 
-    def __init__(self, workflow_id: str, seq: int, recorded: str, attempted: str) -> None:
+    def __init__(
+        self,
+        workflow_id: str,
+        seq: int,
+        recorded: str,
+        attempted: str,
+        location: str | None = None,
+    ) -> None:
         super().__init__(
             f"workflow {workflow_id!r} diverged from its history at command {seq}: "
             f"recorded {recorded}, the code attempted {attempted}"
@@ -508,6 +515,9 @@ class NonDeterminismError(WorkflowError):
         self.seq = seq
         self.recorded = recorded
         self.attempted = attempted
+        self.location = location
+        """``file:line`` in the workflow's code where the attempt was made (where the
+        body ended, if it attempted nothing), when known."""
 
 
 class WorkflowFailedError(WorkflowError):

@@ -34,8 +34,11 @@ import contextlib
 import hashlib
 import logging
 import random
+import sys
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
+from pathlib import Path
+from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from ..errors import (
@@ -184,6 +187,10 @@ class _Pass(Waits, Saga):
         with self.acting, contextlib.suppress(Park, Abandon, Restart, Relinquish):
             await self.record([])
 
+    def body_location(self) -> str | None:
+        """Where the workflow's code is (a diverging run that ended early)."""
+        return None
+
     def _raise(self, stop: BaseException) -> BaseException:
         """Remember the first fault of the pass: every later command re-raises it,
         even in code that caught it (``gather(..., return_exceptions=True)``)."""
@@ -201,6 +208,7 @@ class _Pass(Waits, Saga):
                         self.seq + 1,
                         f"{later[0].kind} {later[0].name!r}",
                         "no further command (the workflow ended)",
+                        self.body_location(),
                     )
                 )
             )
@@ -255,6 +263,7 @@ class _Pass(Waits, Saga):
                         self.seq,
                         f"{recorded[0].kind} {recorded[0].name!r}",
                         f"{kind} {name!r}",
+                        _caller_outside_ledgerflow(),
                     )
                 )
             )
@@ -732,6 +741,10 @@ class _Run(_Pass):
         super().__init__(host, history, query=query)
         self.definition = definition
 
+    def body_location(self) -> str | None:
+        code = getattr(self.definition.fn, "__code__", None)
+        return None if code is None else f"{code.co_filename}:{code.co_firstlineno}"
+
     async def execute(self) -> PassResult:
         ctx = WorkflowContext(self)
         failure: tuple[str, str] | None = None
@@ -821,3 +834,19 @@ class _Acting:
         while self.count:
             self.idle = asyncio.get_running_loop().create_future()
             await self.idle
+
+
+_OWN = str(Path(__file__).resolve().parent.parent)
+
+
+def _caller_outside_ledgerflow() -> str | None:
+    """``file:line`` of the innermost frame outside ledgerflow (and asyncio): the
+    workflow code that issued the command. Only on a divergence: walking frames
+    costs, and the hot path never does."""
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_OWN) and "asyncio" not in filename:
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return None

@@ -1,0 +1,121 @@
+"""The replay gate: live instances replayed against the code about to be deployed.
+A breaking change is found in every one of 1,000 waiting instances, with the first
+command that differs and where in the new code; a compatible change passes; a
+deploy that drops a running version is named as stranding its instances."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import sys
+import textwrap
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ledgerflow
+from ledgerflow.cli import app
+from ledgerflow.workflow.gate import replay_check
+
+V1 = """
+import ledgerflow
+
+@ledgerflow.step()
+def reserve(n: int) -> int:
+    return n
+
+@ledgerflow.step()
+def ship(n: int) -> int:
+    return n
+
+@ledgerflow.workflow(name="onboard", version=1)
+async def onboard(ctx: ledgerflow.WorkflowContext, n: int) -> int:
+    await ctx.step(reserve, n)
+    await ctx.wait_for_signal("go")
+    return await ctx.step(ship, n)
+"""
+
+# Renames the first step: every instance past it takes another path.
+BREAKING = V1.replace("await ctx.step(reserve, n)", "await ctx.step(ship, n)  # changed")
+# Changes only what comes after the wait: nothing recorded differs.
+COMPATIBLE = V1.replace("return await ctx.step(ship, n)", "return await ctx.step(reserve, n)")
+# Drops version 1 for a version 2.
+STRANDING = V1.replace("version=1", "version=2")
+
+
+@pytest.fixture
+def modules(tmp_path: Path) -> Iterator[Path]:
+    for name, source in {
+        "gate_v1": V1,
+        "gate_breaking": BREAKING,
+        "gate_compatible": COMPATIBLE,
+        "gate_stranding": STRANDING,
+    }.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in ("gate_v1", "gate_breaking", "gate_compatible", "gate_stranding"):
+            sys.modules.pop(name, None)
+
+
+async def waiting_instances(url: str, count: int) -> None:
+    v1 = importlib.import_module("gate_v1")
+    async with ledgerflow.Engine(url, workflows=[v1.onboard], concurrency=200) as engine:
+        for n in range(count):
+            await engine.start(v1.onboard, n, id=f"o-{n:04}")
+        while True:  # each has run its first step and waits for "go"
+            kinds = Counter(r.type for r in await engine.store.read_rows(limit=100_000))
+            if kinds["wf.signal_waiting"] >= count:
+                return
+            await asyncio.sleep(0.05)
+
+
+async def test_the_gate_finds_a_breaking_change_in_every_live_instance(
+    modules: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    await waiting_instances(url, 1000)
+    breaking = importlib.import_module("gate_breaking")
+    compatible = importlib.import_module("gate_compatible")
+    stranding = importlib.import_module("gate_stranding")
+    async with ledgerflow.open_store(url) as store:
+        report = await replay_check(store, [breaking.onboard])
+        assert (report.checked, len(report.breakages)) == (1000, 1000)
+        first = report.breakages[0]
+        assert (first.workflow_id, first.seq) == ("o-0000", 1)
+        assert (first.recorded, first.attempted) == ("step 'reserve'", "step 'ship'")
+        line = BREAKING.splitlines().index("    await ctx.step(ship, n)  # changed") + 1
+        assert first.location == f"{modules / 'gate_breaking.py'}:{line}"
+        assert (await replay_check(store, [compatible.onboard])).ok
+        sampled = await replay_check(store, [breaking.onboard], sample=50, seed=7)
+        assert (sampled.checked, len(sampled.breakages)) == (50, 50)
+        stranded = await replay_check(store, [stranding.onboard])
+        assert len(stranded.breakages) == 1000
+        assert "no 'onboard' version 1 (it has [2])" in stranded.breakages[0].reason
+
+
+def test_the_cli_gate_exits_1_on_a_breaking_change_and_0_on_a_compatible_one(
+    modules: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    asyncio.run(waiting_instances(url, 20))
+    runner = CliRunner()
+    broke = runner.invoke(app, ["replay-check", "--db", url, "--app", "gate_breaking"])
+    assert broke.exit_code == 1, broke.output
+    output = " ".join(broke.output.split())
+    assert "BREAKS o-0000 (onboard v1): command 1: recorded step 'reserve'" in output
+    assert "gate_breaking.py:" in output
+    assert "20 of 20 instances would break" in output
+    ok = runner.invoke(app, ["replay-check", "--db", url, "--app", "gate_compatible"])
+    assert ok.exit_code == 0, ok.output
+    assert "20 instances replay on the new code" in ok.output
+    bad = runner.invoke(
+        app, ["replay-check", "--db", url, "--app", "gate_v1", "--status", "nonsense"]
+    )
+    assert bad.exit_code == 2
