@@ -211,6 +211,8 @@ def workflows_show(workflow_id: IdArgument, db: DbOption = DEFAULT_DB) -> None:
     d: WorkflowDescription = _call(db, lambda e: e.describe(workflow_id))
     _line("id", d.workflow_id)
     _line("workflow", f"{d.name} v{d.version}")
+    if d.patches:
+        _line("patches", ", ".join(d.patches))
     _line("status", d.status)
     if d.parent_id is not None:
         _line("parent", d.parent_id)

@@ -672,6 +672,7 @@ class WorkflowClient(Operations, MachineClient):
             error=error,
             unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
             waiting_signals=() if finished else signal_waits(history),
+            patches=history.patches(),
         )
 
     def _waiting(self, row: InstanceRow, history: History) -> str | None:

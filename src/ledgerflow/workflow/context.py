@@ -202,6 +202,23 @@ class WorkflowContext:
         """The current time, recorded on first use so that replay sees the same."""
         return self._run.now()
 
+    def patched(self, change: str) -> bool:
+        """Whether to take the new path of a code change (``change``: a stable id).
+
+        True where the code runs ahead of its history (a new instance, or an old one
+        past what it recorded): a marker is recorded, so replays take the new path
+        again. False when replaying a history recorded before the change reached
+        this point: the old path, as it ran. ``if ctx.patched("ship-first"): ...
+        else: ...``; once no instance runs the old path (``ledgerflow
+        replay-check`` says so), keep the new one and call ``deprecate_patch``.
+        """
+        return self._run.patched(change)
+
+    def deprecate_patch(self, change: str) -> None:
+        """The old path of ``change`` is gone from the code: histories that recorded
+        its marker still replay, new ones do not record it."""
+        self._run.deprecate_patch(change)
+
     def random(self) -> random.Random:
         """A random generator seeded by the workflow id: the same draws on replay."""
         return self._run.rng

@@ -69,6 +69,8 @@ class WorkflowDescription:
     """Signals sent that no wait has taken (yet, or ever: sent after the last wait)."""
     waiting_signals: tuple[SignalWait, ...] = ()
     """The signals the instance waits for now, each with its payload's JSON Schema."""
+    patches: tuple[str, ...] = ()
+    """The code changes (``ctx.patched``) whose new path it took."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -39,6 +39,7 @@ __all__ = [
     "History",
     "MachineCancelling",
     "MachineMigrated",
+    "Patched",
     "Resumed",
     "SignalRejected",
     "SignalSent",
@@ -205,6 +206,13 @@ class ChildDone(_Command, frozen=True, kw_only=True):
 class ClockRead(_Command, frozen=True, kw_only=True):
     kind = "now"
     at_us: int
+
+
+class Patched(_Command, frozen=True, kw_only=True):
+    """The code took the new path of change ``name`` here (``ctx.patched``): a
+    replay of this history takes it again; one of an older history does not."""
+
+    kind = "patch"
 
 
 class CompensationDone(_Command, frozen=True, kw_only=True):
@@ -404,6 +412,7 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (ChildStarted, "wf.child_started"),
     (ChildDone, "wf.child_done"),
     (ClockRead, "wf.clock"),
+    (Patched, "wf.patched"),
     (CompensationDone, "wf.compensation_done"),
     (CompensationFailed, "wf.compensation_failed"),
     (StepAttemptFailed, "wf.step_attempt_failed"),
@@ -468,6 +477,12 @@ class History:
         history = cls(workflow_id, events[0].data)
         history.extend(events)
         return history
+
+    def patches(self) -> tuple[str, ...]:
+        """The changes whose new path the instance took (``ctx.patched``)."""
+        return tuple(
+            c.name for seq in sorted(self.commands) for c in self.commands[seq] if c.kind == "patch"
+        )
 
     def extend(self, events: list[RecordedEvent]) -> None:
         for event in events:

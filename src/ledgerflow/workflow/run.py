@@ -116,7 +116,10 @@ class _Pass(Waits, Saga):
         self.query = query
         self.seq = 0
         self.buffer: list[Any] = []
-        """Clock readings: recorded with the next append, before anything acts on them."""
+        """Clock readings and patch markers: recorded with the next append, before
+        anything acts on them."""
+        self.patches: dict[str, bool] = {}
+        """``ctx.patched`` answers of this pass, by change id."""
         self.exposed: Any = None
         self.compensations: list[Compensation] = []
         self.compensating = False

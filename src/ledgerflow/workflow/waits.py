@@ -21,6 +21,7 @@ from .history import (
     ChildStarted,
     ClockRead,
     History,
+    Patched,
     SignalRejected,
     SignalTaken,
     SignalTimedOut,
@@ -50,6 +51,9 @@ class Waits:
     query: bool
     acting: _Acting
     buffer: list[Any]
+    patches: dict[str, bool]
+    seq: int
+    fault: BaseException | None
 
     if TYPE_CHECKING:
 
@@ -182,6 +186,29 @@ class Waits:
                 done.child_id, done.status, done.error_type or "", done.message or ""
             )
         return self._decode(done.result, workflow.output_type, f"result of child {done.child_id!r}")
+
+    def patched(self, change: str) -> bool:
+        known = self.patches.get(change)
+        if known is not None:
+            return known
+        if self.fault is not None:
+            raise self.fault
+        recorded = self.history.recorded(self.seq + 1)
+        if recorded is not None and (recorded[0].kind, recorded[0].name) != ("patch", change):
+            # A history recorded before the change, replayed here: the old path,
+            # and no command taken (the one recorded next is the old code's).
+            self.patches[change] = False
+            return False
+        seq, recorded = self._command("patch", change)
+        if not recorded and not self.query:
+            self.buffer.append(Patched(seq=seq, name=change))
+        self.patches[change] = True
+        return True
+
+    def deprecate_patch(self, change: str) -> None:
+        recorded = self.history.recorded(self.seq + 1)
+        if recorded is not None and (recorded[0].kind, recorded[0].name) == ("patch", change):
+            self._command("patch", change)  # taken when histories hold it; never recorded
 
     def now(self) -> datetime:
         seq, recorded = self._command("now", "now")
