@@ -21,6 +21,7 @@ from . import cli_server as _server_cli
 from ._version import running_version
 from .cli_audit import audit_app, gdpr_app
 from .cli_options import DEFAULT_DB, DbOption, err, fail, out
+from .cli_options import configure_logs as _configure_logs
 from .cli_options import run as _run
 from .errors import (
     InvalidTransition,
@@ -1318,7 +1319,7 @@ def relay_command(
 
     if not nats:
         _fail("--nats (or LEDGERFLOW_NATS) names the NATS server, e.g. nats://127.0.0.1:4222")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _configure_logs()
     subjects = [subject.split("{", 1)[0].rstrip(".") + ".>"] if "{" in subject else [subject]
 
     async def run() -> None:
@@ -1464,14 +1465,13 @@ def worker(
     gracefully: finish running passes and steps (up to --grace), give leases back,
     exit 0. Run as many as you like on one database; each claims only the
     workflows it registered and the steps of its --queue it has."""
-    import logging
     import sys
 
     from .workflow.worker import load_app, run_worker
 
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _configure_logs()
     queues = list(queue or ())
     try:
         loaded = load_app(app_target)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import logging
 import signal
 import sys
 from datetime import UTC, datetime
@@ -24,6 +23,7 @@ from .audit_instances import check_instances
 from .audit_report import Action, actions, actions_csv, actions_json
 from .checkpoints import Checkpointer
 from .cli_options import DEFAULT_DB, DbOption, fail, out, run
+from .cli_options import configure_logs as _configure_logs
 from .definitions import describe_definition
 from .errors import LedgerflowError, StoreCorruptError
 from .gdpr import erase_subject
@@ -187,7 +187,7 @@ def audit_checkpoint(
             if not follow:
                 _print_checkpoint(await checkpointer.checkpoint(), witness)
                 return
-            logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+            _configure_logs()
             stop = asyncio.Event()
             loop = asyncio.get_running_loop()
             for signum in (signal.SIGINT, signal.SIGTERM):

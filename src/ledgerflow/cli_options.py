@@ -12,7 +12,7 @@ from rich.markup import escape
 
 from .errors import LedgerflowError
 
-__all__ = ["DEFAULT_DB", "DbOption", "err", "fail", "out", "run"]
+__all__ = ["DEFAULT_DB", "DbOption", "configure_logs", "err", "fail", "out", "run"]
 
 T = TypeVar("T")
 
@@ -43,3 +43,13 @@ DbOption = Annotated[
         help="Store URL: sqlite:///path.db or postgresql://... (env LEDGERFLOW_DB).",
     ),
 ]
+
+
+def configure_logs() -> None:
+    """Logs of a long-running command, as ``LEDGERFLOW_LOG_FORMAT`` says."""
+    from .logs import configure
+
+    try:
+        configure()
+    except LedgerflowError as exc:
+        fail(str(exc))

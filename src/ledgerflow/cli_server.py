@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import os
 import sys
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .cli_options import DEFAULT_DB, DbOption
+from .cli_options import configure_logs as _configure_logs
 from .errors import LedgerflowError
 from .tenants import ALL_TENANTS
 
@@ -120,7 +120,7 @@ def server(
         "rate": rate,
         "burst": burst,
     }
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _configure_logs()
     asgi = _built(options)  # in this process first: a mistake is reported once, here
     common: dict[str, Any] = {
         "host": host,
@@ -142,7 +142,7 @@ _OPTIONS_VARIABLE = "LEDGERFLOW_SERVER_OPTIONS"
 
 def serve_factory() -> Any:
     """The application of one of ``--processes`` server processes."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    _configure_logs()
     return _built(json.loads(os.environ[_OPTIONS_VARIABLE]))
 
 

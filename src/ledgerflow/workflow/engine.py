@@ -540,12 +540,22 @@ class Engine(WorkflowClient):
                             exc,
                         )
                         return
-                    log.warning("workflow %s: pass abandoned, retrying: %s", workflow_id, exc)
+                    log.warning(
+                        "workflow %s: pass abandoned, retrying: %s",
+                        workflow_id,
+                        exc,
+                        extra={"workflow_id": workflow_id},
+                    )
                     await asyncio.sleep(min(5.0, 0.05 * 2**failures))
                     continue
                 except (LeaseLostError, Relinquish) as exc:
                     # Another runner holds the instance now: nothing more from us.
-                    log.warning("workflow %s: stepping back: %s", workflow_id, exc)
+                    log.warning(
+                        "workflow %s: stepping back: %s",
+                        workflow_id,
+                        exc,
+                        extra={"workflow_id": workflow_id},
+                    )
                     self._journal.forget(workflow_id)
                     return
                 failures = 0
@@ -555,7 +565,9 @@ class Engine(WorkflowClient):
         except Exception:
             # A bug or an unexpected failure: the lease runs out and the instance is
             # tried again then; nothing recorded is lost.
-            log.exception("workflow %s: pass failed", workflow_id)
+            log.exception(
+                "workflow %s: pass failed", workflow_id, extra={"workflow_id": workflow_id}
+            )
             self._journal.forget(workflow_id)
         finally:
             self._active.pop(workflow_id, None)
@@ -730,7 +742,9 @@ class Engine(WorkflowClient):
 
     async def _get_stuck(self, history: History, error: WorkflowError) -> None:
         workflow_id = history.workflow_id
-        log.error("workflow %s is stuck: %s", workflow_id, error)
+        log.error(
+            "workflow %s is stuck: %s", workflow_id, error, extra={"workflow_id": workflow_id}
+        )
         now = self._now_us()
         row = InstanceRow(
             workflow_id,

@@ -1,0 +1,61 @@
+"""Logs of ledgerflow's processes (workers, the server, the checkpointer, the relay):
+one line per record, as text for people or as JSON for a log pipeline
+(``LEDGERFLOW_LOG_FORMAT=json``).
+
+A JSON line carries what a record knows of its workflow: the ``workflow_id``,
+``step``, ``seq`` and ``attempt`` of the step running when it was logged (so logs
+written by step code are tied to their instance without passing anything), or the
+``workflow_id`` the engine names in its own records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from datetime import UTC, datetime
+from typing import Any
+
+from .errors import ConfigurationError
+from .workflow.steps import _current_step
+
+__all__ = ["JsonFormatter", "configure"]
+
+TEXT = "%(asctime)s %(levelname)s %(message)s"
+_CONTEXT = ("workflow_id", "step", "seq", "attempt", "correlation_id", "trace_id", "span_id")
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per record: time (RFC 3339, UTC), level, logger, message,
+    the workflow context, and the error with its traceback if there is one."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        line: dict[str, Any] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        step = _current_step.get()
+        if step is not None:
+            line.update(
+                workflow_id=step.workflow_id, step=step.name, seq=step.seq, attempt=step.attempt
+            )
+        for key in _CONTEXT:
+            value = record.__dict__.get(key)
+            if value is not None:
+                line[key] = value
+        if record.exc_info:
+            line["error"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+def configure(level: int = logging.INFO, log_format: str | None = None) -> None:
+    """Log to stderr as ``log_format`` says (default: ``LEDGERFLOW_LOG_FORMAT``, else
+    text). ``ConfigurationError`` for a format that is neither ``text`` nor ``json``."""
+    chosen = (log_format or os.environ.get("LEDGERFLOW_LOG_FORMAT") or "text").lower()
+    if chosen not in ("text", "json"):
+        raise ConfigurationError(f"log format {chosen!r} (LEDGERFLOW_LOG_FORMAT): text or json")
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonFormatter() if chosen == "json" else logging.Formatter(TEXT))
+    logging.basicConfig(level=level, handlers=[handler], force=True)

@@ -1,0 +1,103 @@
+"""Structured logs: one JSON object a line, tied to the workflow, the step and the
+attempt the record was written in (step code logs without passing anything)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import ledgerflow
+from ledgerflow.cli import app
+from ledgerflow.logs import JsonFormatter, configure
+
+step_log = logging.getLogger("shop.steps")
+
+
+@ledgerflow.step()
+def charge(order: str) -> str:
+    step_log.info("charging %s", order)
+    return f"charged {order}"
+
+
+@ledgerflow.workflow(name="shop")
+async def shop(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    return await ctx.step(charge, order)
+
+
+@pytest.fixture
+def lines() -> Iterator[io.StringIO]:
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level, root.level = root.level, logging.INFO
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+
+def records(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+async def test_step_code_logs_carry_its_workflow_step_and_attempt(
+    lines: io.StringIO, tmp_path: Path
+) -> None:
+    async with ledgerflow.Engine(f"sqlite:///{tmp_path / 'l.db'}", workflows=[shop]) as engine:
+        handle = await engine.start(shop, "o-1", id="s-1")
+        assert await handle.result() == "charged o-1"
+    (record,) = [r for r in records(lines) if r["logger"] == "shop.steps"]
+    assert record["message"] == "charging o-1"
+    assert record["level"] == "info"
+    assert (record["workflow_id"], record["step"], record["attempt"]) == ("s-1", "charge", 1)
+    assert str(record["time"]).endswith("+00:00")
+
+
+def test_engine_records_name_their_workflow_and_errors_keep_their_traceback(
+    lines: io.StringIO,
+) -> None:
+    log = logging.getLogger("ledgerflow.engine")
+    try:
+        raise RuntimeError("boom")
+    except RuntimeError:
+        log.exception("workflow %s: pass failed", "w-7", extra={"workflow_id": "w-7"})
+    (record,) = records(lines)
+    assert record["workflow_id"] == "w-7"
+    assert "RuntimeError: boom" in str(record["error"])
+
+
+def test_the_format_comes_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    try:
+        monkeypatch.setenv("LEDGERFLOW_LOG_FORMAT", "json")
+        configure()
+        assert isinstance(root.handlers[0].formatter, JsonFormatter)
+        monkeypatch.setenv("LEDGERFLOW_LOG_FORMAT", "xml")
+        with pytest.raises(ledgerflow.ConfigurationError, match="text or json"):
+            configure()
+        url = f"sqlite:///{tmp_path}/x.db"
+
+        async def create() -> None:
+            async with ledgerflow.open_store(url):
+                pass
+
+        asyncio.run(create())
+        result = CliRunner().invoke(app, ["audit", "checkpoint", "--db", url, "--follow"])
+        assert result.exit_code == 2
+        assert "text or json" in result.output
+        assert "Traceback" not in result.output
+    finally:
+        root.handlers[:] = handlers
