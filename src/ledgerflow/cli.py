@@ -1460,6 +1460,19 @@ def worker(
     grace: Annotated[
         float, typer.Option(min=0.0, help="Seconds running passes get to finish on stop.")
     ] = 10.0,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            max=65535,
+            envvar="LEDGERFLOW_METRICS_PORT",
+            help="Serve Prometheus metrics at http://<host>:PORT/metrics "
+            "(env LEDGERFLOW_METRICS_PORT).",
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="The address the metrics listen on.")
+    ] = "0.0.0.0",  # noqa: S104 - scraped from other hosts; bind narrower if you like
 ) -> None:
     """Run workflows, and the steps of task queues, until SIGTERM or Ctrl-C, then stop
     gracefully: finish running passes and steps (up to --grace), give leases back,
@@ -1481,6 +1494,13 @@ def worker(
         _fail(f"--queue {' '.join(queues)}: --app {app_target} holds no steps to run")
     if not queues and not loaded.workflows and not loaded.projections:
         _fail(f"--app {app_target} holds steps but no workflows: name the --queue they serve")
+    if metrics_port is not None:
+        from prometheus_client import start_http_server
+
+        try:
+            start_http_server(metrics_port, addr=metrics_host)
+        except OSError as exc:
+            _fail(f"--metrics-port {metrics_port}: {exc.strerror or exc}")
     _run(
         lambda: run_worker(
             db,

@@ -24,6 +24,7 @@ from litestar.types import (
     Scope,
     Send,
 )
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .._version import running_version
 from ..workflow.client import WorkflowClient
@@ -107,6 +108,12 @@ def create_app(
     async def closing() -> None:
         await client.close()
 
+    @get("/metrics", include_in_schema=False, media_type=CONTENT_TYPE_LATEST)
+    async def metrics() -> bytes:
+        """Prometheus metrics of this process (the engine's, the store's, and the
+        application's own in the default registry)."""
+        return generate_latest()
+
     @get("/openapi.json", include_in_schema=False, media_type="application/json")
     async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
         schema: dict[str, Any] = request.app.openapi_schema.to_schema()
@@ -116,6 +123,7 @@ def create_app(
         route_handlers=[
             api_router(Gate(authenticate)),
             openapi,
+            metrics,
             *health_routes(service),
             *Ui(service, limiter).routes(),
         ],

@@ -7,6 +7,7 @@ import abc
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from datetime import UTC, datetime
 from types import TracebackType
@@ -16,7 +17,7 @@ from uuid import UUID
 import msgspec
 from uuid_utils.compat import uuid7
 
-from .. import personal
+from .. import metrics, personal
 from .._waiting import wait_at_most
 from ..errors import (
     DuplicateEventError,
@@ -204,8 +205,12 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
                     request.stream_id, request.events, request.expected, writes, fence
                 )
         future: asyncio.Future[AppendResult] = asyncio.get_running_loop().create_future()
+        began = time.perf_counter()
         self._submit(Pending(request, future))
-        return await future
+        try:
+            return await future
+        finally:
+            metrics.append_seconds(self.backend, time.perf_counter() - began)
 
     async def _sealer(self, events: Sequence[object]) -> personal.Sealer | None:
         """What encrypts the personal values in ``events``, holding their subjects'

@@ -19,7 +19,7 @@ from uuid import UUID
 
 import msgspec
 
-from .. import personal
+from .. import metrics, personal
 from .._waiting import wait_at_most
 from ..clock import Clock, SystemClock
 from ..errors import (
@@ -330,7 +330,10 @@ class WorkflowClient(Operations, MachineClient):
                 parent_id=parent_id,
                 tenant=tenant,
             )
-            return await self._record_start(workflow_id, started, metadata, now, local)
+            created = await self._record_start(workflow_id, started, metadata, now, local)
+            if created:
+                metrics.workflow_started(definition.name)
+            return created
         finally:
             if local:
                 # Running here (no await since ``_run_here``: the slot passes to the

@@ -17,12 +17,14 @@ import importlib
 import logging
 import os
 import socket
+import time
 import uuid
 import weakref
 from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
+from .. import metrics
 from .._waiting import cancel_and_wait
 from ..clock import Clock, DatabaseClock
 from ..errors import (
@@ -587,6 +589,13 @@ class Engine(WorkflowClient):
             return True
 
     async def _pass_over(self, history: History) -> bool:
+        began = time.perf_counter()
+        try:
+            return await self._pass_over_timed(history)
+        finally:
+            metrics.pass_seconds(history.started.name, time.perf_counter() - began)
+
+    async def _pass_over_timed(self, history: History) -> bool:
         workflow_id = history.workflow_id
         if history.finished is not None:
             # Ended, but the last steps of ending (telling the parent, dropping the
@@ -645,6 +654,7 @@ class Engine(WorkflowClient):
             if await self._append_keeping(history, result.buffered, [finished], runtime):
                 return True
             self._stuck.pop(workflow_id, None)
+            metrics.workflow_finished(history.started.name, finished.status)
             self._tell(history, finished)
             if parent is not None:
                 await self._after_end(history)
@@ -745,6 +755,7 @@ class Engine(WorkflowClient):
         log.error(
             "workflow %s is stuck: %s", workflow_id, error, extra={"workflow_id": workflow_id}
         )
+        metrics.workflow_stuck(history.started.name)
         now = self._now_us()
         row = InstanceRow(
             workflow_id,

@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
+from .. import metrics
 from ..errors import StepCancelledError, StepTimeoutError
 from ..retry import RetryPolicy
 from .step_threads import Outcome, StepThreads
@@ -225,22 +226,31 @@ class Attempts:
         beat = _Beat() if limits.heartbeat is not None else _NO_BEAT
         info = StepInfo(self.workflow_id, seq, name, attempt, flag, beat)
         token = _current_step.set(info)
+        began = time.perf_counter()
+        outcome: tuple[bool, Any, Callable[[], None]] = (False, None, nothing)
         try:
-            if not _is_async(fn):
-                return await self._in_thread(info, fn, args, limits)
-            if limits.heartbeat is not None:
-                return await self._beating(info, fn, args, limits)
-            try:
-                value = await asyncio.wait_for(fn(*args), limits.timeout)
-            except TimeoutError as exc:
-                if limits.timeout is None:  # the body's own TimeoutError
-                    return False, exc, nothing
-                return False, _timed_out(info, limits, False), nothing
-            except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
-                return False, exc, nothing
-            return True, value, nothing
+            outcome = await self._attempt(info, fn, args, limits)
+            return outcome
         finally:
             _current_step.reset(token)
+            metrics.step_attempt(name, outcome[0], time.perf_counter() - began)
+
+    async def _attempt(
+        self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits
+    ) -> tuple[bool, Any, Callable[[], None]]:
+        if not _is_async(fn):
+            return await self._in_thread(info, fn, args, limits)
+        if limits.heartbeat is not None:
+            return await self._beating(info, fn, args, limits)
+        try:
+            value = await asyncio.wait_for(fn(*args), limits.timeout)
+        except TimeoutError as exc:
+            if limits.timeout is None:  # the body's own TimeoutError
+                return False, exc, nothing
+            return False, _timed_out(info, limits, False), nothing
+        except Exception as exc:  # noqa: BLE001 - a step failure is data for its retry policy
+            return False, exc, nothing
+        return True, value, nothing
 
     async def _beating(
         self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits

@@ -1,0 +1,106 @@
+"""Prometheus metrics, asserted: a workflow started, its steps' attempts (ok and
+failed), its passes, its end, an instance parked as stuck, and appends, as counted by
+the engine and the store; served at /metrics by the HTTP server."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from litestar.testing import TestClient
+from prometheus_client import REGISTRY
+
+import ledgerflow
+from ledgerflow.server import create_app
+from ledgerflow.server.openapi import openapi_document
+
+failures = {"left": 1}
+
+
+@ledgerflow.step(retry=ledgerflow.RetryPolicy(max_attempts=3, initial_interval=0.01))
+def flaky(order: str) -> str:
+    if failures["left"]:
+        failures["left"] -= 1
+        raise ConnectionError("erp down")
+    return f"sent {order}"
+
+
+@ledgerflow.workflow(name="metered")
+async def metered(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    return await ctx.step(flaky, order)
+
+
+def sample(name: str, **labels: str) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_the_engine_counts_what_it_does(tmp_path: Path) -> None:
+    before = {
+        "started": sample("ledgerflow_workflows_started_total", workflow="metered"),
+        "done": sample(
+            "ledgerflow_workflows_finished_total", workflow="metered", status="completed"
+        ),
+        "ok": sample("ledgerflow_step_attempt_seconds_count", step="flaky", outcome="ok"),
+        "error": sample("ledgerflow_step_attempt_seconds_count", step="flaky", outcome="error"),
+        "passes": sample("ledgerflow_pass_seconds_count", workflow="metered"),
+        "appends": sample("ledgerflow_append_seconds_count", backend="sqlite"),
+    }
+    failures["left"] = 1
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with ledgerflow.Engine(url, workflows=[metered]) as engine:
+        handle = await engine.start(metered, "o-1", id="m-1")
+        assert await asyncio.wait_for(handle.result(), 10) == "sent o-1"
+    assert sample("ledgerflow_workflows_started_total", workflow="metered") == before["started"] + 1
+    assert (
+        sample("ledgerflow_workflows_finished_total", workflow="metered", status="completed")
+        == before["done"] + 1
+    )
+    assert (
+        sample("ledgerflow_step_attempt_seconds_count", step="flaky", outcome="error")
+        == before["error"] + 1
+    )
+    assert (
+        sample("ledgerflow_step_attempt_seconds_count", step="flaky", outcome="ok")
+        == before["ok"] + 1
+    )
+    assert sample("ledgerflow_pass_seconds_count", workflow="metered") > before["passes"]
+    assert sample("ledgerflow_append_seconds_count", backend="sqlite") >= before["appends"] + 2
+
+
+@ledgerflow.workflow(name="metered-stuck")
+async def stuck(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.wait_for_signal("go")
+    return order
+
+
+@ledgerflow.workflow(name="metered-stuck")
+async def changed(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.step(flaky, order)  # not what its history recorded
+    return order
+
+
+async def test_a_stuck_instance_is_counted(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    before = sample("ledgerflow_workflows_stuck_total", workflow="metered-stuck")
+    async with ledgerflow.Engine(url, workflows=[stuck]) as engine:
+        await engine.start(stuck, "o", id="st-1")
+        for _ in range(100):
+            if (await engine.describe("st-1")).waiting_for:
+                break
+            await asyncio.sleep(0.02)
+    async with ledgerflow.Engine(url, workflows=[changed]) as engine:
+        await engine.signal("st-1", "go")
+        for _ in range(200):
+            if (await engine.describe("st-1")).status == "stuck":
+                break
+            await asyncio.sleep(0.02)
+    assert sample("ledgerflow_workflows_stuck_total", workflow="metered-stuck") == before + 1
+
+
+def test_the_server_serves_metrics_without_credentials() -> None:
+    with TestClient(create_app(ledgerflow.Engine("memory://", workflows=[metered]))) as http:
+        answer = http.get("/metrics")
+    assert answer.status_code == 200
+    assert answer.headers["content-type"].startswith("text/plain")
+    assert "ledgerflow_append_seconds" in answer.text
+    assert "/metrics" not in openapi_document()["paths"]  # not part of the API
