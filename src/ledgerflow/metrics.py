@@ -18,6 +18,7 @@ from prometheus_client import Counter, Histogram
 
 __all__ = [
     "append_seconds",
+    "enable",
     "pass_seconds",
     "step_attempt",
     "workflow_finished",
@@ -83,6 +84,13 @@ _stuck: Callable[[str], Counter] = _kept(_STUCK.labels)
 _pass: Callable[[str], Histogram] = _kept(_PASS.labels)
 _step: Callable[[tuple[str, str]], Histogram] = _kept(lambda key: _STEP.labels(*key))
 _append: Callable[[str], Histogram] = _kept(_APPEND.labels)
+
+
+def enable(on: bool) -> None:
+    """Record (True) or not: what ``LEDGERFLOW_METRICS`` sets at import, for a process
+    (a benchmark) that compares the two."""
+    global _ON
+    _ON = on
 
 
 def workflow_started(name: str) -> None:

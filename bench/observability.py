@@ -1,0 +1,58 @@
+"""What metrics cost the engine, measured in one process: the 3-step workflow of
+bench/modes.py (plain ``def`` steps), started the way users do, with recording on
+and off in alternating batches (on, off, off, on, ... so drift hits both alike).
+
+    python bench/observability.py              # sqlite; one JSON line; ~40 s
+    python bench/observability.py --backend postgres
+
+Modes: ``sequential`` (start, then result, one after the other) and ``loop`` (starts
+awaited in a loop, then all results). Each arm's workflows/s is its workflows over its
+batches' time; ``overhead`` is 1 - on / off (the issue's target, tracing included
+once it lands: at most 10 %). A fresh database each run, removed afterwards.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import Any
+
+import ledgerflow as lf
+from ledgerflow import metrics
+from modes import loop, sequential, three_def
+from store import fresh_database, main, note
+
+SIZES = {"sequential": 120, "loop": 400}
+ROUNDS = 4
+"""Batches per arm and mode, in the order on, off, off, on, ..."""
+
+
+async def run_backend(backend: str) -> dict[str, Any]:
+    result: dict[str, Any] = {"benchmark": "observability", "backend": backend, "modes": {}}
+    async with fresh_database(backend, "obs") as (url, _floor, settings):
+        result["settings"] = {**settings, "sizes": SIZES, "rounds": ROUNDS}
+        async with lf.Engine(url, workflows=[three_def]) as engine:
+            await sequential(engine, three_def, "warm", 20)
+            for mode, run in (("sequential", sequential), ("loop", loop)):
+                n = SIZES[mode]
+                spent = {True: 0.0, False: 0.0}
+                for round_ in range(2 * ROUNDS):
+                    on = round_ % 4 in (0, 3)
+                    metrics.enable(on)
+                    began = time.perf_counter()
+                    await run(engine, three_def, f"{mode}-{round_}", n)
+                    spent[on] += time.perf_counter() - began
+                    note(f"{backend} {mode} batch {round_}: metrics {'on' if on else 'off'}")
+                metrics.enable(True)
+                rate = {on: ROUNDS * n / spent[on] for on in spent}
+                result["modes"][mode] = {
+                    "workflows_per_s_with": round(rate[True], 1),
+                    "workflows_per_s_without": round(rate[False], 1),
+                    "overhead": round(1 - rate[True] / rate[False], 3),
+                }
+    result["target_overhead"] = 0.10
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(main(run_backend, __doc__))
