@@ -60,6 +60,9 @@ class Metadata(msgspec.Struct, frozen=True, omit_defaults=True, kw_only=True):
     causation_id: str | None = None
     tenant: str | None = None
     reason: str | None = None
+    traceparent: str | None = None
+    """The W3C trace context of the call that recorded it (``ledgerflow.tracing``):
+    a workflow's passes and steps join the trace of the call that started it."""
     extra: dict[str, Any] = msgspec.field(default_factory=dict)
 
 

@@ -112,7 +112,7 @@ async def list_workflows(
 )
 async def start_workflow(request: Call, data: JSONBody[StartWorkflow]) -> Response[Started]:
     api, who = _context(request)
-    started, created = await api.start(who, data)
+    started, created = await api.start(who, data, request.headers.get("traceparent"))
     return Response(started, status_code=201 if created else 200)
 
 

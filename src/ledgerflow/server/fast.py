@@ -98,7 +98,10 @@ class FastStart:
         if self._limiter.take(who.subject) > 0:
             return False
         try:
-            started, created = await self._service.start(who, data)
+            traceparent = headers.get(b"traceparent")
+            started, created = await self._service.start(
+                who, data, None if traceparent is None else traceparent.decode("latin-1")
+            )
         except Exception as exc:  # noqa: BLE001 - answered as the route answers it
             problem = to_problem(exc)
             await respond(

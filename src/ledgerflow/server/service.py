@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import msgspec
 
+from .. import tracing
 from ..errors import WorkflowNotFoundError
 from ..events import RecordedEvent
 from ..hashing import from_micros
@@ -177,13 +178,16 @@ class Service:
 
     # -- acting -----------------------------------------------------------------------
 
-    async def start(self, who: Principal, body: StartWorkflow) -> tuple[Started, bool]:
+    async def start(
+        self, who: Principal, body: StartWorkflow, traceparent: str | None = None
+    ) -> tuple[Started, bool]:
         """The instance, and whether this call started it (False: it was started
-        the same way before; starting is idempotent on the id)."""
+        the same way before; starting is idempotent on the id). ``traceparent``: the
+        caller's W3C trace context (the request's header): the instance joins it."""
         _no_nul("body.id", body.id)
         with field_errors("body.workflow"):
             definition = self.client._definition(body.workflow)
-        with field_errors("body.input"):
+        with field_errors("body.input"), tracing.joined(traceparent):
             handle, created = await self.client._begin(
                 definition,
                 body.input,

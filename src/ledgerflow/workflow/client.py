@@ -19,7 +19,7 @@ from uuid import UUID
 
 import msgspec
 
-from .. import metrics, personal
+from .. import metrics, personal, tracing
 from .._waiting import wait_at_most
 from ..clock import Clock, SystemClock
 from ..errors import (
@@ -320,6 +320,10 @@ class WorkflowClient(Operations, MachineClient):
                 f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
             )
         encoded = _check_input(definition, given)
+        traceparent = tracing.current_traceparent()
+        if traceparent is not None and (metadata is None or metadata.traceparent is None):
+            # The caller's trace: every pass and step of the instance joins it.
+            metadata = msgspec.structs.replace(metadata or Metadata(), traceparent=traceparent)
         now = self._now_us()
         local = self._reserve_slot()
         try:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
-from .. import metrics
+from .. import metrics, tracing
 from .._waiting import cancel_and_wait
 from ..clock import Clock, DatabaseClock
 from ..errors import (
@@ -590,10 +590,22 @@ class Engine(WorkflowClient):
 
     async def _pass_over(self, history: History) -> bool:
         began = time.perf_counter()
+        started = history.started
         try:
-            return await self._pass_over_timed(history)
+            with (
+                tracing.joined(history.traceparent),
+                tracing.span(
+                    f"workflow {started.name}",
+                    **{
+                        "ledgerflow.workflow_id": history.workflow_id,
+                        "ledgerflow.workflow": started.name,
+                        "ledgerflow.version": history.definition_version,
+                    },
+                ),
+            ):
+                return await self._pass_over_timed(history)
         finally:
-            metrics.pass_seconds(history.started.name, time.perf_counter() - began)
+            metrics.pass_seconds(started.name, time.perf_counter() - began)
 
     async def _pass_over_timed(self, history: History) -> bool:
         workflow_id = history.workflow_id

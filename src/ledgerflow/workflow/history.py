@@ -466,6 +466,8 @@ class History:
     observer: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
     """Told of each command added (``statemachine.instance.view`` keeps a state
     machine's fold up to date with it)."""
+    traceparent: str | None = None
+    """The trace of the call that started it (``ledgerflow.tracing``)."""
     personal: bool = False
     """It holds personal data (``ledgerflow.personal``): never kept in a cache, so
     that an erasure reaches the next pass."""
@@ -475,6 +477,7 @@ class History:
         if not events or not isinstance(events[0].data, Started):
             raise ValueError(f"stream of workflow {workflow_id!r} does not begin with Started")
         history = cls(workflow_id, events[0].data)
+        history.traceparent = events[0].metadata.traceparent
         history.extend(events)
         return history
 

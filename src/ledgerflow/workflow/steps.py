@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar, TypeVarTuple
 
-from .. import metrics
+from .. import metrics, tracing
 from ..errors import StepCancelledError, StepTimeoutError
 from ..retry import RetryPolicy
 from .step_threads import Outcome, StepThreads
@@ -228,8 +228,15 @@ class Attempts:
         token = _current_step.set(info)
         began = time.perf_counter()
         outcome: tuple[bool, Any, Callable[[], None]] = (False, None, nothing)
+        attributes = {
+            "ledgerflow.workflow_id": self.workflow_id,
+            "ledgerflow.seq": seq,
+            "ledgerflow.attempt": attempt,
+        }
         try:
-            outcome = await self._attempt(info, fn, args, limits)
+            with tracing.span(f"step {name}", **attributes) as span:
+                outcome = await self._attempt(info, fn, args, limits)
+                span.set_attribute("ledgerflow.outcome", "ok" if outcome[0] else "error")
             return outcome
         finally:
             _current_step.reset(token)
