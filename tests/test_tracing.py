@@ -21,8 +21,22 @@ from ledgerflow.server import ServerSettings
 from ._api_app import serve
 
 EXPORTER = InMemorySpanExporter()
+
+
+class _WhileTesting(SimpleSpanProcessor):
+    """Keeps spans only during this module's tests: the global provider stays for the
+    rest of the run, which must neither fill memory nor pay for recording."""
+
+    active = False
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if self.active:
+            super().on_end(span)
+
+
+_processor = _WhileTesting(EXPORTER)
 _provider = TracerProvider()
-_provider.add_span_processor(SimpleSpanProcessor(EXPORTER))
+_provider.add_span_processor(_processor)
 trace.set_tracer_provider(_provider)
 tracer = trace.get_tracer("tests")
 
@@ -41,7 +55,9 @@ async def traced(ctx: ledgerflow.WorkflowContext, order: str) -> str:
 @pytest.fixture(autouse=True)
 def spans() -> Iterator[InMemorySpanExporter]:
     EXPORTER.clear()
+    _processor.active = True
     yield EXPORTER
+    _processor.active = False
     EXPORTER.clear()
 
 
