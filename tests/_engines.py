@@ -31,3 +31,12 @@ async def waiting_for(engine: ledgerflow.Engine, workflow_id: str, what: str) ->
             if described is not None and (described.waiting_for or "").startswith(what):
                 return
             await asyncio.sleep(0.01)
+
+
+async def until_status(engine: ledgerflow.Engine, workflow_id: str, status: str) -> None:
+    """Return once the instance's status is ``status`` (e.g. "stuck")."""
+    async with asyncio.timeout(WAIT):
+        while True:
+            if (await engine.describe(workflow_id)).status == status:
+                return
+            await asyncio.sleep(0.01)

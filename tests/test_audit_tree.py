@@ -367,6 +367,9 @@ def test_verify_without_a_ledger_or_with_a_bad_key_exits_2(tmp_path: Path) -> No
     code, output = cli("audit", "verify", "--db", url, "--public-key", str(tmp_path / "bad.pub"))
     assert code == 2
     assert "not a PEM public key" in output
+    # A mistyped witness path is an error, not a witness that holds nothing.
+    code, output = cli("audit", "verify", "--db", url, "--witness", str(tmp_path / "typo.jsonl"))
+    assert (code, "no such file" in output) == (2, True)
 
 
 def test_a_witness_head_is_rfc_9162_tree_head_data_signed_by_the_key(

@@ -14,6 +14,8 @@ import ledgerflow
 from ledgerflow.server import create_app
 from ledgerflow.server.openapi import openapi_document
 
+from ._engines import until_status, waiting_for
+
 failures = {"left": 1}
 
 
@@ -84,16 +86,10 @@ async def test_a_stuck_instance_is_counted(tmp_path: Path) -> None:
     before = sample("ledgerflow_workflows_stuck_total", workflow="metered-stuck")
     async with ledgerflow.Engine(url, workflows=[stuck]) as engine:
         await engine.start(stuck, "o", id="st-1")
-        for _ in range(100):
-            if (await engine.describe("st-1")).waiting_for:
-                break
-            await asyncio.sleep(0.02)
+        await waiting_for(engine, "st-1", "signal 'go'")
     async with ledgerflow.Engine(url, workflows=[changed]) as engine:
         await engine.signal("st-1", "go")
-        for _ in range(200):
-            if (await engine.describe("st-1")).status == "stuck":
-                break
-            await asyncio.sleep(0.02)
+        await until_status(engine, "st-1", "stuck")
     assert sample("ledgerflow_workflows_stuck_total", workflow="metered-stuck") == before + 1
 
 

@@ -11,6 +11,8 @@ from pathlib import Path
 import ledgerflow
 from ledgerflow.workflow.gate import replay_check
 
+from ._engines import waiting_for
+
 log: list[str] = []
 
 
@@ -65,19 +67,11 @@ async def deprecated(ctx: ledgerflow.WorkflowContext, n: int) -> int:
     return await ctx.step(ship, n)
 
 
-async def until_waiting(engine: ledgerflow.Engine, workflow_id: str) -> None:
-    for _ in range(200):
-        if (await engine.describe(workflow_id)).waiting_for:
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"{workflow_id} never waited")
-
-
 async def test_old_instances_keep_the_old_path_and_new_ones_take_the_new(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     async with ledgerflow.Engine(url, workflows=[old]) as engine:
         await engine.start(old, 1, id="before")
-        await until_waiting(engine, "before")
+        await waiting_for(engine, "before", "signal 'go'")
     async with ledgerflow.open_store(url) as store:
         assert not (await replay_check(store, [naive])).ok  # what patching is for
         assert (await replay_check(store, [patched])).ok
@@ -85,7 +79,7 @@ async def test_old_instances_keep_the_old_path_and_new_ones_take_the_new(tmp_pat
     log.clear()
     async with ledgerflow.Engine(url, workflows=[patched]) as engine:
         after = await engine.start(patched, 2, id="after")
-        await until_waiting(engine, "after")
+        await waiting_for(engine, "after", "signal 'go'")
         for workflow_id in ("before", "after"):
             await engine.signal(workflow_id, "go")
         assert await asyncio.wait_for(engine.handle("before").result(), 10) == 1
@@ -107,7 +101,7 @@ async def test_a_deprecated_patch_records_no_marker(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
     async with ledgerflow.Engine(url, workflows=[deprecated]) as engine:
         await engine.start(deprecated, 3, id="fresh")
-        await until_waiting(engine, "fresh")
+        await waiting_for(engine, "fresh", "signal 'go'")
         assert (await engine.describe("fresh")).patches == ()
         types = [e.type for e in await engine.store.read_stream("wf-fresh")]
     assert "wf.patched" not in types

@@ -25,6 +25,8 @@ from ledgerflow.gdpr import ERASURE_STREAM, erase_subject
 from ledgerflow.personal import ERASED, Sealed, Sealer, SubjectKey, reveal, seal_builtins
 from ledgerflow.store.ports import EventStore
 
+from ._engines import until_status, waiting_for
+
 
 @dataclass(frozen=True)
 class CustomerRegistered:
@@ -211,12 +213,8 @@ async def test_a_workflow_whose_input_was_erased_fails_clearly(tmp_path: Path) -
         await engine.signal("w-9", "go", None)
         # Its input can no longer be read: the instance is parked as stuck, saying
         # why, instead of running on a placeholder.
-        for _ in range(100):
-            described = await engine.describe("w-9")
-            if described.status == "stuck":
-                break
-            await asyncio.sleep(0.05)
-        assert described.status == "stuck"
+        await until_status(engine, "w-9", "stuck")
+        described = await engine.describe("w-9")
         assert described.error is not None
         assert "the personal data at $.email was erased" in described.error
         del handle
@@ -314,10 +312,7 @@ async def test_inputs_and_signals_given_as_json_are_sealed_by_their_types(
         handle = await engine.start("consent", given, id="j-1")
         again = await engine.start(consent, Signup("c-7", "jo@example.com"), id="j-1")
         assert again.id == "j-1"  # the same start again, typed this time: idempotent
-        for _ in range(100):
-            if (await engine.describe("j-1")).waiting_for:
-                break
-            await asyncio.sleep(0.02)
+        await waiting_for(engine, "j-1", "signal 'consent'")
         await engine.signal("j-1", "consent", {"customer_id": "c-7", "signature": "J. Doe"})
         receipt = await asyncio.wait_for(handle.result(), 10)
         assert receipt == Receipt("c-7", "jo@example.com signed J. Doe")

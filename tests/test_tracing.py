@@ -19,6 +19,7 @@ import ledgerflow
 from ledgerflow.server import ServerSettings
 
 from ._api_app import serve
+from ._engines import waiting_for
 
 EXPORTER = InMemorySpanExporter()
 
@@ -74,10 +75,7 @@ async def test_passes_and_steps_join_the_starting_trace_across_engines(tmp_path:
     async with ledgerflow.Engine(url, workflows=[traced]) as engine:
         with tracer.start_as_current_span("checkout") as root:
             await engine.start(traced, "o-1", id="t-1")
-        for _ in range(100):
-            if (await engine.describe("t-1")).waiting_for:
-                break
-            await asyncio.sleep(0.02)
+        await waiting_for(engine, "t-1", "signal 'go'")
     # Another engine (another process, as far as the ledger knows) finishes it.
     async with ledgerflow.Engine(url, workflows=[traced]) as engine:
         await engine.signal("t-1", "go")

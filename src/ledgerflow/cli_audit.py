@@ -102,6 +102,9 @@ def audit_verify(
     (no ledger there, unreachable), 3 corrupt (the database's files are damaged:
     restore a backup)."""
     verifier = _verifier(public_key)
+    if witness is not None and not witness.is_file():
+        # A mistyped path must not verify "against" a witness that holds nothing.
+        fail(f"--witness {witness}: no such file")
     held = None if witness is None else FileWitness(witness)
     damaged, report = run(lambda: _verify(db, held, verifier))
     if report is not None and report.findings:
