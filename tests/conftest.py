@@ -26,6 +26,7 @@ from ledgerflow.store._base import BaseEventStore
 
 from ._adapters import open_adapter
 from ._engines import EngineFactory
+from ._spans import spans  # noqa: F401 - the fixture, for every test module
 
 if TYPE_CHECKING:
     import psycopg

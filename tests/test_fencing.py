@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from prometheus_client import REGISTRY
 
 import ledgerflow
 from ledgerflow import LeaseLostError, WorkflowContext
@@ -231,6 +232,7 @@ async def gated_flow(ctx: WorkflowContext, n: int) -> int:
 async def test_a_runner_taken_over_records_nothing_more_and_steps_back(
     engine: EngineFactory,
 ) -> None:
+    lost = REGISTRY.get_sample_value("ledgerflow_leases_lost_total", {"kind": "workflow"}) or 0
     async with engine(gated_flow, lease=timedelta(seconds=60)) as stalled:
         await stalled.start(gated_flow, 1, id="g")
         assert await asyncio.to_thread(effects.first_began.wait, WAIT)
@@ -246,6 +248,10 @@ async def test_a_runner_taken_over_records_nothing_more_and_steps_back(
                 break
             await asyncio.sleep(0.02)
         assert "g" not in stalled._active
+        assert (
+            REGISTRY.get_sample_value("ledgerflow_leases_lost_total", {"kind": "workflow"})
+            == lost + 1
+        )
         assert effects.runs["second"] == 0
         history = [e.type for e in await stalled.history("g")]
         assert history == ["wf.started"]

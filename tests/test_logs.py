@@ -17,6 +17,8 @@ import ledgerflow
 from ledgerflow.cli import app
 from ledgerflow.logs import JsonFormatter, configure
 
+from ._spans import named, tracer
+
 step_log = logging.getLogger("shop.steps")
 
 
@@ -50,16 +52,21 @@ def records(stream: io.StringIO) -> list[dict[str, object]]:
     return [json.loads(line) for line in stream.getvalue().splitlines()]
 
 
-async def test_step_code_logs_carry_its_workflow_step_and_attempt(
-    lines: io.StringIO, tmp_path: Path
+async def test_step_code_logs_carry_its_workflow_step_attempt_correlation_and_trace(
+    lines: io.StringIO, tmp_path: Path, spans: object
 ) -> None:
     async with ledgerflow.Engine(f"sqlite:///{tmp_path / 'l.db'}", workflows=[shop]) as engine:
-        handle = await engine.start(shop, "o-1", id="s-1")
+        with tracer.start_as_current_span("checkout") as root:
+            handle = await engine.start(shop, "o-1", id="s-1", correlation_id="cart-42")
         assert await handle.result() == "charged o-1"
     (record,) = [r for r in records(lines) if r["logger"] == "shop.steps"]
     assert record["message"] == "charging o-1"
     assert record["level"] == "info"
     assert (record["workflow_id"], record["step"], record["attempt"]) == ("s-1", "charge", 1)
+    assert record["correlation_id"] == "cart-42"
+    assert record["trace_id"] == f"{root.get_span_context().trace_id:032x}"
+    (step,) = named("step charge")
+    assert record["span_id"] == f"{step.context.span_id:016x}"  # the step's own span
     assert str(record["time"]).endswith("+00:00")
 
 

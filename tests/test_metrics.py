@@ -69,6 +69,36 @@ async def test_the_engine_counts_what_it_does(tmp_path: Path) -> None:
     assert sample("ledgerflow_append_seconds_count", backend="sqlite") >= before["appends"] + 2
 
 
+@ledgerflow.workflow(name="metered-nap")
+async def napping(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.sleep(0.05)
+    return await ctx.step(flaky, order)
+
+
+async def test_retries_claims_and_commits_are_counted(tmp_path: Path) -> None:
+    before = {
+        "retries": sample("ledgerflow_step_retries_total", step="flaky"),
+        "claims": sample("ledgerflow_claim_delay_seconds_count", kind="workflow"),
+        "commits": sample("ledgerflow_commit_seconds_count", backend="sqlite"),
+        "batched": sample("ledgerflow_commit_batch_appends_sum", backend="sqlite"),
+        "appends": sample("ledgerflow_append_seconds_count", backend="sqlite"),
+    }
+    failures["left"] = 1
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with ledgerflow.Engine(url, workflows=[napping]) as engine:
+        handle = await engine.start(napping, "o-2", id="n-1")
+        assert await asyncio.wait_for(handle.result(), 10) == "sent o-2"
+    assert sample("ledgerflow_step_retries_total", step="flaky") == before["retries"] + 1
+    # The timer's wake-up was claimed once it was due (the start ran here unclaimed).
+    assert sample("ledgerflow_claim_delay_seconds_count", kind="workflow") > before["claims"]
+    commits = sample("ledgerflow_commit_seconds_count", backend="sqlite") - before["commits"]
+    appends = sample("ledgerflow_append_seconds_count", backend="sqlite") - before["appends"]
+    batched = sample("ledgerflow_commit_batch_appends_sum", backend="sqlite") - before["batched"]
+    assert commits >= 1
+    assert batched == appends  # each append in exactly one group commit
+    assert commits <= appends
+
+
 @ledgerflow.workflow(name="metered-stuck")
 async def stuck(ctx: ledgerflow.WorkflowContext, order: str) -> str:
     await ctx.wait_for_signal("go")

@@ -17,7 +17,7 @@ from ledgerflow import ManualClock, WorkflowContext
 from ledgerflow.cli import app
 from ledgerflow.workflow.history import StepDone, StepFailed, StepParked, StepRetried
 
-from ._engines import WAIT, EngineFactory, waiting_for
+from ._engines import WAIT, EngineFactory, until_status, waiting_for
 
 calls: Counter[str] = Counter()
 erp = {"healthy": False}
@@ -237,3 +237,41 @@ async def test_the_cli_retries_skips_and_compensates(tmp_path: Path) -> None:
         again = await cli("workflows", "retry", "c-1", "--reason", "again", "--db", url)
         assert again.exit_code == 2
         assert "it is already completed" in again.stderr
+
+
+@lf.workflow(name="op.resumable")
+async def resumable_before(ctx: lf.WorkflowContext, order: str) -> str:
+    await ctx.wait_for_signal("go")
+    return order
+
+
+@lf.workflow(name="op.resumable")
+async def resumable_after(ctx: lf.WorkflowContext, order: str) -> str:
+    await ctx.sleep(0)  # not what its history recorded: it parks as stuck
+    return order
+
+
+async def test_the_cli_resumes_a_stuck_instance(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    async with lf.Engine(url, workflows=[resumable_before]) as e:
+        await e.start(resumable_before, "o-1", id="r-1")
+        await e.start(resumable_before, "o-2", id="r-2")
+        await waiting_for(e, "r-1", "signal 'go'")
+    async with lf.Engine(url, workflows=[resumable_after]) as e:
+        await e.signal("r-1", "go")
+        await until_status(e, "r-1", "stuck")
+    refused = await cli("workflows", "resume", "r-1", "--db", url)
+    assert refused.exit_code == 2
+    assert "--reason is required" in refused.stderr
+    not_stuck = await cli("workflows", "resume", "r-2", "--reason", "x", "--db", url)
+    assert not_stuck.exit_code == 2
+    assert "not stuck" in not_stuck.stderr
+    done = await cli(
+        "workflows", "resume", "r-1", "--reason", "fix out", "--actor", "ana", "--db", url
+    )
+    assert done.exit_code == 0, done.output
+    assert "resumed workflow 'r-1'" in done.stdout
+    async with lf.Engine(url, workflows=[resumable_before]) as e:  # the fixed code
+        assert await e.handle("r-1").result(timeout=WAIT) == "o-1"
+        resumed = [ev for ev in await e.history("r-1") if ev.type == "wf.resumed"]
+    assert [ev.metadata.actor for ev in resumed] == ["ana"]

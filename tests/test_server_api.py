@@ -4,6 +4,7 @@ naming the field, and nothing recorded."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -91,12 +92,16 @@ def test_an_order_is_started_approved_and_read_over_http(api: Api) -> None:
     assert first["type"] == "wf.started"
     assert first["data"]["tenant"] == "acme"
     ops_key = api.keys[("acme", Role.OPERATOR)].split("_")[1]
+    # The trace each was recorded in (the tests run with the OpenTelemetry SDK on).
+    traced = re.compile(r"00-[0-9a-f]{32}-[0-9a-f]{16}-0[0-3]")
+    assert traced.fullmatch(first["metadata"].pop("traceparent"))
     assert first["metadata"] == {
         "actor": f"key:{ops_key}",
         "reason": "customer order",
         "tenant": "acme",
     }
     signal = next(e for e in events if e["type"] == "wf.signal")
+    assert traced.fullmatch(signal["metadata"].pop("traceparent"))
     assert signal["metadata"] == {"actor": f"key:{ops_key}", "reason": "within budget"}
 
     # Starting again with the same id and input is idempotent; another input is not.
@@ -160,6 +165,7 @@ def test_listing_filters_and_pages(api: Api) -> None:
         ("order=random", "query.order"),
         ("created_from=2026-01-01T00:00:00", "query.created_from"),
         ("created_from=yesterday", "query.created_from"),
+        ("created_before=", "query.created_before"),
     ]:
         body = problem(api.get(f"/api/v1/workflows?{query}"), 422)
         assert body["errors"][0]["field"] == field, (query, body)

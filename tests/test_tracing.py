@@ -6,40 +6,20 @@ header), through the fast path and the route alike."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
 from pathlib import Path
+from uuid import UUID
 
 import pytest
-from opentelemetry import trace
-from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import SpanKind, StatusCode
 
 import ledgerflow
+from ledgerflow.events import AlreadyAppended, NewEvent
 from ledgerflow.server import ServerSettings
+from ledgerflow.workflow.history import History, Started
 
 from ._api_app import serve
 from ._engines import waiting_for
-
-EXPORTER = InMemorySpanExporter()
-
-
-class _WhileTesting(SimpleSpanProcessor):
-    """Keeps spans only during this module's tests: the global provider stays for the
-    rest of the run, which must neither fill memory nor pay for recording."""
-
-    active = False
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if self.active:
-            super().on_end(span)
-
-
-_processor = _WhileTesting(EXPORTER)
-_provider = TracerProvider()
-_provider.add_span_processor(_processor)
-trace.set_tracer_provider(_provider)
-tracer = trace.get_tracer("tests")
+from ._spans import named, of_workflow, tracer
 
 
 @ledgerflow.step()
@@ -53,21 +33,7 @@ async def traced(ctx: ledgerflow.WorkflowContext, order: str) -> str:
     return await ctx.step(pack, order)
 
 
-@pytest.fixture(autouse=True)
-def spans() -> Iterator[InMemorySpanExporter]:
-    EXPORTER.clear()
-    _processor.active = True
-    yield EXPORTER
-    _processor.active = False
-    EXPORTER.clear()
-
-
-def of_workflow(workflow_id: str) -> list[ReadableSpan]:
-    return [
-        s
-        for s in EXPORTER.get_finished_spans()
-        if (s.attributes or {}).get("ledgerflow.workflow_id") == workflow_id
-    ]
+pytestmark = pytest.mark.usefixtures("spans")
 
 
 async def test_passes_and_steps_join_the_starting_trace_across_engines(tmp_path: Path) -> None:
@@ -76,21 +42,133 @@ async def test_passes_and_steps_join_the_starting_trace_across_engines(tmp_path:
         with tracer.start_as_current_span("checkout") as root:
             await engine.start(traced, "o-1", id="t-1")
         await waiting_for(engine, "t-1", "signal 'go'")
-    # Another engine (another process, as far as the ledger knows) finishes it.
+    # Another engine (another process, as far as the ledger knows) finishes it,
+    # on a signal sent in another trace (an approval, later).
     async with ledgerflow.Engine(url, workflows=[traced]) as engine:
-        await engine.signal("t-1", "go")
+        with tracer.start_as_current_span("approve") as approval:
+            await engine.signal("t-1", "go")
         assert await asyncio.wait_for(engine.handle("t-1").result(), 10) == "packed o-1"
-    found = of_workflow("t-1")
-    names = {s.name for s in found}
-    assert {"workflow traced", "step pack"} <= names
     trace_id = root.get_span_context().trace_id
-    assert {s.context.trace_id for s in found} == {trace_id}
-    (step,) = [s for s in found if s.name == "step pack"]
-    passes = {s.context.span_id for s in found if s.name == "workflow traced"}
+    found = [s for s in of_workflow("t-1") if s.context.trace_id == trace_id]
+    by_name = {s.name: s for s in found}
+    assert {"start traced", "workflow traced", "step pack", "signal go taken"} <= set(by_name)
+    (start,) = named("start traced")
+    assert start.parent is not None
+    assert start.parent.span_id == root.get_span_context().span_id
+    assert start.kind is SpanKind.PRODUCER
+    passes = [s for s in found if s.name == "workflow traced"]
+    assert len(passes) >= 2  # one per engine at least
+    assert all(p.parent is not None and p.parent.span_id == start.context.span_id for p in passes)
+    step = by_name["step pack"]
     assert step.parent is not None
-    assert step.parent.span_id in passes
-    attributes = dict(step.attributes or {})
-    assert (attributes["ledgerflow.outcome"], attributes["ledgerflow.attempt"]) == ("ok", 1)
+    assert step.parent.span_id in {p.context.span_id for p in passes}
+    assert step.status.status_code is StatusCode.UNSET
+    assert dict(step.attributes or {})["ledgerflow.attempt"] == 1
+    # The signal's sender is in the approval's trace; the pass that took it links to it.
+    (sent,) = named("signal go")
+    assert sent.context.trace_id == approval.get_span_context().trace_id
+    taken = by_name["signal go taken"]
+    assert [link.context.span_id for link in taken.links] == [sent.context.span_id]
+
+
+async def test_every_append_made_in_a_span_records_its_trace(tmp_path: Path) -> None:
+    async with ledgerflow.open_store(f"sqlite:///{tmp_path / 'l.db'}") as store:
+        with tracer.start_as_current_span("command") as command:
+            await store.append("order-1", [NewEvent("placed", {"n": 1}, id=UUID(int=1))])
+        (event,) = await store.read_stream("order-1")
+        context = command.get_span_context()
+        flags = int(context.trace_flags)
+        assert event.metadata.traceparent == (
+            f"00-{context.trace_id:032x}-{context.span_id:016x}-{flags:02x}"
+        )
+        # Retried in another span (a client's retry): the same append, not a conflict.
+        with tracer.start_as_current_span("retry"):
+            again = await store.append("order-1", [NewEvent("placed", {"n": 1}, id=UUID(int=1))])
+        assert isinstance(again, AlreadyAppended)
+        # Outside any span: nothing recorded.
+        await store.append("order-2", [NewEvent("placed", {"n": 2})])
+        (plain,) = await store.read_stream("order-2")
+        assert plain.metadata.traceparent is None
+
+
+@ledgerflow.step()
+def charge(order: str) -> str:
+    raise ValueError(f"card declined for {order}")
+
+
+@ledgerflow.step()
+def reserve(order: str) -> str:
+    return f"R-{order}"
+
+
+@ledgerflow.step()
+def release(order: str) -> None:
+    return None
+
+
+@ledgerflow.workflow(name="traced-saga")
+async def traced_saga(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.sleep(0.01)
+    await ctx.step(reserve, order, compensate=release)
+    return await ctx.step(charge, order, retry=ledgerflow.RetryPolicy(max_attempts=1))
+
+
+async def test_timers_failed_attempts_and_compensations_are_spans(tmp_path: Path) -> None:
+    async with ledgerflow.Engine(f"sqlite:///{tmp_path / 'l.db'}", workflows=[traced_saga]) as e:
+        with tracer.start_as_current_span("checkout") as root:
+            handle = await e.start(traced_saga, "o-2", id="s-1")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await asyncio.wait_for(handle.result(), 10)
+    trace_id = root.get_span_context().trace_id
+    found = {s.name: s for s in of_workflow("s-1")}
+    assert {s.context.trace_id for s in found.values()} == {trace_id}
+    timer = found["timer fired"]
+    assert timer.end_time is not None
+    assert timer.start_time is not None
+    assert timer.end_time >= timer.start_time
+    failed = found["step charge"]
+    assert failed.status.status_code is StatusCode.ERROR
+    assert "card declined for o-2" in (failed.status.description or "")
+    undo = found["compensate reserve"]  # named for the step it undoes
+    assert undo.status.status_code is StatusCode.UNSET
+
+
+@ledgerflow.step(name="erp.book", queue="erp")
+def book(order: str) -> str:
+    return f"booked {order}"
+
+
+@ledgerflow.workflow(name="traced-remote")
+async def traced_remote(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    return await ctx.step(book, order)
+
+
+async def test_a_step_run_by_another_services_worker_is_in_the_workflows_trace(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with (
+        ledgerflow.Engine(url, workflows=[traced_remote]) as orders,
+        ledgerflow.Engine(url, queues=["erp"], steps=[book]),
+    ):
+        with tracer.start_as_current_span("checkout") as root:
+            handle = await orders.start(traced_remote, "o-3", id="r-1")
+        assert await asyncio.wait_for(handle.result(), 10) == "booked o-3"
+    (remote,) = named("step erp.book")
+    assert remote.context.trace_id == root.get_span_context().trace_id
+    assert remote.kind is SpanKind.CONSUMER
+    sender = {s.context.span_id for s in named("workflow traced-remote")}
+    assert remote.parent is not None
+    assert remote.parent.span_id in sender
+
+
+def test_a_history_from_a_snapshot_keeps_its_trace() -> None:
+    history = History("w", Started(name="w", version=1, input=None))
+    history.traceparent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+    history.signal_traces[3] = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b8-01"
+    again = History.from_snapshot(history.snapshot())
+    assert again.traceparent == history.traceparent
+    assert again.signal_traces == history.signal_traces
 
 
 @pytest.mark.parametrize("fast", [True, False])

@@ -348,6 +348,22 @@ def workflows_retry(
     _operated("retrying", workflow_id, done)
 
 
+@workflows_app.command("resume")
+def workflows_resume(
+    workflow_id: IdArgument,
+    reason: ReasonOption = "",
+    actor: ActorOption = None,
+    db: DbOption = DEFAULT_DB,
+) -> None:
+    """Take up a stuck instance again (once code that can replay its history is
+    deployed): a worker runs it from where it stopped."""
+    why = _reason(reason)
+    _call(db, lambda c: c.resume(workflow_id, reason=why, actor=actor))
+    out.print(
+        f"resumed workflow {workflow_id!r}; a worker takes it up", markup=False, highlight=False
+    )
+
+
 @workflows_app.command("skip")
 def workflows_skip(
     workflow_id: IdArgument,
@@ -1513,6 +1529,7 @@ def worker(
             lease=timedelta(seconds=lease),
             poll_interval=poll,
             grace=grace,
+            gauges_every=None if metrics_port is None else 15.0,
         )
     )
 

@@ -16,8 +16,10 @@ import os
 from datetime import UTC, datetime
 from typing import Any
 
+from opentelemetry import trace
+
 from .errors import ConfigurationError
-from .workflow.steps import _current_step
+from .workflow.steps import _current_step, _current_workflow
 
 __all__ = ["JsonFormatter", "configure"]
 
@@ -36,11 +38,20 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "message": record.getMessage(),
         }
+        running = _current_workflow.get()
+        if running is not None:
+            line["workflow_id"] = running[0]
+            if running[1] is not None:
+                line["correlation_id"] = running[1]
         step = _current_step.get()
         if step is not None:
             line.update(
                 workflow_id=step.workflow_id, step=step.name, seq=step.seq, attempt=step.attempt
             )
+        spanned = trace.get_current_span().get_span_context()
+        if spanned.is_valid:
+            line["trace_id"] = f"{spanned.trace_id:032x}"
+            line["span_id"] = f"{spanned.span_id:016x}"
         for key in _CONTEXT:
             value = record.__dict__.get(key)
             if value is not None:

@@ -32,7 +32,7 @@ from typing import Any
 
 from .._waiting import cancel_and_wait
 from ..errors import BusUnavailableError, ConfigurationError
-from .port import Delivery, Handler, Message, Subscription
+from .port import Delivery, Handler, Message, Subscription, deliver
 
 __all__ = ["JetStreamBus"]
 
@@ -304,7 +304,8 @@ class _PullConsumer:
                 headers = dict(msg.headers or {})
                 message = Message(msg.subject, headers.get(MSG_ID, ""), msg.data, headers)
                 try:
-                    await self.handler(Delivery(message, int(msg.metadata.num_delivered)))
+                    delivery = Delivery(message, int(msg.metadata.num_delivered))
+                    await deliver(self.handler, delivery, system="nats")
                 except Exception:  # noqa: BLE001 - delivered again after a pause
                     log.warning("consumer %s: message %s failed", self.durable, message.id)
                     with contextlib.suppress(Exception):

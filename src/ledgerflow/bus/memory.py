@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 
 from .._waiting import cancel_and_wait
-from .port import Delivery, Handler, Message, Subscription, subject_matches
+from .port import Delivery, Handler, Message, Subscription, deliver, subject_matches
 
 __all__ = ["InProcessBus"]
 
@@ -81,7 +81,7 @@ class _Consumer:
                 attempt = 1
                 while True:
                     try:
-                        await self.handler(Delivery(message, attempt))
+                        await deliver(self.handler, Delivery(message, attempt))
                         break
                     except Exception:  # noqa: BLE001 - redelivered, as a broker would
                         log.warning("consumer %s: message %s failed", self.durable, message.id)

@@ -6,6 +6,11 @@ a batch and returns once the broker has them, each stream's messages in their or
 ``subscribe`` delivers a durable consumer's messages to a handler, acknowledged when it
 returns and delivered again when it raises. Adapters: ``InProcessBus`` (tests, one
 process) and ``JetStreamBus`` (NATS JetStream).
+
+Headers carry the W3C trace context (``traceparent``) of the span that sent the
+message (the relay's ``publish <subject>``, or the step that made it): ``deliver``
+runs a handler in a ``process <subject>`` span of that trace, so one order is one
+trace across the services its messages reach.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from typing import Any, Protocol
 
 import msgspec
 
+from .. import tracing
+
 __all__ = [
     "Delivery",
     "EventBus",
@@ -23,6 +30,7 @@ __all__ = [
     "Message",
     "Subscription",
     "decode",
+    "deliver",
     "subject_matches",
 ]
 
@@ -51,11 +59,12 @@ def step_message(subject: str, data: Any, *, key: str = "") -> Message:
     from ..workflow.steps import current_step  # a step's context, when it runs
 
     step = current_step()
+    headers = tracing.inject({"Ledgerflow-Step": step.idempotency_key})
     return Message(
         subject,
         step.idempotency_key,
         msgspec.json.encode(data),
-        {"Ledgerflow-Step": step.idempotency_key},
+        headers,
         key=key or step.idempotency_key.rpartition("/")[0],
     )
 
@@ -72,6 +81,30 @@ class Delivery:
 
 
 Handler = Callable[[Delivery], Awaitable[None]]
+
+_UNTRACED: Mapping[str, str] = {"traceparent": ""}
+"""Headers naming no trace: a message sent outside any span starts a trace of its
+own, rather than joining whatever span was active when the consumer subscribed
+(its task inherited that context)."""
+
+
+async def deliver(handler: Handler, delivery: Delivery, *, system: str | None = None) -> None:
+    """Run ``handler`` on ``delivery`` in a ``process <subject>`` span (a consumer's)
+    of the trace the message's headers carry. What the handler raises is recorded on
+    the span and raised on, for the bus to deliver the message again."""
+    message = delivery.message
+    attributes: dict[str, str | int] = {
+        "messaging.destination.name": message.subject,
+        "messaging.message.id": message.id,
+        "ledgerflow.attempt": delivery.attempt,
+    }
+    if system is not None:
+        attributes["messaging.system"] = system
+    with (
+        tracing.joined(message.headers or _UNTRACED),
+        tracing.span(f"process {message.subject}", attributes, kind=tracing.SpanKind.CONSUMER),
+    ):
+        await handler(delivery)
 
 
 class Subscription(Protocol):

@@ -13,12 +13,19 @@ drops the copies it stored within its duplicate window (JetStream: ``Nats-Msg-Id
 and consumers drop the rest by message id. A broker that is down stops the relay where
 it is; it backs off and catches up once the broker is back, and its lag is that of its
 row (``ledgerflow projections list``).
+
+Each message is published in a ``publish <subject>`` span (a producer's) of the trace
+that recorded its event (``Metadata.traceparent``), linked to the relay's batch span
+and open until the broker holds the batch; its headers carry that span's context, so
+the services that consume it continue the order's trace.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
+import time
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -26,6 +33,7 @@ from typing import TYPE_CHECKING
 
 import msgspec
 
+from .. import metrics, tracing
 from ..errors import ConfigurationError, ProjectionLeaseLostError
 from ..events import RecordedEvent
 from ..hashing import to_micros
@@ -133,19 +141,26 @@ class Relay(ProjectionRunner):
         self.routes = list(routes)
         self.name = name
 
-    def _message(self, event: RecordedEvent) -> Message | None:
+    def _route(self, event: RecordedEvent) -> Route | None:
         for route in self.routes:
             if route.matches(event):
-                return Message(
-                    route.subject_for(event),
-                    str(event.id),
-                    envelope(event),
-                    {"Ledgerflow-Stream": event.stream_id, "Ledgerflow-Type": event.type},
-                    key=event.stream_id,
-                )
+                return route
         return None
 
+    def _message(self, event: RecordedEvent) -> Message | None:
+        route = self._route(event)
+        return None if route is None else self._on(event, route.subject_for(event))
+
+    def _on(self, event: RecordedEvent, subject: str) -> Message:
+        """The message of ``event`` on ``subject``, carrying the active span's trace
+        context."""
+        headers = {"Ledgerflow-Stream": event.stream_id, "Ledgerflow-Type": event.type}
+        return Message(
+            subject, str(event.id), envelope(event), tracing.inject(headers), key=event.stream_id
+        )
+
     async def _batch(self, projection: Projection, lease: ProjectionLease) -> tuple[int, bool]:
+        began = time.perf_counter()
         row = await self.store.projection_row(projection.name)
         if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
@@ -153,23 +168,65 @@ class Relay(ProjectionRunner):
         events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
         if not events:
             return 0, False
-        messages = [m for m in (self._message(e) for e in events) if m is not None]
-        if messages:
-            duplicates = await self.bus.publish(messages)  # BusUnavailableError: retried
-            if any(duplicates):
-                log.info(
-                    "relay %s: %d of %d messages were published before (a retry)",
-                    self.name,
-                    sum(duplicates),
-                    len(messages),
+        with self._spanned(projection, events, began) as span:
+            published = await self._publish(events)
+            span.set_attribute("ledgerflow.messages", published)
+            await self.store.project(
+                lease,
+                {},
+                from_position=position,
+                to_position=events[-1].position,
+                event_at_us=to_micros(events[-1].recorded_at),
+                writes=[],
+                now_us=self._now_us(),
+            )
+        return published, len(events) == self.batch_size
+
+    async def _publish(self, events: Sequence[RecordedEvent]) -> int:
+        """Publish the messages of the ``events`` the routes select; how many."""
+        routed = [(event, route) for event in events if (route := self._route(event)) is not None]
+        if not routed:
+            return 0
+        # An event recorded outside any span is published in the batch's trace.
+        batch = tracing.current_traceparent()
+        found = tracing.link(batch)
+        links = () if found is None else (found,)
+        messages: list[Message] = []
+        with contextlib.ExitStack() as spans:
+            # Each span stays open (entered, not yet left) until the whole batch is
+            # published: its duration is the publish's, and a failure marks them all.
+            publishing = []
+            for event, route in routed:
+                subject = route.subject_for(event)
+                spans.enter_context(tracing.joined(event.metadata.traceparent or batch))
+                publishing.append(
+                    spans.enter_context(
+                        tracing.span(
+                            f"publish {subject}",
+                            {
+                                "messaging.destination.name": subject,
+                                "ledgerflow.event_id": str(event.id),
+                                "ledgerflow.stream": event.stream_id,
+                            },
+                            kind=tracing.SpanKind.PRODUCER,
+                            links=links,
+                        )
+                    )
                 )
-        await self.store.project(
-            lease,
-            {},
-            from_position=position,
-            to_position=events[-1].position,
-            event_at_us=to_micros(events[-1].recorded_at),
-            writes=[],
-            now_us=self._now_us(),
-        )
-        return len(messages), len(events) == self.batch_size
+                messages.append(self._on(event, subject))
+            # What the bus does meanwhile (a task its new connection starts copies
+            # the context) is the batch's work, not the last message's.
+            with tracing.joined(batch):
+                duplicates = await self.bus.publish(messages)  # BusUnavailableError: retried
+            for span, duplicate in zip(publishing, duplicates, strict=True):
+                if duplicate:
+                    span.set_attribute("ledgerflow.duplicate", True)
+        if any(duplicates):
+            log.info(
+                "relay %s: %d of %d messages were published before (a retry)",
+                self.name,
+                sum(duplicates),
+                len(messages),
+            )
+        metrics.relayed(self.name, len(messages))
+        return len(messages)

@@ -11,6 +11,10 @@ projection until an operator retries or skips it (``ledgerflow projections retry
 A lease renewed too late, or a checkpoint moved under the runner (an operator's skip),
 makes it step back and read its row again; a dead runner's lease expires and another
 takes over from the committed checkpoint.
+
+Each batch that read events is a ``projection <name>`` span (in no event's trace: a
+batch mixes the events of many) and an observation of the batch metrics; an idle
+poll is neither, so following a quiet log costs nothing more.
 """
 
 from __future__ import annotations
@@ -22,10 +26,11 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
+from .. import metrics, tracing
 from .._waiting import cancel_and_wait, wait_at_most
 from ..errors import (
     BusUnavailableError,
@@ -41,6 +46,9 @@ from .state import ProjectionFailure, ProjectionLease
 from .view import View
 
 if TYPE_CHECKING:
+    from opentelemetry.trace import Span
+
+    from ..events import RecordedEvent
     from ..store import WorkflowStore
 
 __all__ = ["ProjectionRunner"]
@@ -205,8 +213,29 @@ class ProjectionRunner:
         if not await self.store.renew_projection(lease, until_us=now + self.lease_us):
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
 
+    @contextlib.contextmanager
+    def _spanned(
+        self, projection: Projection, events: Sequence[RecordedEvent], began: float
+    ) -> Iterator[Span]:
+        """The span of a batch that read ``events`` (opened once they are read: an
+        idle poll makes none), and its metrics from ``began`` (``perf_counter``),
+        recorded when it succeeds."""
+        name = projection.name
+        with tracing.span(
+            f"projection {name}",
+            {
+                "ledgerflow.projection": name,
+                "ledgerflow.events": len(events),
+                "ledgerflow.from_position": events[0].position,
+                "ledgerflow.to_position": events[-1].position,
+            },
+        ) as span:
+            yield span
+        metrics.projection_batch(name, len(events), time.perf_counter() - began)
+
     async def _batch(self, projection: Projection, lease: ProjectionLease) -> tuple[int, bool]:
         """One batch: the events applied, and whether more may be waiting."""
+        began = time.perf_counter()
         row = await self.store.projection_row(projection.name)
         if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
@@ -237,6 +266,25 @@ class ProjectionRunner:
                 await self._finish(projection, lease, generation, position)
                 return 0, True
             return 0, False
+        with self._spanned(projection, events, began) as span:
+            if rebuilding:
+                span.set_attribute("ledgerflow.rebuild_generation", generation)
+            return await self._apply(
+                projection, lease, events, span, position, generation, rebuilding
+            )
+
+    async def _apply(
+        self,
+        projection: Projection,
+        lease: ProjectionLease,
+        events: Sequence[RecordedEvent],
+        span: Span,
+        position: int,
+        generation: int,
+        rebuilding: bool,
+    ) -> tuple[int, bool]:
+        """Apply ``events`` (read after ``position``) to ``generation`` and commit
+        the checkpoint; as ``_batch`` answers."""
 
         async def read(table: str, key: Any) -> dict[str, Any] | None:
             # The generation being written (a rebuild's, not the live one).
@@ -273,7 +321,12 @@ class ProjectionRunner:
                 generation=generation,
                 rebuild=rebuilding,
             )
+        span.set_attribute("ledgerflow.applied", applied)
         if failure is not None:
+            # Handled, not raised (the projection stops there until an operator
+            # acts), so the span is marked failed by hand.
+            span.set_attribute("ledgerflow.failed_position", failure.position)
+            tracing.fail(span, failure.error_type, failure.message)
             await self.store.fail_projection(lease, failure, now_us=now)
             log.error(
                 "projection %s stopped at position %d (%s %s): %s: %s; retry or skip it",

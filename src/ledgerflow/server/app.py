@@ -27,6 +27,7 @@ from litestar.types import (
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from .._version import running_version
+from ..gauges import StoreGauges
 from ..workflow.client import WorkflowClient
 from .api import api_router, health_routes
 from .asgi import SlashSafe
@@ -59,6 +60,9 @@ class ServerSettings:
     fast_start: bool = True
     """Answer plain ``POST /api/v1/workflows`` requests without the framework's
     per-request machinery (``fast.FastStart``); off only to compare the two."""
+    gauges_every: float | None = 15.0
+    """Seconds between reads of the store's gauges served at ``/metrics`` (queue
+    depth, breakers, lag: ``ledgerflow.gauges``); None: not read."""
 
 
 def create_app(
@@ -102,10 +106,20 @@ def create_app(
                 ],
             )
 
+    gauges = (
+        None
+        if settings.gauges_every is None
+        else StoreGauges(client.store, every=settings.gauges_every)
+    )
+
     async def opening() -> None:
         await client.open()
+        if gauges is not None:
+            gauges.start()
 
     async def closing() -> None:
+        if gauges is not None:
+            await gauges.stop()
         await client.close()
 
     @get("/metrics", include_in_schema=False, media_type=CONTENT_TYPE_LATEST)

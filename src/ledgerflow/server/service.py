@@ -49,8 +49,10 @@ _RFC3339 = re.compile(r"\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}:\d{2}(\.\d{1,6})?([Zz]
 
 def parse_moment(value: str | None, field: str) -> datetime | None:
     """An RFC 3339 time with its offset (what ``format: date-time`` means)."""
-    if value is None or value == "":
+    if value is None:
         return None
+    # An empty value is no time (schemathesis sent ?created_before= and got every
+    # instance back, as if no filter had been given).
     if not _RFC3339.fullmatch(value):
         raise invalid(field, "expected an RFC 3339 time with offset, e.g. 2026-12-01T10:00:00Z")
     try:

@@ -17,7 +17,7 @@ from uuid import UUID
 import msgspec
 from uuid_utils.compat import uuid7
 
-from .. import metrics, personal
+from .. import metrics, personal, tracing
 from .._waiting import wait_at_most
 from ..errors import (
     DuplicateEventError,
@@ -199,6 +199,18 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
             request = AppendRequest(stream_id, (), expected_version, writes, fence)
         else:
             sealer = await self._sealer(events) if personal.declared() else None
+            if metadata is None or (
+                isinstance(metadata, Metadata) and metadata.traceparent is None
+            ):
+                # Recorded in the trace it was made in (a workflow's pass, an HTTP
+                # request): the relay carries it on to the messages it publishes.
+                traceparent = tracing.current_traceparent()
+                if traceparent is not None:
+                    metadata = (
+                        Metadata(traceparent=traceparent)
+                        if metadata is None
+                        else msgspec.structs.replace(metadata, traceparent=traceparent)
+                    )
             request = self._prepare(stream_id, events, expected_version, metadata, sealer)
             if writes or fence is not None:
                 request = AppendRequest(
@@ -380,8 +392,10 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     async def _commit(self, batch: list[Pending]) -> None:
         requests = [p.request for p in batch]
         outcomes: list[AppendResult | LedgerflowError]
+        began = time.perf_counter()
         try:
             outcomes = list(await self._write_batch(requests, to_micros(self._clock())))
+            metrics.commit(self.backend, len(requests), time.perf_counter() - began)
         except LedgerflowError as error:
             outcomes = [error] * len(batch)
         except Exception as error:  # an adapter bug must not strand the callers

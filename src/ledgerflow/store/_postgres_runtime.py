@@ -70,7 +70,9 @@ class PostgresRuntime(abc.ABC):
         # owner, and the fence (owner and epoch) refuses the first claimer's appends.
         rows = await self._fetch("claim wake-ups", sql, params, flushed=False)
         # RETURNING follows no order; COLLATE "C" order is Python's str order.
-        return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
+        return [
+            Lease(wid, epoch, due) for wid, due, epoch in sorted(rows, key=lambda r: (r[1], r[0]))
+        ]
 
     async def database_now_us(self) -> int:
         self._check_open()
@@ -178,3 +180,11 @@ class PostgresRuntime(abc.ABC):
         sql = self._sql.list_instances.format(where=where, order=order)
         rows = await self._fetch("list instances", sql, (*params, limit))
         return [InstanceRow(*r) for r in rows]
+
+    async def _count_instances(self, statuses: list[str]) -> dict[str, int]:
+        sql = (
+            f"SELECT status, count(*) FROM {self._sql.s}.workflows "
+            "WHERE status = ANY(%s) GROUP BY status"
+        )
+        rows = await self._fetch("count instances", sql, (statuses,))
+        return {status: int(n) for status, n in rows}

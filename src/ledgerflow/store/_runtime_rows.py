@@ -114,6 +114,17 @@ class RuntimeRows(abc.ABC):
         query = _check_query(query or InstanceQuery(), status)
         return await self._list_instances(query, after, limit)
 
+    async def count_instances(self, statuses: Sequence[str]) -> dict[str, int]:
+        """How many instances have each of ``statuses`` (every one named, 0 if
+        none): an index range per status, so meant for the few instances not ended
+        (what metrics report), not for counting all that ever ran."""
+        self._check_open()
+        wanted = list(dict.fromkeys(statuses))
+        if not all(isinstance(s, str) and s for s in wanted):
+            raise ValueError(f"statuses must be non-empty strings, not {statuses!r}")
+        found = await self._count_instances(wanted) if wanted else {}
+        return {status: found.get(status, 0) for status in wanted}
+
     # -- the registry of workers -------------------------------------------------------
 
     async def register_worker(self, info: WorkerRow) -> None:
@@ -190,6 +201,9 @@ class RuntimeRows(abc.ABC):
     async def _list_instances(
         self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]: ...
+
+    @abc.abstractmethod
+    async def _count_instances(self, statuses: list[str]) -> dict[str, int]: ...
 
     @abc.abstractmethod
     async def _register_worker(self, row: WorkerRow) -> None: ...

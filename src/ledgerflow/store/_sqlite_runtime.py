@@ -61,7 +61,9 @@ class SQLiteRuntime(abc.ABC):
         sql = _CLAIM.format(of_kinds="1" if workflows is None else _OF_KINDS)
         params = (owner, lease_until_us, now_us, now_us, *kinds, limit)
         rows = await self._write(sql, params)
-        return [Lease(wid, epoch) for wid, _, epoch in sorted(rows, key=lambda r: (r[1], r[0]))]
+        return [
+            Lease(wid, epoch, due) for wid, due, epoch in sorted(rows, key=lambda r: (r[1], r[0]))
+        ]
 
     async def _renew_leases(
         self, owner: str, leases: list[Lease], lease_until_us: int
@@ -234,3 +236,11 @@ class SQLiteRuntime(abc.ABC):
             (*params, limit),
         )
         return [InstanceRow(*r) for r in rows]
+
+    async def _count_instances(self, statuses: list[str]) -> dict[str, int]:
+        marks = ",".join("?" * len(statuses))
+        rows = await self._read(
+            f"SELECT status, count(*) FROM workflows WHERE status IN ({marks}) GROUP BY status",
+            tuple(statuses),
+        )
+        return {status: int(n) for status, n in rows}

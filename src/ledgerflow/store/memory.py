@@ -193,7 +193,7 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
             self._wakeups[w.workflow_id] = WakeupRow(
                 w.workflow_id, w.due_at_us, owner, lease_until_us, w.lease_epoch + 1
             )
-        return [Lease(w.workflow_id, w.lease_epoch + 1) for w in due]
+        return [Lease(w.workflow_id, w.lease_epoch + 1, w.due_at_us) for w in due]
 
     async def _renew_leases(
         self, owner: str, leases: list[Lease], lease_until_us: int
@@ -477,6 +477,13 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
 
     async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
         return self._instances.get(workflow_id)
+
+    async def _count_instances(self, statuses: list[str]) -> dict[str, int]:
+        counted: dict[str, int] = {}
+        for row in self._instances.values():
+            if row.status in statuses:
+                counted[row.status] = counted.get(row.status, 0) + 1
+        return counted
 
     async def _list_instances(
         self, query: InstanceQuery, after: str | None, limit: int

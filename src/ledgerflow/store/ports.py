@@ -310,6 +310,11 @@ class WorkflowStore(EventStore, Protocol):
         instance ``after`` (the last of the page before), filtered by ``query``."""
         ...
 
+    async def count_instances(self, statuses: Sequence[str]) -> dict[str, int]:
+        """How many instances have each of ``statuses`` (0 for none): for the few
+        not ended, as metrics report them."""
+        ...
+
     async def register_worker(self, info: WorkerRow) -> None:
         """Record a running worker, or replace its row (a worker judged dead that
         comes back registers again)."""

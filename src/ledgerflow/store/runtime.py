@@ -41,7 +41,7 @@ never disagree with the history it indexes.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeAlias
 
 __all__ = [
@@ -239,6 +239,8 @@ class Lease:
 
     workflow_id: str
     epoch: int
+    due_at_us: int | None = field(default=None, compare=False)
+    """When it was due, as claimed (how late the claim was); not part of its identity."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from urllib.parse import quote
 from uuid import UUID
 
+from .. import metrics
 from ..errors import (
     ConfigurationError,
     LedgerflowError,
@@ -275,9 +276,14 @@ class SQLiteEventStore(
     def _commit_sync(
         self, batch: list[Pending], *, wait: bool = True
     ) -> list[AppendResult | LedgerflowError]:
+        began = time.perf_counter()
         try:
             requests = [p.request for p in batch]
-            return list(self._write_sync(requests, to_micros(self._clock()), wait=wait))
+            written: list[AppendResult | LedgerflowError] = list(
+                self._write_sync(requests, to_micros(self._clock()), wait=wait)
+            )
+            metrics.commit(self.backend, len(requests), time.perf_counter() - began)
+            return written
         except _Busy:
             raise
         except sqlite3.Error as exc:

@@ -228,6 +228,7 @@ class WorkflowClient(Operations, MachineClient):
         tenant: str | None = None,
         actor: str | None = None,
         reason: str | None = None,
+        correlation_id: str | None = None,
     ) -> WorkflowHandle[O]: ...
     @overload
     async def start(
@@ -239,6 +240,7 @@ class WorkflowClient(Operations, MachineClient):
         tenant: str | None = None,
         actor: str | None = None,
         reason: str | None = None,
+        correlation_id: str | None = None,
     ) -> WorkflowHandle[MachineOutcome]: ...
     @overload
     async def start(
@@ -250,6 +252,7 @@ class WorkflowClient(Operations, MachineClient):
         tenant: str | None = None,
         actor: str | None = None,
         reason: str | None = None,
+        correlation_id: str | None = None,
     ) -> WorkflowHandle[Any]: ...
     async def start(
         self,
@@ -260,6 +263,7 @@ class WorkflowClient(Operations, MachineClient):
         tenant: str | None = None,
         actor: str | None = None,
         reason: str | None = None,
+        correlation_id: str | None = None,
     ) -> WorkflowHandle[Any]:
         """Start an instance, or return the handle of the one with this ``id``.
 
@@ -268,11 +272,18 @@ class WorkflowClient(Operations, MachineClient):
         return the existing instance; another workflow or input under the same id
         raises ``WorkflowAlreadyStartedError``. Without ``id`` a random one is used.
         With ``tenant`` the instance (and its children) is in that tenant's
-        namespace: its id is ``<tenant>/<id>``. ``actor`` and ``reason`` are
-        recorded with the start (the metadata of its first event).
+        namespace: its id is ``<tenant>/<id>``. ``actor``, ``reason`` and
+        ``correlation_id`` are recorded with the start (the metadata of its first
+        event); the instance's JSON log lines carry the correlation id.
         """
         handle, _ = await self._begin(
-            workflow, input, id=id, tenant=tenant, actor=actor, reason=reason
+            workflow,
+            input,
+            id=id,
+            tenant=tenant,
+            actor=actor,
+            reason=reason,
+            correlation_id=correlation_id,
         )
         return handle
 
@@ -285,6 +296,7 @@ class WorkflowClient(Operations, MachineClient):
         tenant: str | None = None,
         actor: str | None = None,
         reason: str | None = None,
+        correlation_id: str | None = None,
     ) -> tuple[WorkflowHandle[Any], bool]:
         """``start``, and whether this call started the instance (False: it was
         started before, the same way), for callers that answer differently."""
@@ -293,8 +305,10 @@ class WorkflowClient(Operations, MachineClient):
         if tenant is not None:
             workflow_id = f"{check_tenant(tenant, definition.name)}/{workflow_id}"
         metadata = None
-        if actor is not None or reason is not None or tenant is not None:
-            metadata = Metadata(actor=actor, reason=reason, tenant=tenant)
+        if actor is not None or reason is not None or tenant is not None or correlation_id:
+            metadata = Metadata(
+                actor=actor, reason=reason, tenant=tenant, correlation_id=correlation_id
+            )
         created = await self._start(
             definition, input, workflow_id, None, tenant=tenant, metadata=metadata
         )
@@ -320,12 +334,15 @@ class WorkflowClient(Operations, MachineClient):
                 f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
             )
         encoded = _check_input(definition, given)
-        traceparent = tracing.current_traceparent()
-        if traceparent is not None and (metadata is None or metadata.traceparent is None):
-            # The caller's trace: every pass and step of the instance joins it.
-            metadata = msgspec.structs.replace(metadata or Metadata(), traceparent=traceparent)
         now = self._now_us()
         local = self._reserve_slot()
+        # In the caller's trace (the store records the start span's context with
+        # Started): every pass and step of the instance joins it, in any process.
+        starting = tracing.span(
+            f"start {definition.name}",
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={"ledgerflow.workflow_id": workflow_id},
+        )
         try:
             started = Started(
                 name=definition.name,
@@ -334,7 +351,8 @@ class WorkflowClient(Operations, MachineClient):
                 parent_id=parent_id,
                 tenant=tenant,
             )
-            created = await self._record_start(workflow_id, started, metadata, now, local)
+            with starting:
+                created = await self._record_start(workflow_id, started, metadata, now, local)
             if created:
                 metrics.workflow_started(definition.name)
             return created
@@ -382,6 +400,14 @@ class WorkflowClient(Operations, MachineClient):
             # The first pass replays what we just wrote: no need to read it back.
             history = History(workflow_id, started)
             history.add(1, started)
+            # What the store recorded with Started (given, or stamped from the
+            # start's span): later passes from this cache join the same trace.
+            history.traceparent = (
+                metadata.traceparent
+                if metadata is not None and metadata.traceparent
+                else tracing.current_traceparent()
+            )
+            history.correlation_id = None if metadata is None else metadata.correlation_id
             self._run_here(history)
         else:
             self._poke()
@@ -512,13 +538,20 @@ class WorkflowClient(Operations, MachineClient):
         metadata = None
         if actor is not None or reason is not None:
             metadata = Metadata(actor=actor, reason=reason)
-        await self._send(
-            workflow_id,
-            SignalSent(name=name, payload=encoded),
-            "signal",
-            metadata,
-            event_id=event_id,
-        )
+        # The sender's span: recorded with the signal (the store stamps it), linked
+        # from the span of the pass that takes it.
+        with tracing.span(
+            f"signal {name}",
+            kind=tracing.SpanKind.PRODUCER,
+            attributes={"ledgerflow.workflow_id": workflow_id},
+        ):
+            await self._send(
+                workflow_id,
+                SignalSent(name=name, payload=encoded),
+                "signal",
+                metadata,
+                event_id=event_id,
+            )
 
     async def cancel(
         self, workflow_id: str, reason: str | None = None, *, actor: str | None = None

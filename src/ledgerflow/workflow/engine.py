@@ -72,6 +72,7 @@ from .host import Abandon, EngineHost, Park, PassResult, Relinquish, Restart
 from .journal import Journal
 from .membership import Membership
 from .step_threads import StepThreads
+from .steps import _current_workflow
 from .tasks import StepRegistry, TaskRunner
 
 __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
@@ -427,6 +428,8 @@ class Engine(WorkflowClient):
             )
         finally:
             self._held_slots -= free
+        if leases:
+            metrics.claimed("workflow", [now - (lease.due_at_us or now) for lease in leases])
         for lease in leases:
             self._fences[lease.workflow_id] = Fence(lease.workflow_id, self.owner, lease.epoch)
             if lease.workflow_id in self._active:
@@ -552,6 +555,8 @@ class Engine(WorkflowClient):
                     continue
                 except (LeaseLostError, Relinquish) as exc:
                     # Another runner holds the instance now: nothing more from us.
+                    if isinstance(exc, LeaseLostError):
+                        metrics.lease_lost("workflow")
                     log.warning(
                         "workflow %s: stepping back: %s",
                         workflow_id,
@@ -591,12 +596,14 @@ class Engine(WorkflowClient):
     async def _pass_over(self, history: History) -> bool:
         began = time.perf_counter()
         started = history.started
+        token = _current_workflow.set((history.workflow_id, history.correlation_id))
         try:
             with (
                 tracing.joined(history.traceparent),
                 tracing.span(
                     f"workflow {started.name}",
-                    **{
+                    kind=tracing.SpanKind.CONSUMER,
+                    attributes={
                         "ledgerflow.workflow_id": history.workflow_id,
                         "ledgerflow.workflow": started.name,
                         "ledgerflow.version": history.definition_version,
@@ -605,6 +612,7 @@ class Engine(WorkflowClient):
             ):
                 return await self._pass_over_timed(history)
         finally:
+            _current_workflow.reset(token)
             metrics.pass_seconds(started.name, time.perf_counter() - began)
 
     async def _pass_over_timed(self, history: History) -> bool:

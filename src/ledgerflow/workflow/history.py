@@ -468,6 +468,11 @@ class History:
     machine's fold up to date with it)."""
     traceparent: str | None = None
     """The trace of the call that started it (``ledgerflow.tracing``)."""
+    correlation_id: str | None = None
+    """The correlation id it was started with (its logs carry it)."""
+    signal_traces: dict[int, str] = field(default_factory=dict)
+    """The trace of each signal's sender, by the signal's version: the pass that
+    takes it links to it."""
     personal: bool = False
     """It holds personal data (``ledgerflow.personal``): never kept in a cache, so
     that an erasure reaches the next pass."""
@@ -478,6 +483,7 @@ class History:
             raise ValueError(f"stream of workflow {workflow_id!r} does not begin with Started")
         history = cls(workflow_id, events[0].data)
         history.traceparent = events[0].metadata.traceparent
+        history.correlation_id = events[0].metadata.correlation_id
         history.extend(events)
         return history
 
@@ -493,6 +499,8 @@ class History:
                 continue
             self.personal = self.personal or event.sealed
             self.add(event.version, event.data)
+            if isinstance(event.data, SignalSent) and event.metadata.traceparent:
+                self.signal_traces[event.version] = event.metadata.traceparent
 
     def add(self, version: int, data: Any) -> None:
         self.version = version
@@ -540,6 +548,11 @@ class History:
                 "children": list(self.children.values()),
                 "finished": self.finished,
                 "stuck": self.stuck,
+                "traceparent": self.traceparent,
+                "correlation_id": self.correlation_id,
+                "signal_traces": [
+                    [v, t] for v, t in self.signal_traces.items() if v not in self.taken
+                ],
             }
         )
 
@@ -565,6 +578,10 @@ class History:
         history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
         history.version = raw["version"]
         history.events = raw["events"]
+        # Snapshots written before traces were kept have neither.
+        history.traceparent = raw.get("traceparent")
+        history.correlation_id = raw.get("correlation_id")
+        history.signal_traces = dict(raw.get("signal_traces", ()))
         return history
 
     def from_outside(self, data: Any) -> bool:

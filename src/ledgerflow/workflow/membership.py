@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Callable, Collection
 
+from .. import metrics
 from .._version import running_version
 from ..errors import LedgerflowError, StoreError
 from ..store import WorkflowStore
@@ -124,6 +125,7 @@ class Membership:
         except StoreError as exc:
             log.warning("ledgerflow engine: cannot reap dead workers (%s)", exc)
             return []
+        metrics.workers_reaped(len(reaped))
         for worker_id in reaped:
             log.warning(
                 "ledgerflow engine %s: worker %s missed its heartbeat for longer than its "

@@ -41,6 +41,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import metrics
 from ..errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -319,6 +320,7 @@ class _Pass(Waits, Saga):
             except (StoreUnavailableError, StoreClosedError) as exc:
                 raise self._raise(Abandon(exc)) from exc
             except LeaseLostError as exc:
+                metrics.lease_lost("workflow")
                 raise self._raise(Relinquish(exc)) from exc
             except EventError as exc:  # an event the engine built does not fit the store
                 error = UnrecordableValueError(
@@ -539,6 +541,7 @@ class _Pass(Waits, Saga):
                     ],
                     writes,
                 )
+                metrics.step_retry(name)
                 await self._settle_guards(found, admission, value)
             finally:
                 release()

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import metrics
 from ..resilience.retrying import jitter_source
 from ..store.runtime import PutTask, RuntimeWrite, TaskRow
 from .codec import to_builtins
@@ -155,10 +156,11 @@ class Saga:
         await self.record([])
         policy = DEFAULT_COMPENSATION_RETRY
         attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
-        name = f"compensate {comp.name}"
         while True:
             await self.attempts.outlive(seq)
-            ok, value, release = await self.attempts.run(seq, name, call, comp.args, attempt)
+            ok, value, release = await self.attempts.run(
+                seq, comp.name, call, comp.args, attempt, kind="compensation"
+            )
             release()
             if ok:
                 await self.record(
@@ -191,6 +193,7 @@ class Saga:
                     )
                 ]
             )
+            metrics.step_retry(f"compensate {comp.name}")
             await asyncio.sleep(
                 policy.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
             )

@@ -19,7 +19,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar, TypeVarTuple
+from typing import Any, Literal, Protocol, TypeVar, TypeVarTuple
 
 from .. import metrics, tracing
 from ..errors import StepCancelledError, StepTimeoutError
@@ -108,6 +108,11 @@ class StepInfo:
 _current_step: contextvars.ContextVar[StepInfo | None] = contextvars.ContextVar(
     "ledgerflow_current_step", default=None
 )
+_current_workflow: contextvars.ContextVar[tuple[str, str | None] | None] = contextvars.ContextVar(
+    "ledgerflow_current_workflow", default=None
+)
+"""The instance a pass runs over and its correlation id: what log records written
+during the pass (by the engine or by step code) are tied to."""
 
 
 def current_step() -> StepInfo:
@@ -215,6 +220,9 @@ class Attempts:
         args: tuple[Any, ...],
         attempt: int,
         limits: Limits = NO_LIMITS,
+        *,
+        kind: Literal["step", "compensation"] = "step",
+        remote: bool = False,
     ) -> tuple[bool, Any, Callable[[], None]]:
         """One attempt: (succeeded, value or error, release). A sync attempt keeps
         its slot of the step threads until ``release`` is called, after its result
@@ -224,23 +232,32 @@ class Attempts:
         watched = limits.timeout is not None or limits.heartbeat is not None
         flag = threading.Event() if watched else _NEVER
         beat = _Beat() if limits.heartbeat is not None else _NO_BEAT
-        info = StepInfo(self.workflow_id, seq, name, attempt, flag, beat)
+        # A compensation is named for what it undoes: "compensate release_stock", in
+        # its span, its metrics and the step context its code sees.
+        label = name if kind == "step" else f"compensate {name}"
+        info = StepInfo(self.workflow_id, seq, label, attempt, flag, beat)
         token = _current_step.set(info)
         began = time.perf_counter()
         outcome: tuple[bool, Any, Callable[[], None]] = (False, None, nothing)
-        attributes = {
+        attributes: dict[str, str | int] = {
             "ledgerflow.workflow_id": self.workflow_id,
             "ledgerflow.seq": seq,
             "ledgerflow.attempt": attempt,
         }
         try:
-            with tracing.span(f"step {name}", **attributes) as span:
+            with tracing.span(
+                f"step {name}" if kind == "step" else label,
+                kind=tracing.SpanKind.CONSUMER if remote else tracing.SpanKind.INTERNAL,
+                attributes=attributes,
+            ) as span:
                 outcome = await self._attempt(info, fn, args, limits)
-                span.set_attribute("ledgerflow.outcome", "ok" if outcome[0] else "error")
+                if not outcome[0]:
+                    error = outcome[1]
+                    tracing.fail(span, type(error).__name__, str(error))
             return outcome
         finally:
             _current_step.reset(token)
-            metrics.step_attempt(name, outcome[0], time.perf_counter() - began)
+            metrics.step_attempt(label, outcome[0], time.perf_counter() - began)
 
     async def _attempt(
         self, info: StepInfo, fn: Callable[..., Any], args: tuple[Any, ...], limits: Limits

@@ -33,7 +33,7 @@ from typing import Any
 
 import msgspec
 
-from .. import personal
+from .. import metrics, personal, tracing
 from .._waiting import cancel_and_wait
 from ..errors import (
     BulkheadFullError,
@@ -134,6 +134,9 @@ class TaskPayload(msgspec.Struct, frozen=True):
     """The named policy the step runs under, resolved by the worker at each attempt."""
     code_retry: bool = True
     """Whether ``retry`` was given in code (it then wins over the policy's)."""
+    traceparent: str | None = None
+    """The trace of the pass that sent it: the worker's attempts join it, so a step
+    run by another service is part of its workflow's trace."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -152,7 +155,15 @@ def task_payload(
     code_retry: bool = True,
 ) -> str:
     payload = TaskPayload(
-        command, args, kwargs, RemoteRetry.of(retry), timeout, step_seq, policy, code_retry
+        command,
+        args,
+        kwargs,
+        RemoteRetry.of(retry),
+        timeout,
+        step_seq,
+        policy,
+        code_retry,
+        tracing.current_traceparent(),
     )
     return _encode(payload).decode()
 
@@ -356,6 +367,8 @@ class TaskRunner:
                         limit=free,
                     )
                     failures = 0
+                    if claimed:
+                        metrics.claimed("task", [now - row.due_at_us for row in claimed])
                 except (StoreUnavailableError, StoreClosedError) as exc:
                     if self._stopping():
                         return
@@ -475,9 +488,17 @@ class TaskRunner:
             ok, value, release = False, refusal, nothing
         else:
             attempts = Attempts(row.workflow_id, self.threads)
-            ok, value, release = await attempts.run(
-                row.seq, payload.command, call, args, row.attempt, limits
-            )
+            with tracing.joined(payload.traceparent):
+                ok, value, release = await attempts.run(
+                    row.seq,
+                    payload.command,
+                    call,
+                    args,
+                    row.attempt,
+                    limits,
+                    kind="compensation" if row.kind == "compensation" else "step",
+                    remote=True,
+                )
         writes: tuple[RuntimeWrite, ...] = ()
         if admission is not None and self.guards is not None:
             writes = self.guards.outcome_writes(admission, None if ok else value)
@@ -512,6 +533,7 @@ class TaskRunner:
                     row.attempt, jitter_source(row.workflow_id, row.seq, row.attempt)
                 )
                 failed = self._attempt_failed(row, payload, error_type, message)
+                metrics.step_retry(payload.command)
                 due = self._now_us() + int(delay * 1_000_000)
                 await self._record(row, fence, [failed], [RetryTask(row.task_id, due)])
                 return
@@ -604,6 +626,7 @@ class TaskRunner:
                 policy_version=rules.policy_version,
                 refused=refused,
             )
+            metrics.step_retry(payload.command)
             await self._record(
                 row, fence, [failed], [RetryTask(row.task_id, at, refund=refused), *writes]
             )
@@ -747,6 +770,7 @@ class TaskRunner:
                 )
                 return
             except LeaseLostError as exc:
+                metrics.lease_lost("task")
                 log.warning("task %s: not recorded: %s", row.task_id, exc)
                 return
             except (StoreUnavailableError, StoreClosedError) as exc:

@@ -6,10 +6,12 @@ readable."""
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from .. import tracing
 from ..errors import ChildWorkflowError
 from ..hashing import from_micros
 from ..store.runtime import RuntimeWrite
@@ -86,6 +88,15 @@ class Waits:
         if now >= due:
             with self.acting:
                 await self.record([*started, TimerFired(seq=seq, name="sleep")])
+            # Its span lasts from when it was due to when it fired: how late it was
+            # (the engine's clock measures it; the span's ends are on the wall clock).
+            fired = time.time_ns()
+            tracing.finished_span(
+                "timer fired",
+                fired - (now - due) * 1000,
+                fired,
+                {"ledgerflow.workflow_id": self.history.workflow_id, "ledgerflow.seq": seq},
+            )
             return
         raise Suspend(started, due)
 
@@ -118,7 +129,16 @@ class Waits:
                     )
                     await self.record([rejected])
                     continue
-                await self.record([SignalTaken(seq=seq, name=name, signal_version=version)])
+                sender = tracing.link(self.history.signal_traces.get(version))
+                with tracing.span(
+                    f"signal {name} taken",
+                    links=() if sender is None else (sender,),
+                    attributes={
+                        "ledgerflow.workflow_id": self.history.workflow_id,
+                        "ledgerflow.seq": seq,
+                    },
+                ):
+                    await self.record([SignalTaken(seq=seq, name=name, signal_version=version)])
                 return value
             now = self.host.now_us()
             waiting = _first(recorded, SignalWaiting)

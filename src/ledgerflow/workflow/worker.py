@@ -21,6 +21,7 @@ from datetime import timedelta
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..gauges import StoreGauges
 from ..projections.definition import Projection
 from ..statemachine.definition import Machine
 from .definition import _STEP_ATTR, StepOptions, WorkflowDefinition
@@ -125,9 +126,12 @@ async def run_worker(
     poll_interval: float = 1.0,
     grace: float = 10.0,
     stop: asyncio.Event | None = None,
+    gauges_every: float | None = None,
 ) -> None:
     """Run an engine on ``store`` until ``stop`` is set (or SIGTERM/SIGINT arrive),
-    then shut it down gracefully."""
+    then shut it down gracefully. ``gauges_every``: read the store's gauges (queue
+    depth, breakers, lag; ``ledgerflow.gauges``) that often, for the metrics this
+    process serves."""
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     handled = []
@@ -148,8 +152,12 @@ async def run_worker(
         task_concurrency=task_concurrency,
         projections=projections,
     )
+    gauges: StoreGauges | None = None
     try:
         await engine.open()
+        if gauges_every is not None:
+            gauges = StoreGauges(engine.store, every=gauges_every)
+            gauges.start()
         names = ", ".join(sorted({f"{w.name} v{w.version}" for w in workflows})) or "none"
         log.info(
             "worker %s started on %s: workflows %s (concurrency %d); task queues %s "
@@ -164,6 +172,8 @@ async def run_worker(
         await stop.wait()
         log.info("worker %s stopping: finishing running passes (%.1fs)", engine.owner, grace)
     finally:
+        if gauges is not None:
+            await gauges.stop()
         await engine.close(grace=grace)
         for signum in handled:
             loop.remove_signal_handler(signum)
