@@ -5,13 +5,14 @@ the engine and the store; served at /metrics by the HTTP server."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 
 from litestar.testing import TestClient
 from prometheus_client import REGISTRY
 
 import ledgerflow
-from ledgerflow.server import create_app
+from ledgerflow.server import ServerSettings, create_app
 from ledgerflow.server.openapi import openapi_document
 
 from ._engines import until_status, waiting_for
@@ -124,9 +125,17 @@ async def test_a_stuck_instance_is_counted(tmp_path: Path) -> None:
 
 
 def test_the_server_serves_metrics_without_credentials() -> None:
-    with TestClient(create_app(ledgerflow.Engine("memory://", workflows=[metered]))) as http:
+    engine = ledgerflow.Engine("memory://", workflows=[metered])
+    with TestClient(create_app(engine, ServerSettings(gauges_every=0.05))) as http:
         answer = http.get("/metrics")
+        # The store's gauges are read in the background from the start.
+        for _ in range(200):
+            if "ledgerflow_instances{" in answer.text:
+                break
+            time.sleep(0.01)
+            answer = http.get("/metrics")
     assert answer.status_code == 200
     assert answer.headers["content-type"].startswith("text/plain")
     assert "ledgerflow_append_seconds" in answer.text
+    assert 'ledgerflow_instances{status="running"}' in answer.text
     assert "/metrics" not in openapi_document()["paths"]  # not part of the API

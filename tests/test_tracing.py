@@ -71,6 +71,29 @@ async def test_passes_and_steps_join_the_starting_trace_across_engines(tmp_path:
     assert [link.context.span_id for link in taken.links] == [sent.context.span_id]
 
 
+async def test_a_workflow_started_outside_any_trace_is_rooted_at_its_first_pass(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with ledgerflow.Engine(url, workflows=[traced]) as engine:
+        await engine.start(traced, "o-5", id="t-5")  # no span active: no start span
+        await waiting_for(engine, "t-5", "signal 'go'")
+    async with ledgerflow.Engine(url, workflows=[traced]) as engine:  # from the store
+        await engine.signal("t-5", "go")
+        assert await asyncio.wait_for(engine.handle("t-5").result(), 10) == "packed o-5"
+    assert not named("start traced")
+    passes = sorted(named("workflow traced"), key=lambda s: s.start_time or 0)
+    first, *later = passes
+    assert first.parent is None
+    assert later
+    for span in later:
+        assert span.context.trace_id == first.context.trace_id
+        assert span.parent is not None
+        assert span.parent.span_id == first.context.span_id
+    (step,) = named("step pack")
+    assert step.context.trace_id == first.context.trace_id
+
+
 async def test_every_append_made_in_a_span_records_its_trace(tmp_path: Path) -> None:
     async with ledgerflow.open_store(f"sqlite:///{tmp_path / 'l.db'}") as store:
         with tracer.start_as_current_span("command") as command:

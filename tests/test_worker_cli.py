@@ -10,10 +10,12 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -133,6 +135,44 @@ async def test_a_worker_runs_the_app_and_exits_0_on_sigterm(shop: Path, db: str)
     assert "started" in output
     assert "stopped; its leases are given back" in output
     assert "Traceback" not in output
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+def scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:
+        text: str = answer.read().decode()
+        return text
+
+
+async def test_a_worker_serves_its_metrics_and_the_stores_gauges(shop: Path, db: str) -> None:
+    port = free_port()
+    process = worker(shop, db, "--metrics-port", str(port))
+    try:
+        await started_ledger(db)
+        async with client(db, shop) as c:
+            await c.start("shop.order", 1, id="m-1")
+            assert await c.handle("m-1").result(timeout=WAIT) == 3
+        done = 'ledgerflow_workflows_finished_total{status="completed",workflow="shop.order"} 1.0'
+        deadline = time.monotonic() + WAIT
+        while True:
+            try:
+                text = scrape(port)
+            except OSError:
+                text = ""
+            if done in text and 'ledgerflow_instances{status="running"}' in text:
+                break
+            assert time.monotonic() < deadline, text
+            await asyncio.sleep(0.05)
+        assert 'ledgerflow_step_attempt_seconds_count{outcome="ok",step="charge"} 1.0' in text
+    finally:
+        code, output = stop(process)
+    assert code == 0, output
 
 
 async def test_a_stopped_worker_hands_its_instances_over_at_once(shop: Path, db: str) -> None:

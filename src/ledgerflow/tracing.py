@@ -29,6 +29,7 @@ from opentelemetry.util.types import Attributes
 
 __all__ = [
     "SpanKind",
+    "active",
     "current_traceparent",
     "enable",
     "fail",
@@ -69,6 +70,16 @@ def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
     return headers
 
 
+def active() -> bool:
+    """Whether a valid span is active now (the caller's, to make a child of)."""
+    return _on and trace.get_current_span().get_span_context().is_valid
+
+
+_extracted: dict[str, context.Context] = {}
+"""Contexts of recent traceparents: every pass of an instance joins the same one, and
+parsing it is a third of what joining costs."""
+
+
 @contextmanager
 def joined(carrier: str | Mapping[str, str] | None) -> Iterator[None]:
     """Run the block in the trace a ``traceparent`` (or message headers holding
@@ -76,8 +87,15 @@ def joined(carrier: str | Mapping[str, str] | None) -> Iterator[None]:
     if not carrier or not _on:
         yield
         return
-    headers = {"traceparent": carrier} if isinstance(carrier, str) else carrier
-    token = context.attach(propagate.extract(headers))
+    if isinstance(carrier, str):
+        found = _extracted.get(carrier)
+        if found is None:
+            if len(_extracted) >= 4096:
+                _extracted.clear()
+            found = _extracted[carrier] = propagate.extract({"traceparent": carrier})
+    else:
+        found = propagate.extract(carrier)
+    token = context.attach(found)
     try:
         yield
     finally:

@@ -8,6 +8,7 @@ leases. The CLI uses a ``WorkflowClient`` as it is (and so will the HTTP API); a
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -338,10 +339,16 @@ class WorkflowClient(Operations, MachineClient):
         local = self._reserve_slot()
         # In the caller's trace (the store records the start span's context with
         # Started): every pass and step of the instance joins it, in any process.
-        starting = tracing.span(
-            f"start {definition.name}",
-            kind=tracing.SpanKind.PRODUCER,
-            attributes={"ledgerflow.workflow_id": workflow_id},
+        # Started outside any trace, it has no start span: its first pass is the
+        # root of its trace (a span fewer for every such start).
+        starting: contextlib.AbstractContextManager[object] = (
+            tracing.span(
+                f"start {definition.name}",
+                kind=tracing.SpanKind.PRODUCER,
+                attributes={"ledgerflow.workflow_id": workflow_id},
+            )
+            if tracing.active()
+            else contextlib.nullcontext()
         )
         try:
             started = Started(

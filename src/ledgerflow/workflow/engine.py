@@ -610,6 +610,10 @@ class Engine(WorkflowClient):
                     },
                 ),
             ):
+                if history.traceparent is None:
+                    # Started outside any trace: this first pass is its root, and
+                    # the commands it records name it for every later pass.
+                    history.traceparent = tracing.current_traceparent()
                 return await self._pass_over_timed(history)
         finally:
             _current_workflow.reset(token)

@@ -499,8 +499,15 @@ class History:
                 continue
             self.personal = self.personal or event.sealed
             self.add(event.version, event.data)
-            if isinstance(event.data, SignalSent) and event.metadata.traceparent:
-                self.signal_traces[event.version] = event.metadata.traceparent
+            traced = event.metadata.traceparent
+            if traced is None:
+                continue
+            if isinstance(event.data, SignalSent):
+                self.signal_traces[event.version] = traced
+            elif self.traceparent is None and isinstance(event.data, _Command):
+                # Started outside any trace: its first pass's span is the root (the
+                # first command the runner recorded names it).
+                self.traceparent = traced
 
     def add(self, version: int, data: Any) -> None:
         self.version = version
