@@ -102,3 +102,23 @@ def test_an_exhausted_rate_bucket_answers_alike(tmp_path: Path) -> None:
             )
         assert fast_answer.status_code == 429
         assert fast_answer.headers.get("retry-after") == slow_answer.headers.get("retry-after")
+
+
+def test_a_correlation_id_is_recorded_and_a_bad_one_refused_alike(pair: tuple[Api, Api]) -> None:
+    for n, bad in enumerate(["x" * 201, "tab\there", ""]):
+        order = {"workflow": "approval", "input": "o-1", "id": f"c-bad-{n}"}
+        fast, slow = (
+            api.http.post(START, json=order, headers={**api.auth(), "X-Correlation-Id": bad})
+            for api in pair
+        )
+        assert fast.status_code == slow.status_code == 422, (bad, fast.text, slow.text)
+        assert fast.json() == slow.json()
+        assert fast.json()["errors"][0]["field"] == "header.x-correlation-id"
+    for api in pair:
+        order = {"workflow": "approval", "input": "o-1", "id": "c-1"}
+        answer = api.http.post(
+            START, json=order, headers={**api.auth(), "X-Correlation-Id": "cart-42"}
+        )
+        assert answer.status_code == 201, answer.text
+        history = api.get("/api/v1/workflows/c-1/history").json()["items"]
+        assert history[0]["metadata"]["correlation_id"] == "cart-42"

@@ -112,7 +112,12 @@ async def list_workflows(
 )
 async def start_workflow(request: Call, data: JSONBody[StartWorkflow]) -> Response[Started]:
     api, who = _context(request)
-    started, created = await api.start(who, data, request.headers.get("traceparent"))
+    started, created = await api.start(
+        who,
+        data,
+        request.headers.get("traceparent"),
+        request.headers.get("x-correlation-id"),
+    )
     return Response(started, status_code=201 if created else 200)
 
 

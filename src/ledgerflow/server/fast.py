@@ -99,8 +99,12 @@ class FastStart:
             return False
         try:
             traceparent = headers.get(b"traceparent")
+            correlation = headers.get(b"x-correlation-id")
             started, created = await self._service.start(
-                who, data, None if traceparent is None else traceparent.decode("latin-1")
+                who,
+                data,
+                None if traceparent is None else traceparent.decode("latin-1"),
+                None if correlation is None else correlation.decode("latin-1"),
             )
         except Exception as exc:  # noqa: BLE001 - answered as the route answers it
             problem = to_problem(exc)

@@ -181,12 +181,22 @@ class Service:
     # -- acting -----------------------------------------------------------------------
 
     async def start(
-        self, who: Principal, body: StartWorkflow, traceparent: str | None = None
+        self,
+        who: Principal,
+        body: StartWorkflow,
+        traceparent: str | None = None,
+        correlation_id: str | None = None,
     ) -> tuple[Started, bool]:
         """The instance, and whether this call started it (False: it was started
         the same way before; starting is idempotent on the id). ``traceparent``: the
-        caller's W3C trace context (the request's header): the instance joins it."""
+        caller's W3C trace context (the request's header): the instance joins it.
+        ``correlation_id`` (the ``X-Correlation-Id`` header): recorded with the
+        start; the instance's log lines carry it."""
         _no_nul("body.id", body.id)
+        if correlation_id is not None and not (
+            0 < len(correlation_id) <= 200 and correlation_id.isprintable()
+        ):
+            raise invalid("header.x-correlation-id", "1-200 printable characters")
         with field_errors("body.workflow"):
             definition = self.client._definition(body.workflow)
         with field_errors("body.input"), tracing.joined(traceparent):
@@ -197,6 +207,7 @@ class Service:
                 tenant=None if who.everywhere else who.tenant,
                 actor=who.subject,
                 reason=body.reason,
+                correlation_id=correlation_id,
             )
         status: str = WorkflowStatus.RUNNING
         if not created:  # it may have moved on since
