@@ -275,6 +275,75 @@ async def test_entry_and_exit_activities_run_around_the_transitions_own(
         assert calls.log == ["enter hall", "leave hall", "walk", "enter room"]
 
 
+async def test_an_initial_entry_that_fails_for_good_fails_the_instance(
+    engine: EngineFactory,
+) -> None:
+    """It once left the instance running in no state, its result never coming."""
+    calls = Calls()
+    calls.fail.add("open shop")
+    m = lf.Machine("shop")
+    m.state("open", initial=True, on_enter=calls.activity("open shop"))
+    m.state("closed", terminal=True)
+    m.transition("open", "close", "closed")
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="s")
+        with pytest.raises(lf.WorkflowFailedError, match="entering the initial state 'open'"):
+            await handle.result(timeout=WAIT)
+        assert (await running.describe("s")).status == "failed"
+        with pytest.raises(lf.WorkflowFinishedError):
+            await running.execute("s", "close", timeout=WAIT)
+    assert calls.log == ["open shop"]
+
+
+async def test_a_failing_exit_or_entry_activity_fails_the_transition_and_compensates(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    m = lf.Machine("rooms")
+    m.state("hall", initial=True, on_exit=calls.activity("leave hall"))
+    m.state("room", on_enter=calls.activity("enter room"))
+    m.state("garden", terminal=True)
+    m.state("outside", terminal=True)
+    m.transition(
+        "hall",
+        "walk",
+        "room",
+        activity=calls.activity("walk"),
+        compensate=calls.undo("walk"),
+        failure="outside",
+    )
+    m.transition("room", "out", "garden")
+    async with engine(m) as running:
+        handle = await running.start(m, None, id="r")
+        calls.fail.add("enter room")
+        with pytest.raises(lf.TransitionFailedError) as failed:
+            await running.execute("r", "walk", timeout=WAIT)
+        assert (failed.value.state, failed.value.compensated) == ("outside", True)
+        assert (await handle.result(timeout=WAIT)).state == "outside"
+    # The exit and the transition's own activity ran, then the entry failed: the
+    # transition's activity is undone (the exit has no compensation).
+    assert calls.log == ["leave hall", "walk", "enter room", "undo walk (walk-done)"]
+
+
+async def test_a_failing_exit_without_failure_states_leaves_the_machine_where_it_was(
+    engine: EngineFactory,
+) -> None:
+    calls = Calls()
+    calls.fail.add("leave hall")
+    m = lf.Machine("stay")
+    m.state("hall", initial=True, on_exit=calls.activity("leave hall"))
+    m.state("room", terminal=True)
+    m.transition("hall", "walk", "room", activity=calls.activity("walk"))
+    async with engine(m) as running:
+        await running.start(m, None, id="h")
+        with pytest.raises(lf.TransitionFailedError) as failed:
+            await running.execute("h", "walk", timeout=WAIT)
+        assert failed.value.state == "hall"
+        calls.fail.clear()
+        assert (await running.execute("h", "walk", timeout=WAIT)).state == "room"
+    assert calls.log == ["leave hall", "leave hall", "walk"]
+
+
 def approval_machine(calls: Calls) -> lf.Machine:
     m = lf.Machine("approval")
     m.state(

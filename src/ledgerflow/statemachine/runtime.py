@@ -78,7 +78,10 @@ class MachineRun(_Pass):
                 outcome: Transitioned | TransitionFailed | EventRefused | None
                 try:
                     if not instance.begun:
-                        outcome = await self._begin()
+                        begun = await self._begin()
+                        if isinstance(begun, Finished):
+                            return self._finish(begun)
+                        outcome = begun
                     elif instance.pending is not None:
                         outcome = await self._process(instance, instance.pending)
                     else:
@@ -109,8 +112,10 @@ class MachineRun(_Pass):
 
     # -- turns ------------------------------------------------------------------------
 
-    async def _begin(self) -> Transitioned:
-        """Enter the initial state: its entry activity, then the record of it."""
+    async def _begin(self) -> Transitioned | Finished:
+        """Enter the initial state: its entry activity, then the record of it. If
+        that activity fails for good the instance never began: it fails (nothing
+        before it to compensate), rather than waiting in no state at all."""
         self._live()
         initial = self.machine.initial().name
         data = self._encode(start_data(self.machine, self.history.started.input), "start data")
@@ -118,7 +123,14 @@ class MachineRun(_Pass):
         self.seq = START_SEQ
         entry = self.machine.states[initial].on_enter
         if entry is not None:
-            await self._act(entry, None, moment)
+            try:
+                await self._act(entry, None, moment)
+            except StepFailedError as failed:
+                return Finished(
+                    status=WorkflowStatus.FAILED,
+                    error_type=failed.error_type,
+                    message=f"entering the initial state {initial!r} failed: {failed.message}",
+                )
         return Transitioned(
             seq=START_SEQ,
             name="",
