@@ -539,3 +539,71 @@ def test_a_route_with_a_wrong_subject_template_is_refused_at_once() -> None:
         Route(subject="orders.>.{type}")
     with pytest.raises(lf.ConfigurationError, match="routes"):
         Relay(None, InProcessBus(), [])  # type: ignore[arg-type]
+
+
+async def test_a_relay_whose_broker_is_down_shows_its_lag_and_says_so_once(
+    tmp_path: Any,
+) -> None:
+    """It used to wait for the broker before anything else: no row, so no lag in
+    `projections list` or the metrics (the lag alert could not fire), and a warning
+    four times a second."""
+    import signal
+    import socket
+    import urllib.request
+
+    from ._workers import CLI, child_env
+
+    db = f"sqlite:///{tmp_path / 'relay.db'}"
+    async with lf.open_store(db, registry=_registry()) as store:
+        await _write(store, streams=2, each=3)
+        head = await store.head_position()
+    ports = []
+    for _ in range(2):  # one nobody listens on (the broker), one for the metrics
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            ports.append(probe.getsockname()[1])
+    broker, metrics_port = ports
+    process = await asyncio.create_subprocess_exec(
+        *CLI, "relay", "--db", db, "--nats", f"nats://127.0.0.1:{broker}",
+        "--metrics-port", str(metrics_port),
+        env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+    )  # fmt: skip
+    lag = f'ledgerflow_projection_lag_events{{projection="relay_main"}} {float(head)}'
+
+    def scrape() -> str:
+        try:
+            url = f"http://127.0.0.1:{metrics_port}/metrics"
+            with urllib.request.urlopen(url, timeout=2) as answer:
+                return str(answer.read().decode())
+        except OSError:
+            return ""
+
+    try:
+        async with lf.open_store(db, registry=_registry()) as store, asyncio.timeout(WAIT):
+            while True:
+                row = await store.projection_row("relay_main")
+                if row is not None and lag in await asyncio.to_thread(scrape):
+                    break
+                await asyncio.sleep(0.1)
+        await asyncio.sleep(2)  # the client retries 4 times a second meanwhile
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), WAIT)
+    text = output.decode()
+    assert process.returncode == 0, text
+    assert text.count("(retrying)") <= 2, text
+
+
+def test_a_relay_name_too_long_is_refused_before_anything_starts(tmp_path: Any) -> None:
+    import subprocess
+
+    from ._workers import CLI, child_env
+
+    result = subprocess.run(
+        [*CLI, "relay", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--nats", "nats://x:1",
+         "--name", "a_relay_name_far_too_long"],
+        env=child_env(), capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "at most 18 characters" in result.stderr
+    assert "Traceback" not in result.stderr

@@ -70,6 +70,35 @@ async def test_step_code_logs_carry_its_workflow_step_attempt_correlation_and_tr
     assert str(record["time"]).endswith("+00:00")
 
 
+@ledgerflow.step(name="erp.book", queue="erp")
+def book(order: str) -> str:
+    step_log.info("booking %s", order)
+    return f"booked {order}"
+
+
+@ledgerflow.workflow(name="shop-remote")
+async def shop_remote(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    return await ctx.step(book, order)
+
+
+async def test_a_step_run_by_a_task_queues_worker_logs_its_correlation_id(
+    lines: io.StringIO, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with (
+        ledgerflow.Engine(url, workflows=[shop_remote]) as engine,
+        ledgerflow.Engine(url, queues=["erp"], steps=[book]),
+    ):
+        handle = await engine.start(shop_remote, "o-2", id="q-1", correlation_id="cart-7")
+        assert await handle.result() == "booked o-2"
+    (record,) = [r for r in records(lines) if r["message"] == "booking o-2"]
+    assert (record["workflow_id"], record["step"], record["correlation_id"]) == (
+        "q-1",
+        "erp.book",
+        "cart-7",
+    )
+
+
 def test_engine_records_name_their_workflow_and_errors_keep_their_traceback(
     lines: io.StringIO,
 ) -> None:

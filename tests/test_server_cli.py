@@ -85,7 +85,8 @@ def _free_port() -> int:
         return port
 
 
-def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path) -> None:
+@pytest.mark.parametrize("log_format", ["text", "json"])
+def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_format: str) -> None:
     (tmp_path / "hello_app.py").write_text(APP)
     db = f"sqlite:///{tmp_path / 'server.db'}"
     code, out, err = run("keys", "create", "ops", "--role", "operator", "--db", db)
@@ -93,9 +94,20 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path) -> No
     headers = {"Authorization": f"Bearer {out.strip()}"}
     port = _free_port()
     process = subprocess.Popen(
-        [*CLI, "server", "--app", "hello_app", "--db", db, "--port", str(port), "--worker"],
+        [
+            *CLI,
+            "server",
+            "--app",
+            "hello_app",
+            "--db",
+            db,
+            "--port",
+            str(port),
+            "--worker",
+            "--access-log",
+        ],
         cwd=tmp_path,
-        env=child_env(),
+        env=child_env(LEDGERFLOW_LOG_FORMAT=log_format),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -133,6 +145,14 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path) -> No
     assert process.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert "Traceback" not in output
+    messages = output.splitlines()
+    if log_format == "json":
+        # Every line, uvicorn's included, is one JSON object (uvicorn once kept its
+        # own text handlers, and Litestar replaced the root handler with its own).
+        lines = [json.loads(line) for line in messages if line.strip()]
+        assert {line["logger"] for line in lines} >= {"uvicorn.access", "uvicorn.error"}
+        messages = [line["message"] for line in lines]
+    assert any('POST /api/v1/workflows HTTP/1.1" 201' in m for m in messages)  # access log
 
 
 @pytest.mark.parametrize(

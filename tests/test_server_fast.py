@@ -105,10 +105,19 @@ def test_an_exhausted_rate_bucket_answers_alike(tmp_path: Path) -> None:
 
 
 def test_a_correlation_id_is_recorded_and_a_bad_one_refused_alike(pair: tuple[Api, Api]) -> None:
-    for n, bad in enumerate(["x" * 201, "tab\there", ""]):
+    # Too long, a control character, empty, not ASCII (UTF-8 bytes).
+    bad_ids = [b"x" * 201, b"tab\there", b"", "h\u00e9llo".encode()]
+    for n, bad in enumerate(bad_ids):
         order = {"workflow": "approval", "input": "o-1", "id": f"c-bad-{n}"}
         fast, slow = (
-            api.http.post(START, json=order, headers={**api.auth(), "X-Correlation-Id": bad})
+            api.http.post(
+                START,
+                json=order,
+                headers={
+                    **{k.encode(): v.encode() for k, v in api.auth().items()},
+                    b"X-Correlation-Id": bad,
+                },
+            )
             for api in pair
         )
         assert fast.status_code == slow.status_code == 422, (bad, fast.text, slow.text)

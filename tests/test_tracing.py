@@ -10,9 +10,11 @@ from pathlib import Path
 from uuid import UUID
 
 import pytest
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 
 import ledgerflow
+from ledgerflow import tracing
 from ledgerflow.events import AlreadyAppended, NewEvent
 from ledgerflow.server import ServerSettings
 from ledgerflow.workflow.history import History, Started
@@ -177,12 +179,39 @@ async def test_a_step_run_by_another_services_worker_is_in_the_workflows_trace(
         with tracer.start_as_current_span("checkout") as root:
             handle = await orders.start(traced_remote, "o-3", id="r-1")
         assert await asyncio.wait_for(handle.result(), 10) == "booked o-3"
+        history = await orders.history("r-1")
+    # What the worker recorded is in the order's trace too (the relay carries it on):
+    # it once had none, and its messages fell out of the trace.
+    done = [e for e in history if e.type == "wf.step_done"]
+    assert done
+    trace_id = f"{root.get_span_context().trace_id:032x}"
+    assert all((e.metadata.traceparent or "").split("-")[1:2] == [trace_id] for e in done)
     (remote,) = named("step erp.book")
     assert remote.context.trace_id == root.get_span_context().trace_id
     assert remote.kind is SpanKind.CONSUMER
     sender = {s.context.span_id for s in named("workflow traced-remote")}
     assert remote.parent is not None
     assert remote.parent.span_id in sender
+
+
+def test_an_expected_exception_ends_a_span_without_failing_it(
+    spans: InMemorySpanExporter,
+) -> None:
+    """A pass that looks again (someone wrote meanwhile) or steps back ends with an
+    exception the engine handles: its span must not read as a failed pass."""
+    handled_here = (ledgerflow.ConcurrencyError,)
+    with (
+        pytest.raises(ledgerflow.ConcurrencyError),
+        tracing.span("workflow w", expected=handled_here),
+    ):
+        raise ledgerflow.ConcurrencyError("wf-w", 2, 3)
+    with pytest.raises(ValueError, match="boom"), tracing.span("workflow v"):
+        raise ValueError("boom")
+    (handled,) = named("workflow w")
+    assert handled.status.status_code is StatusCode.UNSET
+    assert [e.name for e in handled.events] == ["ConcurrencyError"]
+    (failed,) = named("workflow v")
+    assert failed.status.status_code is StatusCode.ERROR
 
 
 def test_a_history_from_a_snapshot_keeps_its_trace() -> None:

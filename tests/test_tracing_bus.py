@@ -19,6 +19,7 @@ from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
 import ledgerflow as lf
+from ledgerflow import tracing
 from ledgerflow.bus import Delivery, EventBus, InProcessBus, JetStreamBus, Relay, Route
 from ledgerflow.projections import Projection, ProjectionRunner, View
 
@@ -292,6 +293,31 @@ async def test_a_relay_whose_broker_is_down_marks_its_publish_spans_failed(
     (batch,) = named("projection relay_down")
     assert batch.status.status_code is StatusCode.ERROR
     assert sample("ledgerflow_relay_messages_total", relay="down") == before
+
+
+async def test_an_event_recorded_outside_any_trace_is_not_published_in_anothers(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay process without an SDK has no batch span: an event recorded outside
+    any trace, published after one recorded inside an order's, went out in that
+    order's trace (the context of the message before it was left active)."""
+    bus = InProcessBus()
+    async with lf.open_store(f"sqlite:///{tmp_path / 'l.db'}") as store:
+        with tracer.start_as_current_span("checkout") as order:
+            await store.append("order-1", [lf.NewEvent("shop.placed")])
+        await store.append("order-2", [lf.NewEvent("shop.placed")])  # no trace
+        relay = Relay(store, bus, [Route(types={"shop.placed"})], name="leak")
+        real = tracing.current_traceparent
+        # As in a process without an SDK: the batch has no trace to lend.
+        monkeypatch.setattr(tracing, "current_traceparent", lambda: None)
+        try:
+            await relay.catch_up()
+        finally:
+            monkeypatch.setattr(tracing, "current_traceparent", real)
+    first, second = (m.headers["traceparent"].split("-")[1] for m in bus.messages)
+    ordered = f"{order.get_span_context().trace_id:032x}"
+    assert first == ordered
+    assert second != ordered
 
 
 # -- a message a step publishes --------------------------------------------------------------

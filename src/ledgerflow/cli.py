@@ -1301,6 +1301,36 @@ def _named(target: str, kind: type[T], what: str) -> T:
     return found
 
 
+MetricsPortOption = Annotated[
+    int | None,
+    typer.Option(
+        min=1,
+        max=65535,
+        envvar="LEDGERFLOW_METRICS_PORT",
+        help="Serve Prometheus metrics at http://<host>:PORT/metrics "
+        "(env LEDGERFLOW_METRICS_PORT).",
+    ),
+]
+MetricsHostOption = Annotated[str, typer.Option(help="The address the metrics listen on.")]
+_ANY_HOST = "0.0.0.0"  # noqa: S104 - scraped from other hosts; bind narrower if you like
+
+
+def _serve_metrics(port: int | None, host: str) -> float | None:
+    """Serve this process's metrics on ``port`` (if given); how often the store's
+    gauges are then to be read (None: not served, or LEDGERFLOW_METRICS=0)."""
+    if port is None:
+        return None
+    from prometheus_client import start_http_server
+
+    from . import metrics
+
+    try:
+        start_http_server(port, addr=host)
+    except OSError as exc:
+        _fail(f"--metrics-port {port}: {exc.strerror or exc}")
+    return 15.0 if metrics.enabled() else None
+
+
 @app.command("relay")
 def relay_command(
     db: DbOption = DEFAULT_DB,
@@ -1323,7 +1353,15 @@ def relay_command(
     prefix: Annotated[
         str | None, typer.Option(help="Only events of streams whose id starts with this.")
     ] = None,
-    name: Annotated[str, typer.Option(help="The relay's name (its checkpoint).")] = "main",
+    name: Annotated[
+        str,
+        typer.Option(
+            help="The relay's name (its checkpoint, the projection relay_<name>): "
+            "lower-case letters, digits and single _, at most 18 characters."
+        ),
+    ] = "main",
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = _ANY_HOST,
 ) -> None:
     """Publish the ledger's events to NATS JetStream until SIGTERM or Ctrl-C: one relay
     of a name at a time across processes, each stream in order, the event id as the
@@ -1331,30 +1369,49 @@ def relay_command(
     import logging
     import signal
 
+    from ._waiting import cancel_and_wait
     from .bus import JetStreamBus, Relay, Route
+    from .gauges import StoreGauges
+    from .projections import Projection
 
     if not nats:
         _fail("--nats (or LEDGERFLOW_NATS) names the NATS server, e.g. nats://127.0.0.1:4222")
     _configure_logs()
     subjects = [subject.split("{", 1)[0].rstrip(".") + ".>"] if "{" in subject else [subject]
+    try:
+        route = Route(subject=subject, types=tuple(event_type or ()), stream_prefix=prefix)
+        Projection(f"relay_{name}")  # a name that cannot be one is refused here, at once
+    except LedgerflowError as exc:
+        _fail(f"{exc} (--name {name!r}: at most 18 characters, a-z, 0-9 and single _)")
+    gauges_every = _serve_metrics(metrics_port, metrics_host)
 
     async def run() -> None:
         bus = JetStreamBus(nats, stream=stream, subjects=subjects)
-        await bus.open()
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
             async with open_store(db) as store:
-                route = Route(subject=subject, types=tuple(event_type or ()), stream_prefix=prefix)
                 relay = Relay(store, bus, [route], name=name)
+                # The relay starts before the broker answers: its row (and so its lag,
+                # in `projections list` and the metrics) is there while the broker is
+                # down, and its batches back off until the bus is open.
                 relay.start()
+                opening = asyncio.create_task(bus.open())
+                gauges = None if gauges_every is None else StoreGauges(store, every=gauges_every)
+                if gauges is not None:
+                    gauges.start()
                 logging.getLogger("ledgerflow.bus").info(
                     "relay %s: %s -> %s (stream %s)", name, db, nats, stream
                 )
-                await stop.wait()
-                await relay.stop()
+                try:
+                    await stop.wait()
+                finally:
+                    await cancel_and_wait([opening])
+                    if gauges is not None:
+                        await gauges.stop()
+                    await relay.stop()
         finally:
             await bus.close()
 
@@ -1476,19 +1533,8 @@ def worker(
     grace: Annotated[
         float, typer.Option(min=0.0, help="Seconds running passes get to finish on stop.")
     ] = 10.0,
-    metrics_port: Annotated[
-        int | None,
-        typer.Option(
-            min=1,
-            max=65535,
-            envvar="LEDGERFLOW_METRICS_PORT",
-            help="Serve Prometheus metrics at http://<host>:PORT/metrics "
-            "(env LEDGERFLOW_METRICS_PORT).",
-        ),
-    ] = None,
-    metrics_host: Annotated[
-        str, typer.Option(help="The address the metrics listen on.")
-    ] = "0.0.0.0",  # noqa: S104 - scraped from other hosts; bind narrower if you like
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = _ANY_HOST,
 ) -> None:
     """Run workflows, and the steps of task queues, until SIGTERM or Ctrl-C, then stop
     gracefully: finish running passes and steps (up to --grace), give leases back,
@@ -1510,13 +1556,7 @@ def worker(
         _fail(f"--queue {' '.join(queues)}: --app {app_target} holds no steps to run")
     if not queues and not loaded.workflows and not loaded.projections:
         _fail(f"--app {app_target} holds steps but no workflows: name the --queue they serve")
-    if metrics_port is not None:
-        from prometheus_client import start_http_server
-
-        try:
-            start_http_server(metrics_port, addr=metrics_host)
-        except OSError as exc:
-            _fail(f"--metrics-port {metrics_port}: {exc.strerror or exc}")
+    gauges_every = _serve_metrics(metrics_port, metrics_host)
     _run(
         lambda: run_worker(
             db,
@@ -1529,7 +1569,7 @@ def worker(
             lease=timedelta(seconds=lease),
             poll_interval=poll,
             grace=grace,
-            gauges_every=None if metrics_port is None else 15.0,
+            gauges_every=gauges_every,
         )
     )
 

@@ -128,6 +128,9 @@ def server(
         "log_level": "info",
         "access_log": access_log,
         "proxy_headers": False,
+        # uvicorn's records go through ledgerflow's handler (LEDGERFLOW_LOG_FORMAT):
+        # its own config would put its text handlers back on its loggers.
+        "log_config": None,
     }
     if processes == 1:
         uvicorn.run(asgi, **common)

@@ -64,7 +64,8 @@ class StoreGauges:
     async def _run(self) -> None:
         while True:
             try:
-                await self.sample()
+                if metrics.enabled():  # LEDGERFLOW_METRICS=0: nothing read either
+                    await self.sample()
             except LedgerflowError as exc:
                 log.warning("metrics: cannot read the store's gauges (%s)", exc)
             except Exception:  # a bug here must not end the sampling for good

@@ -29,6 +29,7 @@ __all__ = [
     "claimed",
     "commit",
     "enable",
+    "enabled",
     "lease_lost",
     "pass_seconds",
     "projection_batch",
@@ -203,6 +204,11 @@ def enable(on: bool) -> None:
     (a benchmark) that compares the two."""
     global _ON
     _ON = on
+
+
+def enabled() -> bool:
+    """Whether metrics are recorded (``LEDGERFLOW_METRICS``, ``enable``)."""
+    return _ON
 
 
 def workflow_started(name: str) -> None:

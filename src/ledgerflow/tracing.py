@@ -37,6 +37,7 @@ __all__ = [
     "inject",
     "joined",
     "link",
+    "rooted",
     "span",
 ]
 
@@ -102,6 +103,20 @@ def joined(carrier: str | Mapping[str, str] | None) -> Iterator[None]:
         context.detach(token)
 
 
+@contextmanager
+def rooted() -> Iterator[None]:
+    """Run the block outside any trace: what it makes starts a trace of its own
+    (an event recorded outside any span, published in a loop over others)."""
+    if not _on:
+        yield
+        return
+    token = context.attach(context.Context())
+    try:
+        yield
+    finally:
+        context.detach(token)
+
+
 def link(traceparent: str | None) -> Link | None:
     """A link to the span a recorded traceparent names (a signal's sender)."""
     if not traceparent or not _on:
@@ -118,9 +133,11 @@ def span(
     *,
     kind: SpanKind = SpanKind.INTERNAL,
     links: Sequence[Link] = (),
+    expected: tuple[type[BaseException], ...] = (),
 ) -> Iterator[trace.Span]:
     """A span of ledgerflow's tracer, the active one for the block; an exception
-    leaving it is recorded on it and sets its status to error.
+    leaving it is recorded on it and sets its status to error, unless it is one of
+    ``expected`` (control flow the caller handles: an event on the span says so).
 
     ``start_span`` and an attach rather than ``start_as_current_span``: the same
     span for a fifth less of its cost, which is most of what tracing adds to a
@@ -132,6 +149,9 @@ def span(
     token = context.attach(trace.set_span_in_context(current))
     try:
         yield current
+    except expected as exc:
+        current.add_event(type(exc).__name__, {"message": str(exc)})
+        raise
     except BaseException as exc:
         if isinstance(exc, Exception):
             current.record_exception(exc)

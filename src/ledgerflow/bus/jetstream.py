@@ -26,6 +26,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
 from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
@@ -69,6 +70,7 @@ class JetStreamBus:
         self._pub: Any = None
         self._pub_lock = asyncio.Lock()
         self._closing = False
+        self._said: tuple[str, float] = ("", 0.0)  # the last error logged, and when
 
     async def open(self) -> None:
         try:
@@ -104,8 +106,15 @@ class JetStreamBus:
             await self._js.update_stream(config)
 
     async def _on_error(self, exc: Exception) -> None:
-        # The client retries on its own; one line per error, not its traceback.
-        log.warning("event bus %s: %r", self.url, exc)
+        # The client retries on its own (4 times a second while the broker is down):
+        # one line for each new error, then one every 30 s while it repeats.
+        said, at = self._said
+        now = time.monotonic()
+        if repr(exc) != said or now - at >= 30.0:
+            self._said = (repr(exc), now)
+            log.warning("event bus %s: %r (retrying)", self.url, exc)
+        else:
+            log.debug("event bus %s: %r", self.url, exc)
 
     async def _on_disconnected(self) -> None:
         if not self._closing:

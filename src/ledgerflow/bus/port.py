@@ -82,11 +82,6 @@ class Delivery:
 
 Handler = Callable[[Delivery], Awaitable[None]]
 
-_UNTRACED: Mapping[str, str] = {"traceparent": ""}
-"""Headers naming no trace: a message sent outside any span starts a trace of its
-own, rather than joining whatever span was active when the consumer subscribed
-(its task inherited that context)."""
-
 
 async def deliver(handler: Handler, delivery: Delivery, *, system: str | None = None) -> None:
     """Run ``handler`` on ``delivery`` in a ``process <subject>`` span (a consumer's)
@@ -100,8 +95,12 @@ async def deliver(handler: Handler, delivery: Delivery, *, system: str | None = 
     }
     if system is not None:
         attributes["messaging.system"] = system
+    # A message sent outside any span starts a trace of its own, rather than
+    # joining whatever span was active when the consumer subscribed (its task
+    # inherited that context).
+    traced = "traceparent" in message.headers
     with (
-        tracing.joined(message.headers or _UNTRACED),
+        tracing.joined(message.headers) if traced else tracing.rooted(),
         tracing.span(f"process {message.subject}", attributes, kind=tracing.SpanKind.CONSUMER),
     ):
         await handler(delivery)

@@ -198,7 +198,10 @@ class Relay(ProjectionRunner):
             publishing = []
             for event, route in routed:
                 subject = route.subject_for(event)
-                spans.enter_context(tracing.joined(event.metadata.traceparent or batch))
+                # Its own trace; the batch's if it was recorded outside any (and a
+                # trace of its own without one: never the previous message's).
+                made_in = event.metadata.traceparent or batch
+                spans.enter_context(tracing.joined(made_in) if made_in else tracing.rooted())
                 publishing.append(
                     spans.enter_context(
                         tracing.span(

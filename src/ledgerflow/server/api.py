@@ -18,6 +18,7 @@ from litestar.openapi import ResponseSpec
 from litestar.openapi.spec import OpenAPIFormat
 from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
+from .. import tracing
 from .._version import running_version
 from .principals import Principal, Role
 from .problems import Problem
@@ -175,7 +176,9 @@ async def send_signal(
     data: JSONBody[SendSignal],
 ) -> Accepted:
     api, who = _context(request)
-    return await api.signal(who, workflow_id, signal, data)
+    # Sent in the caller's trace (its traceparent header), as a start is.
+    with tracing.joined(request.headers.get("traceparent")):
+        return await api.signal(who, workflow_id, signal, data)
 
 
 @post(

@@ -145,6 +145,9 @@ def create_app(
         state=State({"service": service}),
         exception_handlers={Exception: problem_response},
         request_max_body_size=MAX_BODY,
+        # The process's logging is ledgerflow's (logs.configure, as every command's):
+        # Litestar's default config would replace the root handler with its own.
+        logging_config=None,
         on_startup=[opening],
         on_shutdown=[closing],
         openapi_config=OpenAPIConfig(

@@ -194,9 +194,13 @@ class Service:
         start; the instance's log lines carry it."""
         _no_nul("body.id", body.id)
         if correlation_id is not None and not (
-            0 < len(correlation_id) <= 200 and correlation_id.isprintable()
+            0 < len(correlation_id) <= 200
+            and correlation_id.isascii()
+            and correlation_id.isprintable()
         ):
-            raise invalid("header.x-correlation-id", "1-200 printable characters")
+            # ASCII: a header's bytes are not text of a known encoding (UTF-8 sent
+            # would be stored as Latin-1 mojibake).
+            raise invalid("header.x-correlation-id", "1-200 printable ASCII characters")
         with field_errors("body.workflow"):
             definition = self.client._definition(body.workflow)
         with field_errors("body.input"), tracing.joined(traceparent):

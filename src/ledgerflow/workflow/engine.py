@@ -603,6 +603,9 @@ class Engine(WorkflowClient):
                 tracing.span(
                     f"workflow {started.name}",
                     kind=tracing.SpanKind.CONSUMER,
+                    # Handled by the engine: another look (someone wrote meanwhile),
+                    # or stepping back (another runner holds it). Not failures.
+                    expected=(ConcurrencyError, LeaseLostError, Relinquish),
                     attributes={
                         "ledgerflow.workflow_id": history.workflow_id,
                         "ledgerflow.workflow": started.name,

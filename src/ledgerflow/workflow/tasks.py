@@ -77,7 +77,15 @@ from .history import (
 )
 from .rules import StepRules, attempt_limits, next_attempt_at, retry_document
 from .step_threads import StepThreads
-from .steps import DEFAULT_STEP_RETRY, NO_LIMITS, Attempts, Limits, keep_async, nothing
+from .steps import (
+    DEFAULT_STEP_RETRY,
+    NO_LIMITS,
+    Attempts,
+    Limits,
+    _current_workflow,
+    keep_async,
+    nothing,
+)
 
 __all__ = ["RemoteRetry", "StepRegistry", "TaskPayload", "TaskRunner", "task_payload"]
 
@@ -137,6 +145,8 @@ class TaskPayload(msgspec.Struct, frozen=True):
     traceparent: str | None = None
     """The trace of the pass that sent it: the worker's attempts join it, so a step
     run by another service is part of its workflow's trace."""
+    correlation_id: str | None = None
+    """The instance's correlation id, for the worker's log lines."""
 
 
 _encode = msgspec.json.Encoder().encode
@@ -154,6 +164,7 @@ def task_payload(
     policy: str | None = None,
     code_retry: bool = True,
 ) -> str:
+    sending = _current_workflow.get()  # the pass sending it: its instance
     payload = TaskPayload(
         command,
         args,
@@ -164,6 +175,7 @@ def task_payload(
         policy,
         code_retry,
         tracing.current_traceparent(),
+        None if sending is None else sending[1],
     )
     return _encode(payload).decode()
 
@@ -431,6 +443,17 @@ class TaskRunner:
         except msgspec.DecodeError as exc:
             await self._finish(row, fence, None, False, f"its payload is unreadable: {exc}")
             return
+        # In the trace of the pass that sent it, the attempt and what it records
+        # (the outcome's events carry that trace on to the relay); its log lines
+        # carry the instance's correlation id, as in the sending worker.
+        token = _current_workflow.set((row.workflow_id, payload.correlation_id))
+        try:
+            with tracing.joined(payload.traceparent):
+                await self._attempt_in_trace(row, fence, payload)
+        finally:
+            _current_workflow.reset(token)
+
+    async def _attempt_in_trace(self, row: TaskRow, fence: TaskFence, payload: TaskPayload) -> None:
         fn = self.steps.get(row.name)
         if fn is None:  # claims ask for known names only
             log.error("task %s: no step named %r here", row.task_id, row.name)
@@ -488,17 +511,16 @@ class TaskRunner:
             ok, value, release = False, refusal, nothing
         else:
             attempts = Attempts(row.workflow_id, self.threads)
-            with tracing.joined(payload.traceparent):
-                ok, value, release = await attempts.run(
-                    row.seq,
-                    payload.command,
-                    call,
-                    args,
-                    row.attempt,
-                    limits,
-                    kind="compensation" if row.kind == "compensation" else "step",
-                    remote=True,
-                )
+            ok, value, release = await attempts.run(
+                row.seq,
+                payload.command,
+                call,
+                args,
+                row.attempt,
+                limits,
+                kind="compensation" if row.kind == "compensation" else "step",
+                remote=True,
+            )
         writes: tuple[RuntimeWrite, ...] = ()
         if admission is not None and self.guards is not None:
             writes = self.guards.outcome_writes(admission, None if ok else value)
