@@ -845,6 +845,18 @@ def verify_command(
             "machine's own (Machine(fairness=...))."
         ),
     ] = None,
+    sample: Annotated[
+        int | None,
+        typer.Option(
+            min=0,
+            help="Draw this many values (hypothesis) for each payload field without a "
+            "finite domain, instead of leaving it unexplored; the report then covers a "
+            "sample of them. Default: the machine's own (Machine(sample=...)).",
+        ),
+    ] = None,
+    seed: Annotated[
+        int | None, typer.Option(help="The seed of --sample's draw (the same values again).")
+    ] = None,
 ) -> None:
     """Verify a state-machine definition before it runs: every reachable
     configuration explored, each finding with the events that lead there. Exit 0
@@ -857,6 +869,8 @@ def verify_command(
             machine,
             max_configurations=max_configurations,
             fairness="strong" if fairness == "strong" else ("none" if fairness else None),
+            sample=sample,
+            seed=seed,
         )
     except LedgerflowError as exc:
         _fail(str(exc))
@@ -870,6 +884,7 @@ def verify_command(
                     "configurations": report.configurations,
                     "bounded": report.bounded,
                     "fairness": report.fairness,
+                    "sampled": report.sampled,
                     "notes": list(report.notes),
                     "findings": [
                         {

@@ -31,8 +31,11 @@ from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import WorkflowDefinitionError
+from .sampling import is_strategy
 
 if TYPE_CHECKING:
+    from hypothesis.strategies import SearchStrategy
+
     from .temporal import Property
 
 __all__ = [
@@ -82,6 +85,9 @@ class Event:
     type: Any = None
     """The payload's type (a ``msgspec.Struct`` or dataclass), if declared: what a
     sent payload is checked against."""
+    strategies: Mapping[str, Any] = field(default_factory=dict)
+    """Hypothesis strategies given for fields (``payload={"amount": st.integers()}``):
+    the fields are ``UNEXPLORED`` unless verification samples them."""
 
     def payloads(self) -> Iterator[Data]:
         """Every payload the event may carry (one empty payload if it has none)."""
@@ -135,6 +141,8 @@ class Machine:
         input: Any = Any,
         start_data: Callable[[Any], Mapping[str, Any]] | None = None,
         fairness: str = "none",
+        sample: int = 0,
+        seed: int = 0,
     ) -> None:
         if not isinstance(name, str) or not name:
             raise WorkflowDefinitionError("a state machine needs a non-empty name")
@@ -168,6 +176,14 @@ class Machine:
             )
         self.fairness: Literal["none", "strong"] = "strong" if fairness == "strong" else "none"
         """What its liveness properties assume of runs (``temporal.Fairness``)."""
+        if not isinstance(sample, int) or sample < 0 or not isinstance(seed, int):
+            raise WorkflowDefinitionError(
+                f"machine {name!r}: sample must be an int >= 0 and seed an int"
+            )
+        self.sample = sample
+        """Values verification draws for each payload field without a finite domain
+        (``statemachine.sampling``); 0: they are not explored."""
+        self.seed = seed
         self.states: dict[str, State] = {}
         self.events: dict[str, Event] = {}
         self.transitions: list[Transition] = []
@@ -235,7 +251,7 @@ class Machine:
         self,
         name: str,
         *,
-        payload: Mapping[str, Iterable[Any]] | None = None,
+        payload: Mapping[str, Iterable[Any] | SearchStrategy[Any]] | None = None,
         type: Any = None,
     ) -> Event:
         """Declare an event and its payload: ``payload`` lists the values each field
@@ -243,16 +259,24 @@ class Machine:
         sent payload must fit. With a type, fields typed ``Literal``, ``bool`` or an
         ``Enum`` (optional or not) get their domains from it; a field with neither
         is explored as ``UNEXPLORED``, which a guard cannot compare (a
-        ``guard_error`` finding says to declare its domain)."""
+        ``guard_error`` finding says to declare its domain), unless verification
+        samples it (``sample=``: values drawn by hypothesis from its type, or from a
+        strategy given here as its ``payload`` entry)."""
         if name in self.events:
             raise WorkflowDefinitionError(f"machine {self.name!r}: event {name!r} twice")
+        given = dict(payload or {})
+        strategies = {k: v for k, v in given.items() if is_strategy(v)}
         domains = {
-            k: _domain(self.name, f"payload field {k!r} of {name!r}", v)
-            for k, v in (payload or {}).items()
+            k: (UNEXPLORED,)
+            if k in strategies
+            else _domain(self.name, f"payload field {k!r} of {name!r}", v)
+            for k, v in given.items()
         }
         if type is not None:
             domains = _typed_domains(self.name, name, type, domains)
-        made = self.events[name] = Event(name, MappingProxyType(domains), type)
+        made = self.events[name] = Event(
+            name, MappingProxyType(domains), type, MappingProxyType(strategies)
+        )
         return made
 
     def transition(
@@ -415,7 +439,7 @@ class Machine:
             yield MappingProxyType({**self.initial_data, **dict(zip(free, values, strict=True))})
 
 
-def _domain(machine: str, what: str, values: Iterable[Any]) -> tuple[Any, ...]:
+def _domain(machine: str, what: str, values: object) -> tuple[Any, ...]:
     if isinstance(values, str | bytes) or not isinstance(values, Iterable):
         raise WorkflowDefinitionError(
             f"machine {machine!r}: {what} needs a finite domain (a list or range of values)"

@@ -34,6 +34,8 @@ not reported, rather than guessed.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import enum
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -42,6 +44,7 @@ from types import MappingProxyType
 from typing import Any
 
 from ..errors import WorkflowDefinitionError
+from . import sampling
 from .definition import UNEXPLORED, Data, Machine
 from .semantics import by_source as _by_source
 from .semantics import candidates as _candidates
@@ -141,6 +144,8 @@ class Report:
     notes: tuple[str, ...] = field(default_factory=tuple)
     fairness: str = "none"
     """What liveness properties were checked under."""
+    sampled: bool = False
+    """Some payload fields were explored over sampled values, not all of theirs."""
 
     @property
     def ok(self) -> bool:
@@ -176,10 +181,21 @@ def verify(
     properties: Mapping[str, Property] | None = None,
     max_configurations: int = MAX_CONFIGURATIONS,
     fairness: Fairness | None = None,
+    sample: int | None = None,
+    seed: int | None = None,
 ) -> Report:
     """Explore ``machine`` and report what is wrong with it (see the module docstring).
     ``invariants`` and ``properties`` add to those the machine declares; ``fairness``
-    (default: the machine's) is what liveness properties assume of runs."""
+    (default: the machine's) is what liveness properties assume of runs. ``sample``
+    (default: the machine's) values are drawn for each payload field without a finite
+    domain, from ``seed`` (``statemachine.sampling``): the report then says the
+    exploration covered a sample of them."""
+    sampled = _sampled(
+        machine,
+        machine.sample if sample is None else sample,
+        machine.seed if seed is None else seed,
+    )
+    machine, sampling = sampled if sampled is not None else (machine, ())
     fairness = fairness or machine.fairness
     if fairness not in ("none", "strong"):
         raise WorkflowDefinitionError(f"fairness must be 'none' or 'strong', not {fairness!r}")
@@ -335,7 +351,7 @@ def verify(
                 f"{config} is not terminal and no event can move it",
                 config,
             )
-    notes: list[str] = [_explored(machine, max_configurations)]
+    notes: list[str] = [_explored(machine, max_configurations), *sampling]
     if bounded:
         notes.append(
             f"stopped at {max_configurations} configurations: unreachable states, dead "
@@ -379,7 +395,40 @@ def verify(
         bounded,
         tuple(notes),
         fairness,
+        bool(sampling),
     )
+
+
+def _sampled(machine: Machine, count: int, seed: int) -> tuple[Machine, tuple[str, ...]] | None:
+    """A copy of ``machine`` whose unexplored payload fields take ``count`` values
+    drawn by hypothesis, and what the report says of each; None if there is nothing
+    to sample (or ``count`` is 0)."""
+    if count <= 0:
+        return None
+    events = dict(machine.events)
+    said: list[str] = []
+    for name, event in machine.events.items():
+        payload = dict(event.payload)
+        drawn = False
+        for k, domain in event.payload.items():
+            if not (len(domain) == 1 and domain[0] is UNEXPLORED):  # (== would refuse)
+                continue
+            drawn = True
+            strategy = event.strategies.get(k)
+            if strategy is None:
+                strategy = sampling.strategy_for(name, event.type, k)
+            payload[k] = sampling.draw(strategy, count, seed)
+            said.append(
+                f"{name}.{k} sampled, not exhausted: {len(payload[k])} values drawn by "
+                f"hypothesis from {strategy!r} (seed {seed}); findings hold for them only"
+            )
+        if drawn:
+            events[name] = dataclasses.replace(event, payload=MappingProxyType(payload))
+    if not said:
+        return None
+    copied = copy.copy(machine)
+    copied.events = events
+    return copied, tuple(said)
 
 
 def _explored(machine: Machine, bound: int) -> str:
