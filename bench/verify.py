@@ -259,7 +259,7 @@ def run(stock: int) -> dict[str, Any]:
     return {
         "benchmark": "verify",
         "configurations": report.configurations,
-        "transitions_fired": report.transitions_fired,
+        "distinct_transitions_fired": report.transitions_fired,
         "seconds": round(seconds, 2),
         "configurations_per_s": round(report.configurations / seconds),
         "peak_mib": round(peak / 2**20, 1),

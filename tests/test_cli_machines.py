@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 import ledgerflow
 from ledgerflow.cli import app
 
-from ._engines import WAIT
+from ._engines import WAIT, waiting_for
 from ._workers import CLI, child_env
 
 DOORS = textwrap.dedent(
@@ -213,6 +213,7 @@ def test_a_code_first_history_is_drawn_from_the_ledger(tmp_path: Path) -> None:
     async def drawn(ctx: ledgerflow.WorkflowContext, n: int) -> int:
         await ctx.step(_double, n)
         await ctx.sleep(0.01)
+        await ctx.wait_for_signal("approve")
         return n
 
     db = f"sqlite:///{tmp_path / 'drawn.db'}"
@@ -220,6 +221,8 @@ def test_a_code_first_history_is_drawn_from_the_ledger(tmp_path: Path) -> None:
     async def run() -> None:
         async with ledgerflow.Engine(db, workflows=[drawn]) as engine:
             handle = await engine.start(drawn, 2, id="w")
+            await waiting_for(engine, "w", "signal 'approve'")
+            await engine.signal("w", "approve")
             await handle.result(timeout=WAIT)
 
     asyncio.run(run())
@@ -229,6 +232,7 @@ def test_a_code_first_history_is_drawn_from_the_ledger(tmp_path: Path) -> None:
     assert chart.startswith("flowchart LR\n")
     assert '1. step _double<br/>done"' in chart
     assert "2. timer" in chart
+    assert "3. signal approve" in chart
     assert 'finish(["completed"])' in chart
     as_dot = cli("diagram", "--instance", "w", "--db", db, "--format", "dot")
     assert as_dot.stdout.startswith('digraph "history"')

@@ -810,3 +810,17 @@ def _reaches(a: str, b: str, edges: list[tuple[int, str, str]]) -> bool:
                 seen.add(t)
                 todo.append(t)
     return b in seen and (a != b or any(s == a for _, s, _ in edges))
+
+
+def test_an_event_only_a_transition_names_close_to_a_declared_one_is_pointed_out() -> None:
+    m = Machine("typo")
+    m.event("approve", payload={"by": ["alice"]})
+    m.state("created", initial=True)
+    m.state("approved", terminal=True)
+    m.state("rejected", terminal=True)
+    m.transition("created", "aprove", "approved")  # meant "approve"
+    m.transition("created", "reject", "rejected")  # another event: nothing said
+    report = verify(m)
+    assert [n for n in report.notes if "never declared" in n] == [
+        "event 'aprove' is named by a transition but never declared: did you mean 'approve'?"
+    ]

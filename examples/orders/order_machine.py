@@ -2,7 +2,7 @@
 
     created --approve--> approved --reserve--> reserved --charge--> charged --place--> placed
        |  \\--reject / expire (3 days)--> rejected
-       approved/reserved --cancel--> cancelled
+       approved --cancel--> cancelled (stock reserved and failing: cancelled too)
        charge or place fails for good --> compensated (card refunded, stock released)
 
 The same order, warehouse, payments and ERP as the code-first form

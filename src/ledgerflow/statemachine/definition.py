@@ -186,6 +186,9 @@ class Machine:
         self.seed = seed
         self.states: dict[str, State] = {}
         self.events: dict[str, Event] = {}
+        self.implicit_events: set[str] = set()
+        """Events first named by a transition (declared then, without payload): a
+        name close to a declared one is likely a typo, and ``verify`` says so."""
         self.transitions: list[Transition] = []
         self.invariants: dict[str, Callable[[str, Data], bool]] = {}
         """What must hold in every reachable configuration: ``verify`` checks them."""
@@ -332,6 +335,7 @@ class Machine:
             )
         if event not in self.events:
             self.event(event)
+            self.implicit_events.add(event)
         made = Transition(
             "+".join(sources),
             event,

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import difflib
 import enum
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -138,6 +139,7 @@ class Report:
     version: int
     configurations: int
     transitions_fired: int
+    """How many of the definition's transitions fired somewhere (each counted once)."""
     findings: tuple[Finding, ...]
     bounded: bool = False
     """Exploration stopped at ``max_configurations``: graph-wide checks were skipped."""
@@ -351,7 +353,11 @@ def verify(
                 f"{config} is not terminal and no event can move it",
                 config,
             )
-    notes: list[str] = [_explored(machine, max_configurations), *sampling]
+    notes: list[str] = [
+        _explored(machine, max_configurations),
+        *sampling,
+        *_likely_typos(machine),
+    ]
     if bounded:
         notes.append(
             f"stopped at {max_configurations} configurations: unreachable states, dead "
@@ -397,6 +403,22 @@ def verify(
         fairness,
         bool(sampling),
     )
+
+
+def _likely_typos(machine: Machine) -> list[str]:
+    """Events only transitions name, close to a declared one: a sender of the
+    declared name would be refused (the machine is consistent, so nothing else
+    catches it)."""
+    declared = [e for e in machine.events if e not in machine.implicit_events]
+    said = []
+    for name in sorted(machine.implicit_events):
+        close = difflib.get_close_matches(name, declared, n=1, cutoff=0.8)
+        if close:
+            said.append(
+                f"event {name!r} is named by a transition but never declared: did you "
+                f"mean {close[0]!r}?"
+            )
+    return said
 
 
 def _sampled(machine: Machine, count: int, seed: int) -> tuple[Machine, tuple[str, ...]] | None:
