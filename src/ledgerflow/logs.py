@@ -2,10 +2,12 @@
 one line per record, as text for people or as JSON for a log pipeline
 (``LEDGERFLOW_LOG_FORMAT=json``).
 
-A JSON line carries what a record knows of its workflow: the ``workflow_id``,
-``step``, ``seq`` and ``attempt`` of the step running when it was logged (so logs
-written by step code are tied to their instance without passing anything), or the
-``workflow_id`` the engine names in its own records.
+A JSON line carries what a record knows of its workflow: the ``workflow_id`` and
+``correlation_id`` of the pass (or task-queue attempt) running when it was logged,
+the ``step``, ``seq`` and ``attempt`` of the step running (so logs written by step
+code are tied to their instance without passing anything), the ``trace_id`` and
+``span_id`` of the active OpenTelemetry span, or the ``workflow_id`` the engine
+names in its own records.
 """
 
 from __future__ import annotations
