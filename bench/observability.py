@@ -23,23 +23,12 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
 from typing import Any
 
 from opentelemetry import trace
-from opentelemetry.context import Context
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult
-from opentelemetry.sdk.trace.sampling import (
-    ALWAYS_ON,
-    ParentBased,
-    Sampler,
-    SamplingResult,
-    TraceIdRatioBased,
-)
-from opentelemetry.trace import Link, SpanKind
-from opentelemetry.trace.span import TraceState
-from opentelemetry.util.types import Attributes
+from opentelemetry.sdk.trace.sampling import ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
 
 import ledgerflow as lf
 from ledgerflow import metrics, tracing
@@ -54,41 +43,28 @@ class _Dropped(SpanExporter):
         return SpanExportResult.SUCCESS
 
 
-class _Switch(Sampler):
-    """The sampler of the arm running now (a provider's sampler is fixed)."""
+class _Switch(ParentBased):
+    """``ParentBased`` (the SDK's default kind, children follow their parent) whose
+    root sampler is the running arm's: a provider's sampler is fixed."""
 
     def __init__(self) -> None:
-        self.inner: Sampler = ALWAYS_ON
+        super().__init__(ALWAYS_ON)
 
-    def should_sample(
-        self,
-        parent_context: Context | None,
-        trace_id: int,
-        name: str,
-        kind: SpanKind | None = None,
-        attributes: Attributes = None,
-        links: Sequence[Link] | None = None,
-        trace_state: TraceState | None = None,
-    ) -> SamplingResult:
-        return self.inner.should_sample(
-            parent_context, trace_id, name, kind, attributes, links, trace_state
-        )
-
-    def get_description(self) -> str:
-        return f"switch({self.inner.get_description()})"
+    def root(self, sampler: Sampler) -> None:
+        self._root = sampler
 
 
 SIZES = {"sequential": 120, "loop": 400}
 ROUNDS = 3
 """Batches per arm and mode."""
 ARMS = ("off", "metrics", "traced", "sampled")
-_SAMPLED = ParentBased(TraceIdRatioBased(0.1))
+_RATIO = TraceIdRatioBased(0.1)
 
 
 def _arm(name: str, switch: _Switch) -> None:
     metrics.enable(name != "off")
     tracing.enable(name in ("traced", "sampled"))
-    switch.inner = _SAMPLED if name == "sampled" else ALWAYS_ON
+    switch.root(_RATIO if name == "sampled" else ALWAYS_ON)
 
 
 async def run_backend(backend: str) -> dict[str, Any]:

@@ -194,6 +194,27 @@ async def test_a_step_run_by_another_services_worker_is_in_the_workflows_trace(
     assert remote.parent.span_id in sender
 
 
+async def test_a_workflow_out_of_the_sample_makes_no_spans_and_carries_the_decision(
+    tmp_path: Path, spans: InMemorySpanExporter
+) -> None:
+    """Started in a trace the caller's sampler left out (flags 00): with the SDK's
+    ParentBased sampler no span of it would be recorded, so none is made (the cost
+    of tracing for most workflows of a sampled deployment), and the unsampled
+    decision is what its events carry on to other services."""
+    unsampled = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-00"
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with ledgerflow.Engine(url, workflows=[traced_saga]) as engine:
+        with tracing.joined(unsampled):
+            handle = await engine.start(traced_saga, "o-9", id="u-1")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await asyncio.wait_for(handle.result(), 10)
+        history = await engine.history("u-1")
+    assert of_workflow("u-1") == []
+    assert spans.get_finished_spans() == ()
+    carried = {e.metadata.traceparent for e in history if e.metadata.traceparent}
+    assert carried == {unsampled}
+
+
 def test_an_expected_exception_ends_a_span_without_failing_it(
     spans: InMemorySpanExporter,
 ) -> None:

@@ -43,6 +43,9 @@ __all__ = [
 
 _tracer = trace.get_tracer("ledgerflow")
 _on = True
+_drops: tuple[object, bool] | None = None
+"""The tracer provider last looked at, and whether its sampler drops every child of
+an unsampled parent (``_unsampled_children_dropped``)."""
 
 
 def enable(on: bool) -> None:
@@ -145,6 +148,14 @@ def span(
     if not _on:
         yield trace.INVALID_SPAN
         return
+    parent = trace.get_current_span()
+    within = parent.get_span_context()
+    if within.is_valid and not within.trace_flags.sampled and _unsampled_children_dropped():
+        # The sampler would drop it (its trace is out of the sample): none is made,
+        # and the unsampled context goes on as it is. Most workflows of a sampled
+        # deployment pay this check instead of a span.
+        yield parent
+        return
     current = _tracer.start_span(name, kind=kind, links=links, attributes=attributes)
     token = context.attach(trace.set_span_in_context(current))
     try:
@@ -160,6 +171,37 @@ def span(
     finally:
         context.detach(token)
         current.end()
+
+
+def _unsampled_children_dropped() -> bool:
+    """Whether the SDK's sampler never samples a child of an unsampled parent: the
+    default ``ParentBased`` (children follow their parent) or a trace-id ratio (the
+    same trace id, the same decision). Another sampler (one that may sample such a
+    child) gets every span made, as without this shortcut."""
+    global _drops
+    provider = trace.get_tracer_provider()
+    if _drops is not None and _drops[0] is provider:
+        return _drops[1]
+    drops = False
+    try:
+        from opentelemetry.sdk.trace.sampling import (
+            ALWAYS_OFF,
+            ParentBased,
+            TraceIdRatioBased,
+        )
+    except ImportError:  # no SDK: no sampler, and nothing is recorded anyway
+        pass
+    else:
+        sampler = getattr(provider, "sampler", None)
+        if isinstance(sampler, ParentBased):
+            drops = all(
+                getattr(sampler, which, None) is ALWAYS_OFF
+                for which in ("_remote_parent_not_sampled", "_local_parent_not_sampled")
+            )
+        elif isinstance(sampler, TraceIdRatioBased):
+            drops = True
+    _drops = (provider, drops)
+    return drops
 
 
 def fail(current: trace.Span, error_type: str, message: str) -> None:
