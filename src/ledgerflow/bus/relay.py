@@ -52,6 +52,12 @@ log = logging.getLogger("ledgerflow.bus")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
+PRIVATE_STREAMS = frozenset({"ledgerflow-api-keys"})
+"""Streams no relay publishes, whatever its routes select: the HTTP server's API keys
+(``server.keys.KEY_STREAM``: names, roles, tenants and secret hashes) are for the
+ledger's own readers, not for every consumer of the bus."""
+
+
 @dataclass(frozen=True)
 class Route:
     """Which events to publish, and on which subject.
@@ -142,6 +148,8 @@ class Relay(ProjectionRunner):
         self.name = name
 
     def _route(self, event: RecordedEvent) -> Route | None:
+        if event.stream_id in PRIVATE_STREAMS:
+            return None  # credentials never leave the ledger, whatever the routes say
         for route in self.routes:
             if route.matches(event):
                 return route

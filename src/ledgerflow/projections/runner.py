@@ -91,6 +91,8 @@ class ProjectionRunner:
         self._leases: dict[str, ProjectionLease] = {}
         self._made: set[tuple[str, int]] = set()
         """(projection, generation) whose tables this runner made sure of."""
+        self._failures: dict[str, int] = {}
+        """Failures in a row of each projection's runner (its backoff)."""
 
     # -- lifetime ---------------------------------------------------------------------
 
@@ -150,14 +152,17 @@ class ProjectionRunner:
     # -- one projection ---------------------------------------------------------------
 
     async def _follow(self, projection: Projection) -> None:
-        failures = 0
+        # Failures in a row, counted until a batch goes through: a claim that
+        # succeeds proves only the store (a relay whose broker is down claims again
+        # at once), so it does not end the backoff.
+        failures = self._failures
+        failures[projection.name] = 0
         while not self._stopping.is_set():
             try:
                 lease = await self._claim(projection)
                 if lease is None:
                     await self._pause(min(self.poll_interval, self.lease_us / 3e6))
                     continue
-                failures = 0
                 await self._run(projection)
             except ProjectionLeaseLostError as exc:
                 log.warning("%s; stepping back", exc)
@@ -165,9 +170,9 @@ class ProjectionRunner:
             except (StoreUnavailableError, StoreClosedError, BusUnavailableError) as exc:
                 if self._stopping.is_set() or isinstance(exc, StoreClosedError):
                     return
-                failures += 1
+                failures[projection.name] += 1
                 log.warning("projection %s: %s; retrying", projection.name, exc)
-                await self._pause(min(5.0, 0.1 * 2**failures))
+                await self._pause(min(5.0, 0.1 * 2 ** failures[projection.name]))
             except Exception:
                 log.exception("projection %s: runner failed; starting again", projection.name)
                 await self._pause(self.poll_interval)
@@ -204,6 +209,7 @@ class ProjectionRunner:
             wake = signal()  # before the read: a commit after it still wakes us
             lease = self._leases[projection.name]
             _count, more = await self._batch(projection, lease)
+            self._failures[projection.name] = 0
             if not more:
                 await self._pause(min(self.poll_interval, self.lease_us / 3e6), wake)
 
