@@ -54,8 +54,8 @@ class _Switch(ParentBased):
         self._root = sampler
 
 
-SIZES = {"sequential": 120, "loop": 400}
-ROUNDS = 3
+SIZES = {"sequential": 100, "loop": 400}
+ROUNDS = 8
 """Batches per arm and mode."""
 ARMS = ("off", "metrics", "traced", "sampled")
 _RATIO = TraceIdRatioBased(0.1)
@@ -88,6 +88,9 @@ async def run_backend(backend: str) -> dict[str, Any]:
                         began = time.perf_counter()
                         await run(engine, three_def, f"{mode}-{round_}-{arm}", n)
                         spent[arm] += time.perf_counter() - began
+                        # Spans still queued are exported before the next arm, not
+                        # during it (each arm pays for its own, not the one before).
+                        provider.force_flush()
                     note(f"{backend} {mode} round {round_} done")
                 _arm("traced", switch)
                 rate = {arm: ROUNDS * n / spent[arm] for arm in ARMS}

@@ -43,6 +43,8 @@ __all__ = [
 
 _tracer = trace.get_tracer("ledgerflow")
 _on = True
+_last: tuple[object, str] = (None, "")
+"""The span context last formatted as a traceparent, and that traceparent."""
 _drops: tuple[object, bool] | None = None
 """The tracer provider last looked at, and whether its sampler drops every child of
 an unsampled parent (``_unsampled_children_dropped``)."""
@@ -58,12 +60,17 @@ def enable(on: bool) -> None:
 def current_traceparent() -> str | None:
     """The W3C traceparent of the span active now, to record with an append; None
     outside any valid span (no SDK, or no span), so nothing is recorded then."""
+    global _last
     if not _on:
         return None
     found = trace.get_current_span().get_span_context()
     if not found.is_valid:
         return None
-    return f"00-{found.trace_id:032x}-{found.span_id:016x}-{int(found.trace_flags):02x}"
+    if _last[0] is found:  # a pass's appends share its span: formatted once
+        return _last[1]
+    made = f"00-{found.trace_id:032x}-{found.span_id:016x}-{int(found.trace_flags):02x}"
+    _last = (found, made)
+    return made
 
 
 def inject(headers: MutableMapping[str, str]) -> MutableMapping[str, str]:
