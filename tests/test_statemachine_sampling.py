@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 import ledgerflow as lf
 from ledgerflow.cli import app
-from ledgerflow.statemachine import FindingKind, Machine, verify
+from ledgerflow.statemachine import Data, FindingKind, Machine, Payload, verify
 
 
 @dataclass(frozen=True)
@@ -144,3 +144,39 @@ def test_the_cli_samples_on_request(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         app, ["verify", "sampled_defs:payments", "--sample", "40"], env={"COLUMNS": "200"}
     )
     assert "sampled, not exhausted" in text.stdout
+
+
+def big(data: Data, payment: Payment) -> bool:
+    """A guard typed with the event's payload type: mypy checks the field it reads."""
+    return payment.amount >= 100
+
+
+def test_a_guard_may_read_the_payload_by_attribute_as_its_type_declares() -> None:
+    m = Machine("typed")
+    m.event("pay", type=Payment, payload={"amount": [5, 500]})
+    m.state("due", initial=True)
+    m.state("review", terminal=True)
+    m.state("paid", terminal=True)
+    m.transition("due", "pay", "review", guard=big)
+    m.transition("due", "pay", "paid", guard=lambda data, p: p["amount"] < 100)  # or by key
+    assert verify(m).ok, [str(f) for f in verify(m).findings]
+    view = Payload({"amount": 5})
+    assert (view.amount, view["amount"], dict(view)) == (5, 5, {"amount": 5})
+    with pytest.raises(AttributeError, match="no field 'cents'"):
+        _ = view.cents
+    with pytest.raises(AttributeError, match="read-only"):
+        view.amount = 6
+
+
+async def test_at_run_time_the_typed_guard_reads_the_payload_sent() -> None:
+    m = Machine("typed_run")
+    m.event("pay", type=Payment, payload={"amount": [5, 500]})
+    m.state("due", initial=True)
+    m.state("review", terminal=True)
+    m.state("paid", terminal=True)
+    m.transition("due", "pay", "review", guard=big)
+    m.transition("due", "pay", "paid", guard=lambda data, p: p.amount < 100)
+    async with lf.Engine("memory://", workflows=[m]) as engine:
+        await engine.start(m, None, id="t-1")
+        moved = await engine.execute("t-1", "pay", {"amount": 500}, timeout=10)
+    assert moved.state == "review"

@@ -6,7 +6,7 @@ instances (``engine.start(machine, input)``, ``engine.execute(id, event, payload
 
 from __future__ import annotations
 
-from .definition import Activity, Event, Machine, State, Transition
+from .definition import Activity, Data, Event, Machine, Payload, State, Transition
 from .instance import MachineCall, MachineOutcome, MachineState
 from .temporal import Property, always, eventually, leads_to, never
 from .verify import Config, Finding, FindingKind, Report, verify
@@ -14,6 +14,7 @@ from .verify import Config, Finding, FindingKind, Report, verify
 __all__ = [
     "Activity",
     "Config",
+    "Data",
     "Event",
     "Finding",
     "FindingKind",
@@ -21,6 +22,7 @@ __all__ = [
     "MachineCall",
     "MachineOutcome",
     "MachineState",
+    "Payload",
     "Property",
     "Report",
     "State",

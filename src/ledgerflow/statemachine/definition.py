@@ -45,16 +45,53 @@ __all__ = [
     "Event",
     "Guard",
     "Machine",
+    "Payload",
     "State",
     "Transition",
     "Update",
 ]
 
 Data = Mapping[str, Any]
-Guard = Callable[[Data, Data], bool]
-"""``guard(data, payload)``: whether the transition may fire."""
-Update = Callable[[Data, Data], Mapping[str, Any]]
+Guard = Callable[[Data, Any], bool]
+"""``guard(data, payload)``: whether the transition may fire. The payload is a
+``Payload``: its fields read by key or by attribute, so a guard may annotate it with
+the event's declared type (``def big(data: Data, p: Payment) -> bool: return
+p.amount >= 100``) and have mypy check the fields it reads."""
+Update = Callable[[Data, Any], Mapping[str, Any]]
 """``update(data, payload)``: the data after the transition (every field)."""
+
+
+class Payload(Mapping[str, Any]):
+    """An event's payload as guards and updates see it, at run time and in
+    verification alike: read-only, its fields by key (``p["amount"]``) or by attribute
+    (``p.amount``). Field values are as sent (JSON values: an ``Enum`` field holds its
+    value, a nested type a mapping)."""
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, fields: Mapping[str, Any]) -> None:
+        object.__setattr__(self, "_fields", dict(fields))
+
+    def __getitem__(self, name: str) -> Any:
+        return self._fields[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._fields)
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self._fields[name]
+        except KeyError:
+            raise AttributeError(f"the payload has no field {name!r}") from None
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError("a payload is read-only")
+
+    def __repr__(self) -> str:
+        return f"Payload({self._fields!r})"
 
 
 Activity = Callable[..., Any]
@@ -93,7 +130,7 @@ class Event:
         """Every payload the event may carry (one empty payload if it has none)."""
         names = list(self.payload)
         for values in itertools.product(*(self.payload[n] for n in names)):
-            yield MappingProxyType(dict(zip(names, values, strict=True)))
+            yield Payload(dict(zip(names, values, strict=True)))
 
 
 @dataclass(frozen=True, slots=True)

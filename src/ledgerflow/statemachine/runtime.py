@@ -53,7 +53,7 @@ from ..workflow.host import (
 )
 from ..workflow.run import _Pass
 from ..workflow.saga import Compensation
-from .definition import Activity, Machine, Transition
+from .definition import Activity, Machine, Payload, Transition
 from .instance import START_SEQ, Done, Instance, MachineCall, MachineOutcome, Moment, view
 from .semantics import by_source, candidates, final, fire, fire_to
 
@@ -355,10 +355,11 @@ def enabled(
     """The transitions ``event`` fires in this configuration, in declaration order.
     A guard that raises propagates."""
     found: list[Transition] = []
+    view = payload if isinstance(payload, Payload) else Payload(payload)
     for _, t in candidates(_lookup(machine), marking):
         if t.event != event:
             continue
-        if t.guard is None or t.guard(data, payload):
+        if t.guard is None or t.guard(data, view):
             found.append(t)
     return found
 
@@ -379,7 +380,8 @@ def _updated(
 ) -> dict[str, Any]:
     if t.update is None:
         return dict(data)
-    after = dict(t.update(data, payload))
+    view = payload if isinstance(payload, Payload) else Payload(payload)
+    after = dict(t.update(data, view))
     if set(after) != set(machine.domains):
         changed = sorted(set(after) ^ set(machine.domains))
         raise ValueError(f"it changed the data fields {changed}")
