@@ -17,6 +17,7 @@ SNIPPET = """
 from dataclasses import dataclass
 
 import ledgerflow
+import ledgerflow.statemachine
 from ledgerflow import WorkflowContext
 
 
@@ -63,6 +64,42 @@ async def typed(ctx: WorkflowContext, order: Order) -> int:
     return paid + len(good) + by_class + len(kid)
 
 
+@dataclass(frozen=True)
+class Payment2:
+    amount: int
+
+
+def big(data: ledgerflow.statemachine.Data, p: Payment2) -> bool:
+    return p.amount >= 100
+
+
+def misread(data: ledgerflow.statemachine.Data, p: Payment2) -> bool:
+    return p.cents >= 100  # E: the payload type has no such field
+
+
+def notify(call: ledgerflow.MachineCall) -> str:
+    return call.instance_id
+
+
+def undo(call: ledgerflow.MachineCall, result: str) -> None:
+    return None
+
+
+def wrong_activity(order: Order) -> str:
+    return order.sku
+
+
+machine = ledgerflow.Machine("m")
+machine.event("pay", type=Payment2, payload={"amount": [5, 500]})
+machine.state("due", initial=True, on_enter=notify)
+machine.state("review", terminal=True)
+machine.state("paid", terminal=True)
+machine.transition("due", "pay", "review", guard=big, activity=notify, compensate=undo)
+machine.transition("due", "pay", "paid", guard=lambda data, p: p["amount"] < 100)
+machine.transition("due", "pay", "paid", activity=wrong_activity)  # E: not a MachineCall
+machine.state("x", on_exit=wrong_activity)  # E: not a MachineCall
+
+
 async def start(engine: ledgerflow.Engine) -> None:
     handle = await engine.start(typed, Order("a", 1), id="t-1")
     result: int = await handle.result()
@@ -73,7 +110,7 @@ async def start(engine: ledgerflow.Engine) -> None:
 
 
 @pytest.mark.slow
-def test_mypy_strict_refuses_wrong_steps_children_and_starts(tmp_path: Path) -> None:
+def test_mypy_strict_refuses_wrong_steps_children_starts_and_activities(tmp_path: Path) -> None:
     source = tmp_path / "snippet.py"
     source.write_text(SNIPPET)
     out, err, _ = api.run(

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 from ..errors import WorkflowDefinitionError
 from .sampling import is_strategy
@@ -36,6 +36,7 @@ from .sampling import is_strategy
 if TYPE_CHECKING:
     from hypothesis.strategies import SearchStrategy
 
+    from .instance import MachineCall
     from .temporal import Property
 
 __all__ = [
@@ -94,9 +95,13 @@ class Payload(Mapping[str, Any]):
         return f"Payload({self._fields!r})"
 
 
-Activity = Callable[..., Any]
+Activity: TypeAlias = "Callable[[MachineCall], Any]"
 """A step function (``def`` or ``async def``, optionally ``@ledgerflow.step(...)``
-for its name, policy, queue and compensation), called with one ``MachineCall``."""
+for its name, policy, queue and compensation), called with one ``MachineCall``: one
+that takes anything else fails ``mypy --strict`` where the machine is declared."""
+Undo: TypeAlias = Callable[..., Any]
+"""A compensation: called with the activity's ``MachineCall`` and, if it takes it,
+``result=`` (what the activity returned)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -152,7 +157,7 @@ class Transition:
     activity: Activity | None = None
     """Run as a step (its policy, retries, queue) when the transition fires; the
     machine moves once it succeeded."""
-    compensate: Activity | None = None
+    compensate: Undo | None = None
     """Undoes ``activity`` (called with its ``MachineCall`` and ``result=``) when a
     later transition fails towards ``failure`` states or the instance is cancelled;
     the activity's own ``@step(compensate=...)`` otherwise."""
@@ -329,7 +334,7 @@ class Machine:
         update: Update | None = None,
         name: str = "",
         activity: Activity | None = None,
-        compensate: Activity | None = None,
+        compensate: Undo | None = None,
         failure: str | Sequence[str] = (),
     ) -> Transition:
         """``source --event--> target``; an event not declared with ``event`` is one
@@ -402,11 +407,11 @@ class Machine:
             raise WorkflowDefinitionError(f"machine {self.name!r}: property {name!r} twice")
         self.properties[name] = prop
 
-    def actions(self, t: Transition) -> list[tuple[Activity, Activity | None]]:
+    def actions(self, t: Transition) -> list[tuple[Activity, Undo | None]]:
         """What firing ``t`` runs, in order, each with its compensation: the exit
         activities of the states it leaves, its activity, the entry activities of
         the states it enters."""
-        found: list[tuple[Activity, Activity | None]] = []
+        found: list[tuple[Activity, Undo | None]] = []
         for source in t.sources:
             if (fn := self.states[source].on_exit) is not None:
                 found.append((fn, None))
