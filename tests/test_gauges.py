@@ -78,7 +78,7 @@ async def test_the_gauges_say_what_the_store_holds(store: BaseEventStore) -> Non
     assert sample("ledgerflow_instances", status="stuck") == 1
     assert sample("ledgerflow_instances", status="needs_attention") == 0
     head = await store.head_position()
-    assert sample("ledgerflow_ledger_head_position") == head
+    assert sample("ledgerflow_ledger_head_position", backend=store.backend) == head
     row = await store.projection_row("gauged")
     assert row is not None
     assert row.failure is not None

@@ -102,7 +102,7 @@ class StoreGauges:
 
     async def _lag(self, now_us: int) -> None:
         head = await self.store.head_position()
-        metrics.HEAD_POSITION.set(head)
+        metrics.HEAD_POSITION.labels(self.store.backend).set(head)
         seen = set()
         for row in await self.store.list_projections():
             seen.add(row.name)

@@ -165,7 +165,11 @@ INSTANCES = Gauge(
     "Workflow instances not ended, by status (running, needs_attention, stuck).",
     ["status"],
 )
-HEAD_POSITION = Gauge("ledgerflow_ledger_head_position", "The ledger's last global position.")
+HEAD_POSITION = Gauge(
+    "ledgerflow_ledger_head_position",
+    "The ledger's last global position, by backend (absent until first read: never a made-up 0).",
+    ["backend"],
+)
 
 K = TypeVar("K")
 C = TypeVar("C")
