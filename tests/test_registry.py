@@ -249,6 +249,32 @@ class NotRegistered(msgspec.Struct):
     x: int
 
 
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: OrderPlaced(uuid.uuid4(), [Line("apple", "three")], datetime.now(UTC)),  # type: ignore[arg-type]
+        lambda: OrderPlaced("not a uuid", [], datetime.now(UTC)),  # type: ignore[arg-type]
+        lambda: PaymentTaken(uuid.uuid4(), "twelve"),  # type: ignore[arg-type]
+        lambda: PaymentTaken(uuid.uuid4(), 1.5),  # type: ignore[arg-type]
+        lambda: OrderShipped.model_construct(order_id=uuid.uuid4(), carrier=5, weight_kg=1),
+    ],
+    ids=["dataclass, nested", "dataclass", "struct, str", "struct, float", "pydantic, unchecked"],
+)
+async def test_typed_event_holding_values_of_other_types_writes_nothing(
+    store: BaseEventStore, registry: EventRegistry, make: Any
+) -> None:
+    """A dataclass or Struct does not check its field types when built: one holding
+    a str where its class says int used to be stored, and then every read of its
+    stream and of the whole log failed (each projection and subscriber stopped)."""
+    register_all(registry)
+    await store.append("s", [PaymentTaken(uuid.uuid4(), 1)])
+    with pytest.raises(InvalidEventDataError) as info:
+        await store.append("s", [PaymentTaken(uuid.uuid4(), 2), make()])
+    assert info.value.event_type in ("order.placed", "payment.taken", "order.shipped")
+    assert await store.head_position() == 1
+    assert len(await store.read_all()) == 1
+
+
 async def test_unregistered_class_is_refused_and_nothing_written(
     store: BaseEventStore, registry: EventRegistry
 ) -> None:

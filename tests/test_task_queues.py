@@ -186,6 +186,35 @@ async def test_a_non_retryable_error_fails_the_step_at_once(engine: EngineFactor
         assert calls["refuse"] == 1
 
 
+@ledgerflow.step(name="erp.misfit")
+def misfit(n: int) -> int:
+    calls["misfit"] += 1
+    return "twelve"  # type: ignore[return-value]
+
+
+@ledgerflow.workflow(name="tq.misfit")
+async def misfit_flow(ctx: WorkflowContext, n: int) -> str:
+    try:
+        await ctx.step(misfit, n, queue="erp")
+    except StepFailedError as exc:
+        return f"{exc.error_type}: {exc.message}"
+    return "?"
+
+
+async def test_a_result_of_another_type_than_declared_fails_the_step(
+    engine: EngineFactory,
+) -> None:
+    """A worker used to record it, and the workflow's every replay then stopped at
+    it (stuck for good): it fails the step now, as a result with no JSON form does."""
+    async with engine(misfit_flow, clock=REAL, queues=["erp"], steps=[misfit]) as both:
+        handle = await both.start(misfit_flow, 1, id="q-misfit")
+        answer = await handle.result(timeout=WAIT)
+        assert answer.startswith("UnrecordableValueError: its result cannot be recorded")
+        assert "does not fit the step's return type int" in answer
+        assert StepDone not in await types_of(both.store, "q-misfit")
+        assert calls["misfit"] == 1
+
+
 async def test_a_compensation_runs_on_its_steps_queue(engine: EngineFactory) -> None:
     async with (
         engine(saga_flow, clock=REAL) as orders,

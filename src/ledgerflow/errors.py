@@ -33,7 +33,7 @@ driver type ever crosses the port::
     │   ├── WorkflowFinishedError   signal or cancel sent to a finished instance
     │   ├── WorkflowAlreadyStartedError  the id is taken by another workflow or input
     │   ├── NonDeterminismError     the code no longer matches the recorded history
-    │   ├── UnrecordableValueError  a step result or return value cannot be encoded
+    │   ├── UnrecordableValueError  a step result or return value cannot be recorded
     │   ├── RecordedValueError      a recorded value no longer fits the code's type
     │   ├── ResultTooLargeError     a step result or return value over the size limit
     │   ├── StepCancelledError      inside a step: its attempt timed out, stop now
@@ -421,8 +421,9 @@ class WorkflowAlreadyStartedError(WorkflowError):
 
 class UnrecordableValueError(WorkflowError):
     """A value the workflow must record (a step's result, the return value) has no
-    JSON form. The instance is parked as ``stuck`` until code that returns an
-    encodable value is deployed; nothing is compensated, since nothing failed."""
+    JSON form, or does not fit the type declared for it (it could never be read
+    back). The instance is parked as ``stuck`` until code that returns a fitting
+    value is deployed; nothing is compensated, since nothing failed."""
 
     def __init__(self, workflow_id: str, what: str, value: object, reason: str) -> None:
         shown = repr(value)

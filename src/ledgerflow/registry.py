@@ -142,14 +142,24 @@ class EventRegistry:
         encoder = _encoder if sealer is None else sealer.encoder
         try:
             if entry.is_pydantic:
-                data = event.model_dump_json().encode()  # type: ignore[attr-defined]
+                # No serializer warnings: what does not fit is refused just below.
+                data = event.model_dump_json(warnings=False).encode()  # type: ignore[attr-defined]
+                plain = data
             elif personal.declared() and personal.has_personal_objects(event):
                 raw = msgspec.to_builtins(event, builtin_types=(personal.Sealed,))
                 data = encoder.encode(personal.seal_builtins(event, raw))
+                plain = _encoder.encode(msgspec.to_builtins(event))
             else:
-                data = encoder.encode(event)
+                data = plain = encoder.encode(event)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EventSerializationError(entry.name, _unsealed(exc)) from exc
+        # Neither a dataclass nor a Struct checks its field types when built (nor
+        # does a pydantic model made with model_construct): an object holding an int
+        # where its class says str would be stored, and then every read of it, its
+        # stream's and the whole log's (each projection, each subscriber), would
+        # fail. So it is read back now, as a read would (the plain form of sealed
+        # values: their types are checked before they are sealed).
+        self._decode_entry(entry, plain)
         return EncodedEvent(entry.name, entry.version, data)
 
     def _encode_new(self, event: NewEvent, sealer: personal.Sealer | None) -> EncodedEvent:

@@ -26,6 +26,7 @@ from ..clock import Clock, SystemClock
 from ..errors import (
     ConcurrencyError,
     ConfigurationError,
+    RecordedValueError,
     SignalInputError,
     StreamNotFoundError,
     UnknownWorkflowError,
@@ -664,7 +665,10 @@ class WorkflowClient(Operations, MachineClient):
             )
         definition = self._definitions.get(started)
         wanted = output_type if definition is None else definition.output_type
-        return from_builtins(finished.result, wanted)
+        try:
+            return from_builtins(finished.result, wanted)
+        except CodecError as exc:  # a type asked for that the recorded result does not fit
+            raise RecordedValueError(workflow_id, "result", wanted, str(exc)) from None
 
     async def history(self, workflow_id: str) -> list[RecordedEvent]:
         await self._instance(workflow_id)

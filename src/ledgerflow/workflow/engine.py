@@ -647,7 +647,10 @@ class Engine(WorkflowClient):
                 self._journal.forget(workflow_id)
                 return True
             except Park as park:
-                await self._get_stuck(history, park.error)
+                # Steps that ran before it parked (their results wait to ride with
+                # the pass's end) are recorded with the parking: else a resume would
+                # run them again.
+                await self._get_stuck(history, park.error, run.unrecorded())
                 return False
             return await self._conclude(history, result)
         finally:
@@ -777,7 +780,9 @@ class Engine(WorkflowClient):
             self._wake.set()  # the parent is due now: claim it
             return
 
-    async def _get_stuck(self, history: History, error: WorkflowError) -> None:
+    async def _get_stuck(
+        self, history: History, error: WorkflowError, done: Sequence[Any] = ()
+    ) -> None:
         workflow_id = history.workflow_id
         log.error(
             "workflow %s is stuck: %s", workflow_id, error, extra={"workflow_id": workflow_id}
@@ -797,7 +802,7 @@ class Engine(WorkflowClient):
         while True:
             try:
                 await self._journal.append(
-                    history, [stuck], [PutInstance(row), Unschedule(workflow_id)]
+                    history, [*done, stuck], [PutInstance(row), Unschedule(workflow_id)]
                 )
                 break
             except ConcurrencyError:

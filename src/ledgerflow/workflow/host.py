@@ -169,6 +169,12 @@ class Executor(Protocol):
         """The host is done with the pass's result: free what it held."""
         ...
 
+    def unrecorded(self) -> list[Any]:
+        """What the pass made and did not hand over because it parked (``Park``):
+        results of steps that ran, to be recorded with the instance's parking so
+        they never run again."""
+        ...
+
 
 @dataclass
 class PassResult:

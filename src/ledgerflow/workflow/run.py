@@ -165,6 +165,9 @@ class _Pass(Waits, Saga):
         self.on_durable = []
         return taken
 
+    def unrecorded(self) -> list[Any]:
+        return self._take_buffer()
+
     def released(self) -> None:
         """The pass is over: the host appended (or gave up on) what it was handed,
         and results never appended are lost with the pass; their threads go free."""
@@ -224,6 +227,24 @@ class _Pass(Waits, Saga):
             return to_builtins(value)
         except CodecError as exc:
             error = UnrecordableValueError(self.history.workflow_id, what, value, str(exc))
+            raise self._raise(Park(error)) from None
+
+    def _check_fits(self, encoded: Any, value: Any, wanted: Any, what: str, whose: str) -> None:
+        """Park, recording nothing, if ``encoded`` would not read back as ``wanted``:
+        recorded, it would stop every replay there (stuck for good, whatever code is
+        deployed); parked, fixed code runs again on resume."""
+        if wanted is Any:
+            return
+        try:
+            from_builtins(encoded, wanted)
+        except CodecError as exc:
+            shown = getattr(wanted, "__qualname__", None) or repr(wanted)
+            error = UnrecordableValueError(
+                self.history.workflow_id,
+                what,
+                value,
+                f"it does not fit the {whose} return type {shown}: {exc}",
+            )
             raise self._raise(Park(error)) from None
 
     def _decode(self, value: Any, type_: Any, what: str) -> Any:
@@ -500,7 +521,7 @@ class _Pass(Waits, Saga):
                 if ok:
                     held, release = release, nothing
                     return await self._record_result(
-                        seq, name, value, held, rules, admission, found
+                        seq, name, value, held, rules, admission, found, return_type(fn)
                     )
                 writes = self._outcome(admission, value)
                 error_type, message = type(value).__name__, error_message(value)
@@ -683,14 +704,21 @@ class _Pass(Waits, Saga):
         rules: StepRules,
         admission: Admission | None = None,
         found: PolicyVersion | None = None,
+        wanted: Any = Any,
     ) -> Any:
         """Buffer a step's result to ride with the next append; ``release`` frees the
-        step's thread once it is recorded, or at once if it can never be."""
+        step's thread once it is recorded, or at once if it can never be.
+
+        A result that does not fit the step's declared return type is not recorded:
+        every replay would fail to read it back (stuck for good, whatever code is
+        deployed). The instance parks as it does for a result with no JSON form, and
+        the step runs again once code that returns a fitting value is deployed."""
         try:
             try:
                 encoded = to_builtins(value)
             except CodecError:  # said once, with its context, by _encode
                 encoded = self._encode(value, f"the {_result_of(name, seq)}")
+            self._check_fits(encoded, value, wanted, f"the {_result_of(name, seq)}", "step's")
             done = (
                 StepDone(seq=seq, name=name, result=encoded)
                 if rules.policy is None
@@ -773,6 +801,9 @@ class _Run(_Pass):
         if failure is None:
             self._check_finished_path()
             encoded = self._encode(returned, "the workflow's return value")
+            self._check_fits(
+                encoded, returned, self.definition.output_type, "the return value", "workflow's"
+            )
             finished = Finished(status=WorkflowStatus.COMPLETED, result=encoded)
             oversize = self._oversize(finished, encoded, "the workflow's return value")
             if oversize is None:

@@ -528,6 +528,10 @@ class TaskRunner:
             if ok:
                 try:
                     encoded = to_builtins(value)
+                    if row.kind == "step":
+                        # What the workflow could not read back is not recorded as
+                        # its result (its every replay would stop there).
+                        _check_fits(encoded, return_type(fn))
                 except CodecError as exc:
                     await self._finish(
                         row,
@@ -808,3 +812,15 @@ class TaskRunner:
                     )
                     return
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
+
+
+def _check_fits(encoded: Any, wanted: Any) -> None:
+    """Raise ``CodecError`` if a step's encoded result does not read back as the
+    step's declared return type."""
+    if wanted is Any:
+        return
+    try:
+        from_builtins(encoded, wanted)
+    except CodecError as exc:
+        shown = getattr(wanted, "__qualname__", None) or repr(wanted)
+        raise CodecError(f"it does not fit the step's return type {shown}: {exc}") from exc
