@@ -127,8 +127,10 @@ async def test_snapshot_is_used_on_load(store: BaseEventStore) -> None:
     # Replace the snapshot by one with a different (wrong) balance: if load uses it,
     # the result shows it. This proves load starts from the snapshot, not from v1.
     forged = dataclasses.replace(Account(balance=1000, moves=4))
+    kept = await store.load_snapshot("account-7")
+    assert kept is not None
     await store.save_snapshot(
-        ledgerflow.Snapshot("account-7", 4, "account", 1, b'{"balance":1000,"moves":4}')
+        ledgerflow.Snapshot("account-7", 4, kept.type, 1, b'{"balance":1000,"moves":4}')
     )
     assert (await repo.load("7")).state == forged
 
@@ -137,11 +139,64 @@ async def test_snapshot_of_another_schema_version_is_ignored(store: BaseEventSto
     old = ledgerflow.Repository(store, account_aggregate(snapshot_every=2, snapshot_version=1))
     for _ in range(4):
         await old.handle("9", Deposit(5))
+    kept = await store.load_snapshot("account-9")
+    assert kept is not None
     await store.save_snapshot(
-        ledgerflow.Snapshot("account-9", 4, "account", 1, b'{"balance":1000,"moves":4}')
+        ledgerflow.Snapshot("account-9", 4, kept.type, 1, b'{"balance":1000,"moves":4}')
     )
     new = ledgerflow.Repository(store, account_aggregate(snapshot_every=2, snapshot_version=2))
     assert (await new.load("9")).state == Account(balance=20, moves=4)
+
+
+@dataclass(frozen=True)
+class AccountWithDeposits:
+    """``Account`` grown a field, with a default, without a new snapshot_version."""
+
+    balance: int = 0
+    moves: int = 0
+    deposits: int = 0
+
+
+def evolve_counting(state: AccountWithDeposits, event: AccountEvent) -> AccountWithDeposits:
+    moved = evolve(Account(state.balance, state.moves), event)
+    counted = state.deposits + isinstance(event, Deposited)
+    return AccountWithDeposits(moved.balance, moved.moves, counted)
+
+
+async def test_a_snapshot_of_another_state_shape_is_ignored(store: BaseEventStore) -> None:
+    """A field added to the state read as its default from an older snapshot (here
+    0 deposits, where the events say 4), and the next snapshot kept that for good."""
+    old = ledgerflow.Repository(store, account_aggregate(snapshot_every=2))
+    for _ in range(4):
+        await old.handle("11", Deposit(5))
+    grown: ledgerflow.Aggregate[AccountWithDeposits, Deposit | Withdraw, AccountEvent]
+    grown = ledgerflow.Aggregate(
+        name="account",
+        initial=AccountWithDeposits(),
+        decide=lambda state, command: decide(Account(state.balance, state.moves), command),
+        evolve=evolve_counting,
+        state_type=AccountWithDeposits,
+        snapshot_every=2,
+    )
+    new = ledgerflow.Repository(store, grown)
+    assert (await new.load("11")).state == AccountWithDeposits(20, 4, 4)
+    await new.handle("11", Deposit(5))
+    await new.handle("11", Deposit(5))  # a snapshot of the new shape, at version 6
+    assert (await new.load("11")).state == AccountWithDeposits(30, 6, 6)
+    assert (await old.load("11")).state == Account(30, 6)  # not fooled by the new one
+
+
+async def test_a_snapshot_that_does_not_decode_is_rebuilt_from_events(
+    store: BaseEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    repo = ledgerflow.Repository(store, account_aggregate(snapshot_every=2))
+    for _ in range(2):
+        await repo.handle("12", Deposit(5))
+    kept = await store.load_snapshot("account-12")
+    assert kept is not None
+    await store.save_snapshot(ledgerflow.Snapshot("account-12", 2, kept.type, 1, b'{"balance":'))
+    assert (await repo.load("12")).state == Account(balance=10, moves=2)
+    assert "snapshot of account-12 ignored" in caplog.text
 
 
 async def test_business_rule_violation_writes_nothing(store: BaseEventStore) -> None:

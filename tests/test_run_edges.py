@@ -15,7 +15,7 @@ import hashlib
 import logging
 import random
 import threading
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar
 
 import pytest
@@ -1205,3 +1205,66 @@ async def test_a_runner_whose_lease_was_taken_steps_back_saying_why(
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert f"workflow lost-1: stepping back: {lost[0]}" in warnings
     assert tally.log == ["a"]  # the second step never ran
+
+
+# -- durations a workflow cannot wait for ----------------------------------------------
+
+
+def one(n: int) -> int:
+    return n
+
+
+@ledgerflow.workflow(name="bad_waits", version=1)
+async def bad_waits(ctx: WorkflowContext, kind: str) -> str:
+    if kind == "sleep nan":
+        await ctx.sleep(float("nan"))
+    elif kind == "sleep inf":
+        await ctx.sleep(float("inf"))
+    elif kind == "sleep past what a store keeps":
+        await ctx.sleep(1e30)
+    elif kind == "sleep until naive":
+        await ctx.sleep_until(datetime(2030, 1, 1))  # naive: the mistake under test
+    elif kind == "signal timeout nan":
+        await ctx.wait_for_signal("go", timeout=float("nan"))
+    elif kind == "signal timeout past what a store keeps":
+        await ctx.wait_for_signal("go", timeout=1e16)
+    elif kind.startswith("step timeout "):
+        await ctx.step(one, 1, timeout=float(kind.removeprefix("step timeout ")))
+    await ctx.sleep_until(datetime(2020, 1, 1, tzinfo=UTC))  # in the past: fires at once
+    return "waited"
+
+
+@pytest.mark.parametrize(
+    ("kind", "error_type", "says"),
+    [
+        ("sleep nan", "ValueError", "ctx.sleep needs a finite number of seconds, not nan"),
+        ("sleep inf", "ValueError", "ctx.sleep needs a finite number of seconds, not inf"),
+        ("sleep past what a store keeps", "ValueError", "ctx.sleep of 1e+30 s ends later"),
+        ("sleep until naive", "ValueError", "needs a timezone-aware datetime"),
+        ("signal timeout nan", "ValueError", "wait for 'go' needs a finite number"),
+        ("signal timeout past what a store keeps", "ValueError", "later than a timer can"),
+        ("step timeout 0", "WorkflowDefinitionError", "positive, finite number of seconds"),
+        ("step timeout -1", "WorkflowDefinitionError", "not -1.0"),
+        ("step timeout nan", "WorkflowDefinitionError", "not nan"),
+    ],
+)
+async def test_a_duration_no_timer_can_keep_fails_the_call_that_asked(
+    engine: EngineFactory, kind: str, error_type: str, says: str
+) -> None:
+    """Before: a timer past what a store keeps failed every pass (the instance
+    spun, running, for ever); NaN or infinite durations failed with Python's own
+    conversion errors; a step timeout of 0 or less timed every attempt out before
+    it began, and a NaN one bounded nothing."""
+    async with engine(bad_waits) as e:
+        with pytest.raises(ledgerflow.WorkflowFailedError) as failed:
+            await outcome(e, await e.start(bad_waits, kind, id="bw"))
+        assert (failed.value.error_type, failed.value.status) == (error_type, "failed")
+        assert says in failed.value.message
+        assert await outcome(e, await e.start(bad_waits, "none", id="ok")) == "waited"
+
+
+def test_a_step_declared_with_an_unusable_timeout_is_refused() -> None:
+    with pytest.raises(ledgerflow.WorkflowDefinitionError, match="positive, finite"):
+        ledgerflow.step(timeout=0)
+    with pytest.raises(ledgerflow.WorkflowDefinitionError, match="positive, finite"):
+        ledgerflow.step(timeout=timedelta(seconds=-1))

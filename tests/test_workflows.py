@@ -468,6 +468,13 @@ async def test_start_is_idempotent_on_the_id(engine: EngineFactory) -> None:
             await e.start(saga, Order("i", 2), id="same")
         with pytest.raises(ledgerflow.WorkflowInputError, match="non-empty"):
             await e.start(saga, Order("i", 1), id="")
+        # Said in the caller's terms (it was an InvalidEventDataError about the
+        # length of a "stream id", a name the caller never gave).
+        with pytest.raises(ledgerflow.WorkflowInputError, match="253 characters long; at most 252"):
+            await e.start(saga, Order("i", 1), id="x" * 253)
+        with pytest.raises(ledgerflow.WorkflowInputError, match=r"at most 252 \(with the tenant"):
+            await e.start(saga, Order("i", 1), id="x" * 248, tenant="acme")
+        assert [row.workflow_id for row in await e.list_workflows()] == ["same"]
     assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship"]
 
 

@@ -9,6 +9,8 @@ with the loaded version as the expected one, so two racing commands never both w
 
 from __future__ import annotations
 
+import hashlib
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
@@ -21,6 +23,8 @@ from .events import Metadata, Snapshot
 from .store.ports import EventStore
 
 __all__ = ["Aggregate", "Loaded", "Repository"]
+
+log = logging.getLogger("ledgerflow.aggregate")
 
 S = TypeVar("S")
 C = TypeVar("C")
@@ -35,9 +39,12 @@ class Aggregate(Generic[S, C, E]):
     the state (a frozen dataclass or msgspec Struct) used to encode snapshots; a
     snapshot is kept every ``snapshot_every`` events (None: never), unless the state
     or its events hold personal data (``ledgerflow.personal``: a snapshot would keep
-    it in the clear, past an erasure). Bump
-    ``snapshot_version`` whenever the state's shape changes: older snapshots are
-    then ignored and the state is rebuilt from events.
+    it in the clear, past an erasure). A snapshot is used only by code whose state
+    type has the shape it was written with (its fields and their types, as a JSON
+    Schema fingerprint kept with it): older ones are ignored and the state is
+    rebuilt from events, so a field added with a default never reads as that
+    default where the events say otherwise. Bump ``snapshot_version`` when the
+    state's *meaning* changes but not its shape (``evolve`` counts differently).
     """
 
     name: str
@@ -76,6 +83,7 @@ class Repository(Generic[S, C, E]):
         self.aggregate = aggregate
         self._encode = msgspec.json.Encoder().encode
         self._decode_state = msgspec.json.Decoder(aggregate.state_type).decode
+        self._snapshot_type = f"{aggregate.name}@{_shape(aggregate.state_type)}"
 
     def stream_id(self, aggregate_id: str) -> str:
         return f"{self.aggregate.name}-{aggregate_id}"
@@ -86,10 +94,16 @@ class Repository(Generic[S, C, E]):
         snapshot = await self.store.load_snapshot(stream)
         if (
             snapshot is not None
-            and snapshot.type == self.aggregate.name
+            and snapshot.type == self._snapshot_type
             and snapshot.schema_version == self.aggregate.snapshot_version
         ):
-            state, version = self._decode_state(snapshot.state), snapshot.version
+            try:
+                state, version = self._decode_state(snapshot.state), snapshot.version
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                # A cache, not the truth: rebuilt from the events instead.
+                log.warning(
+                    "aggregate %s: snapshot of %s ignored: %s", self.aggregate.name, stream, exc
+                )
         try:
             events = await self.store.read_stream(stream, from_version=version + 1)
         except StreamNotFoundError:
@@ -122,7 +136,7 @@ class Repository(Generic[S, C, E]):
                 Snapshot(
                     stream,
                     result.version,
-                    self.aggregate.name,
+                    self._snapshot_type,
                     self.aggregate.snapshot_version,
                     self._encode(state),
                 )
@@ -161,3 +175,25 @@ def _personal(state: object, events: Sequence[object]) -> bool:
     return personal.has_personal_objects(state) or any(
         personal.has_personal_objects(e) for e in events
     )
+
+
+def _shape(state_type: type) -> str:
+    """A fingerprint of the state type's shape: its JSON Schema (field names, their
+    types, nested classes), hashed. Unnamed in it: defaults and docstrings."""
+    try:
+        schema = msgspec.json.schema(state_type)
+    except (TypeError, ValueError):  # a type msgspec cannot describe: by name only
+        schema = {"type": f"{state_type.__module__}.{state_type.__qualname__}"}
+    return hashlib.sha256(msgspec.json.encode(_without_defaults(schema))).hexdigest()[:16]
+
+
+def _without_defaults(node: object) -> object:
+    if isinstance(node, dict):
+        return {
+            k: _without_defaults(v)
+            for k, v in sorted(node.items())
+            if k not in ("default", "description", "title")
+        }
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node

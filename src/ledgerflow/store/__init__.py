@@ -7,11 +7,13 @@ from urllib.parse import parse_qs, urlsplit
 from ..errors import ConfigurationError
 from ..registry import EventRegistry
 from ._base import DEFAULT_MAX_EVENT_BYTES, Now
+from ._checks import MAX_STREAM_ID_LENGTH
 from ._plan import EventRow, StreamHead
 from .ports import EventStore, WorkflowStore
 
 __all__ = [
     "DEFAULT_MAX_EVENT_BYTES",
+    "MAX_STREAM_ID_LENGTH",
     "EventRow",
     "EventStore",
     "StreamHead",

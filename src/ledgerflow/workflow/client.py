@@ -45,7 +45,7 @@ from ..resilience.guards import breaker_registry
 from ..statemachine.client import MachineClient, check_machine, machine_waits
 from ..statemachine.definition import Machine
 from ..statemachine.instance import MachineOutcome
-from ..store import WorkflowStore, open_store
+from ..store import MAX_STREAM_ID_LENGTH, WorkflowStore, open_store
 from ..store.runtime import InstanceQuery, InstanceRow, Nudge, PutInstance, Schedule
 from ..tenants import check_tenant
 from .codec import CodecError, from_builtins, schema_problems, to_builtins
@@ -334,6 +334,13 @@ class WorkflowClient(Operations, MachineClient):
             raise WorkflowInputError(
                 definition.name,
                 f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
+            )
+        longest = MAX_STREAM_ID_LENGTH - len(self.stream_id(""))
+        if len(workflow_id) > longest:
+            raise WorkflowInputError(
+                definition.name,
+                f"the workflow id is {len(workflow_id)} characters long; at most {longest}"
+                + (" (with the tenant and the /)" if tenant is not None else ""),
             )
         encoded = _check_input(definition, given)
         now = self._now_us()

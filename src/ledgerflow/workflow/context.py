@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any, TypeVar, TypeVarTuple, overload
 from ..errors import WorkflowDefinitionError
 from ..hashing import to_micros
 from ..retry import RetryPolicy, as_seconds
-from .definition import WorkflowDefinition, step_options
+from .definition import WorkflowDefinition, check_step_timeout, step_options
 from .steps import StepClass
+from .waits import due_after, finite_seconds
 
 if TYPE_CHECKING:
     from .run import _Run
@@ -127,6 +128,8 @@ class WorkflowContext:
             raise WorkflowDefinitionError(f"step queue must be a non-empty str, not {queue!r}")
         if policy is not None and (not isinstance(policy, str) or not policy):
             raise WorkflowDefinitionError(f"step policy must be a non-empty str, not {policy!r}")
+        if timeout is not None:
+            check_step_timeout(timeout)
         # The run's coroutine itself, not one around it: one frame less per step.
         return self._run.step(
             step_name,
@@ -141,10 +144,14 @@ class WorkflowContext:
 
     async def sleep(self, duration: timedelta | float) -> None:
         """A durable timer: fires on time even across restarts."""
-        seconds = as_seconds(duration) or 0.0
-        await self._run.timer(lambda now_us: now_us + int(seconds * 1_000_000))
+        seconds = finite_seconds(as_seconds(duration), "ctx.sleep") or 0.0
+        await self._run.timer(lambda now_us: due_after(now_us, seconds, "ctx.sleep"))
 
     async def sleep_until(self, moment: datetime) -> None:
+        """A durable timer until ``moment`` (timezone-aware; one in the past fires
+        at once)."""
+        if not isinstance(moment, datetime) or moment.utcoffset() is None:
+            raise ValueError(f"ctx.sleep_until needs a timezone-aware datetime, not {moment!r}")
         await self._run.timer(lambda _now: to_micros(moment))
 
     @overload
@@ -171,7 +178,8 @@ class WorkflowContext:
         (``wf.signal_rejected``) and the wait goes on; senders are told at once when
         the instance is already waiting (the wait records the type's JSON Schema).
         """
-        return await self._run.signal(name, type_, as_seconds(timeout))
+        seconds = finite_seconds(as_seconds(timeout), f"the timeout of the wait for {name!r}")
+        return await self._run.signal(name, type_, seconds)
 
     async def child(
         self, workflow: WorkflowDefinition[I, R], input: I, *, id: str | None = None

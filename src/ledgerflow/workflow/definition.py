@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 import weakref
 from collections.abc import Awaitable, Callable
@@ -12,7 +13,7 @@ from typing import Any, Generic, ParamSpec, TypeVar
 
 from ..errors import LedgerflowError, WorkflowDefinitionError
 from ..resilience.policy import check_policy_name
-from ..retry import RetryPolicy
+from ..retry import RetryPolicy, as_seconds
 from .lint import lint_workflow
 
 __all__ = ["StepOptions", "WorkflowDefinition", "step", "step_options", "workflow"]
@@ -124,6 +125,9 @@ def step(
         except LedgerflowError as exc:
             raise WorkflowDefinitionError(f"step policy: {exc}") from None
 
+    if timeout is not None:
+        check_step_timeout(timeout)
+
     def mark(fn: F) -> F:
         options = StepOptions(name or fn.__qualname__, retry, timeout, compensate, queue, policy)
         setattr(fn, _STEP_ATTR, options)
@@ -160,3 +164,16 @@ def _hints(fn: Callable[..., Any]) -> dict[str, Any]:
     except (NameError, TypeError):
         # Annotations naming types that are not importable at run time: treat as Any.
         return {}
+
+
+def check_step_timeout(timeout: timedelta | float) -> None:
+    """A step's attempt timeout must be a positive, finite number of seconds: NaN
+    bounded nothing, and 0 or less timed every attempt out before it began."""
+    try:
+        seconds = as_seconds(timeout)
+    except (TypeError, ValueError):
+        seconds = None
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise WorkflowDefinitionError(
+            f"step timeout must be a positive, finite number of seconds, not {timeout!r}"
+        )

@@ -6,6 +6,7 @@ readable."""
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -41,6 +42,30 @@ if TYPE_CHECKING:
 __all__ = ["Waits"]
 
 log = logging.getLogger("ledgerflow.engine")
+
+_LATEST_US = 2**63 - 1
+"""The last moment a timer may be set for: what a store keeps of a due time (a
+64-bit count of microseconds, some 292,000 years from 1970; past year 9999 it is
+described as "beyond")."""
+
+
+def finite_seconds(seconds: float | None, what: str) -> float | None:
+    """``seconds`` if finite (or None); else ValueError, raised in the workflow's
+    code at the call that asked (a NaN or infinite duration is a bug there)."""
+    if seconds is not None and not math.isfinite(seconds):
+        raise ValueError(f"{what} needs a finite number of seconds, not {seconds!r}")
+    return seconds
+
+
+def due_after(now_us: int, seconds: float, what: str) -> int:
+    """The moment ``seconds`` after ``now_us``, for a timer or a wait's deadline;
+    ValueError past what a store can keep (every pass failed in the store then,
+    the instance left running for ever)."""
+    due = now_us + int(seconds * 1_000_000)
+    if due > _LATEST_US:
+        raise ValueError(f"{what} of {seconds!r} s ends later than a timer can be set")
+    return due
+
 
 T = TypeVar("T")
 
@@ -146,7 +171,11 @@ class Waits:
             if waiting is not None:
                 deadline = waiting.deadline_us
             else:
-                deadline = None if timeout is None else now + int(timeout * 1_000_000)
+                deadline = (
+                    None
+                    if timeout is None
+                    else due_after(now, timeout, f"the timeout of the wait for {name!r}")
+                )
                 new = [
                     SignalWaiting(
                         seq=seq, name=name, deadline_us=deadline, schema=json_schema(type_)
