@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -13,6 +16,9 @@ from typer.testing import CliRunner
 
 import ledgerflow as lf
 from ledgerflow.cli import app
+
+from ._engines import WAIT
+from ._workers import CLI, child_env
 
 SHOP = textwrap.dedent(
     """
@@ -130,3 +136,69 @@ def test_operators_see_list_retry_skip_and_query_a_projection(tmp_path: Path, sh
 async def _catch_up(db: str, registry: lf.EventRegistry, projection: lf.Projection) -> None:
     async with lf.open_store(db, registry=registry) as store:
         await lf.ProjectionRunner(store, [projection]).catch_up()
+
+
+def test_a_worker_runs_the_projections_of_its_app_with_the_apps_event_types(
+    tmp_path: Path, shop: object
+) -> None:
+    """A worker opened its store without the app's event registry: events read as
+    plain data, no handler keyed on a class matched, and the projection moved past
+    every event as one it does not handle (0 rows, no failure, nothing behind)."""
+    module: object = shop
+    registry = module.REGISTRY  # type: ignore[attr-defined]
+    placed = module.Placed  # type: ignore[attr-defined]
+    db = f"sqlite:///{tmp_path / 'shop.db'}"
+
+    async def write() -> None:
+        async with lf.open_store(db, registry=registry) as store:
+            await store.append("o-1", [placed("acme", 500)])
+            await store.append("o-bad", [placed("ghost", 1)])
+
+    asyncio.run(write())
+    worker = subprocess.Popen(
+        [*CLI, "worker", "--app", "shop_app", "--db", db, "--poll", "0.05"],
+        cwd=tmp_path,
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            status = runner.invoke(app, ["projections", "status", "shop", "--db", db])
+            found = json.loads(status.stdout) if status.exit_code == 0 else {}
+            if found.get("failure") or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+    finally:
+        worker.send_signal(signal.SIGTERM)
+        output, _ = worker.communicate(timeout=WAIT)
+    assert worker.returncode == 0, output
+    assert (found["position"], found["behind"]) == (1, 1)
+    assert found["failure"]["message"] == "no customer ghost"
+    query = runner.invoke(
+        app,
+        ["projections", "query", "orders", "--app", "shop_app:PROJECTION", "--db", db, "--json"],
+    )
+    assert [json.loads(line)["order_id"] for line in query.stdout.splitlines()] == ["o-1"]
+
+
+async def test_a_projection_of_event_classes_the_store_does_not_know_is_refused(
+    tmp_path: Path, shop: object
+) -> None:
+    projection = shop.PROJECTION  # type: ignore[attr-defined]
+    async with lf.open_store(f"sqlite:///{tmp_path / 'x.db'}") as store:
+        with pytest.raises(lf.ConfigurationError, match="handles Placed, which the store's"):
+            lf.ProjectionRunner(store, [projection])
+    with pytest.raises(lf.ConfigurationError, match="handles Placed"):
+        lf.Engine(f"sqlite:///{tmp_path / 'y.db'}", projections=[projection])
+    # Keyed on a base class of registered ones, or with the registry: fine.
+    async with lf.open_store(
+        f"sqlite:///{tmp_path / 'x.db'}",
+        registry=shop.REGISTRY,  # type: ignore[attr-defined]
+    ) as store:
+        lf.ProjectionRunner(store, [projection])
+        base = lf.Projection("any")
+        base.on(object)(lambda event, view: None)
+        lf.ProjectionRunner(store, [base])

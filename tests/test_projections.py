@@ -346,8 +346,9 @@ async def test_retry_and_skip_are_recorded_with_who_and_why(ledger: BaseEventSto
 
 async def test_an_engine_runs_its_projections(engine: Any) -> None:
     projection = orders_projection()
-    async with engine(projections=[projection]) as running:
-        _register(running.store.registry)
+    registry = lf.EventRegistry()
+    _register(registry)
+    async with engine(projections=[projection], registry=registry) as running:
         await running.store.append("o-1", [Placed("acme", 5)])
         model = ReadModel(running.store, projection)
         await until(model, lambda row: row is not None)

@@ -3,6 +3,7 @@ command line; a real server process (uvicorn) started, used and stopped."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 import socket
@@ -15,6 +16,7 @@ import httpx
 import pytest
 from typer.testing import CliRunner
 
+import ledgerflow
 from ledgerflow.cli import app
 
 from ._workers import CLI, child_env
@@ -37,8 +39,34 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+def ledger_at(db: str) -> str:
+    """A new ledger at ``db`` (as a server or worker makes it on its first start)."""
+
+    async def make() -> None:
+        async with ledgerflow.open_store(db):
+            pass
+
+    asyncio.run(make())
+    return db
+
+
+def test_key_commands_need_a_ledger_and_never_make_one(tmp_path: Path) -> None:
+    """They made one: a mistyped URL got an empty ledger, and a key no server read."""
+    path = tmp_path / "typo.db"
+    db = f"sqlite:///{path}"
+    for args in [
+        ("keys", "create", "x", "--role", "viewer", "--db", db),
+        ("keys", "list", "--db", db),
+        ("keys", "revoke", "ffffffffffffffff", "--reason", "x", "--db", db),
+    ]:
+        code, _, err = run(*args)
+        assert code == 2, (args, err)
+        assert "no ledger at" in err
+        assert not path.exists()
+
+
 def test_keys_are_created_listed_and_revoked(tmp_path: Path) -> None:
-    db = f"sqlite:///{tmp_path / 'keys.db'}"
+    db = ledger_at(f"sqlite:///{tmp_path / 'keys.db'}")
     code, out, err = run(
         "keys", "create", "deploy bot", "--role", "operator", "--tenant", "acme", "--db", db
     )
@@ -88,7 +116,7 @@ def _free_port() -> int:
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_format: str) -> None:
     (tmp_path / "hello_app.py").write_text(APP)
-    db = f"sqlite:///{tmp_path / 'server.db'}"
+    db = ledger_at(f"sqlite:///{tmp_path / 'server.db'}")
     code, out, err = run("keys", "create", "ops", "--role", "operator", "--db", db)
     assert code == 0, err
     headers = {"Authorization": f"Bearer {out.strip()}"}

@@ -281,6 +281,28 @@ sound = _order(True)
 stuck = _order(False)
 made = lambda: _order(True)
 not_a_machine = 42
+
+def _versioned(version: int, place: bool) -> Machine:
+    m = Machine("order", version=version)
+    m.state("created", initial=True)
+    m.state("approved")
+    m.state("placed", terminal=True)
+    m.transition("created", "approve", "approved")
+    if place:
+        m.transition("approved", "place", "placed")
+    return m
+
+old_unsound = [_versioned(1, False), _versioned(2, True)]
+
+class Payload:
+    def __init__(self, a: int) -> None:
+        self.a = a
+
+def needs(x: int) -> Machine:
+    return _order(True)
+
+def raises() -> Machine:
+    raise RuntimeError("no machine today")
 """
 
 
@@ -303,14 +325,25 @@ def test_the_cli_verifies_a_definition_with_exit_codes(
     assert report["ok"] is False
     kinds = {f["kind"] for f in report["findings"]}
     assert kinds == {"deadlock", "no_completion", "unreachable_state"}
+    # Every version of a list (only the newest was, while an engine refuses it).
+    both = runner.invoke(app, ["verify", "sm_defs:old_unsound"], env={"COLUMNS": "200"})
+    assert both.exit_code == 1
+    assert "order v1: NOT SOUND" in both.stdout
+    assert "order v2: sound" in both.stdout
     for target, said in [
         ("sm_defs:not_a_machine", "expected a state machine"),
         ("sm_defs", "expected module:attribute"),
         ("no_such_module:x", "cannot import"),
+        ("sm_defs:nothing", "module 'sm_defs' has no 'nothing'"),
+        # Classes and functions that take arguments are not called (a traceback).
+        ("sm_defs:Payload", "expected a state machine"),
+        ("sm_defs:needs", "calling it failed: TypeError"),
+        ("sm_defs:raises", "calling it failed: RuntimeError: no machine today"),
     ]:
         refused = runner.invoke(app, ["verify", target])
-        assert refused.exit_code == 2
+        assert refused.exit_code == 2, (target, refused.output)
         assert said in refused.stderr
+        assert refused.exception is None or isinstance(refused.exception, SystemExit)
 
 
 # -- temporal properties -------------------------------------------------------------------

@@ -225,3 +225,36 @@ def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> 
     assert result.returncode == 2
     assert "no workflows, projections or steps found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("source", "says"),
+    [
+        ("raise RuntimeError('boom at import')\n", "RuntimeError: boom at import"),
+        ("def broken(:\n", "SyntaxError"),
+        (
+            "import ledgerflow as lf\n\n@lf.workflow(name='w', version=0)\n"
+            "async def w(ctx, n: int) -> int:\n    return n\n",
+            "WorkflowDefinitionError",
+        ),
+    ],
+    ids=["raises", "syntax error", "bad definition"],
+)
+def test_an_app_that_fails_to_import_is_an_error_not_a_traceback(
+    shop: Path, db: str, source: str, says: str
+) -> None:
+    """It was a traceback and exit 1, which for replay-check means "would break"."""
+    (shop / "failing.py").write_text(source)
+    for command in (["worker", "--app", "failing"], ["replay-check", "--app", "failing"]):
+        result = subprocess.run(
+            [*CLI, *command, "--db", db],
+            cwd=shop,
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+            env=child_env(),
+        )
+        assert result.returncode == 2, (command, result.stderr)
+        assert "importing 'failing' failed" in result.stderr
+        assert says in result.stderr
+        assert "Traceback" not in result.stderr

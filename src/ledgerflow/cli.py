@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import inspect
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -861,19 +862,32 @@ def verify_command(
     """Verify a state-machine definition before it runs: every reachable
     configuration explored, each finding with the events that lead there. Exit 0
     sound, 1 findings (or exploration cut short), 2 error."""
-    machine = _machines(target)[-1]
+    machines = _machines(target)
     if fairness not in (None, "none", "strong"):
         _fail(f"--fairness must be none or strong, not {fairness!r}")
-    try:
-        report = verify_machine(
-            machine,
-            max_configurations=max_configurations,
-            fairness="strong" if fairness == "strong" else ("none" if fairness else None),
-            sample=sample,
-            seed=seed,
-        )
-    except LedgerflowError as exc:
-        _fail(str(exc))
+    # Every version named: an engine refuses a list with an unsound one, so verify
+    # says so too (it checked only the newest before).
+    reports = []
+    for machine in machines:
+        try:
+            reports.append(
+                verify_machine(
+                    machine,
+                    max_configurations=max_configurations,
+                    fairness="strong" if fairness == "strong" else ("none" if fairness else None),
+                    sample=sample,
+                    seed=seed,
+                )
+            )
+        except LedgerflowError as exc:
+            _fail(f"{machine.name} v{machine.version}: {exc}")
+    for report in reports:
+        _print_report(report, as_json)
+    if not all(report.ok for report in reports):
+        raise typer.Exit(1)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
     if as_json:
         typer.echo(
             msgspec.json.encode(
@@ -899,18 +913,16 @@ def verify_command(
                 }
             ).decode()
         )
-    else:
-        verdict = "[green]sound[/]" if report.ok else "[red]NOT SOUND[/]"
-        out.print(
-            f"{escape(report.machine)} v{report.version}: {verdict} "
-            f"({report.configurations} configurations explored)"
-        )
-        for note in report.notes:
-            out.print(f"  note: {note}", markup=False, highlight=False, soft_wrap=True)
-        for finding in report.findings:
-            out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
-    if not report.ok:
-        raise typer.Exit(1)
+        return
+    verdict = "[green]sound[/]" if report.ok else "[red]NOT SOUND[/]"
+    out.print(
+        f"{escape(report.machine)} v{report.version}: {verdict} "
+        f"({report.configurations} configurations explored)"
+    )
+    for note in report.notes:
+        out.print(f"  note: {note}", markup=False, highlight=False, soft_wrap=True)
+    for finding in report.findings:
+        out.print(f"  - {finding}", markup=False, highlight=False, soft_wrap=True)
 
 
 @app.command("diagram")
@@ -967,8 +979,11 @@ def _machines(target: str) -> list[Machine]:
     """The machines named by ``module:attribute`` (one, a list of versions, or a
     function returning either), oldest version first."""
     found = _attribute(target, "a state machine")
-    if callable(found) and not isinstance(found, Machine):
-        found = found()
+    if inspect.isfunction(found):  # a function returning the machine (or its versions)
+        try:
+            found = found()
+        except Exception as exc:  # noqa: BLE001 - the app's code failed: said, no traceback
+            _fail(f"{target!r}: calling it failed: {type(exc).__name__}: {exc}")
     listed = found if isinstance(found, list | tuple) else [found]
     if not listed or not all(isinstance(m, Machine) for m in listed):
         _fail(f"{target!r}: expected a state machine (ledgerflow.Machine) or a list of them")
@@ -1305,7 +1320,11 @@ def _attribute(target: str, what: str) -> Any:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         _fail(f"{target!r}: cannot import {module_name!r}: {exc}")
-    return getattr(module, attribute, None)
+    except Exception as exc:  # noqa: BLE001 - the app's code failed: said, no traceback
+        _fail(f"{target!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}")
+    if not hasattr(module, attribute):
+        _fail(f"{target!r}: module {module_name!r} has no {attribute!r}")
+    return getattr(module, attribute)
 
 
 def _named(target: str, kind: type[T], what: str) -> T:
@@ -1480,7 +1499,8 @@ def replay_check_command(
         _fail(f"--status {unknown[0]!r}: one of {', '.join(STATUSES)}")
 
     async def check() -> Any:
-        async with open_store(db, create=False, registry=history_registry()) as store:
+        registry = history_registry(loaded.registry)
+        async with open_store(db, create=False, registry=registry) as store:
             return await replay_check(
                 store, loaded.workflows, statuses=statuses, sample=sample, seed=seed
             )
@@ -1585,6 +1605,7 @@ def worker(
             poll_interval=poll,
             grace=grace,
             gauges_every=gauges_every,
+            registry=loaded.registry,
         )
     )
 

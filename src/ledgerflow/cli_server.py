@@ -18,6 +18,7 @@ from rich.table import Table
 from .cli_options import DEFAULT_DB, DbOption
 from .cli_options import configure_logs as _configure_logs
 from .errors import LedgerflowError
+from .store import WorkflowStore
 from .tenants import ALL_TENANTS
 
 __all__ = ["keys_app", "server"]
@@ -159,7 +160,9 @@ def _built(options: dict[str, Any]) -> Any:
     if str(Path.cwd()) not in sys.path:
         sys.path.insert(0, str(Path.cwd()))  # --app modules of the current directory
     try:
-        workflows = load_app(options["app"]).workflows if options["app"] else []
+        loaded = load_app(options["app"]) if options["app"] else None
+        workflows = loaded.workflows if loaded is not None else []
+        registry = loaded.registry if loaded is not None else None
         tokens = None
         claims: dict[str, Any] = {
             "issuer": options["issuer"],
@@ -173,9 +176,9 @@ def _built(options: dict[str, Any]) -> Any:
             tokens = TokenVerifier.from_file(options["jwks_file"], **claims)
         db = options["db"]
         client = (
-            Engine(db, workflows=workflows)
+            Engine(db, workflows=workflows, registry=registry)
             if options["worker"]
-            else WorkflowClient(db, workflows=workflows)
+            else WorkflowClient(db, workflows=workflows, registry=registry)
         )
     except LedgerflowError as exc:
         raise _fail(str(exc)) from None
@@ -204,12 +207,8 @@ def keys_create(
         raise _fail(str(exc)) from None
 
     async def create() -> str:
-        from .workflow.client import WorkflowClient
-
-        async with WorkflowClient(db) as client:
-            created = await ApiKeys(client.store).create(
-                name, parsed, tenant, by=by or default_actor()
-            )
+        async with _ledger(db) as store:
+            created = await ApiKeys(store).create(name, parsed, tenant, by=by or default_actor())
             return created.secret
 
     secret = _run(create)
@@ -226,10 +225,8 @@ def keys_list(
     from .server.keys import ApiKey, ApiKeys
 
     async def listed() -> list[ApiKey]:
-        from .workflow.client import WorkflowClient
-
-        async with WorkflowClient(db) as client:
-            return await ApiKeys(client.store).list()
+        async with _ledger(db) as store:
+            return await ApiKeys(store).list()
 
     found = _run(listed)
     if as_json:
@@ -280,16 +277,22 @@ def keys_revoke(
     from .server.keys import ApiKeys
 
     async def revoke() -> None:
-        from .workflow.client import WorkflowClient
-
-        async with WorkflowClient(db) as client:
+        async with _ledger(db) as store:
             try:
-                await ApiKeys(client.store).revoke(key_id, by=by or default_actor(), reason=reason)
+                await ApiKeys(store).revoke(key_id, by=by or default_actor(), reason=reason)
             except KeyError:
                 raise _fail(f"no API key {key_id!r}") from None
 
     _run(revoke)
     out.print(f"revoked key {key_id}")
+
+
+def _ledger(db: str) -> WorkflowStore:
+    """The ledger at ``db``, which must exist (the server or a worker makes it): a
+    mistyped URL would else get an empty ledger, and a key nobody's server reads."""
+    from .store import open_store
+
+    return open_store(db, create=False)
 
 
 def _run(work: Any) -> Any:

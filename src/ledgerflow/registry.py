@@ -105,6 +105,25 @@ class EventRegistry:
         self._by_name[name] = entry
         self._by_class[cls] = entry
 
+    def include(self, other: EventRegistry) -> None:
+        """Register every event type and upcaster of ``other`` here too (an app's
+        registries, merged for the one store a worker opens); a name registered to
+        another class, or an upcaster that differs, raises ``ConfigurationError``."""
+        for entry in other._by_name.values():
+            self.register(entry.cls, entry.name, entry.version)
+        for key, fn in other._upcasters.items():
+            known = self._upcasters.get(key)
+            if known is not None and known is not fn:
+                raise ConfigurationError(
+                    f"event {key[0]!r}: two different upcasters from version {key[1]}"
+                )
+            self._upcasters[key] = fn
+
+    def knows(self, cls: type) -> bool:
+        """Whether events of ``cls`` (or of a registered subclass of it) decode to
+        instances of it: what a handler keyed on ``cls`` needs to be called."""
+        return any(issubclass(known, cls) for known in self._by_class)
+
     def upcaster(self, name: str, from_version: int) -> Callable[[Upcaster], Upcaster]:
         """Decorator: ``fn(data)`` turns ``name`` data of ``from_version`` into the next."""
 

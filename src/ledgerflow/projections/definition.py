@@ -85,6 +85,11 @@ class Projection:
         found.extend(self._by_name.get(event.type, ()))
         return found
 
+    def unknown_classes(self, known: Callable[[type], bool]) -> list[type]:
+        """The classes handlers are keyed on that ``known`` (a registry's ``knows``)
+        says no event decodes to: those handlers could never be called."""
+        return [cls for cls in self._by_class if not known(cls)]
+
     @property
     def external(self) -> bool:
         """No tables: its handlers act elsewhere, so it runs at least once."""

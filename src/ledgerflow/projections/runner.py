@@ -79,6 +79,18 @@ class ProjectionRunner:
             raise ConfigurationError(f"projections registered twice: {sorted(names)}")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
+        for projection in projections:
+            # Else its events decode as plain data, no handler of it matches, and
+            # the runner moves past every event as one it does not handle.
+            unknown = projection.unknown_classes(store.registry.knows)
+            if unknown:
+                shown = ", ".join(sorted(cls.__qualname__ for cls in unknown))
+                raise ConfigurationError(
+                    f"projection {projection.name!r} handles {shown}, which the store's "
+                    "event registry does not know: open the store (or the engine) with "
+                    "the registry that registers them (ledgerflow worker --app finds "
+                    "the registries defined at the top level of the app's module)"
+                )
         self.store = store
         self.projections = list(projections)
         self.owner = owner or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"

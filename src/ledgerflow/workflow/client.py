@@ -126,6 +126,10 @@ class WorkflowClient(Operations, MachineClient):
             )
         else:
             history_registry(store.registry)
+            if registry is not None and registry is not store.registry:
+                # Given with a store object (whose registry decodes its events): its
+                # types join the store's, rather than being ignored unseen.
+                store.registry.include(registry)
             self.store = store
         self.policies = PolicyBook(self.store)
         breaker_registry(self.store.registry)

@@ -23,6 +23,7 @@ from typing import Any
 from ..errors import ConfigurationError
 from ..gauges import StoreGauges
 from ..projections.definition import Projection
+from ..registry import EventRegistry
 from ..statemachine.definition import Machine
 from .definition import _STEP_ATTR, StepOptions, WorkflowDefinition
 from .engine import Engine
@@ -36,11 +37,13 @@ log = logging.getLogger("ledgerflow.worker")
 @dataclass(frozen=True)
 class App:
     """What a worker runs: workflows (and state machines), and steps for the task
-    queues it serves."""
+    queues it serves; ``registry``: the event types of the app (every
+    ``EventRegistry`` at the top level of its module, merged), None if it has none."""
 
     workflows: list[Definition]
     steps: list[Any]
     projections: list[Projection] = field(default_factory=list)
+    registry: EventRegistry | None = None
 
 
 def _is_step(value: Any) -> bool:
@@ -60,6 +63,10 @@ def load_app(target: str) -> App:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise ConfigurationError(f"--app {target!r}: cannot import {module_name!r}: {exc}") from exc
+    except Exception as exc:  # the app's own code failed: said, not a traceback
+        raise ConfigurationError(
+            f"--app {target!r}: importing {module_name!r} failed: {type(exc).__name__}: {exc}"
+        ) from exc
     if attribute:
         try:
             found = getattr(module, attribute)
@@ -98,7 +105,24 @@ def load_app(target: str) -> App:
     steps = [v for v in values if not _is_definition(v) and not isinstance(v, Projection)]
     if not values:
         raise ConfigurationError(f"--app {target!r}: no workflows, projections or steps found")
-    return App(workflows, steps, projections)
+    return App(workflows, steps, projections, _registry_of(module, target))
+
+
+def _registry_of(module: Any, target: str) -> EventRegistry | None:
+    """The module's event registries as one (its typed events then decode to their
+    classes, as in the app's own process: projections keyed on them need that)."""
+    found = {id(v): v for v in vars(module).values() if isinstance(v, EventRegistry)}
+    if not found:
+        return None
+    if len(found) == 1:
+        return next(iter(found.values()))
+    merged = EventRegistry()
+    try:
+        for registry in found.values():
+            merged.include(registry)
+    except ConfigurationError as exc:
+        raise ConfigurationError(f"--app {target!r}: its event registries clash: {exc}") from None
+    return merged
 
 
 def _is_definition(value: Any) -> bool:
@@ -127,6 +151,7 @@ async def run_worker(
     grace: float = 10.0,
     stop: asyncio.Event | None = None,
     gauges_every: float | None = None,
+    registry: EventRegistry | None = None,
 ) -> None:
     """Run an engine on ``store`` until ``stop`` is set (or SIGTERM/SIGINT arrive),
     then shut it down gracefully. ``gauges_every``: read the store's gauges (queue
@@ -151,6 +176,7 @@ async def run_worker(
         steps=steps,
         task_concurrency=task_concurrency,
         projections=projections,
+        registry=registry,
     )
     gauges: StoreGauges | None = None
     try:
