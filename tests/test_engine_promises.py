@@ -640,6 +640,48 @@ async def test_a_return_value_of_another_type_than_declared_parks_unrecorded(
     assert calls.count("reserve") == 1
 
 
+cancel_sent = threading.Event()
+
+
+def reserve_until_cancelled(sku: str) -> str:
+    calls.did("reserve")
+    assert cancel_sent.wait(WAIT)  # the cancel lands while this step runs
+    return f"R-{sku}"
+
+
+@ledgerflow.workflow(name="cancelled-mid-step", version=1)
+async def cancelled_mid_step(ctx: WorkflowContext, sku: str) -> str:
+    await ctx.step(reserve_until_cancelled, sku, compensate=release)
+    if sku == "child":
+        return await ctx.child(undoing, sku, id="cm-the-child")
+    return await ctx.step(ship, sku)
+
+
+@pytest.mark.parametrize("sku", ["step", "child"])
+async def test_no_step_or_child_starts_after_an_accepted_cancel(
+    engine: EngineFactory, sku: str
+) -> None:
+    """The next step's first append (the running step's result) folded in the
+    cancel, and nothing looked again: the step ran, and the instance often ended
+    completed although its cancel had been accepted."""
+    cancel_sent.clear()
+    async with engine(cancelled_mid_step, undoing) as e:
+        await e.start(cancelled_mid_step, sku, id=f"cm-{sku}")
+        for _ in range(int(WAIT / 0.01)):
+            if calls.count("reserve"):
+                break
+            await asyncio.sleep(0.01)
+        await e.cancel(f"cm-{sku}", reason="customer")
+        cancel_sent.set()
+        with pytest.raises(ledgerflow.WorkflowFailedError) as ended:
+            await e.handle(f"cm-{sku}").result(timeout=WAIT)
+        with pytest.raises(ledgerflow.WorkflowNotFoundError):
+            await e.describe("cm-the-child")
+    assert ended.value.status == "compensated"
+    assert calls.count("ship") == 0
+    assert calls.count("release") == 1
+
+
 async def step_slots_held(e: ledgerflow.Engine) -> int:
     """Slots of the step threads still taken, once passes just ended have had a
     moment to give theirs back (a slot never given back is a step thread lost for

@@ -692,6 +692,16 @@ async def test_list_instances_by_each_filter(store: BaseEventStore) -> None:
     assert await listing(text="_v") == ["back\\slash"]
     assert await listing(text="\\") == ["back\\slash"]
     assert await listing(text="refund") == ["acme/refund-1"]
+    # Within the prefix asked for, the id is searched after it (a tenant's "acme/"
+    # matched every id of the tenant for "cme" or "e/").
+    assert await listing(id_prefix="acme/", text="cme") == []
+    assert await listing(id_prefix="acme/", text="e/") == []
+    assert await listing(id_prefix="acme/", text="ord-") == [
+        "acme/Ord-3",
+        "acme/ord-1",
+        "acme/ord-2",
+    ]
+    assert await listing(id_prefix="émile/", text="ÉMILE") == []
     # Non-ASCII letters match as written only (both backends' LIKE folds ASCII).
     assert await listing(text="émi") == ["ÉMILE/ord", "émile/ord"]
     assert await listing(text="Émi") == ["ÉMILE/ord", "émile/ord"]

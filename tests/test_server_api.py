@@ -304,3 +304,53 @@ def test_a_key_over_its_rate_is_told_when_to_come_back(tmp_path: Path) -> None:
         assert "retry in" in limited["detail"]
         # Another key has its own bucket.
         assert api.get("/api/v1/workflows", role=Role.VIEWER).status_code == 200
+
+
+def test_a_signals_id_is_per_instance_and_a_reuse_for_another_signal_is_409(api: Api) -> None:
+    """The id was global: the same message id sent to two instances (here of two
+    tenants) answered the second with a 500, and so did a reuse with another payload."""
+    decision = {"approved": True, "approver": "ana"}
+    for tenant in ("acme", "beta"):
+        started = api.post(
+            "/api/v1/workflows",
+            json={"workflow": "approval", "input": "o-9", "id": "o-9"},
+            tenant=tenant,
+        )
+        assert started.status_code == 201, started.text
+        for _ in range(2):  # delivered twice: recorded once
+            sent = api.post(
+                "/api/v1/workflows/o-9/signals/approval",
+                json={"payload": decision, "id": "msg-1"},
+                tenant=tenant,
+            )
+            assert sent.status_code == 202, sent.text
+        api.until("/api/v1/workflows/o-9", lambda b: b["status"] == "completed", tenant=tenant)
+        history = api.get("/api/v1/workflows/o-9/history", tenant=tenant).json()["items"]
+        assert [e["type"] for e in history].count("wf.signal") == 1
+        # Delivered again after it took the signal and ended: still the same send.
+        again = api.post(
+            "/api/v1/workflows/o-9/signals/approval",
+            json={"payload": decision, "id": "msg-1"},
+            tenant=tenant,
+        )
+        assert again.status_code == 202, again.text
+    other = {"payload": {"approved": False, "approver": "bo"}, "id": "msg-1"}
+    assert problem(api.post("/api/v1/workflows/o-9/signals/approval", json=other), 409)[
+        "title"
+    ] == ("Id already used")
+    fresh = {"payload": decision, "id": "msg-new"}
+    assert problem(api.post("/api/v1/workflows/o-9/signals/approval", json=fresh), 409)[
+        "title"
+    ] == ("Workflow finished")
+    api.post("/api/v1/workflows", json={"workflow": "approval", "input": "o-10", "id": "o-10"})
+    note = api.post("/api/v1/workflows/o-10/signals/note", json={"payload": 1, "id": "msg-2"})
+    assert note.status_code == 202, note.text
+    reused = problem(
+        api.post("/api/v1/workflows/o-10/signals/note", json={"payload": 2, "id": "msg-2"}),
+        409,
+    )
+    assert reused["title"] == "Id already used"
+    assert (
+        "the id msg-2 was sent to workflow 'acme/o-10' before with another signal"
+        in (reused["detail"])
+    )

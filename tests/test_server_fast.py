@@ -38,6 +38,7 @@ def both(pair: tuple[Api, Api], *, same_body: bool = True, **request: Any) -> tu
         headers = given.pop("headers", None)
         if headers is None:
             headers = api.auth(given.pop("tenant", None), given.pop("role", None))
+        headers = {**headers, **given.pop("more_headers", {})}
         answers.append(api.http.request("POST", given.pop("path", START), headers=headers, **given))
     fast, slow = answers
     assert fast.status_code == slow.status_code, (fast.text, slow.text)
@@ -71,6 +72,24 @@ def test_the_plain_case_and_what_the_route_refuses_answer_alike(pair: tuple[Api,
     both(pair, json={**order, "id": "f-7"}, headers={"Authorization": "Bearer lfk_nope"})
     both(pair, json={**order, "id": "f-8"}, headers={"Authorization": "Basic abc"})
     both(pair, content=b"[" + b"1," * 600_000 + b"1]", headers=None)  # over 1 MiB
+    # Each was a 500 (nested too deep for the decoder: plain text on the fast
+    # path; a body under 1 MiB whose event is over it), or a 422 saying "'data'".
+    as_json = {"content-type": "application/json"}
+    nested = b'{"workflow": "approval", "id": "f-deep", "input": ' + b"[" * 100_000
+    deep = both(pair, content=nested, more_headers=as_json)[0]
+    assert (deep.status_code, deep.json()["detail"]) == (
+        400,
+        "the body is nested too deeply to read",
+    )
+    empty = both(pair, content=b"", more_headers=as_json)[0]
+    assert (empty.status_code, empty.json()["detail"]) == (
+        400,
+        "the body is empty: a JSON object is expected",
+    )
+    big = {"workflow": "approval", "input": "x" * 1_048_400, "id": "f-9"}
+    large = both(pair, json=big, more_headers={"x-correlation-id": "c" * 100})[0]
+    assert large.status_code == 413
+    assert "is 1048626 bytes encoded; the limit is 1048576" in large.json()["detail"]
 
 
 def test_keys_in_either_header_and_tenants_answer_alike(pair: tuple[Api, Api]) -> None:
@@ -131,3 +150,22 @@ def test_a_correlation_id_is_recorded_and_a_bad_one_refused_alike(pair: tuple[Ap
         assert answer.status_code == 201, answer.text
         history = api.get("/api/v1/workflows/c-1/history").json()["items"]
         assert history[0]["metadata"]["correlation_id"] == "cart-42"
+
+
+def test_a_key_lookup_that_fails_answers_503_on_either_path(
+    pair: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fast path looked the key up outside its error handling: with the store
+    out of reach it answered a plain-text 500 (seen through a network blackhole)."""
+    from ledgerflow.errors import StoreUnavailableError
+    from ledgerflow.server.keys import ApiKeys
+
+    async def unreachable(self: ApiKeys, secret: str) -> Any:
+        raise StoreUnavailableError("postgres", "connect: PoolTimeout")
+
+    monkeypatch.setattr(ApiKeys, "authenticate", unreachable)
+    order = {"workflow": "approval", "input": "o-1", "id": "u-1"}
+    fast, _ = both(pair, json=order)
+    assert fast.status_code == 503
+    assert fast.headers["content-type"] == "application/problem+json"
+    assert fast.headers["retry-after"] == "1"

@@ -88,13 +88,17 @@ class FastStart:
         headers = dict(scope["headers"])
         if headers.get(b"content-type") != b"application/json":
             return False
-        who = await self._principal(headers)
+        try:
+            who = await self._principal(headers)
+        except Exception as exc:  # noqa: BLE001 - the key's lookup failed (the store): answered
+            await self._refuse(send, exc)
+            return True
         if who is None or not who.may(Role.OPERATOR):
             return False
         try:
             data = _decode(body)
-        except (msgspec.ValidationError, msgspec.DecodeError):
-            return False
+        except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+            return False  # the route says what is wrong with it
         if self._limiter.take(who.subject) > 0:
             return False
         try:
@@ -107,17 +111,20 @@ class FastStart:
                 None if correlation is None else correlation.decode("latin-1"),
             )
         except Exception as exc:  # noqa: BLE001 - answered as the route answers it
-            problem = to_problem(exc)
-            await respond(
-                send,
-                problem.status,
-                _encode(problem_body(problem, START_PATH)),
-                MEDIA_TYPE,
-                problem.headers,
-            )
+            await self._refuse(send, exc)
             return True
         await respond(send, 201 if created else 200, _encode(started), "application/json")
         return True
+
+    async def _refuse(self, send: Send, exc: Exception) -> None:
+        problem = to_problem(exc)
+        await respond(
+            send,
+            problem.status,
+            _encode(problem_body(problem, START_PATH)),
+            MEDIA_TYPE,
+            problem.headers,
+        )
 
     async def _principal(self, headers: dict[bytes, bytes]) -> Principal | None:
         header = headers.get(b"authorization", b"").decode("latin-1")

@@ -18,6 +18,8 @@ from litestar.exceptions import HTTPException, ValidationException
 from ..errors import (
     BulkheadFullError,
     CircuitOpenError,
+    DuplicateEventError,
+    EventTooLargeError,
     InvalidTransition,
     LedgerflowError,
     SignalInputError,
@@ -100,7 +102,9 @@ _STATUS: tuple[tuple[type[LedgerflowError], int, str], ...] = (
     (WorkflowNotStuckError, 409, "Workflow not stuck"),
     (InvalidTransition, 409, "Event not accepted"),
     (UnknownWorkflowError, 409, "Workflow code not loaded"),
+    (DuplicateEventError, 409, "Id already used"),
     (WorkflowInputError, 422, "Invalid input"),
+    (EventTooLargeError, 413, "Too large"),
     (StoreUnavailableError, 503, "Store unavailable"),
     (StoreClosedError, 503, "Store unavailable"),
     (CircuitOpenError, 503, "Circuit open"),
@@ -117,6 +121,9 @@ def to_problem(exc: Exception) -> Problem:
         headers: dict[str, str] = dict(exc.headers or {})
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
         return Problem(exc.status_code, _title(exc.status_code), detail, headers=headers)
+    if isinstance(exc, RecursionError) and "deserializ" in str(exc):
+        # msgspec's own limit on nesting, reached reading a body: the body's fault.
+        return Problem(400, "Bad request", "the body is nested too deeply to read")
     for kind, status, title in _STATUS:
         if isinstance(exc, kind):
             retry = {"Retry-After": "1"} if status == 503 else None
@@ -134,6 +141,9 @@ def _validation(exc: ValidationException) -> Problem:
     errors: list[dict[str, str]] = []
     extra: Any = exc.extra
     for item in extra if isinstance(extra, list) else []:
+        if isinstance(item, dict) and item.get("key") == "data" and item.get("message") == "'data'":
+            # The framework's way of saying there was no body at all.
+            return Problem(400, "Bad request", "the body is empty: a JSON object is expected")
         if isinstance(item, dict):
             source = item.get("source") or "body"
             where = getattr(source, "value", source)  # a ParamType for query, path...
@@ -188,7 +198,8 @@ def problem_body(problem: Problem, path: str) -> dict[str, Any]:
         "title": problem.title,
         "status": problem.status,
         "detail": problem.detail,
-        "instance": path,
+        # As the caller wrote it: an id's "/" travels as %2F (SlashSafe made it NUL).
+        "instance": path.replace("\x00", "%2F"),
     }
     if problem.errors:
         body["errors"] = problem.errors

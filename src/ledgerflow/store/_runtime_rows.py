@@ -249,11 +249,12 @@ def matches(row: InstanceRow, query: InstanceQuery) -> bool:
     """Whether ``row`` is one ``query`` asks for: the memory store's filter, and the
     meaning the SQL ones must have."""
     text = None if query.text is None else _ascii_fold(query.text)
+    rest = row.workflow_id[len(query.id_prefix or "") :]
     return (
         (query.status is None or row.status == query.status)
         and (query.name is None or row.name == query.name)
         and (query.id_prefix is None or row.workflow_id.startswith(query.id_prefix))
-        and (text is None or text in _ascii_fold(row.workflow_id) or text in _ascii_fold(row.name))
+        and (text is None or text in _ascii_fold(rest) or text in _ascii_fold(row.name))
         and (query.created_from_us is None or row.created_at_us >= query.created_from_us)
         and (query.created_before_us is None or row.created_at_us < query.created_before_us)
     )
@@ -301,8 +302,12 @@ def instance_filter(
             params.append(upper)
     if query.text is not None:
         pattern = like_pattern(query.text)
+        # In the id after the prefix asked for: a tenant's ids are listed without
+        # their "<tenant>/", and a text matching it matched them all.
+        skip = len(query.id_prefix or "")
+        ids = f"substr(workflow_id, {skip + 1})" if skip else "workflow_id"
         where.append(
-            f"(workflow_id{text_collate} {text_op} {placeholder} ESCAPE '\\' "
+            f"({ids}{text_collate} {text_op} {placeholder} ESCAPE '\\' "
             f"OR name{text_collate} {text_op} {placeholder} ESCAPE '\\')"
         )
         params += [pattern, pattern]

@@ -94,7 +94,8 @@ class InstanceQuery:
     id_prefix: str | None = None
     """Ids that start with it (a tenant's ``<tenant>/``): a range of the primary key."""
     text: str | None = None
-    """A substring of the id or the name, ASCII letters in either case."""
+    """A substring of the id (after ``id_prefix``: a tenant's ids are searched as it
+    sees them) or of the name, ASCII letters in either case."""
     created_from_us: int | None = None
     """Created at or after (µs since the epoch)."""
     created_before_us: int | None = None

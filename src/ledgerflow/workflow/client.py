@@ -26,6 +26,7 @@ from ..clock import Clock, SystemClock
 from ..errors import (
     ConcurrencyError,
     ConfigurationError,
+    DuplicateEventError,
     RecordedValueError,
     SignalInputError,
     StreamNotFoundError,
@@ -476,6 +477,19 @@ class WorkflowClient(Operations, MachineClient):
             raise WorkflowNotFoundError(workflow_id)
         return row
 
+    async def _sent_before(self, stream: str, event_id: UUID, event: Any) -> bool:
+        """Whether ``event`` is stored under ``event_id`` already (a signal delivered
+        again after the instance took it and ended: the retry succeeds, as a repeat
+        does while it runs); DuplicateEventError if another event has that id."""
+        for recorded in await self.store.read_stream(stream, backwards=True):
+            if recorded.id == event_id:
+                if recorded.data != event:
+                    raise DuplicateEventError(
+                        event_id, stream, "the id was used before for another signal"
+                    )
+                return True
+        return False
+
     async def _send(
         self,
         workflow_id: str,
@@ -505,6 +519,8 @@ class WorkflowClient(Operations, MachineClient):
                 version = await self.store.stream_version(stream)
             row = await self._instance(workflow_id)
             if row.status in TERMINAL:
+                if event_id is not None and await self._sent_before(stream, event_id, event):
+                    return  # a repeat of what it received before it ended: done
                 raise WorkflowFinishedError(workflow_id, row.status, action)
             if unchecked:
                 event = _check_signal(workflow_id, event, recent)
@@ -553,7 +569,7 @@ class WorkflowClient(Operations, MachineClient):
             encoded = to_builtins(payload)
         except CodecError as exc:
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
-        event_id = None if id is None else _uuid(id)
+        event_id = None if id is None else _signal_id(workflow_id, id)
         metadata = None
         if actor is not None or reason is not None:
             metadata = Metadata(actor=actor, reason=reason)
@@ -564,13 +580,22 @@ class WorkflowClient(Operations, MachineClient):
             kind=tracing.SpanKind.PRODUCER,
             attributes={"ledgerflow.workflow_id": workflow_id},
         ):
-            await self._send(
-                workflow_id,
-                SignalSent(name=name, payload=encoded),
-                "signal",
-                metadata,
-                event_id=event_id,
-            )
+            try:
+                await self._send(
+                    workflow_id,
+                    SignalSent(name=name, payload=encoded),
+                    "signal",
+                    metadata,
+                    event_id=event_id,
+                )
+            except DuplicateEventError as exc:
+                raise DuplicateEventError(
+                    exc.event_id,
+                    exc.stream_id,
+                    f"the id {id!s} was sent to workflow {workflow_id!r} before with "
+                    "another signal (name, payload, actor or reason): a repeat must be "
+                    "the same signal",
+                ) from None
 
     async def cancel(
         self, workflow_id: str, reason: str | None = None, *, actor: str | None = None
@@ -800,9 +825,11 @@ class WorkflowClient(Operations, MachineClient):
 _IDEMPOTENT = uuid.UUID("6f1c2b7e-4d3a-5e8f-9a0b-1c2d3e4f5a6b")
 
 
-def _uuid(given: str | UUID) -> UUID:
-    """A caller's idempotency key as an event id (a name-based UUID for a string)."""
-    return given if isinstance(given, UUID) else uuid.uuid5(_IDEMPOTENT, given)
+def _signal_id(workflow_id: str, given: str | UUID) -> UUID:
+    """The event id of a signal sent with the idempotency id ``given``: per instance,
+    so one message id may signal many instances (a trigger's fan-out, two tenants'
+    own ids) without one send being taken for a repeat of another's."""
+    return uuid.uuid5(_IDEMPOTENT, f"{workflow_id}\x00{given}")
 
 
 def _with_id(event: Any, event_id: UUID) -> NewEvent:

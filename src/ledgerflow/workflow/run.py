@@ -487,6 +487,9 @@ class _Pass(Waits, Saga):
         when it starts (a policy changed meanwhile applies from the next attempt)."""
         # Clock readings the arguments may depend on are durable before the step acts.
         await self.record([])
+        # That append may have folded in a cancellation (it lands as a conflict):
+        # the step does not start after an accepted cancel.
+        self._live()
         # An operator's retry starts afresh: attempts and deadlines count from it.
         since = [i for i, e in enumerate(recorded or ()) if isinstance(e, StepRetried)]
         current = (recorded or [])[since[-1] + 1 :] if since else (recorded or [])
@@ -516,6 +519,7 @@ class _Pass(Waits, Saga):
                 ok, value, release = False, refusal, nothing
             else:
                 await self.attempts.outlive(seq)
+                self._live()  # nor does a retry, after its backoff
                 ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, limits)
             try:
                 if ok:

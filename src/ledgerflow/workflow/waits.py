@@ -210,6 +210,7 @@ class Waits:
             with self.acting:
                 # What the child's input depends on is durable before it starts.
                 await self.record([])
+                self._live()  # a cancellation that append folded in: no child
                 await self._host(
                     self.host.start_child(workflow, given, cid, self.history.workflow_id, tenant)
                 )
