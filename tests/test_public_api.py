@@ -40,6 +40,7 @@ EXPECTED = {
     "ReadModel",
     "Table",
     "View",
+    "InstanceBusyError",
     "InvalidTransition",
     "TransitionFailedError",
     "MigrationError",

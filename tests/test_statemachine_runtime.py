@@ -4,6 +4,7 @@ one event at a time, cancellation, versions and migration (every backend)."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Mapping
 from datetime import timedelta
 from typing import Any, Literal
@@ -426,6 +427,41 @@ async def test_concurrent_events_apply_one_at_a_time_and_none_is_lost(
             await running.execute("c", "add", timeout=WAIT)
         moves = [e for e in await events_of(running, "c") if isinstance(e, Transitioned)]
         assert [t.data["n"] for t in moves] == list(range(21))
+
+
+busy_until = threading.Event()
+
+
+def slow_activity(call: lf.MachineCall) -> None:
+    assert busy_until.wait(WAIT)
+
+
+async def test_an_event_not_sent_in_time_is_said_not_sent(engine: EngineFactory) -> None:
+    """While the instance ran an earlier event, a timeout ran out before ours was
+    recorded, and execute raised TimeoutError, which says the event is accepted and
+    will run (the CLI said so): it never did."""
+    m = lf.Machine("busy")
+    m.state("a", initial=True)
+    m.state("b")
+    m.state("c", terminal=True)
+    m.transition("a", "go", "b", activity=slow_activity)
+    m.transition("b", "next", "c")
+    busy_until.clear()
+    async with engine(m) as running:
+        await running.start(m, None, id="b1")
+        going = asyncio.create_task(running.execute("b1", "go", timeout=WAIT))
+        sender = lf.WorkflowClient(running.store, workflows=[m])
+        for _ in range(int(WAIT / 0.01)):  # until "go" is the pending event
+            if any(isinstance(e, EventReceived) for e in await events_of(running, "b1")):
+                break
+            await asyncio.sleep(0.01)
+        with pytest.raises(lf.InstanceBusyError, match="nothing was recorded, send it again"):
+            await sender.execute("b1", "next", timeout=0.2)
+        received = [e.name for e in await events_of(running, "b1") if isinstance(e, EventReceived)]
+        assert received == ["go"]
+        busy_until.set()
+        assert (await going).state == "b"
+        assert (await sender.execute("b1", "next", timeout=WAIT)).state == "c"
 
 
 async def test_cancelling_an_instance_compensates_what_it_completed(engine: EngineFactory) -> None:

@@ -25,6 +25,7 @@ from .cli_options import DEFAULT_DB, DbOption, err, fail, out
 from .cli_options import configure_logs as _configure_logs
 from .cli_options import run as _run
 from .errors import (
+    InstanceBusyError,
     InvalidTransition,
     LedgerflowError,
     StreamNotFoundError,
@@ -1063,6 +1064,8 @@ def machines_send(
             )
         except (InvalidTransition, TransitionFailedError) as exc:
             _refused(exc)
+        except InstanceBusyError as exc:
+            _fail(str(exc))
         except TimeoutError:
             _fail(
                 f"{event!r} was accepted but its transition has not run within {timeout:g}s; "

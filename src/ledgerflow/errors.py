@@ -44,6 +44,7 @@ driver type ever crosses the port::
     │   ├── WorkflowNotStuckError   resume of an instance that is not stuck
     │   ├── ChildWorkflowError      inside workflow code: a child did not complete
     │   ├── InvalidTransition       an event a state machine does not accept where it is
+    │   ├── InstanceBusyError       an event not sent in time: the machine was still busy
     │   ├── TransitionFailedError   the activity of a state machine's transition failed
     │   └── MigrationError          a running state machine cannot move to that version
     ├── BusUnavailableError         the event bus's broker is out of reach (retryable)
@@ -85,6 +86,7 @@ __all__ = [
     "EventError",
     "EventSerializationError",
     "EventTooLargeError",
+    "InstanceBusyError",
     "InvalidEventDataError",
     "InvalidPolicyError",
     "InvalidTransition",
@@ -601,6 +603,24 @@ class InvalidTransition(WorkflowError):
         self.event = event
         self.accepts = accepts
         self.reason = reason
+
+
+class InstanceBusyError(WorkflowError):
+    """An event could not be sent in time: the state-machine instance was still
+    running its start or an earlier event's transition, and an event is only
+    checked (and recorded) against the state it will apply to. Nothing was
+    recorded: send it again."""
+
+    retryable = True
+
+    def __init__(self, instance_id: str, event: str, seconds: float) -> None:
+        super().__init__(
+            f"{event!r} was not sent to instance {instance_id!r}: it was still running "
+            f"its start or an earlier event after {seconds:g}s; nothing was recorded, "
+            "send it again"
+        )
+        self.instance_id = instance_id
+        self.event = event
 
 
 class TransitionFailedError(WorkflowError):

@@ -27,6 +27,7 @@ import msgspec
 
 from ..errors import (
     ConcurrencyError,
+    InstanceBusyError,
     InvalidTransition,
     MigrationError,
     TransitionFailedError,
@@ -154,8 +155,10 @@ class MachineClient(abc.ABC):
         was); ``WorkflowFinishedError`` once it has ended; ``WorkflowFailedError``
         (status ``stuck``) if the instance was parked on the way (an activity's
         result that cannot be recorded: the event runs once fitting code is
-        deployed); ``TimeoutError`` if ``timeout`` passes first (the event stays
-        accepted and will run: an activity parked for an operator waits for one).
+        deployed); ``TimeoutError`` if ``timeout`` passes once the event is recorded
+        (it stays accepted and will run: an activity parked for an operator waits for
+        one); ``InstanceBusyError`` if it passes before, while the instance still
+        runs its start or an earlier event (nothing recorded: send it again).
         """
         if not isinstance(event, str) or not event:
             raise WorkflowInputError(
@@ -179,7 +182,11 @@ class MachineClient(abc.ABC):
                 raise WorkflowFinishedError(instance_id, "cancelling", f"send {event!r} to")
             if not instance.begun or instance.pending is not None:
                 # Another event's turn (or the start's): ours is decided after it.
-                await self._until_moved(instance_id, history.version, deadline)
+                try:
+                    await self._until_moved(instance_id, history.version, deadline)
+                except TimeoutError:
+                    # Not recorded yet: not a TimeoutError, which says it was.
+                    raise InstanceBusyError(instance_id, event, seconds or 0.0) from None
                 continue
             # From here to the append nothing awaits: what is checked is the instance
             # at ``version``, and the append is at ``version``.
