@@ -114,8 +114,64 @@ def test_the_cli_gate_exits_1_on_a_breaking_change_and_0_on_a_compatible_one(
     assert "20 of 20 instances would break" in output
     ok = runner.invoke(app, ["replay-check", "--db", url, "--app", "gate_compatible"])
     assert ok.exit_code == 0, ok.output
-    assert "20 instances replay on the new code" in ok.output
+    assert "20 instances fit the new code" in ok.output
     bad = runner.invoke(
         app, ["replay-check", "--db", url, "--app", "gate_v1", "--status", "nonsense"]
     )
     assert bad.exit_code == 2
+
+
+MACHINE = """
+import ledgerflow
+
+proc = ledgerflow.Machine("proc")
+proc.state("draft", initial=True)
+proc.state("review")
+proc.state("done", terminal=True)
+proc.transition("draft", "submit", "review")
+proc.transition("review", "decide", "done")
+"""
+
+
+def test_the_gate_names_state_machine_instances_a_change_in_place_strands(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """It said "ok: N instances replay" for machines it did not look at: a state
+    renamed in place left an instance in a state the new code has not, accepting
+    nothing, not even listed as stuck."""
+    for name, source in {
+        "sm_v1": MACHINE,
+        "sm_renamed": MACHINE.replace('"review"', '"in_review"'),
+        "sm_dead_end": MACHINE.replace(
+            'proc.transition("review", "decide", "done")',
+            'proc.state("closed")\nproc.transition("review", "decide", "closed")',
+        ),
+        "sm_same": MACHINE + "\n# a comment: the same machine\n",
+    }.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+
+    async def instances() -> None:
+        v1 = importlib.import_module("sm_v1")
+        async with ledgerflow.Engine(url, workflows=[v1.proc]) as engine:
+            for n in range(3):
+                await engine.start(v1.proc, None, id=f"p-{n}")
+            await engine.execute("p-0", "submit", timeout=30)
+
+    asyncio.run(instances())
+    runner = CliRunner()
+    renamed = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_renamed"])
+    assert renamed.exit_code == 1, renamed.output
+    output = " ".join(renamed.output.split())
+    assert "BREAKS p-0 (proc v1): it is in review, and the new code's 'proc' v1 has no " in output
+    assert "state 'review'" in output
+    assert "1 of 3 instances would break (3 of them state-machine instances" in output
+    dead_end = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_dead_end"])
+    assert dead_end.exit_code == 1, dead_end.output
+    assert "on the new code" in dead_end.output
+    same = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_same"])
+    assert same.exit_code == 0, same.output
+    assert "3 instances fit the new code (3 of them state-machine instances" in same.output
+    for name in ("sm_v1", "sm_renamed", "sm_dead_end", "sm_same"):
+        sys.modules.pop(name, None)

@@ -1524,14 +1524,15 @@ def replay_check_command(
             soft_wrap=True,
         )
     skipped = (
-        f", {len(report.not_replayed)} state-machine instances not replayed"
+        f" ({len(report.not_replayed)} of them state-machine instances, checked by where "
+        "they are: a machine is data, not code to replay)"
         if (report.not_replayed)
         else ""
     )
     if report.breakages:
         out.print(f"{len(report.breakages)} of {report.checked} instances would break{skipped}")
         raise typer.Exit(1)
-    out.print(f"[green]ok[/]: {report.checked} instances replay on the new code{skipped}")
+    out.print(f"[green]ok[/]: {report.checked} instances fit the new code{skipped}")
 
 
 @app.command("worker")

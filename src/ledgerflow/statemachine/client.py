@@ -531,6 +531,39 @@ def _check_fields(
     )
 
 
+def deploy_problems(machine: Machine, history: History) -> list[str]:
+    """What would strand an instance (its history) if ``machine`` replaced the
+    definition of its version in place: states it is in that are gone, data fields
+    that differ, or no way left to complete from where it is. The replay gate's
+    check of a state machine, which is data, not code to replay."""
+    instance = view(history)
+    if not instance.begun:
+        return []  # it starts in the new code's initial state
+    problems: list[str] = []
+    missing = [s for s in instance.marking if s not in machine.states]
+    if missing:
+        problems.append(
+            f"it is in {'+'.join(instance.marking)}, and the new code's {machine.name!r} "
+            f"v{machine.version} has no state {', '.join(repr(s) for s in missing)}"
+        )
+    if set(instance.data) != set(machine.domains):
+        problems.append(
+            f"its data fields {sorted(instance.data)} differ from the new code's "
+            f"{sorted(machine.domains)}"
+        )
+    if problems:
+        return [
+            *problems,
+            "change a running machine as a new version, then `ledgerflow machines migrate`",
+        ]
+    verdict, why = can_complete(
+        machine, instance.marking, instance.data, max_configurations=MIGRATION_BOUND
+    )
+    if verdict is False:
+        problems.append(f"on the new code {why}")
+    return problems
+
+
 def _migration_problems(
     current: Machine, target: Machine, instance: Instance, renames: Mapping[str, str]
 ) -> list[str]:

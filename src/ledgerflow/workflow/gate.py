@@ -6,8 +6,10 @@ history (``NonDeterminismError``: the first command that differs, recorded again
 attempted, and where in the code the attempt was made), when a recorded value no
 longer fits the code's types (an input, a step's result), or when the new code has
 no definition of the name and version the instance runs on (it would be stranded).
-State machines are data, not code to replay: they are checked by ``machines
-migrate``, and listed here as not replayed.
+State machines are data, not code to replay: an instance of one breaks when the
+new code's machine of its version no longer has a state it is in, its data fields
+differ, or it could no longer complete from where it is (``deploy_problems``);
+they are listed as checked by where they are, not replayed.
 """
 
 from __future__ import annotations
@@ -21,10 +23,11 @@ import msgspec
 
 from ..errors import NonDeterminismError, WorkflowError
 from ..statemachine import Machine
+from ..statemachine.client import deploy_problems
 from ..store import WorkflowStore
 from ..store.runtime import InstanceQuery
 from .definition import WorkflowDefinition
-from .history import Started
+from .history import History, Started
 from .journal import stream_of
 from .replay import export_history, replay
 
@@ -53,7 +56,8 @@ class GateReport:
     """Instances replayed (or found without a definition)."""
     breakages: list[Breakage] = field(default_factory=list)
     not_replayed: list[str] = field(default_factory=list)
-    """Instances of state machines (see the module docstring)."""
+    """Instances of state machines, checked by where they are (see the module
+    docstring); among ``checked``."""
 
     @property
     def ok(self) -> bool:
@@ -103,6 +107,16 @@ async def replay_check(
             continue
         if isinstance(definition, Machine):
             not_replayed.append(workflow_id)
+            problems = deploy_problems(definition, History.of(workflow_id, events))
+            if problems:
+                breakages.append(
+                    Breakage(
+                        workflow_id,
+                        started.name,
+                        started.version,
+                        "; ".join(problems) + ": the instance would be stranded",
+                    )
+                )
             continue
         try:
             await replay(definition, history)
