@@ -255,6 +255,10 @@ def test_keygen_checkpoint_verify_bundle_check_bundle(tmp_path: Path) -> None:
     assert code == 0, output
     key, public = keys / "ledger-signing.key", keys / "ledger-signing.pub"
     assert cli("audit", "keygen", str(keys))[0] == 2  # never overwrites a key
+    # A path that cannot hold them: one line and exit 2 (it was a traceback).
+    code, output = cli("audit", "keygen", str(public / "sub"))
+    assert code == 2
+    assert f"cannot write the key pair to {public / 'sub'}" in output
     heads = tmp_path / "heads.jsonl"
     assert cli("audit", "checkpoint", "--db", url, "--witness", str(heads))[0] == 2  # no key
     code, output = cli(
@@ -327,6 +331,10 @@ async def test_a_bundle_proves_its_events_and_every_alteration_fails(
     assert altered(lambda b: b["events"][7].update(leaf_index=8))
     assert altered(lambda b: b["events"][2].update(version="3")) == [
         "event 3: version is not an integer"
+    ]
+    # The readable time is not hashed: a rewritten one was shown as valid.
+    assert altered(lambda b: b["events"][2].update(recorded_at="2020-01-01T00:00:00+00:00")) == [
+        "event 3: recorded_at '2020-01-01T00:00:00+00:00' is not the hashed recorded_at_us"
     ]
     assert check_bundle({"format": "x"}, signer.verifier).problems == [
         "not a ledgerflow-audit-bundle/1 bundle"

@@ -183,6 +183,10 @@ def _parse_event(event: Any) -> tuple[EventRow, int, list[bytes]]:
     proof = event["inclusion_proof"]
     if not isinstance(proof, list):
         raise ValueError("inclusion_proof is not a list")
+    # The readable time is not hashed (recorded_at_us is): it must say the same.
+    shown = event.get("recorded_at")
+    if shown is not None and shown != from_micros(event["recorded_at_us"]).isoformat():
+        raise ValueError(f"recorded_at {shown!r} is not the hashed recorded_at_us")
     row = EventRow(
         event["position"],
         UUID(event["event_id"]),

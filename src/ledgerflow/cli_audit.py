@@ -150,12 +150,14 @@ def audit_keygen(
     """Create the Ed25519 key pair that signs tree heads. Keep the private key away
     from the database (the checkpointer alone reads it); hand the public key to
     auditors and witnesses."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     private, public = out_dir / "ledger-signing.key", out_dir / "ledger-signing.pub"
     try:
+        out_dir.mkdir(parents=True, exist_ok=True)
         signer = generate_signing_key(private, public)
     except LedgerflowError as exc:
         fail(str(exc))
+    except OSError as exc:  # not a directory, no permission, read-only: said, not a traceback
+        fail(f"cannot write the key pair to {out_dir}: {exc.strerror or exc}")
     out.print(f"private key: {private} (mode 600)\npublic key:  {public}")
     out.print(f"key id: {signer.key_id.hex()}", highlight=False)
 
