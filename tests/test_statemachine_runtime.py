@@ -774,6 +774,9 @@ async def test_a_typed_payload_is_checked_and_completed_before_it_is_recorded(
             await running.execute("t", "decide", {"approver": "mallory"}, timeout=WAIT)
         with pytest.raises(lf.WorkflowInputError, match="urgent"):
             await running.execute("t", "decide", {"approver": "bob", "urgent": "yes"}, timeout=WAIT)
+        # A misspelt optional field: refused, as for an untyped event (it was dropped).
+        with pytest.raises(lf.WorkflowInputError, match=r"unknown fields \['urgnet'\]"):
+            await running.execute("t", "decide", {"approver": "bob", "urgnet": True}, timeout=WAIT)
         moved = await running.execute("t", "decide", Decision("bob"), timeout=WAIT)
         assert moved.state == "slow"
         received = [e for e in await events_of(running, "t") if isinstance(e, EventReceived)]

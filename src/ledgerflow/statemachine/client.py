@@ -24,6 +24,7 @@ from datetime import timedelta
 from typing import Any
 
 import msgspec
+import msgspec.inspect
 
 from ..errors import (
     ConcurrencyError,
@@ -511,6 +512,11 @@ def _check_fields(
     declared domains: those are what verification explored."""
     declared = machine.events.get(event)
     if declared is not None and declared.type is not None:
+        # Fields the type does not declare are refused, as for an untyped event (a
+        # misspelt optional field was dropped without a word).
+        unknown = sorted(set(payload) - _field_names(declared.type))
+        if unknown:
+            raise WorkflowInputError(f"event {event!r}", f"payload: unknown fields {unknown}")
         try:
             typed = msgspec.convert(payload, declared.type)
         except msgspec.ValidationError as exc:
@@ -529,6 +535,13 @@ def _check_fields(
     raise WorkflowInputError(
         f"event {event!r}", f"payload fields for instance {instance_id!r}: {', '.join(problems)}"
     )
+
+
+def _field_names(cls: type) -> set[str]:
+    """The names a payload of ``cls`` (a msgspec Struct or a dataclass) may hold."""
+    info = msgspec.inspect.type_info(cls)
+    fields = getattr(info, "fields", ())
+    return {f.encode_name for f in fields}
 
 
 def deploy_problems(machine: Machine, history: History) -> list[str]:
