@@ -137,3 +137,38 @@ def test_the_format_comes_from_the_environment(
         assert "Traceback" not in result.output
     finally:
         root.handlers[:] = handlers
+
+
+def declines(order: str) -> str:
+    raise ValueError(f"card declined for {order}")
+
+
+def refund(order: str) -> None:
+    pass
+
+
+@ledgerflow.workflow(name="shop.declined")
+async def declined(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.step(charge, order, compensate=refund)
+    return await ctx.step(declines, order, retry=ledgerflow.RetryPolicy.none())
+
+
+async def test_a_step_failed_for_good_and_an_unhappy_end_are_logged(
+    lines: io.StringIO, tmp_path: Path
+) -> None:
+    """Only the step's own lines said anything: nothing from the engine when a step
+    failed for good or the instance ended compensated."""
+    async with ledgerflow.Engine(f"sqlite:///{tmp_path / 'd.db'}", workflows=[declined]) as e:
+        handle = await e.start(declined, "o-3", id="d-1")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result()
+    engine = [r for r in records(lines) if r["logger"] == "ledgerflow.engine"]
+    failed, ended = engine[-2:]
+    assert (failed["level"], failed["workflow_id"], failed["step"]) == (
+        "warning",
+        "d-1",
+        "declines",
+    )
+    assert "failed for good: ValueError: card declined for o-3" in str(failed["message"])
+    assert (ended["level"], ended["workflow_id"]) == ("warning", "d-1")
+    assert str(ended["message"]).startswith("workflow d-1 ended compensated: StepFailedError")

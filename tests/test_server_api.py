@@ -4,7 +4,9 @@ naming the field, and nothing recorded."""
 
 from __future__ import annotations
 
+import asyncio
 import re
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -354,3 +356,30 @@ def test_a_signals_id_is_per_instance_and_a_reuse_for_another_signal_is_409(api:
         "the id msg-2 was sent to workflow 'acme/o-10' before with another signal"
         in (reused["detail"])
     )
+
+
+def test_readiness_answers_503_in_its_time_whatever_the_store_does(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The check was awaited until its cancellation ended, and a query cancelled on
+    a dead connection asks the server to cancel it too, over a new connection that
+    waits out its connect timeout: 503 came after 12 s, not 2."""
+    from ledgerflow.store.sqlite import SQLiteEventStore
+
+    cleaned_up = threading.Event()
+
+    async def stuck(self: SQLiteEventStore) -> int:
+        try:
+            await asyncio.sleep(600)
+        except asyncio.CancelledError:
+            await asyncio.sleep(3)  # a cancel request that takes its time
+            cleaned_up.set()
+            raise
+        return 0
+
+    with serve(f"sqlite:///{tmp_path / 'ready.db'}") as api:
+        monkeypatch.setattr(SQLiteEventStore, "database_now_us", stuck)
+        answer = api.http.get("/ready")
+        assert answer.status_code == 503, answer.text
+        assert answer.json()["detail"] == "the store did not answer within 2 s"
+        assert not cleaned_up.is_set()  # answered without waiting for it

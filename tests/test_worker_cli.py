@@ -258,3 +258,28 @@ def test_an_app_that_fails_to_import_is_an_error_not_a_traceback(
         assert "importing 'failing' failed" in result.stderr
         assert says in result.stderr
         assert "Traceback" not in result.stderr
+
+
+async def test_closing_does_not_wait_for_a_store_out_of_reach(tmp_path: Path) -> None:
+    """A worker told to stop while its database could not be reached waited out
+    every call's own timeouts (a minute, against a grace of 10 s): what closing
+    tells the store is bounded now, and the leases expire by themselves."""
+    import sqlite3
+
+    from ledgerflow.workflow import engine as engine_module
+
+    path = tmp_path / "locked.db"
+    engine = ledgerflow.Engine(f"sqlite:///{path}?busy_timeout=120")
+    await engine.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")  # every write waits up to the busy timeout
+    try:
+        began = time.monotonic()
+        await engine.close(grace=0.1)
+        took = time.monotonic() - began
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+    # A bound on hanging, with room: not a measure of speed.
+    assert took < 60, took
+    assert engine_module.CLOSE_BOOKKEEPING_S < 60

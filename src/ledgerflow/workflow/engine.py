@@ -20,7 +20,7 @@ import socket
 import time
 import uuid
 import weakref
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
 
@@ -80,6 +80,28 @@ __all__ = ["Engine", "WorkflowDescription", "WorkflowHandle"]
 log = logging.getLogger("ledgerflow.engine")
 
 MAX_PASS_RETRIES = 8
+CLOSE_BOOKKEEPING_S = 5.0
+"""What closing may spend telling the store it stops (beyond the passes' grace)."""
+
+
+async def _within(deadline: float, call: Awaitable[Any], what: str) -> bool:
+    """Await ``call`` until ``deadline`` (loop time); False, logged, if the store
+    did not answer in time or refused (closing goes on without it)."""
+    left = deadline - asyncio.get_running_loop().time()
+    try:
+        async with asyncio.timeout(max(0.0, left)):
+            await call
+        return True
+    except (TimeoutError, LedgerflowError) as exc:
+        log.warning(
+            "ledgerflow engine: closing without waiting to %s (%s); what it holds "
+            "expires with its lease",
+            what,
+            exc or "the store did not answer in time",
+        )
+        return False
+
+
 """Store faults in a row after which a pass waits for its lease to expire."""
 
 
@@ -335,11 +357,19 @@ class Engine(WorkflowClient):
         self._wake.set()
         if self._unwatch is not None:
             self._unwatch()
+        # What touches the store here has CLOSE_BOOKKEEPING_S in all beyond the grace
+        # period: with the store out of reach each call would wait out its own
+        # timeouts (a worker told to stop took a minute), and the leases expire by
+        # themselves anyway.
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CLOSE_BOOKKEEPING_S * 0.4
         # Say so first: the registry shows a worker that is stopping, not one that
         # went quiet. The heartbeat keeps saying it while running passes finish.
-        await self._membership.beat(self._now_us())
-        if self._scheduler is not None:
-            await self._scheduler
+        await _within(deadline, self._membership.beat(self._now_us()), "say it is stopping")
+        if self._scheduler is not None and not await _within(
+            deadline, asyncio.shield(self._scheduler), "stop claiming"
+        ):
+            await cancel_and_wait([self._scheduler])
         await asyncio.gather(
             self._finish_passes(grace), self._stop_tasks(grace), self._stop_projections()
         )
@@ -347,13 +377,14 @@ class Engine(WorkflowClient):
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
             await cancel_and_wait([self._heartbeat])
-        with contextlib.suppress(LedgerflowError):
-            await self.store.release_wakeups(self.owner)
-        with contextlib.suppress(LedgerflowError):
-            await self.guards.release()
-        await self._membership.leave()  # last, after the leases
+        deadline = loop.time() + CLOSE_BOOKKEEPING_S * 0.6
+        await _within(deadline, self.store.release_wakeups(self.owner), "give leases back")
+        await _within(deadline, self.guards.release(), "give permits back")
+        await _within(deadline, self._membership.leave(), "leave the registry")  # last
         self.step_threads.shutdown()
-        await super().close()
+        # The store too (a SQLite writer stuck in a busy wait, a pool that cannot
+        # reach its server): what is left of it ends with the process.
+        await _within(max(deadline, loop.time() + 1.0), super().close(), "close the store")
 
     def _stopping(self) -> bool:
         # A method, not the attribute: close() flips it while loops await.
@@ -685,6 +716,15 @@ class Engine(WorkflowClient):
                 return True
             self._stuck.pop(workflow_id, None)
             metrics.workflow_finished(history.started.name, finished.status)
+            if finished.status != WorkflowStatus.COMPLETED:
+                log.warning(
+                    "workflow %s ended %s: %s: %s",
+                    workflow_id,
+                    finished.status,
+                    finished.error_type,
+                    finished.message,
+                    extra={"workflow_id": workflow_id},
+                )
             self._tell(history, finished)
             if parent is not None:
                 await self._after_end(history)

@@ -547,6 +547,14 @@ class _Pass(Waits, Saga):
                         policy_version=rules.policy_version,
                     )
                     await self.record([failed], writes)
+                    log.warning(
+                        "workflow %s: step %r failed for good: %s: %s",
+                        self.history.workflow_id,
+                        name,
+                        error_type,
+                        failed.message,
+                        extra={"workflow_id": self.history.workflow_id, "step": name},
+                    )
                     await self._settle_guards(found, admission, value)
                     raise StepFailedError(name, error_type, failed.message) from value
                 await self.record(
