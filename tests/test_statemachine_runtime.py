@@ -762,6 +762,9 @@ def test_a_typed_payload_gives_verification_its_domains() -> None:
     assert any(f.kind == "guard_error" and "declared domain" in f.message for f in findings)
     with pytest.raises(lf.WorkflowDefinitionError, match="does not have"):
         lf.Machine("x").event("e", type=Decision, payload={"nope": [1]})
+    # Values no sender could get past the type were explored as if they could come.
+    with pytest.raises(lf.WorkflowDefinitionError, match="lists 'carol', 7, which its type"):
+        lf.Machine("x").event("e", type=Decision, payload={"approver": ["alice", "carol", 7]})
 
 
 async def test_a_typed_payload_is_checked_and_completed_before_it_is_recorded(

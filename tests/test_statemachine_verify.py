@@ -141,6 +141,23 @@ def test_a_guard_that_raises_is_a_finding_not_a_crash() -> None:
     assert "KeyError" in raised.message
 
 
+def test_an_update_that_raises_or_leaves_a_field_out_is_said_so() -> None:
+    """Filed as a guard's error, and "leaves the data fields ['k'] changed"."""
+    m = Machine("u", data={"n": (0, 1), "k": ("a",)}, initial_data={"n": 0, "k": "a"})
+    m.state("a", initial=True)
+    m.state("x", terminal=True)
+    m.transition("a", "go", "x", update=lambda d, p: {"n": d["missing"]})
+    m.transition("a", "skip", "x", update=lambda d, p: {"n": 1})
+    m.transition("a", "grow", "x", update=lambda d, p: {**d, "z": 1})
+    report = verify(m)
+    (raised,) = report.of(FindingKind.UPDATE_ERROR)
+    assert "the update of a --go--> x raised KeyError" in raised.message
+    assert not report.of(FindingKind.GUARD_ERROR)
+    added, left_out = sorted(report.of(FindingKind.OUT_OF_DOMAIN), key=lambda f: f.message)
+    assert "leaves out the data fields ['k'] (an update returns every field)" in left_out.message
+    assert "leaves data fields ['z'] the machine does not declare" in added.message
+
+
 def counter(size: int) -> Machine:
     """Counts up to ``size - 1``, and may stop at any time: ``size + 1`` configurations."""
     m = Machine("counter", data={"n": range(size)}, initial_data={"n": 0})

@@ -871,6 +871,9 @@ def verify_command(
     reports = []
     for machine in machines:
         try:
+            # What the runtime refuses at registration first (a state timeout whose
+            # event leaves it nowhere was reported sound).
+            machine.check()
             reports.append(
                 verify_machine(
                     machine,
@@ -915,7 +918,13 @@ def _print_report(report: Any, as_json: bool) -> None:
             ).decode()
         )
         return
-    verdict = "[green]sound[/]" if report.ok else "[red]NOT SOUND[/]"
+    verdict = (
+        "[green]sound[/]"
+        if report.ok
+        else "[yellow]not proven[/]: exploration cut short"
+        if report.bounded and not report.findings
+        else "[red]NOT SOUND[/]"
+    )
     out.print(
         f"{escape(report.machine)} v{report.version}: {verdict} "
         f"({report.configurations} configurations explored)"

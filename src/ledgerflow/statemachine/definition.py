@@ -24,6 +24,7 @@ field and each event payload field lists its possible values.
 from __future__ import annotations
 
 import itertools
+import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -543,11 +544,32 @@ def _typed_domains(
             f"machine {machine!r}: payload of {event!r} declares fields {sorted(unknown)} "
             f"its type {getattr(kind, '__qualname__', kind)} does not have"
         )
+    hints = typing.get_type_hints(kind, include_extras=True)
+    for f in fields:
+        listed = [v for v in declared.get(f.name, ()) if v is not UNEXPLORED]
+        wanted = hints.get(f.name, Any)
+        wrong = [v for v in listed if not _fits(v, wanted)]
+        if wrong:
+            # Explored, they were values no sender could ever get past the type.
+            raise WorkflowDefinitionError(
+                f"machine {machine!r}: payload field {f.name!r} of {event!r} lists "
+                f"{', '.join(repr(v) for v in wrong)}, which its type does not allow"
+            )
     found = dict(declared)
     for f in fields:
         if f.name not in found:
             found[f.name] = _values_of(f.type) or (UNEXPLORED,)
     return found
+
+
+def _fits(value: Any, wanted: Any) -> bool:
+    import msgspec
+
+    try:
+        msgspec.convert(value, wanted)
+    except (msgspec.ValidationError, TypeError):
+        return False
+    return True
 
 
 def _values_of(info: Any) -> tuple[Any, ...] | None:

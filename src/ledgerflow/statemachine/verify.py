@@ -14,8 +14,9 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``invariant``: a reachable configuration where a user's invariant does not hold;
 - ``property``: a temporal property (``temporal.always``, ``never``, ``eventually``,
   ``leads_to``) that fails, with a run that shows it (no fairness assumed);
-- ``guard_error`` and ``out_of_domain``: a guard or update that raised, or an update
-  that left a data field's declared domain;
+- ``guard_error``, ``update_error`` and ``out_of_domain``: a guard or an update that
+  raised, or an update that left a data field's declared domain (or left a field
+  out, or added one);
 - ``improper_completion``: with parallel regions (fork/join), a configuration that has
   reached a terminal state while other regions still hold states.
 
@@ -87,6 +88,7 @@ class FindingKind(enum.StrEnum):
     INVARIANT = "invariant"
     PROPERTY = "property"
     GUARD_ERROR = "guard_error"
+    UPDATE_ERROR = "update_error"
     OUT_OF_DOMAIN = "out_of_domain"
     IMPROPER_COMPLETION = "improper_completion"
 
@@ -294,7 +296,7 @@ def verify(
                     after = data if t.update is None else t.update(data, payload)
                 except Exception as exc:  # noqa: BLE001 - a finding, with its trace
                     found(
-                        FindingKind.GUARD_ERROR,
+                        FindingKind.UPDATE_ERROR,
                         labels[index],
                         f"the update of {labels[index]} raised {exc!r} in {config}",
                         config,
@@ -470,8 +472,12 @@ def _values(domain: tuple[Any, ...]) -> str:
 
 
 def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
-    if set(after) != set(machine.domains):
-        return f"the data fields {sorted(set(after) ^ set(machine.domains))} changed"
+    missing = sorted(set(machine.domains) - set(after))
+    if missing:
+        return f"out the data fields {missing} (an update returns every field)"
+    extra = sorted(set(after) - set(machine.domains))
+    if extra:
+        return f"data fields {extra} the machine does not declare"
     for k, v in after.items():
         if v not in machine.domains[k]:
             return f"{k}={v!r} outside its domain"
