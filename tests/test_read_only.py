@@ -208,6 +208,17 @@ async def test_postgres_mistyped_schema_finds_no_ledger_and_creates_nothing(
     assert not _schema_exists(pg_schema)
 
 
+@pytest.mark.postgres
+async def test_postgres_mistyped_database_finds_no_ledger(pg_schema: str) -> None:
+    """It said the store was unavailable (retry), which no wait can cure."""
+    base = pg_url(pg_schema).split("?", 1)[0].rsplit("/", 1)[0]
+    url = f"{base}/no_such_database_{pg_schema}"
+    with pytest.raises(LedgerNotFoundError) as caught:
+        await ledgerflow.open_store(url, create=False).open()
+    assert str(caught.value).startswith(f"no ledger at {base}/no_such_database_")
+    assert "(its database does not exist)" in str(caught.value)
+
+
 @pytest.fixture
 def postgres_db_url() -> Iterator[str]:
     """A fresh schema name in the server's ``postgres`` database; dropped afterwards."""

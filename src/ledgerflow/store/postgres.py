@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable
@@ -37,6 +38,7 @@ from ..errors import (
     SchemaOutdatedError,
     SchemaVersionError,
     StoreReadOnlyError,
+    StoreUnavailableError,
 )
 from ..events import Snapshot
 from ..hashing import from_micros
@@ -79,6 +81,8 @@ __all__ = [
     "check_schema",
     "split_url",
 ]
+
+_NO_DATABASE = re.compile(r'FATAL: +database ".*" does not exist')
 
 # The names tests and tools have used, from before these lived in other modules.
 _migrations = migrations
@@ -177,8 +181,14 @@ class PostgresEventStore(
 
     async def _open(self) -> None:
         try:
-            with driver_errors("connect", self.location):
-                conn = await self._writing_connection()
+            try:
+                with driver_errors("connect", self.location):
+                    conn = await self._writing_connection()
+            except StoreUnavailableError as exc:
+                # Waiting cannot make a mistyped database name exist.
+                if not self.create and _NO_DATABASE.search(str(exc.__cause__)):
+                    raise LedgerNotFoundError(self.location, "its database does not exist") from exc
+                raise
             if self.create:
                 with driver_errors("check that the database can be written", self.location):
                     await self._check_writable(conn)
