@@ -12,6 +12,7 @@ import sqlite3
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
@@ -573,6 +574,14 @@ async def test_an_unencodable_step_result_parks_the_instance_naming_step_and_typ
 
 
 misfits = {"on": True}
+"""Whether the code of the misfit tests returns the wrong type (before the fix)."""
+
+
+@pytest.fixture
+def misfit_code() -> Iterator[None]:
+    misfits["on"] = True
+    yield
+    misfits["on"] = True
 
 
 def priced(sku: str) -> int:
@@ -586,26 +595,23 @@ async def misfit(ctx: WorkflowContext, sku: str) -> int:
     return await ctx.step(priced, sku)
 
 
+@pytest.mark.usefixtures("misfit_code")
 async def test_a_step_result_of_another_type_than_declared_parks_unrecorded(
     engine: EngineFactory,
 ) -> None:
     """A result that does not fit the step's return annotation used to be recorded,
     and every replay then failed to read it back: stuck for good, whatever code was
     deployed. It is not recorded now; fixed code runs the step again on resume."""
-    misfits["on"] = True
-    try:
-        async with engine(misfit) as e:
-            await e.start(misfit, "m", id="m-1")
-            with pytest.raises(ledgerflow.UnrecordableValueError, match=r"'priced'.*fit.*int"):
-                await e.handle("m-1").result(timeout=WAIT)
-            assert (await e.describe("m-1")).status == "stuck"
-            assert "wf.step_done" not in (await history_types(e, "m-1"))[2:]
-            assert await step_slots_held(e) == 0
-            misfits["on"] = False  # the fix is deployed
-            await e.resume("m-1", reason="priced returns an int now")
-            assert await e.handle("m-1").result(timeout=WAIT) == 12
-    finally:
-        misfits["on"] = True
+    async with engine(misfit) as e:
+        await e.start(misfit, "m", id="m-1")
+        with pytest.raises(ledgerflow.UnrecordableValueError, match=r"'priced'.*fit.*int"):
+            await e.handle("m-1").result(timeout=WAIT)
+        assert (await e.describe("m-1")).status == "stuck"
+        assert "wf.step_done" not in (await history_types(e, "m-1"))[2:]
+        assert await step_slots_held(e) == 0
+        misfits["on"] = False  # the fix is deployed
+        await e.resume("m-1", reason="priced returns an int now")
+        assert await e.handle("m-1").result(timeout=WAIT) == 12
     assert calls.count("priced") == 2
     assert calls.count("release") == 0
 
@@ -616,27 +622,24 @@ async def misfit_return(ctx: WorkflowContext, sku: str) -> int:
     return "twelve" if misfits["on"] else 12  # type: ignore[return-value]
 
 
+@pytest.mark.usefixtures("misfit_code")
 async def test_a_return_value_of_another_type_than_declared_parks_unrecorded(
     engine: EngineFactory,
 ) -> None:
     """It used to be recorded as the instance's result (completed), and result()
     then raised a bare CodecError; a parent of it was stuck for good."""
-    misfits["on"] = True
-    try:
-        async with engine(misfit_return) as e:
-            await e.start(misfit_return, "m", id="mr-1")
-            with pytest.raises(ledgerflow.UnrecordableValueError, match=r"return value.*int"):
-                await e.handle("mr-1").result(timeout=WAIT)
-            assert (await e.describe("mr-1")).status == "stuck"
-            misfits["on"] = False
-            await e.resume("mr-1", reason="returns an int now")
-            assert await e.handle("mr-1").result(timeout=WAIT) == 12
-            # A type asked for that the recorded result does not fit: a typed error.
-            client = ledgerflow.WorkflowClient(e.store)
-            with pytest.raises(ledgerflow.RecordedValueError):
-                await client.handle("mr-1", output_type=list[str]).result(timeout=WAIT)
-    finally:
-        misfits["on"] = True
+    async with engine(misfit_return) as e:
+        await e.start(misfit_return, "m", id="mr-1")
+        with pytest.raises(ledgerflow.UnrecordableValueError, match=r"return value.*int"):
+            await e.handle("mr-1").result(timeout=WAIT)
+        assert (await e.describe("mr-1")).status == "stuck"
+        misfits["on"] = False
+        await e.resume("mr-1", reason="returns an int now")
+        assert await e.handle("mr-1").result(timeout=WAIT) == 12
+        # A type asked for that the recorded result does not fit: a typed error.
+        client = ledgerflow.WorkflowClient(e.store)
+        with pytest.raises(ledgerflow.RecordedValueError):
+            await client.handle("mr-1", output_type=list[str]).result(timeout=WAIT)
     assert calls.count("reserve") == 1
 
 

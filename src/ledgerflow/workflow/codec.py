@@ -10,7 +10,14 @@ import msgspec
 
 from .. import personal
 
-__all__ = ["CodecError", "from_builtins", "json_schema", "schema_problems", "to_builtins"]
+__all__ = [
+    "CodecError",
+    "check_fits",
+    "from_builtins",
+    "json_schema",
+    "schema_problems",
+    "to_builtins",
+]
 
 
 class CodecError(ValueError):
@@ -30,6 +37,19 @@ def to_builtins(value: Any) -> Any:
         return personal.seal_builtins(value, msgspec.to_builtins(value))
     except (TypeError, ValueError) as exc:
         raise CodecError(str(exc)) from exc
+
+
+def check_fits(encoded: Any, wanted: Any, whose: str) -> None:
+    """``CodecError`` if ``encoded`` (a value about to be recorded) would not read
+    back as ``wanted``, the return type ``whose`` code declares: recorded, it would
+    stop every replay of its history there."""
+    if wanted is Any:
+        return
+    try:
+        from_builtins(encoded, wanted)
+    except CodecError as exc:
+        shown = getattr(wanted, "__qualname__", None) or repr(wanted)
+        raise CodecError(f"it does not fit the {whose} return type {shown}: {exc}") from exc
 
 
 def from_builtins(value: Any, type_: Any) -> Any:

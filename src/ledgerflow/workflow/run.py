@@ -63,7 +63,7 @@ from ..errors import (
 from ..resilience.guards import Admission, TokenWait, guarded
 from ..retry import RetryPolicy, as_seconds
 from ..store.runtime import InstanceRow, PutInstance, PutTask, TaskRow
-from .codec import CodecError, from_builtins, json_schema, to_builtins
+from .codec import CodecError, check_fits, from_builtins, json_schema, to_builtins
 from .context import WorkflowContext
 from .definition import WorkflowDefinition, return_type, step_options
 from .history import (
@@ -233,18 +233,10 @@ class _Pass(Waits, Saga):
         """Park, recording nothing, if ``encoded`` would not read back as ``wanted``:
         recorded, it would stop every replay there (stuck for good, whatever code is
         deployed); parked, fixed code runs again on resume."""
-        if wanted is Any:
-            return
         try:
-            from_builtins(encoded, wanted)
+            check_fits(encoded, wanted, whose)
         except CodecError as exc:
-            shown = getattr(wanted, "__qualname__", None) or repr(wanted)
-            error = UnrecordableValueError(
-                self.history.workflow_id,
-                what,
-                value,
-                f"it does not fit the {whose} return type {shown}: {exc}",
-            )
+            error = UnrecordableValueError(self.history.workflow_id, what, value, str(exc))
             raise self._raise(Park(error)) from None
 
     def _decode(self, value: Any, type_: Any, what: str) -> Any:

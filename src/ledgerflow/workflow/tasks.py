@@ -62,7 +62,7 @@ from ..store.runtime import (
     TaskLease,
     TaskRow,
 )
-from .codec import CodecError, from_builtins, json_schema, to_builtins
+from .codec import CodecError, check_fits, from_builtins, json_schema, to_builtins
 from .definition import return_type, step_options
 from .history import (
     CompensationAttemptFailed,
@@ -531,7 +531,7 @@ class TaskRunner:
                     if row.kind == "step":
                         # What the workflow could not read back is not recorded as
                         # its result (its every replay would stop there).
-                        _check_fits(encoded, return_type(fn))
+                        check_fits(encoded, return_type(fn), "step's")
                 except CodecError as exc:
                     await self._finish(
                         row,
@@ -812,15 +812,3 @@ class TaskRunner:
                     )
                     return
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
-
-
-def _check_fits(encoded: Any, wanted: Any) -> None:
-    """Raise ``CodecError`` if a step's encoded result does not read back as the
-    step's declared return type."""
-    if wanted is Any:
-        return
-    try:
-        from_builtins(encoded, wanted)
-    except CodecError as exc:
-        shown = getattr(wanted, "__qualname__", None) or repr(wanted)
-        raise CodecError(f"it does not fit the step's return type {shown}: {exc}") from exc
