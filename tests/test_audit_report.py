@@ -61,6 +61,12 @@ async def test_the_report_lists_each_action_with_who_and_why(
         only = [a async for a in actions(e.store, types={"wf.signal"})]
         assert [a.actor for a in only] == ["cy"]
 
+    async with engine(approve) as e:
+        # An all-tenants caller's id whose prefix cannot name a tenant is nobody's
+        # (the report showed "<script>alert(1)<" as its tenant).
+        await e.start(approve, "d", id="<script>alert(1)</script>", actor="root")
+        (odd,) = [a async for a in actions(e.store, actor="root")]
+        assert odd.tenant is None
     table = list(csv.DictReader(io.StringIO(actions_csv(everything))))
     assert [row["actor"] for row in table] == ["ana", "bo", "cy", "ana"]
     # A reason a spreadsheet would run as a formula is quoted as text.

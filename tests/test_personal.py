@@ -25,7 +25,7 @@ from ledgerflow.gdpr import ERASURE_STREAM, erase_subject
 from ledgerflow.personal import ERASED, Sealed, Sealer, SubjectKey, reveal, seal_builtins
 from ledgerflow.store.ports import EventStore
 
-from ._engines import until_status, waiting_for
+from ._engines import WAIT, waiting_for
 
 
 @dataclass(frozen=True)
@@ -230,13 +230,13 @@ async def test_a_workflow_whose_input_was_erased_fails_clearly(tmp_path: Path) -
         assert b"eve@example.com" not in rows[0].data
         await erase_subject(engine.store, "c-9", reason="request")
         await engine.signal("w-9", "go", None)
-        # Its input can no longer be read: the instance is parked as stuck, saying
-        # why, instead of running on a placeholder.
-        await until_status(engine, "w-9", "stuck")
-        described = await engine.describe("w-9")
-        assert described.error is not None
-        assert "the personal data at $.email was erased" in described.error
-        del handle
+        # Its input can no longer be read: the instance fails, saying why, instead
+        # of running on a placeholder (it was parked as stuck, for good: no code
+        # could fit data that is gone).
+        with pytest.raises(ledgerflow.WorkflowFailedError) as ended:
+            await handle.result(timeout=WAIT)
+        assert (ended.value.status, ended.value.error_type) == ("failed", "PersonalDataErasedError")
+        assert "$.email" in ended.value.message
 
 
 def test_cli_erase_is_idempotent(tmp_path: Path) -> None:

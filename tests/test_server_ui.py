@@ -55,6 +55,29 @@ def test_pages_need_a_session(api: Api) -> None:
     assert "not valid" in refused.text
 
 
+def test_a_sign_in_posted_from_another_site_is_refused(api: Api) -> None:
+    """It had no token and no origin check: another site could sign a visitor's
+    browser in with the attacker's key (login CSRF)."""
+    key = api.keys[("acme", Role.OPERATOR)]
+    for headers in (
+        {"Sec-Fetch-Site": "cross-site"},
+        {"Origin": "http://evil.example"},
+        {"Origin": "null"},
+    ):
+        refused = api.http.post(
+            "/ui/sign-in", data={"key": key}, headers=headers, follow_redirects=False
+        )
+        assert refused.status_code == 403, headers
+        assert "set-cookie" not in refused.headers
+    same = api.http.post(
+        "/ui/sign-in",
+        data={"key": key},
+        headers={"Sec-Fetch-Site": "same-origin", "Origin": "http://testserver"},
+        follow_redirects=False,
+    )
+    assert same.status_code == 303
+
+
 def test_an_approval_through_the_form(api: Api) -> None:
     start(api, "o/1")
     api.until("/api/v1/workflows/o%2F1", lambda b: bool(b["waiting_signals"]))

@@ -17,6 +17,7 @@ import msgspec
 from .events import Metadata
 from .hashing import from_micros, to_micros
 from .store.ports import EventStore
+from .tenants import is_tenant_name
 from .workflow.journal import STREAM_PREFIX
 
 __all__ = ["Action", "actions", "actions_csv", "actions_json"]
@@ -45,7 +46,10 @@ def _tenant(stream_id: str, metadata: Metadata) -> str | None:
     if metadata.tenant:
         return metadata.tenant
     if stream_id.startswith(STREAM_PREFIX) and "/" in stream_id:
-        return stream_id[len(STREAM_PREFIX) :].split("/", 1)[0]
+        # Only a prefix that can name a tenant is one: an id such as "<b>x</b>/1"
+        # (an all-tenants caller's) belongs to nobody's namespace.
+        prefix = stream_id[len(STREAM_PREFIX) :].split("/", 1)[0]
+        return prefix if is_tenant_name(prefix) else None
     return None
 
 

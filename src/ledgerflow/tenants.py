@@ -12,13 +12,18 @@ import re
 
 from .errors import WorkflowInputError
 
-__all__ = ["ALL_TENANTS", "check_tenant", "tenant_prefix"]
+__all__ = ["ALL_TENANTS", "check_tenant", "is_tenant_name", "tenant_prefix"]
 
 ALL_TENANTS = "*"
 """The scope of a principal who sees every instance (a single-tenant deployment's
 operators, a platform's administrators): ids are shown whole."""
 
 _NAME = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+
+
+def is_tenant_name(name: str) -> bool:
+    """Whether ``name`` can name a tenant (see ``check_tenant``)."""
+    return _NAME.fullmatch(name) is not None
 
 
 def check_tenant(name: object, workflow: str = "") -> str:

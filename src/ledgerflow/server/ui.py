@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Request, Response, Router, get, post
@@ -172,6 +172,10 @@ class Ui:
 
         @post("/sign-in", status_code=303)
         async def sign_in(request: Request[Any, Any, Any]) -> Response[Any]:
+            if _cross_site(request):
+                # No session yet to tie a form token to: another site could sign
+                # a visitor's browser in with the attacker's key (login CSRF).
+                raise Problem(403, "Forbidden", "sign in from this server's own page")
             data = await request.form()
             key = str(data.get("key", "")).strip()
             principal = await ui.service.keys.authenticate(key)
@@ -405,3 +409,17 @@ def _local(value: str | None, field: str) -> datetime | None:
     if len(value) in (16, 19) and "T" in value and value[-1].isdigit():
         value = value + (":00" if len(value) == 16 else "") + "Z"
     return parse_moment(value, f"query.{field}")
+
+
+def _cross_site(request: Request[Any, Any, Any]) -> bool:
+    """Whether the browser says the request comes from another site: its
+    ``Sec-Fetch-Site``, else an ``Origin`` whose host is not this one. A client that
+    sends neither (curl, a script) is not a browser another site can drive."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site not in ("same-origin", "none")
+    origin = request.headers.get("origin")
+    if origin is None or origin == "null":
+        return origin == "null"
+    host = request.headers.get("host", "")
+    return urlsplit(origin).netloc != host

@@ -111,6 +111,10 @@ class _Pass(Waits, Saga):
     whatever runs them: a workflow's code (``_Run``) or a state machine's
     transitions (``statemachine.runtime.MachineRun``)."""
 
+    unreadable = False
+    """The code failed on personal data erased from its history (it cannot reach
+    the commands recorded after it)."""
+
     def __init__(self, host: RunHost, history: History, *, query: bool = False) -> None:
         self.host = host
         self.history = history
@@ -245,10 +249,11 @@ class _Pass(Waits, Saga):
         except CodecError as exc:
             error = RecordedValueError(self.history.workflow_id, what, type_, str(exc))
             raise self._raise(Park(error)) from None
-        except PersonalDataErasedError as erased:
-            # The history can no longer be replayed as it ran: stuck, saying why.
-            error = RecordedValueError(self.history.workflow_id, what, type_, str(erased))
-            raise self._raise(Park(error)) from None
+        except PersonalDataErasedError:
+            # Raised where the code asked for the value: the workflow fails, naming
+            # the fields (no code could fit data that is gone: parked, it stayed
+            # stuck for good, neither resumable nor cancellable).
+            raise
 
     def _oversize(self, event: Any, payload: Any, what: str) -> ResultTooLargeError | None:
         """Whether ``event`` (carrying the encoded ``payload``) is too large to record."""
@@ -799,6 +804,10 @@ class _Run(_Pass):
             raise self.fault or stop from None
         except WorkflowCancelled as exc:
             failure, cancelled = ("WorkflowCancelled", exc.reason or "cancelled"), True
+        except PersonalDataErasedError as exc:
+            # Its history cannot be replayed past the erased value: what it recorded
+            # after that is not a path the code left.
+            failure, self.unreadable = (type(exc).__name__, error_message(exc)), True
         except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
             failure = (type(exc).__name__, error_message(exc))
         await self._settle()

@@ -81,6 +81,8 @@ class Saga:
 
         def _check_finished_path(self) -> None: ...
 
+        unreadable: bool
+
         def _finish(self, finished: Finished) -> PassResult: ...
 
         async def _host(self, call: Awaitable[T]) -> T: ...
@@ -91,7 +93,8 @@ class Saga:
         if cancelled and not self.query:
             await self._cancel_children(message)
         ran, gave_up = await self._undo(self.compensations)
-        self._check_finished_path()
+        if not self.unreadable:
+            self._check_finished_path()
         if gave_up:
             status = WorkflowStatus.COMPENSATION_FAILED
         elif ran:
