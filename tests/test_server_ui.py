@@ -5,6 +5,7 @@ order example's approval in Chromium.)"""
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
@@ -255,3 +256,45 @@ def test_a_form_served_by_one_server_process_is_accepted_by_another(tmp_path: Pa
                 follow_redirects=False,
             )
             assert sent.status_code == 303, sent.text
+
+
+def test_a_session_is_not_the_key_and_signing_out_ends_it(api: Api) -> None:
+    """The cookie was the API key itself: signing out only asked the browser to
+    forget it, a saved copy went on working (in the UI and as a Bearer key), and the
+    form token, derived from the key, never changed."""
+    key = api.keys[("acme", Role.OPERATOR)]
+    first = sign_in(api)
+    cookie = api.http.cookies.get("lf_session")
+    assert cookie is not None
+    assert cookie.startswith("lfs_")
+    assert key not in cookie
+    assert (
+        api.http.get("/api/v1/workflows", headers={"Authorization": f"Bearer {cookie}"}).status_code
+        == 401
+    )
+    api.http.cookies.clear()
+    second = sign_in(api)
+    assert second != first  # one form token per session
+    saved = api.http.cookies.get("lf_session")
+    out = api.http.post("/ui/sign-out", data={"csrf": second}, follow_redirects=False)
+    assert out.status_code == 303
+    api.http.cookies.clear()
+    api.http.cookies.set("lf_session", saved or "", path="/ui")
+    replayed = api.http.get("/ui/workflows", follow_redirects=True)
+    assert "Sign in" in replayed.text  # the session is over, for every server
+
+
+def test_revoking_its_key_ends_a_session(api: Api) -> None:
+    sign_in(api, tenant="beta", role=Role.VIEWER)
+    assert "Sign in" not in api.http.get("/ui/workflows", follow_redirects=True).text
+    key_id = api.keys[("beta", Role.VIEWER)].split("_")[1]
+    revoked = api.http.post(
+        f"/api/v1/keys/{key_id}/revoke",
+        json={"reason": "left the company"},
+        headers=api.auth("*", Role.ADMIN),
+    )
+    assert revoked.status_code in (200, 202), revoked.text
+    deadline = time.monotonic() + 5
+    while "Sign in" not in api.http.get("/ui/workflows", follow_redirects=True).text:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)

@@ -52,7 +52,7 @@ log = logging.getLogger("ledgerflow.bus")
 _UNSAFE = re.compile(r"[^A-Za-z0-9_-]")
 
 
-PRIVATE_STREAMS = frozenset({"ledgerflow-api-keys"})
+PRIVATE_STREAMS = frozenset({"ledgerflow-api-keys", "ledgerflow-ui-sessions"})
 """Streams no relay publishes, whatever its routes select: the HTTP server's API keys
 (``server.keys.KEY_STREAM``: names, roles, tenants and secret hashes) are for the
 ledger's own readers, not for every consumer of the bus."""

@@ -37,6 +37,7 @@ from .limits import RateLimiter
 from .principals import Principal, Role
 from .problems import Problem, problem_response
 from .service import Service
+from .sessions import Sessions
 from .tokens import TokenError, TokenVerifier
 from .ui import Ui, template_config
 
@@ -139,7 +140,7 @@ def create_app(
             openapi,
             metrics,
             *health_routes(service),
-            *Ui(service, limiter).routes(),
+            *Ui(service, limiter, Sessions(client.store, keys)).routes(),
         ],
         template_config=template_config(),
         state=State({"service": service}),

@@ -178,6 +178,15 @@ class ApiKeys:
             return None
         return Principal(f"key:{key_id}", entry.key.role, entry.key.tenant)
 
+    async def principal_of(self, key_id: str) -> Principal | None:
+        """The principal of key ``key_id`` if it is known and not revoked (a UI
+        session opened with it stands for it while it is)."""
+        await self.refresh()
+        entry = self._keys.get(key_id)
+        if entry is None or entry.key.revoked:
+            return None
+        return Principal(f"key:{key_id}", entry.key.role, entry.key.tenant)
+
     async def refresh(self, *, force: bool = False) -> None:
         """Read the key events recorded since the last look (if it is older than
         REFRESH_S, or ``force``)."""

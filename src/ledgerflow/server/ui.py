@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,6 +32,7 @@ from .principals import Principal, Role
 from .problems import Problem, to_problem
 from .schemas import SendSignal, WorkflowDetail
 from .service import Action, Service, parse_moment
+from .sessions import SESSION_HOURS, Sessions
 
 __all__ = ["Ui", "template_config"]
 
@@ -115,15 +117,16 @@ def template_config() -> TemplateConfig[JinjaTemplateEngine]:
 
 
 class Ui:
-    def __init__(self, service: Service, limiter: RateLimiter) -> None:
+    def __init__(self, service: Service, limiter: RateLimiter, sessions: Sessions) -> None:
         self.service = service
         self.limiter = limiter
+        self.sessions = sessions
 
     # -- sessions ---------------------------------------------------------------------
 
     async def who(self, request: Request[Any, Any, Any], need: Role = Role.VIEWER) -> Principal:
-        key = request.cookies.get(COOKIE)
-        principal = await self.service.keys.authenticate(key) if key else None
+        token = request.cookies.get(COOKIE)
+        principal = await self.sessions.principal(token, now_us=_now_us()) if token else None
         if principal is None:
             raise SignIn
         wait = self.limiter.take(principal.subject)
@@ -134,11 +137,11 @@ class Ui:
         return principal
 
     def csrf(self, request: Request[Any, Any, Any]) -> str:
-        # Derived from the session's key alone, so every server process (and a
-        # restarted one) accepts the forms it served; another site can read neither
-        # the HttpOnly cookie nor the page, so it cannot make one.
-        key = request.cookies.get(COOKIE, "")
-        return hmac.new(key.encode(), b"ledgerflow ui form", hashlib.sha256).hexdigest()[:32]
+        # Derived from the session's token alone (random, one per sign-in), so every
+        # server process (and a restarted one) accepts the forms it served; another
+        # site can read neither the HttpOnly cookie nor the page, so it cannot make one.
+        token = request.cookies.get(COOKIE, "")
+        return hmac.new(token.encode(), b"ledgerflow ui form", hashlib.sha256).hexdigest()[:32]
 
     async def form(self, request: Request[Any, Any, Any]) -> dict[str, str]:
         data = await request.form()
@@ -178,10 +181,13 @@ class Ui:
                 raise Problem(403, "Forbidden", "sign in from this server's own page")
             data = await request.form()
             key = str(data.get("key", "")).strip()
-            principal = await ui.service.keys.authenticate(key)
-            if principal is None:
+            # The cookie holds a session of its own, never the key: a cookie taken
+            # from a browser is worth that session only, which signing out ends.
+            opened = await ui.sessions.open(key, now_us=_now_us())
+            if opened is None:
                 error = {"title": "Not signed in", "detail": "that key is not valid"}
                 return ui.render(request, "sign_in.html", None, status=401, error=error)
+            token, _ = opened
             secure = request.url.scheme == "https"
             return Redirect(
                 "/ui/workflows",
@@ -189,8 +195,9 @@ class Ui:
                 cookies=[
                     Cookie(
                         key=COOKIE,
-                        value=key,
+                        value=token,
                         path="/ui",
+                        max_age=SESSION_HOURS * 3600,
                         httponly=True,
                         samesite="strict",
                         secure=secure,
@@ -201,10 +208,20 @@ class Ui:
         @post("/sign-out", status_code=303)
         async def sign_out(request: Request[Any, Any, Any]) -> Response[Any]:
             await ui.form(request)
+            await ui.sessions.close(request.cookies.get(COOKIE, ""))
             return Redirect(
                 "/ui/sign-in",
                 status_code=303,
-                cookies=[Cookie(key=COOKIE, value="", path="/ui", max_age=0, httponly=True)],
+                cookies=[
+                    Cookie(
+                        key=COOKIE,
+                        value="",
+                        path="/ui",
+                        max_age=0,
+                        httponly=True,
+                        samesite="strict",
+                    )
+                ],
             )
 
         @get("/workflows")
@@ -423,3 +440,7 @@ def _cross_site(request: Request[Any, Any, Any]) -> bool:
         return origin == "null"
     host = request.headers.get("host", "")
     return urlsplit(origin).netloc != host
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
