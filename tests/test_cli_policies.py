@@ -104,11 +104,20 @@ async def test_set_creates_a_policy_and_list_shows_them_all(db: str, tmp_path: P
         "--reason", "new bank API", "--db", db,
     )  # fmt: skip
     assert result.exit_code == 0, result.output
+    # A new name may be a typo: said, naming the others (it was silent).
+    assert "note: there was no policy 'bank': this created it (the others: erp)" in (
+        " ".join(result.stderr.split())
+    )
+    changed = await cli(
+        "policy", "set", "bank", "retry.max_attempts=3", "--reason", "x", "--db", db
+    )
+    assert changed.exit_code == 0, changed.output
+    assert "note:" not in changed.stderr
     listed = await lines("policy", "list", "--db", db)
-    assert [(p["name"], p["version"]) for p in listed] == [("bank", 1), ("erp", 1)]
+    assert [(p["name"], p["version"]) for p in listed] == [("bank", 2), ("erp", 1)]
     bank = listed[0]["policy"]
     assert isinstance(bank, dict)
-    assert bank["retry"]["max_attempts"] == 2
+    assert bank["retry"]["max_attempts"] == 3
     assert bank["retry"]["initial_interval"] == 1.0
     assert bank["on_exhausted"] == "park"
     table = await cli("policy", "list", "--db", db)

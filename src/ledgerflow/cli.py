@@ -708,8 +708,11 @@ def policy_set(
         except (OSError, ValueError) as exc:
             _fail(f"cannot read {file}: {exc}")
 
+    known: list[str] = []
+
     async def change(client: WorkflowClient) -> PolicyVersion:
         book = client.policies
+        known.extend(p.name for p in await book.list())
         if document is not None:
             base = check_policy(name, document)
             if not pairs:
@@ -723,6 +726,15 @@ def policy_set(
     out.print(f"policy {escape(name)}: version {found.version} in force", highlight=False)
     for line in found.changes:
         out.print(f"  {line}", markup=False, highlight=False, soft_wrap=True)
+    if name not in known:
+        # A typo makes a new policy that no step uses: say so, naming the others.
+        others = ", ".join(sorted(known)) or "none"
+        err.print(
+            f"note: there was no policy {name!r}: this created it (the others: {others})",
+            markup=False,
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # -- guarded resources -----------------------------------------------------------------
