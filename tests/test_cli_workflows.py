@@ -15,6 +15,7 @@ from typer.testing import CliRunner, Result
 
 import ledgerflow as lf
 from ledgerflow.cli import app
+from ledgerflow.resilience.book import default_actor
 from ledgerflow.store.runtime import Lease
 
 from .conftest import pg_url
@@ -203,6 +204,8 @@ async def test_signal_is_recorded_by_the_cli_and_carried_out_by_an_engine(
     events = await history_json(db, WAITING)
     assert events[-1]["type"] == "wf.signal"
     assert events[-1]["data"] == {"name": "approval", "payload": True}
+    # Who sent it is recorded (nothing was, unlike a cancel: no --actor either).
+    assert events[-1]["metadata"]["actor"] == default_actor()
     assert shipped == []
     show = await cli("workflows", "show", WAITING, "--db", db)
     assert "status:      running" in show.stdout.splitlines()

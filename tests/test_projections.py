@@ -505,3 +505,41 @@ async def test_a_read_that_races_a_rebuilds_swap_looks_again(
     row = await ReadModel(ledger, projection).get(ORDERS, "o-1")
     assert row is not None
     assert row["customer"] == "acme"
+
+
+@lf.workflow(name="proj.greet", version=1)
+async def greet(ctx: lf.WorkflowContext, name: str) -> str:
+    return f"hello {name}"
+
+
+async def test_a_runner_on_a_store_opened_alone_reads_workflow_events_as_classes(
+    engine: Any, store_url: str
+) -> None:
+    """docs/projections.md runs a projection on a store opened alone (tests,
+    scripts): workflow events read there as plain dicts, and handlers written as
+    for an engine's projections failed on them ('dict' has no attribute 'status')."""
+    ends = Table("ends", key="workflow_id", columns={"workflow_id": str, "status": str})
+    view_of_ends = Projection("ends", tables=[ends])
+
+    @view_of_ends.on("wf.finished")
+    def ended(event: lf.RecordedEvent, view: View) -> None:
+        view.put(ends, {"workflow_id": event.stream_id, "status": str(event.data.status)})
+
+    async with engine(greet) as e:
+        await (await e.start(greet, "ada", id="g-1")).result(timeout=20)
+        store = e.store if store_url.startswith("memory") else None
+    async with open_adapter(store_url) if store is None else _as_is(store) as alone:
+        await ProjectionRunner(alone, [view_of_ends]).catch_up()
+        rows = await ReadModel(alone, view_of_ends).select(ends)
+    assert rows == [{"workflow_id": "wf-g-1", "status": "completed"}]
+
+
+class _as_is:
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    async def __aenter__(self) -> Any:
+        return self.store
+
+    async def __aexit__(self, *_: object) -> None:
+        return None

@@ -34,6 +34,7 @@ from .errors import (
 from .events import RecordedEvent
 from .hashing import from_micros
 from .resilience import Policy, PolicyVersion, check_policy, policy_document, with_settings
+from .resilience.book import default_actor
 from .statemachine import Machine
 from .statemachine import verify as verify_machine
 from .statemachine.diagram import dot, mermaid
@@ -278,15 +279,21 @@ def workflows_signal(
     payload: Annotated[
         str | None, typer.Option(help="The signal's payload, as JSON (default: null).")
     ] = None,
+    reason: Annotated[str | None, typer.Option(help="Why, recorded with the signal.")] = None,
+    actor: Annotated[
+        str | None, typer.Option(help="Who: recorded with the signal (default: user@host).")
+    ] = None,
 ) -> None:
-    """Send a signal; it is kept until the workflow waits for it."""
+    """Send a signal; it is kept until the workflow waits for it. Who sent it (and
+    why) is recorded with it."""
     value: Any = None
     if payload is not None:
         try:
             value = json.loads(payload, parse_constant=_not_json)
         except ValueError as exc:
             _fail(f"--payload is not valid JSON: {exc}")
-    _call(db, lambda e: e.signal(workflow_id, name, value))
+    who = actor or default_actor()
+    _call(db, lambda e: e.signal(workflow_id, name, value, actor=who, reason=reason))
     out.print(f"sent signal {name!r} to workflow {workflow_id!r}", markup=False, highlight=False)
 
 

@@ -40,7 +40,7 @@ from ..errors import (
     StoreUnavailableError,
 )
 from ..hashing import to_micros
-from ..workflow.history import error_message
+from ..workflow.history import error_message, history_registry
 from .definition import Projection, call
 from .state import ProjectionFailure, ProjectionLease
 from .view import View
@@ -79,6 +79,10 @@ class ProjectionRunner:
             raise ConfigurationError(f"projections registered twice: {sorted(names)}")
         if batch_size < 1:
             raise ConfigurationError("batch_size must be >= 1")
+        # The workflow events (wf.started, wf.finished...) read as their classes, as
+        # under an engine: on a store opened alone they read as plain dicts, and
+        # handlers written for the engine's projections failed on them.
+        history_registry(store.registry)
         for projection in projections:
             # Else its events decode as plain data, no handler of it matches, and
             # the runner moves past every event as one it does not handle.
