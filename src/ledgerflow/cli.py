@@ -51,6 +51,7 @@ __all__ = ["app", "main"]
 STATUSES = tuple(status.value for status in WorkflowStatus)
 
 app = typer.Typer(
+    rich_markup_mode="markdown",
     name="ledgerflow",
     help="Durable workflows and sagas on a hash-chained event ledger.",
     no_args_is_help=True,
@@ -59,34 +60,43 @@ app = typer.Typer(
 app.add_typer(audit_app, name="audit")
 app.add_typer(gdpr_app, name="gdpr")
 workflows_app = typer.Typer(
-    help="Inspect workflow instances, send them signals, cancel them.", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="Inspect workflow instances, send them signals, cancel them.",
+    no_args_is_help=True,
 )
 app.add_typer(workflows_app, name="workflows")
 workers_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="See which workers (engines) are registered and whether they are alive.",
     no_args_is_help=True,
 )
 app.add_typer(workers_app, name="workers")
 queues_app = typer.Typer(
-    help="Task queues: what waits in them, what runs, and their limits.", no_args_is_help=True
+    rich_markup_mode="markdown",
+    help="Task queues: what waits in them, what runs, and their limits.",
+    no_args_is_help=True,
 )
 app.add_typer(queues_app, name="queues")
 policy_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Named resilience policies: list, show, history, set (changes apply while running).",
     no_args_is_help=True,
 )
 app.add_typer(policy_app, name="policy")
 machines_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="State-machine instances: where they are, send them events, migrate them.",
     no_args_is_help=True,
 )
 app.add_typer(machines_app, name="machines")
 projections_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Projections (read models): their checkpoints, lag and failures; retry, skip, query.",
     no_args_is_help=True,
 )
 app.add_typer(projections_app, name="projections")
 resources_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Guarded resources: breaker state, tokens, permits, and every breaker move.",
     no_args_is_help=True,
 )
@@ -1076,7 +1086,8 @@ def machines_send(
 ) -> None:
     """Send an event to a state-machine instance and wait for its transition. Exit 0
     moved, 1 refused (the state does not accept it: nothing recorded) or its
-    activity failed, 2 error (also: accepted, but not run within --timeout)."""
+    activity failed, 2 error (also: not sent, the instance still busy with an earlier
+    event after --timeout, nothing recorded; or accepted, but not run within it)."""
     machines = _machines(app_target)
     fields: Any = None
     if payload is not None:

@@ -37,6 +37,7 @@ from .workflow.journal import stream_of
 __all__ = ["audit_app", "gdpr_app"]
 
 audit_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Verify the ledger, checkpoint it to a witness, prove instances, report actions.",
     no_args_is_help=True,
 )
@@ -336,6 +337,7 @@ def audit_report(
 
 
 gdpr_app = typer.Typer(
+    rich_markup_mode="markdown",
     help="Personal data: erase a data subject's (its key destroyed, the ledger intact).",
     no_args_is_help=True,
 )

@@ -27,7 +27,11 @@ out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
 
 
-keys_app = typer.Typer(help="API keys of the HTTP API: create, list, revoke.", no_args_is_help=True)
+keys_app = typer.Typer(
+    rich_markup_mode="markdown",
+    help="API keys of the HTTP API: create, list, revoke.",
+    no_args_is_help=True,
+)
 
 
 def _fail(message: str) -> typer.Exit:
