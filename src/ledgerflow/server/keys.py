@@ -10,23 +10,22 @@ folds the stream into memory and follows it: a revoked key stops working within
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import hashlib
 import hmac
 import re
 import secrets
-import time
 from dataclasses import dataclass
 from datetime import datetime
 
 import msgspec
 
-from ..errors import ConcurrencyError, StreamNotFoundError, WorkflowInputError
+from ..errors import ConcurrencyError, WorkflowInputError
 from ..events import Metadata, RecordedEvent
 from ..registry import EventRegistry
 from ..store import WorkflowStore
 from ..tenants import ALL_TENANTS, check_tenant
+from .followed import Followed
 from .principals import Principal, Role
 
 __all__ = ["KEY_STREAM", "ApiKey", "ApiKeys", "NewKey"]
@@ -34,11 +33,6 @@ __all__ = ["KEY_STREAM", "ApiKey", "ApiKeys", "NewKey"]
 KEY_STREAM = "ledgerflow-api-keys"
 KEY_CREATED = "ledgerflow.api_key_created"
 KEY_REVOKED = "ledgerflow.api_key_revoked"
-REFRESH_S = 1.0
-"""How long a server may go on accepting a key revoked elsewhere."""
-MISS_REFRESH_S = 0.2
-"""An unknown key makes the server look for new keys at most this often (a flood
-of made-up keys must not become a flood of reads)."""
 
 _FORMAT = re.compile(r"lfk_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 
@@ -95,17 +89,15 @@ class _Entry:
     digest: bytes
 
 
-class ApiKeys:
+class ApiKeys(Followed):
     """The API keys of one ledger: create, revoke, list, and authenticate."""
+
+    stream = KEY_STREAM
 
     def __init__(self, store: WorkflowStore) -> None:
         key_registry(store.registry)
-        self.store = store
+        super().__init__(store)
         self._keys: dict[str, _Entry] = {}
-        self._version = 0
-        self._read_at = float("-inf")
-        self._missed_at = float("-inf")
-        self._lock = asyncio.Lock()
 
     async def create(self, name: str, role: Role, tenant: str, *, by: str) -> NewKey:
         if not isinstance(name, str) or not name.strip() or len(name) > 200:
@@ -168,9 +160,8 @@ class ApiKeys:
         key_id, secret = found.groups()
         await self.refresh()
         entry = self._keys.get(key_id)
-        if entry is None and time.monotonic() - self._missed_at >= MISS_REFRESH_S:
-            self._missed_at = time.monotonic()
-            await self.refresh(force=True)
+        if entry is None:
+            await self.refresh_on_miss()
             entry = self._keys.get(key_id)
         if entry is None or entry.key.revoked:
             return None
@@ -186,23 +177,6 @@ class ApiKeys:
         if entry is None or entry.key.revoked:
             return None
         return Principal(f"key:{key_id}", entry.key.role, entry.key.tenant)
-
-    async def refresh(self, *, force: bool = False) -> None:
-        """Read the key events recorded since the last look (if it is older than
-        REFRESH_S, or ``force``)."""
-        if not force and time.monotonic() - self._read_at < REFRESH_S:
-            return
-        async with self._lock:
-            if not force and time.monotonic() - self._read_at < REFRESH_S:
-                return
-            started = time.monotonic()
-            try:
-                events = await self.store.read_stream(KEY_STREAM, from_version=self._version + 1)
-            except StreamNotFoundError:
-                events = []
-            for event in events:
-                self._apply(event)
-            self._read_at = started
 
     def _apply(self, event: RecordedEvent) -> None:
         data = event.data
@@ -222,4 +196,3 @@ class ApiKeys:
             entry.key = dataclasses.replace(
                 entry.key, revoked=True, revoked_by=data.by, revoked_reason=data.reason
             )
-        self._version = event.version

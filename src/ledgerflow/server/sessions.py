@@ -10,20 +10,18 @@ from a browser is worth that session only, not the key.
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import re
 import secrets
-import time
 from dataclasses import dataclass
 
 import msgspec
 
-from ..errors import StreamNotFoundError
 from ..events import Metadata, RecordedEvent
 from ..registry import EventRegistry
 from ..store import WorkflowStore
-from .keys import MISS_REFRESH_S, REFRESH_S, ApiKeys
+from .followed import Followed
+from .keys import ApiKeys
 from .principals import Principal
 
 __all__ = ["SESSION_HOURS", "SESSION_STREAM", "Sessions"]
@@ -65,18 +63,16 @@ def _digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-class Sessions:
+class Sessions(Followed):
     """The UI sessions of one ledger: open, close, and find whom a cookie names."""
+
+    stream = SESSION_STREAM
 
     def __init__(self, store: WorkflowStore, keys: ApiKeys) -> None:
         session_registry(store.registry)
-        self.store = store
+        super().__init__(store)
         self.keys = keys
         self._open: dict[str, _Session] = {}
-        self._version = 0
-        self._read_at = float("-inf")
-        self._missed_at = float("-inf")
-        self._lock = asyncio.Lock()
 
     async def open(self, key: str, *, now_us: int) -> tuple[str, Principal] | None:
         """A new session for a valid key: (the cookie's token, its principal); None
@@ -117,11 +113,8 @@ class Sessions:
         await self.refresh()
         digest = _digest(token)
         found = self._open.get(digest)
-        if found is None and time.monotonic() - self._missed_at >= MISS_REFRESH_S:
-            # Opened by another server just now, perhaps (made-up cookies must not
-            # become a read each).
-            self._missed_at = time.monotonic()
-            await self.refresh(force=True)
+        if found is None:
+            await self.refresh_on_miss()
             found = self._open.get(digest)
         if found is None:
             return None
@@ -130,27 +123,9 @@ class Sessions:
             return None
         return await self.keys.principal_of(found.key_id)
 
-    async def refresh(self, *, force: bool = False) -> None:
-        if not force and time.monotonic() - self._read_at < REFRESH_S:
-            return
-        async with self._lock:
-            if not force and time.monotonic() - self._read_at < REFRESH_S:
-                return
-            started = time.monotonic()
-            try:
-                events = await self.store.read_stream(
-                    SESSION_STREAM, from_version=self._version + 1
-                )
-            except StreamNotFoundError:
-                events = []
-            for event in events:
-                self._apply(event)
-            self._read_at = started
-
     def _apply(self, event: RecordedEvent) -> None:
         data = event.data
         if isinstance(data, SessionOpened):
             self._open[data.token_sha256] = _Session(data.key_id, data.ends_at_us)
         elif isinstance(data, SessionClosed):
             self._open.pop(data.token_sha256, None)
-        self._version = event.version
