@@ -17,6 +17,7 @@ import os
 import socket
 import threading
 from collections.abc import Callable
+from datetime import timedelta
 from types import SimpleNamespace
 from typing import Any
 
@@ -1120,18 +1121,20 @@ async def thread_blocker(ctx: WorkflowContext, n: int) -> int:
 
 
 async def test_close_does_not_wait_for_a_step_thread_that_keeps_running(
-    engine: EngineFactory,
+    engine: EngineFactory, clock: ManualClock
 ) -> None:
-    """A sync step cannot be stopped from outside: close() gives up on it after the
-    grace and returns, leaving the thread to end on its own (its result is not
-    recorded; the next engine runs the step again)."""
+    """A sync step cannot be stopped from outside: close() cancels the pass after
+    the grace, waits for the body at most half a lease (while the lease surely
+    holds), then returns, leaving the thread to end on its own and the lease to
+    expire (given back, another worker would run the step beside it); its result
+    is not recorded, the next engine runs the step again."""
     released.clear()
     # Should close() wait for the thread, this lets it go after a while, so the test
     # fails rather than hangs.
     watchdog = threading.Timer(3.0, released.set)
     watchdog.start()
     try:
-        async with engine(thread_blocker) as e:
+        async with engine(thread_blocker, lease=timedelta(seconds=1)) as e:
             await e.start(thread_blocker, 1, id="blocker")
             await until(lambda: tally.count("blocking") == 1)
             await e.close(grace=0.05)
@@ -1139,6 +1142,7 @@ async def test_close_does_not_wait_for_a_step_thread_that_keeps_running(
     finally:
         watchdog.cancel()
         released.set()
+    clock.advance(timedelta(seconds=2))  # the lease left to expire has
     async with engine(thread_blocker) as e:
         assert await outcome(e, "blocker") == 1
     assert tally.count("blocking") == 2

@@ -137,6 +137,24 @@ async def test_a_business_refusal_does_not_trip_the_breaker(engine: EngineFactor
             await moves(e)
 
 
+async def test_errors_the_policy_does_not_retry_do_not_trip_its_breaker(
+    engine: EngineFactory,
+) -> None:
+    """The policy's own retry.non_retryable was not consulted: errors it names
+    (refused at once, not retried) still opened the breaker."""
+    policy = lf.Policy(
+        retry=lf.Retry(max_attempts=3, initial_interval=0.01, non_retryable=["ConnectionError"]),
+        breaker=lf.Breaker(consecutive_failures=2, open_for=30),
+    )
+    async with engine(purchase, policies={"erp": policy}) as e:
+        for i in range(4):
+            with pytest.raises(lf.WorkflowFailedError, match="ERP unreachable"):
+                await (await e.start(purchase, i, id=f"nr-{i}")).result(timeout=WAIT)
+        assert calls["erp"] == 4  # one attempt each: not retried
+        with pytest.raises(lf.StreamNotFoundError):
+            await moves(e)  # and the breaker never moved
+
+
 async def test_the_failure_rate_opens_a_breaker(engine: EngineFactory) -> None:
     by_rate = lf.Policy(
         retry=lf.Retry(max_attempts=1),

@@ -296,6 +296,10 @@ async def test_a_step_naming_a_missing_policy_fails_saying_so(engine: EngineFact
     async with engine(erp_down) as e:
         with pytest.raises(lf.WorkflowFailedError, match="PolicyNotFoundError") as caught:
             await (await e.start(erp_down, 1, id="p-6")).result(timeout=WAIT)
+        # Its attempts were tried again under the default retry (a policy set
+        # meanwhile would have been picked up): it failed for good at once before.
+        attempts = [ev for ev in await step_events(e, "p-6") if isinstance(ev, StepAttemptFailed)]
+        assert [a.error_type for a in attempts] == ["PolicyNotFoundError"] * 2
     assert "no policy named 'erp'" in str(caught.value)
     assert calls["always"] == 0  # the body never ran
 

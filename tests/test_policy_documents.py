@@ -54,6 +54,15 @@ from ledgerflow.resilience.retrying import jitter_source
         ({"rate_limit": {"rate": 0}}, "rate_limit.rate", "must be > 0"),
         ({"rate_limit": {"rate": 5, "burst": 0}}, "rate_limit.burst", "must be >= 1"),
         ({"on_exhausted": "explode"}, "on_exhausted", "Invalid enum value 'explode'"),
+        # Too large: accepted before, then failing instances at run time (a permit
+        # count or a due time no store keeps).
+        ({"bulkhead": {"max_concurrent": 2**40}}, "bulkhead.max_concurrent", "<= 2,147,483,647"),
+        ({"retry": {"max_attempts": 10**30}}, "retry.max_attempts", "<= 2,147,483,647"),
+        ({"retry": {"max_interval": 1e300}}, "retry.max_interval", "<= 315,360,000 s"),
+        ({"breaker": {"consecutive_failures": 2, "open_for": 1e300}}, "breaker.open_for", "<="),
+        ({"timeout": {"heartbeat": 1e20}}, "timeout.heartbeat", "<= 315,360,000 s"),
+        ({"rate_limit": {"rate": 1e300}}, "rate_limit.rate", "<= 1,000,000,000 a second"),
+        ({"rate_limit": {"rate": 1e-12}}, "rate_limit.rate", "one call in 10 years"),
     ],
 )
 def test_an_invalid_document_is_refused_naming_its_field(

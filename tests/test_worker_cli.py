@@ -14,8 +14,10 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.request
+from datetime import timedelta
 from pathlib import Path
 
 import pytest
@@ -177,7 +179,9 @@ async def test_a_worker_serves_its_metrics_and_the_stores_gauges(shop: Path, db:
 
 async def test_a_stopped_worker_hands_its_instances_over_at_once(shop: Path, db: str) -> None:
     # A 60 s lease, a step of 3 s and a grace of 0.1 s: the first worker cancels the
-    # pass, gives the lease back and exits; the second claims the instance at once.
+    # pass, waits for the step's body to return (nothing can stop it: given back at
+    # once, the lease let the second worker run the step beside it), gives the lease
+    # back and exits; the second claims the instance at once.
     first = worker(shop, db, "--lease", "60", "--grace", "0.1", step_seconds=3)
     try:
         await started_ledger(db)
@@ -201,8 +205,10 @@ async def test_a_stopped_worker_hands_its_instances_over_at_once(shop: Path, db:
             first.kill()
     runs = marks(shop)
     assert [pid for pid, _, _ in runs] == [first.pid, second.pid]
-    # Well before the 60 s lease would have let anyone take it.
+    # Well before the 60 s lease would have let anyone take it, and not beside the
+    # first body: it had ended (its 3 s) before the second began.
     assert runs[1][1] - stopped_at < 30
+    assert runs[1][1] >= runs[0][1] + 3
 
 
 def test_a_worker_without_workflows_says_so_and_exits_2(shop: Path, db: str) -> None:
@@ -283,3 +289,39 @@ async def test_closing_does_not_wait_for_a_store_out_of_reach(tmp_path: Path) ->
     # A bound on hanging, with room: not a measure of speed.
     assert took < 60, took
     assert engine_module.CLOSE_BOOKKEEPING_S < 60
+
+
+body_may_end = threading.Event()
+body_began = threading.Event()
+
+
+def long_body(n: int) -> int:
+    body_began.set()
+    assert body_may_end.wait(60)
+    return n
+
+
+@ledgerflow.workflow(name="closing.long", version=1)
+async def long_flow(ctx: ledgerflow.WorkflowContext, n: int) -> int:
+    return await ctx.step(long_body, n)
+
+
+async def test_a_step_body_still_running_at_close_keeps_its_lease(tmp_path: Path) -> None:
+    """Closing gave every lease back after the grace period although a sync step's
+    body (which nothing can stop) still ran: another worker started the same step
+    at once, and both ran it together (seen in every rolling restart)."""
+    url = f"sqlite:///{tmp_path / 'long.db'}"
+    body_may_end.clear()
+    body_began.clear()
+    engine = ledgerflow.Engine(url, workflows=[long_flow], lease=timedelta(seconds=4))
+    await engine.open()
+    try:
+        await engine.start(long_flow, 1, id="long-1")
+        assert await asyncio.to_thread(body_began.wait, WAIT)
+        await engine.close(grace=0.1)
+        async with ledgerflow.open_store(url) as store:
+            row = await store.get_wakeup("long-1")
+        assert row is not None
+        assert row.lease_owner == engine.owner  # left to expire, not handed over
+    finally:
+        body_may_end.set()

@@ -720,7 +720,11 @@ class InvalidPolicyError(ResilienceError):
 
 
 class PolicyNotFoundError(ResilienceError):
-    """No policy of that name was ever set (in the ledger, or declared to the engine)."""
+    """No policy of that name was ever set (in the ledger, or declared to the engine).
+    Retryable: a step that names one not set yet (code deployed before its policy)
+    tries again under its retry rules, and picks the policy up once it is set."""
+
+    retryable = True
 
     def __init__(self, name: str) -> None:
         super().__init__(

@@ -235,7 +235,7 @@ class Guards:
         writes: list[RuntimeWrite] = []
         breaker = admission.policy.breaker
         if breaker is not None and not admission.probe:
-            failed = error is not None and is_retryable(error)
+            failed = error is not None and _transient(admission, error)
             window = int(breaker.window * 1_000_000)
             writes.append(Tally(admission.resource, failed, self._now_us(), window))
         if admission.permit is not None:
@@ -247,7 +247,7 @@ class Guards:
         """Whether the outcome may move the breaker (``settle`` after recording it)."""
         if admission.policy.breaker is None:
             return False
-        return admission.probe or (error is not None and is_retryable(error))
+        return admission.probe or (error is not None and _transient(admission, error))
 
     async def settle(
         self,
@@ -261,7 +261,7 @@ class Guards:
         breaker = admission.policy.breaker
         if breaker is None:
             return
-        failed = error is not None and is_retryable(error)
+        failed = error is not None and _transient(admission, error)
         row = await self._state(admission.resource, fresh=True)
         if row is None:
             return
@@ -332,3 +332,10 @@ class Guards:
     async def release(self) -> None:
         """Give back this worker's permits (it is stopping)."""
         await self.store.release_permits(self.owner)
+
+
+def _transient(admission: Admission, error: BaseException) -> bool:
+    """Whether ``error`` counts against the breaker: one its policy would retry (its
+    own ``retry.non_retryable`` names included: they opened the breaker before)."""
+    retry = admission.policy.retry
+    return is_retryable(error, retry.non_retryable if retry is not None else ())

@@ -268,6 +268,12 @@ def _known(cls: type[msgspec.Struct]) -> str:
     return ", ".join(cls.__struct_fields__)
 
 
+MAX_SECONDS = 10 * 365 * 86_400
+"""The longest duration a policy may name (ten years: anything longer is a typo)."""
+MAX_COUNT = 2**31 - 1
+"""The largest count a policy may name (what the stores keep of one)."""
+
+
 def _problems(policy: Policy) -> list[tuple[str, str]]:
     problems: list[tuple[str, str]] = []
 
@@ -285,6 +291,42 @@ def _problems(policy: Policy) -> list[tuple[str, str]]:
         if value is not None and value < low:
             problems.append((field, f"must be >= {low}, not {value}"))
 
+    def at_most(field: str, value: int | float | None, high: float, unit: str = "") -> None:
+        # Upper bounds too: 2**40 permits, or a 1e300 s backoff, were accepted and
+        # then failed instances at run time (a due time no store can keep).
+        if value is not None and math.isfinite(value) and value > high:
+            problems.append((field, f"must be <= {_number(high)}{unit}, not {_number(value)}"))
+
+    counts = (
+        "retry.max_attempts",
+        "breaker.consecutive_failures",
+        "breaker.min_calls",
+        "breaker.half_open_probes",
+        "bulkhead.max_concurrent",
+        "rate_limit.burst",
+    )
+    for field in counts:
+        at_most(field, _field(policy, field), MAX_COUNT)
+    durations = (
+        "retry.initial_interval",
+        "retry.max_interval",
+        "retry.deadline",
+        "timeout.start_to_close",
+        "timeout.schedule_to_close",
+        "timeout.heartbeat",
+        "breaker.window",
+        "breaker.open_for",
+        "bulkhead.max_wait",
+    )
+    for field in durations:
+        at_most(field, _field(policy, field), MAX_SECONDS, " s")
+    at_most("retry.multiplier", _field(policy, "retry.multiplier"), 1000)
+    rate = _field(policy, "rate_limit.rate")
+    at_most("rate_limit.rate", rate, 1e9, " a second")
+    if rate is not None and 0 < rate < 1 / MAX_SECONDS:
+        problems.append(
+            ("rate_limit.rate", f"must be >= {1 / MAX_SECONDS:g} a second (one call in 10 years)")
+        )
     if (r := policy.retry) is not None:
         at_least("retry.max_attempts", r.max_attempts, 1)
         finite("retry.initial_interval", r.initial_interval)
@@ -334,6 +376,19 @@ def _problems(policy: Policy) -> list[tuple[str, str]]:
         finite("rate_limit.rate", q.rate, positive=True)
         at_least("rate_limit.burst", q.burst, 1)
     return problems
+
+
+def _number(value: float) -> str:
+    if isinstance(value, int) or (value.is_integer() and abs(value) < 1e15):
+        return f"{int(value):,}"
+    return f"{value:g}"
+
+
+def _field(policy: Policy, path: str) -> Any:
+    """The value at ``section.name`` of ``policy``; None if the section is absent."""
+    section, name = path.split(".")
+    found = getattr(policy, section)
+    return None if found is None else getattr(found, name)
 
 
 def _shown(value: Any) -> str:

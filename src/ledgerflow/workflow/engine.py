@@ -377,14 +377,41 @@ class Engine(WorkflowClient):
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
             await cancel_and_wait([self._heartbeat])
-        deadline = loop.time() + CLOSE_BOOKKEEPING_S * 0.6
-        await _within(deadline, self.store.release_wakeups(self.owner), "give leases back")
-        await _within(deadline, self.guards.release(), "give permits back")
-        await _within(deadline, self._membership.leave(), "leave the registry")  # last
+        # Bodies of cancelled passes not started yet never start; running ones end
+        # in their own time, waited for while their leases (renewed a third of a
+        # lease ago at most) surely hold.
         self.step_threads.shutdown()
+        returned = await self._bodies_returned(loop.time() + self.lease_us / 2_000_000)
+        deadline = loop.time() + CLOSE_BOOKKEEPING_S * 0.6
+        if returned:
+            await _within(deadline, self.store.release_wakeups(self.owner), "give leases back")
+            if self._tasks is not None:
+                await _within(deadline, self._tasks.release(), "give task leases back")
+            await _within(deadline, self.guards.release(), "give permits back")
+        else:
+            # A sync step's body cannot be stopped: given back, its instance (or
+            # task) would run the step again in another worker while this one still
+            # runs it. Left to expire, it is taken over once this process is gone.
+            log.warning(
+                "ledgerflow engine: %d step bodies still run and cannot be stopped: "
+                "the leases of what they run expire (in at most %.0f s) rather than "
+                "being given back",
+                self.step_threads.running,
+                self.lease_us / 1_000_000,
+            )
+        await _within(deadline, self._membership.leave(), "leave the registry")  # last
         # The store too (a SQLite writer stuck in a busy wait, a pool that cannot
         # reach its server): what is left of it ends with the process.
         await _within(max(deadline, loop.time() + 1.0), super().close(), "close the store")
+
+    async def _bodies_returned(self, deadline: float) -> bool:
+        """Whether every sync step body handed to the threads has come back, waiting
+        for them up to ``deadline`` (loop time): cancelled passes do not stop them."""
+        left = deadline - asyncio.get_running_loop().time()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(max(0.0, left)):
+                await self.step_threads.returned()
+        return not self.step_threads.running
 
     def _stopping(self) -> bool:
         # A method, not the attribute: close() flips it while loops await.

@@ -45,6 +45,8 @@ class StepThreads:
         self._taken = 0
         self._pending = 0
         """Bodies handed to the threads and not yet back on the loop (loop-side count)."""
+        self._none_pending = asyncio.Event()
+        self._none_pending.set()
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._finished: deque[tuple[asyncio.Future[Outcome], Outcome]] = deque()
@@ -56,6 +58,16 @@ class StepThreads:
     def in_use(self) -> int:
         """Slots taken: bodies running or finished and not yet recorded."""
         return self._taken
+
+    @property
+    def running(self) -> int:
+        """Bodies handed to the threads that have not come back (still running, or
+        finished a moment ago): a cancelled pass does not stop its body."""
+        return self._pending
+
+    async def returned(self) -> None:
+        """Return once every body handed to the threads has come back."""
+        await self._none_pending.wait()
 
     async def slot(self) -> Callable[[], None]:
         """Wait for a slot; the function that gives it back (once, however often it
@@ -81,6 +93,7 @@ class StepThreads:
             raise RuntimeError("the engine's step threads are shut down")
         self._loop = loop
         self._pending += 1
+        self._none_pending.clear()
         if len(self._threads) < min(self.size, self._pending):
             self._start_thread()
         done: asyncio.Future[Outcome] = loop.create_future()
@@ -93,9 +106,13 @@ class StepThreads:
         self._closed = True
         while True:
             try:
-                self._jobs.get_nowait()
+                job = self._jobs.get_nowait()
             except queue.Empty:
                 break
+            if job is not None:  # never started: not running, nor coming back
+                self._pending -= 1
+        if not self._pending:
+            self._none_pending.set()
         for _ in self._threads:
             self._jobs.put(None)
 
@@ -142,3 +159,5 @@ class StepThreads:
             self._pending -= 1
             if not done.done():
                 done.set_result(outcome)
+        if not self._pending:
+            self._none_pending.set()

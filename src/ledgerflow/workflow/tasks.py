@@ -39,7 +39,6 @@ from ..errors import (
     BulkheadFullError,
     CircuitOpenError,
     LeaseLostError,
-    LedgerflowError,
     PolicyNotFoundError,
     StepTimeoutError,
     StoreClosedError,
@@ -327,9 +326,8 @@ class TaskRunner:
         self._loop = asyncio.create_task(self._serve(), name="ledgerflow-tasks")
 
     async def stop(self, grace: float) -> None:
-        """Claim nothing more; let running attempts finish for ``grace`` seconds,
-        cancel the rest, and give back every task lease still held (the tasks are
-        due at once for another worker, the unfinished attempts not counted)."""
+        """Claim nothing more; let running attempts finish for ``grace`` seconds and
+        cancel the rest (``release`` gives their leases back)."""
         self._closing = True
         self._wake.set()
         if self._loop is not None:
@@ -338,8 +336,11 @@ class TaskRunner:
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             await cancel_and_wait(pending)
-        with contextlib.suppress(LedgerflowError):
-            await self.store.release_tasks(self.owner)
+
+    async def release(self) -> None:
+        """Give back every task lease still held: the tasks are due at once for
+        another worker, the unfinished attempts not counted."""
+        await self.store.release_tasks(self.owner)
 
     async def renew(self) -> None:
         held = [lease for _, lease in self._running.values()]
