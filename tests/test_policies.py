@@ -244,6 +244,30 @@ async def test_a_policy_change_mid_run_applies_from_the_next_attempt(
     assert last.policy_version == 2
 
 
+async def test_a_policy_lowered_during_a_backoff_starts_no_attempt_it_no_longer_allows(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    """The next attempt ran anyway (one more call to the ERP), and only its failure
+    stopped the step."""
+    slow = lf.Policy(
+        retry=lf.Retry(max_attempts=5, initial_interval=60, max_interval=600, jitter=0)
+    )
+    async with engine(erp_down, policies={"erp": slow}, policy_refresh=0) as e:
+        await e.start(erp_down, 1, id="p-low")
+        await waiting_for(e, "p-low", "retry of step 'always_fails' at ")
+        await PolicyBook(e.store).update(
+            "erp", {"retry.max_attempts": 1}, reason="stop calling the ERP", actor="ops"
+        )
+        clock.advance(61)
+        with pytest.raises(lf.WorkflowFailedError, match=r"ERP down \(1\)") as ended:
+            await e.handle("p-low").result(timeout=WAIT)
+        _, last = await step_events(e, "p-low")
+    assert calls["always"] == 1
+    assert "policy 'erp' v2 allows 1 attempts now" in ended.value.message
+    assert isinstance(last, StepFailed)
+    assert last.policy_version == 2
+
+
 async def test_a_long_backoff_holds_no_lease_and_no_thread(
     engine: EngineFactory, clock: ManualClock
 ) -> None:

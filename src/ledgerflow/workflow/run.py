@@ -503,6 +503,30 @@ class _Pass(Waits, Saga):
             first_at = first_at if first_at is not None else now
             limits = attempt_limits(rules, first_at, now)
             failure: BaseException | None = missing
+            spent = (
+                _spent(rules, attempt, first_at, now)
+                if missing is None and rules.on_exhausted == "fail"
+                else ""
+            )
+            if spent:
+                # The policy changed during the backoff (fewer attempts, a deadline
+                # now past): the attempt it no longer allows does not start.
+                last = (self.history.recorded(seq) or [None])[-1]
+                error_type = getattr(last, "error_type", "StepFailedError")
+                message = f"{getattr(last, 'message', '')} ({spent})".lstrip()
+                await self.record(
+                    [
+                        StepFailed(
+                            seq=seq,
+                            name=name,
+                            error_type=error_type,
+                            message=message,
+                            policy=rules.policy,
+                            policy_version=rules.policy_version,
+                        )
+                    ]
+                )
+                raise StepFailedError(name, error_type, message)
             if failure is None and limits.timeout is not None and limits.timeout <= 0:
                 failure = StepTimeoutError(name, attempt, limits.kind, limits.shown or 0.0)
             admission: Admission | None = None
@@ -900,3 +924,18 @@ def _caller_outside_ledgerflow() -> str | None:
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return None
+
+
+def _spent(rules: StepRules, attempt: int, first_at_us: int, now_us: int) -> str:
+    """Why attempt ``attempt`` (after failed ones) may not start under ``rules`` as
+    they are now: a policy lowered its attempts or set a deadline since ("" if it
+    may). Rules given in code are asked after each failure, as before."""
+    if attempt <= 1 or rules.code is not None:
+        return ""
+    where = f"policy {rules.policy!r} v{rules.policy_version}" if rules.policy else "the rules"
+    if attempt > rules.retry.max_attempts:
+        return f"no retry: {where} allows {rules.retry.max_attempts} attempts now"
+    deadline = rules.retry.deadline
+    if deadline is not None and now_us >= first_at_us + int(deadline * 1_000_000):
+        return f"no retry: the step's retry deadline of {deadline}s has passed ({where})"
+    return ""
