@@ -16,7 +16,7 @@ import psycopg
 import pytest
 
 import ledgerflow
-from ledgerflow import Appended, NewEvent, RecordedEvent
+from ledgerflow import Appended, AppendResult, NewEvent, RecordedEvent, StoreError
 from ledgerflow.hashing import GENESIS_HASH, chain_hash, to_micros
 from ledgerflow.store._plan import AppendRequest
 from ledgerflow.store.postgres import (
@@ -572,6 +572,55 @@ async def test_runtime_rows_add_no_round_trips(pg_schema: str) -> None:
     # A guarded write must read the stream's version: one round trip more, whatever
     # its size.
     assert guarded == plain + 1
+
+
+async def test_writers_appending_in_a_loop_share_commits(pg_schema: str) -> None:
+    """Two tasks each appending in a loop (the next append as soon as the last one
+    returns) share their commits, even if they started out of step. The writer took
+    its next batch before the callers of the last one had run: each commit then held
+    one task's append, by turns, for good (four such processes ran at a fifth of the
+    rate of one)."""
+    async with open_adapter(pg_url(pg_schema)) as store:
+        assert isinstance(store, PostgresEventStore)
+        batches: list[int] = []
+        committing = asyncio.Event()
+        write = store._write_batch
+
+        async def counted(
+            requests: list[AppendRequest], recorded_at_us: int
+        ) -> list[AppendResult | StoreError]:
+            batches.append(len(requests))
+            committing.set()
+            return await write(requests, recorded_at_us)
+
+        store._write_batch = counted  # type: ignore[method-assign]
+
+        async def writer(stream: str, late: bool) -> None:
+            version = 0
+            if late:  # starts while the other's first commit is under way
+                await committing.wait()
+            for _ in range(30):
+                version = (await store.append(stream, [NewEvent("E")], version)).version
+
+        await asyncio.wait_for(asyncio.gather(writer("a", False), writer("b", True)), 30)
+    assert sum(batches) == 60
+    # Out of step, the old loop made 60 commits of one append each.
+    assert len(batches) <= 35, batches
+
+
+async def test_the_notify_commit_does_not_wait_but_batches_still_do(pg_schema: str) -> None:
+    """The NOTIFY after each batch commits without waiting for the disk, and that
+    setting ends with its own transaction: the writer's next batches (either path)
+    still commit durably."""
+    async with open_adapter(pg_url(pg_schema)) as store:
+        assert isinstance(store, PostgresEventStore)
+        await store.append("s", [NewEvent("E")])  # decided from the database
+        await store.append("s", [NewEvent("E")], expected_version=1)  # one round trip
+        conn = store._writer_conn
+        assert conn is not None
+        cur = await conn.execute("SHOW synchronous_commit")
+        assert await cur.fetchone() == ("on",)
+        assert "set_config('synchronous_commit', 'off', true)" in store._sql.notify
 
 
 async def test_a_new_stream_said_new_takes_one_round_trip(pg_schema: str) -> None:

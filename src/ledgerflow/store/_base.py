@@ -382,6 +382,12 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
                     batch.append(item)
                     size += len(item.request.events)
                 await self._commit(batch)
+                # Let the callers just told their outcomes run before the next batch
+                # is taken: each appends again at once, and so joins it. Taken at once
+                # instead, the next batch held only what was queued during this
+                # commit, and writers fell out of step for good: two tasks appending
+                # in a loop committed one append each, by turns, never together.
+                await asyncio.sleep(0)
         finally:
             # Cancelled (event loop shutting down) or stopped: nobody may wait forever.
             while not queue.empty():

@@ -306,7 +306,12 @@ class Sql:
             "version = excluded.version, last_hash = excluded.last_hash, "
             "last_position = excluded.last_position"
         )
-        self.notify = "SELECT pg_notify(%s, %s)"
+        # Sent after the batch's COMMIT, as a transaction of its own. A notifying
+        # transaction is given an id and holds PostgreSQL's one notification lock
+        # until its commit ends, so waiting for its flush made every writer process
+        # queue for the disk a second time, one after another. It need not wait:
+        # what it announces was flushed before it (for this transaction only).
+        self.notify = "SELECT set_config('synchronous_commit', 'off', true), pg_notify(%s, %s)"
         self.stream_forward = (
             f"SELECT {_COLUMNS} FROM {s}.events WHERE stream_id = %s AND version >= %s "
             "ORDER BY version LIMIT %s"
