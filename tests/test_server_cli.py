@@ -10,6 +10,8 @@ import socket
 import subprocess
 import textwrap
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -181,6 +183,58 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_f
         assert {line["logger"] for line in lines} >= {"uvicorn.access", "uvicorn.error"}
         messages = [line["message"] for line in lines]
     assert any('POST /api/v1/workflows HTTP/1.1" 201' in m for m in messages)  # access log
+
+
+@contextmanager
+def serving(db: str, *options: str) -> Iterator[str]:
+    """A ``ledgerflow server`` process on ``db`` until the block ends; its base URL."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [*CLI, "server", "--db", db, "--port", str(port), *options],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{base}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never got ready"
+            time.sleep(0.05)
+        yield base
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=WAIT)
+
+
+def _session_cookie(base: str, key: str, **headers: str) -> str:
+    signed = httpx.post(f"{base}/ui/sign-in", data={"key": key}, headers=headers)
+    assert signed.status_code == 303, signed.text
+    return signed.headers["set-cookie"]
+
+
+def test_behind_a_tls_proxy_the_session_cookie_is_secure(tmp_path: Path) -> None:
+    """A proxy that terminates TLS talks plain HTTP to the server: the UI's session
+    cookie went without Secure (a browser would send it over plain HTTP too). With
+    the proxy's address given, its X-Forwarded-Proto is believed; from anyone else it
+    is ignored."""
+    db = ledger_at(f"sqlite:///{tmp_path / 'proxied.db'}")
+    code, key, err = run("keys", "create", "ops", "--role", "viewer", "--db", db)
+    assert code == 0, err
+    key = key.strip()
+    https = {"X-Forwarded-Proto": "https"}
+    with serving(db, "--forwarded-allow-ips", "127.0.0.1") as base:
+        assert "secure" in _session_cookie(base, key, **https).lower()
+        assert "secure" not in _session_cookie(base, key).lower()
+    with serving(db) as base:  # no proxy named: the header is anyone's claim
+        assert "secure" not in _session_cookie(base, key, **https).lower()
 
 
 @pytest.mark.parametrize(

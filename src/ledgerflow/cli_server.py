@@ -100,6 +100,18 @@ def server(
             "and rate limits): one per core the server may use.",
         ),
     ] = 1,
+    forwarded_allow_ips: Annotated[
+        str | None,
+        typer.Option(
+            "--forwarded-allow-ips",
+            envvar="FORWARDED_ALLOW_IPS",
+            help="Behind a reverse proxy: the addresses of the proxies (comma-separated, "
+            "or '*') whose X-Forwarded-Proto and X-Forwarded-For are believed, so that "
+            "a proxy terminating TLS gets the web UI's session cookie marked Secure and "
+            "logs name the client. Unset: those headers are ignored. "
+            "Env FORWARDED_ALLOW_IPS.",
+        ),
+    ] = None,
 ) -> None:
     """Serve the HTTP API (OpenAPI at /openapi.json) and the web UI (/ui) until
     SIGTERM or Ctrl-C."""
@@ -132,7 +144,10 @@ def server(
         "port": port,
         "log_level": "info",
         "access_log": access_log,
-        "proxy_headers": False,
+        # Forwarded headers only from the proxies named: anyone else could claim to
+        # be https, or to be another client.
+        "proxy_headers": forwarded_allow_ips is not None,
+        "forwarded_allow_ips": forwarded_allow_ips,
         # uvicorn's records go through ledgerflow's handler (LEDGERFLOW_LOG_FORMAT):
         # its own config would put its text handlers back on its loggers.
         "log_config": None,
