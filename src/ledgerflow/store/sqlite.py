@@ -16,6 +16,7 @@ import queue
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -70,6 +71,8 @@ _COLUMNS = (
     "position, event_id, stream_id, version, type, schema_version, data, metadata, "
     "recorded_at, prev_hash, hash"
 )
+_KNOWN_HEADS = 10_000
+"""Stream heads the writer remembers between commits (see _write_sync)."""
 _INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
 _UPSERT_HEAD = (
     "INSERT INTO streams (stream_id, version, last_hash, last_position) VALUES (?,?,?,?) "
@@ -168,6 +171,11 @@ class SQLiteEventStore(
         self._connections: list[sqlite3.Connection] = []
         self._lock = threading.Lock()
         self._writer_con: sqlite3.Connection | None = None
+        # Writer state (used under _con_lock only):
+        self._busy_off = False  # the writer connection's busy timeout is 0 just now
+        self._seen_version: int | None = None  # PRAGMA data_version at the last write
+        self._known_last = 0  # the highest position then
+        self._known_heads: OrderedDict[str, StreamHead] = OrderedDict()  # heads we wrote
 
     @property
     def location(self) -> str:
@@ -252,6 +260,7 @@ class SQLiteEventStore(
                 return
             if isinstance(item, _Call):
                 with self._con_lock:
+                    self._busy_on()
                     self._run_call(item)
                 continue
             batch = [item]
@@ -270,6 +279,7 @@ class SQLiteEventStore(
                 batch.append(following)
                 size += len(following.request.events)
             with self._con_lock:
+                self._busy_on()
                 outcomes = self._commit_sync(batch)
             self._post(self._resolve, batch, outcomes)
 
@@ -493,21 +503,29 @@ class SQLiteEventStore(
         for queued in batch:
             self._inbox.put(queued)
 
+    def _busy_on(self) -> None:
+        """The writer thread waits for another process's write lock (within the busy
+        timeout); the event loop does not (see _begin). Each sets the timeout only
+        when it changes hands: two PRAGMAs a commit were a tenth of its statements."""
+        if self._busy_off and self._writer_con is not None:
+            self._writer_con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+            self._busy_off = False
+
     def _begin(self, con: sqlite3.Connection, *, wait: bool) -> None:
         if wait:
             con.execute("BEGIN IMMEDIATE")
             return
         # On the event loop we must not sit in the busy handler while another
         # process holds the write lock: try once, and let the writer thread wait.
-        con.execute("PRAGMA busy_timeout = 0")
+        if not self._busy_off:
+            con.execute("PRAGMA busy_timeout = 0")
+            self._busy_off = True
         try:
             con.execute("BEGIN IMMEDIATE")
         except sqlite3.OperationalError as exc:
             if "locked" in str(exc) or "busy" in str(exc):
                 raise _Busy() from exc
             raise
-        finally:
-            con.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
 
     def _write_sync(
         self, requests: list[AppendRequest], recorded_at_us: int, *, wait: bool = True
@@ -516,9 +534,28 @@ class SQLiteEventStore(
         assert con is not None
         self._begin(con, wait=wait)
         try:
+            # What this writer knows from its last write (the heads of the streams it
+            # wrote, the highest position) holds while no other connection has
+            # committed since: SQLite says so by data_version, which only other
+            # connections' commits move (and none can commit while we hold the lock).
+            (data_version,) = con.execute("PRAGMA data_version").fetchone()
+            if data_version != self._seen_version:
+                self._known_heads.clear()
+                self._known_last = con.execute(
+                    "SELECT coalesce(max(position), 0) FROM events"
+                ).fetchone()[0]
+            # Unknown until this commit is done: a failure leaves nothing to trust.
+            self._seen_version = None
             streams = list({r.stream_id for r in requests})
             heads: dict[str, StreamHead] = {}
-            for chunk in _chunks(streams):
+            unknown = []
+            for stream in streams:
+                known = self._known_heads.get(stream)
+                if known is None:
+                    unknown.append(stream)
+                else:
+                    heads[stream] = known
+            for chunk in _chunks(unknown):
                 marks = ",".join("?" * len(chunk))
                 for sid, version, last_hash, last_position in con.execute(
                     "SELECT stream_id, version, last_hash, last_position FROM streams "
@@ -535,7 +572,7 @@ class SQLiteEventStore(
                 ):
                     row = _row(t)
                     existing[row.id] = row
-            last = con.execute("SELECT coalesce(max(position), 0) FROM events").fetchone()[0]
+            last = self._known_last
             leases: dict[str, LeaseState] = {}
             for chunk in _chunks(fenced_ids(requests)):
                 marks = ",".join("?" * len(chunk))
@@ -557,6 +594,7 @@ class SQLiteEventStore(
             plan = plan_batch(requests, heads, existing, last, recorded_at_us, leases, task_leases)
             if not plan.rows and not plan.runtime:
                 con.execute("ROLLBACK")
+                self._seen_version = data_version
                 return plan.outcomes
             con.executemany(
                 _INSERT_EVENT,
@@ -588,6 +626,13 @@ class SQLiteEventStore(
             if con.in_transaction:
                 con.execute("ROLLBACK")
             raise
+        self._known_last = plan.last_position
+        for stream, head in plan.heads.items():
+            self._known_heads[stream] = head
+            self._known_heads.move_to_end(stream)
+        while len(self._known_heads) > _KNOWN_HEADS:
+            self._known_heads.popitem(last=False)
+        self._seen_version = data_version
         return plan.outcomes
 
     # -- reading --------------------------------------------------------------------
