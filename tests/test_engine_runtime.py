@@ -39,7 +39,7 @@ from ledgerflow.workflow.history import (
     Stuck,
 )
 
-from ._engines import WAIT, EngineFactory
+from ._engines import WAIT, EngineFactory, waiting_for
 from ._passes import crashes, outcome, waiting
 from ._passes import no_pass_crashed as no_pass_crashed  # autouse: applies here
 
@@ -1230,3 +1230,32 @@ async def test_a_workflow_failing_with_an_oversized_message_still_ends(
             await e.handle("loud").result(timeout=WAIT)
         assert failed.value.message.startswith("x" * 100)
         assert failed.value.message.endswith("… (1091808 more characters)")
+
+
+@ledgerflow.workflow(name="late_approval", version=1)
+async def late_approval(ctx: WorkflowContext, order: str) -> str:
+    got = await ctx.wait_for_signal("approval", dict, timeout=timedelta(seconds=60))
+    return "timed out" if got is None else f"approved by {got['by']}"
+
+
+async def test_a_signal_recorded_after_a_waits_deadline_does_not_end_it(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    """No engine ran at the wait's deadline (a deploy, an outage) and the approval
+    was recorded after it: the wait timed out all the same. It took the late
+    approval as if it had come in time, so the outcome hung on whether an engine
+    happened to be up. The late signal stays for a later wait."""
+    async with engine(late_approval) as e:
+        await e.start(late_approval, "o-1", id="late-1")
+        await e.start(late_approval, "o-2", id="in-time-1")
+        await waiting_for(e, "late-1", "signal 'approval'")
+        await waiting_for(e, "in-time-1", "signal 'approval'")
+    async with engine() as e:  # records only: no workflow of theirs runs here
+        clock.advance(59)
+        await e.signal("in-time-1", "approval", {"by": "ana"})
+        clock.advance(61)
+        await e.signal("late-1", "approval", {"by": "larry"})
+    async with engine(late_approval) as e:
+        assert await asyncio.wait_for(e.result("in-time-1"), WAIT) == "approved by ana"
+        assert await asyncio.wait_for(e.result("late-1"), WAIT) == "timed out"
+        assert (await e.describe("late-1")).unconsumed_signals == ("approval",)

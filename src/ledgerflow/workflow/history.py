@@ -19,6 +19,7 @@ import msgspec
 
 from .. import personal
 from ..events import RecordedEvent
+from ..hashing import to_micros
 from ..registry import EventRegistry
 
 __all__ = [
@@ -473,6 +474,9 @@ class History:
     signal_traces: dict[int, str] = field(default_factory=dict)
     """The trace of each signal's sender, by the signal's version: the pass that
     takes it links to it."""
+    signal_times: dict[int, int] = field(default_factory=dict)
+    """When each signal not yet taken was recorded (µs), by its version: one that
+    came after a wait's deadline does not end that wait (see waits.signal)."""
     personal: bool = False
     """It holds personal data (``ledgerflow.personal``): never kept in a cache, so
     that an erasure reaches the next pass."""
@@ -499,6 +503,8 @@ class History:
                 continue
             self.personal = self.personal or event.sealed
             self.add(event.version, event.data)
+            if isinstance(event.data, SignalSent):
+                self.signal_times[event.version] = to_micros(event.recorded_at)
             traced = event.metadata.traceparent
             if traced is None:
                 continue
@@ -560,6 +566,9 @@ class History:
                 "signal_traces": [
                     [v, t] for v, t in self.signal_traces.items() if v not in self.taken
                 ],
+                "signal_times": [
+                    [v, t] for v, t in self.signal_times.items() if v not in self.taken
+                ],
             }
         )
 
@@ -589,6 +598,7 @@ class History:
         history.traceparent = raw.get("traceparent")
         history.correlation_id = raw.get("correlation_id")
         history.signal_traces = dict(raw.get("signal_traces", ()))
+        history.signal_times = dict(raw.get("signal_times", ()))
         return history
 
     def from_outside(self, data: Any) -> bool:
@@ -628,6 +638,11 @@ class History:
 
     def last_seq(self) -> int:
         return max(self.commands, default=0)
+
+    def signal_time(self, version: int) -> int | None:
+        """When the signal at ``version`` was recorded (µs); None if not known (a
+        snapshot written before the times were kept)."""
+        return self.signal_times.get(version)
 
     def next_signal(self, name: str) -> tuple[int, SignalSent] | None:
         for version, signal in self.signals:

@@ -135,8 +135,30 @@ class Waits:
                 return None
         self._live()
         with self.acting:
+            now = self.host.now_us()
+            waiting = _first(recorded, SignalWaiting)
+            new: list[Any] = []
+            if waiting is not None:
+                deadline = waiting.deadline_us
+            else:
+                deadline = (
+                    None
+                    if timeout is None
+                    else due_after(now, timeout, f"the timeout of the wait for {name!r}")
+                )
+                new = [
+                    SignalWaiting(
+                        seq=seq, name=name, deadline_us=deadline, schema=json_schema(type_)
+                    )
+                ]
             while (found := self.history.next_signal(name)) is not None:
                 version, sent = found
+                sent_at = self.history.signal_time(version)
+                if deadline is not None and sent_at is not None and sent_at > deadline:
+                    # Recorded after the wait had timed out (no engine ran at its
+                    # deadline to say so): the wait timed out all the same, and the
+                    # signal stays for a later wait.
+                    break
                 try:
                     value = from_builtins(sent.payload, type_)
                 except CodecError as exc:
@@ -165,22 +187,6 @@ class Waits:
                 ):
                     await self.record([SignalTaken(seq=seq, name=name, signal_version=version)])
                 return value
-            now = self.host.now_us()
-            waiting = _first(recorded, SignalWaiting)
-            new: list[Any] = []
-            if waiting is not None:
-                deadline = waiting.deadline_us
-            else:
-                deadline = (
-                    None
-                    if timeout is None
-                    else due_after(now, timeout, f"the timeout of the wait for {name!r}")
-                )
-                new = [
-                    SignalWaiting(
-                        seq=seq, name=name, deadline_us=deadline, schema=json_schema(type_)
-                    )
-                ]
             if deadline is not None and now >= deadline:
                 await self.record([*new, SignalTimedOut(seq=seq, name=name)])
                 return None
