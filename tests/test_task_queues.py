@@ -256,6 +256,49 @@ async def test_cancelling_a_workflow_drops_its_queued_steps(engine: EngineFactor
         assert await orders.store.list_tasks() == []
 
 
+async def test_cancelling_while_a_queued_step_runs_compensates_it(
+    engine: EngineFactory,
+) -> None:
+    """The cancel came while a worker of the queue ran the step: the instance ended
+    `cancelled` at once and dropped the running task, whose outcome then could not
+    be recorded, so the step's effect stayed and its compensation never ran. As a
+    step run in the workflow's own engine, it is waited for and compensated."""
+    started = threading.Event()
+    go_on = threading.Event()
+    effects: list[str] = []
+
+    @ledgerflow.step(name="erp.hold", queue="erp")
+    def hold(sku: str) -> str:
+        started.set()
+        go_on.wait(WAIT)
+        effects.append(f"reserved {sku}")
+        return "R-1"
+
+    @ledgerflow.step(name="erp.unhold", queue="erp")
+    def unhold(sku: str, result: str) -> None:
+        effects.append(f"released {sku} ({result})")
+
+    @ledgerflow.workflow(name="tq.held")
+    async def held(ctx: WorkflowContext, sku: str) -> str:
+        await ctx.step(hold, sku, compensate=unhold)
+        await ctx.sleep(timedelta(hours=1))
+        return "done"
+
+    async with (
+        engine(held, clock=REAL) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[hold, unhold]),
+    ):
+        handle = await orders.start(held, "SKU-1", id="held-1")
+        assert await asyncio.to_thread(started.wait, WAIT)
+        await handle.cancel("customer withdrew")
+        await asyncio.sleep(0.3)  # the pass that sees the cancel runs meanwhile
+        go_on.set()
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await handle.describe()).status == "compensated"
+    assert effects == ["reserved SKU-1", "released SKU-1 (R-1)"]
+
+
 async def test_a_queue_limit_holds_across_engines(engine: EngineFactory) -> None:
     running = 0
     most = 0

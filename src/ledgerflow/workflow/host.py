@@ -134,6 +134,11 @@ class RunHost(Protocol):
 
     async def cancel_child(self, child_id: str, reason: str) -> None: ...
 
+    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
+        """Whether a worker holds the task ``task_id`` of ``workflow_id`` (it may be
+        running the step's body now)."""
+        ...
+
     async def policy(self, name: str) -> PolicyVersion:
         """The version in force of a named policy (``PolicyNotFoundError``)."""
         ...
@@ -226,6 +231,9 @@ class ReplayHost:
     async def cancel_child(self, child_id: str, reason: str) -> None:
         raise AssertionError("a replaying pass never acts")
 
+    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
+        return False  # a replaying pass never waits: it stops where the record does
+
     async def policy(self, name: str) -> PolicyVersion:
         raise AssertionError("a replaying pass never acts")
 
@@ -295,6 +303,10 @@ class EngineHost:
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
             engine = self._engine
             await engine.cancel(child_id, f"parent cancelled: {reason}", actor=engine.owner)
+
+    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
+        tasks = await self._engine.store.list_tasks(workflow_id=workflow_id, limit=1000)
+        return any(t.task_id == task_id and t.lease_owner is not None for t in tasks)
 
     def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
         return self._engine.policies.current(name)

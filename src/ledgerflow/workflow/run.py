@@ -291,6 +291,10 @@ class _Pass(Waits, Saga):
             )
         return self.seq, recorded
 
+    def _cancelling(self) -> bool:
+        """Whether a cancellation would end the body at its next command."""
+        return self.history.cancel is not None and not self.compensating and not self.shield
+
     def _live(self) -> None:
         """About to act on a command without a recorded outcome."""
         if self.query:
@@ -426,8 +430,15 @@ class _Pass(Waits, Saga):
         stream, appended by the task's runner with a nudge. Under a named policy the
         worker resolves it at each attempt. An operator's retry of a parked step
         sends it again."""
-        self._live()
         again = bool(recorded) and isinstance(recorded[-1], StepRetried)  # type: ignore[index]
+        if recorded and not again and self._cancelling():
+            task_id = f"{self.history.workflow_id}/{seq}"
+            if await self._host(self.host.task_underway(self.history.workflow_id, task_id)):
+                # A worker is running it: its outcome comes, and a step that
+                # completes is compensated, as a step run here would be. (One still
+                # queued is dropped with the instance's end: it never ran.)
+                raise Suspend()
+        self._live()
         if not recorded or again:
             queue = queue or _queue_of(recorded)
             assert queue is not None
