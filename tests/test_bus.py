@@ -186,6 +186,37 @@ async def test_the_relay_on_jetstream_delivers_each_event_once_in_order(
         assert [e["data"]["n"] for e in seen if e["stream"] == f"order-{s}"] == list(range(25))
 
 
+async def test_an_event_too_big_for_the_broker_stops_the_relay_there(
+    ledger: BaseEventStore, jetstream: JetStreamBus
+) -> None:
+    """An event the ledger takes whose message is over the server's max_payload:
+    the relay retried it for ever, behind it every later event waited, and each
+    retry published the batch's earlier messages again. Now what comes before it is
+    published, the relay stops at it with the failure recorded (as a projection
+    stops at an event its handler fails on), and skipping it goes on."""
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    route = Route(subject=root + ".{category}.{type}", types={"shop.placed", "shop.note"})
+    limit = jetstream.max_message_bytes
+    assert limit is not None
+    await ledger.append("order-1", [Placed(1)])
+    big = lf.NewEvent("shop.note", {"text": "x" * (limit - 200)})
+    refused = await ledger.append("order-2", [big])
+    await ledger.append("order-3", [Placed(3)])
+    relay = Relay(ledger, jetstream, [route], batch_size=40)
+    assert await relay.catch_up() == 1
+    assert await relay.catch_up() == 0  # stopped there, not retrying
+    row = await ledger.projection_row("relay_main")
+    assert row is not None
+    assert row.failure is not None
+    assert row.failure.position == refused.positions[0]
+    assert row.failure.error_type == "MessageTooLargeError"
+    assert f"at most {limit}" in row.failure.message
+    assert await ledger.skip_projection("relay_main", refused.positions[0])
+    assert await relay.catch_up() == 1
+    info = await jetstream._js.stream_info(jetstream.stream)
+    assert info.state.messages == 2  # order-1 and order-3, each once
+
+
 async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
     jetstream: JetStreamBus,
 ) -> None:

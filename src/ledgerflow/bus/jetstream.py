@@ -33,13 +33,12 @@ from typing import Any
 
 from .._waiting import cancel_and_wait
 from ..errors import BusUnavailableError, ConfigurationError
-from .port import Delivery, Handler, Message, Subscription, deliver
+from .port import MSG_ID, Delivery, Handler, Message, Subscription, deliver
 
 __all__ = ["JetStreamBus"]
 
 log = logging.getLogger("ledgerflow.bus")
 
-MSG_ID = "Nats-Msg-Id"
 EXPECTED_STREAM = "Nats-Expected-Stream"
 
 
@@ -71,6 +70,13 @@ class JetStreamBus:
         self._pub_lock = asyncio.Lock()
         self._closing = False
         self._said: tuple[str, float] = ("", 0.0)  # the last error logged, and when
+
+    @property
+    def max_message_bytes(self) -> int | None:
+        """The largest message (payload and headers) the server takes, as it said
+        when this bus connected (its ``max_payload``); None before that."""
+        size = getattr(self._nc, "max_payload", None)
+        return size if isinstance(size, int) and size > 0 else None
 
     async def open(self) -> None:
         try:

@@ -47,6 +47,19 @@ class Message:
     """What orders it: messages with one key (the ledger stream) keep their order."""
 
 
+MSG_ID = "Nats-Msg-Id"
+"""The header that carries a message's id to JetStream (its duplicate window)."""
+
+
+def wire_size(message: Message) -> int:
+    """What ``message`` weighs against a NATS server's ``max_payload``: its data and
+    its headers as NATS sends them (``NATS/1.0``, one ``name: value`` line each,
+    the message id's among them, a blank line)."""
+    headers = {**message.headers, MSG_ID: message.id}
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    return len(message.data) + len(b"NATS/1.0\r\n") + lines + 2
+
+
 def step_message(subject: str, data: Any, *, key: str = "") -> Message:
     """A message published from inside a step: its id is the step's idempotency key,
     the same on every attempt and replay, so a step that runs again (a retry, a crash

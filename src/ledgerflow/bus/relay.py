@@ -39,8 +39,8 @@ from ..events import RecordedEvent
 from ..hashing import to_micros
 from ..projections.definition import Projection
 from ..projections.runner import ProjectionRunner
-from ..projections.state import ProjectionLease
-from .port import EventBus, Message
+from ..projections.state import ProjectionFailure, ProjectionLease
+from .port import EventBus, Message, wire_size
 
 if TYPE_CHECKING:
     from ..store import WorkflowStore
@@ -172,23 +172,69 @@ class Relay(ProjectionRunner):
         row = await self.store.projection_row(projection.name)
         if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+        if row.failure is not None:
+            return 0, False  # stopped at an event it cannot publish until an operator acts
         position = row.position
         events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
         if not events:
             return 0, False
-        with self._spanned(projection, events, began) as span:
-            published = await self._publish(events)
-            span.set_attribute("ledgerflow.messages", published)
-            await self.store.project(
-                lease,
-                {},
-                from_position=position,
-                to_position=events[-1].position,
-                event_at_us=to_micros(events[-1].recorded_at),
-                writes=[],
-                now_us=self._now_us(),
+        refused = self._too_big(events)
+        if refused is not None:
+            # What comes before it goes out; then the relay stops there, as a
+            # projection stops at an event its handler fails on. Retried as it was, it
+            # failed for ever, and each retry sent the messages before it again.
+            events = events[: refused[0]]
+        published = 0
+        if events:
+            with self._spanned(projection, events, began) as span:
+                published = await self._publish(events)
+                span.set_attribute("ledgerflow.messages", published)
+                await self.store.project(
+                    lease,
+                    {},
+                    from_position=position,
+                    to_position=events[-1].position,
+                    event_at_us=to_micros(events[-1].recorded_at),
+                    writes=[],
+                    now_us=self._now_us(),
+                )
+        if refused is not None:
+            failure = refused[1]
+            await self.store.fail_projection(lease, failure, now_us=self._now_us())
+            log.error(
+                "relay %s stopped at position %d (%s %s): %s; retry or skip it",
+                self.name,
+                failure.position,
+                failure.event_type,
+                failure.event_id,
+                failure.message,
             )
+            return published, False
         return published, len(events) == self.batch_size
+
+    def _too_big(self, events: Sequence[RecordedEvent]) -> tuple[int, ProjectionFailure] | None:
+        """The first event whose message the broker would refuse for its size (its
+        index and the failure to record), if the bus says what it takes."""
+        limit = getattr(self.bus, "max_message_bytes", None)
+        if not isinstance(limit, int):
+            return None
+        for index, event in enumerate(events):
+            route = self._route(event)
+            if route is None:
+                continue
+            message = self._on(event, route.subject_for(event))
+            size = wire_size(message)
+            if size > limit:
+                return index, ProjectionFailure(
+                    event.position,
+                    str(event.id),
+                    event.type,
+                    "MessageTooLargeError",
+                    f"its message on {message.subject!r} is {size} bytes; the broker "
+                    f"takes at most {limit} (NATS max_payload): raise the server's "
+                    "max_payload and retry, or skip the event",
+                )
+        return None
 
     async def _publish(self, events: Sequence[RecordedEvent]) -> int:
         """Publish the messages of the ``events`` the routes select; how many."""
