@@ -219,6 +219,48 @@ async def test_a_failing_handler_stops_the_projection_until_retried_or_skipped(
     assert not await ledger.retry_projection("orders")  # nothing to retry
 
 
+@dataclass(frozen=True)
+class PlacedV2:
+    customer: str
+    amount_cents: int
+    currency: str
+
+
+async def test_an_event_this_code_cannot_decode_stops_only_a_projection_that_wants_it(
+    ledger: BaseEventStore,
+) -> None:
+    """Newer code elsewhere wrote events of a schema version this code does not
+    know. The projection failed its whole batch, over and over, shown as running
+    with no failure (even for an event type it has no handler for). Now it passes
+    over an event no handler of its wants, and stops, visibly, at one a handler
+    does want: retry once the code knows it, or skip it."""
+    await ledger.append("o-1", [Placed("acme", 500)])
+    mine = ledger.registry
+    newer = lf.EventRegistry()  # another service, newer code, on the same ledger
+    newer.register(Noise, "test.noise", version=2)
+    newer.register(PlacedV2, "test.placed", version=2)
+    ledger.registry = newer
+    try:
+        await ledger.append("n-1", [Noise(1)])
+        newer_placed = await ledger.append("o-eur", [PlacedV2("eve", 9, "EUR")])
+    finally:
+        ledger.registry = mine
+    await ledger.append("o-2", [Placed("bob", 70)])
+    runner = ProjectionRunner(ledger, [orders_projection()])
+    assert await runner.catch_up() == 1  # o-1; n-1 passed over; stopped at o-eur
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.failure is not None
+    assert row.failure.position == newer_placed.positions[0]
+    assert row.failure.error_type == "InvalidEventDataError"
+    assert "newer than the registered 1" in row.failure.message
+    assert row.position == newer_placed.positions[0] - 1
+    assert await ledger.skip_projection("orders", newer_placed.positions[0])
+    assert await runner.catch_up() == 1
+    model = ReadModel(ledger, orders_projection())
+    assert [r["order_id"] for r in await model.select(ORDERS)] == ["o-1", "o-2"]
+
+
 async def test_one_runner_at_a_time_and_a_dead_ones_lease_expires(
     ledger: BaseEventStore,
 ) -> None:

@@ -85,6 +85,14 @@ class Projection:
         found.extend(self._by_name.get(event.type, ()))
         return found
 
+    def may_handle(self, type_name: str, class_of: Callable[[str], type | None]) -> bool:
+        """Whether an event named ``type_name`` (of the class ``class_of`` gives, and
+        so of its bases) would reach a handler, without decoding it."""
+        if type_name in self._by_name:
+            return True
+        cls = class_of(type_name)
+        return cls is not None and any(c in self._by_class for c in cls.__mro__)
+
     def unknown_classes(self, known: Callable[[type], bool]) -> list[type]:
         """The classes handlers are keyed on that ``known`` (a registry's ``knows``)
         says no event decodes to: those handlers could never be called."""

@@ -35,11 +35,13 @@ from .._waiting import cancel_and_wait, wait_at_most
 from ..errors import (
     BusUnavailableError,
     ConfigurationError,
+    InvalidEventDataError,
     ProjectionLeaseLostError,
     StoreClosedError,
     StoreUnavailableError,
 )
-from ..hashing import to_micros
+from ..events import Metadata, RecordedEvent
+from ..hashing import from_micros, to_micros
 from ..workflow.history import error_message, history_registry
 from .definition import Projection, call
 from .state import ProjectionFailure, ProjectionLease
@@ -48,8 +50,8 @@ from .view import View
 if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
-    from ..events import RecordedEvent
     from ..store import WorkflowStore
+    from ..store.ports import EventRow
 
 __all__ = ["ProjectionRunner"]
 
@@ -282,7 +284,12 @@ class ProjectionRunner:
         generation = row.rebuild.generation if row.rebuild is not None else row.generation
         position = row.rebuild.position if row.rebuild is not None else row.position
         await self._tables(projection, generation)
-        events = await self.store.read_all(from_position=position + 1, limit=self.batch_size)
+        events, unreadable = await self._read(projection, position)
+        if unreadable is not None and not events:
+            # The first event waiting cannot be decoded by this code and a handler
+            # would want it: stop there, visibly, as for a handler that fails.
+            await self._stop(projection, lease, unreadable)
+            return 0, False
         if not events:
             if rebuilding:
                 await self._finish(projection, lease, generation, position)
@@ -292,8 +299,49 @@ class ProjectionRunner:
             if rebuilding:
                 span.set_attribute("ledgerflow.rebuild_generation", generation)
             return await self._apply(
-                projection, lease, events, span, position, generation, rebuilding
+                projection, lease, events, span, position, generation, rebuilding, unreadable
             )
+
+    async def _read(
+        self, projection: Projection, position: int
+    ) -> tuple[list[RecordedEvent], ProjectionFailure | None]:
+        """The batch after ``position``; if an event in it cannot be decoded (a newer
+        schema version than this code registers, a type gone from the code), the
+        events before it and, if a handler of ``projection`` may want it, the failure
+        to stop at. One it has no handler for is passed over (a ``None`` in place of
+        nothing: it is simply left out, and the checkpoint moves past it)."""
+        try:
+            return await self.store.read_all(
+                from_position=position + 1, limit=self.batch_size
+            ), None
+        except InvalidEventDataError:
+            pass  # find which, one by one (only now: a batch decodes whole normally)
+        events: list[RecordedEvent] = []
+        class_of = self.store.registry.class_of
+        for row in await self.store.read_rows(from_position=position + 1, limit=self.batch_size):
+            try:
+                events.extend(await self.store.read_all(from_position=row.position, limit=1))
+            except InvalidEventDataError as exc:
+                if projection.may_handle(row.type, class_of):
+                    return events, ProjectionFailure(
+                        row.position, str(row.id), row.type, type(exc).__name__, str(exc)
+                    )
+                events.append(_passed_over(row))
+        return events, None
+
+    async def _stop(
+        self, projection: Projection, lease: ProjectionLease, failure: ProjectionFailure
+    ) -> None:
+        await self.store.fail_projection(lease, failure, now_us=self._now_us())
+        log.error(
+            "projection %s stopped at position %d (%s %s): %s: %s; retry or skip it",
+            projection.name,
+            failure.position,
+            failure.event_type,
+            failure.event_id,
+            failure.error_type,
+            failure.message,
+        )
 
     async def _apply(
         self,
@@ -304,9 +352,11 @@ class ProjectionRunner:
         position: int,
         generation: int,
         rebuilding: bool,
+        unreadable: ProjectionFailure | None = None,
     ) -> tuple[int, bool]:
         """Apply ``events`` (read after ``position``) to ``generation`` and commit
-        the checkpoint; as ``_batch`` answers."""
+        the checkpoint; as ``_batch`` answers. ``unreadable``: the event after them
+        could not be decoded, and the projection stops there."""
 
         async def read(table: str, key: Any) -> dict[str, Any] | None:
             # The generation being written (a rebuild's, not the live one).
@@ -330,6 +380,8 @@ class ProjectionRunner:
                     break
                 applied += 1
             last, event_at = event.position, to_micros(event.recorded_at)
+        if failure is None:
+            failure = unreadable
         now = self._now_us()
         if last > position:
             await self.store.project(
@@ -349,16 +401,7 @@ class ProjectionRunner:
             # acts), so the span is marked failed by hand.
             span.set_attribute("ledgerflow.failed_position", failure.position)
             tracing.fail(span, failure.error_type, failure.message)
-            await self.store.fail_projection(lease, failure, now_us=now)
-            log.error(
-                "projection %s stopped at position %d (%s %s): %s: %s; retry or skip it",
-                projection.name,
-                failure.position,
-                failure.event_type,
-                failure.event_id,
-                failure.error_type,
-                failure.message,
-            )
+            await self._stop(projection, lease, failure)
             return applied, False
         more = len(events) == self.batch_size
         if rebuilding and not more:
@@ -389,6 +432,24 @@ class ProjectionRunner:
             await wait_at_most(asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED), seconds)
         finally:
             await cancel_and_wait([w for w in waits if not w.done()])
+
+
+def _passed_over(row: EventRow) -> RecordedEvent:
+    """An event this code cannot decode and no handler wants: it stands in the
+    batch for its position (no handler matches ``None``)."""
+    return RecordedEvent(
+        id=row.id,
+        stream_id=row.stream_id,
+        version=row.version,
+        position=row.position,
+        type=row.type,
+        schema_version=row.schema_version,
+        data=None,
+        metadata=Metadata(),
+        recorded_at=from_micros(row.recorded_at_us),
+        hash=row.hash,
+        prev_hash=row.prev_hash,
+    )
 
 
 def _failure(event: Any, exc: BaseException) -> ProjectionFailure:
