@@ -4,7 +4,9 @@ in one fenced transaction, failures that stop (retry, skip), one runner at a tim
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import pytest
@@ -259,6 +261,43 @@ async def test_an_event_this_code_cannot_decode_stops_only_a_projection_that_wan
     assert await runner.catch_up() == 1
     model = ReadModel(ledger, orders_projection())
     assert [r["order_id"] for r in await model.select(ORDERS)] == ["o-1", "o-2"]
+
+
+async def test_handlers_slower_than_the_lease_do_not_lose_it_to_a_second_runner(
+    ledger: BaseEventStore,
+) -> None:
+    """Handlers that together take longer than the lease, with a second runner
+    waiting: the lease (renewed between batches) ran out mid-batch, the other
+    runner took it, and each threw the other's batch away, calling the handlers of
+    every event again and again (9 calls of one event in 30 s, with `def` handlers
+    in two processes). A batch now ends once it has run a third of the lease."""
+    calls: Counter[int] = Counter()
+    notify = Projection("notify")  # no tables: its handler acts elsewhere
+
+    @notify.on("test.placed")
+    async def send(event: lf.RecordedEvent, view: View) -> None:
+        await asyncio.sleep(0.03)  # a slow call to another system
+        calls[event.position] += 1
+
+    for n in range(40):
+        await ledger.append(f"o-{n}", [Placed("acme", n)])
+    runners = [
+        ProjectionRunner(
+            ledger, [notify], owner=name, lease=timedelta(seconds=0.6), poll_interval=0.05
+        )
+        for name in ("first", "second")
+    ]
+    for runner in runners:
+        runner.start()
+    try:
+        async with asyncio.timeout(20):
+            while (row := await ledger.projection_row("notify")) is None or row.position < 40:
+                await asyncio.sleep(0.05)
+    finally:
+        for runner in runners:
+            await runner.stop()
+    assert sorted(calls) == list(range(1, 41))
+    assert max(calls.values()) == 1, calls
 
 
 async def test_one_runner_at_a_time_and_a_dead_ones_lease_expires(

@@ -367,7 +367,13 @@ class ProjectionRunner:
         view = View(projection, read)
         last, event_at, applied = position, None, 0
         failure: ProjectionFailure | None = None
-        for event in events:
+        # The lease is renewed between batches: a batch whose handlers take longer
+        # than a third of it ends early (what it did commits, the rest is the next
+        # batch's). Slow handlers lost the lease mid-batch to a second runner, then
+        # took it back, each throwing the other's work away, for ever.
+        cut_at = time.monotonic() + self.lease_us / 3e6
+        cut = False
+        for index, event in enumerate(events):
             handlers = projection.handlers(event)
             if handlers:
                 mark = view.mark()
@@ -380,7 +386,10 @@ class ProjectionRunner:
                     break
                 applied += 1
             last, event_at = event.position, to_micros(event.recorded_at)
-        if failure is None:
+            if index + 1 < len(events) and time.monotonic() > cut_at:
+                cut = True
+                break
+        if failure is None and not cut:
             failure = unreadable
         now = self._now_us()
         if last > position:
@@ -403,7 +412,7 @@ class ProjectionRunner:
             tracing.fail(span, failure.error_type, failure.message)
             await self._stop(projection, lease, failure)
             return applied, False
-        more = len(events) == self.batch_size
+        more = cut or len(events) == self.batch_size
         if rebuilding and not more:
             # Within a batch of the head: the new generation goes live now (its cursor
             # becomes the checkpoint: what came meanwhile is the next batch's).
