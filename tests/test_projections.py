@@ -291,7 +291,10 @@ async def test_handlers_slower_than_the_lease_do_not_lose_it_to_a_second_runner(
         runner.start()
     try:
         async with asyncio.timeout(20):
-            while (row := await ledger.projection_row("notify")) is None or row.position < 40:
+            while True:
+                row = await ledger.projection_row("notify")
+                if row is not None and row.position == 40:
+                    break
                 await asyncio.sleep(0.05)
     finally:
         for runner in runners:
