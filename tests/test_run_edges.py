@@ -354,7 +354,14 @@ async def drifting_sleepy(ctx: WorkflowContext, n: int) -> int:
     ("changed", "seq", "recorded", "attempted"),
     [
         (drifting_shorter, 2, "step 'b'", "no further command (the workflow ended)"),
-        (drifting_failing, 2, "step 'b'", "no further command (the workflow ended)"),
+        # The body's own exception named (it said "the workflow ended", and a typo
+        # in the new code sent operators looking for a removed command).
+        (
+            drifting_failing,
+            2,
+            "step 'b'",
+            "no further command: the workflow raised RuntimeError: gave up early",
+        ),
         (drifting_sleepy, 2, "step 'b'", "timer 'sleep'"),
     ],
     ids=["returns-early", "fails-early", "another-command"],
@@ -391,6 +398,9 @@ async def test_code_that_ends_or_turns_before_its_history_is_parked_saying_where
     )
     assert described.status == "stuck"
     assert described.error == f"NonDeterminismError: {error}"
+    if changed is drifting_failing:  # where it raised, not where the body begins
+        line = drifting_failing.fn.__code__.co_firstlineno + 3
+        assert error.location == f"{__file__}:{line}"
     assert tally.log == ["a", "b"]  # nothing acted on the changed path
     assert TimerStarted not in types
 

@@ -35,6 +35,7 @@ import hashlib
 import logging
 import random
 import sys
+import traceback
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
@@ -114,6 +115,8 @@ class _Pass(Waits, Saga):
     unreadable = False
     """The code failed on personal data erased from its history (it cannot reach
     the commands recorded after it)."""
+    raised_at: str | None = None
+    """Where the body raised what failed it (``file:line``), for a divergence."""
 
     def __init__(self, host: RunHost, history: History, *, query: bool = False) -> None:
         self.host = host
@@ -209,17 +212,25 @@ class _Pass(Waits, Saga):
             self.fault = stop
         return self.fault
 
-    def _check_finished_path(self) -> None:
+    def _check_finished_path(self, failure: tuple[str, str] | None = None) -> None:
+        """Park if the history goes on past where the body ended. ``failure``: the
+        body ended raising that (type, message), which the divergence names: the
+        likeliest cause is a bug in the new code, not a removed command."""
         later = self.history.recorded(self.seq + 1)
         if later:
+            attempted = (
+                "no further command (the workflow ended)"
+                if failure is None
+                else f"no further command: the workflow raised {failure[0]}: {failure[1]}"
+            )
             raise self._raise(
                 Park(
                     NonDeterminismError(
                         self.history.workflow_id,
                         self.seq + 1,
                         f"{later[0].kind} {later[0].name!r}",
-                        "no further command (the workflow ended)",
-                        self.body_location(),
+                        attempted,
+                        self.raised_at or self.body_location(),
                     )
                 )
             )
@@ -845,6 +856,7 @@ class _Run(_Pass):
             failure, self.unreadable = (type(exc).__name__, error_message(exc)), True
         except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
             failure = (type(exc).__name__, error_message(exc))
+            self.raised_at = _raised_at(exc)
         await self._settle()
         if failure is None:
             self._check_finished_path()
@@ -883,6 +895,12 @@ def _surely_within(payload: Any, budget: int) -> bool:
     if kind is str:
         return 6 * len(payload) + 2 <= budget
     return False
+
+
+def _raised_at(exc: BaseException) -> str | None:
+    """``file:line`` where ``exc`` was raised (the innermost frame)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{frames[-1].filename}:{frames[-1].lineno}" if frames else None
 
 
 def _queue_of(recorded: list[Any] | None) -> str | None:

@@ -79,7 +79,7 @@ class Saga:
             self, seq: int, kind: str, name: str, queue: str, payload: str
         ) -> TaskRow: ...
 
-        def _check_finished_path(self) -> None: ...
+        def _check_finished_path(self, failure: tuple[str, str] | None = None) -> None: ...
 
         unreadable: bool
 
@@ -94,7 +94,7 @@ class Saga:
             await self._cancel_children(message)
         ran, gave_up = await self._undo(self.compensations)
         if not self.unreadable:
-            self._check_finished_path()
+            self._check_finished_path(None if cancelled else failure)
         if gave_up:
             status = WorkflowStatus.COMPENSATION_FAILED
         elif ran:
