@@ -16,7 +16,7 @@ import ledgerflow as lf
 from ledgerflow.clock import ManualClock
 from ledgerflow.workflow.history import EventReceived, StepDone, Transitioned
 
-from ._engines import WAIT, EngineFactory
+from ._engines import WAIT, EngineFactory, until_status
 
 FAST = lf.RetryPolicy(max_attempts=3, initial_interval=0.001, max_interval=0.001, jitter=0)
 ONCE = lf.RetryPolicy(max_attempts=1)
@@ -155,6 +155,51 @@ async def test_an_event_the_state_does_not_accept_is_refused_and_nothing_recorde
             await running.execute("nobody", "reserve", timeout=WAIT)
         assert len(await running.history("o1")) == before
         assert calls.log == []
+
+
+def renamed_machine(calls: Calls) -> lf.Machine:
+    """``order_machine`` v1 with its state 'approved' renamed in place: the deploy
+    the replay gate warns about, made anyway."""
+    m = lf.Machine(
+        "order",
+        version=1,
+        data={"approver": [None, "alice", "bob"]},
+        initial_data={"approver": None},
+    )
+    m.state("created", initial=True)
+    m.state("accepted")
+    m.state("placed", terminal=True)
+    m.state("rejected", terminal=True)
+    m.event("approve", payload={"approver": ["alice", "bob"]})
+    m.transition("created", "approve", "accepted", update=lambda d, p: {"approver": p["approver"]})
+    m.transition("created", "reject", "rejected")
+    m.transition("accepted", "reserve", "placed", activity=calls.activity("reserve"))
+    return m
+
+
+async def test_an_instance_in_a_state_a_deploy_removed_is_parked_saying_so(
+    engine: EngineFactory,
+) -> None:
+    """The instance's state is gone from the deployed definition of its version: it
+    ran on accepting nothing, not stuck, and an event sent to it was refused as if
+    it had ended. Now the refusal names the missing state and the instance is
+    parked as stuck, saying what to do."""
+    calls = Calls()
+    async with engine(order_machine(calls)) as running:
+        await running.start(order_machine(calls), None, id="o1")
+        await running.execute("o1", "approve", {"approver": "bob"}, timeout=WAIT)
+    async with engine(renamed_machine(calls)) as running:
+        with pytest.raises(lf.InvalidTransition) as refused:
+            await running.execute("o1", "reserve", timeout=WAIT)
+        assert "has no state 'approved'" in str(refused.value)
+        assert "it has ended" not in str(refused.value)
+        await until_status(running, "o1", "stuck")
+        described = await running.describe("o1")
+    assert described.error is not None
+    assert "WorkflowDefinitionError" in described.error
+    assert "has no state 'approved'" in described.error
+    assert "machines migrate" in described.error
+    assert calls.log == []
 
 
 async def test_a_payload_missing_a_declared_field_is_refused(engine: EngineFactory) -> None:

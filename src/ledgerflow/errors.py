@@ -592,7 +592,7 @@ class InvalidTransition(WorkflowError):
     def __init__(
         self, instance_id: str, state: str, event: str, accepts: tuple[str, ...], reason: str = ""
     ) -> None:
-        listed = ", ".join(repr(e) for e in accepts) if accepts else "none (it has ended)"
+        listed = ", ".join(repr(e) for e in accepts) if accepts else "none"
         why = f" ({reason})" if reason else ""
         super().__init__(
             f"instance {instance_id!r} in state {state!r} does not accept {event!r}{why}; "

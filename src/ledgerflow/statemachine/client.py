@@ -192,7 +192,18 @@ class MachineClient(abc.ABC):
             # From here to the append nothing awaits: what is checked is the instance
             # at ``version``, and the append is at ``version``.
             checked = _check_fields(machine, instance_id, event, given)
-            self._check_accepts(machine, instance_id, instance, event, checked)
+            try:
+                self._check_accepts(machine, instance_id, instance, event, checked)
+            except InvalidTransition:
+                stranded = any(s not in machine.states for s in instance.marking)
+                if stranded and instance.begun and row.status == WorkflowStatus.RUNNING:
+                    # Stranded by a deploy: wake it, so that an engine parks it as
+                    # stuck, saying why, rather than let it run on accepting nothing.
+                    with contextlib.suppress(ConcurrencyError):
+                        wake = [Nudge(instance_id, self._now_us())]
+                        await self.store.append(stream, [], history.version, runtime=wake)
+                        self._poke()
+                raise
             version, base = history.version, instance.copy()
             received = EventReceived(
                 seq=instance.last_seq + 1, name=event, payload=checked, by=actor or default_actor()
@@ -278,6 +289,12 @@ class MachineClient(abc.ABC):
         if not fired:
             accepts = accepted(machine, instance.marking)
             why = "no guard holds" if event in accepts else ""
+            gone = [s for s in instance.marking if s not in machine.states]
+            if gone:
+                why = (
+                    f"this code's {machine.name!r} v{machine.version} has no state "
+                    f"{', '.join(repr(s) for s in gone)}: a deploy renamed or removed it"
+                )
             raise InvalidTransition(instance_id, "+".join(instance.marking), event, accepts, why)
 
     async def _outcome_of(

@@ -28,6 +28,7 @@ from ..errors import (
     StoreClosedError,
     StoreUnavailableError,
     WorkflowCancelled,
+    WorkflowDefinitionError,
 )
 from ..workflow.definition import step_options
 from ..workflow.history import (
@@ -69,10 +70,28 @@ class MachineRun(_Pass):
         super().__init__(host, history, query=query)
         self.machine = machine
 
+    def _check_states(self, instance: Instance) -> None:
+        """Park if the instance is in a state this code's definition of its version
+        does not have (renamed or removed in place by a deploy): it would accept no
+        event, and time out of nothing, running for ever."""
+        if not instance.begun:
+            return
+        gone = [s for s in instance.marking if s not in self.machine.states]
+        if gone:
+            machine = self.machine
+            error = WorkflowDefinitionError(
+                f"instance {self.history.workflow_id!r} is in {'+'.join(instance.marking)}, "
+                f"and this code's {machine.name!r} v{machine.version} has no state "
+                f"{', '.join(repr(s) for s in gone)}: deploy code that has it, or change "
+                "the machine as a new version and `ledgerflow machines migrate` the instance"
+            )
+            raise self._raise(Park(error))
+
     async def execute(self) -> PassResult:
         try:
             while True:
                 instance = view(self.history)
+                self._check_states(instance)
                 if self.history.cancel is not None or instance.cancelling is not None:
                     return await self._cancelled(instance)
                 outcome: Transitioned | TransitionFailed | EventRefused | None
