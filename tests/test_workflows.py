@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import msgspec
@@ -628,6 +629,39 @@ async def test_malformed_signal_never_destroys_the_instance(
         assert "sku" in rejected[0].reason
         assert not [ev for ev in history if ev.type.startswith("wf.compensation")]
     assert [c[0] for c in fake.calls] == ["reserve", "reserve"]
+
+
+@dataclass(frozen=True)
+class Delivery:
+    when: datetime
+    ref: uuid.UUID
+
+
+async def test_a_time_or_uuid_that_would_not_decode_is_refused_at_send(
+    engine: EngineFactory,
+) -> None:
+    """The wait's recorded schema called a datetime field a plain string and no
+    format was checked: "next tuesday" and "x" for a uuid were accepted at send
+    (the CLI said "sent"), then rejected by the wait, unseen by the sender."""
+
+    @ledgerflow.workflow(name="delivery", version=1)
+    async def delivery(ctx: WorkflowContext, order: str) -> str:
+        got = await ctx.wait_for_signal("delivery", Delivery)
+        assert got is not None  # no timeout
+        return got.when.isoformat()
+
+    async with engine(delivery) as e:
+        await e.start(delivery, "o", id="dl-1")
+        await waiting_for(e, "dl-1", "signal 'delivery'")
+        before = len(await e.history("dl-1"))
+        good_ref = "6f1c9a76-0a4b-4c9e-8a55-1b7f0f1b9f00"
+        with pytest.raises(ledgerflow.SignalInputError, match="when"):
+            await e.signal("dl-1", "delivery", {"when": "next tuesday", "ref": good_ref})
+        with pytest.raises(ledgerflow.SignalInputError, match="ref"):
+            await e.signal("dl-1", "delivery", {"when": "2026-12-01T10:00:00Z", "ref": "x"})
+        assert len(await e.history("dl-1")) == before  # nothing recorded
+        await e.signal("dl-1", "delivery", {"when": "2026-12-01T10:00:00Z", "ref": good_ref})
+        assert await e.handle("dl-1").result(timeout=WAIT) == "2026-12-01T10:00:00+00:00"
 
 
 async def test_describe_and_query_a_finished_instance(engine: EngineFactory) -> None:

@@ -3,7 +3,11 @@ user's types (dataclasses, msgspec Structs, pydantic models) in workflow code.""
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import functools
+import typing
+import uuid
 from typing import Any
 
 import msgspec
@@ -112,11 +116,69 @@ def _validator(schema: bytes) -> Any:
     from jsonschema.exceptions import SchemaError
 
     try:
-        validator = Draft202012Validator(msgspec.json.decode(schema))
+        validator = Draft202012Validator(msgspec.json.decode(schema), format_checker=_formats())
         validator.check_schema(validator.schema)
     except SchemaError:
         return None
     return validator
+
+
+@functools.cache
+def _formats() -> Any:
+    """String formats checked as the decoder reads them (so a payload passes here
+    exactly when it would decode): "next tuesday" is not a time, "x" no uuid."""
+    from jsonschema import FormatChecker
+
+    checker = FormatChecker(())
+    decoders: dict[str, Any] = {
+        "date-time": datetime.datetime,
+        "date": datetime.date,
+        "time": datetime.time,
+        "duration": datetime.timedelta,
+        "uuid": uuid.UUID,
+    }
+    for name, type_ in decoders.items():
+
+        def decodes(value: object, type_: Any = type_) -> bool:
+            if not isinstance(value, str):
+                return True  # not a string: the schema's "type" says so
+            try:
+                msgspec.convert(value, type_)
+            except msgspec.ValidationError:
+                return False
+            return True
+
+        checker.checks(name)(decodes)
+    return checker
+
+
+def _mark_datetimes(schema: dict[str, Any], type_: Any) -> dict[str, Any]:
+    """msgspec describes a ``datetime`` field as a bare string: mark it
+    ``"format": "date-time"`` (in the classes' definitions) so senders check it."""
+    defs = schema.get("$defs", {})
+    seen: set[int] = set()
+    pending = [type_]
+    while pending:
+        current = pending.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        pending.extend(typing.get_args(current))
+        try:
+            info = msgspec.inspect.type_info(current)
+        except (TypeError, ValueError):
+            continue
+        fields = getattr(info, "fields", None)
+        target = defs.get(getattr(current, "__name__", ""), {}).get("properties", {})
+        for field in fields or ():
+            hint = getattr(info, "cls", current)
+            with contextlib.suppress(Exception):
+                pending.append(typing.get_type_hints(hint).get(field.name))
+            if isinstance(field.type, msgspec.inspect.DateTimeType):
+                prop = target.get(field.encode_name)
+                if prop == {"type": "string"}:
+                    prop["format"] = "date-time"
+    return schema
 
 
 def _json_schema(type_: Any) -> dict[str, Any] | None:
@@ -126,7 +188,7 @@ def _json_schema(type_: Any) -> dict[str, Any] | None:
         if isinstance(type_, type) and hasattr(type_, "model_json_schema"):
             schema: dict[str, Any] = type_.model_json_schema()
         else:
-            schema = personal.mark_schema(msgspec.json.schema(type_), type_)
+            schema = personal.mark_schema(_mark_datetimes(msgspec.json.schema(type_), type_), type_)
     except (TypeError, ValueError):
         return None
     return schema
