@@ -217,6 +217,56 @@ async def test_an_event_too_big_for_the_broker_stops_the_relay_there(
     assert info.state.messages == 2  # order-1 and order-3, each once
 
 
+async def test_a_stream_that_exists_is_used_as_it_is_or_refused(nats_url: str) -> None:
+    """The bus rewrote an existing stream to its own settings: another publisher's
+    subjects were dropped from it (its publishes then failed), and two relays with
+    different subjects took the stream from each other. Now a stream that takes the
+    bus's subjects is used unchanged, and one that does not is refused, saying so."""
+    import nats
+
+    tag = uuid.uuid4().hex[:10]
+    name = f"LFTEST_{tag}"
+    nc = await nats.connect(nats_url)
+    js = nc.jetstream()
+    try:
+        await js.add_stream(name=name, subjects=[f"billing{tag}.>"], max_age=3600)
+        refused = JetStreamBus(nats_url, stream=name, subjects=[f"lftest{tag}.>"], timeout=2.0)
+        with pytest.raises(lf.ConfigurationError, match=f"billing{tag}"):
+            await refused.open()
+        await refused.close()
+        await js.update_stream(
+            name=name, subjects=[f"billing{tag}.>", f"lftest{tag}.>"], max_age=3600
+        )
+        shared = JetStreamBus(nats_url, stream=name, subjects=[f"lftest{tag}.>"], timeout=2.0)
+        await shared.open()
+        await shared.close()
+        config = (await js.stream_info(name)).config
+        assert config.subjects == [f"billing{tag}.>", f"lftest{tag}.>"]  # unchanged
+        assert config.max_age == 3600
+    finally:
+        with contextlib.suppress(Exception):
+            await js.delete_stream(name)
+        await nc.close()
+
+
+async def test_a_stream_gone_from_the_broker_is_made_again(
+    ledger: BaseEventStore, jetstream: JetStreamBus
+) -> None:
+    """The broker came back without the stream (empty storage, or deleted): the
+    relay retried for ever without it. The bus makes it again."""
+    root = jetstream.subject_root  # type: ignore[attr-defined]
+    relay = Relay(ledger, jetstream, [_route(root)], batch_size=40)
+    await _write(ledger, streams=1, each=2)
+    assert await relay.catch_up() == 2
+    await jetstream._js.delete_stream(jetstream.stream)
+    await _write(ledger, streams=1, each=1)
+    with contextlib.suppress(lf.BusUnavailableError):
+        await relay.catch_up()  # finds the stream gone, and makes it again
+    assert await relay.catch_up() == 1
+    info = await jetstream._js.stream_info(jetstream.stream)
+    assert info.state.messages == 1
+
+
 async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
     jetstream: JetStreamBus,
 ) -> None:
@@ -561,6 +611,24 @@ async def test_the_relay_command_runs_until_told_to_stop(tmp_path: Any, nats_url
     _, err = await missing.communicate()
     assert missing.returncode == 2
     assert b"--nats" in err
+    # A stream it cannot use: said once, exit 2 (it ran on silently, publishing
+    # nothing, and its error came out only at SIGTERM, with exit 0).
+    nc = await nats.connect(nats_url)
+    try:
+        await nc.jetstream().add_stream(name=f"LFCLI_{tag}", subjects=[f"other{tag}.>"])
+        clash = await asyncio.create_subprocess_exec(
+            *CLI, "relay", "--db", db, "--nats", nats_url, "--stream", f"LFCLI_{tag}",
+            "--subject", f"lfcli{tag}.{{category}}.{{type}}",
+            env=child_env(), stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(clash.communicate(), WAIT)
+        assert clash.returncode == 2, err.decode()
+        assert f"other{tag}" in err.decode()
+        assert "Traceback" not in err.decode()
+    finally:
+        with contextlib.suppress(Exception):
+            await nc.jetstream().delete_stream(f"LFCLI_{tag}")
+        await nc.close()
 
 
 def test_a_route_with_a_wrong_subject_template_is_refused_at_once() -> None:

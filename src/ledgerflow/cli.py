@@ -25,6 +25,7 @@ from .cli_options import DEFAULT_DB, DbOption, err, fail, out
 from .cli_options import configure_logs as _configure_logs
 from .cli_options import run as _run
 from .errors import (
+    BusUnavailableError,
     InstanceBusyError,
     InvalidTransition,
     LedgerflowError,
@@ -1474,17 +1475,24 @@ def relay_command(
                 # in `projections list` and the metrics) is there while the broker is
                 # down, and its batches back off until the bus is open.
                 relay.start()
-                opening = asyncio.create_task(bus.open())
+                opening = asyncio.create_task(_open_bus(bus, name))
                 gauges = None if gauges_every is None else StoreGauges(store, every=gauges_every)
                 if gauges is not None:
                     gauges.start()
                 logging.getLogger("ledgerflow.bus").info(
                     "relay %s: %s -> %s (stream %s)", name, db, nats, stream
                 )
+                stopping = asyncio.create_task(stop.wait())
                 try:
-                    await stop.wait()
+                    await asyncio.wait([stopping, opening], return_when=asyncio.FIRST_COMPLETED)
+                    if opening.done() and opening.exception() is not None:
+                        # The stream cannot be used as configured: nothing would ever
+                        # be published. Said once, and the process ends (it said
+                        # nothing and ran on, publishing nothing).
+                        raise opening.exception()  # type: ignore[misc]
+                    await stopping
                 finally:
-                    await cancel_and_wait([opening])
+                    await cancel_and_wait([opening, stopping])
                     if gauges is not None:
                         await gauges.stop()
                     await relay.stop()
@@ -1492,6 +1500,24 @@ def relay_command(
             await bus.close()
 
     _run(run)
+
+
+async def _open_bus(bus: Any, name: str) -> None:
+    """Open the relay's bus, trying again while the broker is out of reach; a
+    stream it cannot use (``ConfigurationError``) ends the wait."""
+    import logging
+
+    delay = 0.5
+    while True:
+        try:
+            await bus.open()
+            return
+        except BusUnavailableError as exc:
+            logging.getLogger("ledgerflow.bus").warning(
+                "relay %s: %s; trying again in %.1f s", name, exc, delay
+            )
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 10.0)
 
 
 @app.command("replay-check")

@@ -33,7 +33,7 @@ from typing import Any
 
 from .._waiting import cancel_and_wait
 from ..errors import BusUnavailableError, ConfigurationError
-from .port import MSG_ID, Delivery, Handler, Message, Subscription, deliver
+from .port import MSG_ID, Delivery, Handler, Message, Subscription, deliver, subject_matches
 
 __all__ = ["JetStreamBus"]
 
@@ -81,7 +81,6 @@ class JetStreamBus:
     async def open(self) -> None:
         try:
             import nats
-            from nats.js import api
         except ImportError:  # pragma: no cover - the extra is part of dev
             raise ConfigurationError(
                 "the JetStream bus needs nats-py: pip install 'ledgerflow[nats]'"
@@ -100,6 +99,21 @@ class JetStreamBus:
         except Exception as exc:
             raise BusUnavailableError(self.url, f"cannot connect: {exc!r}") from exc
         self._js = self._nc.jetstream(timeout=self.timeout)
+        try:
+            await self._ensure_stream()
+        except ConfigurationError:
+            raise
+        except Exception as exc:
+            raise BusUnavailableError(self.url, f"cannot open stream: {exc!r}") from exc
+
+    async def _ensure_stream(self) -> None:
+        """Make the stream if it is missing (a new broker, one restarted on empty
+        storage, a stream deleted). One that exists is used as it is, never changed:
+        it may be configured by its owner, or shared with other publishers; it must
+        take this bus's subjects (``ConfigurationError`` if it does not)."""
+        from nats.js import api
+        from nats.js.errors import BadRequestError
+
         config = api.StreamConfig(
             name=self.stream,
             subjects=self.subjects,
@@ -108,8 +122,25 @@ class JetStreamBus:
         )
         try:
             await self._js.add_stream(config)
-        except Exception:  # noqa: BLE001 - it exists with other settings: make them ours
-            await self._js.update_stream(config)
+            return
+        except BadRequestError:
+            pass  # it exists with other settings (or the subjects overlap another's)
+        try:
+            found = await self._js.stream_info(self.stream)
+        except Exception as exc:
+            raise ConfigurationError(
+                f"stream {self.stream!r} cannot be made for subjects {self.subjects} "
+                f"(another stream takes them?): {exc!r}"
+            ) from exc
+        theirs = list(found.config.subjects or ())
+        missing = [
+            mine for mine in self.subjects if not any(subject_matches(t, mine) for t in theirs)
+        ]
+        if missing:
+            raise ConfigurationError(
+                f"stream {self.stream!r} exists with subjects {theirs}, which do not take "
+                f"{missing}: add them to it, or name another stream (--stream)"
+            )
 
     async def _on_error(self, exc: Exception) -> None:
         # The client retries on its own (4 times a second while the broker is down):
@@ -198,6 +229,11 @@ class JetStreamBus:
             ]
             await asyncio.gather(*(one_by_one(r) for r in rest))
         except Exception as exc:
+            if _no_stream(exc):
+                # The broker came back without the stream (empty storage, deleted):
+                # make it again, and the retry goes through.
+                with contextlib.suppress(Exception):
+                    await self._ensure_stream()
             raise BusUnavailableError(self.url, f"publish failed: {exc!r}") from exc
         return [bool(d) for d in duplicates]
 
@@ -293,6 +329,13 @@ class JetStreamBus:
         self._consumers.append(consumer)
         consumer.task = asyncio.create_task(consumer.run(), name=f"bus:{durable}")
         return consumer
+
+
+def _no_stream(exc: BaseException) -> bool:
+    """Whether a publish failed because no stream takes its subject."""
+    from nats.js.errors import NoStreamResponseError
+
+    return isinstance(exc, NoStreamResponseError)
 
 
 class _PullConsumer:
