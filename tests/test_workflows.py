@@ -406,6 +406,13 @@ async def test_changed_code_is_a_non_determinism_error(engine: EngineFactory) ->
     assert caught.value.attempted == "step 'charge'"
     assert described.status == "stuck"
     assert [c[0] for c in fake.calls] == ["reserve"]  # nothing acted on the wrong path
+    # The same broken code started again leaves it parked, recording nothing (each
+    # start resumed it and parked it again: two events a start, for ever).
+    for _ in range(2):
+        async with engine(drift_after) as e:
+            await asyncio.sleep(0.2)
+            assert (await e.describe("d-1")).events == described.events
+            assert (await e.describe("d-1")).status == "stuck"
     # Fixed code (the original) resumes the stuck instance on the next start.
     async with engine(drift_before) as e:
         assert await e.handle("d-1").result(timeout=WAIT) == "done"
