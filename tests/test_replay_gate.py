@@ -20,6 +20,8 @@ import ledgerflow
 from ledgerflow.cli import app
 from ledgerflow.workflow.gate import replay_check
 
+from ._engines import waiting_for
+
 V1 = """
 import ledgerflow
 
@@ -119,6 +121,50 @@ def test_the_cli_gate_exits_1_on_a_breaking_change_and_0_on_a_compatible_one(
         app, ["replay-check", "--db", url, "--app", "gate_v1", "--status", "nonsense"]
     )
     assert bad.exit_code == 2
+
+
+OTHER_SERVICE = """
+import ledgerflow
+
+@ledgerflow.workflow(name="invoice", version=1)
+async def invoice(ctx: ledgerflow.WorkflowContext, n: int) -> int:
+    await ctx.wait_for_signal("paid")
+    return n
+"""
+
+
+def test_a_service_sharing_its_ledger_checks_only_its_own_workflows(
+    modules: Path, tmp_path: Path
+) -> None:
+    """Services that each run their own workflows on one ledger (docs/deploy.md):
+    the gate of one named the others' instances as stranded (exit 1), so it could
+    not gate that service's deploy. With ``--own`` it checks the workflows its
+    ``--app`` defines, every version of them."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    asyncio.run(waiting_instances(url, 3))
+    (modules / "gate_other.py").write_text(textwrap.dedent(OTHER_SERVICE))
+
+    async def an_invoice_waits() -> None:  # the billing service's
+        other = importlib.import_module("gate_other")
+        async with ledgerflow.Engine(url, workflows=[other.invoice]) as engine:
+            await engine.start(other.invoice, 1, id="i-1")
+            await waiting_for(engine, "i-1", "signal 'paid'")
+
+    asyncio.run(an_invoice_waits())
+    runner = CliRunner()
+    try:
+        everyone = runner.invoke(app, ["replay-check", "--db", url, "--app", "gate_v1"])
+        assert everyone.exit_code == 1, everyone.output
+        assert "BREAKS i-1 (invoice v1)" in " ".join(everyone.output.split())
+        own = runner.invoke(app, ["replay-check", "--db", url, "--app", "gate_v1", "--own"])
+        assert own.exit_code == 0, own.output
+        assert "3 instances fit the new code" in own.output
+        stranding = runner.invoke(
+            app, ["replay-check", "--db", url, "--app", "gate_stranding", "--own"]
+        )
+        assert stranding.exit_code == 1  # its own workflow, another version: checked
+    finally:
+        sys.modules.pop("gate_other", None)
 
 
 MACHINE = """

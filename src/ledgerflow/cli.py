@@ -1544,6 +1544,15 @@ def replay_check_command(
         ),
     ] = None,
     seed: Annotated[int | None, typer.Option(help="The sample's random seed.")] = None,
+    own: Annotated[
+        bool,
+        typer.Option(
+            "--own/--all-workflows",
+            help="--own: only instances of the workflows (by name) that --app defines, "
+            "for a service that shares its ledger with others (their instances are "
+            "theirs to check). Default: every instance.",
+        ),
+    ] = False,
 ) -> None:
     """Before a deploy: replay live instances' histories against the new code and name
     every one it would break (the first command that differs, recorded against
@@ -1570,7 +1579,12 @@ def replay_check_command(
         registry = history_registry(loaded.registry)
         async with open_store(db, create=False, registry=registry) as store:
             return await replay_check(
-                store, loaded.workflows, statuses=statuses, sample=sample, seed=seed
+                store,
+                loaded.workflows,
+                statuses=statuses,
+                sample=sample,
+                seed=seed,
+                names={d.name for d in loaded.workflows} if own else None,
             )
 
     report = _run(check)

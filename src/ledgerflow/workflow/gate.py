@@ -15,7 +15,7 @@ they are listed as checked by where they are, not replayed.
 from __future__ import annotations
 
 import random
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,10 +71,13 @@ async def replay_check(
     statuses: Sequence[str] = ("running", "needs_attention", "stuck"),
     sample: int | None = None,
     seed: int | None = None,
+    names: Collection[str] | None = None,
 ) -> GateReport:
     """Replay the instances whose status is one of ``statuses`` (all of them, or a
-    random ``sample``) against ``definitions``; the report names each that breaks."""
-    ids = await _instances(store, statuses)
+    random ``sample``) against ``definitions``; the report names each that breaks.
+    ``names``: only instances of these workflows (a service sharing its ledger with
+    others checks its own)."""
+    ids = await _instances(store, statuses, names)
     if sample is not None and sample < len(ids):
         ids = sorted(random.Random(seed).sample(ids, sample))
     by_kind = {(d.name, d.version): d for d in definitions}
@@ -138,7 +141,9 @@ async def replay_check(
     return GateReport(checked, breakages, not_replayed)
 
 
-async def _instances(store: WorkflowStore, statuses: Sequence[str]) -> list[str]:
+async def _instances(
+    store: WorkflowStore, statuses: Sequence[str], names: Collection[str] | None
+) -> list[str]:
     ids: list[str] = []
     for status in statuses:
         after: str | None = None
@@ -146,7 +151,7 @@ async def _instances(store: WorkflowStore, statuses: Sequence[str]) -> list[str]
             rows = await store.list_instances(
                 after=after, limit=500, query=InstanceQuery(status=status)
             )
-            ids.extend(r.workflow_id for r in rows)
+            ids.extend(r.workflow_id for r in rows if names is None or r.name in names)
             if len(rows) < 500:
                 break
             after = rows[-1].workflow_id
