@@ -268,7 +268,7 @@ async def test_a_stream_gone_from_the_broker_is_made_again(
 
 
 async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
-    jetstream: JetStreamBus,
+    jetstream: JetStreamBus, caplog: pytest.LogCaptureFixture
 ) -> None:
     root = jetstream.subject_root  # type: ignore[attr-defined]
     message = lf.bus.Message(f"{root}.x.y", str(uuid.uuid4()), b'{"n": 1}', key="s")
@@ -289,6 +289,9 @@ async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
     finally:
         await subscription.stop()
     assert attempts == [1, 2, 3]
+    # Each failure says why (the log named the message only).
+    said = [r.getMessage() for r in caplog.records if "failed" in r.getMessage()]
+    assert said and all("RuntimeError: not yet" in m for m in said), said
 
 
 async def _stored(bus: JetStreamBus, subject: str, count: int) -> list[lf.bus.Message]:

@@ -361,11 +361,19 @@ class _PullConsumer:
             for msg in batch:
                 headers = dict(msg.headers or {})
                 message = Message(msg.subject, headers.get(MSG_ID, ""), msg.data, headers)
+                attempt = 0
                 try:
-                    delivery = Delivery(message, int(msg.metadata.num_delivered))
-                    await deliver(self.handler, delivery, system="nats")
-                except Exception:  # noqa: BLE001 - delivered again after a pause
-                    log.warning("consumer %s: message %s failed", self.durable, message.id)
+                    attempt = int(msg.metadata.num_delivered)
+                    await deliver(self.handler, Delivery(message, attempt), system="nats")
+                except Exception as exc:  # noqa: BLE001 - delivered again after a pause
+                    log.warning(
+                        "consumer %s: message %s failed (attempt %d): %s: %s",
+                        self.durable,
+                        message.id,
+                        attempt,
+                        type(exc).__name__,
+                        exc,
+                    )
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=self.bus.redelivery_delay)
                     continue

@@ -83,8 +83,15 @@ class _Consumer:
                     try:
                         await deliver(self.handler, Delivery(message, attempt))
                         break
-                    except Exception:  # noqa: BLE001 - redelivered, as a broker would
-                        log.warning("consumer %s: message %s failed", self.durable, message.id)
+                    except Exception as exc:  # noqa: BLE001 - redelivered, as a broker would
+                        log.warning(
+                            "consumer %s: message %s failed (attempt %d): %s: %s",
+                            self.durable,
+                            message.id,
+                            attempt,
+                            type(exc).__name__,
+                            exc,
+                        )
                         if self.max_attempts and attempt >= self.max_attempts:
                             break
                         attempt += 1
