@@ -267,6 +267,21 @@ async def test_a_stream_gone_from_the_broker_is_made_again(
     assert info.state.messages == 1
 
 
+async def test_a_relay_is_not_rebuilt(ledger: BaseEventStore) -> None:
+    """`projections rebuild relay_main` was accepted and never carried out: its
+    status showed a rebuild under way for ever. A relay keeps no read model."""
+    from ledgerflow.projections import operations
+
+    relay = Relay(ledger, InProcessBus(), [_route()])
+    await _write(ledger, streams=1, each=1)
+    await relay.catch_up()
+    with pytest.raises(lf.ProjectionNotFailedError, match="no read model"):
+        await operations.rebuild(ledger, "relay_main", reason="try")
+    row = await ledger.projection_row("relay_main")
+    assert row is not None
+    assert row.rebuild is None
+
+
 async def test_a_consumer_gets_a_message_again_when_its_handler_fails(
     jetstream: JetStreamBus, caplog: pytest.LogCaptureFixture
 ) -> None:

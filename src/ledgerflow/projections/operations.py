@@ -142,6 +142,12 @@ async def rebuild(
     runner swaps them in once caught up (queries read the old ones until then)."""
     if not reason or not reason.strip():
         raise ProjectionNotFailedError(name, "a rebuild needs a reason (it is recorded)")
+    if name.startswith("relay_"):
+        # Accepted, it was never carried out (the relay has no tables to swap), and
+        # its status showed a rebuild under way for ever.
+        raise ProjectionNotFailedError(
+            name, "a relay publishes messages and keeps no read model to rebuild"
+        )
     row = await store.projection_row(name)
     if row is None:
         raise ProjectionNotFoundError(name)
