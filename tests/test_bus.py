@@ -729,6 +729,15 @@ def test_a_relay_name_too_long_is_refused_before_anything_starts(tmp_path: Any) 
     assert result.returncode == 2
     assert "at most 18 characters" in result.stderr
     assert "Traceback" not in result.stderr
+    # A wrong --subject is named as such (it was reported as a --name problem).
+    result = subprocess.run(
+        [*CLI, "relay", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--nats", "nats://x:1",
+         "--subject", "ledgerflow.{order}"],
+        env=child_env(), capture_output=True, text=True, timeout=WAIT,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert "--subject 'ledgerflow.{order}'" in result.stderr
+    assert "--name" not in result.stderr
 
 
 async def test_no_route_publishes_the_servers_api_keys(tmp_path: Any) -> None:

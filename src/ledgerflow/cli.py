@@ -1457,6 +1457,9 @@ def relay_command(
     subjects = [subject.split("{", 1)[0].rstrip(".") + ".>"] if "{" in subject else [subject]
     try:
         route = Route(subject=subject, types=tuple(event_type or ()), stream_prefix=prefix)
+    except LedgerflowError as exc:
+        _fail(f"--subject {subject!r}: {exc}")
+    try:
         Projection(f"relay_{name}")  # a name that cannot be one is refused here, at once
     except LedgerflowError as exc:
         _fail(f"{exc} (--name {name!r}: at most 18 characters, a-z, 0-9 and single _)")
