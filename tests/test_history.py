@@ -157,6 +157,9 @@ class ReplayHost:
     async def cancel_child(self, *args: Any) -> None:
         raise AssertionError("not in these tests")
 
+    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
+        raise AssertionError("not in these tests")
+
     async def policy(self, name: str) -> Any:
         raise AssertionError("not in these tests")
 

@@ -12,6 +12,7 @@ import textwrap
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -115,6 +116,47 @@ def _free_port() -> int:
         return port
 
 
+@dataclass
+class Served:
+    """A ``ledgerflow server`` process: its base URL while it runs; what it printed
+    and how it ended once stopped (SIGTERM)."""
+
+    base: str
+    output: str = ""
+    returncode: int | None = None
+
+
+@contextmanager
+def serving(db: str, *options: str, cwd: Path | None = None, **env: str) -> Iterator[Served]:
+    """A ``ledgerflow server`` process on ``db``, ready, until the block ends."""
+    port = _free_port()
+    process = subprocess.Popen(
+        [*CLI, "server", "--db", db, "--port", str(port), *options],
+        cwd=cwd,
+        env=child_env(**env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    served = Served(f"http://127.0.0.1:{port}")
+    try:
+        deadline = time.monotonic() + WAIT
+        while True:
+            assert process.poll() is None, process.communicate()[0]
+            try:
+                if httpx.get(f"{served.base}/ready").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "the server never got ready"
+            time.sleep(0.05)
+        yield served
+    finally:
+        process.send_signal(signal.SIGTERM)
+        served.output, _ = process.communicate(timeout=WAIT)
+        served.returncode = process.returncode
+
+
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_format: str) -> None:
     (tmp_path / "hello_app.py").write_text(APP)
@@ -122,44 +164,16 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_f
     code, out, err = run("keys", "create", "ops", "--role", "operator", "--db", db)
     assert code == 0, err
     headers = {"Authorization": f"Bearer {out.strip()}"}
-    port = _free_port()
-    process = subprocess.Popen(
-        [
-            *CLI,
-            "server",
-            "--app",
-            "hello_app",
-            "--db",
-            db,
-            "--port",
-            str(port),
-            "--worker",
-            "--access-log",
-        ],
-        cwd=tmp_path,
-        env=child_env(LEDGERFLOW_LOG_FORMAT=log_format),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{base}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never got ready"
-            time.sleep(0.05)
+    options = ("--app", "hello_app", "--worker", "--access-log")
+    with serving(db, *options, cwd=tmp_path, LEDGERFLOW_LOG_FORMAT=log_format) as served:
+        base = served.base
         started = httpx.post(
             f"{base}/api/v1/workflows",
             json={"workflow": "hello", "input": "ana", "id": "h-1"},
             headers=headers,
         )
         assert started.status_code == 201, started.text
+        deadline = time.monotonic() + WAIT
         while True:
             described = httpx.get(f"{base}/api/v1/workflows/h-1", headers=headers).json()
             if described["status"] == "completed":
@@ -167,12 +181,10 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_f
             assert time.monotonic() < deadline, described
             time.sleep(0.05)
         assert described["result"] == "hello ana"
-    finally:
-        process.send_signal(signal.SIGTERM)
-        output, _ = process.communicate(timeout=WAIT)
+    output = served.output
     # uvicorn shuts down gracefully, then ends by the signal it caught (as the
     # process would have without handling it): -SIGTERM.
-    assert process.returncode in (0, -signal.SIGTERM), output
+    assert served.returncode in (0, -signal.SIGTERM), output
     assert "Application shutdown complete" in output
     assert "Traceback" not in output
     messages = output.splitlines()
@@ -183,35 +195,6 @@ def test_a_server_process_serves_runs_and_stops_on_sigterm(tmp_path: Path, log_f
         assert {line["logger"] for line in lines} >= {"uvicorn.access", "uvicorn.error"}
         messages = [line["message"] for line in lines]
     assert any('POST /api/v1/workflows HTTP/1.1" 201' in m for m in messages)  # access log
-
-
-@contextmanager
-def serving(db: str, *options: str) -> Iterator[str]:
-    """A ``ledgerflow server`` process on ``db`` until the block ends; its base URL."""
-    port = _free_port()
-    process = subprocess.Popen(
-        [*CLI, "server", "--db", db, "--port", str(port), *options],
-        env=child_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + WAIT
-        while True:
-            assert process.poll() is None, process.communicate()[0]
-            try:
-                if httpx.get(f"{base}/ready").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "the server never got ready"
-            time.sleep(0.05)
-        yield base
-    finally:
-        process.send_signal(signal.SIGTERM)
-        process.communicate(timeout=WAIT)
 
 
 def _session_cookie(base: str, key: str, **headers: str) -> str:
@@ -230,11 +213,11 @@ def test_behind_a_tls_proxy_the_session_cookie_is_secure(tmp_path: Path) -> None
     assert code == 0, err
     key = key.strip()
     https = {"X-Forwarded-Proto": "https"}
-    with serving(db, "--forwarded-allow-ips", "127.0.0.1") as base:
-        assert "secure" in _session_cookie(base, key, **https).lower()
-        assert "secure" not in _session_cookie(base, key).lower()
-    with serving(db) as base:  # no proxy named: the header is anyone's claim
-        assert "secure" not in _session_cookie(base, key, **https).lower()
+    with serving(db, "--forwarded-allow-ips", "127.0.0.1") as served:
+        assert "secure" in _session_cookie(served.base, key, **https).lower()
+        assert "secure" not in _session_cookie(served.base, key).lower()
+    with serving(db) as served:  # no proxy named: the header is anyone's claim
+        assert "secure" not in _session_cookie(served.base, key, **https).lower()
 
 
 @pytest.mark.parametrize(

@@ -33,7 +33,16 @@ from typing import Any
 
 from .._waiting import cancel_and_wait
 from ..errors import BusUnavailableError, ConfigurationError
-from .port import MSG_ID, Delivery, Handler, Message, Subscription, deliver, subject_matches
+from .port import (
+    MSG_ID,
+    Delivery,
+    Handler,
+    Message,
+    Subscription,
+    deliver,
+    log_failed,
+    subject_matches,
+)
 
 __all__ = ["JetStreamBus"]
 
@@ -366,14 +375,7 @@ class _PullConsumer:
                     attempt = int(msg.metadata.num_delivered)
                     await deliver(self.handler, Delivery(message, attempt), system="nats")
                 except Exception as exc:  # noqa: BLE001 - delivered again after a pause
-                    log.warning(
-                        "consumer %s: message %s failed (attempt %d): %s: %s",
-                        self.durable,
-                        message.id,
-                        attempt,
-                        type(exc).__name__,
-                        exc,
-                    )
+                    log_failed(self.durable, message, attempt, exc)
                     with contextlib.suppress(Exception):
                         await msg.nak(delay=self.bus.redelivery_delay)
                     continue

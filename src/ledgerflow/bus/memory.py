@@ -10,7 +10,7 @@ import logging
 from collections.abc import Sequence
 
 from .._waiting import cancel_and_wait
-from .port import Delivery, Handler, Message, Subscription, deliver, subject_matches
+from .port import Delivery, Handler, Message, Subscription, deliver, log_failed, subject_matches
 
 __all__ = ["InProcessBus"]
 
@@ -84,14 +84,7 @@ class _Consumer:
                         await deliver(self.handler, Delivery(message, attempt))
                         break
                     except Exception as exc:  # noqa: BLE001 - redelivered, as a broker would
-                        log.warning(
-                            "consumer %s: message %s failed (attempt %d): %s: %s",
-                            self.durable,
-                            message.id,
-                            attempt,
-                            type(exc).__name__,
-                            exc,
-                        )
+                        log_failed(self.durable, message, attempt, exc)
                         if self.max_attempts and attempt >= self.max_attempts:
                             break
                         attempt += 1

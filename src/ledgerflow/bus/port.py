@@ -15,6 +15,7 @@ trace across the services its messages reach.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -46,6 +47,8 @@ class Message:
     key: str = ""
     """What orders it: messages with one key (the ledger stream) keep their order."""
 
+
+log = logging.getLogger("ledgerflow.bus")
 
 MSG_ID = "Nats-Msg-Id"
 """The header that carries a message's id to JetStream (its duplicate window)."""
@@ -117,6 +120,18 @@ async def deliver(handler: Handler, delivery: Delivery, *, system: str | None = 
         tracing.span(f"process {message.subject}", attributes, kind=tracing.SpanKind.CONSUMER),
     ):
         await handler(delivery)
+
+
+def log_failed(durable: str, message: Message, attempt: int, exc: BaseException) -> None:
+    """Say why a consumer's handler failed on a message (it is delivered again)."""
+    log.warning(
+        "consumer %s: message %s failed (attempt %d): %s: %s",
+        durable,
+        message.id,
+        attempt,
+        type(exc).__name__,
+        exc,
+    )
 
 
 class Subscription(Protocol):
