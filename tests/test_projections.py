@@ -314,8 +314,10 @@ async def test_one_runner_at_a_time_and_a_dead_ones_lease_expires(
         "orders", "first", now_us=now[0], until_us=now[0] + 30_000_000
     )
     assert held is not None
-    with pytest.raises(lf.ConfigurationError, match="held by another runner"):
+    with pytest.raises(lf.ProjectionHeldError, match="held by another runner") as held_by:
         await second.catch_up()
+    assert held_by.value.owner == "first"
+    assert held_by.value.retryable  # it was a ConfigurationError: "fix your setup"
     now[0] += 31_000_000  # first's lease ran out: it is taken as dead
     assert await second.catch_up() == 1
     row = await ledger.projection_row("orders")

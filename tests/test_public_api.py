@@ -34,6 +34,7 @@ EXPECTED = {
     "Projection",
     "ProjectionError",
     "ProjectionLeaseLostError",
+    "ProjectionHeldError",
     "ProjectionNotFailedError",
     "ProjectionNotFoundError",
     "ProjectionRunner",

@@ -50,6 +50,7 @@ driver type ever crosses the port::
     ├── BusUnavailableError         the event bus's broker is out of reach (retryable)
     ├── ProjectionError             projections (operator actions)
     │   ├── ProjectionNotFoundError no projection of that name in the ledger
+    │   ├── ProjectionHeldError     another runner holds its lease (retryable)
     │   └── ProjectionNotFailedError retry or skip of a projection not stopped at a failure
     └── ResilienceError             named resilience policies
         ├── InvalidPolicyError      a policy document is wrong; ``field`` names where
@@ -69,6 +70,7 @@ retries read it too, from any exception that has it: a user's own error class ca
 
 from __future__ import annotations
 
+from datetime import datetime
 from uuid import UUID
 
 from .hashing import from_micros
@@ -98,6 +100,7 @@ __all__ = [
     "PersonalDataErasedError",
     "PolicyNotFoundError",
     "ProjectionError",
+    "ProjectionHeldError",
     "ProjectionLeaseLostError",
     "ProjectionNotFailedError",
     "ProjectionNotFoundError",
@@ -679,6 +682,23 @@ class ProjectionNotFoundError(ProjectionError):
     def __init__(self, name: str) -> None:
         super().__init__(f"no projection {name!r} in this ledger (has a runner started it?)")
         self.name = name
+
+
+class ProjectionHeldError(ProjectionError):
+    """Another runner holds the projection's lease (a live one runs it, or one that
+    died holds it until its lease runs out): try again later."""
+
+    retryable = True
+
+    def __init__(self, name: str, owner: str | None, until: datetime | None) -> None:
+        when = f" until {until:%Y-%m-%d %H:%M:%S} UTC" if until is not None else ""
+        super().__init__(
+            f"projection {name!r} is held by another runner ({owner!r}{when}): it runs "
+            "it, or it died and its lease runs out then; try again later"
+        )
+        self.name = name
+        self.owner = owner
+        self.until = until
 
 
 class ProjectionNotFailedError(ProjectionError):

@@ -36,6 +36,7 @@ from ..errors import (
     BusUnavailableError,
     ConfigurationError,
     InvalidEventDataError,
+    ProjectionHeldError,
     ProjectionLeaseLostError,
     StoreClosedError,
     StoreUnavailableError,
@@ -153,7 +154,15 @@ class ProjectionRunner:
             running = p.name in self._leases and bool(self._tasks)
             lease = await self._claim(p)
             if lease is None:
-                raise ConfigurationError(f"projection {p.name!r} is held by another runner")
+                # Not a mistake of configuration (it was said to be one, not retryable):
+                # a live runner has it, or a dead one until its lease runs out.
+                row = await self.store.projection_row(p.name)
+                until = row.lease_until_us if row is not None else None
+                raise ProjectionHeldError(
+                    p.name,
+                    row.owner if row is not None else None,
+                    from_micros(until) if until is not None else None,
+                )
             try:
                 while True:
                     count, more = await self._batch(p, lease)
