@@ -43,6 +43,7 @@ from ..errors import (
 )
 from ..events import Metadata, RecordedEvent
 from ..hashing import from_micros, to_micros
+from ..store.ports import EventRow, row_event
 from ..workflow.history import error_message, history_registry
 from .definition import Projection, call
 from .state import ProjectionFailure, ProjectionLease
@@ -52,7 +53,6 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span
 
     from ..store import WorkflowStore
-    from ..store.ports import EventRow
 
 __all__ = ["ProjectionRunner"]
 
@@ -455,19 +455,7 @@ class ProjectionRunner:
 def _passed_over(row: EventRow) -> RecordedEvent:
     """An event this code cannot decode and no handler wants: it stands in the
     batch for its position (no handler matches ``None``)."""
-    return RecordedEvent(
-        id=row.id,
-        stream_id=row.stream_id,
-        version=row.version,
-        position=row.position,
-        type=row.type,
-        schema_version=row.schema_version,
-        data=None,
-        metadata=Metadata(),
-        recorded_at=from_micros(row.recorded_at_us),
-        hash=row.hash,
-        prev_hash=row.prev_hash,
-    )
+    return row_event(row, None, Metadata())
 
 
 def _failure(event: Any, exc: BaseException) -> ProjectionFailure:

@@ -40,7 +40,7 @@ from ..events import (
     Snapshot,
     StreamState,
 )
-from ..hashing import from_micros, to_micros
+from ..hashing import to_micros
 from ..personal import KeyVault, SubjectKey
 from ..registry import EventRegistry
 from ._checks import (
@@ -58,6 +58,7 @@ from ._projections import ProjectionStore
 from ._resources import ResourceGuards
 from ._runtime_rows import RuntimeRows
 from ._tasks import TaskQueues
+from .ports import row_event
 from .runtime import (
     Fence,
     RuntimeWrite,
@@ -469,18 +470,10 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     # -- reading --------------------------------------------------------------------
 
     def _decode(self, row: EventRow, keys: Mapping[str, bytes] | None = None) -> RecordedEvent:
-        return RecordedEvent(
-            id=row.id,
-            stream_id=row.stream_id,
-            version=row.version,
-            position=row.position,
-            type=row.type,
-            schema_version=row.schema_version,
-            data=self.registry.decode(row.type, row.schema_version, row.data, keys=keys),
-            metadata=_decode_metadata(row.metadata),
-            recorded_at=from_micros(row.recorded_at_us),
-            hash=row.hash,
-            prev_hash=row.prev_hash,
+        return row_event(
+            row,
+            self.registry.decode(row.type, row.schema_version, row.data, keys=keys),
+            _decode_metadata(row.metadata),
             sealed=keys is not None,
         )
 

@@ -12,6 +12,7 @@ from types import TracebackType
 from typing import Any, Protocol, Self
 
 from ..events import ANY, AppendResult, ExpectedVersion, Metadata, RecordedEvent, Snapshot
+from ..hashing import from_micros
 from ..personal import KeyVault
 from ..projections.state import ProjectionFailure, ProjectionLease, ProjectionRow, Rebuild
 from ..projections.tables import Table, TableWrite
@@ -33,7 +34,28 @@ from .runtime import (
 )
 from .tiles import Checkpoint, LeafRow, MerkleTile
 
-__all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore"]
+__all__ = ["EventRow", "EventStore", "StreamHead", "WorkflowStore", "row_event"]
+
+
+def row_event(
+    row: EventRow, data: Any, metadata: Metadata, *, sealed: bool = False
+) -> RecordedEvent:
+    """The recorded event of a stored ``row``, its data and metadata as given
+    (decoded, or a stand-in for one that cannot be)."""
+    return RecordedEvent(
+        id=row.id,
+        stream_id=row.stream_id,
+        version=row.version,
+        position=row.position,
+        type=row.type,
+        schema_version=row.schema_version,
+        data=data,
+        metadata=metadata,
+        recorded_at=from_micros(row.recorded_at_us),
+        hash=row.hash,
+        prev_hash=row.prev_hash,
+        sealed=sealed,
+    )
 
 
 class EventStore(Protocol):
