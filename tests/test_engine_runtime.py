@@ -717,7 +717,7 @@ async def test_a_parked_instance_runs_again_only_when_resumed_not_when_signalled
         assert (await e.describe("parked-2")).status == "stuck"
 
 
-# -- a child that ends after its parent ---------------------------------------------
+# -- a parent that ends waits for its children -----------------------------------------
 
 
 @ledgerflow.workflow(name="stubborn_kid", version=1)
@@ -733,29 +733,88 @@ async def patient_parent(ctx: WorkflowContext, n: int) -> int:
     return await ctx.child(stubborn_kid, n)
 
 
-async def test_a_child_ending_after_its_parent_ended_tells_nobody(engine: EngineFactory) -> None:
-    """The parent was cancelled and ended while its child went on; when the child
-    ends there is no one to tell: nothing is appended to the parent's history, and
-    the child's wake-up is dropped all the same."""
+async def test_a_cancelled_parent_ends_only_after_its_child_has(engine: EngineFactory) -> None:
+    """The parent asks its child to stop, once, and waits for its end: a child that
+    goes on (here shielded) keeps the parent running, waiting for it; its end, when
+    it comes, is told to the parent, which then ends."""
     async with engine(patient_parent, stubborn_kid) as e:
         await e.start(patient_parent, 5, id="pp")
         await waiting(e, "pp.1", "signal 'go'")
         await e.cancel("pp", "no longer needed")
-        with pytest.raises(ledgerflow.WorkflowFailedError):
-            await outcome(e, "pp")
-        # The parent asked its child to stop before it ended itself.
+        await waiting(e, "pp", "child pp.1")
+        await asyncio.sleep(0.2)  # passes woken meanwhile ask nothing more
         asked = [ev.data for ev in await e.history("pp.1") if isinstance(ev.data, CancelRequested)]
         assert asked == [CancelRequested(reason="parent cancelled: no longer needed")]
-        parent_events = await e.history("pp")
+        assert (await e.describe("pp")).status == "running"
         await e.signal("pp.1", "go")
         # Cancelled while shielded, it returns: a cancellation is a request.
         assert await outcome(e, "pp.1") == 5
-        # Its outcome is told before its wake-up is dropped.
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(e, "pp")
+        parent_events = [ev.data for ev in await e.history("pp")]
+        assert [type(x) for x in parent_events[-2:]] == [ChildFinished, Finished]
+        assert (await e.describe("pp")).status == "cancelled"
         await until_no_wakeup(e, "pp.1")
         assert await e.store.get_wakeup("pp") is None
-        assert await e.history("pp") == parent_events
-        assert (await e.describe("pp")).status == "cancelled"
-    assert not any(isinstance(event.data, ChildFinished) for event in parent_events)
+
+
+saga_log: list[str] = []
+
+
+def book_hotel(trip: str) -> str:
+    saga_log.append(f"hotel {trip}")
+    return f"hotel-{trip}"
+
+
+async def cancel_hotel(trip: str) -> None:
+    await asyncio.sleep(0.05)  # slower than the parent's own: an end not waited for shows
+    saga_log.append(f"undo hotel {trip}")
+
+
+def book_flight(trip: str) -> str:
+    saga_log.append(f"flight {trip}")
+    return f"flight-{trip}"
+
+
+def cancel_flight(trip: str) -> None:
+    saga_log.append(f"undo flight {trip}")
+
+
+@ledgerflow.workflow(name="hotel_leg", version=1)
+async def hotel_leg(ctx: WorkflowContext, trip: str) -> str:
+    booked = await ctx.step(book_hotel, trip, compensate=cancel_hotel)
+    await ctx.wait_for_signal("confirmed")
+    return booked
+
+
+@ledgerflow.workflow(name="trip_saga", version=1)
+async def trip_saga(ctx: WorkflowContext, trip: str) -> list[str]:
+    flight = await ctx.step(book_flight, trip, compensate=cancel_flight)
+    hotel = await ctx.child(hotel_leg, trip)
+    return [flight, hotel]
+
+
+async def test_a_cancelled_parents_saga_is_undone_child_first_before_it_ends(
+    engine: EngineFactory,
+) -> None:
+    """What the child did is undone before what the parent did before starting it,
+    and the parent's end comes after both: its outcome means the whole saga is
+    undone. The child's end, told after the cancel, does not let the parent's body
+    go on past its wait."""
+    saga_log.clear()
+    async with engine(trip_saga, hotel_leg) as e:
+        await e.start(trip_saga, "t1", id="trip")
+        await waiting(e, "trip.2", "signal 'confirmed'")
+        await e.cancel("trip", "plans changed")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(e, "trip")
+        assert saga_log == ["flight t1", "hotel t1", "undo hotel t1", "undo flight t1"]
+        assert (await e.describe("trip.2")).status == "compensated"
+        assert (await e.describe("trip")).status == "compensated"
+        asked = [
+            ev.data for ev in await e.history("trip.2") if isinstance(ev.data, CancelRequested)
+        ]
+        assert asked == [CancelRequested(reason="parent cancelled: plans changed")]
 
 
 @ledgerflow.workflow(name="kid_after_news", version=1)

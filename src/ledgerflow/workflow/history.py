@@ -458,7 +458,13 @@ class History:
     signals: list[tuple[int, SignalSent]] = field(default_factory=list)
     taken: set[int] = field(default_factory=set)
     cancel: CancelRequested | None = None
+    cancel_version: int | None = None
+    """Where the first cancel is in the stream (None: none, or unknown in a snapshot
+    written before it was kept)."""
     children: dict[str, ChildFinished] = field(default_factory=dict)
+    child_versions: dict[str, int] = field(default_factory=dict)
+    """Where each child's end is in the stream: one told after the cancel does not
+    undo it (see waits.child)."""
     finished: Finished | None = None
     stuck: Stuck | None = None
     events: int = 0
@@ -490,6 +496,12 @@ class History:
         history.correlation_id = events[0].metadata.correlation_id
         history.extend(events)
         return history
+
+    def told_after_cancel(self, child_id: str) -> bool:
+        """Whether the child's end came after the instance's cancel (False when
+        either is missing or unknown)."""
+        told = self.child_versions.get(child_id)
+        return self.cancel_version is not None and told is not None and told > self.cancel_version
 
     def patches(self) -> tuple[str, ...]:
         """The changes whose new path the instance took (``ctx.patched``)."""
@@ -531,9 +543,12 @@ class History:
         elif isinstance(data, SignalSent):
             self.signals.append((version, data))
         elif isinstance(data, CancelRequested):
-            self.cancel = self.cancel or data
+            if self.cancel is None:
+                self.cancel, self.cancel_version = data, version
         elif isinstance(data, ChildFinished):
-            self.children.setdefault(data.child_id, data)
+            if data.child_id not in self.children:
+                self.children[data.child_id] = data
+                self.child_versions[data.child_id] = version
         elif isinstance(data, Finished):
             self.finished = data
         elif isinstance(data, Stuck):
@@ -558,7 +573,9 @@ class History:
                 ],
                 "signals": [[version, signal] for version, signal in self.signals],
                 "cancel": self.cancel,
+                "cancel_version": self.cancel_version,
                 "children": list(self.children.values()),
+                "child_versions": list(self.child_versions.items()),
                 "finished": self.finished,
                 "stuck": self.stuck,
                 "traceparent": self.traceparent,
@@ -590,6 +607,9 @@ class History:
         for child in raw["children"]:
             done = msgspec.convert(child, ChildFinished)
             history.children[done.child_id] = done
+        # Snapshots written before these were kept have neither: unknown.
+        history.cancel_version = raw.get("cancel_version")
+        history.child_versions = dict(raw.get("child_versions", ()))
         history.finished = msgspec.convert(raw["finished"], Finished | None)
         history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
         history.version = raw["version"]

@@ -12,6 +12,7 @@ door; ``ReplayHost`` the one of passes that only replay.
 from __future__ import annotations
 
 import contextlib
+from collections import OrderedDict
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
@@ -44,6 +45,9 @@ __all__ = [
     "RunHost",
     "Suspend",
 ]
+
+_ASKED_KEPT = 10_000
+"""Children's cancels an engine remembers having sent (see EngineHost._asked)."""
 
 
 class Suspend(BaseException):
@@ -132,7 +136,11 @@ class RunHost(Protocol):
         tenant: str | None,
     ) -> None: ...
 
-    async def cancel_child(self, child_id: str, reason: str) -> None: ...
+    async def cancel_child(self, child_id: str, reason: str) -> None:
+        """Ask a child to stop (``reason`` recorded with it); nothing if it has ended.
+        A parent waiting for its children to end asks again on every pass: a host
+        may leave out asks it made already."""
+        ...
 
     async def task_underway(self, workflow_id: str, task_id: str) -> bool:
         """Whether a worker holds the task ``task_id`` of ``workflow_id`` (it may be
@@ -250,6 +258,10 @@ class EngineHost:
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
         self._metadata_bytes = len(msgspec.json.encode(Metadata()))
+        self._asked: OrderedDict[tuple[str, str], None] = OrderedDict()
+        """Children this engine asked to stop: a parent waiting for them to end asks
+        once, not on each pass (another engine, after a takeover, asks once more;
+        an instance takes the first cancel it is sent)."""
 
     @property
     def step_threads(self) -> StepThreads:
@@ -300,9 +312,15 @@ class EngineHost:
         await engine._start(engine._definition(workflow), given, child_id, parent_id, tenant=tenant)
 
     async def cancel_child(self, child_id: str, reason: str) -> None:
+        asked = (child_id, reason)
+        if asked in self._asked:
+            return
         with contextlib.suppress(WorkflowFinishedError, WorkflowNotFoundError):
             engine = self._engine
-            await engine.cancel(child_id, f"parent cancelled: {reason}", actor=engine.owner)
+            await engine.cancel(child_id, reason, actor=engine.owner)
+        self._asked[asked] = None
+        while len(self._asked) > _ASKED_KEPT:
+            self._asked.popitem(last=False)
 
     async def task_underway(self, workflow_id: str, task_id: str) -> bool:
         tasks = await self._engine.store.list_tasks(workflow_id=workflow_id, limit=1000)

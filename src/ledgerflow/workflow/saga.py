@@ -90,8 +90,9 @@ class Saga:
     async def _fail(self, failure: tuple[str, str], cancelled: bool) -> PassResult:
         error_type, message = failure
         self.compensating = True
-        if cancelled and not self.query:
-            await self._cancel_children(message)
+        if not self.query:
+            why = f"parent cancelled: {message}" if cancelled else f"parent failed: {message}"
+            await self._end_children(why)
         ran, gave_up = await self._undo(self.compensations)
         if not self.unreadable:
             self._check_finished_path(None if cancelled else failure)
@@ -202,14 +203,23 @@ class Saga:
             )
             attempt += 1
 
-    async def _cancel_children(self, reason: str) -> None:
-        for events in list(self.history.commands.values()):
-            started = _first(events, ChildStarted)
-            if started is None or _first(events, ChildDone) is not None:
-                continue
-            if started.child_id in self.history.children:
-                continue
-            await self._host(self.host.cancel_child(started.child_id, reason))
+    async def _end_children(self, reason: str) -> None:
+        """Cancel the children still running and wait until each has ended, its own
+        compensations done, before this instance's run: they undo what the parent
+        did before starting them, and the parent's end must mean the whole saga is
+        undone. Each child's end wakes the parent (``wf.child_finished``); the wait
+        is no command, so replay, which never acts, does not take it."""
+        running = [
+            started.child_id
+            for events in list(self.history.commands.values())
+            if (started := _first(events, ChildStarted)) is not None
+            and _first(events, ChildDone) is None
+            and started.child_id not in self.history.children
+        ]
+        for child_id in running:
+            await self._host(self.host.cancel_child(child_id, reason))
+        if running:
+            raise Suspend([], None, child_id=running[0])
 
 
 def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:

@@ -90,6 +90,8 @@ class Waits:
 
         def _live(self) -> None: ...
 
+        def _cancelling(self) -> bool: ...
+
         async def record(
             self, events: list[Any], runtime: tuple[RuntimeWrite, ...] = ()
         ) -> None: ...
@@ -209,7 +211,13 @@ class Waits:
             else child_id or f"{self.history.workflow_id}.{seq}"
         )
         ended = self.history.children.get(cid)
-        if started is not None and ended is not None:
+        # An end told after a cancel that this wait raises does not count: the pass
+        # that saw the cancel first raised it here, and so does every later one.
+        if (
+            started is not None
+            and ended is not None
+            and not (self._cancelling() and self.history.told_after_cancel(cid))
+        ):
             return self._child_outcome(workflow, ended)
         self._live()
         if started is None:
