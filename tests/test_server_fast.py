@@ -169,3 +169,23 @@ def test_a_key_lookup_that_fails_answers_503_on_either_path(
     assert fast.status_code == 503
     assert fast.headers["content-type"] == "application/problem+json"
     assert fast.headers["retry-after"] == "1"
+
+
+def test_a_store_defect_answers_500_with_an_incident_not_503(
+    pair: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A defect inside the store adapter is no outage to wait out: 500 naming an
+    incident in the log, without the exception's text, on either path."""
+    from ledgerflow.errors import StoreInternalError
+    from ledgerflow.server.keys import ApiKeys
+
+    async def broken(self: ApiKeys, secret: str) -> Any:
+        raise StoreInternalError("sqlite", KeyError("secret head"))
+
+    monkeypatch.setattr(ApiKeys, "authenticate", broken)
+    order = {"workflow": "approval", "input": "o-1", "id": "u-2"}
+    for answer in both(pair, same_body=False, json=order):
+        assert answer.status_code == 500, answer.text
+        assert answer.headers["content-type"] == "application/problem+json"
+        assert "incident" in answer.json()["detail"]
+        assert "secret head" not in answer.text

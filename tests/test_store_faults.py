@@ -196,6 +196,41 @@ async def test_runtime_rows_given_as_a_generator_are_all_written(store: BaseEven
     assert await store.get_wakeup("wf-2") is not None
 
 
+async def test_a_defect_in_the_write_path_is_reported_as_one(
+    store: BaseEventStore, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An unexpected exception inside the adapter is not an outage: its callers hear
+    of an internal error naming it (still handled as an outage: retryable, and the
+    HTTP API answers 500), the log has the traceback, and the store goes on."""
+    import importlib
+
+    module = importlib.import_module(
+        {
+            "memory": "ledgerflow.store.memory",
+            "sqlite": "ledgerflow.store.sqlite",
+            "postgres": "ledgerflow.store._postgres_write",
+        }[store.backend]
+    )
+    real = module.plan_batch
+
+    def broken(*args: Any, **kwargs: Any) -> BatchPlan:
+        raise KeyError("no such head")
+
+    monkeypatch.setattr(module, "plan_batch", broken)
+    event_id = uuid.uuid4()
+    with caplog.at_level(logging.ERROR), pytest.raises(ledgerflow.StoreInternalError) as caught:
+        await asyncio.wait_for(store.append("s", [tagged("a", event_id)]), WAIT)
+    error = caught.value
+    assert isinstance(error, StoreUnavailableError)
+    assert error.retryable
+    assert "internal error: KeyError: 'no such head'" in str(error)
+    assert "unavailable" not in str(error)
+    assert any(r.exc_info for r in caplog.records), "no traceback logged"
+    monkeypatch.setattr(module, "plan_batch", real)
+    result = await asyncio.wait_for(store.append("s", [tagged("a", event_id)]), WAIT)
+    assert isinstance(result, Appended)
+
+
 # -- PostgreSQL: losing the connection around COMMIT ----------------------------------
 
 COMMIT_DONE = b"C\x00\x00\x00\x0bCOMMIT\x00"

@@ -24,6 +24,7 @@ driver type ever crosses the port::
     │   ├── StoreClosedError        the store was used after it was closed
     │   ├── StoreCorruptError       the database's files are damaged (restore a backup)
     │   └── StoreUnavailableError   connection or I/O failure (retryable)
+    │       └── StoreInternalError  a defect in ledgerflow's store adapter (retryable)
     ├── WorkflowError               durable workflows
     │   ├── WorkflowDefinitionError a workflow or step definition is unusable (lint)
     │   ├── UnknownWorkflowError    no registered workflow of that name/version
@@ -116,6 +117,7 @@ __all__ = [
     "StepTimeoutError",
     "StoreClosedError",
     "StoreError",
+    "StoreInternalError",
     "StoreReadOnlyError",
     "StoreUnavailableError",
     "StreamNotFoundError",
@@ -350,6 +352,24 @@ class StoreUnavailableError(StoreError):
         super().__init__(f"{backend} store unavailable: {reason}")
         self.backend = backend
         self.reason = reason
+
+
+class StoreInternalError(StoreUnavailableError):
+    """An unexpected exception inside ledgerflow's own store adapter: a defect of
+    ledgerflow, not of the database or the caller's input. The append it broke may
+    or may not be stored, as after an outage, and is handled as one (retrying it
+    with the same event ids finds out); the store's log has the traceback, and the
+    HTTP API answers 500 with an incident id rather than 503."""
+
+    def __init__(self, backend: str, error: BaseException) -> None:
+        reason = (
+            f"{type(error).__name__}: {error} (a defect of ledgerflow; the store's log has "
+            "the traceback); the append may or may not be stored"
+        )
+        StoreError.__init__(self, f"{backend} store: internal error: {reason}")
+        self.backend = backend
+        self.reason = reason
+        self.error_type = type(error).__name__
 
 
 class StoreCorruptError(StoreError):

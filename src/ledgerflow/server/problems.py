@@ -25,6 +25,7 @@ from ..errors import (
     SignalInputError,
     StepNotParkedError,
     StoreClosedError,
+    StoreInternalError,
     StoreUnavailableError,
     UnknownWorkflowError,
     UnrecordableValueError,
@@ -125,7 +126,7 @@ def to_problem(exc: Exception) -> Problem:
         # msgspec's own limit on nesting, reached reading a body: the body's fault.
         return Problem(400, "Bad request", "the body is nested too deeply to read")
     for kind, status, title in _STATUS:
-        if isinstance(exc, kind):
+        if isinstance(exc, kind) and not isinstance(exc, StoreInternalError):
             retry = {"Retry-After": "1"} if status == 503 else None
             return Problem(status, title, str(exc), headers=retry)
     incident = uuid.uuid4().hex[:12]

@@ -27,6 +27,7 @@ from ..errors import (
     LedgerflowError,
     StoreClosedError,
     StoreError,
+    StoreInternalError,
     StoreUnavailableError,
     StreamNotFoundError,
 )
@@ -407,7 +408,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
             outcomes = [error] * len(batch)
         except Exception as error:  # an adapter bug must not strand the callers
             log.exception("%s store: append batch failed", self.backend)
-            outcomes = [StoreUnavailableError(self.backend, repr(error))] * len(batch)
+            outcomes = [StoreInternalError(self.backend, error)] * len(batch)
         except asyncio.CancelledError:
             for pending in batch:
                 if not pending.future.done():

@@ -34,6 +34,7 @@ from ..errors import (
     SchemaVersionError,
     StoreCorruptError,
     StoreError,
+    StoreInternalError,
     StoreReadOnlyError,
     StoreUnavailableError,
 )
@@ -302,7 +303,7 @@ class SQLiteEventStore(
             return [exc for _ in batch]
         except Exception as exc:  # a bug must not strand the callers
             log.exception("sqlite store: append batch failed")
-            return [StoreUnavailableError(self.backend, repr(exc)) for _ in batch]
+            return [StoreInternalError(self.backend, exc) for _ in batch]
 
     def _run_call(self, call: _Call) -> None:
         try:
