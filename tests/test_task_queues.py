@@ -397,6 +397,51 @@ async def test_attempts_lost_with_their_workers_count(engine: EngineFactory) -> 
             outcome = await handle.result(timeout=WAIT)
         assert outcome.startswith("TaskLostError: attempt 2 was lost with its worker")
         assert calls["reserve"] == 0
+        # Each lost attempt is in the history, before the failure it led to.
+        history = [e.data for e in await orders.history("q-9")]
+        lost = [e for e in history if isinstance(e, StepAttemptFailed)]
+        assert [(e.attempt, e.error_type) for e in lost] == [
+            (1, "AttemptLost"),
+            (2, "AttemptLost"),
+        ]
+        assert "the step may have run" in lost[0].message
+
+
+@pytest.mark.parametrize("recorded_by", [None, "an older worker"])
+async def test_an_attempt_lost_before_one_that_succeeds_is_in_the_history(
+    engine: EngineFactory, recorded_by: str | None
+) -> None:
+    """The step may have run twice: the history says so, once, with the attempt the
+    worker that died was running. A failure an older release's worker recorded
+    (it kept no count of recorded attempts in the task's row) is not taken for a
+    loss: the history decides."""
+
+    @ledgerflow.workflow(name="tq.lost_once")
+    async def lost_once(ctx: WorkflowContext, n: int) -> str:
+        return await ctx.step(reserve, Order("x", n), retry=RetryPolicy(max_attempts=5))
+
+    async with engine(lost_once, clock=REAL) as orders:
+        handle = await orders.start(lost_once, 1, id="q-10")
+        for _ in range(500):
+            if await orders.store.list_tasks():
+                break
+            await asyncio.sleep(0.01)
+        now = await orders.store.database_now_us()
+        await orders.store.claim_tasks(
+            "ghost", queues=["erp"], now_us=now, lease_until_us=now + 1, limit=1
+        )
+        if recorded_by is not None:
+            failed = StepAttemptFailed(
+                seq=1, name="erp.reserve", attempt=1, error_type="Boom", message="503"
+            )
+            await orders.store.append(orders.stream_id("q-10"), [failed])
+        async with engine(clock=REAL, queues=["erp"], steps=[reserve]) as worker:
+            assert await handle.result(timeout=WAIT) == "R-x-1"
+            history = [e.data for e in await worker.history("q-10")]
+        failed_attempts = [e for e in history if isinstance(e, StepAttemptFailed)]
+        expected = (1, "AttemptLost") if recorded_by is None else (1, "Boom")
+        assert [(e.attempt, e.error_type) for e in failed_attempts] == [expected]
+        assert calls["reserve"] == 1
 
 
 class Booking:

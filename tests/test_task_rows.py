@@ -133,6 +133,7 @@ async def test_an_expired_task_lease_is_claimed_again_at_the_next_epoch_and_atte
     later = NOW + LEASE + 1
     (second,) = await claim(store, "w2", now=later)
     assert (second.lease_owner, second.lease_epoch, second.attempt) == ("w2", 2, 2)
+    assert second.recorded_attempt == 0  # attempt 1 was lost, unrecorded
     # The first runner's outcome is refused: its lease is gone.
     with pytest.raises(TaskLeaseLostError) as lost:
         await store.append(
@@ -199,7 +200,14 @@ async def test_a_retry_gives_the_lease_back_and_waits_for_its_due_time(
     assert await claim(store, "w2", now=NOW + 499) == []
     assert await store.next_task_due(queues=["erp"]) == NOW + 500
     (again,) = await claim(store, "w2", now=NOW + 500)
-    assert (again.attempt, again.lease_epoch) == (2, 2)
+    assert (again.attempt, again.lease_epoch, again.recorded_attempt) == (2, 2, 1)
+    # Attempt 2 lost with w2; attempt 3 knows only attempt 1 was recorded.
+    (third,) = await claim(store, "w3", now=NOW + 500 + LEASE + 1)
+    assert (third.attempt, third.recorded_attempt) == (3, 1)
+    fence = TaskFence("a/1", "w3", third.lease_epoch)
+    await store.append("wf-a", [ev()], fence=fence, runtime=[RetryTask("a/1", NOW)])
+    (row,) = await store.list_tasks()
+    assert (row.attempt, row.recorded_attempt) == (3, 3)
 
 
 async def test_a_refunded_retry_does_not_count_the_attempt(store: BaseEventStore) -> None:
@@ -212,7 +220,7 @@ async def test_a_refunded_retry_does_not_count_the_attempt(store: BaseEventStore
     refund = RetryTask("a/1", NOW + 5, refund=True)
     await store.append("wf-a", [ev()], fence=fence, runtime=[refund])
     (again,) = await claim(store, "w2", now=NOW + 5)
-    assert (again.attempt, again.lease_epoch) == (1, 2)
+    assert (again.attempt, again.lease_epoch, again.recorded_attempt) == (1, 2, 0)
 
 
 async def test_a_finished_workflow_drops_its_tasks_and_their_outcomes(
@@ -253,6 +261,7 @@ async def test_hand_back_does_not_count_the_attempt(store: BaseEventStore) -> No
     assert await store.release_tasks() == 1
     (again,) = await claim(store, "w3", limit=1)
     assert (again.task_id, again.attempt, again.lease_epoch) == ("a/1", 1, 2)
+    assert again.recorded_attempt == 0  # nothing lost: the attempt was handed back
 
 
 async def test_next_task_due_sees_leases_and_filters(store: BaseEventStore) -> None:
@@ -275,7 +284,7 @@ async def test_reaping_a_dead_worker_frees_its_tasks(store: BaseEventStore) -> N
     await claim(store, "alive", limit=1)
     assert await store.reap_workers(NOW + LEASE + 1) == ["dead"]
     a, b = await store.list_tasks()
-    assert (a.lease_owner, a.attempt) == (None, 1)  # a lost attempt counts
+    assert (a.lease_owner, a.attempt, a.recorded_attempt) == (None, 1, 0)  # lost: counts
     assert b.lease_owner == "alive"
 
 

@@ -255,6 +255,16 @@ def migrations(schema: str) -> tuple[Migration, ...]:
             (f"CREATE INDEX workflows_by_created ON {schema}.workflows (created_at, workflow_id)",),
         ),
         merkle_migration(schema),
+        Migration(
+            11,
+            "task attempts lost with their workers",
+            (
+                f"ALTER TABLE {schema}.tasks "
+                "ADD COLUMN recorded_attempt integer NOT NULL DEFAULT 0",
+                # As on SQLite: what is queued already is taken as recorded.
+                f"UPDATE {schema}.tasks SET recorded_attempt = attempt",
+            ),
+        ),
     )
 
 

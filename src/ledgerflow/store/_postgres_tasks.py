@@ -80,9 +80,11 @@ class TaskSql:
                 "ON CONFLICT (task_id) DO NOTHING"
             ),
             # The lease is given back with its epoch kept: the old holder's fence fails.
+            # The attempt's failure is recorded (or it did not count).
             "retry_task": (
                 f"UPDATE {s}.tasks SET due_at = %s, attempt = attempt - %s, "
-                "lease_owner = NULL, lease_until = NULL WHERE task_id = %s"
+                "recorded_attempt = attempt - %s, lease_owner = NULL, lease_until = NULL "
+                "WHERE task_id = %s"
             ),
             "drop_task": f"DELETE FROM {s}.tasks WHERE task_id = %s",
             "drop_tasks": f"DELETE FROM {s}.tasks WHERE workflow_id = %s",

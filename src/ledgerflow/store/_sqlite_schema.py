@@ -10,7 +10,7 @@ from ._migrations import Migration
 from ._sqlite_merkle import MERKLE_MIGRATION
 from ._sqlite_projections import PROJECTION_MIGRATION
 from ._sqlite_resources import RESOURCE_MIGRATION, RESOURCE_SQL
-from ._sqlite_tasks import TASK_MIGRATION, TASK_SQL
+from ._sqlite_tasks import RECORDED_ATTEMPT_MIGRATION, TASK_MIGRATION, TASK_SQL
 from .runtime import RuntimeWrite, as_row
 
 __all__ = ["MIGRATIONS", "RUNTIME_SQL", "apply_runtime"]
@@ -112,6 +112,7 @@ MIGRATIONS = (
         ("CREATE INDEX workflows_by_created ON workflows (created_at, workflow_id)",),
     ),
     MERKLE_MIGRATION,
+    RECORDED_ATTEMPT_MIGRATION,
 )
 
 _PUT_INSTANCE = (

@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from ._migrations import Migration
 from .runtime import TASK_COLUMNS, QueueRow, TaskLease, TaskRow
 
-__all__ = ["TASK_MIGRATION", "TASK_SQL", "SQLiteTasks"]
+__all__ = ["RECORDED_ATTEMPT_MIGRATION", "TASK_MIGRATION", "TASK_SQL", "SQLiteTasks"]
 
 T = TypeVar("T")
 
@@ -45,15 +45,27 @@ TASK_MIGRATION = Migration(
     ),
 )
 
+RECORDED_ATTEMPT_MIGRATION = Migration(
+    10,
+    "task attempts lost with their workers",
+    (
+        "ALTER TABLE tasks ADD COLUMN recorded_attempt INTEGER NOT NULL DEFAULT 0",
+        # What is queued already: taken as recorded (a loss is never claimed falsely;
+        # one of a task running through the upgrade goes unsaid).
+        "UPDATE tasks SET recorded_attempt = attempt",
+    ),
+)
+
 TASK_SQL = {
     "put_task": (
-        f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (task_id) DO NOTHING"
     ),
     # The lease is given back with its epoch kept: the old holder's fence then fails.
+    # The attempt's failure is recorded (or it did not count): see recorded_attempt.
     "retry_task": (
-        "UPDATE tasks SET due_at = ?, attempt = attempt - ?, lease_owner = NULL, "
-        "lease_until = NULL WHERE task_id = ?"
+        "UPDATE tasks SET due_at = ?, attempt = attempt - ?, recorded_attempt = attempt - ?, "
+        "lease_owner = NULL, lease_until = NULL WHERE task_id = ?"
     ),
     "drop_task": "DELETE FROM tasks WHERE task_id = ?",
     "drop_tasks": "DELETE FROM tasks WHERE workflow_id = ?",

@@ -156,6 +156,7 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
                         t,
                         due_at_us=due,
                         attempt=t.attempt - int(refund),
+                        recorded_attempt=t.attempt - int(refund),
                         lease_owner=None,
                         lease_until_us=None,
                     )

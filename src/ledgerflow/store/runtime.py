@@ -167,6 +167,9 @@ class TaskRow:
     lease_until_us: int | None = None
     lease_epoch: int = 0
     created_at_us: int = 0
+    recorded_attempt: int = 0
+    """The last attempt whose failure is recorded (or that did not count): those
+    after it and before ``attempt`` were lost with their workers, unrecorded."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,7 +429,7 @@ def nudged(current: int | None, due_at_us: int) -> int:
 
 TASK_COLUMNS = (
     "task_id, workflow_id, seq, kind, name, queue, payload, due_at, attempt, "
-    "lease_owner, lease_until, lease_epoch, created_at"
+    "lease_owner, lease_until, lease_epoch, created_at, recorded_attempt"
 )
 """The ``tasks`` table's columns in ``TaskRow``'s field order."""
 
@@ -446,6 +449,7 @@ def task_values(r: TaskRow) -> tuple[Any, ...]:
         r.lease_until_us,
         r.lease_epoch,
         r.created_at_us,
+        r.recorded_attempt,
     )
 
 
@@ -487,7 +491,7 @@ def as_row(write: RuntimeWrite) -> tuple[RowKind, tuple[Any, ...]]:
         case PutTask(row):
             return "put_task", task_values(row)
         case RetryTask(tid, due, refund):
-            return "retry_task", (due, int(refund), tid)
+            return "retry_task", (due, int(refund), int(refund), tid)
         case DropTask(tid):
             return "drop_task", (tid,)
         case DropTasks(wid):

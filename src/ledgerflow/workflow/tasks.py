@@ -14,7 +14,8 @@ workflow's stream, fenced by its lease on the task (``TaskFence``):
 
 A worker that dies mid-attempt loses its lease; the task is claimed again, at the
 next attempt (an attempt lost with its worker counts, so a step that kills its
-workers runs out of attempts). The runner whose lease was taken over records
+workers runs out of attempts; the next runner records it, ``AttemptLost``, before
+its own). The runner whose lease was taken over records
 nothing: its append fails its fence. Compensations sent to a queue go the same way
 with ``Compensation*`` events.
 """
@@ -71,6 +72,7 @@ from .history import (
     StepDone,
     StepFailed,
     StepParked,
+    StepRetried,
     WorkflowStatus,
     error_message,
 )
@@ -459,6 +461,8 @@ class TaskRunner:
         if fn is None:  # claims ask for known names only
             log.error("task %s: no step named %r here", row.task_id, row.name)
             return
+        if not await self._record_lost(row, fence, payload):
+            return
         found, rules, failure = await self._rules(row, payload)
         most = rules.retry.max_attempts if rules is not None else payload.retry.max_attempts
         if row.attempt > most:
@@ -695,6 +699,42 @@ class TaskRunner:
         shown = f"{message} ({why_not})" if why_not else message
         await self._finish(row, fence, payload, False, shown, error_type, rules=rules, extra=writes)
 
+    async def _record_lost(self, row: TaskRow, fence: TaskFence, payload: TaskPayload) -> bool:
+        """Record the attempts lost with their workers since the last one recorded,
+        before this one runs: the history then says the step may have run more
+        often than its outcomes show. False if the lease is gone meanwhile.
+
+        The row suspects them (``recorded_attempt``); the history decides, so that a
+        failure recorded by a worker of an older release, which did not keep that
+        column, is not taken for a loss. Each is an append of its own, under an id
+        of its attempt: a later claim that finds it unrecorded in the row too (this
+        attempt lost as well) stores it once."""
+        suspected = range(row.recorded_attempt + 1, row.attempt)
+        if not suspected:
+            return True
+        recorded: set[int] = set()
+        kinds = (StepAttemptFailed, CompensationAttemptFailed)
+        for event in await self.store.read_stream(self._stream_id(row.workflow_id)):
+            data = event.data
+            if isinstance(data, StepRetried) and data.seq == row.seq:
+                recorded.clear()  # an operator's retry: its attempts count afresh
+            elif isinstance(data, kinds) and data.seq == row.seq:
+                recorded.add(data.attempt)
+        for attempt in suspected:
+            if attempt in recorded:
+                continue
+            message = (
+                f"attempt {attempt} was lost with its worker: its lease ran out before an "
+                "outcome was recorded (the step may have run)"
+            )
+            lost = self._attempt_failed(
+                replace(row, attempt=attempt), payload, "AttemptLost", message
+            )
+            log.warning("task %s: %s", row.task_id, message)
+            if not await self._record(row, fence, [lost], [], key=f"lost/{attempt}"):
+                return False
+        return True
+
     def _attempt_failed(
         self, row: TaskRow, payload: TaskPayload, error_type: str, message: str
     ) -> Any:
@@ -772,12 +812,20 @@ class TaskRunner:
         await self._record(row, fence, [event], runtime)
 
     async def _record(
-        self, row: TaskRow, fence: TaskFence, events: list[Any], runtime: list[RuntimeWrite]
-    ) -> None:
+        self,
+        row: TaskRow,
+        fence: TaskFence,
+        events: list[Any],
+        runtime: list[RuntimeWrite],
+        *,
+        key: str | None = None,
+    ) -> bool:
         """Append to the workflow's stream while the lease holds; a store fault is
-        retried (the lease is renewed meanwhile), a lost lease ends it quietly."""
+        retried (the lease is renewed meanwhile), a lost lease ends it quietly.
+        Whether it was stored (or had been: a repeat of ``key``'s append)."""
         stream = self._stream_id(row.workflow_id)
         registry = self.store.registry
+        ids = row.lease_epoch if key is None else key
         # Ids of our own, one set per lease of this row (a step an operator retries is
         # sent again as a new row, with leases counted afresh): an append retried
         # after a fault that left it unknown whether it was stored is stored once.
@@ -785,7 +833,7 @@ class TaskRunner:
             NewEvent(
                 registry.name_of(type(event)),
                 msgspec.to_builtins(event),
-                id=uuid.uuid5(_IDS, f"{row.task_id}/{row.created_at_us}/{row.lease_epoch}/{i}"),
+                id=uuid.uuid5(_IDS, f"{row.task_id}/{row.created_at_us}/{ids}/{i}"),
             )
             for i, event in enumerate(events)
         ]
@@ -795,15 +843,15 @@ class TaskRunner:
                 await self.store.append(
                     stream, with_ids, StreamState.STREAM_EXISTS, runtime=runtime, fence=fence
                 )
-                return
+                return True
             except LeaseLostError as exc:
                 metrics.lease_lost("task")
                 log.warning("task %s: not recorded: %s", row.task_id, exc)
-                return
+                return False
             except (StoreUnavailableError, StoreClosedError) as exc:
                 failures += 1
                 if self._closing and isinstance(exc, StoreClosedError):
-                    return
+                    return False
                 if failures > 8:
                     log.error(
                         "task %s: cannot record its outcome (%s); it runs again once its "
@@ -811,5 +859,5 @@ class TaskRunner:
                         row.task_id,
                         exc,
                     )
-                    return
+                    return False
                 await asyncio.sleep(min(5.0, 0.05 * 2**failures))
