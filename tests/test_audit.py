@@ -823,3 +823,64 @@ async def test_status_rows_are_checked_against_the_ledger(sql_url: str) -> None:
     assert "stream 'wf-waits': the status row says 'completed' but the ledger has not" in output
     assert "stream 'wf-done-2', version 1: instance 'done-2' was started but has no" in output
     assert output.count("derived:") == 3
+
+
+# -- edits no writer makes: values of other types, bytes no decoder reads ------------
+
+GARBAGE = bytes.fromhex("ff00ff")
+"""Not JSON, not UTF-8."""
+
+
+@pytest.mark.parametrize("column", ["data", "metadata"])
+async def test_unreadable_bytes_in_a_workflow_event_are_tampering_not_an_error(
+    sql_url: str, column: str
+) -> None:
+    """Bytes no decoder reads, in an event of a workflow's stream: verify stopped
+    with a traceback (metadata) or exit 2 'error' (data) while checking status rows,
+    losing the chain check's finding; it names the event and exits 1."""
+    await instances(sql_url)
+    raw_sql(
+        sql_url,
+        f"UPDATE {{t}}events SET {column} = {_blob(sql_url, GARBAGE)} "
+        "WHERE stream_id = 'wf-done-1' AND version = 2",
+    )
+    code, output = await verify_cli(sql_url)
+    assert code == 1, output
+    assert "edited: stream 'wf-done-1', version 2" in output
+    assert "Traceback" not in output
+    # Reading the stream says what is wrong, in the store's own terms.
+    async with ledgerflow.open_store(sql_url) as store:
+        with pytest.raises(ledgerflow.InvalidEventDataError):
+            await store.read_stream("wf-done-1")
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("data", "replace(data, '1', '7')"),  # SQLite's replace() gives TEXT
+        ("metadata", "'{{}}'"),  # raw_sql formats {t}
+        ("hash", "'abc'"),
+        ("prev_hash", "'abc'"),
+        ("version", "'two'"),
+        ("recorded_at", "'yesterday'"),
+        ("event_id", "'not-a-uuid'"),
+        ("schema_version", "'one'"),
+    ],
+)
+def test_sqlite_values_of_another_type_are_tampering_not_a_crash(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    """SQLite keeps whatever type an UPDATE gives a column: verify crashed on each of
+    these with a TypeError or ValueError. Each is a finding now (exit 1) at the
+    edited event's position."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    asyncio.run(instances(url))
+    where = "WHERE stream_id = 'wf-done-1' AND version = 2"
+    ((position,),) = raw_sql(url, f"SELECT position FROM events {where}")
+    raw_sql(url, f"UPDATE events SET {column} = {value} {where}")
+    result = CliRunner().invoke(app, ["audit", "verify", "--db", url], env={"COLUMNS": "200"})
+    output = " ".join(result.output.split())
+    assert result.exit_code == 1, output
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert "stream 'wf-done-1', version" in output
+    assert f"position {position}:" in output

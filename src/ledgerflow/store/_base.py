@@ -471,12 +471,15 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     # -- reading --------------------------------------------------------------------
 
     def _decode(self, row: EventRow, keys: Mapping[str, bytes] | None = None) -> RecordedEvent:
-        return row_event(
-            row,
-            self.registry.decode(row.type, row.schema_version, row.data, keys=keys),
-            _decode_metadata(row.metadata),
-            sealed=keys is not None,
-        )
+        data = self.registry.decode(row.type, row.schema_version, row.data, keys=keys)
+        try:
+            metadata = _decode_metadata(row.metadata)
+        except (msgspec.DecodeError, TypeError) as exc:
+            # Only an edit made outside ledgerflow stores metadata it cannot read.
+            raise InvalidEventDataError(
+                row.type, row.schema_version, f"its metadata cannot be read: {exc}"
+            ) from None
+        return row_event(row, data, metadata, sealed=keys is not None)
 
     async def read_stream(
         self,

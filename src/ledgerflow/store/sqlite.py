@@ -28,6 +28,7 @@ from uuid import UUID
 from .. import metrics
 from ..errors import (
     ConfigurationError,
+    InvalidEventDataError,
     LedgerflowError,
     LedgerNotFoundError,
     SchemaOutdatedError,
@@ -75,6 +76,16 @@ _COLUMNS = (
 _KNOWN_HEADS = 10_000
 """Stream heads the writer remembers between commits (see _write_sync)."""
 _INSERT_EVENT = f"INSERT INTO events ({_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?)"
+_SELECTED = (
+    "position, CAST(event_id AS TEXT), CAST(stream_id AS TEXT), CAST(version AS INTEGER), "
+    "CAST(type AS TEXT), CAST(schema_version AS INTEGER), CAST(data AS BLOB), "
+    "CAST(metadata AS BLOB), CAST(recorded_at AS INTEGER), CAST(prev_hash AS BLOB), "
+    "CAST(hash AS BLOB)"
+)
+"""``_COLUMNS`` as read: SQLite keeps whatever storage class an UPDATE gives a column,
+and only an edit made outside ledgerflow gives one another; read as the store wrote
+them, such values fail the hash check (``audit verify`` names the event) instead of
+breaking whatever reads them."""
 _UPSERT_HEAD = (
     "INSERT INTO streams (stream_id, version, last_hash, last_position) VALUES (?,?,?,?) "
     "ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version, "
@@ -112,7 +123,20 @@ def _fail(future: asyncio.Future[Any], error: BaseException) -> None:
 
 
 def _row(t: Sequence[Any]) -> EventRow:
-    return EventRow(t[0], UUID(t[1]), t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
+    try:
+        event_id = UUID(t[1])
+    except ValueError:  # only an edit made outside ledgerflow stores one
+        raise InvalidEventDataError(t[4], t[5], f"its id {t[1]!r:.60} is not a UUID") from None
+    return EventRow(t[0], event_id, t[2], t[3], t[4], t[5], t[6], t[7], t[8], t[9], t[10])
+
+
+def _audited_row(t: Sequence[Any]) -> EventRow:
+    """``_row`` for verify: an event id that is no UUID (edited outside ledgerflow)
+    reads as the nil UUID, which fails the hash check, rather than stopping it."""
+    try:
+        return _row(t)
+    except InvalidEventDataError:
+        return _row([t[0], str(UUID(int=0)), *t[2:]])
 
 
 def _chunks(items: Sequence[T]) -> Iterable[Sequence[T]]:
@@ -645,14 +669,14 @@ class SQLiteEventStore(
         if backwards:
             top = _MAX_VERSION if from_version is None else from_version
             sql = (
-                f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version <= ? "
+                f"SELECT {_SELECTED} FROM events WHERE stream_id = ? AND version <= ? "
                 "ORDER BY version DESC LIMIT ?"
             )
             rows = await self._read(sql, (stream_id, top, n))
         else:
             bottom = 1 if from_version is None else from_version
             sql = (
-                f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ? "
+                f"SELECT {_SELECTED} FROM events WHERE stream_id = ? AND version >= ? "
                 "ORDER BY version LIMIT ?"
             )
             rows = await self._read(sql, (stream_id, bottom, n))
@@ -660,12 +684,13 @@ class SQLiteEventStore(
 
     async def _read_all_rows(self, from_position: int, limit: int | None) -> list[EventRow]:
         n = _NO_LIMIT if limit is None else limit
-        sql = f"SELECT {_COLUMNS} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
+        sql = f"SELECT {_SELECTED} FROM events WHERE position >= ? ORDER BY position LIMIT ?"
         return [_row(t) for t in await self._read(sql, (from_position, n))]
 
     async def _read_leaves(self, from_position: int, limit: int) -> list[LeafRow]:
         return await self._read(
-            "SELECT position, stream_id, version, hash FROM events WHERE position >= ? "
+            "SELECT position, CAST(stream_id AS TEXT), CAST(version AS INTEGER), "
+            "CAST(hash AS BLOB) FROM events WHERE position >= ? "
             "ORDER BY position LIMIT ?",
             (from_position, limit),
         )
@@ -707,9 +732,9 @@ class SQLiteEventStore(
             con = self._reader()
             con.execute("BEGIN")
             try:
-                cursor = con.execute(f"SELECT {_COLUMNS} FROM events ORDER BY position")
+                cursor = con.execute(f"SELECT {_SELECTED} FROM events ORDER BY position")
                 while batch := cursor.fetchmany(batch_size):
-                    visit([_row(t) for t in batch])
+                    visit([_audited_row(t) for t in batch])
                 heads = con.execute(
                     "SELECT stream_id, version, last_hash, last_position FROM streams"
                 ).fetchall()
