@@ -383,3 +383,40 @@ def test_readiness_answers_503_in_its_time_whatever_the_store_does(
         assert answer.status_code == 503, answer.text
         assert answer.json()["detail"] == "the store did not answer within 2 s"
         assert not cleaned_up.is_set()  # answered without waiting for it
+
+
+def test_an_id_over_the_ledgers_limit_is_refused_as_the_id(api: Api) -> None:
+    """The spec said ids of up to 400 characters; the ledger takes 252 (less a
+    tenant's prefix), and a longer one was refused as a fault of body.input."""
+    spec = api.http.get("/openapi.json").json()
+    assert spec["components"]["schemas"]["StartWorkflow"]["properties"]["id"]["maxLength"] == 252
+    for given, room in ((300, 252), (250, 247)):  # the key's tenant is acme
+        answer = api.post(
+            "/api/v1/workflows", json={"workflow": "approval", "input": "x", "id": "i" * given}
+        )
+        body = problem(answer, 422)
+        assert body["errors"][0]["field"] == "body.id", body
+        if given <= 252:
+            assert f"at most {room}" in body["errors"][0]["message"]
+    fits = api.post(
+        "/api/v1/workflows", json={"workflow": "approval", "input": "x", "id": "i" * 247}
+    )
+    assert fits.status_code == 201, fits.text
+    problem(api.get("/api/v1/workflows/" + "i" * 253), 422)
+
+
+def test_a_signal_name_with_a_slash_travels_encoded(api: Api) -> None:
+    api.post("/api/v1/workflows", json={"workflow": "approval", "input": "s", "id": "sl-1"})
+    api.until("/api/v1/workflows/sl-1", waiting)
+    sent = api.post("/api/v1/workflows/sl-1/signals/erp%2Fdone", json={"payload": None})
+    assert sent.status_code == 202, sent.text
+    history = api.get("/api/v1/workflows/sl-1/history").json()["items"]
+    assert any(e["data"].get("name") == "erp/done" for e in history if e["type"] == "wf.signal")
+
+
+def test_a_time_filter_out_of_range_is_told_in_the_callers_terms(api: Api) -> None:
+    answer = api.get("/api/v1/workflows?created_from=2026-01-01T00:00:00%2B99:00")
+    body = problem(answer, 422)
+    message = body["errors"][0]["message"]
+    assert "offset within" in message
+    assert "timedelta" not in message

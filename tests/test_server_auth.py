@@ -274,6 +274,10 @@ def test_jwts_are_verified_against_the_key_set(signing: tuple[Any, Path], tmp_pa
             ),
             "HMAC with the public key": hmac_token(public_pem),
             "garbage": "not.a.token",
+            # The ledger records the caller as jwt:<sub>: an empty subject names nobody.
+            "an empty subject": token(private, sub=""),
+            "a subject with a line break": token(private, sub="ana\nactor: admin"),
+            "a subject that is no string": token(private, sub=42),
         }
         for what, credential in refused.items():
             assert status(credential) == 401, what

@@ -189,3 +189,24 @@ def test_a_store_defect_answers_500_with_an_incident_not_503(
         assert answer.headers["content-type"] == "application/problem+json"
         assert "incident" in answer.json()["detail"]
         assert "secret head" not in answer.text
+
+
+def test_credentials_sent_twice_are_refused_on_either_path(pair: tuple[Api, Api]) -> None:
+    """Two Authorization headers: the fast path took the last, the route the first,
+    so the same request was a viewer's or an operator's by its content type."""
+    fast, _ = pair
+    for api in pair:
+        viewer = api.auth(None, Role.VIEWER)["Authorization"]
+        operator = api.auth(None, Role.OPERATOR)["Authorization"]
+        for kind in ("application/json", "application/json; charset=utf-8"):
+            answer = api.http.post(
+                START,
+                content=b'{"workflow": "approval", "input": "o-1", "id": "twice"}',
+                headers=[
+                    ("content-type", kind),
+                    ("authorization", viewer),
+                    ("authorization", operator),
+                ],
+            )
+            assert answer.status_code == 401, (api is fast, kind, answer.text)
+            assert "more than one authorization header" in answer.json()["detail"]

@@ -180,6 +180,13 @@ async def _principal(
     keys: ApiKeys,
     tokens: TokenVerifier | None,
 ) -> Principal:
+    # Raw: the framework's headers join repeated ones into one value; a proxy may
+    # have joined them already, with a comma (which no key or token holds).
+    sent = [(n, v) for n, v in connection.scope["headers"] if n in _CREDENTIALS]
+    for name in {n for n, _ in sent}:
+        values = [v for n, v in sent if n == name]
+        if len(values) > 1 or b"," in values[0]:
+            raise _unauthorized(f"more than one {name.decode()} header: send one")
     header = connection.headers.get("authorization", "")
     scheme, _, credential = header.partition(" ")
     credential = credential.strip()
@@ -233,3 +240,7 @@ class Gate(ASGIMiddleware):
 
 def _unauthorized(detail: str) -> Problem:
     return Problem(401, "Unauthorized", detail, headers={"WWW-Authenticate": "Bearer"})
+
+
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})
+"""Headers that carry credentials: each may come once."""

@@ -14,6 +14,7 @@ so far handed on, so every refusal is the one the documented route gives.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any
 
 import msgspec
@@ -88,6 +89,8 @@ class FastStart:
         headers = dict(scope["headers"])
         if headers.get(b"content-type") != b"application/json":
             return False
+        if _credentials_twice(scope["headers"]):
+            return False  # the route refuses them
         try:
             who = await self._principal(headers)
         except Exception as exc:  # noqa: BLE001 - the key's lookup failed (the store): answered
@@ -146,3 +149,18 @@ def _replaying(body: bytes, complete: bool, receive: Receive) -> Receive:
         return await receive()
 
     return again
+
+
+def _credentials_twice(headers: Iterable[tuple[bytes, bytes]]) -> bool:
+    """Whether credentials come in more than one header (two ``Authorization``, or
+    two ``X-API-Key``): which one counts would depend on who reads them."""
+    names = []
+    for name, value in headers:
+        if name in _CREDENTIALS:
+            if b"," in value:  # joined by a proxy
+                return True
+            names.append(name)
+    return len(names) != len(set(names))
+
+
+_CREDENTIALS = frozenset({b"authorization", b"x-api-key"})

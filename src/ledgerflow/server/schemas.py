@@ -9,6 +9,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from litestar.openapi import ResponseSpec
 
+from ..workflow.client import MAX_WORKFLOW_ID_LENGTH
 from .problems import MEDIA_TYPE
 
 MAX_PAGE = 500
@@ -24,7 +25,9 @@ Status = Literal[
 ]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
-WorkflowId = Annotated[str, msgspec.Meta(min_length=1, max_length=400)]
+WorkflowId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_WORKFLOW_ID_LENGTH)]
+"""A caller's own id: a tenant's caller has ``len(tenant) + 1`` fewer (the ledger's id
+is ``<tenant>/<id>``)."""
 
 
 class FieldError(msgspec.Struct):

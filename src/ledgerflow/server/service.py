@@ -18,7 +18,7 @@ from ..events import RecordedEvent
 from ..hashing import from_micros
 from ..store.runtime import InstanceRow
 from ..tenants import tenant_prefix
-from ..workflow.client import WorkflowClient
+from ..workflow.client import MAX_WORKFLOW_ID_LENGTH, WorkflowClient
 from ..workflow.history import WorkflowStatus
 from .keys import ApiKey, ApiKeys
 from .principals import Principal, Role
@@ -57,8 +57,14 @@ def parse_moment(value: str | None, field: str) -> datetime | None:
         raise invalid(field, "expected an RFC 3339 time with offset, e.g. 2026-12-01T10:00:00Z")
     try:
         return datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
-    except ValueError as exc:
-        raise invalid(field, str(exc)) from None
+    except ValueError:
+        # Python's own words name its types (a timedelta's repr for an offset of
+        # +99:00): say what is wrong in the caller's terms.
+        raise invalid(
+            field,
+            "not a valid time: the date must exist, the time be at most 23:59:59 and "
+            "the offset within -23:59..+23:59",
+        ) from None
 
 
 def _no_nul(field: str, value: str | None) -> None:
@@ -77,8 +83,10 @@ class Service:
         """The ledger's id of the caller's ``workflow_id`` (a ``/`` sent in a path as
         ``%2F`` arrives as NUL: see ``app.SlashSafe``)."""
         workflow_id = workflow_id.replace("\x00", "/")
-        if not workflow_id or len(workflow_id) > 400:
-            raise invalid("path.workflow_id", "an id is 1-400 characters without NUL")
+        if not workflow_id or len(workflow_id) > MAX_WORKFLOW_ID_LENGTH:
+            raise invalid(
+                "path.workflow_id", f"an id is 1-{MAX_WORKFLOW_ID_LENGTH} characters without NUL"
+            )
         return workflow_id if who.everywhere else tenant_prefix(who.tenant) + workflow_id
 
     def external(self, who: Principal, workflow_id: str | None) -> str | None:
@@ -193,6 +201,14 @@ class Service:
         ``correlation_id`` (the ``X-Correlation-Id`` header): recorded with the
         start; the instance's log lines carry it."""
         _no_nul("body.id", body.id)
+        if body.id is not None and not who.everywhere:
+            room = MAX_WORKFLOW_ID_LENGTH - len(tenant_prefix(who.tenant))
+            if len(body.id) > room:
+                raise invalid(
+                    "body.id",
+                    f"an id of this tenant's is at most {room} characters "
+                    f"({MAX_WORKFLOW_ID_LENGTH} with the tenant and the /)",
+                )
         if correlation_id is not None and not (
             0 < len(correlation_id) <= 200
             and correlation_id.isascii()
@@ -223,8 +239,9 @@ class Service:
     async def signal(
         self, who: Principal, workflow_id: str, signal: str, body: SendSignal
     ) -> Accepted:
-        if not signal or len(signal) > 200 or "\x00" in signal:
-            raise invalid("path.signal", "a signal name is 1-200 characters without NUL")
+        signal = signal.replace("\x00", "/")  # sent as %2F: see asgi.SlashSafe
+        if not 0 < len(signal) <= 200:
+            raise invalid("path.signal", "a signal name is 1-200 characters")
         internal, _ = await self._row(who, workflow_id)
         with field_errors("body.payload"):
             await self.client.signal(

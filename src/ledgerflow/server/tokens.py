@@ -109,6 +109,11 @@ class TokenVerifier:
             raise TokenError(f"no usable key {kid!r}: {exc}") from None
 
     def _principal(self, claims: dict[str, Any]) -> Principal:
+        subject = claims.get("sub")
+        if not (isinstance(subject, str) and 0 < len(subject) <= 200 and subject.isprintable()):
+            # The ledger records who acted as jwt:<sub>, and rate limits go by it: an
+            # empty or unprintable one would name nobody, or fake another line.
+            raise TokenError("the token's subject (sub) must be 1-200 printable characters")
         granted = claims.get(self.role_claim)
         names = granted if isinstance(granted, list) else [granted]
         roles = []
@@ -131,4 +136,4 @@ class TokenVerifier:
                     f"the token names no valid tenant (claim {self.tenant_claim!r})",
                     forbidden=True,
                 ) from None
-        return Principal(f"jwt:{str(claims['sub'])[:200]}", max(roles), str(tenant))
+        return Principal(f"jwt:{subject}", max(roles), str(tenant))

@@ -76,12 +76,14 @@ from .journal import load_history
 from .operations import Operations
 from .run import _Run, _surely_within
 
-__all__ = ["STREAM_PREFIX", "WorkflowClient"]
+__all__ = ["MAX_WORKFLOW_ID_LENGTH", "STREAM_PREFIX", "WorkflowClient"]
 
 I = TypeVar("I")  # noqa: E741
 O = TypeVar("O")  # noqa: E741
 
 STREAM_PREFIX = "wf-"
+MAX_WORKFLOW_ID_LENGTH = MAX_STREAM_ID_LENGTH - len(STREAM_PREFIX)
+"""The longest workflow id (a tenant's instance's includes ``<tenant>/``)."""
 SIGNAL_CHECK_WINDOW = 64
 """Latest events a sender reads to find the wait its signal is for."""
 
@@ -340,7 +342,7 @@ class WorkflowClient(Operations, MachineClient):
                 definition.name,
                 f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
             )
-        longest = MAX_STREAM_ID_LENGTH - len(self.stream_id(""))
+        longest = MAX_WORKFLOW_ID_LENGTH
         if len(workflow_id) > longest:
             raise WorkflowInputError(
                 definition.name,
