@@ -195,7 +195,7 @@ class MachineClient(abc.ABC):
             try:
                 self._check_accepts(machine, instance_id, instance, event, checked)
             except InvalidTransition:
-                stranded = any(s not in machine.states for s in instance.marking)
+                stranded = bool(machine.lacks(instance.marking))
                 if stranded and instance.begun and row.status == WorkflowStatus.RUNNING:
                     # Stranded by a deploy: wake it, so that an engine parks it as
                     # stuck, saying why, rather than let it run on accepting nothing.
@@ -289,7 +289,7 @@ class MachineClient(abc.ABC):
         if not fired:
             accepts = accepted(machine, instance.marking)
             why = "no guard holds" if event in accepts else ""
-            gone = [s for s in instance.marking if s not in machine.states]
+            gone = machine.lacks(instance.marking)
             if gone:
                 why = (
                     f"this code's {machine.name!r} v{machine.version} has no state "
@@ -570,7 +570,7 @@ def deploy_problems(machine: Machine, history: History) -> list[str]:
     if not instance.begun:
         return []  # it starts in the new code's initial state
     problems: list[str] = []
-    missing = [s for s in instance.marking if s not in machine.states]
+    missing = machine.lacks(instance.marking)
     if missing:
         problems.append(
             f"it is in {'+'.join(instance.marking)}, and the new code's {machine.name!r} "
@@ -608,7 +608,7 @@ def _migration_problems(
         if old not in instance.marking:
             problems.append(f"states= renames {old!r}, which the instance is not in")
     marking = tuple(sorted(renames.get(s, s) for s in instance.marking))
-    missing = [s for s in marking if s not in target.states]
+    missing = target.lacks(marking)
     if missing:
         problems.append(
             f"states {missing} do not exist in v{target.version} (rename them with states=)"

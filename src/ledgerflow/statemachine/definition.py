@@ -242,6 +242,11 @@ class Machine:
     def key(self) -> tuple[str, int]:
         return (self.name, self.version)
 
+    def lacks(self, marking: Iterable[str]) -> list[str]:
+        """The states of ``marking`` this definition has not (a deploy renamed or
+        removed them in place), in the marking's order."""
+        return [s for s in marking if s not in self.states]
+
     @property
     def output_type(self) -> Any:
         from .instance import MachineOutcome  # the runtime's type; definitions need not load it

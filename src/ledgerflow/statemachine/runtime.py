@@ -76,7 +76,7 @@ class MachineRun(_Pass):
         event, and time out of nothing, running for ever."""
         if not instance.begun:
             return
-        gone = [s for s in instance.marking if s not in self.machine.states]
+        gone = self.machine.lacks(instance.marking)
         if gone:
             machine = self.machine
             error = WorkflowDefinitionError(
