@@ -109,6 +109,7 @@ EXPECTED = {
     "StoreClosedError",
     "StoreError",
     "StoreCorruptError",
+    "StoreInternalError",
     "StoreUnavailableError",
     "StreamNotFoundError",
     "StreamState",
