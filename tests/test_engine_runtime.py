@@ -421,6 +421,44 @@ async def test_a_failing_claim_is_logged_and_retried_with_back_off(
     )
 
 
+@pytest.mark.parametrize("fault", ["read-only", "a bug"])
+async def test_the_scheduler_outlives_a_read_only_store_and_its_own_bugs(
+    engine: EngineFactory,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    """A claim refused by a read-only store (an operator's setting, a failover under
+    way) ended the scheduler task while the heartbeat went on: a worker that looked
+    alive, that nobody reaped, and that ran nothing again. It backs off and goes on,
+    as after an outage; an unexpected exception too, said with its traceback."""
+    caplog.set_level(logging.WARNING, "ledgerflow.engine")
+    async with engine(single) as e:
+        sleeps = recorded_sleeps(monkeypatch)
+        failures = [1, 1]
+        real_claim = e.store.claim_wakeups
+
+        async def claim_wakeups(*args: Any, **kwargs: Any) -> Any:
+            if failures:
+                failures.pop()
+                if fault == "read-only":
+                    raise ledgerflow.StoreReadOnlyError("the ledger", "read-only (injected)")
+                raise RuntimeError("a bug (injected)")
+            return await real_claim(*args, **kwargs)
+
+        monkeypatch.setattr(e.store, "claim_wakeups", claim_wakeups)
+        e._wake.set()
+        await until(lambda: not failures, poke=e)
+        client = ledgerflow.WorkflowClient(e.store, workflows=[single])
+        await client.start(single, 2, id="after-refusals")
+        assert await outcome(e, "after-refusals", e._wake.set) == 20
+    assert sleeps[:2] == [0.2, 0.4]
+    if fault == "a bug":
+        logged = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert logged
+        assert logged[0].exc_info is not None
+
+
 async def test_the_back_off_of_a_failing_claim_stops_growing_at_five_seconds(
     engine: EngineFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -210,3 +210,22 @@ def test_credentials_sent_twice_are_refused_on_either_path(pair: tuple[Api, Api]
             )
             assert answer.status_code == 401, (api is fast, kind, answer.text)
             assert "more than one authorization header" in answer.json()["detail"]
+
+
+def test_a_read_only_store_answers_503_not_500(
+    pair: tuple[Api, Api], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A database switched to read-only (a failover under way) answered 500 with a
+    traceback in the log per request: it is an outage to wait out."""
+    from ledgerflow.errors import StoreReadOnlyError
+    from ledgerflow.server.keys import ApiKeys
+
+    async def read_only(self: ApiKeys, secret: str) -> Any:
+        raise StoreReadOnlyError("the ledger", "ReadOnlySqlTransaction (injected)")
+
+    monkeypatch.setattr(ApiKeys, "authenticate", read_only)
+    order = {"workflow": "approval", "input": "o-1", "id": "ro-1"}
+    for answer in both(pair, json=order):
+        assert answer.status_code == 503, answer.text
+        assert answer.headers["retry-after"] == "1"
+        assert answer.json()["title"] == "Store read-only"

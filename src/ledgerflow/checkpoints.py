@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 from .errors import (
     CheckpointMismatchError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     WitnessError,
     WitnessRefusedError,
@@ -167,7 +168,7 @@ class Checkpointer:
                 await self.checkpoint()
             except WitnessRefusedError:
                 raise
-            except (StoreUnavailableError, WitnessError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, WitnessError) as exc:
                 log.warning("checkpoint failed, retrying: %s", exc)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), interval)

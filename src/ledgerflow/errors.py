@@ -330,7 +330,10 @@ class LedgerNotFoundError(StoreError):
 
 class StoreReadOnlyError(StoreError):
     """The database can be read but not written: a read-only file or session, a
-    standby server, missing privileges. Not retryable: it needs an operator."""
+    standby server, missing privileges. Not retryable: it needs an operator. The
+    loops that serve for a process's life (the scheduler, task and projection
+    runners, heartbeats, passes) wait it out as they wait out an outage, backing
+    off, and resume once the operator has fixed it."""
 
     def __init__(self, location: str, reason: str) -> None:
         super().__init__(f"cannot write to the ledger at {location}: {reason}")

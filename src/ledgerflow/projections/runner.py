@@ -39,6 +39,7 @@ from ..errors import (
     ProjectionHeldError,
     ProjectionLeaseLostError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
 )
 from ..events import Metadata, RecordedEvent
@@ -194,7 +195,12 @@ class ProjectionRunner:
             except ProjectionLeaseLostError as exc:
                 log.warning("%s; stepping back", exc)
                 self._leases.pop(projection.name, None)
-            except (StoreUnavailableError, StoreClosedError, BusUnavailableError) as exc:
+            except (
+                StoreUnavailableError,
+                StoreReadOnlyError,
+                StoreClosedError,
+                BusUnavailableError,
+            ) as exc:
                 if self._stopping.is_set() or isinstance(exc, StoreClosedError):
                     return
                 failures[projection.name] += 1

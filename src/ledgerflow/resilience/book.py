@@ -35,6 +35,7 @@ from ..errors import (
     InvalidPolicyError,
     PolicyNotFoundError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     StreamNotFoundError,
 )
@@ -312,7 +313,7 @@ class PolicyBook:
             newer = await self.store.read_stream(
                 _stream(name), from_version=cached.version.version + 1
             )
-        except (StoreUnavailableError, StoreClosedError) as exc:
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             # Keep running under the version we have; look again next time.
             log.warning(
                 "policy %s: could not check for changes (%s); keeping v%d",

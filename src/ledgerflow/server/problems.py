@@ -26,6 +26,7 @@ from ..errors import (
     StepNotParkedError,
     StoreClosedError,
     StoreInternalError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     UnknownWorkflowError,
     UnrecordableValueError,
@@ -107,6 +108,9 @@ _STATUS: tuple[tuple[type[LedgerflowError], int, str], ...] = (
     (WorkflowInputError, 422, "Invalid input"),
     (EventTooLargeError, 413, "Too large"),
     (StoreUnavailableError, 503, "Store unavailable"),
+    # A read-only session or a standby: an outage to wait out (a failover under way,
+    # an operator's setting), not a defect.
+    (StoreReadOnlyError, 503, "Store read-only"),
     (StoreClosedError, 503, "Store unavailable"),
     (CircuitOpenError, 503, "Circuit open"),
     (BulkheadFullError, 503, "Busy"),

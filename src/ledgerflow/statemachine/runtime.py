@@ -26,6 +26,7 @@ from ..errors import (
     LeaseLostError,
     StepFailedError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     WorkflowCancelled,
     WorkflowDefinitionError,
@@ -240,7 +241,7 @@ class MachineRun(_Pass):
             result = await self.host.append(self.history, [*self.buffer, received], ())
         except ConcurrencyError:
             raise self._raise(Restart()) from None
-        except (StoreUnavailableError, StoreClosedError) as exc:
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             raise self._raise(Abandon(exc)) from exc
         except LeaseLostError as exc:
             raise self._raise(Relinquish(exc)) from exc

@@ -40,6 +40,7 @@ __all__ = [
     "CONNECTION_DEFAULTS",
     "CONNECT_TIMEOUT",
     "DEFAULT_SCHEMA",
+    "RECONNECT_WINDOW",
     "Connection",
     "PostgresConnections",
     "Session",
@@ -59,6 +60,8 @@ DEFAULT_SCHEMA = "ledgerflow"
 _SCHEMA_NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_notify
 CONNECT_TIMEOUT = 10
+RECONNECT_WINDOW = 5.0
+"""Seconds a pool's chain of reconnection attempts lasts (see postgres._open)."""
 CONNECTION_DEFAULTS = {"connect_timeout": str(CONNECT_TIMEOUT), "application_name": "ledgerflow"}
 _ROLLBACK_WAIT = 1.0  # seconds a failed writer's rollback may take before we just close
 # A write transaction takes two round trips and milliseconds of planning. One whose

@@ -51,6 +51,7 @@ from ._postgres_conn import (
     CONNECT_TIMEOUT,
     CONNECTION_DEFAULTS,
     DEFAULT_SCHEMA,
+    RECONNECT_WINDOW,
     Connection,
     PostgresConnections,
     Session,
@@ -207,6 +208,15 @@ class PostgresEventStore(
                 open=False,
                 name=f"ledgerflow-{self.schema}",
                 configure=configure_session,
+                # During an outage a caller waits this long for a connection, then
+                # hears StoreUnavailableError (the pool's default, 30 s, held HTTP
+                # requests that long before their 503).
+                timeout=CONNECT_TIMEOUT,
+                # The pool's reconnection attempts back off from 1 s, doubling, for
+                # this long; then a caller's wait starts afresh from 1 s. Its default
+                # (300 s) let the delay grow with the outage: after 90 s down, 20-26 s
+                # passed before the first connection came back.
+                reconnect_timeout=RECONNECT_WINDOW,
             )
             with driver_errors("open the reader pool", self.location):
                 await pool.open(wait=True, timeout=CONNECT_TIMEOUT)

@@ -33,6 +33,7 @@ from ..errors import (
     LeaseLostError,
     LedgerflowError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     UnknownWorkflowError,
     WorkflowError,
@@ -437,9 +438,17 @@ class Engine(WorkflowClient):
             try:
                 claimed = await self._claim()
                 failures = 0
-            except StoreUnavailableError as exc:
+            except (StoreUnavailableError, StoreReadOnlyError) as exc:
                 failures += 1
                 log.warning("ledgerflow engine: cannot claim work (%s)", exc)
+                await asyncio.sleep(min(5.0, 0.1 * 2**failures))
+                continue
+            except Exception:
+                # A bug, or a refusal no retry cures: say so loudly and keep going. A
+                # scheduler that ended under a live heartbeat would be a worker that
+                # looks alive, that nobody reaps, and that runs nothing.
+                failures += 1
+                log.exception("ledgerflow engine: claiming work failed")
                 await asyncio.sleep(min(5.0, 0.1 * 2**failures))
                 continue
             if claimed:
@@ -456,7 +465,7 @@ class Engine(WorkflowClient):
                 continue
             try:
                 due = await self.store.next_wakeup(workflows=self._definitions.keys())
-            except StoreUnavailableError:
+            except (StoreUnavailableError, StoreReadOnlyError):
                 due = None
             # Other processes (the CLI, other engines) nudge rows without telling us;
             # poll_interval bounds how long that goes unseen.
@@ -502,7 +511,7 @@ class Engine(WorkflowClient):
             return
         try:
             await self.clock.sync(self.store.database_now_us)
-        except (StoreUnavailableError, StoreClosedError) as exc:
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             log.warning("ledgerflow engine: cannot read the database's clock (%s)", exc)
 
     async def _reap(self, now: int) -> None:
@@ -528,7 +537,7 @@ class Engine(WorkflowClient):
                 await self._tasks.renew()
             try:
                 await self.guards.renew()
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                 log.warning("ledgerflow engine: cannot renew bulkhead permits (%s)", exc)
             held = [
                 Lease(wid, fence.epoch)
@@ -541,7 +550,7 @@ class Engine(WorkflowClient):
                 kept = await self.store.renew_leases(
                     self.owner, held, lease_until_us=self._now_us() + self.lease_us
                 )
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                 log.warning("ledgerflow engine: cannot renew leases (%s)", exc)
                 continue
             for lost in set(held) - set(kept):
@@ -553,7 +562,7 @@ class Engine(WorkflowClient):
         renewal in between finds it gone: that is no takeover, and says nothing."""
         try:
             row = await self.store.get_wakeup(lease.workflow_id)
-        except (StoreUnavailableError, StoreClosedError):
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError):
             return
         if row is not None and row.lease_owner not in (None, self.owner):
             log.warning(
@@ -587,7 +596,12 @@ class Engine(WorkflowClient):
             while not self._closing:
                 try:
                     again = await self._pass(workflow_id)
-                except (StoreUnavailableError, StoreClosedError, Abandon) as exc:
+                except (
+                    StoreUnavailableError,
+                    StoreReadOnlyError,
+                    StoreClosedError,
+                    Abandon,
+                ) as exc:
                     # Infrastructure, not the workflow: what is recorded stands, and
                     # the pass is tried again from there.
                     self._journal.forget(workflow_id)

@@ -57,6 +57,7 @@ from ..errors import (
     StepFailedError,
     StepTimeoutError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
     UnrecordableValueError,
     WorkflowCancelled,
@@ -317,7 +318,7 @@ class _Pass(Waits, Saga):
         """Await a host call; a store fault abandons the pass."""
         try:
             return await call
-        except (StoreUnavailableError, StoreClosedError) as exc:
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             raise self._raise(Abandon(exc)) from exc
 
     async def record(self, events: list[Any], runtime: tuple[RuntimeWrite, ...] = ()) -> None:
@@ -350,7 +351,7 @@ class _Pass(Waits, Saga):
                         self.history.add(first + offset, event)
                     await self.host.appended(self.history, before)
                     break
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                 raise self._raise(Abandon(exc)) from exc
             except LeaseLostError as exc:
                 metrics.lease_lost("workflow")

@@ -43,6 +43,7 @@ from ..errors import (
     PolicyNotFoundError,
     StepTimeoutError,
     StoreClosedError,
+    StoreReadOnlyError,
     StoreUnavailableError,
 )
 from ..events import NewEvent, StreamState
@@ -352,7 +353,7 @@ class TaskRunner:
             kept = await self.store.renew_task_leases(
                 self.owner, held, lease_until_us=self._now_us() + self.lease_us
             )
-        except (StoreUnavailableError, StoreClosedError) as exc:
+        except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             log.warning("ledgerflow tasks: cannot renew task leases (%s)", exc)
             return
         for lost in set(held) - set(kept):
@@ -384,7 +385,7 @@ class TaskRunner:
                     failures = 0
                     if claimed:
                         metrics.claimed("task", [now - row.due_at_us for row in claimed])
-                except (StoreUnavailableError, StoreClosedError) as exc:
+                except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                     if self._stopping():
                         return
                     failures += 1
@@ -614,7 +615,7 @@ class TaskRunner:
         if self.guards.needs_settling(admission, error):
             try:
                 await self.guards.settle(found, admission, error, row.workflow_id)
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                 log.warning(
                     "task %s: the breaker's move is left to the next call (%s)", row.task_id, exc
                 )
@@ -848,7 +849,7 @@ class TaskRunner:
                 metrics.lease_lost("task")
                 log.warning("task %s: not recorded: %s", row.task_id, exc)
                 return False
-            except (StoreUnavailableError, StoreClosedError) as exc:
+            except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
                 failures += 1
                 if self._closing and isinstance(exc, StoreClosedError):
                     return False
