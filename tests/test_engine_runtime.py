@@ -1356,3 +1356,102 @@ async def test_a_signal_recorded_after_a_waits_deadline_does_not_end_it(
         assert await asyncio.wait_for(e.result("in-time-1"), WAIT) == "approved by ana"
         assert await asyncio.wait_for(e.result("late-1"), WAIT) == "timed out"
         assert (await e.describe("late-1")).unconsumed_signals == ("approval",)
+
+
+# -- a step whose pass was lost, then a cancel --------------------------------------------
+
+doubt_log: list[str] = []
+hotel_gate: list[asyncio.Event] = []
+"""The event a room's hold waits on (made in each test: an event is its loop's)."""
+
+
+room_held: list[asyncio.Event] = []
+
+
+def reserve_seat(trip: str) -> str:
+    doubt_log.append("seat")
+    return f"seat-{trip}"
+
+
+def release_seat(trip: str) -> None:
+    doubt_log.append("undo seat")
+
+
+async def hold_room(trip: str) -> str:
+    doubt_log.append("room")  # acts at once (its idempotency key makes a rerun safe)...
+    room_held[0].set()
+    if not hotel_gate[0].is_set():
+        await hotel_gate[0].wait()  # ...and its first pass is lost before it returns
+    return f"room-{trip}"
+
+
+async def release_room(trip: str) -> None:
+    doubt_log.append("undo room")
+
+
+def pay(trip: str) -> str:
+    doubt_log.append("pay")
+    return "paid"
+
+
+@ledgerflow.workflow(name="doubt_saga", version=1)
+async def doubt_saga(ctx: WorkflowContext, trip: str) -> str:
+    await ctx.step(reserve_seat, trip, compensate=release_seat)
+    await ctx.step(hold_room, trip, compensate=release_room)
+    return await ctx.step(pay, trip)
+
+
+async def test_a_step_its_lost_pass_may_have_run_is_compensated_on_cancel(
+    engine: EngineFactory,
+) -> None:
+    """The pass running a step was lost (its engine stopped mid-step), then the
+    instance was cancelled. The step may have acted, yet no result was recorded:
+    the next pass raised the cancel at it and compensated only the steps before,
+    leaving the room held. Now the step runs (it may have run: at least once, under
+    its key), its result is recorded, and the cancel takes effect after it: both
+    compensations run."""
+    doubt_log.clear()
+    hotel_gate[:] = [asyncio.Event()]
+    room_held[:] = [asyncio.Event()]
+    async with engine(doubt_saga) as first:
+        await first.start(doubt_saga, "t9", id="doubt")
+        async with asyncio.timeout(WAIT):
+            await room_held[0].wait()
+        # Cancelled while the room is being held; then this engine stops, and the
+        # pass holding the room is lost with it (its step never returns here).
+        await first.cancel("doubt", "plans changed")
+    hotel_gate[0].set()
+    async with engine(doubt_saga) as second:
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(second, "doubt", second._wake.set)
+        assert (await second.describe("doubt")).status == "compensated"
+    assert doubt_log == ["seat", "room", "room", "undo room", "undo seat"]
+
+
+async def test_a_cancel_seen_before_a_step_still_keeps_it_from_starting(
+    engine: EngineFactory,
+) -> None:
+    """The other side: a cancel the previous pass had seen (recorded before the
+    step's predecessor's result) means the step never started; it does not run."""
+    doubt_log.clear()
+    hotel_gate[:] = [asyncio.Event()]
+    hotel_gate[0].set()
+    room_held[:] = [asyncio.Event()]
+    async with engine(doubt_saga) as e:
+        real = e.store.append
+        cancelled = False
+
+        async def append(stream: str, events: Any, *args: Any, **kwargs: Any) -> Any:
+            nonlocal cancelled
+            # Cancel just before the seat's result is appended: the append folds
+            # the cancel in, and the room must not be held.
+            if not cancelled and any(type(x).__name__ == "StepDone" for x in events):
+                cancelled = True
+                await real(stream, [CancelRequested(reason="early")], ANY)
+            return await real(stream, events, *args, **kwargs)
+
+        e.store.append = append  # type: ignore[method-assign,assignment]
+        await e.start(doubt_saga, "t10", id="early")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(e, "early")
+    assert doubt_log == ["seat", "undo seat"]

@@ -157,7 +157,7 @@ class ReplayHost:
     async def cancel_child(self, *args: Any) -> None:
         raise AssertionError("not in these tests")
 
-    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
+    async def withdraw_task(self, task_id: str) -> bool:
         raise AssertionError("not in these tests")
 
     async def policy(self, name: str) -> Any:

@@ -21,6 +21,7 @@ import pytest
 import ledgerflow
 from ledgerflow import RetryPolicy, StepFailedError, WorkflowContext
 from ledgerflow.store import WorkflowStore
+from ledgerflow.store.runtime import WorkerRow
 from ledgerflow.workflow.history import (
     CompensationDone,
     CompensationScheduled,
@@ -605,3 +606,55 @@ async def test_an_async_compensation_on_a_queue_gets_the_steps_result(
             await handle.result(timeout=WAIT)
         assert (await handle.describe()).status == "compensated"
     assert calls["async release R-d-4"] == 1
+
+
+@pytest.mark.parametrize("lost", [True, False])
+async def test_a_cancel_waits_for_a_step_a_worker_claimed_and_compensates_it(
+    engine: EngineFactory, lost: bool
+) -> None:
+    """Cancelled while its step was queued: a step no worker ever claimed is
+    withdrawn; one a worker claimed and died running (lost) may have acted, so the
+    cancel waits for its outcome (it runs again once the lease runs out) and then
+    compensates it. The instance used to end at once, dropping the task and leaving
+    the step's effect in the ERP."""
+
+    @ledgerflow.workflow(name="tq.cancel_lost")
+    async def booking(ctx: WorkflowContext, n: int) -> str:
+        await ctx.step(reserve, Order("c", n), compensate=release)
+        await ctx.wait_for_signal("never")
+        return "unreachable"
+
+    async with engine(booking, clock=REAL) as orders:
+        handle = await orders.start(booking, 1, id="q-cl")
+        for _ in range(500):
+            if await orders.store.list_tasks():
+                break
+            await asyncio.sleep(0.01)
+        if lost:
+            # A worker claimed it, ran the step's body and died; it was judged dead
+            # and reaped, which released its lease.
+            now = await orders.store.database_now_us()
+            stale = now - 10_000_000
+            ghost = WorkerRow("ghost", "h", 1, ("erp",), (), "v", stale, stale, 1_000_000, 1)
+            await orders.store.register_worker(ghost)
+            await orders.store.claim_tasks(
+                "ghost", queues=["erp"], now_us=now, lease_until_us=now + 1, limit=1
+            )
+            assert await orders.store.reap_workers(now + 2) == ["ghost"]
+            assert (await orders.store.list_tasks())[0].lease_owner is None
+        await orders.cancel("q-cl", "changed plans")
+        if not lost:
+            with pytest.raises(ledgerflow.WorkflowFailedError):
+                await handle.result(timeout=WAIT)
+            assert await orders.store.list_tasks() == []
+            assert (await orders.describe("q-cl")).status == "cancelled"
+            assert calls["reserve"] == 0
+            return
+        await asyncio.sleep(0.2)
+        assert (await orders.describe("q-cl")).status == "running"  # waiting for the step
+        async with engine(clock=REAL, queues=["erp"], steps=[reserve, release]):
+            with pytest.raises(ledgerflow.WorkflowFailedError):
+                await handle.result(timeout=WAIT)
+        assert (await orders.describe("q-cl")).status == "compensated"
+        assert calls["reserve"] == 1
+        assert calls["release R-c-1"] == 1

@@ -343,3 +343,30 @@ def test_queued_and_retried_tasks_are_work_for_others() -> None:
     assert not makes_work([PutTask(task("a", due=NOW + 60_000_000))], NOW)
     assert makes_work([RetryTask("a/1", NOW + 10)], NOW)
     assert not makes_work([DropTask("a/1"), DropTasks("a")], NOW)
+
+
+async def test_only_a_task_no_worker_ever_claimed_is_withdrawn(
+    store: BaseEventStore, store_url: str
+) -> None:
+    """A cancelled workflow withdraws a queued step that never ran; one a worker
+    claimed, even if its lease has run out since (an attempt lost with its worker),
+    stays: it may have run. The look and the delete are one step, so a claim racing
+    a withdrawal either wins (the task stays) or finds nothing."""
+    await put(store, task("a"), task("b"))
+    assert await store.withdraw_task("a/1") is True
+    assert [t.task_id for t in await store.list_tasks()] == ["b/1"]
+    assert await store.withdraw_task("a/1") is True  # gone: it will not run either
+    assert [t.task_id for t in await claim(store, "w1")] == ["b/1"]
+    assert await store.withdraw_task("b/1") is False
+    await claim(store, "w2", now=NOW + LEASE + 1)  # the lease ran out: claimed again
+    assert await store.withdraw_task("b/1") is False
+    assert [t.task_id for t in await store.list_tasks()] == ["b/1"]
+    await put(store, *(task(f"r{i:02}") for i in range(20)))
+    async with open_adapter(store_url) as other:
+        claimed, withdrawn = await asyncio.gather(
+            claim(other, "w3", now=NOW + 3 * LEASE, limit=20),
+            asyncio.gather(*(store.withdraw_task(f"r{i:02}/1") for i in range(20))),
+        )
+    ran = {t.task_id for t in claimed}
+    for i, gone in enumerate(withdrawn):
+        assert gone != (f"r{i:02}/1" in ran), i

@@ -145,6 +145,12 @@ class TaskSql:
             "attempt = greatest(0, attempt - 1) "
             "WHERE task_id IN (SELECT task_id FROM held) RETURNING task_id"
         )
+        # What is left of the task once an unclaimed one is deleted: a claimed one.
+        self.withdraw = (
+            f"WITH gone AS (DELETE FROM {s}.tasks WHERE task_id = %s AND lease_epoch = 0 "
+            f"RETURNING task_id) SELECT 1 FROM {s}.tasks WHERE task_id = %s "
+            "AND NOT EXISTS (SELECT 1 FROM gone)"
+        )
         self.release_owner = release.format(held="lease_owner = %s")
         self.release_all = release.format(held="lease_owner IS NOT NULL")
         next_due = (
@@ -261,6 +267,12 @@ class PostgresTasks(abc.ABC):
         rows = await self._fetch("renew task leases", self._task_sql.renew, params)
         kept = {(tid, epoch) for tid, epoch in rows}
         return [lease for lease in leases if (lease.task_id, lease.epoch) in kept]
+
+    async def _withdraw_task(self, task_id: str) -> bool:
+        # The DELETE waits for a claim that holds the row and then sees its epoch;
+        # one that comes after finds no row.
+        rows = await self._fetch("withdraw a task", self._task_sql.withdraw, (task_id, task_id))
+        return not rows
 
     async def _release_tasks(self, owner: str | None) -> int:
         sql = self._task_sql

@@ -199,6 +199,14 @@ class SQLiteTasks(abc.ABC):
 
         return await self._in_transaction(renew)
 
+    async def _withdraw_task(self, task_id: str) -> bool:
+        def withdraw(con: sqlite3.Connection) -> bool:
+            con.execute("DELETE FROM tasks WHERE task_id = ? AND lease_epoch = 0", (task_id,))
+            left = con.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+            return left is None
+
+        return await self._in_transaction(withdraw)
+
     async def _release_tasks(self, owner: str | None) -> int:
         def release(con: sqlite3.Connection) -> int:
             cur = con.execute(

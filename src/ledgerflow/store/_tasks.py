@@ -108,6 +108,16 @@ class TaskQueues(abc.ABC):
         _check_limit(limit)
         return await self._list_tasks(queue, workflow_id, after, limit)
 
+    async def withdraw_task(self, task_id: str) -> bool:
+        """Delete the task if no worker has ever claimed it (its lease epoch is still
+        0); True if it will not run: withdrawn now, or there is no such task. False
+        if a worker claimed it at some point: it may have run, or run now, and its
+        outcome will come. One statement, so no claim slips in between the look and
+        the delete (a cancelled workflow decides by it whether to wait)."""
+        self._check_open()
+        _check_text(task_id, "task_id")
+        return await self._withdraw_task(task_id)
+
     async def set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
         """At most ``max_concurrent`` tasks of ``queue`` run at once, across every
         worker on this store (None: no limit). Applies from the next claim."""
@@ -155,6 +165,9 @@ class TaskQueues(abc.ABC):
     async def _list_tasks(
         self, queue: str | None, workflow_id: str | None, after: str | None, limit: int
     ) -> list[TaskRow]: ...
+
+    @abc.abstractmethod
+    async def _withdraw_task(self, task_id: str) -> bool: ...
 
     @abc.abstractmethod
     async def _set_queue_limit(self, queue: str, max_concurrent: int | None) -> None: ...

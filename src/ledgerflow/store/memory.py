@@ -337,6 +337,13 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
                 kept.append(lease)
         return kept
 
+    async def _withdraw_task(self, task_id: str) -> bool:
+        found = self._tasks.get(task_id)
+        if found is not None and found.lease_epoch > 0:
+            return False
+        self._tasks.pop(task_id, None)
+        return True
+
     async def _release_tasks(self, owner: str | None) -> int:
         held = [
             t

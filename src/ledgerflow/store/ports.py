@@ -407,6 +407,11 @@ class WorkflowStore(EventStore, Protocol):
         limit: int = 100,
     ) -> list[TaskRow]: ...
 
+    async def withdraw_task(self, task_id: str) -> bool:
+        """Delete the task if no worker ever claimed it; whether it will not run
+        (withdrawn now, or no such task), atomically with any claim."""
+        ...
+
     async def set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
         """Bound the tasks of ``queue`` running at once across all workers."""
         ...

@@ -465,6 +465,10 @@ class History:
     child_versions: dict[str, int] = field(default_factory=dict)
     """Where each child's end is in the stream: one told after the cancel does not
     undo it (see waits.child)."""
+    command_version: int | None = None
+    """Where the latest command's event is in the stream (None: none, or unknown in a
+    snapshot written before it was kept): a cancel after it came while the pass
+    that wrote it went on (see run._Pass.in_doubt)."""
     finished: Finished | None = None
     stuck: Stuck | None = None
     events: int = 0
@@ -496,6 +500,15 @@ class History:
         history.correlation_id = events[0].metadata.correlation_id
         history.extend(events)
         return history
+
+    def cancelled_after_last_command(self) -> bool:
+        """Whether the cancel came after the latest command's event: the pass that
+        appended that event did not see it, and went on to what followed."""
+        return (
+            self.cancel_version is not None
+            and self.command_version is not None
+            and self.cancel_version > self.command_version
+        )
 
     def told_after_cancel(self, child_id: str) -> bool:
         """Whether the child's end came after the instance's cancel (False when
@@ -533,6 +546,7 @@ class History:
         if personal.declared() and not self.personal:
             self.personal = bool(personal.subjects_in(data))
         if isinstance(data, _Command):
+            self.command_version = version
             self.commands.setdefault(data.seq, []).append(data)
             if self.observer is not None:
                 self.observer(data)
@@ -576,6 +590,7 @@ class History:
                 "cancel_version": self.cancel_version,
                 "children": list(self.children.values()),
                 "child_versions": list(self.child_versions.items()),
+                "command_version": self.command_version,
                 "finished": self.finished,
                 "stuck": self.stuck,
                 "traceparent": self.traceparent,
@@ -610,6 +625,7 @@ class History:
         # Snapshots written before these were kept have neither: unknown.
         history.cancel_version = raw.get("cancel_version")
         history.child_versions = dict(raw.get("child_versions", ()))
+        history.command_version = raw.get("command_version")
         history.finished = msgspec.convert(raw["finished"], Finished | None)
         history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
         history.version = raw["version"]

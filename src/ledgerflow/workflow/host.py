@@ -142,9 +142,10 @@ class RunHost(Protocol):
         may leave out asks it made already."""
         ...
 
-    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
-        """Whether a worker holds the task ``task_id`` of ``workflow_id`` (it may be
-        running the step's body now)."""
+    async def withdraw_task(self, task_id: str) -> bool:
+        """Withdraw the queued step ``task_id`` if no worker ever claimed it; False
+        if one did: it may have run (an attempt lost with its worker) or run now,
+        and its outcome will come."""
         ...
 
     async def policy(self, name: str) -> PolicyVersion:
@@ -239,8 +240,8 @@ class ReplayHost:
     async def cancel_child(self, child_id: str, reason: str) -> None:
         raise AssertionError("a replaying pass never acts")
 
-    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
-        return False  # a replaying pass never waits: it stops where the record does
+    async def withdraw_task(self, task_id: str) -> bool:
+        return True  # a replaying pass changes nothing: it stops where the record does
 
     async def policy(self, name: str) -> PolicyVersion:
         raise AssertionError("a replaying pass never acts")
@@ -322,9 +323,8 @@ class EngineHost:
         while len(self._asked) > _ASKED_KEPT:
             self._asked.popitem(last=False)
 
-    async def task_underway(self, workflow_id: str, task_id: str) -> bool:
-        tasks = await self._engine.store.list_tasks(workflow_id=workflow_id, limit=1000)
-        return any(t.task_id == task_id and t.lease_owner is not None for t in tasks)
+    def withdraw_task(self, task_id: str) -> Coroutine[Any, Any, bool]:
+        return self._engine.store.withdraw_task(task_id)
 
     def policy(self, name: str) -> Coroutine[Any, Any, PolicyVersion]:
         return self._engine.policies.current(name)

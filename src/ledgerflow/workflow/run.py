@@ -145,6 +145,8 @@ class _Pass(Waits, Saga):
         self.flush_scheduled = False
         self.flushing: set[asyncio.Future[None]] | None = None
         self._rng: random.Random | None = None
+        self.appended = False
+        """This pass has appended: what it meets now, it meets for the first time."""
 
     @property
     def rng(self) -> random.Random:
@@ -307,6 +309,22 @@ class _Pass(Waits, Saga):
         """Whether a cancellation would end the body at its next command."""
         return self.history.cancel is not None and not self.compensating and not self.shield
 
+    def in_doubt(self) -> bool:
+        """Whether the step this pass is about to start may have run already: the
+        instance was cancelled after its latest command was recorded (so the pass
+        that recorded it did not see the cancel and went on into this step), this
+        pass has appended nothing, and nothing it found new lies between (a clock
+        reading, a patch marker). Such a step is run, not cancelled: it may have
+        acted (its pass was lost), and then only its recorded result gets it
+        compensated. Steps are at least once under their idempotency key anyway."""
+        return (
+            not self.query
+            and not self.appended
+            and not self.buffer
+            and self._cancelling()
+            and self.history.cancelled_after_last_command()
+        )
+
     def _live(self) -> None:
         """About to act on a command without a recorded outcome."""
         if self.query:
@@ -345,6 +363,7 @@ class _Pass(Waits, Saga):
                             raise self._raise(Restart()) from None
                         self.history.extend(newer)
                         continue
+                    self.appended = True
                     before = self.history.version
                     first = result.version - len(batch) + 1
                     for offset, event in enumerate(batch):
@@ -407,9 +426,13 @@ class _Pass(Waits, Saga):
                 )
             return value
         else:
-            self._live()
+            doubt = self.in_doubt()
+            if not doubt:
+                self._live()
             with self.acting:
-                value = await self._run_step(seq, name, fn, args, retry, timeout, recorded, policy)
+                value = await self._run_step(
+                    seq, name, fn, args, retry, timeout, recorded, policy, doubt=doubt
+                )
                 try:
                     value = from_builtins(value, wanted)
                 except CodecError:
@@ -445,10 +468,12 @@ class _Pass(Waits, Saga):
         again = bool(recorded) and isinstance(recorded[-1], StepRetried)  # type: ignore[index]
         if recorded and not again and self._cancelling():
             task_id = f"{self.history.workflow_id}/{seq}"
-            if await self._host(self.host.task_underway(self.history.workflow_id, task_id)):
-                # A worker is running it: its outcome comes, and a step that
-                # completes is compensated, as a step run here would be. (One still
-                # queued is dropped with the instance's end: it never ran.)
+            if not await self._host(self.host.withdraw_task(task_id)):
+                # A worker claimed it: it runs now, or ran in an attempt lost with
+                # its worker and runs again once the lease runs out. Its outcome
+                # comes, and a step that completes is compensated, as a step run
+                # here would be. One never claimed is withdrawn (atomically with
+                # any claim): it never runs.
                 raise Suspend()
         self._live()
         if not recorded or again:
@@ -501,6 +526,8 @@ class _Pass(Waits, Saga):
         timeout: timedelta | float | None,
         recorded: list[Any] | None,
         policy: str | None,
+        *,
+        doubt: bool = False,
     ) -> Any:
         """Attempts until one succeeds or the rules give up; the encoded result,
         recorded before it is returned. Each attempt runs under the rules in force
@@ -508,8 +535,10 @@ class _Pass(Waits, Saga):
         # Clock readings the arguments may depend on are durable before the step acts.
         await self.record([])
         # That append may have folded in a cancellation (it lands as a conflict):
-        # the step does not start after an accepted cancel.
-        self._live()
+        # the step does not start after an accepted cancel (unless it may have
+        # started before it: see in_doubt).
+        if not doubt:
+            self._live()
         # An operator's retry starts afresh: attempts and deadlines count from it.
         since = [i for i, e in enumerate(recorded or ()) if isinstance(e, StepRetried)]
         current = (recorded or [])[since[-1] + 1 :] if since else (recorded or [])
@@ -563,7 +592,9 @@ class _Pass(Waits, Saga):
                 ok, value, release = False, refusal, nothing
             else:
                 await self.attempts.outlive(seq)
-                self._live()  # nor does a retry, after its backoff
+                if not doubt:
+                    self._live()  # nor does a retry, after its backoff
+                doubt = False  # the step in doubt gets its one attempt; retries do not
                 ok, value, release = await self.attempts.run(seq, name, fn, args, attempt, limits)
             try:
                 if ok:

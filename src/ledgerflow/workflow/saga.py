@@ -26,6 +26,10 @@ from .history import (
     CompensationScheduled,
     Finished,
     History,
+    StepDone,
+    StepFailed,
+    StepParked,
+    StepScheduled,
     WorkflowStatus,
     error_message,
 )
@@ -93,6 +97,7 @@ class Saga:
         if not self.query:
             why = f"parent cancelled: {message}" if cancelled else f"parent failed: {message}"
             await self._end_children(why)
+            await self._end_tasks()
         ran, gave_up = await self._undo(self.compensations)
         if not self.unreadable:
             self._check_finished_path(None if cancelled else failure)
@@ -202,6 +207,23 @@ class Saga:
                 policy.delay(attempt, jitter_source(self.history.workflow_id, seq, attempt))
             )
             attempt += 1
+
+    async def _end_tasks(self) -> None:
+        """Withdraw the steps sent to task queues that no worker has claimed (they
+        never run), and wait for the outcome of those one has: they run now, or ran
+        in an attempt lost with its worker and run again, and a step that completes
+        is compensated with the others."""
+        claimed = False
+        for seq, events in list(self.history.commands.items()):
+            if not events or not isinstance(events[0], StepScheduled):
+                continue
+            if isinstance(events[-1], StepDone | StepFailed | StepParked):
+                continue  # ended, or parked (its task dropped)
+            task_id = f"{self.history.workflow_id}/{seq}"
+            if not await self._host(self.host.withdraw_task(task_id)):
+                claimed = True
+        if claimed:
+            raise Suspend()
 
     async def _end_children(self, reason: str) -> None:
         """Cancel the children still running and wait until each has ended, its own
