@@ -1455,3 +1455,39 @@ async def test_a_cancel_seen_before_a_step_still_keeps_it_from_starting(
         with pytest.raises(ledgerflow.WorkflowFailedError):
             await outcome(e, "early")
     assert doubt_log == ["seat", "undo seat"]
+
+
+async def test_a_child_id_another_instance_has_is_refused_naming_what_to_do(
+    engine: EngineFactory,
+) -> None:
+    """The default child id (<parent>.<seq>) was taken by an instance started on its
+    own: the parent failed with "it belongs to parent None"."""
+    async with engine(patient_parent, stubborn_kid) as e:
+        await e.start(stubborn_kid, 1, id="pp2.1")
+        await e.start(patient_parent, 1, id="pp2")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as failed:
+            await outcome(e, "pp2")
+    message = str(failed.value)
+    assert "WorkflowAlreadyStartedError" in message
+    assert "it was started on its own, not as a child" in message
+    assert "give ctx.child(..., id=...) an id of its own" in message
+    assert "None" not in message
+
+
+async def test_an_engine_whose_store_never_opened_says_only_that(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A worker that could not open its store warned it was closing "without waiting
+    to give leases back (the store is not open: use 'async with')" before the real
+    error: it held nothing, and the advice was not for it."""
+    caplog.set_level(logging.WARNING)
+    with socket.socket() as probe:  # a port nobody listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql://postgres@127.0.0.1:{port}/test?connect_timeout=2"
+    engine = ledgerflow.Engine(url, workflows=[single])
+    with pytest.raises(StoreUnavailableError):
+        await engine.start_engine()  # as `ledgerflow worker` runs it, then closes it
+    await engine.close()
+    said = [r.getMessage() for r in caplog.records if r.name == "ledgerflow.engine"]
+    assert said == []

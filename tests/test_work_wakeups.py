@@ -115,3 +115,41 @@ async def test_a_failing_watcher_stops_neither_appends_nor_other_watchers(
     before = len(woken)
     await store.append("wf-3", [ledgerflow.NewEvent("E")], runtime=[Nudge("wf-3", 0)])
     assert len(woken) == before  # unwatched
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("how", ["wake-ups handed back", "tasks handed back", "worker reaped"])
+async def test_leases_given_back_wake_the_workers_of_other_processes(
+    pg_schema: str, how: str
+) -> None:
+    """A graceful stop hands its leases back so that the next worker takes over at
+    once; another process's worker heard nothing and waited for its poll."""
+    from ledgerflow.store.runtime import PutTask, TaskRow, WorkerRow
+
+    url = pg_url(pg_schema)
+    async with open_adapter(url) as stopping, open_adapter(url) as elsewhere:
+        now = await stopping.database_now_us()
+        await stopping.register_worker(
+            WorkerRow("gone", "h", 1, ("erp",), (), "v", now - 10**7, now - 10**7, 10**6, 1)
+        )
+        task = TaskRow("wf/1", "wf", 1, "step", "s", "erp", "{}", now)
+        await stopping.append(
+            "wf-wf",
+            [ledgerflow.NewEvent("x", {})],
+            runtime=[Schedule("wf", now, "gone", now + 10**9), PutTask(task)],
+        )
+        await stopping.claim_tasks(
+            "gone", queues=["erp"], now_us=now, lease_until_us=now + 10**9, limit=1
+        )
+        woken = asyncio.Event()
+        unwatch = await elsewhere.watch_work(woken.set)
+        await asyncio.sleep(0.2)  # listening
+        woken.clear()
+        if how == "wake-ups handed back":
+            assert await stopping.release_wakeups("gone") == 1
+        elif how == "tasks handed back":
+            assert await stopping.release_tasks("gone") == 1
+        else:
+            assert await stopping.reap_workers(now) == ["gone"]
+        await asyncio.wait_for(woken.wait(), WAIT)
+        unwatch()

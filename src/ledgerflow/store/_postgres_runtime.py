@@ -42,6 +42,10 @@ class PostgresRuntime(abc.ABC):
     ) -> list[TupleRow]:
         """One statement on the reader pool, as a transaction of its own."""
 
+    @abc.abstractmethod
+    async def _announce_work(self) -> None:
+        """Wake the workers of other processes: work became claimable."""
+
     # -- runtime rows ---------------------------------------------------------------
     # Claims and releases are single autocommit statements on the reader pool: they
     # need no head lock, so they never wait for appends (see _fetch on retries).
@@ -106,6 +110,8 @@ class PostgresRuntime(abc.ABC):
             rows = await self._fetch("release wake-ups", self._sql.release_all, ())
         else:
             rows = await self._fetch("release wake-ups", self._sql.release_owner, (owner,))
+        if rows:  # a graceful stop's hand-back: the next worker takes them at once
+            await self._announce_work()
         return len(rows)
 
     async def _register_worker(self, row: WorkerRow) -> None:
@@ -145,6 +151,8 @@ class PostgresRuntime(abc.ABC):
 
     async def _reap_workers(self, now_us: int) -> list[str]:
         rows = await self._fetch("reap workers", self._sql.reap_workers, {"now": now_us})
+        if rows:  # their leases are released
+            await self._announce_work()
         return [wid for (wid,) in rows]
 
     async def _lease_owners(self) -> list[str]:

@@ -216,6 +216,10 @@ class PostgresTasks(abc.ABC):
         """One statement on the reader pool, as a transaction of its own."""
 
     @abc.abstractmethod
+    async def _announce_work(self) -> None:
+        """Wake the workers of other processes: work became claimable."""
+
+    @abc.abstractmethod
     async def _transaction(
         self, action: str, fn: Callable[[Connection], Awaitable[T]], *, flushed: bool = True
     ) -> T:
@@ -280,6 +284,8 @@ class PostgresTasks(abc.ABC):
             rows = await self._fetch("release tasks", sql.release_all, ())
         else:
             rows = await self._fetch("release tasks", sql.release_owner, (owner,))
+        if rows:  # a graceful stop's hand-back: the next worker takes them at once
+            await self._announce_work()
         return len(rows)
 
     async def _next_task_due(

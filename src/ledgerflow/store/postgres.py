@@ -395,6 +395,15 @@ class PostgresEventStore(
             await asyncio.sleep(delay)
             delay = min(delay * 2, _LISTEN_BACKOFF[1])
 
+    async def _announce_work(self) -> None:
+        # As the payload of an append that makes work: " w:<our tag>" (our own
+        # listener ignores it; whoever gave the work back pokes its own workers).
+        # Best effort: a lost one costs other workers a poll interval.
+        try:
+            await self._fetch("announce work", self._sql.notify, (self.channel, f" w:{self._tag}"))
+        except StoreUnavailableError as exc:
+            log.warning("postgres store: cannot wake other workers (%s)", exc)
+
     # -- reading --------------------------------------------------------------------
 
     async def _read_stream_rows(

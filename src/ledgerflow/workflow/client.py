@@ -445,9 +445,17 @@ class WorkflowClient(Operations, MachineClient):
                 workflow_id, f"it is a {name!r} workflow, not {wanted.name!r}"
             )
         if existing.parent_id != wanted.parent_id:
-            raise WorkflowAlreadyStartedError(
-                workflow_id, f"it belongs to parent {existing.parent_id!r}"
+            owner = (
+                "it was started on its own, not as a child"
+                if existing.parent_id is None
+                else f"it is a child of {existing.parent_id!r}"
             )
+            advice = (
+                f"; give ctx.child(..., id=...) an id of its own for {wanted.parent_id!r}'s child"
+                if wanted.parent_id is not None
+                else ""
+            )
+            raise WorkflowAlreadyStartedError(workflow_id, owner + advice)
         if existing.input != personal.plain(wanted.input):
             raise WorkflowAlreadyStartedError(
                 workflow_id,

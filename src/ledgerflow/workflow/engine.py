@@ -253,6 +253,7 @@ class Engine(WorkflowClient):
         self._wake = asyncio.Event()
         self._scheduler: asyncio.Task[None] | None = None
         self._closing = False
+        self._store_opened = False
         self._host = EngineHost(self)
         self.projections: ProjectionRunner | None = None
         """The runner of ``projections`` (None without them)."""
@@ -326,6 +327,7 @@ class Engine(WorkflowClient):
     async def start_engine(self) -> None:
         """Open the store, recover unfinished instances and start running them."""
         await self.store.open()
+        self._store_opened = True
         # What checks signals is imported now, not by the first signal's sender (the
         # CLI and plain clients do not load it at all: ~70 ms a process).
         await asyncio.to_thread(importlib.import_module, "jsonschema")
@@ -356,6 +358,11 @@ class Engine(WorkflowClient):
             return
         self._closing = True
         self._wake.set()
+        if not self._store_opened:
+            # Its start failed opening the store: it holds nothing to give back,
+            # and saying otherwise (as each step below would) misleads.
+            await _within(asyncio.get_running_loop().time() + 1.0, super().close(), "close")
+            return
         if self._unwatch is not None:
             self._unwatch()
         # What touches the store here has CLOSE_BOOKKEEPING_S in all beyond the grace

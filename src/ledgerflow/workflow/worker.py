@@ -203,4 +203,7 @@ async def run_worker(
         await engine.close(grace=grace)
         for signum in handled:
             loop.remove_signal_handler(signum)
-    log.info("worker %s stopped; its leases are given back", engine.owner)
+    if engine.step_threads.running:
+        log.info("worker %s stopped; leases of step bodies still running expire", engine.owner)
+    else:
+        log.info("worker %s stopped; its leases are given back", engine.owner)
