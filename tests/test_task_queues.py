@@ -39,6 +39,15 @@ calls: Counter[str] = Counter()
 keys: list[str] = []
 
 
+async def until_queued(store: WorkflowStore) -> None:
+    """Return once a task is in the queue (its workflow sent it)."""
+    for _ in range(int(WAIT / 0.01)):
+        if await store.list_tasks():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("no task was queued")
+
+
 @dataclass(frozen=True)
 class Order:
     id: str
@@ -382,10 +391,7 @@ async def test_attempts_lost_with_their_workers_count(engine: EngineFactory) -> 
 
     async with engine(lost_flow, clock=REAL) as orders:
         handle = await orders.start(lost_flow, 1, id="q-9")
-        for _ in range(500):
-            if await orders.store.list_tasks():
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(orders.store)
         # Two workers claimed it and died in the attempt (their leases ran out).
         now = await orders.store.database_now_us()
         for ghost in ("ghost-1", "ghost-2"):
@@ -423,10 +429,7 @@ async def test_an_attempt_lost_before_one_that_succeeds_is_in_the_history(
 
     async with engine(lost_once, clock=REAL) as orders:
         handle = await orders.start(lost_once, 1, id="q-10")
-        for _ in range(500):
-            if await orders.store.list_tasks():
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(orders.store)
         now = await orders.store.database_now_us()
         await orders.store.claim_tasks(
             "ghost", queues=["erp"], now_us=now, lease_until_us=now + 1, limit=1
@@ -626,10 +629,7 @@ async def test_a_cancel_waits_for_a_step_a_worker_claimed_and_compensates_it(
 
     async with engine(booking, clock=REAL) as orders:
         handle = await orders.start(booking, 1, id="q-cl")
-        for _ in range(500):
-            if await orders.store.list_tasks():
-                break
-            await asyncio.sleep(0.01)
+        await until_queued(orders.store)
         if lost:
             # A worker claimed it, ran the step's body and died; it was judged dead
             # and reaped, which released its lease.
