@@ -658,3 +658,37 @@ async def test_a_cancel_waits_for_a_step_a_worker_claimed_and_compensates_it(
         assert (await orders.describe("q-cl")).status == "compensated"
         assert calls["reserve"] == 1
         assert calls["release R-c-1"] == 1
+
+
+slow_started = threading.Event()
+
+
+@ledgerflow.step(name="erp.slow_invoice", queue="erp")
+def slow_invoice(n: int) -> str:
+    calls["slow"] += 1
+    slow_started.set()
+    threading.Event().wait(0.5)  # a body no one can stop
+    return f"INV-{n}"
+
+
+@ledgerflow.workflow(name="tq.slow")
+async def slow_flow(ctx: WorkflowContext, n: int) -> str:
+    return await ctx.step(slow_invoice, n)
+
+
+async def test_a_graceful_stop_records_a_sync_step_that_outlives_its_grace(
+    engine: EngineFactory,
+) -> None:
+    """A worker told to stop waited for a sync body past its grace (it cannot be
+    stopped), then handed its task back unrecorded: the step ran again on the next
+    worker, a second ERP call on every deploy. The body's outcome is recorded now."""
+    slow_started.clear()
+    async with engine(slow_flow, clock=REAL) as orders:
+        handle = await orders.start(slow_flow, 1, id="q-slow")
+        async with engine(clock=REAL, queues=["erp"], steps=[slow_invoice]) as worker:
+            assert await asyncio.to_thread(slow_started.wait, WAIT)
+            await worker.close(grace=0.05)
+        history = [e.data for e in await orders.history("q-slow")]
+        assert any(isinstance(e, StepDone) for e in history), history
+        assert await handle.result(timeout=WAIT) == "INV-1"
+        assert calls["slow"] == 1

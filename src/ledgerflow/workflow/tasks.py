@@ -330,7 +330,13 @@ class TaskRunner:
 
     async def stop(self, grace: float) -> None:
         """Claim nothing more; let running attempts finish for ``grace`` seconds and
-        cancel the rest (``release`` gives their leases back)."""
+        cancel the rest (``release`` gives their leases back).
+
+        A sync step's body cannot be stopped: while one still runs after ``grace``,
+        the attempts are waited for up to half a lease more (the heartbeat renews
+        their leases meanwhile), so that a body that returns has its outcome
+        recorded here. Cancelled, it ran to its end all the same, and its task,
+        handed back, ran the step again elsewhere: a second effect on every deploy."""
         self._closing = True
         self._wake.set()
         if self._loop is not None:
@@ -338,6 +344,8 @@ class TaskRunner:
         running = [task for task, _ in self._running.values()]
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
+            if pending and self.threads.running:
+                _, pending = await asyncio.wait(pending, timeout=self.lease_us / 2_000_000)
             await cancel_and_wait(pending)
 
     async def release(self) -> None:
