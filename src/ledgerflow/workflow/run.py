@@ -309,14 +309,20 @@ class _Pass(Waits, Saga):
         """Whether a cancellation would end the body at its next command."""
         return self.history.cancel is not None and not self.compensating and not self.shield
 
-    def in_doubt(self) -> bool:
-        """Whether the step this pass is about to start may have run already: the
-        instance was cancelled after its latest command was recorded (so the pass
-        that recorded it did not see the cancel and went on into this step), this
-        pass has appended nothing, and nothing it found new lies between (a clock
-        reading, a patch marker). Such a step is run, not cancelled: it may have
-        acted (its pass was lost), and then only its recorded result gets it
-        compensated. Steps are at least once under their idempotency key anyway."""
+    def in_doubt(self, recorded: list[Any] | None) -> bool:
+        """Whether the step this pass is about to start (``recorded``: what its
+        earlier attempts left) may have run already: the instance was cancelled
+        after its latest command was recorded (so the pass that recorded it did not
+        see the cancel and went on into this step), this pass has appended nothing,
+        and nothing it found new lies between (a clock reading, a patch marker);
+        unless that command was this step's failed attempt whose retry is not due
+        yet (the pass was waiting out the backoff: no body ran). Such a step is run,
+        not cancelled: it may have acted (its pass was lost), and then only its
+        recorded result gets it compensated. Steps are at least once under their
+        idempotency key anyway."""
+        last = recorded[-1] if recorded else None
+        if isinstance(last, StepAttemptFailed) and (last.retry_at_us or 0) > self.host.now_us():
+            return False
         return (
             not self.query
             and not self.appended
@@ -426,7 +432,7 @@ class _Pass(Waits, Saga):
                 )
             return value
         else:
-            doubt = self.in_doubt()
+            doubt = self.in_doubt(recorded)
             if not doubt:
                 self._live()
             with self.acting:
