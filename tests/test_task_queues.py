@@ -539,13 +539,28 @@ async def test_a_step_longer_than_its_lease_keeps_it_while_it_runs(
     assert calls["long"] == 1
 
 
+@ledgerflow.step(name="erp.long_async")
+async def long_async_step(n: int) -> int:
+    calls["long"] += 1
+    await asyncio.sleep(1.0)
+    return n
+
+
+@ledgerflow.workflow(name="tq.long_async")
+async def long_async_flow(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step(long_async_step, n, queue="erp")
+
+
 async def test_a_stopping_worker_hands_its_tasks_back_at_once(engine: EngineFactory) -> None:
-    """Closed with a short grace while a step runs, a worker gives the task back (its
-    attempt not counted): another takes it at once, not after the 60 s lease."""
+    """Closed with a short grace while an async step runs, a worker cancels it and
+    gives the task back (its attempt not counted): another takes it at once, not
+    after the 60 s lease. (A sync body cannot be cancelled: it is waited for and
+    recorded, see test_a_graceful_stop_records_a_sync_step_that_outlives_its_grace.)"""
     lease = timedelta(seconds=60)
-    async with engine(long_flow, clock=REAL, lease=lease) as orders:
-        handle = await orders.start(long_flow, 7, id="q-14")
-        async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease) as first:
+    async with engine(long_async_flow, clock=REAL, lease=lease) as orders:
+        handle = await orders.start(long_async_flow, 7, id="q-14")
+        steps = [long_async_step]
+        async with engine(clock=REAL, queues=["erp"], steps=steps, lease=lease) as first:
             for _ in range(500):
                 if calls["long"]:
                     break
@@ -553,7 +568,7 @@ async def test_a_stopping_worker_hands_its_tasks_back_at_once(engine: EngineFact
             await first.close(grace=0.05)
         (task,) = await orders.store.list_tasks()
         assert (task.lease_owner, task.attempt) == (None, 0)
-        async with engine(clock=REAL, queues=["erp"], steps=[long_step], lease=lease):
+        async with engine(clock=REAL, queues=["erp"], steps=steps, lease=lease):
             assert await handle.result(timeout=10) == 7
     assert calls["long"] == 2  # at least once: the cut attempt ran again
 
