@@ -721,20 +721,22 @@ def test_a_relay_name_too_long_is_refused_before_anything_starts(tmp_path: Any) 
 
     from ._workers import CLI, child_env
 
-    result = subprocess.run(
-        [*CLI, "relay", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--nats", "nats://x:1",
-         "--name", "a_relay_name_far_too_long"],
-        env=child_env(), capture_output=True, text=True, timeout=WAIT,
-    )  # fmt: skip
+    def relay(*given: str) -> subprocess.CompletedProcess[str]:
+        db = f"sqlite:///{tmp_path / 'r.db'}"
+        return subprocess.run(
+            [*CLI, "relay", "--db", db, "--nats", "nats://x:1", *given],
+            env=child_env(),
+            capture_output=True,
+            text=True,
+            timeout=WAIT,
+        )
+
+    result = relay("--name", "a_relay_name_far_too_long")
     assert result.returncode == 2
     assert "at most 18 characters" in result.stderr
     assert "Traceback" not in result.stderr
     # A wrong --subject is named as such (it was reported as a --name problem).
-    result = subprocess.run(
-        [*CLI, "relay", "--db", f"sqlite:///{tmp_path / 'r.db'}", "--nats", "nats://x:1",
-         "--subject", "ledgerflow.{order}"],
-        env=child_env(), capture_output=True, text=True, timeout=WAIT,
-    )  # fmt: skip
+    result = relay("--subject", "ledgerflow.{order}")
     assert result.returncode == 2
     assert "--subject 'ledgerflow.{order}'" in result.stderr
     assert "--name" not in result.stderr
