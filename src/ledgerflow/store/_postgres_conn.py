@@ -39,6 +39,7 @@ __all__ = [
     "BACKEND",
     "CONNECTION_DEFAULTS",
     "CONNECT_TIMEOUT",
+    "DEAD_PEER",
     "DEFAULT_SCHEMA",
     "RECONNECT_WINDOW",
     "Connection",
@@ -62,7 +63,28 @@ _MAX_IDENTIFIER = 63  # NAMEDATALEN - 1: longer channel names are refused by pg_
 CONNECT_TIMEOUT = 10
 RECONNECT_WINDOW = 5.0
 """Seconds a pool's chain of reconnection attempts lasts (see postgres._open)."""
-CONNECTION_DEFAULTS = {"connect_timeout": str(CONNECT_TIMEOUT), "application_name": "ledgerflow"}
+DEAD_PEER = {
+    "keepalives": "1",
+    "keepalives_idle": "10",
+    "keepalives_interval": "5",
+    "keepalives_count": "3",
+    "tcp_user_timeout": "30000",
+}
+"""How a TCP connection notices a server that is gone without a word: one whose
+address now leads nowhere (a failover that moved the name to a new primary, a cut
+network path, a host powered off) sends no reset. Without these a query waited for
+its answer until the kernel's keepalive, two hours after the last packet, and a write
+through ~15 minutes of retransmissions. Now a silent connection is probed after 10 s,
+every 5 s, three times, and data left unacknowledged for 30 s ends it: the call hears
+``StoreUnavailableError`` and the next one connects afresh. Probes and acknowledgements
+are the server's kernel's answers, not PostgreSQL's, so a long query on a busy server
+is never cut. A URL's own values win (``?keepalives_idle=60``); Unix sockets ignore
+them."""
+CONNECTION_DEFAULTS = {
+    "connect_timeout": str(CONNECT_TIMEOUT),
+    "application_name": "ledgerflow",
+    **DEAD_PEER,
+}
 _ROLLBACK_WAIT = 1.0  # seconds a failed writer's rollback may take before we just close
 # A write transaction takes two round trips and milliseconds of planning. One whose
 # process froze (SIGSTOP, a VM pause) or was cut off holds its streams' locks and,
