@@ -249,6 +249,24 @@ async def test_a_stream_that_exists_is_used_as_it_is_or_refused(nats_url: str) -
         await nc.close()
 
 
+async def test_the_bus_notices_a_server_that_vanished_within_40_s(nats_url: str) -> None:
+    """A server gone without closing the connection (a cut path, a host powered off)
+    was noticed by nats-py's defaults only after two pings two minutes apart went
+    unanswered: consumers stood still for up to six minutes before reconnecting."""
+    bus = JetStreamBus(
+        nats_url, stream=f"LFTEST_{uuid.uuid4().hex[:10]}", subjects=["lfping.>"], timeout=2.0
+    )
+    await bus.open()
+    try:
+        assert bus._nc is not None
+        options = bus._nc.options
+        assert options["ping_interval"] * (options["max_outstanding_pings"] + 1) <= 40
+    finally:
+        with contextlib.suppress(Exception):
+            await bus._js.delete_stream(bus.stream)
+        await bus.close()
+
+
 async def test_a_stream_gone_from_the_broker_is_made_again(
     ledger: BaseEventStore, jetstream: JetStreamBus
 ) -> None:
