@@ -117,6 +117,15 @@ _STATUS: tuple[tuple[type[LedgerflowError], int, str], ...] = (
 )
 
 
+_CUT_SHORT = "Input data was truncated"
+# msgspec says so for a string ending in an escaped high surrogate too ("\\ud800"),
+# which sent a client looking for a truncation that never happened.
+_CUT_SHORT_MEANS = (
+    "the body ends before its JSON does, or a string in it holds an escaped lone "
+    "UTF-16 surrogate (such as \\ud800), which is no character"
+)
+
+
 def to_problem(exc: Exception) -> Problem:
     if isinstance(exc, Problem):
         return exc
@@ -125,6 +134,8 @@ def to_problem(exc: Exception) -> Problem:
     if isinstance(exc, HTTPException):
         headers: dict[str, str] = dict(exc.headers or {})
         detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+        if exc.status_code == 400 and detail == _CUT_SHORT:
+            detail = _CUT_SHORT_MEANS
         return Problem(exc.status_code, _title(exc.status_code), detail, headers=headers)
     if isinstance(exc, RecursionError) and "deserializ" in str(exc):
         # msgspec's own limit on nesting, reached reading a body: the body's fault.
