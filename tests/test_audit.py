@@ -270,6 +270,53 @@ async def test_cli_exit_codes(ledger: str) -> None:
     assert "stream 'b', version 3" in tampered.output
 
 
+async def test_the_tables_checked_at_open_are_exactly_those_migrations_make(
+    sql_url: str,
+) -> None:
+    from ledgerflow.store._migrations import tables_of
+    from ledgerflow.store._postgres_sql import migrations
+    from ledgerflow.store._sqlite_schema import MIGRATIONS
+
+    async with ledgerflow.open_store(sql_url):
+        pass
+    if sql_url.startswith("sqlite"):
+        expected = tables_of(MIGRATIONS)
+        made = raw_sql(sql_url, "SELECT name FROM sqlite_master WHERE type = 'table'")
+    else:
+        schema = sql_url.rsplit("schema=", 1)[1]
+        expected = tables_of(migrations(schema))
+        made = raw_sql(sql_url, f"SELECT tablename FROM pg_tables WHERE schemaname = '{schema}'")
+    assert {name for (name,) in made} == expected | {"schema_migrations"}
+
+
+@pytest.mark.parametrize("table", ["wakeups", "projections", "events"])
+async def test_a_table_dropped_by_hand_is_named_at_open_and_by_audit(
+    ledger: str, table: str
+) -> None:
+    """A ledger missing one of its tables opened as if whole: every call on that
+    table then failed as an outage to wait out (an engine waited for ever), and
+    ``audit verify`` called the ledger intact when the table was not ``events``."""
+    raw_sql(ledger, f"DROP TABLE {{t}}{table}")
+    for create in (True, False):
+        with pytest.raises(ledgerflow.StoreCorruptError, match=f"table {table} is missing"):
+            async with ledgerflow.open_store(ledger, create=create):
+                pass
+    verified = await asyncio.to_thread(CliRunner().invoke, app, ["audit", "verify", "--db", ledger])
+    assert verified.exit_code == 3, verified.output
+    assert table in verified.output
+    assert "Traceback" not in verified.output
+
+
+async def test_a_table_dropped_while_the_store_is_open_is_corruption_not_an_outage(
+    ledger: str,
+) -> None:
+    async with ledgerflow.open_store(ledger) as store:
+        assert await store.next_wakeup() is None
+        raw_sql(ledger, "DROP TABLE {t}wakeups")
+        with pytest.raises(ledgerflow.StoreCorruptError, match="wakeups"):
+            await store.next_wakeup()
+
+
 def _damaged_ledger(tmp_path: Path) -> Path:
     path = tmp_path / "ledger.db"
 

@@ -28,6 +28,7 @@ from psycopg_pool import AsyncConnectionPool
 from ..errors import (
     ConfigurationError,
     StoreClosedError,
+    StoreCorruptError,
     StoreError,
     StoreReadOnlyError,
     StoreUnavailableError,
@@ -163,6 +164,14 @@ def driver_errors(action: str, location: str) -> Iterator[None]:
         yield
     except psycopg.OperationalError as exc:
         raise StoreUnavailableError(BACKEND, f"{action}: {reason(exc)}") from exc
+    except (
+        psycopg.errors.UndefinedTable,
+        psycopg.errors.UndefinedColumn,
+        psycopg.errors.UndefinedFunction,
+    ) as exc:
+        # A table, column or function of the ledger gone (dropped or altered by hand
+        # after the store opened): retrying meets the same schema.
+        raise StoreCorruptError(location, f"could not {action}: {reason(exc)}") from exc
     except psycopg.errors.ReadOnlySqlTransaction as exc:
         # A standby, or sessions made read-only since the store opened: retrying on
         # this server cannot help.

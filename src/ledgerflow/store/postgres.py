@@ -37,6 +37,7 @@ from ..errors import (
     LedgerNotFoundError,
     SchemaOutdatedError,
     SchemaVersionError,
+    StoreCorruptError,
     StoreReadOnlyError,
     StoreUnavailableError,
 )
@@ -44,7 +45,7 @@ from ..events import Snapshot
 from ..hashing import from_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Now
-from ._migrations import pending
+from ._migrations import missing_tables, pending, tables_of
 from ._plan import EventRow, StreamHead
 from ._postgres_conn import (
     BACKEND,
@@ -195,6 +196,7 @@ class PostgresEventStore(
                     await self._check_writable(conn)
                 with driver_errors("migrate the schema", self.location):
                     await self._migrate(conn)
+                    await self._check_tables(conn)
                 with driver_errors("check the role's privileges", self.location):
                     await self._check_privileges(conn)
             else:
@@ -319,6 +321,18 @@ class PostgresEventStore(
             raise SchemaVersionError(applied, known)
         if applied < known:
             raise SchemaOutdatedError(self.location, applied, known)
+        await self._check_tables(conn)
+
+    async def _check_tables(self, conn: Connection) -> None:
+        """Every table of the schema is there (none dropped by hand): else every
+        later call would fail on it."""
+        cur = await conn.execute(
+            "SELECT tablename FROM pg_tables WHERE schemaname = %s", (self.schema,)
+        )
+        found = {name for (name,) in await cur.fetchall()}
+        missing = tables_of(migrations(self.schema)) - found
+        if missing:
+            raise StoreCorruptError(self.location, missing_tables(missing))
 
     async def _migrate(self, conn: Connection) -> None:
         s = self.schema

@@ -43,7 +43,7 @@ from ..events import AppendResult, Snapshot
 from ..hashing import from_micros, to_micros
 from ..registry import EventRegistry
 from ._base import BaseEventStore, Now, Pending
-from ._migrations import pending
+from ._migrations import missing_tables, pending, tables_of
 from ._plan import (
     AppendRequest,
     EventRow,
@@ -95,6 +95,8 @@ _LEDGER_TABLES = frozenset(
     {"events", "streams", "snapshots", "workflows", "wakeups", "workers", "tasks", "queues"}
 )
 _MIGRATION_COLUMNS = frozenset({"version", "name", "applied_at"})
+_SCHEMA_DAMAGE = ("no such table", "no such column")
+_TABLES = tables_of(MIGRATIONS)
 _CHUNK = 500  # stays far below SQLite's bound-parameter limit
 _NO_LIMIT = -1
 _MAX_VERSION = 2**62
@@ -249,6 +251,10 @@ class SQLiteEventStore(
         if name.startswith("SQLITE_READONLY"):
             # Waiting does not help: the file, its directory or the mount is read-only.
             return StoreReadOnlyError(self.location, str(exc))
+        if str(exc).startswith(_SCHEMA_DAMAGE):
+            # A table or column of the ledger gone (dropped or altered by hand after
+            # the store opened): retrying meets the same schema.
+            return StoreCorruptError(self.location, f"{type(exc).__name__}: {exc}")
         return StoreUnavailableError(self.backend, f"{type(exc).__name__}: {exc}")
 
     # -- the writer thread ----------------------------------------------------------
@@ -393,6 +399,7 @@ class SQLiteEventStore(
                 self._ledger_version(con)  # refuses a file that is not ours to migrate
                 self._check_writable(con)
                 self._migrate(con)
+                self._check_tables(con)
                 return
             except sqlite3.OperationalError as exc:
                 if "locked" not in str(exc) or time.monotonic() > deadline:
@@ -447,6 +454,15 @@ class SQLiteEventStore(
             raise SchemaVersionError(applied, known)
         if applied < known:
             raise SchemaOutdatedError(self.location, applied, known)
+        self._check_tables(con)
+
+    def _check_tables(self, con: sqlite3.Connection) -> None:
+        """Every table of the schema is there (none dropped by hand): else every
+        later call would fail on it, and as an outage to wait out."""
+        found = {n for (n,) in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        missing = _TABLES - found
+        if missing:
+            raise StoreCorruptError(self.location, missing_tables(missing))
 
     def _check_writable(self, con: sqlite3.Connection) -> None:
         """Fail now, not at the first append, if this file cannot be written.
