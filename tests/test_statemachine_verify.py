@@ -202,6 +202,24 @@ def test_bad_definitions_are_refused_as_they_are_declared() -> None:
         Machine("y", data={"n": [1]}, initial_data={"n": 2})
 
 
+def test_verify_refuses_what_the_runtime_refuses_as_the_cli_and_the_engine_do() -> None:
+    """``verify(m).ok`` was True for machines that registration and ``ledgerflow
+    verify`` refuse: a test of the report passed, then the deploy failed."""
+    nowhere = Machine("nowhere")
+    nowhere.state("a", initial=True, timeout=timedelta(seconds=1), on_timeout="expire")
+    nowhere.state("done", terminal=True)
+    nowhere.transition("a", "fin", "done")
+    with pytest.raises(WorkflowDefinitionError, match="times out with 'expire'"):
+        verify(nowhere)
+    idle = Machine("idle")
+    idle.state("a", initial=True)
+    idle.state("done", terminal=True)
+    idle.state("failed", terminal=True)
+    idle.transition("a", "fin", "done", failure="failed")
+    with pytest.raises(WorkflowDefinitionError, match="failure= but no activity"):
+        verify(idle)
+
+
 # -- random runs never reach what verify called unreachable ---------------------------
 
 

@@ -901,8 +901,8 @@ def verify_command(
     reports = []
     for machine in machines:
         try:
-            # What the runtime refuses at registration first (a state timeout whose
-            # event leaves it nowhere was reported sound).
+            # All that registration refuses, start values included (verify_machine
+            # explores a field's whole domain where no start value is given).
             machine.check()
             reports.append(
                 verify_machine(

@@ -428,12 +428,13 @@ class Machine:
                 found.append((fn, None))
         return found
 
-    def check(self) -> None:
+    def check(self, *, starts: bool = True) -> None:
         """What an instance needs of the definition beyond what ``verify`` explores:
         a timeout's event moves its state, a failure target has something to fail,
         every data field has a start value, and no two functions share a step name
         (compensations are found by it). ``WorkflowDefinitionError`` lists what is
-        wrong."""
+        wrong. ``starts=False`` leaves out the start values: ``verify`` explores
+        every value of a field's domain as a start where none is given."""
         problems: list[str] = []
         try:
             self.initial()
@@ -453,7 +454,7 @@ class Machine:
             if t.failure and not self.actions(t):
                 problems.append(f"{t.label()} has failure= but no activity that can fail")
         missing = [k for k in self.domains if k not in self.initial_data]
-        if missing and self.start_data is None:
+        if starts and missing and self.start_data is None:
             problems.append(
                 f"data fields {missing} have no start value: give initial_data= or "
                 "start_data=(input -> data)"

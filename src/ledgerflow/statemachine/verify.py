@@ -193,7 +193,14 @@ def verify(
     (default: the machine's) is what liveness properties assume of runs. ``sample``
     (default: the machine's) values are drawn for each payload field without a finite
     domain, from ``seed`` (``statemachine.sampling``): the report then says the
-    exploration covered a sample of them."""
+    exploration covered a sample of them.
+
+    Raises ``WorkflowDefinitionError`` first for what no instance could run with
+    (``Machine.check``: a timeout whose event leaves its state nowhere, ``failure=``
+    without an activity, activities sharing a step name), as registration does.
+    Data fields without a start value are explored from every value of their
+    domain (registration asks for start values)."""
+    machine.check(starts=False)
     sampled = _sampled(
         machine,
         machine.sample if sample is None else sample,
