@@ -87,6 +87,7 @@ EXPECTED = {
     "EventRegistry",
     "EventSerializationError",
     "EventStore",
+    "EventInputError",
     "EventTooLargeError",
     "ExpectedVersion",
     "Finding",

@@ -30,7 +30,8 @@ driver type ever crosses the port::
     │   ├── UnknownWorkflowError    no registered workflow of that name/version
     │   ├── WorkflowNotFoundError   no instance with that id
     │   ├── WorkflowInputError      input does not match the workflow's input type
-    │   │   └── SignalInputError    a signal's payload does not fit the waited-for type
+    │   │   ├── SignalInputError    a signal's payload does not fit the waited-for type
+    │   │   └── EventInputError     an event a state machine's instance cannot take
     │   ├── WorkflowFinishedError   signal or cancel sent to a finished instance
     │   ├── WorkflowAlreadyStartedError  the id is taken by another workflow or input
     │   ├── NonDeterminismError     the code no longer matches the recorded history
@@ -87,6 +88,7 @@ __all__ = [
     "ConfigurationError",
     "DuplicateEventError",
     "EventError",
+    "EventInputError",
     "EventSerializationError",
     "EventTooLargeError",
     "InstanceBusyError",
@@ -426,6 +428,20 @@ class SignalInputError(WorkflowInputError):
         self.workflow = workflow_id
         self.workflow_id = workflow_id
         self.signal = signal
+        self.reason = reason
+
+
+class EventInputError(WorkflowInputError):
+    """An event sent to an instance of a state machine was refused before anything
+    was recorded: a name or payload that does not fit the machine, or an instance
+    that is not a state machine's."""
+
+    def __init__(self, event: str, reason: str, workflow_id: str | None = None) -> None:
+        to = f" to instance {workflow_id!r}" if workflow_id else ""
+        WorkflowError.__init__(self, f"event {event!r}{to} refused: {reason}")
+        self.workflow = workflow_id or ""
+        self.workflow_id = workflow_id
+        self.event = event
         self.reason = reason
 
 

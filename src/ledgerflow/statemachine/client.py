@@ -28,6 +28,7 @@ import msgspec.inspect
 
 from ..errors import (
     ConcurrencyError,
+    EventInputError,
     InstanceBusyError,
     InvalidTransition,
     MigrationError,
@@ -162,9 +163,7 @@ class MachineClient(abc.ABC):
         runs its start or an earlier event (nothing recorded: send it again).
         """
         if not isinstance(event, str) or not event:
-            raise WorkflowInputError(
-                f"event {event!r}", "the event name must be a non-empty string"
-            )
+            raise EventInputError(repr(event), "the event name must be a non-empty string")
         given = _payload(event, payload)
         seconds = timeout.total_seconds() if isinstance(timeout, timedelta) else timeout
         loop = asyncio.get_running_loop()
@@ -451,7 +450,9 @@ class MachineClient(abc.ABC):
             raise UnknownWorkflowError(started.name, history.definition_version)
         if not isinstance(found, Machine):
             raise WorkflowInputError(
-                started.name, f"instance {history.workflow_id!r} is not a state machine"
+                started.name,
+                f"instance {history.workflow_id!r} runs code, not a state machine: "
+                "send it signals, not events",
             )
         return found
 
@@ -511,11 +512,10 @@ def _payload(event: str, payload: Mapping[str, Any] | msgspec.Struct | None) -> 
     try:
         encoded = to_builtins(payload)
     except CodecError as exc:
-        raise WorkflowInputError(f"event {event!r}", str(exc)) from exc
+        raise EventInputError(event, str(exc)) from exc
     if not isinstance(encoded, dict):
-        raise WorkflowInputError(
-            f"event {event!r}",
-            f"the payload must be a mapping of fields, not {type(payload).__name__}",
+        raise EventInputError(
+            event, f"the payload must be a mapping of fields, not {type(payload).__name__}"
         )
     return encoded
 
@@ -533,11 +533,11 @@ def _check_fields(
         # misspelt optional field was dropped without a word).
         unknown = sorted(set(payload) - _field_names(declared.type))
         if unknown:
-            raise WorkflowInputError(f"event {event!r}", f"payload: unknown fields {unknown}")
+            raise EventInputError(event, f"payload: unknown fields {unknown}", instance_id)
         try:
             typed = msgspec.convert(payload, declared.type)
         except msgspec.ValidationError as exc:
-            raise WorkflowInputError(f"event {event!r}", f"payload: {exc}") from None
+            raise EventInputError(event, f"payload: {exc}", instance_id) from None
         encoded: dict[str, Any] = to_builtins(typed)
         return encoded
     wanted = set(declared.payload) if declared is not None else set()
@@ -549,9 +549,7 @@ def _check_fields(
         problems.append(f"missing {sorted(wanted - given)}")
     if given - wanted:
         problems.append(f"unknown {sorted(given - wanted)}")
-    raise WorkflowInputError(
-        f"event {event!r}", f"payload fields for instance {instance_id!r}: {', '.join(problems)}"
-    )
+    raise EventInputError(event, f"payload fields: {', '.join(problems)}", instance_id)
 
 
 def _field_names(cls: type) -> set[str]:
