@@ -221,3 +221,122 @@ def test_the_gate_names_state_machine_instances_a_change_in_place_strands(
     assert "3 instances fit the new code (3 of them state-machine instances" in same.output
     for name in ("sm_v1", "sm_renamed", "sm_dead_end", "sm_same"):
         sys.modules.pop(name, None)
+
+
+SIGNALS = """
+import msgspec
+import ledgerflow
+
+class Approval(msgspec.Struct):
+    approver: str
+    approved: bool
+
+@ledgerflow.step()
+def reserve(n: int) -> int:
+    return n
+
+@ledgerflow.step()
+def release(n: int) -> None:
+    pass
+
+@ledgerflow.workflow(name="approve", version=1)
+async def approve(ctx: ledgerflow.WorkflowContext, n: int) -> str:
+    await ctx.step(reserve, n, compensate=release)
+    decision = await ctx.wait_for_signal("decision", Approval)
+    return f"{decision.approver}: {decision.approved}"
+"""
+SIGNAL_VARIANTS = {
+    "sig_v1": SIGNALS,
+    # Another type under the same signal name: senders are checked against the
+    # recorded schema, the new code decodes with its own.
+    "sig_retyped": SIGNALS.replace(
+        "class Approval(msgspec.Struct):\n    approver: str\n    approved: bool",
+        "class Approval(msgspec.Struct):\n    sku: str",
+    ).replace('f"{decision.approver}: {decision.approved}"', "decision.sku"),
+    # A new field named like a JSON Schema keyword is still a new field.
+    "sig_titled": SIGNALS.replace("    approved: bool", "    approved: bool\n    title: str"),
+    # Prose only: the same values fit.
+    "sig_documented": SIGNALS.replace(
+        "class Approval(msgspec.Struct):", 'class Approval(msgspec.Struct):\n    """Who decided."""'
+    ),
+    # The new code fails after the first step: its compensation is the first command
+    # that differs, and the divergence names where the body raised.
+    "sig_raises": SIGNALS.replace(
+        '    decision = await ctx.wait_for_signal("decision", Approval)\n',
+        '    raise ValueError("a bug in the new code")\n',
+    ),
+}
+
+
+@pytest.fixture
+def signal_modules(tmp_path: Path) -> Iterator[Path]:
+    for name, source in SIGNAL_VARIANTS.items():
+        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        yield tmp_path
+    finally:
+        sys.path.remove(str(tmp_path))
+        for name in SIGNAL_VARIANTS:
+            sys.modules.pop(name, None)
+
+
+async def _waiting_for_a_decision(url: str) -> None:
+    v1 = importlib.import_module("sig_v1")
+    async with ledgerflow.Engine(url, workflows=[v1.approve]) as engine:
+        await engine.start(v1.approve, 1, id="a-1")
+        await waiting_for(engine, "a-1", "signal 'decision'")
+
+
+async def test_the_gate_names_a_wait_whose_signal_type_changed(
+    signal_modules: Path, tmp_path: Path
+) -> None:
+    """A new type for a waited-for signal passed the gate; after the deploy the
+    instance refused payloads of the new type at send and rejected the old type's:
+    unreachable until its timeout."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    await _waiting_for_a_decision(url)
+    async with ledgerflow.open_store(url) as store:
+        for module in ("sig_retyped", "sig_titled"):
+            report = await replay_check(store, [importlib.import_module(module).approve])
+            (broken,) = report.breakages
+            assert broken.seq == 2
+            assert broken.recorded is not None
+            assert "signal 'decision' awaited with another type" in broken.recorded
+            source = SIGNAL_VARIANTS[module].splitlines()
+            line = next(i for i, s in enumerate(source, 1) if "wait_for_signal" in s)
+            assert broken.location == f"{signal_modules / module}.py:{line}"
+        documented = importlib.import_module("sig_documented")
+        assert (await replay_check(store, [documented.approve])).ok
+        (raised,) = (
+            await replay_check(store, [importlib.import_module("sig_raises").approve])
+        ).breakages
+        # It named the test runner's frame (the first outside ledgerflow), not the raise.
+        line = (
+            SIGNAL_VARIANTS["sig_raises"]
+            .splitlines()
+            .index('    raise ValueError("a bug in the new code")')
+            + 1
+        )
+        assert raised.location == f"{signal_modules / 'sig_raises.py'}:{line}"
+
+
+async def test_deployed_code_records_its_signal_type_with_the_wait(
+    signal_modules: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    await _waiting_for_a_decision(url)
+    retyped = importlib.import_module("sig_retyped")
+    async with ledgerflow.Engine(url, workflows=[retyped.approve]) as engine:
+        # A payload of the old type still fits the recorded schema: taken at send,
+        # rejected by the new code, whose pass records its own type with the wait.
+        await engine.signal("a-1", "decision", {"approver": "ann", "approved": True})
+        async with asyncio.timeout(20):
+            while True:
+                kinds = [e.type for e in await engine.store.read_stream("wf-a-1")]
+                if "wf.signal_rejected" in kinds:
+                    break
+                await asyncio.sleep(0.02)
+        # Before, the new type was refused here, against the old recorded schema.
+        await engine.signal("a-1", "decision", {"sku": "sku-9"})
+        assert await (engine.handle("a-1")).result(timeout=20) == "sku-9"

@@ -91,6 +91,33 @@ def json_schema(type_: Any) -> dict[str, Any] | None:
         return _json_schema(type_)
 
 
+_PROSE = frozenset({"title", "description", "examples", "$comment"})
+
+
+def same_shape(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two JSON Schemas take the same values: equal once their prose
+    (titles, descriptions, examples: a docstring edited) is left out."""
+    return bool(_shape(a) == _shape(b))
+
+
+_NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
+"""Keywords whose keys are names (a field called ``title``), not keywords."""
+
+
+def _shape(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        return {
+            k: {n: _shape(s) for n, s in v.items()}
+            if k in _NAMED and isinstance(v, dict)
+            else _shape(v)
+            for k, v in schema.items()
+            if k not in _PROSE
+        }
+    if isinstance(schema, list):
+        return [_shape(v) for v in schema]
+    return schema
+
+
 def schema_problems(schema: dict[str, Any], value: Any) -> str | None:
     """Why ``value`` (JSON builtins) does not fit ``schema``, in a few words; None
     if it does, or if the schema cannot be used (the decoder checks then)."""

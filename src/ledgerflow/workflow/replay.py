@@ -14,6 +14,7 @@ from uuid import UUID
 
 import msgspec
 
+from ..errors import NonDeterminismError
 from ..events import Metadata, RecordedEvent
 from ..hashing import to_micros
 from ..registry import EventRegistry
@@ -58,12 +59,25 @@ async def replay(
     indexed = History.of(workflow_id, events)
     run = _Run(ReplayHost(to_micros(datetime.now(UTC))), definition, indexed, query=True)
     try:
-        result = await run.execute()
+        exposed = (await run.execute()).exposed
     except Suspend:
-        return run.exposed
+        exposed = run.exposed
     except Park as park:
         raise park.error from None
-    return result.exposed
+    for seq, name, location in run.retyped_waits:
+        # Not a divergence while running (the engine records the new type's schema
+        # with the wait), but until the instance runs again its senders are checked
+        # against the old one, and the code refuses what fits it: a deploy to gate.
+        raise NonDeterminismError(
+            workflow_id,
+            seq,
+            f"signal {name!r} awaited with another type (senders check payloads "
+            "against its schema)",
+            f"signal {name!r} with a type whose schema differs: keep the type, or wait "
+            "for a new signal name behind ctx.patched",
+            location,
+        )
+    return exposed
 
 
 def _recorded(index: int, item: dict[str, Any]) -> RecordedEvent:

@@ -129,6 +129,9 @@ class _Pass(Waits, Saga):
         anything acts on them."""
         self.patches: dict[str, bool] = {}
         """``ctx.patched`` answers of this pass, by change id."""
+        self.retyped_waits: list[tuple[int, str, str | None]] = []
+        """Signal waits (seq, name, where) recorded with a type other than the code's:
+        what the replay gate reports (``waits.signal``)."""
         self.exposed: Any = None
         self.compensations: list[Compensation] = []
         self.compensating = False
@@ -207,6 +210,12 @@ class _Pass(Waits, Saga):
     def body_location(self) -> str | None:
         """Where the workflow's code is (a diverging run that ended early)."""
         return None
+
+    def caller(self) -> str | None:
+        """``file:line`` of the workflow code issuing the command now; where its body
+        raised, or its definition, for commands the pass issues itself (the saga's
+        compensations). Only on a divergence: walking frames costs."""
+        return _caller_outside_ledgerflow() or self.raised_at or self.body_location()
 
     def _raise(self, stop: BaseException) -> BaseException:
         """Remember the first fault of the pass: every later command re-raises it,
@@ -299,7 +308,7 @@ class _Pass(Waits, Saga):
                         self.seq,
                         f"{recorded[0].kind} {recorded[0].name!r}",
                         f"{kind} {name!r}",
-                        _caller_outside_ledgerflow(),
+                        self.caller(),
                     )
                 )
             )
@@ -985,7 +994,12 @@ def _caller_outside_ledgerflow() -> str | None:
     workflow code that issued the command. Only on a divergence: walking frames
     costs, and the hot path never does."""
     frame: FrameType | None = sys._getframe(1)
+    entry = _Run.execute.__code__
     while frame is not None:
+        if frame.f_code is entry:
+            # Out of the pass without meeting workflow code: the pass issued the
+            # command itself (a compensation). Beyond lies whoever ran the pass.
+            return None
         filename = frame.f_code.co_filename
         if not filename.startswith(_OWN) and "asyncio" not in filename:
             return f"{filename}:{frame.f_lineno}"

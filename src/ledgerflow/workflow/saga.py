@@ -251,6 +251,13 @@ def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:
     return None
 
 
+def _last(recorded: list[Any] | None, kind: type[T]) -> T | None:
+    for event in reversed(recorded or ()):
+        if isinstance(event, kind):
+            return event
+    return None
+
+
 def _final(recorded: list[Any] | None, kinds: Any) -> Any:
     """The event that ended a command (a result, a failure), if recorded."""
     for event in recorded or ():

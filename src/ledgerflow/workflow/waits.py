@@ -16,7 +16,7 @@ from .. import tracing
 from ..errors import ChildWorkflowError
 from ..hashing import from_micros
 from ..store.runtime import RuntimeWrite
-from .codec import CodecError, from_builtins, json_schema
+from .codec import CodecError, from_builtins, json_schema, same_shape
 from .definition import WorkflowDefinition
 from .history import (
     ChildDone,
@@ -34,7 +34,7 @@ from .history import (
     WorkflowStatus,
 )
 from .host import RunHost, Suspend
-from .saga import _first
+from .saga import _first, _last
 
 if TYPE_CHECKING:
     from .run import _Acting
@@ -81,8 +81,11 @@ class Waits:
     patches: dict[str, bool]
     seq: int
     fault: BaseException | None
+    retyped_waits: list[tuple[int, str, str | None]]
 
     if TYPE_CHECKING:
+
+        def caller(self) -> str | None: ...
 
         def _command(
             self, kind: str, name: str, *, own: bool = False
@@ -135,24 +138,31 @@ class Waits:
                 return self._decode(payload, type_, f"payload of signal {name!r}")
             if isinstance(event, SignalTimedOut):
                 return None
+        waiting = _last(recorded, SignalWaiting)
+        wanted = json_schema(type_)
+        retyped = waiting is not None and not same_shape(waiting.schema, wanted)
+        if retyped and waiting is not None and waiting.schema is not None:
+            # Deployed code waits with another type than the one recorded, which
+            # senders are checked against: the replay gate names the instance.
+            self.retyped_waits.append((seq, name, self.caller()))
         self._live()
         with self.acting:
             now = self.host.now_us()
-            waiting = _first(recorded, SignalWaiting)
             new: list[Any] = []
             if waiting is not None:
                 deadline = waiting.deadline_us
+                if retyped:
+                    # Senders check payloads against the latest recorded schema: the
+                    # code's own from now on, or a payload of the new type would be
+                    # refused while one of the old type is taken, then rejected.
+                    new = [SignalWaiting(seq=seq, name=name, deadline_us=deadline, schema=wanted)]
             else:
                 deadline = (
                     None
                     if timeout is None
                     else due_after(now, timeout, f"the timeout of the wait for {name!r}")
                 )
-                new = [
-                    SignalWaiting(
-                        seq=seq, name=name, deadline_us=deadline, schema=json_schema(type_)
-                    )
-                ]
+                new = [SignalWaiting(seq=seq, name=name, deadline_us=deadline, schema=wanted)]
             while (found := self.history.next_signal(name)) is not None:
                 version, sent = found
                 sent_at = self.history.signal_time(version)
