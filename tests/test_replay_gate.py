@@ -259,6 +259,12 @@ SIGNAL_VARIANTS = {
     "sig_documented": SIGNALS.replace(
         "class Approval(msgspec.Struct):", 'class Approval(msgspec.Struct):\n    """Who decided."""'
     ),
+    # Awaits a future nobody resolves: the replay would never end.
+    "sig_hangs": SIGNALS.replace("version=1)", "version=1, lint=False)").replace(
+        '    decision = await ctx.wait_for_signal("decision", Approval)\n',
+        "    await __import__('asyncio').get_running_loop().create_future()\n"
+        '    decision = await ctx.wait_for_signal("decision", Approval)\n',
+    ),
     # The new code fails after the first step: its compensation is the first command
     # that differs, and the divergence names where the body raised.
     "sig_raises": SIGNALS.replace(
@@ -340,3 +346,14 @@ async def test_deployed_code_records_its_signal_type_with_the_wait(
         # Before, the new type was refused here, against the old recorded schema.
         await engine.signal("a-1", "decision", {"sku": "sku-9"})
         assert await (engine.handle("a-1")).result(timeout=20) == "sku-9"
+
+
+async def test_a_replay_that_never_ends_breaks_its_instance_instead_of_hanging_the_gate(
+    signal_modules: Path, tmp_path: Path
+) -> None:
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    await _waiting_for_a_decision(url)
+    hangs = importlib.import_module("sig_hangs")
+    async with ledgerflow.open_store(url) as store:
+        (broken,) = (await replay_check(store, [hangs.approve], timeout=0.5)).breakages
+    assert "did not end within 0.5 s" in broken.reason

@@ -1556,6 +1556,14 @@ def replay_check_command(
             "theirs to check). Default: every instance.",
         ),
     ] = False,
+    timeout: Annotated[
+        float,
+        typer.Option(
+            min=0.1,
+            help="Seconds one instance's replay may take before it counts as broken "
+            "(new code awaiting something that never completes).",
+        ),
+    ] = 30.0,
 ) -> None:
     """Before a deploy: replay live instances' histories against the new code and name
     every one it would break (the first command that differs, recorded against
@@ -1588,6 +1596,7 @@ def replay_check_command(
                 sample=sample,
                 seed=seed,
                 names={d.name for d in loaded.workflows} if own else None,
+                timeout=timeout,
             )
 
     report = _run(check)

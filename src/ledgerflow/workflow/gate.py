@@ -14,6 +14,7 @@ they are listed as checked by where they are, not replayed.
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +35,10 @@ from .replay import export_history, replay
 __all__ = ["Breakage", "GateReport", "replay_check"]
 
 Definition = WorkflowDefinition[Any, Any] | Machine
+
+REPLAY_TIMEOUT = 30.0
+"""Seconds one instance's replay may take: a replay does no I/O, so one that has
+not ended by then is waiting on something it never gets."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,11 +77,13 @@ async def replay_check(
     sample: int | None = None,
     seed: int | None = None,
     names: Collection[str] | None = None,
+    timeout: float = REPLAY_TIMEOUT,
 ) -> GateReport:
     """Replay the instances whose status is one of ``statuses`` (all of them, or a
     random ``sample``) against ``definitions``; the report names each that breaks.
     ``names``: only instances of these workflows (a service sharing its ledger with
-    others checks its own)."""
+    others checks its own). A replay that has not ended after ``timeout`` seconds
+    (code awaiting something of its own that never completes) breaks its instance."""
     ids = await _instances(store, statuses, names)
     if sample is not None and sample < len(ids):
         ids = sorted(random.Random(seed).sample(ids, sample))
@@ -122,7 +129,19 @@ async def replay_check(
                 )
             continue
         try:
-            await replay(definition, history)
+            async with asyncio.timeout(timeout):
+                await replay(definition, history)
+        except TimeoutError:
+            breakages.append(
+                Breakage(
+                    workflow_id,
+                    started.name,
+                    started.version,
+                    f"replaying its history did not end within {timeout:g} s: the new "
+                    "code awaits something that is not a workflow command (a future, "
+                    "a lock, a socket) and would hang its passes too",
+                )
+            )
         except NonDeterminismError as diverged:
             breakages.append(
                 Breakage(
