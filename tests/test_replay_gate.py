@@ -287,11 +287,14 @@ def signal_modules(tmp_path: Path) -> Iterator[Path]:
             sys.modules.pop(name, None)
 
 
-async def _waiting_for_a_decision(url: str) -> None:
+async def _waiting_for_a_decision(url: str, count: int = 1) -> None:
     v1 = importlib.import_module("sig_v1")
     async with ledgerflow.Engine(url, workflows=[v1.approve]) as engine:
-        await engine.start(v1.approve, 1, id="a-1")
-        await waiting_for(engine, "a-1", "signal 'decision'")
+        ids = ["a-1"] if count == 1 else [f"a-{n}" for n in range(count)]
+        for n, workflow_id in enumerate(ids):
+            await engine.start(v1.approve, n, id=workflow_id)
+        for workflow_id in ids:
+            await waiting_for(engine, workflow_id, "signal 'decision'")
 
 
 async def test_the_gate_names_a_wait_whose_signal_type_changed(
@@ -352,8 +355,12 @@ async def test_a_replay_that_never_ends_breaks_its_instance_instead_of_hanging_t
     signal_modules: Path, tmp_path: Path
 ) -> None:
     url = f"sqlite:///{tmp_path / 'ledger.db'}"
-    await _waiting_for_a_decision(url)
+    await _waiting_for_a_decision(url, 5)
     hangs = importlib.import_module("sig_hangs")
     async with ledgerflow.open_store(url) as store:
-        (broken,) = (await replay_check(store, [hangs.approve], timeout=0.5)).breakages
-    assert "did not end within 0.5 s" in broken.reason
+        report = await replay_check(store, [hangs.approve], timeout=0.5)
+    assert [b.workflow_id for b in report.breakages] == [f"a-{n}" for n in range(5)]
+    hung, skipped = report.breakages[:3], report.breakages[3:]
+    assert all("did not end within 0.5 s" in b.reason for b in hung)
+    # Three hung: the code hangs, so the others are not waited for one by one.
+    assert all("not replayed: the replays of 3 other" in b.reason for b in skipped)
