@@ -163,3 +163,31 @@ def test_a_half_open_breaker_whose_probe_was_lost_half_opens_again() -> None:
     assert meets(world.row, breaker, 40 * S).verdict == "half_open"
     assert world.call(40 * S, False) == "probe"
     assert world.row.state == "closed"
+
+
+def test_a_refused_call_looks_at_a_long_open_breaker_again_within_a_minute() -> None:
+    """Refused calls slept until the open span seen at refusal had passed (10 minutes
+    here): a shorter open_for set meanwhile, or a breaker another call's probe closed,
+    left them waiting that long."""
+    from ledgerflow.workflow.rules import REFUSED_RECHECK_US, inline_rules, next_attempt_at
+
+    rules = inline_rules(lf.RetryPolicy(max_attempts=3), None)
+    now = 1_000 * S
+    for open_us, earliest, latest in (
+        (600 * S, now + REFUSED_RECHECK_US, now + REFUSED_RECHECK_US + S),
+        (5 * S, now + 5 * S, now + 6 * S),  # a short span: back when it half-opens
+    ):
+        refused = lf.CircuitOpenError("erp", "open", now + open_us)
+        at, why = next_attempt_at(
+            rules,
+            refused,
+            now_us=now,
+            workflow_id="w",
+            seq=1,
+            attempt=1,
+            first_at_us=now,
+            refused=True,
+        )
+        assert why == ""
+        assert at is not None
+        assert earliest <= at <= latest

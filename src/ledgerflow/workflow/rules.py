@@ -141,6 +141,10 @@ def attempt_limits(rules: StepRules, first_at_us: int, now_us: int) -> Limits:
     return Limits(timeout, kind, rules.heartbeat, shown)
 
 
+REFUSED_RECHECK_US = 60_000_000
+"""A call an open breaker refused looks at it again at least this often."""
+
+
 def next_attempt_at(
     rules: StepRules,
     error: BaseException,
@@ -161,8 +165,10 @@ def next_attempt_at(
     wait = int(rules.delay(workflow_id, seq, attempt) * 1_000_000)
     at = now_us + wait
     if isinstance(error, CircuitOpenError):
-        # Spread by the backoff, so the calls it refused do not all come back at once.
-        at = max(at, error.until_us + wait)
+        # Spread by the backoff, so the calls it refused do not all come back at once;
+        # and back within a minute while it stays open: a shorter open_for set since,
+        # or another call's probe closing it, is seen then, not after the old span.
+        at = max(at, min(error.until_us, now_us + REFUSED_RECHECK_US) + wait)
     deadline = rules.retry.deadline
     if deadline is not None and at >= first_at_us + int(deadline * 1_000_000):
         return None, f"no retry: the step's retry deadline of {deadline}s would pass"
