@@ -180,6 +180,32 @@ async def test_compensation_that_keeps_failing_is_visible(engine: EngineFactory)
     assert ("release", "x") in fake.calls
 
 
+undo_tries: list[int] = []
+
+
+@ledgerflow.step(retry=ledgerflow.RetryPolicy(max_attempts=2, initial_interval=0.01))
+def undo_twice_at_most(order: Order) -> None:
+    undo_tries.append(ledgerflow.current_step().attempt)
+    raise ValueError("cannot undo")
+
+
+@ledgerflow.workflow(name="own_undo_retry", version=1)
+async def own_undo_retry(ctx: WorkflowContext, order: Order) -> None:
+    await ctx.step(charge, order, compensate=undo_twice_at_most)
+    raise RuntimeError("business rule broken")
+
+
+async def test_a_compensation_takes_its_own_retry_policy(engine: EngineFactory) -> None:
+    """Its @ledgerflow.step(retry=...) was ignored: always 5 attempts."""
+    undo_tries.clear()
+    async with engine(own_undo_retry) as e:
+        await e.start(own_undo_retry, Order("x", 1), id="o-5")
+        with pytest.raises(ledgerflow.WorkflowFailedError) as caught:
+            await e.handle("o-5").result(timeout=WAIT)
+    assert caught.value.status == "compensation_failed"
+    assert undo_tries == [1, 2]
+
+
 class Stock:
     """A step as an object with execute and compensate."""
 

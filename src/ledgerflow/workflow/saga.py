@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 from .. import metrics
 from ..resilience.retrying import jitter_source
+from ..retry import RetryPolicy
 from ..store.runtime import PutTask, RuntimeWrite, TaskRow
 from .codec import to_builtins
 from .definition import step_options
@@ -144,7 +145,7 @@ class Saga:
             with self.acting:
                 arguments = self._encode(list(comp.args), f"the arguments of {comp.name!r}")
                 payload = task_payload(
-                    arguments, kwargs, DEFAULT_COMPENSATION_RETRY, None, comp.name, comp.step_seq
+                    arguments, kwargs, _retry_of(comp), None, comp.name, comp.step_seq
                 )
                 target = step_options(comp.fn).name
                 row = self._task_row(seq, "compensation", target, comp.queue, payload)
@@ -163,7 +164,7 @@ class Saga:
 
             call = keep_async(comp.fn, call)
         await self.record([])
-        policy = DEFAULT_COMPENSATION_RETRY
+        policy = _retry_of(comp)
         attempt = 1 + sum(isinstance(e, CompensationAttemptFailed) for e in recorded)
         while True:
             await self.attempts.outlive(seq)
@@ -249,6 +250,11 @@ def _first(recorded: list[Any] | None, kind: type[T]) -> T | None:
         if isinstance(event, kind):
             return event
     return None
+
+
+def _retry_of(comp: Compensation) -> RetryPolicy:
+    """A compensation's own ``@ledgerflow.step(retry=...)``, else the default."""
+    return step_options(comp.fn).retry or DEFAULT_COMPENSATION_RETRY
 
 
 def _last(recorded: list[Any] | None, kind: type[T]) -> T | None:
