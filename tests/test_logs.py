@@ -17,6 +17,7 @@ import ledgerflow
 from ledgerflow.cli import app
 from ledgerflow.logs import JsonFormatter, configure
 
+from ._engines import waiting_for
 from ._spans import named, tracer
 
 step_log = logging.getLogger("shop.steps")
@@ -172,3 +173,27 @@ async def test_a_step_failed_for_good_and_an_unhappy_end_are_logged(
     assert "failed for good: ValueError: card declined for o-3" in str(failed["message"])
     assert (ended["level"], ended["workflow_id"]) == ("warning", "d-1")
     assert str(ended["message"]).startswith("workflow d-1 ended compensated: StepFailedError")
+
+
+@ledgerflow.workflow(name="napping", version=1)
+async def napping(ctx: ledgerflow.WorkflowContext, order: str) -> str:
+    await ctx.sleep(3600)
+    return order
+
+
+async def test_a_lease_taken_over_is_logged_with_its_workflow(
+    lines: io.StringIO, tmp_path: Path
+) -> None:
+    """The engine's one line about an instance without its workflow_id field."""
+    from ledgerflow.store.runtime import Lease
+
+    async with ledgerflow.Engine(f"sqlite:///{tmp_path / 'n.db'}", workflows=[napping]) as e:
+        await e.start(napping, "o-9", id="n-1")
+        await waiting_for(e, "n-1", "timer")
+        later = e._now_us() + 7200 * 1_000_000  # past its timer: claimable
+        (taken,) = await e.store.claim_wakeups(
+            "intruder", now_us=later, lease_until_us=later + 60_000_000, limit=5, workflows=None
+        )
+        await e._lost(Lease("n-1", taken.epoch - 1))
+    (stepped,) = [r for r in records(lines) if "taken over by intruder" in str(r["message"])]
+    assert (stepped["level"], stepped["workflow_id"]) == ("warning", "n-1")

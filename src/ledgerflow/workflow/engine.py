@@ -577,6 +577,7 @@ class Engine(WorkflowClient):
                 lease.workflow_id,
                 lease.epoch,
                 row.lease_owner,
+                extra={"workflow_id": lease.workflow_id},
             )
 
     def _runs_here(self, workflow_id: str) -> bool:
@@ -622,6 +623,7 @@ class Engine(WorkflowClient):
                             workflow_id,
                             failures,
                             exc,
+                            extra={"workflow_id": workflow_id},
                         )
                         return
                     log.warning(
