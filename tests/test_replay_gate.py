@@ -50,19 +50,26 @@ STRANDING = V1.replace("version=1", "version=2")
 
 @pytest.fixture
 def modules(tmp_path: Path) -> Iterator[Path]:
-    for name, source in {
+    sources = {
         "gate_v1": V1,
         "gate_breaking": BREAKING,
         "gate_compatible": COMPATIBLE,
         "gate_stranding": STRANDING,
-    }.items():
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-    sys.path.insert(0, str(tmp_path))
+    }
+    yield from importable(tmp_path, sources)
+
+
+def importable(where: Path, sources: dict[str, str]) -> Iterator[Path]:
+    """Modules written to ``where`` and importable while the caller yields; then
+    forgotten, so another test's module of the same name is imported afresh."""
+    for name, source in sources.items():
+        (where / f"{name}.py").write_text(textwrap.dedent(source))
+    sys.path.insert(0, str(where))
     try:
-        yield tmp_path
+        yield where
     finally:
-        sys.path.remove(str(tmp_path))
-        for name in ("gate_v1", "gate_breaking", "gate_compatible", "gate_stranding"):
+        sys.path.remove(str(where))
+        for name in sources:
             sys.modules.pop(name, None)
 
 
@@ -276,15 +283,7 @@ SIGNAL_VARIANTS = {
 
 @pytest.fixture
 def signal_modules(tmp_path: Path) -> Iterator[Path]:
-    for name, source in SIGNAL_VARIANTS.items():
-        (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
-    sys.path.insert(0, str(tmp_path))
-    try:
-        yield tmp_path
-    finally:
-        sys.path.remove(str(tmp_path))
-        for name in SIGNAL_VARIANTS:
-            sys.modules.pop(name, None)
+    yield from importable(tmp_path, SIGNAL_VARIANTS)
 
 
 async def _waiting_for_a_decision(url: str, count: int = 1) -> None:
