@@ -192,6 +192,30 @@ CASES: dict[str, tuple[type[LedgerflowError], Case]] = {
         InvalidEventDataError,
         lambda s: asyncio.wait_for(anext(s.subscribe(batch_size=0)), HANG_GUARD),
     ),
+    # PostgreSQL called these corruption ("operator does not exist: bigint >=
+    # boolean"), SQLite raised OverflowError; a float was taken as a position.
+    "a bool as read_all's position": (
+        InvalidEventDataError,
+        lambda s: s.read_all(from_position=True),
+    ),
+    "a float as read_rows's position": (
+        InvalidEventDataError,
+        lambda s: s.read_rows(from_position=1.5),  # type: ignore[arg-type]
+    ),
+    "a bool as read_stream's version": (
+        InvalidEventDataError,
+        lambda s: s.read_stream("seed", from_version=True),
+    ),
+    "a position past 2**63": (InvalidEventDataError, lambda s: s.read_all(from_position=2**64)),
+    "a version past 2**63": (
+        InvalidEventDataError,
+        lambda s: s.read_stream("seed", from_version=2**64),
+    ),
+    "a limit past 2**63": (InvalidEventDataError, lambda s: s.read_all(limit=2**63)),
+    "a subscription from past 2**63": (
+        InvalidEventDataError,
+        lambda s: asyncio.wait_for(anext(s.subscribe(from_position=2**64)), HANG_GUARD),
+    ),
 }
 
 

@@ -47,6 +47,7 @@ from ..registry import EventRegistry
 from ._checks import (
     _MAX_INT32,
     _check_fence,
+    _check_from,
     _check_limit,
     _check_target,
     _checked_runtime,
@@ -491,6 +492,7 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     ) -> list[RecordedEvent]:
         self._check_open()
         _check_limit(limit)
+        _check_from("from_version", from_version)
         rows = await self._read_stream_rows(stream_id, from_version, limit, backwards)
         if not rows and await self._stream_head(stream_id) is None:
             raise StreamNotFoundError(stream_id)
@@ -521,12 +523,14 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     ) -> list[RecordedEvent]:
         self._check_open()
         _check_limit(limit)
+        _check_from("from_position", from_position)
         rows = await self._read_all_rows(from_position, limit)
         return await self._decode_rows(rows)
 
     async def read_leaves(self, *, from_position: int = 1, limit: int = 1000) -> list[LeafRow]:
         self._check_open()
         _check_limit(limit)
+        _check_from("from_position", from_position)
         return await self._read_leaves(from_position, limit)
 
     async def read_stream_rows(
@@ -534,19 +538,25 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
     ) -> list[EventRow]:
         self._check_open()
         _check_limit(limit)
+        _check_from("from_version", from_version)
         return await self._read_stream_rows(stream_id, from_version, limit, False)
 
     async def read_rows(self, *, from_position: int = 1, limit: int = 1000) -> list[EventRow]:
         self._check_open()
         _check_limit(limit)
+        _check_from("from_position", from_position)
         return await self._read_all_rows(from_position, limit)
 
     async def subscribe(
         self, *, from_position: int = 1, batch_size: int = 500
     ) -> AsyncIterator[RecordedEvent]:
         self._check_open()
-        if batch_size < 1:
-            raise InvalidEventDataError("", 0, "batch_size must be >= 1")
+        _check_from("from_position", from_position)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise InvalidEventDataError(
+                "", 0, f"batch_size must be an int >= 1, not {batch_size!r}"
+            )
+        _check_limit(batch_size)
         await self._ensure_listener()
         position = max(from_position, 1)
         outage = 0.0

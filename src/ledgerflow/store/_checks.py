@@ -352,6 +352,23 @@ def _check_worker_now(now_us: object) -> None:
     _check_int(now_us, "now_us", *_WORKER_TIMES)
 
 
+_BIGINT = 2**63 - 1
+"""The largest position, version or limit a database column or parameter holds."""
+
+
 def _check_limit(limit: int | None) -> None:
-    if limit is not None and (isinstance(limit, bool) or limit < 0):
-        raise InvalidEventDataError("", 0, f"limit must be an int >= 0, not {limit!r}")
+    if limit is not None and (
+        isinstance(limit, bool) or not isinstance(limit, int) or not 0 <= limit <= _BIGINT
+    ):
+        raise InvalidEventDataError("", 0, f"limit must be an int from 0 to 2**63-1, not {limit!r}")
+
+
+def _check_from(name: str, value: int | None) -> None:
+    """A read's starting position or version: an int a database can compare (a bool,
+    a float or 2**64 reached SQL as a type error or an OverflowError)."""
+    if value is not None and (
+        isinstance(value, bool) or not isinstance(value, int) or not -_BIGINT <= value <= _BIGINT
+    ):
+        raise InvalidEventDataError(
+            "", 0, f"{name} must be an int within +-(2**63-1), not {value!r}"
+        )

@@ -164,13 +164,10 @@ def driver_errors(action: str, location: str) -> Iterator[None]:
         yield
     except psycopg.OperationalError as exc:
         raise StoreUnavailableError(BACKEND, f"{action}: {reason(exc)}") from exc
-    except (
-        psycopg.errors.UndefinedTable,
-        psycopg.errors.UndefinedColumn,
-        psycopg.errors.UndefinedFunction,
-    ) as exc:
-        # A table, column or function of the ledger gone (dropped or altered by hand
-        # after the store opened): retrying meets the same schema.
+    except (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn) as exc:
+        # A table or column of the ledger gone (dropped or altered by hand after the
+        # store opened): retrying meets the same schema. (Not UndefinedFunction: an
+        # operator missing for a parameter's type is a caller's mistake.)
         raise StoreCorruptError(location, f"could not {action}: {reason(exc)}") from exc
     except psycopg.errors.ReadOnlySqlTransaction as exc:
         # A standby, or sessions made read-only since the store opened: retrying on
