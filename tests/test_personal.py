@@ -340,3 +340,50 @@ async def test_inputs_and_signals_given_as_json_are_sealed_by_their_types(
     assert b"jo@example.com" not in stored
     assert b"J. Doe" not in stored
     assert stored.count(b'"$pii"') >= 3  # the input, the signal, the result
+
+
+EMAILS = ledgerflow.Table("emails", key="customer_id", columns={"customer_id": str, "email": str})
+
+
+async def test_projections_status_and_the_relay_go_on_past_an_erased_subject(
+    customers: Any,
+) -> None:
+    """After one erasure every projection of the store stopped for good (the rebuild
+    docs/audit.md advises never ended), ``projections list`` failed, and a relay run
+    with the application's registry stalled there."""
+    from ledgerflow import Projection, ProjectionRunner, ReadModel
+    from ledgerflow.bus import InProcessBus, Relay, Route, decode
+    from ledgerflow.projections.operations import status
+
+    bob = CustomerRegistered("c-2", "bob@example.com", "Bob", "free")
+    await customers.append("customer-c-1", [ADA])
+    await customers.append("customer-c-2", [bob])
+    emails = Projection("emails", tables=[EMAILS])
+
+    @emails.on(CustomerRegistered)
+    def registered(event: ledgerflow.RecordedEvent, view: Any) -> None:
+        view.put(EMAILS, {"customer_id": event.data.customer_id, "email": event.data.email})
+
+    others = Projection("others")
+
+    @others.on("customer.moved")
+    def moved(event: ledgerflow.RecordedEvent, view: Any) -> None:
+        pass
+
+    await erase_subject(customers, "c-1", reason="request")
+    # A projection that handles the type builds without the erased event (what a
+    # rebuild after an erasure is for); one that does not is not held up.
+    assert await ProjectionRunner(customers, [emails, others]).catch_up() == 1  # bob's
+    assert await ReadModel(customers, emails).select(EMAILS) == [
+        {"customer_id": "c-2", "email": "bob@example.com"}
+    ]
+    assert [s.name for s in await status(customers)] == ["emails", "others"]
+    assert all(s.failure is None for s in await status(customers))
+    # The relay publishes the erased event as an untyped read shows it.
+    bus = InProcessBus()
+    route = Route(subject="crm.{type}", types={"customer.registered"})
+    assert await Relay(customers, bus, [route]).catch_up() == 2
+    first, second = (decode(m)["data"] for m in bus.messages)
+    assert first["email"] == {ERASED: "email"}
+    assert first["plan"] == "gold"
+    assert second["email"] == "bob@example.com"

@@ -25,7 +25,6 @@ import msgspec
 
 from ..errors import ProjectionNotFailedError, ProjectionNotFoundError
 from ..events import Metadata
-from ..hashing import to_micros
 from ..registry import EventRegistry
 from ..resilience.book import default_actor
 from .state import ProjectionFailure, ProjectionRow, Rebuild
@@ -115,9 +114,12 @@ async def status(store: WorkflowStore, name: str | None = None) -> list[Projecti
     for row in rows:
         seconds = 0.0
         if row.position < head:
-            nxt = await store.read_all(from_position=row.position + 1, limit=1)
+            # The row, not the event: its time is all we need, and an event this code
+            # cannot decode (erased personal data, a type it lacks) must not stop
+            # the listing.
+            nxt = await store.read_rows(from_position=row.position + 1, limit=1)
             if nxt:
-                seconds = max(0.0, (now - to_micros(nxt[0].recorded_at)) / 1_000_000)
+                seconds = max(0.0, (now - nxt[0].recorded_at_us) / 1_000_000)
         found.append(
             ProjectionStatus(
                 row.name,

@@ -36,6 +36,7 @@ from ..errors import (
     BusUnavailableError,
     ConfigurationError,
     InvalidEventDataError,
+    PersonalDataErasedError,
     ProjectionHeldError,
     ProjectionLeaseLostError,
     StoreClosedError,
@@ -329,13 +330,26 @@ class ProjectionRunner:
             return await self.store.read_all(
                 from_position=position + 1, limit=self.batch_size
             ), None
-        except InvalidEventDataError:
+        except (InvalidEventDataError, PersonalDataErasedError):
             pass  # find which, one by one (only now: a batch decodes whole normally)
         events: list[RecordedEvent] = []
         class_of = self.store.registry.class_of
         for row in await self.store.read_rows(from_position=position + 1, limit=self.batch_size):
             try:
                 events.extend(await self.store.read_all(from_position=row.position, limit=1))
+            except PersonalDataErasedError as exc:
+                # Its subject was erased: no handler may have it, and the read model
+                # built without it holds none of the erased data (what a rebuild
+                # after ``gdpr erase`` is for).
+                if projection.may_handle(row.type, class_of):
+                    log.warning(
+                        "projection %s passes over event %s at position %d: %s",
+                        projection.name,
+                        row.id,
+                        row.position,
+                        exc,
+                    )
+                events.append(_passed_over(row))
             except InvalidEventDataError as exc:
                 if projection.may_handle(row.type, class_of):
                     return events, ProjectionFailure(
