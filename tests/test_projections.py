@@ -629,3 +629,39 @@ class _as_is:
 
     async def __aexit__(self, *_: object) -> None:
         return None
+
+
+async def test_a_nul_character_stops_the_projection_at_its_event_on_every_backend(
+    ledger: BaseEventStore,
+) -> None:
+    """PostgreSQL refuses NUL in text and jsonb: the batch rolled back whole (the
+    good event before it too) and the runner started again for ever, shown running
+    with no failure; SQLite stored it. Now no backend takes it: the projection stops
+    at that event, visibly, with what came before committed."""
+    await ledger.append("o-1", [Placed("acme", 500)])
+    await ledger.append("o-2", [Placed("ac\x00me", 70)])
+    await ledger.append("o-3", [Placed("bob", 5)])
+    projection = orders_projection()
+    runner = ProjectionRunner(ledger, [projection])
+    assert await runner.catch_up() == 1
+    row = await ledger.projection_row("orders")
+    assert row is not None
+    assert row.position == 1
+    assert row.failure is not None
+    assert row.failure.position == 2
+    assert "NUL character" in row.failure.message
+    nested = Table("notes", key="id", columns={"id": str, "notes": dict})
+    with pytest.raises(lf.ConfigurationError, match="NUL"):
+        nested.check_row({"id": "n", "notes": {"deep": ["x\x00"]}})
+    with pytest.raises(lf.ConfigurationError, match="NUL"):
+        nested.check_row({"id": "n", "notes": {"k\x00": 1}})
+    assert nested.check_row({"id": "n", "notes": {"k": "\\u0000"}})["notes"] == {"k": "\\u0000"}
+    # Asked for, on any backend: the same typed refusal (PostgreSQL's was a StoreError,
+    # SQLite's an empty answer; a huge offset an OverflowError on SQLite).
+    model = ReadModel(ledger, projection)
+    with pytest.raises(lf.ConfigurationError, match="NUL"):
+        await model.select(ORDERS, where={"customer": "ac\x00me"})
+    with pytest.raises(lf.ConfigurationError, match="NUL"):
+        await model.get(ORDERS, "o\x00")
+    with pytest.raises(lf.ConfigurationError, match="offset"):
+        await model.select(ORDERS, offset=2**63)

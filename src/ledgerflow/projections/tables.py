@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Union
 
+import msgspec
+
 from ..errors import ConfigurationError
 
 __all__ = [
@@ -62,7 +64,7 @@ class Column:
             raise ConfigurationError(f"table {table!r}: column {self.name!r} cannot be None")
         kind = self.kind
         fits = (
-            (kind == "text" and isinstance(value, str))
+            (kind == "text" and isinstance(value, str) and "\x00" not in value)
             or (
                 kind == "integer"
                 and isinstance(value, int)
@@ -76,13 +78,36 @@ class Column:
                 and not isinstance(value, bool)
                 and math.isfinite(value)
             )
-            or kind == "json"
+            or (kind == "json" and not _holds_nul(value))
         )
         if not fits:
+            why = " (a NUL character, which PostgreSQL cannot store)" if _has_nul(value) else ""
             raise ConfigurationError(
-                f"table {table!r}: column {self.name!r} ({kind}) cannot hold {value!r}"
+                f"table {table!r}: column {self.name!r} ({kind}) cannot hold {value!r:.200}{why}"
             )
         return float(value) if kind == "real" else value
+
+
+def _has_nul(value: Any) -> bool:
+    return (isinstance(value, str) and "\x00" in value) or _holds_nul(value)
+
+
+def _holds_nul(value: Any) -> bool:
+    """Whether a JSON value holds a NUL character in a string or a key: PostgreSQL
+    refuses it in text and jsonb alike, so no backend takes it (a read model behaves
+    the same on each)."""
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_holds_nul(k) or _holds_nul(v) for k, v in value.items())
+    if isinstance(value, list | tuple):
+        return any(_holds_nul(v) for v in value)
+    if isinstance(value, int | float) or value is None:
+        return False
+    try:  # a Struct, a dataclass...: as it will be stored
+        return _holds_nul(msgspec.to_builtins(value))
+    except (TypeError, ValueError, OverflowError):
+        return False  # not JSON: the store says so when it writes it
 
 
 class Table:

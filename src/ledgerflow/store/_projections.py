@@ -230,8 +230,8 @@ class ProjectionStore(abc.ABC):
             conditions[column] = spec.check(table.name, value) if value is not None else None
         if order_by is not None and order_by not in table.columns:
             raise ConfigurationError(f"table {table.name!r} has no column {order_by!r}")
-        if not 1 <= limit <= 10_000 or offset < 0:
-            raise ConfigurationError("limit must be 1..10000 and offset >= 0")
+        if not 1 <= limit <= 10_000 or not 0 <= offset <= 2**63 - 1:
+            raise ConfigurationError("limit must be 1..10000 and offset 0..2**63-1")
         for last in (False, True):
             live = await self._generation(projection, generation)
             try:
