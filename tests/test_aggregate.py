@@ -199,6 +199,23 @@ async def test_a_snapshot_that_does_not_decode_is_rebuilt_from_events(
     assert "snapshot of account-12 ignored" in caplog.text
 
 
+async def test_a_snapshot_ahead_of_its_stream_is_ignored(
+    store: BaseEventStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Loaded at the snapshot's version, every later save conflicted for ever."""
+    repo = ledgerflow.Repository(store, account_aggregate(snapshot_every=2))
+    for _ in range(3):
+        await repo.handle("13", Deposit(5))
+    kept = await store.load_snapshot("account-13")
+    assert kept is not None
+    ahead = b'{"balance":999,"moves":1000000}'
+    await store.save_snapshot(ledgerflow.Snapshot("account-13", 1_000_000, kept.type, 1, ahead))
+    loaded = await repo.load("13")
+    assert (loaded.state, loaded.version) == (Account(balance=15, moves=3), 3)
+    assert "the stream is behind it" in caplog.text
+    assert (await repo.handle("13", Deposit(5)))[0].version == 4
+
+
 async def test_business_rule_violation_writes_nothing(store: BaseEventStore) -> None:
     repo = ledgerflow.Repository(store, account_aggregate())
     await repo.handle("1", Deposit(10))

@@ -107,7 +107,21 @@ class Repository(Generic[S, C, E]):
         try:
             events = await self.store.read_stream(stream, from_version=version + 1)
         except StreamNotFoundError:
-            return Loaded(aggregate_id, state, version)
+            events = []
+        if version and not events and await self.store.stream_version(stream) < version:
+            # A snapshot ahead of its stream (saved by hand at a version the stream
+            # never reached): taken as the truth, every save would conflict for ever.
+            log.warning(
+                "aggregate %s: snapshot of %s at version %d ignored: the stream is behind it",
+                self.aggregate.name,
+                stream,
+                version,
+            )
+            state, version = self.aggregate.initial, 0
+            try:
+                events = await self.store.read_stream(stream)
+            except StreamNotFoundError:
+                events = []
         for event in events:
             state = self.aggregate.evolve(state, event.data)
             version = event.version
