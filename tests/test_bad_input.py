@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -194,6 +195,23 @@ CASES: dict[str, tuple[type[LedgerflowError], Case]] = {
     ),
     # PostgreSQL called these corruption ("operator does not exist: bigint >=
     # boolean"), SQLite raised OverflowError; a float was taken as a position.
+    # Stored as null, a list, a string key: the event silently differed.
+    "NaN in a typed event's Any field": (
+        EventSerializationError,
+        lambda s: s.append("seed", [Anything({"n": math.nan})]),
+    ),
+    "an int key in a typed event's Any field": (
+        EventSerializationError,
+        lambda s: s.append("seed", [Anything({1: 2})]),
+    ),
+    "infinity in metadata extra": (
+        EventSerializationError,
+        lambda s: s.append("seed", [NewEvent("a", {})], metadata=Metadata(extra={"n": math.inf})),
+    ),
+    "a tuple in metadata extra": (
+        EventSerializationError,
+        lambda s: s.append("seed", [NewEvent("a", {})], metadata=Metadata(extra={"t": (1, 2)})),
+    ),
     "a bool as read_all's position": (
         InvalidEventDataError,
         lambda s: s.read_all(from_position=True),

@@ -159,6 +159,7 @@ class EventRegistry:
         if entry is None:
             raise UnknownEventTypeError(type(event).__qualname__)
         encoder = _encoder if sealer is None else sealer.encoder
+        compared = False  # personal values read back sealed, pydantic as it says
         try:
             if entry.is_pydantic:
                 # No serializer warnings: what does not fit is refused just below.
@@ -170,6 +171,8 @@ class EventRegistry:
                 plain = _encoder.encode(msgspec.to_builtins(event))
             else:
                 data = plain = encoder.encode(event)
+                # Values sealed already (a workflow's input) read back as their seal.
+                compared = not personal.holds_personal(data)
         except (TypeError, ValueError, OverflowError) as exc:
             raise EventSerializationError(entry.name, _unsealed(exc)) from exc
         # Neither a dataclass nor a Struct checks its field types when built (nor
@@ -178,7 +181,18 @@ class EventRegistry:
         # stream's and the whole log's (each projection, each subscriber), would
         # fail. So it is read back now, as a read would (the plain form of sealed
         # values: their types are checked before they are sealed).
-        self._decode_entry(entry, plain)
+        back = self._decode_entry(entry, plain)
+        if compared and back != event:
+            # It reads back as its class, but not as it was: msgspec writes NaN and
+            # infinities as null, and what an ``Any`` field holds as JSON (a tuple as a
+            # list, an int key as a string, a datetime as text). Stored, the event would
+            # silently differ from what the caller appended.
+            raise EventSerializationError(
+                entry.name,
+                "it does not read back equal to what was given (NaN or infinity, or a "
+                "value a JSON field turns into another: a tuple, a set, a non-string "
+                "key, a datetime in an Any field); give fields the types they hold",
+            )
         return EncodedEvent(entry.name, entry.version, data)
 
     def _encode_new(self, event: NewEvent, sealer: personal.Sealer | None) -> EncodedEvent:

@@ -296,9 +296,18 @@ class BaseEventStore(RuntimeRows, TaskQueues, ResourceGuards, ProjectionStore):
         try:
             # Metadata is a plain Struct: nothing checked its field types when it was
             # built, and a value that does not decode would break every later read.
-            _decode_metadata(encoded)
+            back = _decode_metadata(encoded)
         except msgspec.ValidationError as exc:
             raise _invalid(f"metadata does not match ledgerflow.Metadata: {exc}") from exc
+        if back.extra != metadata.extra:
+            # NaN written as null, a tuple as a list, an int key as a string: stored, the
+            # metadata would differ from what was given (and a retry with the original
+            # values would be taken for the same append).
+            raise EventSerializationError(
+                "metadata",
+                "its extra does not read back equal to what was given (NaN or infinity, "
+                "a tuple, a set, a non-string key, bytes...): give JSON values",
+            )
         return encoded
 
     def _check_new_event(self, event: NewEvent) -> None:

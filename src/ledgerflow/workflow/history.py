@@ -528,12 +528,14 @@ class History:
                 continue
             self.personal = self.personal or event.sealed
             self.add(event.version, event.data)
-            if isinstance(event.data, SignalSent):
+            # Kept for a signal still to take only (as a snapshot keeps them).
+            untaken = isinstance(event.data, SignalSent) and event.version not in self.taken
+            if untaken:
                 self.signal_times[event.version] = to_micros(event.recorded_at)
             traced = event.metadata.traceparent
             if traced is None:
                 continue
-            if isinstance(event.data, SignalSent):
+            if untaken:
                 self.signal_traces[event.version] = traced
             elif self.traceparent is None and isinstance(event.data, _Command):
                 # Started outside any trace: its first pass's span is the root (the
@@ -552,6 +554,9 @@ class History:
                 self.observer(data)
             if isinstance(data, (SignalTaken, SignalRejected)):
                 self.taken.add(data.signal_version)
+                # What only a signal still to take needs (as a snapshot keeps it).
+                self.signal_times.pop(data.signal_version, None)
+                self.signal_traces.pop(data.signal_version, None)
             elif isinstance(data, MachineMigrated):
                 self.migrated_to = data.to_version
         elif isinstance(data, SignalSent):
