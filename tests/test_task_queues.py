@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections import Counter
 from dataclasses import dataclass
 from datetime import timedelta
@@ -707,3 +708,36 @@ async def test_a_graceful_stop_records_a_sync_step_that_outlives_its_grace(
         assert any(isinstance(e, StepDone) for e in history), history
         assert await handle.result(timeout=WAIT) == "INV-1"
         assert calls["slow"] == 1
+
+
+spans: list[tuple[float, float]] = []
+
+
+@ledgerflow.step(name="erp.slow")
+def slow(n: int) -> int:
+    began = time.monotonic()
+    time.sleep(0.6)
+    spans.append((began, time.monotonic()))
+    return n
+
+
+@ledgerflow.workflow(name="overrun_flow", version=1)
+async def overrun_flow(ctx: WorkflowContext, n: int) -> int:
+    return await ctx.step(
+        slow, n, queue="erp", timeout=0.2, retry=ledgerflow.RetryPolicy(max_attempts=2)
+    )
+
+
+async def test_a_queued_attempt_past_its_timeout_is_not_retried_beside_its_still_running_body(
+    engine: EngineFactory,
+) -> None:
+    """The timeout was recorded and the task given back at once: the retry ran while
+    the first body still did, so bulkheads and queue limits no longer held."""
+    spans.clear()
+    async with engine(overrun_flow, clock=REAL, queues=["erp"], steps=[slow]) as both:
+        handle = await both.start(overrun_flow, 1, id="q-slow")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+    assert len(spans) == 2
+    (_, first_end), (second_start, _) = sorted(spans)
+    assert second_start >= first_end

@@ -535,6 +535,13 @@ class TaskRunner:
                 kind="compensation" if row.kind == "compensation" else "step",
                 remote=True,
             )
+            if not ok and row.seq in attempts.hung:
+                # A sync body past its timeout cannot be stopped and still runs (its
+                # cancelled flag is set). Its outcome waits for it: until then its
+                # permit, its queue slot and the task's lease stay taken, so bulkheads
+                # and queue limits hold, and the next attempt, here or on another
+                # worker, never runs beside it.
+                await attempts.outlive(row.seq)
         writes: tuple[RuntimeWrite, ...] = ()
         if admission is not None and self.guards is not None:
             writes = self.guards.outcome_writes(admission, None if ok else value)
