@@ -710,6 +710,41 @@ async def test_a_graceful_stop_records_a_sync_step_that_outlives_its_grace(
         assert calls["slow"] == 1
 
 
+@ledgerflow.step(name="erp.slower_invoice", queue="erp")
+def slower_invoice(n: int) -> str:
+    calls["slower"] += 1
+    slow_started.set()
+    threading.Event().wait(1.6)  # past grace and half the 2 s lease below
+    return f"INV-{n}"
+
+
+@ledgerflow.workflow(name="tq.slower")
+async def slower_flow(ctx: WorkflowContext, n: int) -> str:
+    return await ctx.step(slower_invoice, n)
+
+
+async def test_a_graceful_stop_records_a_body_that_returns_within_a_lease(
+    engine: EngineFactory,
+) -> None:
+    """The worker waited half a lease, cancelled the attempt, waited for the body
+    another half and, once it had returned, dropped its outcome and gave the task
+    back: the step ran again at once on the next worker."""
+    slow_started.clear()
+    calls["slower"] = 0
+    async with engine(slower_flow, clock=REAL) as orders:
+        handle = await orders.start(slower_flow, 2, id="q-slower")
+        async with engine(
+            clock=REAL, queues=["erp"], steps=[slower_invoice], lease=timedelta(seconds=2)
+        ) as worker:
+            assert await asyncio.to_thread(slow_started.wait, WAIT)
+            await worker.close(grace=0.05)
+        history = [e.data for e in await orders.history("q-slower")]
+        assert any(isinstance(e, StepDone) for e in history), history
+        async with engine(clock=REAL, queues=["erp"], steps=[slower_invoice]):
+            assert await handle.result(timeout=WAIT) == "INV-2"
+        assert calls["slower"] == 1
+
+
 spans: list[tuple[float, float]] = []
 
 

@@ -333,10 +333,12 @@ class TaskRunner:
         cancel the rest (``release`` gives their leases back).
 
         A sync step's body cannot be stopped: while one still runs after ``grace``,
-        the attempts are waited for up to half a lease more (the heartbeat renews
-        their leases meanwhile), so that a body that returns has its outcome
-        recorded here. Cancelled, it ran to its end all the same, and its task,
-        handed back, ran the step again elsewhere: a second effect on every deploy."""
+        the attempts are waited for up to a lease more (the heartbeat renews their
+        leases meanwhile), so that a body that returns has its outcome recorded here.
+        Cancelled, it ran to its end all the same, and its task, handed back, ran the
+        step again elsewhere: a second effect on every deploy. (Half a lease was
+        waited for before, then the engine waited for the bodies another half with
+        the outcomes of those returning then dropped.)"""
         self._closing = True
         self._wake.set()
         if self._loop is not None:
@@ -345,7 +347,7 @@ class TaskRunner:
         if running:
             _, pending = await asyncio.wait(running, timeout=grace)
             if pending and self.threads.running:
-                _, pending = await asyncio.wait(pending, timeout=self.lease_us / 2_000_000)
+                _, pending = await asyncio.wait(pending, timeout=self.lease_us / 1_000_000)
             await cancel_and_wait(pending)
 
     async def release(self) -> None:
