@@ -680,69 +680,42 @@ slow_started = threading.Event()
 
 
 @ledgerflow.step(name="erp.slow_invoice", queue="erp")
-def slow_invoice(n: int) -> str:
+def slow_invoice(seconds: float) -> str:
     calls["slow"] += 1
     slow_started.set()
-    threading.Event().wait(0.5)  # a body no one can stop
-    return f"INV-{n}"
+    threading.Event().wait(seconds)  # a body no one can stop
+    return f"INV-{seconds}"
 
 
 @ledgerflow.workflow(name="tq.slow")
-async def slow_flow(ctx: WorkflowContext, n: int) -> str:
-    return await ctx.step(slow_invoice, n)
+async def slow_flow(ctx: WorkflowContext, seconds: float) -> str:
+    return await ctx.step(slow_invoice, seconds)
 
 
+@pytest.mark.parametrize(
+    ("seconds", "lease"),
+    [(0.5, 60), (1.6, 2)],  # within half its lease; past half of it, within the lease
+    ids=["within half a lease", "within a lease"],
+)
 async def test_a_graceful_stop_records_a_sync_step_that_outlives_its_grace(
-    engine: EngineFactory,
+    engine: EngineFactory, seconds: float, lease: int
 ) -> None:
     """A worker told to stop waited for a sync body past its grace (it cannot be
     stopped), then handed its task back unrecorded: the step ran again on the next
-    worker, a second ERP call on every deploy. The body's outcome is recorded now."""
+    worker, a second ERP call on every deploy. Then it waited half a lease, and a
+    body returning later had its outcome dropped all the same. It is recorded now."""
     slow_started.clear()
     async with engine(slow_flow, clock=REAL) as orders:
-        handle = await orders.start(slow_flow, 1, id="q-slow")
-        async with engine(clock=REAL, queues=["erp"], steps=[slow_invoice]) as worker:
+        handle = await orders.start(slow_flow, seconds, id="q-slow")
+        async with engine(
+            clock=REAL, queues=["erp"], steps=[slow_invoice], lease=timedelta(seconds=lease)
+        ) as worker:
             assert await asyncio.to_thread(slow_started.wait, WAIT)
             await worker.close(grace=0.05)
         history = [e.data for e in await orders.history("q-slow")]
         assert any(isinstance(e, StepDone) for e in history), history
-        assert await handle.result(timeout=WAIT) == "INV-1"
+        assert await handle.result(timeout=WAIT) == f"INV-{seconds}"
         assert calls["slow"] == 1
-
-
-@ledgerflow.step(name="erp.slower_invoice", queue="erp")
-def slower_invoice(n: int) -> str:
-    calls["slower"] += 1
-    slow_started.set()
-    threading.Event().wait(1.6)  # past grace and half the 2 s lease below
-    return f"INV-{n}"
-
-
-@ledgerflow.workflow(name="tq.slower")
-async def slower_flow(ctx: WorkflowContext, n: int) -> str:
-    return await ctx.step(slower_invoice, n)
-
-
-async def test_a_graceful_stop_records_a_body_that_returns_within_a_lease(
-    engine: EngineFactory,
-) -> None:
-    """The worker waited half a lease, cancelled the attempt, waited for the body
-    another half and, once it had returned, dropped its outcome and gave the task
-    back: the step ran again at once on the next worker."""
-    slow_started.clear()
-    calls["slower"] = 0
-    async with engine(slower_flow, clock=REAL) as orders:
-        handle = await orders.start(slower_flow, 2, id="q-slower")
-        async with engine(
-            clock=REAL, queues=["erp"], steps=[slower_invoice], lease=timedelta(seconds=2)
-        ) as worker:
-            assert await asyncio.to_thread(slow_started.wait, WAIT)
-            await worker.close(grace=0.05)
-        history = [e.data for e in await orders.history("q-slower")]
-        assert any(isinstance(e, StepDone) for e in history), history
-        async with engine(clock=REAL, queues=["erp"], steps=[slower_invoice]):
-            assert await handle.result(timeout=WAIT) == "INV-2"
-        assert calls["slower"] == 1
 
 
 spans: list[tuple[float, float]] = []

@@ -181,7 +181,7 @@ class Relay(ProjectionRunner):
         if row.failure is not None:
             return 0, False  # stopped at an event it cannot publish until an operator acts
         position = row.position
-        events = await self._events(position)
+        events, _ = await self._read(projection, position)
         if not events:
             return 0, False
         refused = self._too_big(events)
@@ -218,23 +218,17 @@ class Relay(ProjectionRunner):
             return published, False
         return published, len(events) == self.batch_size
 
-    async def _events(self, position: int) -> list[RecordedEvent]:
-        """The batch after ``position``, decoded as the store's registry says; one
-        it cannot decode that way (its subject's personal data erased, a type or
-        version this code lacks) goes out as an untyped read shows it: its JSON, an
-        erased value as ``{"$erased": field}``. A relay carries JSON, and the
-        consumers are not held back by what this process's code can decode."""
-        try:
-            return await self.store.read_all(from_position=position + 1, limit=self.batch_size)
-        except (InvalidEventDataError, PersonalDataErasedError):
-            pass  # find which, one by one
-        events: list[RecordedEvent] = []
-        for row in await self.store.read_rows(from_position=position + 1, limit=self.batch_size):
-            try:
-                events.extend(await self.store.read_all(from_position=row.position, limit=1))
-            except (InvalidEventDataError, PersonalDataErasedError):
-                events.append(await self._untyped(row))
-        return events
+    async def _undecodable(
+        self,
+        projection: Projection,
+        row: EventRow,
+        exc: InvalidEventDataError | PersonalDataErasedError,
+    ) -> RecordedEvent | ProjectionFailure:
+        """An event this process's registry cannot decode (its subject's personal
+        data erased, a type or version this code lacks) goes out as an untyped read
+        shows it: its JSON, an erased value as ``{"$erased": field}``. A relay carries
+        JSON, and consumers are not held back by what this code can decode."""
+        return await self._untyped(row)
 
     async def _untyped(self, row: EventRow) -> RecordedEvent:
         try:

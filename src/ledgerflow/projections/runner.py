@@ -333,30 +333,41 @@ class ProjectionRunner:
         except (InvalidEventDataError, PersonalDataErasedError):
             pass  # find which, one by one (only now: a batch decodes whole normally)
         events: list[RecordedEvent] = []
-        class_of = self.store.registry.class_of
         for row in await self.store.read_rows(from_position=position + 1, limit=self.batch_size):
             try:
                 events.extend(await self.store.read_all(from_position=row.position, limit=1))
-            except PersonalDataErasedError as exc:
-                # Its subject was erased: no handler may have it, and the read model
-                # built without it holds none of the erased data (what a rebuild
-                # after ``gdpr erase`` is for).
-                if projection.may_handle(row.type, class_of):
-                    log.warning(
-                        "projection %s passes over event %s at position %d: %s",
-                        projection.name,
-                        row.id,
-                        row.position,
-                        exc,
-                    )
-                events.append(_passed_over(row))
-            except InvalidEventDataError as exc:
-                if projection.may_handle(row.type, class_of):
-                    return events, ProjectionFailure(
-                        row.position, str(row.id), row.type, type(exc).__name__, str(exc)
-                    )
-                events.append(_passed_over(row))
+            except (InvalidEventDataError, PersonalDataErasedError) as exc:
+                instead = await self._undecodable(projection, row, exc)
+                if isinstance(instead, ProjectionFailure):
+                    return events, instead
+                events.append(instead)
         return events, None
+
+    async def _undecodable(
+        self,
+        projection: Projection,
+        row: EventRow,
+        exc: InvalidEventDataError | PersonalDataErasedError,
+    ) -> RecordedEvent | ProjectionFailure:
+        """What stands in the batch for an event this code cannot decode: passed over
+        (no handler of ``projection`` wants it, or its personal data was erased, which
+        no handler may have: a read model built without it holds none of it, what a
+        rebuild after ``gdpr erase`` is for), or the failure to stop at."""
+        wanted = projection.may_handle(row.type, self.store.registry.class_of)
+        if isinstance(exc, PersonalDataErasedError):
+            if wanted:
+                log.warning(
+                    "projection %s passes over event %s at position %d: %s",
+                    projection.name,
+                    row.id,
+                    row.position,
+                    exc,
+                )
+        elif wanted:
+            return ProjectionFailure(
+                row.position, str(row.id), row.type, type(exc).__name__, str(exc)
+            )
+        return _passed_over(row)
 
     async def _stop(
         self, projection: Projection, lease: ProjectionLease, failure: ProjectionFailure

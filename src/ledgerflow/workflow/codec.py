@@ -97,7 +97,7 @@ _PROSE = frozenset({"title", "description", "examples", "$comment"})
 def same_shape(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
     """Whether two JSON Schemas take the same values: equal once their prose
     (titles, descriptions, examples: a docstring edited) is left out."""
-    return bool(_shape(a) == _shape(b))
+    return a == b or bool(_shape(a) == _shape(b))
 
 
 _NAMED = frozenset({"properties", "patternProperties", "$defs", "definitions", "dependentSchemas"})
