@@ -802,6 +802,7 @@ async def test_schema_at_version_1_is_upgraded_on_open(pg_schema: str) -> None:
         (9, "instances listed newest first"),
         (10, "audit: Merkle tiles, checkpointed tree heads, personal-data keys"),
         (11, "task attempts lost with their workers"),
+        (12, "task attempts handed back unfinished"),
     ]
     async with open_adapter(url) as store:  # positions go on from where the head was
         assert [e.position for e in await store.read_all()] == [1, 2, 3]

@@ -95,13 +95,14 @@ async def test_a_ledger_at_version_5_gets_the_task_tables_on_open(pg_schema: str
         rows = con.execute(
             f"SELECT version, name FROM {pg_schema}.schema_migrations ORDER BY version"
         ).fetchall()
-    assert rows[-6] == (6, "task queues")
-    assert rows[-5] == (7, "guarded resources: breakers, rate limits, bulkheads")
-    assert rows[-4] == (8, "projections: checkpoints, leases, failures")
-    assert rows[-3] == (9, "instances listed newest first")
-    assert rows[-2] == (10, "audit: Merkle tiles, checkpointed tree heads, personal-data keys")
-    assert rows[-1] == (11, "task attempts lost with their workers")
-    assert _migrations(pg_schema)[-1].version == 11
+    assert rows[-7] == (6, "task queues")
+    assert rows[-6] == (7, "guarded resources: breakers, rate limits, bulkheads")
+    assert rows[-5] == (8, "projections: checkpoints, leases, failures")
+    assert rows[-4] == (9, "instances listed newest first")
+    assert rows[-3] == (10, "audit: Merkle tiles, checkpointed tree heads, personal-data keys")
+    assert rows[-2] == (11, "task attempts lost with their workers")
+    assert rows[-1] == (12, "task attempts handed back unfinished")
+    assert _migrations(pg_schema)[-1].version == 12
 
 
 async def test_the_payload_is_kept_byte_for_byte(pg_schema: str) -> None:

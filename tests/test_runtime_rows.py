@@ -810,20 +810,21 @@ async def test_migration_2_is_recorded(store_url: str) -> None:
         await write(store, PutInstance(instance("wf")))
     recorded = migration_versions(store_url)
     # 4 is the registry of workers on SQLite, 5 task queues, 6 guarded resources, 7
-    # projections, 8 an index by creation time, 9 the audit tables and 10 the tasks'
-    # recorded attempts; on PostgreSQL 4 is the global order by transaction
-    # visibility, then one more each.
-    last = 11 if "postgres" in store_url else 10
+    # projections, 8 an index by creation time, 9 the audit tables, 10 the tasks'
+    # recorded attempts and 11 their hand-backs; on PostgreSQL 4 is the global order
+    # by transaction visibility, then one more each.
+    last = 12 if "postgres" in store_url else 11
     assert [v for v, _ in recorded] == list(range(1, last + 1))
     assert recorded[1][1] == "workflow instances and wake-ups"
     assert recorded[2][1] == "lease epochs (fencing)"
-    assert recorded[-7][1] == "the registry of workers"
-    assert recorded[-6][1] == "task queues"
-    assert recorded[-5][1] == "guarded resources: breakers, rate limits, bulkheads"
-    assert recorded[-4][1] == "projections: checkpoints, leases, failures"
-    assert recorded[-3][1] == "instances listed newest first"
-    assert recorded[-2][1] == "audit: Merkle tiles, checkpointed tree heads, personal-data keys"
-    assert recorded[-1][1] == "task attempts lost with their workers"
+    assert recorded[-8][1] == "the registry of workers"
+    assert recorded[-7][1] == "task queues"
+    assert recorded[-6][1] == "guarded resources: breakers, rate limits, bulkheads"
+    assert recorded[-5][1] == "projections: checkpoints, leases, failures"
+    assert recorded[-4][1] == "instances listed newest first"
+    assert recorded[-3][1] == "audit: Merkle tiles, checkpointed tree heads, personal-data keys"
+    assert recorded[-2][1] == "task attempts lost with their workers"
+    assert recorded[-1][1] == "task attempts handed back unfinished"
 
 
 async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -> None:
@@ -889,6 +890,7 @@ async def test_sqlite_database_at_schema_1_is_upgraded_on_open(tmp_path: Path) -
         (8, MIGRATIONS[7].name),
         (9, MIGRATIONS[8].name),
         (10, MIGRATIONS[9].name),
+        (11, MIGRATIONS[10].name),
     ]
 
 

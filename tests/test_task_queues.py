@@ -749,3 +749,54 @@ async def test_a_queued_attempt_past_its_timeout_is_not_retried_beside_its_still
     assert len(spans) == 2
     (_, first_end), (second_start, _) = sorted(spans)
     assert second_start >= first_end
+
+
+@ledgerflow.step(name="erp.invoice_down")
+def invoice_down(n: int) -> str:
+    calls["invoice_down"] += 1
+    raise Flaky("ERP down")
+
+
+@ledgerflow.step(name="local.hold")
+def hold(n: int) -> str:
+    return f"H-{n}"
+
+
+@ledgerflow.step(name="local.unhold")
+def unhold(n: int, result: str) -> None:
+    calls[f"unhold {result}"] += 1
+
+
+@ledgerflow.workflow(name="tq.cancel_in_backoff")
+async def backoff_flow(ctx: WorkflowContext, n: int) -> str:
+    await ctx.step(hold, n, compensate=unhold)
+    slow = RetryPolicy(max_attempts=5, initial_interval=30)
+    return await ctx.step(invoice_down, n, queue="erp", retry=slow)
+
+
+async def test_a_cancel_withdraws_a_step_waiting_out_its_retry(engine: EngineFactory) -> None:
+    """Cancelled while its queued step waited out a retry's backoff (attempt 1
+    failed, recorded; no attempt running): nothing is in doubt, so the task is
+    withdrawn and the cancel takes effect, as for a local step in backoff. It used
+    to wait for the task, which a worker claimed when due and ran again, calling
+    the ERP until the attempts ran out."""
+    async with (
+        engine(backoff_flow, clock=REAL) as orders,
+        engine(clock=REAL, queues=["erp"], steps=[invoice_down]),
+    ):
+        handle = await orders.start(backoff_flow, 7, id="q-backoff")
+        for _ in range(int(WAIT / 0.01)):
+            history = [e.data for e in await orders.history("q-backoff")]
+            if any(isinstance(e, StepAttemptFailed) for e in history):
+                break
+            await asyncio.sleep(0.01)
+        else:
+            raise AssertionError("attempt 1 never failed")
+        await orders.cancel("q-backoff", "customer gave up")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        history = [e.data for e in await orders.history("q-backoff")]
+        assert (await orders.describe("q-backoff")).status == "compensated", history
+        assert await orders.store.list_tasks() == []
+    assert calls["invoice_down"] == 1
+    assert calls["unhold H-7"] == 1

@@ -370,3 +370,49 @@ async def test_only_a_task_no_worker_ever_claimed_is_withdrawn(
     ran = {t.task_id for t in claimed}
     for i, gone in enumerate(withdrawn):
         assert gone != (f"r{i:02}/1" in ran), i
+
+
+async def test_a_task_waiting_out_its_retry_is_withdrawn_unless_an_attempt_is_in_doubt(
+    store: BaseEventStore,
+) -> None:
+    """A cancelled workflow need not wait for a step whose last attempt failed and is
+    recorded (it waits out its backoff: no attempt runs, none acted unseen); it
+    must for one running now, one lost with its worker, or one a graceful stop
+    handed back unfinished (its body may have acted). A recorded failure after a
+    hand-back clears the doubt, as a local step's retry does."""
+
+    async def failed(row: TaskRow, due: int) -> None:
+        fence = TaskFence(row.task_id, row.lease_owner or "", row.lease_epoch)
+        await store.append(
+            f"wf-{row.workflow_id}", [ev()], fence=fence, runtime=[RetryTask(row.task_id, due)]
+        )
+
+    await put(store, task("a"))
+    (a,) = await claim(store, "w1")
+    await failed(a, NOW + 500)
+    assert await store.withdraw_task("a/1") is True
+    assert await store.list_tasks() == []
+
+    await put(store, task("b"))
+    (b,) = await claim(store, "w1")
+    await failed(b, NOW)
+    assert len(await claim(store, "w2")) == 1
+    assert await store.withdraw_task("b/1") is False  # attempt 2 runs now
+    await claim(store, "w3", now=NOW + LEASE + 1)
+    assert await store.withdraw_task("b/1") is False  # attempt 2 was lost, attempt 3 runs
+    await store.release_tasks("w3")
+    assert await store.withdraw_task("b/1") is False  # attempt 2 is still in doubt
+
+    await put(store, task("c", queue="billing"))
+    (c,) = await claim(store, "w4", queues=("billing",))
+    await failed(c, NOW)
+    await claim(store, "w5", queues=("billing",))
+    assert await store.release_tasks("w5") == 1
+    (back,) = await store.list_tasks(workflow_id="c")
+    assert (back.attempt, back.recorded_attempt, back.handed_back) == (1, 1, True)
+    assert await store.withdraw_task("c/1") is False  # handed back: it may have acted
+    (again,) = await claim(store, "w6", queues=("billing",))
+    assert (again.task_id, again.attempt, again.handed_back) == ("c/1", 2, True)
+    await failed(again, NOW + 500)
+    assert await store.withdraw_task("c/1") is True
+    assert [t.task_id for t in await store.list_tasks()] == ["b/1"]

@@ -213,7 +213,7 @@ def _check_task_row(row: object) -> None:
     _check_int(row.due_at_us, "TaskRow.due_at_us", *micros)
     _check_int(row.created_at_us, "TaskRow.created_at_us", *micros)
     _check_int(row.lease_epoch, "TaskRow.lease_epoch", 0, _MAX_INT64)
-    if row.lease_owner is not None or row.lease_until_us is not None:
+    if row.lease_owner is not None or row.lease_until_us is not None or row.handed_back:
         raise _invalid("a new TaskRow has no lease: workers claim it")
 
 

@@ -265,6 +265,11 @@ def migrations(schema: str) -> tuple[Migration, ...]:
                 f"UPDATE {schema}.tasks SET recorded_attempt = attempt",
             ),
         ),
+        Migration(
+            12,
+            "task attempts handed back unfinished",
+            (f"ALTER TABLE {schema}.tasks ADD COLUMN handed_back boolean NOT NULL DEFAULT false",),
+        ),
     )
 
 

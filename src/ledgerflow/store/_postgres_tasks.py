@@ -83,8 +83,8 @@ class TaskSql:
             # The attempt's failure is recorded (or it did not count).
             "retry_task": (
                 f"UPDATE {s}.tasks SET due_at = %s, attempt = attempt - %s, "
-                "recorded_attempt = attempt - %s, lease_owner = NULL, lease_until = NULL "
-                "WHERE task_id = %s"
+                "recorded_attempt = attempt - %s, lease_owner = NULL, lease_until = NULL, "
+                "handed_back = false WHERE task_id = %s"
             ),
             "drop_task": f"DELETE FROM {s}.tasks WHERE task_id = %s",
             "drop_tasks": f"DELETE FROM {s}.tasks WHERE workflow_id = %s",
@@ -142,12 +142,16 @@ class TaskSql:
             "WITH held AS MATERIALIZED ("
             f"SELECT task_id FROM {s}.tasks WHERE {{held}} ORDER BY task_id FOR UPDATE) "
             f"UPDATE {s}.tasks SET lease_owner = NULL, lease_until = NULL, "
-            "attempt = greatest(0, attempt - 1) "
+            "attempt = greatest(0, attempt - 1), handed_back = true "
             "WHERE task_id IN (SELECT task_id FROM held) RETURNING task_id"
         )
-        # What is left of the task once an unclaimed one is deleted: a claimed one.
+        # Deleted if never claimed; or if no attempt runs and none since the last
+        # recorded failure may have acted unrecorded (lost with its worker, or
+        # handed back unfinished): a step waiting out its retry's backoff has
+        # nothing in doubt. What is left is a task that must be waited for.
         self.withdraw = (
-            f"WITH gone AS (DELETE FROM {s}.tasks WHERE task_id = %s AND lease_epoch = 0 "
+            f"WITH gone AS (DELETE FROM {s}.tasks WHERE task_id = %s AND (lease_epoch = 0 "
+            "OR (lease_owner IS NULL AND recorded_attempt >= attempt AND NOT handed_back)) "
             f"RETURNING task_id) SELECT 1 FROM {s}.tasks WHERE task_id = %s "
             "AND NOT EXISTS (SELECT 1 FROM gone)"
         )

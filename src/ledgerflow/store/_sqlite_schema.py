@@ -10,7 +10,12 @@ from ._migrations import Migration
 from ._sqlite_merkle import MERKLE_MIGRATION
 from ._sqlite_projections import PROJECTION_MIGRATION
 from ._sqlite_resources import RESOURCE_MIGRATION, RESOURCE_SQL
-from ._sqlite_tasks import RECORDED_ATTEMPT_MIGRATION, TASK_MIGRATION, TASK_SQL
+from ._sqlite_tasks import (
+    HANDED_BACK_MIGRATION,
+    RECORDED_ATTEMPT_MIGRATION,
+    TASK_MIGRATION,
+    TASK_SQL,
+)
 from .runtime import RuntimeWrite, as_row
 
 __all__ = ["MIGRATIONS", "RUNTIME_SQL", "apply_runtime"]
@@ -113,6 +118,7 @@ MIGRATIONS = (
     ),
     MERKLE_MIGRATION,
     RECORDED_ATTEMPT_MIGRATION,
+    HANDED_BACK_MIGRATION,
 )
 
 _PUT_INSTANCE = (

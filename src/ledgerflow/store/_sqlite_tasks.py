@@ -9,12 +9,19 @@ import abc
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from typing import Any, TypeVar
 
 from ._migrations import Migration
 from .runtime import TASK_COLUMNS, QueueRow, TaskLease, TaskRow
 
-__all__ = ["RECORDED_ATTEMPT_MIGRATION", "TASK_MIGRATION", "TASK_SQL", "SQLiteTasks"]
+__all__ = [
+    "HANDED_BACK_MIGRATION",
+    "RECORDED_ATTEMPT_MIGRATION",
+    "TASK_MIGRATION",
+    "TASK_SQL",
+    "SQLiteTasks",
+]
 
 T = TypeVar("T")
 
@@ -56,16 +63,22 @@ RECORDED_ATTEMPT_MIGRATION = Migration(
     ),
 )
 
+HANDED_BACK_MIGRATION = Migration(
+    11,
+    "task attempts handed back unfinished",
+    ("ALTER TABLE tasks ADD COLUMN handed_back INTEGER NOT NULL DEFAULT 0",),
+)
+
 TASK_SQL = {
     "put_task": (
-        f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
+        f"INSERT INTO tasks ({TASK_COLUMNS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) "
         "ON CONFLICT (task_id) DO NOTHING"
     ),
     # The lease is given back with its epoch kept: the old holder's fence then fails.
     # The attempt's failure is recorded (or it did not count): see recorded_attempt.
     "retry_task": (
         "UPDATE tasks SET due_at = ?, attempt = attempt - ?, recorded_attempt = attempt - ?, "
-        "lease_owner = NULL, lease_until = NULL WHERE task_id = ?"
+        "lease_owner = NULL, lease_until = NULL, handed_back = 0 WHERE task_id = ?"
     ),
     "drop_task": "DELETE FROM tasks WHERE task_id = ?",
     "drop_tasks": "DELETE FROM tasks WHERE workflow_id = ?",
@@ -82,6 +95,13 @@ _CLAIM = (
     "AND (?5 IS NULL OR name IN (SELECT value FROM json_each(?5))) "
     "ORDER BY due_at, task_id LIMIT ?6) "
     f"RETURNING {TASK_COLUMNS}"
+)
+# Never claimed; or no attempt running, and none since the last recorded failure
+# that may have acted unrecorded (lost with its worker, or handed back unfinished):
+# a step waiting out its retry's backoff has nothing in doubt to wait for.
+_WITHDRAW = (
+    "DELETE FROM tasks WHERE task_id = ? AND (lease_epoch = 0 OR (lease_owner IS NULL "
+    "AND recorded_attempt >= attempt AND handed_back = 0))"
 )
 _NEXT_DUE = (
     "SELECT min(CASE WHEN lease_owner IS NULL THEN due_at "
@@ -107,6 +127,11 @@ _QUEUES = (
     " AND t.lease_until >= ?1) "
     "FROM names n LEFT JOIN queues q ON q.queue = n.queue ORDER BY n.queue"
 )
+
+
+def _task(r: Sequence[Any]) -> TaskRow:
+    """A ``tasks`` row (``handed_back`` is stored as 0 or 1)."""
+    return replace(TaskRow(*r[:-1]), handed_back=bool(r[-1]))
 
 
 def _names(names: tuple[str, ...] | None) -> str | None:
@@ -176,7 +201,7 @@ class SQLiteTasks(abc.ABC):
                 if room <= 0:
                     continue
                 params = (owner, lease_until_us, queue, now_us, _names(names), room)
-                claimed.extend(TaskRow(*r) for r in con.execute(_CLAIM, params))
+                claimed.extend(_task(r) for r in con.execute(_CLAIM, params))
             return claimed
 
         rows = await self._in_transaction(claim)
@@ -201,7 +226,7 @@ class SQLiteTasks(abc.ABC):
 
     async def _withdraw_task(self, task_id: str) -> bool:
         def withdraw(con: sqlite3.Connection) -> bool:
-            con.execute("DELETE FROM tasks WHERE task_id = ? AND lease_epoch = 0", (task_id,))
+            con.execute(_WITHDRAW, (task_id,))
             left = con.execute("SELECT 1 FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
             return left is None
 
@@ -211,7 +236,7 @@ class SQLiteTasks(abc.ABC):
         def release(con: sqlite3.Connection) -> int:
             cur = con.execute(
                 "UPDATE tasks SET lease_owner = NULL, lease_until = NULL, "
-                "attempt = max(0, attempt - 1) "
+                "attempt = max(0, attempt - 1), handed_back = 1 "
                 "WHERE lease_owner IS NOT NULL AND (?1 IS NULL OR lease_owner = ?1)",
                 (owner,),
             )
@@ -234,7 +259,7 @@ class SQLiteTasks(abc.ABC):
             "ORDER BY task_id LIMIT ?4",
             (queue, workflow_id, after, limit),
         )
-        return [TaskRow(*r) for r in rows]
+        return [_task(r) for r in rows]
 
     async def _set_queue_limit(self, queue: str, max_concurrent: int | None) -> None:
         def put(con: sqlite3.Connection) -> None:

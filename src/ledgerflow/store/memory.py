@@ -159,6 +159,7 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
                         recorded_attempt=t.attempt - int(refund),
                         lease_owner=None,
                         lease_until_us=None,
+                        handed_back=False,
                     )
             case DropTask(tid):
                 self._tasks.pop(tid, None)
@@ -340,7 +341,9 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
     async def _withdraw_task(self, task_id: str) -> bool:
         found = self._tasks.get(task_id)
         if found is not None and found.lease_epoch > 0:
-            return False
+            quiet = found.lease_owner is None and found.recorded_attempt >= found.attempt
+            if not quiet or found.handed_back:
+                return False
         self._tasks.pop(task_id, None)
         return True
 
@@ -352,7 +355,11 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
         ]
         for t in held:
             self._tasks[t.task_id] = replace(
-                t, lease_owner=None, lease_until_us=None, attempt=max(0, t.attempt - 1)
+                t,
+                lease_owner=None,
+                lease_until_us=None,
+                attempt=max(0, t.attempt - 1),
+                handed_back=True,
             )
         return len(held)
 

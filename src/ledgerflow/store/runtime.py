@@ -170,6 +170,11 @@ class TaskRow:
     recorded_attempt: int = 0
     """The last attempt whose failure is recorded (or that did not count): those
     after it and before ``attempt`` were lost with their workers, unrecorded."""
+    handed_back: bool = False
+    """A graceful stop gave an attempt back unfinished since the last recorded
+    outcome: it does not count, but its body may have acted (an async body
+    cancelled mid-call), so a cancelled workflow waits for the task rather than
+    withdraw it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -429,7 +434,7 @@ def nudged(current: int | None, due_at_us: int) -> int:
 
 TASK_COLUMNS = (
     "task_id, workflow_id, seq, kind, name, queue, payload, due_at, attempt, "
-    "lease_owner, lease_until, lease_epoch, created_at, recorded_attempt"
+    "lease_owner, lease_until, lease_epoch, created_at, recorded_attempt, handed_back"
 )
 """The ``tasks`` table's columns in ``TaskRow``'s field order."""
 
@@ -450,6 +455,7 @@ def task_values(r: TaskRow) -> tuple[Any, ...]:
         r.lease_epoch,
         r.created_at_us,
         r.recorded_attempt,
+        r.handed_back,
     )
 
 
