@@ -403,6 +403,11 @@ async def test_postgres_read_only_sessions_are_refused_at_open(pg_schema: str) -
         assert [e.type for e in await reader.read_all()] == ["E"]
         with pytest.raises(StoreReadOnlyError):
             await reader.append("s", [NewEvent("F", {})])
+        # What a readiness probe asks: the store answers, but takes no writes.
+        with pytest.raises(StoreReadOnlyError, match="default_transaction_read_only"):
+            await reader.check_ready()
+    async with ledgerflow.open_store(pg_url(pg_schema), create=False) as writer:
+        await writer.check_ready()
 
 
 @pytest.fixture

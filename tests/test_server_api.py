@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from ledgerflow.errors import StoreReadOnlyError
 from ledgerflow.server import Role, ServerSettings
 
 from ._api_app import Api, erp, serve
@@ -368,17 +369,16 @@ def test_readiness_answers_503_in_its_time_whatever_the_store_does(
 
     cleaned_up = threading.Event()
 
-    async def stuck(self: SQLiteEventStore) -> int:
+    async def stuck(self: SQLiteEventStore) -> None:
         try:
             await asyncio.sleep(600)
         except asyncio.CancelledError:
             await asyncio.sleep(3)  # a cancel request that takes its time
             cleaned_up.set()
             raise
-        return 0
 
     with serve(f"sqlite:///{tmp_path / 'ready.db'}") as api:
-        monkeypatch.setattr(SQLiteEventStore, "database_now_us", stuck)
+        monkeypatch.setattr(SQLiteEventStore, "check_ready", stuck)
         answer = api.http.get("/ready")
         assert answer.status_code == 503, answer.text
         assert answer.json()["detail"] == "the store did not answer within 2 s"
@@ -420,3 +420,23 @@ def test_a_time_filter_out_of_range_is_told_in_the_callers_terms(api: Api) -> No
     message = body["errors"][0]["message"]
     assert "offset within" in message
     assert "timedelta" not in message
+
+
+def test_readiness_is_503_when_the_store_takes_no_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """/ready asked only for the database's clock: a PostgreSQL server demoted to a
+    standby (or made read-only) answered it, and the load balancer kept sending
+    requests whose writes all failed. It asks ``check_ready`` now (its PostgreSQL
+    query is tested in test_read_only.py)."""
+    from ledgerflow.store.sqlite import SQLiteEventStore
+
+    async def standby(self: SQLiteEventStore) -> None:
+        raise StoreReadOnlyError("db", "the server is a standby in recovery")
+
+    with serve(f"sqlite:///{tmp_path / 'ready.db'}") as api:
+        assert api.http.get("/ready").status_code == 200
+        monkeypatch.setattr(SQLiteEventStore, "check_ready", standby)
+        answer = problem(api.http.get("/ready"), 503)
+        assert answer["title"] == "Store read-only", answer
+        assert "standby" in answer["detail"]

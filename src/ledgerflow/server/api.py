@@ -297,7 +297,7 @@ def api_router(gate: ASGIMiddleware) -> Router:
     )
 
 
-_unawaited: set[asyncio.Future[int]] = set()
+_unawaited: set[asyncio.Future[None]] = set()
 """Readiness checks given up on, still ending (kept so they are not collected)."""
 
 
@@ -308,7 +308,7 @@ def health_routes(service: Service) -> list[Any]:
 
     @get(
         "/ready",
-        summary="The server can reach its store",
+        summary="The server can reach its store, and the store takes writes",
         tags=["health"],
         responses={503: PROBLEMS[503]},
     )
@@ -316,7 +316,7 @@ def health_routes(service: Service) -> list[Any]:
         # Not awaited past the 2 s: a query cancelled on a dead connection sends the
         # server a cancel request, which waits out its own connect timeout (an
         # answer came after 12 s through a network blackhole).
-        asked = asyncio.ensure_future(service.client.store.database_now_us())
+        asked = asyncio.ensure_future(service.client.store.check_ready())
         done, _ = await asyncio.wait({asked}, timeout=2)
         if not done:
             asked.cancel()

@@ -60,6 +60,11 @@ class RuntimeRows(abc.ABC):
         self._check_open()
         return to_micros(datetime.now(UTC))
 
+    async def check_ready(self) -> None:
+        """Return if the store answers and takes writes now (a readiness probe);
+        adapters with a database to ask override it."""
+        self._check_open()
+
     async def renew_leases(
         self, owner: str, leases: Sequence[Lease], *, lease_until_us: int
     ) -> list[Lease]:

@@ -296,6 +296,13 @@ class WorkflowStore(EventStore, Protocol):
         """The database's clock (µs since the epoch), for workers to agree on time."""
         ...
 
+    async def check_ready(self) -> None:
+        """Return if the store answers and takes writes now; else raise what a write
+        would meet (``StoreUnavailableError``, ``StoreReadOnlyError`` for a server
+        that became a standby or read-only, ``StoreCorruptError``): a readiness
+        probe's question, a read and no write."""
+        ...
+
     async def renew_leases(
         self, owner: str, leases: Sequence[Lease], *, lease_until_us: int
     ) -> list[Lease]:

@@ -97,6 +97,11 @@ _LISTEN_BACKOFF = (0.05, 5.0)
 _SETTLE_WAIT = 2.0  # seconds a read may wait for committed events to settle
 
 
+_WRITABLE = "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
+"""Whether the server is a standby, and whether this session's transactions are
+read-only: either, and no write can succeed."""
+
+
 # The store's parts: its connections (_postgres_conn), the write path
 # (_postgres_write), runtime rows (_postgres_runtime), task rows (_postgres_tasks) and
 # guarded resources (_postgres_resources); here its state, its lifecycle,
@@ -229,12 +234,20 @@ class PostgresEventStore(
 
     async def _check_writable(self, conn: Connection) -> None:
         """Fail at open, not at the first append, where nothing can be written."""
-        cur = await conn.execute(
-            "SELECT pg_is_in_recovery(), current_setting('transaction_read_only') = 'on'"
-        )
+        cur = await conn.execute(_WRITABLE)
         row = await cur.fetchone()
         assert row is not None
-        standby, read_only = row
+        self._refuse_read_only(*row)
+
+    async def check_ready(self) -> None:
+        # After open the server may have become a standby (a fail-over that demoted
+        # it) or read-only (default_transaction_read_only set since): every write
+        # would fail, so the store is not ready, though it answers.
+        self._check_open()
+        (row,) = await self._fetch("check the store is writable", _WRITABLE, ())
+        self._refuse_read_only(*row)
+
+    def _refuse_read_only(self, standby: bool, read_only: bool) -> None:
         if standby:
             raise StoreReadOnlyError(
                 self.location, "the server is a standby in recovery; connect to the primary"

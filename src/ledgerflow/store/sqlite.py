@@ -361,6 +361,14 @@ class SQLiteEventStore(
 
         return await self._on(self._read_pool, run)
 
+    async def check_ready(self) -> None:
+        # A read of the ledger's own table: a file deleted, replaced or damaged since
+        # the store opened fails it. Whether a write would succeed is not asked: a
+        # connection open for writing keeps writing after a chmod, and a test write
+        # would queue behind the appends of a busy writer.
+        self._check_open()
+        await self._read("SELECT max(version) FROM schema_migrations", ())
+
     # -- lifecycle ------------------------------------------------------------------
 
     async def _open(self) -> None:
