@@ -784,6 +784,13 @@ class Engine(WorkflowClient):
         assert suspend is not None
         schedule = Schedule(workflow_id, suspend.due_at_us)
         events = [*result.buffered, *suspend.events]
+        if suspend.stale:
+            # A wait may have missed news folded in meanwhile: as when news fails
+            # the append, keep what the pass buffered (step results), keep the
+            # lease (no schedule) and let another pass wait, with the news in view.
+            if result.buffered:
+                await self._append_keeping(history, result.buffered, [], [])
+            return True
         if events:
             if await self._append_keeping(history, result.buffered, suspend.events, [schedule]):
                 return True

@@ -10,7 +10,7 @@ outside and carry no ``seq``.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -685,9 +685,10 @@ class History:
         snapshot written before the times were kept)."""
         return self.signal_times.get(version)
 
-    def next_signal(self, name: str) -> tuple[int, SignalSent] | None:
+    def next_signal(self, name: str, skip: Collection[int] = ()) -> tuple[int, SignalSent] | None:
+        """The first signal ``name`` not taken (nor in ``skip``: being taken)."""
         for version, signal in self.signals:
-            if signal.name == name and version not in self.taken:
+            if signal.name == name and version not in self.taken and version not in skip:
                 return version, signal
         return None
 

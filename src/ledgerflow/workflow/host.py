@@ -63,6 +63,9 @@ class Suspend(BaseException):
         self.events = events or []
         self.due_at_us = due_at_us
         self.child_id = child_id
+        self.stale = False
+        """News (a signal, a cancel, a child's end) reached the pass after a wait
+        looked: record the waits, then run another pass to look again."""
 
 
 class Restart(BaseException):

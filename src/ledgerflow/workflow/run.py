@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .. import metrics
 from ..errors import (
@@ -139,6 +139,22 @@ class _Pass(Waits, Saga):
         self.appending = asyncio.Lock()
         self.acting = _Acting()
         """Commands acting for real: the pass ends only when none is left."""
+        self.taking: set[int] = set()
+        """Versions of the signals this pass's waits took or set aside."""
+        self.news = 0
+        """How many times news from outside (signals, a cancel, children's ends) was
+        folded into the history during this pass."""
+        self.waits_seen: list[int] = []
+        """``news`` when each of ``waits`` looked."""
+        self.waits: list[Suspend] = []
+        """What the body's waiting commands wait for (timers, signals, children...),
+        in the order they began to: the pass ends with all of them."""
+        self.parked: asyncio.Future[None] | None = None
+        """Done once the body can go no further: every waiting command then raises
+        its ``Suspend`` (see ``_hold``)."""
+        self.quiet_rounds = 0
+        self.quiet_mark: tuple[int, int, int] | None = None
+        self.quiet_check: asyncio.Handle | None = None
         self.ended = False
         self.fault: BaseException | None = None
         self.attempts = Attempts(history.workflow_id, host.step_threads)
@@ -206,6 +222,70 @@ class _Pass(Waits, Saga):
         # A fault is remembered by the pass: the body's next command raises it.
         with self.acting, contextlib.suppress(Park, Abandon, Restart, Relinquish):
             await self.record([])
+
+    async def _hold(self, suspend: Suspend) -> NoReturn:
+        """A command of the body must wait: hold its branch until the body can go
+        no further, then raise ``suspend``.
+
+        Raised at once, the ``Suspend`` of the first branch to wait ended an
+        ``asyncio.gather`` before the others had run: a sibling's failure went
+        unseen until that branch's wait was over (a failed child left the others
+        running, uncancelled), and the other branches' waits were not recorded (a
+        second timer started a pass late). Held, every branch runs as far as it
+        can; a failure reaches the body first, and the pass ends with every wait.
+        Outside the body (a query, the saga's own waits), or once the pass is
+        over, it raises at once."""
+        parked = self.parked
+        if self.query or self.ended or self.compensating or (parked and parked.done()):
+            raise suspend
+        self.waits.append(suspend)
+        self.waits_seen.append(self.news)
+        if parked is None:
+            parked = self.parked = asyncio.get_running_loop().create_future()
+            self.acting.on_idle = self._look_for_quiet
+        self._look_for_quiet()
+        await parked
+        raise suspend
+
+    def _look_for_quiet(self) -> None:
+        if self.quiet_check is None and self.parked is not None and not self.parked.done():
+            self.quiet_rounds = 0
+            self.quiet_check = asyncio.get_running_loop().call_soon(self._check_quiet)
+
+    def _check_quiet(self) -> None:
+        """Release the parked branches once nothing has moved for a few turns of
+        the loop: no command acting, none issued, no new wait. Workflow code awaits
+        only commands, so a branch not parked or acting is runnable and moves
+        within a turn or two (a gather's results reach its caller in three)."""
+        self.quiet_check = None
+        parked = self.parked
+        if parked is None or parked.done() or self.acting.count:
+            return  # acting: its end looks again (``_Acting.on_idle``)
+        mark = (self.seq, len(self.waits), self.history.version)
+        if mark != self.quiet_mark:
+            self.quiet_mark, self.quiet_rounds = mark, 0
+        else:
+            self.quiet_rounds += 1
+        if self.quiet_rounds >= _QUIET_ROUNDS:
+            parked.set_result(None)
+            return
+        self.quiet_check = asyncio.get_running_loop().call_soon(self._check_quiet)
+
+    def _suspended(self, raised: Suspend) -> Suspend:
+        """The pass's end when its body waits: every parked command's events, in
+        order, and the earliest wake-up among them."""
+        waits = self.waits
+        if not waits or (len(waits) == 1 and waits[0] is raised):
+            suspended = raised
+        else:
+            events = [event for wait in waits for event in wait.events]
+            dues = [wait.due_at_us for wait in waits if wait.due_at_us is not None]
+            child = next((wait.child_id for wait in waits if wait.child_id is not None), None)
+            suspended = Suspend(events, min(dues) if dues else None, child_id=child)
+        # A wait that looked before news was folded in (another branch's append met
+        # a signal) may have missed it: the engine runs the pass again.
+        suspended.stale = any(seen < self.news for seen in self.waits_seen)
+        return suspended
 
     def body_location(self) -> str | None:
         """Where the workflow's code is (a diverging run that ended early)."""
@@ -350,7 +430,8 @@ class _Pass(Waits, Saga):
     async def _host(self, call: Awaitable[T]) -> T:
         """Await a host call; a store fault abandons the pass."""
         try:
-            return await call
+            with self.acting:
+                return await call
         except (StoreUnavailableError, StoreReadOnlyError, StoreClosedError) as exc:
             raise self._raise(Abandon(exc)) from exc
 
@@ -377,6 +458,7 @@ class _Pass(Waits, Saga):
                         if not newer or any(not self.history.from_outside(e.data) for e in newer):
                             raise self._raise(Restart()) from None
                         self.history.extend(newer)
+                        self.news += 1
                         continue
                     self.appended = True
                     before = self.history.version
@@ -425,7 +507,7 @@ class _Pass(Waits, Saga):
             # Waiting for an operator (retry, skip, give up); a cancellation still
             # gets through.
             self._live()
-            raise Suspend([], None)
+            await self._hold(Suspend([], None))
         elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
             # Sent to a task queue (now, or by an earlier pass: the record decides,
             # whatever the code says today): a worker of the queue runs it.
@@ -444,18 +526,22 @@ class _Pass(Waits, Saga):
             doubt = self.in_doubt(recorded)
             if not doubt:
                 self._live()
-            with self.acting:
-                value = await self._run_step(
-                    seq, name, fn, args, retry, timeout, recorded, policy, doubt=doubt
-                )
-                try:
-                    value = from_builtins(value, wanted)
-                except CodecError:
-                    value = self._decode(value, wanted, _result_of(name, seq))
-                # Registered before the command settles: a pass that fails meanwhile
-                # waits for it, so a completed step's compensation is never lost.
-                if compensate is not None:
-                    self.compensations.append(Compensation(seq, name, compensate, args, value))
+            try:
+                with self.acting:
+                    value = await self._run_step(
+                        seq, name, fn, args, retry, timeout, recorded, policy, doubt=doubt
+                    )
+                    try:
+                        value = from_builtins(value, wanted)
+                    except CodecError:
+                        value = self._decode(value, wanted, _result_of(name, seq))
+                    # Registered before the command settles: a pass that fails
+                    # meanwhile waits for it, so a completed step's compensation is
+                    # never lost.
+                    if compensate is not None:
+                        self.compensations.append(Compensation(seq, name, compensate, args, value))
+            except Suspend as waits:  # a durable backoff, a token wait, parked
+                await self._hold(waits)
             return value
         if compensate is not None:
             own = step_options(compensate).queue
@@ -489,7 +575,7 @@ class _Pass(Waits, Saga):
                 # comes, and a step that completes is compensated, as a step run
                 # here would be. One never claimed is withdrawn (atomically with
                 # any claim): it never runs.
-                raise Suspend()
+                await self._hold(Suspend())
         self._live()
         if not recorded or again:
             queue = queue or _queue_of(recorded)
@@ -514,7 +600,7 @@ class _Pass(Waits, Saga):
         if isinstance(outcome, StepDone):
             wanted = return_type(fn)
             return self._decode(outcome.result, wanted, _result_of(name, seq))
-        raise Suspend()
+        return await self._hold(Suspend())
 
     def _task_row(self, seq: int, kind: str, name: str, queue: str, payload: str) -> TaskRow:
         now = self.host.now_us()
@@ -891,7 +977,11 @@ class _Run(_Pass):
             returned = await self.definition.fn(ctx, given)
         except Suspend as suspend:
             await self._settle()
-            return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
+            return PassResult(
+                suspend=self._suspended(suspend),
+                exposed=self.exposed,
+                buffered=self._take_buffer(),
+            )
         except (Park, Abandon, Restart, Relinquish, BodyEnded) as stop:
             await self._settle()
             raise self.fault or stop from None
@@ -965,26 +1055,34 @@ class _Acting:
     ``none_left()`` waits until none is. One per pass, reentrant: the hot path
     pays no object, future or coroutine per command."""
 
-    __slots__ = ("count", "idle")
+    __slots__ = ("count", "idle", "on_idle")
 
     def __init__(self) -> None:
         self.count = 0
         self.idle: asyncio.Future[None] | None = None
+        self.on_idle: Callable[[], None] | None = None
+        """Called when the last one settles, once a branch of the body waits."""
 
     def __enter__(self) -> None:
         self.count += 1
 
     def __exit__(self, *exc: object) -> None:
         self.count -= 1
-        idle = self.idle
-        if self.count == 0 and idle is not None and not idle.done():
-            idle.set_result(None)
+        if self.count == 0:
+            idle = self.idle
+            if idle is not None and not idle.done():
+                idle.set_result(None)
+            if self.on_idle is not None:
+                self.on_idle()
 
     async def none_left(self) -> None:
         while self.count:
             self.idle = asyncio.get_running_loop().create_future()
             await self.idle
 
+
+_QUIET_ROUNDS = 4
+"""Turns of the event loop with nothing moving before parked branches are let go."""
 
 _OWN = str(Path(__file__).resolve().parent.parent)
 

@@ -10,7 +10,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
 from .. import tracing
 from ..errors import ChildWorkflowError
@@ -82,6 +82,7 @@ class Waits:
     seq: int
     fault: BaseException | None
     retyped_waits: list[tuple[int, str, str | None]]
+    taking: set[int]
 
     if TYPE_CHECKING:
 
@@ -102,6 +103,8 @@ class Waits:
         def _decode(self, value: Any, type_: Any, what: str) -> Any: ...
 
         async def _host(self, call: Awaitable[T]) -> T: ...
+
+        async def _hold(self, suspend: Suspend) -> NoReturn: ...
 
     async def timer(self, fire_at: Callable[[int], int]) -> None:
         seq, recorded = self._command("timer", "sleep")
@@ -128,7 +131,7 @@ class Waits:
                 {"ledgerflow.workflow_id": self.history.workflow_id, "ledgerflow.seq": seq},
             )
             return
-        raise Suspend(started, due)
+        await self._hold(Suspend(started, due))
 
     async def signal(self, name: str, type_: Any, timeout: float | None) -> Any:
         seq, recorded = self._command("signal", name)
@@ -163,7 +166,7 @@ class Waits:
                     else due_after(now, timeout, f"the timeout of the wait for {name!r}")
                 )
                 new = [SignalWaiting(seq=seq, name=name, deadline_us=deadline, schema=wanted)]
-            while (found := self.history.next_signal(name)) is not None:
+            while (found := self.history.next_signal(name, self.taking)) is not None:
                 version, sent = found
                 sent_at = self.history.signal_time(version)
                 if deadline is not None and sent_at is not None and sent_at > deadline:
@@ -171,6 +174,9 @@ class Waits:
                     # deadline to say so): the wait timed out all the same, and the
                     # signal stays for a later wait.
                     break
+                # Taken (or set aside) by this wait: another of this pass's waits
+                # (a gather) looking while this one records it takes the next.
+                self.taking.add(version)
                 try:
                     value = from_builtins(sent.payload, type_)
                 except CodecError as exc:
@@ -202,7 +208,7 @@ class Waits:
             if deadline is not None and now >= deadline:
                 await self.record([*new, SignalTimedOut(seq=seq, name=name)])
                 return None
-        raise Suspend(new, deadline)
+        return await self._hold(Suspend(new, deadline))
 
     async def child(
         self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str | None
@@ -250,7 +256,7 @@ class Waits:
                 return self._child_outcome(workflow, ended)
         # The child tells us when it ends (wf.child_finished, with a nudge): a version
         # check on our wait makes sure that news is never missed.
-        raise Suspend([], None, child_id=cid)
+        return await self._hold(Suspend([], None, child_id=cid))
 
     def _child_outcome(
         self, workflow: WorkflowDefinition[Any, Any], done: ChildDone | ChildFinished
