@@ -105,7 +105,7 @@ async def test_timers_awaited_together_start_together(
 
 
 @ledgerflow.workflow(name="gather.approvals")
-async def two_approvals(ctx: WorkflowContext, n: int) -> list[str]:
+async def two_approvals(ctx: WorkflowContext, n: int) -> list[str | None]:
     first, second = await asyncio.gather(
         ctx.wait_for_signal("approve", str), ctx.wait_for_signal("approve", str)
     )
