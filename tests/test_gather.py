@@ -132,3 +132,40 @@ async def test_one_signal_is_taken_by_one_of_two_waits(engine: EngineFactory, be
         assert sorted(await e.handle("a-1").result(timeout=WAIT)) == ["alice", "bob"]
         taken = [x.data for x in await e.history("a-1") if isinstance(x.data, SignalTaken)]
         assert len({t.signal_version for t in taken}) == 2
+
+
+@ledgerflow.step(retry=RetryPolicy(max_attempts=2, initial_interval=0.01))
+def unreserve_down(part: str, result: str) -> None:
+    effects["unreserve attempt"] += 1
+    raise RuntimeError("supplier API down: the reservation stays")
+
+
+@ledgerflow.workflow(name="gather.stuck_supplier")
+async def stuck_supplier(ctx: WorkflowContext, part: str) -> str:
+    await ctx.step(reserve, part, compensate=unreserve_down)
+    await ctx.sleep(timedelta(hours=1))
+    return part
+
+
+@ledgerflow.workflow(name="gather.stuck_order")
+async def stuck_order(ctx: WorkflowContext, part: str) -> str:
+    await ctx.step(reserve, "budget", compensate=unreserve)
+    return await ctx.child(stuck_supplier, part)
+
+
+async def test_a_parent_whose_childs_undo_gave_up_ends_compensation_failed(
+    engine: EngineFactory,
+) -> None:
+    """Cancelled while its child ran; the child's compensation gave up, its
+    reservation left in place. The parent ended ``compensated``, as if the whole
+    saga were undone; only the child said otherwise."""
+    async with engine(stuck_order, stuck_supplier) as e:
+        handle = await e.start(stuck_order, "bolts", id="so-1")
+        await waiting_for(e, "so-1.2", "timer")
+        await e.cancel("so-1", "customer gave up")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await handle.result(timeout=WAIT)
+        assert (await e.describe("so-1.2")).status == "compensation_failed"
+        assert (await e.describe("so-1")).status == "compensation_failed"
+    assert effects["unreserve R-budget"] == 1  # the parent's own undo still ran
+    assert effects["unreserve attempt"] == 2

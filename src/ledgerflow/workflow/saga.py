@@ -102,6 +102,11 @@ class Saga:
         ran, gave_up = await self._undo(self.compensations)
         if not self.unreadable:
             self._check_finished_path(None if cancelled else failure)
+        # The parent's end reports the whole saga: a child whose own compensations
+        # gave up left effects in place, however the parent's went.
+        undone = self.history.children.values()
+        if any(child.status == WorkflowStatus.COMPENSATION_FAILED for child in undone):
+            gave_up = True
         if gave_up:
             status = WorkflowStatus.COMPENSATION_FAILED
         elif ran:
