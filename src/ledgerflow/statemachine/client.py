@@ -448,7 +448,10 @@ class MachineClient(abc.ABC):
         found = self._machines.get((started.name, history.definition_version))
         if found is None:
             raise UnknownWorkflowError(started.name, history.definition_version)
-        if not isinstance(found, Machine):
+        # A machine registered here under the name and version of a code-first
+        # workflow that another engine runs: the instance is the workflow's.
+        machine = started.kind == "machine" or history.has_machine_commands()
+        if not isinstance(found, Machine) or not machine:
             raise WorkflowInputError(
                 started.name,
                 f"instance {history.workflow_id!r} runs code, not a state machine: "

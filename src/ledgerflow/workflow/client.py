@@ -372,6 +372,7 @@ class WorkflowClient(Operations, MachineClient):
                 input=encoded,
                 parent_id=parent_id,
                 tenant=tenant,
+                kind="machine" if isinstance(definition, Machine) else None,
             )
             with starting:
                 created = await self._record_start(workflow_id, started, metadata, now, local)

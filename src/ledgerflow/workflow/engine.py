@@ -58,7 +58,7 @@ from ..store.runtime import (
     Unschedule,
 )
 from .client import WorkflowClient
-from .executors import Definition, executor
+from .executors import Definition, executor, other_kind
 from .handles import WorkflowDescription, WorkflowHandle
 from .history import (
     TERMINAL,
@@ -720,6 +720,10 @@ class Engine(WorkflowClient):
         if definition is None:
             await self._get_stuck(history, UnknownWorkflowError(started.name, version))
             return False
+        mismatch = other_kind(definition, history)
+        if mismatch is not None:
+            await self._get_stuck(history, mismatch)
+            return False
         run = executor(definition, self._host, history)
         try:
             try:
@@ -922,6 +926,8 @@ class Engine(WorkflowClient):
         try:
             events = await self.store.read_stream(self.stream_id(row.workflow_id))
             history = History.of(row.workflow_id, events)
+            if other_kind(definition, history) is not None:
+                return False
             run = executor(definition, ReplayHost(self._now_us()), history, query=True)
             await run.execute()
         except Park:

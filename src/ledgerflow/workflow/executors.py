@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..errors import WorkflowDefinitionError
 from ..statemachine.definition import Machine
 from ..statemachine.runtime import MachineRun
 from .definition import WorkflowDefinition
@@ -17,7 +18,7 @@ from .history import History
 from .host import Executor, RunHost
 from .run import _Run
 
-__all__ = ["Definition", "executor"]
+__all__ = ["Definition", "executor", "other_kind"]
 
 Definition = WorkflowDefinition[Any, Any] | Machine
 """What an engine runs instances of."""
@@ -29,3 +30,24 @@ def executor(
     if isinstance(definition, Machine):
         return MachineRun(host, definition, history, query=query)
     return _Run(host, definition, history, query=query)
+
+
+def other_kind(definition: Definition, history: History) -> WorkflowDefinitionError | None:
+    """Why ``definition`` must not run this instance: it is of the other kind (a
+    state machine's under a code-first workflow's name and version, or the reverse,
+    registered by engines in different processes). Run, each would write its
+    records into the other's history; parked, the instance waits for an engine of
+    its own kind, which resumes it."""
+    machine = history.started.kind == "machine" or history.has_machine_commands()
+    if machine == isinstance(definition, Machine):
+        return None
+    started = history.started
+    mine, theirs = ("a code-first workflow", "a state machine")
+    if not machine:
+        mine, theirs = theirs, mine
+    return WorkflowDefinitionError(
+        f"instance {history.workflow_id!r} is {theirs} {started.name!r} "
+        f"v{history.definition_version}, and this engine registers {mine} of that name "
+        "and version: give the two different names (a name and version must be unique "
+        "across the engines on one database)"
+    )

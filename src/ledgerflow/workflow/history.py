@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import msgspec
 
@@ -72,6 +72,10 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tenant: str | None = None
     """The tenant whose namespace (``<tenant>/`` before the id) the instance is in;
     its children are started there too."""
+    kind: Literal["machine"] | None = None
+    """``machine`` for a state-machine instance; None (not recorded) for a code-first
+    one. Names and versions are not unique across kinds between processes: an engine
+    that registers the other kind under this name must leave the instance alone."""
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True):
@@ -684,6 +688,11 @@ class History:
         """When the signal at ``version`` was recorded (µs); None if not known (a
         snapshot written before the times were kept)."""
         return self.signal_times.get(version)
+
+    def has_machine_commands(self) -> bool:
+        """Whether a state machine recorded here (an instance started before
+        ``Started.kind`` was recorded is known by its commands)."""
+        return any(events and events[0].kind == "machine" for events in self.commands.values())
 
     def next_signal(self, name: str, skip: Collection[int] = ()) -> tuple[int, SignalSent] | None:
         """The first signal ``name`` not taken (nor in ``skip``: being taken)."""
