@@ -951,3 +951,16 @@ async def test_can_process_answers_without_recording(engine: EngineFactory) -> N
         assert len(await running.history("o1")) == before
         await running.execute("o1", "reject", timeout=WAIT)
         assert not await running.can_process("o1", "approve", {"approver": "alice"})
+
+
+def test_a_timeout_event_with_a_payload_is_refused_at_definition() -> None:
+    """A timeout sends its event with no payload; an event whose payload has fields
+    was refused at run time (its update read a field), recorded as refused, and the
+    instance never timed out again: running for ever. ``verify`` said sound."""
+    m = lf.Machine("quote", version=1, data={"why": [None, "customer"]}, initial_data={"why": None})
+    m.state("open", initial=True, timeout=timedelta(hours=1), on_timeout="close")
+    m.state("closed", terminal=True)
+    m.event("close", payload={"why": ["customer"]})
+    m.transition("open", "close", "closed", update=lambda d, p: {"why": p["why"]})
+    with pytest.raises(lf.WorkflowDefinitionError, match="a timeout sends no payload"):
+        m.check()

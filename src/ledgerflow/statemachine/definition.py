@@ -450,6 +450,15 @@ class Machine:
                     f"state {state.name!r} times out with {state.on_timeout!r}, but no "
                     f"transition leaves it on that event"
                 )
+            sent = self.events.get(state.on_timeout)
+            if sent is not None and (sent.payload or sent.strategies or sent.type is not None):
+                # A timeout sends its event with an empty payload: refused, the state
+                # would never time out again (a timeout fires once per entry).
+                problems.append(
+                    f"state {state.name!r} times out with {state.on_timeout!r}, whose "
+                    "payload has fields, but a timeout sends no payload: time out with an "
+                    "event of its own"
+                )
         for t in self.transitions:
             if t.failure and not self.actions(t):
                 problems.append(f"{t.label()} has failure= but no activity that can fail")
