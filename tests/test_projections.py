@@ -519,6 +519,43 @@ async def test_a_new_version_of_a_projection_is_rebuilt_and_swapped_in(
     assert await ReadModel(ledger, v2).select(totals) == [{"order_id": "o-1", "amount": 5.0}]
 
 
+async def test_an_older_versions_runner_leaves_a_newer_versions_tables_alone(
+    ledger: BaseEventStore,
+) -> None:
+    """In a rolling deploy an old runner took the lease from a new one mid-rebuild:
+    it filled the new version's generation with its own handlers and swapped that
+    mixed read model in as the new version, then rebuilt back to its own. Now it
+    steps back, writing nothing, whether the new version's rebuild is under way or
+    done."""
+    await ledger.append("o-1", [Placed("acme", 500)])
+    await ProjectionRunner(ledger, [orders_projection()]).catch_up()
+    await ledger.begin_rebuild("orders", version=2)  # a v2 runner began, then died
+    await ledger.append("o-2", [Placed("acme", 700)])
+    with pytest.raises(lf.ProjectionLeaseLostError, match="version 2 of it runs here"):
+        await ProjectionRunner(ledger, [orders_projection()]).catch_up()
+    row = await ledger.projection_row("orders")
+    assert row is not None and row.rebuild is not None
+    assert (row.version, row.position, row.rebuild.version, row.rebuild.position) == (1, 1, 2, 0)
+    assert row.owner is None  # the lease went back at once
+
+    totals = Table("orders", key="order_id", columns={"order_id": str, "amount": float})
+    v2 = Projection("orders", tables=[totals], version=2)
+
+    @v2.on(Placed)
+    def placed(event: lf.RecordedEvent, view: View) -> None:
+        view.put(totals, {"order_id": event.stream_id, "amount": event.data.amount_cents / 100})
+
+    await ProjectionRunner(ledger, [v2]).catch_up()
+    with pytest.raises(lf.ProjectionLeaseLostError, match="left to runners of the newer code"):
+        await ProjectionRunner(ledger, [orders_projection()]).catch_up()  # no rebuild back
+    row = await ledger.projection_row("orders")
+    assert row is not None and (row.version, row.rebuild) == (2, None)
+    assert await ReadModel(ledger, v2).select(totals) == [
+        {"order_id": "o-1", "amount": 5.0},
+        {"order_id": "o-2", "amount": 7.0},
+    ]
+
+
 async def test_handlers_read_the_generation_being_rebuilt_not_the_live_one(
     ledger: BaseEventStore,
 ) -> None:

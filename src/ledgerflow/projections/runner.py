@@ -196,6 +196,7 @@ class ProjectionRunner:
             except ProjectionLeaseLostError as exc:
                 log.warning("%s; stepping back", exc)
                 self._leases.pop(projection.name, None)
+                await self._pause(self.poll_interval)
             except (
                 StoreUnavailableError,
                 StoreReadOnlyError,
@@ -279,6 +280,22 @@ class ProjectionRunner:
         row = await self.store.projection_row(projection.name)
         if row is None or row.owner != lease.owner or row.epoch != lease.epoch:
             raise ProjectionLeaseLostError(projection.name, lease.owner, lease.epoch, "lease lost")
+        newest = max(row.version, row.rebuild.version if row.rebuild is not None else 0)
+        if newest > projection.version:
+            # Code of a later version built (or builds) these tables: this older code
+            # must neither write into them (a rolling deploy's old runner took the
+            # lease and filled the new version's rebuild with its own handlers, then
+            # swapped that mixed model in) nor rebuild them back to its version.
+            self._leases.pop(projection.name, None)
+            with contextlib.suppress(StoreUnavailableError, StoreClosedError):
+                await self.store.release_projection(lease)
+            raise ProjectionLeaseLostError(
+                projection.name,
+                lease.owner,
+                lease.epoch,
+                f"version {newest} of it runs here, this code has version "
+                f"{projection.version}: left to runners of the newer code",
+            )
         await self._tables(projection, row.generation)
         if row.version == 0:  # made just now by this runner's version
             row = await self.store.projection_row(projection.name) or row
