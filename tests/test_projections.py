@@ -534,7 +534,8 @@ async def test_an_older_versions_runner_leaves_a_newer_versions_tables_alone(
     with pytest.raises(lf.ProjectionLeaseLostError, match="version 2 of it runs here"):
         await ProjectionRunner(ledger, [orders_projection()]).catch_up()
     row = await ledger.projection_row("orders")
-    assert row is not None and row.rebuild is not None
+    assert row is not None
+    assert row.rebuild is not None
     assert (row.version, row.position, row.rebuild.version, row.rebuild.position) == (1, 1, 2, 0)
     assert row.owner is None  # the lease went back at once
 
@@ -549,7 +550,8 @@ async def test_an_older_versions_runner_leaves_a_newer_versions_tables_alone(
     with pytest.raises(lf.ProjectionLeaseLostError, match="left to runners of the newer code"):
         await ProjectionRunner(ledger, [orders_projection()]).catch_up()  # no rebuild back
     row = await ledger.projection_row("orders")
-    assert row is not None and (row.version, row.rebuild) == (2, None)
+    assert row is not None
+    assert (row.version, row.rebuild) == (2, None)
     assert await ReadModel(ledger, v2).select(totals) == [
         {"order_id": "o-1", "amount": 5.0},
         {"order_id": "o-2", "amount": 7.0},
