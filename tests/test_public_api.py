@@ -109,6 +109,7 @@ EXPECTED = {
     "StepInfo",
     "StoreClosedError",
     "StoreError",
+    "StaleReadError",
     "StoreCorruptError",
     "StoreInternalError",
     "StoreUnavailableError",

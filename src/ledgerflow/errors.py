@@ -23,6 +23,7 @@ driver type ever crosses the port::
     │   ├── StoreReadOnlyError      the database cannot be written (read-only file, standby)
     │   ├── StoreClosedError        the store was used after it was closed
     │   ├── StoreCorruptError       the database's files are damaged (restore a backup)
+    │   ├── StaleReadError          an inbox handler's reads changed before it committed
     │   └── StoreUnavailableError   connection or I/O failure (retryable)
     │       └── StoreInternalError  a defect in ledgerflow's store adapter (retryable)
     ├── WorkflowError               durable workflows
@@ -386,6 +387,23 @@ class StoreCorruptError(StoreError):
         super().__init__(f"the database at {location} is corrupt: {reason}")
         self.location = location
         self.reason = reason
+
+
+class StaleReadError(StoreError):
+    """A read-model row an inbox handler read was changed (by another process of the
+    same consumer) before the handler's writes could commit: they were made from the
+    old row and would overwrite that update. Nothing was written; the message is
+    handled again with fresh reads."""
+
+    retryable = True
+
+    def __init__(self, consumer: str, table: str, key: object) -> None:
+        super().__init__(
+            f"consumer {consumer!r}: row {key!r} of {table!r} changed after the handler read it"
+        )
+        self.consumer = consumer
+        self.table = table
+        self.key = key
 
 
 class WorkflowError(LedgerflowError):

@@ -15,10 +15,12 @@ the message again.
 from __future__ import annotations
 
 import inspect
+import logging
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ..errors import StaleReadError
 from ..projections.definition import Projection
 from ..projections.tables import Table
 from ..projections.view import View
@@ -28,6 +30,12 @@ if TYPE_CHECKING:
     from ..store import WorkflowStore
 
 __all__ = ["Inbox"]
+
+log = logging.getLogger("ledgerflow.inbox")
+
+_FRESH_READS = 20
+"""Times a message is handled afresh when rows it read changed under it, before it is
+left to the bus to deliver again."""
 
 Handle = Callable[[Delivery, View], Awaitable[None] | None]
 
@@ -59,16 +67,36 @@ class Inbox:
         message_id = delivery.message.id
         if await self.store.consumed(self.name, message_id):
             return  # applied before: an early way out; consume() decides for sure
+        for attempt in range(1, _FRESH_READS + 1):
+            seen: dict[tuple[str, Any], dict[str, Any] | None] = {}
 
-        async def read(table: str, key: Any) -> dict[str, Any] | None:
-            return await self.store.read_model_get(
-                self.name, self.projection.tables[table], key, generation=0
-            )
+            async def read(
+                table: str, key: Any, seen: dict[tuple[str, Any], Any] = seen
+            ) -> dict[str, Any] | None:
+                row = await self.store.read_model_get(
+                    self.name, self.projection.tables[table], key, generation=0
+                )
+                seen.setdefault((table, key), row)
+                return row
 
-        view = View(self.projection, read)
-        result = self.handle(delivery, view)
-        if inspect.isawaitable(result):
-            await result
-        await self.store.consume(
-            self.name, message_id, self.projection.tables, view.writes, now_us=self._now_us()
-        )
+            view = View(self.projection, read)
+            result = self.handle(delivery, view)
+            if inspect.isawaitable(result):
+                await result
+            # What the handler read is checked as it commits: another process of
+            # this consumer may have written those rows since, and writes made from
+            # the old values would overwrite its update (lost increments).
+            try:
+                await self.store.consume(
+                    self.name,
+                    message_id,
+                    self.projection.tables,
+                    view.writes,
+                    now_us=self._now_us(),
+                    seen=[(table, key, row) for (table, key), row in seen.items()],
+                )
+                return
+            except StaleReadError:
+                if attempt == _FRESH_READS:
+                    raise  # the bus delivers the message again later
+                log.debug("inbox %s: %s read rows another process changed", self.name, message_id)

@@ -8,10 +8,16 @@ from collections.abc import Mapping, Sequence
 from dataclasses import replace
 from typing import Any
 
-from ..errors import ProjectionLeaseLostError
+from ..errors import ProjectionLeaseLostError, StaleReadError
 from ..projections.state import Rebuild
 from ..projections.tables import Patch, Put, Remove, Table, TableWrite
-from ._projections import ProjectionFailure, ProjectionLease, ProjectionRow, physical_name
+from ._projections import (
+    ProjectionFailure,
+    ProjectionLease,
+    ProjectionRow,
+    Seen,
+    physical_name,
+)
 
 __all__ = ["MemoryProjections"]
 
@@ -49,7 +55,11 @@ class MemoryProjections:
         tables: Mapping[str, Table],
         writes: Sequence[TableWrite],
         now_us: int,
+        seen: Sequence[Seen],
     ) -> bool:
+        for table, key, then in seen:
+            if await self._read_model_get(consumer, tables[table], key, 0) != then:
+                raise StaleReadError(consumer, table, key)
         if (consumer, message_id) in self._inbox:
             return False
         self._apply_writes(consumer, 0, tables, writes)

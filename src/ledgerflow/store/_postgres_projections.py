@@ -9,6 +9,7 @@ it or finds it moved), then the writes, pipelined."""
 from __future__ import annotations
 
 import abc
+import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -16,7 +17,7 @@ import psycopg
 from psycopg.abc import Params
 from psycopg.rows import TupleRow
 
-from ..errors import ProjectionLeaseLostError, StoreError
+from ..errors import ProjectionLeaseLostError, StaleReadError, StoreError
 from ..projections.state import Rebuild
 from ..projections.tables import Table, TableWrite
 from ._migrations import Migration
@@ -26,6 +27,7 @@ from ._projections import (
     ProjectionLease,
     ProjectionRow,
     ReadModelSql,
+    Seen,
     TableMissing,
     physical_name,
     projection_row,
@@ -130,6 +132,7 @@ class PostgresProjections(abc.ABC):
         tables: Mapping[str, Table],
         writes: Sequence[TableWrite],
         now_us: int,
+        seen: Sequence[Seen],
     ) -> bool:
         models = {name: self._model_sql(consumer, t, 0) for name, t in tables.items()}
         statements = [models[w.table].write(w) for w in writes]
@@ -137,8 +140,19 @@ class PostgresProjections(abc.ABC):
             f"INSERT INTO {self.schema}.inbox (consumer, message_id, processed_at) "
             "VALUES (%s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1"
         )
+        # The consumer's processes commit one at a time while they check what their
+        # handlers read (a row read as missing cannot be locked).
+        lock = _inbox_lock(self.schema, consumer)
 
         async def consume(conn: Connection) -> bool:
+            if seen:
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (lock,))
+                for table, key, then in seen:
+                    model = models[table]
+                    cur = await conn.execute(model.get, (key,))
+                    found = await cur.fetchone()
+                    if (None if found is None else model.decode_row(found)) != then:
+                        raise StaleReadError(consumer, table, key)
             # The row is taken (or waited for) first: a concurrent delivery of the same
             # message commits first or finds it.
             cur = await conn.execute(record, (consumer, message_id, now_us))
@@ -394,3 +408,11 @@ class PostgresProjections(abc.ABC):
             if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
                 raise TableMissing(sql) from None
             raise
+
+
+def _inbox_lock(schema: str, consumer: str) -> int:
+    """The advisory lock (bigint key space) an inbox's commits take, keyed as the
+    streams' are (``_postgres_sql.stream_key``) by a name no stream id can have
+    (it holds NUL): never a stream's."""
+    digest = hashlib.blake2b(f"{schema}\0\0inbox\0{consumer}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, signed=True)

@@ -27,9 +27,14 @@ __all__ = [
     "ProjectionRow",
     "ProjectionStore",
     "ReadModelSql",
+    "Seen",
     "TableMissing",
     "physical_name",
 ]
+
+
+Seen = tuple[str, Any, "dict[str, Any] | None"]
+"""A read-model row a handler read: (table, key, the row then, or None)."""
 
 
 class TableMissing(Exception):
@@ -74,15 +79,18 @@ class ProjectionStore(abc.ABC):
         writes: Sequence[TableWrite],
         *,
         now_us: int,
+        seen: Sequence[Seen] = (),
     ) -> bool:
         """In one transaction: record ``message_id`` as processed by ``consumer`` and
         apply the writes to its tables; False (nothing written) if it was processed
-        before."""
+        before. ``StaleReadError`` (nothing written) if a row in ``seen`` is not as
+        the handler read it: the writes were made from it, and two processes of one
+        consumer would each overwrite the other's update."""
         self._check_open()
         check_name(consumer, "consumer name")
         if not isinstance(message_id, str) or not message_id:
             raise ConfigurationError("a message needs an id to be processed once")
-        return await self._consume(consumer, message_id, tables, writes, now_us)
+        return await self._consume(consumer, message_id, tables, writes, now_us, seen)
 
     async def consumed(self, consumer: str, message_id: str) -> bool:
         """Whether ``consumer`` processed ``message_id``."""
@@ -263,6 +271,7 @@ class ProjectionStore(abc.ABC):
         tables: Mapping[str, Table],
         writes: Sequence[TableWrite],
         now_us: int,
+        seen: Sequence[Seen],
     ) -> bool: ...
 
     @abc.abstractmethod

@@ -10,7 +10,7 @@ import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
-from ..errors import ProjectionLeaseLostError, StoreError
+from ..errors import ProjectionLeaseLostError, StaleReadError, StoreError
 from ..projections.state import Rebuild
 from ..projections.tables import Table, TableWrite
 from ._migrations import Migration
@@ -20,6 +20,7 @@ from ._projections import (
     ProjectionLease,
     ProjectionRow,
     ReadModelSql,
+    Seen,
     TableMissing,
     physical_name,
     projection_row,
@@ -112,11 +113,18 @@ class SQLiteProjections(abc.ABC):
         tables: Mapping[str, Table],
         writes: Sequence[TableWrite],
         now_us: int,
+        seen: Sequence[Seen],
     ) -> bool:
         models = {name: self._model_sql(consumer, t, 0) for name, t in tables.items()}
         statements = [models[w.table].write(w) for w in writes]
 
         def consume(con: sqlite3.Connection) -> bool:
+            # One writer: nothing changes between this look and the commit.
+            for table, key, then in seen:
+                model = models[table]
+                found = con.execute(model.get, (key,)).fetchone()
+                if (None if found is None else model.decode_row(found)) != then:
+                    raise StaleReadError(consumer, table, key)
             new = con.execute(
                 "INSERT INTO inbox (consumer, message_id, processed_at) VALUES (?, ?, ?) "
                 "ON CONFLICT DO NOTHING",

@@ -483,8 +483,11 @@ class WorkflowStore(EventStore, Protocol):
         writes: Sequence[TableWrite],
         *,
         now_us: int,
+        seen: Sequence[tuple[str, Any, dict[str, Any] | None]] = (),
     ) -> bool:
-        """A message's writes and its record as processed, in one transaction."""
+        """A message's writes and its record as processed, in one transaction, if
+        the rows in ``seen`` (table, key, row as read) are still as read
+        (``StaleReadError`` otherwise)."""
         ...
 
     async def consumed(self, consumer: str, message_id: str) -> bool: ...
