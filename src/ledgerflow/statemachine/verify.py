@@ -15,8 +15,9 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``property``: a temporal property (``temporal.always``, ``never``, ``eventually``,
   ``leads_to``) that fails, with a run that shows it (no fairness assumed);
 - ``guard_error``, ``update_error`` and ``out_of_domain``: a guard or an update that
-  raised, or an update that left a data field's declared domain (or left a field
-  out, or added one);
+  raised or read a payload field without a domain (``UNEXPLORED``), an update that
+  returned no mapping, or one that left a data field's declared domain (or left a
+  field out, or added one);
 - ``improper_completion``: with parallel regions (fork/join), a configuration that has
   reached a terminal state while other regions still hold states.
 
@@ -47,7 +48,7 @@ from typing import Any
 
 from ..errors import WorkflowDefinitionError
 from . import sampling
-from .definition import UNEXPLORED, Data, Machine
+from .definition import UNEXPLORED, Data, Machine, Payload, payload_fields, unexplored_reads
 from .semantics import by_source as _by_source
 from .semantics import candidates as _candidates
 from .semantics import ended as _ended
@@ -173,9 +174,48 @@ def _key(data: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def _label(event: str, payload: Data) -> str:
-    if not payload:
+    fields = payload_fields(payload) if isinstance(payload, Payload) else payload
+    if not fields:
         return event
-    return f"{event}({', '.join(f'{k}={v!r}' for k, v in payload.items())})"
+    return f"{event}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class _Unexplored:
+    """What stands for ``UNEXPLORED`` in a payload's key (the value refuses hashing)."""
+
+    __slots__ = ()
+
+
+_UNEXPLORED_KEY = _Unexplored()
+
+
+def _payload_key(payload: Payload) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        sorted(
+            (k, _UNEXPLORED_KEY if v is UNEXPLORED else v)
+            for k, v in payload_fields(payload).items()
+        )
+    )
+
+
+def _unexplored_read(payload: Payload, what: str) -> str:
+    """Why a guard or update that read a field without a domain is reported, or ""."""
+    read = unexplored_reads(payload)
+    if not read:
+        return ""
+    return (
+        f"read the payload field {read[0]!r}, which has no declared domain, so {what} "
+        f"cannot be explored (declare its values, payload={{{read[0]!r}: [...]}}, or "
+        "verify a sample of them, sample=N)"
+    )
+
+
+def _not_data(after: object) -> str:
+    """Why an update's result is not data (a mapping of the fields), or ""."""
+    if isinstance(after, Mapping):
+        return ""
+    hint = " (does it forget to return the data?)" if after is None else ""
+    return f"returned {after!r}, not the data (a mapping of every field){hint}"
 
 
 def verify(
@@ -280,35 +320,49 @@ def verify(
             if not ok:
                 found(kind, name, f"{what} {name!r} does not hold in {config}", config)
         outs = edges.setdefault(config, {})
-        enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], list[int]] = {}
+        enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Payload, list[int]]] = {}
         for index, t in _candidates(by_source, config.marking):
             event = machine.events[t.event]
             for payload in event.payloads():
+                raised: Exception | None = None
                 try:
                     allowed = t.guard is None or bool(t.guard(data, payload))
                 except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    raised = exc
+                unexplored = _unexplored_read(payload, "what it decides")
+                if unexplored or raised is not None:
+                    # An unexplored read is reported even when the guard caught its
+                    # error: whatever it returned then was decided on no value.
+                    why = unexplored or f"raised {raised!r}"
                     found(
                         FindingKind.GUARD_ERROR,
                         labels[index],
-                        f"the guard of {labels[index]} raised {exc!r} in {config} on "
-                        f"{_label(t.event, payload)}",
+                        f"in {config} on {_label(t.event, payload)}, the guard of "
+                        f"{labels[index]} {why}",
                         config,
                     )
                     continue
                 if not allowed:
                     continue
-                enabled.setdefault((t.event, _key(payload)), []).append(index)
+                enabled.setdefault((t.event, _payload_key(payload)), (payload, []))[1].append(index)
                 fired.add(index)
                 try:
                     after = data if t.update is None else t.update(data, payload)
                 except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    after, raised = None, exc
+                wrong = _unexplored_read(payload, "the data it makes") or (
+                    f"raised {raised!r}" if raised is not None else _not_data(after)
+                )
+                if wrong:
                     found(
                         FindingKind.UPDATE_ERROR,
                         labels[index],
-                        f"the update of {labels[index]} raised {exc!r} in {config}",
+                        f"in {config} on {_label(t.event, payload)}, the update of "
+                        f"{labels[index]} {wrong}",
                         config,
                     )
                     continue
+                assert isinstance(after, Mapping)
                 wrong = _out_of_domain(machine, after)
                 if wrong:
                     found(
@@ -337,9 +391,9 @@ def verify(
                         parent[target] = (config, label)
                         origin[target] = origin[config]
                         queue.append(target)
-        for (event_name, payload_key), ts in enabled.items():
+        for (event_name, _), (payload, ts) in enabled.items():
             if len(ts) > 1:
-                label = _label(event_name, MappingProxyType(dict(payload_key)))
+                label = _label(event_name, payload)
                 found(
                     FindingKind.NONDETERMINISM,
                     f"{config.state} on {event_name}",
@@ -486,7 +540,11 @@ def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
     if extra:
         return f"data fields {extra} the machine does not declare"
     for k, v in after.items():
-        if v not in machine.domains[k]:
+        try:
+            inside = v is not UNEXPLORED and v in machine.domains[k]
+        except Exception as exc:  # noqa: BLE001 - a value its domain cannot be compared with
+            return f"{k}={v!r}, which cannot be compared with its domain ({exc!r})"
+        if not inside:
             return f"{k}={v!r} outside its domain"
     return ""
 
@@ -590,8 +648,9 @@ def can_complete(
 ) -> tuple[bool | None, str]:
     """Whether some run from this configuration reaches completion (a terminal state
     alone), exploring as ``verify`` does: True, or False with why, or None if the
-    exploration stopped at ``max_configurations`` first. Guards that raise and
-    updates that leave the domains are not taken."""
+    exploration stopped at ``max_configurations`` first. Guards that raise, guards
+    and updates that read a field without a domain, and updates that return no data
+    or leave the domains are not taken (what ``verify`` reports)."""
     by_source = _by_source(machine)
     start = Config(tuple(sorted(marking)), _key(data))
     seen = {start}
@@ -609,6 +668,8 @@ def can_complete(
                     after = values if t.update is None else t.update(values, payload)
                 except Exception:  # noqa: BLE001, S112 - a move that cannot happen
                     continue
+                if unexplored_reads(payload) or _not_data(after) or _out_of_domain(machine, after):
+                    continue  # as verify reports them: moves it does not explore
                 moves = [Config(_fire(config.marking, t), _key(after))]
                 if t.failure and machine.actions(t):
                     moves.append(Config(fire_to(config.marking, t.sources, t.failure), config.data))
