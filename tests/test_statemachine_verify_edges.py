@@ -22,6 +22,8 @@ from ledgerflow.statemachine import (
     FindingKind,
     Machine,
     UnexploredFieldError,
+    eventually,
+    leads_to,
     verify,
 )
 from ledgerflow.statemachine.definition import UNEXPLORED, Payload
@@ -255,3 +257,43 @@ def test_the_cli_reports_an_update_that_forgot_to_return(
     assert out.exit_code == 1, out.output
     assert out.exception is None or isinstance(out.exception, SystemExit)
     assert "returned None, not the data" in out.stdout
+
+
+# -- temporal predicates that raise --------------------------------------------------------
+
+
+def hold(fairness: str) -> Machine:
+    m = Machine("hold", fairness=fairness)
+    m.state("open", initial=True)
+    m.state("on_hold")
+    m.state("done", terminal=True)
+    m.transition("open", "hold", "on_hold")
+    m.transition("on_hold", "resume", "open")
+    m.transition("open", "finish", "done")
+    return m
+
+
+@pytest.mark.parametrize("fairness", ["none", "strong"])
+def test_a_liveness_predicate_that_raises_says_so(fairness: str) -> None:
+    m = hold(fairness)
+    m.property("raises", eventually(lambda s, d: d["x"]))
+    m.property("trigger raises", leads_to(lambda s, d: d["y"], lambda s, d: s == "done"))
+    m.property("goal raises", leads_to(lambda s, d: s == "on_hold", lambda s, d: 1 / 0 > 0))
+    found = {f.subject: f for f in verify(m).of(FindingKind.PROPERTY)}
+    assert found["raises"].message == (
+        "eventually property 'raises': its goal raised KeyError('x') in open"
+    )
+    assert "its trigger raised KeyError('y') in open" in found["trigger raises"].message
+    assert "its goal raised ZeroDivisionError" in found["goal raises"].message
+    assert found["raises"].trace == ()
+    assert found["raises"].start == "open"
+
+
+def test_a_liveness_predicate_that_holds_is_still_checked() -> None:
+    m = hold("strong")
+    m.property("ends", eventually(lambda s, d: s == "done"))
+    assert verify(m).ok
+    m = hold("none")
+    m.property("ends", eventually(lambda s, d: s == "done"))
+    (failed,) = verify(m).of(FindingKind.PROPERTY)
+    assert "not every run from the start reaches its goal" in failed.message

@@ -581,15 +581,19 @@ def _not(p: Callable[[str, Data], bool]) -> Callable[[str, Data], bool]:
     return lambda state, data: not p(state, data)
 
 
-def _holds(p: Callable[[str, Data], bool]) -> Callable[[object], bool]:
-    def test(config: object) -> bool:
-        assert isinstance(config, Config)
+def _evaluated(
+    p: Callable[[str, Data], bool], configs: list[Config]
+) -> tuple[dict[Config, bool], tuple[Config, Exception] | None]:
+    """``p`` on every configuration, or where it first raised (in discovery order: a
+    shortest trace). One that raises is reported as such, not taken as false: a
+    counterexample built on it would show a run the property never judged."""
+    holds: dict[Config, bool] = {}
+    for config in configs:
         try:
-            return bool(p(config.state, config.values()))
-        except Exception:  # noqa: BLE001 - a predicate that raises does not hold
-            return False
-
-    return test
+            holds[config] = bool(p(config.state, config.values()))
+        except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+            return holds, (config, exc)
+    return holds, None
 
 
 def _liveness(
@@ -606,37 +610,72 @@ def _liveness(
     for name, prop in liveness.items():
         goal = prop.q if prop.kind == "leads_to" else prop.p
         assert goal is not None
+        judged = [("its goal", goal)]
+        if prop.kind == "leads_to":
+            judged.insert(0, ("its trigger", prop.p))
+        tables: list[dict[Config, bool]] = []
+        for which, pred in judged:
+            table, raised = _evaluated(pred, configs)
+            if raised is not None:
+                at, exc = raised
+                found(
+                    FindingKind.PROPERTY,
+                    name,
+                    f"{prop.kind} property {name!r}: {which} raised {exc!r} in {at}",
+                    at,
+                )
+                break
+            tables.append(table)
+        else:
+            _counterexample(name, prop, tables, parent, configs, graph, fired, fairness, found)
+
+
+def _counterexample(
+    name: str,
+    prop: Property,
+    tables: list[dict[Config, bool]],
+    parent: Mapping[Config, object],
+    configs: list[Config],
+    graph: Mapping[object, Mapping[object, str]],
+    fired: Moves,
+    fairness: Fairness,
+    found: Callable[..., None],
+) -> None:
+    goal = tables[-1]
+
+    def reached(config: object) -> bool:
+        return goal[config]  # type: ignore[index]
+
+    if fairness == "strong":
+        escaping, stops, cycles = fair_escape(configs, fired, reached)
+    else:
+        inside = must_reach(configs, graph, reached)
+    if prop.kind == "eventually":
+        suspects = [c for c in configs if parent[c] is None]
+    else:
+        suspects = [c for c in configs if tables[0][c]]
+    for config in suspects:
         if fairness == "strong":
-            escaping, stops, cycles = fair_escape(configs, fired, _holds(goal))
+            if config not in escaping:
+                continue
+            then, ending = fair_run(config, fired, escaping, stops, cycles, str)
         else:
-            inside = must_reach(configs, graph, _holds(goal))
-        if prop.kind == "eventually":
-            suspects = [c for c in configs if parent[c] is None]
-        else:
-            trigger = _holds(prop.p)
-            suspects = [c for c in configs if trigger(c)]
-        for config in suspects:
-            if fairness == "strong":
-                if config not in escaping:
-                    continue
-                then, ending = fair_run(config, fired, escaping, stops, cycles, str)
-            else:
-                if config in inside:
-                    continue
-                then, ending = avoiding_run(config, graph, inside, str)
-            what = (
-                "not every run from the start reaches its goal"
-                if prop.kind == "eventually"
-                else f"from {config}, not every run reaches its goal"
-            )
-            found(
-                FindingKind.PROPERTY,
-                name,
-                f"{prop.kind} property {name!r}: {what}: a run {ending}",
-                config,
-                then,
-            )
-            break
+            if config in inside:
+                continue
+            then, ending = avoiding_run(config, graph, inside, str)
+        what = (
+            "not every run from the start reaches its goal"
+            if prop.kind == "eventually"
+            else f"from {config}, not every run reaches its goal"
+        )
+        found(
+            FindingKind.PROPERTY,
+            name,
+            f"{prop.kind} property {name!r}: {what}: a run {ending}",
+            config,
+            then,
+        )
+        break
 
 
 def can_complete(
