@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from ledgerflow.statemachine import (
     verify,
 )
 from ledgerflow.statemachine.definition import UNEXPLORED, Payload
+from ledgerflow.statemachine.diagram import dot, mermaid
 
 
 @dataclass
@@ -297,3 +299,93 @@ def test_a_liveness_predicate_that_holds_is_still_checked() -> None:
     m.property("ends", eventually(lambda s, d: s == "done"))
     (failed,) = verify(m).of(FindingKind.PROPERTY)
     assert "not every run from the start reaches its goal" in failed.message
+
+
+# -- diagrams --------------------------------------------------------------------------
+
+
+def review(*first: str) -> Machine:
+    m = Machine("review")
+    for name in first:
+        m.state(name)
+    m.state("in review", initial=True)
+    m.state("in-review")
+    m.state("in_review")
+    m.state("done", terminal=True)
+    m.transition("in review", "escalate", "in-review")
+    m.transition("in-review", "escalate", "in_review")
+    m.transition("in_review", "close", "done")
+    for name in first:
+        m.transition(name, "close", "done")
+    return m
+
+
+def _node_ids(chart: str) -> dict[str, str]:
+    return dict(re.findall(r'    state "(.*)" as (\w+)', chart))
+
+
+def test_states_whose_names_differ_in_punctuation_are_distinct_nodes() -> None:
+    chart = mermaid(review())
+    ids = _node_ids(chart)
+    assert set(ids) == {"in review", "in-review"}
+    assert len({*ids.values(), "in_review"}) == 3
+    assert f"    [*] --> {ids['in review']}" in chart
+    assert f"    {ids['in review']} --> {ids['in-review']} : escalate" in chart
+    assert f"    {ids['in-review']} --> in_review : escalate" in chart
+    graph = dot(review())
+    assert f'{ids["in review"]} [label="in review", shape=circle];' in graph
+    assert f'{ids["in-review"]} [label="in-review", shape=circle];' in graph
+    assert 'in_review [label="in_review", shape=circle];' in graph
+    # Stable: a state declared before them, or one more that collides, changes no id.
+    assert _node_ids(mermaid(review("a b", "in:review"))).items() >= ids.items()
+
+
+def test_names_that_need_no_change_keep_their_ids() -> None:
+    m = Machine("plain")
+    m.state("on hold", initial=True)
+    m.state("done", terminal=True)
+    m.transition("on hold", "go", "done")
+    assert '    state "on hold" as on_hold' in mermaid(m)
+
+
+def test_keywords_and_the_diagrams_own_node_names_are_not_state_ids() -> None:
+    m = Machine("words")
+    m.state("node", initial=True)
+    for name in ("end", "fork_1", "__start", "join_2"):
+        m.state(name)
+    m.state("done", terminal=True)
+    m.transition("node", "split", ["end", "fork_1"])
+    m.transition(["end", "fork_1"], "join", "__start")
+    m.transition("__start", "fin", "join_2")
+    m.transition("join_2", "fin", "done")
+    ids = _node_ids(mermaid(m))
+    assert set(ids) == {"node", "end", "fork_1", "__start", "join_2"}
+    for name, node in ids.items():
+        assert node != name
+        assert node.startswith(name + "_")
+    graph = dot(m)
+    assert "\n    node [" not in graph
+    assert f'{ids["node"]} [label="node"' in graph
+
+
+def test_labels_with_quotes_newlines_and_markup_are_escaped() -> None:
+    m = Machine('say "hi"\nthen go')
+    m.state("entwurf 📝", initial=True)
+    m.state('geprüft\n"quoted"')
+    m.state("fertig;}\\", terminal=True)
+    m.transition("entwurf 📝", "prüfen", 'geprüft\n"quoted"')
+    m.transition('geprüft\n"quoted"', "ab-->schluss<b>#1", "fertig;}\\")
+    graph = dot(m)
+    for line in graph.splitlines()[1:-1]:
+        # Every statement on one line, its strings closed: no raw quote inside them.
+        assert line.endswith(";"), line
+        assert len(re.sub(r"\\.", "", line).split('"')) % 2 == 1, line
+    assert graph.startswith('digraph "say \\"hi\\"\\nthen go v1" {')
+    assert '[label="geprüft\\n\\"quoted\\"", shape=circle];' in graph
+    assert '[label="fertig;}\\\\", shape=doublecircle];' in graph
+    chart = mermaid(m)
+    assert len(chart.splitlines()) == chart.count("\n")
+    assert '    state "geprüft<br/>#quot;quoted#quot;" as ' in chart
+    assert '    state "fertig#59;}\\" as ' in chart
+    assert " : ab--#gt;schluss#lt;b#gt;#35;1" in chart
+    assert '"' not in "".join(re.findall(r'state "(.*)" as', chart))
