@@ -389,3 +389,30 @@ def test_labels_with_quotes_newlines_and_markup_are_escaped() -> None:
     assert '    state "fertig#59;}\\" as ' in chart
     assert " : ab--#gt;schluss#lt;b#gt;#35;1" in chart
     assert '"' not in "".join(re.findall(r'state "(.*)" as', chart))
+
+
+# -- memory ------------------------------------------------------------------------------
+
+
+def test_the_explored_graph_costs_little_memory_per_configuration() -> None:
+    """Each edge kept its own copy of the configuration it led to and its own label
+    (~45 KB a configuration here, so the default bound needed tens of GB): edges now
+    share the first copy and one label per event and payload."""
+    import tracemalloc
+
+    fields = {f"f{i}": list(range(10)) for i in range(3)}
+    m = Machine("roam", data=fields, initial_data=dict.fromkeys(fields, 0))
+    m.state("a", initial=True)
+    m.state("done", terminal=True)
+    m.event("set", payload={"k": list(fields), "v": list(range(10))})
+    m.transition("a", "set", "a", update=lambda d, p: {**d, p["k"]: p["v"]})
+    m.transition("a", "fin", "done")
+    tracemalloc.start()
+    try:
+        report = verify(m)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert report.ok
+    assert report.configurations == 2000  # a and done, over 1000 data values
+    assert peak / report.configurations < 3_000, peak / report.configurations

@@ -293,6 +293,15 @@ def verify(
         findings.append(Finding(kind, subject, message, steps + then, start))
 
     labels = transition_labels(machine)
+    # Shared by every edge an (event, payload) labels: a string per edge cost more
+    # than the rest of the graph. Payloads themselves are made anew for each guard,
+    # since a payload remembers the unexplored fields read from it.
+    shown = {
+        name: [(_label(name, p), f"{_label(name, p)} (activity failed)") for p in e.payloads()]
+        for name, e in machine.events.items()
+    }
+    known: dict[Config, Config] = {c: c for c in parent}
+    """Each configuration as first made: an edge keeps that one, not an equal copy."""
     by_source = _by_source(machine)
     reached: set[str] = set()
     fired: set[int] = set()
@@ -323,7 +332,9 @@ def verify(
         enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Payload, list[int]]] = {}
         for index, t in _candidates(by_source, config.marking):
             event = machine.events[t.event]
-            for payload in event.payloads():
+            for payload, (shown_ok, shown_failed) in zip(
+                event.payloads(), shown[t.event], strict=True
+            ):
                 raised: Exception | None = None
                 try:
                     allowed = t.guard is None or bool(t.guard(data, payload))
@@ -372,25 +383,26 @@ def verify(
                         config,
                     )
                     continue
-                outcomes = [
-                    (Config(_fire(config.marking, t), _key(after)), _label(t.event, payload))
-                ]
+                outcomes = [(Config(_fire(config.marking, t), _key(after)), shown_ok)]
                 if t.failure and machine.actions(t):
                     # Its activity may fail for good: compensated, the machine goes
                     # to the failure states with its data as it was.
                     failed = Config(fire_to(config.marking, t.sources, t.failure), config.data)
-                    outcomes.append((failed, f"{_label(t.event, payload)} (activity failed)"))
-                for target, label in outcomes:
-                    outs.setdefault(target, label)
-                    if fair:
-                        moves.setdefault(config, []).append((index, target, label))
-                    if target not in parent:
+                    outcomes.append((failed, shown_failed))
+                for made, label in outcomes:
+                    target = known.get(made)
+                    if target is None:
                         if len(parent) >= max_configurations:
+                            # The graph is not used once bounded: no edge kept.
                             bounded = True
                             continue
+                        target = known[made] = made
                         parent[target] = (config, label)
                         origin[target] = origin[config]
                         queue.append(target)
+                    outs.setdefault(target, label)
+                    if fair:
+                        moves.setdefault(config, []).append((index, target, label))
         for (event_name, _), (payload, ts) in enabled.items():
             if len(ts) > 1:
                 label = _label(event_name, payload)
