@@ -6,7 +6,16 @@ instances (``engine.start(machine, input)``, ``engine.execute(id, event, payload
 
 from __future__ import annotations
 
-from .definition import Activity, Data, Event, Machine, Payload, State, Transition
+from .definition import (
+    Activity,
+    Data,
+    Event,
+    Machine,
+    Payload,
+    State,
+    Transition,
+    UnexploredFieldError,
+)
 from .instance import MachineCall, MachineOutcome, MachineState
 from .temporal import Property, always, eventually, leads_to, never
 from .verify import Config, Finding, FindingKind, Report, verify
@@ -27,6 +36,7 @@ __all__ = [
     "Report",
     "State",
     "Transition",
+    "UnexploredFieldError",
     "always",
     "eventually",
     "leads_to",

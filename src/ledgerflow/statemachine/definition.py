@@ -50,7 +50,10 @@ __all__ = [
     "Payload",
     "State",
     "Transition",
+    "UnexploredFieldError",
     "Update",
+    "payload_fields",
+    "unexplored_reads",
 ]
 
 Data = Mapping[str, Any]
@@ -63,19 +66,55 @@ Update = Callable[[Data, Any], Mapping[str, Any]]
 """``update(data, payload)``: the data after the transition (every field)."""
 
 
+class UnexploredFieldError(TypeError):
+    """A guard or an update read a payload field verification has no values for (a
+    typed field without a domain, not sampled): what it decides cannot be explored."""
+
+    def __init__(self, field: str | None) -> None:
+        named = repr(field) if field is not None else "field"
+        super().__init__(
+            f"payload {'field ' + named if field is not None else 'field'} has no "
+            f"declared domain and was read: declare its values (payload={{{named}: "
+            "[...]}) or verify a sample of them (sample=N)"
+        )
+        self.field = field
+        """The field read, if known (None: an ``UNEXPLORED`` value used elsewhere)."""
+
+
 class Payload(Mapping[str, Any]):
     """An event's payload as guards and updates see it, at run time and in
     verification alike: read-only, its fields by key (``p["amount"]``) or by attribute
     (``p.amount``). Field values are as sent (JSON values: an ``Enum`` field holds its
-    value, a nested type a mapping)."""
+    value, a nested type a mapping).
 
-    __slots__ = ("_fields",)
+    In verification a field without a domain holds ``UNEXPLORED``, and reading it
+    raises ``UnexploredFieldError``: the read itself is refused (and remembered, see
+    ``unexplored_reads``), not the value's operations, because ``is None``,
+    ``isinstance`` and identity tests cannot be intercepted on a value."""
+
+    __slots__ = ("_fields", "_unexplored")
+    _fields: dict[str, Any]
+    _unexplored: tuple[str, ...]
 
     def __init__(self, fields: Mapping[str, Any]) -> None:
         object.__setattr__(self, "_fields", dict(fields))
+        object.__setattr__(self, "_unexplored", ())
+
+    def _read(self, name: str) -> Any:
+        value = self._fields[name]
+        if value is UNEXPLORED:
+            # Remembered as well as raised: a guard that catches the error (or
+            # hasattr, getattr with a default) would otherwise decide unnoticed.
+            object.__setattr__(self, "_unexplored", (*self._unexplored, name))
+            raise UnexploredFieldError(name)
+        return value
 
     def __getitem__(self, name: str) -> Any:
-        return self._fields[name]
+        return self._read(name)
+
+    def __contains__(self, name: object) -> bool:
+        # Mapping's would read the value: asking whether a field is there is not.
+        return name in self._fields
 
     def __iter__(self) -> Iterator[str]:
         return iter(self._fields)
@@ -84,16 +123,27 @@ class Payload(Mapping[str, Any]):
         return len(self._fields)
 
     def __getattr__(self, name: str) -> Any:
-        try:
-            return self._fields[name]
-        except KeyError:
-            raise AttributeError(f"the payload has no field {name!r}") from None
+        if name not in self._fields:
+            raise AttributeError(f"the payload has no field {name!r}")
+        return self._read(name)
 
     def __setattr__(self, name: str, value: object) -> None:
         raise AttributeError("a payload is read-only")
 
     def __repr__(self) -> str:
         return f"Payload({self._fields!r})"
+
+
+def unexplored_reads(payload: Payload) -> tuple[str, ...]:
+    """The fields without a domain a guard or update read from ``payload`` (in the
+    order read, repeats included), whether or not it let the error through."""
+    return payload._unexplored
+
+
+def payload_fields(payload: Payload) -> Mapping[str, Any]:
+    """The payload's fields, ``UNEXPLORED`` ones included, without reading them as a
+    guard would (for verification's labels and keys)."""
+    return MappingProxyType(payload._fields)
 
 
 Activity: TypeAlias = "Callable[[MachineCall], Any]"
@@ -132,7 +182,7 @@ class Event:
     """Hypothesis strategies given for fields (``payload={"amount": st.integers()}``):
     the fields are ``UNEXPLORED`` unless verification samples them."""
 
-    def payloads(self) -> Iterator[Data]:
+    def payloads(self) -> Iterator[Payload]:
         """Every payload the event may carry (one empty payload if it has none)."""
         names = list(self.payload)
         for values in itertools.product(*(self.payload[n] for n in names)):
@@ -513,23 +563,41 @@ def _domain(machine: str, what: str, values: object) -> tuple[Any, ...]:
 
 
 class _Unexplored:
-    """The one value verification gives a typed payload field without a domain:
-    comparing or hashing it into a decision raises, so a guard that reads it is
-    reported (``guard_error``) instead of being explored on a made-up value."""
+    """The one value verification gives a typed payload field without a domain.
+    Reading the field through ``Payload`` is refused already; the value also
+    refuses every operation a decision could be made on, should it get out some
+    other way (a copy of the payload's values): comparing, hashing, truth, size,
+    iteration, membership, conversion, formatting and arithmetic. Only ``repr`` (for
+    reports) and identity remain, and copies are itself."""
 
     __slots__ = ()
 
     def __repr__(self) -> str:
         return "UNEXPLORED"
 
-    def _refuse(self, *args: object) -> bool:
-        raise TypeError(
-            "a payload field without a declared domain was read: declare its values "
-            "with payload={field: [...]}"
-        )
+    def __reduce__(self) -> str:
+        return "UNEXPLORED"
 
-    __eq__ = __lt__ = __le__ = __gt__ = __ge__ = __bool__ = _refuse
-    __hash__ = object.__hash__
+    def __copy__(self) -> _Unexplored:
+        return self
+
+    def __deepcopy__(self, memo: object) -> _Unexplored:
+        return self
+
+    def _refuse(self, *args: object) -> typing.NoReturn:
+        raise UnexploredFieldError(None)
+
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _refuse
+    __hash__ = __bool__ = __len__ = __iter__ = __contains__ = __getitem__ = _refuse
+    __str__ = __format__ = __bytes__ = __index__ = __int__ = __float__ = _refuse
+    __complex__ = __round__ = __trunc__ = __floor__ = __ceil__ = __abs__ = _refuse
+    __neg__ = __pos__ = __invert__ = _refuse
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = _refuse
+    __truediv__ = __rtruediv__ = __floordiv__ = __rfloordiv__ = _refuse
+    __mod__ = __rmod__ = __divmod__ = __rdivmod__ = __pow__ = __rpow__ = _refuse
+    __and__ = __rand__ = __or__ = __ror__ = __xor__ = __rxor__ = _refuse
+    __lshift__ = __rlshift__ = __rshift__ = __rrshift__ = __matmul__ = __rmatmul__ = _refuse
+    __getattr__ = _refuse
 
 
 UNEXPLORED: Any = _Unexplored()

@@ -15,8 +15,9 @@ comes with a shortest counterexample: the events that lead there. Found:
 - ``property``: a temporal property (``temporal.always``, ``never``, ``eventually``,
   ``leads_to``) that fails, with a run that shows it (no fairness assumed);
 - ``guard_error``, ``update_error`` and ``out_of_domain``: a guard or an update that
-  raised, or an update that left a data field's declared domain (or left a field
-  out, or added one);
+  raised or read a payload field without a domain (``UNEXPLORED``), an update that
+  returned no mapping, or one that left a data field's declared domain (or left a
+  field out, or added one);
 - ``improper_completion``: with parallel regions (fork/join), a configuration that has
   reached a terminal state while other regions still hold states.
 
@@ -47,7 +48,7 @@ from typing import Any
 
 from ..errors import WorkflowDefinitionError
 from . import sampling
-from .definition import UNEXPLORED, Data, Machine
+from .definition import UNEXPLORED, Data, Machine, Payload, payload_fields, unexplored_reads
 from .semantics import by_source as _by_source
 from .semantics import candidates as _candidates
 from .semantics import ended as _ended
@@ -173,9 +174,48 @@ def _key(data: Mapping[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 
 def _label(event: str, payload: Data) -> str:
-    if not payload:
+    fields = payload_fields(payload) if isinstance(payload, Payload) else payload
+    if not fields:
         return event
-    return f"{event}({', '.join(f'{k}={v!r}' for k, v in payload.items())})"
+    return f"{event}({', '.join(f'{k}={v!r}' for k, v in fields.items())})"
+
+
+class _Unexplored:
+    """What stands for ``UNEXPLORED`` in a payload's key (the value refuses hashing)."""
+
+    __slots__ = ()
+
+
+_UNEXPLORED_KEY = _Unexplored()
+
+
+def _payload_key(payload: Payload) -> tuple[tuple[str, Any], ...]:
+    return tuple(
+        sorted(
+            (k, _UNEXPLORED_KEY if v is UNEXPLORED else v)
+            for k, v in payload_fields(payload).items()
+        )
+    )
+
+
+def _unexplored_read(payload: Payload, what: str) -> str:
+    """Why a guard or update that read a field without a domain is reported, or ""."""
+    read = unexplored_reads(payload)
+    if not read:
+        return ""
+    return (
+        f"read the payload field {read[0]!r}, which has no declared domain, so {what} "
+        f"cannot be explored (declare its values, payload={{{read[0]!r}: [...]}}, or "
+        "verify a sample of them, sample=N)"
+    )
+
+
+def _not_data(after: object) -> str:
+    """Why an update's result is not data (a mapping of the fields), or ""."""
+    if isinstance(after, Mapping):
+        return ""
+    hint = " (does it forget to return the data?)" if after is None else ""
+    return f"returned {after!r}, not the data (a mapping of every field){hint}"
 
 
 def verify(
@@ -253,6 +293,15 @@ def verify(
         findings.append(Finding(kind, subject, message, steps + then, start))
 
     labels = transition_labels(machine)
+    # Shared by every edge an (event, payload) labels: a string per edge cost more
+    # than the rest of the graph. Payloads themselves are made anew for each guard,
+    # since a payload remembers the unexplored fields read from it.
+    shown = {
+        name: [(_label(name, p), f"{_label(name, p)} (activity failed)") for p in e.payloads()]
+        for name, e in machine.events.items()
+    }
+    known: dict[Config, Config] = {c: c for c in parent}
+    """Each configuration as first made: an edge keeps that one, not an equal copy."""
     by_source = _by_source(machine)
     reached: set[str] = set()
     fired: set[int] = set()
@@ -280,35 +329,51 @@ def verify(
             if not ok:
                 found(kind, name, f"{what} {name!r} does not hold in {config}", config)
         outs = edges.setdefault(config, {})
-        enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], list[int]] = {}
+        enabled: dict[tuple[str, tuple[tuple[str, Any], ...]], tuple[Payload, list[int]]] = {}
         for index, t in _candidates(by_source, config.marking):
             event = machine.events[t.event]
-            for payload in event.payloads():
+            for payload, (shown_ok, shown_failed) in zip(
+                event.payloads(), shown[t.event], strict=True
+            ):
+                raised: Exception | None = None
                 try:
                     allowed = t.guard is None or bool(t.guard(data, payload))
                 except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    raised = exc
+                unexplored = _unexplored_read(payload, "what it decides")
+                if unexplored or raised is not None:
+                    # An unexplored read is reported even when the guard caught its
+                    # error: whatever it returned then was decided on no value.
+                    why = unexplored or f"raised {raised!r}"
                     found(
                         FindingKind.GUARD_ERROR,
                         labels[index],
-                        f"the guard of {labels[index]} raised {exc!r} in {config} on "
-                        f"{_label(t.event, payload)}",
+                        f"in {config} on {_label(t.event, payload)}, the guard of "
+                        f"{labels[index]} {why}",
                         config,
                     )
                     continue
                 if not allowed:
                     continue
-                enabled.setdefault((t.event, _key(payload)), []).append(index)
+                enabled.setdefault((t.event, _payload_key(payload)), (payload, []))[1].append(index)
                 fired.add(index)
                 try:
                     after = data if t.update is None else t.update(data, payload)
                 except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+                    after, raised = None, exc
+                wrong = _unexplored_read(payload, "the data it makes") or (
+                    f"raised {raised!r}" if raised is not None else _not_data(after)
+                )
+                if wrong:
                     found(
                         FindingKind.UPDATE_ERROR,
                         labels[index],
-                        f"the update of {labels[index]} raised {exc!r} in {config}",
+                        f"in {config} on {_label(t.event, payload)}, the update of "
+                        f"{labels[index]} {wrong}",
                         config,
                     )
                     continue
+                assert isinstance(after, Mapping)
                 wrong = _out_of_domain(machine, after)
                 if wrong:
                     found(
@@ -318,28 +383,29 @@ def verify(
                         config,
                     )
                     continue
-                outcomes = [
-                    (Config(_fire(config.marking, t), _key(after)), _label(t.event, payload))
-                ]
+                outcomes = [(Config(_fire(config.marking, t), _key(after)), shown_ok)]
                 if t.failure and machine.actions(t):
                     # Its activity may fail for good: compensated, the machine goes
                     # to the failure states with its data as it was.
                     failed = Config(fire_to(config.marking, t.sources, t.failure), config.data)
-                    outcomes.append((failed, f"{_label(t.event, payload)} (activity failed)"))
-                for target, label in outcomes:
-                    outs.setdefault(target, label)
-                    if fair:
-                        moves.setdefault(config, []).append((index, target, label))
-                    if target not in parent:
+                    outcomes.append((failed, shown_failed))
+                for made, label in outcomes:
+                    target = known.get(made)
+                    if target is None:
                         if len(parent) >= max_configurations:
+                            # The graph is not used once bounded: no edge kept.
                             bounded = True
                             continue
+                        target = known[made] = made
                         parent[target] = (config, label)
                         origin[target] = origin[config]
                         queue.append(target)
-        for (event_name, payload_key), ts in enabled.items():
+                    outs.setdefault(target, label)
+                    if fair:
+                        moves.setdefault(config, []).append((index, target, label))
+        for (event_name, _), (payload, ts) in enabled.items():
             if len(ts) > 1:
-                label = _label(event_name, MappingProxyType(dict(payload_key)))
+                label = _label(event_name, payload)
                 found(
                     FindingKind.NONDETERMINISM,
                     f"{config.state} on {event_name}",
@@ -486,7 +552,11 @@ def _out_of_domain(machine: Machine, after: Mapping[str, Any]) -> str:
     if extra:
         return f"data fields {extra} the machine does not declare"
     for k, v in after.items():
-        if v not in machine.domains[k]:
+        try:
+            inside = v is not UNEXPLORED and v in machine.domains[k]
+        except Exception as exc:  # noqa: BLE001 - a value its domain cannot be compared with
+            return f"{k}={v!r}, which cannot be compared with its domain ({exc!r})"
+        if not inside:
             return f"{k}={v!r} outside its domain"
     return ""
 
@@ -523,15 +593,19 @@ def _not(p: Callable[[str, Data], bool]) -> Callable[[str, Data], bool]:
     return lambda state, data: not p(state, data)
 
 
-def _holds(p: Callable[[str, Data], bool]) -> Callable[[object], bool]:
-    def test(config: object) -> bool:
-        assert isinstance(config, Config)
+def _evaluated(
+    p: Callable[[str, Data], bool], configs: list[Config]
+) -> tuple[dict[Config, bool], tuple[Config, Exception] | None]:
+    """``p`` on every configuration, or where it first raised (in discovery order: a
+    shortest trace). One that raises is reported as such, not taken as false: a
+    counterexample built on it would show a run the property never judged."""
+    holds: dict[Config, bool] = {}
+    for config in configs:
         try:
-            return bool(p(config.state, config.values()))
-        except Exception:  # noqa: BLE001 - a predicate that raises does not hold
-            return False
-
-    return test
+            holds[config] = bool(p(config.state, config.values()))
+        except Exception as exc:  # noqa: BLE001 - a finding, with its trace
+            return holds, (config, exc)
+    return holds, None
 
 
 def _liveness(
@@ -548,37 +622,72 @@ def _liveness(
     for name, prop in liveness.items():
         goal = prop.q if prop.kind == "leads_to" else prop.p
         assert goal is not None
+        judged = [("its goal", goal)]
+        if prop.kind == "leads_to":
+            judged.insert(0, ("its trigger", prop.p))
+        tables: list[dict[Config, bool]] = []
+        for which, pred in judged:
+            table, raised = _evaluated(pred, configs)
+            if raised is not None:
+                at, exc = raised
+                found(
+                    FindingKind.PROPERTY,
+                    name,
+                    f"{prop.kind} property {name!r}: {which} raised {exc!r} in {at}",
+                    at,
+                )
+                break
+            tables.append(table)
+        else:
+            _counterexample(name, prop, tables, parent, configs, graph, fired, fairness, found)
+
+
+def _counterexample(
+    name: str,
+    prop: Property,
+    tables: list[dict[Config, bool]],
+    parent: Mapping[Config, object],
+    configs: list[Config],
+    graph: Mapping[object, Mapping[object, str]],
+    fired: Moves,
+    fairness: Fairness,
+    found: Callable[..., None],
+) -> None:
+    goal = tables[-1]
+
+    def reached(config: object) -> bool:
+        return goal[config]  # type: ignore[index]
+
+    if fairness == "strong":
+        escaping, stops, cycles = fair_escape(configs, fired, reached)
+    else:
+        inside = must_reach(configs, graph, reached)
+    if prop.kind == "eventually":
+        suspects = [c for c in configs if parent[c] is None]
+    else:
+        suspects = [c for c in configs if tables[0][c]]
+    for config in suspects:
         if fairness == "strong":
-            escaping, stops, cycles = fair_escape(configs, fired, _holds(goal))
+            if config not in escaping:
+                continue
+            then, ending = fair_run(config, fired, escaping, stops, cycles, str)
         else:
-            inside = must_reach(configs, graph, _holds(goal))
-        if prop.kind == "eventually":
-            suspects = [c for c in configs if parent[c] is None]
-        else:
-            trigger = _holds(prop.p)
-            suspects = [c for c in configs if trigger(c)]
-        for config in suspects:
-            if fairness == "strong":
-                if config not in escaping:
-                    continue
-                then, ending = fair_run(config, fired, escaping, stops, cycles, str)
-            else:
-                if config in inside:
-                    continue
-                then, ending = avoiding_run(config, graph, inside, str)
-            what = (
-                "not every run from the start reaches its goal"
-                if prop.kind == "eventually"
-                else f"from {config}, not every run reaches its goal"
-            )
-            found(
-                FindingKind.PROPERTY,
-                name,
-                f"{prop.kind} property {name!r}: {what}: a run {ending}",
-                config,
-                then,
-            )
-            break
+            if config in inside:
+                continue
+            then, ending = avoiding_run(config, graph, inside, str)
+        what = (
+            "not every run from the start reaches its goal"
+            if prop.kind == "eventually"
+            else f"from {config}, not every run reaches its goal"
+        )
+        found(
+            FindingKind.PROPERTY,
+            name,
+            f"{prop.kind} property {name!r}: {what}: a run {ending}",
+            config,
+            then,
+        )
+        break
 
 
 def can_complete(
@@ -590,8 +699,9 @@ def can_complete(
 ) -> tuple[bool | None, str]:
     """Whether some run from this configuration reaches completion (a terminal state
     alone), exploring as ``verify`` does: True, or False with why, or None if the
-    exploration stopped at ``max_configurations`` first. Guards that raise and
-    updates that leave the domains are not taken."""
+    exploration stopped at ``max_configurations`` first. Guards that raise, guards
+    and updates that read a field without a domain, and updates that return no data
+    or leave the domains are not taken (what ``verify`` reports)."""
     by_source = _by_source(machine)
     start = Config(tuple(sorted(marking)), _key(data))
     seen = {start}
@@ -609,6 +719,8 @@ def can_complete(
                     after = values if t.update is None else t.update(values, payload)
                 except Exception:  # noqa: BLE001, S112 - a move that cannot happen
                     continue
+                if unexplored_reads(payload) or _not_data(after) or _out_of_domain(machine, after):
+                    continue  # as verify reports them: moves it does not explore
                 moves = [Config(_fire(config.marking, t), _key(after))]
                 if t.failure and machine.actions(t):
                     moves.append(Config(fire_to(config.marking, t.sources, t.failure), config.data))
