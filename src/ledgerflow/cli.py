@@ -1443,6 +1443,7 @@ def relay_command(
     """Publish the ledger's events to NATS JetStream until SIGTERM or Ctrl-C: one relay
     of a name at a time across processes, each stream in order, the event id as the
     message id; a crash publishes again, and JetStream keeps one copy."""
+    import itertools
     import logging
     import signal
 
@@ -1454,11 +1455,24 @@ def relay_command(
     if not nats:
         _fail("--nats (or LEDGERFLOW_NATS) names the NATS server, e.g. nats://127.0.0.1:4222")
     _configure_logs()
-    subjects = [subject.split("{", 1)[0].rstrip(".") + ".>"] if "{" in subject else [subject]
     try:
         route = Route(subject=subject, types=tuple(event_type or ()), stream_prefix=prefix)
     except LedgerflowError as exc:
         _fail(f"--subject {subject!r}: {exc}")
+    # The stream takes the tokens before the first one filled in, and anything after
+    # them ('ledgerflow.x{type}' is 'ledgerflow.>', not 'ledgerflow.x.>').
+    literal = list(itertools.takewhile(lambda t: "{" not in t, subject.split(".")))
+    if "{" in subject and not literal:
+        _fail(
+            f"--subject {subject!r}: begin it with a token of its own before any "
+            "placeholder (e.g. 'ledgerflow.{stream}'): the stream's subjects are those "
+            "tokens and '>'"
+        )
+    subjects = [".".join([*literal, ">"])] if "{" in subject else [subject]
+    try:
+        bus = JetStreamBus(nats, stream=stream, subjects=subjects)
+    except LedgerflowError as exc:
+        _fail(f"--stream {stream!r} / --subject {subject!r}: {exc}")
     try:
         Projection(f"relay_{name}")  # a name that cannot be one is refused here, at once
     except LedgerflowError as exc:
@@ -1466,7 +1480,6 @@ def relay_command(
     gauges_every = _serve_metrics(metrics_port, metrics_host)
 
     async def run() -> None:
-        bus = JetStreamBus(nats, stream=stream, subjects=subjects)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -10,7 +10,17 @@ import logging
 from collections.abc import Sequence
 
 from .._waiting import cancel_and_wait
-from .port import Delivery, Handler, Message, Subscription, deliver, log_failed, subject_matches
+from .port import (
+    Delivery,
+    Handler,
+    Message,
+    Subscription,
+    deliver,
+    log_failed,
+    log_given_up,
+    redelivery_delay,
+    subject_matches,
+)
 
 __all__ = ["InProcessBus"]
 
@@ -84,11 +94,12 @@ class _Consumer:
                         await deliver(self.handler, Delivery(message, attempt))
                         break
                     except Exception as exc:  # noqa: BLE001 - redelivered, as a broker would
-                        log_failed(self.durable, message, attempt, exc)
                         if self.max_attempts and attempt >= self.max_attempts:
+                            log_given_up(self.durable, message, attempt, exc)
                             break
+                        log_failed(self.durable, message, attempt, exc)
+                        await asyncio.sleep(redelivery_delay(bus.redelivery_delay, attempt))
                         attempt += 1
-                        await asyncio.sleep(bus.redelivery_delay)
             bus._cursors[self.durable] = at + 1
 
     async def stop(self) -> None:

@@ -19,16 +19,20 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from urllib.parse import quote, unquote
 
 import msgspec
 
 from .. import tracing
+from ..errors import LedgerflowError
 
 __all__ = [
     "Delivery",
     "EventBus",
     "Handler",
     "Message",
+    "MessageRefusedError",
+    "MessageTooLargeError",
     "Subscription",
     "decode",
     "deliver",
@@ -53,14 +57,63 @@ log = logging.getLogger("ledgerflow.bus")
 MSG_ID = "Nats-Msg-Id"
 """The header that carries a message's id to JetStream (its duplicate window)."""
 
+ENCODED_PREFIX = "ledgerflow-"
+"""Headers (``Ledgerflow-Stream``, ``-Type``, ``-Step``) that carry ledger names: any
+text, percent-encoded on the wire like the message id (``header_value``)."""
+
+# Printable ASCII but "%": a NATS header line holds these as they are. Anything
+# else (non-ASCII, CR/LF, other controls) reached consumers mangled or, for CR/LF,
+# as a header of its own.
+_KEPT = "".join(chr(c) for c in range(0x20, 0x7F) if chr(c) != "%")
+
+
+def header_value(value: str) -> str:
+    """``value`` as a NATS header line can hold it: UTF-8, percent-encoded outside
+    printable ASCII, and ``%`` itself (``unquote`` gives it back)."""
+    return quote(value, safe=_KEPT)
+
+
+def header_text(value: str) -> str:
+    """What ``header_value`` encoded, decoded."""
+    # A foreign publisher's header may hold a stray "%": kept, never an error.
+    return unquote(value, errors="replace") if "%" in value else value
+
+
+def encoded(name: str) -> bool:
+    """Whether the header ``name`` is percent-encoded on the wire."""
+    return name == MSG_ID or name.lower().startswith(ENCODED_PREFIX)
+
+
+def wire_headers(message: Message) -> dict[str, str]:
+    """``message``'s headers as they go on the wire, its id among them."""
+    headers = {**message.headers, MSG_ID: message.id}
+    return {k: header_value(v) if encoded(k) else v for k, v in headers.items()}
+
 
 def wire_size(message: Message) -> int:
     """What ``message`` weighs against a NATS server's ``max_payload``: its data and
     its headers as NATS sends them (``NATS/1.0``, one ``name: value`` line each,
     the message id's among them, a blank line)."""
-    headers = {**message.headers, MSG_ID: message.id}
-    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in headers.items())
+    lines = sum(len(k.encode()) + len(v.encode()) + 4 for k, v in wire_headers(message).items())
     return len(message.data) + len(b"NATS/1.0\r\n") + lines + 2
+
+
+class MessageRefusedError(LedgerflowError):
+    """The broker refused a message for what it is, not for how it is doing (its
+    size, a header too long): sent again, it is refused again until the broker's
+    configuration changes. Every message before it of its key is stored; none after
+    it is sent from then on (pipelined, those already sent may be stored: see
+    ``JetStreamBus._pipeline``). ``message_id``: the refused message's."""
+
+    def __init__(self, message_id: str, reason: str) -> None:
+        super().__init__(f"message {message_id}: {reason}")
+        self.message_id = message_id
+        self.reason = reason
+
+
+class MessageTooLargeError(MessageRefusedError):
+    """The message is over what the broker takes (a NATS server's ``max_payload``, a
+    JetStream stream's ``max_msg_size``)."""
 
 
 def step_message(subject: str, data: Any, *, key: str = "") -> Message:
@@ -132,6 +185,31 @@ def log_failed(durable: str, message: Message, attempt: int, exc: BaseException)
         type(exc).__name__,
         exc,
     )
+
+
+def log_given_up(durable: str, message: Message, attempt: int, exc: BaseException) -> None:
+    """Say that a consumer's handler failed on a message for the last time its
+    ``max_attempts`` allows: it is not delivered again."""
+    log.error(
+        "consumer %s: message %s failed on attempt %d, its last (max_attempts): %s: %s; "
+        "it is not delivered again",
+        durable,
+        message.id,
+        attempt,
+        type(exc).__name__,
+        exc,
+    )
+
+
+MAX_REDELIVERY_DELAY = 30.0
+"""The longest pause before a failed message comes again."""
+
+
+def redelivery_delay(first: float, attempt: int) -> float:
+    """The pause before attempt ``attempt + 1``: ``first``, doubled on each failure
+    up to ``MAX_REDELIVERY_DELAY``. A poison message came twice a second for ever,
+    with a warning each time."""
+    return min(first * 2.0 ** min(max(attempt - 1, 0), 16), max(first, MAX_REDELIVERY_DELAY))
 
 
 class Subscription(Protocol):

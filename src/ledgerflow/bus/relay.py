@@ -46,7 +46,7 @@ from ..projections.definition import Projection
 from ..projections.runner import ProjectionRunner
 from ..projections.state import ProjectionFailure, ProjectionLease
 from ..store.ports import EventRow, row_event
-from .port import EventBus, Message, wire_size
+from .port import EventBus, Message, MessageRefusedError, wire_size
 
 if TYPE_CHECKING:
     from ..store import WorkflowStore
@@ -185,6 +185,10 @@ class Relay(ProjectionRunner):
         if not events:
             return 0, False
         refused = self._too_big(events)
+        refresh = getattr(self.bus, "refresh_limits", None)
+        if refused is not None and refresh is not None:
+            await refresh()  # a limit raised since (and `projections retry`) goes on
+            refused = self._too_big(events)
         if refused is not None:
             # What comes before it goes out; then the relay stops there, as a
             # projection stops at an event its handler fails on. Retried as it was, it
@@ -193,17 +197,26 @@ class Relay(ProjectionRunner):
         published = 0
         if events:
             with self._spanned(projection, events, began) as span:
-                published = await self._publish(events)
+                try:
+                    published = await self._publish(events)
+                except MessageRefusedError as exc:
+                    # Refused by the broker for a reason the check above could not
+                    # see (a limit lowered since): stopped there all the same.
+                    # Every other key's messages are stored, and this one's before it.
+                    refused = self._refused(events, exc)
+                    events = events[: refused[0]]
+                    published = sum(1 for e in events if self._route(e) is not None)
                 span.set_attribute("ledgerflow.messages", published)
-                await self.store.project(
-                    lease,
-                    {},
-                    from_position=position,
-                    to_position=events[-1].position,
-                    event_at_us=to_micros(events[-1].recorded_at),
-                    writes=[],
-                    now_us=self._now_us(),
-                )
+                if events:
+                    await self.store.project(
+                        lease,
+                        {},
+                        from_position=position,
+                        to_position=events[-1].position,
+                        event_at_us=to_micros(events[-1].recorded_at),
+                        writes=[],
+                        now_us=self._now_us(),
+                    )
         if refused is not None:
             failure = refused[1]
             await self.store.fail_projection(lease, failure, now_us=self._now_us())
@@ -256,16 +269,32 @@ class Relay(ProjectionRunner):
             message = self._on(event, route.subject_for(event))
             size = wire_size(message)
             if size > limit:
+                source = getattr(self.bus, "max_message_source", "NATS max_payload")
                 return index, ProjectionFailure(
                     event.position,
                     str(event.id),
                     event.type,
                     "MessageTooLargeError",
                     f"its message on {message.subject!r} is {size} bytes; the broker "
-                    f"takes at most {limit} (NATS max_payload): raise the server's "
-                    "max_payload and retry, or skip the event",
+                    f"takes at most {limit} ({source}): raise that limit and retry, or "
+                    "skip the event",
                 )
         return None
+
+    def _refused(
+        self, events: Sequence[RecordedEvent], exc: MessageRefusedError
+    ) -> tuple[int, ProjectionFailure]:
+        """Where in ``events`` the broker refused a message, and the failure to
+        record."""
+        index = next(i for i, e in enumerate(events) if str(e.id) == exc.message_id)
+        event = events[index]
+        return index, ProjectionFailure(
+            event.position,
+            str(event.id),
+            event.type,
+            type(exc).__name__,
+            f"{exc.reason}: change the broker's configuration and retry, or skip the event",
+        )
 
     async def _publish(self, events: Sequence[RecordedEvent]) -> int:
         """Publish the messages of the ``events`` the routes select; how many."""
