@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 
 import ledgerflow
-from ledgerflow import ManualClock, WorkflowContext
+from ledgerflow import ManualClock, WorkflowCancelled, WorkflowContext
 from ledgerflow.errors import StoreUnavailableError
 from ledgerflow.events import ANY
 from ledgerflow.workflow import engine as engine_module
@@ -1454,6 +1454,34 @@ async def test_a_cancel_seen_before_a_step_still_keeps_it_from_starting(
         await e.start(doubt_saga, "t10", id="early")
         with pytest.raises(ledgerflow.WorkflowFailedError):
             await outcome(e, "early")
+    assert doubt_log == ["seat", "undo seat"]
+
+
+@ledgerflow.workflow(name="doubt_caught", version=1)
+async def doubt_caught(ctx: WorkflowContext, trip: str) -> str:
+    await ctx.step(reserve_seat, trip, compensate=release_seat)
+    try:
+        await ctx.wait_for_signal("go")
+    except WorkflowCancelled:
+        await ctx.step(pay, trip)  # unshielded: the cancel stops it
+    return "went on"
+
+
+async def test_a_step_after_a_caught_cancel_is_not_taken_for_one_in_doubt(
+    engine: EngineFactory,
+) -> None:
+    """Cancelled while it waited for a signal, the body caught the cancel and went
+    on to a step without a shield. The step was taken for one a lost pass may have
+    run (the cancel came after the last recorded command) and ran: an effect that
+    should never happen. The pass that stopped at the wait never reached it."""
+    doubt_log.clear()
+    async with engine(doubt_caught) as e:
+        await e.start(doubt_caught, "t11", id="caught")
+        await waiting_for(e, "caught", "signal 'go'")
+        await e.cancel("caught", "plans changed")
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(e, "caught")
+        assert (await e.describe("caught")).status == "compensated"
     assert doubt_log == ["seat", "undo seat"]
 
 

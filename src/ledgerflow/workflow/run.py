@@ -139,6 +139,8 @@ class _Pass(Waits, Saga):
         self.appending = asyncio.Lock()
         self.acting = _Acting()
         """Commands acting for real: the pass ends only when none is left."""
+        self.cancel_told = False
+        """This pass raised the cancellation into the body (``_live``)."""
         self.taking: set[int] = set()
         """Versions of the signals this pass's waits took or set aside."""
         self.news = 0
@@ -405,7 +407,9 @@ class _Pass(Waits, Saga):
         see the cancel and went on into this step), this pass has appended nothing,
         and nothing it found new lies between (a clock reading, a patch marker);
         unless that command was this step's failed attempt whose retry is not due
-        yet (the pass was waiting out the backoff: no body ran). Such a step is run,
+        yet (the pass was waiting out the backoff: no body ran), or this pass told
+        the body of the cancel already (it stopped at a wait, the body caught it and
+        went on: the previous pass stopped at that wait too). Such a step is run,
         not cancelled: it may have acted (its pass was lost), and then only its
         recorded result gets it compensated. Steps are at least once under their
         idempotency key anyway."""
@@ -416,6 +420,7 @@ class _Pass(Waits, Saga):
             not self.query
             and not self.appended
             and not self.buffer
+            and not self.cancel_told
             and self._cancelling()
             and self.history.cancelled_after_last_command()
         )
@@ -425,6 +430,9 @@ class _Pass(Waits, Saga):
         if self.query:
             raise Suspend()
         if self.history.cancel is not None and not self.compensating and not self.shield:
+            # Told: a step the body reaches after catching it did not follow the
+            # previous pass into it (that pass stopped here), so it is not in doubt.
+            self.cancel_told = True
             raise WorkflowCancelled(self.history.cancel.reason)
 
     async def _host(self, call: Awaitable[T]) -> T:
