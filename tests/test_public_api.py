@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
+import pytest
+
 import ledgerflow
 
 EXPECTED = {
@@ -169,3 +174,14 @@ def test_errors_form_one_hierarchy() -> None:
         obj = getattr(ledgerflow, name)
         if isinstance(obj, type) and issubclass(obj, Exception):
             assert issubclass(obj, ledgerflow.LedgerflowError), name
+
+
+@pytest.mark.parametrize("module", ["ledgerflow", "ledgerflow.cli"])
+def test_the_cli_runs_as_a_module(module: str) -> None:
+    """Where the ``ledgerflow`` script is not on PATH: ``python -m ledgerflow.cli``
+    ran nothing and said nothing."""
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "workflows" in done.stdout

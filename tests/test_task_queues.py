@@ -800,3 +800,28 @@ async def test_a_cancel_withdraws_a_step_waiting_out_its_retry(engine: EngineFac
         assert await orders.store.list_tasks() == []
     assert calls["invoice_down"] == 1
     assert calls["unhold H-7"] == 1
+
+
+def test_a_worker_app_module_registers_its_lists_of_versions(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The docs keep a machine's versions registered together in a module-level list
+    (made by a function: no name of their own). ``--app module`` skipped the list:
+    the worker said the module held no workflows, replay-check that the new code had
+    no version 1."""
+    from ledgerflow.workflow.worker import load_app
+
+    (tmp_path / "doc_app.py").write_text(
+        "import ledgerflow as lf\n\n"
+        "def doc(version: int) -> lf.Machine:\n"
+        "    m = lf.Machine('doc', version=version)\n"
+        "    m.state('draft', initial=True)\n"
+        "    m.state('done', terminal=True)\n"
+        "    m.transition('draft', 'publish', 'done')\n"
+        "    return m\n\n"
+        "DOC = [doc(1), doc(2)]\n"
+        "ALSO = DOC\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    found = load_app("doc_app")
+    assert sorted((w.name, w.version) for w in found.workflows) == [("doc", 1), ("doc", 2)]

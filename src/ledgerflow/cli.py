@@ -1725,3 +1725,7 @@ app.add_typer(_server_cli.keys_app, name="keys")
 
 def main() -> None:
     app()
+
+
+if __name__ == "__main__":  # python -m ledgerflow.cli
+    main()

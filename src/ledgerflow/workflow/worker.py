@@ -93,13 +93,19 @@ def load_app(target: str) -> App:
             )
         values = list(candidates)
     else:
-        values = [
-            v
-            for v in vars(module).values()
-            if _is_definition(v)
-            or isinstance(v, Projection)
-            or (_is_step(v) and getattr(v, "__module__", None) == module.__name__)
-        ]
+        values = []
+        for v in vars(module).values():
+            if (
+                _is_definition(v)
+                or isinstance(v, Projection)
+                or (_is_step(v) and getattr(v, "__module__", None) == module.__name__)
+            ):
+                values.append(v)
+            elif isinstance(v, list | tuple) and v and all(_is_definition(c) for c in v):
+                # The versions of a definition kept registered together (the docs'
+                # way for state machines, made by a function: no name of their own).
+                values.extend(v)
+        values = list({id(v): v for v in values}.values())
     workflows = [v for v in values if _is_definition(v)]
     projections = [v for v in values if isinstance(v, Projection)]
     steps = [v for v in values if not _is_definition(v) and not isinstance(v, Projection)]
