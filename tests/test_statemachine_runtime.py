@@ -964,3 +964,19 @@ def test_a_timeout_event_with_a_payload_is_refused_at_definition() -> None:
     m.transition("open", "close", "closed", update=lambda d, p: {"why": p["why"]})
     with pytest.raises(lf.WorkflowDefinitionError, match="a timeout sends no payload"):
         m.check()
+
+
+async def test_an_update_that_returns_nothing_refuses_the_event_saying_so(
+    engine: EngineFactory,
+) -> None:
+    """Registered despite its findings (``verify_machines="off"``), an update that
+    forgot to return its data refused the event with Python's own words: "'NoneType'
+    object is not iterable"."""
+    m = lf.Machine("forgetful", version=1, data={"n": [0, 1]}, initial_data={"n": 0})
+    m.state("open", initial=True)
+    m.state("done", terminal=True)
+    m.transition("open", "bump", "done", update=lambda d, p: None)  # type: ignore[arg-type,return-value]
+    async with engine(m, verify_machines="off") as running:
+        await running.start(m, None, id="f-1")
+        with pytest.raises(lf.InvalidTransition, match="returned NoneType, not the data"):
+            await running.execute("f-1", "bump", timeout=WAIT)

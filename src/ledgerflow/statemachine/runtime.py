@@ -401,7 +401,12 @@ def _updated(
     if t.update is None:
         return dict(data)
     view = payload if isinstance(payload, Payload) else Payload(payload)
-    after = dict(t.update(data, view))
+    made = t.update(data, view)
+    if not isinstance(made, Mapping):
+        raise TypeError(
+            f"it returned {type(made).__name__}, not the data (does it forget to return it?)"
+        )
+    after = dict(made)
     if set(after) != set(machine.domains):
         changed = sorted(set(after) ^ set(machine.domains))
         raise ValueError(f"it changed the data fields {changed}")
