@@ -512,14 +512,24 @@ async def test_start_is_idempotent_on_the_id(engine: EngineFactory) -> None:
     assert [c[0] for c in fake.calls] == ["reserve", "charge", "ship"]
 
 
+@ledgerflow.workflow(name="floating")
+async def floating(ctx: WorkflowContext, x: float) -> float:
+    return x
+
+
 async def test_bad_input_is_refused_before_anything_is_recorded(engine: EngineFactory) -> None:
     wrong: Any = "not an order"  # what mypy would refuse, sent anyway
     incomplete: Any = {"sku": "x"}  # amount missing
-    async with engine(saga) as e:
+    async with engine(saga, floating) as e:
         with pytest.raises(ledgerflow.WorkflowInputError):
             await e.start(saga, wrong, id="bad-1")
         with pytest.raises(ledgerflow.WorkflowInputError):
             await e.start(saga, incomplete, id="bad-2")
+        # Of its type, but with no JSON form: it was an EventSerializationError about
+        # an event named 'wf.started', a name the caller never gave.
+        for no_json in (float("inf"), float("nan")):
+            with pytest.raises(ledgerflow.WorkflowInputError, match="NaN or infinity"):
+                await e.start(floating, no_json, id="bad-3")
         with pytest.raises(ledgerflow.UnknownWorkflowError):
             await e.start("nope", Order("x", 1))
         with pytest.raises(ledgerflow.UnknownWorkflowError):

@@ -27,6 +27,7 @@ from ..errors import (
     ConcurrencyError,
     ConfigurationError,
     DuplicateEventError,
+    EventSerializationError,
     RecordedValueError,
     SignalInputError,
     StreamNotFoundError,
@@ -375,7 +376,14 @@ class WorkflowClient(Operations, MachineClient):
                 kind="machine" if isinstance(definition, Machine) else None,
             )
             with starting:
-                created = await self._record_start(workflow_id, started, metadata, now, local)
+                try:
+                    created = await self._record_start(workflow_id, started, metadata, now, local)
+                except EventSerializationError as exc:
+                    if exc.event_type != "wf.started":
+                        raise
+                    # The input fit its type but has no JSON form (NaN, infinity, a
+                    # tuple in an Any field): the caller's input, not an event fault.
+                    raise WorkflowInputError(definition.name, exc.reason) from exc
             if created:
                 metrics.workflow_started(definition.name)
             return created
