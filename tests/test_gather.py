@@ -100,6 +100,8 @@ async def test_timers_awaited_together_start_together(
         started = [x.data for x in await e.history("t-1") if isinstance(x.data, TimerStarted)]
         assert [t.seq for t in started] == [1, 2]
         assert started[1].fire_at_us - started[0].fire_at_us == 3_600_000_000
+        # describe names both (it named the first only)
+        assert (await e.describe("t-1")).waiting_for.count("timer until") == 2  # type: ignore[union-attr]
         clock.advance(timedelta(hours=2))
         assert await handle.result(timeout=WAIT) == "done"
 

@@ -252,50 +252,54 @@ def open_commands(history: History) -> list[list[Any]]:
 
 
 def waiting_for(history: History) -> str | None:
-    """What the instance waits for now, in words; None if it is not waiting."""
-    for events in open_commands(history):
-        for event in events:
-            if isinstance(event, TimerStarted):
-                try:
-                    return f"timer until {from_micros(event.fire_at_us).isoformat()}"
-                except OverflowError:  # a sleep longer than datetime can say
-                    return "timer until beyond the year 9999"
-            if isinstance(event, SignalWaiting):
-                return f"signal {event.name!r}"
-            if isinstance(event, ChildStarted):
-                return f"child {event.child_id}"
-        # Parked unless an operator's retry came after it.
-        latest = next(
-            (e for e in reversed(events) if isinstance(e, StepParked | StepRetried)), None
+    """What the instance waits for now, in words (each open command, in order, ``; ``
+    between: a gather waits for several); None if it is not waiting."""
+    said = [what for events in open_commands(history) if (what := _waiting_on(events))]
+    return "; ".join(dict.fromkeys(said)) if said else None
+
+
+def _waiting_on(events: list[Any]) -> str | None:
+    """What one open command waits for, in words."""
+    for event in events:
+        if isinstance(event, TimerStarted):
+            try:
+                return f"timer until {from_micros(event.fire_at_us).isoformat()}"
+            except OverflowError:  # a sleep longer than datetime can say
+                return "timer until beyond the year 9999"
+        if isinstance(event, SignalWaiting):
+            return f"signal {event.name!r}"
+        if isinstance(event, ChildStarted):
+            return f"child {event.child_id}"
+    # Parked unless an operator's retry came after it.
+    latest = next((e for e in reversed(events) if isinstance(e, StepParked | StepRetried)), None)
+    parked = latest if isinstance(latest, StepParked) else None
+    if parked is not None:
+        return (
+            f"operator: step {parked.name!r} failed {parked.attempts} time(s): "
+            f"{parked.error_type}: {parked.message} (retry, skip or compensate it)"
         )
-        parked = latest if isinstance(latest, StepParked) else None
-        if parked is not None:
-            return (
-                f"operator: step {parked.name!r} failed {parked.attempts} time(s): "
-                f"{parked.error_type}: {parked.message} (retry, skip or compensate it)"
-            )
-        first = events[0]
-        if isinstance(first, EventReceived):
-            continue  # a state machine's turn: its activities' steps say what it waits for
-        where = ""
-        if isinstance(first, StepScheduled | CompensationScheduled):
-            where = f" on task queue {first.queue!r}"
-        retried = [i for i, e in enumerate(events) if isinstance(e, StepRetried)]
-        since = events[retried[-1] + 1 :] if retried else events
-        failures = [e for e in since if isinstance(e, StepAttemptFailed)]
-        if failures:
-            last = failures[-1]
-            when = ""
-            if last.retry_at_us is not None:
-                when = f" at {from_micros(last.retry_at_us).isoformat()}"
-            return (
-                f"retry of step {last.name!r}{where}{when} after attempt {last.attempt} "
-                f"failed: {last.error_type}: {last.message}"
-            )
-        if isinstance(first, StepScheduled):
-            return f"step {first.name!r}{where}"
-        if isinstance(first, CompensationScheduled):
-            return f"compensation of step {first.name!r}{where}"
+    first = events[0]
+    if isinstance(first, EventReceived):
+        return None  # a state machine's turn: its activities' steps say what it waits for
+    where = ""
+    if isinstance(first, StepScheduled | CompensationScheduled):
+        where = f" on task queue {first.queue!r}"
+    retried = [i for i, e in enumerate(events) if isinstance(e, StepRetried)]
+    since = events[retried[-1] + 1 :] if retried else events
+    failures = [e for e in since if isinstance(e, StepAttemptFailed)]
+    if failures:
+        last = failures[-1]
+        when = ""
+        if last.retry_at_us is not None:
+            when = f" at {from_micros(last.retry_at_us).isoformat()}"
+        return (
+            f"retry of step {last.name!r}{where}{when} after attempt {last.attempt} "
+            f"failed: {last.error_type}: {last.message}"
+        )
+    if isinstance(first, StepScheduled):
+        return f"step {first.name!r}{where}"
+    if isinstance(first, CompensationScheduled):
+        return f"compensation of step {first.name!r}{where}"
     return None
 
 
