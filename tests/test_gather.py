@@ -167,7 +167,13 @@ async def test_a_parent_whose_childs_undo_gave_up_ends_compensation_failed(
         await e.cancel("so-1", "customer gave up")
         with pytest.raises(ledgerflow.WorkflowFailedError):
             await handle.result(timeout=WAIT)
-        assert (await e.describe("so-1.2")).status == "compensation_failed"
-        assert (await e.describe("so-1")).status == "compensation_failed"
+        child = await e.describe("so-1.2")
+        assert child.status == "compensation_failed"
+        (left,) = child.undo_failed  # what describe says was left in place
+        assert left.startswith("compensation "), left
+        assert "supplier API down" in left, left
+        parent = await e.describe("so-1")
+        assert parent.status == "compensation_failed"
+        assert parent.undo_failed == ("child so-1.2: compensation_failed",)
     assert effects["unreserve R-budget"] == 1  # the parent's own undo still ran
     assert effects["unreserve attempt"] == 2

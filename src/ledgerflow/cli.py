@@ -237,6 +237,8 @@ def workflows_show(workflow_id: IdArgument, db: DbOption = DEFAULT_DB) -> None:
         _line("result", _compact(d.result))
     if d.error is not None:
         _line("error", d.error)
+    for left in d.undo_failed:
+        _line("undo failed", left)
     _line("created", f"{_time(d.created_at)} UTC")
     _line("updated", f"{_time(d.updated_at)} UTC")
     _line("events", d.events)

@@ -146,6 +146,8 @@ class WorkflowDetail(WorkflowSummary):
     unconsumed_signals: list[str]
     result: Any = None
     error: str | None = None
+    undo_failed: list[str] = msgspec.field(default_factory=list)
+    """Compensations that gave up (step, last error), and children whose undo did."""
 
 
 class EventOut(msgspec.Struct):

@@ -169,6 +169,7 @@ class Service:
             unconsumed_signals=list(described.unconsumed_signals),
             result=described.result,
             error=described.error,
+            undo_failed=list(described.undo_failed),
         )
 
     async def history(

@@ -60,6 +60,7 @@ from .handles import (
     WorkflowHandle,
     open_wait,
     signal_waits,
+    undo_failed,
     waiting_for,
 )
 from .history import (
@@ -779,6 +780,7 @@ class WorkflowClient(Operations, MachineClient):
             unconsumed_signals=tuple(s.name for _, s in history.untaken_signals()),
             waiting_signals=() if finished else signal_waits(history),
             patches=history.patches(),
+            undo_failed=undo_failed(history),
         )
 
     def _waiting(self, row: InstanceRow, history: History) -> str | None:

@@ -33,6 +33,7 @@ from .history import (
     TimerStarted,
     Transitioned,
     TransitionFailed,
+    WorkflowStatus,
 )
 
 if TYPE_CHECKING:
@@ -44,6 +45,7 @@ __all__ = [
     "WorkflowDescription",
     "WorkflowHandle",
     "open_wait",
+    "undo_failed",
     "waiting_for",
 ]
 
@@ -71,6 +73,9 @@ class WorkflowDescription:
     """The signals the instance waits for now, each with its payload's JSON Schema."""
     patches: tuple[str, ...] = ()
     """The code changes (``ctx.patched``) whose new path it took."""
+    undo_failed: tuple[str, ...] = ()
+    """What a ``compensation_failed`` instance left in place: each compensation that
+    gave up (its step, and its last error) and each child whose own gave up."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -311,3 +316,19 @@ def open_wait(newest_first: list[Any], name: str) -> SignalWaiting | None:
         if isinstance(event, SignalWaiting) and event.name == name and event.seq not in closed:
             return event
     return None
+
+
+def undo_failed(history: History) -> tuple[str, ...]:
+    """The compensations that gave up, and the children whose undo gave up."""
+    said = [
+        f"compensation {event.name!r}: {event.error_type}: {event.message}"
+        for events in history.commands.values()
+        for event in events
+        if isinstance(event, CompensationFailed)
+    ]
+    said.extend(
+        f"child {child.child_id}: compensation_failed"
+        for child in history.children.values()
+        if child.status == WorkflowStatus.COMPENSATION_FAILED
+    )
+    return tuple(said)
