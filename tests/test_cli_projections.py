@@ -128,6 +128,12 @@ def test_operators_see_list_retry_skip_and_query_a_projection(tmp_path: Path, sh
     )  # fmt: skip
     assert table.exit_code == 0, table.output
     assert table.stdout.index("o-1") < table.stdout.index("o-2")
+    twice = runner.invoke(
+        app, ["projections", "query", "orders", "--app", "shop_app:PROJECTION", "--db", db,
+              "--where", "customer=acme", "--where", "customer=zed"],
+    )  # fmt: skip
+    assert twice.exit_code == 2  # the first was silently dropped
+    assert "customer is given twice" in twice.stderr
     missing = runner.invoke(app, ["projections", "status", "nope", "--db", db])
     assert missing.exit_code == 2
     assert "no projection 'nope'" in missing.stderr

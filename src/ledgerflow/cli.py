@@ -1321,6 +1321,8 @@ def projections_query(
         column, sep, raw = pair.partition("=")
         if not sep or not column:
             _fail(f"--where {pair!r}: expected column=value")
+        if column in conditions:  # the same column twice: one of them was dropped
+            _fail(f"--where {pair!r}: {column} is given twice (one value per column)")
         try:
             conditions[column] = json.loads(raw, parse_constant=_not_json)
         except ValueError:
