@@ -329,6 +329,13 @@ def _versioned(version: int, place: bool) -> Machine:
 
 old_unsound = [_versioned(1, False), _versioned(2, True)]
 
+def _no_initial(version: int) -> Machine:
+    m = Machine("order", version=version)
+    m.state("created")
+    return m
+
+one_broken = [_no_initial(1), _versioned(2, True)]
+
 class Payload:
     def __init__(self, a: int) -> None:
         self.a = a
@@ -365,6 +372,16 @@ def test_the_cli_verifies_a_definition_with_exit_codes(
     assert both.exit_code == 1
     assert "order v1: NOT SOUND" in both.stdout
     assert "order v2: sound" in both.stdout
+    # A version that cannot be verified at all: the others are still reported (only
+    # its error was), and with --json the error is a JSON line too (plain stderr).
+    broken = runner.invoke(app, ["verify", "sm_defs:one_broken"], env={"COLUMNS": "200"})
+    assert broken.exit_code == 2
+    assert "order v2: sound" in broken.stdout
+    assert "order v1:" in broken.stderr
+    lines = runner.invoke(app, ["verify", "sm_defs:one_broken", "--json"]).stdout.splitlines()
+    by_version = {json.loads(line)["version"]: json.loads(line) for line in lines}
+    assert by_version[2]["ok"] is True
+    assert "initial" in by_version[1]["error"]
     for target, said in [
         ("sm_defs:not_a_machine", "expected a state machine"),
         ("sm_defs", "expected module:attribute"),

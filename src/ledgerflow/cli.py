@@ -901,6 +901,7 @@ def verify_command(
     # Every version named: an engine refuses a list with an unsound one, so verify
     # says so too (it checked only the newest before).
     reports = []
+    errors: list[tuple[Any, LedgerflowError]] = []
     for machine in machines:
         try:
             # All that registration refuses, start values included (verify_machine
@@ -916,9 +917,20 @@ def verify_command(
                 )
             )
         except LedgerflowError as exc:
-            _fail(f"{machine.name} v{machine.version}: {exc}")
+            # The other versions are verified all the same: their reports were lost
+            # behind the one error.
+            errors.append((machine, exc))
     for report in reports:
         _print_report(report, as_json)
+    for machine, problem in errors:
+        if as_json:  # what a tool reads, with the reports
+            error = {"machine": machine.name, "version": machine.version, "error": str(problem)}
+            typer.echo(msgspec.json.encode(error).decode())
+        else:
+            said = f"{machine.name} v{machine.version}: {problem}"
+            err.print(f"[red]error:[/] {escape(said)}", soft_wrap=True)
+    if errors:
+        raise typer.Exit(2)
     if not all(report.ok for report in reports):
         raise typer.Exit(1)
 
