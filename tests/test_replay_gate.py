@@ -200,6 +200,10 @@ def test_the_gate_names_state_machine_instances_a_change_in_place_strands(
             'proc.state("closed")\nproc.transition("review", "decide", "closed")',
         ),
         "sm_same": MACHINE + "\n# a comment: the same machine\n",
+        "sm_fields": MACHINE.replace(
+            'ledgerflow.Machine("proc")',
+            'ledgerflow.Machine("proc", data={"n": [0, 1]}, initial_data={"n": 0})',
+        ),
     }.items():
         (tmp_path / f"{name}.py").write_text(textwrap.dedent(source))
     monkeypatch.syspath_prepend(str(tmp_path))
@@ -223,10 +227,17 @@ def test_the_gate_names_state_machine_instances_a_change_in_place_strands(
     dead_end = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_dead_end"])
     assert dead_end.exit_code == 1, dead_end.output
     assert "on the new code" in dead_end.output
+    # Other data fields: migrate cannot help (it moves states, never data); the
+    # advice was to migrate all the same.
+    fields = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_fields"])
+    assert fields.exit_code == 1, fields.output
+    said = " ".join(fields.output.split())
+    assert "keeping this one registered beside it" in said
+    assert "then `ledgerflow machines migrate`" not in said
     same = runner.invoke(app, ["replay-check", "--db", url, "--app", "sm_same"])
     assert same.exit_code == 0, same.output
     assert "3 instances fit the new code (3 of them state-machine instances" in same.output
-    for name in ("sm_v1", "sm_renamed", "sm_dead_end", "sm_same"):
+    for name in ("sm_v1", "sm_renamed", "sm_dead_end", "sm_same", "sm_fields"):
         sys.modules.pop(name, None)
 
 

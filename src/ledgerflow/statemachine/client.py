@@ -577,16 +577,22 @@ def deploy_problems(machine: Machine, history: History) -> list[str]:
             f"it is in {'+'.join(instance.marking)}, and the new code's {machine.name!r} "
             f"v{machine.version} has no state {', '.join(repr(s) for s in missing)}"
         )
-    if set(instance.data) != set(machine.domains):
+    fields_differ = set(instance.data) != set(machine.domains)
+    if fields_differ:
         problems.append(
             f"its data fields {sorted(instance.data)} differ from the new code's "
             f"{sorted(machine.domains)}"
         )
     if problems:
-        return [
-            *problems,
-            "change a running machine as a new version, then `ledgerflow machines migrate`",
-        ]
+        # Migration moves states, never data: with other fields, the old version
+        # stays registered until its instances are done.
+        advice = (
+            "deploy the change as a new version, keeping this one registered beside it "
+            "until its instances end (`machines migrate` cannot change data fields)"
+            if fields_differ
+            else "change a running machine as a new version, then `ledgerflow machines migrate`"
+        )
+        return [*problems, advice]
     verdict, why = can_complete(
         machine, instance.marking, instance.data, max_configurations=MIGRATION_BOUND
     )
