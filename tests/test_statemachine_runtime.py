@@ -980,3 +980,25 @@ async def test_an_update_that_returns_nothing_refuses_the_event_saying_so(
         await running.start(m, None, id="f-1")
         with pytest.raises(lf.InvalidTransition, match="returned NoneType, not the data"):
             await running.execute("f-1", "bump", timeout=WAIT)
+
+
+async def test_a_refused_timeout_parks_the_instance_rather_than_leave_it_for_ever(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    """The state's timeout sends its event once per entry; its transition's guard
+    refused it, the refusal was recorded, and the instance stayed ``running`` in the
+    state for ever, waiting for nothing. It is parked now, saying why."""
+    m = lf.Machine(
+        "quote", version=1, data={"urgent": [False, True]}, initial_data={"urgent": False}
+    )
+    m.state("open", initial=True, timeout=timedelta(hours=1), on_timeout="expire")
+    m.state("expired", terminal=True)
+    m.transition("open", "expire", "expired", guard=lambda d, p: d["urgent"])
+    async with engine(m, verify_machines="off") as running:
+        await running.start(m, None, id="q")
+        await entered(running, "q")
+        clock.advance(timedelta(hours=1, seconds=1))
+        running._wake.set()
+        await until_status(running, "q", "stuck")
+        error = str((await running.describe("q")).error)
+        assert "the timeout of state 'open' sent 'expire', which it refused" in error

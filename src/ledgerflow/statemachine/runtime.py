@@ -180,14 +180,14 @@ class MachineRun(_Pass):
         else:
             reason = _refusal(self.machine, instance.marking, event.name)
         if not fired:
-            return EventRefused(seq=event.seq, name=event.name, reason=reason)
+            return self._refused(instance, event, reason)
         t = fired[0]  # two at once is nondeterminism: verify reports it; declared order wins
         moment.transition = t.label()
         try:
             after = _updated(self.machine, t, instance.data, event.payload)
         except Exception as exc:  # noqa: BLE001 - a user's update raised: refuse, visibly
             why = f"the update of {t.label()} raised {type(exc).__name__}: {error_message(exc)}"
-            return EventRefused(seq=event.seq, name=event.name, reason=why)
+            return self._refused(instance, event, why)
         data = self._encode(after, f"the data after {t.label()}")
         try:
             for fn, compensate in self.machine.actions(t):
@@ -204,6 +204,21 @@ class MachineRun(_Pass):
             data=data,
             at_us=self.host.now_us(),
         )
+
+    def _refused(self, instance: Instance, event: EventReceived, reason: str) -> EventRefused:
+        """A sender's event refused: recorded, and the instance waits on. A timeout's
+        is not: a state times out once per entry, so refused it would stay there for
+        ever, running and waiting for nothing; it is parked, stuck until a definition
+        whose timeout moves it is deployed (or an operator migrates it)."""
+        if event.by != "timeout":
+            return EventRefused(seq=event.seq, name=event.name, reason=reason)
+        error = WorkflowDefinitionError(
+            f"instance {self.history.workflow_id!r}: the timeout of state "
+            f"{event.timeout_of!r} sent {event.name!r}, which it refused ({reason}); it "
+            f"would stay in {'+'.join(instance.marking)} for ever: deploy a definition "
+            "whose timeout transition always fires"
+        )
+        raise self._raise(Park(error))
 
     async def _failed(
         self, instance: Instance, event: EventReceived, t: Transition, failed: StepFailedError
