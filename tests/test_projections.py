@@ -499,24 +499,32 @@ async def test_a_rebuild_while_writes_go_on_ends_identical_to_the_live_model(
     assert record == ["ProjectionRebuildRequested"]
 
 
+TOTALS = Table("orders", key="order_id", columns={"order_id": str, "amount": float})
+
+
+def orders_in_units() -> Projection:
+    """Version 2 of ``orders``: amounts in whole currency units, in a table of its
+    own shape."""
+    v2 = Projection("orders", tables=[TOTALS], version=2)
+
+    @v2.on(Placed)
+    def placed(event: lf.RecordedEvent, view: View) -> None:
+        view.put(TOTALS, {"order_id": event.stream_id, "amount": event.data.amount_cents / 100})
+
+    return v2
+
+
 async def test_a_new_version_of_a_projection_is_rebuilt_and_swapped_in(
     ledger: BaseEventStore,
 ) -> None:
     await ledger.append("o-1", [Placed("acme", 500)])
     await ProjectionRunner(ledger, [orders_projection()]).catch_up()
-    # Version 2 keeps amounts in whole currency units, in a table of its own shape.
-    totals = Table("orders", key="order_id", columns={"order_id": str, "amount": float})
-    v2 = Projection("orders", tables=[totals], version=2)
-
-    @v2.on(Placed)
-    def placed(event: lf.RecordedEvent, view: View) -> None:
-        view.put(totals, {"order_id": event.stream_id, "amount": event.data.amount_cents / 100})
-
+    v2 = orders_in_units()
     await ProjectionRunner(ledger, [v2]).catch_up()
     row = await ledger.projection_row("orders")
     assert row is not None
     assert (row.generation, row.version, row.rebuild) == (1, 2, None)
-    assert await ReadModel(ledger, v2).select(totals) == [{"order_id": "o-1", "amount": 5.0}]
+    assert await ReadModel(ledger, v2).select(TOTALS) == [{"order_id": "o-1", "amount": 5.0}]
 
 
 async def test_an_older_versions_runner_leaves_a_newer_versions_tables_alone(
@@ -539,20 +547,14 @@ async def test_an_older_versions_runner_leaves_a_newer_versions_tables_alone(
     assert (row.version, row.position, row.rebuild.version, row.rebuild.position) == (1, 1, 2, 0)
     assert row.owner is None  # the lease went back at once
 
-    totals = Table("orders", key="order_id", columns={"order_id": str, "amount": float})
-    v2 = Projection("orders", tables=[totals], version=2)
-
-    @v2.on(Placed)
-    def placed(event: lf.RecordedEvent, view: View) -> None:
-        view.put(totals, {"order_id": event.stream_id, "amount": event.data.amount_cents / 100})
-
+    v2 = orders_in_units()
     await ProjectionRunner(ledger, [v2]).catch_up()
     with pytest.raises(lf.ProjectionLeaseLostError, match="left to runners of the newer code"):
         await ProjectionRunner(ledger, [orders_projection()]).catch_up()  # no rebuild back
     row = await ledger.projection_row("orders")
     assert row is not None
     assert (row.version, row.rebuild) == (2, None)
-    assert await ReadModel(ledger, v2).select(totals) == [
+    assert await ReadModel(ledger, v2).select(TOTALS) == [
         {"order_id": "o-1", "amount": 5.0},
         {"order_id": "o-2", "amount": 7.0},
     ]
