@@ -11,12 +11,15 @@ an engine of the instance's kind resumes it.
 from __future__ import annotations
 
 from datetime import timedelta
+from typing import Any
 
 import pytest
 
 import ledgerflow as lf
 from ledgerflow import WorkflowContext
 from ledgerflow.testing import ManualClock
+from ledgerflow.workflow.executors import other_kind
+from ledgerflow.workflow.history import History, Started, StepDone, Transitioned
 
 from ._engines import WAIT, EngineFactory, until_status, waiting_for
 
@@ -74,3 +77,36 @@ async def test_a_code_first_engine_leaves_a_machine_instance_alone(
         await until_status(machines, "m-1", "running")
         done = await machines.execute("m-1", "approve", timeout=WAIT)
         assert done.state == "done"
+
+
+def legacy(*commands: Any) -> History:
+    """An instance started by a release that did not record its kind."""
+    history = History("x", Started(name="kinds.approval", version=1, input=None))
+    for version, command in enumerate(commands, start=2):
+        history.add(version, command)
+    return history
+
+
+def test_an_instance_started_without_its_kind_is_told_by_its_commands() -> None:
+    """An upgrade parked every state machine an older release had started and no
+    engine had run yet (no kind recorded, no command): taken for code-first, stuck
+    for good. Until its first command says otherwise it runs as what is registered,
+    as it always did."""
+    machine, code = approval_machine(), approval
+    fresh = legacy()
+    assert fresh.instance_kind() is None
+    assert other_kind(machine, fresh) is None
+    assert other_kind(code, fresh) is None
+    stepped = legacy(StepDone(seq=1, name="s", result=1))
+    assert stepped.instance_kind() == "workflow"
+    assert other_kind(machine, stepped) is not None
+    moved = legacy(
+        StepDone(seq=1, name="enter", result=None),  # an activity's step first
+        Transitioned(
+            seq=0, name="start", transition="start", source=(), marking=("open",),
+            targets=("open",), data={}, at_us=0,
+        ),
+    )  # fmt: skip
+    assert moved.instance_kind() == "machine"
+    assert other_kind(code, moved) is not None
+    assert other_kind(machine, moved) is None

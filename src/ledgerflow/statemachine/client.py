@@ -450,8 +450,7 @@ class MachineClient(abc.ABC):
             raise UnknownWorkflowError(started.name, history.definition_version)
         # A machine registered here under the name and version of a code-first
         # workflow that another engine runs: the instance is the workflow's.
-        machine = started.kind == "machine" or history.has_machine_commands()
-        if not isinstance(found, Machine) or not machine:
+        if not isinstance(found, Machine) or history.instance_kind() == "workflow":
             raise WorkflowInputError(
                 started.name,
                 f"instance {history.workflow_id!r} runs code, not a state machine: "

@@ -374,7 +374,7 @@ class WorkflowClient(Operations, MachineClient):
                 input=encoded,
                 parent_id=parent_id,
                 tenant=tenant,
-                kind="machine" if isinstance(definition, Machine) else None,
+                kind="machine" if isinstance(definition, Machine) else "workflow",
             )
             with starting:
                 try:

@@ -38,9 +38,10 @@ def other_kind(definition: Definition, history: History) -> WorkflowDefinitionEr
     registered by engines in different processes). Run, each would write its
     records into the other's history; parked, the instance waits for an engine of
     its own kind, which resumes it."""
-    machine = history.started.kind == "machine" or history.has_machine_commands()
-    if machine == isinstance(definition, Machine):
+    kind = history.instance_kind()
+    if kind is None or (kind == "machine") == isinstance(definition, Machine):
         return None
+    machine = kind == "machine"
     started = history.started
     mine, theirs = ("a code-first workflow", "a state machine")
     if not machine:

@@ -72,10 +72,12 @@ class Started(msgspec.Struct, frozen=True, kw_only=True, omit_defaults=True):
     tenant: str | None = None
     """The tenant whose namespace (``<tenant>/`` before the id) the instance is in;
     its children are started there too."""
-    kind: Literal["machine"] | None = None
-    """``machine`` for a state-machine instance; None (not recorded) for a code-first
-    one. Names and versions are not unique across kinds between processes: an engine
-    that registers the other kind under this name must leave the instance alone."""
+    kind: Literal["machine", "workflow"] | None = None
+    """``machine`` for a state-machine instance, ``workflow`` for a code-first one;
+    None if started by a release that did not record it (``History.instance_kind``
+    then tells by what it recorded). Names and versions are not unique across kinds
+    between processes: an engine that registers the other kind under this name must
+    leave the instance alone."""
 
 
 class _Command(msgspec.Struct, frozen=True, kw_only=True):
@@ -689,10 +691,18 @@ class History:
         snapshot written before the times were kept)."""
         return self.signal_times.get(version)
 
-    def has_machine_commands(self) -> bool:
-        """Whether a state machine recorded here (an instance started before
-        ``Started.kind`` was recorded is known by its commands)."""
-        return any(events and events[0].kind == "machine" for events in self.commands.values())
+    def instance_kind(self) -> Literal["machine", "workflow"] | None:
+        """``machine`` or ``workflow``: recorded with the start, or, for an instance
+        started by a release that did not record it, told by its commands (a state
+        machine's first is its own; a code-first workflow's a step, timer, signal or
+        child). None if it has none yet: it runs as whatever is registered under its
+        name and version, as it always did."""
+        if self.started.kind is not None:
+            return self.started.kind
+        kinds = {events[0].kind for events in self.commands.values() if events}
+        if "machine" in kinds:  # its activities are steps: any machine command says
+            return "machine"
+        return "workflow" if kinds else None
 
     def next_signal(self, name: str, skip: Collection[int] = ()) -> tuple[int, SignalSent] | None:
         """The first signal ``name`` not taken (nor in ``skip``: being taken)."""
