@@ -158,7 +158,11 @@ async def test_show_describes_a_waiting_and_a_completed_instance(db: str) -> Non
     assert "waiting for: signal 'approval'" in lines
     assert "events:      2" in lines
     assert "created:     2030-01-01 00:00:00 UTC" in lines
-    assert not any(line.startswith(("result:", "error:")) for line in lines)
+    assert not any(line.startswith(("result:", "error:", "unconsumed")) for line in lines)
+    sent = await cli("workflows", "signal", WAITING, "later", "--db", db)
+    assert sent.exit_code == 0, sent.output
+    kept = await cli("workflows", "show", WAITING, "--db", db)
+    assert "unconsumed signals: later" in kept.stdout.splitlines()
 
     done = await cli("workflows", "show", DONE, "--db", db)
     lines = done.stdout.splitlines()

@@ -233,6 +233,8 @@ def workflows_show(workflow_id: IdArgument, db: DbOption = DEFAULT_DB) -> None:
         _line("parent", d.parent_id)
     if d.waiting_for is not None:
         _line("waiting for", d.waiting_for)
+    if d.unconsumed_signals:  # sent, not taken: kept for a later wait
+        _line("unconsumed signals", ", ".join(d.unconsumed_signals))
     if d.status == WorkflowStatus.COMPLETED:
         _line("result", _compact(d.result))
     if d.error is not None:
