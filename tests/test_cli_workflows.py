@@ -188,6 +188,7 @@ async def test_history_lists_the_events(db: str) -> None:
         "name": "approval",
         "version": 1,
         "input": "order-w",
+        "kind": "workflow",
     }
     assert events[1]["data"]["name"] == "approval"
     assert events[0]["recorded_at"] == "2030-01-01T00:00:00Z"
