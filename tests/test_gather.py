@@ -177,3 +177,29 @@ async def test_a_parent_whose_childs_undo_gave_up_ends_compensation_failed(
         assert parent.undo_failed == ("child so-1.2: compensation_failed",)
     assert effects["unreserve R-budget"] == 1  # the parent's own undo still ran
     assert effects["unreserve attempt"] == 2
+
+
+def five() -> int:
+    return 5
+
+
+@ledgerflow.workflow(name="gather.values")
+async def as_values(ctx: WorkflowContext, n: int) -> str:
+    got = await asyncio.gather(
+        ctx.sleep(timedelta(hours=1)), ctx.step(five), return_exceptions=True
+    )
+    return repr(got)
+
+
+async def test_a_wait_taken_for_a_value_still_waits(
+    engine: EngineFactory, clock: ManualClock
+) -> None:
+    """``gather(..., return_exceptions=True)`` handed the wait's end of the pass to
+    the body as a value: the workflow completed at once with "[Suspend('suspended'),
+    5]", its timer never waited for."""
+    async with engine(as_values) as e:
+        handle = await e.start(as_values, 1, id="v-1")
+        await waiting_for(e, "v-1", "timer")
+        assert (await e.describe("v-1")).status == "running"
+        clock.advance(timedelta(hours=1))
+        assert await handle.result(timeout=WAIT) == "[None, 5]"

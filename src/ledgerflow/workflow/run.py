@@ -1002,6 +1002,13 @@ class _Run(_Pass):
         except Exception as exc:  # noqa: BLE001 - the workflow failed: that is its outcome
             failure = (type(exc).__name__, error_message(exc))
             self.raised_at = _raised_at(exc)
+        if self.waits and self.parked is not None and self.parked.done():
+            # The body went on past a wait that ended the pass: it took the Suspend
+            # for a value (``gather(..., return_exceptions=True)``) or caught it. The
+            # wait stands; what the body made of it after does not count.
+            await self._settle()
+            waits = self._suspended(self.waits[0])
+            return PassResult(suspend=waits, exposed=self.exposed, buffered=self._take_buffer())
         await self._settle()
         if failure is None:
             self._check_finished_path()
