@@ -71,6 +71,10 @@ async def test_a_failing_child_cancels_its_siblings_started_before_it(
         with pytest.raises(ledgerflow.WorkflowFailedError) as failed:
             await handle.result(timeout=WAIT)
         assert "bad refuses" in str(failed.value)
+        # The failure that ended it, not the cancellation of a sibling it caused (the
+        # last pass failed with whichever child came first in the gather).
+        error = str((await e.describe("o-1")).error)
+        assert error.startswith("ChildWorkflowError: child workflow 'o-1.2'"), error
         for child in ("o-1.1", "o-1.2", "o-1.3"):
             assert (await e.describe(child)).status == "compensated", child
     assert effects == {

@@ -22,6 +22,7 @@ from ledgerflow.events import Metadata, RecordedEvent
 from ledgerflow.workflow.history import (
     CancelRequested,
     ChildFinished,
+    ChildrenCancelled,
     ChildStarted,
     CompensationDone,
     CompensationFailed,
@@ -59,6 +60,7 @@ EVENTS = st.one_of(
     st.builds(SignalRejected, seq=SEQS, name=NAMES, signal_version=VERSIONS, reason=NAMES),
     st.builds(SignalSent, name=NAMES, payload=JSON),
     st.builds(CancelRequested, reason=st.one_of(st.none(), NAMES)),
+    st.builds(ChildrenCancelled, reason=NAMES),
     st.builds(ChildStarted, seq=SEQS, name=NAMES, child_id=NAMES, version=SEQS),
     st.builds(ChildFinished, child_id=NAMES, status=NAMES, result=JSON),
     st.builds(CompensationDone, seq=SEQS, name=NAMES, step_seq=SEQS),

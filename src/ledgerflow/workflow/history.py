@@ -29,6 +29,7 @@ __all__ = [
     "ChildDone",
     "ChildFinished",
     "ChildStarted",
+    "ChildrenCancelled",
     "ClockRead",
     "CompensationAttemptFailed",
     "CompensationDone",
@@ -331,6 +332,14 @@ class CancelRequested(msgspec.Struct, frozen=True, kw_only=True):
     reason: str | None = None
 
 
+class ChildrenCancelled(msgspec.Struct, frozen=True, kw_only=True):
+    """The instance, failing, asked its running children to cancel: their ends told
+    after this are not the outcomes its ``ctx.child`` waits for (see waits.child), so
+    every later pass fails as the first did, not with a sibling's cancellation."""
+
+    reason: str
+
+
 class ChildFinished(msgspec.Struct, frozen=True, kw_only=True):
     """Delivered to the parent's stream by a child that ended, with a nudge, so a
     parent waiting on it can never miss the end (an index row could be overwritten;
@@ -429,6 +438,7 @@ _TYPES: tuple[tuple[type, str], ...] = (
     (SignalRejected, "wf.signal_rejected"),
     (SignalSent, "wf.signal"),
     (CancelRequested, "wf.cancel_requested"),
+    (ChildrenCancelled, "wf.children_cancelled"),
     (ChildFinished, "wf.child_finished"),
     (Finished, "wf.finished"),
     (Stuck, "wf.stuck"),
@@ -471,6 +481,8 @@ class History:
     child_versions: dict[str, int] = field(default_factory=dict)
     """Where each child's end is in the stream: one told after the cancel does not
     undo it (see waits.child)."""
+    ending_version: int | None = None
+    """Where ``ChildrenCancelled`` is in the stream (None: not failing with children)."""
     command_version: int | None = None
     """Where the latest command's event is in the stream (None: none, or unknown in a
     snapshot written before it was kept): a cancel after it came while the pass
@@ -515,6 +527,12 @@ class History:
             and self.command_version is not None
             and self.cancel_version > self.command_version
         )
+
+    def told_after_ending(self, child_id: str) -> bool:
+        """Whether the child's end came after this instance, failing, asked it to
+        cancel (``ChildrenCancelled``)."""
+        told = self.child_versions.get(child_id)
+        return self.ending_version is not None and told is not None and told > self.ending_version
 
     def told_after_cancel(self, child_id: str) -> bool:
         """Whether the child's end came after the instance's cancel (False when
@@ -570,6 +588,9 @@ class History:
         elif isinstance(data, CancelRequested):
             if self.cancel is None:
                 self.cancel, self.cancel_version = data, version
+        elif isinstance(data, ChildrenCancelled):
+            if self.ending_version is None:
+                self.ending_version = version
         elif isinstance(data, ChildFinished):
             if data.child_id not in self.children:
                 self.children[data.child_id] = data
@@ -601,6 +622,7 @@ class History:
                 "cancel_version": self.cancel_version,
                 "children": list(self.children.values()),
                 "child_versions": list(self.child_versions.items()),
+                "ending_version": self.ending_version,
                 "command_version": self.command_version,
                 "finished": self.finished,
                 "stuck": self.stuck,
@@ -637,6 +659,7 @@ class History:
         history.cancel_version = raw.get("cancel_version")
         history.child_versions = dict(raw.get("child_versions", ()))
         history.command_version = raw.get("command_version")
+        history.ending_version = raw.get("ending_version")
         history.finished = msgspec.convert(raw["finished"], Finished | None)
         history.stuck = msgspec.convert(raw["stuck"], Stuck | None)
         history.version = raw["version"]

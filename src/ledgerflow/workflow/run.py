@@ -181,6 +181,8 @@ class _Pass(Waits, Saga):
     async def _settle(self) -> None:
         """Let every command the body started settle; the body takes no new ones."""
         self.ended = True
+        if self.parked is not None and not self.parked.done():
+            self.parked.set_result(None)  # held branches end (the body is over)
         await self.acting.none_left()
         if self.fault is not None:
             raise self.fault

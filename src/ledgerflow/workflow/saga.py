@@ -20,6 +20,7 @@ from .codec import to_builtins
 from .definition import step_options
 from .history import (
     ChildDone,
+    ChildrenCancelled,
     ChildStarted,
     CompensationAttemptFailed,
     CompensationDone,
@@ -97,7 +98,7 @@ class Saga:
         self.compensating = True
         if not self.query:
             why = f"parent cancelled: {message}" if cancelled else f"parent failed: {message}"
-            await self._end_children(why)
+            await self._end_children(why, cancelled)
             await self._end_tasks()
         ran, gave_up = await self._undo(self.compensations)
         if not self.unreadable:
@@ -231,7 +232,7 @@ class Saga:
         if claimed:
             raise Suspend()
 
-    async def _end_children(self, reason: str) -> None:
+    async def _end_children(self, reason: str, cancelled: bool) -> None:
         """Cancel the children still running and wait until each has ended, its own
         compensations done, before this instance's run: they undo what the parent
         did before starting them, and the parent's end must mean the whole saga is
@@ -244,6 +245,11 @@ class Saga:
             and _first(events, ChildDone) is None
             and started.child_id not in self.history.children
         ]
+        if running and not cancelled and self.history.ending_version is None:
+            # Recorded before any child is asked: their ends come after it, and every
+            # later pass fails with this failure, not with a sibling's cancellation
+            # (a cancel is its own such mark).
+            await self.record([ChildrenCancelled(reason=reason)])
         for child_id in running:
             await self._host(self.host.cancel_child(child_id, reason))
         if running:

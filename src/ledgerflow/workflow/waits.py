@@ -234,6 +234,10 @@ class Waits:
             and ended is not None
             and not (self._cancelling() and self.history.told_after_cancel(cid))
         ):
+            if self.history.told_after_ending(cid):
+                # Ended because this instance, failing, cancelled it: not what this
+                # wait waited for. It waits on, and the failure comes as it came.
+                return await self._hold(Suspend([], None, child_id=cid))
             return self._child_outcome(workflow, ended)
         self._live()
         if started is None:
