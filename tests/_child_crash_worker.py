@@ -64,9 +64,17 @@ async def child(ctx: lf.WorkflowContext, job: Job) -> str:
     return await ctx.step(label, job)
 
 
+GATHERED = os.environ.get("LEDGERFLOW_CHILD_CRASH_GATHER") == "1"
+"""The parent awaits its child together with a short timer (``asyncio.gather``): a
+pass ends with both waits held (ADR 025), kill -9 or not."""
+
+
 @lf.workflow(name=PARENT_NAME, version=1)
 async def parent(ctx: lf.WorkflowContext, job: Job) -> str:
-    made = await ctx.child(child, job)
+    if GATHERED:
+        made, _ = await asyncio.gather(ctx.child(child, job), ctx.sleep(0.05))
+    else:
+        made = await ctx.child(child, job)
     return f"parent {job.n}: {made}"
 
 

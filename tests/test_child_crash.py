@@ -66,12 +66,13 @@ FINAL_RUN_TIMEOUT = 30.0
 """The last worker needs a second or two; a parent left hanging never finishes."""
 
 
-def _worker(url: str, batches: int, log: Path) -> subprocess.Popen[bytes]:
+def _worker(url: str, batches: int, log: Path, gathered: bool) -> subprocess.Popen[bytes]:
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, str(WORKER), url, str(PARENTS), str(batches)],
             stdout=out,
             stderr=subprocess.STDOUT,
+            env={**os.environ, "LEDGERFLOW_CHILD_CRASH_GATHER": "1" if gathered else "0"},
         )
 
 
@@ -173,8 +174,9 @@ def _check_pair(
 @pytest.mark.parametrize(
     "backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 )
+@pytest.mark.parametrize("gathered", [False, True], ids=["child alone", "child and timer gathered"])
 def test_every_parent_finishes_after_kills_while_children_run(
-    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest, gathered: bool
 ) -> None:
     url = backend_url(backend, tmp_path, request)
     rng = random.Random(SEED)
@@ -192,7 +194,7 @@ def test_every_parent_finishes_after_kills_while_children_run(
         delay = rng.uniform(*KILL_AFTER)
         log = tmp_path / f"run-{round_}.log"
         logs.append(log)
-        proc = _worker(url, batches, log)
+        proc = _worker(url, batches, log, gathered)
         try:
             code = proc.wait(timeout=delay)
         except subprocess.TimeoutExpired:
@@ -215,7 +217,7 @@ def test_every_parent_finishes_after_kills_while_children_run(
     log = tmp_path / "run-final.log"
     logs.append(log)
     final_began = time.monotonic()
-    proc = _worker(url, batches, log)
+    proc = _worker(url, batches, log, gathered)
     problems: list[str] = []
     try:
         code = proc.wait(timeout=FINAL_RUN_TIMEOUT)
