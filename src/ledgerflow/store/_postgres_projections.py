@@ -9,7 +9,6 @@ it or finds it moved), then the writes, pipelined."""
 from __future__ import annotations
 
 import abc
-import hashlib
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -21,6 +20,7 @@ from ..errors import ProjectionLeaseLostError, StaleReadError, StoreError
 from ..projections.state import Rebuild
 from ..projections.tables import Table, TableWrite
 from ._migrations import Migration
+from ._postgres_keys import inbox_key
 from ._projections import (
     PROJECTION_COLUMNS,
     ProjectionFailure,
@@ -142,7 +142,7 @@ class PostgresProjections(abc.ABC):
         )
         # The consumer's processes commit one at a time while they check what their
         # handlers read (a row read as missing cannot be locked).
-        lock = _inbox_lock(self.schema, consumer)
+        lock = inbox_key(self.schema, consumer)
 
         async def consume(conn: Connection) -> bool:
             if seen:
@@ -408,11 +408,3 @@ class PostgresProjections(abc.ABC):
             if isinstance(exc.__cause__, psycopg.errors.UndefinedTable):
                 raise TableMissing(sql) from None
             raise
-
-
-def _inbox_lock(schema: str, consumer: str) -> int:
-    """The advisory lock (bigint key space) an inbox's commits take, keyed as the
-    streams' are (``_postgres_sql.stream_key``) by a name no stream id can have
-    (it holds NUL): never a stream's."""
-    digest = hashlib.blake2b(f"{schema}\0\0inbox\0{consumer}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, signed=True)

@@ -6,9 +6,8 @@ what the tables, functions and queries are; there when and why each is sent.
 
 from __future__ import annotations
 
-import hashlib
-
 from ._migrations import Migration
+from ._postgres_keys import allocator_key, stream_key
 from ._postgres_merkle import merkle_migration
 from ._postgres_projections import projection_migration
 from ._postgres_resources import resource_migration
@@ -271,18 +270,6 @@ def migrations(schema: str) -> tuple[Migration, ...]:
             (f"ALTER TABLE {schema}.tasks ADD COLUMN handed_back boolean NOT NULL DEFAULT false",),
         ),
     )
-
-
-def allocator_key(schema: str) -> int:
-    """The first half of the (int, int) advisory lock key that orders position
-    taking in ``schema`` (two-int keys never meet the one-bigint stream keys)."""
-    return int.from_bytes(hashlib.blake2b(schema.encode(), digest_size=4).digest(), signed=True)
-
-
-def stream_key(schema: str, stream_id: str) -> int:
-    """The advisory lock that serializes writers of one stream (bigint key space)."""
-    digest = hashlib.blake2b(f"{schema}\0{stream_id}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, signed=True)
 
 
 _COLUMNS = (
