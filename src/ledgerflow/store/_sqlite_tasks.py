@@ -9,7 +9,6 @@ import abc
 import json
 import sqlite3
 from collections.abc import Callable, Sequence
-from dataclasses import replace
 from typing import Any, TypeVar
 
 from ._migrations import Migration
@@ -131,7 +130,7 @@ _QUEUES = (
 
 def _task(r: Sequence[Any]) -> TaskRow:
     """A ``tasks`` row (``handed_back`` is stored as 0 or 1)."""
-    return replace(TaskRow(*r[:-1]), handed_back=bool(r[-1]))
+    return TaskRow(*(*r[:-1], bool(r[-1])))
 
 
 def _names(names: tuple[str, ...] | None) -> str | None:
