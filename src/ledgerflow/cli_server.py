@@ -89,6 +89,15 @@ def server(
         float, typer.Option(min=0.001, help="Requests a second per key or token subject.")
     ] = 50.0,
     burst: Annotated[int, typer.Option(min=1, help="Requests at once per key.")] = 100,
+    request_timeout: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="Seconds a request may take before its caller hears 503 with "
+            "Retry-After (a database that froze answers nothing, and no socket "
+            "timeout notices); 0: no deadline.",
+        ),
+    ] = 30.0,
     access_log: Annotated[
         bool, typer.Option("--access-log/--no-access-log", help="Log every request.")
     ] = False,
@@ -136,6 +145,7 @@ def server(
         "tenant_claim": tenant_claim,
         "rate": rate,
         "burst": burst,
+        "request_timeout": request_timeout,
     }
     _configure_logs()
     asgi = _built(options)  # in this process first: a mistake is reported once, here
@@ -171,6 +181,7 @@ def serve_factory() -> Any:
 
 def _built(options: dict[str, Any]) -> Any:
     from .server.app import ServerSettings, create_app
+    from .server.deadline import DEFAULT_REQUEST_TIMEOUT
     from .server.tokens import TokenVerifier
     from .workflow.client import WorkflowClient
     from .workflow.engine import Engine
@@ -201,7 +212,12 @@ def _built(options: dict[str, Any]) -> Any:
         )
     except LedgerflowError as exc:
         raise _fail(str(exc)) from None
-    settings = ServerSettings(tokens=tokens, rate=options["rate"], burst=options["burst"])
+    settings = ServerSettings(
+        tokens=tokens,
+        rate=options["rate"],
+        burst=options["burst"],
+        request_timeout=options.get("request_timeout", DEFAULT_REQUEST_TIMEOUT) or None,
+    )
     return create_app(client, settings)
 
 

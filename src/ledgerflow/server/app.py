@@ -31,6 +31,7 @@ from ..gauges import StoreGauges
 from ..workflow.client import WorkflowClient
 from .api import api_router, health_routes
 from .asgi import SlashSafe
+from .deadline import DEFAULT_REQUEST_TIMEOUT, Deadline
 from .fast import FastStart
 from .keys import ApiKeys
 from .limits import RateLimiter
@@ -64,11 +65,13 @@ class ServerSettings:
     gauges_every: float | None = 15.0
     """Seconds between reads of the store's gauges served at ``/metrics`` (queue
     depth, breakers, lag: ``ledgerflow.gauges``); None: not read."""
+    request_timeout: float | None = DEFAULT_REQUEST_TIMEOUT
+    """Seconds a request may take before its caller hears 503 (a store that froze
+    answers nothing, and no socket timeout notices: ``deadline.Deadline``); None:
+    no deadline."""
 
 
-def create_app(
-    client: WorkflowClient, settings: ServerSettings | None = None
-) -> FastStart | SlashSafe:
+def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -> Deadline:
     """The server's ASGI application over ``client`` (its store and registered
     workflows). The client is opened and closed with the application."""
     settings = settings or ServerSettings()
@@ -171,8 +174,8 @@ def create_app(
     )
     served = SlashSafe(app)
     if not settings.fast_start:
-        return served
-    return FastStart(served, service, keys, limiter, MAX_BODY)
+        return Deadline(served, settings.request_timeout)
+    return Deadline(FastStart(served, service, keys, limiter, MAX_BODY), settings.request_timeout)
 
 
 async def _principal(
