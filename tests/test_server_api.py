@@ -285,6 +285,40 @@ def test_bad_requests_are_problems_and_change_nothing(api: Api) -> None:
     assert api.get("/api/v1/workflows", tenant="*", role=Role.ADMIN).json()["items"] == []
 
 
+def test_a_payload_nested_too_deeply_is_422_not_a_defect(api: Api) -> None:
+    """Nested 400-999 levels (JSON decoders take 1,000), a signal's payload made the
+    server answer 500 (a RecursionError checking it against the waited-for type)."""
+    started = api.post(
+        "/api/v1/workflows", json={"workflow": "approval", "input": "o-1", "id": "o-1"}
+    )
+    assert started.status_code == 201, started.text
+    api.until("/api/v1/workflows/o-1", waiting)
+    for depth in (150, 500, 900):
+        body = ('{"payload":' + "[" * depth + "]" * depth + "}").encode()
+        refused = problem(
+            api.post(
+                "/api/v1/workflows/o-1/signals/approval",
+                content=body,
+                headers={"content-type": "application/json"},
+            ),
+            422,
+        )
+        assert "nested deeper than 100 levels" in refused["detail"], refused
+        body = (
+            '{"workflow":"approval","input":' + "[" * depth + "]" * depth + ',"id":"o-2"}'
+        ).encode()
+        refused = problem(
+            api.post(
+                "/api/v1/workflows", content=body, headers={"content-type": "application/json"}
+            ),
+            422,
+        )
+        assert "nested deeper than 100 levels" in refused["detail"], refused
+    assert [e["type"] for e in api.get("/api/v1/workflows/o-1/history").json()["items"]].count(
+        "wf.signal_sent"
+    ) == 0
+
+
 def test_health_readiness_and_the_checked_in_spec(api: Api) -> None:
     assert api.http.get("/health").json()["status"] == "ok"
     assert api.http.get("/ready").json()["status"] == "ready"

@@ -517,6 +517,38 @@ async def floating(ctx: WorkflowContext, x: float) -> float:
     return x
 
 
+@ledgerflow.workflow(name="anything")
+async def anything(ctx: WorkflowContext, x: Any) -> Any:
+    return await ctx.wait_for_signal("more")
+
+
+def nested(depth: int) -> Any:
+    """``depth`` levels: an object holding arrays."""
+    value: Any = []
+    for _ in range(depth - 2):
+        value = [value]
+    return {"x": value}
+
+
+async def test_input_and_signals_nested_too_deeply_are_refused_whatever_the_depth(
+    engine: EngineFactory,
+) -> None:
+    """Nested 400-999 levels deep, a start over HTTP failed as a defect (500, a
+    RecursionError in the code that walks values for personal data) and a signal
+    too: JSON decoders take 1,000 levels, Python's recursion stops sooner."""
+    async with engine(anything) as e:
+        for depth in (101, 500, 900, 5000):
+            with pytest.raises(ledgerflow.WorkflowInputError, match="nested deeper than 100"):
+                await e.start(anything, nested(depth), id=f"deep-{depth}")
+        assert await e.list_workflows() == []
+        started = await e.start(anything, nested(100), id="deep-ok")  # the limit itself
+        for depth in (101, 900, 5000):
+            with pytest.raises(ledgerflow.WorkflowInputError, match="nested deeper than 100"):
+                await e.signal(started.id, "more", nested(depth))
+        await e.signal(started.id, "more", nested(100))
+        assert await started.result(timeout=WAIT) == nested(100)
+
+
 async def test_bad_input_is_refused_before_anything_is_recorded(engine: EngineFactory) -> None:
     wrong: Any = "not an order"  # what mypy would refuse, sent anyway
     incomplete: Any = {"sku": "x"}  # amount missing

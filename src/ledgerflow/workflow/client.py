@@ -50,7 +50,7 @@ from ..statemachine.instance import MachineOutcome
 from ..store import MAX_STREAM_ID_LENGTH, WorkflowStore, open_store
 from ..store.runtime import InstanceQuery, InstanceRow, Nudge, PutInstance, Schedule
 from ..tenants import check_tenant
-from .codec import CodecError, from_builtins, schema_problems, to_builtins
+from .codec import CodecError, check_nesting, from_builtins, schema_problems, to_builtins
 from .definition import WorkflowDefinition
 from .executors import Definition
 from .handles import (
@@ -586,7 +586,9 @@ class WorkflowClient(Operations, MachineClient):
                 f"signal {name!r}", "the signal name must be a non-empty string"
             )
         try:
+            check_nesting(payload)
             encoded = to_builtins(payload)
+            check_nesting(encoded)
         except CodecError as exc:
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
         event_id = None if id is None else _signal_id(workflow_id, id)
@@ -869,7 +871,10 @@ def _same(known: Definition, given: Definition) -> bool:
 def _check_input(definition: Definition, given: Any) -> Any:
     """The input as JSON builtins, once it is known to fit the input type."""
     try:
+        check_nesting(given)  # before anything walks it by recursion
         encoded = to_builtins(given)
+        if encoded is not given:
+            check_nesting(encoded)  # objects' fields nest too
         typed = from_builtins(encoded, definition.input_type)
         if typed is not encoded and personal.has_personal_objects(typed):
             # Given as JSON (over HTTP, from the CLI): its personal fields are

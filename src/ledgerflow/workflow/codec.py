@@ -15,8 +15,10 @@ import msgspec
 from .. import personal
 
 __all__ = [
+    "MAX_NESTING",
     "CodecError",
     "check_fits",
+    "check_nesting",
     "from_builtins",
     "json_schema",
     "schema_problems",
@@ -41,6 +43,33 @@ def to_builtins(value: Any) -> Any:
         return personal.seal_builtins(value, msgspec.to_builtins(value))
     except (TypeError, ValueError) as exc:
         raise CodecError(str(exc)) from exc
+    except RecursionError:
+        raise CodecError(f"it is nested deeper than {MAX_NESTING} levels") from None
+
+
+MAX_NESTING = 100
+"""Levels of objects and arrays a workflow's input or a signal's payload may nest.
+What reads recorded values (sealing and revealing personal data, schema checks)
+walks them by recursion, which Python stops at about 1,000 frames less those of the
+caller: a payload nested 400 deep over HTTP failed there, as a defect (500), where
+JSON decoders take 1,000 levels."""
+
+
+def check_nesting(value: Any) -> None:
+    """``CodecError`` if JSON builtins (dicts, lists, tuples) in ``value`` nest
+    deeper than ``MAX_NESTING``; without recursion, so any depth is told, not hit."""
+    if type(value) not in (dict, list, tuple):
+        return
+    level: list[Any] = [value]
+    for _ in range(MAX_NESTING):
+        inner: list[Any] = []
+        for item in level:
+            children = item.values() if type(item) is dict else item
+            inner.extend(c for c in children if type(c) in (dict, list, tuple))
+        if not inner:
+            return
+        level = inner
+    raise CodecError(f"it is nested deeper than {MAX_NESTING} levels")
 
 
 def check_fits(encoded: Any, wanted: Any, whose: str) -> None:
