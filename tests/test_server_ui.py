@@ -56,6 +56,44 @@ def test_pages_need_a_session(api: Api) -> None:
     assert "not valid" in refused.text
 
 
+def test_pages_may_not_be_framed_or_kept_in_a_cache(api: Api) -> None:
+    """The UI sent no anti-framing or caching headers: any page could be framed by
+    another site, and pages showing payloads could be kept by caches."""
+    csrf = sign_in(api)
+    start(api, "o-1")
+    pages = [
+        api.http.get("/ui/sign-in"),
+        api.http.get("/ui/workflows"),
+        api.http.get("/ui/workflows/o-1"),
+        api.http.get("/ui/workflows/nobody"),
+        api.http.post(
+            "/ui/workflows/o-1/actions/cancel",
+            data={"csrf": csrf, "reason": "r"},
+            follow_redirects=False,
+        ),
+    ]
+    for page in pages:
+        assert page.headers.get("x-frame-options") == "DENY", (page.request.url, page.status_code)
+        assert page.headers["content-security-policy"] == "frame-ancestors 'none'"
+        assert page.headers["x-content-type-options"] == "nosniff"
+        assert page.headers["cache-control"] == "no-store"
+
+
+def test_a_file_name_with_an_encoded_slash_is_not_found_not_a_defect(api: Api) -> None:
+    """``%2F`` in any path became NUL for the ids of the API's routes, and the static
+    files' router failed on it: 500, and a traceback logged, for anyone."""
+    assert api.http.get("/ui/static/ui.js").status_code == 200
+    for path in ("/ui/static/..%2Fui.py", "/ui/static/%2Fetc%2Fpasswd", "/ui/static/a%2Fb"):
+        answer = api.http.get(path)
+        assert answer.status_code == 404, (path, answer.text)
+        assert answer.json()["title"] == "Not Found"
+    revoked = api.post(
+        "/api/v1/keys/a%2Fb/revoke", json={"reason": "r"}, tenant="*", role=Role.ADMIN
+    )
+    assert revoked.status_code == 404, revoked.text
+    assert revoked.json()["detail"] == "no API key 'a/b'"
+
+
 def test_a_sign_in_posted_from_another_site_is_refused(api: Api) -> None:
     """It had no token and no origin check: another site could sign a visitor's
     browser in with the attacker's key (login CSRF)."""

@@ -17,6 +17,8 @@ from .problems import MEDIA_TYPE
 __all__ = ["SlashSafe", "respond"]
 
 _ENCODED_SLASH = re.compile(rb"%2[fF]")
+_STATIC = "/ui/static/"
+"""Where the web UI's files are served (``ui.Ui.routes``)."""
 
 
 class SlashSafe:
@@ -46,6 +48,19 @@ class SlashSafe:
             await respond(send, 400, body, MEDIA_TYPE)
             return
         if http and raw and _ENCODED_SLASH.search(raw):
+            if scope["path"].startswith(_STATIC):
+                # No file's name holds a slash; and the static files' router, which
+                # knows nothing of the NUL below, failed on it (500).
+                body = msgspec.json.encode(
+                    {
+                        "type": "about:blank",
+                        "title": "Not Found",
+                        "status": 404,
+                        "detail": "no such file",
+                    }
+                )
+                await respond(send, 404, body, MEDIA_TYPE)
+                return
             path = raw.split(b"?", 1)[0]
             parts = [unquote_to_bytes(p) for p in _ENCODED_SLASH.split(path)]
             path_ = b"\x00".join(parts).decode("utf-8", "replace")

@@ -295,6 +295,7 @@ class Service:
         return KeyCreatedOut(_key(created.key), created.secret)
 
     async def revoke_key(self, who: Principal, key_id: str, reason: str) -> KeyOut:
+        key_id = key_id.replace("\x00", "/")  # sent as %2F: see asgi.SlashSafe
         try:
             key = await self.keys.revoke(key_id, by=who.subject, reason=reason, tenant=who.tenant)
         except KeyError:

@@ -346,6 +346,7 @@ class Ui:
             route_handlers=[sign_in_page, sign_in, sign_out, workflows, workflow, send, act],
             exception_handlers={Exception: failed},
             include_in_schema=False,
+            response_headers=PAGE_HEADERS,
         )
 
     async def workflow_page(
@@ -384,11 +385,14 @@ class Ui:
         )
 
     def failed(self, request: Request[Any, Any, Any], exc: Exception) -> Response[Any]:
+        # An exception handler's response does not get the router's headers.
         if isinstance(exc, SignIn):
-            return Redirect("/ui/sign-in", status_code=303)
+            return Redirect("/ui/sign-in", status_code=303, headers=PAGE_HEADERS)
         problem = to_problem(exc)
         error = {"status": problem.status, "title": problem.title, "detail": problem.detail}
-        return self.render(request, "error.html", None, status=problem.status, error=error)
+        page = self.render(request, "error.html", None, status=problem.status, error=error)
+        page.headers.update(PAGE_HEADERS)
+        return page
 
     def routes(self) -> list[Any]:
         @get("/", include_in_schema=False)
@@ -406,6 +410,18 @@ class Ui:
 
 
 _STATUSES = [s.value for s in WorkflowStatus]
+
+PAGE_HEADERS = {
+    # Not in another site's frame: its page could lay a decoy over the operator
+    # forms (clickjacking); the session cookie's SameSite only covers a signed-in frame.
+    "X-Frame-Options": "DENY",
+    "Content-Security-Policy": "frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    # Pages show inputs, results and personal data: no shared or browser cache keeps them.
+    "Cache-Control": "no-store",
+    "Referrer-Policy": "same-origin",
+}
+"""Headers of every page of the web UI, error pages and redirects included."""
 
 
 def _back(workflow_id: str, done: str) -> str:
