@@ -79,6 +79,23 @@ async def test_a_code_first_engine_leaves_a_machine_instance_alone(
         assert done.state == "done"
 
 
+async def test_a_signal_to_a_machine_instance_is_refused_and_not_recorded(
+    engine: EngineFactory,
+) -> None:
+    """A machine takes events; a signal to one was recorded (HTTP said 202) and left
+    unread for ever, its sender believing it done."""
+    machine = approval_machine()
+    async with engine(machine) as machines:
+        await machines.start(machine, None, id="m-2")
+        await until_status(machines, "m-2", "running")
+        for name in ("approve", "nope"):
+            with pytest.raises(lf.SignalInputError, match="takes events, not signals"):
+                await machines.signal("m-2", name, {"by": "ana"})
+        assert "wf.signal" not in [e.type for e in await machines.history("m-2")]
+        assert (await machines.execute("m-2", "approve", timeout=WAIT)).state == "done"
+        assert (await machines.describe("m-2")).status == "completed"
+
+
 def legacy(*commands: Any) -> History:
     """An instance started by a release that did not record its kind."""
     history = History("x", Started(name="kinds.approval", version=1, input=None))

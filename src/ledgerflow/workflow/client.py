@@ -899,6 +899,16 @@ def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEve
     its wait cannot be checked here; the wait rejects it if it does not fit,
     visibly, and goes on waiting.
     """
+    if _a_machine(recent):
+        # Nothing in a state machine takes signals: recorded, it waited unread for
+        # ever, and its sender (an HTTP client told 202) believed it done.
+        raise SignalInputError(
+            workflow_id,
+            signal.name,
+            "it is a state machine instance, which takes events, not signals: send "
+            f"the event {signal.name!r} with engine.execute or 'ledgerflow machines "
+            "send'",
+        )
     waiting = open_wait([event.data for event in recent], signal.name)
     if waiting is None or waiting.schema is None:
         return signal
@@ -911,6 +921,19 @@ def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEve
         return signal
     payload = personal.seal_by_schema(signal.payload, waiting.schema)
     return msgspec.structs.replace(signal, payload=payload)
+
+
+def _a_machine(recent: list[RecordedEvent]) -> bool:
+    """Whether the newest events of an instance are a state machine's: its start
+    says so (or, started by an older release, its own events do)."""
+    for event in recent:
+        if event.type.startswith("sm."):
+            return True
+        if event.type == "wf.started":
+            data = event.data
+            kind = data.get("kind") if isinstance(data, dict) else getattr(data, "kind", None)
+            return kind == "machine"
+    return False
 
 
 def _small(finished: Finished) -> bool:
