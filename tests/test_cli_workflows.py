@@ -363,3 +363,36 @@ async def test_list_on_postgres(pg_schema: str, clock: lf.ManualClock) -> None:
     assert listed(result.stdout) == {DONE: "completed", WAITING: "running"}
     waiting = await cli("workflows", "list", "--status", "running", "--db", url)
     assert listed(waiting.stdout) == {WAITING: "running"}
+
+
+def refuse(order: str) -> str:
+    raise RuntimeError(f"ERP said: \x1b]0;pwned\x07\x1b[2J\x1b[32mcompleted\r{order}\u202e")
+
+
+@lf.workflow(name="refused", version=1)
+async def refused(ctx: lf.WorkflowContext, order: str) -> str:
+    result: str = await ctx.step(refuse, order, retry=lf.RetryPolicy(max_attempts=1))
+    return result
+
+
+async def test_the_cli_shows_control_characters_escaped_never_acts_on_them(tmp_path: Path) -> None:
+    """Ids, names and messages come from API callers and external systems: printed
+    raw, an ESC sequence in a step's error retitled the operator's terminal, cleared
+    it and painted a fake "completed"; a CR wrote over the line. Ids with control
+    characters are refused at the start too."""
+    url = f"sqlite:///{tmp_path / 'ledger.db'}"
+    async with lf.Engine(url, workflows=[refused]) as eng:
+        for bad in ("o\x1b[2J", "o\r1", "o\x07", "o\x9b"):
+            with pytest.raises(lf.WorkflowInputError, match="control characters"):
+                await eng.start(refused, "x", id=bad)
+        handle = await eng.start(refused, "o-1", id="o-\u202e1")
+        with pytest.raises(lf.WorkflowFailedError):
+            await handle.result(timeout=10)
+    for args in (["workflows", "list"], ["workflows", "show", "o-\u202e1"]):
+        result = await cli(*args, "--db", url)
+        assert result.exit_code == 0, result.output
+        for raw in ("\x1b", "\x07", "\r", "\u202e"):
+            assert raw not in result.stdout, (args, result.stdout)
+        assert "o-\\u202e1" in result.stdout
+    shown = await cli("workflows", "show", "o-\u202e1", "--db", url)
+    assert "ERP said: \\x1b]0;pwned\\x07\\x1b[2J\\x1b[32mcompleted\\x0do-1" in shown.stdout

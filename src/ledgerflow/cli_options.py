@@ -3,21 +3,45 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable, Coroutine
 from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 from rich.console import Console
 from rich.markup import escape
+from rich.text import Text
 
 from .errors import LedgerflowError
 
-__all__ = ["DEFAULT_DB", "DbOption", "configure_logs", "err", "fail", "out", "run"]
+__all__ = ["DEFAULT_DB", "DbOption", "Terminal", "configure_logs", "err", "fail", "out", "run"]
 
 T = TypeVar("T")
 
-out = Console()
-err = Console(stderr=True)
+_UNSAFE = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+"""Characters a terminal acts on rather than shows: C0 and C1 controls but tab and
+newline (ESC starts sequences that retitle a window, clear the screen, recolour or
+move the cursor; CR writes over a line) and the bidirectional overrides, which show
+text in another order than it has."""
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class Terminal(Console):
+    """A console that shows control characters escaped (``\\x1b``), never acts on
+    them: ids, names, payloads and error messages come from API callers and from
+    external systems' answers, and printed raw they could rewrite the operator's
+    terminal (a fake "completed", a cleared screen, a retitled window)."""
+
+    def render_str(self, text: str, **kwargs: Any) -> Text:
+        return super().render_str(_UNSAFE.sub(_escaped, text), **kwargs)
+
+
+out = Terminal()
+err = Terminal(stderr=True)
 
 
 def fail(message: str) -> NoReturn:

@@ -11,11 +11,10 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from .cli_options import DEFAULT_DB, DbOption
+from .cli_options import DEFAULT_DB, DbOption, Terminal
 from .cli_options import configure_logs as _configure_logs
 from .errors import LedgerflowError
 from .store import WorkflowStore
@@ -23,8 +22,8 @@ from .tenants import ALL_TENANTS
 
 __all__ = ["keys_app", "server"]
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+out = Terminal(highlight=False)
+err = Terminal(stderr=True, highlight=False)
 
 
 keys_app = typer.Typer(

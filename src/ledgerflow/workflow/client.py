@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import uuid
 from collections import OrderedDict
 from collections.abc import Mapping, Sequence
@@ -85,6 +86,7 @@ O = TypeVar("O")  # noqa: E741
 
 STREAM_PREFIX = "wf-"
 MAX_WORKFLOW_ID_LENGTH = MAX_STREAM_ID_LENGTH - len(STREAM_PREFIX)
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 """The longest workflow id (a tenant's instance's includes ``<tenant>/``)."""
 SIGNAL_CHECK_WINDOW = 64
 """Latest events a sender reads to find the wait its signal is for."""
@@ -339,10 +341,13 @@ class WorkflowClient(Operations, MachineClient):
         metadata: Metadata | None = None,
     ) -> bool:
         """Record the start; whether it is new (False: started the same way before)."""
-        if not isinstance(workflow_id, str) or not workflow_id or "\x00" in workflow_id:
+        if not isinstance(workflow_id, str) or not workflow_id or _CONTROL.search(workflow_id):
+            # Control characters too: shown in a terminal, an id with ESC or CR in it
+            # could rewrite the screen of whoever lists instances.
             raise WorkflowInputError(
                 definition.name,
-                f"the workflow id must be a non-empty string without NUL, not {workflow_id!r}",
+                "the workflow id must be a non-empty string without control characters "
+                f"(NUL, ESC, CR...), not {workflow_id!r}",
             )
         longest = MAX_WORKFLOW_ID_LENGTH
         if len(workflow_id) > longest:
