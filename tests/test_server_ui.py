@@ -4,6 +4,7 @@ order example's approval in Chromium.)"""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from typing import Any, Literal
 import msgspec
 import pytest
 
+import ledgerflow as lf
 from ledgerflow.server import Role
 from ledgerflow.server.forms import signal_form
 
@@ -92,6 +94,30 @@ def test_a_file_name_with_an_encoded_slash_is_not_found_not_a_defect(api: Api) -
     )
     assert revoked.status_code == 404, revoked.text
     assert revoked.json()["detail"] == "no API key 'a/b'"
+
+
+def test_sign_ins_are_limited_per_key_and_per_address(api: Api) -> None:
+    """Sign-in had no limit: each records a session in the ledger and in every
+    server's memory, and any key (a viewer's) could sign in hundreds of times a
+    second."""
+    from ledgerflow.server.sessions import SESSION_STREAM
+    from ledgerflow.server.ui import SIGN_INS_PER_MINUTE
+
+    key = api.keys[("acme", Role.VIEWER)]
+    for _ in range(SIGN_INS_PER_MINUTE):
+        answer = api.http.post("/ui/sign-in", data={"key": key}, follow_redirects=False)
+        assert answer.status_code == 303, answer.text
+    refused = api.http.post("/ui/sign-in", data={"key": key}, follow_redirects=False)
+    assert refused.status_code == 429, refused.text
+    assert int(refused.headers["retry-after"]) >= 1
+    other = api.keys[("acme", Role.OPERATOR)]  # the same address: limited too
+    assert api.http.post("/ui/sign-in", data={"key": other}).status_code == 429
+
+    async def opened() -> int:
+        async with lf.open_store(api.url, create=False) as store:
+            return len(await store.read_stream(SESSION_STREAM))
+
+    assert asyncio.run(opened()) == SIGN_INS_PER_MINUTE
 
 
 def test_a_sign_in_posted_from_another_site_is_refused(api: Api) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 import secrets
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -31,6 +32,8 @@ SESSION_OPENED = "ledgerflow.ui_session_opened"
 SESSION_CLOSED = "ledgerflow.ui_session_closed"
 SESSION_HOURS = 12
 """How long a session lasts after sign-in."""
+_SWEEP_EVERY = 1024
+"""Sessions opened between two sweeps of the ended ones from memory."""
 
 _FORMAT = re.compile(r"lfs_[A-Za-z0-9_-]{43}")
 
@@ -127,5 +130,10 @@ class Sessions(Followed):
         data = event.data
         if isinstance(data, SessionOpened):
             self._open[data.token_sha256] = _Session(data.key_id, data.ends_at_us)
+            if len(self._open) % _SWEEP_EVERY == 0:
+                # Sessions nobody presents again were dropped only when presented.
+                now = time.time_ns() // 1000
+                for digest in [d for d, s in self._open.items() if s.ends_at_us <= now]:
+                    del self._open[digest]
         elif isinstance(data, SessionClosed):
             self._open.pop(data.token_sha256, None)

@@ -116,11 +116,34 @@ def template_config() -> TemplateConfig[JinjaTemplateEngine]:
     return TemplateConfig(instance=JinjaTemplateEngine.from_environment(environment))
 
 
+SIGN_INS_PER_MINUTE = 10
+"""Sign-ins a key, or a client address, may make a minute (as many at once): each
+records a session in the ledger and in every server's memory, and a person signs
+in a few times a day."""
+
+
 class Ui:
     def __init__(self, service: Service, limiter: RateLimiter, sessions: Sessions) -> None:
         self.service = service
         self.limiter = limiter
         self.sessions = sessions
+        self.sign_ins = RateLimiter(SIGN_INS_PER_MINUTE / 60, SIGN_INS_PER_MINUTE)
+
+    def admit_sign_in(self, request: Request[Any, Any, Any], key: str) -> None:
+        """429 once the key, or the address it comes from, signed in too often: the
+        API's limit never applied here, and any key (a viewer's) could grow the
+        session stream and every server's memory at the rate it could send."""
+        client = request.client.host if request.client is not None else "?"
+        digest = hashlib.sha256(key.encode()).hexdigest()[:24]
+        for who in (f"address:{client}", f"key:{digest}"):
+            wait = self.sign_ins.take(who)
+            if wait > 0:
+                raise Problem(
+                    429,
+                    "Too many requests",
+                    f"too many sign-ins: retry in {wait:.0f} s",
+                    headers={"Retry-After": str(max(1, round(wait + 0.5)))},
+                )
 
     # -- sessions ---------------------------------------------------------------------
 
@@ -181,6 +204,7 @@ class Ui:
                 raise Problem(403, "Forbidden", "sign in from this server's own page")
             data = await request.form()
             key = str(data.get("key", "")).strip()
+            ui.admit_sign_in(request, key)
             # The cookie holds a session of its own, never the key: a cookie taken
             # from a browser is worth that session only, which signing out ends.
             opened = await ui.sessions.open(key, now_us=_now_us())
@@ -391,7 +415,7 @@ class Ui:
         problem = to_problem(exc)
         error = {"status": problem.status, "title": problem.title, "detail": problem.detail}
         page = self.render(request, "error.html", None, status=problem.status, error=error)
-        page.headers.update(PAGE_HEADERS)
+        page.headers.update({**PAGE_HEADERS, **problem.headers})  # Retry-After, with a 429
         return page
 
     def routes(self) -> list[Any]:
