@@ -319,6 +319,22 @@ def test_a_payload_nested_too_deeply_is_422_not_a_defect(api: Api) -> None:
     ) == 0
 
 
+def test_every_get_route_answers_head_and_options_needs_no_admin(api: Api) -> None:
+    """HEAD was 405 on every route (/health included, which probes ask so), and the
+    framework's OPTIONS answer needed the admin role."""
+    for path in ("/health", "/ready"):
+        got, head = api.http.get(path), api.http.head(path)
+        assert head.status_code == 200, head.text
+        assert head.content == b""
+        assert head.headers["content-length"] == got.headers["content-length"]
+    assert api.call("HEAD", "/api/v1/workflows").status_code == 200
+    assert api.http.head("/api/v1/workflows").status_code == 401  # still needs a key
+    assert api.call("HEAD", "/api/v1/workflows/nobody").status_code == 404
+    options = api.call("OPTIONS", "/api/v1/workflows", role=Role.VIEWER)
+    assert options.status_code == 204, options.text
+    assert "GET" in options.headers["allow"]
+
+
 def test_health_readiness_and_the_checked_in_spec(api: Api) -> None:
     assert api.http.get("/health").json()["status"] == "ok"
     assert api.http.get("/ready").json()["status"] == "ready"

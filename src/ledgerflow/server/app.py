@@ -89,7 +89,10 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
                 f"over {settings.rate:g} requests a second: retry in {wait:.2f} s",
                 headers={"Retry-After": str(max(1, round(wait + 0.5)))},
             )
-        needed: Role = connection.route_handler.opt.get("role", Role.ADMIN)
+        # The framework's own OPTIONS answer (the methods a route takes) is no
+        # route of ours and has no role: any caller may ask it.
+        default = Role.VIEWER if connection.scope.get("method") == "OPTIONS" else Role.ADMIN
+        needed: Role = connection.route_handler.opt.get("role", default)
         if not principal.may(needed):
             raise Problem(
                 403,

@@ -47,6 +47,11 @@ class SlashSafe:
             )
             await respond(send, 400, body, MEDIA_TYPE)
             return
+        if scope["type"] == ScopeType.HTTP and scope["method"] == "HEAD":
+            # Every GET route answers HEAD too (RFC 9110 9.3.2; load balancers and
+            # uptime probes ask /health so): the same answer without its body.
+            scope = cast("Scope", {**scope, "method": "GET"})
+            send = _bodiless(send)
         if http and raw and _ENCODED_SLASH.search(raw):
             if scope["path"].startswith(_STATIC):
                 # No file's name holds a slash; and the static files' router, which
@@ -66,6 +71,15 @@ class SlashSafe:
             path_ = b"\x00".join(parts).decode("utf-8", "replace")
             scope = cast("Scope", {**scope, "path": path_})
         await self.app(scope, receive, send)
+
+
+def _bodiless(send: Send) -> Send:
+    async def sending(message: Any) -> None:
+        if message["type"] == "http.response.body":
+            message = {**message, "body": b""}
+        await send(message)
+
+    return sending
 
 
 async def respond(
