@@ -48,8 +48,31 @@ async def purchase(ctx: lf.WorkflowContext, order: str) -> str:
     return await ctx.step(create_po, order, policy="erp")
 
 
+@lf.workflow(name="leaf", version=1)
+async def leaf(ctx: lf.WorkflowContext, order: str) -> str:
+    go = await ctx.wait_for_signal("go", bool)
+    if not go:
+        raise ValueError(f"{order} refused")
+    return f"{order} done"
+
+
+@lf.workflow(name="tree", version=1)
+async def tree(ctx: lf.WorkflowContext, order: str) -> str:
+    """A parent: its child (``<id>.1``) waits for a signal ``go``."""
+    done: str = await ctx.child(leaf, order)
+    return done
+
+
+def doc_machine() -> lf.Machine:
+    m = lf.Machine("doc")
+    m.state("draft", initial=True)
+    m.state("published", terminal=True)
+    m.transition("draft", "publish", "published")
+    return m
+
+
 PARKS = lf.Policy(retry=lf.Retry(max_attempts=1), on_exhausted="park")
-WORKFLOWS = [approval, purchase]
+WORKFLOWS: list[Any] = [approval, purchase, leaf, tree, doc_machine()]
 TENANTS = ("acme", "beta", "*")
 ROLES = (Role.VIEWER, Role.OPERATOR, Role.ADMIN)
 

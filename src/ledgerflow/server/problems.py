@@ -43,6 +43,7 @@ __all__ = [
     "field_errors",
     "problem_body",
     "problem_response",
+    "read_by_caller",
     "to_problem",
 ]
 
@@ -115,6 +116,17 @@ _STATUS: tuple[tuple[type[LedgerflowError], int, str], ...] = (
     (CircuitOpenError, 503, "Circuit open"),
     (BulkheadFullError, 503, "Busy"),
 )
+
+
+_FIELD_ERRORS = (SignalInputError, UnknownWorkflowError, WorkflowInputError, UnrecordableValueError)
+
+
+def read_by_caller(exc: Exception) -> bool:
+    """Whether the caller reads ``exc``'s message (a problem's detail): not so for an
+    unexpected error, which only the server's log shows."""
+    if isinstance(exc, StoreInternalError):
+        return False
+    return isinstance(exc, _FIELD_ERRORS) or any(isinstance(exc, k) for k, _, _ in _STATUS)
 
 
 _CUT_SHORT = "Input data was truncated"

@@ -5,7 +5,9 @@ the bodies of ``schemas``. Refusals are ``Problem``s naming the field at fault."
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -13,13 +15,16 @@ from typing import Any, Literal
 import msgspec
 
 from .. import tracing
-from ..errors import WorkflowNotFoundError
+from ..errors import LedgerflowError, WorkflowNotFoundError
 from ..events import RecordedEvent
 from ..hashing import from_micros
+from ..statemachine.instance import MachineState
 from ..store.runtime import InstanceRow
 from ..tenants import tenant_prefix
 from ..workflow.client import MAX_WORKFLOW_ID_LENGTH, WorkflowClient
-from ..workflow.history import WorkflowStatus
+from ..workflow.history import ChildStarted, WorkflowStatus
+from ..workflow.journal import load_history
+from .ids import CallerIds
 from .keys import ApiKey, ApiKeys
 from .principals import Principal, Role
 from .problems import Problem, field_errors, invalid
@@ -91,10 +96,21 @@ class Service:
 
     def external(self, who: Principal, workflow_id: str | None) -> str | None:
         """The caller's id of a ledger id (None for one outside the caller's tenant)."""
-        if workflow_id is None or who.everywhere:
-            return workflow_id
-        prefix = tenant_prefix(who.tenant)
-        return workflow_id[len(prefix) :] if workflow_id.startswith(prefix) else None
+        return self.ids(who).id(workflow_id)
+
+    def ids(self, who: Principal) -> CallerIds:
+        """How the caller reads the ledger's ids (in fields, and in the engine's words)."""
+        return CallerIds(None if who.everywhere else tenant_prefix(who.tenant))
+
+    @contextlib.contextmanager
+    def _in_callers_ids(self, who: Principal) -> Iterator[None]:
+        """The engine's refusals, quoting the instance as the caller names it (it
+        quotes the ledger's id, ``acme/o-1``, which the caller cannot use)."""
+        try:
+            yield
+        except LedgerflowError as exc:
+            self.ids(who).recast(exc)
+            raise
 
     def mine(self, who: Principal, workflow_id: str) -> str:
         found = self.external(who, workflow_id)
@@ -152,25 +168,47 @@ class Service:
 
     async def describe(self, who: Principal, workflow_id: str) -> WorkflowDetail:
         internal, _ = await self._row(who, workflow_id)
-        described = await self.client.describe(internal)
+        with self._in_callers_ids(who):
+            described = await self.client.describe(internal)
+        ids = self.ids(who)
+        waiting_for, undo_failed = described.waiting_for, list(described.undo_failed)
+        if ids.prefix is not None and (
+            "child " in (waiting_for or "") or any(s.startswith("child ") for s in undo_failed)
+        ):
+            # Both name children by the ledger's ids: which words are ids is told by
+            # the instance's children, not guessed from the text.
+            children = await self._children(internal)
+            waiting_for = ids.waiting_for(waiting_for, children)
+            undo_failed = ids.undo_failed(undo_failed, children)
         return WorkflowDetail(
             id=self.mine(who, internal),
             name=described.name,
             version=described.version,
             status=described.status,
-            parent_id=self.external(who, described.parent_id),
+            parent_id=ids.id(described.parent_id),
             created_at=described.created_at,
             updated_at=described.updated_at,
             events=described.events,
-            waiting_for=described.waiting_for,
+            waiting_for=waiting_for,
             waiting_signals=[
                 SignalWaitOut(w.name, w.schema, w.deadline) for w in described.waiting_signals
             ],
             unconsumed_signals=list(described.unconsumed_signals),
             result=described.result,
-            error=described.error,
-            undo_failed=list(described.undo_failed),
+            error=ids.error(described.error),
+            undo_failed=undo_failed,
         )
+
+    async def _children(self, internal: str) -> list[str]:
+        """The ids of the children the instance started."""
+        history = await load_history(self.client.store, internal)
+        started = [
+            e.child_id
+            for events in history.commands.values()
+            for e in events
+            if isinstance(e, ChildStarted)
+        ]
+        return list(dict.fromkeys([*started, *history.children]))
 
     async def history(
         self, who: Principal, workflow_id: str, *, after: int = 0, limit: int = 100
@@ -179,13 +217,18 @@ class Service:
         events = await self.client.store.read_stream(
             self.client.stream_id(internal), from_version=after + 1, limit=limit
         )
-        items = [_event(e) for e in events]
+        ids = self.ids(who)
+        items = [_event(e, ids) for e in events]
         return HistoryPage(items, items[-1].version if len(items) == limit else None)
 
     async def query(self, who: Principal, workflow_id: str) -> QueryOut:
         internal, _ = await self._row(who, workflow_id)
-        state = await self.client.query(internal)
-        return QueryOut(self.mine(who, internal), msgspec.to_builtins(state))
+        with self._in_callers_ids(who):
+            state = await self.client.query(internal)
+        mine = self.mine(who, internal)
+        if isinstance(state, MachineState):  # the engine's; a workflow's own is the user's
+            state = msgspec.structs.replace(state, instance_id=mine)
+        return QueryOut(mine, msgspec.to_builtins(state))
 
     # -- acting -----------------------------------------------------------------------
 
@@ -220,7 +263,7 @@ class Service:
             raise invalid("header.x-correlation-id", "1-200 printable ASCII characters")
         with field_errors("body.workflow"):
             definition = self.client._definition(body.workflow)
-        with field_errors("body.input"), tracing.joined(traceparent):
+        with field_errors("body.input"), tracing.joined(traceparent), self._in_callers_ids(who):
             handle, created = await self.client._begin(
                 definition,
                 body.input,
@@ -244,7 +287,7 @@ class Service:
         if not 0 < len(signal) <= 200:
             raise invalid("path.signal", "a signal name is 1-200 characters")
         internal, _ = await self._row(who, workflow_id)
-        with field_errors("body.payload"):
+        with field_errors("body.payload"), self._in_callers_ids(who):
             await self.client.signal(
                 internal, signal, body.payload, id=body.id, actor=who.subject, reason=body.reason
             )
@@ -264,7 +307,10 @@ class Service:
         internal, _ = await self._row(who, workflow_id)
         client = self.client
         done: int | None = None
-        with field_errors("body.result" if action == "skip" else "body.reason"):
+        with (
+            field_errors("body.result" if action == "skip" else "body.reason"),
+            self._in_callers_ids(who),
+        ):
             if action == "cancel":
                 await client.cancel(internal, reason, actor=who.subject)
             elif action == "retry":
@@ -303,13 +349,13 @@ class Service:
         return _key(key)
 
 
-def _event(event: RecordedEvent) -> EventOut:
+def _event(event: RecordedEvent, ids: CallerIds) -> EventOut:
     return EventOut(
         version=event.version,
         position=event.position,
         id=str(event.id),
         type=event.type,
-        data=msgspec.to_builtins(event.data),
+        data=ids.event_data(event.data, msgspec.to_builtins(event.data)),
         metadata=msgspec.to_builtins(event.metadata),
         recorded_at=event.recorded_at,
     )
