@@ -96,6 +96,25 @@ async def test_a_workflow_started_outside_any_trace_is_rooted_at_its_first_pass(
     assert step.context.trace_id == first.context.trace_id
 
 
+async def test_a_step_after_a_wait_is_in_the_span_of_the_pass_that_went_on(
+    tmp_path: Path,
+) -> None:
+    """The same engine keeps the body while it waits and goes on from the wait in a
+    later pass (ADR 026): the step after the wait belongs to that later pass, not to
+    the pass, long over, in which the body began to wait."""
+    url = f"sqlite:///{tmp_path / 'l.db'}"
+    async with ledgerflow.Engine(url, workflows=[traced]) as engine:
+        await engine.start(traced, "o-6", id="t-6")
+        await waiting_for(engine, "t-6", "signal 'go'")
+        await engine.signal("t-6", "go")
+        assert await asyncio.wait_for(engine.handle("t-6").result(), 10) == "packed o-6"
+    first, *later = sorted(named("workflow traced"), key=lambda s: s.start_time or 0)
+    assert later
+    (step,) = named("step pack")
+    assert step.parent is not None
+    assert step.parent.span_id in {p.context.span_id for p in later}
+
+
 async def test_every_append_made_in_a_span_records_its_trace(tmp_path: Path) -> None:
     async with ledgerflow.open_store(f"sqlite:///{tmp_path / 'l.db'}") as store:
         with tracer.start_as_current_span("command") as command:

@@ -30,6 +30,7 @@ from opentelemetry.util.types import Attributes
 __all__ = [
     "SpanKind",
     "active",
+    "captured",
     "current_traceparent",
     "enable",
     "fail",
@@ -37,6 +38,7 @@ __all__ = [
     "inject",
     "joined",
     "link",
+    "rejoin",
     "rooted",
     "span",
 ]
@@ -125,6 +127,18 @@ def rooted() -> Iterator[None]:
         yield
     finally:
         context.detach(token)
+
+
+def captured() -> context.Context:
+    """The trace context active now, to ``rejoin`` from another task."""
+    return context.get_current()
+
+
+def rejoin(found: context.Context) -> None:
+    """Make ``found`` the active trace context of this task from now on: a kept
+    workflow body going on in a later pass joins that pass's span."""
+    if _on:
+        context.attach(found)
 
 
 def link(traceparent: str | None) -> Link | None:

@@ -20,6 +20,7 @@ import socket
 import time
 import uuid
 import weakref
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from datetime import timedelta
 from typing import Any, Self
@@ -69,7 +70,16 @@ from .history import (
     WorkflowStatus,
     error_message,
 )
-from .host import Abandon, EngineHost, Park, PassResult, Relinquish, ReplayHost, Restart
+from .host import (
+    Abandon,
+    EngineHost,
+    Executor,
+    Park,
+    PassResult,
+    Relinquish,
+    ReplayHost,
+    Restart,
+)
 from .journal import Journal
 from .membership import Membership
 from .step_threads import StepThreads
@@ -157,6 +167,7 @@ class Engine(WorkflowClient):
         takeover: bool = True,
         poll_interval: float = 1.0,
         cache_size: int = 10_000,
+        keep_waiting: int = 1_000,
         snapshot_every: int | None = 1_000,
         registry: EventRegistry | None = None,
         queues: Sequence[str] = (),
@@ -173,6 +184,8 @@ class Engine(WorkflowClient):
             raise ConfigurationError("Engine task_concurrency must be >= 1")
         if step_threads < 1:
             raise ConfigurationError("Engine step_threads must be >= 1")
+        if keep_waiting < 0:
+            raise ConfigurationError("Engine keep_waiting must be >= 0")
         if not policy_refresh >= 0:
             raise ConfigurationError("Engine policy_refresh must be >= 0 seconds")
         declared = {
@@ -235,6 +248,10 @@ class Engine(WorkflowClient):
             snapshot_every=snapshot_every,
             fence_of=self._fence,
         )
+        self._keep_waiting = keep_waiting
+        self._kept: OrderedDict[str, tuple[Executor, Definition]] = OrderedDict()
+        """Runs whose body waits alive, by instance (``run._Run``: resumed where they
+        wait rather than replayed), least recently kept first."""
         self._active: dict[str, asyncio.Task[None]] = {}
         self._held_slots = 0  # reserved by starts and claims in flight
         self._fences: dict[str, Fence] = {}
@@ -358,6 +375,7 @@ class Engine(WorkflowClient):
             return
         self._closing = True
         self._wake.set()
+        self._drop_kept()
         if not self._store_opened:
             # Its start failed opening the store: it holds nothing to give back,
             # and saying otherwise (as each step below would) misleads.
@@ -724,7 +742,10 @@ class Engine(WorkflowClient):
         if mismatch is not None:
             await self._get_stuck(history, mismatch)
             return False
-        run = executor(definition, self._host, history)
+        run = self._resumed(history, definition) or executor(
+            definition, self._host, history, keep=self._keep_waiting > 0
+        )
+        kept = False
         try:
             try:
                 result = await run.execute()
@@ -737,9 +758,43 @@ class Engine(WorkflowClient):
                 # run them again.
                 await self._get_stuck(history, park.error, run.unrecorded())
                 return False
-            return await self._conclude(history, result)
+            again = await self._conclude(history, result)
+            if result.kept and not history.personal and self._journal.holds(history):
+                # Its waits are recorded (or, with news that came meanwhile, the pass
+                # to run at once looks again): the next pass may go on from where it
+                # waits. Personal data is never kept (read again each pass: Journal).
+                self._keep(workflow_id, run, definition)
+                kept = True
+            return again
         finally:
+            if not kept:
+                run.drop()
             run.released()  # step threads whose results went with the pass's end
+
+    def _resumed(self, history: History, definition: Definition) -> Executor | None:
+        """The kept run of the instance, resumed for this pass, if it may go on over
+        ``history``; else None (a kept one is dropped: this pass replays)."""
+        found = self._kept.pop(history.workflow_id, None)
+        if found is None:
+            return None
+        run, ran = found
+        if ran is definition and run.resumable(history):
+            run.resume()
+            return run
+        run.drop()
+        return None
+
+    def _keep(self, workflow_id: str, run: Executor, definition: Definition) -> None:
+        run.kept()
+        self._kept[workflow_id] = (run, definition)
+        while len(self._kept) > self._keep_waiting:
+            _, (dropped, _) = self._kept.popitem(last=False)
+            dropped.drop()
+
+    def _drop_kept(self) -> None:
+        while self._kept:
+            _, (dropped, _) = self._kept.popitem()
+            dropped.drop()
 
     async def _conclude(self, history: History, result: PassResult) -> bool:
         workflow_id = history.workflow_id
@@ -829,6 +884,8 @@ class Engine(WorkflowClient):
             stream = self.stream_id(history.workflow_id)
             newer = await self.store.read_stream(stream, from_version=history.version + 1)
             if not newer or not all(history.from_outside(e.data) for e in newer):
+                # Another runner's records (or none yet): read the history afresh.
+                self._journal.forget(history.workflow_id)
                 break
             history.extend(newer)
             try:
@@ -837,7 +894,8 @@ class Engine(WorkflowClient):
                 break
             except ConcurrencyError:
                 continue
-        self._journal.forget(history.workflow_id)
+        # Otherwise what is cached is still the stream's beginning: the next pass
+        # reads the rest (and a kept run may go on over it).
         return True
 
     async def _after_end(self, history: History) -> None:

@@ -25,11 +25,20 @@ Definition = WorkflowDefinition[Any, Any] | Machine
 
 
 def executor(
-    definition: Definition, host: RunHost, history: History, *, query: bool = False
+    definition: Definition,
+    host: RunHost,
+    history: History,
+    *,
+    query: bool = False,
+    keep: bool = False,
 ) -> Executor:
+    """``keep``: a pass that waits may end with its body alive, for the host to keep
+    and resume (code-first workflows; a state machine's pass holds no body)."""
     if isinstance(definition, Machine):
         return MachineRun(host, definition, history, query=query)
-    return _Run(host, definition, history, query=query)
+    run = _Run(host, definition, history, query=query)
+    run.keep = keep and not query
+    return run
 
 
 def other_kind(definition: Definition, history: History) -> WorkflowDefinitionError | None:

@@ -10,6 +10,7 @@ outside and carry no ``seq``.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -495,6 +496,10 @@ class History:
     observer: Callable[[Any], None] | None = field(default=None, repr=False, compare=False)
     """Told of each command added (``statemachine.instance.view`` keeps a state
     machine's fold up to date with it)."""
+    signal_cursor: dict[str, int] = field(default_factory=dict, repr=False, compare=False)
+    """By signal name: the index in ``signals`` before which none of that name is
+    left untaken (taken signals stay taken), so a mailbox's next signal is not
+    looked for from its first one every time."""
     traceparent: str | None = None
     """The trace of the call that started it (``ledgerflow.tracing``)."""
     correlation_id: str | None = None
@@ -729,16 +734,30 @@ class History:
 
     def next_signal(self, name: str, skip: Collection[int] = ()) -> tuple[int, SignalSent] | None:
         """The first signal ``name`` not taken (nor in ``skip``: being taken)."""
-        for version, signal in self.signals:
-            if signal.name == name and version not in self.taken and version not in skip:
+        signals, taken = self.signals, self.taken
+        first_open: int | None = None
+        for index in range(self.signal_cursor.get(name, 0), len(signals)):
+            version, signal = signals[index]
+            if signal.name != name or version in taken:
+                continue
+            if first_open is None:
+                first_open = index
+            if version not in skip:
+                self.signal_cursor[name] = first_open
                 return version, signal
+        self.signal_cursor[name] = len(signals) if first_open is None else first_open
         return None
 
     def signal_at(self, version: int) -> SignalSent:
-        for v, signal in self.signals:
-            if v == version:
-                return signal
+        signals = self.signals
+        index = bisect.bisect_left(signals, version, key=_version_of)  # in stream order
+        if index < len(signals) and signals[index][0] == version:
+            return signals[index][1]
         raise KeyError(version)
+
+
+def _version_of(entry: tuple[int, SignalSent]) -> int:
+    return entry[0]
 
 
 _TASK_OUTCOMES = (

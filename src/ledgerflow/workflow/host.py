@@ -192,6 +192,24 @@ class Executor(Protocol):
         they never run again."""
         ...
 
+    def kept(self) -> None:
+        """The host recorded the waits of a pass that ended ``PassResult.kept`` and
+        keeps the run for the next pass."""
+        ...
+
+    def resumable(self, history: History) -> bool:
+        """Whether a kept run may go on over ``history`` (the instance's history
+        now) rather than a new pass replay it."""
+        ...
+
+    def resume(self) -> None:
+        """Make a kept run, ``resumable``, the next pass: its waits look again."""
+        ...
+
+    def drop(self) -> None:
+        """End a run the host does not keep (or no longer): nothing more recorded."""
+        ...
+
 
 @dataclass
 class PassResult:
@@ -201,6 +219,10 @@ class PassResult:
     finished: Finished | None = None
     exposed: Any = None
     buffered: list[Any] = field(default_factory=list)
+    kept: bool = False
+    """Suspended with its body alive (``run._Run`` kept): once the suspension is
+    recorded, the host may resume the same run for the next pass instead of
+    replaying the history (``Engine``'s kept runs)."""
 
 
 class ReplayHost:

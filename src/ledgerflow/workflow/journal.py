@@ -102,6 +102,11 @@ class Journal:
             evicted, _ = self._cache.popitem(last=False)
             self._fresh.discard(evicted)
 
+    def holds(self, history: History) -> bool:
+        """Whether ``history`` is the one the next pass over its instance starts
+        from (cached, not forgotten or replaced)."""
+        return self._cache.get(history.workflow_id) is history
+
     def forget(self, workflow_id: str) -> None:
         """Drop the cached history: the next pass reads what is stored."""
         self._cache.pop(workflow_id, None)

@@ -7,8 +7,8 @@ parks the instance with a ``NonDeterminismError``). At the first command without
 outcome the pass acts for real: it runs the step, records the timer, takes the
 signal... and makes the outcome durable before the code sees it. A command that must
 wait (a timer not yet due, a signal not yet sent, a running child) ends the pass with
-``Suspend``: the coroutine is dropped and the instance costs nothing but rows until it
-is due again.
+``Suspend``: the instance costs nothing but rows until it is due again, and the body
+is dropped, or kept by the engine to go on from its wait (``_Run``, ADR 026).
 
 How a pass can end, and who decides:
 
@@ -42,7 +42,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-from .. import metrics
+from .. import metrics, tracing
 from ..errors import (
     BulkheadFullError,
     CircuitOpenError,
@@ -92,7 +92,7 @@ from .rules import (
 from .saga import Compensation, Saga
 from .steps import DEFAULT_STEP_RETRY, Attempts, nothing
 from .tasks import task_payload
-from .waits import Waits
+from .waits import _END, _RELOOK, Waits, _Relook
 
 if TYPE_CHECKING:
     from ..resilience.book import PolicyVersion
@@ -151,9 +151,16 @@ class _Pass(Waits, Saga):
         self.waits: list[Suspend] = []
         """What the body's waiting commands wait for (timers, signals, children...),
         in the order they began to: the pass ends with all of them."""
-        self.parked: asyncio.Future[None] | None = None
+        self.parked: asyncio.Future[object] | None = None
         """Done once the body can go no further: every waiting command then raises
-        its ``Suspend`` (see ``_hold``)."""
+        its ``Suspend`` (see ``_hold``), or, in a kept run resumed, looks again."""
+        self.trace_context: Any = None
+        """A resumed kept run's pass: the trace context its held commands rejoin."""
+        self.reuse_seq: int | None = None
+        """The seq the next command takes instead of a new one: a held command of a
+        kept run looking again (``_relooking``)."""
+        self.still: asyncio.Future[None] | None = None
+        """Kept runs only: done once the body can go no further this pass."""
         self.quiet_rounds = 0
         self.quiet_mark: tuple[int, int, int] | None = None
         self.quiet_check: asyncio.Handle | None = None
@@ -182,7 +189,7 @@ class _Pass(Waits, Saga):
         """Let every command the body started settle; the body takes no new ones."""
         self.ended = True
         if self.parked is not None and not self.parked.done():
-            self.parked.set_result(None)  # held branches end (the body is over)
+            self.parked.set_result(_END)  # held branches end (the body is over)
         await self.acting.none_left()
         if self.fault is not None:
             raise self.fault
@@ -200,6 +207,26 @@ class _Pass(Waits, Saga):
 
     def unrecorded(self) -> list[Any]:
         return self._take_buffer()
+
+    def relooked(self, seq: int) -> None:
+        """A held command of a resumed kept run looks again: at ``seq``, in the
+        trace of the pass that resumed it (not the one it waited in)."""
+        self.reuse_seq = seq
+        if self.trace_context is not None:
+            tracing.rejoin(self.trace_context)
+
+    # Kept runs (``_Run``): a pass of another kind is never kept.
+    def kept(self) -> None:
+        pass
+
+    def resumable(self, history: History) -> bool:
+        return False
+
+    def resume(self) -> None:
+        raise AssertionError("only a kept run is resumed")
+
+    def drop(self) -> None:
+        pass
 
     def released(self) -> None:
         """The pass is over: the host appended (or gave up on) what it was handed,
@@ -248,7 +275,8 @@ class _Pass(Waits, Saga):
             parked = self.parked = asyncio.get_running_loop().create_future()
             self.acting.on_idle = self._look_for_quiet
         self._look_for_quiet()
-        await parked
+        if await parked is _RELOOK:
+            raise _Relook()
         raise suspend
 
     def _look_for_quiet(self) -> None:
@@ -271,7 +299,13 @@ class _Pass(Waits, Saga):
         else:
             self.quiet_rounds += 1
         if self.quiet_rounds >= _QUIET_ROUNDS:
-            parked.set_result(None)
+            if self.still is not None:
+                # A kept run: the pass ends here with the body alive, every branch
+                # still held (``_Run.execute``).
+                if not self.still.done():
+                    self.still.set_result(None)
+                return
+            parked.set_result(_END)
             return
         self.quiet_check = asyncio.get_running_loop().call_soon(self._check_quiet)
 
@@ -382,21 +416,25 @@ class _Pass(Waits, Saga):
             raise self.fault
         if self.ended and not own:
             raise BodyEnded()
-        self.seq += 1
-        recorded = self.history.recorded(self.seq)
+        if self.reuse_seq is not None:
+            seq, self.reuse_seq = self.reuse_seq, None  # a held command looking again
+        else:
+            self.seq += 1
+            seq = self.seq
+        recorded = self.history.recorded(seq)
         if recorded is not None and (recorded[0].kind != kind or recorded[0].name != name):
             raise self._raise(
                 Park(
                     NonDeterminismError(
                         self.history.workflow_id,
-                        self.seq,
+                        seq,
                         f"{recorded[0].kind} {recorded[0].name!r}",
                         f"{kind} {name!r}",
                         self.caller(),
                     )
                 )
             )
-        return self.seq, recorded
+        return seq, recorded
 
     def _cancelling(self) -> bool:
         """Whether a cancellation would end the body at its next command."""
@@ -502,62 +540,77 @@ class _Pass(Waits, Saga):
         queue: str | None = None,
         policy: str | None = None,
     ) -> Any:
-        seq, recorded = self._command("step", name)
-        wanted = return_type(fn)
-        # A step's end, if recorded, is its last event (after any failed attempts).
-        outcome = recorded[-1] if recorded else None
-        if isinstance(outcome, StepFailed):
-            raise StepFailedError(name, outcome.error_type, outcome.message)
-        if isinstance(outcome, StepDone):
-            try:  # every replayed step passes here: no message made unless needed
-                value = from_builtins(outcome.result, wanted)
-            except CodecError:
-                value = self._decode(outcome.result, wanted, _result_of(name, seq))
-        elif isinstance(outcome, StepParked):
-            # Waiting for an operator (retry, skip, give up); a cancellation still
-            # gets through.
-            self._live()
-            await self._hold(Suspend([], None))
-        elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
-            # Sent to a task queue (now, or by an earlier pass: the record decides,
-            # whatever the code says today): a worker of the queue runs it.
-            value = await self._remote_step(
-                seq, name, fn, args, retry, timeout, queue, recorded, policy
-            )
-            compensate_queue = step_options(compensate).queue if compensate else None
-            if compensate is not None:
-                self.compensations.append(
-                    Compensation(
-                        seq, name, compensate, args, value, compensate_queue or _queue_of(recorded)
-                    )
-                )
-            return value
-        else:
-            doubt = self.in_doubt(recorded)
-            if not doubt:
-                self._live()
+        while True:
+            seq, recorded = self._command("step", name)
             try:
-                with self.acting:
-                    value = await self._run_step(
-                        seq, name, fn, args, retry, timeout, recorded, policy, doubt=doubt
-                    )
-                    try:
-                        value = from_builtins(value, wanted)
+                wanted = return_type(fn)
+                # A step's end, if recorded, is its last event (after any failed attempts).
+                outcome = recorded[-1] if recorded else None
+                if isinstance(outcome, StepFailed):
+                    raise StepFailedError(name, outcome.error_type, outcome.message)
+                if isinstance(outcome, StepDone):
+                    try:  # every replayed step passes here: no message made unless needed
+                        value = from_builtins(outcome.result, wanted)
                     except CodecError:
-                        value = self._decode(value, wanted, _result_of(name, seq))
-                    # Registered before the command settles: a pass that fails
-                    # meanwhile waits for it, so a completed step's compensation is
-                    # never lost.
+                        value = self._decode(outcome.result, wanted, _result_of(name, seq))
+                elif isinstance(outcome, StepParked):
+                    # Waiting for an operator (retry, skip, give up); a cancellation still
+                    # gets through.
+                    self._live()
+                    await self._hold(Suspend([], None))
+                elif queue is not None or (recorded and isinstance(recorded[0], StepScheduled)):
+                    # Sent to a task queue (now, or by an earlier pass: the record decides,
+                    # whatever the code says today): a worker of the queue runs it.
+                    value = await self._remote_step(
+                        seq, name, fn, args, retry, timeout, queue, recorded, policy
+                    )
+                    compensate_queue = step_options(compensate).queue if compensate else None
                     if compensate is not None:
-                        self.compensations.append(Compensation(seq, name, compensate, args, value))
-            except Suspend as waits:  # a durable backoff, a token wait, parked
-                await self._hold(waits)
-            return value
-        if compensate is not None:
-            own = step_options(compensate).queue
-            queue_of = own or (_queue_of(recorded) if recorded else None)
-            self.compensations.append(Compensation(seq, name, compensate, args, value, queue_of))
-        return value
+                        self.compensations.append(
+                            Compensation(
+                                seq,
+                                name,
+                                compensate,
+                                args,
+                                value,
+                                compensate_queue or _queue_of(recorded),
+                            )
+                        )
+                    return value
+                else:
+                    doubt = self.in_doubt(recorded)
+                    if not doubt:
+                        self._live()
+                    try:
+                        with self.acting:
+                            value = await self._run_step(
+                                seq, name, fn, args, retry, timeout, recorded, policy, doubt=doubt
+                            )
+                            try:
+                                value = from_builtins(value, wanted)
+                            except CodecError:
+                                value = self._decode(value, wanted, _result_of(name, seq))
+                            # Registered before the command settles: a pass that fails
+                            # meanwhile waits for it, so a completed step's compensation is
+                            # never lost.
+                            if compensate is not None:
+                                self.compensations.append(
+                                    Compensation(seq, name, compensate, args, value)
+                                )
+                    except Suspend as waits:  # a durable backoff, a token wait, parked
+                        await self._hold(waits)
+                    return value
+                if compensate is not None:
+                    own = step_options(compensate).queue
+                    queue_of = own or (_queue_of(recorded) if recorded else None)
+                    self.compensations.append(
+                        Compensation(seq, name, compensate, args, value, queue_of)
+                    )
+                return value
+            except _Relook:
+                # Held, in a kept run resumed: look again at this step, at its seq
+                # (the try costs nothing until it catches; a wrapper, every step).
+                self.relooked(seq)
 
     async def _remote_step(
         self,
@@ -960,7 +1013,18 @@ class _Pass(Waits, Saga):
 
 
 class _Run(_Pass):
-    """One pass of a code-first workflow; see the module docstring."""
+    """One pass of a code-first workflow; see the module docstring.
+
+    A run the host keeps (``keep``) may outlive a pass that waits: when the body can
+    go no further, the pass ends with every branch still held and the body alive.
+    The host records the waits, and if nothing but news (signals, a cancel, a
+    child's end) is recorded before the instance is due again, it ``resume``s the
+    same run instead of replaying the history from the top: each held command looks
+    again, as a replay reaching it would. A workflow that loops through waits (a
+    mailbox of signals, a poller) then costs the same per wake however long its
+    history; replayed, each wake cost the whole history. Otherwise it ``drop``s the
+    run, and the next pass replays as ever.
+    """
 
     def __init__(
         self,
@@ -972,12 +1036,85 @@ class _Run(_Pass):
     ) -> None:
         super().__init__(host, history, query=query)
         self.definition = definition
+        self.keep = False
+        """The body may outlive a pass that waits (set by the host, before execute)."""
+        self.body: asyncio.Future[PassResult] | None = None
+        self.kept_command: int | None = None
+        """``history.command_version`` when the run was kept: another runner's
+        commands since make it stale."""
 
     def body_location(self) -> str | None:
         code = getattr(self.definition.fn, "__code__", None)
         return None if code is None else f"{code.co_filename}:{code.co_firstlineno}"
 
     async def execute(self) -> PassResult:
+        if not self.keep:
+            return await self._body()
+        if self.body is None:
+            self.still = asyncio.get_running_loop().create_future()
+            self.body = asyncio.ensure_future(self._body())
+        body, still = self.body, self.still
+        assert still is not None
+        try:
+            await asyncio.wait((body, still), return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            # The host's task cancelled (it closes past its grace): the body is
+            # cancelled with it, as when it ran in that task, and ends first.
+            self.drop()
+            body.cancel()
+            await asyncio.wait((body,))
+            raise
+        if body.done():
+            return body.result()
+        return PassResult(
+            suspend=self._suspended(self.waits[0]),
+            exposed=self.exposed,
+            buffered=self._take_buffer(),
+            kept=True,
+        )
+
+    def kept(self) -> None:
+        self.kept_command = self.history.command_version
+
+    def resumable(self, history: History) -> bool:
+        """Whether the kept body may go on over ``history`` (the instance's history
+        now): the same history, grown only by news since it was kept."""
+        body = self.body
+        return (
+            body is not None
+            and not body.done()
+            and history is self.history
+            and history.command_version == self.kept_command
+            and history.finished is None
+            and history.stuck is None
+        )
+
+    def resume(self) -> None:
+        """Another pass over the kept body: its held commands look again."""
+        parked = self.parked
+        assert parked is not None
+        self.waits, self.waits_seen, self.taking = [], [], set()
+        self.news = 0
+        self.parked = None
+        self.quiet_rounds, self.quiet_mark = 0, None
+        self.appended = False
+        self.cancel_told = False
+        self.still = asyncio.get_running_loop().create_future()
+        self.trace_context = tracing.captured()
+        parked.set_result(_RELOOK)
+
+    def drop(self) -> None:
+        """The kept body is not resumed: it ends as a pass's body ends (each held
+        command raises its ``Suspend``), recording nothing."""
+        self.ended = True
+        parked = self.parked
+        if parked is not None and not parked.done():
+            parked.set_result(_END)
+        body = self.body
+        if body is not None:
+            body.add_done_callback(_retrieved)
+
+    async def _body(self) -> PassResult:
         ctx = WorkflowContext(self)
         failure: tuple[str, str] | None = None
         cancelled = False
@@ -1028,6 +1165,12 @@ class _Run(_Pass):
         except Suspend as suspend:  # a compensation runs on a task queue: wait for it
             await self._settle()
             return PassResult(suspend=suspend, exposed=self.exposed, buffered=self._take_buffer())
+
+
+def _retrieved(body: asyncio.Future[PassResult]) -> None:
+    """A dropped body's end: nobody acts on it (its pass was over)."""
+    if not body.cancelled():
+        body.exception()
 
 
 _EVENT_OVERHEAD_BOUND = 8192

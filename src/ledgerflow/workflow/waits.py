@@ -5,12 +5,13 @@ readable."""
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import datetime
-from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, Concatenate, NoReturn, ParamSpec, TypeVar
 
 from .. import tracing
 from ..errors import ChildWorkflowError
@@ -70,6 +71,41 @@ def due_after(now_us: int, seconds: float, what: str) -> int:
 T = TypeVar("T")
 
 
+_END: object = object()
+"""``parked``'s value when held branches must end: each raises its ``Suspend``."""
+_RELOOK: object = object()
+"""``parked``'s value when a kept run is resumed: each held command looks again."""
+
+
+class _Relook(BaseException):
+    """A held command of a resumed kept run: run the command again, at its seq."""
+
+
+P = ParamSpec("P")
+S = TypeVar("S", bound="Waits")
+
+
+def relooking(
+    command: Callable[Concatenate[S, P], Coroutine[Any, Any, T]],
+) -> Callable[Concatenate[S, P], Coroutine[Any, Any, T]]:
+    """A command of the body that may wait: in a kept run resumed for another pass,
+    its held wait looks again (``_Relook``), as a replay reaching that command would,
+    with the history as it is now: the same seq, what it recorded since (the
+    timer's start, the wait's schema) and the news (the signal, the child's end)."""
+
+    @functools.wraps(command)
+    async def again(run: S, /, *args: P.args, **kwargs: P.kwargs) -> T:
+        # The command takes its seq first thing, before it awaits anything.
+        seq = run.seq + 1 if run.reuse_seq is None else run.reuse_seq
+        while True:
+            try:
+                return await command(run, *args, **kwargs)
+            except _Relook:
+                run.relooked(seq)
+
+    return again
+
+
 class Waits:
     """Timers, signals, children and the clock of one pass; mixed into ``run._Pass``."""
 
@@ -83,8 +119,11 @@ class Waits:
     fault: BaseException | None
     retyped_waits: list[tuple[int, str, str | None]]
     taking: set[int]
+    reuse_seq: int | None
 
     if TYPE_CHECKING:
+
+        def relooked(self, seq: int) -> None: ...
 
         def caller(self) -> str | None: ...
 
@@ -106,6 +145,7 @@ class Waits:
 
         async def _hold(self, suspend: Suspend) -> NoReturn: ...
 
+    @relooking
     async def timer(self, fire_at: Callable[[int], int]) -> None:
         seq, recorded = self._command("timer", "sleep")
         if recorded and any(isinstance(e, TimerFired) for e in recorded):
@@ -133,6 +173,7 @@ class Waits:
             return
         await self._hold(Suspend(started, due))
 
+    @relooking
     async def signal(self, name: str, type_: Any, timeout: float | None) -> Any:
         seq, recorded = self._command("signal", name)
         for event in recorded or ():
@@ -210,6 +251,7 @@ class Waits:
                 return None
         return await self._hold(Suspend(new, deadline))
 
+    @relooking
     async def child(
         self, workflow: WorkflowDefinition[Any, Any], given: Any, child_id: str | None
     ) -> Any:
