@@ -108,7 +108,7 @@ async def test_a_step_after_a_wait_is_in_the_span_of_the_pass_that_went_on(
         await waiting_for(engine, "t-6", "signal 'go'")
         await engine.signal("t-6", "go")
         assert await asyncio.wait_for(engine.handle("t-6").result(), 10) == "packed o-6"
-    first, *later = sorted(named("workflow traced"), key=lambda s: s.start_time or 0)
+    _first, *later = sorted(named("workflow traced"), key=lambda s: s.start_time or 0)
     assert later
     (step,) = named("step pack")
     assert step.parent is not None
