@@ -760,6 +760,27 @@ def test_a_relay_name_too_long_is_refused_before_anything_starts(tmp_path: Any) 
     assert "--name" not in result.stderr
 
 
+def test_a_relay_on_a_mistyped_url_creates_no_ledger(tmp_path: Any) -> None:
+    """It made an empty ledger there and ran on, publishing nothing, where every other
+    command said `no ledger at ...` and exited 2."""
+    import subprocess
+
+    from ._workers import CLI, child_env
+
+    target = tmp_path / "typo.db"
+    result = subprocess.run(
+        [*CLI, "relay", "--db", f"sqlite:///{target}", "--nats", "nats://x:1"],
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=WAIT,
+    )
+    assert result.returncode == 2, result.stderr
+    assert "no ledger at" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not target.exists()
+
+
 async def test_no_route_publishes_the_servers_api_keys(tmp_path: Any) -> None:
     from ledgerflow.bus.relay import PRIVATE_STREAMS
     from ledgerflow.server.keys import KEY_STREAM, ApiKeys

@@ -1503,7 +1503,7 @@ def relay_command(
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, stop.set)
         try:
-            async with open_store(db) as store:
+            async with open_store(db, create=False) as store:
                 relay = Relay(store, bus, [route], name=name)
                 # The relay starts before the broker answers: its row (and so its lag,
                 # in `projections list` and the metrics) is there while the broker is
