@@ -1428,6 +1428,54 @@ async def test_a_step_its_lost_pass_may_have_run_is_compensated_on_cancel(
     assert doubt_log == ["seat", "room", "room", "undo room", "undo seat"]
 
 
+@ledgerflow.workflow(name="doubt_first", version=1)
+async def doubt_first(ctx: WorkflowContext, trip: str) -> str:
+    room = await ctx.step(hold_room, trip, compensate=release_room)
+    await ctx.step(pay, trip)
+    return room
+
+
+async def test_a_first_step_its_lost_pass_may_have_run_is_compensated_on_cancel(
+    engine: EngineFactory,
+) -> None:
+    """The same for the instance's first step: no command recorded before the cancel
+    said a pass had gone into it, so it was taken for one never started. The instance
+    ended ``cancelled`` with the room held, never released. An earlier lease on the
+    instance now says a pass may have run it."""
+    doubt_log.clear()
+    hotel_gate[:] = [asyncio.Event()]
+    room_held[:] = [asyncio.Event()]
+    async with engine(doubt_first) as first:
+        await first.start(doubt_first, "t11", id="doubt-first")
+        async with asyncio.timeout(WAIT):
+            await room_held[0].wait()
+        await first.cancel("doubt-first", "plans changed")
+    hotel_gate[0].set()
+    async with engine(doubt_first) as second:
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(second, "doubt-first", second._wake.set)
+        assert (await second.describe("doubt-first")).status == "compensated"
+    assert doubt_log == ["room", "room", "undo room"]
+
+
+async def test_an_instance_cancelled_before_any_engine_took_it_runs_no_step(
+    engine: EngineFactory,
+) -> None:
+    doubt_log.clear()
+    hotel_gate[:] = [asyncio.Event()]
+    hotel_gate[0].set()
+    room_held[:] = [asyncio.Event()]
+    async with engine() as idle:  # runs nothing: the start waits for an engine
+        client = ledgerflow.WorkflowClient(idle.store, workflows=[doubt_first])
+        await client.start(doubt_first, "t12", id="never-ran")
+        await client.cancel("never-ran", "changed my mind")
+    async with engine(doubt_first) as e:
+        with pytest.raises(ledgerflow.WorkflowFailedError):
+            await outcome(e, "never-ran", e._wake.set)
+        assert (await e.describe("never-ran")).status == "cancelled"
+    assert doubt_log == []
+
+
 async def test_a_cancel_seen_before_a_step_still_keeps_it_from_starting(
     engine: EngineFactory,
 ) -> None:

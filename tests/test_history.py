@@ -162,6 +162,9 @@ class ReplayHost:
     async def withdraw_task(self, task_id: str) -> bool:
         raise AssertionError("not in these tests")
 
+    def claimed_before(self, workflow_id: str) -> bool:
+        return False
+
     async def policy(self, name: str) -> Any:
         raise AssertionError("not in these tests")
 

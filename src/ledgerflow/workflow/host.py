@@ -151,6 +151,12 @@ class RunHost(Protocol):
         and its outcome will come."""
         ...
 
+    def claimed_before(self, workflow_id: str) -> bool:
+        """Whether the instance was leased before the lease this pass runs under
+        (its epoch is past the first): a pass before this one may have run, and may
+        have been lost mid-step."""
+        ...
+
     async def policy(self, name: str) -> PolicyVersion:
         """The version in force of a named policy (``PolicyNotFoundError``)."""
         ...
@@ -268,6 +274,9 @@ class ReplayHost:
     async def withdraw_task(self, task_id: str) -> bool:
         return True  # a replaying pass changes nothing: it stops where the record does
 
+    def claimed_before(self, workflow_id: str) -> bool:
+        return False
+
     async def policy(self, name: str) -> PolicyVersion:
         raise AssertionError("a replaying pass never acts")
 
@@ -317,6 +326,10 @@ class EngineHost:
             runtime=runtime,
             fence=engine._fence(history.workflow_id),
         )
+
+    def claimed_before(self, workflow_id: str) -> bool:
+        fence = self._engine._fence(workflow_id)
+        return fence is not None and fence.epoch > 1
 
     async def read_after(self, history: History) -> list[RecordedEvent]:
         stream = self._engine.stream_id(history.workflow_id)

@@ -462,8 +462,16 @@ class _Pass(Waits, Saga):
             and not self.buffer
             and not self.cancel_told
             and self._cancelling()
-            and self.history.cancelled_after_last_command()
+            and (self.history.cancelled_after_last_command() or self._first_in_doubt())
         )
+
+    def _first_in_doubt(self) -> bool:
+        """The first command, with no command recorded before the cancel to say a
+        pass went on into it: an earlier lease on the instance says a pass may have
+        (lost with its engine mid-step: the effect of a first step stood, never
+        compensated, and the instance ended ``cancelled``). An instance cancelled
+        before any engine took it runs no step."""
+        return not self.history.commands and self.host.claimed_before(self.history.workflow_id)
 
     def _live(self) -> None:
         """About to act on a command without a recorded outcome."""
