@@ -10,6 +10,7 @@ fails at open with ``StoreReadOnlyError`` instead of at the first append.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import importlib.metadata
 import sqlite3
 import uuid
@@ -408,6 +409,45 @@ async def test_postgres_read_only_sessions_are_refused_at_open(pg_schema: str) -
             await reader.check_ready()
     async with ledgerflow.open_store(pg_url(pg_schema), create=False) as writer:
         await writer.check_ready()
+
+
+@pytest.mark.postgres
+async def test_postgres_readiness_follows_the_database_back_to_writable(pg_schema: str) -> None:
+    """Made read-only and then writable again, the database took writes at once, but
+    the readiness check kept saying read-only: it asked pooled sessions opened while
+    it was read-only, which keep the setting they started with (for an hour)."""
+    role = f"lf_flip_{uuid.uuid4().hex[:12]}"
+    _pg(f"CREATE ROLE {role} LOGIN")
+    try:
+        async with ledgerflow.open_store(pg_url(pg_schema)) as store:
+            await store.append("s", [NewEvent("E", {})])
+        _pg(f"GRANT ALL ON SCHEMA {pg_schema} TO {role}")
+        _pg(f"GRANT ALL ON ALL TABLES IN SCHEMA {pg_schema} TO {role}")
+        _pg(f"GRANT ALL ON ALL SEQUENCES IN SCHEMA {pg_schema} TO {role}")
+        info = psycopg.conninfo.conninfo_to_dict(PG_URL.split("?", 1)[0])
+        host, port, db = info.get("host"), info.get("port") or 5432, info.get("dbname")
+        url = f"postgresql://{role}@{host}:{port}/{db}?schema={pg_schema}"
+        async with ledgerflow.open_store(url, create=False) as store:
+            await store.check_ready()
+            _pg(f"ALTER ROLE {role} SET default_transaction_read_only = on")
+            # Its sessions end (a restart, a fail-over): the pool's new ones are
+            # read-only.
+            _pg("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", role)
+            for _ in range(3):
+                with pytest.raises(StoreReadOnlyError):
+                    await store.check_ready()
+            _pg(f"ALTER ROLE {role} RESET default_transaction_read_only")
+            for _ in range(5):  # a pooled session or two of the read-only time, at most
+                with contextlib.suppress(StoreReadOnlyError):
+                    await store.check_ready()
+                    break
+            else:
+                raise AssertionError("still not ready once the database took writes")
+            await store.check_ready()
+    finally:
+        _pg("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", role)
+        _pg(f"DROP OWNED BY {role}")
+        _pg(f"DROP ROLE {role}")
 
 
 @pytest.fixture

@@ -9,6 +9,7 @@ holds ``acme/ord-1``; a ``/`` inside an id travels as ``%2F``.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Annotated, Any, Literal
 
 from litestar import Request, Response, Router, get, post
@@ -20,6 +21,7 @@ from litestar.params import FromPath, FromQuery, JSONBody, QueryParameter
 
 from .. import tracing
 from .._version import running_version
+from ..errors import StoreError, StoreReadOnlyError
 from .principals import Principal, Role
 from .problems import Problem
 from .schemas import (
@@ -43,6 +45,8 @@ from .schemas import (
     WorkflowPage,
 )
 from .service import Service, parse_moment
+
+log = logging.getLogger("ledgerflow.server")
 
 __all__ = ["api_router", "health_routes"]
 
@@ -328,7 +332,23 @@ def health_routes(service: Service) -> list[Any]:
                 "the store did not answer within 2 s",
                 headers={"Retry-After": "1"},
             )
-        asked.result()  # a store error answers as any route's does
+        try:
+            asked.result()
+        except StoreReadOnlyError as exc:
+            # Anyone may ask: the detail names no server, user or database (the log
+            # does, for the operator).
+            log.warning("not ready: %s", exc)
+            raise Problem(
+                503,
+                "Store read-only",
+                "the store takes no writes (a standby, or read-only sessions)",
+                headers={"Retry-After": "5"},
+            ) from None
+        except StoreError as exc:
+            log.warning("not ready: %s", exc)
+            raise Problem(
+                503, "Store unavailable", "the store did not answer", headers={"Retry-After": "1"}
+            ) from None
         return Health("ready", running_version())
 
     return [health, ready]

@@ -244,8 +244,22 @@ class PostgresEventStore(
         # it) or read-only (default_transaction_read_only set since): every write
         # would fail, so the store is not ready, though it answers.
         self._check_open()
-        (row,) = await self._fetch("check the store is writable", _WRITABLE, ())
-        self._refuse_read_only(*row)
+
+        async def look(conn: Connection) -> tuple[bool, bool]:
+            cur = await conn.execute(_WRITABLE)
+            row = await cur.fetchone()
+            assert row is not None
+            standby, read_only = bool(row[0]), bool(row[1])
+            if read_only:
+                # A session takes the database's (or role's) default when it
+                # connects and keeps it: a pooled connection opened while the
+                # database was read-only said so for as long as it lived (an hour),
+                # after the database took writes again. Closed, the pool replaces it,
+                # and the next look is a fresh session's.
+                await conn.close()
+            return standby, read_only
+
+        self._refuse_read_only(*await self._pooled("check the store is writable", look))
 
     def _refuse_read_only(self, standby: bool, read_only: bool) -> None:
         if standby:
