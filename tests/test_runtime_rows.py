@@ -121,6 +121,21 @@ async def test_put_instance_inserts_then_updates_keeping_created_at(
     assert await store.get_instance("wf-2") is None
 
 
+async def test_get_instances_reads_many_rows_at_once(store: BaseEventStore) -> None:
+    """One read for many instances (a client polling thousands of results), in
+    statements of at most 500 ids; missing ids are left out, repeated ones once."""
+    await write(
+        store, *(PutInstance(instance(f"wf-{i}", "running", created=i)) for i in range(1200))
+    )
+    wanted = [f"wf-{i}" for i in range(0, 1300, 2)] + ["wf-0", "nobody", "wf-\u00e9"]
+    found = await store.get_instances(wanted)
+    assert sorted(r.workflow_id for r in found) == sorted(f"wf-{i}" for i in range(0, 1200, 2))
+    assert {r.workflow_id: r for r in found}["wf-4"] == instance("wf-4", "running", created=4)
+    assert await store.get_instances([]) == []
+    with pytest.raises(ledgerflow.InvalidEventDataError):
+        await store.get_instances([1])  # type: ignore[list-item]
+
+
 async def test_instance_row_values_round_trip(store: BaseEventStore) -> None:
     row = InstanceRow("wf-é\u2028🙂", "naïve name", 2**31 - 1, "st", "p-🙂", 2**62, -(2**62))
     await write(store, PutInstance(row))

@@ -172,6 +172,10 @@ class PostgresRuntime(abc.ABC):
         rows = await self._fetch("read an instance", self._sql.get_instance, (workflow_id,))
         return InstanceRow(*rows[0]) if rows else None
 
+    async def _get_instances(self, workflow_ids: list[str]) -> list[InstanceRow]:
+        rows = await self._fetch("read instances", self._sql.get_instances, (workflow_ids,))
+        return [InstanceRow(*r) for r in rows]
+
     async def _list_instances(
         self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]:

@@ -451,6 +451,9 @@ class Sql:
             f"FROM {s}.wakeups WHERE workflow_id = %s"
         )
         self.get_instance = f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE workflow_id = %s"
+        self.get_instances = (
+            f"SELECT {_INSTANCE_COLUMNS} FROM {s}.workflows WHERE workflow_id = ANY(%s::text[])"
+        )
         # -- the registry of workers
         self.register_worker = (
             f"INSERT INTO {s}.workers ({_WORKER_COLUMNS}) "

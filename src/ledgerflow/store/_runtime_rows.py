@@ -24,6 +24,9 @@ from .runtime import InstanceQuery, InstanceRow, Lease, WakeupRow, WorkerRow
 
 __all__ = ["RuntimeRows"]
 
+_IDS_PER_READ = 500
+"""Ids one read of ``get_instances`` asks for (SQLite takes 32,766 parameters)."""
+
 
 class RuntimeRows(abc.ABC):
     """Mixed into ``BaseEventStore``; see ``ports.WorkflowStore`` for the contract."""
@@ -103,6 +106,17 @@ class RuntimeRows(abc.ABC):
     async def get_instance(self, workflow_id: str) -> InstanceRow | None:
         self._check_open()
         return await self._get_instance(workflow_id)
+
+    async def get_instances(self, workflow_ids: Sequence[str]) -> list[InstanceRow]:
+        """The rows of those of ``workflow_ids`` that exist, in no set order."""
+        self._check_open()
+        wanted = list(dict.fromkeys(workflow_ids))
+        if not all(isinstance(w, str) for w in wanted):
+            raise _invalid(f"workflow_ids must be strings, not {workflow_ids!r:.80}")
+        found: list[InstanceRow] = []
+        for start in range(0, len(wanted), _IDS_PER_READ):
+            found += await self._get_instances(wanted[start : start + _IDS_PER_READ])
+        return found
 
     async def list_instances(
         self,
@@ -201,6 +215,9 @@ class RuntimeRows(abc.ABC):
 
     @abc.abstractmethod
     async def _get_instance(self, workflow_id: str) -> InstanceRow | None: ...
+
+    @abc.abstractmethod
+    async def _get_instances(self, workflow_ids: list[str]) -> list[InstanceRow]: ...
 
     @abc.abstractmethod
     async def _list_instances(

@@ -227,6 +227,14 @@ class SQLiteRuntime(abc.ABC):
         )
         return InstanceRow(*rows[0]) if rows else None
 
+    async def _get_instances(self, workflow_ids: list[str]) -> list[InstanceRow]:
+        marks = ",".join("?" * len(workflow_ids))
+        rows = await self._read(
+            f"SELECT {_INSTANCE_COLUMNS} FROM workflows WHERE workflow_id IN ({marks})",
+            tuple(workflow_ids),
+        )
+        return [InstanceRow(*r) for r in rows]
+
     async def _list_instances(
         self, query: InstanceQuery, after: str | None, limit: int
     ) -> list[InstanceRow]:

@@ -493,6 +493,9 @@ class MemoryEventStore(MemoryProjections, BaseEventStore):
     async def _get_instance(self, workflow_id: str) -> InstanceRow | None:
         return self._instances.get(workflow_id)
 
+    async def _get_instances(self, workflow_ids: list[str]) -> list[InstanceRow]:
+        return [row for w in workflow_ids if (row := self._instances.get(w)) is not None]
+
     async def _count_instances(self, statuses: list[str]) -> dict[str, int]:
         counted: dict[str, int] = {}
         for row in self._instances.values():

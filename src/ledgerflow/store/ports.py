@@ -327,6 +327,11 @@ class WorkflowStore(EventStore, Protocol):
 
     async def get_instance(self, workflow_id: str) -> InstanceRow | None: ...
 
+    async def get_instances(self, workflow_ids: Sequence[str]) -> list[InstanceRow]:
+        """The rows of those of ``workflow_ids`` that exist, in no set order: one
+        read for many instances (a client waiting for thousands of results)."""
+        ...
+
     async def list_instances(
         self,
         *,

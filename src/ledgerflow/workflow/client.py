@@ -77,6 +77,7 @@ from .history import (
 from .host import Park, ReplayHost, Suspend
 from .journal import load_history
 from .operations import Operations
+from .row_reads import RowReads
 from .run import _Run, _surely_within
 
 __all__ = ["MAX_WORKFLOW_ID_LENGTH", "STREAM_PREFIX", "WorkflowClient"]
@@ -150,6 +151,8 @@ class WorkflowClient(Operations, MachineClient):
         # Callers of result() waiting on instances this process runs: a future and
         # how many wait on it.
         self._waiters: dict[str, _Waiters] = {}
+        self._rows = RowReads(self.store)
+        """The rows ``result()`` polls, read together (one read for many waiters)."""
         self._recent: OrderedDict[str, Outcome] = OrderedDict()
         self._histories: OrderedDict[str, History] = OrderedDict()
 
@@ -658,7 +661,10 @@ class WorkflowClient(Operations, MachineClient):
                     # parks or steps back leaves, so the next look reads the row.
                     await wait_at_most(asyncio.shield(waiter), self._wait(workflow_id, deadline))
                     continue
-                row = await self._instance(workflow_id)
+                polled = await self._rows.get(workflow_id)
+                if polled is None:
+                    raise WorkflowNotFoundError(workflow_id)
+                row = polled
                 if row.status in TERMINAL:
                     finished = await self._finished_event(workflow_id, row)
                     assert finished is not None
