@@ -355,7 +355,7 @@ async def main(argv: Sequence[str] | None = None) -> int:
         console.print(escape(await order_stream(engine.store, shown_id)))
 
         await erp_outage(engine, clock, erp, run, args.seed, console)
-        await state_machine_act(engine, erp, run, console)
+        await state_machine_act(engine, erp, run, console, args.url)
 
         report = await ledgerflow.verify_ledger(engine.store)
         verdict = "[green]intact[/]" if report.ok else "[red]TAMPERED[/]"

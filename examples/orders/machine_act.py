@@ -10,6 +10,9 @@ and its stock released, newest first, and it ends ``compensated``.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 from erp import FakeErp
 from order_machine import ORDER_MACHINE
 from order_workflow import OrderInput
@@ -21,12 +24,16 @@ import ledgerflow
 
 __all__ = ["state_machine_act"]
 
+HERE = Path(__file__).resolve().parent
+"""Where the machine's module is imported from (``ledgerflow diagram`` imports it from
+the directory it runs in)."""
+
 WAIT = 30.0
 """Seconds one event may take before the demo gives up (never a speed bound)."""
 
 
 async def state_machine_act(
-    engine: ledgerflow.Engine, erp: FakeErp, run: str, console: Console
+    engine: ledgerflow.Engine, erp: FakeErp, run: str, console: Console, url: str
 ) -> None:
     console.rule("act 3: the same process as a state machine")
     report = ledgerflow.verify_machine(ORDER_MACHINE)
@@ -77,6 +84,15 @@ async def state_machine_act(
         table.add_row(escape(order.order_id), state.state, " -> ".join(state.visited))
     console.print(table)
     console.print(
-        "[dim]draw one: ledgerflow diagram order_machine:ORDER_MACHINE "
-        f"--instance {escape(failing)} --db <this ledger>[/]"
+        f"[dim]draw one: cd {escape(str(HERE))} && ledgerflow diagram "
+        f"order_machine:ORDER_MACHINE --instance {escape(failing)} "
+        f"--db {escape(_absolute(url))}[/]",
+        soft_wrap=True,
     )
+
+
+def _absolute(url: str) -> str:
+    """A SQLite URL with a relative path, made absolute: read from another directory."""
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////"):
+        return "sqlite:///" + os.path.abspath(url.removeprefix("sqlite:///"))
+    return url
