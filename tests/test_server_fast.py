@@ -239,3 +239,56 @@ def test_a_read_only_store_answers_503_not_500(
         assert answer.status_code == 503, answer.text
         assert answer.headers["retry-after"] == "1"
         assert answer.json()["title"] == "Store read-only"
+
+
+def test_a_start_without_a_valid_key_is_refused_before_its_body_is_read(tmp_path: Path) -> None:
+    """The fast path read the whole body (up to 1 MiB), from anyone, before it
+    looked at the credentials: 200 uploads with no key held 190 MB of the server."""
+    import asyncio
+
+    import ledgerflow as lf
+    from ledgerflow.server import create_app
+
+    from ._api_app import WORKFLOWS
+
+    async def run() -> list[dict[str, Any]]:
+        engine = lf.Engine(f"sqlite:///{tmp_path / 'f.db'}", workflows=WORKFLOWS)
+        app = create_app(engine)
+        sent: list[dict[str, Any]] = []
+        read = 0
+
+        async def receive() -> dict[str, Any]:
+            nonlocal read
+            read += 1
+            await asyncio.sleep(3600)  # a client uploading very slowly
+            raise AssertionError("unreachable")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        async with engine:
+            for credential in (None, "Bearer lfk_not-a-key", "Basic dXNlcjpwdw=="):
+                headers = [(b"content-type", b"application/json"), (b"content-length", b"1000000")]
+                if credential is not None:
+                    headers.append((b"authorization", credential.encode()))
+                scope = {
+                    "type": "http",
+                    "asgi": {"version": "3.0"},
+                    "http_version": "1.1",
+                    "method": "POST",
+                    "scheme": "http",
+                    "path": "/api/v1/workflows",
+                    "raw_path": b"/api/v1/workflows",
+                    "query_string": b"",
+                    "root_path": "",
+                    "headers": headers,
+                    "client": ("127.0.0.1", 5000),
+                    "server": ("127.0.0.1", 8000),
+                    "state": {},
+                }
+                await asyncio.wait_for(app(scope, receive, send), 5)  # type: ignore[arg-type]
+            assert read == 0
+        return [m for m in sent if m["type"] == "http.response.start"]
+
+    answers = asyncio.run(run())
+    assert [a["status"] for a in answers] == [401, 401, 401]

@@ -63,8 +63,24 @@ class FastStart:
         ):
             await self.app(scope, receive, send)
             return
+        headers = dict(scope["headers"])
+        if headers.get(b"content-type") != b"application/json" or _credentials_twice(
+            scope["headers"]
+        ):
+            await self.app(scope, receive, send)  # the route refuses or reads it
+            return
+        # Who asks, before the body is read: a caller without a valid key had a whole
+        # body (1 MiB) read first, from anyone, for its 401.
+        try:
+            who = await self._principal(headers)
+        except Exception as exc:  # noqa: BLE001 - the key's lookup failed (the store): answered
+            await self._refuse(send, exc)
+            return
+        if who is None or not who.may(Role.OPERATOR):
+            await self.app(scope, receive, send)  # refused, or a JWT: the framework's path
+            return
         body, complete = await self._read(receive)
-        if not complete or not await self._start(scope, body, send):
+        if not complete or not await self._start(scope, headers, who, body, send):
             await self.app(scope, _replaying(body, complete, receive), send)
 
     async def _read(self, receive: Receive) -> tuple[bytes, bool]:
@@ -84,20 +100,10 @@ class FastStart:
             if not message.get("more_body", False):
                 return b"".join(chunks), True
 
-    async def _start(self, scope: Scope, body: bytes, send: Send) -> bool:
+    async def _start(
+        self, scope: Scope, headers: dict[bytes, bytes], who: Principal, body: bytes, send: Send
+    ) -> bool:
         """Answer the request if it is the plain case; False to hand it on."""
-        headers = dict(scope["headers"])
-        if headers.get(b"content-type") != b"application/json":
-            return False
-        if _credentials_twice(scope["headers"]):
-            return False  # the route refuses them
-        try:
-            who = await self._principal(headers)
-        except Exception as exc:  # noqa: BLE001 - the key's lookup failed (the store): answered
-            await self._refuse(send, exc)
-            return True
-        if who is None or not who.may(Role.OPERATOR):
-            return False
         try:
             data = _decode(body)
         except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
