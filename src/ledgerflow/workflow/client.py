@@ -87,6 +87,8 @@ O = TypeVar("O")  # noqa: E741
 
 STREAM_PREFIX = "wf-"
 MAX_WORKFLOW_ID_LENGTH = MAX_STREAM_ID_LENGTH - len(STREAM_PREFIX)
+_JSON_CONTAINERS = (dict, list)
+"""What a value decoded from JSON is made of: checked for nesting once, as given."""
 _CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
 """The longest workflow id (a tenant's instance's includes ``<tenant>/``)."""
 SIGNAL_CHECK_WINDOW = 64
@@ -596,7 +598,8 @@ class WorkflowClient(Operations, MachineClient):
         try:
             check_nesting(payload)
             encoded = to_builtins(payload)
-            check_nesting(encoded)
+            if type(payload) not in _JSON_CONTAINERS:
+                check_nesting(encoded)  # an object's fields nest too
         except CodecError as exc:
             raise WorkflowInputError(f"signal {name!r}", str(exc)) from exc
         event_id = None if id is None else _signal_id(workflow_id, id)
@@ -884,8 +887,8 @@ def _check_input(definition: Definition, given: Any) -> Any:
     try:
         check_nesting(given)  # before anything walks it by recursion
         encoded = to_builtins(given)
-        if encoded is not given:
-            check_nesting(encoded)  # objects' fields nest too
+        if type(given) not in _JSON_CONTAINERS:
+            check_nesting(encoded)  # an object's fields nest too
         typed = from_builtins(encoded, definition.input_type)
         if typed is not encoded and personal.has_personal_objects(typed):
             # Given as JSON (over HTTP, from the CLI): its personal fields are
@@ -923,7 +926,8 @@ def _check_signal(workflow_id: str, signal: SignalSent, recent: list[RecordedEve
     waiting = open_wait([event.data for event in recent], signal.name)
     if waiting is None or waiting.schema is None:
         return signal
-    problems = schema_problems(waiting.schema, personal.plain(signal.payload))
+    payload = personal.plain(signal.payload) if personal.declared() else signal.payload
+    problems = schema_problems(waiting.schema, payload)
     if problems is not None:
         raise SignalInputError(
             workflow_id, signal.name, f"does not fit the waited-for type: {problems}"
