@@ -140,6 +140,31 @@ def test_the_format_comes_from_the_environment(
         root.handlers[:] = handlers
 
 
+def test_a_text_line_cannot_be_forged_by_what_it_quotes() -> None:
+    """A cancel reason or an id with a newline wrote a line of its own into the text
+    log, which passed for another record; ESC sequences acted on a terminal."""
+    from ledgerflow.logs import TextFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(TextFormatter())
+    logger = logging.getLogger("ledgerflow.test.forged")
+    logger.addHandler(handler)
+    logger.propagate = False
+    try:
+        logger.warning("cancelled: %s", "ok\n2026-12-02 00:00:00 ERROR forged\x1b[2J\r\u2028")
+        try:
+            raise ValueError("boom")
+        except ValueError:
+            logger.exception("failed")
+    finally:
+        logger.removeHandler(handler)
+    first, *rest = stream.getvalue().splitlines()
+    assert first.endswith("cancelled: ok\\x0a2026-12-02 00:00:00 ERROR forged\\x1b[2J\\x0d\\u2028")
+    assert rest[0].endswith("ERROR failed")
+    assert rest[1] == "Traceback (most recent call last):"  # a traceback keeps its lines
+
+
 def declines(order: str) -> str:
     raise ValueError(f"card declined for {order}")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -23,7 +24,7 @@ from opentelemetry import trace
 from .errors import ConfigurationError
 from .workflow.steps import _current_step, _current_workflow
 
-__all__ = ["JsonFormatter", "configure"]
+__all__ = ["JsonFormatter", "TextFormatter", "configure"]
 
 TEXT = "%(asctime)s %(levelname)s %(message)s"
 _CONTEXT = ("workflow_id", "step", "seq", "attempt", "correlation_id", "trace_id", "span_id")
@@ -63,6 +64,28 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+"""Characters that would end a text line early (a newline, CR) or act on a terminal
+reading the log (ESC...): shown escaped."""
+
+
+def _escaped(found: re.Match[str]) -> str:
+    code = ord(found.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+class TextFormatter(logging.Formatter):
+    """One line per record, as text: what a record quotes from callers (an id, a
+    reason, an error message from another system) cannot start a line of its own
+    and pass for another record (log forging). A traceback keeps its lines."""
+
+    def __init__(self) -> None:
+        super().__init__(TEXT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return _UNSAFE.sub(_escaped, super().formatMessage(record))
+
+
 def configure(level: int = logging.INFO, log_format: str | None = None) -> None:
     """Log to stderr as ``log_format`` says (default: ``LEDGERFLOW_LOG_FORMAT``, else
     text). ``ConfigurationError`` for a format that is neither ``text`` nor ``json``."""
@@ -70,5 +93,5 @@ def configure(level: int = logging.INFO, log_format: str | None = None) -> None:
     if chosen not in ("text", "json"):
         raise ConfigurationError(f"log format {chosen!r} (LEDGERFLOW_LOG_FORMAT): text or json")
     handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if chosen == "json" else logging.Formatter(TEXT))
+    handler.setFormatter(JsonFormatter() if chosen == "json" else TextFormatter())
     logging.basicConfig(level=level, handlers=[handler], force=True)
