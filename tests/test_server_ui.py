@@ -200,6 +200,21 @@ def test_operator_actions_need_a_reason_and_the_role(api: Api) -> None:
         "/ui/workflows/p-1/actions/skip", data={"csrf": csrf, "reason": "r", "result": "{"}
     )
     assert not_json.status_code == 422
+    # Python's JSON reader takes NaN, which no JSON holds: recorded, it failed (500).
+    for no_json in ("NaN", "Infinity", "[-Infinity]"):
+        refused = api.http.post(
+            "/ui/workflows/p-1/actions/skip",
+            data={"csrf": csrf, "reason": "r", "result": no_json},
+        )
+        assert refused.status_code == 422, (no_json, refused.status_code)
+    # The API's limit on a reason holds here too (900,000 characters were recorded).
+    long = api.http.post(
+        "/ui/workflows/p-1/actions/retry", data={"csrf": csrf, "reason": "x" * 2001}
+    )
+    assert long.status_code == 422
+    assert "at most 2000 characters" in long.text
+    # A page far past the end (2**63 and more) is an empty page, not a 500.
+    assert api.http.get(f"/ui/workflows/p-1?after={2**64}").status_code == 200
     skipped = api.http.post(
         "/ui/workflows/p-1/actions/skip",
         data={"csrf": csrf, "reason": "made by hand", "result": '"po 9"'},
@@ -362,3 +377,14 @@ def test_revoking_its_key_ends_a_session(api: Api) -> None:
     while "Sign in" not in api.http.get("/ui/workflows", follow_redirects=True).text:
         assert time.monotonic() < deadline
         time.sleep(0.1)
+
+
+def test_a_number_field_takes_finite_numbers_only() -> None:
+    """float() reads "nan", "inf" and "1e999", which no JSON holds: the signal failed
+    when recorded (500) instead of the field saying so."""
+    form = signal_form("reading", {"type": "number"})
+    (field,) = form.fields
+    for given in ("nan", "inf", "-Infinity", "1e999"):
+        _, problems = form.read({field.name: given})
+        assert problems == {field.name: "a finite number"}, given
+    assert form.read({field.name: "1.5"}) == (1.5, {})

@@ -5,6 +5,7 @@ schema either way, so the form only has to get the common shapes right."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -73,9 +74,12 @@ def _parse(field: FormField, raw: str) -> Any:
             raise ValueError("a whole number") from None
     if field.kind == "number":
         try:
-            return float(raw.strip())
+            number = float(raw.strip())
         except ValueError:
             raise ValueError("a number") from None
+        if not math.isfinite(number):  # float() reads "nan", "inf", "1e999": no JSON has them
+            raise ValueError("a finite number")
+        return number
     if field.kind == "choice":
         if raw not in field.choices:
             raise ValueError(f"one of {', '.join(field.choices)}")

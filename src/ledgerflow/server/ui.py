@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
+import msgspec
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from litestar import Request, Response, Router, get, post
 from litestar.datastructures import Cookie
@@ -314,7 +315,9 @@ class Ui:
             payload, problems = reads.read(form)
             if not problems:
                 try:
-                    body = SendSignal(payload=payload, reason=form.get("reason") or None)
+                    body = _checked(
+                        SendSignal, {"payload": payload, "reason": form.get("reason") or None}
+                    )
                     await ui.service.signal(who, workflow_id, signal, body)
                 except Problem as refused:
                     if refused.status != 422:
@@ -342,11 +345,15 @@ class Ui:
             try:
                 if not reason:
                     raise Problem(422, "Invalid input", "a reason is required")
+                if len(reason) > MAX_REASON:
+                    raise Problem(
+                        422, "Invalid input", f"a reason is at most {MAX_REASON} characters"
+                    )
                 result = None
                 if action == "skip":
-                    try:
-                        result = json.loads(form.get("result") or "null")
-                    except ValueError as exc:
+                    try:  # msgspec: no NaN or Infinity, which json.loads takes
+                        result = msgspec.json.decode((form.get("result") or "null").encode())
+                    except msgspec.DecodeError as exc:
                         raise Problem(
                             422, "Invalid input", f"the result is not JSON: {exc}"
                         ) from None
@@ -454,9 +461,23 @@ def _back(workflow_id: str, done: str) -> str:
 
 def _int(text: str | None) -> int:
     try:
-        return max(0, int(text or 0))
+        return min(max(0, int(text or 0)), _LARGEST)  # a page past 2**63 failed (500)
     except ValueError:
         return 0
+
+
+_LARGEST = 2**62
+MAX_REASON = 2000
+"""As the API's ``Reason``."""
+
+
+def _checked(kind: type[SendSignal], given: dict[str, Any]) -> SendSignal:
+    """``given`` as the API's body type, its limits checked (a reason's length): the
+    UI built the body itself, and a 900,000-character reason was recorded."""
+    try:
+        return msgspec.convert(given, kind)
+    except msgspec.ValidationError as exc:
+        raise Problem(422, "Invalid input", str(exc)) from None
 
 
 def _local(value: str | None, field: str) -> datetime | None:
