@@ -396,3 +396,18 @@ async def test_the_cli_shows_control_characters_escaped_never_acts_on_them(tmp_p
         assert "o-\\u202e1" in result.stdout
     shown = await cli("workflows", "show", "o-\u202e1", "--db", url)
     assert "ERP said: \\x1b]0;pwned\\x07\\x1b[2J\\x1b[32mcompleted\\x0do-1" in shown.stdout
+
+
+async def test_a_payload_too_deep_or_not_json_is_one_line_and_exit_2(db: str) -> None:
+    """A payload nested deeper than the JSON reader goes printed a traceback (exit
+    1); NaN passed as a result of a skip."""
+    deep = "[" * 5000 + "]" * 5000
+    for args, said in (
+        (["workflows", "signal", WAITING, "approval", "--payload", deep], "nested too deeply"),
+        (["workflows", "signal", WAITING, "approval", "--payload", "[NaN]"], "not valid JSON"),
+        (["workflows", "skip", WAITING, "--result", "NaN", "--reason", "r"], "not valid JSON"),
+    ):
+        result = await cli(*args, "--db", db)
+        assert result.exit_code == 2, result.output
+        assert said in result.stderr
+        assert "Traceback" not in result.output

@@ -282,6 +282,17 @@ def workflows_history(
     out.print(table)
 
 
+def _json_option(text: str, option: str) -> Any:
+    """An option's JSON value, or a one-line refusal (exit 2): invalid JSON, NaN or
+    Infinity (which JSON does not have), or nesting too deep to read (a traceback)."""
+    try:
+        return json.loads(text, parse_constant=_not_json)
+    except RecursionError:
+        _fail(f"{option} is nested too deeply to read")
+    except ValueError as exc:
+        _fail(f"{option} is not valid JSON: {exc}")
+
+
 def _not_json(constant: str) -> NoReturn:
     raise ValueError(f"{constant} is not a JSON value")
 
@@ -301,12 +312,7 @@ def workflows_signal(
 ) -> None:
     """Send a signal; it is kept until the workflow waits for it. Who sent it (and
     why) is recorded with it."""
-    value: Any = None
-    if payload is not None:
-        try:
-            value = json.loads(payload, parse_constant=_not_json)
-        except ValueError as exc:
-            _fail(f"--payload is not valid JSON: {exc}")
+    value: Any = None if payload is None else _json_option(payload, "--payload")
     who = actor or default_actor()
     _call(db, lambda e: e.signal(workflow_id, name, value, actor=who, reason=reason))
     out.print(f"sent signal {name!r} to workflow {workflow_id!r}", markup=False, highlight=False)
@@ -401,10 +407,7 @@ def workflows_skip(
 ) -> None:
     """Skip a parked step: record RESULT as what it returned, and go on."""
     why = _reason(reason)
-    try:
-        value = json.loads(result)
-    except ValueError as exc:
-        _fail(f"--result is not JSON: {exc}")
+    value = _json_option(result, "--result")
     done = _call(db, lambda c: c.skip_step(workflow_id, value, reason=why, actor=actor, seq=seq))
     _operated("skipped", workflow_id, done)
 
@@ -565,9 +568,11 @@ def _setting(pair: str) -> tuple[str, Any]:
         _fail(f"a setting is key=value (e.g. retry.max_attempts=10), not {pair!r}")
     key = key.strip()
     try:
-        value: Any = json.loads(text)
+        value: Any = json.loads(text, parse_constant=_not_json)
     except ValueError:
         value = text
+    except RecursionError:
+        _fail(f"{key}: nested too deeply to read")
     if key.endswith("non_retryable") and isinstance(value, str):
         value = [part.strip() for part in value.split(",") if part.strip()]
     return key, value
@@ -1106,12 +1111,7 @@ def machines_send(
     activity failed, 2 error (also: not sent, the instance still busy with an earlier
     event after --timeout, nothing recorded; or accepted, but not run within it)."""
     machines = _machines(app_target)
-    fields: Any = None
-    if payload is not None:
-        try:
-            fields = json.loads(payload, parse_constant=_not_json)
-        except ValueError as exc:
-            _fail(f"--payload is not valid JSON: {exc}")
+    fields: Any = None if payload is None else _json_option(payload, "--payload")
 
     async def send(client: WorkflowClient) -> MachineState:
         try:
@@ -1341,6 +1341,8 @@ def projections_query(
             conditions[column] = json.loads(raw, parse_constant=_not_json)
         except ValueError:
             conditions[column] = raw  # a bare word: a string
+        except RecursionError:
+            _fail(f"--where {pair[:40]!r}...: nested too deeply to read")
     if table_name not in projection.tables:
         _fail(f"projection {projection.name!r} has no table {table_name!r}")
 
