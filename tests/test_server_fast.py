@@ -152,6 +152,24 @@ def test_a_correlation_id_is_recorded_and_a_bad_one_refused_alike(pair: tuple[Ap
         assert fast.status_code == slow.status_code == 422, (bad, fast.text, slow.text)
         assert fast.json() == slow.json()
         assert fast.json()["errors"][0]["field"] == "header.x-correlation-id"
+    # Two of them: the framework joined them, the fast path took the last; refused.
+    twice = [
+        (
+            api.http.post(
+                START,
+                json={"workflow": "approval", "input": "o-1", "id": "c-twice"},
+                headers=[
+                    *api.auth().items(),
+                    ("X-Correlation-Id", "a"),
+                    ("X-Correlation-Id", "b"),
+                ],
+            )
+        )
+        for api in pair
+    ]
+    assert [t.status_code for t in twice] == [422, 422], [t.text for t in twice]
+    assert twice[0].json() == twice[1].json()
+    assert twice[0].json()["errors"][0]["field"] == "header.x-correlation-id"
     for api in pair:
         order = {"workflow": "approval", "input": "o-1", "id": "c-1"}
         answer = api.http.post(

@@ -23,7 +23,7 @@ from .. import tracing
 from .._version import running_version
 from ..errors import StoreError, StoreReadOnlyError
 from .principals import Principal, Role
-from .problems import Problem
+from .problems import Problem, invalid
 from .schemas import (
     MAX_PAGE,
     PROBLEMS,
@@ -117,6 +117,9 @@ async def list_workflows(
 )
 async def start_workflow(request: Call, data: JSONBody[StartWorkflow]) -> Response[Started]:
     api, who = _context(request)
+    if sum(name == b"x-correlation-id" for name, _ in request.scope["headers"]) > 1:
+        # Joined by the framework (the fast path took the last): which one is meant?
+        raise invalid("header.x-correlation-id", "send one X-Correlation-Id header")
     started, created = await api.start(
         who,
         data,

@@ -64,8 +64,10 @@ class FastStart:
             await self.app(scope, receive, send)
             return
         headers = dict(scope["headers"])
-        if headers.get(b"content-type") != b"application/json" or _credentials_twice(
-            scope["headers"]
+        if (
+            headers.get(b"content-type") != b"application/json"
+            or _credentials_twice(scope["headers"])
+            or sum(name == b"x-correlation-id" for name, _ in scope["headers"]) > 1
         ):
             await self.app(scope, receive, send)  # the route refuses or reads it
             return

@@ -261,6 +261,9 @@ class Service:
             # ASCII: a header's bytes are not text of a known encoding (UTF-8 sent
             # would be stored as Latin-1 mojibake).
             raise invalid("header.x-correlation-id", "1-200 printable ASCII characters")
+        if correlation_id is not None and "," in correlation_id:
+            # Two headers joined (by a proxy, or the framework): which one is meant?
+            raise invalid("header.x-correlation-id", "send one X-Correlation-Id, without commas")
         with field_errors("body.workflow"):
             definition = self.client._definition(body.workflow)
         with field_errors("body.input"), tracing.joined(traceparent), self._in_callers_ids(who):
