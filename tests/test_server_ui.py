@@ -388,3 +388,16 @@ def test_a_number_field_takes_finite_numbers_only() -> None:
         _, problems = form.read({field.name: given})
         assert problems == {field.name: "a finite number"}, given
     assert form.read({field.name: "1.5"}) == (1.5, {})
+
+
+def test_a_mistyped_filter_is_said_not_ignored(api: Api) -> None:
+    """The list showed every instance for a status it does not know, or a filter
+    misspelt: what the caller asked to narrow was silently widened (the API: 422)."""
+    sign_in(api)
+    start(api, "o-1")
+    assert api.http.get("/ui/workflows?status=&order=id").status_code == 200
+    assert api.http.get("/ui/workflows?status=running").status_code == 200
+    for query in ("status=runing", "stauts=running"):
+        answer = api.http.get(f"/ui/workflows?{query}")
+        assert answer.status_code == 422, query
+        assert "o-1" not in answer.text

@@ -258,9 +258,20 @@ class Ui:
                 for k in ("status", "name", "text", "created_from", "created_before", "after")
             }
             filters["order"] = query.get("order") or "newest"
+            # A mistyped filter must not widen the list to everything silently (as
+            # the API refuses it, 422).
+            unknown = sorted(set(query) - _LIST_PARAMETERS)
+            if unknown:
+                raise Problem(422, "Invalid input", f"{unknown[0]!r} is not a filter of this list")
+            if filters["status"] is not None and filters["status"] not in _STATUSES:
+                raise Problem(
+                    422,
+                    "Invalid input",
+                    f"unknown status {filters['status']!r}: one of {', '.join(_STATUSES)}",
+                )
             page = await ui.service.list_workflows(
                 who,
-                status=filters["status"] if filters["status"] in _STATUSES else None,
+                status=filters["status"],
                 name=filters["name"],
                 text=filters["text"],
                 created_from=_local(filters["created_from"], "created_from"),
@@ -441,6 +452,10 @@ class Ui:
 
 
 _STATUSES = [s.value for s in WorkflowStatus]
+_LIST_PARAMETERS = frozenset(
+    {"status", "name", "text", "created_from", "created_before", "after", "order", "fragment"}
+)
+"""What the list of instances takes in its query."""
 
 PAGE_HEADERS = {
     # Not in another site's frame: its page could lay a decoy over the operator
