@@ -253,9 +253,17 @@ def workflows_history(
     as_json: Annotated[
         bool, typer.Option("--json", help="One JSON object per event, one per line.")
     ] = False,
+    after: Annotated[
+        int, typer.Option(min=0, help="Only the events after this version (a page's last).")
+    ] = 0,
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="At most this many events (default: all).")
+    ] = None,
 ) -> None:
     """The events of one instance, oldest first."""
-    events: list[RecordedEvent] = _call(db, lambda e: e.history(workflow_id))
+    events: list[RecordedEvent] = _call(
+        db, lambda e: e.history(workflow_id, after=after, limit=limit)
+    )
     if as_json:
         for event in events:
             record = {
@@ -280,6 +288,8 @@ def workflows_history(
             str(event.version), event.type, escape(_compact(event.data)), _time(event.recorded_at)
         )
     out.print(table)
+    if limit is not None and len(events) == limit:
+        out.print(f"(more may follow: --after {events[-1].version})", highlight=False)
 
 
 def _json_option(text: str, option: str) -> Any:

@@ -742,9 +742,15 @@ class WorkflowClient(Operations, MachineClient):
         except CodecError as exc:  # a type asked for that the recorded result does not fit
             raise RecordedValueError(workflow_id, "result", wanted, str(exc)) from None
 
-    async def history(self, workflow_id: str) -> list[RecordedEvent]:
+    async def history(
+        self, workflow_id: str, *, after: int = 0, limit: int | None = None
+    ) -> list[RecordedEvent]:
+        """The instance's events, oldest first: those after version ``after``, at
+        most ``limit`` of them (all by default)."""
         await self._instance(workflow_id)
-        return await self.store.read_stream(self.stream_id(workflow_id))
+        return await self.store.read_stream(
+            self.stream_id(workflow_id), from_version=after + 1, limit=limit
+        )
 
     async def query(self, workflow_id: str) -> Any:
         """The state the workflow last exposed (``ctx.expose``), by replaying its
