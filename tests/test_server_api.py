@@ -169,6 +169,7 @@ def test_listing_filters_and_pages(api: Api) -> None:
         ("created_from=2026-01-01T00:00:00", "query.created_from"),
         ("created_from=yesterday", "query.created_from"),
         ("created_before=", "query.created_before"),
+        (f"after={'x' * 300}", "query.after"),  # it named path.workflow_id
     ]:
         body = problem(api.get(f"/api/v1/workflows?{query}"), 422)
         assert body["errors"][0]["field"] == field, (query, body)

@@ -84,14 +84,13 @@ class Service:
 
     # -- ids ------------------------------------------------------------------------------
 
-    def internal(self, who: Principal, workflow_id: str) -> str:
+    def internal(self, who: Principal, workflow_id: str, field: str = "path.workflow_id") -> str:
         """The ledger's id of the caller's ``workflow_id`` (a ``/`` sent in a path as
-        ``%2F`` arrives as NUL: see ``app.SlashSafe``)."""
+        ``%2F`` arrives as NUL: see ``app.SlashSafe``); ``field`` names where it came
+        from when it is refused."""
         workflow_id = workflow_id.replace("\x00", "/")
         if not workflow_id or len(workflow_id) > MAX_WORKFLOW_ID_LENGTH:
-            raise invalid(
-                "path.workflow_id", f"an id is 1-{MAX_WORKFLOW_ID_LENGTH} characters without NUL"
-            )
+            raise invalid(field, f"an id is 1-{MAX_WORKFLOW_ID_LENGTH} characters without NUL")
         return workflow_id if who.everywhere else tenant_prefix(who.tenant) + workflow_id
 
     def external(self, who: Principal, workflow_id: str | None) -> str | None:
@@ -149,7 +148,7 @@ class Service:
             created_from=created_from,
             created_before=created_before,
             newest_first=newest_first,
-            after=None if after is None else self.internal(who, after),
+            after=None if after is None else self.internal(who, after, "query.after"),
             limit=limit,
         )
         items = [self._summary(who, row) for row in rows]
