@@ -34,7 +34,7 @@ from .asgi import SlashSafe
 from .deadline import DEFAULT_REQUEST_TIMEOUT, Deadline
 from .fast import FastStart
 from .keys import ApiKeys
-from .limits import RateLimiter
+from .limits import RateLimiter, too_many
 from .principals import Principal, Role
 from .problems import Problem, problem_response
 from .service import Service
@@ -83,12 +83,7 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
         principal = await _principal(connection, keys, settings.tokens)
         wait = limiter.take(principal.subject)
         if wait > 0:
-            raise Problem(
-                429,
-                "Too many requests",
-                f"over {settings.rate:g} requests a second: retry in {wait:.2f} s",
-                headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-            )
+            raise too_many(wait, f"over {settings.rate:g} requests a second: retry in {wait:.2f} s")
         # The framework's own OPTIONS answer (the methods a route takes) is no
         # route of ours and has no role: any caller may ask it.
         default = Role.VIEWER if connection.scope.get("method") == "OPTIONS" else Role.ADMIN

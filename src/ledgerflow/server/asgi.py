@@ -14,7 +14,7 @@ from litestar.types import Receive, Scope, Send
 
 from .problems import MEDIA_TYPE
 
-__all__ = ["SlashSafe", "respond"]
+__all__ = ["SlashSafe", "respond", "respond_problem"]
 
 _ENCODED_SLASH = re.compile(rb"%2[fF]")
 _STATIC = "/ui/static/"
@@ -37,15 +37,7 @@ class SlashSafe:
         raw = scope.get("raw_path")
         http = scope["type"] == ScopeType.HTTP
         if http and raw and (b"%00" in raw or "\x00" in scope["path"]):
-            body = msgspec.json.encode(
-                {
-                    "type": "about:blank",
-                    "title": "Bad Request",
-                    "status": 400,
-                    "detail": "a path may not hold NUL (%00)",
-                }
-            )
-            await respond(send, 400, body, MEDIA_TYPE)
+            await respond_problem(send, 400, "Bad Request", "a path may not hold NUL (%00)")
             return
         if scope["type"] == ScopeType.HTTP and scope["method"] == "HEAD":
             # Every GET route answers HEAD too (RFC 9110 9.3.2; load balancers and
@@ -56,15 +48,7 @@ class SlashSafe:
             if scope["path"].startswith(_STATIC):
                 # No file's name holds a slash; and the static files' router, which
                 # knows nothing of the NUL below, failed on it (500).
-                body = msgspec.json.encode(
-                    {
-                        "type": "about:blank",
-                        "title": "Not Found",
-                        "status": 404,
-                        "detail": "no such file",
-                    }
-                )
-                await respond(send, 404, body, MEDIA_TYPE)
+                await respond_problem(send, 404, "Not Found", "no such file")
                 return
             path = raw.split(b"?", 1)[0]
             parts = [unquote_to_bytes(p) for p in _ENCODED_SLASH.split(path)]
@@ -80,6 +64,16 @@ def _bodiless(send: Send) -> Send:
         await send(message)
 
     return sending
+
+
+async def respond_problem(
+    send: Send, status: int, title: str, detail: str, headers: dict[str, str] | None = None
+) -> None:
+    """A problem (RFC 9457) answered without the framework."""
+    body = msgspec.json.encode(
+        {"type": "about:blank", "title": title, "status": status, "detail": detail}
+    )
+    await respond(send, status, body, MEDIA_TYPE, headers)
 
 
 async def respond(

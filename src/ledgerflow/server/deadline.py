@@ -20,14 +20,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
 from litestar import Litestar
 from litestar.enums import ScopeType
 from litestar.types import Message, Receive, Scope, Send
 
-from .asgi import SlashSafe, respond
+from .asgi import SlashSafe, respond_problem
 from .fast import FastStart
-from .problems import MEDIA_TYPE
 
 __all__ = ["DEFAULT_REQUEST_TIMEOUT", "Deadline"]
 
@@ -69,15 +67,7 @@ class Deadline:
             "not answer in time); what it asked for may still be done: send it again "
             "with the same id to be sure, at most once"
         )
-        body = msgspec.json.encode(
-            {
-                "type": "about:blank",
-                "title": "Request timed out",
-                "status": 503,
-                "detail": detail,
-            }
-        )
-        await respond(send, 503, body, MEDIA_TYPE, {"Retry-After": "5"})
+        await respond_problem(send, 503, "Request timed out", detail, {"Retry-After": "5"})
 
 
 class _Exchange:

@@ -9,7 +9,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-__all__ = ["RateLimiter"]
+from .problems import Problem
+
+__all__ = ["RateLimiter", "too_many"]
 
 
 @dataclass(slots=True)
@@ -43,3 +45,11 @@ class RateLimiter:
             bucket.tokens -= 1
             return 0.0
         return (1 - bucket.tokens) / self.rate
+
+
+def too_many(wait: float, detail: str) -> Problem:
+    """429 for a caller over a limit, told when to come back (whole seconds, at
+    least one: ``Retry-After`` takes no fraction)."""
+    return Problem(
+        429, "Too many requests", detail, headers={"Retry-After": str(max(1, round(wait + 0.5)))}
+    )

@@ -28,7 +28,7 @@ from litestar.template.config import TemplateConfig
 
 from ..workflow.history import TERMINAL, WorkflowStatus
 from .forms import signal_form
-from .limits import RateLimiter
+from .limits import RateLimiter, too_many
 from .principals import Principal, Role
 from .problems import Problem, to_problem
 from .schemas import SendSignal, WorkflowDetail
@@ -139,12 +139,7 @@ class Ui:
         for who in (f"address:{client}", f"key:{digest}"):
             wait = self.sign_ins.take(who)
             if wait > 0:
-                raise Problem(
-                    429,
-                    "Too many requests",
-                    f"too many sign-ins: retry in {wait:.0f} s",
-                    headers={"Retry-After": str(max(1, round(wait + 0.5)))},
-                )
+                raise too_many(wait, f"too many sign-ins: retry in {wait:.0f} s")
 
     # -- sessions ---------------------------------------------------------------------
 
