@@ -37,6 +37,7 @@ from .keys import ApiKeys
 from .limits import RateLimiter, too_many
 from .principals import Principal, Role
 from .problems import Problem, problem_response
+from .schemas import strict_bodies
 from .service import Service
 from .sessions import Sessions
 from .tokens import TokenError, TokenVerifier
@@ -132,7 +133,7 @@ def create_app(client: WorkflowClient, settings: ServerSettings | None = None) -
 
     @get("/openapi.json", include_in_schema=False, media_type="application/json")
     async def openapi(request: Request[Any, Any, Any]) -> dict[str, Any]:
-        schema: dict[str, Any] = request.app.openapi_schema.to_schema()
+        schema: dict[str, Any] = strict_bodies(request.app.openapi_schema).to_schema()
         return schema
 
     app = Litestar(

@@ -8,6 +8,7 @@ from typing import Any
 
 from ..workflow.client import WorkflowClient
 from .app import create_app
+from .schemas import strict_bodies
 
 __all__ = ["openapi_document"]
 
@@ -15,7 +16,7 @@ __all__ = ["openapi_document"]
 def openapi_document() -> dict[str, Any]:
     """The document of the API; no store is opened to make it."""
     served = create_app(WorkflowClient("memory://"))
-    document: dict[str, Any] = served.litestar.openapi_schema.to_schema()
+    document: dict[str, Any] = strict_bodies(served.litestar.openapi_schema).to_schema()
     return document
 
 

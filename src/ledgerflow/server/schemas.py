@@ -8,6 +8,7 @@ from typing import Annotated, Any, Literal
 
 import msgspec
 from litestar.openapi import ResponseSpec
+from litestar.openapi.spec import OpenAPI, Schema
 
 from ..workflow.client import MAX_WORKFLOW_ID_LENGTH
 from .problems import MEDIA_TYPE
@@ -25,6 +26,8 @@ Status = Literal[
 ]
 Reason = Annotated[str, msgspec.Meta(min_length=1, max_length=2000)]
 ShortText = Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+TenantName = Annotated[str, msgspec.Meta(pattern=r"^(\*|[a-z0-9][a-z0-9-]{0,62})$")]
+"""A tenant's name, or ``*`` for every tenant (``ledgerflow.tenants``)."""
 WorkflowId = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_WORKFLOW_ID_LENGTH)]
 """A caller's own id: a tenant's caller has ``len(tenant) + 1`` fewer (the ledger's id
 is ``<tenant>/<id>``)."""
@@ -110,8 +113,8 @@ class WithReason(msgspec.Struct, forbid_unknown_fields=True):
 class CreateKey(msgspec.Struct, forbid_unknown_fields=True):
     name: ShortText
     role: Literal["viewer", "operator", "admin"]
-    tenant: ShortText | None = None
-    """The key's tenant; by default the caller's."""
+    tenant: TenantName | None = None
+    """The key's tenant (``*``: every tenant); by default the caller's."""
 
 
 # -- answers --------------------------------------------------------------------------
@@ -205,3 +208,22 @@ class KeyCreatedOut(msgspec.Struct):
 class Health(msgspec.Struct):
     status: str
     version: str
+
+
+def strict_bodies(openapi: OpenAPI) -> OpenAPI:
+    """``openapi`` saying what the server does with a body's unknown fields: it
+    refuses them (``forbid_unknown_fields``), so their schemas allow none
+    (``additionalProperties: false``); the framework's document left that out, and
+    a client built from it sent fields the server answered 422."""
+    components = openapi.components
+    found = components.schemas if components is not None else None
+    for name, schema in (found or {}).items():
+        kind = globals().get(name)
+        if (
+            isinstance(kind, type)
+            and issubclass(kind, msgspec.Struct)
+            and kind.__struct_config__.forbid_unknown_fields
+            and isinstance(schema, Schema)
+        ):
+            schema.additional_properties = False
+    return openapi
