@@ -336,6 +336,32 @@ def test_every_get_route_answers_head_and_options_needs_no_admin(api: Api) -> No
     assert "GET" in options.headers["allow"]
 
 
+def test_a_history_page_is_bounded_in_bytes_too(api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """500 events of up to 1 MiB each made one page (and one UI page) of hundreds of
+    MB: a page ends once its events' data pass PAGE_BYTES, and ``next`` goes on."""
+    from ledgerflow.server import service
+
+    monkeypatch.setattr(service, "PAGE_BYTES", 300)
+    api.post("/api/v1/workflows", json={"workflow": "approval", "input": "o-1", "id": "o-1"})
+    api.until("/api/v1/workflows/o-1", waiting)
+    for n in range(4):
+        sent = api.post("/api/v1/workflows/o-1/signals/note", json={"payload": "x" * 200 + str(n)})
+        assert sent.status_code == 202, sent.text
+    versions: list[int] = []
+    pages = 0
+    after = 0
+    while True:
+        page = api.get(f"/api/v1/workflows/o-1/history?after={after}&limit=100").json()
+        pages += 1
+        versions += [item["version"] for item in page["items"]]
+        if page["next"] is None:
+            break
+        after = page["next"]
+    assert versions == list(range(1, len(versions) + 1))
+    assert len(versions) >= 6
+    assert pages >= 3  # cut by size, not by the 100 asked for
+
+
 def test_health_readiness_and_the_checked_in_spec(api: Api) -> None:
     assert api.http.get("/health").json()["status"] == "ok"
     assert api.http.get("/ready").json()["status"] == "ready"

@@ -217,7 +217,16 @@ class Service:
             self.client.stream_id(internal), from_version=after + 1, limit=limit
         )
         ids = self.ids(who)
-        items = [_event(e, ids) for e in events]
+        items: list[EventOut] = []
+        size = 0
+        for event in events:
+            item = _event(event, ids)
+            size += len(_ENCODER.encode(item.data))
+            if items and size > PAGE_BYTES:
+                # Events of up to 1 MiB each: 500 a page made answers (and UI pages)
+                # of hundreds of MB. The page ends here; ``next`` goes on from it.
+                return HistoryPage(items, items[-1].version)
+            items.append(item)
         return HistoryPage(items, items[-1].version if len(items) == limit else None)
 
     async def query(self, who: Principal, workflow_id: str) -> QueryOut:
@@ -349,6 +358,11 @@ class Service:
         except KeyError:
             raise Problem(404, "Key not found", f"no API key {key_id!r}") from None
         return _key(key)
+
+
+PAGE_BYTES = 4 << 20
+"""About how much event data one page of a history holds (at least one event)."""
+_ENCODER = msgspec.json.Encoder()
 
 
 def _event(event: RecordedEvent, ids: CallerIds) -> EventOut:
