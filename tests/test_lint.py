@@ -205,6 +205,16 @@ async def in_a_comprehension(ctx: WorkflowContext, order: Order) -> list[float]:
     return [r.random() for _ in range(3)]  # caught
 
 
+async def with_a_clock_taken_as_a_value(ctx: WorkflowContext, order: Order) -> str:
+    now = datetime.now  # caught
+    return str(now())
+
+
+async def with_a_uuid_taken_as_a_value(ctx: WorkflowContext, order: Order) -> str:
+    make = [uuid4][0]  # caught
+    return str(make())
+
+
 CAUGHT: list[tuple[Callable[..., Any], str, str]] = [
     (with_wait, "asyncio.wait()", "wait_for_signal(..., timeout=...)"),
     (with_wait_for, "asyncio.wait_for()", "wait_for_signal(..., timeout=...)"),
@@ -237,6 +247,9 @@ CAUGHT: list[tuple[Callable[..., Any], str, str]] = [
     (in_a_nested_function, "(time.time)", "ctx.now()"),
     (in_a_lambda, "(random.random)", "ctx.random()"),
     (in_a_comprehension, "(random.random)", "ctx.random()"),
+    # Taken as a value and called under another name (it passed unseen).
+    (with_a_clock_taken_as_a_value, "(datetime.datetime.now)", "ctx.now()"),
+    (with_a_uuid_taken_as_a_value, "uuid4 (uuid.uuid4)", "ctx.uuid()"),
 ]
 
 

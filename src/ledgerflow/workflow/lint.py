@@ -350,6 +350,8 @@ class _Linter:
         self.text = text
         self.first = first
         self.findings: list[LintFinding] = []
+        self.called: set[int] = set()
+        """The nodes called (a call's function), checked as calls, not as values."""
 
     def visit_all(self, nodes: Iterable[ast.AST], scopes: list[_Scope]) -> None:
         for node in nodes:
@@ -388,6 +390,7 @@ class _Linter:
 
     def check(self, node: ast.AST, scopes: list[_Scope]) -> None:
         if isinstance(node, ast.Call):
+            self.called.add(id(node.func))
             spelled = _spelled(node.func)
             resolved = self.resolve(node.func, scopes)
             why = None if resolved is None else self.call_rule(resolved, node)
@@ -399,6 +402,11 @@ class _Linter:
         elif isinstance(node, ast.Attribute | ast.Name) and isinstance(node.ctx, ast.Load):
             resolved = self.resolve(node, scopes)
             why = _ATTRIBUTES.get(resolved or "")
+            if why is None and id(node) not in self.called:
+                # Taken as a value and called later under another name
+                # (``now = datetime.now; now()``): what it does when called is
+                # what it is.
+                why = _CALLS.get(resolved or "")
             if why is not None:
                 self.report(node, _spelled(node) or "", resolved, why)
 
