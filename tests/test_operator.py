@@ -229,7 +229,7 @@ async def test_the_cli_retries_skips_and_compensates(tmp_path: Path) -> None:
         assert result.exit_code == 0, result.output
         bad = await cli("workflows", "skip", "c-3", "--result", "{", "--reason", "x", "--db", url)
         assert bad.exit_code == 2
-        assert "--result is not JSON" in bad.stderr
+        assert "--result is not valid JSON" in bad.stderr
         assert await e.handle("c-1").result(timeout=WAIT) == "c-1: po for c-1"
         assert await e.handle("c-2").result(timeout=WAIT) == "c-2: PO-1"
         with pytest.raises(lf.WorkflowFailedError):

@@ -43,17 +43,23 @@ async def fails(ctx: WorkflowContext, n: int) -> int:
 
 
 class _Reads:
-    """Counts the instance-row reads of an engine's store."""
+    """Counts the instance-row reads of an engine's store (one by one, or together:
+    what ``result()`` polls)."""
 
     def __init__(self, e: ledgerflow.Engine, monkeypatch: pytest.MonkeyPatch) -> None:
         self.count = 0
-        real = e.store.get_instance
+        one, many = e.store.get_instance, e.store.get_instances
 
         async def counted(workflow_id: str) -> Any:
             self.count += 1
-            return await real(workflow_id)
+            return await one(workflow_id)
+
+        async def counted_together(workflow_ids: Any) -> Any:
+            self.count += len(workflow_ids)
+            return await many(workflow_ids)
 
         monkeypatch.setattr(e.store, "get_instance", counted)
+        monkeypatch.setattr(e.store, "get_instances", counted_together)
 
 
 async def _ended(e: ledgerflow.Engine, workflow_id: str) -> None:
