@@ -153,3 +153,23 @@ async def until_effects(count: int) -> None:
 async def test_keep_waiting_must_not_be_negative() -> None:
     with pytest.raises(ledgerflow.ConfigurationError, match="keep_waiting"):
         ledgerflow.Engine("memory://", keep_waiting=-1)
+
+
+async def test_a_closed_engine_keeps_no_run(engine: EngineFactory) -> None:
+    """A pass that ended while the engine closed kept its run after close had
+    dropped the others: its body stayed pending for ever (trial S: 13 of 20)."""
+    async with engine(mailbox) as e:
+        for i in range(20):
+            await e.start(mailbox, 1000, id=f"box-c{i}")
+
+        async def feed(i: int) -> None:
+            for n in range(1000):
+                await e.signal(f"box-c{i}", "item", Item(n))
+
+        feeding = [asyncio.ensure_future(feed(i)) for i in range(20)]
+        await asyncio.sleep(0.3)
+        await e.close()
+        for task in feeding:
+            task.cancel()
+        await asyncio.gather(*feeding, return_exceptions=True)
+        assert not e._kept

@@ -399,6 +399,7 @@ class Engine(WorkflowClient):
         await asyncio.gather(
             self._finish_passes(grace), self._stop_tasks(grace), self._stop_projections()
         )
+        self._drop_kept()  # runs kept by passes that ended meanwhile
         if self._heartbeat is not None:
             # Stopped only now: the leases of passes finishing within the grace
             # period stay renewed, and this worker alive in the registry.
@@ -759,7 +760,12 @@ class Engine(WorkflowClient):
                 await self._get_stuck(history, park.error, run.unrecorded())
                 return False
             again = await self._conclude(history, result)
-            if result.kept and not history.personal and self._journal.holds(history):
+            if (
+                result.kept
+                and not self._closing  # closing drops every kept run: keep no new one
+                and not history.personal
+                and self._journal.holds(history)
+            ):
                 # Its waits are recorded (or, with news that came meanwhile, the pass
                 # to run at once looks again): the next pass may go on from where it
                 # waits. Personal data is never kept (read again each pass: Journal).
